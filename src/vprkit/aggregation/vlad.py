@@ -1,0 +1,236 @@
+"""Hard-assignment VLAD exactly as AnyLoc defines it, and the vocabulary it needs.
+
+Order of operations (tested in ``tests/aggregation/test_vlad.py``):
+1. L2-normalise each local descriptor;
+2. assign it to the centre of highest cosine similarity;
+3. residual = normalised descriptor − centre; sum residuals per cluster;
+4. L2-normalise each cluster's sum (intra-normalisation; empty clusters stay zero);
+5. concatenate (K·D) and L2-normalise the whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from ..backbones.base import DenseFeatures
+from ..errors import ConfigError, VocabularyMismatchError
+from .base import AGGREGATORS, Aggregator, l2n
+
+# Keys of the descriptor identity that must agree between a vocabulary and the descriptors it encodes.
+IDENTITY_KEYS = ("backbone", "block", "layer", "facet", "dim", "stride", "image")
+
+
+@dataclass
+class Vocabulary:
+    """K cluster centres (unit vectors, K×D float32) with what produced them.
+
+    ``metadata`` holds the backbone identity (name, layer/block, facet, dim), the image spec and
+    how the vocabulary was sampled; ``checksum`` covers centres and metadata so a map can refer to
+    a shared (domain) vocabulary by checksum and notice if it changed.
+    """
+
+    centres: np.ndarray
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.centres = np.ascontiguousarray(self.centres, dtype=np.float32)
+        if self.centres.ndim != 2:
+            raise ConfigError(f"vocabulary centres must be K×D, got shape {self.centres.shape}")
+
+    @property
+    def k(self) -> int:
+        return int(self.centres.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.centres.shape[1])
+
+    @property
+    def checksum(self) -> str:
+        h = hashlib.sha256(self.centres.tobytes())
+        h.update(json.dumps(self.metadata, sort_keys=True, default=str).encode())
+        return h.hexdigest()[:16]
+
+    def check_compatible(self, identity: dict[str, Any], source: str = "the descriptors") -> None:
+        """Refuse to encode descriptors of another backbone, layer, facet, size or dimension."""
+        mine = self.metadata.get("identity", {})
+        diffs = [
+            f"{k}: vocabulary {mine.get(k)!r} vs {source} {identity.get(k)!r}"
+            for k in IDENTITY_KEYS
+            if k in mine and k in identity and mine[k] != identity[k]
+        ]
+        if identity.get("dim") is not None and identity["dim"] != self.dim:
+            diffs.append(f"dim: vocabulary {self.dim} vs {source} {identity['dim']}")
+        if diffs:
+            raise VocabularyMismatchError(
+                f"vocabulary {self.metadata.get('name', self.checksum)} was built for other descriptors ("
+                + "; ".join(dict.fromkeys(diffs))
+                + "). Build a vocabulary with the same backbone, layer, facet and image size (vprkit vocab build)."
+            )
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically as ``.npz`` (centres + JSON metadata + checksum)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
+        os.close(fd)
+        try:
+            np.savez(tmp, centres=self.centres, metadata=json.dumps(self.metadata, default=str), checksum=self.checksum)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Vocabulary":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"vocabulary file {path} does not exist")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                voc = cls(z["centres"], json.loads(str(z["metadata"])))
+                stored = str(z["checksum"])
+        except (KeyError, ValueError, OSError) as exc:
+            raise ConfigError(f"{path} is not a vprkit vocabulary ({exc})") from None
+        if stored != voc.checksum:
+            raise VocabularyMismatchError(f"{path}: checksum mismatch (stored {stored}, computed {voc.checksum}); the file is corrupt")
+        return voc
+
+
+def fit_vocabulary(
+    descriptors: np.ndarray, k: int = 32, metadata: dict[str, Any] | None = None, niter: int = 100, seed: int = 0
+) -> Vocabulary:
+    """Spherical k-means (FAISS, cosine) on L2-normalised descriptors → :class:`Vocabulary`."""
+    import faiss
+
+    x = np.ascontiguousarray(descriptors, dtype=np.float32)
+    if x.ndim != 2 or len(x) < k:
+        raise ConfigError(f"need at least K={k} descriptors to build a vocabulary, got {x.shape}")
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, spherical=True, seed=seed, verbose=False,
+                      max_points_per_centroid=max(256, len(x) // k + 1))
+    km.train(x)
+    centres = km.centroids / np.maximum(np.linalg.norm(km.centroids, axis=1, keepdims=True), 1e-12)
+    meta = dict(metadata or {})
+    meta.update({"k": k, "dim": int(x.shape[1]), "n_descriptors": int(len(x)), "niter": niter, "seed": seed})
+    return Vocabulary(centres, meta)
+
+
+class DescriptorSampler:
+    """Collects a bounded random sample of local descriptors across many images.
+
+    AnyLoc samples 30% of the images above 2,000 and every 2nd patch in each direction; on top of
+    that, ``max_bytes`` caps the pool so a 100k-image map never holds more than that in RAM.
+    Images beyond the budget replace random earlier rows (reservoir sampling), so the sample stays
+    uniform over everything seen.
+    """
+
+    def __init__(self, dim: int, max_bytes: int = 256 * 2**20, patch_step: int = 1, seed: int = 0):
+        self.capacity = max(1, max_bytes // (4 * dim))
+        self.pool = np.empty((0, dim), np.float32)
+        self.patch_step = patch_step
+        self.seen = 0
+        self.rng = np.random.default_rng(seed)
+
+    def add(self, features: DenseFeatures) -> None:
+        p = features.patches[:, :: self.patch_step, :: self.patch_step]
+        x = l2n(p.reshape(-1, p.shape[-1]).float()).cpu().numpy()
+        free = self.capacity - len(self.pool)
+        if free > 0:
+            take = x[:free]
+            self.pool = np.concatenate([self.pool, take])
+            self.seen += len(take)
+            x = x[free:]
+        if len(x):
+            # reservoir: row j of the stream is kept with probability capacity / (j + 1)
+            idx = self.seen + np.arange(len(x))
+            slots = (self.rng.random(len(x)) * (idx + 1)).astype(np.int64)
+            keep = slots < self.capacity
+            self.pool[slots[keep]] = x[keep]
+            self.seen += len(x)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.pool.nbytes)
+
+
+def assign(descriptors: torch.Tensor, centres: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalise ``…×N×D`` descriptors and return them with the index of their highest-cosine centre."""
+    x = l2n(descriptors.float())
+    labels = (x @ centres.T).argmax(dim=-1)
+    return x, labels
+
+
+def residual_sums(x: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor, membership: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-cluster residual sums for hard assignment, vectorised.
+
+    ``x`` is ``B×N×D`` (already normalised), ``labels`` ``B×N``. Without ``membership`` the result is
+    ``B×K×D`` (one VLAD per image). With ``membership`` (``B×S×N``, 0/1 weights of each patch in
+    each of S regions) it is ``B×S×K×D``: one VLAD per region (SegVLAD's SuperSegments), computed
+    as ``membership @ (onehot ⊙ x)`` without ever forming an N×K×D tensor.
+    """
+    k = centres.shape[0]
+    onehot = torch.nn.functional.one_hot(labels, k).to(x.dtype)  # B×N×K
+    if membership is None:
+        sums = onehot.transpose(1, 2) @ x  # B×K×D
+        counts = onehot.sum(dim=1)  # B×K
+        return sums - counts.unsqueeze(-1) * centres
+    m = membership.to(x.dtype)
+    counts = m @ onehot  # B×S×K
+    # Σ_i m[s,i]·[label_i = k]·x_i = (m ⊙ onehot[:, :, k]) @ x: one matmul per cluster (K is small),
+    # so memory stays B×S×N + B×S×K×D instead of an N×K×D expansion.
+    sums = torch.stack([(m * onehot[:, None, :, j]) @ x for j in range(k)], dim=2)
+    return sums - counts.unsqueeze(-1) * centres
+
+
+def vlad_normalise(res: torch.Tensor) -> torch.Tensor:
+    """Intra-normalise each cluster (last axis), flatten clusters, L2-normalise the whole."""
+    res = l2n(res, dim=-1)
+    return l2n(res.flatten(-2), dim=-1)
+
+
+def hard_vlad(descriptors: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """AnyLoc hard VLAD of ``B×N×D`` descriptors → ``B×(K·D)``."""
+    x, labels = assign(descriptors, centres)
+    return vlad_normalise(residual_sums(x, labels, centres))
+
+
+class VLAD(Aggregator):
+    """Hard VLAD over a :class:`Vocabulary`; ``dim = K × D``."""
+
+    name = "vlad"
+    needs_vocabulary = True
+
+    def __init__(self, backbone_dim: int, vocabulary: Vocabulary, chunk: int = 16):
+        super().__init__(backbone_dim)
+        if vocabulary.dim != backbone_dim:
+            raise VocabularyMismatchError(
+                f"vocabulary has {vocabulary.dim}-d centres but the backbone gives {backbone_dim}-d descriptors"
+            )
+        self.vocabulary = vocabulary
+        self.centres = torch.from_numpy(vocabulary.centres)
+        self.chunk = chunk
+
+    @property
+    def dim(self) -> int:
+        return self.vocabulary.k * self.vocabulary.dim
+
+    def __call__(self, features: DenseFeatures) -> torch.Tensor:
+        flat = features.flat()
+        return torch.cat([hard_vlad(flat[i : i + self.chunk], self.centres) for i in range(0, len(flat), self.chunk)])
+
+    def identity(self):
+        return {**super().identity(), "k": self.vocabulary.k, "vocabulary": self.vocabulary.checksum}
+
+
+AGGREGATORS.register("vlad", VLAD)

@@ -1,0 +1,85 @@
+"""Where model weights come from, in one place: explicit path → local caches → download.
+
+Every backbone asks :func:`resolve_weights`; when nothing is found and nothing can be fetched, the
+one error message says which file to put where.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import urllib.request
+from pathlib import Path
+from typing import Iterable
+
+from ..errors import WeightsNotFoundError
+
+
+def vprkit_cache_dir() -> Path:
+    """``$VPRKIT_CACHE`` or ``~/.cache/vprkit``: where vprkit puts weights it downloads."""
+    return Path(os.environ.get("VPRKIT_CACHE", Path.home() / ".cache" / "vprkit"))
+
+
+def torch_hub_checkpoints() -> Path:
+    """torch.hub's checkpoint folder (``$TORCH_HOME/hub/checkpoints``)."""
+    torch_home = os.environ.get("TORCH_HOME", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "torch")
+    return Path(torch_home) / "hub" / "checkpoints"
+
+
+def offline() -> bool:
+    """True when downloads are disabled (``VPRKIT_OFFLINE=1`` or Hugging Face's offline flag)."""
+    return any(os.environ.get(v, "0") not in ("", "0", "false", "False") for v in ("VPRKIT_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def download(url: str, dest: Path, timeout: float = 30.0) -> Path:
+    """Download ``url`` to ``dest`` atomically (temporary file, then rename)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+            shutil.copyfileobj(resp, out)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest
+
+
+def resolve_weights(
+    model: str,
+    filename: str,
+    explicit: str | os.PathLike | None = None,
+    search_dirs: Iterable[Path] = (),
+    url: str | None = None,
+    hint: str = "",
+) -> Path:
+    """Find the weight file ``filename`` for ``model``.
+
+    Order: ``explicit`` (a file, or a folder containing ``filename``) → each of ``search_dirs``,
+    vprkit's cache and torch.hub's checkpoints → download from ``url`` into vprkit's cache unless
+    offline. Raises :class:`WeightsNotFoundError` naming the file and where to place it.
+    """
+    if explicit is not None:
+        p = Path(explicit).expanduser()
+        if p.is_dir():
+            p = p / filename
+        if p.is_file():
+            return p
+        raise WeightsNotFoundError(f"weights for {model}: {p} does not exist")
+    dirs = [Path(d) for d in search_dirs] + [vprkit_cache_dir(), torch_hub_checkpoints()]
+    for d in dirs:
+        if (d / filename).is_file():
+            return d / filename
+    tried = ", ".join(str(d) for d in dirs)
+    if url and not offline():
+        try:
+            return download(url, vprkit_cache_dir() / filename)
+        except Exception as exc:  # no network here is the normal case on offline machines
+            reason = f"download from {url} failed ({exc})"
+    else:
+        reason = "downloads are disabled" if url else "no download source is known"
+    raise WeightsNotFoundError(
+        f"weights for {model} not found: looked for {filename} in {tried}; {reason}. "
+        f"Place {filename} in {vprkit_cache_dir()} (or pass its path explicitly). {hint}".strip()
+    )
