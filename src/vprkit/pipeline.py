@@ -1,0 +1,470 @@
+"""The stage functions that compose vprkit: build a map, open it, localise queries, evaluate.
+
+The CLI and the service call these and nothing deeper. Each is usable from Python::
+
+    from vprkit import pipeline
+    pipeline.build_map("db_images/", "my_map", "effnet-vlad")
+    m = pipeline.open_map("my_map")
+    results = pipeline.localize(m, ["query.jpg"], top_k=5)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .aggregation import AGGREGATORS, Aggregator, DescriptorSampler, Vocabulary, fit_vocabulary
+from .backbones import Backbone, DenseFeatures, build_backbone
+from .config import Config
+from .errors import ConfigError, ImageReadError, MapError, VocabularyMismatchError
+from .images import Batch, iter_batches, list_images
+from .maps import INDEX_FILE, FaissIndex, MapStore
+from .maps.extensions import EXTENSIONS, MapExtension
+from .presets import get_preset
+from .retrieval import RETRIEVERS, QueryBatch, Retriever, pad_topk
+
+MAP_FILE = "map.json"
+VOCAB_FILE = "vocabulary.npz"
+FAILURES_FILE = "failures.json"
+# Images per shard: big enough that a 100k-image map is a few hundred files, small enough that an
+# interrupt loses at most a minute of work.
+SHARD_IMAGES = 128
+DEFAULT_FIT_IMAGES = 500
+
+
+def _import_plugins() -> None:
+    """Import the packages that register extensions, retrievers and re-rankers."""
+    import importlib
+
+    for mod in ("vprkit.rerank", "vprkit.segments"):
+        importlib.import_module(mod)
+
+
+def resolve_config(preset: str | Config | None) -> Config:
+    if isinstance(preset, Config):
+        return preset
+    return get_preset(preset or "effnet-vlad")
+
+
+def set_threads(n: int) -> None:
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+def load_backbone(config: Config) -> Backbone:
+    set_threads(config.threads)
+    return build_backbone(config.backbone, **dict(config.backbone_options))
+
+
+def descriptor_identity(config: Config, backbone: Backbone) -> dict[str, Any]:
+    return {**backbone.identity(), **config.descriptor_identity()}
+
+
+def extract(
+    backbone: Backbone, config: Config, root: str | os.PathLike, keys: Sequence[str],
+    progress: bool | str = False, on_failure: Callable[[str, str], None] | None = None,
+) -> Iterator[tuple[Batch, DenseFeatures]]:
+    """Dense features of ``keys`` (relative to ``root``), batch by batch; failures go to ``on_failure``."""
+    bar = tqdm(total=len(keys), desc=progress if isinstance(progress, str) else "extract", unit="img",
+               disable=not progress, leave=False)
+    try:
+        for batch in iter_batches(root, keys, config.image, backbone.size_multiple, config.batch_size, config.workers):
+            for key, msg in batch.failures:
+                if on_failure is None:
+                    raise ImageReadError(msg)
+                on_failure(key, msg)
+            bar.update(len(batch.keys) + len(batch.failures))
+            if not batch.keys:
+                continue
+            with torch.inference_mode():
+                feats = backbone(torch.from_numpy(batch.pixels))
+            yield batch, feats
+    finally:
+        bar.close()
+
+
+# ---- vocabularies ------------------------------------------------------------------------------
+def vocabulary_sample(keys: Sequence[str], config: Config) -> tuple[list[str], int]:
+    """Which images (and patch step) feed the vocabulary: AnyLoc's rule for maps above 2,000 images."""
+    vc = config.vocabulary
+    if len(keys) <= vc.large_map_images:
+        return list(keys), 1
+    rng = np.random.default_rng(vc.seed)
+    n = max(vc.k, int(round(len(keys) * vc.large_map_fraction)))
+    picked = sorted(rng.choice(len(keys), size=min(n, len(keys)), replace=False))
+    return [keys[i] for i in picked], vc.large_map_patch_step
+
+
+def build_vocabulary(
+    backbone: Backbone, config: Config, sources: Iterable[tuple[str | os.PathLike, Sequence[str]]],
+    name: str = "map", progress: bool = False,
+) -> Vocabulary:
+    """Spherical k-means over a bounded sample of local descriptors from one or more image sets.
+
+    ``sources`` are (root, keys) pairs; several pairs pool datasets into one domain vocabulary.
+    RAM for the pool is capped by ``config.vocabulary.max_bytes`` (reservoir sampling).
+    """
+    vc = config.vocabulary
+    sampler = DescriptorSampler(backbone.dim, vc.max_bytes, seed=vc.seed)
+    n_images = 0
+    for root, keys in sources:
+        sample, step = vocabulary_sample(keys, config)
+        sampler.patch_step = step
+        for batch, feats in extract(backbone, config, root, sample, progress and f"vocabulary {Path(root).name}",
+                                    on_failure=lambda k, m: None):
+            sampler.add(feats)
+            n_images += len(batch.keys)
+    if len(sampler.pool) < vc.k:
+        raise ConfigError(f"only {len(sampler.pool)} descriptors from {n_images} images: too few for K={vc.k}")
+    meta = {"name": name, "identity": descriptor_identity(config, backbone), "n_images": n_images,
+            "sample_bytes": sampler.nbytes, "descriptors_seen": sampler.seen}
+    return fit_vocabulary(sampler.pool, vc.k, meta, seed=vc.seed)
+
+
+def domain_vocabulary_dir() -> Path:
+    from .backbones.weights import vprkit_cache_dir
+
+    return Path(os.environ.get("VPRKIT_VOCABULARIES", vprkit_cache_dir() / "vocabularies"))
+
+
+def resolve_vocabulary_source(source: str) -> Path | None:
+    """``map`` → None; ``domain:NAME`` → the shared domain vocabulary file; otherwise a path."""
+    if source == "map":
+        return None
+    if source.startswith("domain:"):
+        path = domain_vocabulary_dir() / f"{source.split(':', 1)[1]}.npz"
+        if not path.exists():
+            raise ConfigError(f"domain vocabulary {source!r} not found at {path}; build it with `vprkit vocab build --domain NAME DATASET…`")
+        return path
+    return Path(source)
+
+
+def make_aggregator(config: Config, backbone: Backbone, vocabulary: Vocabulary | None) -> Aggregator:
+    factory = AGGREGATORS.get(config.aggregator)
+    options = dict(config.aggregator_options)
+    if getattr(factory, "needs_vocabulary", False):
+        if vocabulary is None:
+            raise ConfigError(f"aggregator {config.aggregator!r} needs a vocabulary")
+        vocabulary.check_compatible(descriptor_identity(config, backbone))
+        options["vocabulary"] = vocabulary
+    return factory(backbone.dim, **options)
+
+
+def needs_vocabulary(config: Config) -> bool:
+    return bool(getattr(AGGREGATORS.get(config.aggregator), "needs_vocabulary", False)) or any(
+        getattr(EXTENSIONS.get(g), "needs_vocabulary", False) for g in config.extensions
+    )
+
+
+# ---- maps --------------------------------------------------------------------------------------
+@dataclass
+class Map:
+    """An opened map: its config, models, store and index, ready to localise queries."""
+
+    dir: Path
+    config: Config
+    info: dict[str, Any]
+    backbone: Backbone
+    aggregator: Aggregator
+    vocabulary: Vocabulary | None
+    store: MapStore
+    index: FaissIndex
+    keys: list[str]
+    poses: np.ndarray
+    extensions: dict[str, MapExtension] = field(default_factory=dict)
+
+    @property
+    def images_root(self) -> Path:
+        return Path(self.info["images_root"])
+
+    def retriever(self) -> Retriever:
+        return RETRIEVERS.get(self.config.retriever)(self, self.config.retriever_options)
+
+
+def _atomic_json(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise MapError(f"{path} is unreadable ({exc}); the map directory is damaged") from None
+
+
+def _make_extensions(config: Config, backbone: Backbone, vocabulary: Vocabulary | None) -> dict[str, MapExtension]:
+    if config.extensions:
+        _import_plugins()
+    return {g: EXTENSIONS.get(g)(opts, backbone, vocabulary) for g, opts in config.extensions.items()}
+
+
+def build_map(
+    images_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    preset: str | Config | None = None,
+    poses: str | os.PathLike | np.ndarray | None = None,
+    keys: Sequence[str] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    _after_shard: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Extract, aggregate and store descriptors of every image under ``images_dir`` into ``out``.
+
+    Resumable: images already in the map (or in shards of an interrupted build) are skipped.
+    Unreadable images are reported by name and skipped (listed in ``failures.json``). ``poses`` is
+    a poses CSV or an N×2 array aligned with ``keys``. Returns the map's ``map.json`` content.
+    """
+    config = resolve_config(preset)
+    root = Path(images_dir)
+    out = Path(out)
+    keys = list(keys) if keys is not None else list_images(root)
+    if not keys:
+        raise MapError(f"no images found in {root}")
+    out.mkdir(parents=True, exist_ok=True)
+    info_path = out / MAP_FILE
+    if info_path.exists():
+        old = _read_json(info_path)
+        if old.get("config") != config.to_dict():
+            raise MapError(
+                f"{out} holds a map built with preset {old.get('config', {}).get('name')!r} and other settings; "
+                f"use the same preset to add images, or another --out"
+            )
+    xy = _pose_rows(poses, keys)
+    backbone = load_backbone(config)
+    store = MapStore(out, config.store_dtype)
+    done = set(store.keys(include_pending=True))
+    todo = [(i, k) for i, k in enumerate(keys) if k not in done]
+
+    vocabulary = _obtain_vocabulary(config, backbone, root, keys, out, progress, log)
+    aggregator = make_aggregator(config, backbone, vocabulary)
+    extensions = _make_extensions(config, backbone, vocabulary)
+    for ext in extensions.values():
+        if ext.needs_fit and not ext.try_load_state(out):
+            fit_keys = _fit_sample(keys, int(ext.options.get("fit_images", DEFAULT_FIT_IMAGES)), config.vocabulary.seed)
+            ext.fit(extract(backbone, config, root, fit_keys, progress and f"fit {ext.group}", on_failure=lambda k, m: None))
+            ext.save_state(out)
+
+    failures: dict[str, str] = {}
+    fail_path = out / FAILURES_FILE
+    row_of = {k: i for i, k in todo}
+    t0 = time.perf_counter()
+    pending: list[tuple[list[str], np.ndarray, list[dict]]] = []
+    pending_n = 0
+    shard_count = 0
+
+    def flush() -> None:
+        nonlocal pending, pending_n, shard_count
+        if not pending:
+            return
+        ks = [k for p in pending for k in p[0]]
+        vec = np.concatenate([p[1] for p in pending])
+        extras = [e for p in pending for e in p[2]]
+        store.write_shard(ks, vec, xy[[row_of[k] for k in ks]], extras if extensions else None)
+        pending, pending_n = [], 0
+        shard_count += 1
+        if _after_shard is not None:
+            _after_shard(shard_count)
+
+    def on_failure(key: str, msg: str) -> None:
+        failures[key] = msg
+        log(f"skipped unreadable image: {msg}")
+
+    for batch, feats in extract(backbone, config, root, [k for _, k in todo], progress and "map", on_failure):
+        vec = aggregator(feats).float().cpu().numpy()
+        per_image: list[dict] = [{} for _ in batch.keys]
+        for g, ext in extensions.items():
+            for d, payload in zip(per_image, ext.encode(batch, feats)):
+                d[g] = payload
+        pending.append((batch.keys, vec, per_image))
+        pending_n += len(batch.keys)
+        if pending_n >= SHARD_IMAGES:
+            flush()
+    flush()
+    elapsed = time.perf_counter() - t0
+    n = store.consolidate()
+    if n == 0:
+        raise MapError(f"none of the {len(keys)} images in {root} could be read; see the messages above")
+    vectors = store.read_global()
+    index = FaissIndex.build(vectors, config.index)
+    index.save(out / INDEX_FILE)
+    if failures or fail_path.exists():
+        _atomic_json(fail_path, failures)
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    info = {
+        "vprkit_version": __version__,
+        "config": config.to_dict(),
+        "images_root": str(root.resolve()),
+        "backbone": backbone.identity(),
+        "aggregator": aggregator.identity(),
+        "descriptor_dim": int(vectors.shape[1]),
+        "vocabulary": None if vocabulary is None else {
+            "checksum": vocabulary.checksum, "source": config.vocabulary.source, "k": vocabulary.k},
+        "counts": {"images": n, "failed": len(failures)},
+        "index": {"factory": config.index, "ntotal": index.ntotal},
+        "extensions": sorted(extensions),
+        "created": (_read_json(info_path).get("created") if info_path.exists() else None) or now,
+        "updated": now,
+        "last_build": {"new_images": len(todo) - len(failures), "seconds": round(elapsed, 3)},
+    }
+    _atomic_json(info_path, info)
+    if extensions:
+        m = open_map(out)
+        for ext in m.extensions.values():
+            ext.finalize(m)
+    return info
+
+
+def _fit_sample(keys: Sequence[str], n: int, seed: int) -> list[str]:
+    if len(keys) <= n:
+        return list(keys)
+    rng = np.random.default_rng(seed)
+    return [keys[i] for i in sorted(rng.choice(len(keys), n, replace=False))]
+
+
+def _pose_rows(poses, keys: Sequence[str]) -> np.ndarray:
+    if poses is None:
+        return np.full((len(keys), 2), np.nan)
+    if isinstance(poses, np.ndarray):
+        if poses.shape != (len(keys), 2):
+            raise MapError(f"poses array must be {len(keys)}×2, got {poses.shape}")
+        return poses.astype(np.float64)
+    from .datasets.poses import read_poses
+
+    return read_poses(poses).lookup(list(keys))
+
+
+def _obtain_vocabulary(config, backbone, root, keys, out: Path, progress, log) -> Vocabulary | None:
+    if not needs_vocabulary(config):
+        return None
+    path = out / VOCAB_FILE
+    if path.exists():
+        voc = Vocabulary.load(path)
+    else:
+        src = resolve_vocabulary_source(config.vocabulary.source)
+        if src is None:
+            log(f"building vocabulary (K={config.vocabulary.k}) from {min(len(keys), config.vocabulary.large_map_images)}+ images of the map")
+            voc = build_vocabulary(backbone, config, [(root, keys)], name=f"map:{out.name}", progress=progress)
+        else:
+            voc = Vocabulary.load(src)
+        voc.check_compatible(descriptor_identity(config, backbone), source=f"preset {config.name}")
+        if voc.k != config.vocabulary.k:
+            raise VocabularyMismatchError(f"vocabulary {src} has K={voc.k}, the preset asks for K={config.vocabulary.k}")
+        voc.save(path)
+    return voc
+
+
+def open_map(map_dir: str | os.PathLike) -> Map:
+    """Load a built map: config, backbone, vocabulary, aggregator, keys, poses and index."""
+    d = Path(map_dir)
+    info_path = d / MAP_FILE
+    if not info_path.exists():
+        raise MapError(f"{d} is not a vprkit map (no {MAP_FILE}); build one with `vprkit map build`")
+    info = _read_json(info_path)
+    config = Config.from_dict(info["config"])
+    backbone = load_backbone(config)
+    vocabulary = Vocabulary.load(d / VOCAB_FILE) if (d / VOCAB_FILE).exists() else None
+    if vocabulary is not None and info.get("vocabulary") and vocabulary.checksum != info["vocabulary"]["checksum"]:
+        raise VocabularyMismatchError(f"{d / VOCAB_FILE} changed since the map was built; rebuild the map")
+    aggregator = make_aggregator(config, backbone, vocabulary)
+    store = MapStore(d, config.store_dtype)
+    keys = store.keys()
+    index_path = d / INDEX_FILE
+    index = FaissIndex.load(index_path, config.index) if index_path.exists() else None
+    if index is None or index.ntotal != len(keys):  # missing or stale: rebuild from the store
+        index = FaissIndex.build(store.read_global(), config.index)
+        index.save(index_path)
+    extensions = _make_extensions(config, backbone, vocabulary)
+    for ext in extensions.values():
+        if ext.needs_fit and not ext.try_load_state(d):
+            raise MapError(f"{d} lacks the fitted state of '{ext.group}'; rebuild the map")
+    return Map(d, config, info, backbone, aggregator, vocabulary, store, index, keys, store.read_poses(), extensions)
+
+
+# ---- localisation ------------------------------------------------------------------------------
+@dataclass
+class Match:
+    key: str
+    row: int
+    score: float
+    position: tuple[float, float] | None
+
+
+@dataclass
+class QueryResult:
+    query: str
+    matches: list[Match]
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"query": self.query, "seconds": round(self.seconds, 4),
+                "matches": [{"image": m.key, "row": m.row, "score": round(m.score, 6), "position": m.position} for m in self.matches]}
+
+
+def query_batches(map: Map, root: str | os.PathLike, keys: Sequence[str], progress: bool = False,
+                  on_failure: Callable[[str, str], None] | None = None) -> Iterator[QueryBatch]:
+    for batch, feats in extract(map.backbone, map.config, root, keys, progress and "queries", on_failure):
+        g = map.aggregator(feats).float().cpu().numpy()
+        yield QueryBatch(batch, feats, g)
+
+
+def search(map: Map, query: QueryBatch, top_k: int, reranker=None) -> tuple[np.ndarray, np.ndarray]:
+    """Retrieve (and optionally re-rank) a query batch → rows and scores, Q×top_k, best first."""
+    retriever = map.retriever()
+    k = max(top_k, reranker.shortlist if reranker is not None else 0)
+    rows, scores = retriever.search(query, k)
+    rows, scores = pad_topk(rows, scores, k)
+    if reranker is not None:
+        rows, scores = reranker.rerank(query, rows, scores)
+    return pad_topk(rows, scores, top_k)
+
+
+def get_reranker(map: Map, name: str | None):
+    if not name:
+        return None
+    _import_plugins()
+    from .rerank.base import RERANKERS
+
+    return RERANKERS.get(name)(map)
+
+
+def localize(
+    map: Map | str | os.PathLike, queries: Sequence[str | os.PathLike], top_k: int = 10,
+    rerank: str | None = None, progress: bool = False,
+) -> list[QueryResult]:
+    """Top-``top_k`` places for each query image path. Unreadable queries raise :class:`ImageReadError`."""
+    m = map if isinstance(map, Map) else open_map(map)
+    reranker = get_reranker(m, rerank)
+    paths = [Path(q) for q in queries]
+    for p in paths:
+        if not p.is_file():
+            raise ImageReadError(f"{p}: query image not found")
+    results: list[QueryResult] = []
+    # queries may live in different folders: read each by its absolute path, report it as given
+    given = {str(p.resolve()): str(q) for p, q in zip(paths, queries)}
+    t0 = time.perf_counter()
+    for qb in query_batches(m, "/", list(given), progress):
+        rows, scores = search(m, qb, top_k, reranker)
+        dt = (time.perf_counter() - t0) / len(qb.keys)  # extraction + search, per query
+        for key, r, s in zip(qb.keys, rows, scores):
+            results.append(QueryResult(given[key], [_match(m, int(i), float(v)) for i, v in zip(r, s) if i >= 0], dt))
+        t0 = time.perf_counter()
+    return results
+
+
+def _match(m: Map, row: int, score: float) -> Match:
+    pos = m.poses[row]
+    return Match(m.keys[row], row, score, None if np.isnan(pos).any() else (float(pos[0]), float(pos[1])))
