@@ -468,3 +468,107 @@ def localize(
 def _match(m: Map, row: int, score: float) -> Match:
     pos = m.poses[row]
     return Match(m.keys[row], row, score, None if np.isnan(pos).any() else (float(pos[0]), float(pos[1])))
+
+
+# ---- evaluation --------------------------------------------------------------------------------
+RECALL_NS = (1, 5, 10, 20)
+
+
+def evaluate(
+    dataset,
+    preset: str | Config | None = None,
+    out: str | os.PathLike | None = None,
+    rerank: str | None = None,
+    ns: Sequence[int] = RECALL_NS,
+    no_positive: str = "fail",
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Build a map of ``dataset``'s database, localise every query, and measure Recall@N.
+
+    ``dataset`` is a :class:`vprkit.datasets.Dataset` or a spec for :func:`vprkit.datasets.load_dataset`.
+    With ``out``, the map lives in ``out/map`` (reused if it exists with the same settings) and the
+    per-query CSV, the JSON summary and the resolved config are written there; otherwise a
+    temporary map is used. Queries without any positive count as failures (``no_positive="fail"``,
+    the VPR-methods-evaluation convention) or are left out (``"skip"``, SegVLAD's).
+    """
+    from .datasets import load_dataset
+    from .evaluation.metrics import query_records, recall_at_n
+    from .evaluation.report import PeakMemory, write_csv, write_json
+
+    ds = load_dataset(dataset) if isinstance(dataset, (str, os.PathLike)) else dataset
+    if ds.ground_truth is None:
+        raise ConfigError(f"dataset {ds.name} has no ground truth; use `vprkit map build` and `vprkit localize` instead")
+    config = resolve_config(preset)
+    tmp = None
+    if out is None:
+        tmp = tempfile.TemporaryDirectory(prefix="vprkit-eval-")
+        map_dir = Path(tmp.name) / "map"
+    else:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        map_dir = out / "map"
+    try:
+        with PeakMemory() as mem:
+            t0 = time.perf_counter()
+            build_map(ds.database_dir, map_dir, config, poses=ds.database_poses, keys=ds.database_images,
+                      progress=progress, log=log)
+            build_s = time.perf_counter() - t0
+            m = open_map(map_dir)
+            reranker = get_reranker(m, rerank)
+            db_index = {k: i for i, k in enumerate(ds.database_images)}
+            row_to_db = np.array([db_index[k] for k in m.keys] + [-1])  # last entry maps row -1
+            k = max(max(ns), 1)
+            ranked = np.full((len(ds.query_images), k), -1, np.int64)
+            scores = np.full((len(ds.query_images), k), -np.inf, np.float32)
+            q_index = {key: i for i, key in enumerate(ds.query_images)}
+            failed: dict[str, str] = {}
+            t1 = time.perf_counter()
+            search_s = 0.0
+            for qb in query_batches(m, ds.queries_dir, ds.query_images, progress,
+                                    on_failure=lambda key, msg: failed.__setitem__(key, msg)):
+                ts = time.perf_counter()
+                rows, sc = search(m, qb, k, reranker)
+                search_s += time.perf_counter() - ts
+                idx = [q_index[key] for key in qb.keys]
+                ranked[idx] = row_to_db[rows]
+                scores[idx] = sc
+            query_s = time.perf_counter() - t1
+        for key, msg in failed.items():
+            log(f"query not evaluated (counts as a failure): {msg}")
+        recalls = recall_at_n(ranked, ds.ground_truth, ns=ns, no_positive=no_positive)
+        n_db, n_q = len(m.keys), len(ds.query_images)
+        summary = {
+            "dataset": ds.name,
+            "preset": config.name,
+            "rerank": rerank,
+            "recall": recalls,
+            "timing": {
+                "map_build_s": round(build_s, 3),
+                "map_images_per_s": round(n_db / build_s, 2) if build_s else None,
+                "query_total_s": round(query_s, 3),
+                "ms_per_query": round(1000 * query_s / max(1, n_q), 2),
+                "search_ms_per_query": round(1000 * search_s / max(1, n_q), 2),
+            },
+            "peak_rss_mb": round(mem.peak_mb, 1),
+            "counts": {"database": n_db, "queries": n_q, "queries_unreadable": len(failed)},
+            "config": config.to_dict(),
+        }
+        if out is not None:
+            records = query_records(ds.query_images, ds.database_images, ranked, scores, ds.ground_truth)
+            write_csv(records, out / "per_query.csv")
+            write_json(summary, out / "summary.json")
+        return summary
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def map_info(map_dir: str | os.PathLike) -> dict[str, Any]:
+    """``map.json`` plus bytes per image of the global descriptor and of each stored extra."""
+    d = Path(map_dir)
+    if not (d / MAP_FILE).exists():
+        raise MapError(f"{d} is not a vprkit map (no {MAP_FILE})")
+    info = _read_json(d / MAP_FILE)
+    info["bytes_per_image"] = MapStore(d, info["config"]["store_dtype"]).extra_bytes()
+    return info

@@ -9,16 +9,23 @@ from ..errors import ConfigError
 from .base import AGGREGATORS, Aggregator, l2n
 
 
-def gem_pool(patches: torch.Tensor, p: float = 3.0) -> torch.Tensor:
-    """Sign-preserving generalised mean over the patch axis (AnyLoc's variant).
+GEM_EPS = 1e-6  # the classic GeM clamp (Radenović et al.)
 
-    ``patches`` is ``B×N×D``. ``m = mean(sign(x)·|x|^p)``, result ``sign(m)·|m|^(1/p)``. For
-    non-negative features this is the classic GeM; for signed ViT/linear-bottleneck features it
-    does not produce NaNs. ``p = 1`` is the mean; large ``p`` tends to max-pooling of magnitudes.
+
+def gem_pool(patches: torch.Tensor, p: float = 3.0, signed: bool = False) -> torch.Tensor:
+    """Generalised mean over the patch axis of ``B×N×D`` features.
+
+    Classic GeM (``signed=False``) clamps features at a small positive ε: ``mean(max(x, ε)^p)^(1/p)``.
+    That is what CNN retrieval uses, and on EfficientNet-Lite it is far better (Corridor R@1 0.67
+    vs 0.34) because negative activations carry little place information.
+    AnyLoc's sign-preserving variant (``signed=True``) for ViT facets, whose values are signed:
+    ``m = mean(sign(x)·|x|^p)``, result ``sign(m)·|m|^(1/p)``. ``p = 1`` is the mean.
     """
     if p <= 0:
         raise ConfigError(f"GeM power p must be positive, got {p}")
     x = patches.double()
+    if not signed:
+        return x.clamp(min=GEM_EPS).pow(p).mean(dim=1).pow(1.0 / p).to(patches.dtype)
     m = (x.sign() * x.abs().pow(p)).mean(dim=1)
     return (m.sign() * m.abs().pow(1.0 / p)).to(patches.dtype)
 
@@ -26,17 +33,18 @@ def gem_pool(patches: torch.Tensor, p: float = 3.0) -> torch.Tensor:
 class GeM(Aggregator):
     name = "gem"
 
-    def __init__(self, backbone_dim: int, p: float = 3.0):
+    def __init__(self, backbone_dim: int, p: float = 3.0, signed: bool = False):
         super().__init__(backbone_dim)
         if p <= 0:
             raise ConfigError(f"GeM power p must be positive, got {p}")
         self.p = float(p)
+        self.signed = bool(signed)
 
     def __call__(self, features: DenseFeatures) -> torch.Tensor:
-        return l2n(gem_pool(features.flat(), self.p))
+        return l2n(gem_pool(features.flat(), self.p, self.signed))
 
     def identity(self):
-        return {**super().identity(), "p": self.p}
+        return {**super().identity(), "p": self.p, "signed": self.signed}
 
 
 class Mean(Aggregator):

@@ -1,0 +1,130 @@
+"""Core commands: ``map build``, ``map info``, ``localize``, ``eval``, ``presets``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .. import pipeline
+from ..presets import DEFAULT_PRESET, get_preset, list_presets
+
+
+def _config(preset: str, float16: bool, extensions_from_rerank: str | None = None):
+    config = get_preset(preset)
+    if float16:
+        config = config.replace(store_dtype="float16")
+    if extensions_from_rerank:
+        from ..rerank import map_extensions_for  # the re-ranking package says what it needs stored
+
+        config = config.replace(extensions={**config.extensions, **map_extensions_for(extensions_from_rerank)})
+    return config
+
+
+@click.group("map")
+def map_group() -> None:
+    """Build and inspect maps (descriptor store + index)."""
+
+
+@map_group.command("build")
+@click.argument("images_dir", type=click.Path(path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Map directory to create or extend.")
+@click.option("--poses", type=click.Path(path_type=Path), help="CSV: image,easting,northing (m) or image,lat,lon.")
+@click.option("--preset", default=DEFAULT_PRESET, show_default=True, help="Named settings (see `vprkit presets`).")
+@click.option("--float16", is_flag=True, help="Store descriptors as float16 (half the size).")
+@click.option("--rerank", default=None, help="Also store patch descriptors for this re-ranking preset.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def map_build(images_dir: Path, out: Path, poses: Path | None, preset: str, float16: bool, rerank: str | None, quiet: bool) -> None:
+    """Extract, aggregate and store descriptors of every image in IMAGES_DIR (resumable)."""
+    info = pipeline.build_map(images_dir, out, _config(preset, float16, rerank), poses=poses, progress=not quiet)
+    c = info["counts"]
+    click.echo(f"map {out}: {c['images']} images, {info['descriptor_dim']}-d descriptors ({info['config']['name']}), "
+               f"{c['failed']} unreadable, built in {info['last_build']['seconds']:.1f} s")
+
+
+@map_group.command("info")
+@click.argument("map_dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def map_info(map_dir: Path, as_json: bool) -> None:
+    """Counts, settings and bytes per image of a map."""
+    info = pipeline.map_info(map_dir)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"map {map_dir}  (vprkit {info['vprkit_version']}, preset {info['config']['name']})")
+    click.echo(f"  images: {info['counts']['images']}  unreadable: {info['counts']['failed']}")
+    click.echo(f"  descriptor: {info['descriptor_dim']}-d {info['config']['store_dtype']}, index {info['index']['factory']}")
+    for group, nbytes in info["bytes_per_image"].items():
+        click.echo(f"  bytes/image {group:>12}: {nbytes:,.0f}")
+    click.echo(f"  updated: {info['updated']}")
+
+
+@click.command("localize")
+@click.argument("map_dir", type=click.Path(path_type=Path))
+@click.argument("queries", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--top-k", default=10, show_default=True, type=click.IntRange(1))
+@click.option("--rerank", default=None, help="Re-rank the shortlist: performance | speed | storage.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (one object per query).")
+def localize(map_dir: Path, queries: tuple[Path, ...], top_k: int, rerank: str | None, as_json: bool) -> None:
+    """Top-K places of MAP_DIR for each QUERY image."""
+    results = pipeline.localize(map_dir, list(queries), top_k=top_k, rerank=rerank)
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in results], indent=2))
+        return
+    for r in results:
+        click.echo(f"{r.query}  ({1000 * r.seconds:.0f} ms)")
+        for rank, m in enumerate(r.matches, 1):
+            pos = "" if m.position is None else f"  at ({m.position[0]:.1f}, {m.position[1]:.1f})"
+            click.echo(f"  {rank:>3}. {m.key}  score {m.score:.4f}{pos}")
+
+
+@click.command("eval")
+@click.argument("dataset")
+@click.option("--preset", default=DEFAULT_PRESET, show_default=True)
+@click.option("--rerank", default=None, help="Re-ranking preset: performance | speed | storage.")
+@click.option("--out", type=click.Path(path_type=Path), help="Write map, per-query CSV and JSON summary here.")
+@click.option("--data-root", type=click.Path(path_type=Path), envvar="VPRKIT_DATA",
+              help="Folder holding named datasets (default: $VPRKIT_DATA, else ./datasets).")
+@click.option("--queries", "queries_sub", default=None, help="Query subfolder for sequence datasets (e.g. winter).")
+@click.option("--database", "database_sub", default=None, help="Database subfolder for sequence datasets (e.g. summer).")
+@click.option("--no-positive", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
+              help="Queries with no positive: count as failures (VPR-methods-evaluation) or leave out (SegVLAD).")
+@click.option("--float16", is_flag=True)
+@click.option("--quiet", is_flag=True)
+def evaluate(dataset: str, preset: str, rerank: str | None, out: Path | None, data_root: Path | None,
+             queries_sub: str | None, database_sub: str | None, no_positive: str, float16: bool, quiet: bool) -> None:
+    """Build a map of DATASET's database, localise its queries and print Recall@1/5/10/20."""
+    import os
+
+    from ..datasets import load_dataset
+
+    if data_root is not None:
+        os.environ["VPRKIT_DATA"] = str(data_root)
+    options = {k: v for k, v in {"queries": queries_sub, "database": database_sub}.items() if v}
+    ds = load_dataset(dataset, **options)
+    summary = pipeline.evaluate(ds, _config(preset, float16, rerank), out=out, rerank=rerank,
+                                no_positive=no_positive, progress=not quiet, log=click.echo)
+    rec = summary["recall"]
+    t = summary["timing"]
+    click.echo(f"{summary['dataset']}  preset {summary['preset']}" + (f"  rerank {rerank}" if rerank else ""))
+    click.echo(f"  database {summary['counts']['database']}  queries {summary['counts']['queries']}  "
+               f"(no-positive queries: {rec.get('n_no_positive', 0)}, policy {rec.get('no_positive_policy')})")
+    click.echo("  " + "  ".join(f"R@{n} {rec[f'R@{n}']:.3f}" for n in pipeline.RECALL_NS if f"R@{n}" in rec))
+    click.echo(f"  map {t['map_images_per_s']} images/s   queries {t['ms_per_query']} ms/query   peak RSS {summary['peak_rss_mb']} MB")
+    if out is not None:
+        click.echo(f"  wrote {out / 'summary.json'} and {out / 'per_query.csv'}")
+
+
+@click.command("presets")
+def presets() -> None:
+    """List the named presets."""
+    for c in list_presets():
+        click.echo(f"{c.name:<24} {c.description}")
+
+
+def register(group: click.Group) -> None:
+    group.add_command(map_group)
+    group.add_command(localize)
+    group.add_command(evaluate)
+    group.add_command(presets)
