@@ -1,0 +1,100 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from vprkit.aggregation.vlad import VLAD, DescriptorSampler, Vocabulary, fit_vocabulary, hard_vlad, residual_sums, assign
+from vprkit.backbones.base import DenseFeatures
+from vprkit.errors import VocabularyMismatchError
+
+C = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+
+
+def test_hand_computed_vlad():
+    # (3,0)→c1, residual 0; (2,1)/√5→c1, residual (2/√5−1, 1/√5); (1,2)/√5→c2, residual (1/√5, 2/√5−1); (0,5)→c2, 0.
+    x = torch.tensor([[[3.0, 0.0], [2.0, 1.0], [1.0, 2.0], [0.0, 5.0]]])
+    r1 = torch.tensor([2 / math.sqrt(5) - 1, 1 / math.sqrt(5)])
+    r2 = torch.tensor([1 / math.sqrt(5), 2 / math.sqrt(5) - 1])
+    expected = torch.cat([r1 / r1.norm(), r2 / r2.norm()]) / math.sqrt(2)
+    assert torch.allclose(hard_vlad(x, C)[0], expected, atol=1e-6)
+
+
+def test_descriptors_are_normalised_before_assignment_and_residuals():
+    x = torch.tensor([[[3.0, 0.0], [2.0, 1.0], [1.0, 2.0], [0.0, 5.0]]])
+    scaled = x * torch.tensor([[[7.0], [0.1], [3.0], [100.0]]])  # per-descriptor scale must not matter
+    assert torch.allclose(hard_vlad(x, C), hard_vlad(scaled, C), atol=1e-6)
+
+
+def test_intra_normalisation_before_global_norm_and_empty_clusters_zero():
+    # cluster 1 gets ten descriptors, cluster 2 one: after intra-norm both blocks have equal norm
+    many = [[1.0, 0.3]] * 10 + [[0.2, 1.0]]
+    v = hard_vlad(torch.tensor([many]), torch.cat([C, torch.tensor([[-1.0, 0.0]])]))[0].view(3, 2)
+    norms = v.norm(dim=1)
+    assert float(norms[0]) == pytest.approx(float(norms[1]), abs=1e-6)
+    assert float(norms[0]) == pytest.approx(1 / math.sqrt(2), abs=1e-6)
+    assert float(norms[2]) == 0.0  # empty cluster stays zero, no NaN
+
+
+def test_membership_sums_equal_per_region_loop():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 30, 5, generator=g)
+    c = torch.nn.functional.normalize(torch.randn(4, 5, generator=g), dim=1)
+    m = (torch.rand(2, 3, 30, generator=g) > 0.5).float()
+    xn, labels = assign(x, c)
+    fast = residual_sums(xn, labels, c, m)
+    for b in range(2):
+        for s in range(3):
+            sel = m[b, s].bool()
+            loop = residual_sums(xn[b : b + 1, sel], labels[b : b + 1, sel], c)[0]
+            assert torch.allclose(fast[b, s], loop, atol=1e-5)
+
+
+def test_vlad_aggregator_dim_and_chunks():
+    rng = np.random.default_rng(0)
+    voc = fit_vocabulary(rng.normal(size=(500, 8)).astype(np.float32), k=4)
+    agg = VLAD(8, voc, chunk=2)
+    f = DenseFeatures(torch.randn(5, 3, 4, 8), 16, (48, 64))
+    out = agg(f)
+    assert out.shape == (5, 32) and agg.dim == 32
+    assert torch.allclose(out, hard_vlad(f.flat(), torch.from_numpy(voc.centres)), atol=1e-6)
+    assert torch.allclose(out.norm(dim=1), torch.ones(5), atol=1e-5)
+
+
+def test_vocabulary_roundtrip_checksum_and_mismatch(tmp_path):
+    rng = np.random.default_rng(1)
+    ident = {"backbone": "efficientnet-lite0", "block": 10, "dim": 8, "stride": 16, "image": {"size": [240, 320]}}
+    voc = fit_vocabulary(rng.normal(size=(300, 8)).astype(np.float32), k=4, metadata={"identity": ident})
+    assert np.allclose(np.linalg.norm(voc.centres, axis=1), 1, atol=1e-5)
+    p = voc.save(tmp_path / "v.npz")
+    back = Vocabulary.load(p)
+    assert back.checksum == voc.checksum and back.k == 4
+    back.check_compatible(ident)
+    with pytest.raises(VocabularyMismatchError, match="block"):
+        back.check_compatible({**ident, "block": 12})
+    with pytest.raises(VocabularyMismatchError, match="image"):
+        back.check_compatible({**ident, "image": {"size": [480, 640]}})
+    with pytest.raises(VocabularyMismatchError):
+        VLAD(16, back)
+
+
+def test_corrupt_vocabulary_detected(tmp_path):
+    voc = Vocabulary(np.eye(3, dtype=np.float32), {"name": "x"})
+    p = voc.save(tmp_path / "v.npz")
+    with np.load(p) as z:
+        np.savez(p, centres=z["centres"] * 2, metadata=z["metadata"], checksum=z["checksum"])
+    with pytest.raises(VocabularyMismatchError, match="checksum"):
+        Vocabulary.load(p)
+
+
+def test_sampler_memory_cap_and_uniformity():
+    s = DescriptorSampler(dim=4, max_bytes=4 * 4 * 100)  # room for 100 descriptors
+    for i in range(50):
+        patches = torch.zeros(1, 2, 5, 4)
+        patches[..., 0] = 1.0
+        patches[..., 1] = float(i)  # image i is identifiable after normalisation
+        s.add(DenseFeatures(patches, 16, (32, 80)))
+    assert len(s.pool) == 100 and s.seen == 500 and s.nbytes == 100 * 4 * 4
+    # reservoir sampling keeps rows from late images too, not only the first ten images
+    image_of_row = np.round(s.pool[:, 1] / s.pool[:, 0]).astype(int)
+    assert image_of_row.max() >= 25 and len(np.unique(image_of_row)) > 20
