@@ -1,0 +1,249 @@
+"""The on-disk map store: global descriptors, keys, poses and per-image extras in HDF5.
+
+Crash safety comes from never modifying a complete file in place:
+
+- a build appends *shards* (``pending/shard-NNNNNN.h5``), each written to a temporary name and
+  renamed into place, so a shard is either whole or absent;
+- :meth:`MapStore.consolidate` merges ``store.h5`` and the shards into a new file and renames it
+  over ``store.h5``, then deletes the shards. Keys already present are skipped, so a crash between
+  the rename and the deletion duplicates nothing when the build is run again.
+
+An interrupted build therefore resumes from the last shard, and readers only ever see the last
+consolidated ``store.h5``.
+
+Layout of ``store.h5``: ``/global`` N×dim (float16 or float32), ``/keys`` N UTF-8 strings (paths
+relative to the image folder), ``/poses`` N×2 metres (NaN when unknown) and
+``/extras/<group>/<row>/<array>`` for payloads such as re-ranking patches or SuperSegments.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import h5py
+import numpy as np
+
+from ..errors import MapError
+
+STORE_FILE = "store.h5"
+PENDING_DIR = "pending"
+STR_DTYPE = h5py.string_dtype("utf-8")
+POSE_DIMS = 2
+DTYPES = {"float16": np.float16, "float32": np.float32}
+
+Extras = Mapping[str, Mapping[str, np.ndarray]]  # group → array name → array, for one image
+
+
+def _atomic_h5(path: Path):
+    """Context manager: an h5py File on a temporary name in ``path``'s folder, renamed on success."""
+
+    class _Ctx:
+        def __enter__(self):
+            fd, self.tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
+            self.f = h5py.File(self.tmp, "w")
+            return self.f
+
+        def __exit__(self, exc_type, exc, tb):
+            self.f.close()
+            if exc_type is None:
+                os.replace(self.tmp, path)
+            else:
+                os.unlink(self.tmp)
+            return False
+
+    return _Ctx()
+
+
+def _write_rows(f: h5py.File, keys: list[str], vectors: np.ndarray, poses: np.ndarray, dtype) -> None:
+    f.create_dataset("keys", data=np.array(keys, dtype=object), dtype=STR_DTYPE)
+    chunk_rows = max(1, min(len(keys), 1024))
+    f.create_dataset("global", data=vectors.astype(dtype), chunks=(chunk_rows, vectors.shape[1]) if len(keys) else None)
+    f.create_dataset("poses", data=poses.astype(np.float64))
+
+
+class MapStore:
+    """Reads and appends to a map's descriptor store. ``dtype`` is ``float16`` or ``float32``."""
+
+    def __init__(self, map_dir: str | os.PathLike, dtype: str = "float32"):
+        self.dir = Path(map_dir)
+        if dtype not in DTYPES:
+            raise MapError(f"store dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.dtype = DTYPES[dtype]
+        self.path = self.dir / STORE_FILE
+        self.pending = self.dir / PENDING_DIR
+
+    # ---- writing -------------------------------------------------------------------------
+    def shards(self) -> list[Path]:
+        return sorted(self.pending.glob("shard-*.h5")) if self.pending.is_dir() else []
+
+    def write_shard(
+        self,
+        keys: list[str],
+        vectors: np.ndarray,
+        poses: np.ndarray | None = None,
+        extras: list[Extras] | None = None,
+    ) -> Path:
+        """Append one batch of images as an atomic shard (rows ``keys``, descriptors ``vectors``)."""
+        if len(keys) != len(vectors):
+            raise MapError(f"{len(keys)} keys but {len(vectors)} descriptors")
+        self.pending.mkdir(parents=True, exist_ok=True)
+        existing = self.shards()
+        index = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
+        path = self.pending / f"shard-{index:06d}.h5"
+        poses = np.full((len(keys), POSE_DIMS), np.nan) if poses is None else np.asarray(poses, np.float64)
+        with _atomic_h5(path) as f:
+            _write_rows(f, list(keys), np.asarray(vectors), poses, self.dtype)
+            for row, extra in enumerate(extras or []):
+                _write_extra(f, row, extra, self.dtype)
+        return path
+
+    def consolidate(self) -> int:
+        """Merge ``store.h5`` and pending shards into a new ``store.h5`` atomically; returns row count."""
+        shards = self.shards()
+        if not shards:
+            return len(self)
+        sources = ([self.path] if self.path.exists() else []) + shards
+        seen: set[str] = set()
+        with _atomic_h5(self.path) as out:
+            plans = []  # (file, rows to take)
+            total, dim = 0, None
+            for src in sources:
+                with h5py.File(src, "r") as f:
+                    keys = [k.decode() if isinstance(k, bytes) else k for k in f["keys"][()]]
+                    take = [i for i, k in enumerate(keys) if k not in seen]
+                    seen.update(keys[i] for i in take)
+                    if len(keys):
+                        d = f["global"].shape[1]
+                        if dim is not None and d != dim:
+                            raise MapError(f"{src} holds {d}-d descriptors, the map {dim}-d; remove it and rebuild")
+                        dim = d
+                    plans.append((src, take, keys))
+                    total += len(take)
+            dim = dim or 0
+            gds = out.create_dataset("global", shape=(total, dim), dtype=self.dtype, chunks=(max(1, min(total, 1024)), dim) if total and dim else None)
+            pds = out.create_dataset("poses", shape=(total, POSE_DIMS), dtype=np.float64)
+            all_keys: list[str] = []
+            row = 0
+            for src, take, keys in plans:
+                if not take:
+                    continue
+                with h5py.File(src, "r") as f:
+                    idx = np.asarray(take)
+                    gds[row : row + len(take)] = f["global"][()][idx].astype(self.dtype)
+                    pds[row : row + len(take)] = f["poses"][()][idx]
+                    if "extras" in f:
+                        for group in f["extras"]:
+                            g = f["extras"][group]
+                            for j, i in enumerate(take):
+                                if str(i) in g:
+                                    f.copy(g[str(i)], out.require_group(f"extras/{group}"), name=str(row + j))
+                    all_keys.extend(keys[i] for i in take)
+                row += len(take)
+            out.create_dataset("keys", data=np.array(all_keys, dtype=object), dtype=STR_DTYPE)
+        for s in shards:
+            s.unlink()
+        return total
+
+    # ---- reading -------------------------------------------------------------------------
+    def __len__(self) -> int:
+        if not self.path.exists():
+            return 0
+        with h5py.File(self.path, "r") as f:
+            return int(f["keys"].shape[0])
+
+    def keys(self, include_pending: bool = False) -> list[str]:
+        """Keys in row order (``include_pending``: plus those of shards not yet consolidated)."""
+        files = ([self.path] if self.path.exists() else []) + (self.shards() if include_pending else [])
+        out: list[str] = []
+        for p in files:
+            try:
+                with h5py.File(p, "r") as f:
+                    out.extend(k.decode() if isinstance(k, bytes) else k for k in f["keys"][()])
+            except OSError as exc:
+                raise MapError(f"{p} is not a readable map store ({exc}); delete it and rebuild") from None
+        return out
+
+    def read_global(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """Global descriptors as float32 (all rows, or ``rows``)."""
+        self._require()
+        with h5py.File(self.path, "r") as f:
+            data = f["global"]
+            if rows is None:
+                return data[()].astype(np.float32)
+            uniq, inverse = np.unique(np.asarray(rows), return_inverse=True)
+            return data[uniq].astype(np.float32)[inverse]
+
+    def read_poses(self) -> np.ndarray:
+        self._require()
+        with h5py.File(self.path, "r") as f:
+            return f["poses"][()]
+
+    def open(self) -> "StoreReader":
+        """A reader that keeps the file open, for reading many per-image extras."""
+        self._require()
+        return StoreReader(self.path)
+
+    def _require(self) -> None:
+        if not self.path.exists():
+            raise MapError(f"{self.dir} has no {STORE_FILE}: build the map first (vprkit map build)")
+
+    def extra_bytes(self) -> dict[str, float]:
+        """Average bytes per image of each extras group (for ``vprkit map info``)."""
+        if not self.path.exists():
+            return {}
+        out: dict[str, float] = {}
+        with h5py.File(self.path, "r") as f:
+            n = max(1, f["keys"].shape[0])
+            out["global"] = f["global"].dtype.itemsize * f["global"].shape[1] if f["global"].ndim == 2 else 0
+            if "extras" in f:
+                for group in f["extras"]:
+                    total = 0
+
+                    def visit(_, obj):
+                        nonlocal total
+                        if isinstance(obj, h5py.Dataset):
+                            total += obj.size * obj.dtype.itemsize
+
+                    f["extras"][group].visititems(visit)
+                    out[group] = total / n
+        return out
+
+
+def _write_extra(f: h5py.File, row: int, extra: Extras, dtype) -> None:
+    for group, arrays in extra.items():
+        g = f.require_group(f"extras/{group}/{row}")
+        for name, arr in arrays.items():
+            arr = np.asarray(arr)
+            if arr.dtype.kind == "f":
+                arr = arr.astype(dtype)
+            g.create_dataset(name, data=arr)
+
+
+class StoreReader:
+    """Open ``store.h5`` for random access to per-image extras. Use as a context manager or close()."""
+
+    def __init__(self, path: Path):
+        self.file = h5py.File(path, "r")
+
+    def extras(self, group: str, row: int) -> dict[str, np.ndarray]:
+        try:
+            g = self.file[f"extras/{group}/{int(row)}"]
+        except KeyError:
+            raise MapError(f"map row {row} has no '{group}' data: rebuild the map with it enabled") from None
+        return {name: g[name][()] for name in g}
+
+    def has_group(self, group: str) -> bool:
+        return f"extras/{group}" in self.file
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,66 @@
+import h5py
+import numpy as np
+import pytest
+
+from vprkit.errors import MapError
+from vprkit.maps import FaissIndex, MapStore
+
+
+def test_shards_consolidate_without_duplicates(tmp_path):
+    s = MapStore(tmp_path, "float16")
+    s.write_shard(["a", "b"], np.eye(2, 3), np.array([[1.0, 2.0], [3.0, 4.0]]))
+    s.write_shard(["c"], np.ones((1, 3)), extras=[{"patches": {"x": np.arange(4.0)}}])
+    assert s.keys(include_pending=True) == ["a", "b", "c"] and len(s) == 0
+    assert s.consolidate() == 3
+    assert s.keys() == ["a", "b", "c"] and not s.shards()
+    g = s.read_global()
+    assert g.dtype == np.float32 and g.shape == (3, 3) and np.allclose(g[2], 1)
+    assert np.allclose(s.read_poses()[:2], [[1, 2], [3, 4]]) and np.isnan(s.read_poses()[2]).all()
+    with s.open() as r:
+        assert np.allclose(r.extras("patches", 2)["x"], np.arange(4))
+        with pytest.raises(MapError, match="no 'patches' data"):
+            r.extras("patches", 0)
+    # a shard left behind by a crash after the rename (keys already in the store) adds nothing twice
+    s.write_shard(["c", "d"], np.zeros((2, 3)))
+    assert s.consolidate() == 4 and s.keys() == ["a", "b", "c", "d"]
+    assert np.allclose(s.read_global([3, 0]), [[0, 0, 0], [1, 0, 0]])
+
+
+def test_failed_shard_write_leaves_nothing(tmp_path, monkeypatch):
+    s = MapStore(tmp_path)
+    s.write_shard(["a"], np.ones((1, 2)))
+    s.consolidate()
+    before = (tmp_path / "store.h5").read_bytes()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", boom)
+    with pytest.raises(OSError):
+        s.write_shard(["b"], np.ones((1, 2)))
+    monkeypatch.undo()
+    assert s.shards() == [] and not list((tmp_path / "pending").glob("*.tmp"))
+    assert (tmp_path / "store.h5").read_bytes() == before
+
+
+def test_dimension_mismatch_is_refused(tmp_path):
+    s = MapStore(tmp_path)
+    s.write_shard(["a"], np.ones((1, 2)))
+    s.write_shard(["b"], np.ones((1, 3)))
+    with pytest.raises(MapError, match="3-d"):
+        s.consolidate()
+    assert not (tmp_path / "store.h5").exists()
+
+
+def test_bad_dtype():
+    with pytest.raises(MapError):
+        MapStore(".", "int8")
+
+
+def test_faiss_index_scores_are_cosines(tmp_path):
+    x = np.eye(4, dtype=np.float32)
+    idx = FaissIndex.build(x)
+    rows, scores = idx.search(np.array([[0.6, 0.8, 0, 0]], np.float32), 2)
+    assert rows.tolist() == [[1, 0]] and np.allclose(scores, [[0.8, 0.6]])
+    idx.save(tmp_path / "i.faiss")
+    assert FaissIndex.load(tmp_path / "i.faiss").ntotal == 4
