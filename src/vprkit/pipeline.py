@@ -139,7 +139,10 @@ def domain_vocabulary_dir() -> Path:
 
 
 def resolve_vocabulary_source(source: str) -> Path | None:
-    """``map`` → None; ``domain:NAME`` → the shared domain vocabulary file; otherwise a path."""
+    """``map`` → None; ``domain:NAME`` → the shared domain vocabulary file; otherwise a path.
+
+    (``auto`` is resolved by the map build, which has the images to compare with the domains.)
+    """
     if source == "map":
         return None
     if source.startswith("domain:"):
@@ -354,7 +357,12 @@ def _obtain_vocabulary(config, backbone, root, keys, out: Path, progress, log) -
     if path.exists():
         voc = Vocabulary.load(path)
     else:
-        src = resolve_vocabulary_source(config.vocabulary.source)
+        source = config.vocabulary.source
+        if source == "auto":
+            domain, dists = pick_domain(root, config, keys)
+            log(f"vocabulary: nearest domain is {domain!r} (distances {', '.join(f'{k} {v:.3f}' for k, v in dists.items())})")
+            source = f"domain:{domain}"
+        src = resolve_vocabulary_source(source)
         if src is None:
             log(f"building vocabulary (K={config.vocabulary.k}) from {min(len(keys), config.vocabulary.large_map_images)}+ images of the map")
             voc = build_vocabulary(backbone, config, [(root, keys)], name=f"map:{out.name}", progress=progress)
@@ -572,3 +580,63 @@ def map_info(map_dir: str | os.PathLike) -> dict[str, Any]:
     info = _read_json(d / MAP_FILE)
     info["bytes_per_image"] = MapStore(d, info["config"]["store_dtype"]).extra_bytes()
     return info
+
+
+# ---- domain vocabularies -----------------------------------------------------------------------
+def _dataset_sources(datasets: Sequence) -> list:
+    from .datasets import load_dataset
+
+    return [load_dataset(d) if isinstance(d, (str, os.PathLike)) else d for d in datasets]
+
+
+def build_domain_vocabulary(
+    name: str, datasets: Sequence, preset: str | Config | None = None, out: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> Path:
+    """Pool sub-sampled database descriptors of several datasets into one vocabulary ``name``.
+
+    Saved as ``<vocabularies>/<name>.npz`` (or ``out``) with each dataset's GeM centroid, so
+    :func:`pick_domain` can later choose it for a new map. Memory is bounded by the preset's
+    ``vocabulary.max_bytes`` whatever the datasets' sizes.
+    """
+    from .aggregation.domains import gem_descriptors
+
+    config = resolve_config(preset)
+    backbone = load_backbone(config)
+    dss = _dataset_sources(datasets)
+    voc = build_vocabulary(backbone, config, [(d.database_dir, d.database_images) for d in dss],
+                           name=f"domain:{name}", progress=progress)
+    voc.metadata["datasets"] = [d.name for d in dss]
+    voc.metadata["dataset_gem_centroids"] = {
+        d.name: gem_descriptors(backbone, config, d.database_dir, d.database_images).mean(0).round(6).tolist() for d in dss
+    }
+    path = Path(out) if out else domain_vocabulary_dir() / f"{name}.npz"
+    return voc.save(path)
+
+
+def analyse_dataset_domains(datasets: Sequence, preset: str | Config | None = None,
+                            plot: str | os.PathLike | None = None, progress: bool = True):
+    """GeM descriptors per dataset → PCA → suggested domains (+ scatter PNG). Saves the PCA for picking."""
+    from .aggregation.domains import analyse_domains, gem_descriptors, plot_domains, save_pca
+
+    config = resolve_config(preset)
+    backbone = load_backbone(config)
+    descs = {d.name: gem_descriptors(backbone, config, d.database_dir, d.database_images, progress=progress and d.name)
+             for d in _dataset_sources(datasets)}
+    analysis = analyse_domains(descs)
+    save_pca(analysis.pca, domain_vocabulary_dir(), descriptor_identity(config, backbone))
+    if plot is not None:
+        plot_domains(analysis, plot)
+    return analysis
+
+
+def pick_domain(images_dir: str | os.PathLike, preset: str | Config | None = None,
+                keys: Sequence[str] | None = None) -> tuple[str, dict[str, float]]:
+    """The domain vocabulary nearest to the images of a new map (see :func:`nearest_domain`)."""
+    from .aggregation.domains import gem_descriptors, nearest_domain
+
+    config = resolve_config(preset)
+    backbone = load_backbone(config)
+    keys = list(keys) if keys is not None else list_images(images_dir)
+    descs = gem_descriptors(backbone, config, images_dir, keys)
+    return nearest_domain(descs, domain_vocabulary_dir(), descriptor_identity(config, backbone))

@@ -11,10 +11,17 @@ from .. import pipeline
 from ..presets import DEFAULT_PRESET, get_preset, list_presets
 
 
-def _config(preset: str, float16: bool, extensions_from_rerank: str | None = None):
+def _config(preset: str, float16: bool, extensions_from_rerank: str | None = None,
+            vocab: str | None = None, weights: Path | None = None):
+    import dataclasses
+
     config = get_preset(preset)
     if float16:
         config = config.replace(store_dtype="float16")
+    if vocab:
+        config = config.replace(vocabulary=dataclasses.replace(config.vocabulary, source=vocab))
+    if weights:
+        config = config.replace(backbone_options={**config.backbone_options, "weights": str(weights)})
     if extensions_from_rerank:
         from ..rerank import map_extensions_for  # the re-ranking package says what it needs stored
 
@@ -34,10 +41,13 @@ def map_group() -> None:
 @click.option("--preset", default=DEFAULT_PRESET, show_default=True, help="Named settings (see `vprkit presets`).")
 @click.option("--float16", is_flag=True, help="Store descriptors as float16 (half the size).")
 @click.option("--rerank", default=None, help="Also store patch descriptors for this re-ranking preset.")
+@click.option("--vocab", default=None, help="VLAD vocabulary: map (default) | domain:NAME | auto | PATH.npz")
+@click.option("--weights", type=click.Path(path_type=Path), default=None, help="Backbone checkpoint (e.g. DINOv2 .pth).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def map_build(images_dir: Path, out: Path, poses: Path | None, preset: str, float16: bool, rerank: str | None, quiet: bool) -> None:
+def map_build(images_dir: Path, out: Path, poses: Path | None, preset: str, float16: bool, rerank: str | None,
+              vocab: str | None, weights: Path | None, quiet: bool) -> None:
     """Extract, aggregate and store descriptors of every image in IMAGES_DIR (resumable)."""
-    info = pipeline.build_map(images_dir, out, _config(preset, float16, rerank), poses=poses, progress=not quiet)
+    info = pipeline.build_map(images_dir, out, _config(preset, float16, rerank, vocab, weights), poses=poses, progress=not quiet)
     c = info["counts"]
     click.echo(f"map {out}: {c['images']} images, {info['descriptor_dim']}-d descriptors ({info['config']['name']}), "
                f"{c['failed']} unreadable, built in {info['last_build']['seconds']:.1f} s")
@@ -91,9 +101,12 @@ def localize(map_dir: Path, queries: tuple[Path, ...], top_k: int, rerank: str |
 @click.option("--no-positive", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
               help="Queries with no positive: count as failures (VPR-methods-evaluation) or leave out (SegVLAD).")
 @click.option("--float16", is_flag=True)
+@click.option("--vocab", default=None, help="VLAD vocabulary: map (default) | domain:NAME | auto | PATH.npz")
+@click.option("--weights", type=click.Path(path_type=Path), default=None, help="Backbone checkpoint (e.g. DINOv2 .pth).")
 @click.option("--quiet", is_flag=True)
 def evaluate(dataset: str, preset: str, rerank: str | None, out: Path | None, data_root: Path | None,
-             queries_sub: str | None, database_sub: str | None, no_positive: str, float16: bool, quiet: bool) -> None:
+             queries_sub: str | None, database_sub: str | None, no_positive: str, float16: bool,
+             vocab: str | None, weights: Path | None, quiet: bool) -> None:
     """Build a map of DATASET's database, localise its queries and print Recall@1/5/10/20."""
     import os
 
@@ -103,7 +116,7 @@ def evaluate(dataset: str, preset: str, rerank: str | None, out: Path | None, da
         os.environ["VPRKIT_DATA"] = str(data_root)
     options = {k: v for k, v in {"queries": queries_sub, "database": database_sub}.items() if v}
     ds = load_dataset(dataset, **options)
-    summary = pipeline.evaluate(ds, _config(preset, float16, rerank), out=out, rerank=rerank,
+    summary = pipeline.evaluate(ds, _config(preset, float16, rerank, vocab, weights), out=out, rerank=rerank,
                                 no_positive=no_positive, progress=not quiet, log=click.echo)
     rec = summary["recall"]
     t = summary["timing"]
