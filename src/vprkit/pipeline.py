@@ -10,6 +10,7 @@ The CLI and the service call these and nothing deeper. Each is usable from Pytho
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import tempfile
@@ -41,6 +42,8 @@ FAILURES_FILE = "failures.json"
 # interrupt loses at most a minute of work.
 SHARD_IMAGES = 128
 DEFAULT_FIT_IMAGES = 500
+# Features of the vocabulary pass kept for the encoding pass (saves a second backbone run on small maps).
+FEATURE_CACHE_BYTES = 512 * 2**20
 
 
 def _import_plugins() -> None:
@@ -106,14 +109,54 @@ def vocabulary_sample(keys: Sequence[str], config: Config) -> tuple[list[str], i
     return [keys[i] for i in picked], vc.large_map_patch_step
 
 
+class FeatureCache:
+    """Dense features kept from one pass for the next (vocabulary pass → encoding pass), up to a byte budget.
+
+    On maps small enough to fit, this saves running the backbone twice over the same images.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self.batches: list[tuple[Batch, DenseFeatures]] = []
+
+    def add(self, batch: Batch, feats: DenseFeatures) -> None:
+        # pixels were uint8 / 255: keep them as uint8 (4× smaller), exact on the way back
+        pixels = np.round(batch.pixels * 255).astype(np.uint8)
+        size = feats.patches.numel() * feats.patches.element_size() + pixels.nbytes
+        if self.nbytes + size <= self.max_bytes:
+            self.batches.append((Batch(batch.keys, pixels, batch.geometries), feats))
+            self.nbytes += size
+
+    def keys(self) -> set[str]:
+        return {k for b, _ in self.batches for k in b.keys}
+
+    def take(self, wanted: set[str]) -> Iterator[tuple[Batch, DenseFeatures]]:
+        """Cached batches restricted to ``wanted`` keys (the cache is emptied as it goes)."""
+        while self.batches:
+            batch, feats = self.batches.pop(0)
+            batch = Batch(batch.keys, batch.pixels.astype(np.float32) / 255.0, batch.geometries)
+            idx = [i for i, k in enumerate(batch.keys) if k in wanted]
+            if not idx:
+                continue
+            if len(idx) < len(batch.keys):
+                sel = torch.as_tensor(idx)
+                batch = Batch([batch.keys[i] for i in idx], batch.pixels[idx], [batch.geometries[i] for i in idx])
+                g = None if feats.global_token is None else feats.global_token[sel]
+                feats = DenseFeatures(feats.patches[sel], feats.stride, feats.image_size, g)
+            yield batch, feats
+        self.nbytes = 0
+
+
 def build_vocabulary(
     backbone: Backbone, config: Config, sources: Iterable[tuple[str | os.PathLike, Sequence[str]]],
-    name: str = "map", progress: bool = False,
+    name: str = "map", progress: bool = False, cache: FeatureCache | None = None,
 ) -> Vocabulary:
     """Spherical k-means over a bounded sample of local descriptors from one or more image sets.
 
     ``sources`` are (root, keys) pairs; several pairs pool datasets into one domain vocabulary.
-    RAM for the pool is capped by ``config.vocabulary.max_bytes`` (reservoir sampling).
+    RAM for the pool is capped by ``config.vocabulary.max_bytes`` (reservoir sampling). With
+    ``cache``, the extracted features are also kept (within its budget) for the caller's next pass.
     """
     vc = config.vocabulary
     sampler = DescriptorSampler(backbone.dim, vc.max_bytes, seed=vc.seed)
@@ -125,6 +168,8 @@ def build_vocabulary(
                                     on_failure=lambda k, m: None):
             sampler.add(feats)
             n_images += len(batch.keys)
+            if cache is not None:
+                cache.add(batch, feats)
     if len(sampler.pool) < vc.k:
         raise ConfigError(f"only {len(sampler.pool)} descriptors from {n_images} images: too few for K={vc.k}")
     meta = {"name": name, "identity": descriptor_identity(config, backbone), "n_images": n_images,
@@ -252,7 +297,8 @@ def build_map(
     done = set(store.keys(include_pending=True))
     todo = [(i, k) for i, k in enumerate(keys) if k not in done]
 
-    vocabulary = _obtain_vocabulary(config, backbone, root, keys, out, progress, log)
+    cache = FeatureCache(FEATURE_CACHE_BYTES)
+    vocabulary = _obtain_vocabulary(config, backbone, root, keys, out, progress, log, cache)
     aggregator = make_aggregator(config, backbone, vocabulary)
     extensions = _make_extensions(config, backbone, vocabulary)
     for ext in extensions.values():
@@ -286,7 +332,13 @@ def build_map(
         failures[key] = msg
         log(f"skipped unreadable image: {msg}")
 
-    for batch, feats in extract(backbone, config, root, [k for _, k in todo], progress and "map", on_failure):
+    todo_keys = {k for _, k in todo}
+    cached = cache.keys() & todo_keys
+    encoded = itertools.chain(
+        cache.take(todo_keys),
+        extract(backbone, config, root, [k for _, k in todo if k not in cached], progress and "map", on_failure),
+    )
+    for batch, feats in encoded:
         vec = aggregator(feats).float().cpu().numpy()
         per_image: list[dict] = [{} for _ in batch.keys]
         for g, ext in extensions.items():
@@ -350,7 +402,7 @@ def _pose_rows(poses, keys: Sequence[str]) -> np.ndarray:
     return read_poses(poses).lookup(list(keys))
 
 
-def _obtain_vocabulary(config, backbone, root, keys, out: Path, progress, log) -> Vocabulary | None:
+def _obtain_vocabulary(config, backbone, root, keys, out: Path, progress, log, cache: FeatureCache | None = None) -> Vocabulary | None:
     if not needs_vocabulary(config):
         return None
     path = out / VOCAB_FILE
@@ -365,7 +417,7 @@ def _obtain_vocabulary(config, backbone, root, keys, out: Path, progress, log) -
         src = resolve_vocabulary_source(source)
         if src is None:
             log(f"building vocabulary (K={config.vocabulary.k}) from {min(len(keys), config.vocabulary.large_map_images)}+ images of the map")
-            voc = build_vocabulary(backbone, config, [(root, keys)], name=f"map:{out.name}", progress=progress)
+            voc = build_vocabulary(backbone, config, [(root, keys)], name=f"map:{out.name}", progress=progress, cache=cache)
         else:
             voc = Vocabulary.load(src)
         voc.check_compatible(descriptor_identity(config, backbone), source=f"preset {config.name}")
