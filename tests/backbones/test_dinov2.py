@@ -280,19 +280,15 @@ def test_full_size_vits14_value_and_token_match_reference():
 
 
 def test_autograd_path_equals_inference_path():
-    """Blocks fold LayerScale into the projections for inference; the plain path must agree."""
+    """With gradients on, the portable ``F.linear`` path runs; it must give the same block output."""
     sd = official_state_dict(TINY, 0)
     model = tiny_model("dinov2_vits14", sd, 2, "token")
     tokens = model.prepare_tokens(model.normalise(pixels(1, NATIVE, NATIVE)))
-    with torch.no_grad():
-        fused = model.blocks[0](tokens)
+    with torch.inference_mode():
+        fast = model.blocks[0](tokens)
     with torch.enable_grad():
         plain = model.blocks[0](tokens)
-    assert rel_err(fused, plain) < REL_TOL
-    # changing a parameter in place invalidates the folded weights
-    with torch.no_grad():
-        model.blocks[0].ls1.gamma.mul_(2)
-        assert rel_err(model.blocks[0](tokens), fused) > 1e-3
+    assert rel_err(fast, plain) < REL_TOL
 
 
 # ------------------------------------------------------------------------------------------------
@@ -307,6 +303,7 @@ def test_hub_and_hugging_face_layouts_give_the_same_features(tmp_path, name, con
     torch.save(sd, hub_file)
     chunked = {k.replace("blocks.", "blocks.0.", 1) if k.startswith("blocks.") else k: v for k, v in sd.items()}
     torch.save(chunked, tmp_path / "chunked.pth")
+    torch.save(sd, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)  # cannot be memory-mapped
     hf = hub_to_hf_by_hand(sd, config["depth"], config["embed_dim"])
     torch.save({f"dinov2.{k}": v for k, v in hf.items()}, tmp_path / "hf_classifier.bin")  # prefixed keys
     folder = tmp_path / "hf"
@@ -321,7 +318,7 @@ def test_hub_and_hugging_face_layouts_give_the_same_features(tmp_path, name, con
     for facet in ("value", "token"):
         kw = dict(layer=config["depth"] - 1, facet=facet, config=config)
         ref = build_backbone(name, weights=hub_file, **kw)(x)
-        for source in (tmp_path, tmp_path / "chunked.pth", tmp_path / "hf_classifier.bin", folder):
+        for source in (tmp_path, tmp_path / "chunked.pth", tmp_path / "legacy.pth", tmp_path / "hf_classifier.bin", folder):
             got = build_backbone(name, weights=source, **kw)(x)
             assert rel_err(got.patches, ref.patches) <= REL_TOL, source
             assert rel_err(got.global_token, ref.global_token) <= REL_TOL, source
@@ -417,13 +414,13 @@ def test_computation_stops_at_the_requested_layer(facet, blocks_run, monkeypatch
     for i, blk in enumerate(model.blocks):
         blk.register_forward_pre_hook(lambda mod, args, i=i: calls.append(i))
     gemms = []
-    for fn in ("linear", "linear_add"):
-        orig = getattr(dv2, fn)
-        monkeypatch.setattr(dv2, fn, lambda *a, _o=orig, _n=fn, **k: (gemms.append(_n), _o(*a, **k))[1])
+    monkeypatch.setattr(dv2, "linear", lambda *a, _orig=dv2.linear, **k: (gemms.append(a[1].shape), _orig(*a, **k))[1])
     model(pixels(1, NATIVE, NATIVE))
     assert calls == list(range(blocks_run))
     # a full block runs qkv, proj, fc1, fc2; a qkv facet then runs a single D-wide projection
     assert len(gemms) == 4 * blocks_run + (0 if facet == "token" else 1)
+    if facet != "token":
+        assert gemms[-1] == (TINY["embed_dim"], TINY["embed_dim"])  # just the value third of qkv
 
 
 def test_input_size_must_be_a_multiple_of_the_patch_size():
