@@ -30,7 +30,10 @@ position grid (37×37 for the 518-px checkpoints) is used as is at its native si
 bicubically resampled otherwise — with ``scale_factor = (n + 0.1) / 37`` and no antialias for the
 original models, with an explicit output ``size`` and ``antialias=True`` for the ``_reg`` models,
 exactly as the official hub entry points configure ``interpolate_offset`` /
-``interpolate_antialias``.
+``interpolate_antialias`` (and as AnyLoc, which loads the models through torch.hub, sees them).
+Hugging Face weights are the same tensors, but recent ``transformers.Dinov2Model`` versions resample
+the plain models' positions to an explicit size without the offset, so *their* outputs differ
+slightly from ours (and upstream's) at non-native sizes; at 518 px they agree.
 """
 
 from __future__ import annotations
