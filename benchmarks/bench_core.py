@@ -1,0 +1,88 @@
+"""Issue 2 benchmark: Recall@N on Corridor and Nordland-600, extraction throughput, query latency.
+
+    python benchmarks/bench_core.py [--presets effnet-vlad effnet-gem]
+
+Targets for the default offline preset on a 2-core CPU: Corridor R@1 ≥ 0.94, Nordland-600
+R@1 ≥ 0.20, ≥ 30 images/s at 320×240 (decode → descriptor, 2 threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import DATA, NORDLAND_600, NORDLAND_SIZE, report, setup
+from vprkit import pipeline
+from vprkit.datasets import load_dataset
+from vprkit.evaluation.report import PeakMemory
+from vprkit.images import ImageSpec, list_images
+
+THROUGHPUT_SIZE = (240, 320)
+THROUGHPUT_IMAGES = 320
+LATENCY_QUERIES = 40
+
+
+def throughput(config, map_dir: Path) -> dict:
+    """Decode → resize → backbone → descriptor, batched, 2 threads, with the map's vocabulary."""
+    m = pipeline.open_map(map_dir)
+    root = DATA / "nordland-64x32" / "summer"
+    keys = list_images(root)[:THROUGHPUT_IMAGES]
+    cfg = config.replace(image=ImageSpec(THROUGHPUT_SIZE, "fixed"))
+    # warm-up (allocator, oneDNN kernels)
+    for _, f in pipeline.extract(m.backbone, cfg, root, keys[:16]):
+        m.aggregator(f)
+    t0 = time.perf_counter()
+    n = 0
+    for batch, f in pipeline.extract(m.backbone, cfg, root, keys):
+        m.aggregator(f)
+        n += len(batch.keys)
+    dt = time.perf_counter() - t0
+    return {"images_per_s": round(n / dt, 1), "images": n, "size": f"{THROUGHPUT_SIZE[1]}x{THROUGHPUT_SIZE[0]}"}
+
+
+def latency(map_dir: Path, queries: list[Path]) -> dict:
+    """One query at a time, as a robot would: read, extract, aggregate, search."""
+    m = pipeline.open_map(map_dir)
+    pipeline.localize(m, queries[:2], top_k=10)
+    times = []
+    for q in queries[:LATENCY_QUERIES]:
+        t0 = time.perf_counter()
+        pipeline.localize(m, [q], top_k=10)
+        times.append(1000 * (time.perf_counter() - t0))
+    return {"median_ms": round(statistics.median(times), 1), "p90_ms": round(float(np.percentile(times, 90)), 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--presets", nargs="+", default=["effnet-vlad", "effnet-gem"])
+    args = ap.parse_args()
+    setup()
+    rows = []
+    for preset in args.presets:
+        base = pipeline.get_preset(preset)
+        for spec, config in (("corridor", base), (NORDLAND_600, base.replace(image=ImageSpec(NORDLAND_SIZE, "fixed")))):
+            ds = load_dataset(spec)
+            with tempfile.TemporaryDirectory() as tmp, PeakMemory() as mem:
+                s = pipeline.evaluate(ds, config, out=tmp, progress=False, log=lambda _: None)
+                row = {"preset": preset, "dataset": ds.name, **{k: s["recall"][k] for k in ("R@1", "R@5", "R@10")},
+                       "map_img_per_s": s["timing"]["map_images_per_s"], "batch_ms_per_query": s["timing"]["ms_per_query"]}
+                queries = [ds.queries_dir / k for k in ds.query_images]
+                row["query_latency_ms"] = latency(Path(tmp) / "map", queries)["median_ms"]
+                if spec == "corridor":
+                    row["extract_img_per_s_320x240"] = throughput(config, Path(tmp) / "map")["images_per_s"]
+                row["peak_rss_mb"] = round(mem.peak_mb, 0)
+            rows.append(row)
+            print(f"{preset} {ds.name}: R@1 {row['R@1']:.3f}", flush=True)
+    cols = ["preset", "dataset", "R@1", "R@5", "R@10", "map_img_per_s", "extract_img_per_s_320x240",
+            "batch_ms_per_query", "query_latency_ms", "peak_rss_mb"]
+    report("core", rows, cols, {"threads": torch.get_num_threads()})
+
+
+if __name__ == "__main__":
+    main()

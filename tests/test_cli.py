@@ -1,0 +1,62 @@
+"""The command line, end to end: map build → info → localize, eval on the real Corridor data."""
+
+import csv
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from vprkit.cli import cli, main
+
+# Measured 0.93 on Corridor with effnet-vlad (see benchmarks/bench_core.py); the floor leaves room
+# for k-means seed variation (0.90–0.95 over seeds) without letting a real regression through.
+CORRIDOR_R1_FLOOR = 0.88
+
+
+def run(args, **kw):
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False, **kw)
+    return result
+
+
+def test_eval_corridor_end_to_end(tmp_path, shared_datasets, monkeypatch):
+    monkeypatch.setenv("VPRKIT_DATA", str(shared_datasets))
+    r = run(["eval", "corridor", "--preset", "effnet-vlad", "--out", tmp_path / "run", "--quiet"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["recall"]["R@1"] >= CORRIDOR_R1_FLOOR
+    assert summary["recall"]["R@5"] >= summary["recall"]["R@1"]
+    assert summary["config"]["name"] == "effnet-vlad"  # resolved settings recorded with the run
+    rows = list(csv.DictReader(open(tmp_path / "run" / "per_query.csv")))
+    assert len(rows) == 111
+    assert "R@1" in r.output and "ms/query" in r.output
+
+
+def test_map_build_info_localize(tmp_path, image_folder):
+    r = run(["map", "build", image_folder, "--out", tmp_path / "map", "--preset", "effnet-gem", "--quiet", "--float16"])
+    assert r.exit_code == 0, r.output
+    assert "12 images" in r.output
+    r = run(["map", "info", tmp_path / "map"])
+    assert "images: 12" in r.output and "float16" in r.output
+    r = run(["localize", tmp_path / "map", image_folder / "img004.png", "--top-k", "3", "--json"])
+    out = json.loads(r.output)
+    assert out[0]["matches"][0]["image"] == "img004.png" and len(out[0]["matches"]) == 3
+    r = run(["localize", tmp_path / "map", image_folder / "img004.png", "--top-k", "2"])
+    assert "1. img004.png" in r.output
+
+
+def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["vprkit", "map", "build", str(tmp_path / "missing"), "--out", str(tmp_path / "m")])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "missing" in err and "Traceback" not in err
+    monkeypatch.setattr("sys.argv", ["vprkit", "eval", "corridor", "--preset", "no-such-preset"])
+    with pytest.raises(SystemExit):
+        main()
+    assert "unknown preset 'no-such-preset'" in capsys.readouterr().err
+
+
+def test_presets_listed():
+    r = run(["presets"])
+    assert "effnet-vlad" in r.output and "effnet-gem" in r.output
