@@ -55,7 +55,7 @@ class Segmenter:
         masks = np.asarray(self.segment(image, features, stride), dtype=bool)
         if masks.ndim != 3 or masks.shape[1:] != image.shape[:2]:
             raise ConfigError(f"{self.name} returned masks of shape {masks.shape} for an image of {image.shape[:2]}")
-        return masks[masks.reshape(len(masks), -1).any(1)]
+        return masks[masks.any(axis=(1, 2))] if len(masks) else masks
 
     def identity(self) -> dict[str, Any]:
         return {"segmenter": self.name}
