@@ -7,12 +7,13 @@ the SAM venv (``pytest -m sam tests/segments/test_sam_integration.py``); the mai
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-DATASETS = Path(__file__).resolve().parents[2] / ".." / "shared" / "datasets"
+DATASETS = Path(os.environ.get("VPRKIT_DATA", Path(__file__).resolve().parents[2] / ".." / "shared" / "datasets"))
 
 
 def pytest_configure(config):
