@@ -103,24 +103,28 @@ class PCA:
 
     @classmethod
     def fit(cls, x: np.ndarray, dim: int, whiten: bool = False, reg: float = 0.1) -> "PCA":
-        x = np.asarray(x, np.float64)
+        """Fit on ``x`` (n×D). Eigen-decomposition of the covariance (float32, torch) when n ≥ D, else an
+        SVD of the centred data; ``dim`` is capped at ``min(D, n − 1)``."""
+        x = torch.from_numpy(np.ascontiguousarray(x, np.float32))
         if x.ndim != 2 or len(x) < 2:
-            raise ConfigError(f"PCA needs at least 2 samples, got {x.shape}")
-        dim = int(min(dim, x.shape[1], len(x) - 1))
+            raise ConfigError(f"PCA needs at least 2 samples, got {tuple(x.shape)}")
+        n, d = x.shape
+        dim = int(min(dim, d, n - 1))
         mean = x.mean(0)
         xc = x - mean
-        if x.shape[1] <= len(x):
-            evals, evecs = np.linalg.eigh(xc.T @ xc / (len(x) - 1))
-            order = np.argsort(evals)[::-1][:dim]
-            lam, comp = np.maximum(evals[order], 0), evecs[:, order].T
+        if d <= n:
+            evals, evecs = torch.linalg.eigh((xc.T @ xc) / (n - 1))
+            order = torch.argsort(evals, descending=True)[:dim]
+            lam, comp = evals[order].clamp_min(0), evecs[:, order].T
         else:  # fewer samples than dimensions: SVD of the data
-            _, s, vt = np.linalg.svd(xc, full_matrices=False)
-            lam, comp = (s[:dim] ** 2) / (len(x) - 1), vt[:dim]
+            _, s, vt = torch.linalg.svd(xc, full_matrices=False)
+            lam, comp = (s[:dim] ** 2) / (n - 1), vt[:dim]
+        lam, comp = lam.double().numpy(), comp.numpy()
         if whiten:
             scales = 1.0 / np.sqrt(lam + reg * max(lam.mean(), 1e-12) + 1e-12)
         else:
             scales = np.ones(dim)
-        return cls(mean, comp, scales)
+        return cls(mean.numpy(), comp, scales)
 
     def transform(self, x: np.ndarray) -> np.ndarray:
         xt = torch.from_numpy(np.ascontiguousarray(x, np.float32))
