@@ -388,6 +388,11 @@ def test_weights_found_in_torch_hub_and_hugging_face_caches(empty_caches):
     hf_snapshot = empty_caches / "hf" / "hub" / "models--facebook--dinov2-small" / "snapshots" / "0123abc"
     hf_snapshot.mkdir(parents=True)
     torch.save(hub_to_hf_by_hand(sd, TINY["depth"], TINY["embed_dim"]), hf_snapshot / "pytorch_model.bin")
+    newer = hf_snapshot.parent / "fedcba9"  # a newer snapshot that refs/main does not point to
+    newer.mkdir()
+    (newer / "pytorch_model.bin").write_bytes((hf_snapshot / "pytorch_model.bin").read_bytes())
+    (hf_snapshot.parent.parent / "refs").mkdir()
+    (hf_snapshot.parent.parent / "refs" / "main").write_text("0123abc")
     from_hf = build_backbone("dinov2_vits14", **kw)
     assert from_hf.weights_path == hf_snapshot
     hub_dir = empty_caches / "torch" / "hub" / "checkpoints"

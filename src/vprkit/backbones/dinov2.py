@@ -488,13 +488,22 @@ def hf_cache_dirs() -> list[Path]:
 
 
 def hf_cached_snapshots(repo_id: str, roots: Iterable[Path] | None = None) -> list[Path]:
-    """Snapshot folders of ``repo_id`` in the HF caches that hold a readable weight file."""
-    found = []
+    """Snapshot folders of ``repo_id`` in the HF caches that hold a readable weight file, best first.
+
+    Best = the snapshot ``refs/main`` points to, then the most recently modified.
+    """
+    ranked = []
     for root in hf_cache_dirs() if roots is None else roots:
-        snaps = root / f"models--{repo_id.replace('/', '--')}" / "snapshots"
-        if snaps.is_dir():
-            found += [s for s in sorted(snaps.iterdir()) if s.is_dir() and _hf_weight_file(s, readable_only=True)]
-    return found
+        repo = root / f"models--{repo_id.replace('/', '--')}"
+        snaps = repo / "snapshots"
+        if not snaps.is_dir():
+            continue
+        ref = repo / "refs" / "main"
+        main = ref.read_text().strip() if ref.is_file() else None
+        for s in snaps.iterdir():
+            if s.is_dir() and _hf_weight_file(s, readable_only=True):
+                ranked.append((s.name == main, s.stat().st_mtime, s))
+    return [s for *_, s in sorted(ranked, key=lambda r: (r[0], r[1]), reverse=True)]
 
 
 def find_weights(name: str, explicit: str | os.PathLike | None = None) -> Path:
@@ -516,7 +525,7 @@ def find_weights(name: str, explicit: str | os.PathLike | None = None) -> Path:
         pass
     snapshots = hf_cached_snapshots(hf_repo_id(name))
     if snapshots:
-        return snapshots[-1]
+        return snapshots[0]
     hint = (
         f"On a machine with internet, download {checkpoint_url(name)}; or pass weights=PATH to that file or "
         f"to a Hugging Face folder of {hf_repo_id(name)} (config.json + pytorch_model.bin or model.safetensors)."
