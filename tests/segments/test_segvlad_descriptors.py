@@ -77,3 +77,13 @@ def test_select_distinctive():
     np.testing.assert_array_equal(select_distinctive(d, np.ones(4), 10), np.arange(4))
     with pytest.raises(ConfigError):
         select_distinctive(d, np.ones(4), 2, "random")
+
+
+def test_auto_whitening_needs_many_samples_per_dimension():
+    from vprkit.segments.retriever import AUTO_WHITEN_SAMPLES_PER_DIM, whiten_decision
+
+    assert whiten_decision("auto", AUTO_WHITEN_SAMPLES_PER_DIM * 512, 512)
+    assert not whiten_decision("auto", 2600, 512)  # Corridor-sized map: whitening collapsed recall
+    assert whiten_decision(True, 10, 512) and not whiten_decision(False, 10**6, 512)
+    with pytest.raises(ConfigError):
+        whiten_decision("yes", 10, 512)

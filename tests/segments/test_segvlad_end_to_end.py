@@ -112,3 +112,21 @@ def test_grid_sap_map_without_pca(tmp_path):
     assert len(res[0].matches) == 2
     with h5py.File(tmp_path / "store.h5", "r") as f:
         assert f["extras/segments/0/desc"].shape == (30, 112)  # 6×5 grid cells of 54 px at 320×240 (last row: the 24-px remainder)
+
+
+def test_cli_map_build_and_localize_with_a_segvlad_preset(tmp_path):
+    import shutil
+
+    from vprkit.cli import cli
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for k in REFS[:6]:
+        shutil.copy(CORRIDOR / "ref" / k, images / k)
+    runner = CliRunner()
+    res = runner.invoke(cli, ["map", "build", str(images), "--out", str(tmp_path / "map"), "--preset", "segvlad-grid", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "map" / INDEX_FILE).exists()
+    res = runner.invoke(cli, ["localize", str(tmp_path / "map"), str(CORRIDOR / "query" / QUERIES[0]), "--top-k", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    assert REFS[0][:4] in res.output  # a map image name is printed

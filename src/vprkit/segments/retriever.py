@@ -54,7 +54,7 @@ DEFAULTS: dict[str, Any] = {
     "order": 3,
     "pooling": "vlad",  # or "sap"
     "pca_dim": 512,  # 0: no PCA
-    "whiten": False,
+    "whiten": False,  # True, False or "auto" (whiten only with ≥ 20 fitted segments per PCA dimension)
     "whiten_reg": 0.1,
     "fit_segments": 50_000,
     "max_segments": 64,  # per image; 0 = no cap
@@ -117,6 +117,22 @@ def segment_graph(masks: np.ndarray, grid: tuple[int, int], stride: int, uncover
     return sp, cents, adjacency(cents)
 
 
+# "auto" whitening: only with at least this many fitted SuperSegments per PCA dimension. Measured
+# (benchmarks/bench_segvlad.py, PCA 512): Corridor, ~2,200 segments (4/dim) — whitening cut R@1 from
+# 0.955 to 0.79 (0.85 regularised); Nordland-600, ~10,800 (21/dim) — it raised R@1 from 0.26 to 0.30.
+# The paper fits 1,024 dims on 50,000 segments (49/dim).
+AUTO_WHITEN_SAMPLES_PER_DIM = 20
+
+
+def whiten_decision(option, n_samples: int, dim: int) -> bool:
+    """``whiten`` option (True / False / "auto") → whether to whiten a PCA fitted on ``n_samples``."""
+    if option == "auto":
+        return n_samples >= AUTO_WHITEN_SAMPLES_PER_DIM * dim
+    if isinstance(option, bool):
+        return option
+    raise ConfigError(f"segments 'whiten' must be true, false or \"auto\", got {option!r}")
+
+
 class SegmentsExtension(MapExtension):
     """Stores SuperSegment descriptors per map image and builds the segment index (see module docs)."""
 
@@ -140,6 +156,7 @@ class SegmentsExtension(MapExtension):
         self.pca: PCA | None = None
         raw_dim = backbone.dim * (vocabulary.k if self.pooling == "vlad" else 1)
         self.needs_fit = 0 < int(o["pca_dim"]) < raw_dim
+        whiten_decision(o["whiten"], 0, 1)  # validate early
         if o["storage"] not in ("float16", "float32"):
             raise ConfigError("segments storage must be float16 or float32")
         self._index = None
@@ -191,7 +208,8 @@ class SegmentsExtension(MapExtension):
                     seen += len(raw)
         if pool is None or len(pool) < 2:
             raise MapError("too few SuperSegments to fit the segment PCA")
-        self.pca = PCA.fit(pool, int(self.options["pca_dim"]), bool(self.options["whiten"]), float(self.options["whiten_reg"]))
+        dim = int(self.options["pca_dim"])
+        self.pca = PCA.fit(pool, dim, whiten_decision(self.options["whiten"], len(pool), dim), float(self.options["whiten_reg"]))
         self.fit_count = len(pool)
 
     def state(self) -> dict[str, np.ndarray]:

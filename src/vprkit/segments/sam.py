@@ -5,7 +5,8 @@ IoU ≥ 0.88, stability ≥ 0.95 (offset 1.0), box NMS 0.7, no crops, no minimum
 prepared image at ``scale`` (0.5: half the feature-extraction resolution) and its masks are
 upsampled (nearest) back to the prepared image, so they share the backbone's pixel frame.
 
-The checkpoint is given by path (``checkpoint=``) with ``model_type`` vit_b / vit_l / vit_h. A
+The checkpoint is given by path (``checkpoint=``, or the ``VPRKIT_SAM_CHECKPOINT`` environment
+variable when unset) with ``model_type`` vit_b / vit_l / vit_h. A
 randomly initialised model (``checkpoint=None, allow_random=True``) exists only for tests: its
 masks are meaningless, and its predicted IoU / stability scores are low, so those tests lower the
 thresholds.
@@ -13,6 +14,7 @@ thresholds.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,8 @@ from ..errors import ConfigError, WeightsNotFoundError
 from .base import SEGMENTERS, Segmenter
 
 MODEL_TYPES = ("vit_b", "vit_l", "vit_h")
+# Used when no checkpoint is configured (the ``segvlad-sam`` preset leaves it unset).
+CHECKPOINT_ENV = "VPRKIT_SAM_CHECKPOINT"
 
 
 @SEGMENTERS.register("sam")
@@ -45,7 +49,12 @@ class SAMSegmenter(Segmenter):
         if model_type not in MODEL_TYPES:
             raise ConfigError(f"SAM model_type must be one of {MODEL_TYPES}, got {model_type!r}")
         if checkpoint is None and not allow_random:
-            raise ConfigError("the 'sam' segmenter needs checkpoint=PATH to a SAM checkpoint (e.g. sam_vit_h_4b8939.pth)")
+            checkpoint = os.environ.get(CHECKPOINT_ENV) or None
+        if checkpoint is None and not allow_random:
+            raise ConfigError(
+                f"the 'sam' segmenter needs a SAM checkpoint (e.g. sam_vit_h_4b8939.pth): set segmenter_options.checkpoint "
+                f"or the {CHECKPOINT_ENV} environment variable"
+            )
         if checkpoint is not None and not Path(checkpoint).is_file():
             raise WeightsNotFoundError(f"SAM checkpoint {checkpoint} not found; download it from the segment-anything release page")
         if not 0 < scale <= 1:

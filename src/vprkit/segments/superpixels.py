@@ -33,11 +33,12 @@ class SLICSegmenter(Segmenter):
 class FelzenszwalbSegmenter(Segmenter):
     """Felzenszwalb–Huttenlocher graph segmentation. ``scale`` is set relative to the image area
     (``scale_per_pixel`` × H·W) so the number of regions does not explode on large images;
-    ``min_size`` likewise (fraction of the image area)."""
+    ``min_size`` likewise (fraction of the image area). The defaults give about 20 regions per image
+    on Corridor (320×240) and Nordland (224×112), comparable to SLIC with 25 segments."""
 
     name = "felzenszwalb"
 
-    def __init__(self, scale: float | None = None, sigma: float = 0.8, min_fraction: float = 0.01, scale_per_pixel: float = 0.01):
+    def __init__(self, scale: float | None = None, sigma: float = 0.8, min_fraction: float = 0.005, scale_per_pixel: float = 0.003):
         self.scale = scale
         self.sigma = float(sigma)
         self.min_fraction = float(min_fraction)
