@@ -428,6 +428,14 @@ def test_computation_stops_at_the_requested_layer(facet, blocks_run, monkeypatch
         assert gemms[-1] == (TINY["embed_dim"], TINY["embed_dim"])  # just the value third of qkv
 
 
+def test_random_weights_are_reproducible():
+    """Two ``pretrained=False`` builds are the same network (a random-weight map and its queries agree)."""
+    x = pixels(1, NATIVE, NATIVE)
+    a = build_backbone("dinov2_vits14_reg", pretrained=False, layer=2, config=TINY)(x)
+    b = build_backbone("dinov2_vits14_reg", pretrained=False, layer=2, config=TINY)(x)
+    assert torch.equal(a.patches, b.patches)
+
+
 def test_input_size_must_be_a_multiple_of_the_patch_size():
     model = tiny_model("dinov2_vits14", official_state_dict(TINY, 0), 1, "value")
     with pytest.raises(ValueError, match="multiples of 14"):

@@ -60,6 +60,7 @@ PATCH_SIZE = 14
 CHECKPOINT_IMAGE_SIZE = 518  # the official checkpoints carry position embeddings for 518 px
 NUM_REGISTERS = 4  # the "_reg" models (Darcet et al., "Vision Transformers Need Registers")
 DINOV2_BASE_URL = "https://dl.fbaipublicfiles.com/dinov2"
+RANDOM_INIT_SEED = 0  # pretrained=False models are reproducible random networks
 HF_REPOS = {"vits14": "dinov2-small", "vitb14": "dinov2-base", "vitl14": "dinov2-large", "vitg14": "dinov2-giant"}
 
 
@@ -609,14 +610,22 @@ class DINOv2(Backbone):
 
     @torch.no_grad()
     def _init_random(self) -> None:
-        """The official initialisation (truncated normal 0.02 linears and positions, LayerScale 1)."""
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.normal_(self.cls_token, std=1e-6)
+        """The official initialisation (truncated normal 0.02 linears and positions, LayerScale 1).
+
+        Drawn from a generator with a fixed seed, so that ``pretrained=False`` models are the same
+        network every time they are built: a map built and queried in separate processes with random
+        weights (tests, benchmarks) gets matching descriptors.
+        """
+        g = torch.Generator().manual_seed(RANDOM_INIT_SEED)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02, generator=g)
+        nn.init.normal_(self.cls_token, std=1e-6, generator=g)
         if self.register_tokens is not None:
-            nn.init.normal_(self.register_tokens, std=1e-6)
+            nn.init.normal_(self.register_tokens, std=1e-6, generator=g)
+        nn.init.trunc_normal_(self.patch_embed.proj.weight, std=0.02, generator=g)
+        nn.init.zeros_(self.patch_embed.proj.bias)
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.trunc_normal_(m.weight, std=0.02, generator=g)
                 nn.init.zeros_(m.bias)
 
     def load_checkpoint(self, state_dict: Mapping[str, torch.Tensor]) -> None:
