@@ -81,10 +81,6 @@ class ViTConfig:
     interpolate_antialias: bool = False
 
     @property
-    def head_dim(self) -> int:
-        return self.embed_dim // self.num_heads
-
-    @property
     def ffn_hidden(self) -> int:
         hidden = int(self.embed_dim * self.mlp_ratio)
         if self.ffn == "swiglu":
