@@ -12,7 +12,7 @@ from vprkit.errors import ImageReadError, MapError
 from vprkit.images import ImageSpec
 from vprkit.presets import get_preset
 
-from conftest import make_images
+from helpers import make_images
 
 
 @pytest.fixture(scope="module")

@@ -114,9 +114,10 @@ def evaluate(dataset: str, preset: str, rerank: str | None, out: Path | None, da
 
     if data_root is not None:
         os.environ["VPRKIT_DATA"] = str(data_root)
+    config = _config(preset, float16, rerank, vocab, weights)  # validate options before touching data
     options = {k: v for k, v in {"queries": queries_sub, "database": database_sub}.items() if v}
     ds = load_dataset(dataset, **options)
-    summary = pipeline.evaluate(ds, _config(preset, float16, rerank, vocab, weights), out=out, rerank=rerank,
+    summary = pipeline.evaluate(ds, config, out=out, rerank=rerank,
                                 no_positive=no_positive, progress=not quiet, log=click.echo)
     rec = summary["recall"]
     t = summary["timing"]
