@@ -124,6 +124,10 @@ def fit_vocabulary(
     centres = km.centroids / np.maximum(np.linalg.norm(km.centroids, axis=1, keepdims=True), 1e-12)
     meta = dict(metadata or {})
     meta.update({"k": k, "dim": int(x.shape[1]), "n_descriptors": int(len(x)), "niter": niter, "seed": seed})
+    # NetVLAD's α-initialisation needs how decisively descriptors pick their nearest centre
+    from .netvlad import assignment_margin
+
+    meta["assignment_margin"] = round(assignment_margin(x, centres), 6)
     return Vocabulary(centres, meta)
 
 

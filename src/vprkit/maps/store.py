@@ -218,8 +218,8 @@ def _write_extra(f: h5py.File, row: int, extra: Extras, dtype) -> None:
         g = f.require_group(f"extras/{group}/{row}")
         for name, arr in arrays.items():
             arr = np.asarray(arr)
-            if arr.dtype.kind == "f":
-                arr = arr.astype(dtype)
+            if arr.dtype.kind == "f" and arr.dtype.itemsize > np.dtype(dtype).itemsize:
+                arr = arr.astype(dtype)  # the store's dtype caps precision; narrower payloads stay as chosen
             g.create_dataset(name, data=arr)
 
 

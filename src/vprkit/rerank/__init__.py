@@ -1,0 +1,24 @@
+"""Re-ranking: Patch-NetVLAD-style multi-scale patch matching over a global shortlist.
+
+``patches`` (integral NetVLAD patch descriptors) → ``matching`` (mutual nearest neighbours) →
+``scoring`` (RANSAC homography, rapid spatial scoring) → ``fusion`` (per-scale z-norm, weighted
+sums, global fusion), packaged as the :class:`PatchReranker` and named presets (``performance``,
+``speed``, ``storage`` …, registered in :data:`RERANKERS`). The ``patches`` map extension stores
+candidates' patch descriptors at build time.
+"""
+
+from .base import RERANKERS, Reranker
+from .extension import PatchesExtension
+from .fusion import fuse_scales, fuse_with_global, znorm
+from .matching import Matches, mutual_nn, mutual_nn_grouped
+from .patches import PatchProjection, PatchScale, direct_patch_vlad, integral_patch_vlad
+from .presets import RERANK_PRESETS, RerankSettings, get_rerank_settings, map_extensions_for
+from .reranker import PairResult, PatchReranker, score_pair
+from .scoring import SCORERS, PatchSet, SpatialScore, rapid_spatial_score, ransac_score
+
+__all__ = [
+    "RERANKERS", "Reranker", "PatchesExtension", "fuse_scales", "fuse_with_global", "znorm", "Matches", "mutual_nn",
+    "mutual_nn_grouped", "PatchProjection", "PatchScale", "direct_patch_vlad", "integral_patch_vlad", "RERANK_PRESETS",
+    "RerankSettings", "get_rerank_settings", "map_extensions_for", "PairResult", "PatchReranker", "score_pair",
+    "SCORERS", "PatchSet", "SpatialScore", "rapid_spatial_score", "ransac_score",
+]

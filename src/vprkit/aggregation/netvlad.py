@@ -1,0 +1,168 @@
+"""NetVLAD: soft-assignment VLAD (Arandjelović et al.), initialisable from a k-means vocabulary.
+
+For a local descriptor ``x`` (L2-normalised) the soft assignment to cluster ``k`` is
+``a_k(x) = softmax_k(w_k·x + b_k)``; the descriptor is ``V_k = Σ_x a_k(x)·(x − c_k)``,
+intra-normalised per cluster, flattened (K·D) and L2-normalised.
+
+Initialisation from a vocabulary follows the released Patch-NetVLAD models: ``w_k = α·c_k/‖c_k‖``,
+no bias, with ``α = −log(0.01) / mean(cos₁ − cos₂)`` — the mean gap between each sample
+descriptor's best and second-best centre cosine — so that a typical descriptor puts about 99 %
+of its weight on its nearest centre. (The paper's other variant, ``w_k = 2α·c_k``,
+``b_k = −α‖c_k‖²``, is :meth:`NetVLADLayer.from_centres` with ``variant="v2"``.)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..backbones.base import DenseFeatures
+from ..errors import ConfigError, VocabularyMismatchError
+from .base import AGGREGATORS, Aggregator, l2n
+from .vlad import Vocabulary, vlad_normalise
+
+# α is chosen so that the nearest centre gets this share of the weight against the runner-up.
+NEAREST_SHARE = 0.99
+ALPHA_VARIANTS = ("released", "v2")
+
+
+def assignment_margin(descriptors: np.ndarray | torch.Tensor, centres: np.ndarray | torch.Tensor, chunk: int = 65536) -> float:
+    """Mean gap between the best and second-best centre cosine of L2-normalised ``descriptors``."""
+    x = torch.as_tensor(np.asarray(descriptors, dtype=np.float32))
+    c = l2n(torch.as_tensor(np.asarray(centres, dtype=np.float32)))
+    if c.shape[0] < 2:
+        raise ConfigError("NetVLAD needs at least two clusters")
+    total, n = 0.0, 0
+    for i in range(0, len(x), chunk):
+        top = torch.topk(l2n(x[i : i + chunk]) @ c.T, 2, dim=1).values
+        total += float((top[:, 0] - top[:, 1]).sum())
+        n += len(top)
+    if n == 0:
+        raise ConfigError("no descriptors to estimate NetVLAD's α from")
+    return total / n
+
+
+def alpha_from_margin(margin: float) -> float:
+    """``α = −log(1 − share) / margin`` (``−log(0.01)/margin`` for the 99 % share of the original)."""
+    return -math.log(1.0 - NEAREST_SHARE) / max(margin, 1e-6)
+
+
+class NetVLADLayer(nn.Module):
+    """Soft-assignment VLAD over ``B×N×D`` descriptors; also gives per-descriptor assignments.
+
+    ``assign`` is the 1×1 convolution of the original as a linear map (weight ``K×D``, optional
+    bias); ``centroids`` are the ``K×D`` centres residuals are taken against.
+    """
+
+    def __init__(self, num_clusters: int, dim: int, bias: bool = False, normalize_input: bool = True):
+        super().__init__()
+        self.num_clusters, self.dim, self.normalize_input = num_clusters, dim, normalize_input
+        self.assign = nn.Linear(dim, num_clusters, bias=bias)
+        self.centroids = nn.Parameter(torch.zeros(num_clusters, dim))
+
+    @classmethod
+    def from_centres(cls, centres: np.ndarray | torch.Tensor, alpha: float, variant: str = "released") -> "NetVLADLayer":
+        """The usual α-initialisation from k-means centres (see the module docstring)."""
+        if variant not in ALPHA_VARIANTS:
+            raise ConfigError(f"unknown NetVLAD initialisation {variant!r}; choose one of {ALPHA_VARIANTS}")
+        c = torch.as_tensor(np.asarray(centres, dtype=np.float32))
+        layer = cls(c.shape[0], c.shape[1], bias=variant == "v2")
+        with torch.no_grad():
+            layer.centroids.copy_(c)
+            if variant == "released":
+                layer.assign.weight.copy_(alpha * l2n(c))
+            else:
+                layer.assign.weight.copy_(2.0 * alpha * c)
+                layer.assign.bias.copy_(-alpha * (c * c).sum(1))
+        return layer
+
+    def load_weights(self, centroids: torch.Tensor, assign_weight: torch.Tensor, assign_bias: torch.Tensor | None = None) -> None:
+        """Load trained parameters (e.g. from :func:`vprkit.backbones.vgg16.read_netvlad_checkpoint`)."""
+        w = assign_weight.reshape(assign_weight.shape[0], -1)
+        if tuple(centroids.shape) != (self.num_clusters, self.dim) or tuple(w.shape) != (self.num_clusters, self.dim):
+            raise VocabularyMismatchError(
+                f"NetVLAD weights are {tuple(centroids.shape)} / {tuple(w.shape)}, the layer is {self.num_clusters}×{self.dim}")
+        with torch.no_grad():
+            self.centroids.copy_(centroids)
+            self.assign.weight.copy_(w)
+            if assign_bias is not None:
+                if self.assign.bias is None:
+                    self.assign.bias = nn.Parameter(torch.zeros(self.num_clusters))
+                self.assign.bias.copy_(assign_bias)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return l2n(x) if self.normalize_input else x
+
+    def soft_assign(self, x: torch.Tensor) -> torch.Tensor:
+        """``…×D`` prepared descriptors → ``…×K`` assignment weights (rows sum to 1)."""
+        return torch.softmax(self.assign(x), dim=-1)
+
+    def residual_sums(self, x: torch.Tensor) -> torch.Tensor:
+        """``B×N×D`` → un-normalised ``B×K×D``: ``Σ a_k(x)·x − (Σ a_k(x))·c_k``."""
+        x = self.prepare(x)
+        a = self.soft_assign(x)
+        return a.transpose(1, 2) @ x - a.sum(1).unsqueeze(-1) * self.centroids
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``B×N×D`` → ``B×(K·D)``: intra-normalised, flattened, L2-normalised."""
+        return vlad_normalise(self.residual_sums(x))
+
+
+class NetVLAD(Aggregator):
+    """NetVLAD as a global aggregator for any backbone's dense map (``dim = K × D``).
+
+    Built from the map's vocabulary (α from ``alpha`` or the vocabulary's recorded
+    ``assignment_margin``), or from a trained checkpoint with ``checkpoint=PATH`` (a NetVLAD /
+    Patch-NetVLAD VGG16 checkpoint; its own centres replace the vocabulary's).
+    """
+
+    name = "netvlad"
+    needs_vocabulary = True
+
+    def __init__(self, backbone_dim: int, vocabulary: Vocabulary, alpha: float | None = None,
+                 variant: str = "released", checkpoint: str | None = None, chunk: int = 16):
+        super().__init__(backbone_dim)
+        self.chunk = chunk
+        self.checkpoint = checkpoint
+        if checkpoint is not None:
+            from ..backbones.vgg16 import read_netvlad_checkpoint
+
+            ck = read_netvlad_checkpoint(checkpoint)
+            if ck.dim != backbone_dim:
+                raise VocabularyMismatchError(f"{checkpoint}: NetVLAD is {ck.dim}-d, the backbone gives {backbone_dim}-d")
+            self.layer = NetVLADLayer(ck.num_clusters, ck.dim, bias=ck.assign_bias is not None)
+            self.layer.load_weights(ck.centroids, ck.assign_weight, ck.assign_bias)
+            self.vocabulary = None
+            return
+        if vocabulary.dim != backbone_dim:
+            raise VocabularyMismatchError(f"vocabulary has {vocabulary.dim}-d centres but the backbone gives {backbone_dim}-d")
+        if alpha is None:
+            margin = vocabulary.metadata.get("assignment_margin")
+            if margin is None:
+                raise ConfigError(
+                    f"vocabulary {vocabulary.metadata.get('name', vocabulary.checksum)} records no assignment margin; "
+                    "rebuild it with this vprkit version or pass alpha=… to the netvlad aggregator")
+            alpha = alpha_from_margin(float(margin))
+        self.alpha = float(alpha)
+        self.vocabulary = vocabulary
+        self.layer = NetVLADLayer.from_centres(vocabulary.centres, self.alpha, variant).eval()
+
+    @property
+    def dim(self) -> int:
+        return self.layer.num_clusters * self.layer.dim
+
+    @torch.no_grad()
+    def __call__(self, features: DenseFeatures) -> torch.Tensor:
+        flat = features.flat().float()
+        return torch.cat([self.layer(flat[i : i + self.chunk]) for i in range(0, len(flat), self.chunk)])
+
+    def identity(self) -> dict[str, Any]:
+        source = self.checkpoint or (self.vocabulary.checksum if self.vocabulary is not None else None)
+        return {**super().identity(), "k": self.layer.num_clusters, "netvlad": source}
+
+
+AGGREGATORS.register("netvlad", NetVLAD)

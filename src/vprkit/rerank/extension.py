@@ -1,0 +1,213 @@
+"""Patch descriptors in a map: the ``patches`` map extension (and its on-the-fly twin).
+
+At build time every map image's patch descriptors (all scales of the re-ranking preset) are stored
+under ``extras/patches/<row>`` as ``s<P>x<stride>`` arrays (float16, float32 or int8), plus the
+feature grid they came from, so patch centres can be recomputed instead of stored. The fitted state
+— NetVLAD centres and α, and the patch PCA/WPCA — lives in ``MAP_DIR/extensions/patches.npz``.
+
+By default the patches come from the map's own dense features (the same backbone pass as the
+global descriptor). With ``backbone=NAME`` (e.g. ``xfeat``, ``disk``) a second, local-feature
+network is run on the same prepared pixels, with its own NetVLAD vocabulary fitted at build time.
+
+int8 storage keeps each unit-norm patch descriptor as ``round(127·x / max|x|)``; the scale is not
+stored because descriptors are re-normalised on reading (only directions matter for matching).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..aggregation.base import l2n
+from ..aggregation.netvlad import NetVLADLayer, alpha_from_margin, assignment_margin
+from ..aggregation.vlad import fit_vocabulary
+from ..backbones.base import Backbone, DenseFeatures, build_backbone
+from ..errors import ConfigError, MapError
+from ..maps.extensions import EXTENSIONS, MapExtension
+from .patches import PatchProjection, PatchScale, integral_patch_vlad, patch_centres, patch_grid_positions
+from .scoring import PatchSet
+
+if TYPE_CHECKING:
+    from ..images import Batch
+
+GROUP = "patches"
+STORAGE_DTYPES = ("float16", "float32", "int8")
+INT8_MAX = 127
+DEFAULTS: dict[str, Any] = {
+    "scales": [[5, 1]],  # [patch size, stride] in feature-map cells
+    "pca_dim": 512,  # 0 = no projection; capped at the raw K·D and the sample size
+    "whiten": False,
+    "dtype": "float16",
+    "backbone": None,  # None = the map's backbone; or a registered name such as "xfeat", "disk"
+    "backbone_options": {},
+    "k": 32,  # NetVLAD clusters when the patch backbone is not the map's (own vocabulary)
+    "fit_images": 100,
+    "fit_patches": 10000,
+    "seed": 0,
+}
+
+
+def scale_key(scale: PatchScale) -> str:
+    return f"s{scale.size}x{scale.stride}"
+
+
+def quantise_int8(x: np.ndarray) -> np.ndarray:
+    peak = np.maximum(np.abs(x).max(1, keepdims=True), 1e-12)
+    return np.round(x / peak * INT8_MAX).astype(np.int8)
+
+
+class PatchesExtension(MapExtension):
+    """Computes, stores and decodes multi-scale NetVLAD patch descriptors (see module docs)."""
+
+    group = GROUP
+    needs_fit = True
+
+    def __init__(self, options: Mapping[str, Any], backbone: Backbone, vocabulary):
+        unknown = set(options) - set(DEFAULTS)
+        if unknown:
+            raise ConfigError(f"unknown '{GROUP}' options {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+        super().__init__({**DEFAULTS, **dict(options)}, backbone, vocabulary)
+        o = self.options
+        self.scales = [PatchScale(int(s[0]), int(s[1]) if len(s) > 1 else 1) for s in o["scales"]]
+        if not self.scales:
+            raise ConfigError("re-ranking needs at least one patch scale")
+        if o["dtype"] not in STORAGE_DTYPES:
+            raise ConfigError(f"patch storage dtype must be one of {STORAGE_DTYPES}, got {o['dtype']!r}")
+        self.feature_backbone = backbone if o["backbone"] is None else build_backbone(o["backbone"], **dict(o["backbone_options"]))
+        self.own_vocabulary = o["backbone"] is not None or vocabulary is None
+        self.layer: NetVLADLayer | None = None
+        self.projection: PatchProjection | None = None
+
+    # ---- features ----------------------------------------------------------------------------
+    @property
+    def stride(self) -> int:
+        return self.feature_backbone.stride
+
+    def features(self, pixels: np.ndarray | torch.Tensor, map_features: DenseFeatures | None = None) -> DenseFeatures:
+        """Dense features the patches are built from: the map's own, or the patch backbone's."""
+        if self.options["backbone"] is None and map_features is not None:
+            return map_features
+        x = torch.as_tensor(np.asarray(pixels, np.float32))
+        m = self.feature_backbone.size_multiple
+        h, w = x.shape[-2:]
+        th, tw = max(m, h // m * m), max(m, w // m * m)
+        if (th, tw) != (h, w):  # the patch net needs a multiple of its own stride
+            x = F.interpolate(x, size=(th, tw), mode="bilinear", align_corners=False, antialias=True)
+        with torch.inference_mode():
+            return self.feature_backbone(x)
+
+    # ---- descriptors -------------------------------------------------------------------------
+    def _require_fitted(self) -> NetVLADLayer:
+        if self.layer is None:
+            raise MapError("the patch descriptors are not fitted yet (fit the 'patches' extension or rebuild the map)")
+        return self.layer
+
+    def raw_patches(self, cells: torch.Tensor) -> list[torch.Tensor]:
+        """One image's ``h×w×D`` cells → per scale, NetVLAD patch descriptors before projection."""
+        return integral_patch_vlad(cells, self._require_fitted(), self.scales)
+
+    def describe(self, cells: torch.Tensor, stride: int) -> list[PatchSet]:
+        """Full-precision patch sets of one image (used for queries and for on-the-fly candidates)."""
+        grid = (int(cells.shape[0]), int(cells.shape[1]))
+        sets = []
+        for scale, raw in zip(self.scales, self.raw_patches(cells)):
+            desc = self.projection(raw) if self.projection is not None else raw
+            sets.append(self.patch_set(desc, scale, grid, stride))
+        return sets
+
+    @staticmethod
+    def patch_set(desc: torch.Tensor, scale: PatchScale, grid: tuple[int, int], stride: int) -> PatchSet:
+        _, rows, cols = scale.effective(grid)
+        return PatchSet(desc, patch_centres(scale, grid, stride), patch_grid_positions(scale, grid), (rows, cols),
+                        float(stride * scale.stride))
+
+    def describe_batch(self, batch: "Batch", features: DenseFeatures) -> list[list[PatchSet]]:
+        feats = self.features(batch.pixels, features)
+        cells = feats.patches.float()
+        return [self.describe(cells[i], feats.stride) for i in range(len(cells))]
+
+    # ---- MapExtension ---------------------------------------------------------------------------
+    def fit(self, samples: Iterable[tuple["Batch", DenseFeatures]]) -> None:
+        """NetVLAD centres (own vocabulary only) and α from the sample's cells, then the patch PCA."""
+        o = self.options
+        cells: list[torch.Tensor] = []
+        for batch, features in samples:
+            feats = self.features(batch.pixels, features).patches.float()
+            cells.extend(feats[i] for i in range(len(feats)))
+            if len(cells) >= int(o["fit_images"]):
+                break
+        if not cells:
+            raise MapError("no readable images to fit the patch descriptors on")
+        flat = torch.cat([c.reshape(-1, c.shape[-1]) for c in cells]).numpy()
+        if self.own_vocabulary:
+            meta = {"identity": self.feature_backbone.identity(), "name": f"patches:{self.feature_backbone.name}"}
+            centres = fit_vocabulary(flat, int(o["k"]), meta, seed=int(o["seed"])).centres
+        else:
+            centres = self.vocabulary.centres
+        alpha = alpha_from_margin(assignment_margin(flat, centres))
+        self.layer = NetVLADLayer.from_centres(centres, alpha).eval()
+        self.alpha = alpha
+        pca_dim = int(o["pca_dim"])
+        if pca_dim <= 0:
+            return
+        rng = np.random.default_rng(int(o["seed"]))
+        pool = torch.cat([torch.cat(self.raw_patches(c)) for c in cells]).numpy()
+        cap = int(o["fit_patches"])
+        if len(pool) > cap:
+            pool = pool[np.sort(rng.choice(len(pool), cap, replace=False))]
+        self.projection = PatchProjection.fit(pool, pca_dim, bool(o["whiten"]))
+
+    def state(self) -> dict[str, np.ndarray]:
+        layer = self._require_fitted()
+        st = {"centres": layer.centroids.detach().numpy(), "alpha": np.float64(self.alpha)}
+        if self.projection is not None:
+            st.update(self.projection.state("pca_"))
+        return st
+
+    def load_state(self, state: Mapping[str, np.ndarray]) -> None:
+        self.alpha = float(state["alpha"])
+        self.layer = NetVLADLayer.from_centres(state["centres"], self.alpha).eval()
+        self.projection = PatchProjection.from_state(state, "pca_") if "pca_components" in state else None
+
+    def encode(self, batch: "Batch", features: DenseFeatures) -> list[dict[str, np.ndarray]]:
+        feats = self.features(batch.pixels, features)
+        out = []
+        for i in range(len(feats)):
+            cells = feats.patches[i].float()
+            payload = {"grid": np.asarray(cells.shape[:2], np.int32)}
+            for scale, ps in zip(self.scales, self.describe(cells, feats.stride)):
+                payload[scale_key(scale)] = self._store(ps.descriptors.numpy())
+            out.append(payload)
+        return out
+
+    def _store(self, desc: np.ndarray) -> np.ndarray:
+        dtype = self.options["dtype"]
+        return quantise_int8(desc) if dtype == "int8" else desc.astype(dtype)
+
+    def decode(self, payload: Mapping[str, np.ndarray]) -> list[PatchSet]:
+        """A stored payload → per-scale patch sets (descriptors re-normalised float32)."""
+        grid = tuple(int(v) for v in payload["grid"])
+        sets = []
+        for scale in self.scales:
+            key = scale_key(scale)
+            if key not in payload:
+                raise MapError(f"stored patches lack scale {key}; the map was built with other re-ranking settings")
+            desc = l2n(torch.from_numpy(np.asarray(payload[key]).astype(np.float32)))
+            sets.append(self.patch_set(desc, scale, grid, self.stride))
+        return sets
+
+    def bytes_per_image(self, grid: tuple[int, int]) -> int:
+        """Stored bytes of one image with a ``grid`` feature map (for reports)."""
+        per = {"float16": 2, "float32": 4, "int8": 1}[self.options["dtype"]]
+        dim = self.projection.dim if self.projection is not None else self._require_fitted().num_clusters * self._require_fitted().dim
+        n = 0
+        for s in self.scales:
+            _, r, c = s.effective(grid)
+            n += r * c
+        return n * dim * per
+
+
+EXTENSIONS.register(GROUP, PatchesExtension)

@@ -1,0 +1,192 @@
+"""The Patch-NetVLAD re-ranker: shortlist → patch matching → spatial scores → fused ranking.
+
+For each query, the global shortlist (top ``shortlist``, 100 by default) is re-scored: at each
+patch scale, mutual nearest neighbours between the query's and the candidate's patches are scored
+by the preset's spatial scorer (RANSAC inliers or rapid spatial scoring); the scales are fused by
+per-scale z-normalisation and the preset's weights (as the original), and the result is fused with
+the z-normalised global similarity (``global_weight``; 0 reproduces the original's patch-only
+ranking). Fusing the global score matters where geometry is weak — fisheye corridors, lateral
+motion — while the patch evidence decides where it is strong; a shortlist whose patch scores are
+all equal leaves the global order unchanged.
+
+Candidates' patches come from the map store when it was built with the same re-ranking settings;
+otherwise they are computed on the fly from the map's images (slower, same result) and cached.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from ..errors import MapError
+from .base import Reranker
+from .extension import GROUP, PatchesExtension
+from .fusion import fuse_scales, fuse_with_global
+from .matching import Matches, mutual_nn_grouped
+from .scoring import SCORERS, PatchSet, SpatialScore
+
+if TYPE_CHECKING:
+    from ..pipeline import Map
+    from ..retrieval import QueryBatch
+    from .presets import RerankSettings
+
+# Decoded candidate patch sets kept in RAM across queries (maps' images recur in shortlists).
+CANDIDATE_CACHE_BYTES = 512 * 2**20
+
+
+@dataclass
+class PairResult:
+    """Everything known about one query–candidate pair: per-scale matches and spatial scores."""
+
+    matches: list[Matches]
+    scores: list[SpatialScore]
+    query_sets: list[PatchSet] = field(default_factory=list)
+    candidate_sets: list[PatchSet] = field(default_factory=list)
+
+
+class CandidateCache:
+    """LRU cache of decoded candidate patch sets, bounded in bytes."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.nbytes = max_bytes, 0
+        self.items: OrderedDict[int, tuple[list[PatchSet], int]] = OrderedDict()
+
+    def get(self, row: int) -> list[PatchSet] | None:
+        hit = self.items.get(row)
+        if hit is None:
+            return None
+        self.items.move_to_end(row)
+        return hit[0]
+
+    def put(self, row: int, sets: list[PatchSet]) -> None:
+        size = sum(s.descriptors.numel() * s.descriptors.element_size() for s in sets)
+        if size > self.max_bytes:
+            return
+        self.items[row] = (sets, size)
+        self.nbytes += size
+        while self.nbytes > self.max_bytes:
+            _, (_, old) = self.items.popitem(last=False)
+            self.nbytes -= old
+
+
+def score_pair(query_sets: list[PatchSet], candidate_sets: list[PatchSet], scorer: Callable) -> PairResult:
+    """Match and score one pair at every scale (the ``match-two`` view and the tests use this)."""
+    matches = [mutual_nn_grouped(q.descriptors, [c.descriptors])[0] for q, c in zip(query_sets, candidate_sets)]
+    scores = [scorer(q, c, m) for q, c, m in zip(query_sets, candidate_sets, matches)]
+    return PairResult(matches, scores, query_sets, candidate_sets)
+
+
+class PatchReranker(Reranker):
+    """Re-ranks a global shortlist with multi-scale patch matching (see module docs)."""
+
+    def __init__(self, map: "Map", settings: "RerankSettings", log: Callable[[str], None] = print):
+        super().__init__(map)
+        self.settings = settings
+        self.name = settings.name
+        self.shortlist = settings.shortlist
+        self.scorer = SCORERS.get(settings.scorer)
+        self.cache = CandidateCache(CANDIDATE_CACHE_BYTES)
+        self.timings: list[float] = []
+        wanted = PatchesExtension(settings.extension_options(), map.backbone, map.vocabulary).options
+        stored = map.extensions.get(GROUP)
+        if stored is not None and stored.options == wanted:
+            self.extension, self.stored = stored, True
+        else:
+            self.extension, self.stored = self._fit_on_the_fly(settings, log), False
+        self._reader = None
+
+    def _fit_on_the_fly(self, settings: "RerankSettings", log: Callable[[str], None]) -> PatchesExtension:
+        from ..pipeline import _fit_sample, extract
+
+        log(f"re-ranking '{settings.name}': the map stores no matching patch descriptors; computing them from "
+            f"{self.map.images_root} as needed (build the map with --rerank {settings.name} to store them)")
+        ext = PatchesExtension(settings.extension_options(), self.map.backbone, self.map.vocabulary)
+        keys = _fit_sample(self.map.keys, int(ext.options["fit_images"]), self.map.config.vocabulary.seed)
+        ext.fit(extract(self.map.backbone, self.map.config, self.map.images_root, keys, on_failure=lambda k, m: None))
+        return ext
+
+    # ---- candidates ----------------------------------------------------------------------------
+    def candidate_sets(self, rows: list[int]) -> dict[int, list[PatchSet]]:
+        out: dict[int, list[PatchSet]] = {}
+        missing = []
+        for r in rows:
+            hit = self.cache.get(r)
+            if hit is not None:
+                out[r] = hit
+            else:
+                missing.append(r)
+        if not missing:
+            return out
+        if self.stored:
+            if self._reader is None:
+                self._reader = self.map.store.open()
+            for r in missing:
+                out[r] = self.extension.decode(self._reader.extras(GROUP, r))
+                self.cache.put(r, out[r])
+        else:
+            from ..pipeline import extract
+
+            keys = [self.map.keys[r] for r in missing]
+            row_of = dict(zip(keys, missing))
+            for batch, feats in extract(self.map.backbone, self.map.config, self.map.images_root, keys):
+                for key, sets in zip(batch.keys, self.extension.describe_batch(batch, feats)):
+                    out[row_of[key]] = sets
+                    self.cache.put(row_of[key], sets)
+            lost = [self.map.keys[r] for r in missing if r not in out]
+            if lost:
+                raise MapError(f"cannot re-rank: map images {lost[:3]} are no longer readable under {self.map.images_root}")
+        return out
+
+    # ---- re-ranking ----------------------------------------------------------------------------
+    def patch_scores(self, query_sets: list[PatchSet], candidates: list[list[PatchSet]]) -> np.ndarray:
+        """``scales × candidates`` spatial scores of one query against its shortlist."""
+        out = np.zeros((len(query_sets), len(candidates)))
+        for s, q in enumerate(query_sets):
+            matches = mutual_nn_grouped(q.descriptors, [c[s].descriptors for c in candidates])
+            for c, (cand, m) in enumerate(zip(candidates, matches)):
+                out[s, c] = self.scorer(q, cand[s], m).value
+        return out
+
+    def fuse(self, per_scale: np.ndarray, global_scores: np.ndarray) -> np.ndarray:
+        patch = fuse_scales(list(per_scale), self.settings.weights)
+        return fuse_with_global(patch, global_scores, self.settings.global_weight)
+
+    def rerank(self, query: "QueryBatch", rows: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rows, scores = np.array(rows), np.array(scores, np.float64)
+        query_sets = self.extension.describe_batch(query.batch, query.features)
+        out_rows, out_scores = rows.copy(), scores.copy()
+        for qi, qsets in enumerate(query_sets):
+            t0 = time.perf_counter()
+            n = min(self.shortlist, rows.shape[1])
+            head = [int(r) for r in rows[qi, :n] if r >= 0]
+            if len(head) < 2:
+                continue
+            sets = self.candidate_sets(head)
+            per_scale = self.patch_scores(qsets, [sets[r] for r in head])
+            fused = self.fuse(per_scale, scores[qi, : len(head)])
+            order = np.argsort(-fused, kind="stable")
+            out_rows[qi, : len(head)] = np.asarray(head)[order]
+            out_scores[qi, : len(head)] = fused[order]
+            tail = slice(len(head), rows.shape[1])  # beyond the shortlist: global order, below it
+            out_scores[qi, tail] = np.where(rows[qi, tail] >= 0, fused.min() - 1.0 - np.arange(rows.shape[1] - len(head)), -np.inf)
+            self.timings.append(time.perf_counter() - t0)
+        return out_rows, out_scores
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "stored": self.stored, **self.settings.to_dict()}
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
+
