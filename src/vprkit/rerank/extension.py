@@ -48,6 +48,8 @@ DEFAULTS: dict[str, Any] = {
     "fit_patches": 10000,
     "seed": 0,
 }
+# Options that define what is stored; the others (fit sample sizes, seed) only affect how it was fitted.
+STORED_FORMAT_KEYS = ("scales", "pca_dim", "whiten", "dtype", "backbone", "backbone_options", "k")
 
 
 def scale_key(scale: PatchScale) -> str:
@@ -80,6 +82,11 @@ class PatchesExtension(MapExtension):
         self.own_vocabulary = o["backbone"] is not None or vocabulary is None
         self.layer: NetVLADLayer | None = None
         self.projection: PatchProjection | None = None
+
+    def stores_same_as(self, options: Mapping[str, Any]) -> bool:
+        """Whether patches stored with these settings serve a re-ranker that wants ``options``."""
+        full = {**DEFAULTS, **dict(options)}
+        return all(self.options[k] == full[k] for k in STORED_FORMAT_KEYS)
 
     # ---- features ----------------------------------------------------------------------------
     @property

@@ -91,9 +91,8 @@ class PatchReranker(Reranker):
         self.scorer = SCORERS.get(settings.scorer)
         self.cache = CandidateCache(CANDIDATE_CACHE_BYTES)
         self.timings: list[float] = []
-        wanted = PatchesExtension(settings.extension_options(), map.backbone, map.vocabulary).options
         stored = map.extensions.get(GROUP)
-        if stored is not None and stored.options == wanted:
+        if stored is not None and stored.stores_same_as(settings.extension_options()):
             self.extension, self.stored = stored, True
         else:
             self.extension, self.stored = self._fit_on_the_fly(settings, log), False

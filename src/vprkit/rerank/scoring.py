@@ -48,6 +48,7 @@ class PatchSet:
 class SpatialScore:
     value: float
     inliers: np.ndarray  # bool per match
+    model: np.ndarray | None = None  # the fitted geometry (RANSAC: 3×3 homography query → candidate)
 
 
 def _empty(m: Matches) -> SpatialScore:
@@ -63,11 +64,11 @@ def ransac_score(query: PatchSet, candidate: PatchSet, matches: Matches) -> Spat
     src = query.centres[matches.query].astype(np.float32)
     dst = candidate.centres[matches.candidate].astype(np.float32)
     threshold = RANSAC_THRESHOLD_STEPS * query.step_px
-    _, mask = cv2.findHomography(src, dst, cv2.RANSAC, threshold, maxIters=RANSAC_MAX_ITERS, confidence=RANSAC_CONFIDENCE)
+    h, mask = cv2.findHomography(src, dst, cv2.RANSAC, threshold, maxIters=RANSAC_MAX_ITERS, confidence=RANSAC_CONFIDENCE)
     if mask is None:
         return _empty(matches)
     inliers = mask.ravel().astype(bool)
-    return SpatialScore(float(inliers.sum()) / len(query), inliers)
+    return SpatialScore(float(inliers.sum()) / len(query), inliers, h)
 
 
 def rapid_spatial_score(query: PatchSet, candidate: PatchSet, matches: Matches) -> SpatialScore:
