@@ -132,9 +132,14 @@ def evaluate(dataset: str, preset: str, rerank: str | None, out: Path | None, da
 
 @click.command("presets")
 def presets() -> None:
-    """List the named presets."""
+    """List the named presets (global, then re-ranking presets for --rerank)."""
+    from ..rerank import RERANK_PRESETS
+
     for c in list_presets():
         click.echo(f"{c.name:<24} {c.description}")
+    click.echo("\nre-ranking presets (--rerank NAME):")
+    for name, s in RERANK_PRESETS.items():
+        click.echo(f"{name:<24} {s.description}")
 
 
 def register(group: click.Group) -> None:
