@@ -87,3 +87,27 @@ def test_projection_with_fewer_samples_than_dimensions():
 def test_bad_scale_is_refused():
     with pytest.raises(ConfigError):
         PatchScale(0)
+
+
+def test_patches_extension_on_a_vit_backbone():
+    """Patch descriptors are backbone-agnostic: a (tiny, random) DINOv2 value facet works the same."""
+    from vprkit.backbones import build_backbone
+    from vprkit.rerank import PatchesExtension
+
+    vit = build_backbone("dinov2_vits14", pretrained=False, layer=1, facet="value",
+                         config=dict(embed_dim=48, depth=3, num_heads=4, pos_grid=4))
+
+    class Batch:
+        pixels = np.random.default_rng(0).random((2, 3, 112, 140)).astype(np.float32)
+
+    with torch.inference_mode():
+        feats = vit(torch.from_numpy(Batch.pixels))
+    assert feats.grid == (8, 10) and feats.stride == 14
+    ext = PatchesExtension({"scales": [[2, 1], [3, 2]], "pca_dim": 16, "k": 4}, vit, None)
+    ext.fit([(Batch, feats)])
+    sets = ext.describe_batch(Batch, feats)
+    assert [len(s) for s in sets[0]] == [7 * 9, 3 * 4]
+    assert sets[0][0].descriptors.shape[1] == 16 and sets[0][1].step_px == 28
+    payload = ext.encode(Batch, feats)[0]
+    back = ext.decode(payload)
+    torch.testing.assert_close(back[0].descriptors, sets[0][0].descriptors, atol=2e-3, rtol=0)

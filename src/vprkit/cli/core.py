@@ -25,7 +25,7 @@ def _config(preset: str, float16: bool, extensions_from_rerank: str | None = Non
     if extensions_from_rerank:
         from ..rerank import map_extensions_for  # the re-ranking package says what it needs stored
 
-        config = config.replace(extensions={**config.extensions, **map_extensions_for(extensions_from_rerank)})
+        config = config.replace(extensions={**config.extensions, **map_extensions_for(extensions_from_rerank, config)})
     return config
 
 

@@ -44,12 +44,13 @@ DEFAULTS: dict[str, Any] = {
     "backbone": None,  # None = the map's backbone; or a registered name such as "xfeat", "disk"
     "backbone_options": {},
     "k": 32,  # NetVLAD clusters when the patch backbone is not the map's (own vocabulary)
+    "checkpoint": None,  # a NetVLAD / Patch-NetVLAD checkpoint: its NetVLAD layer and WPCA replace fitting
     "fit_images": 100,
     "fit_patches": 10000,
     "seed": 0,
 }
 # Options that define what is stored; the others (fit sample sizes, seed) only affect how it was fitted.
-STORED_FORMAT_KEYS = ("scales", "pca_dim", "whiten", "dtype", "backbone", "backbone_options", "k")
+STORED_FORMAT_KEYS = ("scales", "pca_dim", "whiten", "dtype", "backbone", "backbone_options", "k", "checkpoint")
 
 
 def scale_key(scale: PatchScale) -> str:
@@ -82,6 +83,24 @@ class PatchesExtension(MapExtension):
         self.own_vocabulary = o["backbone"] is not None or vocabulary is None
         self.layer: NetVLADLayer | None = None
         self.projection: PatchProjection | None = None
+        if o["checkpoint"]:
+            self._load_checkpoint(str(o["checkpoint"]))
+
+    def _load_checkpoint(self, path: str) -> None:
+        """Trained NetVLAD (+ WPCA) from a checkpoint: nothing left to fit."""
+        from ..backbones.vgg16 import read_netvlad_checkpoint
+
+        ck = read_netvlad_checkpoint(path)
+        if ck.dim != self.feature_backbone.dim:
+            raise ConfigError(f"{path}: NetVLAD expects {ck.dim}-d features, backbone {self.feature_backbone.name} gives "
+                              f"{self.feature_backbone.dim}-d (use the checkpoint's VGG16 backbone, vgg16-conv5)")
+        self.layer = NetVLADLayer(ck.num_clusters, ck.dim, bias=ck.assign_bias is not None)
+        self.layer.load_weights(ck.centroids, ck.assign_weight, ck.assign_bias)
+        self.layer.eval()
+        self.alpha = float("nan")  # trained weights: α no longer describes them
+        if ck.wpca_weight is not None and int(self.options["pca_dim"]) > 0:
+            self.projection = PatchProjection.from_linear(ck.wpca_weight.numpy(), None if ck.wpca_bias is None else ck.wpca_bias.numpy())
+        self.needs_fit = False
 
     def stores_same_as(self, options: Mapping[str, Any]) -> bool:
         """Whether patches stored with these settings serve a re-ranker that wants ``options``."""
@@ -168,6 +187,8 @@ class PatchesExtension(MapExtension):
         self.projection = PatchProjection.fit(pool, pca_dim, bool(o["whiten"]))
 
     def state(self) -> dict[str, np.ndarray]:
+        if self.options["checkpoint"]:
+            return {}  # the checkpoint is the state
         layer = self._require_fitted()
         st = {"centres": layer.centroids.detach().numpy(), "alpha": np.float64(self.alpha)}
         if self.projection is not None:

@@ -115,10 +115,18 @@ def direct_patch_vlad(cells: torch.Tensor, layer: NetVLADLayer, scale: PatchScal
 class PatchProjection:
     """PCA or whitened PCA (WPCA) of patch descriptors, fitted on a sample; output re-normalised."""
 
-    def __init__(self, mean: np.ndarray, components: np.ndarray, scale: np.ndarray | None = None):
+    def __init__(self, mean: np.ndarray, components: np.ndarray, scale: np.ndarray | None = None,
+                 bias: np.ndarray | None = None):
         self.mean = np.asarray(mean, np.float32)
         self.components = np.asarray(components, np.float32)  # out×in
         self.scale = None if scale is None else np.asarray(scale, np.float32)
+        self.bias = None if bias is None else np.asarray(bias, np.float32)
+
+    @classmethod
+    def from_linear(cls, weight: np.ndarray, bias: np.ndarray | None = None) -> "PatchProjection":
+        """A trained projection ``y = W·x + b`` (e.g. Patch-NetVLAD's WPCA layer), then L2."""
+        w = np.asarray(weight, np.float32).reshape(np.shape(weight)[0], -1)
+        return cls(np.zeros(w.shape[1], np.float32), w, None, bias)
 
     @property
     def dim(self) -> int:
@@ -151,14 +159,18 @@ class PatchProjection:
         y = (x.float() - torch.from_numpy(self.mean)) @ torch.from_numpy(self.components).T
         if self.scale is not None:
             y = y * torch.from_numpy(self.scale)
+        if self.bias is not None:
+            y = y + torch.from_numpy(self.bias)
         return l2n(y)
 
     def state(self, prefix: str = "") -> dict[str, np.ndarray]:
         st = {f"{prefix}mean": self.mean, f"{prefix}components": self.components}
         if self.scale is not None:
             st[f"{prefix}scale"] = self.scale
+        if self.bias is not None:
+            st[f"{prefix}bias"] = self.bias
         return st
 
     @classmethod
     def from_state(cls, state, prefix: str = "") -> "PatchProjection":
-        return cls(state[f"{prefix}mean"], state[f"{prefix}components"], state.get(f"{prefix}scale"))
+        return cls(state[f"{prefix}mean"], state[f"{prefix}components"], state.get(f"{prefix}scale"), state.get(f"{prefix}bias"))

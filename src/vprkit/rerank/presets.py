@@ -99,6 +99,19 @@ def get_rerank_settings(name: str) -> RerankSettings:
     return RERANK_PRESETS.get(name)
 
 
-def map_extensions_for(name: str) -> dict[str, dict[str, Any]]:
-    """The map extensions a re-ranking preset wants stored (``{"patches": {...}}``)."""
-    return {"patches": get_rerank_settings(name).extension_options()}
+def patch_options(settings: RerankSettings, config: Any = None) -> dict[str, Any]:
+    """The ``patches`` extension options for ``settings`` on a map with global ``config``.
+
+    A global NetVLAD built from a trained checkpoint (``aggregator_options["checkpoint"]``, e.g.
+    Patch-NetVLAD's VGG16 models) lends its NetVLAD layer and WPCA to the patches, as in the original.
+    """
+    options = settings.extension_options()
+    checkpoint = None if config is None else dict(config.aggregator_options).get("checkpoint")
+    if checkpoint and settings.backbone is None:
+        options["checkpoint"] = str(checkpoint)
+    return options
+
+
+def map_extensions_for(name: str, config: Any = None) -> dict[str, dict[str, Any]]:
+    """The map extensions a re-ranking preset wants stored (``{"patches": {...}}``) on a map of ``config``."""
+    return {"patches": patch_options(get_rerank_settings(name), config)}

@@ -91,8 +91,11 @@ class PatchReranker(Reranker):
         self.scorer = SCORERS.get(settings.scorer)
         self.cache = CandidateCache(CANDIDATE_CACHE_BYTES)
         self.timings: list[float] = []
+        from .presets import patch_options
+
+        self.options = patch_options(settings, map.config)
         stored = map.extensions.get(GROUP)
-        if stored is not None and stored.stores_same_as(settings.extension_options()):
+        if stored is not None and stored.stores_same_as(self.options):
             self.extension, self.stored = stored, True
         else:
             self.extension, self.stored = self._fit_on_the_fly(settings, log), False
@@ -103,7 +106,9 @@ class PatchReranker(Reranker):
 
         log(f"re-ranking '{settings.name}': the map stores no matching patch descriptors; computing them from "
             f"{self.map.images_root} as needed (build the map with --rerank {settings.name} to store them)")
-        ext = PatchesExtension(settings.extension_options(), self.map.backbone, self.map.vocabulary)
+        ext = PatchesExtension(self.options, self.map.backbone, self.map.vocabulary)
+        if not ext.needs_fit:
+            return ext
         keys = _fit_sample(self.map.keys, int(ext.options["fit_images"]), self.map.config.vocabulary.seed)
         ext.fit(extract(self.map.backbone, self.map.config, self.map.images_root, keys, on_failure=lambda k, m: None))
         return ext
