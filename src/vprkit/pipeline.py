@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import tempfile
 import time
@@ -27,9 +28,10 @@ from tqdm.auto import tqdm
 from . import __version__
 from .aggregation import AGGREGATORS, Aggregator, DescriptorSampler, Vocabulary, fit_vocabulary
 from .backbones import Backbone, DenseFeatures, build_backbone
-from .config import Config
+from .config import (BUDGET_SHARE_DECODE_BUFFER, BUDGET_SHARE_VOCABULARY_POOL, DEFAULT_FEATURE_CACHE_BYTES, MIB,
+                     MIN_MEMORY_BUDGET_MB, Config, MemoryPlan)
 from .errors import ConfigError, ImageReadError, MapError, VocabularyMismatchError
-from .images import Batch, iter_batches, list_images
+from .images import Batch, ImageSpec, iter_batches, list_images
 from .maps import INDEX_FILE, FaissIndex, MapStore
 from .maps.extensions import EXTENSIONS, MapExtension
 from .presets import get_preset
@@ -42,8 +44,17 @@ FAILURES_FILE = "failures.json"
 # interrupt loses at most a minute of work.
 SHARD_IMAGES = 128
 DEFAULT_FIT_IMAGES = 500
-# Features of the vocabulary pass kept for the encoding pass (saves a second backbone run on small maps).
-FEATURE_CACHE_BYTES = 512 * 2**20
+# Features of the vocabulary pass kept for the encoding pass (saves a second backbone run on small maps);
+# the default without a memory budget (see Config.memory_plan).
+FEATURE_CACHE_BYTES = DEFAULT_FEATURE_CACHE_BYTES
+# Resize mode "none" keeps each file's size, unknown before reading: memory checks assume full-HD frames.
+ASSUMED_ORIGINAL_SIZE = (1080, 1920)
+RGB_CHANNELS = 3
+FLOAT32_BYTES = 4
+# Settings that only bound working memory: they do not change a map whose vocabulary exists, so a
+# build may resume with other values (e.g. a smaller budget on a smaller machine).
+MEMORY_ONLY_SETTINGS = ("memory_budget_mb",)
+MEMORY_ONLY_VOCABULARY_SETTINGS = ("max_bytes",)
 
 
 def _import_plugins() -> None:
@@ -74,15 +85,79 @@ def descriptor_identity(config: Config, backbone: Backbone) -> dict[str, Any]:
     return {**backbone.identity(), **config.descriptor_identity()}
 
 
+# ---- memory ------------------------------------------------------------------------------------
+def prepared_size_bound(spec: ImageSpec) -> tuple[int, int]:
+    """The largest (height, width) an image can have after preparation under ``spec``."""
+    if spec.resize in ("fixed", "resize_crop"):
+        return int(spec.size[0]), int(spec.size[1])
+    if spec.resize == "keep_aspect":
+        side = int(max(spec.size))
+        return side, side
+    return ASSUMED_ORIGINAL_SIZE
+
+
+def decoded_image_bytes(config: Config) -> int:
+    """Bytes of one decoded, prepared image waiting for the backbone (uint8 RGB)."""
+    h, w = prepared_size_bound(config.image)
+    return h * w * RGB_CHANNELS
+
+
+def image_feature_bytes(config: Config, backbone: Backbone) -> int:
+    """Bytes of one image's float32 patch descriptors on the backbone's grid."""
+    h, w = prepared_size_bound(config.image)
+    return max(1, h // backbone.stride) * max(1, w // backbone.stride) * backbone.dim * FLOAT32_BYTES
+
+
+def memory_plan(config: Config, backbone: Backbone) -> MemoryPlan:
+    """:meth:`Config.memory_plan`, after checking the budget can hold what one step needs.
+
+    A budget must let the descriptor pool hold one image's patch descriptors and the decode
+    buffer one batch of images; otherwise the error names the smallest budget that works.
+    """
+    plan = config.memory_plan()
+    if plan.budget_bytes is None:
+        return plan
+    needs = {"one batch of decoded images": config.batch_size * decoded_image_bytes(config) / BUDGET_SHARE_DECODE_BUFFER}
+    if config.vocabulary.max_bytes is None:
+        needs["one image's patch descriptors"] = image_feature_bytes(config, backbone) / BUDGET_SHARE_VOCABULARY_POOL
+    minimum_mb = max(MIN_MEMORY_BUDGET_MB, *(math.ceil(b / MIB) for b in needs.values()))
+    if config.memory_budget_mb < minimum_mb:
+        h, w = prepared_size_bound(config.image)
+        raise ConfigError(
+            f"memory budget {config.memory_budget_mb} MB is too small for {config.name} ({backbone.dim}-d, stride "
+            f"{backbone.stride}, {w}×{h} images, batch_size {config.batch_size}): its shares must hold "
+            f"{' and '.join(needs)}; the minimum is {minimum_mb} MB"
+        )
+    return plan
+
+
+def decode_prefetch_images(config: Config, plan: MemoryPlan) -> int | None:
+    """How many decoded images may wait for the backbone (a multiple of ``batch_size``); None = all."""
+    if plan.decode_buffer_bytes is None:
+        return None
+    batches = plan.decode_buffer_bytes // (decoded_image_bytes(config) * config.batch_size)
+    return max(1, batches) * config.batch_size
+
+
 def extract(
     backbone: Backbone, config: Config, root: str | os.PathLike, keys: Sequence[str],
     progress: bool | str = False, on_failure: Callable[[str, str], None] | None = None,
 ) -> Iterator[tuple[Batch, DenseFeatures]]:
-    """Dense features of ``keys`` (relative to ``root``), batch by batch; failures go to ``on_failure``."""
+    """Dense features of ``keys`` (relative to ``root``), batch by batch; failures go to ``on_failure``.
+
+    The decoder pool runs ahead of the backbone (decoding is much faster); with a memory budget
+    the keys go to it in chunks of :func:`decode_prefetch_images`, so the images decoded ahead stay
+    within the budget's decode share instead of growing with the number of images.
+    """
     bar = tqdm(total=len(keys), desc=progress if isinstance(progress, str) else "extract", unit="img",
                disable=not progress, leave=False)
+    chunk = decode_prefetch_images(config, config.memory_plan()) or max(1, len(keys))
+    batches = itertools.chain.from_iterable(
+        iter_batches(root, keys[i : i + chunk], config.image, backbone.size_multiple, config.batch_size, config.workers)
+        for i in range(0, len(keys), chunk)
+    )
     try:
-        for batch in iter_batches(root, keys, config.image, backbone.size_multiple, config.batch_size, config.workers):
+        for batch in batches:
             for key, msg in batch.failures:
                 if on_failure is None:
                     raise ImageReadError(msg)
@@ -155,11 +230,13 @@ def build_vocabulary(
     """Spherical k-means over a bounded sample of local descriptors from one or more image sets.
 
     ``sources`` are (root, keys) pairs; several pairs pool datasets into one domain vocabulary.
-    RAM for the pool is capped by ``config.vocabulary.max_bytes`` (reservoir sampling). With
+    RAM for the pool is capped by ``config.memory_plan().vocabulary_pool_bytes`` (reservoir
+    sampling; ``vocabulary.max_bytes`` or a share of ``memory_budget_mb``). With
     ``cache``, the extracted features are also kept (within its budget) for the caller's next pass.
     """
     vc = config.vocabulary
-    sampler = DescriptorSampler(backbone.dim, vc.max_bytes, seed=vc.seed)
+    plan = memory_plan(config, backbone)
+    sampler = DescriptorSampler(backbone.dim, plan.vocabulary_pool_bytes, seed=vc.seed)
     n_images = 0
     for root, keys in sources:
         sample, step = vocabulary_sample(keys, config)
@@ -173,7 +250,8 @@ def build_vocabulary(
     if len(sampler.pool) < vc.k:
         raise ConfigError(f"only {len(sampler.pool)} descriptors from {n_images} images: too few for K={vc.k}")
     meta = {"name": name, "identity": descriptor_identity(config, backbone), "n_images": n_images,
-            "sample_bytes": sampler.nbytes, "descriptors_seen": sampler.seen}
+            "sample_bytes": sampler.nbytes, "descriptors_seen": sampler.seen,
+            "pooled_descriptors": int(len(sampler.pool)), "pool_max_bytes": plan.vocabulary_pool_bytes}
     return fit_vocabulary(sampler.pool, vc.k, meta, seed=vc.seed)
 
 
@@ -201,7 +279,7 @@ def resolve_vocabulary_source(source: str) -> Path | None:
 def make_aggregator(config: Config, backbone: Backbone, vocabulary: Vocabulary | None) -> Aggregator:
     factory = AGGREGATORS.get(config.aggregator)
     options = dict(config.aggregator_options)
-    if getattr(factory, "needs_vocabulary", False):
+    if _wants_vocabulary(factory, options):
         if vocabulary is None:
             raise ConfigError(f"aggregator {config.aggregator!r} needs a vocabulary")
         vocabulary.check_compatible(descriptor_identity(config, backbone))
@@ -209,8 +287,13 @@ def make_aggregator(config: Config, backbone: Backbone, vocabulary: Vocabulary |
     return factory(backbone.dim, **options)
 
 
+def _wants_vocabulary(factory: Any, options: dict[str, Any]) -> bool:
+    wants = getattr(factory, "wants_vocabulary", None)
+    return bool(wants(options)) if wants is not None else bool(getattr(factory, "needs_vocabulary", False))
+
+
 def needs_vocabulary(config: Config) -> bool:
-    return bool(getattr(AGGREGATORS.get(config.aggregator), "needs_vocabulary", False)) or any(
+    return _wants_vocabulary(AGGREGATORS.get(config.aggregator), dict(config.aggregator_options)) or any(
         getattr(EXTENSIONS.get(g), "needs_vocabulary", False) for g in config.extensions
     )
 
@@ -286,7 +369,7 @@ def build_map(
     info_path = out / MAP_FILE
     if info_path.exists():
         old = _read_json(info_path)
-        if old.get("config") != config.to_dict():
+        if not _same_map_settings(old.get("config", {}), config):
             raise MapError(
                 f"{out} holds a map built with preset {old.get('config', {}).get('name')!r} and other settings; "
                 f"use the same preset to add images, or another --out"
@@ -297,7 +380,8 @@ def build_map(
     done = set(store.keys(include_pending=True))
     todo = [(i, k) for i, k in enumerate(keys) if k not in done]
 
-    cache = FeatureCache(FEATURE_CACHE_BYTES)
+    plan = memory_plan(config, backbone)
+    cache = FeatureCache(FEATURE_CACHE_BYTES if plan.budget_bytes is None else plan.feature_cache_bytes)
     vocabulary = _obtain_vocabulary(config, backbone, root, keys, out, progress, log, cache)
     aggregator = make_aggregator(config, backbone, vocabulary)
     extensions = _make_extensions(config, backbone, vocabulary)
@@ -381,6 +465,21 @@ def build_map(
         for ext in m.extensions.values():
             ext.finalize(m)
     return info
+
+
+def _same_map_settings(old: dict[str, Any], config: Config) -> bool:
+    """Whether a map built with settings ``old`` can be extended with ``config`` (memory caps may differ)."""
+    try:
+        previous = Config.from_dict(old).to_dict()  # older map.json files lack newer keys: fill defaults
+    except (ConfigError, TypeError):
+        return False
+    current = config.to_dict()
+    for d in (previous, current):
+        for key in MEMORY_ONLY_SETTINGS:
+            d.pop(key, None)
+        for key in MEMORY_ONLY_VOCABULARY_SETTINGS:
+            d.get("vocabulary", {}).pop(key, None)
+    return previous == current
 
 
 def _fit_sample(keys: Sequence[str], n: int, seed: int) -> list[str]:

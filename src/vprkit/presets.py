@@ -51,6 +51,30 @@ register_preset(Config(
     backbone="efficientnet-lite2", backbone_options={"block": 14},
     image=ImageSpec((240, 320), "fixed"), aggregator="gem", aggregator_options={"p": 3.0},
 ))
+# NetVLAD / Patch-NetVLAD's own model: VGG16 conv5 + NetVLAD K=64 at 640×480 (its default resize).
+# With `--weights` a Patch-NetVLAD checkpoint, the trained encoder, NetVLAD and WPCA are used (see
+# `with_weights`); without, ImageNet VGG16 and NetVLAD α-initialised from the map's vocabulary.
+register_preset(Config(
+    name="netvlad-vgg16",
+    description="VGG16 conv5 + NetVLAD K=64, 640×480; 32768-d, or the checkpoint's WPCA dim with --weights CHECKPOINT",
+    backbone="vgg16-conv5", image=ImageSpec((480, 640), "fixed"), aggregator="netvlad",
+    vocabulary=VocabularyConfig(k=64),
+))
+
+
+def with_weights(config: Config, path: str) -> Config:
+    """``config`` with its backbone weights at ``path``.
+
+    A NetVLAD / Patch-NetVLAD checkpoint holds more than the encoder: for a ``netvlad`` aggregator it
+    also supplies the trained NetVLAD layer (and WPCA), so no vocabulary is built.
+    """
+    config = config.replace(backbone_options={**config.backbone_options, "weights": str(path)})
+    if config.aggregator == "netvlad" and config.backbone == "vgg16-conv5":
+        from .backbones.vgg16 import is_netvlad_checkpoint
+
+        if is_netvlad_checkpoint(path):
+            config = config.replace(aggregator_options={**config.aggregator_options, "checkpoint": str(path)})
+    return config
 
 
 def _load_modules() -> None:

@@ -24,6 +24,11 @@ class Aggregator:
     def __init__(self, backbone_dim: int):
         self.backbone_dim = backbone_dim
 
+    @classmethod
+    def wants_vocabulary(cls, options: dict[str, Any]) -> bool:
+        """Whether these options need the map's vocabulary (a trained checkpoint may replace it)."""
+        return cls.needs_vocabulary
+
     @property
     def dim(self) -> int:
         return self.backbone_dim

@@ -14,6 +14,7 @@ of its weight on its nearest centre. (The paper's other variant, ``w_k = 2α·c_
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -117,17 +118,20 @@ class NetVLAD(Aggregator):
 
     Built from the map's vocabulary (α from ``alpha`` or the vocabulary's recorded
     ``assignment_margin``), or from a trained checkpoint with ``checkpoint=PATH`` (a NetVLAD /
-    Patch-NetVLAD VGG16 checkpoint; its own centres replace the vocabulary's).
+    Patch-NetVLAD VGG16 checkpoint; its own centres replace the vocabulary's, and its WPCA layer,
+    if it has one, projects the descriptor as in Patch-NetVLAD's global retrieval unless
+    ``wpca=False``).
     """
 
     name = "netvlad"
     needs_vocabulary = True
 
-    def __init__(self, backbone_dim: int, vocabulary: Vocabulary, alpha: float | None = None,
-                 variant: str = "released", checkpoint: str | None = None, chunk: int = 16):
+    def __init__(self, backbone_dim: int, vocabulary: Vocabulary | None = None, alpha: float | None = None,
+                 variant: str = "released", checkpoint: str | None = None, wpca: bool = True, chunk: int = 16):
         super().__init__(backbone_dim)
         self.chunk = chunk
         self.checkpoint = checkpoint
+        self.wpca: nn.Linear | None = None
         if checkpoint is not None:
             from ..backbones.vgg16 import read_netvlad_checkpoint
 
@@ -136,8 +140,16 @@ class NetVLAD(Aggregator):
                 raise VocabularyMismatchError(f"{checkpoint}: NetVLAD is {ck.dim}-d, the backbone gives {backbone_dim}-d")
             self.layer = NetVLADLayer(ck.num_clusters, ck.dim, bias=ck.assign_bias is not None)
             self.layer.load_weights(ck.centroids, ck.assign_weight, ck.assign_bias)
+            if wpca and ck.wpca_weight is not None:
+                self.wpca = nn.Linear(ck.wpca_weight.shape[1], ck.wpca_weight.shape[0], bias=ck.wpca_bias is not None)
+                with torch.no_grad():
+                    self.wpca.weight.copy_(ck.wpca_weight)
+                    if ck.wpca_bias is not None:
+                        self.wpca.bias.copy_(ck.wpca_bias)
             self.vocabulary = None
             return
+        if vocabulary is None:
+            raise ConfigError("the netvlad aggregator needs a vocabulary (or checkpoint=PATH of a trained NetVLAD)")
         if vocabulary.dim != backbone_dim:
             raise VocabularyMismatchError(f"vocabulary has {vocabulary.dim}-d centres but the backbone gives {backbone_dim}-d")
         if alpha is None:
@@ -151,18 +163,23 @@ class NetVLAD(Aggregator):
         self.vocabulary = vocabulary
         self.layer = NetVLADLayer.from_centres(vocabulary.centres, self.alpha, variant).eval()
 
+    @classmethod
+    def wants_vocabulary(cls, options: dict[str, Any]) -> bool:
+        return not options.get("checkpoint")
+
     @property
     def dim(self) -> int:
-        return self.layer.num_clusters * self.layer.dim
+        return self.wpca.out_features if self.wpca is not None else self.layer.num_clusters * self.layer.dim
 
     @torch.no_grad()
     def __call__(self, features: DenseFeatures) -> torch.Tensor:
         flat = features.flat().float()
-        return torch.cat([self.layer(flat[i : i + self.chunk]) for i in range(0, len(flat), self.chunk)])
+        out = torch.cat([self.layer(flat[i : i + self.chunk]) for i in range(0, len(flat), self.chunk)])
+        return out if self.wpca is None else l2n(self.wpca(out))
 
     def identity(self) -> dict[str, Any]:
-        source = self.checkpoint or (self.vocabulary.checksum if self.vocabulary is not None else None)
-        return {**super().identity(), "k": self.layer.num_clusters, "netvlad": source}
+        source = Path(self.checkpoint).name if self.checkpoint else (self.vocabulary.checksum if self.vocabulary is not None else None)
+        return {**super().identity(), "k": self.layer.num_clusters, "netvlad": source, "wpca": self.wpca is not None}
 
 
 AGGREGATORS.register("netvlad", NetVLAD)

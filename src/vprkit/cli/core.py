@@ -8,20 +8,27 @@ from pathlib import Path
 import click
 
 from .. import pipeline
-from ..presets import DEFAULT_PRESET, get_preset, list_presets
+from ..presets import DEFAULT_PRESET, get_preset, list_presets, with_weights
+
+# Shared by `map build`, `eval` and `vocab build`: the one RAM setting (Config.memory_budget_mb).
+memory_budget_option = click.option(
+    "--memory-budget", "memory_budget", type=click.IntRange(1), default=None, metavar="MB",
+    help="Cap the RAM of vocabulary and map building (descriptor pool, feature cache, decode buffer) at about MB.")
 
 
 def _config(preset: str, float16: bool, extensions_from_rerank: str | None = None,
-            vocab: str | None = None, weights: Path | None = None):
+            vocab: str | None = None, weights: Path | None = None, memory_budget: int | None = None):
     import dataclasses
 
     config = get_preset(preset)
+    if memory_budget is not None:
+        config = config.replace(memory_budget_mb=memory_budget)
     if float16:
         config = config.replace(store_dtype="float16")
     if vocab:
         config = config.replace(vocabulary=dataclasses.replace(config.vocabulary, source=vocab))
     if weights:
-        config = config.replace(backbone_options={**config.backbone_options, "weights": str(weights)})
+        config = with_weights(config, str(weights))
     if extensions_from_rerank:
         from ..rerank import map_extensions_for  # the re-ranking package says what it needs stored
 
@@ -43,11 +50,13 @@ def map_group() -> None:
 @click.option("--rerank", default=None, help="Also store patch descriptors for this re-ranking preset.")
 @click.option("--vocab", default=None, help="VLAD vocabulary: map (default) | domain:NAME | auto | PATH.npz")
 @click.option("--weights", type=click.Path(path_type=Path), default=None, help="Backbone checkpoint (e.g. DINOv2 .pth).")
+@memory_budget_option
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def map_build(images_dir: Path, out: Path, poses: Path | None, preset: str, float16: bool, rerank: str | None,
-              vocab: str | None, weights: Path | None, quiet: bool) -> None:
+              vocab: str | None, weights: Path | None, memory_budget: int | None, quiet: bool) -> None:
     """Extract, aggregate and store descriptors of every image in IMAGES_DIR (resumable)."""
-    info = pipeline.build_map(images_dir, out, _config(preset, float16, rerank, vocab, weights), poses=poses, progress=not quiet)
+    config = _config(preset, float16, rerank, vocab, weights, memory_budget)
+    info = pipeline.build_map(images_dir, out, config, poses=poses, progress=not quiet)
     c = info["counts"]
     click.echo(f"map {out}: {c['images']} images, {info['descriptor_dim']}-d descriptors ({info['config']['name']}), "
                f"{c['failed']} unreadable, built in {info['last_build']['seconds']:.1f} s")
@@ -103,10 +112,11 @@ def localize(map_dir: Path, queries: tuple[Path, ...], top_k: int, rerank: str |
 @click.option("--float16", is_flag=True)
 @click.option("--vocab", default=None, help="VLAD vocabulary: map (default) | domain:NAME | auto | PATH.npz")
 @click.option("--weights", type=click.Path(path_type=Path), default=None, help="Backbone checkpoint (e.g. DINOv2 .pth).")
+@memory_budget_option
 @click.option("--quiet", is_flag=True)
 def evaluate(dataset: str, preset: str, rerank: str | None, out: Path | None, data_root: Path | None,
              queries_sub: str | None, database_sub: str | None, no_positive: str, float16: bool,
-             vocab: str | None, weights: Path | None, quiet: bool) -> None:
+             vocab: str | None, weights: Path | None, memory_budget: int | None, quiet: bool) -> None:
     """Build a map of DATASET's database, localise its queries and print Recall@1/5/10/20."""
     import os
 
@@ -114,7 +124,7 @@ def evaluate(dataset: str, preset: str, rerank: str | None, out: Path | None, da
 
     if data_root is not None:
         os.environ["VPRKIT_DATA"] = str(data_root)
-    config = _config(preset, float16, rerank, vocab, weights)  # validate options before touching data
+    config = _config(preset, float16, rerank, vocab, weights, memory_budget)  # validate options before touching data
     options = {k: v for k, v in {"queries": queries_sub, "database": database_sub}.items() if v}
     ds = load_dataset(dataset, **options)
     summary = pipeline.evaluate(ds, config, out=out, rerank=rerank,

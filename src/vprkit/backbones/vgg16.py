@@ -1,0 +1,194 @@
+"""VGG16 conv5 — the backbone of NetVLAD and Patch-NetVLAD — and their checkpoint reader.
+
+NetVLAD cuts torchvision's ``vgg16().features`` before its last ReLU and max-pool, so the dense map
+is conv5_3's *pre-activation* output: 512 channels at stride 16. The layers here are numbered exactly
+as in torchvision (``features.N``), so both weight layouts load without renaming tricks:
+
+* torchvision's ImageNet file ``vgg16-397923af.pth`` (keys ``features.N.weight``), found in the
+  torch.hub cache, vprkit's cache, or downloaded on machines that can;
+* a NetVLAD / Patch-NetVLAD checkpoint (``{"state_dict": {"encoder.N.weight", "pool.conv.weight",
+  "pool.centroids", "WPCA.0.weight", …}}``), whose encoder replaces the ImageNet weights and whose
+  NetVLAD layer and WPCA projection :func:`read_netvlad_checkpoint` hands to the aggregator and the
+  re-ranker.
+
+Pixels are normalised with ImageNet mean/std, as both trainings did.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, WeightsNotFoundError
+from .base import BACKBONES, Backbone, DenseFeatures
+from .weights import resolve_weights
+
+# torchvision's VGG16 configuration: channels per 3×3 conv, "M" for a 2×2 max-pool.
+VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+# NetVLAD drops the final ReLU and max-pool: the map is conv5_3 before its activation.
+NETVLAD_CUT = 2
+IMAGENET_FILE = "vgg16-397923af.pth"
+IMAGENET_URL = f"https://download.pytorch.org/models/{IMAGENET_FILE}"
+ENCODER_PREFIXES = ("features.", "encoder.")
+WRAPPER_PREFIXES = ("module.",)  # DataParallel
+
+
+def vgg16_features(in_channels: int = 3) -> nn.Sequential:
+    """torchvision's ``vgg16().features`` (same module indices), built without torchvision."""
+    layers: list[nn.Module] = []
+    for spec in VGG16_LAYOUT:
+        if spec == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            layers += [nn.Conv2d(in_channels, int(spec), kernel_size=3, padding=1), nn.ReLU(inplace=True)]
+            in_channels = int(spec)
+    return nn.Sequential(*layers)
+
+
+def _unwrap_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop wrapper prefixes such as DataParallel's ``module.``."""
+    out = {}
+    for key, value in state.items():
+        for p in WRAPPER_PREFIXES:
+            key = key[len(p):] if key.startswith(p) else key
+        out[key] = value
+    return out
+
+
+def _load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A checkpoint's flat state dict (unwraps ``state_dict`` / ``model`` and ``module.``)."""
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise WeightsNotFoundError(f"VGG16 / NetVLAD weights {path} not found") from exc
+    except Exception as exc:  # pickle / zip errors: not a torch checkpoint
+        raise WeightsNotFoundError(f"{path} is not a readable PyTorch checkpoint ({exc})") from exc
+    for wrapper in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+    if not isinstance(obj, dict):
+        raise WeightsNotFoundError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    return _unwrap_keys(obj)
+
+
+def encoder_state(state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The conv layers' tensors of either layout, keyed as in :func:`vgg16_features` (``"N.weight"``)."""
+    for prefix in ENCODER_PREFIXES:
+        found = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if found:
+            return found
+    raise WeightsNotFoundError(
+        f"{source} has no VGG16 encoder weights (expected keys starting with {' or '.join(ENCODER_PREFIXES)}); "
+        f"its first keys are {sorted(state)[:5]}")
+
+
+@dataclass
+class NetVLADCheckpoint:
+    """The parts of a NetVLAD / Patch-NetVLAD checkpoint vprkit uses (torch tensors).
+
+    ``assign_weight`` is ``K×D`` (the 1×1 conv squeezed), ``wpca_weight`` ``P×(K·D)``; biases and
+    WPCA are ``None`` when the checkpoint has none.
+    """
+
+    encoder_state: dict[str, torch.Tensor]
+    centroids: torch.Tensor
+    assign_weight: torch.Tensor
+    assign_bias: torch.Tensor | None
+    wpca_weight: torch.Tensor | None
+    wpca_bias: torch.Tensor | None
+
+    @property
+    def num_clusters(self) -> int:
+        return int(self.centroids.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.centroids.shape[1])
+
+
+def read_netvlad_checkpoint(path: str | os.PathLike) -> NetVLADCheckpoint:
+    """Read a NetVLAD / Patch-NetVLAD checkpoint, checking shapes agree with each other."""
+    state = _load_state(path)
+    if "pool.centroids" not in state or "pool.conv.weight" not in state:
+        raise WeightsNotFoundError(
+            f"{path} is not a NetVLAD checkpoint: it lacks pool.centroids / pool.conv.weight "
+            f"(an ImageNet VGG16 file goes to the backbone's weights= option instead)")
+    centroids = state["pool.centroids"].float()
+    k, d = centroids.shape
+    assign = state["pool.conv.weight"].float().reshape(state["pool.conv.weight"].shape[0], -1)
+    if tuple(assign.shape) != (k, d):
+        raise WeightsNotFoundError(f"{path}: pool.conv.weight is {tuple(assign.shape)}, centroids are {k}×{d}")
+    bias = state.get("pool.conv.bias")
+    wpca_w = state.get("WPCA.0.weight")
+    wpca_b = state.get("WPCA.0.bias")
+    if wpca_w is not None:
+        wpca_w = wpca_w.float().reshape(wpca_w.shape[0], -1)
+        if wpca_w.shape[1] != k * d:
+            raise WeightsNotFoundError(f"{path}: WPCA expects {wpca_w.shape[1]}-d input, NetVLAD gives {k * d}-d")
+    return NetVLADCheckpoint(
+        encoder_state=encoder_state(state, str(path)), centroids=centroids, assign_weight=assign,
+        assign_bias=None if bias is None else bias.float(), wpca_weight=wpca_w,
+        wpca_bias=None if wpca_b is None else wpca_b.float())
+
+
+def is_netvlad_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a NetVLAD layer (not only encoder weights)."""
+    state = _load_state(path)
+    return "pool.centroids" in state and "pool.conv.weight" in state
+
+
+class VGG16Conv5(Backbone):
+    """VGG16 up to conv5_3 (before ReLU), stride 16, 512 channels: NetVLAD's encoder.
+
+    ``weights`` is a torchvision ImageNet file or a NetVLAD / Patch-NetVLAD checkpoint (detected
+    from its keys); without it the ImageNet file is looked up in the caches and downloaded where
+    possible. ``pretrained=False`` gives random weights (tests, speed measurements).
+    """
+
+    name = "vgg16-conv5"
+    size_multiple = 16
+
+    def __init__(self, weights: str | None = None, pretrained: bool = True):
+        super().__init__()
+        full = vgg16_features()
+        self.features = full[: len(full) - NETVLAD_CUT]
+        self.stride = 2 ** sum(isinstance(m, nn.MaxPool2d) for m in self.features)
+        self.dim = int([m for m in self.features if isinstance(m, nn.Conv2d)][-1].out_channels)
+        self.weights_source: str | None = None
+        if pretrained:
+            path = resolve_weights("vgg16-conv5", IMAGENET_FILE, weights, url=IMAGENET_URL,
+                                   hint="Or pass a NetVLAD / Patch-NetVLAD checkpoint as weights=PATH.")
+            self.load_encoder(encoder_state(_load_state(path), str(path)), str(path))
+        self.to(memory_format=torch.channels_last)
+
+    def load_encoder(self, state: Mapping[str, torch.Tensor], source: str = "state dict") -> None:
+        """Load conv weights keyed ``"N.weight"`` (torchvision indices); every conv must be present."""
+        own = self.features.state_dict()
+        wanted = {k: v for k, v in state.items() if k in own}
+        missing = sorted(set(own) - set(wanted), key=lambda s: int(s.split(".")[0]))
+        if missing:
+            raise WeightsNotFoundError(f"{source}: VGG16 encoder weights lack {missing[:4]}{'…' if len(missing) > 4 else ''}")
+        for k, v in wanted.items():
+            if tuple(v.shape) != tuple(own[k].shape):
+                raise WeightsNotFoundError(f"{source}: {k} is {tuple(v.shape)}, VGG16 needs {tuple(own[k].shape)}")
+        self.features.load_state_dict(wanted)
+        self.weights_source = Path(source).name
+
+    @torch.inference_mode()
+    def extract(self, x: torch.Tensor) -> DenseFeatures:
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        if h % self.size_multiple or w % self.size_multiple:
+            raise ConfigError(f"vgg16-conv5 needs image sides that are multiples of {self.size_multiple}, got {w}×{h}")
+        y = self.features(x.contiguous(memory_format=torch.channels_last))
+        return DenseFeatures(y.permute(0, 2, 3, 1).contiguous(), self.stride, (h, w))
+
+    def identity(self) -> dict[str, Any]:
+        return {**super().identity(), "weights": self.weights_source}
+
+
+BACKBONES.register("vgg16-conv5", VGG16Conv5)
