@@ -8,6 +8,7 @@ import click
 
 from .. import pipeline
 from ..presets import DEFAULT_PRESET, get_preset
+from .core import memory_budget_option
 
 
 @click.group("vocab")
@@ -20,11 +21,16 @@ def vocab() -> None:
 @click.argument("datasets", nargs=-1, required=True)
 @click.option("--preset", default=DEFAULT_PRESET, show_default=True)
 @click.option("--k", type=click.IntRange(1), default=None, help="Clusters (default: the preset's).")
-@click.option("--max-mb", type=click.IntRange(1), default=None, help="RAM cap for the descriptor sample.")
+@click.option("--max-mb", type=click.IntRange(1), default=None,
+              help="RAM cap for the descriptor sample alone (wins over its --memory-budget share).")
+@memory_budget_option
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write here instead of the vocabularies folder.")
-def build(domain: str, datasets: tuple[str, ...], preset: str, k: int | None, max_mb: int | None, out: Path | None) -> None:
+def build(domain: str, datasets: tuple[str, ...], preset: str, k: int | None, max_mb: int | None,
+          memory_budget: int | None, out: Path | None) -> None:
     """Pool sub-sampled database descriptors of DATASETS into one vocabulary."""
     config = get_preset(preset)
+    if memory_budget is not None:
+        config = config.replace(memory_budget_mb=memory_budget)
     changes = {}
     if k:
         changes["k"] = k
