@@ -42,17 +42,20 @@ def mutual_nn(query: torch.Tensor, candidates: torch.Tensor) -> list[Matches]:
     return out
 
 
+def _mutual_one(query: torch.Tensor, candidate: torch.Tensor) -> Matches:
+    """Mutual nearest neighbours of one query–candidate pair (``n_q×d`` against ``n_d×d``)."""
+    sim = query @ candidate.T  # n_q×n_d
+    best_d_sim, best_d = sim.max(dim=1)
+    best_q = sim.argmax(dim=0)
+    qi = torch.nonzero(best_q[best_d] == torch.arange(query.shape[0]), as_tuple=False).squeeze(1)
+    return Matches(qi.numpy(), best_d[qi].numpy(), best_d_sim[qi].numpy())
+
+
 def mutual_nn_grouped(query: torch.Tensor, candidates: list[torch.Tensor]) -> list[Matches]:
-    """Like :func:`mutual_nn` for candidates of differing patch counts (grouped by count)."""
-    out: list[Matches | None] = [None] * len(candidates)
-    groups: dict[int, list[int]] = {}
-    for i, c in enumerate(candidates):
-        groups.setdefault(int(c.shape[0]), []).append(i)
-    for n, idx in groups.items():
-        if n == 0 or query.shape[0] == 0:
-            for i in idx:
-                out[i] = Matches(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
-            continue
-        for i, m in zip(idx, mutual_nn(query, torch.stack([candidates[i] for i in idx]))):
-            out[i] = m
-    return out  # type: ignore[return-value]
+    """Like :func:`mutual_nn` for a list of candidates of any patch counts.
+
+    One matrix product per candidate: stacking a shortlist of large patch sets into one batch
+    costs a copy as large as the products themselves (hundreds of MB for the performance preset).
+    """
+    empty = Matches(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+    return [empty if len(c) == 0 or len(query) == 0 else _mutual_one(query, c) for c in candidates]

@@ -34,8 +34,11 @@ if TYPE_CHECKING:
     from ..retrieval import QueryBatch
     from .presets import RerankSettings
 
-# Decoded candidate patch sets kept in RAM across queries (maps' images recur in shortlists).
-CANDIDATE_CACHE_BYTES = 512 * 2**20
+# Decoded candidate patch sets kept in RAM across queries (maps' images recur in shortlists). Sized
+# to hold a performance-preset shortlist of 100 at 320×240 (≈ 7.8 MB each as float32): a smaller
+# cache thrashes and decodes every candidate again for every query. Kept as float32 because
+# widening float16 per match costs more on a CPU than the matrix product it feeds.
+CANDIDATE_CACHE_BYTES = 1024 * 2**20
 
 
 @dataclass
