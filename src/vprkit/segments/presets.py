@@ -37,5 +37,8 @@ _preset("segvlad-features", "SegVLAD: k-means on the backbone's features + posit
         "features", {"k": 8})
 _preset("segvlad-grid", "SegVLAD: regular grid of square cells (6 across), o=1; EfficientNet-Lite0",
         "grid", {"cells_across": 6})
-_preset("segvlad-sam", "SegVLAD: SAM automatic masks (paper settings, ViT-H; checkpoint from VPRKIT_SAM_CHECKPOINT or segmenter_options.checkpoint), o=3",
-        "sam", {"checkpoint": None, "model_type": "vit_h"}, order=3)
+# The paper's segment settings: SAM ViT-H masks, o = 3, PCA to 1024 (whitened once the map offers
+# ≥ 20 fitted segments per dimension, as the paper's 50,000-segment fit does).
+_preset("segvlad-sam", "SegVLAD: SAM automatic masks (paper settings, ViT-H; checkpoint from VPRKIT_SAM_CHECKPOINT or "
+        "segmenter_options.checkpoint), o=3, VLAD→PCA 1024", "sam", {"checkpoint": None, "model_type": "vit_h"},
+        order=3, pca_dim=1024)
