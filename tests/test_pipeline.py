@@ -105,3 +105,16 @@ def test_map_with_poses_csv(tmp_path, image_folder, small_config):
     pipeline.build_map(image_folder, tmp_path / "map", small_config, poses=tmp_path / "poses.csv", progress=False)
     res = pipeline.localize(tmp_path / "map", [image_folder / "img003.png"], top_k=1)
     assert res[0].matches[0].position == (500003.0, 4000006.0)
+
+
+def test_multi_vocabulary_map_builds_all_centre_sets_and_reopens(tmp_path, image_folder, small_config):
+    from vprkit.aggregation.vlad import Vocabulary
+
+    config = small_config.replace(aggregator_options={"vocabularies": 2})  # sets come from the aggregator's need
+    info = pipeline.build_map(image_folder, tmp_path / "map", config, progress=False)
+    assert info["descriptor_dim"] == 2 * 8 * 112
+    voc = Vocabulary.load(tmp_path / "map" / pipeline.VOCAB_FILE)
+    assert voc.sets == 2 and voc.k == 8
+    m = pipeline.open_map(tmp_path / "map")
+    res = pipeline.localize(m, [image_folder / "img003.png"], top_k=2)
+    assert res[0].matches[0].key == "img003.png" and res[0].matches[0].score == pytest.approx(1.0, abs=1e-3)

@@ -50,8 +50,13 @@ class VocabularyConfig:
     large_map_fraction: float = ANYLOC_LARGE_MAP_FRACTION
     large_map_patch_step: int = ANYLOC_LARGE_MAP_PATCH_STEP
     seed: int = 0
+    # Centre sets clustered from the sample (k-means seeds seed, seed+1, …) for multi-vocabulary
+    # VLAD; a map builds at least as many as its ``vlad`` aggregator's ``vocabularies`` option asks.
+    sets: int = 1
 
     def __post_init__(self):
+        if self.sets < 1:
+            raise ConfigError(f"vocabulary sets must be ≥ 1, got {self.sets}")
         if self.k < 1:
             raise ConfigError(f"vocabulary size K must be ≥ 1, got {self.k}")
         if not 0 < self.large_map_fraction <= 1:

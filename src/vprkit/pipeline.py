@@ -252,7 +252,8 @@ def build_vocabulary(
     meta = {"name": name, "identity": descriptor_identity(config, backbone), "n_images": n_images,
             "sample_bytes": sampler.nbytes, "descriptors_seen": sampler.seen,
             "pooled_descriptors": int(len(sampler.pool)), "pool_max_bytes": plan.vocabulary_pool_bytes}
-    return fit_vocabulary(sampler.pool, vc.k, meta, seed=vc.seed)
+    sets = max(vc.sets, int(dict(config.aggregator_options).get("vocabularies", 1)))
+    return fit_vocabulary(sampler.pool, vc.k, meta, seed=vc.seed, sets=sets)
 
 
 def domain_vocabulary_dir() -> Path:

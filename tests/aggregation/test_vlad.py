@@ -98,3 +98,28 @@ def test_sampler_memory_cap_and_uniformity():
     # reservoir sampling keeps rows from late images too, not only the first ten images
     image_of_row = np.round(s.pool[:, 1] / s.pool[:, 0]).astype(int)
     assert image_of_row.max() >= 25 and len(np.unique(image_of_row)) > 20
+
+
+def test_multi_vocabulary_vlad_is_scaled_concatenation_of_per_vocabulary_vlads(tmp_path):
+    rng = np.random.default_rng(3)
+    voc = fit_vocabulary(rng.normal(size=(600, 8)).astype(np.float32), k=4, sets=3, seed=5)
+    assert voc.sets == 3 and voc.alternates.shape == (2, 4, 8) and voc.metadata["sets"] == 3
+    single = fit_vocabulary(rng.normal(size=(600, 8)).astype(np.float32), k=4, seed=5)
+    assert single.sets == 1 and single.alternates is None
+    assert not np.allclose(voc.centres, voc.alternates[0])  # other seeds, other centres
+    f = DenseFeatures(torch.randn(3, 2, 5, 8), 16, (32, 80))
+    agg = VLAD(8, voc, vocabularies=3, chunk=2)
+    out = agg(f)
+    parts = [hard_vlad(f.flat(), torch.from_numpy(c)) for c in [voc.centres, *voc.alternates]]
+    assert out.shape == (3, 96) and agg.dim == 96
+    torch.testing.assert_close(out, torch.cat(parts, 1) / math.sqrt(3))
+    # similarity = mean of the per-vocabulary similarities
+    sims = out @ out[:1].T
+    torch.testing.assert_close(sims, sum(p @ p[:1].T for p in parts) / 3)
+    # saved and loaded with its alternates; the checksum covers them
+    back = Vocabulary.load(voc.save(tmp_path / "multi.npz"))
+    assert back.sets == 3 and back.checksum == voc.checksum
+    torch.testing.assert_close(VLAD(8, back, vocabularies=3)(f), out)
+    assert Vocabulary(voc.centres, voc.metadata).checksum != voc.checksum
+    with pytest.raises(VocabularyMismatchError, match="rebuild it with vocabulary sets"):
+        VLAD(8, single, vocabularies=2)
