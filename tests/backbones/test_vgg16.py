@@ -179,3 +179,11 @@ def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(WeightsNotFoundError, match="broken.pth"):
         read_netvlad_checkpoint(bad)
+
+
+def test_legacy_format_checkpoint_is_read(checkpoint, tmp_path):
+    path, _, pool = checkpoint
+    legacy = tmp_path / "legacy.pth.tar"
+    torch.save(torch.load(path, weights_only=True), legacy, _use_new_zipfile_serialization=False)
+    ck = read_netvlad_checkpoint(legacy)  # cannot be memory-mapped: read the ordinary way
+    torch.testing.assert_close(ck.centroids, pool["pool.centroids"])

@@ -63,7 +63,10 @@ def _unwrap_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A checkpoint's flat state dict (unwraps ``state_dict`` / ``model`` and ``module.``)."""
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        try:  # memory-mapped: a Patch-NetVLAD file is ~0.5 GB (mostly WPCA) and is opened more than once
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (pre-zip) checkpoints cannot be memory-mapped
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
         raise WeightsNotFoundError(f"VGG16 / NetVLAD weights {path} not found") from exc
     except Exception as exc:  # pickle / zip errors: not a torch checkpoint
