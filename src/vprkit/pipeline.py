@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .aggregation import AGGREGATORS, Aggregator, DescriptorSampler, Vocabulary, fit_vocabulary
 from .backbones import Backbone, DenseFeatures, build_backbone
-from .config import (BUDGET_SHARE_DECODE_BUFFER, BUDGET_SHARE_VOCABULARY_POOL, DEFAULT_FEATURE_CACHE_BYTES, MIB,
+from .config import (BUDGET_SHARE_DECODE_BUFFER, BUDGET_SHARE_VOCABULARY_POOL, MIB,
                      MIN_MEMORY_BUDGET_MB, Config, MemoryPlan)
 from .errors import ConfigError, ImageReadError, MapError, VocabularyMismatchError
 from .images import Batch, ImageSpec, iter_batches, list_images
@@ -44,9 +44,6 @@ FAILURES_FILE = "failures.json"
 # interrupt loses at most a minute of work.
 SHARD_IMAGES = 128
 DEFAULT_FIT_IMAGES = 500
-# Features of the vocabulary pass kept for the encoding pass (saves a second backbone run on small maps);
-# the default without a memory budget (see Config.memory_plan).
-FEATURE_CACHE_BYTES = DEFAULT_FEATURE_CACHE_BYTES
 # Resize mode "none" keeps each file's size, unknown before reading: memory checks assume full-HD frames.
 ASSUMED_ORIGINAL_SIZE = (1080, 1920)
 RGB_CHANNELS = 3
@@ -382,7 +379,7 @@ def build_map(
     todo = [(i, k) for i, k in enumerate(keys) if k not in done]
 
     plan = memory_plan(config, backbone)
-    cache = FeatureCache(FEATURE_CACHE_BYTES if plan.budget_bytes is None else plan.feature_cache_bytes)
+    cache = FeatureCache(plan.feature_cache_bytes)  # features of the vocabulary pass, kept for the encoding pass
     vocabulary = _obtain_vocabulary(config, backbone, root, keys, out, progress, log, cache)
     aggregator = make_aggregator(config, backbone, vocabulary)
     extensions = _make_extensions(config, backbone, vocabulary)

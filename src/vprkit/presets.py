@@ -6,6 +6,7 @@ SegVLAD presets never edits this file's table. ``vprkit presets`` lists them all
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from typing import Any
 
@@ -33,15 +34,6 @@ register_preset(Config(
     backbone="efficientnet-lite0", backbone_options={"block": 10},
     image=ImageSpec((240, 320), "fixed"), aggregator="vlad", vocabulary=VocabularyConfig(k=32),
 ))
-# Multi-vocabulary VLAD: three K=32 vocabularies (k-means seeds 0, 1, 2) averaged; 3× the bytes,
-# less dependence on one k-means draw (Nordland-600 R@1 0.217 mean vs 0.184 for one; Corridor same).
-register_preset(Config(
-    name="effnet-vlad-x3",
-    description="EfficientNet-Lite0 block 10 + multi-vocabulary VLAD (3 × K=32), 320×240; 10752-d",
-    backbone="efficientnet-lite0", backbone_options={"block": 10},
-    image=ImageSpec((240, 320), "fixed"), aggregator="vlad", aggregator_options={"vocabularies": 3},
-    vocabulary=VocabularyConfig(k=32, sets=3),
-))
 register_preset(Config(
     name="effnet-gem",
     description="EfficientNet-Lite0 block 10 + GeM p=3, 320×240; 112-d, no vocabulary",
@@ -55,18 +47,27 @@ register_preset(Config(
     image=ImageSpec((240, 320), "fixed"), aggregator="vlad", vocabulary=VocabularyConfig(k=32),
 ))
 register_preset(Config(
-    name="effnet2-vlad-x3",
-    description="EfficientNet-Lite2 block 14 + multi-vocabulary VLAD (3 × K=32), 320×240; 11520-d (seasonal change)",
-    backbone="efficientnet-lite2", backbone_options={"block": 14},
-    image=ImageSpec((240, 320), "fixed"), aggregator="vlad", aggregator_options={"vocabularies": 3},
-    vocabulary=VocabularyConfig(k=32, sets=3),
-))
-register_preset(Config(
     name="effnet2-gem",
     description="EfficientNet-Lite2 block 14 + GeM p=3, 320×240; 120-d",
     backbone="efficientnet-lite2", backbone_options={"block": 14},
     image=ImageSpec((240, 320), "fixed"), aggregator="gem", aggregator_options={"p": 3.0},
 ))
+
+
+def _multi_vocabulary(base: str, name: str, description: str, vocabularies: int = 3) -> Config:
+    """``base`` with multi-vocabulary VLAD: ``vocabularies`` K-means draws averaged (see ``aggregation.vlad.VLAD``)."""
+    config = PRESETS.get(base)
+    return register_preset(config.replace(
+        name=name, description=description,
+        aggregator_options={**config.aggregator_options, "vocabularies": vocabularies},
+        vocabulary=dataclasses.replace(config.vocabulary, sets=vocabularies)))
+
+
+# 3× the bytes, less dependence on one k-means draw (Nordland-600 R@1 0.217 mean vs 0.184 for one; Corridor same).
+_multi_vocabulary("effnet-vlad", "effnet-vlad-x3",
+                  "EfficientNet-Lite0 block 10 + multi-vocabulary VLAD (3 × K=32), 320×240; 10752-d")
+_multi_vocabulary("effnet2-vlad", "effnet2-vlad-x3",
+                  "EfficientNet-Lite2 block 14 + multi-vocabulary VLAD (3 × K=32), 320×240; 11520-d (seasonal change)")
 # NetVLAD / Patch-NetVLAD's own model: VGG16 conv5 + NetVLAD K=64 at 640×480 (its default resize).
 # With `--weights` a Patch-NetVLAD checkpoint, the trained encoder, NetVLAD and WPCA are used (see
 # `with_weights`); without, ImageNet VGG16 and NetVLAD α-initialised from the map's vocabulary.

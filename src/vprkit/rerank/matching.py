@@ -31,15 +31,7 @@ def mutual_nn(query: torch.Tensor, candidates: torch.Tensor) -> list[Matches]:
     """
     if candidates.ndim == 2:
         candidates = candidates.unsqueeze(0)
-    sim = torch.matmul(candidates, query.T).transpose(1, 2)  # C×n_q×n_d
-    best_d_sim, best_d = sim.max(dim=2)  # each query patch's nearest candidate patch
-    best_q = sim.argmax(dim=1)  # each candidate patch's nearest query patch
-    mutual = torch.gather(best_q, 1, best_d) == torch.arange(query.shape[0]).unsqueeze(0)
-    out = []
-    for c in range(candidates.shape[0]):
-        qi = torch.nonzero(mutual[c], as_tuple=False).squeeze(1)
-        out.append(Matches(qi.numpy(), best_d[c, qi].numpy(), best_d_sim[c, qi].numpy()))
-    return out
+    return mutual_nn_grouped(query, list(candidates))
 
 
 def _mutual_one(query: torch.Tensor, candidate: torch.Tensor) -> Matches:
