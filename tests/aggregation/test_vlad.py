@@ -6,7 +6,7 @@ import torch
 
 from vprkit.aggregation.vlad import VLAD, DescriptorSampler, Vocabulary, fit_vocabulary, hard_vlad, residual_sums, assign
 from vprkit.backbones.base import DenseFeatures
-from vprkit.errors import VocabularyMismatchError
+from vprkit.errors import ConfigError, VocabularyMismatchError
 
 C = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
 
@@ -123,3 +123,65 @@ def test_multi_vocabulary_vlad_is_scaled_concatenation_of_per_vocabulary_vlads(t
     assert Vocabulary(voc.centres, voc.metadata).checksum != voc.checksum
     with pytest.raises(VocabularyMismatchError, match="rebuild it with vocabulary sets"):
         VLAD(8, single, vocabularies=2)
+
+
+def _reference_multi_assignment_vlad(x: np.ndarray, c: np.ndarray, m: int) -> np.ndarray:
+    """The definition written out descriptor by descriptor (no vectorisation), for comparison."""
+    k, d = c.shape
+    sums = np.zeros((k, d))
+    for desc in x:
+        desc = desc / np.linalg.norm(desc)
+        for j in np.argsort(-(c @ desc))[:m]:  # the m highest-cosine centres
+            sums[j] += desc - c[j]
+    norms = np.linalg.norm(sums, axis=1, keepdims=True)
+    sums = np.where(norms > 0, sums / np.maximum(norms, 1e-12), 0.0)
+    v = sums.ravel()
+    return v / np.linalg.norm(v)
+
+
+def test_multiple_assignment_hand_computed():
+    # three centres at 0°, 45°, 90°; with m = 2 the descriptor at 10° goes to the 0° and 45° centres,
+    # the one at 80° to the 90° and 45° centres; the 45° cluster gets both residuals.
+    c = torch.tensor([[1.0, 0.0], [math.sqrt(0.5), math.sqrt(0.5)], [0.0, 1.0]])
+    a, b = math.radians(10), math.radians(80)
+    x = torch.tensor([[[math.cos(a), math.sin(a)], [math.cos(b), math.sin(b)]]])
+    xa, xb = x[0, 0], x[0, 1]
+    blocks = [xa - c[0], (xa - c[1]) + (xb - c[1]), xb - c[2]]
+    expected = torch.cat([r / r.norm() for r in blocks]) / math.sqrt(3)
+    torch.testing.assert_close(hard_vlad(x, c, assignments=2)[0], expected)
+    # m = 1 leaves the middle cluster empty: AnyLoc's hard VLAD
+    hard = torch.cat([(xa - c[0]) / (xa - c[0]).norm(), torch.zeros(2), (xb - c[2]) / (xb - c[2]).norm()]) / math.sqrt(2)
+    torch.testing.assert_close(hard_vlad(x, c, assignments=1)[0], hard)
+
+
+def test_multiple_assignment_matches_per_descriptor_reference_and_keeps_dim():
+    rng = np.random.default_rng(7)
+    voc = fit_vocabulary(rng.normal(size=(800, 6)).astype(np.float32), k=8)
+    f = DenseFeatures(torch.from_numpy(rng.normal(size=(3, 4, 5, 6)).astype(np.float32)), 16, (64, 80))
+    for m in (1, 3, 8):
+        agg = VLAD(6, voc, assignments=m, chunk=2)
+        out = agg(f)
+        assert out.shape == (3, 48) and agg.dim == 48  # multiple assignment costs no dimension
+        for i in range(3):
+            ref = _reference_multi_assignment_vlad(f.flat()[i].numpy(), voc.centres, m)
+            np.testing.assert_allclose(out[i].numpy(), ref, atol=1e-5)
+    assert VLAD(6, voc, assignments=3).identity()["assignments"] == 3
+    assert "assignments" not in VLAD(6, voc).identity()
+    with pytest.raises(ConfigError, match="between 1 and the vocabulary's K=8"):
+        VLAD(6, voc, assignments=9)
+    with pytest.raises(ConfigError, match="assignments=0"):
+        VLAD(6, voc, assignments=0)
+
+
+def test_multiple_assignment_region_sums_equal_per_region_loop():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 20, 5, generator=g)
+    c = torch.nn.functional.normalize(torch.randn(6, 5, generator=g), dim=1)
+    membership = (torch.rand(2, 3, 20, generator=g) > 0.5).float()
+    xn, labels = assign(x, c, assignments=2)
+    assert labels.shape == (2, 20, 2)
+    fast = residual_sums(xn, labels, c, membership)
+    for b in range(2):
+        for s in range(3):
+            sel = membership[b, s].bool()
+            torch.testing.assert_close(fast[b, s], residual_sums(xn[b : b + 1, sel], labels[b : b + 1, sel], c)[0])

@@ -6,6 +6,12 @@ Order of operations (tested in ``tests/aggregation/test_vlad.py``):
 3. residual = normalised descriptor − centre; sum residuals per cluster;
 4. L2-normalise each cluster's sum (intra-normalisation; empty clusters stay zero);
 5. concatenate (K·D) and L2-normalise the whole.
+
+``assignments = m > 1`` is *multiple assignment* (Jégou, Douze & Schmid, IJCV 2010; for VLAD in
+Jégou et al., TPAMI 2012): step 2 assigns each descriptor to its m highest-cosine centres and step 3
+adds its residual to each of them. A patch seen from a shifted viewpoint often lands in a
+neighbouring cell of the vocabulary; with m cells it still shares residual mass with the database
+image, at no cost in dimension. m = 1 (the default) is AnyLoc's VLAD exactly.
 """
 
 from __future__ import annotations
@@ -205,23 +211,35 @@ class DescriptorSampler:
         return int(self.pool.nbytes)
 
 
-def assign(descriptors: torch.Tensor, centres: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalise ``…×N×D`` descriptors and return them with the index of their highest-cosine centre."""
+def assign(descriptors: torch.Tensor, centres: torch.Tensor, assignments: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalise ``…×N×D`` descriptors and return them with the index of their highest-cosine centre.
+
+    With ``assignments = m > 1`` the labels are the m highest-cosine centres (``…×N×m``).
+    """
     x = l2n(descriptors.float())
-    labels = (x @ centres.T).argmax(dim=-1)
-    return x, labels
+    sim = x @ centres.T
+    if assignments == 1:
+        return x, sim.argmax(dim=-1)
+    return x, sim.topk(assignments, dim=-1).indices
+
+
+def assignment_matrix(labels: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """``B×N`` (one centre each) or ``B×N×m`` (m distinct centres each) labels → ``B×N×K`` 0/1 weights."""
+    onehot = torch.nn.functional.one_hot(labels, k).to(dtype)
+    return onehot if labels.dim() == 2 else onehot.sum(dim=-2)
 
 
 def residual_sums(x: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor, membership: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-cluster residual sums for hard assignment, vectorised.
+    """Per-cluster residual sums for hard (or multiple) assignment, vectorised.
 
-    ``x`` is ``B×N×D`` (already normalised), ``labels`` ``B×N``. Without ``membership`` the result is
+    ``x`` is ``B×N×D`` (already normalised), ``labels`` ``B×N`` (or ``B×N×m`` for multiple
+    assignment, see :func:`assign`). Without ``membership`` the result is
     ``B×K×D`` (one VLAD per image). With ``membership`` (``B×S×N``, 0/1 weights of each patch in
     each of S regions) it is ``B×S×K×D``: one VLAD per region (SegVLAD's SuperSegments), computed
     as ``membership @ (onehot ⊙ x)`` without ever forming an N×K×D tensor.
     """
     k = centres.shape[0]
-    onehot = torch.nn.functional.one_hot(labels, k).to(x.dtype)  # B×N×K
+    onehot = assignment_matrix(labels, k, x.dtype)  # B×N×K
     if membership is None:
         sums = onehot.transpose(1, 2) @ x  # B×K×D
         counts = onehot.sum(dim=1)  # B×K
@@ -240,9 +258,9 @@ def vlad_normalise(res: torch.Tensor) -> torch.Tensor:
     return l2n(res.flatten(-2), dim=-1)
 
 
-def hard_vlad(descriptors: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-    """AnyLoc hard VLAD of ``B×N×D`` descriptors → ``B×(K·D)``."""
-    x, labels = assign(descriptors, centres)
+def hard_vlad(descriptors: torch.Tensor, centres: torch.Tensor, assignments: int = 1) -> torch.Tensor:
+    """AnyLoc hard VLAD of ``B×N×D`` descriptors → ``B×(K·D)`` (each descriptor to its ``assignments`` nearest centres)."""
+    x, labels = assign(descriptors, centres, assignments)
     return vlad_normalise(residual_sums(x, labels, centres))
 
 
@@ -254,12 +272,16 @@ class VLAD(Aggregator):
     and scaled by 1/√n, so the similarity of two images is the mean of their per-vocabulary VLAD
     similarities. It averages out the vocabulary's random draw (on Nordland-600 a single K=32
     vocabulary gives R@1 0.16–0.23 depending on the seed; three give 0.20–0.24).
+
+    ``assignments = m > 1`` is multiple assignment (see the module docstring): each descriptor's
+    residual goes to its m nearest centres; the dimension stays K × D.
     """
 
     name = "vlad"
     needs_vocabulary = True
 
-    def __init__(self, backbone_dim: int, vocabulary: Vocabulary, vocabularies: int = 1, chunk: int = 16):
+    def __init__(self, backbone_dim: int, vocabulary: Vocabulary, vocabularies: int = 1, assignments: int = 1,
+                 chunk: int = 16):
         super().__init__(backbone_dim)
         if vocabulary.dim != backbone_dim:
             raise VocabularyMismatchError(
@@ -267,8 +289,13 @@ class VLAD(Aggregator):
             )
         if vocabularies < 1:
             raise ConfigError(f"vlad needs vocabularies ≥ 1, got {vocabularies}")
+        if not 1 <= int(assignments) <= vocabulary.k:
+            raise ConfigError(
+                f"vlad assignments={assignments} must be between 1 and the vocabulary's K={vocabulary.k} "
+                "(the number of nearest centres each descriptor is added to)")
         self.vocabulary = vocabulary
         self.vocabularies = int(vocabularies)
+        self.assignments = int(assignments)
         self.centre_sets = [torch.from_numpy(c) for c in vocabulary.centre_sets(self.vocabularies)]
         self.centres = self.centre_sets[0]
         self.chunk = chunk
@@ -279,8 +306,8 @@ class VLAD(Aggregator):
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         if self.vocabularies == 1:
-            return hard_vlad(x, self.centres)
-        return torch.cat([hard_vlad(x, c) for c in self.centre_sets], dim=1) / math.sqrt(self.vocabularies)
+            return hard_vlad(x, self.centres, self.assignments)
+        return torch.cat([hard_vlad(x, c, self.assignments) for c in self.centre_sets], dim=1) / math.sqrt(self.vocabularies)
 
     def __call__(self, features: DenseFeatures) -> torch.Tensor:
         flat = features.flat()
@@ -288,7 +315,8 @@ class VLAD(Aggregator):
 
     def identity(self):
         return {**super().identity(), "k": self.vocabulary.k, "vocabulary": self.vocabulary.checksum,
-                **({"vocabularies": self.vocabularies} if self.vocabularies > 1 else {})}
+                **({"vocabularies": self.vocabularies} if self.vocabularies > 1 else {}),
+                **({"assignments": self.assignments} if self.assignments > 1 else {})}
 
 
 AGGREGATORS.register("vlad", VLAD)
