@@ -23,3 +23,12 @@ def make_images(folder: Path, n: int, size=(48, 64), seed: int = 0, ext: str = "
         img.save(folder / name)
         names.append(name)
     return names
+
+
+def run_cli(args, **kw):
+    """Invoke the ``vprkit`` command in-process (exceptions propagate, so a failure shows its traceback)."""
+    from click.testing import CliRunner
+
+    from vprkit.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False, **kw)

@@ -6,6 +6,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from helpers import run_cli
 from vprkit.cli import cli, main
 
 # Measured 0.93 on Corridor with effnet-vlad (see benchmarks/bench_core.py); the floor leaves room
@@ -13,9 +14,7 @@ from vprkit.cli import cli, main
 CORRIDOR_R1_FLOOR = 0.88
 
 
-def run(args, **kw):
-    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False, **kw)
-    return result
+run = run_cli
 
 
 def test_eval_corridor_end_to_end(tmp_path, shared_datasets, monkeypatch):
@@ -60,3 +59,18 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys, monkeypatch):
 def test_presets_listed():
     r = run(["presets"])
     assert "effnet-vlad" in r.output and "effnet-gem" in r.output
+    assert "effnet2-vlad-ma4" in r.output and "multiple assignment" in r.output
+
+
+def test_image_size_option_overrides_the_preset_size(tmp_path, image_folder):
+    r = run(["map", "build", image_folder, "--out", tmp_path / "map", "--preset", "effnet-gem", "--image-size", "96x64",
+             "--quiet"])
+    assert r.exit_code == 0, r.output
+    saved = json.loads((tmp_path / "map" / "map.json").read_text())
+    assert saved["config"]["image"] == {"size": [64, 96], "resize": "fixed"}  # (height, width), mode kept
+    # queries are resized as the map was built
+    r = run(["localize", tmp_path / "map", image_folder / "img003.png", "--top-k", "1", "--json"])
+    assert json.loads(r.output)[0]["matches"][0]["image"] == "img003.png"
+    for bad in ("96", "96xABC", "0x64"):
+        r = CliRunner().invoke(cli, ["map", "build", str(image_folder), "--out", str(tmp_path / "m2"), "--image-size", bad])
+        assert r.exit_code == 2 and "--image-size" in r.output

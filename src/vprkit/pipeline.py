@@ -34,7 +34,7 @@ from .errors import ConfigError, ImageReadError, MapError, VocabularyMismatchErr
 from .images import Batch, ImageSpec, iter_batches, list_images
 from .maps import INDEX_FILE, FaissIndex, MapStore
 from .maps.extensions import EXTENSIONS, MapExtension
-from .presets import get_preset
+from .presets import DEFAULT_PRESET, get_preset
 from .retrieval import RETRIEVERS, QueryBatch, Retriever, pad_topk
 
 MAP_FILE = "map.json"
@@ -65,7 +65,7 @@ def _import_plugins() -> None:
 def resolve_config(preset: str | Config | None) -> Config:
     if isinstance(preset, Config):
         return preset
-    return get_preset(preset or "effnet-vlad")
+    return get_preset(preset or DEFAULT_PRESET)
 
 
 def set_threads(n: int) -> None:

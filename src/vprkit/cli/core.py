@@ -16,11 +16,36 @@ memory_budget_option = click.option(
     help="Cap the RAM of vocabulary and map building (descriptor pool, feature cache, decode buffer) at about MB.")
 
 
+def _parse_image_size(ctx, param, value: str | None) -> tuple[int, int] | None:
+    """``WIDTHxHEIGHT`` (as image sizes are usually written) → (height, width), or None."""
+    if value is None:
+        return None
+    try:
+        w, h = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not WIDTHxHEIGHT, e.g. 320x240") from None
+    if w < 1 or h < 1:
+        raise click.BadParameter(f"{value!r}: width and height must be positive")
+    return h, w
+
+
+# Shared by `map build` and `eval`: the size images are resized to, overriding the preset's
+# (the preset's resize mode is kept). Queries are resized as the map was built.
+image_size_option = click.option(
+    "--image-size", "image_size", default=None, metavar="WxH", callback=_parse_image_size,
+    help="Resize images to WIDTHxHEIGHT instead of the preset's size (e.g. 224x112 for Nordland's 64×32 frames).")
+
+
 def _config(preset: str, float16: bool, extensions_from_rerank: str | None = None,
-            vocab: str | None = None, weights: Path | None = None, memory_budget: int | None = None):
+            vocab: str | None = None, weights: Path | None = None, memory_budget: int | None = None,
+            image_size: tuple[int, int] | None = None):
     import dataclasses
 
+    from ..images import ImageSpec
+
     config = get_preset(preset)
+    if image_size is not None:
+        config = config.replace(image=ImageSpec(image_size, config.image.resize))
     if memory_budget is not None:
         config = config.replace(memory_budget_mb=memory_budget)
     if float16:
@@ -51,11 +76,13 @@ def map_group() -> None:
 @click.option("--vocab", default=None, help="VLAD vocabulary: map (default) | domain:NAME | auto | PATH.npz")
 @click.option("--weights", type=click.Path(path_type=Path), default=None, help="Backbone checkpoint (e.g. DINOv2 .pth).")
 @memory_budget_option
+@image_size_option
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def map_build(images_dir: Path, out: Path, poses: Path | None, preset: str, float16: bool, rerank: str | None,
-              vocab: str | None, weights: Path | None, memory_budget: int | None, quiet: bool) -> None:
+              vocab: str | None, weights: Path | None, memory_budget: int | None, image_size: tuple[int, int] | None,
+              quiet: bool) -> None:
     """Extract, aggregate and store descriptors of every image in IMAGES_DIR (resumable)."""
-    config = _config(preset, float16, rerank, vocab, weights, memory_budget)
+    config = _config(preset, float16, rerank, vocab, weights, memory_budget, image_size)
     info = pipeline.build_map(images_dir, out, config, poses=poses, progress=not quiet)
     c = info["counts"]
     click.echo(f"map {out}: {c['images']} images, {info['descriptor_dim']}-d descriptors ({info['config']['name']}), "
@@ -113,10 +140,12 @@ def localize(map_dir: Path, queries: tuple[Path, ...], top_k: int, rerank: str |
 @click.option("--vocab", default=None, help="VLAD vocabulary: map (default) | domain:NAME | auto | PATH.npz")
 @click.option("--weights", type=click.Path(path_type=Path), default=None, help="Backbone checkpoint (e.g. DINOv2 .pth).")
 @memory_budget_option
+@image_size_option
 @click.option("--quiet", is_flag=True)
 def evaluate(dataset: str, preset: str, rerank: str | None, out: Path | None, data_root: Path | None,
              queries_sub: str | None, database_sub: str | None, no_positive: str, float16: bool,
-             vocab: str | None, weights: Path | None, memory_budget: int | None, quiet: bool) -> None:
+             vocab: str | None, weights: Path | None, memory_budget: int | None, image_size: tuple[int, int] | None,
+             quiet: bool) -> None:
     """Build a map of DATASET's database, localise its queries and print Recall@1/5/10/20."""
     import os
 
@@ -124,14 +153,16 @@ def evaluate(dataset: str, preset: str, rerank: str | None, out: Path | None, da
 
     if data_root is not None:
         os.environ["VPRKIT_DATA"] = str(data_root)
-    config = _config(preset, float16, rerank, vocab, weights, memory_budget)  # validate options before touching data
+    config = _config(preset, float16, rerank, vocab, weights, memory_budget, image_size)  # validate before touching data
     options = {k: v for k, v in {"queries": queries_sub, "database": database_sub}.items() if v}
     ds = load_dataset(dataset, **options)
     summary = pipeline.evaluate(ds, config, out=out, rerank=rerank,
                                 no_positive=no_positive, progress=not quiet, log=click.echo)
     rec = summary["recall"]
     t = summary["timing"]
-    click.echo(f"{summary['dataset']}  preset {summary['preset']}" + (f"  rerank {rerank}" if rerank else ""))
+    size = config.image.size
+    click.echo(f"{summary['dataset']}  preset {summary['preset']}" + (f" at {size[1]}×{size[0]}" if size else "")
+               + (f"  rerank {rerank}" if rerank else ""))
     click.echo(f"  database {summary['counts']['database']}  queries {summary['counts']['queries']}  "
                f"(no-positive queries: {rec.get('n_no_positive', 0)}, policy {rec.get('no_positive_policy')})")
     click.echo("  " + "  ".join(f"R@{n} {rec[f'R@{n}']:.3f}" for n in pipeline.RECALL_NS if f"R@{n}" in rec))
