@@ -111,3 +111,25 @@ def test_patches_extension_on_a_vit_backbone():
     payload = ext.encode(Batch, feats)[0]
     back = ext.decode(payload)
     torch.testing.assert_close(back[0].descriptors, sets[0][0].descriptors, atol=2e-3, rtol=0)
+
+
+def test_randomised_projection_finds_the_exact_principal_subspace():
+    # a spectrum that decays like real descriptors: the randomised path (dim ≤ ¼ rank) must span
+    # the same leading axes as the exact eigen-decomposition (dim > ¼ rank of the same data)
+    from vprkit.rerank import patches
+
+    rng = np.random.default_rng(2)
+    basis, _ = np.linalg.qr(rng.normal(size=(120, 120)))
+    x = (rng.normal(size=(600, 120)) * np.geomspace(10, 0.01, 120)) @ basis.T
+    dim = 12
+    assert dim <= patches.RANDOMISED_PCA_MAX_FRACTION * 119
+    fast = PatchProjection.fit(x.astype(np.float32), dim)
+    exact = PatchProjection.fit(x.astype(np.float32), 119)  # exact path; its first 12 axes
+    overlap = fast.components @ exact.components[:dim].T  # cosines between the two bases
+    np.testing.assert_allclose(np.abs(np.linalg.svd(overlap, compute_uv=False)), np.ones(dim), atol=1e-3)
+    np.testing.assert_allclose(fast.components @ fast.components.T, np.eye(dim), atol=1e-4)
+    # reproducible, and whitening gives unit variance on the randomised axes too
+    np.testing.assert_array_equal(PatchProjection.fit(x.astype(np.float32), dim).components, fast.components)
+    w = PatchProjection.fit(x.astype(np.float32), dim, whiten=True)
+    raw = (torch.from_numpy(x.astype(np.float32)) - torch.from_numpy(w.mean)) @ torch.from_numpy(w.components).T
+    np.testing.assert_allclose((raw * torch.from_numpy(w.scale)).var(0, unbiased=True).numpy(), np.ones(dim), rtol=1e-3)

