@@ -59,7 +59,9 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys, monkeypatch):
 def test_presets_listed():
     r = run(["presets"])
     assert "effnet-vlad" in r.output and "effnet-gem" in r.output
-    assert "effnet2-vlad-ma4" in r.output and "multiple assignment" in r.output
+    default_line = next(line for line in r.output.splitlines() if line.startswith("effnet2-vlad-ma4 "))
+    assert "multiple assignment" in default_line and default_line.endswith("[default]")
+    assert sum(line.endswith("[default]") for line in r.output.splitlines()) == 1
 
 
 def test_image_size_option_overrides_the_preset_size(tmp_path, image_folder):

@@ -177,7 +177,7 @@ def presets() -> None:
     from ..rerank import RERANK_PRESETS
 
     for c in list_presets():
-        click.echo(f"{c.name:<24} {c.description}")
+        click.echo(f"{c.name:<24} {c.description}" + ("  [default]" if c.name == DEFAULT_PRESET else ""))
     click.echo("\nre-ranking presets (--rerank NAME):")
     for name, s in RERANK_PRESETS.items():
         click.echo(f"{name:<24} {s.description}")
