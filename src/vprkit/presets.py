@@ -58,7 +58,7 @@ register_preset(Config(
 # and multiple assignment (each patch's residual added to its 4 nearest centres): the finer cells
 # separate Nordland's look-alike frames, the multiple assignment keeps a laterally shifted view
 # (Corridor) in the cells of its reference. Over 8 vocabulary seeds, in the pipeline:
-# Corridor R@1 0.955–0.964, Nordland-600 0.375–0.422 (effnet-vlad: 0.90–0.95, 0.16–0.23).
+# Corridor R@1 0.955–0.964, Nordland-600 0.375–0.422 (effnet-vlad: 0.910–0.946, 0.162–0.235).
 register_preset(Config(
     name="effnet2-vlad-ma4",
     description="EfficientNet-Lite2 block 14 + VLAD K=96, multiple assignment to 4 centres, 320×240; 11520-d, offline default",
