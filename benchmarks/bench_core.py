@@ -37,13 +37,12 @@ THROUGHPUT_REPEATS = 3
 LATENCY_QUERIES = 40
 
 
-def throughput(config, map_dir: Path, repeats: int = THROUGHPUT_REPEATS) -> dict:
+def throughput(config, m: pipeline.Map, repeats: int = THROUGHPUT_REPEATS) -> dict:
     """Decode → resize → backbone → descriptor, batched, 2 threads, with the map's vocabulary.
 
     The median of ``repeats`` passes: one pass is a few seconds, and this shared 2-core machine
     moves a single pass by ±30 %.
     """
-    m = pipeline.open_map(map_dir)
     root = DATA / "nordland-64x32" / "summer"
     keys = list_images(root)[:THROUGHPUT_IMAGES]
     cfg = config.replace(image=ImageSpec(THROUGHPUT_SIZE, "fixed"))
@@ -62,9 +61,8 @@ def throughput(config, map_dir: Path, repeats: int = THROUGHPUT_REPEATS) -> dict
             "size": f"{THROUGHPUT_SIZE[1]}x{THROUGHPUT_SIZE[0]}"}
 
 
-def latency(map_dir: Path, queries: list[Path]) -> dict:
+def latency(m: pipeline.Map, queries: list[Path]) -> dict:
     """One query at a time, as a robot would: read, extract, aggregate, search."""
-    m = pipeline.open_map(map_dir)
     pipeline.localize(m, queries[:2], top_k=10)
     times = []
     for q in queries[:LATENCY_QUERIES]:
@@ -103,12 +101,12 @@ def main() -> None:
                 s = pipeline.evaluate(ds, config, out=tmp, progress=False, log=lambda _: None)
                 row = {"preset": preset, "dataset": ds.name, **{k: s["recall"][k] for k in ("R@1", "R@5", "R@10")},
                        "map_img_per_s": s["timing"]["map_images_per_s"], "batch_ms_per_query": s["timing"]["ms_per_query"]}
-                m = pipeline.open_map(Path(tmp) / "map")
+                m = pipeline.open_map(Path(tmp) / "map")  # once: latency and throughput share it
                 row["bytes_per_place"] = int(m.aggregator.dim * np.dtype(config.store_dtype).itemsize)
                 queries = [ds.queries_dir / k for k in ds.query_images]
-                row["query_latency_ms"] = latency(Path(tmp) / "map", queries)["median_ms"]
+                row["query_latency_ms"] = latency(m, queries)["median_ms"]
                 if spec == "corridor":
-                    rate = throughput(config, Path(tmp) / "map")
+                    rate = throughput(config, m)
                     row["extract_img_per_s_320x240"], row["extract_passes"] = rate["images_per_s"], rate["passes"]
                 row["peak_rss_mb"] = round(mem.peak_mb, 0)
             others = seed_spread(ds, config, args.seeds)

@@ -30,7 +30,7 @@ def register_preset(config: Config) -> Config:
 # block 10 (stride 16, 112-d), AnyLoc's hard VLAD with K = 32 from the map's own images, 320×240.
 register_preset(Config(
     name="effnet-vlad",
-    description="EfficientNet-Lite0 block 10 + hard VLAD K=32 (map vocabulary), 320×240; 3584-d, offline default",
+    description="EfficientNet-Lite0 block 10 + hard VLAD K=32 (map vocabulary), 320×240; 3584-d, AnyLoc's VLAD",
     backbone="efficientnet-lite0", backbone_options={"block": 10},
     image=ImageSpec((240, 320), "fixed"), aggregator="vlad", vocabulary=VocabularyConfig(k=32),
 ))
@@ -61,7 +61,7 @@ register_preset(Config(
 # Corridor R@1 0.955–0.964, Nordland-600 0.375–0.422 (effnet-vlad: 0.910–0.946, 0.162–0.235).
 register_preset(Config(
     name="effnet2-vlad-ma4",
-    description="EfficientNet-Lite2 block 14 + VLAD K=96, multiple assignment to 4 centres, 320×240; 11520-d, offline default",
+    description="EfficientNet-Lite2 block 14 + VLAD K=96, multiple assignment to 4 centres, 320×240; 11520-d",
     backbone="efficientnet-lite2", backbone_options={"block": 14},
     image=ImageSpec((240, 320), "fixed"), aggregator="vlad", aggregator_options={"assignments": 4},
     vocabulary=VocabularyConfig(k=96),
