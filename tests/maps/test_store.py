@@ -64,3 +64,25 @@ def test_faiss_index_scores_are_cosines(tmp_path):
     assert rows.tolist() == [[1, 0]] and np.allclose(scores, [[0.8, 0.6]])
     idx.save(tmp_path / "i.faiss")
     assert FaissIndex.load(tmp_path / "i.faiss").ntotal == 4
+
+
+def test_store_files_follow_the_umask_and_consolidation_cleans_orphans(tmp_path):
+    import os
+    import stat
+    import time
+
+    s = MapStore(tmp_path)
+    old = os.umask(0o022)
+    try:
+        s.write_shard(["a"], np.ones((1, 2)))
+        orphan = tmp_path / ".store.h5.abcdefgh.tmp"  # left by a build killed mid-consolidation
+        orphan.write_bytes(b"partial")
+        os.utime(orphan, (time.time() - 86400,) * 2)
+        s.consolidate()
+        FaissIndex.build(np.eye(2, dtype=np.float32)).save(tmp_path / "index.faiss")
+    finally:
+        os.umask(old)
+    assert not orphan.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.faiss", "pending", "store.h5"]
+    for name in ("store.h5", "index.faiss"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644

@@ -9,12 +9,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import tempfile
 import urllib.request
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from ..errors import WeightsNotFoundError
+from ..io import atomic_path, clean_orphans
 
 
 def vprkit_cache_dir() -> Path:
@@ -34,16 +34,11 @@ def offline() -> bool:
 
 
 def download(url: str, dest: Path, timeout: float = 30.0) -> Path:
-    """Download ``url`` to ``dest`` atomically (temporary file, then rename)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-            shutil.copyfileobj(resp, out)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Download ``url`` to ``dest`` atomically (temporary file, then rename); removes downloads that
+    a killed process left behind in the same folder."""
+    clean_orphans(dest.parent)
+    with atomic_path(dest) as tmp, open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+        shutil.copyfileobj(resp, out)
     return dest
 
 

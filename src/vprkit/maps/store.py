@@ -19,7 +19,7 @@ relative to the image folder), ``/poses`` N×2 metres (NaN when unknown) and
 from __future__ import annotations
 
 import os
-import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -27,6 +27,7 @@ import h5py
 import numpy as np
 
 from ..errors import MapError
+from ..io import atomic_path, clean_orphans
 
 STORE_FILE = "store.h5"
 PENDING_DIR = "pending"
@@ -37,25 +38,15 @@ DTYPES = {"float16": np.float16, "float32": np.float32}
 Extras = Mapping[str, Mapping[str, np.ndarray]]  # group → array name → array, for one image
 
 
+@contextmanager
 def _atomic_h5(path: Path):
-    """Context manager: an h5py File on a temporary name in ``path``'s folder, renamed on success."""
-
-    class _Ctx:
-        def __enter__(self):
-            fd, self.tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            os.close(fd)
-            self.f = h5py.File(self.tmp, "w")
-            return self.f
-
-        def __exit__(self, exc_type, exc, tb):
-            self.f.close()
-            if exc_type is None:
-                os.replace(self.tmp, path)
-            else:
-                os.unlink(self.tmp)
-            return False
-
-    return _Ctx()
+    """An h5py File on a temporary name in ``path``'s folder, closed and renamed over ``path`` on success."""
+    with atomic_path(path) as tmp:
+        f = h5py.File(tmp, "w")
+        try:
+            yield f
+        finally:
+            f.close()
 
 
 def _write_rows(f: h5py.File, keys: list[str], vectors: np.ndarray, poses: np.ndarray, dtype) -> None:
@@ -106,6 +97,8 @@ class MapStore:
         shards = self.shards()
         if not shards:
             return len(self)
+        for folder in (self.dir, self.pending):  # temporary files of killed builds
+            clean_orphans(folder)
         sources = ([self.path] if self.path.exists() else []) + shards
         seen: set[str] = set()
         with _atomic_h5(self.path) as out:

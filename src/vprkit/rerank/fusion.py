@@ -11,29 +11,19 @@ from typing import Sequence
 
 import numpy as np
 
-# Standard deviations below this are treated as "all candidates scored the same".
-FLAT_STD = 1e-9
+from ..numerics import zscore
 
-
-def znorm(scores: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
-    """Z-normalise along the last axis over ``valid`` entries (others → 0)."""
-    s = np.asarray(scores, np.float64)
-    v = np.ones_like(s, bool) if valid is None else np.asarray(valid, bool)
-    n = np.maximum(v.sum(-1, keepdims=True), 1)
-    mean = np.where(v, s, 0).sum(-1, keepdims=True) / n
-    var = np.where(v, (s - mean) ** 2, 0).sum(-1, keepdims=True) / n
-    std = np.sqrt(var)
-    z = np.where(std > FLAT_STD, (s - mean) / np.where(std > FLAT_STD, std, 1.0), 0.0)
-    return np.where(v, z, 0.0)
+# The former name of :func:`vprkit.numerics.zscore` (z-scores over ``valid`` entries, others → 0).
+znorm = zscore
 
 
 def fuse_scales(per_scale: Sequence[np.ndarray], weights: Sequence[float], valid: np.ndarray | None = None) -> np.ndarray:
     """``Σ_s w_s · z(score_s)`` — the original's multi-scale fusion."""
     if len(per_scale) != len(weights):
         raise ValueError(f"{len(per_scale)} scales but {len(weights)} weights")
-    return sum(w * znorm(s, valid) for s, w in zip(per_scale, weights))
+    return sum(w * zscore(s, valid) for s, w in zip(per_scale, weights))
 
 
 def fuse_with_global(patch: np.ndarray, global_scores: np.ndarray, global_weight: float, valid: np.ndarray | None = None) -> np.ndarray:
     """``(1 − g)·z(patch) + g·z(global)``; ``g = 0`` ranks by patches alone, as the original does."""
-    return (1.0 - global_weight) * znorm(patch, valid) + global_weight * znorm(global_scores, valid)
+    return (1.0 - global_weight) * zscore(patch, valid) + global_weight * zscore(global_scores, valid)

@@ -20,22 +20,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..aggregation.base import l2n
 from ..aggregation.netvlad import NetVLADLayer
 from ..aggregation.vlad import vlad_normalise
 from ..errors import ConfigError
+from ..numerics import PCA, RANDOMISED_PCA_MAX_FRACTION  # noqa: F401  (the fraction is re-exported)
 
 # Residual channels processed at once when building the integral map: bounds memory to
 # (h+1)·(w+1)·CLUSTER_CHUNK·D floats per image whatever K is.
 CLUSTER_CHUNK = 16
-# PCA of patch descriptors: when the wanted dimension is at most this fraction of the sample's
-# rank, the leading axes come from a randomised SVD (Halko, Martinsson & Tropp 2011) instead of a
-# full eigen-decomposition. For 10,000 samples of 11,520-d (K = 96 × 120-d Lite2) to 512-d that is
-# 8 s and 1 GB instead of 130 s and 4.6 GB; its error is far below what patch matching resolves.
-RANDOMISED_PCA_MAX_FRACTION = 0.25
-RANDOMISED_PCA_OVERSAMPLE = 16
-RANDOMISED_PCA_POWER_ITERATIONS = 4
-RANDOMISED_PCA_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -120,76 +112,6 @@ def direct_patch_vlad(cells: torch.Tensor, layer: NetVLADLayer, scale: PatchScal
     return torch.cat([layer(q.unsqueeze(0).float()) for q in patches])
 
 
-class PatchProjection:
-    """PCA or whitened PCA (WPCA) of patch descriptors, fitted on a sample; output re-normalised."""
-
-    def __init__(self, mean: np.ndarray, components: np.ndarray, scale: np.ndarray | None = None,
-                 bias: np.ndarray | None = None):
-        self.mean = np.asarray(mean, np.float32)
-        self.components = np.asarray(components, np.float32)  # out×in
-        self.scale = None if scale is None else np.asarray(scale, np.float32)
-        self.bias = None if bias is None else np.asarray(bias, np.float32)
-
-    @classmethod
-    def from_linear(cls, weight: np.ndarray, bias: np.ndarray | None = None) -> "PatchProjection":
-        """A trained projection ``y = W·x + b`` (e.g. Patch-NetVLAD's WPCA layer), then L2."""
-        w = np.asarray(weight, np.float32).reshape(np.shape(weight)[0], -1)
-        return cls(np.zeros(w.shape[1], np.float32), w, None, bias)
-
-    @property
-    def dim(self) -> int:
-        return int(self.components.shape[0])
-
-    @classmethod
-    def fit(cls, samples: np.ndarray, dim: int, whiten: bool = False, eps: float = 1e-6) -> "PatchProjection":
-        """Principal axes of ``samples`` (n×in); ``dim`` is capped at ``min(in, n − 1)``.
-
-        Small ``dim`` relative to the rank uses a randomised SVD (see ``RANDOMISED_PCA_*``), else an
-        exact eigen-decomposition of the smaller of the covariance and Gram matrices. Whitening
-        scales come from the variance of the projected samples, so they match the axes either way.
-        """
-        x = torch.from_numpy(np.asarray(samples, np.float32))
-        rank = int(min(x.shape[1], x.shape[0] - 1))
-        dim = int(min(dim, rank))
-        if dim < 1:
-            raise ConfigError(f"too few patch descriptors ({len(x)}) to fit a projection")
-        mean = x.mean(0)
-        xc = x - mean
-        if dim <= RANDOMISED_PCA_MAX_FRACTION * rank:
-            with torch.random.fork_rng():
-                torch.manual_seed(RANDOMISED_PCA_SEED)  # reproducible fits
-                _, _, v = torch.svd_lowrank(xc, q=min(rank, dim + RANDOMISED_PCA_OVERSAMPLE),
-                                            niter=RANDOMISED_PCA_POWER_ITERATIONS)
-            comps = v[:, :dim].T.contiguous()
-        elif x.shape[0] < x.shape[1]:  # n < in: eigen-decompose the n×n Gram matrix instead
-            evals, evecs = torch.linalg.eigh(xc @ xc.T)
-            order = evals.argsort(descending=True)[:dim]
-            comps = ((xc.T @ evecs[:, order]) / evals[order].clamp_min(eps).sqrt()).T
-        else:
-            evals, evecs = torch.linalg.eigh(xc.T @ xc)
-            comps = evecs[:, evals.argsort(descending=True)[:dim]].T
-        scale = None
-        if whiten:
-            variance = (xc @ comps.T).pow(2).sum(0) / max(1, len(x) - 1)
-            scale = (1.0 / (variance + eps).sqrt()).numpy()
-        return cls(mean.numpy(), comps.numpy(), scale)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = (x.float() - torch.from_numpy(self.mean)) @ torch.from_numpy(self.components).T
-        if self.scale is not None:
-            y = y * torch.from_numpy(self.scale)
-        if self.bias is not None:
-            y = y + torch.from_numpy(self.bias)
-        return l2n(y)
-
-    def state(self, prefix: str = "") -> dict[str, np.ndarray]:
-        st = {f"{prefix}mean": self.mean, f"{prefix}components": self.components}
-        if self.scale is not None:
-            st[f"{prefix}scale"] = self.scale
-        if self.bias is not None:
-            st[f"{prefix}bias"] = self.bias
-        return st
-
-    @classmethod
-    def from_state(cls, state, prefix: str = "") -> "PatchProjection":
-        return cls(state[f"{prefix}mean"], state[f"{prefix}components"], state.get(f"{prefix}scale"), state.get(f"{prefix}bias"))
+# PCA / WPCA of patch descriptors: the toolkit's one PCA (exact or randomised SVD, optional
+# whitening, L2 re-normalised; state stored as ``pca_*`` arrays in ``extensions/patches.npz``).
+PatchProjection = PCA

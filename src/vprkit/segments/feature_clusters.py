@@ -14,6 +14,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..errors import ConfigError
+from ..numerics import l2_normalise
 from .base import SEGMENTERS, Segmenter
 
 
@@ -36,7 +37,7 @@ class FeatureClusterSegmenter(Segmenter):
         f = np.asarray(features, dtype=np.float32)
         h, w, d = f.shape
         x = f.reshape(-1, d)
-        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        x = l2_normalise(x, axis=1)
         ys, xs = np.meshgrid(np.arange(h) / max(h - 1, 1), np.arange(w) / max(w - 1, 1), indexing="ij")
         pos = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.float32) * self.spatial
         z = np.ascontiguousarray(np.concatenate([x, pos], 1))

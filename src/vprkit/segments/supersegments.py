@@ -7,8 +7,9 @@
   descriptors of each SuperSegment, L2-normalised.
 - :class:`PCA` projects to ≤ 1024-d (fitted on ≤ 50,000 reference SuperSegments), optionally with
   *regularised* whitening: component ``i`` is scaled by ``1/sqrt(λᵢ + reg·mean(λ))``. ``reg = 0`` is
-  plain whitening, which collapsed Corridor R@1 to 0.19 when fitted on ~2,600 segments (see
-  REFERENCE.md); the default is no whitening. Outputs are re-normalised.
+  plain whitening, which hurts recall when fitted on few segments per dimension (see REFERENCE.md);
+  the default is no whitening. Outputs are re-normalised. It is :class:`vprkit.numerics.PCA` with
+  SegVLAD's signature and stored-state names.
 - :func:`select_distinctive` caps the SuperSegments stored per image.
 """
 
@@ -19,9 +20,9 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from ..aggregation.base import l2n
 from ..aggregation.vlad import assign, residual_sums, vlad_normalise
 from ..errors import ConfigError
+from ..numerics import NORM_FLOOR, PCA as _PCA, l2_normalise
 
 POOLINGS = ("vlad", "sap")
 SELECTIONS = ("distinct", "area")
@@ -30,8 +31,7 @@ SELECTIONS = ("distinct", "area")
 @contextmanager
 def single_thread():
     """Run small torch ops on one thread: per-image SuperSegment matrices are tiny, and two OpenMP
-    threads on a busy 2-core machine spend far longer synchronising than computing (measured 2 ms →
-    0.9 s per image under load)."""
+    threads on a busy 2-core machine spend far longer synchronising than computing."""
     n = torch.get_num_threads()
     if n != 1:
         torch.set_num_threads(1)
@@ -73,10 +73,10 @@ def supersegment_vlad_loop(features, membership, centres) -> np.ndarray:
 
 def supersegment_sap(features, membership) -> np.ndarray:
     """Segment-average pooling: L2-normalised mean of L2-normalised patch descriptors per SuperSegment."""
-    x = l2n(_t(features).float())
+    x = l2_normalise(_t(features).float())
     m = _t(membership).float()
     with single_thread():
-        return l2n(m @ x).numpy()
+        return l2_normalise(m @ x).numpy()
 
 
 def describe(features, membership, centres=None, pooling: str = "vlad") -> np.ndarray:
@@ -89,55 +89,29 @@ def describe(features, membership, centres=None, pooling: str = "vlad") -> np.nd
     raise ConfigError(f"SuperSegment pooling must be one of {POOLINGS}, got {pooling!r}")
 
 
-class PCA:
-    """PCA to ``dim`` components with optional regularised whitening; ``transform`` re-normalises."""
-
-    def __init__(self, mean: np.ndarray, components: np.ndarray, scales: np.ndarray):
-        self.mean = np.asarray(mean, np.float32)
-        self.components = np.asarray(components, np.float32)  # dim×D
-        self.scales = np.asarray(scales, np.float32)  # dim
-
-    @property
-    def dim(self) -> int:
-        return int(self.components.shape[0])
+class PCA(_PCA):
+    """SegVLAD's view of :class:`vprkit.numerics.PCA`: ``fit(x, dim, whiten, reg)`` with regularised
+    whitening, exact eigen-decomposition (as SegVLAD always fitted), single-threaded ``transform``, and
+    state stored as ``pca_mean`` / ``pca_components`` / ``pca_scales`` (``extensions/segments.npz``)."""
 
     @classmethod
     def fit(cls, x: np.ndarray, dim: int, whiten: bool = False, reg: float = 0.1) -> "PCA":
-        """Fit on ``x`` (n×D). Eigen-decomposition of the covariance (float32, torch) when n ≥ D, else an
-        SVD of the centred data; ``dim`` is capped at ``min(D, n − 1)``."""
-        x = torch.from_numpy(np.ascontiguousarray(x, np.float32))
-        if x.ndim != 2 or len(x) < 2:
-            raise ConfigError(f"PCA needs at least 2 samples, got {tuple(x.shape)}")
-        n, d = x.shape
-        dim = int(min(dim, d, n - 1))
-        mean = x.mean(0)
-        xc = x - mean
-        if d <= n:
-            evals, evecs = torch.linalg.eigh((xc.T @ xc) / (n - 1))
-            order = torch.argsort(evals, descending=True)[:dim]
-            lam, comp = evals[order].clamp_min(0), evecs[:, order].T
-        else:  # fewer samples than dimensions: SVD of the data
-            _, s, vt = torch.linalg.svd(xc, full_matrices=False)
-            lam, comp = (s[:dim] ** 2) / (n - 1), vt[:dim]
-        lam, comp = lam.double().numpy(), comp.numpy()
-        if whiten:
-            scales = 1.0 / np.sqrt(lam + reg * max(lam.mean(), 1e-12) + 1e-12)
-        else:
-            scales = np.ones(dim)
-        return cls(mean.numpy(), comp, scales)
+        """Fit on ``x`` (n×D); ``dim`` is capped at ``min(D, n − 1)``. Whitening scales component ``i``
+        by ``1/sqrt(λᵢ + reg·mean(λ))``."""
+        return super().fit(x, dim, whiten=whiten, whiten_reg=reg, eps=NORM_FLOOR, method="exact")
 
-    def transform(self, x: np.ndarray) -> np.ndarray:
-        xt = torch.from_numpy(np.ascontiguousarray(x, np.float32))
+    def transform(self, x, normalise: bool | None = None):
         with single_thread():
-            y = ((xt - torch.from_numpy(self.mean)) @ torch.from_numpy(self.components).T) * torch.from_numpy(self.scales)
-            return l2n(y).numpy()
+            return super().transform(x, normalise)
+
+    __call__ = transform
 
     def state(self, prefix: str = "pca_") -> dict[str, np.ndarray]:
         return {f"{prefix}mean": self.mean, f"{prefix}components": self.components, f"{prefix}scales": self.scales}
 
     @classmethod
     def from_state(cls, state, prefix: str = "pca_") -> "PCA":
-        return cls(state[f"{prefix}mean"], state[f"{prefix}components"], state[f"{prefix}scales"])
+        return super().from_state(state, prefix)
 
 
 def select_distinctive(descriptors: np.ndarray, areas: np.ndarray, cap: int, rule: str = "distinct") -> np.ndarray:
@@ -154,9 +128,7 @@ def select_distinctive(descriptors: np.ndarray, areas: np.ndarray, cap: int, rul
         key = -np.asarray(areas, np.float64)
     elif rule == "distinct":
         d = np.asarray(descriptors, np.float32)
-        mean = d.mean(0)
-        mean /= max(np.linalg.norm(mean), 1e-12)
-        key = d @ mean
+        key = d @ l2_normalise(d.mean(0))
     else:
         raise ConfigError(f"segment selection must be one of {SELECTIONS}, got {rule!r}")
     return np.sort(np.argsort(key, kind="stable")[:cap])

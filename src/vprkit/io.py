@@ -1,0 +1,144 @@
+"""Atomic file writes, written once.
+
+Every file vprkit writes (maps, indexes, vocabularies, reports, downloaded weights) goes to a
+temporary file in the destination's folder and is renamed over the destination only when complete,
+so an interrupted run never leaves a truncated file that a later run would read as valid.
+
+Temporary files are named ``.<name>.<8 random chars>.tmp``; whatever a killed process leaves behind
+is found and removed by :func:`clean_orphans`. Files get the permissions ``open()`` would give them
+(``0o666 & ~umask``), not the ``0o600`` of :func:`tempfile.mkstemp`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+TMP_SUFFIX = ".tmp"
+# Leftover temporary files older than this are orphans (an active writer keeps touching its file).
+ORPHAN_AGE_S = 3600.0
+# ``.<name>.<mkstemp's 8 random characters>[extra suffix].tmp``
+_ORPHAN_RE = re.compile(r"^\..+\.[a-z0-9_]{8}(\.[^/]*)?\.tmp$")
+_UMASK_LOCK = threading.Lock()
+log = logging.getLogger(__name__)
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux ``/proc``); elsewhere
+    set-and-restore under a lock (``os.umask`` has no read-only form)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = TMP_SUFFIX, *, fsync: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is renamed over ``path``, on any exception
+    it is removed (and the exception propagates). Creates the parent folder.
+
+    The temporary file exists (empty) when yielded; write to it by name (a writer may truncate or
+    re-create it). Its name is ``.<name>.XXXXXXXX<suffix>``: keep ``suffix`` ending in ``.tmp`` so
+    :func:`clean_orphans` finds leftovers. Writers that pick a format from the file extension
+    (``np.savez``, ``savefig``) need a file object or an explicit format, see :func:`atomic_savez`.
+    ``fsync``: flush the data to disk before the rename, so a crash cannot expose an empty file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        if fsync:
+            _fsync(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically. Returns the path."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically (no newline translation). Returns the path."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding=encoding, newline="") as fh:
+        fh.write(text)
+    return Path(path)
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any, *, indent: int | None = 2, ensure_ascii: bool = False,
+                      default=None) -> Path:
+    """``json.dumps(data)`` plus a final newline, written atomically as UTF-8. Returns the path."""
+    return atomic_write_text(path, json.dumps(data, indent=indent, ensure_ascii=ensure_ascii, default=default) + "\n")
+
+
+def atomic_savez(path: str | os.PathLike, **arrays) -> Path:
+    """``np.savez(path, **arrays)`` atomically, at exactly ``path`` (no ``.npz`` appended). Returns the path."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+    return Path(path)
+
+
+def is_orphan_name(name: str) -> bool:
+    """Whether ``name`` looks like a temporary file of :func:`atomic_path`."""
+    return bool(_ORPHAN_RE.match(name))
+
+
+def clean_orphans(folder: str | os.PathLike, older_than_s: float = ORPHAN_AGE_S) -> list[Path]:
+    """Remove temporary files of :func:`atomic_path` in ``folder`` (not recursive) last modified more than
+    ``older_than_s`` seconds ago: leftovers of killed writers. Returns the paths removed; a missing
+    folder or a file that vanishes meanwhile is not an error."""
+    folder = Path(folder)
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    now = time.time()
+    for e in entries:
+        if not is_orphan_name(e.name):
+            continue
+        try:
+            if not e.is_file(follow_symlinks=False) or now - e.stat(follow_symlinks=False).st_mtime < older_than_s:
+                continue
+            os.unlink(e.path)
+        except FileNotFoundError:
+            continue
+        removed.append(Path(e.path))
+        log.info("removed %s, left by an interrupted write", e.path)
+    return removed
