@@ -21,6 +21,19 @@ def test_all_presets_resolve_and_roundtrip():
         assert Config.from_dict(c.to_dict()) == c
 
 
+def test_every_family_is_declared_in_presets_py():
+    from pathlib import Path
+
+    import vprkit
+
+    names = {c.name for c in list_presets()}
+    assert {"segvlad-slic", "segvlad-grid", "segvlad-sam", "netvlad-vgg16", "effnet2-vlad-x3", "dinov2-cls-vitl14"} <= names
+    for old in ("presets_anyloc.py", "segments/presets.py"):  # folded into vprkit/presets.py
+        assert not (Path(vprkit.__file__).parent / old).exists()
+    seg = get_preset("segvlad-sam").extensions["segments"]
+    assert (seg["segmenter"], seg["order"], seg["pca_dim"]) == ("sam", 3, 1024)
+
+
 def test_anyloc_descriptor_sizes_are_documented():
     assert "12288-d = 49,152 B/image" in get_preset("anyloc-vits14").description
     assert "49152-d = 196,608 B/image" in get_preset("anyloc-vitg14").description

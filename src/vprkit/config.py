@@ -1,16 +1,41 @@
-"""The frozen configuration a preset resolves to; saved with every map and run so results can be reproduced."""
+"""The frozen configuration a preset resolves to; saved with every map and run so results can be reproduced.
+
+This module is pure data (standard library only): resolving a preset never imports torch, numpy,
+PIL or a stage package. :class:`Config` holds every setting of a run; its component options
+(``backbone_options``, ``aggregator_options``, …) are checked against the typed schemas of
+:mod:`vprkit.options` by :meth:`Config.validate`, which :func:`vprkit.presets.resolve` calls.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .errors import ConfigError
-from .images import ImageSpec
 
 STORE_DTYPES = ("float16", "float32")
+RESIZE_MODES = ("fixed", "keep_aspect", "resize_crop", "none")
+# Where the networks run: "auto" = CUDA, then Apple MPS, then the CPU; or an explicit device.
+DEVICE_AUTO = "auto"
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps"
+# Settings that change how a run uses the machine, not what a map holds: two maps whose settings
+# differ only in these are the same map (a build may resume with other values, e.g. a smaller
+# budget on a smaller machine or another device). ``rerank`` is a query-time setting: what a map
+# stores for re-ranking is its ``extensions["patches"]``. See :meth:`Config.map_settings`.
+RUNTIME_SETTINGS = ("memory_budget_mb", "device", "threads", "workers", "batch_size", "rerank")
+RUNTIME_VOCABULARY_SETTINGS = ("max_bytes",)
+# Re-ranking: spatial scorers, stored patch dtypes, and the defaults of Patch-NetVLAD's presets.
+RERANK_SCORERS = ("ransac", "rapid")
+RERANK_DTYPES = ("float16", "float32", "int8")
+DEFAULT_RERANK_SHORTLIST = 100
+# Weight of the global score in the final ranking; the patch evidence gets the rest.
+DEFAULT_RERANK_GLOBAL_WEIGHT = 0.5
 # AnyLoc's sampling rule for large maps: above this many images, sample a fraction of them and
 # every ``patch_step``-th patch in each direction.
 ANYLOC_LARGE_MAP_IMAGES = 2000
@@ -30,6 +55,157 @@ BUDGET_SHARE_DECODE_BUFFER = 0.25
 # Below this no useful vocabulary can be clustered (the pool share would hold only a few
 # thousand descriptors); the pipeline also checks the budget against one image's features.
 MIN_MEMORY_BUDGET_MB = 4
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """How images are resized before the backbone.
+
+    - ``fixed``: resize to exactly ``size`` = (height, width), ignoring aspect (VPR benchmarks do this).
+    - ``keep_aspect``: scale so the longer side equals ``max(size)``, keeping the aspect ratio.
+    - ``resize_crop``: resize to ``size`` then centre-crop to a multiple of the backbone's patch size
+      (AnyLoc: 480×640 → 476×630 for ViT/14).
+    - ``none``: keep the original size.
+    In every mode the result is centre-cropped down to a multiple of the backbone's ``size_multiple``;
+    the crop offset is recorded in :class:`vprkit.images.Geometry`.
+    """
+
+    size: tuple[int, int] | None = (240, 320)
+    resize: str = "fixed"
+
+    def __post_init__(self):
+        if self.resize not in RESIZE_MODES:
+            raise ConfigError(f"resize mode {self.resize!r} is not one of {RESIZE_MODES}")
+        if self.size is not None:
+            if (not isinstance(self.size, (tuple, list)) or len(self.size) != 2
+                    or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in self.size)):
+                raise ConfigError(f"image size must be (height, width) in pixels, got {self.size!r}")
+            object.__setattr__(self, "size", tuple(int(v) for v in self.size))
+        if self.resize != "none" and (self.size is None or min(self.size) <= 0):
+            raise ConfigError(f"resize mode {self.resize!r} needs a positive size, got {self.size}")
+
+    def to_dict(self) -> dict:
+        return {"size": list(self.size) if self.size else None, "resize": self.resize}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ImageSpec":
+        return cls(size=tuple(d["size"]) if d.get("size") else None, resize=d.get("resize", "fixed"))
+
+
+@dataclass(frozen=True)
+class RerankConfig:
+    """How a global shortlist is re-ranked with multi-scale patch matching (Patch-NetVLAD).
+
+    ``scales``: (patch size, stride) pairs in feature-map cells, one ``weights`` entry each (the
+    per-scale scores are z-normalised and summed with these weights); ``scorer``: ``ransac`` or
+    ``rapid`` spatial scoring; ``pca_dim``: patch descriptor dimension after PCA (0 = none; capped
+    at what the backbone gives), stored as ``dtype`` (float16, float32 or int8), optionally
+    ``whiten``-ed; ``shortlist``: how many global candidates are re-scored; ``global_weight``: the
+    share of the z-normalised global similarity in the final score (0 = the original's patch-only
+    ranking); ``backbone``: ``None`` = the map's backbone, or a local-feature backbone (``xfeat``,
+    ``disk``) with its ``backbone_options``. Named presets: :func:`vprkit.presets.get_rerank_config`.
+    """
+
+    name: str = "custom"
+    description: str = ""
+    scales: tuple[tuple[int, int], ...] = ((5, 1),)
+    weights: tuple[float, ...] = (1.0,)
+    scorer: str = "rapid"
+    pca_dim: int = 512
+    dtype: str = "float16"
+    whiten: bool = False
+    shortlist: int = DEFAULT_RERANK_SHORTLIST
+    global_weight: float = DEFAULT_RERANK_GLOBAL_WEIGHT
+    backbone: str | None = None
+    backbone_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        where = f"re-ranking preset {self.name!r}"
+        try:
+            scales = tuple((int(s[0]), int(s[1]) if len(s) > 1 else 1) for s in self.scales)
+            weights = tuple(float(w) for w in self.weights)
+        except (TypeError, ValueError, IndexError):
+            raise ConfigError(f"{where}: scales must be (patch size, stride) pairs and weights numbers; "
+                              f"got scales={self.scales!r}, weights={self.weights!r}") from None
+        object.__setattr__(self, "scales", scales)
+        object.__setattr__(self, "weights", weights)
+        if not scales:
+            raise ConfigError(f"{where}: re-ranking needs at least one patch scale")
+        if any(size < 1 or stride < 1 for size, stride in scales):
+            raise ConfigError(f"{where}: patch sizes and strides must be ≥ 1, got {[list(s) for s in scales]}")
+        if len(scales) != len(weights):
+            raise ConfigError(f"{where}: {len(scales)} patch scales but {len(weights)} weights "
+                              f"(one weight per scale: scales={[list(s) for s in scales]}, weights={list(weights)})")
+        if any(w < 0 for w in weights):
+            raise ConfigError(f"{where}: scale weights must be ≥ 0, got {list(weights)}")
+        if self.scorer not in RERANK_SCORERS:
+            raise ConfigError(f"{where}: unknown spatial scorer {self.scorer!r}"
+                              f"{_did_you_mean(self.scorer, RERANK_SCORERS)}; allowed: {', '.join(RERANK_SCORERS)}")
+        if self.dtype not in RERANK_DTYPES:
+            raise ConfigError(f"{where}: patch dtype {self.dtype!r} is not one of {', '.join(RERANK_DTYPES)}")
+        if not isinstance(self.pca_dim, int) or isinstance(self.pca_dim, bool) or self.pca_dim < 0:
+            raise ConfigError(f"{where}: pca_dim must be an integer ≥ 0 (0 = no PCA), got {self.pca_dim!r}")
+        if not isinstance(self.whiten, bool):
+            raise ConfigError(f"{where}: whiten must be true or false, got {self.whiten!r}")
+        if not isinstance(self.shortlist, int) or isinstance(self.shortlist, bool) or self.shortlist < 2:
+            raise ConfigError(f"{where}: a shortlist needs at least 2 candidates, got {self.shortlist!r}")
+        if not 0.0 <= float(self.global_weight) <= 1.0:
+            raise ConfigError(f"{where}: global_weight must be in [0, 1], got {self.global_weight!r}")
+        if self.backbone is not None:
+            from .options import validate_options
+
+            validate_options("backbone", self.backbone, self.backbone_options, where=f"{where}: patch backbone")
+        elif self.backbone_options:
+            raise ConfigError(f"{where}: backbone_options {dict(self.backbone_options)} need a patch backbone "
+                              "(backbone=None uses the map's own backbone and options)")
+
+    def extension_options(self) -> dict[str, Any]:
+        """What the map must store for these settings (the ``patches`` extension's options)."""
+        return {"scales": [list(s) for s in self.scales], "pca_dim": self.pca_dim, "whiten": self.whiten,
+                "dtype": self.dtype, "backbone": self.backbone, "backbone_options": dict(self.backbone_options)}
+
+    def replace(self, **changes: Any) -> "RerankConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["backbone_options"] = dict(self.backbone_options)
+        return json.loads(json.dumps(d, default=_jsonable))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "RerankConfig":
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown re-ranking keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+def _jsonable(value: Any) -> Any:
+    """Paths given as options (``weights=Path(...)``) serialise as strings."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"{type(value).__name__} {value!r} cannot be saved in a configuration (use plain JSON values)")
+
+
+def _did_you_mean(given: Any, allowed) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(str(given), [str(a) for a in allowed], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_device(device: Any) -> str:
+    """``device`` if it names a device vprkit can run on (syntax only: no torch import), else ConfigError."""
+    if not isinstance(device, str) or not DEVICE_PATTERN.fullmatch(device):
+        hint = " (did you mean 'cuda'?)" if str(device).lower() in ("gpu", "cuda0", "nvidia") else \
+            _did_you_mean(str(device).lower(), ('auto', 'cpu', 'cuda', 'mps'))
+        raise ConfigError(f"device {device!r} is not one of {DEVICE_CHOICES}{hint}")
+    return device
+
+
+VOCABULARY_CENTRE_KINDS = ("unit", "raw")
 
 
 @dataclass(frozen=True)
@@ -53,8 +229,14 @@ class VocabularyConfig:
     # Centre sets clustered from the sample (k-means seeds seed, seed+1, …) for multi-vocabulary
     # VLAD; a map builds at least as many as its ``vlad`` aggregator's ``vocabularies`` option asks.
     sets: int = 1
+    # "unit": spherical k-means centres (unit vectors); "raw": AnyLoc's centres, the plain mean of the
+    # normalised descriptors of each cluster (norm < 1). Assignment is by cosine either way; residuals
+    # are taken against the stored centres (see vprkit.aggregation.vlad).
+    centres: str = "unit"
 
     def __post_init__(self):
+        if self.centres not in VOCABULARY_CENTRE_KINDS:
+            raise ConfigError(f"vocabulary centres must be one of {VOCABULARY_CENTRE_KINDS}, got {self.centres!r}")
         if self.sets < 1:
             raise ConfigError(f"vocabulary sets must be ≥ 1, got {self.sets}")
         if self.k < 1:
@@ -92,7 +274,12 @@ class MemoryPlan:
 
 @dataclass(frozen=True)
 class Config:
-    """Every setting of a pipeline run. Build one from a preset with :func:`vprkit.presets.get_preset`."""
+    """Every setting of a pipeline run. Build one from a preset with :func:`vprkit.presets.resolve`.
+
+    ``rerank``: the re-ranking applied after retrieval (``None`` = none); ``device``: where the
+    networks run (``auto`` = CUDA, then Apple MPS, then CPU; ``cpu``, ``cuda``, ``cuda:N``, ``mps``).
+    Neither, nor ``memory_budget_mb``, changes what a map holds (:meth:`map_settings`).
+    """
 
     name: str = "custom"
     description: str = ""
@@ -113,8 +300,15 @@ class Config:
     threads: int = 2
     # One RAM setting for vocabulary and map builds (MB = MiB); see memory_plan() for the split.
     memory_budget_mb: int | None = None
+    # Re-ranking of the shortlist (None: the global ranking is final).
+    rerank: RerankConfig | None = None
+    # Where the networks run; not part of the map's content (see RUNTIME_SETTINGS).
+    device: str = DEVICE_AUTO
 
     def __post_init__(self):
+        check_device(self.device)
+        if self.rerank is not None and not isinstance(self.rerank, RerankConfig):
+            raise ConfigError(f"Config.rerank must be a RerankConfig (see vprkit.presets.get_rerank_config), got {self.rerank!r}")
         if self.store_dtype not in STORE_DTYPES:
             raise ConfigError(f"store_dtype must be one of {STORE_DTYPES}, got {self.store_dtype!r}")
         if self.batch_size < 1 or self.workers < 1 or self.threads < 1:
@@ -155,7 +349,7 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["image"] = self.image.to_dict()
-        return json.loads(json.dumps(d))  # plain JSON types (tuples → lists)
+        return json.loads(json.dumps(d, default=_jsonable))  # plain JSON types (tuples → lists, paths → str)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Config":
@@ -168,7 +362,32 @@ class Config:
             d["image"] = ImageSpec.from_dict(d["image"])
         if "vocabulary" in d:
             d["vocabulary"] = VocabularyConfig(**d["vocabulary"])
+        if d.get("rerank") is not None:
+            d["rerank"] = RerankConfig.from_dict(d["rerank"])
         return cls(**d)
+
+    def validate(self) -> "Config":
+        """Check every component option against its schema (:mod:`vprkit.options`) and their combinations.
+
+        Raises :class:`ConfigError` naming the component, the option, what was given and what is
+        allowed. Returns ``self`` so a call can be chained.
+        """
+        from .options import validate_config
+
+        validate_config(self)
+        return self
+
+    def map_settings(self) -> dict[str, Any]:
+        """:meth:`to_dict` without the runtime settings (:data:`RUNTIME_SETTINGS`): what makes two maps different.
+
+        Two builds with equal ``map_settings()`` produce the same map, so one may resume the other.
+        """
+        d = self.to_dict()
+        for key in RUNTIME_SETTINGS:
+            d.pop(key, None)
+        for key in RUNTIME_VOCABULARY_SETTINGS:
+            d.get("vocabulary", {}).pop(key, None)
+        return d
 
     def descriptor_identity(self) -> dict[str, Any]:
         """The image side of a descriptor's identity (the backbone adds its own)."""

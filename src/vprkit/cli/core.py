@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from .. import pipeline
-from ..presets import DEFAULT_PRESET, get_preset, list_presets, with_weights
+from ..config import check_device
+from ..presets import DEFAULT_PRESET, get_rerank_config, list_presets, list_rerank_configs, resolve
 
 # Shared by `map build`, `eval` and `vocab build`: the one RAM setting (Config.memory_budget_mb).
 memory_budget_option = click.option(
@@ -36,29 +37,18 @@ image_size_option = click.option(
     help="Resize images to WIDTHxHEIGHT instead of the preset's size (e.g. 224x112 for Nordland's 64×32 frames).")
 
 
-def _config(preset: str, float16: bool, extensions_from_rerank: str | None = None,
+# Shared by `map build`, `localize` and `eval`: where the networks run (Config.device).
+device_option = click.option(
+    "--device", default=None, metavar="DEVICE",
+    help="Run the networks on auto (CUDA, then MPS, then CPU; the default) | cpu | cuda | cuda:N | mps.")
+
+
+def _config(preset: str | None, float16: bool = False, extensions_from_rerank: str | None = None,
             vocab: str | None = None, weights: Path | None = None, memory_budget: int | None = None,
-            image_size: tuple[int, int] | None = None):
-    import dataclasses
-
-    from ..images import ImageSpec
-
-    config = get_preset(preset)
-    if image_size is not None:
-        config = config.replace(image=ImageSpec(image_size, config.image.resize))
-    if memory_budget is not None:
-        config = config.replace(memory_budget_mb=memory_budget)
-    if float16:
-        config = config.replace(store_dtype="float16")
-    if vocab:
-        config = config.replace(vocabulary=dataclasses.replace(config.vocabulary, source=vocab))
-    if weights:
-        config = with_weights(config, str(weights))
-    if extensions_from_rerank:
-        from ..rerank import map_extensions_for  # the re-ranking package says what it needs stored
-
-        config = config.replace(extensions={**config.extensions, **map_extensions_for(extensions_from_rerank, config)})
-    return config
+            image_size: tuple[int, int] | None = None, device: str | None = None):
+    """The command's flags → :func:`vprkit.presets.resolve` (the Python API's one assembly, validated)."""
+    return resolve(preset, float16=float16, rerank=extensions_from_rerank, vocabulary=vocab, weights=weights,
+                   memory_budget_mb=memory_budget, image_size=image_size, device=device)
 
 
 @click.group("map")
@@ -77,12 +67,13 @@ def map_group() -> None:
 @click.option("--weights", type=click.Path(path_type=Path), default=None, help="Backbone checkpoint (e.g. DINOv2 .pth).")
 @memory_budget_option
 @image_size_option
+@device_option
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def map_build(images_dir: Path, out: Path, poses: Path | None, preset: str, float16: bool, rerank: str | None,
               vocab: str | None, weights: Path | None, memory_budget: int | None, image_size: tuple[int, int] | None,
-              quiet: bool) -> None:
+              device: str | None, quiet: bool) -> None:
     """Extract, aggregate and store descriptors of every image in IMAGES_DIR (resumable)."""
-    config = _config(preset, float16, rerank, vocab, weights, memory_budget, image_size)
+    config = _config(preset, float16, rerank, vocab, weights, memory_budget, image_size, device)
     info = pipeline.build_map(images_dir, out, config, poses=poses, progress=not quiet)
     c = info["counts"]
     click.echo(f"map {out}: {c['images']} images, {info['descriptor_dim']}-d descriptors ({info['config']['name']}), "
@@ -112,9 +103,14 @@ def map_info(map_dir: Path, as_json: bool) -> None:
 @click.option("--top-k", default=10, show_default=True, type=click.IntRange(1))
 @click.option("--rerank", default=None, help="Re-rank the shortlist: performance | speed | storage.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (one object per query).")
-def localize(map_dir: Path, queries: tuple[Path, ...], top_k: int, rerank: str | None, as_json: bool) -> None:
+@device_option
+def localize(map_dir: Path, queries: tuple[Path, ...], top_k: int, rerank: str | None, as_json: bool,
+             device: str | None) -> None:
     """Top-K places of MAP_DIR for each QUERY image."""
-    results = pipeline.localize(map_dir, list(queries), top_k=top_k, rerank=rerank)
+    if rerank is not None:
+        get_rerank_config(rerank)  # an unknown name fails before the map is opened
+    extra = {} if device is None else {"device": check_device(device)}
+    results = pipeline.localize(map_dir, list(queries), top_k=top_k, rerank=rerank, **extra)
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in results], indent=2))
         return
@@ -141,11 +137,12 @@ def localize(map_dir: Path, queries: tuple[Path, ...], top_k: int, rerank: str |
 @click.option("--weights", type=click.Path(path_type=Path), default=None, help="Backbone checkpoint (e.g. DINOv2 .pth).")
 @memory_budget_option
 @image_size_option
+@device_option
 @click.option("--quiet", is_flag=True)
 def evaluate(dataset: str, preset: str, rerank: str | None, out: Path | None, data_root: Path | None,
              queries_sub: str | None, database_sub: str | None, no_positive: str, float16: bool,
              vocab: str | None, weights: Path | None, memory_budget: int | None, image_size: tuple[int, int] | None,
-             quiet: bool) -> None:
+             device: str | None, quiet: bool) -> None:
     """Build a map of DATASET's database, localise its queries and print Recall@1/5/10/20."""
     import os
 
@@ -153,7 +150,7 @@ def evaluate(dataset: str, preset: str, rerank: str | None, out: Path | None, da
 
     if data_root is not None:
         os.environ["VPRKIT_DATA"] = str(data_root)
-    config = _config(preset, float16, rerank, vocab, weights, memory_budget, image_size)  # validate before touching data
+    config = _config(preset, float16, rerank, vocab, weights, memory_budget, image_size, device)  # validate before touching data
     options = {k: v for k, v in {"queries": queries_sub, "database": database_sub}.items() if v}
     ds = load_dataset(dataset, **options)
     summary = pipeline.evaluate(ds, config, out=out, rerank=rerank,
@@ -172,15 +169,27 @@ def evaluate(dataset: str, preset: str, rerank: str | None, out: Path | None, da
 
 
 @click.command("presets")
-def presets() -> None:
+@click.option("--options", "show_options", is_flag=True, help="Also list every component's typed options.")
+@click.option("--environment", "show_environment", is_flag=True, help="Also list the VPRKIT_* (and cache) variables read.")
+def presets(show_options: bool, show_environment: bool) -> None:
     """List the named presets (global, then re-ranking presets for --rerank)."""
-    from ..rerank import RERANK_PRESETS
-
     for c in list_presets():
         click.echo(f"{c.name:<24} {c.description}" + ("  [default]" if c.name == DEFAULT_PRESET else ""))
     click.echo("\nre-ranking presets (--rerank NAME):")
-    for name, s in RERANK_PRESETS.items():
-        click.echo(f"{name:<24} {s.description}")
+    for s in list_rerank_configs():
+        click.echo(f"{s.name:<24} {s.description}")
+    if show_options:
+        from ..options import describe
+
+        click.echo("\ncomponent options (backbone_options, aggregator_options, …):")
+        for line in describe():
+            click.echo(line)
+    if show_environment:
+        from ..environment import describe as describe_environment
+
+        click.echo("\nenvironment variables:")
+        for line in describe_environment():
+            click.echo(line)
 
 
 def register(group: click.Group) -> None:

