@@ -1,17 +1,14 @@
-"""Aggregation: dense features → one global descriptor per image (GeM, mean, CLS, VLAD, NetVLAD …)."""
+"""Aggregation: dense features → one global descriptor per image (GeM, mean, CLS, VLAD, NetVLAD).
+
+Every aggregator is a ``torch.nn.Module`` with the contract documented in :mod:`.base`.
+"""
 
 from __future__ import annotations
 
-import importlib
+from .base import AGGREGATORS, NORM_FLOOR, Aggregator, l2n
+from .gem import GeM, GlobalToken, Mean, gem_pool
+from .netvlad import NetVLAD, NetVLADLayer
+from .vlad import CENTRE_KINDS, VLAD, DescriptorSampler, Vocabulary, fit_vocabulary, hard_vlad
 
-from .base import AGGREGATORS, Aggregator, l2n
-from .vlad import VLAD, DescriptorSampler, Vocabulary, fit_vocabulary, hard_vlad
-
-for _mod in ("gem", "vlad", "netvlad", "mixvpr", "pca"):
-    try:
-        importlib.import_module(f"{__name__}.{_mod}")
-    except ModuleNotFoundError as _exc:  # a module not written yet
-        if _exc.name != f"{__name__}.{_mod}":
-            raise
-
-__all__ = ["AGGREGATORS", "Aggregator", "l2n", "VLAD", "Vocabulary", "fit_vocabulary", "hard_vlad", "DescriptorSampler"]
+__all__ = ["AGGREGATORS", "NORM_FLOOR", "Aggregator", "l2n", "GeM", "Mean", "GlobalToken", "gem_pool", "NetVLAD",
+           "NetVLADLayer", "VLAD", "CENTRE_KINDS", "Vocabulary", "fit_vocabulary", "hard_vlad", "DescriptorSampler"]

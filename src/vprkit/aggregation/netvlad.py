@@ -13,6 +13,7 @@ of its weight on its nearest centre. (The paper's other variant, ``w_k = 2α·c_
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from .vlad import Vocabulary, vlad_normalise
 # α is chosen so that the nearest centre gets this share of the weight against the runner-up.
 NEAREST_SHARE = 0.99
 ALPHA_VARIANTS = ("released", "v2")
+MIN_MARGIN = 1e-6  # floor under the assignment margin, so α stays finite
 
 
 def assignment_margin(descriptors: np.ndarray | torch.Tensor, centres: np.ndarray | torch.Tensor, chunk: int = 65536) -> float:
@@ -49,7 +51,7 @@ def assignment_margin(descriptors: np.ndarray | torch.Tensor, centres: np.ndarra
 
 def alpha_from_margin(margin: float) -> float:
     """``α = −log(1 − share) / margin`` (``−log(0.01)/margin`` for the 99 % share of the original)."""
-    return -math.log(1.0 - NEAREST_SHARE) / max(margin, 1e-6)
+    return -math.log(1.0 - NEAREST_SHARE) / max(margin, MIN_MARGIN)
 
 
 class NetVLADLayer(nn.Module):
@@ -114,24 +116,32 @@ class NetVLADLayer(nn.Module):
 
 
 class NetVLAD(Aggregator):
-    """NetVLAD as a global aggregator for any backbone's dense map (``dim = K × D``).
+    """NetVLAD as a global aggregator for any backbone's dense map (``dim = K × D``): a Module around :class:`NetVLADLayer`.
 
     Built from the map's vocabulary (α from ``alpha`` or the vocabulary's recorded
     ``assignment_margin``), or from a trained checkpoint with ``checkpoint=PATH`` (a NetVLAD /
     Patch-NetVLAD VGG16 checkpoint; its own centres replace the vocabulary's, and its WPCA layer,
     if it has one, projects the descriptor as in Patch-NetVLAD's global retrieval unless
-    ``wpca=False``).
+    ``wpca=False``), or unfitted with ``k=K`` and then :meth:`fit` on a descriptor sample (k-means
+    centres and α) or ``load_state_dict``. Parameters are frozen unless ``trainable=True``.
     """
 
     name = "netvlad"
     needs_vocabulary = True
+    learns_from_sample = True
 
     def __init__(self, backbone_dim: int, vocabulary: Vocabulary | None = None, alpha: float | None = None,
-                 variant: str = "released", checkpoint: str | None = None, wpca: bool = True, chunk: int = 16):
+                 variant: str = "released", checkpoint: str | None = None, wpca: bool = True, chunk: int = 16,
+                 k: int | None = None, trainable: bool = False):
         super().__init__(backbone_dim)
         self.chunk = chunk
         self.checkpoint = checkpoint
+        self.variant = variant
+        self.trainable = bool(trainable)
         self.wpca: nn.Linear | None = None
+        self.vocabulary: Vocabulary | None = None
+        self.alpha: float | None = None if alpha is None else float(alpha)
+        self._fitted = True
         if checkpoint is not None:
             from ..backbones.vgg16 import read_netvlad_checkpoint
 
@@ -146,12 +156,21 @@ class NetVLAD(Aggregator):
                     self.wpca.weight.copy_(ck.wpca_weight)
                     if ck.wpca_bias is not None:
                         self.wpca.bias.copy_(ck.wpca_bias)
-            self.vocabulary = None
-            return
-        if vocabulary is None:
-            raise ConfigError("the netvlad aggregator needs a vocabulary (or checkpoint=PATH of a trained NetVLAD)")
-        if vocabulary.dim != backbone_dim:
-            raise VocabularyMismatchError(f"vocabulary has {vocabulary.dim}-d centres but the backbone gives {backbone_dim}-d")
+        elif vocabulary is not None:
+            self._init_from_vocabulary(vocabulary, self.alpha)
+        elif k is not None:
+            if variant not in ALPHA_VARIANTS:
+                raise ConfigError(f"unknown NetVLAD initialisation {variant!r}; choose one of {ALPHA_VARIANTS}")
+            self.layer = NetVLADLayer(int(k), backbone_dim, bias=variant == "v2")
+            self._fitted = False
+        else:
+            raise ConfigError("the netvlad aggregator needs a vocabulary (or checkpoint=PATH of a trained NetVLAD, "
+                              "or k=K to fit one with .fit(descriptors))")
+        self.requires_grad_(self.trainable)
+
+    def _init_from_vocabulary(self, vocabulary: Vocabulary, alpha: float | None) -> None:
+        if vocabulary.dim != self.backbone_dim:
+            raise VocabularyMismatchError(f"vocabulary has {vocabulary.dim}-d centres but the backbone gives {self.backbone_dim}-d")
         if alpha is None:
             margin = vocabulary.metadata.get("assignment_margin")
             if margin is None:
@@ -161,18 +180,45 @@ class NetVLAD(Aggregator):
             alpha = alpha_from_margin(float(margin))
         self.alpha = float(alpha)
         self.vocabulary = vocabulary
-        self.layer = NetVLADLayer.from_centres(vocabulary.centres, self.alpha, variant).eval()
+        self.layer = NetVLADLayer.from_centres(vocabulary.centres, self.alpha, self.variant).eval()
+        self._fitted = True
+
+    def fit(self, descriptors: np.ndarray | torch.Tensor, seed: int = 0, metadata: dict[str, Any] | None = None,
+            **_: Any) -> None:
+        """k-means centres (K = the layer's clusters) and α from the sample's assignment margin (unless ``alpha`` was given)."""
+        if self.checkpoint is not None:
+            raise ConfigError("this netvlad aggregator was loaded from a trained checkpoint; fitting would discard it")
+        from .vlad import fit_vocabulary
+
+        device = self.layer.centroids.device
+        voc = fit_vocabulary(descriptors, self.layer.num_clusters, metadata, seed=seed)
+        self._init_from_vocabulary(voc, self.alpha)
+        self.layer.to(device)
+        self.requires_grad_(self.trainable)
+
+    @property
+    def is_fitted(self) -> bool:
+        return self._fitted
+
+    def get_extra_state(self) -> str:
+        return json.dumps({"alpha": self.alpha, "fitted": self._fitted}, sort_keys=True)
+
+    def set_extra_state(self, state: str) -> None:
+        d = json.loads(state)
+        self.alpha = d.get("alpha")
+        self._fitted = bool(d.get("fitted", True))
 
     @classmethod
     def wants_vocabulary(cls, options: dict[str, Any]) -> bool:
-        return not options.get("checkpoint")
+        return not options.get("checkpoint") and options.get("k") is None
 
     @property
     def dim(self) -> int:
         return self.wpca.out_features if self.wpca is not None else self.layer.num_clusters * self.layer.dim
 
-    @torch.no_grad()
-    def __call__(self, features: DenseFeatures) -> torch.Tensor:
+    def forward(self, features: DenseFeatures) -> torch.Tensor:
+        if not self._fitted:
+            raise ConfigError("this netvlad aggregator is not fitted: call .fit(descriptors) or load_state_dict(...)")
         flat = features.flat().float()
         out = torch.cat([self.layer(flat[i : i + self.chunk]) for i in range(0, len(flat), self.chunk)])
         return out if self.wpca is None else l2n(self.wpca(out))
