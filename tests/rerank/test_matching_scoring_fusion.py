@@ -54,8 +54,9 @@ def test_rapid_scoring_ranks_a_consistent_shift_above_random_matches():
     random = Matches(qi, rng.integers(0, 80, 64), np.ones(64))
     s_shift, s_rand = rapid_spatial_score(q, d, shifted), rapid_spatial_score(q, d, random)
     assert s_shift.value > s_rand.value
-    # consistent displacements have r = 0: score = m·(x_max² + y_max²)/n_q
-    assert s_shift.value == pytest.approx(64 * (10**2 + 8**2) / 80)
+    # consistent displacements have r = 0: score = m·(x_max² + y_max²)/n_q, with x_max = cols − 1 = 9
+    # and y_max = rows − 1 = 7 (the largest patch indices, as the reference; not the grid size)
+    assert s_shift.value == pytest.approx(64 * (9**2 + 7**2) / 80)
     assert s_shift.inliers.all()
     assert rapid_spatial_score(q, d, Matches(np.zeros(0, int), np.zeros(0, int), np.zeros(0))).value == 0.0
 

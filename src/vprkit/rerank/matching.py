@@ -1,7 +1,15 @@
 """Mutual nearest neighbours between a query's patches and each candidate's, batched.
 
-Descriptors are L2-normalised, so the nearest neighbour is the highest dot product. Candidates
-with the same number of patches are matched in one batched matrix product (``C×n_q×n_d``).
+Descriptors are L2-normalised, so the nearest neighbour is the highest dot product. Each
+candidate is matched with one matrix product (``n_q×n_d``).
+
+Same pairs as the reference (Patch-NetVLAD ``patchnetvlad/tools/patch_matcher.py``, ``torch_nn``
+and the ``mutuals`` test in ``PatchMatcher``): it takes the smallest ``sqrt(2 − 2·q·d)``, which on
+unit vectors is the largest dot product, and keeps a pair when each side is the other's nearest.
+Only the listing order differs: the reference lists the pairs by candidate patch index, here they
+come by query patch index. Where the order matters (RANSAC draws its samples from the list),
+:func:`vprkit.rerank.scoring.ransac_score` re-sorts them into the reference's candidate order.
+Exact ties in similarity (duplicate descriptors) may be broken differently.
 """
 
 from __future__ import annotations

@@ -3,10 +3,21 @@
 The table for one query: ``images`` (Qs×K′ map-image rows of the retrieved segments, −1 = none)
 and ``sims`` (Qs×K′ similarities, higher is better), one row per query SuperSegment.
 
-- :func:`weighted`: SegVLAD's rule — similarities min–max normalised over the whole table, then an
-  image's score is the sum of the normalised similarities of its retrieved segments.
+- :func:`weighted`: SegVLAD's rule — similarities min–max normalised over the whole table of *this
+  query*, then an image's score is the sum of the normalised similarities of its retrieved segments.
 - :func:`max_seg`: MaxSeg — number of query segments whose top-1 neighbour is in the image.
 - :func:`max_sim`: MaxSim — the best single raw similarity of any of the image's segments.
+
+Deliberate difference from the reference code (Revisit-Anything, ``func_vpr.py``, ``get_matches``
+with ``method="max_seg_topk_wt_borda_Im"``, called from ``place_rec_main.py``'s ``recall_segloc``
+with ``sims = 2 − (top-50 squared L2 distances)``): there ``sims_min = np.min(sims)`` and
+``sims_max = np.max(sims)`` are taken over the similarity table of *all* query segments of *all*
+queries at once. Here the minimum and maximum are those of the one query's table. Because an image's
+score sums normalised similarities, ``Σ(s − min)/(max − min)``, images with different numbers of
+retrieved segments change order when ``min`` changes; so with the reference's rule one query's
+ranking depends on which other queries are evaluated with it (scored alone or in another batch, the
+same query can rank its candidates differently). Normalising per query keeps each query's ranking a function of that query only; it is the
+intended behaviour, not an approximation to be fixed.
 """
 
 from __future__ import annotations
