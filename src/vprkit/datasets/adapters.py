@@ -16,7 +16,18 @@ Layouts (highest priority first):
 4. ``sequences`` — sub-folders holding identically named frames (Nordland); GT by file name with
    ``tolerance`` files either side.
 
-Named protocols: ``nordland*`` defaults to queries ``winter``, database ``summer``, ±1 file.
+Standard benchmark formats (Pittsburgh/Tokyo ``.mat``, MSLS, Baidu Mall, AnyLoc's sets, VP-Air,
+AmsterTime, RobotCar-style CSVs, VPR-datasets-downloader splits) live in :mod:`.formats`, one module
+per format, and register themselves here; :func:`describe_adapters` lists every layout with what it
+expects on disk and its default ground truth. Radius-based layouts take ``positive_dist_threshold``
+(metres; ``radius`` is the older name). Every loaded :class:`Dataset` records its ground-truth rule
+machine-readably in ``ground_truth_rule`` (``{"kind": "radius", "meters": 25.0}``, ``{"kind":
+"frames", "tolerance": 1, "match": "name"}``, ``{"kind": "list", "file": …}``, ``{"kind": "none"}`` …).
+
+Named protocols (:data:`NAMED_PROTOCOLS`, matched on the folder's or its parent's name):
+``nordland*`` defaults to queries ``winter``, database ``summer``, ±10 original frames (±1 file
+for every-10th-frame names like nordland-64x32, ±10 at full rate); ``gardens*`` to
+``night_right`` vs ``day_right``; ``17places`` to ±15 frames.
 A ``:P`` suffix (``nordland-64x32:600``) or ``places=P`` keeps every :data:`PLACES_STEP`-th file
 and the first ``P`` of those, with exact-frame ground truth unless ``tolerance`` is given — the
 "600 places (every 4th file, exact-frame match only)" baseline of the shared data README. Note it
@@ -25,7 +36,9 @@ covers the first 2,400 files (~67 %) of the ride, not the whole ride.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -36,7 +49,9 @@ from ..errors import ConfigError, DatasetError
 from ..images import list_images
 from ..registry import Registry
 from .ground_truth import DEFAULT_FRAME_TOLERANCE, DEFAULT_RADIUS_M, GroundTruth
-from .poses import poses_from_filenames, read_poses
+from .poses import match_poses, poses_from_filenames, read_poses
+
+log = logging.getLogger(__name__)
 
 DATA_ROOT_ENV = "VPRKIT_DATA"
 DEFAULT_DATA_ROOT = "./datasets"
@@ -49,9 +64,39 @@ PLACES_STEP = 4
 PLACES_TOLERANCE = 0
 # A folder counts as synchronised sequences when two sub-folders share at least this share of names.
 MIN_SHARED_NAME_FRACTION = 0.5
-# Named protocols: dataset-name prefix → default options.
-NAMED_PROTOCOLS: dict[str, dict[str, Any]] = {
-    "nordland": {"queries": "winter", "database": "summer", "tolerance": DEFAULT_FRAME_TOLERANCE},
+# Named protocols: dataset-name prefix → (layout they apply to, default options, where the defaults come from).
+# A "queries"/"database" default also matches a folder that merely contains the word
+# (nordland_winter_images, winter_images_test …) when exactly one does.
+# Nordland's tolerance is ±10 original frames (Patch-NetVLAD); in files that depends on the
+# frame step of the names (±1 file for every-10th-frame data such as nordland-64x32, ±10 at full rate).
+NORDLAND_TOLERANCE_FRAMES = 10
+_LAST_NUMBER = re.compile(r"(\d+)(?!.*\d)")
+
+
+def _nordland_tolerance(path: Path, opts: dict[str, Any]) -> int:
+    """±10 original frames expressed in files, from the frame numbers in the database names."""
+    folder = path / str(opts.get("database", ""))
+    names = list_images(folder) if opts.get("database") and folder.is_dir() else []
+    nums = sorted({int(m.group(1)) for n in names if (m := _LAST_NUMBER.search(n.rsplit("/", 1)[-1]))})
+    if len(nums) < 2:
+        return DEFAULT_FRAME_TOLERANCE
+    step = float(np.median(np.diff(nums)))
+    return max(1, int(round(NORDLAND_TOLERANCE_FRAMES / step))) if step > 0 else DEFAULT_FRAME_TOLERANCE
+
+
+NAMED_PROTOCOLS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "nordland": (
+        "sequences",
+        {"queries": "winter", "database": "summer", "tolerance": _nordland_tolerance},
+        "Nordland winter vs summer, ±10 original frames (Patch-NetVLAD; ±1 file of every-10th-frame data)",
+    ),
+    "gardens": (
+        "sequences",
+        {"queries": "night_right", "database": "day_right"},
+        "Gardens Point night_right vs day_right (AnyLoc custom_datasets/gardens.py)",
+    ),
+    "17places": ("vpr-bench", {"tolerance": 15}, "17 Places ±15 frames (VPR-Bench protocol)"),
+    "17-places": ("vpr-bench", {"tolerance": 15}, "17 Places ±15 frames (VPR-Bench protocol)"),
 }
 # Options every load understands (adapters add their own).
 COMMON_OPTIONS = ("adapter", "every", "limit", "places", "name")
@@ -72,6 +117,13 @@ class Dataset:
     description: str = ""
     layout: str = ""
     options: dict[str, Any] = field(default_factory=dict)
+    # How positives were decided, machine-readable (for reports), e.g. {"kind": "radius", "meters": 25.0};
+    # {"kind": "none"} for unlabelled sets. Filled from the ground truth by load_dataset if an adapter
+    # does not set a richer one (e.g. with the protocol's source).
+    ground_truth_rule: dict[str, Any] = field(default_factory=dict)
+    # Per-image extras a format ships (MSLS night/panorama flags, timestamps …): name → array per side.
+    query_metadata: dict[str, Any] = field(default_factory=dict)
+    database_metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
     def labelled(self) -> bool:
@@ -104,6 +156,9 @@ class Dataset:
             ground_truth=gt,
             database_poses=self.database_poses[di] if self.database_poses is not None else None,
             query_poses=self.query_poses[qi] if self.query_poses is not None else None,
+            query_metadata={k: _take(v, qi) for k, v in self.query_metadata.items()},
+            database_metadata={k: _take(v, di) for k, v in self.database_metadata.items()},
+            ground_truth_rule=dict(self.ground_truth_rule),
             description=(self.description + f"; subset every {every}" + (f", first {limit}" if limit else "")).lstrip("; "),
             options=dict(self.options),
         )
@@ -123,9 +178,32 @@ class Dataset:
                 f"  ground truth: {s['source']}; {s['mean_positives']:.1f} positives per query on average, "
                 f"{s['n_no_positive']} queries without positive"
             )
+        if self.ground_truth_rule:
+            lines.append(f"  ground-truth rule: {format_rule(self.ground_truth_rule)}")
         if self.description:
             lines.append(f"  {self.description}")
         return "\n".join(lines)
+
+
+def _take(values: Any, idx: np.ndarray) -> np.ndarray:
+    return np.asarray(values)[idx]
+
+
+def format_rule(rule: dict[str, Any]) -> str:
+    """A ground-truth rule as one short phrase: ``radius 25 m (source: …)``."""
+    kind = rule.get("kind", "?")
+    if kind == "radius":
+        text = f"radius {rule['meters']:g} m"
+        if "max_heading_diff_deg" in rule:
+            text += f" and heading ≤ {rule['max_heading_diff_deg']:g}°"
+    elif kind == "frames":
+        text = f"{'same file name' if rule.get('match') == 'name' else 'frame number'} ±{rule['tolerance']}"
+    elif kind == "list":
+        text = f"list {rule.get('file', '')}".strip()
+    else:
+        text = kind
+    extra = {k: v for k, v in rule.items() if k not in ("kind", "meters", "max_heading_diff_deg", "tolerance", "match", "file")}
+    return text + (f" ({', '.join(f'{k}: {v}' for k, v in extra.items())})" if extra else "")
 
 
 # --- adapters ------------------------------------------------------------------------------------
@@ -144,18 +222,38 @@ class DatasetAdapter:
     load: Callable[..., Dataset]
     options: tuple[str, ...] = ()
     summary: str = ""
+    ground_truth: str = ""  # the default ground-truth rule, for describe_adapters()
 
 
 DATASET_ADAPTERS: Registry[DatasetAdapter] = Registry("dataset layout")
 
 
-def _adapter(name: str, priority: int, options: tuple[str, ...], summary: str):
+def register_adapter(name: str, priority: int, options: tuple[str, ...], summary: str, ground_truth: str = ""):
+    """Decorator for a function returning ``(detect, load)``: registers the layout under ``name``."""
+
     def wrap(cls_detect_load):
         detect, load = cls_detect_load()
-        DATASET_ADAPTERS.register(name, DatasetAdapter(name, priority, detect, load, options, summary))
+        DATASET_ADAPTERS.register(name, DatasetAdapter(name, priority, detect, load, options, summary, ground_truth))
         return cls_detect_load
 
     return wrap
+
+
+_adapter = register_adapter
+
+
+def radius_option(positive_dist_threshold: float | None, radius: float | None, default: float = DEFAULT_RADIUS_M) -> float:
+    """The positive radius in metres: ``positive_dist_threshold`` (or its older name ``radius``), else ``default``."""
+    if positive_dist_threshold is not None and radius is not None and float(positive_dist_threshold) != float(radius):
+        raise ConfigError(f"positive_dist_threshold={positive_dist_threshold} and radius={radius} disagree; give one")
+    value = positive_dist_threshold if positive_dist_threshold is not None else radius
+    value = default if value is None else float(value)
+    if not value > 0:
+        raise ConfigError(f"positive_dist_threshold must be > 0 metres, got {value}")
+    return value
+
+
+RADIUS_OPTIONS = ("positive_dist_threshold", "radius")
 
 
 def ordered_adapters() -> list[DatasetAdapter]:
@@ -177,31 +275,51 @@ def _unpickled_npy_error(path: Path) -> DatasetError:
         f"{path.parent} has only {VPR_BENCH_PICKLE}, VPR-Bench's pickled ground truth, which vprkit does not "
         f"load (unpickling can run arbitrary code). Convert it once, in an environment you trust, to "
         f"{GROUND_TRUTH_CSV} with header query,positives (positives space-separated, e.g. "
-        f"'query/0000.jpg,ref/0000.jpg ref/0001.jpg')"
+        f"'query/0000.jpg,ref/0000.jpg ref/0001.jpg'), or, if query i matches reference i, pass "
+        f"tolerance=N (i ± N frames)"
     )
 
 
-@_adapter("vpr-bench", 10, (), "ref/ + query/ + ground_truth.csv (VPR-Bench / Corridor)")
+@_adapter(
+    "vpr-bench", 10, ("tolerance",),
+    "ref/ + query/ + ground_truth.csv (VPR-Bench: Corridor, SPED, 17 Places, Gardens Point, St Lucia …); "
+    "with only the pickled ground_truth_new.npy, tolerance=N pairs the i-th query with the i-th reference ±N",
+    "the CSV list; else frame index ±tolerance (17places: ±15 by default)",
+)
 def _vpr_bench():
     def detect(path: Path) -> bool:
         return (path / "ref").is_dir() and (path / "query").is_dir()
 
-    def load(path: Path) -> Dataset:
+    def load(path: Path, tolerance: int | None = None) -> Dataset:
         db = _images(path / "ref", "database")
         q = _images(path / "query", "query")
         csv_path = path / GROUND_TRUTH_CSV
+        description = ""
         if csv_path.is_file():
             gt = GroundTruth.from_list(csv_path, q, db, query_prefix="query", db_prefix="ref")
+        elif tolerance is not None:
+            # VPR-Bench's image sets are index-aligned (i-th query ↔ i-th reference): the ±N frame
+            # protocol can be rebuilt without unpickling ground_truth_new.npy.
+            if len(q) != len(db):
+                raise DatasetError(
+                    f"{path}: tolerance needs index-aligned ref/ and query/ (same count); found {len(db)} "
+                    f"reference and {len(q)} query images. Provide {GROUND_TRUTH_CSV} instead"
+                )
+            tolerance = int(tolerance)
+            gt = GroundTruth.from_frames(np.arange(len(q)), np.arange(len(db)), tolerance=tolerance)
+            gt.rule["match"] = "index"
+            description = f"query i ↔ reference i ±{tolerance} (index-aligned)"
         elif (path / VPR_BENCH_PICKLE).is_file():
             raise _unpickled_npy_error(path / VPR_BENCH_PICKLE)
         else:
             gt = None
-        return Dataset(path.name, path / "ref", db, path / "query", q, gt, layout="vpr-bench")
+        return Dataset(path.name, path / "ref", db, path / "query", q, gt, description=description, layout="vpr-bench")
 
     return detect, load
 
 
-@_adapter("explicit", 20, ("radius",), "database/ + queries/ + ground_truth.csv or poses.csv")
+@_adapter("explicit", 20, RADIUS_OPTIONS, "database/ + queries/ + ground_truth.csv or poses.csv",
+          "the CSV list, else radius 25 m from poses.csv")
 def _explicit():
     def detect(path: Path) -> bool:
         return (
@@ -210,63 +328,104 @@ def _explicit():
             and ((path / GROUND_TRUTH_CSV).is_file() or (path / POSES_CSV).is_file())
         )
 
-    def load(path: Path, radius: float = DEFAULT_RADIUS_M) -> Dataset:
+    def load(path: Path, positive_dist_threshold: float | None = None, radius: float | None = None) -> Dataset:
+        radius = radius_option(positive_dist_threshold, radius)
         db = _images(path / "database", "database")
         q = _images(path / "queries", "query")
         db_xy = q_xy = None
+        description = ""
         if (path / POSES_CSV).is_file():
-            poses = read_poses(path / POSES_CSV)
-            db_xy = poses.lookup([f"database/{k}" for k in db])
-            q_xy = poses.lookup([f"queries/{k}" for k in q])
-            for role, keys, xy in (("database", db, db_xy), ("queries", q, q_xy)):
-                missing = [f"{role}/{keys[i]}" for i in np.flatnonzero(np.isnan(xy[:, 0]))]
-                if missing:
-                    shown = ", ".join(missing[:5]) + (f" … ({len(missing)} in total)" if len(missing) > 5 else "")
-                    raise DatasetError(
-                        f"{path / POSES_CSV}: no pose for {shown}; every image needs a row "
-                        f"(image paths relative to {path}, e.g. database/<name>)"
-                    )
+            # Rows are named relative to the dataset folder: database/<key>, queries/<key>.
+            names = [f"database/{k}" for k in db] + [f"queries/{k}" for k in q]
+            matched, report = match_poses(read_poses(path / POSES_CSV), names, log_warnings=False)
+            if report.n_images_without_pose:
+                missing = report.images_without_pose
+                total = report.n_images_without_pose
+                shown = ", ".join(missing) + (f" … ({total} in total)" if total > len(missing) else "")
+                raise DatasetError(
+                    f"{path / POSES_CSV}: no pose for {shown}; every image needs a row "
+                    f"(image paths relative to {path}, e.g. database/<name>)"
+                    + (f". {report.hint}" if report.hint else "")
+                )
+            if report.n_unmatched_poses:
+                log.warning("%s", report.message())
+                description = f"{report.n_unmatched_poses} pose row(s) match no image"
+            xy = matched.lookup(names)
+            db_xy, q_xy = xy[: len(db)], xy[len(db):]
         if (path / GROUND_TRUTH_CSV).is_file():
             gt = GroundTruth.from_list(path / GROUND_TRUTH_CSV, q, db, query_prefix="queries", db_prefix="database")
         else:
             gt = GroundTruth.from_radius(q_xy, db_xy, radius)
-        return Dataset(path.name, path / "database", db, path / "queries", q, gt, db_xy, q_xy, layout="explicit")
+        return Dataset(
+            path.name, path / "database", db, path / "queries", q, gt, db_xy, q_xy,
+            description=description, layout="explicit",
+        )
 
     return detect, load
 
 
-@_adapter("utm-filenames", 30, ("radius",), "database/ + queries/ with @east@north@…@.jpg names (or none: unlabelled)")
+@_adapter("utm-filenames", 30, RADIUS_OPTIONS,
+          "database/ + queries/ with @east@north@…@.jpg names (VPR-methods-evaluation; or none: unlabelled)",
+          "radius 25 m")
 def _utm_filenames():
     def detect(path: Path) -> bool:
         return (path / "database").is_dir() and (path / "queries").is_dir()
 
-    def load(path: Path, radius: float = DEFAULT_RADIUS_M) -> Dataset:
-        db = _images(path / "database", "database")
-        q = _images(path / "queries", "query")
-        db_xy, q_xy = poses_from_filenames(db), poses_from_filenames(q)
-        have = np.concatenate([np.isfinite(db_xy[:, 0]), np.isfinite(q_xy[:, 0])])
-        if not have.any():
-            return Dataset(
-                path.name, path / "database", db, path / "queries", q, None,
-                description="file names carry no coordinates: unlabelled", layout="utm-filenames",
-            )
-        if not have.all():
-            names = [k for k, ok in zip(db + q, have) if not ok]
-            raise DatasetError(
-                f"{path}: {len(names)} image(s) lack @east@north@ coordinates in their names (e.g. {names[0]!r}) "
-                f"while others have them; rename them or add {POSES_CSV}"
-            )
-        gt = GroundTruth.from_radius(q_xy, db_xy, radius)
-        return Dataset(path.name, path / "database", db, path / "queries", q, gt, db_xy, q_xy, layout="utm-filenames")
+    def load(path: Path, positive_dist_threshold: float | None = None, radius: float | None = None) -> Dataset:
+        radius = radius_option(positive_dist_threshold, radius)
+        return load_utm_folders(path, path / "database", path / "queries", radius, "utm-filenames")
 
     return detect, load
+
+
+def load_utm_folders(path: Path, db_dir: Path, q_dir: Path, radius: float, layout: str) -> Dataset:
+    """Database and query folders whose file names carry ``@east@north@`` (VPR-methods-evaluation)."""
+    db = _images(db_dir, "database")
+    q = _images(q_dir, "query")
+    db_xy, q_xy = poses_from_filenames(db), poses_from_filenames(q)
+    have = np.concatenate([np.isfinite(db_xy[:, 0]), np.isfinite(q_xy[:, 0])])
+    if not have.any():
+        return Dataset(
+            path.name, db_dir, db, q_dir, q, None,
+            description="file names carry no coordinates: unlabelled", layout=layout,
+        )
+    if not have.all():
+        names = [k for k, ok in zip(db + q, have) if not ok]
+        raise DatasetError(
+            f"{path}: {len(names)} image(s) lack @east@north@ coordinates in their names (e.g. {names[0]!r}) "
+            f"while others have them; rename them or add {POSES_CSV}"
+        )
+    gt = GroundTruth.from_radius(q_xy, db_xy, radius)
+    return Dataset(path.name, db_dir, db, q_dir, q, gt, db_xy, q_xy, layout=layout)
+
+
+def read_frame_list(list_path: str | os.PathLike) -> set[str]:
+    """Frame names (without folders) of a list file: one image path per line, ``#`` comments allowed."""
+    path = Path(list_path)
+    if not path.is_file():
+        raise DatasetError(f"frame list {path} does not exist")
+    names = set()
+    for line in path.read_text(encoding="utf-8-sig").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            names.add(line.replace("\\", "/").rsplit("/", 1)[-1])
+    if not names:
+        raise DatasetError(f"frame list {path} is empty; expected one image path per line")
+    return names
 
 
 def _sequence_folders(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-@_adapter("sequences", 40, ("queries", "database", "tolerance"), "sub-folders of identically named frames (Nordland)")
+@_adapter(
+    "sequences", 40, ("queries", "database", "tolerance", "frame_list"),
+    "sub-folders of identically named frames (Nordland full or a partition: spring/summer/fall/winter, "
+    "sections as sub-folders; Gardens Point day_left/day_right/night_right); frame_list=FILE keeps the "
+    "frames named in FILE (e.g. Patch-NetVLAD's nordland_imageNames_index.txt: the test section)",
+    "same file name ±tolerance files (nordland*: winter vs summer, ±10 original frames; gardens*: night_right vs "
+    "day_right, ±1 file)",
+)
 def _sequences():
     def detect(path: Path) -> bool:
         folders = _sequence_folders(path)
@@ -281,6 +440,7 @@ def _sequences():
         queries: str | None = None,
         database: str | None = None,
         tolerance: int = DEFAULT_FRAME_TOLERANCE,
+        frame_list: str | os.PathLike | None = None,
     ) -> Dataset:
         names = [f.name for f in _sequence_folders(path)]
         if queries is None or database is None:
@@ -301,14 +461,22 @@ def _sequences():
                 raise DatasetError(f"{path} has no sequence {sub!r} for {role}; available: {', '.join(names)}")
         if queries == database:
             raise ConfigError(f"queries and database are the same sequence {queries!r}")
+        tolerance = int(tolerance)
         db = _images(path / database, "database")
         q = _images(path / queries, "query")
+        description = f"queries {queries}, database {database}, same file name ±{tolerance} file(s)"
+        if frame_list is not None:
+            keep = read_frame_list(frame_list)
+            db = [k for k in db if k.rsplit("/", 1)[-1] in keep]
+            q = [k for k in q if k.rsplit("/", 1)[-1] in keep]
+            if not db or not q:
+                raise DatasetError(
+                    f"{frame_list}: none of its {len(keep)} frame names is in {path / database} or {path / queries} "
+                    f"(names are compared without folders, e.g. images-00202.png)"
+                )
+            description += f"; {len(q)} frames listed in {Path(frame_list).name}"
         gt = GroundTruth.from_frames(q, db, tolerance=tolerance)
-        return Dataset(
-            path.name, path / database, db, path / queries, q, gt,
-            description=f"queries {queries}, database {database}, same file name ±{tolerance} file(s)",
-            layout="sequences",
-        )
+        return Dataset(path.name, path / database, db, path / queries, q, gt, description=description, layout="sequences")
 
     return detect, load
 
@@ -383,13 +551,22 @@ def load_dataset(spec: str | os.PathLike, **options: Any) -> Dataset:
             f"option(s) {', '.join(unknown)} not understood by the {adapter.name} layout; "
             f"it accepts {', '.join(COMMON_OPTIONS + adapter.options)}"
         )
-    for prefix, defaults in NAMED_PROTOCOLS.items():
-        if name.lower().startswith(prefix) and adapter.name == "sequences":
-            folders = {f.name for f in _sequence_folders(path)}
+    protocol_source = ""
+    # The folder's name, or its parent's (nordland/test/ of a partitioned download), selects a protocol.
+    protocol_names = [name.lower(), path.resolve().parent.name.lower()]
+    for prefix, (layout, defaults, source) in NAMED_PROTOCOLS.items():
+        if any(n.startswith(prefix) for n in protocol_names) and adapter.name == layout:
+            folders = [f.name for f in _sequence_folders(path)]
             for key, value in defaults.items():
-                if key in ("queries", "database") and value not in folders:
-                    continue
-                opts.setdefault(key, value)
+                if key in ("queries", "database"):
+                    value = _match_folder(value, folders)
+                    if value is None:
+                        continue
+                if key not in opts and callable(value):
+                    value = value(path, opts)
+                if key not in opts:
+                    opts[key] = value
+                    protocol_source = source
     if places is not None:
         if places < 1:
             raise ConfigError(f"places must be ≥ 1, got {places}")
@@ -406,18 +583,41 @@ def load_dataset(spec: str | os.PathLike, **options: Any) -> Dataset:
             )
     dataset.name = display
     dataset.layout = adapter.name
+    if not dataset.ground_truth_rule:
+        gt = dataset.ground_truth
+        dataset.ground_truth_rule = (
+            {"kind": "none"} if gt is None else dict(gt.rule or {"kind": "custom", "description": gt.source})
+        )
+    if protocol_source and dataset.ground_truth is not None:
+        dataset.ground_truth_rule.setdefault("protocol", protocol_source)
     dataset.options = {**opts, **({"every": every} if every else {}), **({"limit": limit} if limit else {})}
     return dataset
 
 
+def _match_folder(wanted: str, folders: list[str]) -> str | None:
+    """``wanted`` if it is a folder, else the one folder whose name contains it (case-insensitive)."""
+    if wanted in folders:
+        return wanted
+    hits = [f for f in folders if wanted.lower() in f.lower()]
+    return hits[0] if len(hits) == 1 else None
+
+
 def describe_adapters() -> str:
-    """The supported layouts, in detection order (for error messages and ``--help``)."""
-    return "\n".join(
-        f"  {a.name}: {a.summary}" + (f" [options: {', '.join(a.options)}]" if a.options else "")
-        for a in ordered_adapters()
-    )
+    """Every supported format, in detection order: what it expects on disk, its options and default ground truth."""
+    lines = []
+    for a in ordered_adapters():
+        lines.append(f"  {a.name}: {a.summary}")
+        if a.ground_truth:
+            lines.append(f"      ground truth: {a.ground_truth}")
+        if a.options:
+            lines.append(f"      options: {', '.join(a.options)}")
+    return "\n".join(lines)
 
 
 def describe(dataset: Dataset | None = None) -> str:
     """``dataset.describe()`` for a dataset, else the list of supported layouts."""
     return dataset.describe() if dataset is not None else "dataset layouts (detection order):\n" + describe_adapters()
+
+
+# The standard benchmark formats register themselves on import (kept last: they use this module).
+from . import formats  # noqa: E402,F401

@@ -8,12 +8,28 @@ are stored per query as sorted database indices (a ragged list), the compact for
 What to do with queries that have no positive at all is *not* decided here: it is the
 ``no_positive`` policy of :func:`vprkit.evaluation.metrics.recall_at_n`, because published
 protocols differ (counted as failures vs skipped).
+
+Ground-truth list grammar (:meth:`GroundTruth.from_list`, :func:`read_ground_truth_csv`; anything
+else is one :class:`DatasetError` naming the file and line):
+
+- UTF-8 text (a BOM is allowed); blank lines are skipped. The header is exactly ``query,positives``
+  (case-insensitive; trailing empty header fields are tolerated). The separator between the two
+  header words — ``,``, ``;`` or tab — is the column separator of the whole file.
+- Each row: the first field is the query image; **every further field, split at whitespace, ``,``
+  and ``;``, is a positive database image**. So Corridor's ``q.jpg,r0.jpg r1.jpg``, the
+  spreadsheet export ``q.jpg,r0.jpg,r1.jpg``, ``q.jpg,"r0.jpg;r1.jpg"`` and ``q.jpg;r0.jpg;r1.jpg``
+  (with a ``query;positives`` header) all give the positives ``r0.jpg, r1.jpg``. A row with only a
+  query (or an empty positives field) gives that query no positive.
+- Image names therefore may not contain whitespace, ``,`` or ``;``; a query field that does
+  (e.g. a row separated by ``;`` in a ``,`` file) is an error, not a guess. ``\\`` is read as
+  ``/`` and a leading ``./`` is dropped. Each query appears at most once; every name must match an
+  image (optionally with its folder prefix).
 """
 
 from __future__ import annotations
 
-import csv
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -22,7 +38,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from ..errors import DatasetError
-from .poses import latlon_to_utm
+from .poses import SEPARATOR_NAMES, latlon_to_utm, normalise_image_name, read_csv_table
 
 # Evaluation threshold for street-level datasets (Pittsburgh, Tokyo 24/7, SF-XL, MSLS, St Lucia).
 DEFAULT_RADIUS_M = 25.0
@@ -30,6 +46,15 @@ DEFAULT_RADIUS_M = 25.0
 DEFAULT_FRAME_TOLERANCE = 1
 # How many offending names an error message lists before "…".
 MAX_NAMES_IN_ERROR = 5
+
+GROUND_TRUTH_COLUMNS = ("query", "positives")
+GROUND_TRUTH_EXPECTED = (
+    "query,positives (one row per query; positives separated by spaces, ',' or ';', e.g. "
+    "'query/0000.jpg,ref/0000.jpg ref/0001.jpg')"
+)
+# Inside the positives, names are split at whitespace, ',' and ';' (any mix).
+_NAME_SEPARATORS = re.compile(r"[\s,;]+")
+_SEPARATOR_WORDS = SEPARATOR_NAMES
 
 _EMPTY = np.zeros(0, dtype=np.int64)
 
@@ -57,12 +82,16 @@ class GroundTruth:
     - ``soft_positives``: optional wider set (e.g. ≤ 25 m when positives are ≤ 10 m) that training
       must never use as negatives; evaluation ignores it.
     - ``source``: human-readable description of how it was made (goes into reports).
+    - ``rule``: the same, machine-readable, e.g. ``{"kind": "radius", "meters": 25.0}``,
+      ``{"kind": "frames", "tolerance": 1, "match": "name"}``, ``{"kind": "list", "file": …}`` or
+      ``{"kind": "matrix"}`` (set by the constructors; kept by :meth:`subset`).
     """
 
     positives: list[np.ndarray]
     n_database: int
     soft_positives: list[np.ndarray] | None = None
     source: str = ""
+    rule: dict | None = None
     _csr: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -130,7 +159,8 @@ class GroundTruth:
             return out
 
         soft = restrict(self.soft_positives) if self.soft_positives is not None else None
-        return GroundTruth(restrict(self.positives), int(d.size), soft, source=self.source)
+        return GroundTruth(restrict(self.positives), int(d.size), soft, source=self.source,
+                           rule=dict(self.rule) if self.rule is not None else None)
 
     def summary(self) -> dict:
         """Counts for reports."""
@@ -141,6 +171,7 @@ class GroundTruth:
             "n_no_positive": int((n_pos == 0).sum()),
             "mean_positives": float(n_pos.mean()) if n_pos.size else 0.0,
             "source": self.source,
+            "rule": dict(self.rule) if self.rule is not None else None,
         }
 
     # --- constructors --------------------------------------------------------------------------
@@ -153,7 +184,8 @@ class GroundTruth:
         rows, cols = np.nonzero(m.astype(bool))  # row-major, so cols are sorted within each row
         indptr = np.zeros(m.shape[0] + 1, dtype=np.int64)
         np.cumsum(np.bincount(rows, minlength=m.shape[0]), out=indptr[1:])
-        return cls(_split_csr(indptr, cols.astype(np.int64)), int(m.shape[1]), source=source)
+        return cls(_split_csr(indptr, cols.astype(np.int64)), int(m.shape[1]), source=source,
+                   rule={"kind": "matrix"})
 
     @classmethod
     def from_radius(
@@ -200,9 +232,13 @@ class GroundTruth:
             # NaN heading differences compare False, so images without heading never match.
             positives = [p[_angle_diff_deg(dh[p], qh[i]) <= max_heading_diff] for i, p in enumerate(positives)]
             source += f", heading ≤ {max_heading_diff:g}°"
+        rule: dict = {"kind": "radius", "meters": float(radius)}
+        if max_heading_diff is not None:
+            rule["max_heading_diff_deg"] = float(max_heading_diff)
         if soft_radius is not None:
             source += f" (soft {soft_radius:g} m)"
-        return cls(positives, len(dxy), soft, source=source)
+            rule["soft_meters"] = float(soft_radius)
+        return cls(positives, len(dxy), soft, source=source, rule=rule)
 
     @classmethod
     def from_radius_latlon(
@@ -248,7 +284,8 @@ class GroundTruth:
             np.cumsum(counts, out=indptr[1:])
             # Flat positions lo[q] … hi[q]-1 for every query, without a Python loop.
             flat = np.arange(indptr[-1]) - np.repeat(indptr[:-1] - lo, counts)
-            return cls(_split_csr(indptr, order[flat]), int(d.size), source=f"frame number ±{tolerance}")
+            return cls(_split_csr(indptr, order[flat]), int(d.size), source=f"frame number ±{tolerance}",
+                       rule={"kind": "frames", "tolerance": int(tolerance), "match": "number"})
         q_names = [str(x) for x in q.tolist()]
         d_names = [str(x) for x in d.tolist()]
         order = np.argsort(np.asarray(d_names, dtype=object), kind="stable") if d_names else _EMPTY
@@ -261,7 +298,8 @@ class GroundTruth:
         cand = pos[:, None] + offsets[None, :]
         valid = (pos[:, None] >= 0) & (cand >= 0) & (cand < len(d_names))
         positives = [np.sort(order[c[v]]) for c, v in zip(cand, valid)]
-        return cls(positives, len(d_names), source=f"same file name ±{tolerance} file(s)")
+        return cls(positives, len(d_names), source=f"same file name ±{tolerance} file(s)",
+                   rule={"kind": "frames", "tolerance": int(tolerance), "match": "name"})
 
     @classmethod
     def from_list(
@@ -272,55 +310,34 @@ class GroundTruth:
         query_prefix: str = "",
         db_prefix: str = "",
     ) -> "GroundTruth":
-        """Read a ``query,positives`` CSV; positives are space-separated database paths.
+        """Read a ``query,positives`` CSV (grammar in the module docstring) against image keys.
 
         Names may be the keys themselves or the keys prefixed with their folder (``query/0001.jpg``
         with ``query_prefix="query"``), as in Corridor's file. Queries absent from the file get no
         positive; names that match no image raise :class:`DatasetError` (a typo must not silently
         become a wrong ground truth).
         """
+        rows = read_ground_truth_csv(csv_path)
         path = Path(csv_path)
-        if not path.is_file():
-            raise DatasetError(f"ground-truth file {path} not found; expected a CSV with header query,positives")
         q_index = _key_index(query_keys, query_prefix)
         d_index = _key_index(db_keys, db_prefix)
-        try:
-            with path.open(newline="", encoding="utf-8-sig") as fh:
-                rows = list(csv.reader(fh))
-        except (OSError, UnicodeDecodeError, csv.Error) as exc:
-            raise DatasetError(f"{path}: cannot read as a UTF-8 CSV ({exc})") from None
-        if not rows:
-            raise DatasetError(f"{path} is empty; expected a header query,positives")
-        header = [h.strip().lower() for h in rows[0]]
-        missing = [c for c in ("query", "positives") if c not in header]
-        if missing:
-            raise DatasetError(
-                f"{path}: missing column(s) {', '.join(missing)}; the header has {', '.join(rows[0])}. "
-                f"Expected query,positives with positives space-separated"
-            )
-        qcol, pcol = header.index("query"), header.index("positives")
         positives: list[np.ndarray] = [_EMPTY] * len(query_keys)
         seen: dict[int, int] = {}
         unknown_q: list[str] = []
         unknown_d: list[str] = []
-        for line, row in enumerate(rows[1:], start=2):
-            if not any(c.strip() for c in row):
-                continue
-            if len(row) <= max(qcol, pcol):
-                raise DatasetError(f"{path}, line {line}: {len(row)} field(s), expected query,positives")
-            qname = row[qcol].strip().replace("\\", "/")
-            qi = q_index.get(qname)
+        for row in rows:
+            qi = q_index.get(row.query)
             if qi is None:
-                unknown_q.append(f"{qname} (line {line})")
+                unknown_q.append(f"{row.query} (line {row.line})")
                 continue
             if qi in seen:
-                raise DatasetError(f"{path}, line {line}: query {qname!r} already listed on line {seen[qi]}")
-            seen[qi] = line
+                raise DatasetError(f"{path}, line {row.line}: query {row.query!r} already listed on line {seen[qi]}")
+            seen[qi] = row.line
             idx = []
-            for name in row[pcol].replace("\\", "/").split():
+            for name in row.positives:
                 di = d_index.get(name)
                 if di is None:
-                    unknown_d.append(f"{name} (line {line})")
+                    unknown_d.append(f"{name} (line {row.line})")
                 else:
                     idx.append(di)
             positives[qi] = np.asarray(idx, dtype=np.int64)
@@ -333,7 +350,60 @@ class GroundTruth:
                 example = f"{db_prefix}/{db_keys[0]}" if db_prefix and db_keys else (db_keys[0] if db_keys else "")
                 parts.append(f"unknown database image(s) {_names_for_error(unknown_d)} (names look like {example!r})")
             raise DatasetError(f"{path}: " + "; ".join(parts) + ". Fix the names or the image folders")
-        return cls(positives, len(db_keys), source=f"list {path.name}")
+        return cls(positives, len(db_keys), source=f"list {path.name}", rule={"kind": "list", "file": path.name})
+
+
+@dataclass(frozen=True)
+class GroundTruthRow:
+    """One data row of a ground-truth list: the query name and its positive names, as written."""
+
+    line: int
+    query: str
+    positives: tuple[str, ...]
+
+
+def read_ground_truth_csv(csv_path: str | os.PathLike) -> list[GroundTruthRow]:
+    """Parse a ``query,positives`` file (grammar in the module docstring) without resolving names.
+
+    Names are normalised as pose names are (``\\`` → ``/``, no leading ``./``). Raises one
+    :class:`DatasetError` naming the file and line for anything outside the grammar.
+    """
+    table = read_csv_table(csv_path, "ground-truth file", GROUND_TRUTH_EXPECTED)
+    path, header, sep = table.path, table.header, table.delimiter
+    lowered = [h.lower() for h in header]
+    while len(lowered) > 2 and lowered[-1] == "":
+        lowered.pop()
+    missing = [c for c in GROUND_TRUTH_COLUMNS if c not in lowered]
+    if missing:
+        raise DatasetError(
+            f"{path}: missing column(s) {', '.join(missing)}; the header has {', '.join(header)}. "
+            f"Expected {GROUND_TRUTH_EXPECTED}"
+        )
+    if lowered != list(GROUND_TRUTH_COLUMNS):
+        raise DatasetError(
+            f"{path}, line 1: the header is {', '.join(header)}; a ground-truth list has exactly the columns "
+            f"query,positives in that order. Expected {GROUND_TRUTH_EXPECTED}"
+        )
+    out: list[GroundTruthRow] = []
+    for line, row in table.rows:
+        query = normalise_image_name(row[0])
+        if not query:
+            raise DatasetError(f"{path}, line {line}: empty query name; expected {GROUND_TRUTH_EXPECTED}")
+        if _NAME_SEPARATORS.search(query):
+            others = [s for s in ",;\t" if s != sep and s in row[0]]
+            why = (
+                f"contains {', '.join(_SEPARATOR_WORDS[s] for s in others)} but the header separates columns with "
+                f"{_SEPARATOR_WORDS[sep]} (mixed separators?)" if others else "contains whitespace"
+            )
+            raise DatasetError(
+                f"{path}, line {line}: the query field {row[0].strip()!r} {why}; image names may not contain "
+                f"whitespace, ',' or ';'. Expected {GROUND_TRUTH_EXPECTED}"
+            )
+        names: list[str] = []
+        for fld in row[1:]:
+            names.extend(normalise_image_name(t) for t in _NAME_SEPARATORS.split(fld))
+        out.append(GroundTruthRow(line, query, tuple(n for n in names if n)))
+    return out
 
 
 def _key_index(keys: Sequence[str], prefix: str) -> dict[str, int]:

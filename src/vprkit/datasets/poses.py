@@ -8,20 +8,48 @@ The lat/lon → UTM conversion is Krüger's series for the transverse Mercator p
 order in the third flattening (Karney 2011, "Transverse Mercator with an accuracy of a few
 nanometers"), in plain numpy. It is accurate to well under a millimetre within a UTM zone, so
 pyproj is not needed and results do not depend on whether it happens to be installed.
+
+Pose CSV grammar (:func:`read_poses`; anything else is one :class:`DatasetError` naming the file
+and line):
+
+- UTF-8 text (a BOM is allowed), one header line, then one row per image; blank lines are skipped.
+- Separator: ``,``, ``;`` or tab — whichever the header uses; every line must use the same one
+  (a header with two kinds, or with none, is refused). Fields may be quoted with ``"``.
+- Columns (header names are case-insensitive, in any order; :data:`COLUMN_ALIASES` lists the
+  accepted spellings): ``image`` (required) plus either ``easting,northing`` (metres, any metric
+  frame) or ``lat,lon`` (WGS84 degrees, projected into the UTM zone of the first row); optional
+  ``heading`` (degrees) and ``timestamp`` (seconds). When both pairs are present the metric one is
+  used. Other columns are ignored (logged at INFO). A column given twice (e.g. ``x`` and
+  ``easting``) is an error.
+- Each row has as many fields as the header (trailing optional fields may be left out, never
+  extra fields). Numbers use a decimal point (``12.5``; exponent allowed; no ``12,5``, no
+  thousands separators, no ``nan``/``inf``). Positions are required; ``heading``/``timestamp`` may
+  be empty (NaN). ``lat`` must lie in −80…84 (UTM's range) and ``lon`` in −180…180, all points
+  within 9° of longitude of the first row's zone.
+- ``image`` is the path relative to the image folder, ``/`` or ``\\`` separated (a leading ``./``
+  is dropped); each image appears once.
+
+:func:`match_poses` then matches the rows to image keys and reports rows that match no image and
+images without a pose (:class:`PoseMatchReport`).
 """
 
 from __future__ import annotations
 
 import csv
+import io
+import logging
 import math
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from ..errors import DatasetError
+
+log = logging.getLogger(__name__)
 
 # --- WGS84 and UTM constants (from the standards, not tunables) --------------------------------
 WGS84_A = 6_378_137.0  # semi-major axis, metres
@@ -50,6 +78,17 @@ COLUMN_ALIASES = {
     "heading": ("heading", "yaw", "bearing"),
     "timestamp": ("timestamp", "time", "t"),
 }
+# CSV files: the separators a header may use (one per file), and how each is named in messages.
+CSV_SEPARATORS = (",", ";", "\t")
+SEPARATOR_NAMES = {",": "','", ";": "';'", "\t": "tab"}
+# Pose and ground-truth tables are read whole; beyond this size the file is not a pose table.
+MAX_CSV_BYTES = 512 * 1024 * 1024
+POSES_EXPECTED = "image,easting,northing (metres) or image,lat,lon (degrees), optional heading,timestamp"
+# How many unmatched names a PoseMatchReport keeps.
+MAX_NAMES_IN_REPORT = 5
+# Numbers in pose files: decimal point, optional exponent; no thousands separators, no nan/inf.
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+_DECIMAL_COMMA = re.compile(r"[+-]?\d+,\d+", re.ASCII)
 # Field positions in VPR-methods-evaluation file names: "@east@north@zone@letter@lat@lon@…@.jpg"
 # split on "@" gives ["", east, north, zone, letter, lat, lon, pano, tile, heading, …].
 FILENAME_EAST_FIELD = 1
@@ -214,49 +253,141 @@ class Poses:
         return out
 
 
-def _find_column(header: list[str], name: str) -> int | None:
-    lowered = [h.strip().lower() for h in header]
-    for alias in COLUMN_ALIASES[name]:
-        if alias in lowered:
-            return lowered.index(alias)
-    return None
+# --- strict CSV reading (shared with ground_truth.py) -------------------------------------------
+
+@dataclass(frozen=True)
+class CsvTable:
+    """A CSV read by :func:`read_csv_table`: header fields and data rows with their line numbers."""
+
+    path: Path
+    delimiter: str
+    header: list[str]
+    rows: list[tuple[int, list[str]]]  # (1-based line number in the file, fields); blank lines dropped
 
 
-def _parse_float(text: str, path: Path, line: int, column: str, allow_empty: bool = False) -> float:
-    text = text.strip()
-    if allow_empty and text == "":
-        return math.nan
-    try:
-        value = float(text)
-    except ValueError:
-        raise DatasetError(
-            f"{path}, line {line}: column {column!r} has {text!r}, which is not a number; fix or remove the row"
-        ) from None
-    if not math.isfinite(value) and not allow_empty:
-        raise DatasetError(f"{path}, line {line}: column {column!r} is {text!r}; positions must be finite")
-    return value
+def _separator_name(sep: str) -> str:
+    return SEPARATOR_NAMES.get(sep, repr(sep))
 
 
-def read_poses(csv_path: str | os.PathLike) -> Poses:
-    """Read ``image,easting,northing`` (metres) or ``image,lat,lon`` (WGS84 degrees) from a CSV.
+def _other_separators(text: str, delimiter: str) -> list[str]:
+    return [s for s in CSV_SEPARATORS if s != delimiter and s in text]
 
-    Optional ``heading`` (degrees) and ``timestamp`` columns are kept. Lat/lon are projected to the
-    UTM zone of the first row (see :func:`latlon_to_utm`). Every malformed input raises one
-    :class:`DatasetError` naming the file, and the line where applicable.
+
+def read_csv_table(csv_path: str | os.PathLike, what: str, expected: str) -> CsvTable:
+    """Read a small CSV strictly: UTF-8 (BOM allowed), one header line, one separator for the file.
+
+    The separator is the one the header uses — ``,``, ``;`` or tab (:data:`CSV_SEPARATORS`); a
+    header with none of them (one column) or with several kinds is refused. Fields may be quoted
+    with ``"`` (RFC 4180); a stray quote is an error. Blank lines are skipped. ``what`` ("pose file")
+    and ``expected`` (the header that was expected) go into the error messages, which always name
+    the file and, for a problem on a line, the line number.
     """
     path = Path(csv_path)
     if not path.is_file():
-        raise DatasetError(f"pose file {path} not found; expected a CSV with header image,easting,northing or image,lat,lon")
+        raise DatasetError(f"{what} {path} not found; expected a CSV with header {expected}")
     try:
-        with path.open(newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.reader(fh))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DatasetError(f"{path}: cannot read as a UTF-8 CSV ({exc})") from None
-    rows = [r for r in rows if any(c.strip() for c in r)]
-    if not rows:
-        raise DatasetError(f"{path} is empty; expected a header image,easting,northing or image,lat,lon")
-    header = rows[0]
-    cols = {name: _find_column(header, name) for name in COLUMN_ALIASES}
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
+    if len(data) > MAX_CSV_BYTES:
+        raise DatasetError(f"{path}: {len(data)} bytes is larger than vprkit reads as a {what} ({MAX_CSV_BYTES} bytes)")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DatasetError(
+            f"{path}, line {line}: not valid UTF-8 (byte {data[exc.start]:#04x}); save the {what} as UTF-8"
+        ) from None
+    if "\x00" in text:
+        line = text[: text.index("\x00")].count("\n") + 1
+        raise DatasetError(f"{path}, line {line}: contains a NUL byte; this is not a text CSV")
+    lines = text.splitlines()
+    first = next((i for i, ln in enumerate(lines) if ln.strip()), None)
+    if first is None:
+        raise DatasetError(f"{path} is empty; expected a header {expected}")
+    header_text = lines[first]
+    found = [s for s in CSV_SEPARATORS if s in header_text]
+    if not found:
+        raise DatasetError(
+            f"{path}, line {first + 1}: the header {header_text.strip()!r} has a single column; expected {expected} "
+            f"with columns separated by ',', ';' or a tab"
+        )
+    if len(found) > 1:
+        raise DatasetError(
+            f"{path}, line {first + 1}: the header mixes separators ({', '.join(_separator_name(s) for s in found)}); "
+            f"use one of ',', ';' or tab throughout. Expected {expected}"
+        )
+    delimiter = found[0]
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    header: list[str] | None = None
+    rows: list[tuple[int, list[str]]] = []
+    last = 0
+    try:
+        for row in reader:
+            start, last = last + 1, reader.line_num
+            if not any(c.strip() for c in row):
+                continue
+            if header is None:
+                header = [h.strip() for h in row]
+            else:
+                rows.append((start, row))
+    except csv.Error as exc:
+        raise DatasetError(f"{path}, line {reader.line_num}: malformed CSV ({exc}); expected {expected}") from None
+    if header is None:  # only separators, e.g. ",,"
+        raise DatasetError(f"{path}, line {first + 1}: the header has no column names; expected {expected}")
+    return CsvTable(path, delimiter, header, rows)
+
+
+def _find_column(header: list[str], name: str, path: Path) -> int | None:
+    lowered = [h.strip().lower() for h in header]
+    hits = [i for i, h in enumerate(lowered) if h in COLUMN_ALIASES[name]]
+    if len(hits) > 1:
+        raise DatasetError(
+            f"{path}, line 1: columns {', '.join(repr(header[i]) for i in hits)} all mean {name!r}; keep one"
+        )
+    return hits[0] if hits else None
+
+
+def _parse_float(text: str, path: Path, line: int, column: str, allow_empty: bool = False, hint: str = "") -> float:
+    text = text.strip()
+    if allow_empty and text == "":
+        return math.nan
+    if not _NUMBER.fullmatch(text):
+        why = "which is not a number"
+        if text == "":
+            why = "empty"
+        elif _DECIMAL_COMMA.fullmatch(text):
+            why = "a decimal comma; write a decimal point (12.5, not 12,5)"
+        elif text.lower().lstrip("+-") in ("nan", "inf", "infinity"):
+            why = "not finite; every value must be a finite number" + ("" if not allow_empty else " or left empty")
+        raise DatasetError(
+            f"{path}, line {line}: column {column!r} has {text!r}, {why}{hint}; fix or remove the row"
+        )
+    value = float(text)
+    if not math.isfinite(value):
+        raise DatasetError(f"{path}, line {line}: column {column!r} is {text!r}, which overflows a 64-bit float")
+    return value
+
+
+def normalise_image_name(name: str) -> str:
+    """How an image name in a CSV is compared with image keys: trimmed, ``\\`` → ``/``, no leading ``./``."""
+    name = name.strip().replace("\\", "/")
+    while name.startswith("./"):
+        name = name[2:]
+    return name
+
+
+def read_poses(csv_path: str | os.PathLike) -> Poses:
+    """Read a pose CSV (grammar in the module docstring) into :class:`Poses`.
+
+    ``image,easting,northing`` (metres) or ``image,lat,lon`` (WGS84 degrees), optional ``heading``
+    (degrees) and ``timestamp`` columns. Lat/lon are projected to the UTM zone of the first row (see
+    :func:`latlon_to_utm`). Every malformed input raises one :class:`DatasetError` naming the file
+    and the line. Match the table to image keys with :func:`match_poses`.
+    """
+    table = read_csv_table(csv_path, "pose file", POSES_EXPECTED)
+    path, header, sep = table.path, table.header, table.delimiter
+    cols = {name: _find_column(header, name, path) for name in COLUMN_ALIASES}
     metric = cols["easting"] is not None and cols["northing"] is not None
     geographic = cols["lat"] is not None and cols["lon"] is not None
     if cols["image"] is None or not (metric or geographic):
@@ -265,42 +396,240 @@ def read_poses(csv_path: str | os.PathLike) -> Poses:
         if not metric and (cols["lat"] is not None or cols["lon"] is not None):
             missing = [c for c in ("image", *POSE_COLUMNS_LATLON) if cols[c] is None]
         raise DatasetError(
-            f"{path}: missing column(s) {', '.join(missing)}; the header has {', '.join(h.strip() for h in header)}. "
-            f"Expected image,easting,northing (metres) or image,lat,lon (degrees)"
+            f"{path}: missing column(s) {', '.join(missing)}; the header has {', '.join(header)}. "
+            f"Expected {POSES_EXPECTED}"
         )
+    known = {c for c in cols.values() if c is not None}
+    ignored = [h for i, h in enumerate(header) if i not in known and h]
+    if ignored:
+        log.info("%s: ignoring column(s) %s (not pose columns)", path, ", ".join(ignored))
+    empty_named = [i + 1 for i, h in enumerate(header) if not h and i < max(known)]
+    if empty_named:
+        raise DatasetError(f"{path}, line 1: header column {empty_named[0]} has no name; expected {POSES_EXPECTED}")
+    if not table.rows:
+        raise DatasetError(f"{path}: the header is there but no pose rows follow; expected {POSES_EXPECTED}")
     xcol, ycol = (cols["easting"], cols["northing"]) if metric else (cols["lat"], cols["lon"])
     xname, yname = ("easting", "northing") if metric else ("lat", "lon")
+    n = len(table.rows)
     keys: list[str] = []
+    lines = np.empty(n, dtype=np.int64)
     first_line: dict[str, int] = {}
-    a = np.empty(len(rows) - 1)
-    b = np.empty(len(rows) - 1)
-    headings = np.full(len(rows) - 1, np.nan) if cols["heading"] is not None else None
-    stamps = np.full(len(rows) - 1, np.nan) if cols["timestamp"] is not None else None
-    needed = max(c for c in (cols["image"], xcol, ycol) if c is not None)
-    for i, row in enumerate(rows[1:]):
-        line = i + 2  # 1-based, after the header
-        if len(row) <= needed:
-            raise DatasetError(f"{path}, line {line}: {len(row)} fields, expected at least {needed + 1}")
-        key = row[cols["image"]].strip().replace("\\", "/")
+    a = np.empty(n)
+    b = np.empty(n)
+    headings = np.full(n, np.nan) if cols["heading"] is not None else None
+    stamps = np.full(n, np.nan) if cols["timestamp"] is not None else None
+    needed = max(c for c in (cols["image"], xcol, ycol) if c is not None) + 1
+    for i, (line, row) in enumerate(table.rows):
+        others = _other_separators(sep.join(row), sep)
+        hint = (
+            f" (the line contains {', '.join(_separator_name(s) for s in others)} but the header separates "
+            f"columns with {_separator_name(sep)}: mixed separators?)"
+            if others else ""
+        )
+        if len(row) < needed or len(row) > len(header):
+            raise DatasetError(
+                f"{path}, line {line}: {len(row)} field(s), expected {len(header)} ({', '.join(header)}){hint}"
+            )
+        key = normalise_image_name(row[cols["image"]])
         if not key:
             raise DatasetError(f"{path}, line {line}: empty image name")
         if key in first_line:
             raise DatasetError(f"{path}, line {line}: image {key!r} already appears on line {first_line[key]}")
         first_line[key] = line
         keys.append(key)
-        a[i] = _parse_float(row[xcol], path, line, xname)
-        b[i] = _parse_float(row[ycol], path, line, yname)
+        lines[i] = line
+        a[i] = _parse_float(row[xcol], path, line, xname, hint=hint)
+        b[i] = _parse_float(row[ycol], path, line, yname, hint=hint)
         if headings is not None and cols["heading"] < len(row):
-            headings[i] = _parse_float(row[cols["heading"]], path, line, "heading", allow_empty=True)
+            headings[i] = _parse_float(row[cols["heading"]], path, line, "heading", allow_empty=True, hint=hint)
         if stamps is not None and cols["timestamp"] < len(row):
-            stamps[i] = _parse_float(row[cols["timestamp"]], path, line, "timestamp", allow_empty=True)
+            stamps[i] = _parse_float(row[cols["timestamp"]], path, line, "timestamp", allow_empty=True, hint=hint)
+        if not metric:
+            if not -90.0 <= a[i] <= 90.0 or not -180.0 <= b[i] <= 180.0:
+                raise DatasetError(
+                    f"{path}, line {line}: lat {a[i]:g}, lon {b[i]:g} is not a position on Earth "
+                    f"(lat −90…90, lon −180…180); are the columns swapped?"
+                )
+            if not UTM_MIN_LAT <= a[i] <= UTM_MAX_LAT:
+                raise DatasetError(
+                    f"{path}, line {line}: lat {a[i]:g} is outside UTM's range ({UTM_MIN_LAT:g}…{UTM_MAX_LAT:g}°); "
+                    f"provide easting,northing in a polar projection instead"
+                )
     if metric:
         return Poses(keys, np.stack([a, b], 1), headings, stamps, source=str(path))
+    zone = utm_zone(float(a[0]), float(b[0]))
+    dlon = (b - central_meridian(zone) + 180.0) % 360.0 - 180.0
+    far = np.flatnonzero(np.abs(dlon) > MAX_DEGREES_FROM_CENTRAL_MERIDIAN)
+    if far.size:
+        i = int(far[0])
+        raise DatasetError(
+            f"{path}, line {lines[i]}: lon {b[i]:g} is {abs(dlon[i]):.1f}° from the central meridian of UTM zone "
+            f"{zone} (chosen by line {lines[0]}; limit {MAX_DEGREES_FROM_CENTRAL_MERIDIAN:g}°): one metric frame "
+            f"cannot cover these points; split the dataset by region or provide easting,northing"
+        )
     try:
         xy, zone, northern = latlon_to_utm(a, b)
     except DatasetError as exc:
         raise DatasetError(f"{path}: {exc}") from None
     return Poses(keys, xy, headings, stamps, utm_zone=zone, northern=northern, source=str(path))
+
+
+# --- matching a pose table to image keys ---------------------------------------------------------
+
+@dataclass
+class PoseMatchReport:
+    """How a pose table matched a list of image keys (for logs and the map's build summary).
+
+    ``unmatched_poses`` / ``images_without_pose`` list the first :data:`MAX_NAMES_IN_REPORT` names;
+    the ``n_…`` fields count all of them. ``hint`` says what probably went wrong (e.g. pose rows
+    carry a folder prefix the keys do not have), or is empty.
+    """
+
+    source: str
+    n_images: int
+    n_poses: int
+    n_matched: int
+    n_unmatched_poses: int
+    n_images_without_pose: int
+    unmatched_poses: list[str] = field(default_factory=list)
+    images_without_pose: list[str] = field(default_factory=list)
+    hint: str = ""
+
+    @property
+    def complete(self) -> bool:
+        """Every image has a pose and every pose row matched an image."""
+        return self.n_unmatched_poses == 0 and self.n_images_without_pose == 0
+
+    def message(self) -> str:
+        """One line: counts, first names, hint."""
+        text = f"{self.source}: {self.n_matched} of {self.n_images} image(s) have a pose"
+        if self.n_images_without_pose:
+            text += f"; {self.n_images_without_pose} without a pose ({_shown(self.images_without_pose, self.n_images_without_pose)})"
+        if self.n_unmatched_poses:
+            text += (
+                f"; {self.n_unmatched_poses} of {self.n_poses} pose row(s) match no image "
+                f"({_shown(self.unmatched_poses, self.n_unmatched_poses)})"
+            )
+        return text + (f". {self.hint}" if self.hint else "")
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "n_images": self.n_images,
+            "n_poses": self.n_poses,
+            "n_matched": self.n_matched,
+            "n_unmatched_poses": self.n_unmatched_poses,
+            "n_images_without_pose": self.n_images_without_pose,
+            "unmatched_poses": list(self.unmatched_poses),
+            "images_without_pose": list(self.images_without_pose),
+            "hint": self.hint,
+        }
+
+
+def _shown(names: Sequence[str], total: int) -> str:
+    return ", ".join(repr(n) for n in names) + (" …" if total > len(names) else "")
+
+
+def _mismatch_hint(unmatched: Sequence[str], without: Sequence[str], prefix: str) -> str:
+    """Guess why names do not match: a folder prefix on one side, or different case."""
+    if not unmatched or not without:
+        return ""
+    keys = set(without)
+    for name in unmatched:
+        parts = name.split("/")
+        for cut in range(1, len(parts)):
+            if "/".join(parts[cut:]) in keys:
+                extra = "/".join(parts[:cut])
+                return (
+                    f"Pose rows carry the folder prefix {extra + '/'!r} that the image keys do not have "
+                    f"(e.g. {name!r} vs {'/'.join(parts[cut:])!r}); write names relative to the image folder"
+                    + ("" if prefix else f" or pass prefix={extra!r}")
+                )
+    unmatched_set = set(unmatched)
+    for key in without:
+        parts = key.split("/")
+        for cut in range(1, len(parts)):
+            if "/".join(parts[cut:]) in unmatched_set:
+                return (
+                    f"Image keys have sub-folders that the pose rows lack (e.g. key {key!r} vs row "
+                    f"{'/'.join(parts[cut:])!r}); write names relative to the image folder"
+                )
+    lower = {k.lower(): k for k in without}
+    for name in unmatched:
+        if name.lower() in lower:
+            return f"Names differ only in case (e.g. {name!r} vs {lower[name.lower()]!r}); names are case-sensitive"
+    return ""
+
+
+def match_poses(
+    poses: Poses,
+    image_keys: Sequence[str],
+    prefix: str = "",
+    allow_no_match: bool = False,
+    log_warnings: bool = True,
+) -> tuple[Poses, PoseMatchReport]:
+    """Match a pose table to image keys; return the matched poses and a report of what did not match.
+
+    A row matches an image when its name (see :func:`normalise_image_name`) equals the key, or
+    ``prefix/key`` when ``prefix`` is given (e.g. ``"database"`` for rows written relative to the
+    dataset folder). Nothing else is guessed: a row ``db/img001.jpg`` does not match key
+    ``img001.jpg`` without ``prefix="db"`` — the report's ``hint`` says so instead.
+
+    - The returned :class:`Poses` holds, in ``image_keys`` order, the images that have a pose, keyed
+      by image key (use ``.lookup(image_keys)`` for an N×2 array with NaN rows for the others).
+    - No match at all (with pose rows and images on both sides) raises :class:`DatasetError` with
+      the report's message, unless ``allow_no_match``.
+    - A partial match is logged as one warning (``log_warnings``); the caller should record
+      ``report.to_dict()`` (e.g. in the build summary).
+    - Two rows for the same image (``key`` and ``prefix/key``) raise :class:`DatasetError`.
+    """
+    prefix = prefix.strip().strip("/")
+    keys = list(image_keys)
+    key_set = set(keys)
+    if len(key_set) != len(keys):
+        raise DatasetError("image keys must be unique to match poses")
+    row_of: dict[str, int] = {}
+    unmatched: list[str] = []
+    for row, name in enumerate(poses.keys):
+        key = name
+        if key not in key_set and prefix and name.startswith(prefix + "/"):
+            key = name[len(prefix) + 1:]
+        if key not in key_set:
+            unmatched.append(name)
+            continue
+        if key in row_of:
+            raise DatasetError(
+                f"{poses.source or 'poses'}: image {key!r} has two pose rows ({poses.keys[row_of[key]]!r} and {name!r})"
+            )
+        row_of[key] = row
+    matched_keys = [k for k in keys if k in row_of]
+    without = [k for k in keys if k not in row_of]
+    rows = np.asarray([row_of[k] for k in matched_keys], dtype=np.int64)
+    report = PoseMatchReport(
+        source=poses.source or "poses",
+        n_images=len(keys),
+        n_poses=len(poses),
+        n_matched=len(matched_keys),
+        n_unmatched_poses=len(unmatched),
+        n_images_without_pose=len(without),
+        unmatched_poses=unmatched[:MAX_NAMES_IN_REPORT],
+        images_without_pose=without[:MAX_NAMES_IN_REPORT],
+        hint=_mismatch_hint(unmatched, without, prefix),
+    )
+    if not matched_keys and keys and len(poses) and not allow_no_match:
+        raise DatasetError(report.message() + ("" if report.hint else ". Check that names are relative to the image folder"))
+    if not report.complete and log_warnings:
+        log.warning("%s", report.message())
+    matched = Poses(
+        matched_keys,
+        poses.xy[rows] if rows.size else np.zeros((0, 2)),
+        poses.headings[rows] if poses.headings is not None else None,
+        poses.timestamps[rows] if poses.timestamps is not None else None,
+        utm_zone=poses.utm_zone,
+        northern=poses.northern,
+        source=poses.source,
+    )
+    return matched, report
 
 
 # --- coordinates in file names -------------------------------------------------------------------
