@@ -135,3 +135,22 @@ def test_plot_pr_curve(tmp_path):
     pr = precision_recall(np.array([0.9, 0.5, 0.1]), np.array([True, False, True]))
     path = plot_pr_curve({"vlad": pr}, tmp_path / "pr.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_files_follow_the_umask_and_leave_the_backend_alone(tmp_path):
+    import os
+    import stat
+    import sys
+
+    backend = sys.modules["matplotlib"].get_backend() if "matplotlib" in sys.modules else None
+    old = os.umask(0o022)
+    try:
+        written = [write_json({"a": 1}, tmp_path / "s.json"), write_csv([{"a": 1}], tmp_path / "q.csv"),
+                   plot_pr_curve(precision_recall(np.array([0.9, 0.1]), np.array([True, False])), tmp_path / "pr.png")]
+    finally:
+        os.umask(old)
+    assert [stat.S_IMODE(p.stat().st_mode) for p in written] == [0o644] * 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pr.png", "q.csv", "s.json"]
+    if backend is not None:
+        assert sys.modules["matplotlib"].get_backend() == backend
+    assert "matplotlib.pyplot" not in sys.modules or not sys.modules["matplotlib.pyplot"].get_fignums()

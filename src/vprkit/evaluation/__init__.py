@@ -1,7 +1,9 @@
 """Evaluation: Recall@N and precision–recall on a :class:`~vprkit.datasets.GroundTruth`, plus reports.
 
 :mod:`.metrics` computes numbers from rankings (Q×K database indices); :mod:`.report` measures
-time and memory and writes CSV/JSON/PNG results atomically.
+time and memory and writes CSV/JSON/PNG results atomically; :mod:`.run` writes the files of
+``eval --out`` — figures from :mod:`.plots`, prediction galleries from :mod:`.gallery` and the
+self-contained HTML report from :mod:`.html`; :mod:`.compare` compares runs (table, per-query fixes and breaks).
 """
 
 from .metrics import (
@@ -12,8 +14,10 @@ from .metrics import (
     precision_recall,
     query_records,
     recall_at_n,
+    recall_curve,
+    top1_precision_recall,
 )
-from .report import PeakMemory, Timer, format_table, plot_pr_curve, write_csv, write_json
+from .report import PeakMemory, Timer, format_table, plot_pr_curve, software_versions, write_csv, write_json
 
 __all__ = [
     "DEFAULT_NS",
@@ -27,6 +31,9 @@ __all__ = [
     "precision_recall",
     "query_records",
     "recall_at_n",
+    "recall_curve",
+    "software_versions",
+    "top1_precision_recall",
     "write_csv",
     "write_json",
 ]

@@ -202,3 +202,45 @@ def query_records(
             rec["n_positives"] = int(n_pos[i])
         records.append(rec)
     return records
+
+
+def recall_curve(ranked: np.ndarray, gt: GroundTruth, no_positive: str = "fail") -> np.ndarray:
+    """Recall@N for every N = 1 … K (the ranking length), as a float array of length K.
+
+    The same counting as :func:`recall_at_n` (``no_positive`` policy included): ``curve[n - 1]``
+    equals ``recall_at_n(ranked, gt, [n])[f"R@{n}"]``.
+    """
+    if no_positive not in NO_POSITIVE_POLICIES:
+        raise ConfigError(f"no_positive must be one of {NO_POSITIVE_POLICIES}, got {no_positive!r}")
+    first = first_positive_rank(ranked, gt)
+    k = int(np.asarray(ranked).reshape(len(first), -1).shape[1]) if len(first) else 0
+    evaluated = gt.n_positives > 0 if no_positive == "skip" else np.ones(len(first), bool)
+    if not evaluated.any():
+        raise DatasetError("no query can be evaluated; check the ground truth")
+    found = first[evaluated]
+    counts = np.bincount(found[found >= 0], minlength=k)[:k]
+    return np.cumsum(counts) / float(evaluated.sum())
+
+
+def top1_precision_recall(
+    ranked: np.ndarray, scores: np.ndarray, gt: GroundTruth, no_positive: str = "fail"
+) -> dict[str, Any] | None:
+    """:func:`precision_recall` of the top-1 matches of a run, or None where it does not apply.
+
+    Queries without a finite top-1 score (unreadable, empty list) are never accepted but still count
+    in the denominator, as do queries without positives under ``no_positive="fail"``; with
+    ``"skip"`` those are left out. The last point's recall therefore equals Recall@1. Returns None
+    when no query has a finite top-1 score.
+    """
+    r = np.asarray(ranked)
+    r = r[:, None] if r.ndim == 1 else r
+    s = np.asarray(scores, dtype=np.float64).reshape(r.shape[0], -1)
+    if r.shape[1] == 0 or s.shape[1] == 0:
+        return None
+    correct = first_positive_rank(r, gt) == 0
+    evaluated = gt.n_positives > 0 if no_positive == "skip" else np.ones(r.shape[0], bool)
+    top = s[:, 0]
+    usable = evaluated & np.isfinite(top) & (r[:, 0] != EMPTY_SLOT)
+    if not usable.any():
+        return None
+    return precision_recall(top[usable], correct[usable], n_relevant=int(evaluated.sum()))

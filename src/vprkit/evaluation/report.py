@@ -1,6 +1,6 @@
 """Measuring and writing evaluation results: timing, memory, CSV/JSON files, tables and plots.
 
-Files are written atomically (temporary file in the same folder, then ``os.replace``) so that an
+Files are written atomically (:mod:`vprkit.io`: temporary file in the same folder, then a rename) so that an
 interrupted run never leaves a truncated report that a later comparison would read as valid.
 """
 
@@ -13,19 +13,19 @@ import math
 import os
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from ..io import atomic_write_bytes, atomic_write_text
+
 BYTES_PER_MB = 1024 * 1024
 # ru_maxrss is in kilobytes on Linux and in bytes on macOS.
 RU_MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024
 DEFAULT_FLOAT_FORMAT = "{:.3f}"
-PLOT_DPI = 120
-PLOT_SIZE_INCHES = (5.0, 4.0)
+from .plots import PLOT_DPI, PLOT_SIZE_INCHES  # noqa: E402,F401  (kept importable from here)
 
 
 class Timer:
@@ -132,26 +132,9 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def _atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def write_json(summary: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Write ``summary`` as indented strict JSON, atomically. Returns the path."""
-    return _atomic_write_text(path, json.dumps(_jsonable(summary), indent=2, ensure_ascii=False) + "\n")
+    return atomic_write_text(path, json.dumps(_jsonable(summary), indent=2, ensure_ascii=False) + "\n")
 
 
 def write_csv(records: Sequence[Mapping[str, Any]], path: str | os.PathLike, columns: Sequence[str] | None = None) -> Path:
@@ -173,7 +156,7 @@ def write_csv(records: Sequence[Mapping[str, Any]], path: str | os.PathLike, col
             v = _jsonable(rec.get(c))
             row.append("" if v is None else v)
         writer.writerow(row)
-    return _atomic_write_text(path, buf.getvalue())
+    return atomic_write_text(path, buf.getvalue())
 
 
 def _cell(value: Any, float_format: str) -> str:
@@ -220,40 +203,47 @@ def plot_pr_curve(
 ) -> Path:
     """Plot one or several precision–recall curves (results of ``precision_recall``) to a PNG.
 
-    ``curves`` is either one result dict or ``{label: result}``. Uses the Agg canvas directly,
-    so it never touches pyplot's global backend (safe in servers and tests without a display).
+    ``curves`` is either one result dict or ``{label: result}``. Uses the Agg canvas directly
+    (:mod:`.plots`), so it never touches pyplot's global backend (safe in servers and tests without a display).
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from .plots import pr_curve_png
 
-    if "precision" in curves and "recall" in curves:
-        curves = {"": curves}  # type: ignore[dict-item]
-    fig = Figure(figsize=PLOT_SIZE_INCHES)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    for label, res in curves.items():
-        auc = res.get("auc")
-        name = f"{label} (AUC {auc:.3f})" if label and auc is not None else (label or None)
-        recall = np.r_[0.0, np.asarray(res["recall"], dtype=float)]
-        precision = np.r_[1.0, np.asarray(res["precision"], dtype=float)]
-        ax.step(recall, precision, where="post", label=name)
-    ax.set_xlim(0.0, 1.0)
-    ax.set_ylim(0.0, 1.05)
-    ax.set_xlabel("recall")
-    ax.set_ylabel("precision")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    if any(curves):
-        ax.legend(loc="lower left")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=PLOT_DPI)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write_bytes(path, pr_curve_png(curves, title))
+
+
+# Distribution names to ask importlib.metadata for (the import name may differ: faiss ← faiss-cpu).
+_SOFTWARE = {
+    "vprkit": ("vprkit",),
+    "numpy": ("numpy",),
+    "torch": ("torch",),
+    "faiss": ("faiss-cpu", "faiss-gpu", "faiss"),
+    "h5py": ("h5py",),
+    "matplotlib": ("matplotlib",),
+    "pillow": ("pillow", "Pillow"),
+}
+
+
+def software_versions() -> dict[str, str | None]:
+    """Versions of Python and of the packages that decide results (None where a package is missing).
+
+    Read from installed package metadata, falling back to an imported module's ``__version__``;
+    nothing heavy is imported.
+    """
+    import platform
+    from importlib import metadata
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name, dists in _SOFTWARE.items():
+        version = None
+        for dist in dists:
+            try:
+                version = metadata.version(dist)
+                break
+            except metadata.PackageNotFoundError:
+                continue
+        if version is None:
+            mod = sys.modules.get(name)
+            version = getattr(mod, "__version__", None) if mod is not None else None
+        out[name] = version
+    out["platform"] = platform.platform(terse=True)
+    return out
