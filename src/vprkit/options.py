@@ -188,6 +188,26 @@ register_schema(Schema("aggregator", "netvlad", (
     Option("k", "int", None, "clusters (default: the vocabulary's K, which it must equal)", low=1, nullable=True),
     Option("trainable", "bool", False, "learn the layer when training")), doc="NetVLAD layer"))
 
+register_schema(Schema("aggregator", "mixvpr", (
+    Option("height", "int", None, "feature-map rows at the preset's image size (required)", low=1, nullable=True),
+    Option("width", "int", None, "feature-map columns at the preset's image size (required)", low=1, nullable=True),
+    Option("depth", "int", 4, "feature-mixer blocks", low=0),
+    Option("mlp_ratio", "float", 1.0, "mixer hidden width as a multiple of h·w", low=0, low_open=True),
+    Option("out_channels", "int", None, "channel projection size (default: the backbone's dim)", low=1, nullable=True),
+    Option("out_rows", "int", 4, "row projection size; dim = out_channels × out_rows", low=1),
+    Option("adapt_grid", "bool", False, "average-pool another grid to height×width instead of refusing it"),
+    Option("trainable", "bool", False, "learn the head when training")), doc="MixVPR feature mixer (trainable head)"))
+register_schema(Schema("aggregator", "trained", (
+    Option("head", "str", "gem", "the inner head: a registered aggregator needing no vocabulary"),
+    Option("head_options", "mapping", None, "the inner head's options", nullable=True),
+    Option("state", "path", None, "the trained state dict (saved beside a training checkpoint)", nullable=True),
+    Option("projection", "int", None, "add a fresh trainable linear projection to this many dims", low=1,
+           nullable=True),
+    Option("vlad", "mapping", None, "fuse with the map-vocabulary VLAD: {k, assignments, weight (its share of "
+           "the similarity)}", nullable=True, keys=("k", "assignments", "weight")),
+    Option("trainable", "bool", False, "learn the head when training")),
+    doc="a trained head from `vprkit train` (+ projections from `vprkit add-pca`)"))
+
 SEGVLAD_VOTINGS = ("weighted", "maxseg", "maxsim")
 register_schema(Schema("retriever", "global", (), doc="nearest global descriptors"))
 register_schema(Schema("retriever", "segvlad", (

@@ -3,7 +3,14 @@
 ``PlaceLabels`` (from poses, synchronised frames, ground truth or classes) is the one label
 representation; ``make_loss(name)`` / ``LOSSES`` give pytorch-metric-learning-style losses
 (``GeoMaskedLoss`` feeds them geographic masks); ``MINERS``, ``GeoMiner`` and
-``OfflineHardNegativeMiner`` choose the tuples. Heads and the trainer come next (issue 12).
+``OfflineHardNegativeMiner`` choose the tuples.
+
+Training (issue 12, deliverables 4–7): ``CachedFeatures`` (backbone features once, on disk,
+memory-mapped beyond the budget) or ``ImageFeatures`` (unfrozen blocks, images re-read);
+``build_head`` (GeM, NetVLAD from k-means, MixVPR, + a linear projection — a ``trained``
+aggregator); ``Trainer`` (places × images batches, loss + miner, deterministic, resumable,
+Recall@N validation every epoch, best kept); ``run_recipe`` (``vprkit train RECIPE.toml``);
+``checkpoint_config`` / ``register_checkpoint`` (a checkpoint is a preset); ``add_pca``.
 """
 
 from .labels import (
@@ -36,7 +43,29 @@ from .miners import (
     TripletMiner,
 )
 
+from .checkpoint import add_pca, checkpoint_config, is_checkpoint, register_checkpoint
+from .curves import plot_curves
+from .features import CachedFeatures, ImageFeatures
+from .heads import build_head
+from .recipe import load_recipe, run_recipe
+from .trainer import PlaceSampler, Trainer, TrainSettings, Validation, validate
+
 __all__ = [
+    "CachedFeatures",
+    "ImageFeatures",
+    "PlaceSampler",
+    "TrainSettings",
+    "Trainer",
+    "Validation",
+    "add_pca",
+    "build_head",
+    "checkpoint_config",
+    "is_checkpoint",
+    "load_recipe",
+    "plot_curves",
+    "register_checkpoint",
+    "run_recipe",
+    "validate",
     "LOSSES",
     "MINERS",
     "BatchAllMiner",

@@ -1,0 +1,36 @@
+"""The loss / validation-recall curve of a run as a PNG (matplotlib's object API; no global backend)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+
+def plot_curves(history: Sequence[dict], out: str | os.PathLike, title: str = "") -> Path:
+    """Mean training loss and validation Recall@1/5 per epoch, two axes, written to ``out``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 3.6), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    epochs = [h["epoch"] for h in history]
+    ax.plot(epochs, [h.get("loss") for h in history], "o-", color="tab:red", label="training loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss", color="tab:red")
+    if any("R@1" in h for h in history):
+        ax2 = ax.twinx()
+        for n, style in (("R@1", "s-"), ("R@5", "^--")):
+            if any(n in h for h in history):
+                ax2.plot(epochs, [h.get(n) for h in history], style, label=f"validation {n}")
+        ax2.set_ylabel("validation recall")
+        ax2.set_ylim(0, 1)
+        ax2.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out)
+    return out

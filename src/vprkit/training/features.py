@@ -1,0 +1,155 @@
+"""Backbone features computed once and kept on disk, so heads train without re-running the backbone.
+
+A cache directory holds ``features.npy`` (``N×h×w×D``, float16 by default, written batch by batch
+through :func:`numpy.lib.format.open_memmap`), ``keys.json`` and ``meta.json`` (the backbone's
+identity, the image spec, the grid, and whether the build completed). Opening a cache loads it
+into RAM only when it fits the given byte budget (the feature-cache share of
+``Config.memory_budget_mb``, see :meth:`vprkit.config.Config.memory_plan`); otherwise it stays
+memory-mapped and a batch reads only its own rows. A rebuild with the same settings and keys
+reuses a complete cache.
+
+:class:`ImageFeatures` has the same ``batch(ids)`` interface but re-reads the images and runs the
+backbone with gradients — what training with unfrozen backbone blocks needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..backbones.base import Backbone, DenseFeatures
+from ..backbones.extract import extract
+from ..config import Config
+from ..errors import ConfigError
+from ..images import ImageSource, iter_batches
+from ..io import atomic_write_json
+
+FEATURES_FILE = "features.npy"
+KEYS_FILE = "keys.json"
+META_FILE = "meta.json"
+CACHE_DTYPES = ("float16", "float32")
+
+
+def _identity(backbone: Backbone, config: Config, dtype: str) -> dict:
+    return {"backbone": backbone.identity(), "image": config.image.to_dict(), "dtype": dtype}
+
+
+class CachedFeatures:
+    """A feature cache on disk (see the module docstring); ``batch(ids)`` gives float32 :class:`DenseFeatures`."""
+
+    def __init__(self, root: str | os.PathLike, max_ram_bytes: int | None = None):
+        self.root = Path(root)
+        meta_path = self.root / META_FILE
+        if not meta_path.is_file():
+            raise ConfigError(f"{self.root} is not a feature cache (no {META_FILE})")
+        self.meta = json.loads(meta_path.read_text())
+        if not self.meta.get("complete"):
+            raise ConfigError(f"feature cache {self.root} is incomplete; build it again")
+        self.keys: list[str] = json.loads((self.root / KEYS_FILE).read_text())
+        mm = np.load(self.root / FEATURES_FILE, mmap_mode="r")
+        self.nbytes = int(mm.nbytes)
+        self.in_memory = max_ram_bytes is None or self.nbytes <= max_ram_bytes
+        self.array = np.array(mm) if self.in_memory else mm
+        self.index = {k: i for i, k in enumerate(self.keys)}
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return int(self.array.shape[1]), int(self.array.shape[2])
+
+    @property
+    def dim(self) -> int:
+        return int(self.array.shape[3])
+
+    @property
+    def stride(self) -> int:
+        return int(self.meta["stride"])
+
+    def ids(self, keys: Sequence[str]) -> np.ndarray:
+        try:
+            return np.fromiter((self.index[k] for k in keys), dtype=np.int64, count=len(keys))
+        except KeyError as exc:
+            raise ConfigError(f"{exc.args[0]!r} is not in the feature cache {self.root}") from None
+
+    def batch(self, ids: Sequence[int] | np.ndarray) -> DenseFeatures:
+        ids = np.asarray(ids, dtype=np.int64)
+        order = np.argsort(ids, kind="stable")  # sorted reads of a memory map, then back in the asked order
+        rows = np.empty((len(ids), *self.array.shape[1:]), dtype=np.float32)
+        rows[order] = self.array[ids[order]]
+        h, w = self.grid
+        return DenseFeatures(torch.from_numpy(rows), self.stride, (h * self.stride, w * self.stride))
+
+    def descriptor_sample(self, n: int, seed: int = 0, ids: Sequence[int] | None = None) -> np.ndarray:
+        """``≤ n`` local descriptors (float32, ``n×D``) drawn uniformly from the cached maps of ``ids``."""
+        rng = np.random.default_rng(seed)
+        pool = np.arange(len(self)) if ids is None else np.asarray(ids)
+        h, w = self.grid
+        per = max(1, int(np.ceil(n / max(1, len(pool)))))
+        take = rng.choice(pool, size=min(len(pool), max(1, n // per)), replace=False)
+        out = []
+        for i in np.sort(take):
+            cells = rng.choice(h * w, size=min(per, h * w), replace=False)
+            out.append(np.asarray(self.array[i]).reshape(h * w, -1)[cells].astype(np.float32))
+        return np.concatenate(out)[:n]
+
+    @classmethod
+    def build(cls, backbone: Backbone, config: Config, images: ImageSource, out: str | os.PathLike,
+              keys: Sequence[str] | None = None, dtype: str = "float16", progress: bool | str = True,
+              max_ram_bytes: int | None = None) -> "CachedFeatures":
+        """Run ``backbone`` once over ``keys`` of ``images`` and write the cache to ``out`` (reused if complete)."""
+        if dtype not in CACHE_DTYPES:
+            raise ConfigError(f"feature cache dtype must be one of {CACHE_DTYPES}, got {dtype!r}")
+        out = Path(out)
+        keys = list(images.keys if keys is None else keys)
+        ident = _identity(backbone, config, dtype)
+        meta_path = out / META_FILE
+        if meta_path.is_file():
+            old = json.loads(meta_path.read_text())
+            if old.get("complete") and old.get("identity") == ident and json.loads((out / KEYS_FILE).read_text()) == keys:
+                return cls(out, max_ram_bytes)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(meta_path, {"complete": False, "identity": ident})
+        atomic_write_json(out / KEYS_FILE, keys)
+        row = {k: i for i, k in enumerate(keys)}
+        arr = None
+        stride = backbone.stride
+        for batch, feats in extract(backbone, config, images, keys, progress and (progress if isinstance(progress, str) else "cache")):
+            p = feats.patches.float().cpu().numpy()
+            if arr is None:
+                arr = np.lib.format.open_memmap(out / FEATURES_FILE, mode="w+", dtype=dtype, shape=(len(keys), *p.shape[1:]))
+            if p.shape[1:] != arr.shape[1:]:
+                raise ConfigError(f"images give feature grids of different sizes ({p.shape[1:3]} vs {arr.shape[1:3]}); "
+                                  "use a fixed image size to cache features")
+            arr[[row[k] for k in batch.keys]] = p.astype(dtype)
+        if arr is None:
+            raise ConfigError(f"no image of {images.describe()} could be read")
+        arr.flush()
+        del arr
+        atomic_write_json(meta_path, {"complete": True, "identity": ident, "stride": stride, "n": len(keys)})
+        return cls(out, max_ram_bytes)
+
+
+class ImageFeatures:
+    """``batch(ids)`` by reading the images and running ``backbone`` with gradients (unfrozen training)."""
+
+    def __init__(self, backbone: Backbone, config: Config, images: ImageSource, keys: Sequence[str]):
+        self.backbone, self.config, self.images, self.keys = backbone, config, images, list(keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def batch(self, ids: Sequence[int] | np.ndarray) -> DenseFeatures:
+        keys = [self.keys[int(i)] for i in ids]
+        pixels = []
+        for b in iter_batches(self.images, keys, self.config.image, self.backbone.size_multiple, len(keys), self.config.workers):
+            if b.failures:
+                raise ConfigError(f"cannot read {b.failures[0][0]}: {b.failures[0][1]}")
+            pixels.append(torch.from_numpy(b.pixels))
+        return self.backbone(torch.cat(pixels))

@@ -1,0 +1,373 @@
+"""``vprkit train RECIPE.toml``: a run description (TOML, or YAML when PyYAML is installed) → a checkpoint that is a preset.
+
+A recipe (paths relative to the recipe file)::
+
+    name = "nordland-mixvpr"                 # the checkpoint's preset name
+    out = "runs/nordland-mixvpr"             # run folder: best.ckpt, best.head.pt, last.pt, curves.png
+
+    [backbone]
+    preset = "effnet2-vlad-ma4"              # backbone, its options and the image spec come from here
+    image_size = [224, 112]                  # W×H (optional)
+    unfreeze = 0                             # train the last N backbone blocks (images re-read); 0 = frozen, cached
+    cache = "runs/features-nordland"         # feature cache folder (default: <out>/features); shared by runs
+    memory_budget_mb = 1024                  # the cache is loaded into RAM when it fits a quarter of this
+
+    [data]                                   # labels = "frames": the same file name in each folder is one place
+    root = "../shared/datasets/nordland-64x32"
+    labels = "frames"
+    folders = ["summer", "winter"]
+    frames = [0, 1788]                       # [first, end) of the sorted frame names (optional)
+    tolerance = 0
+    # labels = "poses": images = "db/", poses = "poses.csv", radius = 10, soft_radius = 25
+
+    [validation]                             # queries vs database, frames or a dataset spec
+    queries = "winter"
+    database = "summer"
+    frames = [1788, 3576]
+    every = 4
+    tolerance = 0
+    # dataset = "corridor"                   # any `vprkit eval` dataset instead
+
+    [head]
+    name = "mixvpr"                          # gem | netvlad | mixvpr | mean
+    options = { out_channels = 120, out_rows = 96 }
+    projection = 0                           # > 0: a trainable linear projection to this many dims
+
+    [loss]
+    name = "multi-similarity"                # any of vprkit.training.LOSSES
+    [miner]
+    name = "multi-similarity"                # any of vprkit.training.MINERS, or "" for none
+    [sampler]
+    places = 32
+    images_per_place = 2
+    [optimiser]
+    name = "adam"
+    lr = 1e-3
+    [schedule]
+    name = "cosine"
+    [train]
+    epochs = 10
+    seed = 0
+
+:func:`run_recipe` does it all; the pieces (:func:`load_recipe`, :func:`prepare`) are usable alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from ..backbones import build_backbone
+from ..config import Config
+from ..datasets import GroundTruth
+from ..errors import ConfigError
+from ..images import FolderImages, list_images
+from ..presets import resolve
+from .checkpoint import write_checkpoint
+from .curves import plot_curves
+from .features import CachedFeatures, ImageFeatures
+from .heads import KMEANS_SAMPLE, build_head, head_options
+from .labels import PlaceLabels, frame_keys
+from .trainer import TrainSettings, Trainer, Validation
+
+SECTIONS = ("backbone", "data", "validation", "head", "loss", "miner", "sampler", "optimiser", "schedule", "train")
+TOP_LEVEL = ("name", "description", "out", *SECTIONS)
+
+
+def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a TOML (``.toml``) or YAML (``.yaml``/``.yml``, needs PyYAML) recipe; unknown sections are errors."""
+    p = Path(path)
+    if p.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ModuleNotFoundError:
+            raise ConfigError("YAML recipes need PyYAML (`pip install pyyaml`); or write the recipe as TOML") from None
+        recipe = yaml.safe_load(p.read_text()) or {}
+    else:
+        import tomllib
+
+        with open(p, "rb") as f:
+            recipe = tomllib.load(f)
+    unknown = sorted(set(recipe) - set(TOP_LEVEL))
+    if unknown:
+        raise ConfigError(f"{p}: unknown recipe keys {unknown}; known: {', '.join(TOP_LEVEL)}")
+    recipe["_dir"] = str(p.resolve().parent)
+    return recipe
+
+
+def _path(recipe: Mapping[str, Any], value: str | os.PathLike) -> Path:
+    p = Path(os.path.expandvars(str(value))).expanduser()
+    return p if p.is_absolute() else Path(recipe.get("_dir", ".")) / p
+
+
+def settings_from(recipe: Mapping[str, Any]) -> TrainSettings:
+    s, o, sch, tr = (dict(recipe.get(k, {})) for k in ("sampler", "optimiser", "schedule", "train"))
+    loss, miner = dict(recipe.get("loss", {})), dict(recipe.get("miner", {}))
+    return TrainSettings(
+        epochs=int(tr.get("epochs", 10)), steps_per_epoch=tr.get("steps_per_epoch") or None,
+        places_per_batch=int(s.get("places", 32)), images_per_place=int(s.get("images_per_place", 2)),
+        loss=loss.get("name", "multi-similarity"), loss_options=dict(loss.get("options", {})),
+        miner=miner.get("name", "multi-similarity") if "miner" in recipe or "name" in miner else "multi-similarity",
+        miner_options=dict(miner.get("options", {})),
+        optimiser=o.get("name", "adam"), lr=float(o.get("lr", 1e-3)), weight_decay=float(o.get("weight_decay", 0.0)),
+        momentum=float(o.get("momentum", 0.9)), loss_lr=o.get("loss_lr"),
+        schedule=sch.get("name", "cosine"), warmup_steps=int(sch.get("warmup_steps", 0)),
+        step_every=int(sch.get("step_every", 1)), step_gamma=float(sch.get("step_gamma", 0.5)),
+        seed=int(tr.get("seed", 0)), grad_clip=tr.get("grad_clip"),
+        feature_dropout=float(tr.get("feature_dropout", 0.0)), feature_shift=int(tr.get("feature_shift", 0)),
+    )
+
+
+def base_config(recipe: Mapping[str, Any]) -> Config:
+    b = dict(recipe.get("backbone", {}))
+    size = b.get("image_size")
+    return resolve(b.get("preset"), image_size=None if size is None else (int(size[1]), int(size[0])),
+                   memory_budget_mb=b.get("memory_budget_mb"))
+
+
+def _frame_range(names: list[str], frames) -> list[str]:
+    if frames is None:
+        return names
+    lo, hi = int(frames[0]), int(frames[1])
+    return names[lo:hi]
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs, built from a recipe."""
+
+    config: Config
+    head: torch.nn.Module
+    features: Any
+    train_ids: np.ndarray
+    places: PlaceLabels
+    validation: Validation | None
+    extra_parameters: list
+    backbone: Any
+    info: dict
+
+
+def _training_keys(recipe, data) -> tuple[Path, list[str], PlaceLabels]:
+    root = _path(recipe, data.get("root", "."))
+    kind = data.get("labels", "frames")
+    if kind == "frames":
+        folders = data.get("folders")
+        if not folders:
+            raise ConfigError("[data] labels = 'frames' needs folders = [...] (synchronised sequences)")
+        names = _frame_range(sorted(set.intersection(*(set(frame_keys(list_images(root / f))) for f in folders))),
+                             data.get("frames"))
+        if data.get("every"):
+            names = names[:: int(data["every"])]
+        keys = [f"{f}/{n}" for f in folders for n in names]
+        places = PlaceLabels.from_frames(frame_keys(keys), tolerance=int(data.get("tolerance", 0)),
+                                         soft_tolerance=data.get("soft_tolerance"))
+        return root, keys, places
+    if kind == "poses":
+        from ..datasets.poses import read_poses
+
+        images = root / data.get("images", ".")
+        keys = [str(Path(data.get("images", ".")) / k) if data.get("images") else k for k in list_images(images)]
+        poses = read_poses(_path(recipe, data["poses"]))
+        rel = list_images(images)
+        xy = poses.lookup(rel)
+        places = PlaceLabels.from_poses(xy, radius=float(data.get("radius", 10.0)),
+                                        soft_radius=data.get("soft_radius", 25.0))
+        return root, keys, places
+    raise ConfigError(f"[data] labels must be 'frames' or 'poses', got {kind!r}")
+
+
+def _validation_keys(recipe, val, data_root: Path) -> tuple[Path, list[str], list[str], GroundTruth]:
+    if val.get("dataset"):
+        from ..datasets import load_dataset
+
+        ds = load_dataset(str(_path(recipe, val["dataset"])) if os.sep in str(val["dataset"]) else val["dataset"])
+        if val.get("every"):
+            ds = ds.subset(every=int(val["every"]))
+        root = Path(os.path.commonpath([ds.queries_dir, ds.database_dir]))
+        q = [str((Path(ds.queries_dir) / k).relative_to(root)) for k in ds.query_images]
+        d = [str((Path(ds.database_dir) / k).relative_to(root)) for k in ds.database_images]
+        return root, q, d, ds.ground_truth
+    root = _path(recipe, val["root"]) if val.get("root") else data_root
+    qf, df = val.get("queries", "winter"), val.get("database", "summer")
+    names = sorted(set(frame_keys(list_images(root / qf))) & set(frame_keys(list_images(root / df))))
+    names = _frame_range(names, val.get("frames"))[:: int(val.get("every", 1))]
+    gt = GroundTruth.from_frames(names, names, tolerance=int(val.get("tolerance", 0)))
+    return root, [f"{qf}/{n}" for n in names], [f"{df}/{n}" for n in names], gt
+
+
+def prepare(recipe: Mapping[str, Any], progress: bool = True, log: Callable[[str], None] = print) -> Prepared:
+    """Labels, features (cached or read with gradients), head and validation of a recipe."""
+    config = base_config(recipe)
+    b = dict(recipe.get("backbone", {}))
+    data = dict(recipe.get("data", {}))
+    val = dict(recipe.get("validation", {}))
+    seed = int(dict(recipe.get("train", {})).get("seed", 0))
+    torch.set_num_threads(config.threads)
+    unfreeze = int(b.get("unfreeze", 0))
+    root, keys, places = _training_keys(recipe, data)
+    vroot = vq = vd = gt = None
+    if val:
+        vroot, vq, vd, gt = _validation_keys(recipe, val, root)
+    backbone = build_backbone(config.backbone, trainable=unfreeze > 0, **dict(config.backbone_options))
+    extra: list = []
+    info: dict[str, Any] = {"train_images": len(keys), "train_places": len(set(places.class_labels(np.arange(len(keys))).tolist()))
+                            if places.has_classes else None}
+    if unfreeze > 0:
+        backbone.set_trainable(last_blocks=unfreeze).eval()
+        extra = [p for p in backbone.parameters() if p.requires_grad]
+        features = ImageFeatures(backbone, config, FolderImages(root, keys), keys)
+        train_ids = np.arange(len(keys))
+        vfeat = None if gt is None else ImageFeatures(backbone, config, FolderImages(vroot, vq + vd), vq + vd)
+        grid = features.batch([0]).grid
+        sample_src = None
+    else:
+        out = _path(recipe, recipe.get("out", "run"))
+        cache_dir = _path(recipe, b["cache"]) if b.get("cache") else out / "features"
+        ram = config.memory_plan().feature_cache_bytes
+        same = gt is not None and vroot.resolve() == root.resolve()
+        all_keys = list(dict.fromkeys(keys + (vq + vd if same else [])))
+        t0 = time.perf_counter()
+        features = CachedFeatures.build(backbone, config, FolderImages(root, all_keys), cache_dir, all_keys,
+                                        dtype=b.get("cache_dtype", "float16"), progress=progress and "cache features",
+                                        max_ram_bytes=ram)
+        info["cache_seconds"] = round(time.perf_counter() - t0, 1)
+        train_ids = features.ids(keys)
+        if gt is None:
+            vfeat = None
+        elif same:
+            vfeat = features
+        else:
+            vfeat = CachedFeatures.build(backbone, config, FolderImages(vroot, vq + vd), Path(str(cache_dir) + "-validation"),
+                                         vq + vd, dtype=b.get("cache_dtype", "float16"), progress=progress and "cache validation",
+                                         max_ram_bytes=ram)
+        grid = features.grid
+        sample_src = features
+    validation = None
+    if gt is not None:
+        if vfeat is features:
+            q_ids, d_ids = features.ids(vq), features.ids(vd)
+        else:
+            q_ids, d_ids = np.arange(len(vq)), np.arange(len(vq), len(vq) + len(vd))
+        validation = Validation(vfeat, q_ids, d_ids, gt)
+    # Labels over the training ids: the feature source's ids when the cache also holds validation images.
+    if len(train_ids) != features.__len__() or not np.array_equal(train_ids, np.arange(len(train_ids))):
+        places = _relabel(places, train_ids, len(features))
+    h = dict(recipe.get("head", {}))
+    name = h.get("name", "gem")
+    sample = None
+    if name == "netvlad":
+        if sample_src is None:
+            raise ConfigError("a netvlad head with unfrozen blocks: train it frozen first (k-means needs cached features)")
+        sample = sample_src.descriptor_sample(int(h.get("kmeans_sample", KMEANS_SAMPLE)), seed, train_ids)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        head = build_head(name, backbone.dim, grid, h.get("options"), h.get("projection") or None, sample, seed)
+    return Prepared(config, head, features, train_ids, places, validation, extra, backbone, info)
+
+
+def _relabel(places: PlaceLabels, train_ids: np.ndarray, n: int) -> PlaceLabels:
+    """Frame / pose labels defined on the training keys, re-expressed on the ids of a larger feature source."""
+    if not places.has_classes:
+        raise ConfigError("pose labels need a feature cache of the training images only (give validation another root)")
+    classes = np.full(n, -1, dtype=np.int64)
+    classes[train_ids] = places.class_labels(np.arange(len(train_ids))).numpy()
+    # Images outside training get their own classes (never sampled; they are not in train_ids).
+    outside = classes < 0
+    classes[outside] = classes.max() + 1 + np.arange(int(outside.sum()))
+    return PlaceLabels.from_classes(classes)
+
+
+def trained_config(recipe: Mapping[str, Any], prepared: Prepared) -> Config:
+    h = dict(recipe.get("head", {}))
+    name = h.get("name", "gem")
+    opts = head_options(name, h.get("options"), prepared.features.batch([0]).grid if prepared.extra_parameters
+                        else prepared.features.grid)
+    run_name = recipe.get("name") or Path(recipe.get("out", "run")).name
+    agg: dict[str, Any] = {"head": name, "head_options": opts, "state": None}
+    vocabulary = prepared.config.vocabulary
+    fused = ""
+    if h.get("vlad"):
+        v = {"k": int(h["vlad"].get("k", vocabulary.k)), "assignments": int(h["vlad"].get("assignments", 4)),
+             "weight": float(h["vlad"].get("weight", 0.5))}
+        agg["vlad"] = v
+        vocabulary = dataclasses.replace(vocabulary, k=v["k"])
+        fused = f" + VLAD K={v['k']} ×{v['assignments']} over the map's vocabulary (weight {v['weight']})"
+    return prepared.config.replace(
+        name=run_name,
+        description=recipe.get("description") or f"trained {name} head on {prepared.config.backbone} "
+                                                   f"({prepared.head.dim}-d){fused}, from `vprkit train`",
+        aggregator="trained", aggregator_options=agg, vocabulary=vocabulary, extensions={}, rerank=None,
+    )
+
+
+def _save_backbone(prepared: Prepared, out: Path) -> str:
+    """Unfrozen EfficientNet-Lite blocks → a full weights file its loader reads (``backbone_options.weights``)."""
+    config = prepared.config
+    if not config.backbone.startswith("efficientnet"):
+        raise ConfigError("saving an unfrozen backbone is implemented for EfficientNet-Lite only")
+    from ..backbones.efficientnet import VARIANTS
+    from ..backbones.weights import package_data_dirs, resolve_weights
+
+    _, package, filename = VARIANTS[config.backbone]
+    src = resolve_weights(config.backbone, filename, dict(config.backbone_options).get("weights"),
+                          search_dirs=package_data_dirs(package, "models"))
+    full = torch.load(src, map_location="cpu", weights_only=True)
+    for k, v in prepared.backbone.state_dict().items():
+        k2 = k.replace("stem.0.", "_conv_stem.", 1).replace("stem.1.", "_bn0.", 1)
+        k2 = "_blocks." + k2[len("blocks."):] if k2.startswith("blocks.") else k2
+        if k2 in full:
+            full[k2] = v.detach().clone()
+    path = out / "best.backbone.pth"
+    torch.save(full, path)
+    return str(path.resolve())
+
+
+def run_recipe(path: str | os.PathLike | Mapping[str, Any], resume: bool = True, progress: bool = True,
+               log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train what the recipe says; write ``best.ckpt`` (+ ``best.head.pt``), ``last.pt``, ``history.json``, ``curves.png``.
+
+    Resumes from ``last.pt`` when it exists (and ``resume``). Returns a summary with the best
+    validation recall, the checkpoint path and the training time.
+    """
+    recipe = load_recipe(path) if not isinstance(path, Mapping) else dict(path)
+    out = _path(recipe, recipe.get("out", "run"))
+    out.mkdir(parents=True, exist_ok=True)
+    prepared = prepare(recipe, progress, log)
+    settings = settings_from(recipe)
+    config = trained_config(recipe, prepared)
+    t0 = time.perf_counter()
+
+    def on_best(trainer: Trainer, record: dict) -> None:
+        cfg = config
+        if prepared.extra_parameters:
+            cfg = cfg.replace(backbone_options={**cfg.backbone_options, "weights": _save_backbone(prepared, out)})
+        torch.save(trainer.head.state_dict(), out / "best.head.pt")
+        write_checkpoint(out / "best.ckpt", cfg, out / "best.head.pt",
+                         {"validation": {k: v for k, v in record.items() if k.startswith("R@")}, "epoch": record["epoch"],
+                          "step": record["step"], "head_dim": int(trainer.head.dim), "settings": settings.to_dict(),
+                          "train": prepared.info})
+
+    def on_epoch(trainer: Trainer, record: dict) -> None:
+        trainer.save(out / "last.pt")
+        (out / "history.json").write_text(json.dumps(trainer.history, indent=2) + "\n")
+        plot_curves(trainer.history, out / "curves.png", title=config.name)
+
+    trainer = Trainer(prepared.head, prepared.features, prepared.places, settings, prepared.validation,
+                      prepared.train_ids, prepared.extra_parameters, progress, on_best, on_epoch)
+    if resume and (out / "last.pt").exists():
+        trainer.load(out / "last.pt")
+        log(f"resuming {out} at step {trainer.step}/{trainer.total_steps}")
+    trainer.fit()
+    seconds = time.perf_counter() - t0
+    summary = {"name": config.name, "checkpoint": str(out / "best.ckpt"), "best": trainer.best, "history": trainer.history,
+               "train_seconds": round(seconds, 1), "head_dim": int(prepared.head.dim), **prepared.info}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
