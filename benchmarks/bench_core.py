@@ -29,7 +29,7 @@ from vprkit.config import Config
 from vprkit.datasets import load_dataset
 from vprkit.evaluation.report import PeakMemory
 from vprkit.images import ImageSpec, list_images
-from vprkit.presets import DEFAULT_PRESET
+from vprkit.presets import DEFAULT_PRESET, get_preset
 
 THROUGHPUT_SIZE = (240, 320)
 THROUGHPUT_IMAGES = 320
@@ -93,7 +93,7 @@ def main() -> None:
     setup()
     rows = []
     for preset in args.presets:
-        base = pipeline.get_preset(preset)
+        base = get_preset(preset)
         for spec, config in (("corridor", base), (NORDLAND_600, base.replace(image=ImageSpec(NORDLAND_SIZE, "fixed")))):
             ds = load_dataset(spec)
             config = with_seed(config, 0)

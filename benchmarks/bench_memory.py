@@ -63,6 +63,7 @@ def child_build(args: argparse.Namespace) -> dict:
     """Build the map (vocabulary from the map's own images, then every image encoded) under one budget."""
     from vprkit import pipeline
     from vprkit.aggregation import Vocabulary
+    from vprkit.backbones.extract import decode_prefetch_images
     from vprkit.images import list_images
 
     config = _config(args.preset, args.budget)
@@ -79,7 +80,7 @@ def child_build(args: argparse.Namespace) -> dict:
         "peak_rss_mb": peak, "wall_s": wall, "images": info["counts"]["images"],
         "pool_bytes": meta["sample_bytes"], "pooled_descriptors": meta["pooled_descriptors"],
         "descriptors_seen": meta["descriptors_seen"], "vocabulary_images": meta["n_images"],
-        "plan": plan.to_dict(), "decode_prefetch_images": pipeline.decode_prefetch_images(config, plan),
+        "plan": plan.to_dict(), "decode_prefetch_images": decode_prefetch_images(config, plan),
         "map_descriptor_bytes": info["counts"]["images"] * info["descriptor_dim"] * FLOAT32_BYTES,
     }
 

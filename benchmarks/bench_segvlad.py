@@ -243,7 +243,7 @@ def pipeline_run(log=print):
     import tempfile
 
     from vprkit import pipeline
-    from vprkit.segments.explain import explain
+    from vprkit.pipeline import explain
 
     ds = corridor()
     with tempfile.TemporaryDirectory() as tmp:
@@ -258,7 +258,7 @@ def pipeline_run(log=print):
         ranked = [np.array([ref_idx[x.key] for x in r.matches]) for r in results]
         rec = recall(ranked, ds["positives"])
         extra = m.store.extra_bytes()
-        idx = m.extensions["segments"].index(m)
+        idx = m.extensions["segments"].index(m.store, len(m.keys), m.dir)
         out = RESULTS / "explain_corridor.png"
         exp = explain(m, ds["query_root"] / "0000050.jpg", out=out, top=5)
         for line in exp.lines():

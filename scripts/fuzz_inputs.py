@@ -7,7 +7,10 @@ Each input goes to one target (chosen by its first byte):
   raise :class:`~vprkit.errors.ImageReadError`;
 - ``poses``: :func:`vprkit.datasets.poses.read_poses` on the bytes written to a file;
 - ``ground truth``: :func:`vprkit.datasets.ground_truth.read_ground_truth_csv` and
-  ``GroundTruth.from_list`` — must return or raise :class:`~vprkit.errors.DatasetError`.
+  ``GroundTruth.from_list`` — must return or raise :class:`~vprkit.errors.DatasetError`;
+- ``map.json``, ``vocabulary``, ``store``, ``index``: one file of a small valid map replaced by the
+  bytes, then the map opened read-only (:func:`vprkit.maps.open_map_data`) and its descriptors, entries
+  and poses read — must work or raise a project error (:class:`~vprkit.errors.VPRKitError`).
 
 Anything else (another exception type, or an image that is not RGB uint8) is a finding: the run
 prints how many inputs it tried, per target, and each distinct finding (exception type, message,
@@ -35,12 +38,14 @@ import traceback
 import warnings
 from pathlib import Path
 
-TARGETS = ("image", "poses", "ground truth")
+TARGETS = ("image", "poses", "ground truth", "map.json", "vocabulary", "store", "index")
+# The map file each map target replaces.
+MAP_TARGET_FILES = {"map.json": "map.json", "vocabulary": "vocabulary.npz", "store": "store.h5", "index": "index.faiss"}
 DEFAULT_SECONDS = 60.0
 # libFuzzer limits for one input (a mutated header may declare a 12000×12000 image, 432 MB).
 ATHERIS_RSS_LIMIT_MB = 4096
 ATHERIS_INPUT_TIMEOUT_S = 30
-MAX_INPUT_BYTES = 64 * 1024
+MAX_INPUT_BYTES = 256 * 1024  # a small map's store.h5 is ~40 KB
 # Tokens that matter to the CSV grammars and image headers, spliced in by the mutation loop.
 TOKENS = [b",", b";", b"\t", b'"', b"\r\n", b"\n", b" ", b"nan", b"inf", b"1e999", b"-", b".", b"./", b"\\",
           b"\x00", b"\xff", b"\xef\xbb\xbf", b"query", b"positives", b"image", b"lat", b"lon", b"easting",
@@ -88,7 +93,37 @@ def _seed_inputs() -> list[bytes]:
         b'query;positives\na.jpg;"r0.jpg,r1.jpg"\nb.jpg\n',
         b"\xef\xbb\xbfquery\tpositives\r\na.jpg\tr0.jpg; r1.jpg\r\n",
     ]
-    return [bytes([0]) + d for d in images] + [bytes([1]) + d for d in poses] + [bytes([2]) + d for d in gts]
+    out = [bytes([0]) + d for d in images] + [bytes([1]) + d for d in poses] + [bytes([2]) + d for d in gts]
+    template = _template_map(Path(tempfile.mkdtemp(prefix="vprkit-fuzz-map-")))
+    for target, name in MAP_TARGET_FILES.items():
+        out.append(bytes([TARGETS.index(target)]) + (template / name).read_bytes())
+    shutil.rmtree(template.parent, ignore_errors=True)
+    return out
+
+
+def _template_map(folder: Path) -> Path:
+    """A small valid map (8 rows, 16-d, a K=4 vocabulary) written with the stores' own writers, no model."""
+    import json
+
+    import numpy as np
+
+    from vprkit.aggregation.vlad import fit_vocabulary
+    from vprkit.maps import FaissIndex, MapStore
+    from vprkit.presets import resolve
+
+    d = folder / "map"
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((8, 16)).astype(np.float32)
+    store = MapStore(d)
+    store.write_shard([f"img{i}.jpg" for i in range(8)], vectors, rng.random((8, 2)) * 100,
+                      entries={"content_sha256": np.array([b"a" * 64] * 8), "run": np.zeros(8)})
+    store.consolidate()
+    FaissIndex.build(vectors).save(d / "index.faiss")
+    fit_vocabulary(rng.standard_normal((64, 16)).astype(np.float32), k=4).save(d / "vocabulary.npz")
+    config = resolve("effnet-gem").to_dict()
+    (d / "map.json").write_text(json.dumps({"config": config, "images_root": None, "runs": []}))
+    return d
 
 
 class Harness:
@@ -109,6 +144,11 @@ class Harness:
         self.out = out
         self.tmp = Path(tempfile.mkdtemp(prefix="vprkit-fuzz-"))
         self.csv_path = self.tmp / "input.csv"
+        from vprkit.maps import open_map_data
+
+        self.open_map_data = open_map_data
+        self.template = _template_map(self.tmp / "template")
+        self.map_dir = self.tmp / "map"
 
     def run(self, data: bytes) -> None:
         if not data:
@@ -124,6 +164,14 @@ class Harness:
                 arr = np.asarray(img)
                 if img.mode != "RGB" or arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
                     raise AssertionError(f"read_image returned mode {img.mode}, array {arr.dtype} {arr.shape}")
+            elif target in MAP_TARGET_FILES:
+                shutil.rmtree(self.map_dir, ignore_errors=True)
+                shutil.copytree(self.template, self.map_dir)
+                (self.map_dir / MAP_TARGET_FILES[target]).write_bytes(body)
+                m = self.open_map_data(self.map_dir, read_only=True)
+                m.store.read_global()
+                m.store.read_entries()
+                m.index.search(m.store.read_global()[:1], 3) if len(m) else None
             else:
                 self.csv_path.write_bytes(body)
                 if target == "poses":
@@ -216,6 +264,7 @@ def run_atheris(harness_factory, seconds: float, seed: int, out: Path | None) ->
         import PIL.Image  # noqa: F401
         import vprkit.datasets.ground_truth  # noqa: F401
         import vprkit.images  # noqa: F401
+        import vprkit.maps  # noqa: F401
     harness = harness_factory()
     atheris_dirs: list[Path] = []  # seed corpus (libFuzzer also writes new inputs there)
     start = time.monotonic()
@@ -249,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="folder to save the first input of each finding")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")  # PIL's DecompressionBombWarning / truncated-file warnings
+    import logging
+
+    logging.disable(logging.CRITICAL)  # the library's warnings about each broken input are expected here
     engine = args.engine
     if engine == "auto":
         try:

@@ -11,12 +11,14 @@ import pytest
 from click.testing import CliRunner
 
 from vprkit import pipeline
+from vprkit.backbones import extract as extraction
 from vprkit.cli import cli
 from vprkit.config import (BUDGET_SHARE_DECODE_BUFFER, BUDGET_SHARE_FEATURE_CACHE, BUDGET_SHARE_VOCABULARY_POOL,
                            DEFAULT_FEATURE_CACHE_BYTES, DEFAULT_VOCABULARY_MAX_BYTES, MIB, MIN_MEMORY_BUDGET_MB, Config,
                            VocabularyConfig)
 from vprkit.errors import ConfigError, MapError
 from vprkit.images import ImageSpec
+from vprkit.aggregation.vocabulary import build_vocabulary
 from vprkit.presets import get_preset
 
 from helpers import make_images
@@ -61,7 +63,7 @@ def test_without_a_budget_the_defaults_are_unchanged():
     assert (plan.budget_bytes, plan.decode_buffer_bytes) == (None, None)
     assert plan.vocabulary_pool_bytes == DEFAULT_VOCABULARY_MAX_BYTES == 256 * MIB
     assert plan.feature_cache_bytes == DEFAULT_FEATURE_CACHE_BYTES == 512 * MIB
-    assert pipeline.decode_prefetch_images(Config(), plan) is None  # decode ahead as before
+    assert extraction.decode_prefetch_images(Config(), plan) is None  # decode ahead as before
 
 
 def test_explicit_pool_cap_wins_over_its_share():
@@ -74,7 +76,7 @@ def test_explicit_pool_cap_wins_over_its_share():
 
 def test_decode_prefetch_is_whole_batches_within_the_share():
     config = Config(memory_budget_mb=64, batch_size=8, image=ImageSpec(IMAGE_SIZE, "fixed"))
-    n = pipeline.decode_prefetch_images(config, config.memory_plan())
+    n = extraction.decode_prefetch_images(config, config.memory_plan())
     per_image = IMAGE_SIZE[0] * IMAGE_SIZE[1] * 3
     assert n % 8 == 0 and n * per_image <= 16 * MIB < (n + 8) * per_image
 
@@ -91,8 +93,8 @@ def test_a_budget_too_small_for_one_batch_names_the_minimum():
     minimum = math.ceil(batch_bytes / BUDGET_SHARE_DECODE_BUFFER / MIB)
     assert minimum == 8
     with pytest.raises(ConfigError, match=f"minimum is {minimum} MB"):
-        pipeline.memory_plan(config, fake_backbone)
-    assert pipeline.memory_plan(config.replace(memory_budget_mb=minimum), fake_backbone).budget_bytes == minimum * MIB
+        extraction.memory_plan(config, fake_backbone)
+    assert extraction.memory_plan(config.replace(memory_budget_mb=minimum), fake_backbone).budget_bytes == minimum * MIB
 
 
 def test_a_budget_too_small_for_one_image_of_descriptors_names_the_minimum():
@@ -102,7 +104,7 @@ def test_a_budget_too_small_for_one_image_of_descriptors_names_the_minimum():
     one_image = (IMAGE_SIZE[0] // 8) * (IMAGE_SIZE[1] // 8) * 4096 * FLOAT32_BYTES
     minimum = math.ceil(one_image / BUDGET_SHARE_VOCABULARY_POOL / MIB)
     with pytest.raises(ConfigError, match=f"one image's patch descriptors; the minimum is {minimum} MB"):
-        pipeline.memory_plan(config, fake_backbone)
+        extraction.memory_plan(config, fake_backbone)
 
 
 # ---- the caps hold in a real build ---------------------------------------------------------------
@@ -113,7 +115,7 @@ def test_vocabulary_pool_holds_at_most_the_budget_share(images, tight_config, ba
     all_patches = N_IMAGES * (IMAGE_SIZE[0] // backbone.stride) * (IMAGE_SIZE[1] // backbone.stride)
     assert capacity < all_patches  # otherwise this test could not notice an ignored cap
 
-    voc = pipeline.build_vocabulary(backbone, tight_config, [(root, keys)])
+    voc = build_vocabulary(backbone, tight_config, [(root, keys)])
     meta = voc.metadata
     assert meta["descriptors_seen"] == all_patches
     assert meta["pooled_descriptors"] == capacity == meta["n_descriptors"]
@@ -122,22 +124,22 @@ def test_vocabulary_pool_holds_at_most_the_budget_share(images, tight_config, ba
 
 def test_without_the_budget_the_same_images_pool_every_descriptor(images, tight_config, backbone):
     root, keys = images
-    voc = pipeline.build_vocabulary(backbone, tight_config.replace(memory_budget_mb=None), [(root, keys)])
+    voc = build_vocabulary(backbone, tight_config.replace(memory_budget_mb=None), [(root, keys)])
     assert voc.metadata["pooled_descriptors"] == voc.metadata["descriptors_seen"]
 
 
 def test_images_decoded_ahead_stay_within_the_decode_share(images, tight_config, backbone, monkeypatch):
     root, keys = images
     chunks: list[int] = []
-    real = pipeline.iter_batches
+    real = extraction.iter_batches
 
-    def spy(root, keys, *a, **k):
+    def spy(source, keys, *a, **k):
         chunks.append(len(keys))
-        return real(root, keys, *a, **k)
+        return real(source, keys, *a, **k)
 
-    monkeypatch.setattr(pipeline, "iter_batches", spy)
-    n = sum(len(b.keys) for b, _ in pipeline.extract(backbone, tight_config, root, keys))
-    prefetch = pipeline.decode_prefetch_images(tight_config, tight_config.memory_plan())
+    monkeypatch.setattr(extraction, "iter_batches", spy)
+    n = sum(len(b.keys) for b, _ in extraction.extract(backbone, tight_config, root, keys))
+    prefetch = extraction.decode_prefetch_images(tight_config, tight_config.memory_plan())
     assert n == N_IMAGES and sum(chunks) == N_IMAGES
     assert max(chunks) == prefetch < N_IMAGES
     assert prefetch * IMAGE_SIZE[0] * IMAGE_SIZE[1] * 3 <= tight_config.memory_plan().decode_buffer_bytes

@@ -49,9 +49,9 @@ def test_resume_after_interrupt_has_no_duplicates_or_losses(tmp_path, image_fold
     extracted = []
     real_extract = pipeline.extract
 
-    def spy(backbone, config, root, keys, *a, **k):
+    def spy(backbone, config, source, keys, *a, **k):
         extracted.extend(keys)
-        return real_extract(backbone, config, root, keys, *a, **k)
+        return real_extract(backbone, config, source, keys, *a, **k)
 
     monkeypatch.setattr(pipeline, "extract", spy)
     info = pipeline.build_map(image_folder, tmp_path / "map", small_config, progress=False)
@@ -59,7 +59,9 @@ def test_resume_after_interrupt_has_no_duplicates_or_losses(tmp_path, image_fold
     keys = MapStore(tmp_path / "map").keys()
     assert sorted(keys) == [f"img{i:03d}.png" for i in range(12)] and info["counts"]["images"] == 12
     # adding images later appends without re-extracting the old ones
-    make_images(image_folder, 14, seed=5)
+    make_images(tmp_path / "more", 14, seed=5)  # two new images (the first twelve names are taken)
+    for name in ("img012.png", "img013.png"):
+        shutil.copy(tmp_path / "more" / name, image_folder / name)
     extracted.clear()
     info = pipeline.build_map(image_folder, tmp_path / "map", small_config, progress=False)
     assert info["counts"]["images"] == 14 and sorted(extracted) == ["img012.png", "img013.png"]
@@ -85,7 +87,7 @@ def test_clear_errors(tmp_path, image_folder, small_config):
         pipeline.build_map(tmp_path / "empty", tmp_path / "map", small_config)
     pipeline.build_map(image_folder, tmp_path / "map", small_config, progress=False)
     with pytest.raises(MapError, match="other settings"):
-        pipeline.build_map(image_folder, tmp_path / "map", small_config.replace(aggregator="gem"), progress=False)
+        pipeline.build_map(image_folder, tmp_path / "map", small_config.replace(aggregator="gem", aggregator_options={}), progress=False)
     with pytest.raises(MapError, match="not a vprkit map"):
         pipeline.open_map(tmp_path)
     with pytest.raises(ImageReadError, match="not found"):
@@ -95,7 +97,7 @@ def test_clear_errors(tmp_path, image_folder, small_config):
 def test_stale_index_is_rebuilt(tmp_path, image_folder, small_config):
     pipeline.build_map(image_folder, tmp_path / "map", small_config, progress=False)
     (tmp_path / "map" / "index.faiss").unlink()
-    m = pipeline.open_map(tmp_path / "map")
+    m = pipeline.open_map(tmp_path / "map", read_only=False)
     assert m.index.ntotal == 12 and (tmp_path / "map" / "index.faiss").exists()
 
 

@@ -57,6 +57,12 @@ BUDGET_SHARE_DECODE_BUFFER = 0.25
 MIN_MEMORY_BUDGET_MB = 4
 
 
+# Bounds of a resize target: a backbone input larger than this is a typo, not a request (and would
+# exhaust memory), as is a strip thinner than 1:20.
+MAX_PREPARED_PIXELS = 8192 * 8192
+MAX_ASPECT_RATIO = 20
+
+
 @dataclass(frozen=True)
 class ImageSpec:
     """How images are resized before the backbone.
@@ -83,6 +89,14 @@ class ImageSpec:
             object.__setattr__(self, "size", tuple(int(v) for v in self.size))
         if self.resize != "none" and (self.size is None or min(self.size) <= 0):
             raise ConfigError(f"resize mode {self.resize!r} needs a positive size, got {self.size}")
+        if self.size is not None and self.resize in ("fixed", "resize_crop"):  # keep_aspect: checked per image
+            h, w = self.size
+            if h * w > MAX_PREPARED_PIXELS:
+                raise ConfigError(f"image size {w}×{h} is {h * w:,} pixels, more than vprkit feeds a backbone "
+                                  f"({MAX_PREPARED_PIXELS:,})")
+            if max(h, w) > MAX_ASPECT_RATIO * min(h, w):
+                raise ConfigError(f"image size {w}×{h} has an aspect ratio above {MAX_ASPECT_RATIO}:1; "
+                                  f"give WIDTHxHEIGHT, e.g. 320x240")
 
     def to_dict(self) -> dict:
         return {"size": list(self.size) if self.size else None, "resize": self.resize}

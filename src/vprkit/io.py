@@ -142,3 +142,34 @@ def clean_orphans(folder: str | os.PathLike, older_than_s: float = ORPHAN_AGE_S)
         removed.append(Path(e.path))
         log.info("removed %s, left by an interrupted write", e.path)
     return removed
+
+
+def load_npz(path: str | os.PathLike) -> dict:
+    """Every array of an ``.npz`` file, after checking each member's header against its stored size.
+
+    A crafted or corrupt header can claim a billion rows: ``numpy.load`` would then try to allocate
+    them (a MemoryError) before noticing the data is not there. Here such a file is a ``ValueError``
+    naming the member, and pickled members are refused (``allow_pickle=False``).
+    """
+    import zipfile
+
+    import numpy as np
+
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                with zf.open(info) as fh:
+                    major, _ = np.lib.format.read_magic(fh)
+                    read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read_header(fh)
+                    if dtype.hasobject:
+                        raise ValueError(f"member {info.filename!r} holds Python objects (pickles are not loaded)")
+                    claimed = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+                    if claimed > info.file_size:
+                        raise ValueError(f"member {info.filename!r} claims {shape} {dtype} ({claimed:,} bytes) but holds "
+                                         f"{info.file_size:,} bytes")
+        with np.load(path, allow_pickle=False) as z:
+            return {name: z[name] for name in z.files}
+    except (zipfile.BadZipFile, EOFError) as exc:
+        raise ValueError(f"not an .npz archive ({exc})") from None

@@ -2,11 +2,14 @@
 
 A *retriever* is chosen by the preset (``Config.retriever``): ``global`` searches the FAISS index of
 global descriptors; SegVLAD registers ``segvlad``, which votes with SuperSegment matches.
+Retrievers see a :class:`SearchSpace` — the index, the store's extras and the map's extensions —
+never the models or the whole map, so a service or a loop-closure module can hand them its own.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
@@ -16,7 +19,24 @@ from .registry import Registry
 
 if TYPE_CHECKING:
     from .images import Batch
-    from .pipeline import Map
+    from .maps import FaissIndex, MapStore
+    from .maps.extensions import MapExtension
+
+
+@dataclass
+class SearchSpace:
+    """What a retriever searches: the global index over ``size`` map rows, and what the map stores beside it.
+
+    ``store`` gives per-image extras (SuperSegments, patches); ``extensions`` are the map's fitted
+    extensions by group; ``cache_dir`` is where derived indexes may be saved (None: keep them in memory,
+    as a read-only map does).
+    """
+
+    index: "FaissIndex"
+    size: int
+    store: "MapStore | None" = None
+    extensions: Mapping[str, "MapExtension"] = field(default_factory=dict)
+    cache_dir: Path | None = None
 
 
 @dataclass
@@ -35,8 +55,8 @@ class QueryBatch:
 class Retriever:
     name = "retriever"
 
-    def __init__(self, map: "Map", options: Mapping[str, Any]):
-        self.map = map
+    def __init__(self, space: SearchSpace, options: Mapping[str, Any]):
+        self.space = space
         self.options = dict(options)
 
     def search(self, query: QueryBatch, k: int) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
@@ -54,7 +74,7 @@ class GlobalRetriever(Retriever):
     name = "global"
 
     def search(self, query: QueryBatch, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.map.index.search(query.global_descriptors, k)
+        return self.space.index.search(query.global_descriptors, k)
 
 
 def pad_topk(rows: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

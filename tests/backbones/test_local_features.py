@@ -25,7 +25,7 @@ from vprkit.backbones import disk as disk_mod
 from vprkit.errors import ConfigError, WeightsNotFoundError
 from vprkit.images import ImageSpec
 from vprkit.presets import get_preset
-from vprkit.rerank.draw import match_two
+from vprkit.pipeline import match_two
 from vprkit.rerank.extension import PatchesExtension
 from vprkit.rerank.patches import PatchScale
 from vprkit.rerank.presets import get_rerank_settings

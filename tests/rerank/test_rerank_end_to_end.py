@@ -20,7 +20,8 @@ from vprkit.config import VocabularyConfig
 from vprkit.images import ImageSpec
 from vprkit.presets import get_preset
 from vprkit.rerank import PatchesExtension, PatchReranker, RerankSettings, ransac_score, score_pair
-from vprkit.rerank.draw import match_two, prepared_image
+from vprkit.images import iter_batches
+from vprkit.pipeline import match_two
 
 CORRIDOR_IMAGES = 16
 SETTINGS = RerankSettings("test", "two scales, RANSAC", scales=((2, 1), (3, 1)), weights=(0.5, 0.5), scorer="ransac",
@@ -56,7 +57,7 @@ def stored_map(corridor_refs, small_config, tmp_path_factory):
 
 def test_reranking_keeps_the_exact_match_first_and_orders_scores(stored_map, corridor_refs):
     m = pipeline.open_map(stored_map)
-    rr = PatchReranker(m, SETTINGS, log=lambda _: None)
+    rr = pipeline.get_reranker(m, SETTINGS, log=lambda _: None)
     assert rr.stored
     keys = sorted(p.name for p in corridor_refs.iterdir())
     qb = next(pipeline.query_batches(m, corridor_refs, keys[3:5]))
@@ -72,9 +73,9 @@ def test_stored_and_on_the_fly_patches_give_the_same_ranking(stored_map, corrido
     pipeline.build_map(corridor_refs, plain, small_config.replace(vocabulary=same_vocabulary), progress=False, log=lambda _: None)
     m_stored, m_plain = pipeline.open_map(stored_map), pipeline.open_map(plain)
     settings = SETTINGS
-    a = PatchReranker(m_stored, settings, log=lambda _: None)
+    a = pipeline.get_reranker(m_stored, settings, log=lambda _: None)
     logs = []
-    b = PatchReranker(m_plain, settings, log=logs.append)
+    b = pipeline.get_reranker(m_plain, settings, log=logs.append)
     assert a.stored and not b.stored and "computing them from" in logs[0]
     # the on-the-fly fit uses fit_images=100 (all 16 images); the stored map's used 8 — align them
     b.extension.load_state(a.extension.state())
@@ -119,7 +120,7 @@ def test_ransac_recovers_a_planted_homography_on_a_real_image(shared_datasets, t
     backbone = pipeline.load_backbone(config)
     settings = SETTINGS.replace(scales=((2, 1),), weights=(1.0,))
     ext = PatchesExtension({**settings.extension_options(), "pca_dim": 0, "k": 16}, backbone, None)
-    batches = [prepared_image(tmp_path / n, config, backbone.size_multiple) for n in ("a.png", "b.png", "c.png")]
+    batches = [next(iter_batches(tmp_path, [n], config.image, backbone.size_multiple, 1, 1)) for n in ("a.png", "b.png", "c.png")]
     with torch.inference_mode():
         feats = [backbone(torch.from_numpy(b.pixels)) for b in batches]
     ext.fit(zip(batches, feats))

@@ -46,7 +46,7 @@ def test_map_files_and_float16_payload(slic_map):
         assert g["members"].dtype == np.uint8
         assert 1 <= g["desc_f16"].shape[0] <= 64
     m = pipeline.open_map(slic_map)
-    idx = m.extensions["segments"].index(m)
+    idx = m.extensions["segments"].index(m.store, len(m.keys), m.dir)
     assert idx.n_images == len(REFS) and idx.ntotal >= len(REFS)
     assert set(np.unique(idx.image)) == set(range(len(REFS)))
     loaded = SegmentIndex.load(slic_map)
@@ -72,22 +72,22 @@ def test_localize_finds_the_right_places(slic_map):
 def test_retriever_options(slic_map):
     m = pipeline.open_map(slic_map)
     qb = next(pipeline.query_batches(m, CORRIDOR / "query", QUERIES))
-    base_rows, _ = SegVLADRetriever(m, {}).search(qb, 5)
+    base_rows, _ = SegVLADRetriever(m.search_space(), {}).search(qb, 5)
     for opts in ({"voting": "maxseg"}, {"voting": "maxsim"}, {"fuse": 0.5}, {"shortlist": 4}, {"k_prime": 5}):
-        rows, scores = SegVLADRetriever(m, opts).search(qb, 5)
+        rows, scores = SegVLADRetriever(m.search_space(), opts).search(qb, 5)
         assert rows.shape == (3, 5) and np.isfinite(scores[rows >= 0]).all()
-    rows, _ = SegVLADRetriever(m, {"shortlist": 4}).search(qb, 6)
+    rows, _ = SegVLADRetriever(m.search_space(), {"shortlist": 4}).search(qb, 6)
     g_rows, _ = m.index.search(qb.global_descriptors, 4)
     for r, g in zip(rows, g_rows):  # only the global top 4 are re-scored
         assert set(r[r >= 0]) == set(g)
         assert (r[4:] == -1).all()
     with pytest.raises(Exception):
-        SegVLADRetriever(m, {"voting": "borda"})
+        SegVLADRetriever(m.search_space(), {"voting": "borda"})
 
 
 def test_explain_writes_a_picture(slic_map, tmp_path):
     from vprkit.cli import cli
-    from vprkit.segments.explain import explain
+    from vprkit.pipeline import explain
 
     exp = explain(slic_map, CORRIDOR / "query" / QUERIES[0], out=tmp_path / "why.png", top=3)
     assert (tmp_path / "why.png").stat().st_size > 10_000

@@ -18,8 +18,12 @@ import numpy as np
 import torch
 
 from ..backbones.base import Backbone
+from ..backbones.extract import extract, ignore_failures
 from ..config import Config
 from ..errors import ConfigError
+from ..images import ImageSource, image_source
+from ..io import atomic_path, atomic_savez
+from ..numerics import PCA
 from .gem import gem_pool
 from .base import l2n
 
@@ -28,36 +32,19 @@ PCA_COMPONENTS = 2
 PCA_FILE = "domains-pca.npz"
 
 
-def gem_descriptors(backbone: Backbone, config: Config, root: str | os.PathLike, keys: Sequence[str],
-                    max_images: int = DOMAIN_SAMPLE_IMAGES, p: float = 3.0, signed: bool = False,
-                    seed: int = 0, progress: bool | str = False) -> np.ndarray:
+def gem_descriptors(backbone: Backbone, config: Config, images: ImageSource | str | os.PathLike,
+                    keys: Sequence[str] | None = None, max_images: int = DOMAIN_SAMPLE_IMAGES, p: float = 3.0,
+                    signed: bool = False, progress: bool | str = False) -> np.ndarray:
     """L2-normalised GeM descriptors of up to ``max_images`` evenly spread images (n×D float32)."""
-    from ..pipeline import extract
-
+    source = image_source(images, keys)
+    keys = source.keys
     if len(keys) > max_images:
         keys = [keys[i] for i in np.linspace(0, len(keys) - 1, max_images).round().astype(int)]
-    out = [l2n(gem_pool(f.flat(), p, signed)).float().numpy()
-           for _, f in extract(backbone, config, root, keys, progress, on_failure=lambda k, m: None)]
+    out = [l2n(gem_pool(f.flat(), p, signed)).float().cpu().numpy()
+           for _, f in extract(backbone, config, source, keys, progress, on_failure=ignore_failures)]
     if not out:
-        raise ConfigError(f"no readable images in {root}")
+        raise ConfigError(f"no readable images in {source.describe()}")
     return np.concatenate(out)
-
-
-@dataclass
-class PCA:
-    """Principal axes fitted with an SVD (numpy; no scikit-learn dependency)."""
-
-    mean: np.ndarray
-    components: np.ndarray  # c×D
-
-    @classmethod
-    def fit(cls, x: np.ndarray, n_components: int = PCA_COMPONENTS) -> "PCA":
-        mean = x.mean(0)
-        _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
-        return cls(mean, vt[:n_components])
-
-    def transform(self, x: np.ndarray) -> np.ndarray:
-        return (x - self.mean) @ self.components.T
 
 
 @dataclass
@@ -95,20 +82,21 @@ def analyse_domains(descriptors: dict[str, np.ndarray], n_components: int = PCA_
     names = list(descriptors)
     if len(names) < 1:
         raise ConfigError("domain analysis needs at least one dataset")
-    pca = PCA.fit(np.concatenate([descriptors[n] for n in names]), n_components)
+    pca = _fit_pca(np.concatenate([descriptors[n] for n in names]), n_components)
     projected = [pca.transform(descriptors[n]) for n in names]
     return DomainAnalysis(names, projected, pca, suggest_groups(names, projected))
 
 
 def plot_domains(analysis: DomainAnalysis, out: str | os.PathLike) -> Path:
     """Scatter plot of the first two PCA components, one colour per dataset, centroids labelled."""
-    import matplotlib
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 6), dpi=110)
-    cmap = plt.get_cmap("tab10")
+    fig = Figure(figsize=(7, 6), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    cmap = colormaps["tab10"]
     for i, (name, pts) in enumerate(zip(analysis.names, analysis.projected)):
         ax.scatter(pts[:, 0], pts[:, 1], s=9, alpha=0.5, color=cmap(i % 10), label=f"{name} ({len(pts)})")
         c = pts.mean(0)
@@ -122,15 +110,21 @@ def plot_domains(analysis: DomainAnalysis, out: str | os.PathLike) -> Path:
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
+    with atomic_path(out) as tmp, open(tmp, "wb") as fh:
+        fig.savefig(fh, format="png")
     return out
 
 
+def _fit_pca(x: np.ndarray, n_components: int) -> PCA:
+    """Plain principal axes (no whitening, no re-normalisation): positions in the domain plot."""
+    pca = PCA.fit(x, n_components, method="exact")
+    pca.normalise = False
+    return pca
+
+
 def save_pca(pca: PCA, folder: Path, identity: dict[str, Any]) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / PCA_FILE
-    np.savez(path, mean=pca.mean, components=pca.components, identity=json.dumps(identity, sort_keys=True, default=str))
+    atomic_savez(path, mean=pca.mean, components=pca.components, identity=json.dumps(identity, sort_keys=True, default=str))
     return path
 
 
@@ -162,10 +156,53 @@ def nearest_domain(map_descriptors: np.ndarray, vocab_folder: Path, identity: di
     if pca_path.exists():
         with np.load(pca_path) as z:
             if json.loads(str(z["identity"])) == json.loads(json.dumps(identity, sort_keys=True, default=str)):
-                pca = PCA(z["mean"], z["components"])
+                pca = PCA(z["mean"], z["components"], normalise=False)
     if pca is None:
         allc = np.concatenate(list(candidates.values()))
-        pca = PCA.fit(allc, min(PCA_COMPONENTS, max(1, len(allc) - 1)))
+        pca = _fit_pca(allc, min(PCA_COMPONENTS, max(1, len(allc) - 1)))
     q = pca.transform(map_descriptors.mean(0, keepdims=True))[0]
     dists = {name: float(np.linalg.norm(pca.transform(c) - q, axis=1).min()) for name, c in candidates.items()}
     return min(dists, key=dists.get), dists
+
+
+# ---- the stage's entry points: domain vocabularies from image sets -----------------------------
+def build_domain_vocabulary(
+    backbone: Backbone, config: Config, datasets: dict[str, ImageSource], name: str,
+    out: str | os.PathLike | None = None, progress: bool = True,
+) -> Path:
+    """Pool sub-sampled descriptors of several image sets (name → database images) into vocabulary ``name``.
+
+    Saved as ``<vocabularies>/<name>.npz`` (or ``out``) with each set's GeM centroid, so
+    :func:`nearest_domain` can later choose it for a new map. Memory is bounded by the
+    configuration's vocabulary pool whatever the datasets' sizes.
+    """
+    from .vocabulary import build_vocabulary, domain_vocabulary_dir
+
+    voc = build_vocabulary(backbone, config, list(datasets.values()), name=f"domain:{name}", progress=progress)
+    voc.metadata["datasets"] = list(datasets)
+    voc.metadata["dataset_gem_centroids"] = {
+        label: gem_descriptors(backbone, config, src).mean(0).round(6).tolist() for label, src in datasets.items()
+    }
+    path = Path(out) if out else domain_vocabulary_dir() / f"{name}.npz"
+    return voc.save(path)
+
+
+def analyse_dataset_domains(backbone: Backbone, config: Config, datasets: dict[str, ImageSource],
+                            plot: str | os.PathLike | None = None, progress: bool = True) -> DomainAnalysis:
+    """GeM descriptors per image set → PCA → suggested domains (+ scatter PNG); saves the PCA for picking."""
+    from .vocabulary import descriptor_identity, domain_vocabulary_dir
+
+    descs = {label: gem_descriptors(backbone, config, src, progress=progress and label) for label, src in datasets.items()}
+    analysis = analyse_domains(descs)
+    save_pca(analysis.pca, domain_vocabulary_dir(), descriptor_identity(config, backbone))
+    if plot is not None:
+        plot_domains(analysis, plot)
+    return analysis
+
+
+def pick_domain(backbone: Backbone, config: Config, images: ImageSource) -> tuple[str, dict[str, float]]:
+    """The domain vocabulary nearest to ``images`` (see :func:`nearest_domain`)."""
+    from .vocabulary import descriptor_identity, domain_vocabulary_dir
+
+    descs = gem_descriptors(backbone, config, images)
+    return nearest_domain(descs, domain_vocabulary_dir(), descriptor_identity(config, backbone))

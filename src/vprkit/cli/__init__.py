@@ -7,13 +7,14 @@ Each topic module (``core``, ``vocab``, ``rerank``, ``segments``) defines click 
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 
 import click
 
 from ..errors import VPRKitError
 
-_TOPICS = ("core", "vocab", "rerank", "segments")
+_TOPICS = ("core", "vocab", "rerank", "segments", "bench", "train")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -23,17 +24,34 @@ def cli() -> None:
 
 
 for _topic in _TOPICS:
-    try:
-        importlib.import_module(f"{__name__}.{_topic}").register(cli)
-    except ModuleNotFoundError as _exc:
-        if _exc.name != f"{__name__}.{_topic}":
-            raise
+    importlib.import_module(f"{__name__}.{_topic}").register(cli)
+
+
+class _MessageOnly(logging.Formatter):
+    """Library messages as the CLI shows them: the message, prefixed with the level from warnings up."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        return msg if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {msg}"
+
+
+def show_library_logs(level: int = logging.INFO) -> None:
+    """The library logs through ``logging``; the CLI shows its messages on stderr (stdout stays for results)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_MessageOnly())
+    root = logging.getLogger("vprkit")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
 
 
 def main() -> None:
     """Entry point: user-facing errors print as one line (no traceback) and exit with status 2."""
+    show_library_logs()
     try:
-        cli.main(standalone_mode=False)
+        status = cli.main(standalone_mode=False)
+        if isinstance(status, int) and status:  # a command's own exit status (e.g. some queries not localised)
+            sys.exit(status)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
@@ -46,3 +64,14 @@ def main() -> None:
     except KeyboardInterrupt:
         click.echo("interrupted: completed shards are kept; run the same command again to resume", err=True)
         sys.exit(130)
+    except OSError as exc:  # the disk or the system said no (full, read-only, permissions): not a bug
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        click.echo(f"error: {exc.strerror or exc}{where}", err=True)
+        sys.exit(2)
+    except Exception:  # a bug: show where, and ask for a report
+        import traceback
+
+        traceback.print_exc()
+        click.echo("internal error: this is a bug in vprkit, not in your input; please report it with the command "
+                   "you ran and the traceback above", err=True)
+        sys.exit(3)

@@ -68,16 +68,20 @@ def map_group() -> None:
 @memory_budget_option
 @image_size_option
 @device_option
+@click.option("--on-change", "on_change", type=click.Choice(["refuse", "reencode"]), default="refuse", show_default=True,
+              help="An image whose content differs from the map's entry of the same name: refuse, or re-encode it.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def map_build(images_dir: Path, out: Path, poses: Path | None, preset: str, float16: bool, rerank: str | None,
               vocab: str | None, weights: Path | None, memory_budget: int | None, image_size: tuple[int, int] | None,
-              device: str | None, quiet: bool) -> None:
-    """Extract, aggregate and store descriptors of every image in IMAGES_DIR (resumable)."""
+              device: str | None, on_change: str, quiet: bool) -> None:
+    """Extract, aggregate and store descriptors of every image in IMAGES_DIR (resumable, one writer at a time)."""
     config = _config(preset, float16, rerank, vocab, weights, memory_budget, image_size, device)
-    info = pipeline.build_map(images_dir, out, config, poses=poses, progress=not quiet)
-    c = info["counts"]
-    click.echo(f"map {out}: {c['images']} images, {info['descriptor_dim']}-d descriptors ({info['config']['name']}), "
-               f"{c['failed']} unreadable, built in {info['last_build']['seconds']:.1f} s")
+    info = pipeline.build_map(images_dir, out, config, poses=poses, progress=not quiet, on_change=on_change)
+    c, last = info["counts"], info["last_build"]
+    extra = "".join(f", {last[k]} {label}" for k, label in (("reencoded", "re-encoded"), ("poses_updated", "poses updated"))
+                    if last.get(k))
+    click.echo(f"map {out}: {c['images']} images ({last['new_images']} new{extra}), {info['descriptor_dim']}-d "
+               f"descriptors ({info['config']['name']}), {c['failed']} unreadable, built in {last['seconds']:.1f} s")
 
 
 @map_group.command("info")
@@ -110,15 +114,22 @@ def localize(map_dir: Path, queries: tuple[Path, ...], top_k: int, rerank: str |
     if rerank is not None:
         get_rerank_config(rerank)  # an unknown name fails before the map is opened
     extra = {} if device is None else {"device": check_device(device)}
-    results = pipeline.localize(map_dir, list(queries), top_k=top_k, rerank=rerank, **extra)
+    results = pipeline.localize(map_dir, list(queries), top_k=top_k, rerank=rerank, unreadable="report", **extra)
+    failed = [r for r in results if r.error is not None]
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in results], indent=2))
-        return
-    for r in results:
-        click.echo(f"{r.query}  ({1000 * r.seconds:.0f} ms)")
-        for rank, m in enumerate(r.matches, 1):
-            pos = "" if m.position is None else f"  at ({m.position[0]:.1f}, {m.position[1]:.1f})"
-            click.echo(f"  {rank:>3}. {m.key}  score {m.score:.4f}{pos}")
+    else:
+        for r in results:
+            if r.error is not None:
+                continue
+            click.echo(f"{r.query}  ({1000 * r.seconds:.0f} ms)")
+            for rank, m in enumerate(r.matches, 1):
+                pos = "" if m.position is None else f"  at ({m.position[0]:.1f}, {m.position[1]:.1f})"
+                click.echo(f"  {rank:>3}. {m.key}  score {m.score:.4f}{pos}")
+    for r in failed:
+        click.echo(f"not localised: {r.error}", err=True)
+    if failed:
+        raise click.exceptions.Exit(1)  # the good queries' results are above; say that some failed
 
 
 @click.command("eval")

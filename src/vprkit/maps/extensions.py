@@ -7,20 +7,20 @@ first (a PCA, say); that state is saved in ``MAP_DIR/extensions/<group>.npz``.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import numpy as np
 
 from ..backbones.base import Backbone, DenseFeatures
+from ..errors import MapError
+from ..io import atomic_savez, load_npz
 from ..registry import Registry
 
 if TYPE_CHECKING:
     from ..aggregation.vlad import Vocabulary
     from ..images import Batch
-    from ..pipeline import Map
+    from .store import MapStore
 
 EXTENSIONS_DIR = "extensions"
 
@@ -49,8 +49,8 @@ class MapExtension:
         """One dict of arrays per image of the batch (stored under ``extras/<group>/<row>``)."""
         raise NotImplementedError
 
-    def finalize(self, map: "Map") -> None:
-        """Called after the store is consolidated (e.g. to build a segment index)."""
+    def finalize(self, store: "MapStore", map_dir: Path) -> None:
+        """Called after the store is consolidated (e.g. to build a segment index from ``store``'s extras)."""
 
     # ---- persistence of the learned state ---------------------------------------------------
     def state_path(self, map_dir: Path) -> Path:
@@ -58,25 +58,18 @@ class MapExtension:
 
     def save_state(self, map_dir: Path) -> None:
         state = self.state()
-        if not state:
-            return
-        path = self.state_path(map_dir)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
-        os.close(fd)
-        try:
-            np.savez(tmp, **state)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        if state:
+            atomic_savez(self.state_path(map_dir), **state)
 
     def try_load_state(self, map_dir: Path) -> bool:
         path = self.state_path(map_dir)
         if not path.exists():
             return False
-        with np.load(path, allow_pickle=False) as z:
-            self.load_state({k: z[k] for k in z.files})
+        try:
+            state = load_npz(path)
+        except (ValueError, OSError) as exc:
+            raise MapError(f"{path} is damaged ({exc}); rebuild the map") from None
+        self.load_state(state)
         return True
 
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ConfigError, MapError
+from ..io import atomic_path
 
 INDEX_FILE = "index.faiss"
 # Enough training vectors per IVF list / PQ centroid that FAISS does not warn or degrade.
@@ -36,6 +36,7 @@ class FaissIndex:
         if not index.is_trained:
             if len(x) == 0:
                 raise MapError(f"index {factory!r} needs training vectors, and the map is empty")
+            _seed_training(index, seed)
             index.train(x)
         index.add(x)
         return cls(index, factory)
@@ -55,18 +56,41 @@ class FaissIndex:
         import faiss
 
         path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            faiss.write_index(self.index, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(path) as tmp:
+            faiss.write_index(self.index, str(tmp))
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike, factory: str = "?") -> "FaissIndex":
+        """Read an index file; a truncated or foreign file is a :class:`MapError` (the index can be rebuilt)."""
         import faiss
 
-        return cls(faiss.read_index(str(path)), factory)
+        try:
+            return cls(faiss.read_index(str(path)), factory)
+        except (RuntimeError, MemoryError) as exc:  # MemoryError: a damaged header asked for an absurd allocation
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise MapError(f"{path} is not a readable FAISS index ({reason})") from None
+
+
+def _seed_training(index, seed: int) -> None:
+    """Seed the k-means FAISS runs while training ``index`` (IVF coarse quantiser, product quantisers).
+
+    FAISS's clustering otherwise uses a fixed seed of its own; taking the map's seed makes an index
+    trained on a sample reproducible from the map's settings and lets benchmarks vary it.
+    """
+    import faiss
+
+    parts = []
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:  # not an IVF index (flat, HNSW, PQ …)
+        ivf = None
+    if ivf is not None:
+        ivf = faiss.downcast_index(ivf)
+        parts += [ivf, getattr(ivf, "pq", None)]
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
+    parts += [inner, getattr(inner, "pq", None)]
+    for part in parts:
+        params = getattr(part, "cp", None)
+        if params is not None and hasattr(params, "seed"):
+            params.seed = int(seed)

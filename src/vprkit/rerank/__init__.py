@@ -7,17 +7,17 @@ sums, global fusion), packaged as the :class:`PatchReranker` and named presets (
 candidates' patch descriptors at build time.
 """
 
-from .base import RERANKERS, Reranker
+from .base import Reranker
 from .extension import PatchesExtension
 from .fusion import fuse_scales, fuse_with_global, znorm
 from .matching import Matches, mutual_nn, mutual_nn_grouped
 from .patches import PatchProjection, PatchScale, direct_patch_vlad, integral_patch_vlad
 from .presets import RERANK_PRESETS, RerankSettings, get_rerank_settings, map_extensions_for
-from .reranker import PairResult, PatchReranker, score_pair
+from .reranker import PairResult, PatchReranker, make_reranker, score_pair
 from .scoring import SCORERS, PatchSet, SpatialScore, rapid_spatial_score, ransac_score
 
 __all__ = [
-    "RERANKERS", "Reranker", "PatchesExtension", "fuse_scales", "fuse_with_global", "znorm", "Matches", "mutual_nn",
+    "Reranker", "make_reranker", "PatchesExtension", "fuse_scales", "fuse_with_global", "znorm", "Matches", "mutual_nn",
     "mutual_nn_grouped", "PatchProjection", "PatchScale", "direct_patch_vlad", "integral_patch_vlad", "RERANK_PRESETS",
     "RerankSettings", "get_rerank_settings", "map_extensions_for", "PairResult", "PatchReranker", "score_pair",
     "SCORERS", "PatchSet", "SpatialScore", "rapid_spatial_score", "ransac_score",

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..registry import Registry
-
 if TYPE_CHECKING:
-    from ..pipeline import Map
     from ..retrieval import QueryBatch
 
 
@@ -19,13 +16,9 @@ class Reranker:
     name = "reranker"
     shortlist: int = 100
 
-    def __init__(self, map: "Map"):
-        self.map = map
-
     def rerank(self, query: "QueryBatch", rows: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
         """Return ``(rows, scores)`` of the same shape, re-ordered best first (higher is better)."""
         raise NotImplementedError
 
-
-# name → factory(map) -> Reranker; e.g. "performance", "speed", "storage"
-RERANKERS: Registry[Callable[["Map"], Reranker]] = Registry("re-ranking preset")
+    def close(self) -> None:
+        """Release files the re-ranker holds open."""

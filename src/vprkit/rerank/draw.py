@@ -18,13 +18,13 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, ImageReadError
+from ..io import atomic_path
 from .extension import PatchesExtension
-from .presets import get_rerank_settings
 from .reranker import PairResult, score_pair
 from .scoring import SCORERS
 
 if TYPE_CHECKING:
-    from ..images import Batch
+    from ..images import ImageInput
 
 # Centres for a map-less match need at least this many cells per cluster to be meaningful.
 MIN_CELLS_PER_CLUSTER = 4
@@ -53,73 +53,68 @@ class TwoImageMatch:
         return out
 
 
-def match_two(image_a: str | os.PathLike, image_b: str | os.PathLike, rerank: str = "performance",
-              preset: str = "effnet-vlad", map_dir: str | os.PathLike | None = None,
-              out: str | os.PathLike | None = None) -> TwoImageMatch:
-    """Match ``image_a`` (as query) against ``image_b`` with re-ranking preset ``rerank``."""
-    from .. import pipeline
+def match_pair(image_a: "ImageInput", image_b: "ImageInput", settings, config, backbone,
+               extension: PatchesExtension | None = None, out: str | os.PathLike | None = None) -> TwoImageMatch:
+    """Match ``image_a`` (as query) against ``image_b`` (paths or decoded frames) with re-ranking ``settings``.
 
-    settings = get_rerank_settings(rerank)
-    if map_dir is not None:
-        m = pipeline.open_map(map_dir)
-        from .reranker import PatchReranker
+    ``extension`` is a fitted patch extension (a map's, so the score is the one re-ranking computes);
+    without one, NetVLAD centres are fitted on the two images themselves (no PCA).
+    """
+    from ..backbones.extract import extract
+    from ..images import image_source
 
-        config, backbone = m.config, m.backbone
-        ext = PatchReranker(m, settings, log=lambda _: None).extension
-    else:
-        config = pipeline.resolve_config(preset)
-        backbone = pipeline.load_backbone(config)
-        ext = None
+    source = image_source({"a": image_a, "b": image_b})
     batches, feats = [], []
-    for path in (image_a, image_b):
-        batch = prepared_image(path, config, backbone.size_multiple)
-        batches.append(batch)
-        with torch.inference_mode():
-            feats.append(backbone(torch.from_numpy(batch.pixels)))
-    if ext is None:
-        ext = PatchesExtension({**settings.extension_options(), "pca_dim": 0}, backbone, None)
-        own = [ext.features(b.pixels, f) for b, f in zip(batches, feats)]
+    for batch, f in extract(backbone, config, source, on_failure=_raise):
+        for i in range(len(batch.keys)):  # one image per entry, whatever the batching
+            batches.append(type(batch)([batch.keys[i]], batch.pixels[i : i + 1], [batch.geometries[i]]))
+            feats.append(f.select(i))
+    if extension is None:
+        extension = PatchesExtension({**settings.extension_options(), "pca_dim": 0}, backbone, None)
+        own = [extension.features(b.pixels, f) for b, f in zip(batches, feats)]
         n_cells = sum(f.patches.shape[1] * f.patches.shape[2] for f in own)
-        ext.options["k"] = max(2, min(int(ext.options["k"]), n_cells // MIN_CELLS_PER_CLUSTER))
-        ext.fit(zip(batches, feats))
-    sets = [ext.describe_batch(b, f)[0] for b, f in zip(batches, feats)]
+        extension.options["k"] = max(2, min(int(extension.options["k"]), n_cells // MIN_CELLS_PER_CLUSTER))
+        extension.fit(zip(batches, feats))
+    sets = [extension.describe_batch(b, f)[0] for b, f in zip(batches, feats)]
     result = score_pair(sets[0], sets[1], SCORERS.get(settings.scorer))
-    tm = TwoImageMatch(str(image_a), str(image_b), settings.name, result, settings.weights,
+    tm = TwoImageMatch(_name(image_a, "a"), _name(image_b, "b"), settings.name, result, settings.weights,
                        (batches[0].pixels[0], batches[1].pixels[0]))
     if out is not None:
         tm.figure_path = str(draw_matches(tm, out))
     return tm
 
 
-def prepared_image(path: str | os.PathLike, config, multiple: int) -> "Batch":
-    """One image read and prepared exactly as map images are (a batch of one)."""
-    from ..images import iter_batches
+def _raise(key: str, message: str) -> None:
+    raise ImageReadError(message)
 
-    path = Path(path)
-    batch = next(iter_batches(path.parent, [path.name], config.image, multiple, batch_size=1, workers=1))
-    if batch.failures:
-        raise ImageReadError(batch.failures[0][1])
-    return batch
+
+def _name(image, default: str) -> str:
+    return str(image) if isinstance(image, (str, os.PathLike)) else default
 
 
 def draw_matches(tm: TwoImageMatch, out: str | os.PathLike, scales: Sequence[int] | None = None) -> Path:
-    """Both images side by side; inlier matches as lines coloured by similarity, other mutual matches faint."""
-    import matplotlib
+    """Both images side by side; inlier matches as lines coloured by similarity, other mutual matches faint.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Draws on an Agg canvas of its own (object-oriented matplotlib, no pyplot): the process-wide backend
+    and pyplot's figure list are left alone. The file format follows ``out``'s extension (PNG without one).
+    """
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     a, b = (np.transpose(p, (1, 2, 0)) for p in tm.pixels)
     h = max(a.shape[0], b.shape[0])
     canvas = np.ones((h, a.shape[1] + b.shape[1], 3), np.float32)
     canvas[: a.shape[0], : a.shape[1]] = a
     canvas[: b.shape[0], a.shape[1]:] = b
-    fig, ax = plt.subplots(figsize=(canvas.shape[1] / 50, canvas.shape[0] / 50 + 0.6), dpi=100)
+    fig = Figure(figsize=(canvas.shape[1] / 50, canvas.shape[0] / 50 + 0.6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
     ax.imshow(np.clip(canvas, 0, 1))
     chosen = range(len(tm.result.scores)) if scales is None else scales
     if not list(chosen):
         raise ConfigError("nothing to draw: no patch scales selected")
-    cmap = plt.get_cmap("turbo")
+    cmap = colormaps["turbo"]
     for s in chosen:
         q, c, m, sc = tm.result.query_sets[s], tm.result.candidate_sets[s], tm.result.matches[s], tm.result.scores[s]
         for i in range(len(m)):
@@ -135,7 +130,6 @@ def draw_matches(tm: TwoImageMatch, out: str | os.PathLike, scales: Sequence[int
                  f"inliers/matches per scale: {inl}", fontsize=8)
     ax.axis("off")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, bbox_inches="tight")
-    plt.close(fig)
+    with atomic_path(out) as tmp, open(tmp, "wb") as fh:
+        fig.savefig(fh, format=out.suffix.lstrip(".").lower() or "png", bbox_inches="tight")
     return out

@@ -27,6 +27,7 @@ from ..aggregation.vlad import fit_vocabulary
 from ..backbones.base import Backbone, DenseFeatures, build_backbone
 from ..errors import ConfigError, MapError
 from ..maps.extensions import EXTENSIONS, MapExtension
+from ..numerics import NORM_FLOOR
 from .patches import PatchProjection, PatchScale, integral_patch_vlad, patch_centres, patch_grid_positions
 from .scoring import PatchSet
 
@@ -58,7 +59,7 @@ def scale_key(scale: PatchScale) -> str:
 
 
 def quantise_int8(x: np.ndarray) -> np.ndarray:
-    peak = np.maximum(np.abs(x).max(1, keepdims=True), 1e-12)
+    peak = np.maximum(np.abs(x).max(1, keepdims=True), NORM_FLOOR)
     return np.round(x / peak * INT8_MAX).astype(np.int8)
 
 

@@ -43,19 +43,24 @@ def mutual_nn(query: torch.Tensor, candidates: torch.Tensor) -> list[Matches]:
 
 
 def _mutual_one(query: torch.Tensor, candidate: torch.Tensor) -> Matches:
-    """Mutual nearest neighbours of one query–candidate pair (``n_q×d`` against ``n_d×d``)."""
+    """Mutual nearest neighbours of one query–candidate pair (``n_q×d`` against ``n_d×d``), on their device."""
     sim = query @ candidate.T  # n_q×n_d
     best_d_sim, best_d = sim.max(dim=1)
     best_q = sim.argmax(dim=0)
-    qi = torch.nonzero(best_q[best_d] == torch.arange(query.shape[0]), as_tuple=False).squeeze(1)
-    return Matches(qi.numpy(), best_d[qi].numpy(), best_d_sim[qi].numpy())
+    qi = torch.nonzero(best_q[best_d] == torch.arange(query.shape[0], device=sim.device), as_tuple=False).squeeze(1)
+    return Matches(qi.cpu().numpy(), best_d[qi].cpu().numpy(), best_d_sim[qi].float().cpu().numpy())
 
 
-def mutual_nn_grouped(query: torch.Tensor, candidates: list[torch.Tensor]) -> list[Matches]:
+def mutual_nn_grouped(query: torch.Tensor, candidates: list[torch.Tensor],
+                      device: torch.device | str | None = None) -> list[Matches]:
     """Like :func:`mutual_nn` for a list of candidates of any patch counts.
 
     One matrix product per candidate: stacking a shortlist of large patch sets into one batch
     costs a copy as large as the products themselves (hundreds of MB for the performance preset).
+    ``device`` is where the products run (the configured device); indices come back as NumPy.
     """
     empty = Matches(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
-    return [empty if len(c) == 0 or len(query) == 0 else _mutual_one(query, c) for c in candidates]
+    if device is not None:
+        query = query.to(device)
+    return [empty if len(c) == 0 or len(query) == 0 else _mutual_one(query, c if device is None else c.to(device))
+            for c in candidates]

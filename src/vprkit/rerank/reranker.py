@@ -15,13 +15,16 @@ otherwise they are computed on the fly from the map's images (slower, same resul
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
+import torch
 
+from ..backbones.extract import extract, ignore_failures, sample_keys
 from ..errors import MapError
 from .base import Reranker
 from .extension import GROUP, PatchesExtension
@@ -30,9 +33,14 @@ from .matching import Matches, mutual_nn_grouped
 from .scoring import SCORERS, PatchSet, SpatialScore
 
 if TYPE_CHECKING:
-    from ..pipeline import Map
+    from ..backbones.base import Backbone
+    from ..config import Config
+    from ..images import ImageSource
+    from ..maps import MapStore
     from ..retrieval import QueryBatch
     from .presets import RerankSettings
+
+logger = logging.getLogger(__name__)
 
 # Decoded candidate patch sets kept in RAM across queries (maps' images recur in shortlists). Sized
 # to hold a performance-preset shortlist of 100 at 320×240 (≈ 7.8 MB each as float32): a smaller
@@ -83,38 +91,93 @@ def score_pair(query_sets: list[PatchSet], candidate_sets: list[PatchSet], score
     return PairResult(matches, scores, query_sets, candidate_sets)
 
 
-class PatchReranker(Reranker):
-    """Re-ranks a global shortlist with multi-scale patch matching (see module docs)."""
+class StoredPatches:
+    """Candidates' patch sets decoded from the map store (built with the same re-ranking settings)."""
 
-    def __init__(self, map: "Map", settings: "RerankSettings", log: Callable[[str], None] = print):
-        super().__init__(map)
+    stored = True
+
+    def __init__(self, store: "MapStore", extension: PatchesExtension):
+        self.store, self.extension = store, extension
+        self._reader = None
+
+    def __call__(self, rows: list[int]) -> dict[int, list[PatchSet]]:
+        if self._reader is None:
+            self._reader = self.store.open()
+        return {r: self.extension.decode(self._reader.extras(GROUP, r)) for r in rows}
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+
+class ComputedPatches:
+    """Candidates' patch sets computed from the map's images on the fly (a map stored without them)."""
+
+    stored = False
+
+    def __init__(self, extension: PatchesExtension, backbone: "Backbone", config: "Config", images: "ImageSource",
+                 keys: Sequence[str]):
+        self.extension, self.backbone, self.config, self.images, self.keys = extension, backbone, config, images, keys
+
+    def __call__(self, rows: list[int]) -> dict[int, list[PatchSet]]:
+        keys = [self.keys[r] for r in rows]
+        row_of = dict(zip(keys, rows))
+        out: dict[int, list[PatchSet]] = {}
+        for batch, feats in extract(self.backbone, self.config, self.images, keys, on_failure=ignore_failures):
+            for key, sets in zip(batch.keys, self.extension.describe_batch(batch, feats)):
+                out[row_of[key]] = sets
+        lost = [self.keys[r] for r in rows if r not in out]
+        if lost:
+            raise MapError(f"cannot re-rank: map images {lost[:3]} are no longer readable in {self.images.describe()}")
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def make_reranker(
+    settings: "RerankSettings", *, config: "Config", backbone: "Backbone", vocabulary, stored: PatchesExtension | None,
+    store: "MapStore", keys: Sequence[str], images: "ImageSource", log: Callable[[str], None] = logger.info,
+) -> "PatchReranker":
+    """A re-ranker for a map: its stored patches when they match ``settings``, else patches computed on the fly.
+
+    On the fly, the patch state (NetVLAD centres, α, PCA) is fitted on a sample of the map's images.
+    """
+    from .presets import patch_options
+
+    options = patch_options(settings, config)
+    device = next(iter(backbone.parameters()), torch.empty(0)).device  # match where the models run
+    if stored is not None and stored.stores_same_as(options):
+        return PatchReranker(settings, stored, StoredPatches(store, stored), device)
+    log(f"re-ranking '{settings.name}': the map stores no matching patch descriptors; computing them from "
+        f"{images.describe()} as needed (build the map with --rerank {settings.name} to store them)")
+    ext = PatchesExtension(options, backbone, vocabulary)
+    if ext.needs_fit:
+        sample = sample_keys(keys, int(ext.options["fit_images"]), config.vocabulary.seed)
+        ext.fit(extract(backbone, config, images, sample, on_failure=ignore_failures))
+    return PatchReranker(settings, ext, ComputedPatches(ext, backbone, config, images, keys), device)
+
+
+class PatchReranker(Reranker):
+    """Re-ranks a global shortlist with multi-scale patch matching (see module docs).
+
+    ``candidates`` turns map rows into their patch sets (:class:`StoredPatches` or
+    :class:`ComputedPatches`); decoded sets are cached across queries.
+    """
+
+    def __init__(self, settings: "RerankSettings", extension: PatchesExtension,
+                 candidates: "StoredPatches | ComputedPatches", device: "torch.device | str | None" = None):
         self.settings = settings
+        self.device = device  # where patch matching runs (None: where the descriptors are, the CPU)
         self.name = settings.name
         self.shortlist = settings.shortlist
         self.scorer = SCORERS.get(settings.scorer)
         self.cache = CandidateCache(CANDIDATE_CACHE_BYTES)
         self.timings: list[float] = []
-        from .presets import patch_options
-
-        self.options = patch_options(settings, map.config)
-        stored = map.extensions.get(GROUP)
-        if stored is not None and stored.stores_same_as(self.options):
-            self.extension, self.stored = stored, True
-        else:
-            self.extension, self.stored = self._fit_on_the_fly(settings, log), False
-        self._reader = None
-
-    def _fit_on_the_fly(self, settings: "RerankSettings", log: Callable[[str], None]) -> PatchesExtension:
-        from ..pipeline import _fit_sample, extract
-
-        log(f"re-ranking '{settings.name}': the map stores no matching patch descriptors; computing them from "
-            f"{self.map.images_root} as needed (build the map with --rerank {settings.name} to store them)")
-        ext = PatchesExtension(self.options, self.map.backbone, self.map.vocabulary)
-        if not ext.needs_fit:
-            return ext
-        keys = _fit_sample(self.map.keys, int(ext.options["fit_images"]), self.map.config.vocabulary.seed)
-        ext.fit(extract(self.map.backbone, self.map.config, self.map.images_root, keys, on_failure=lambda k, m: None))
-        return ext
+        self.extension = extension
+        self.candidates = candidates
+        self.stored = candidates.stored
 
     # ---- candidates ----------------------------------------------------------------------------
     def candidate_sets(self, rows: list[int]) -> dict[int, list[PatchSet]]:
@@ -126,26 +189,10 @@ class PatchReranker(Reranker):
                 out[r] = hit
             else:
                 missing.append(r)
-        if not missing:
-            return out
-        if self.stored:
-            if self._reader is None:
-                self._reader = self.map.store.open()
-            for r in missing:
-                out[r] = self.extension.decode(self._reader.extras(GROUP, r))
-                self.cache.put(r, out[r])
-        else:
-            from ..pipeline import extract
-
-            keys = [self.map.keys[r] for r in missing]
-            row_of = dict(zip(keys, missing))
-            for batch, feats in extract(self.map.backbone, self.map.config, self.map.images_root, keys):
-                for key, sets in zip(batch.keys, self.extension.describe_batch(batch, feats)):
-                    out[row_of[key]] = sets
-                    self.cache.put(row_of[key], sets)
-            lost = [self.map.keys[r] for r in missing if r not in out]
-            if lost:
-                raise MapError(f"cannot re-rank: map images {lost[:3]} are no longer readable under {self.map.images_root}")
+        if missing:
+            for r, sets in self.candidates(missing).items():
+                out[r] = sets
+                self.cache.put(r, sets)
         return out
 
     # ---- re-ranking ----------------------------------------------------------------------------
@@ -153,7 +200,7 @@ class PatchReranker(Reranker):
         """``scales × candidates`` spatial scores of one query against its shortlist."""
         out = np.zeros((len(query_sets), len(candidates)))
         for s, q in enumerate(query_sets):
-            matches = mutual_nn_grouped(q.descriptors, [c[s].descriptors for c in candidates])
+            matches = mutual_nn_grouped(q.descriptors, [c[s].descriptors for c in candidates], self.device)
             for c, (cand, m) in enumerate(zip(candidates, matches)):
                 out[s, c] = self.scorer(q, cand[s], m).value
         return out
@@ -187,9 +234,7 @@ class PatchReranker(Reranker):
         return {"name": self.name, "stored": self.stored, **self.settings.to_dict()}
 
     def close(self) -> None:
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
+        self.candidates.close()
 
     def __del__(self):
         try:

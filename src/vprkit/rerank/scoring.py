@@ -43,6 +43,9 @@ RANSAC_THRESHOLD_STEPS = 1.5
 RANSAC_CONFIDENCE = 0.995
 RANSAC_MAX_ITERS = 2000
 
+# |h₃₃| below this: the inverse homography maps points to infinity and is left unnormalised.
+DEGENERATE_HOMOGRAPHY = 1e-12
+
 
 @dataclass
 class PatchSet:
@@ -98,7 +101,7 @@ def ransac_score(query: PatchSet, candidate: PatchSet, matches: Matches) -> Spat
     inliers[order] = mask.ravel().astype(bool)
     try:
         model = np.linalg.inv(h)
-        model = model / model[2, 2] if abs(model[2, 2]) > 1e-12 else model
+        model = model / model[2, 2] if abs(model[2, 2]) > DEGENERATE_HOMOGRAPHY else model
     except np.linalg.LinAlgError:
         model = None
     return SpatialScore(float(inliers.sum()) / len(query), inliers, model)

@@ -1,8 +1,9 @@
 """Why did a query match? Its best map image with the strongest matched SuperSegments side by side.
 
-:func:`explain` localises the query with the map's retriever (``segvlad`` or any other), recomputes
-the SuperSegments of the query and of the best match (the map image is re-read from the map's
-image folder; if it is gone, the stored SuperSegment patch sets are drawn instead), pairs them by
+``vprkit.pipeline.explain`` localises the query with the map's retriever (``segvlad`` or any other),
+then this module recomputes the SuperSegments of the query and of the best match (:func:`segment_sets`;
+the map image is re-read from the map's image folder; if it is gone, the stored SuperSegment patch
+sets are drawn instead, :func:`stored_segment_set`), pairs them by
 similarity (greedy one-to-one: the most similar pair first, each segment used once) and draws the
 top pairs: each pair's *centre segment* is filled in a shared colour, the full SuperSegment is
 outlined in that colour, and a line joins the two centroids.
@@ -18,9 +19,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import MapError
+from ..io import atomic_path
 
 if TYPE_CHECKING:
-    from ..pipeline import Map
+    from ..backbones.base import Backbone
+    from ..config import Config
+    from ..images import ImageSource
+    from ..maps import MapStore
 
 
 @dataclass
@@ -67,57 +72,34 @@ def greedy_pairs(sim: np.ndarray, top: int) -> list[tuple[int, int, float]]:
     return out
 
 
-def _segment_sets(m: "Map", paths: list[Path]):
-    from ..images import iter_batches
-    import torch
+def segment_sets(backbone: "Backbone", config: "Config", extension, images: "ImageSource"):
+    """SuperSegments (and prepared pixels) of every image of ``images``, as the map's extension makes them."""
+    from ..backbones.extract import extract
+    from .retriever import batch_images
 
-    ext = m.extensions.get("segments")
-    if ext is None:
-        raise MapError(f"map {m.dir} has no SuperSegments ('segments' extension); explain needs a segvlad map")
-    sets, images = [], []
-    for batch in iter_batches("/", [str(p.resolve()) for p in paths], m.config.image, m.backbone.size_multiple, 1, 1):
-        for key, msg in batch.failures:
-            raise MapError(msg)
-        with torch.inference_mode():
-            feats = m.backbone(torch.from_numpy(batch.pixels))
-        from .retriever import batch_images
-
-        sets.extend(ext.analyse(batch, feats))
-        images.extend(batch_images(batch))
-    return sets, images
+    sets, pictures = [], []
+    for batch, feats in extract(backbone, config, images):
+        sets.extend(extension.analyse(batch, feats))
+        pictures.extend(batch_images(batch))
+    return sets, pictures
 
 
-def explain(map: "Map | str | os.PathLike", query: str | os.PathLike, out: str | os.PathLike | None = None,
-            top: int = 5, rank: int = 0) -> Explanation:
-    """Explain the ``rank``-th match (0 = best) of ``query``; draw it to ``out`` (PNG) if given."""
-    from .. import pipeline
+def stored_segment_set(store: "MapStore", row: int, stride: int):
+    """A map image's SuperSegments as stored (when its image file is gone), for drawing on a grey canvas."""
+    from .retriever import GROUP, SegmentsExtension
 
-    m = map if not isinstance(map, (str, os.PathLike)) else pipeline.open_map(map)
-    res = pipeline.localize(m, [query], top_k=rank + 1)[0]
-    if len(res.matches) <= rank:
-        raise MapError("the map returned no match for this query")
-    match = res.matches[rank]
-    qset, qimg = _segment_sets(m, [Path(query)])
-    qset, qimg = qset[0], qimg[0]
-    mpath = m.images_root / match.key
-    if mpath.is_file():
-        (mset,), (mimg,) = _segment_sets(m, [mpath])
-    else:  # image moved: use the stored SuperSegments, drawn on a grey canvas
-        from .retriever import SegmentsExtension
+    with store.open() as reader:
+        payload = reader.extras(GROUP, row)
+    desc, members = SegmentsExtension.read_payload(payload)
+    return _stored_set(desc, members, payload, stride)
 
-        with m.store.open() as reader:
-            payload = reader.extras("segments", match.row)
-        desc, members = SegmentsExtension.read_payload(payload)
-        mset = _stored_set(desc, members, payload, m.backbone.stride)
-        mimg = np.full_like(qimg, 128)
+
+def explain_pair(query: str, qset, match: str, row: int, score: float, mset, top: int = 5) -> Explanation:
+    """Pair the query's SuperSegments with the match's (greedy one-to-one by similarity)."""
     sim = qset.descriptors @ mset.descriptors.T
     pairs = [SegmentPair(r, c, s, tuple(map_centroid(qset, r)), tuple(map_centroid(mset, c)))
              for r, c, s in greedy_pairs(sim, top)]
-    exp = Explanation(str(query), match.key, match.row, match.score, pairs)
-    if out is not None:
-        draw(exp, qimg, qset, mimg, mset, out)
-        exp.figure_path = str(out)
-    return exp
+    return Explanation(query, match, row, score, pairs)
 
 
 def _stored_set(desc, members, payload, stride):
@@ -140,15 +122,16 @@ def map_centroid(s, i: int) -> np.ndarray:
 
 
 def draw(exp: Explanation, qimg: np.ndarray, qset, mimg: np.ndarray, mset, out: str | os.PathLike) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     from matplotlib.patches import ConnectionPatch
     from skimage.segmentation import find_boundaries
 
-    colours = plt.get_cmap("tab10")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=120)
+    colours = colormaps["tab10"]
+    fig = Figure(figsize=(10, 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
     for ax, img, title in ((axes[0], qimg, f"query: {Path(exp.query).name}"),
                            (axes[1], mimg, f"best match: {exp.match}  (score {exp.score:.3f})")):
         ax.imshow(img)
@@ -177,8 +160,8 @@ def draw(exp: Explanation, qimg: np.ndarray, qset, mimg: np.ndarray, mset, out: 
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
+    with atomic_path(out) as tmp, open(tmp, "wb") as fh:
+        fig.savefig(fh, format="png")
     return out
 
 

@@ -24,8 +24,6 @@ descriptors are stored bit-exactly as a ``uint16`` view (``desc_f16``) and viewe
 
 from __future__ import annotations
 
-import os
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,15 +32,17 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 import numpy as np
 
 from ..errors import ConfigError, MapError
+from ..io import atomic_path, atomic_savez
+from ..numerics import ReservoirSampler, zscore
 from ..maps.extensions import EXTENSIONS, MapExtension
-from ..retrieval import RETRIEVERS, QueryBatch, Retriever, pad_topk
+from ..retrieval import RETRIEVERS, QueryBatch, Retriever, SearchSpace, pad_topk
 from . import voting
 from .base import build_segmenter, handle_uncovered, mask_centroids, masks_to_patches, patch_centroids
 from .graph import adjacency, supersegments
 from .supersegments import PCA, describe, select_distinctive
 
 if TYPE_CHECKING:
-    from ..pipeline import Map
+    from ..maps import MapStore
 
 GROUP = "segments"
 INDEX_FILE = "segments.faiss"
@@ -117,10 +117,9 @@ def segment_graph(masks: np.ndarray, grid: tuple[int, int], stride: int, uncover
     return sp, cents, adjacency(cents)
 
 
-# "auto" whitening: only with at least this many fitted SuperSegments per PCA dimension. Measured
-# (benchmarks/bench_segvlad.py, PCA 512): Corridor, ~2,200 segments (4/dim) — whitening cut R@1 from
-# 0.955 to 0.79 (0.85 regularised); Nordland-600, ~10,800 (21/dim) — it raised R@1 from 0.26 to 0.30.
-# The paper fits 1,024 dims on 50,000 segments (49/dim).
+# "auto" whitening: only with at least this many fitted SuperSegments per PCA dimension. Whitening a
+# PCA fitted on too few samples collapses recall, with enough it helps (benchmarks/bench_segvlad.py
+# measures both; the README has the figures). The paper fits 1,024 dims on 50,000 segments (49/dim).
 AUTO_WHITEN_SAMPLES_PER_DIM = 20
 
 
@@ -185,27 +184,13 @@ class SegmentsExtension(MapExtension):
 
     # ---- MapExtension -------------------------------------------------------------------
     def fit(self, samples: Iterable) -> None:
-        cap = int(self.options["fit_segments"])
-        rng = np.random.default_rng(int(self.options["seed"]))
-        pool: np.ndarray | None = None
-        seen = 0
+        # a uniform sample of all SuperSegments, at most fit_segments of them
+        sampler = ReservoirSampler(int(self.options["fit_segments"]), None, seed=int(self.options["seed"]))
         for batch, features in samples:
             feats = features.patches.float().cpu().numpy()
             for img, f in zip(batch_images(batch), feats):
-                raw = self.raw_segments(img, f, features.stride)[-1]
-                if pool is None:
-                    pool = np.empty((0, raw.shape[1]), np.float32)
-                free = cap - len(pool)
-                if free > 0:
-                    pool = np.concatenate([pool, raw[:free]])
-                    seen += min(free, len(raw))
-                    raw = raw[free:]
-                if len(raw):  # reservoir sampling keeps a uniform sample of all SuperSegments
-                    idx = seen + np.arange(len(raw))
-                    slots = (rng.random(len(raw)) * (idx + 1)).astype(np.int64)
-                    ok = slots < cap
-                    pool[slots[ok]] = raw[ok]
-                    seen += len(raw)
+                sampler.add(self.raw_segments(img, f, features.stride)[-1])
+        pool = sampler.pool
         if pool is None or len(pool) < 2:
             raise MapError("too few SuperSegments to fit the segment PCA")
         dim = int(self.options["pca_dim"])
@@ -241,33 +226,27 @@ class SegmentsExtension(MapExtension):
         members = np.unpackbits(np.asarray(payload["members"], np.uint8), axis=1, count=n).astype(bool) if len(desc) else np.zeros((0, n), bool)
         return desc.reshape(len(desc), -1), members
 
-    def finalize(self, map: "Map") -> None:
-        self._index = SegmentIndex.build(map)
-        self._index.save(map.dir)
+    def finalize(self, store: "MapStore", map_dir: Path) -> None:
+        self._index = SegmentIndex.build(store, len(store))
+        self._index.save(map_dir)
 
-    def index(self, map: "Map") -> "SegmentIndex":
+    def index(self, store: "MapStore", n_images: int, cache_dir: Path | None) -> "SegmentIndex":
+        """The segment index of a map of ``n_images`` rows: in memory, from ``cache_dir``, or built from ``store``.
+
+        A rebuilt index is saved to ``cache_dir`` unless it is None (a map opened read-only).
+        """
         with self._lock:
-            if self._index is None or self._index.n_images != len(map.keys):
-                idx = SegmentIndex.load(map.dir)
-                if idx is None or idx.n_images != len(map.keys):
-                    idx = SegmentIndex.build(map)
-                    idx.save(map.dir)
+            if self._index is None or self._index.n_images != n_images:
+                idx = SegmentIndex.load(cache_dir) if cache_dir is not None else None
+                if idx is None or idx.n_images != n_images:
+                    idx = SegmentIndex.build(store, n_images)
+                    if cache_dir is not None:
+                        idx.save(cache_dir)
                 self._index = idx
             return self._index
 
 
 EXTENSIONS.register(GROUP, SegmentsExtension)
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class SegmentIndex:
@@ -305,31 +284,28 @@ class SegmentIndex:
         return cls(index, image, local, n_images)
 
     @classmethod
-    def build(cls, map: "Map") -> "SegmentIndex":
+    def build(cls, store: "MapStore", n_images: int) -> "SegmentIndex":
         vecs, image, local = [], [], []
-        with map.store.open() as reader:
+        with store.open() as reader:
             if not reader.has_group(GROUP):
-                raise MapError(f"{map.dir} has no SuperSegments: rebuild it with a segvlad preset")
-            for row in range(len(map.keys)):
+                raise MapError(f"{store.dir} has no SuperSegments: rebuild it with a segvlad preset")
+            for row in range(n_images):
                 desc, _ = SegmentsExtension.read_payload(reader.extras(GROUP, row))
                 vecs.append(desc)
                 image.append(np.full(len(desc), row, np.int64))
                 local.append(np.arange(len(desc)))
         dim = next((v.shape[1] for v in vecs if v.ndim == 2 and v.shape[1]), 1)
         v = np.concatenate([x.reshape(-1, dim) for x in vecs]) if vecs else np.zeros((0, dim), np.float32)
-        return cls.from_vectors(v, np.concatenate(image) if image else [], np.concatenate(local) if local else [], len(map.keys))
+        return cls.from_vectors(v, np.concatenate(image) if image else [], np.concatenate(local) if local else [], n_images)
 
     def save(self, map_dir: Path) -> None:
         import faiss
 
         map_dir = Path(map_dir)
-        _atomic(map_dir / INDEX_FILE, lambda tmp: faiss.write_index(self.index, tmp))
-
-        def write_rows(tmp):
-            with open(tmp, "wb") as f:
-                np.savez(f, image=self.image.astype(np.int32), local=self.local.astype(np.int32), n_images=np.int64(self.n_images))
-
-        _atomic(map_dir / ROWS_FILE, write_rows)
+        with atomic_path(map_dir / INDEX_FILE) as tmp:
+            faiss.write_index(self.index, str(tmp))
+        atomic_savez(map_dir / ROWS_FILE, image=self.image.astype(np.int32), local=self.local.astype(np.int32),
+                     n_images=np.int64(self.n_images))
 
     @classmethod
     def load(cls, map_dir: Path) -> "SegmentIndex | None":
@@ -366,13 +342,8 @@ class SegmentIndex:
 
 
 def _z(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float64)
-    finite = np.isfinite(x)
-    if not finite.any():
-        return np.zeros_like(x)
-    x = np.where(finite, x, x[finite].min())
-    sd = x.std()
-    return (x - x.mean()) / sd if sd > 0 else np.zeros_like(x)
+    """z-scores over the candidates; non-finite scores (no votes) count as the lowest finite one."""
+    return zscore(x, nonfinite="min", flat_std=0.0)
 
 
 def rank_candidates(seg_scores: np.ndarray, global_scores: np.ndarray, fuse: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
@@ -399,8 +370,8 @@ class SegVLADRetriever(Retriever):
     name = "segvlad"
     OPTIONS = ("k_prime", "voting", "shortlist", "fuse")
 
-    def __init__(self, map: "Map", options: Mapping[str, Any]):
-        super().__init__(map, options)
+    def __init__(self, space: SearchSpace, options: Mapping[str, Any]):
+        super().__init__(space, options)
         unknown = set(self.options) - set(self.OPTIONS)
         if unknown:
             raise ConfigError(f"unknown segvlad options {sorted(unknown)}; known: {list(self.OPTIONS)}")
@@ -410,18 +381,18 @@ class SegVLADRetriever(Retriever):
             raise ConfigError(f"voting must be one of {voting.VOTINGS}, got {self.voting!r}")
         self.shortlist = int(self.options.get("shortlist", 0))
         self.fuse = float(self.options.get("fuse", 0.0))
-        ext = map.extensions.get(GROUP)
-        if ext is None:
-            raise MapError(f"map {map.dir} was built without the 'segments' extension; the segvlad retriever needs it")
+        ext = space.extensions.get(GROUP)
+        if ext is None or space.store is None:
+            raise MapError("this map was built without the 'segments' extension; the segvlad retriever needs it")
         self.ext: SegmentsExtension = ext
 
     def score_sets(self, sets: list[SegmentSet], global_descriptors: np.ndarray, k: int):
-        index = self.ext.index(self.map)
-        n = len(self.map.keys)
+        index = self.ext.index(self.space.store, self.space.size, self.space.cache_dir)
+        n = self.space.size
         all_rows, all_scores = [], []
         for s, g in zip(sets, global_descriptors):
             m = self.shortlist if 0 < self.shortlist < n else n
-            grows, gscores = self.map.index.search(g[None], m)
+            grows, gscores = self.space.index.search(g[None], m)
             grows, gscores = grows[0], gscores[0]
             ok = grows >= 0
             cand, cglob = grows[ok], gscores[ok]

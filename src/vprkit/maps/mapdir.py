@@ -1,0 +1,165 @@
+"""The map directory as data: its files, its recorded settings, and opening it for reading.
+
+``MAP_DIR/map.json`` (settings, counts, vocabulary checksum), ``vocabulary.npz``, ``store.h5``
+(descriptors, keys, poses, per-image extras), ``index.faiss`` and ``failures.json``. Opening a map
+here loads no model: :class:`MapData` is what retrieval, re-ranking and extensions read — the
+index, the store, keys, poses and where the images are — and the composer adds the models.
+
+A map opened ``read_only`` writes nothing: a missing or stale index is rebuilt in memory instead of
+on disk, so any number of processes can open one map at once (HDF5 files are opened without
+file locking for reading; writers only ever replace files by renaming complete ones).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import Config
+from ..errors import ConfigError, MapError, VocabularyMismatchError
+from ..images import MappedFiles
+from .index import INDEX_FILE, FaissIndex
+from .store import MapStore
+
+logger = logging.getLogger(__name__)
+
+MAP_FILE = "map.json"
+VOCAB_FILE = "vocabulary.npz"
+FAILURES_FILE = "failures.json"
+# The settings a build writes before its first shard; a resumed or later build must match them.
+BUILD_FILE = "build.json"
+
+
+def settings_differences(old: Any, new: Any, path: str = "") -> list[str]:
+    """Where two settings trees differ, as ``path: old → new`` lines (nested dicts compared key by key)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            out += settings_differences(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
+        return out
+    return [] if old == new else [f"{path or 'settings'}: {old!r} → {new!r}"]
+
+
+def check_build_settings(map_dir: Path, config: Config) -> None:
+    """Refuse to add to a map (complete or interrupted) whose recorded settings differ from ``config``'s.
+
+    The message names every setting that differs. Runtime settings (memory budget, device, batch size …)
+    may differ: they do not change what is stored.
+    """
+    for name in (MAP_FILE, BUILD_FILE):
+        path = Path(map_dir) / name
+        if not path.exists():
+            continue
+        recorded = read_json(path).get("config")
+        if recorded is None:
+            raise MapError(f"{path} records no settings; the map directory is damaged (build into another --out)")
+        before = map_config({"config": recorded}, path).map_settings()
+        diffs = settings_differences(before, config.map_settings())
+        if diffs:
+            shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+            state = "holds a map" if name == MAP_FILE else "holds an interrupted build"
+            raise MapError(f"{map_dir} {state} with other settings ({shown}); use the same settings to add "
+                           f"images, or another --out")
+        return
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file of the map, with one clear error when it is unreadable."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise MapError(f"{path} is unreadable ({exc}); the map directory is damaged") from None
+    if not isinstance(data, dict):
+        raise MapError(f"{path} does not hold a JSON object; the map directory is damaged")
+    return data
+
+
+def read_map_info(map_dir: str | os.PathLike) -> dict[str, Any]:
+    """``map.json`` of ``map_dir``; a clear error when the folder is not a map."""
+    d = Path(map_dir)
+    path = d / MAP_FILE
+    if not path.exists():
+        raise MapError(f"{d} is not a vprkit map (no {MAP_FILE}); build one with `vprkit map build`")
+    info = read_json(path)
+    for key in ("config",):
+        if key not in info:
+            raise MapError(f"{path} lacks '{key}'; the map directory is damaged (rebuild it)")
+    return info
+
+
+def map_config(info: dict[str, Any], path: Path | str = MAP_FILE) -> Config:
+    try:
+        return Config.from_dict(info["config"])
+    except (ConfigError, TypeError, KeyError, ValueError) as exc:
+        raise MapError(f"{path}: the recorded settings are not readable by this vprkit ({exc})") from None
+
+
+@dataclass
+class MapData:
+    """An opened map without its models: settings, vocabulary, store, index, keys and poses."""
+
+    dir: Path
+    info: dict[str, Any]
+    config: Config
+    vocabulary: Any  # aggregation.vlad.Vocabulary | None (kept untyped: maps sit beside aggregation)
+    store: MapStore
+    index: FaissIndex
+    keys: list[str]
+    poses: np.ndarray
+    read_only: bool = True
+
+    @property
+    def images_root(self) -> Path | None:
+        """The folder the map's images were read from (None for a map built from decoded frames)."""
+        root = self.info.get("images_root")
+        return None if root is None else Path(root)
+
+    @property
+    def images(self) -> MappedFiles:
+        """The map's own images (for re-ranking on the fly and explanations), each in the folder of the run that added it."""
+        roots = {r.get("run"): r.get("images_root") for r in self.info.get("runs", [])}
+        runs = self.store.read_entries()["run"]
+        paths = {}
+        for key, run in zip(self.keys, runs):
+            root = roots.get(int(run)) or (self.info.get("images_root") if int(run) < 0 else None)
+            if root is not None:
+                paths[key] = Path(root) / key
+        if not paths:
+            raise MapError(f"{self.dir} was built from decoded frames: its images are not on disk")
+        return MappedFiles(paths)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def open_map_data(map_dir: str | os.PathLike, read_only: bool = True) -> MapData:
+    """Open ``map_dir``'s data; with ``read_only=False`` a missing or stale index is rebuilt and saved."""
+    from ..aggregation.vlad import Vocabulary
+
+    d = Path(map_dir)
+    info = read_map_info(d)
+    config = map_config(info, d / MAP_FILE)
+    vocabulary = Vocabulary.load(d / VOCAB_FILE) if (d / VOCAB_FILE).exists() else None
+    recorded = info.get("vocabulary")
+    if vocabulary is not None and recorded and vocabulary.checksum != recorded.get("checksum"):
+        raise VocabularyMismatchError(f"{d / VOCAB_FILE} changed since the map was built; rebuild the map")
+    store = MapStore(d, config.store_dtype)
+    keys = store.keys()
+    index_path = d / INDEX_FILE
+    index = None
+    if index_path.exists():
+        try:
+            index = FaissIndex.load(index_path, config.index)
+        except MapError as exc:  # derived data: rebuilt from the store below
+            logger.warning("%s; rebuilding it from the store", exc)
+    if index is None or index.ntotal != len(keys):  # missing, damaged or stale: rebuild from the store
+        index = FaissIndex.build(store.read_global(), config.index, seed=config.vocabulary.seed)
+        if not read_only:
+            index.save(index_path)
+    return MapData(d, info, config, vocabulary, store, index, keys, store.read_poses(), read_only)
