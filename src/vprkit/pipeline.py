@@ -138,6 +138,10 @@ def open_map(map_dir: str | os.PathLike, read_only: bool = False, device: str | 
     recorded setting (it does not change the map).
     """
     data = open_map_data(map_dir, read_only=read_only)
+    if data.info.get("imported") and data.config.backbone == "hloc-import":
+        raise MapError(f"{data.dir} holds descriptors imported from {data.info['imported'].get('from')} by a model vprkit does not "
+                       f"run; query it with descriptors of that model (vprkit.maps.hloc.retrieve), or re-import it "
+                       f"with --preset NAME if a vprkit preset produced them")
     if device is not None:
         data.config = data.config.replace(device=device)
     config = data.config
@@ -848,3 +852,19 @@ def import_hloc(features: str | os.PathLike, out: str | os.PathLike, preset: str
 
     config = None if preset is None else resolve_config(preset).to_dict()
     return hloc.import_features(features, out, config=config, prefix=prefix, normalize=normalize)
+
+
+# ---- training ----------------------------------------------------------------------------------
+def train(recipe, resume: bool = True, progress: bool = True, log: Callable[[str], None] = logger.info) -> dict[str, Any]:
+    """Train what a recipe (TOML/YAML path or dict) describes; the summary's ``checkpoint`` (RUN/best.ckpt) is a preset."""
+    from .training.recipe import run_recipe
+
+    return run_recipe(recipe, resume=resume, progress=progress, log=log)
+
+
+def add_pca(checkpoint, images, dim: int, whiten: bool = False, sample: int = 2000, out=None,
+            progress: bool = True) -> Path:
+    """Append a PCA (``whiten``: whitened) layer fitted on ≤ ``sample`` of ``images`` to a checkpoint; returns the new .ckpt."""
+    from .training.checkpoint import add_pca as _add_pca
+
+    return _add_pca(checkpoint, images, dim, whiten=whiten, sample=sample, out=out, progress=progress)

@@ -21,7 +21,9 @@ Families:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+from pathlib import Path
 from typing import Any, Mapping
 
 from .config import (DEFAULT_RERANK_GLOBAL_WEIGHT, DEFAULT_RERANK_SHORTLIST, Config, ImageSpec, RerankConfig,
@@ -325,9 +327,12 @@ def resolve(
     """
     if preset is None or isinstance(preset, str):
         name = preset or DEFAULT_PRESET
-        if name not in PRESETS:
+        if name not in PRESETS and name.endswith(".ckpt"):
+            config = checkpoint_preset(name)
+        elif name not in PRESETS:
             raise _unknown("preset", name, PRESETS)
-        config = PRESETS.get(name)
+        else:
+            config = PRESETS.get(name)
     elif isinstance(preset, Config):
         config = preset
     else:
@@ -384,3 +389,26 @@ def get_preset(name: str, **overrides: Any) -> Config:
     Kept for compatibility; :func:`resolve` does the same and more.
     """
     return resolve(name, **overrides)
+
+
+CHECKPOINT_FORMAT = "vprkit-checkpoint"  # written by vprkit.training.checkpoint.write_checkpoint
+
+
+def checkpoint_preset(path: str | os.PathLike) -> Config:
+    """The Config of a training checkpoint (``RUN/best.ckpt``, JSON; no torch): its head state path made absolute.
+
+    So a trained head is used like any preset: ``map build --preset runs/x/best.ckpt``, ``localize``, ``eval``.
+    """
+    p = Path(path)
+    try:
+        d = json.loads(p.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read checkpoint {p}: {exc}") from None
+    if not isinstance(d, dict) or d.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(f"{p} is not a vprkit training checkpoint (a .ckpt written by `vprkit train`)")
+    cfg = dict(d["config"])
+    opts = dict(cfg.get("aggregator_options", {}))
+    if opts.get("state") is not None and not Path(opts["state"]).is_absolute():
+        opts["state"] = str((p.parent / opts["state"]).resolve())
+    cfg["aggregator_options"] = opts
+    return Config.from_dict(cfg)

@@ -191,3 +191,20 @@ def test_cli_export_and_import(tmp_path):
     assert res.exit_code == 0, res.output
     info = json.loads(res.output)
     assert info["counts"]["images"] == 5 and info["imported"]["from"] == str((tmp_path / "g.h5").resolve())
+
+
+def test_opening_an_imported_map_with_models_says_how_to_query_it(tmp_path):
+    import h5py
+    import numpy as np
+    import pytest
+
+    from vprkit import pipeline
+    from vprkit.errors import MapError
+    from vprkit.maps import hloc
+
+    with h5py.File(tmp_path / "feats.h5", "w") as f:
+        for i in range(3):
+            f.create_dataset(f"db/img{i}.jpg/global_descriptor", data=np.random.default_rng(i).random(8).astype("float32"))
+    hloc.import_features(tmp_path / "feats.h5", tmp_path / "map")
+    with pytest.raises(MapError, match="query it with descriptors of that model"):
+        pipeline.open_map(tmp_path / "map")

@@ -136,7 +136,8 @@ def localize(map_dir: Path, queries: tuple[Path, ...], top_k: int, rerank: str |
 @click.argument("dataset")
 @click.option("--preset", default=DEFAULT_PRESET, show_default=True)
 @click.option("--rerank", default=None, help="Re-ranking preset: performance | speed | storage.")
-@click.option("--out", type=click.Path(path_type=Path), help="Write map, per-query CSV and JSON summary here.")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Write the map, per-query CSVs, JSON summary, curves and an HTML report here.")
 @click.option("--data-root", type=click.Path(path_type=Path), envvar="VPRKIT_DATA",
               help="Folder holding named datasets (default: $VPRKIT_DATA, else ./datasets).")
 @click.option("--queries", "queries_sub", default=None, help="Query subfolder for sequence datasets (e.g. winter).")
@@ -149,11 +150,13 @@ def localize(map_dir: Path, queries: tuple[Path, ...], top_k: int, rerank: str |
 @memory_budget_option
 @image_size_option
 @device_option
+@click.option("--save-predictions", "save_predictions", default=0, type=click.IntRange(0), metavar="N",
+              help="With --out: draw the worst and best queries beside their top N predictions (predictions/, report.html).")
 @click.option("--quiet", is_flag=True)
 def evaluate(dataset: str, preset: str, rerank: str | None, out: Path | None, data_root: Path | None,
              queries_sub: str | None, database_sub: str | None, no_positive: str, float16: bool,
              vocab: str | None, weights: Path | None, memory_budget: int | None, image_size: tuple[int, int] | None,
-             device: str | None, quiet: bool) -> None:
+             device: str | None, save_predictions: int, quiet: bool) -> None:
     """Build a map of DATASET's database, localise its queries and print Recall@1/5/10/20."""
     import os
 
@@ -164,8 +167,8 @@ def evaluate(dataset: str, preset: str, rerank: str | None, out: Path | None, da
     config = _config(preset, float16, rerank, vocab, weights, memory_budget, image_size, device)  # validate before touching data
     options = {k: v for k, v in {"queries": queries_sub, "database": database_sub}.items() if v}
     ds = load_dataset(dataset, **options)
-    summary = pipeline.evaluate(ds, config, out=out, rerank=rerank,
-                                no_positive=no_positive, progress=not quiet, log=click.echo)
+    summary = pipeline.evaluate(ds, config, out=out, rerank=rerank, no_positive=no_positive,
+                                progress=not quiet, log=click.echo, save_predictions=save_predictions)
     rec = summary["recall"]
     t = summary["timing"]
     size = config.image.size
@@ -176,7 +179,8 @@ def evaluate(dataset: str, preset: str, rerank: str | None, out: Path | None, da
     click.echo("  " + "  ".join(f"R@{n} {rec[f'R@{n}']:.3f}" for n in pipeline.RECALL_NS if f"R@{n}" in rec))
     click.echo(f"  map {t['map_images_per_s']} images/s   queries {t['ms_per_query']} ms/query   peak RSS {summary['peak_rss_mb']} MB")
     if out is not None:
-        click.echo(f"  wrote {out / 'summary.json'} and {out / 'per_query.csv'}")
+        click.echo(f"  wrote {out / 'report.html'} (self-contained report), summary.json, per_query.csv, topn.csv, "
+                   f"recall and precision-recall curves" + (", predictions/" if save_predictions else ""))
 
 
 @click.command("presets")
