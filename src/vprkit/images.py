@@ -403,22 +403,9 @@ def read_image(
             if rgb.mode != "RGB":  # pragma: no cover - _to_rgb always returns RGB
                 rgb = rgb.convert("RGB")
             rgb.load()
-    except ImageReadError:
-        raise
-    except FileNotFoundError:
-        raise ImageReadError(f"{label}: file not found") from None
-    except IsADirectoryError:
-        raise ImageReadError(f"{label}: is a folder, not an image") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageReadError(f"{label}: refused as a decompression bomb ({exc})") from None
-    except UnidentifiedImageError:
-        raise ImageReadError(
-            f"{label}: not an image vprkit reads (formats: {', '.join(DECODE_FORMATS)}); re-export or remove the file"
-        ) from None
-    except MemoryError:
-        raise ImageReadError(f"{label}: not enough memory to decode this image; downscale it first") from None
-    except DECODER_ERRORS as exc:
-        raise ImageReadError(f"{label}: cannot decode image ({exc.__class__.__name__}: {exc}); re-export or remove the file") from None
+    except (ImageReadError, FileNotFoundError, IsADirectoryError, Image.DecompressionBombError, UnidentifiedImageError,
+            MemoryError, *DECODER_ERRORS) as exc:
+        raise _decode_error(label, exc) from None
     _emit(found, notes)
     return rgb
 
@@ -458,6 +445,24 @@ def prepare_image(
     return np.ascontiguousarray(arr), Geometry((oh, ow), (th / oh, tw / ow), (top, left), (nh, nw))
 
 
+def _decode_error(label, exc: BaseException) -> ImageReadError:
+    """The one-line error for every way decoding ``label`` can fail (the exception types PIL and the OS raise)."""
+    if isinstance(exc, ImageReadError):
+        return exc
+    if isinstance(exc, FileNotFoundError):
+        return ImageReadError(f"{label}: file not found")
+    if isinstance(exc, IsADirectoryError):
+        return ImageReadError(f"{label}: is a folder, not an image")
+    if isinstance(exc, Image.DecompressionBombError):
+        return ImageReadError(f"{label}: refused as a decompression bomb ({exc})")
+    if isinstance(exc, UnidentifiedImageError):
+        return ImageReadError(f"{label}: not an image vprkit reads (formats: {', '.join(DECODE_FORMATS)}); "
+                              f"re-export or remove the file")
+    if isinstance(exc, MemoryError):
+        return ImageReadError(f"{label}: not enough memory to decode this image; downscale it first")
+    return ImageReadError(f"{label}: cannot decode image ({exc.__class__.__name__}: {exc}); re-export or remove the file")
+
+
 def load_prepared(
     path: str | os.PathLike, spec: ImageSpec, multiple: int = 1, notes: list[DecodeNote] | None = None
 ) -> tuple[np.ndarray, Geometry]:
@@ -474,16 +479,8 @@ def load_prepared(
                     full = (probe.width, probe.height)
             except Exception:  # read_image reports unreadable EXIF
                 pass
-    except FileNotFoundError:
-        raise ImageReadError(f"{path}: file not found") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageReadError(f"{path}: refused as a decompression bomb ({exc})") from None
-    except UnidentifiedImageError:
-        raise ImageReadError(
-            f"{path}: not an image vprkit reads (formats: {', '.join(DECODE_FORMATS)}); re-export or remove the file"
-        ) from None
-    except DECODER_ERRORS as exc:
-        raise ImageReadError(f"{path}: cannot decode image ({exc.__class__.__name__}: {exc}); re-export or remove the file") from None
+    except (FileNotFoundError, Image.DecompressionBombError, UnidentifiedImageError, *DECODER_ERRORS) as exc:
+        raise _decode_error(path, exc) from None
     target = target_size(full, spec)
     if target[0] * target[1] > MAX_PREPARED_PIXELS or min(target) < 1:
         raise ImageReadError(

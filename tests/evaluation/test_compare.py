@@ -113,15 +113,11 @@ def test_write_comparison_and_load_run(tmp_path):
         load_run(tmp_path / "cmp")
 
 
-def _corridor() -> Path | None:
-    root = Path(os.environ.get("VPRKIT_DATA", "datasets")) / "corridor"
-    return root if root.is_dir() else None
-
-
-@pytest.mark.skipif(_corridor() is None, reason="Corridor not found under $VPRKIT_DATA")
-def test_real_compare_on_corridor(tmp_path):
+def test_real_compare_on_corridor(tmp_path, shared_datasets, monkeypatch):
     """One cheap real run end to end: effnet-gem at 128×96 on Corridor, through pipeline.compare."""
     from vprkit import pipeline
+
+    monkeypatch.setenv("VPRKIT_DATA", str(shared_datasets))
 
     res = pipeline.compare(["corridor"], ["effnet-gem"], [None], out=tmp_path, progress=False,
                            resolve_options={"image_size": (96, 128)}, save_predictions=3, log=lambda _: None)

@@ -20,8 +20,9 @@ from typing import Any, Mapping, Sequence
 from ..errors import ConfigError
 from ..io import atomic_write_text
 from .report import write_csv, write_json
+from .run import RECALL_NS
 
-COMPARE_NS = (1, 5, 10, 20)
+COMPARE_NS = RECALL_NS  # the same recall points as every evaluation
 TABLE_MD = "comparison.md"
 TABLE_CSV = "comparison.csv"
 TABLE_HTML = "comparison.html"
