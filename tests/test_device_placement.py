@@ -6,6 +6,7 @@ which is enough to see that every module and buffer follows the setting.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from vprkit import pipeline
@@ -60,3 +61,40 @@ def test_patch_matching_runs_on_the_given_device(monkeypatch):
     assert seen == [("cpu", "cpu", torch.float64)] * 4  # dtype kept, placement as asked
     for a, b in zip(on_cpu, default):
         assert (a.query == b.query).all() and (a.candidate == b.candidate).all()
+
+
+def test_training_follows_the_device_setting(monkeypatch):
+    import numpy as np
+
+    from vprkit.backbones.base import DenseFeatures
+    from vprkit.errors import ConfigError
+    from vprkit.training import trainer as trainer_module
+    from vprkit.training.labels import PlaceLabels
+    from vprkit.training.trainer import Trainer, TrainSettings
+
+    class Features:  # 8 places × 2 images of 2×2×4 features
+        def batch(self, ids):
+            g = torch.Generator().manual_seed(0)
+            base = torch.randn(16, 2, 2, 4, generator=g)
+            return DenseFeatures(base[torch.as_tensor(np.asarray(ids))], 16, (32, 32))
+
+    head = _MeanHead()
+    places = PlaceLabels.from_classes(np.repeat(np.arange(8), 2))
+    with pytest.raises(ConfigError, match="unknown device"):
+        Trainer(_MeanHead(), Features(), places, TrainSettings(places_per_batch=4, device="gpu"), progress=False)
+    asked = []
+    monkeypatch.setattr(trainer_module, "resolve_device", lambda name: asked.append(name) or torch.device("cpu"))
+    t = Trainer(head, Features(), places, TrainSettings(epochs=1, places_per_batch=4, device="cuda:0"), progress=False)
+    assert asked == ["cuda:0"] and _devices(t.head) == {"cpu"}
+    t.train_step()
+
+
+class _MeanHead(torch.nn.Module):
+    dim = 4
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, feats):
+        return torch.nn.functional.normalize(self.proj(feats.flat().mean(1)), dim=1)

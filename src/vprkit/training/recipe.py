@@ -123,6 +123,7 @@ def settings_from(recipe: Mapping[str, Any]) -> TrainSettings:
         step_every=int(sch.get("step_every", 1)), step_gamma=float(sch.get("step_gamma", 0.5)),
         seed=int(tr.get("seed", 0)), grad_clip=tr.get("grad_clip"),
         feature_dropout=float(tr.get("feature_dropout", 0.0)), feature_shift=int(tr.get("feature_shift", 0)),
+        device=str(tr.get("device", "auto")),
     )
 
 

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..backbones.base import DenseFeatures
 from ..datasets import GroundTruth
+from ..device import resolve_device
 from ..errors import ConfigError
 from ..evaluation.metrics import recall_at_n
 from .labels import PlaceLabels
@@ -70,6 +71,8 @@ class TrainSettings:
     # drop whole cells with this probability, and shift the grid by up to this many cells.
     feature_dropout: float = 0.0
     feature_shift: int = 0
+    # Where the head trains ("auto": CUDA, then MPS, then CPU — vprkit.device.resolve_device); batches follow it.
+    device: str = "auto"
 
     def __post_init__(self):
         if self.optimiser not in OPTIMISERS:
@@ -131,14 +134,23 @@ class Validation:
     ns: tuple[int, ...] = RECALL_NS
 
 
+def on_device(feats: DenseFeatures, device: torch.device) -> DenseFeatures:
+    """A batch of features where the head is (a no-op when they are there already)."""
+    if feats.patches.device == device:
+        return feats
+    g = None if feats.global_token is None else feats.global_token.to(device)
+    return DenseFeatures(feats.patches.to(device), feats.stride, feats.image_size, g)
+
+
 def describe(head: torch.nn.Module, features: FeatureSource, ids: np.ndarray, chunk: int = VALIDATION_CHUNK) -> torch.Tensor:
-    """The head's descriptors of ``ids`` (eval mode, no gradients)."""
+    """The head's descriptors of ``ids`` (eval mode, no gradients), on the CPU."""
     was = head.training
     head.eval()
+    device = next(iter(head.parameters()), torch.empty(0)).device
     out = []
     with torch.no_grad():
         for i in range(0, len(ids), chunk):
-            out.append(head(features.batch(ids[i : i + chunk])).float())
+            out.append(head(on_device(features.batch(ids[i : i + chunk]), device)).float().cpu())
     head.train(was)
     return torch.cat(out)
 
@@ -166,7 +178,8 @@ class Trainer:
                  on_epoch: Callable[["Trainer", dict], None] | None = None):
         if not places.square:
             raise ConfigError("training needs square place labels (one image set)")
-        self.head, self.features, self.places, self.s = head, features, places, settings
+        self.device = resolve_device(settings.device)
+        self.head, self.features, self.places, self.s = head.to(self.device), features, places, settings
         self.validation, self.progress, self.on_best, self.on_epoch = validation, progress, on_best, on_epoch
         self.sampler = PlaceSampler(place_groups(places, train_ids), settings.places_per_batch,
                                     settings.images_per_place, settings.seed)
@@ -178,7 +191,7 @@ class Trainer:
             opts.setdefault("embedding_size", dim)
         with torch.random.fork_rng():
             torch.manual_seed(settings.seed)
-            self.loss = make_loss(settings.loss, places, **opts)
+            self.loss = make_loss(settings.loss, places, **opts).to(self.device)
         self.miner = None
         if settings.miner:
             mopts = dict(settings.miner_options)
@@ -221,12 +234,12 @@ class Trainer:
         """One optimisation step on the batch of (epoch, step within the epoch)."""
         ids = self.sampler.batch(self.epoch, self.step % self.steps_per_epoch)
         self.head.train()
-        emb = self.head(self._augment(self.features.batch(ids)))
-        labels = torch.as_tensor(ids)
+        emb = self.head(on_device(self._augment(self.features.batch(ids)), self.device))
+        labels = torch.as_tensor(ids, device=self.device)
         tuples = None
         mined = None
         if self.miner is not None:
-            mine_labels = labels if isinstance(self.miner, GeoMiner) else self.places.class_labels(ids)
+            mine_labels = labels if isinstance(self.miner, GeoMiner) else self.places.class_labels(ids).to(self.device)
             tuples = self.miner(emb, mine_labels)
             mined = int(len(tuples[0]))
         loss = self.loss(emb, labels, tuples)
