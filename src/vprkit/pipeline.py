@@ -47,7 +47,7 @@ from .images import Batch, FileImages, FolderImages, ImageInput, ImageSource, im
 from .maps import (FAILURES_FILE, INDEX_FILE, MAP_FILE, VOCAB_FILE, FaissIndex, MapData, MapStore, open_map_data,
                    read_json, read_map_info)
 from .maps.lock import map_write_lock
-from .maps.mapdir import BUILD_FILE, check_build_settings
+from .maps.mapdir import BUILD_FILE, changed_entries, check_build_settings
 from .maps.extensions import EXTENSIONS, EXTENSIONS_DIR, MapExtension
 from .maps.store import PENDING_DIR
 from .presets import DEFAULT_PRESET, get_rerank_config, resolve
@@ -236,7 +236,7 @@ def _build_locked(config: Config, source: ImageSource, keys: list[str], out: Pat
     xy, pose_report = _pose_rows(poses, keys)
     store = MapStore(out, config.store_dtype)
     stored = store.entry_table(include_pending=True)
-    changed = _changed_images(source, [k for k in keys if k in stored], stored, runs, run["images_root"], log)
+    changed = changed_entries(source, [k for k in keys if k in stored], stored, runs, run["images_root"], log)
     if changed and on_change == "refuse":
         raise MapError(
             f"{len(changed)} image(s) in {source.describe()} differ from what {out} holds under the same name "
@@ -314,7 +314,7 @@ def _build_locked(config: Config, source: ImageSource, keys: list[str], out: Pat
     n = store.consolidate()
     if n == 0:
         raise MapError(f"none of the {len(keys)} images in {source.describe()} could be read; see the messages above")
-    updated_poses = _update_poses(store, keys, xy, todo_keys, poses is not None)
+    updated_poses = store.update_poses(keys, xy, skip=todo_keys) if poses is not None else 0
     if updated_poses:
         log(f"updated the poses of {updated_poses} image(s) already in the map")
     vectors = store.read_global()
@@ -350,50 +350,6 @@ def _build_locked(config: Config, source: ImageSource, keys: list[str], out: Pat
     for ext in extensions.values():
         ext.finalize(store, out)
     return info
-
-
-def _changed_images(source: ImageSource, keys: Sequence[str], stored: Mapping[str, tuple[str, int, float, int]],
-                    runs: Sequence[Mapping[str, Any]], root: str | None, log) -> list[str]:
-    """Keys whose image differs from the stored entry's content.
-
-    An image from the same folder with the same size and time as recorded is taken as unchanged
-    (as make and rsync do); otherwise its bytes are hashed and compared. Entries of maps written
-    before content was recorded cannot be checked: they are counted in the log.
-    """
-    root_of_run = {r.get("run"): r.get("images_root") for r in runs}
-    changed, unknown = [], 0
-    for key in keys:
-        sha, size, mtime, run = stored[key]
-        if not sha:
-            unknown += 1
-            continue
-        stat = source.stat(key)
-        if stat is not None and root is not None and root_of_run.get(run) == root and stat == (size, mtime):
-            continue
-        try:
-            if source.fingerprint(key).sha256 != sha:
-                changed.append(key)
-        except ImageReadError:
-            continue  # unreadable now: the build reports it when it reads the image
-    if unknown:
-        log(f"{unknown} image(s) of the map were stored without a content record (an older vprkit); not checked for changes")
-    return changed
-
-
-def _update_poses(store: MapStore, keys: Sequence[str], xy: np.ndarray, just_added: set[str], given: bool) -> int:
-    """With poses given, set them on the images that were already in the map; returns how many changed."""
-    if not given:
-        return 0
-    row_of = {k: i for i, k in enumerate(keys)}
-    current = store.read_poses()
-    new = current.copy()
-    for row, key in enumerate(store.keys()):
-        if key in row_of and key not in just_added:
-            new[row] = xy[row_of[key]]
-    differs = ~((new == current) | (np.isnan(new) & np.isnan(current))).all(axis=1)
-    if differs.any():
-        store.replace_poses(new)
-    return int(differs.sum())
 
 
 def _recorded_environment() -> dict[str, str]:

@@ -17,13 +17,13 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from ..config import Config
-from ..errors import ConfigError, MapError, VocabularyMismatchError
-from ..images import MappedFiles
+from ..errors import ConfigError, ImageReadError, MapError, VocabularyMismatchError
+from ..images import ImageSource, MappedFiles
 from .index import INDEX_FILE, FaissIndex
 from .store import MapStore
 
@@ -163,3 +163,31 @@ def open_map_data(map_dir: str | os.PathLike, read_only: bool = True) -> MapData
         if not read_only:
             index.save(index_path)
     return MapData(d, info, config, vocabulary, store, index, keys, store.read_poses(), read_only)
+
+
+def changed_entries(source: ImageSource, keys: Sequence[str], stored: Mapping[str, tuple[str, int, float, int]],
+                    runs: Sequence[Mapping[str, Any]], root: str | None, log: Callable[[str], None]) -> list[str]:
+    """Keys whose image differs from the stored entry's content.
+
+    An image from the same folder with the same size and time as recorded is taken as unchanged
+    (as make and rsync do); otherwise its bytes are hashed and compared. Entries of maps written
+    before content was recorded cannot be checked: they are counted in the log.
+    """
+    root_of_run = {r.get("run"): r.get("images_root") for r in runs}
+    changed, unknown = [], 0
+    for key in keys:
+        sha, size, mtime, run = stored[key]
+        if not sha:
+            unknown += 1
+            continue
+        stat = source.stat(key)
+        if stat is not None and root is not None and root_of_run.get(run) == root and stat == (size, mtime):
+            continue
+        try:
+            if source.fingerprint(key).sha256 != sha:
+                changed.append(key)
+        except ImageReadError:
+            continue  # unreadable now: the build reports it when it reads the image
+    if unknown:
+        log(f"{unknown} image(s) of the map were stored without a content record (an older vprkit); not checked for changes")
+    return changed

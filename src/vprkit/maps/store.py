@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -281,6 +281,20 @@ class MapStore:
                 table[key] = (cols["content_sha256"][i].decode(), int(cols["file_size"][i]),
                               float(cols["file_mtime"][i]), int(cols["run"][i]))
         return table
+
+    def update_poses(self, keys: Sequence[str], xy: np.ndarray, skip: Iterable[str] = ()) -> int:
+        """Set the poses of the stored rows among ``keys`` (``xy`` aligned with them), except ``skip``; returns how many changed."""
+        row_of = {k: i for i, k in enumerate(keys)}
+        skip = set(skip)
+        current = self.read_poses()
+        new = current.copy()
+        for row, key in enumerate(self.keys()):
+            if key in row_of and key not in skip:
+                new[row] = xy[row_of[key]]
+        differs = ~((new == current) | (np.isnan(new) & np.isnan(current))).all(axis=1)
+        if differs.any():
+            self.replace_poses(new)
+        return int(differs.sum())
 
     def replace_poses(self, poses: np.ndarray) -> None:
         """Replace every row's pose (N×2 metres, NaN unknown), atomically: a copy is edited and renamed over the store."""
