@@ -245,11 +245,15 @@ def _build_locked(config: Config, source: ImageSource, keys: list[str], out: Pat
     if changed:
         log(f"re-encoding {len(changed)} changed image(s) (e.g. {', '.join(changed[:3])})")
     backbone = load_backbone(config)
-    atomic_write_json(out / BUILD_FILE, {"config": config.to_dict(), "vprkit_version": __version__}, default=str)
+    build_record = read_json(out / BUILD_FILE) if (out / BUILD_FILE).exists() else {}
+    atomic_write_json(out / BUILD_FILE, {**build_record, "config": config.to_dict(), "vprkit_version": __version__},
+                      default=str)
 
     plan = memory_plan(config, backbone)
     cache = FeatureCache(plan.feature_cache_bytes)  # features of the vocabulary pass, kept for the encoding pass
     vocabulary = _obtain_vocabulary(config, backbone, source, out, progress, log, cache)
+    if vocabulary is not None:  # recorded before the first shard: a resume must encode with this very vocabulary
+        _record_build_vocabulary(out / BUILD_FILE, vocabulary)
     aggregator = make_aggregator(config, backbone, vocabulary)
     aggregator = aggregator.to(_device_of(backbone)) if isinstance(aggregator, torch.nn.Module) else aggregator
     extensions = _make_extensions(config, backbone, vocabulary)
@@ -396,6 +400,19 @@ def _obtain_vocabulary(config: Config, backbone: Backbone, source: ImageSource, 
     _check_vocabulary(voc, config, backbone, src or "built from the map")
     voc.save(path)
     return voc
+
+
+def _record_build_vocabulary(path: Path, vocabulary: Vocabulary) -> None:
+    """Add the vocabulary's K and checksum to ``build.json``; refuse one that differs from what the shards used."""
+    record = read_json(path)
+    before = record.get("vocabulary")
+    now = {"k": vocabulary.k, "checksum": vocabulary.checksum}
+    if before and before.get("checksum") != now["checksum"]:
+        raise VocabularyMismatchError(
+            f"{path.parent} was being built with vocabulary {before.get('checksum')} (K={before.get('k')}) but now holds "
+            f"{now['checksum']} (K={now['k']}); the shards already written used the other one — build into another --out")
+    if before != now:
+        atomic_write_json(path, {**record, "vocabulary": now}, default=str)
 
 
 def _check_vocabulary(voc: Vocabulary, config: Config, backbone: Backbone, where) -> None:

@@ -186,3 +186,21 @@ def test_leftover_temporary_files_are_removed_and_files_follow_the_umask(tmp_pat
     assert not orphan.exists()
     for name in ("map.json", "store.h5", "index.faiss", "vocabulary.npz"):
         assert stat.S_IMODE((tmp_path / "map" / name).stat().st_mode) == 0o644, name
+
+
+def test_a_vocabulary_swapped_during_an_interrupted_build_is_refused(tmp_path, config, monkeypatch):
+    make_images(tmp_path / "a", 12)
+    monkeypatch.setattr(pipeline, "SHARD_IMAGES", 4)
+
+    def interrupt(n):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.build_map(tmp_path / "a", tmp_path / "map", config, _after_shard=interrupt, **_quiet())
+    recorded = json.loads((tmp_path / "map" / "build.json").read_text())["vocabulary"]
+    assert recorded["k"] == 8 and len(recorded["checksum"]) == 16
+    other = config.replace(vocabulary=VocabularyConfig(k=8, seed=5))
+    pipeline.build_map(tmp_path / "a", tmp_path / "other", other, **_quiet())  # same K, another draw
+    shutil.copy(tmp_path / "other" / "vocabulary.npz", tmp_path / "map" / "vocabulary.npz")
+    with pytest.raises(VocabularyMismatchError, match="was being built with vocabulary"):
+        pipeline.build_map(tmp_path / "a", tmp_path / "map", config, **_quiet())

@@ -31,6 +31,7 @@ import numpy as np
 from .. import __version__
 from ..errors import ConfigError, MapError
 from ..io import atomic_path, atomic_write_json
+from ..numerics import NORM_FLOOR
 from .index import INDEX_FILE, FaissIndex
 from .mapdir import MAP_FILE, read_map_info
 from .store import MapStore
@@ -237,7 +238,7 @@ def import_features(features: str | os.PathLike, out: str | os.PathLike, config:
     names, vectors = read_global_features(src, names)
     norms = np.linalg.norm(vectors, axis=1)
     if normalize:
-        vectors = vectors / np.maximum(norms, 1e-12)[:, None]
+        vectors = vectors / np.maximum(norms, NORM_FLOOR)[:, None]
     if config is not None and config.get("store_dtype"):
         store_dtype = config["store_dtype"]
     store = MapStore(out, store_dtype)
