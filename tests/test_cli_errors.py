@@ -142,3 +142,28 @@ def test_weights_never_run_code_even_when_torch_is_told_to_allow_it(tmp_path, mo
                        "--weights", tmp_path / "evil.pth")
     one_line_error(code, err, "evil.pth", "never runs code")
     assert not marker.exists()
+
+
+def test_a_radius_for_a_list_ground_truth_is_one_line(monkeypatch, capsys, shared_datasets):
+    code, _, err = run(monkeypatch, capsys, "eval", "corridor", "--data-root", shared_datasets,
+                       "--positive-dist-threshold", "10", *SMALL)
+    one_line_error(code, err, "positive_dist_threshold", "vpr-bench")
+
+
+def test_the_radius_reaches_a_positional_layout(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    for role, names in (("database", ["@0@0@.png", "@15@0@.png", "@100@0@.png"]), ("queries", ["@14@0@.png"])):
+        (tmp_path / "set" / role).mkdir(parents=True)
+        for i, name in enumerate(names):
+            Image.fromarray(np.full((32, 32, 3), 60 * i + 20, np.uint8)).save(tmp_path / "set" / role / name)
+    from vprkit.datasets import load_dataset
+
+    near = load_dataset(tmp_path / "set", positive_dist_threshold=5)
+    wide = load_dataset(tmp_path / "set", positive_dist_threshold=20)
+    def names(ds):
+        return sorted(ds.database_images[i] for i in ds.ground_truth.positives[0])
+
+    assert names(near) == ["@15@0@.png"] and names(wide) == ["@0@0@.png", "@15@0@.png"]  # the query is at 14 m
+    code, out, err = run(monkeypatch, capsys, "eval", tmp_path / "set", "--positive-dist-threshold", "5", *SMALL)
+    assert code == 0 and "R@1" in out, err

@@ -106,6 +106,16 @@ class ImageSpec:
         return cls(size=tuple(d["size"]) if d.get("size") else None, resize=d.get("resize", "fixed"))
 
 
+def _known_fields(cls: type, d: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """``d`` as a dict, refusing keys that are not fields of the dataclass ``cls`` (a typo or a newer file)."""
+    d = dict(d)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise ConfigError(f"unknown {what} keys {sorted(unknown)}; known: {sorted(known)}")
+    return d
+
+
 @dataclass(frozen=True)
 class RerankConfig:
     """How a global shortlist is re-ranked with multi-scale patch matching (Patch-NetVLAD).
@@ -188,12 +198,7 @@ class RerankConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "RerankConfig":
-        d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown re-ranking keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+        return cls(**_known_fields(cls, d, "re-ranking"))
 
 
 def _jsonable(value: Any) -> Any:
@@ -367,11 +372,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Config":
-        d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown config keys {sorted(unknown)}; known: {sorted(known)}")
+        d = _known_fields(cls, d, "config")
         if "image" in d:
             d["image"] = ImageSpec.from_dict(d["image"])
         if "vocabulary" in d:

@@ -93,7 +93,8 @@ def test_concurrent_builds_with_different_presets_leave_one_consistent_map(tmp_p
     assert info["vocabulary"]["k"] == info["config"]["vocabulary"]["k"]
 
 
-def test_resuming_an_interrupted_build_with_other_settings_is_refused_naming_them(tmp_path, config, monkeypatch):
+def _interrupted_build(tmp_path, config, monkeypatch) -> None:
+    """12 images into tmp_path/map, stopped after the first 4-image shard (as a kill would)."""
     make_images(tmp_path / "a", 12)
     monkeypatch.setattr(pipeline, "SHARD_IMAGES", 4)
 
@@ -102,6 +103,10 @@ def test_resuming_an_interrupted_build_with_other_settings_is_refused_naming_the
 
     with pytest.raises(KeyboardInterrupt):
         pipeline.build_map(tmp_path / "a", tmp_path / "map", config, _after_shard=interrupt, **_quiet())
+
+
+def test_resuming_an_interrupted_build_with_other_settings_is_refused_naming_them(tmp_path, config, monkeypatch):
+    _interrupted_build(tmp_path, config, monkeypatch)
     assert not (tmp_path / "map" / "map.json").exists() and (tmp_path / "map" / "build.json").exists()
     with pytest.raises(MapError, match=r"interrupted build with other settings \(vocabulary\.k: 8 → 16"):
         pipeline.build_map(tmp_path / "a", tmp_path / "map", config.replace(vocabulary=VocabularyConfig(k=16)), **_quiet())
@@ -189,14 +194,7 @@ def test_leftover_temporary_files_are_removed_and_files_follow_the_umask(tmp_pat
 
 
 def test_a_vocabulary_swapped_during_an_interrupted_build_is_refused(tmp_path, config, monkeypatch):
-    make_images(tmp_path / "a", 12)
-    monkeypatch.setattr(pipeline, "SHARD_IMAGES", 4)
-
-    def interrupt(n):
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        pipeline.build_map(tmp_path / "a", tmp_path / "map", config, _after_shard=interrupt, **_quiet())
+    _interrupted_build(tmp_path, config, monkeypatch)
     recorded = json.loads((tmp_path / "map" / "build.json").read_text())["vocabulary"]
     assert recorded["k"] == 8 and len(recorded["checksum"]) == 16
     other = config.replace(vocabulary=VocabularyConfig(k=8, seed=5))

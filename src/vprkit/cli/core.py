@@ -144,6 +144,9 @@ def localize(map_dir: Path, queries: tuple[Path, ...], top_k: int, rerank: str |
 @click.option("--database", "database_sub", default=None, help="Database subfolder for sequence datasets (e.g. summer).")
 @click.option("--no-positive", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
               help="Queries with no positive: count as failures (VPR-methods-evaluation) or leave out (SegVLAD).")
+@click.option("--positive-dist-threshold", "positive_dist_threshold", type=click.FloatRange(min=0, min_open=True),
+              default=None, metavar="M",
+              help="Positives within M metres (layouts with positions; default: the format's, 25 m for street-level sets).")
 @click.option("--float16", is_flag=True)
 @click.option("--vocab", default=None, help="VLAD vocabulary: map (default) | domain:NAME | auto | PATH.npz")
 @click.option("--weights", type=click.Path(path_type=Path), default=None, help="Backbone checkpoint (e.g. DINOv2 .pth).")
@@ -154,7 +157,8 @@ def localize(map_dir: Path, queries: tuple[Path, ...], top_k: int, rerank: str |
               help="With --out: draw the worst and best queries beside their top N predictions (predictions/, report.html).")
 @click.option("--quiet", is_flag=True)
 def evaluate(dataset: str, preset: str, rerank: str | None, out: Path | None, data_root: Path | None,
-             queries_sub: str | None, database_sub: str | None, no_positive: str, float16: bool,
+             queries_sub: str | None, database_sub: str | None, no_positive: str,
+             positive_dist_threshold: float | None, float16: bool,
              vocab: str | None, weights: Path | None, memory_budget: int | None, image_size: tuple[int, int] | None,
              device: str | None, save_predictions: int, quiet: bool) -> None:
     """Build a map of DATASET's database, localise its queries and print Recall@1/5/10/20."""
@@ -165,7 +169,8 @@ def evaluate(dataset: str, preset: str, rerank: str | None, out: Path | None, da
     if data_root is not None:
         os.environ["VPRKIT_DATA"] = str(data_root)
     config = _config(preset, float16, rerank, vocab, weights, memory_budget, image_size, device)  # validate before touching data
-    options = {k: v for k, v in {"queries": queries_sub, "database": database_sub}.items() if v}
+    options = {k: v for k, v in {"queries": queries_sub, "database": database_sub,
+                                 "positive_dist_threshold": positive_dist_threshold}.items() if v}
     ds = load_dataset(dataset, **options)
     summary = pipeline.evaluate(ds, config, out=out, rerank=rerank, no_positive=no_positive,
                                 progress=not quiet, log=click.echo, save_predictions=save_predictions)
