@@ -38,7 +38,7 @@ from .aggregation.vocabulary import (build_vocabulary, descriptor_identity, make
 from .backbones import Backbone, DenseFeatures, build_backbone
 from .backbones.extract import FeatureCache, extract, ignore_failures, memory_plan, sample_keys
 from .config import Config
-from .device import resolve_device
+from .device import module_device, resolve_device
 from .errors import ConfigError, ImageReadError, MapError, VocabularyMismatchError
 from .evaluation.report import PeakMemory
 from .evaluation.run import RECALL_NS, Rankings, write_run
@@ -147,18 +147,12 @@ def open_map(map_dir: str | os.PathLike, read_only: bool = False, device: str | 
     config = data.config
     backbone = load_backbone(config)
     aggregator = make_aggregator(config, backbone, data.vocabulary)
-    aggregator = aggregator.to(_device_of(backbone)) if isinstance(aggregator, torch.nn.Module) else aggregator
+    aggregator = aggregator.to(module_device(backbone)) if isinstance(aggregator, torch.nn.Module) else aggregator
     extensions = _make_extensions(config, backbone, data.vocabulary)
     for ext in extensions.values():
         if ext.needs_fit and not ext.try_load_state(data.dir):
             raise MapError(f"{data.dir} lacks the fitted state of '{ext.group}'; rebuild the map")
     return Map(data, backbone, aggregator, extensions)
-
-
-def _device_of(module: torch.nn.Module) -> torch.device:
-    for t in itertools.chain(module.parameters(), module.buffers()):
-        return t.device
-    return torch.device("cpu")
 
 
 def _on_cpu(feats: DenseFeatures) -> DenseFeatures:
@@ -255,7 +249,7 @@ def _build_locked(config: Config, source: ImageSource, keys: list[str], out: Pat
     if vocabulary is not None:  # recorded before the first shard: a resume must encode with this very vocabulary
         _record_build_vocabulary(out / BUILD_FILE, vocabulary)
     aggregator = make_aggregator(config, backbone, vocabulary)
-    aggregator = aggregator.to(_device_of(backbone)) if isinstance(aggregator, torch.nn.Module) else aggregator
+    aggregator = aggregator.to(module_device(backbone)) if isinstance(aggregator, torch.nn.Module) else aggregator
     extensions = _make_extensions(config, backbone, vocabulary)
     for ext in extensions.values():
         if ext.needs_fit and not ext.try_load_state(out):

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..device import module_device
 from ..config import (BUDGET_SHARE_DECODE_BUFFER, BUDGET_SHARE_VOCABULARY_POOL, MIB, MIN_MEMORY_BUDGET_MB, Config,
                       MemoryPlan)
 from ..errors import ConfigError, ImageReadError
@@ -112,7 +113,7 @@ def extract(
         iter_batches(source, keys[i : i + chunk], config.image, backbone.size_multiple, config.batch_size, config.workers)
         for i in range(0, len(keys), chunk)
     )
-    device = _device_of(backbone)
+    device = module_device(backbone)
     try:
         for batch in batches:
             for key, msg in batch.failures:
@@ -127,12 +128,6 @@ def extract(
             yield batch, feats
     finally:
         bar.close()
-
-
-def _device_of(module: torch.nn.Module) -> torch.device:
-    for t in itertools.chain(module.parameters(), module.buffers()):
-        return t.device
-    return torch.device("cpu")
 
 
 class FeatureCache:

@@ -143,6 +143,13 @@ def central_meridian(zone: int) -> float:
     return (zone - 1) * UTM_ZONE_WIDTH_DEG - 180.0 + UTM_ZONE_WIDTH_DEG / 2
 
 
+def _far_from_central_meridian(lon: np.ndarray, zone: int) -> tuple[int, float] | None:
+    """The first point (index, degrees) too far from ``zone``'s central meridian for one metric frame, or None."""
+    dlon = np.abs((np.asarray(lon, np.float64) - central_meridian(zone) + 180.0) % 360.0 - 180.0)
+    far = np.flatnonzero(dlon > MAX_DEGREES_FROM_CENTRAL_MERIDIAN)
+    return None if not far.size else (int(far[0]), float(dlon[far[0]]))
+
+
 def latlon_to_utm(
     lat: np.ndarray | Sequence[float],
     lon: np.ndarray | Sequence[float],
@@ -176,17 +183,16 @@ def latlon_to_utm(
         zone = utm_zone(float(lat[0]), float(lon[0]))
     if northern is None:
         northern = bool(lat[0] >= 0.0)
-    dlon = (lon - central_meridian(zone) + 180.0) % 360.0 - 180.0
-    far = np.flatnonzero(np.abs(dlon) > MAX_DEGREES_FROM_CENTRAL_MERIDIAN)
-    if far.size:
-        i = int(far[0])
+    far = _far_from_central_meridian(lon, zone)
+    if far is not None:
+        i, dlon_i = far
         raise DatasetError(
             f"points span several UTM zones far apart: point {i} (lat {lat[i]:.5f}, lon {lon[i]:.5f}) is "
-            f"{abs(dlon[i]):.1f}° from the central meridian of zone {zone} (limit "
+            f"{dlon_i:.1f}° from the central meridian of zone {zone} (limit "
             f"{MAX_DEGREES_FROM_CENTRAL_MERIDIAN}°); split the dataset by region or provide easting/northing"
         )
     phi = np.radians(lat)
-    lam = np.radians(dlon)
+    lam = np.radians((lon - central_meridian(zone) + 180.0) % 360.0 - 180.0)  # signed offset from the meridian
     sin_phi = np.sin(phi)
     # Conformal latitude via tan χ = sinh(atanh(sin φ) − e·atanh(e·sin φ)).
     t = np.sinh(np.arctanh(sin_phi) - _E * np.arctanh(_E * sin_phi))
@@ -458,12 +464,11 @@ def read_poses(csv_path: str | os.PathLike) -> Poses:
     if metric:
         return Poses(keys, np.stack([a, b], 1), headings, stamps, source=str(path))
     zone = utm_zone(float(a[0]), float(b[0]))
-    dlon = (b - central_meridian(zone) + 180.0) % 360.0 - 180.0
-    far = np.flatnonzero(np.abs(dlon) > MAX_DEGREES_FROM_CENTRAL_MERIDIAN)
-    if far.size:
-        i = int(far[0])
+    far = _far_from_central_meridian(b, zone)
+    if far is not None:
+        i, dlon_i = far
         raise DatasetError(
-            f"{path}, line {lines[i]}: lon {b[i]:g} is {abs(dlon[i]):.1f}° from the central meridian of UTM zone "
+            f"{path}, line {lines[i]}: lon {b[i]:g} is {dlon_i:.1f}° from the central meridian of UTM zone "
             f"{zone} (chosen by line {lines[0]}; limit {MAX_DEGREES_FROM_CENTRAL_MERIDIAN:g}°): one metric frame "
             f"cannot cover these points; split the dataset by region or provide easting,northing"
         )

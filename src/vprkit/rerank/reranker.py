@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..backbones.extract import extract, ignore_failures, sample_keys
+from ..device import module_device
 from ..errors import MapError
 from .base import Reranker
 from .extension import GROUP, PatchesExtension
@@ -147,7 +148,7 @@ def make_reranker(
     from .presets import patch_options
 
     options = patch_options(settings, config)
-    device = next(iter(backbone.parameters()), torch.empty(0)).device  # match where the models run
+    device = module_device(backbone)  # match where the models run
     if stored is not None and stored.stores_same_as(options):
         return PatchReranker(settings, stored, StoredPatches(store, stored), device)
     log(f"re-ranking '{settings.name}': the map stores no matching patch descriptors; computing them from "

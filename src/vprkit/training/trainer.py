@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..backbones.base import DenseFeatures
 from ..datasets import GroundTruth
-from ..device import resolve_device
+from ..device import module_device, resolve_device
 from ..errors import ConfigError
 from ..evaluation.metrics import recall_at_n
 from .labels import PlaceLabels
@@ -146,7 +146,7 @@ def describe(head: torch.nn.Module, features: FeatureSource, ids: np.ndarray, ch
     """The head's descriptors of ``ids`` (eval mode, no gradients), on the CPU."""
     was = head.training
     head.eval()
-    device = next(iter(head.parameters()), torch.empty(0)).device
+    device = module_device(head)
     out = []
     with torch.no_grad():
         for i in range(0, len(ids), chunk):
