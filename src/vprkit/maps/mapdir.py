@@ -24,7 +24,7 @@ import numpy as np
 from ..config import Config
 from ..errors import ConfigError, ImageReadError, MapError, VocabularyMismatchError
 from ..images import ImageSource, MappedFiles
-from .index import INDEX_FILE, FaissIndex
+from .index import INDEX_FILE, FaissIndex, Index, build_index, load_index
 from .store import MapStore
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class MapData:
     config: Config
     vocabulary: Any  # aggregation.vlad.Vocabulary | None (kept untyped: maps sit beside aggregation)
     store: MapStore
-    index: FaissIndex
+    index: Index
     keys: list[str]
     poses: np.ndarray
     read_only: bool = True
@@ -151,17 +151,11 @@ def open_map_data(map_dir: str | os.PathLike, read_only: bool = True) -> MapData
         raise VocabularyMismatchError(f"{d / VOCAB_FILE} changed since the map was built; rebuild the map")
     store = MapStore(d, config.store_dtype)
     keys = store.keys()
-    index_path = d / INDEX_FILE
-    index = None
-    if index_path.exists():
-        try:
-            index = FaissIndex.load(index_path, config.index)
-        except MapError as exc:  # derived data: rebuilt from the store below
-            logger.warning("%s; rebuilding it from the store", exc)
+    index = load_index(d, config)  # derived data: None when missing or damaged
     if index is None or index.ntotal != len(keys):  # missing, damaged or stale: rebuild from the store
-        index = FaissIndex.build(store.read_global(), config.index, seed=config.vocabulary.seed)
+        index = build_index(store.read_global(), config, d)
         if not read_only:
-            index.save(index_path)
+            index.save_to_map(d)
     return MapData(d, info, config, vocabulary, store, index, keys, store.read_poses(), read_only)
 
 

@@ -28,30 +28,31 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from . import __version__
-from .aggregation import Aggregator, Vocabulary
-from .aggregation.domains import analyse_dataset_domains as _analyse_domains
-from .aggregation.domains import build_domain_vocabulary as _build_domain_vocabulary
-from .aggregation.domains import pick_domain as _pick_domain
-from .aggregation.vocabulary import (build_vocabulary, descriptor_identity, make_aggregator,
+from .. import __version__
+from ..aggregation import Aggregator, Vocabulary
+from ..aggregation.domains import analyse_dataset_domains as _analyse_domains
+from ..aggregation.domains import build_domain_vocabulary as _build_domain_vocabulary
+from ..aggregation.domains import pick_domain as _pick_domain
+from ..aggregation.vocabulary import (build_vocabulary, descriptor_identity, make_aggregator,
                                      resolve_vocabulary_source, wants_vocabulary)
-from .backbones import Backbone, DenseFeatures, build_backbone
-from .backbones.extract import FeatureCache, extract, ignore_failures, memory_plan, sample_keys
-from .config import Config
-from .device import module_device, resolve_device
-from .errors import ConfigError, ImageReadError, MapError, VocabularyMismatchError
-from .evaluation.report import PeakMemory
-from .evaluation.run import RECALL_NS, Rankings, write_run
-from .io import atomic_write_json, clean_orphans
-from .images import Batch, FileImages, FolderImages, ImageInput, ImageSource, image_source
-from .maps import (FAILURES_FILE, INDEX_FILE, MAP_FILE, VOCAB_FILE, FaissIndex, MapData, MapStore, open_map_data,
+from ..backbones import Backbone, DenseFeatures, build_backbone
+from ..backbones.extract import FeatureCache, extract, ignore_failures, memory_plan, sample_keys
+from ..config import Config
+from ..device import module_device, resolve_device
+from ..errors import ConfigError, ImageReadError, MapError, VocabularyMismatchError
+from ..evaluation.report import PeakMemory
+from ..evaluation.run import RECALL_NS, Rankings, write_run
+from ..io import atomic_write_json, clean_orphans
+from ..images import Batch, FileImages, FolderImages, ImageInput, ImageSource, image_source
+from ..maps import (FAILURES_FILE, INDEX_FILE, MAP_FILE, VOCAB_FILE, FaissIndex, MapData, MapStore, open_map_data,
                    read_json, read_map_info)
-from .maps.lock import map_write_lock
-from .maps.mapdir import BUILD_FILE, changed_entries, check_build_settings
-from .maps.extensions import EXTENSIONS, EXTENSIONS_DIR, MapExtension
-from .maps.store import PENDING_DIR
-from .presets import DEFAULT_PRESET, get_rerank_config, resolve
-from .retrieval import RETRIEVERS, QueryBatch, Retriever, SearchSpace, pad_topk
+from ..maps.index import build_index
+from ..maps.lock import map_write_lock
+from ..maps.mapdir import BUILD_FILE, changed_entries, check_build_settings
+from ..maps.extensions import EXTENSIONS, EXTENSIONS_DIR, MapExtension
+from ..maps.store import PENDING_DIR
+from ..presets import DEFAULT_PRESET, get_rerank_config, resolve
+from ..retrieval import RETRIEVERS, QueryBatch, Retriever, SearchSpace, pad_topk
 
 logger = logging.getLogger(__name__)
 
@@ -316,8 +317,8 @@ def _build_locked(config: Config, source: ImageSource, keys: list[str], out: Pat
     if updated_poses:
         log(f"updated the poses of {updated_poses} image(s) already in the map")
     vectors = store.read_global()
-    index = FaissIndex.build(vectors, config.index, seed=config.vocabulary.seed)
-    index.save(out / INDEX_FILE)
+    index = build_index(vectors, config, out)
+    index.save_to_map(out)
     if failures or fail_path.exists():
         atomic_write_json(fail_path, failures, default=str)
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -351,7 +352,7 @@ def _build_locked(config: Config, source: ImageSource, keys: list[str], out: Pat
 
 
 def _recorded_environment() -> dict[str, str]:
-    from .environment import recorded_environment
+    from ..environment import recorded_environment
 
     return recorded_environment()
 
@@ -364,7 +365,7 @@ def _pose_rows(poses, keys: Sequence[str]) -> tuple[np.ndarray, dict[str, Any] |
         if poses.shape != (len(keys), 2):
             raise MapError(f"poses array must be {len(keys)}×2, got {poses.shape}")
         return poses.astype(np.float64), None
-    from .datasets.poses import match_poses, read_poses
+    from ..datasets.poses import match_poses, read_poses
 
     matched, report = match_poses(read_poses(poses), list(keys))
     return matched.lookup(list(keys)), report.to_dict()
@@ -467,7 +468,7 @@ def get_reranker(map: Map, name, log: Callable[[str], None] = logger.info):
     if not name:
         return None
     _import_plugins()
-    from .rerank import make_reranker
+    from ..rerank import make_reranker
 
     settings = get_rerank_config(name) if isinstance(name, str) else name
 
@@ -553,7 +554,7 @@ def evaluate(
     temporary map is used. Queries without any positive count as failures (``no_positive="fail"``,
     the VPR-methods-evaluation convention) or are left out (``"skip"``, SegVLAD's).
     """
-    from .datasets import load_dataset
+    from ..datasets import load_dataset
 
     ds = load_dataset(dataset) if isinstance(dataset, (str, os.PathLike)) else dataset
     if ds.ground_truth is None:
@@ -626,7 +627,7 @@ def map_info(map_dir: str | os.PathLike) -> dict[str, Any]:
 
 # ---- domain vocabularies -----------------------------------------------------------------------
 def _database_sources(datasets: Sequence) -> dict[str, ImageSource]:
-    from .datasets import load_dataset
+    from ..datasets import load_dataset
 
     loaded = [load_dataset(d) if isinstance(d, (str, os.PathLike)) else d for d in datasets]
     return {d.name: FolderImages(d.database_dir, d.database_images) for d in loaded}
@@ -662,7 +663,7 @@ def explain(map: Map | str | os.PathLike, query: ImageInput, out: str | os.PathL
 
     Draws the pairs to ``out`` (PNG) if given. The map must store SuperSegments (a ``segvlad-*`` preset).
     """
-    from .segments.explain import draw, explain_pair, segment_sets, stored_segment_set
+    from ..segments.explain import draw, explain_pair, segment_sets, stored_segment_set
 
     m = map if isinstance(map, Map) else open_map(map, read_only=True)
     ext = m.extensions.get("segments")
@@ -698,7 +699,7 @@ def match_two(image_a: ImageInput, image_b: ImageInput, rerank: str = "performan
     the one re-ranking computes; otherwise ``preset`` (default: the default preset) gives backbone and
     image size and the patch vocabulary is fitted on the two images.
     """
-    from .rerank.draw import match_pair
+    from ..rerank.draw import match_pair
 
     settings = get_rerank_config(rerank)
     if map_dir is not None:
@@ -738,9 +739,9 @@ def compare(
     go to :func:`vprkit.presets.resolve` for every preset (``image_size``, ``float16``, …).
     Returns ``{"rows", "changes", "runs" (folders), "files"}``.
     """
-    from .datasets import load_dataset
-    from .evaluation import compare as cmp
-    from .presets import resolve
+    from ..datasets import load_dataset
+    from ..evaluation import compare as cmp
+    from ..presets import resolve
 
     if not datasets or not presets:
         raise ConfigError("compare needs at least one dataset and one preset")
@@ -780,7 +781,7 @@ def export_hloc(map_dir: str | os.PathLike, out: str | os.PathLike, pairs: str |
     images go to ``pairs`` as hloc's ``pairs_from_retrieval`` writes them. Database images are named
     ``db_prefix + map key``. Names must be unique across both.
     """
-    from .maps import hloc
+    from ..maps import hloc
 
     result = hloc.export_map(map_dir, out, prefix=db_prefix)
     if pairs is None and queries is None:
@@ -815,7 +816,7 @@ def import_hloc(features: str | os.PathLike, out: str | os.PathLike, preset: str
     Without ``preset`` the map is for retrieval by descriptors given as arrays
     (:func:`vprkit.maps.hloc.retrieve`); with the preset that produced the descriptors it is a normal map.
     """
-    from .maps import hloc
+    from ..maps import hloc
 
     config = None if preset is None else resolve_config(preset).to_dict()
     return hloc.import_features(features, out, config=config, prefix=prefix, normalize=normalize)
@@ -824,7 +825,7 @@ def import_hloc(features: str | os.PathLike, out: str | os.PathLike, preset: str
 # ---- training ----------------------------------------------------------------------------------
 def train(recipe, resume: bool = True, progress: bool = True, log: Callable[[str], None] = logger.info) -> dict[str, Any]:
     """Train what a recipe (TOML/YAML path or dict) describes; the summary's ``checkpoint`` (RUN/best.ckpt) is a preset."""
-    from .training.recipe import run_recipe
+    from ..training.recipe import run_recipe
 
     return run_recipe(recipe, resume=resume, progress=progress, log=log)
 
@@ -832,6 +833,6 @@ def train(recipe, resume: bool = True, progress: bool = True, log: Callable[[str
 def add_pca(checkpoint, images, dim: int, whiten: bool = False, sample: int = 2000, out=None,
             progress: bool = True) -> Path:
     """Append a PCA (``whiten``: whitened) layer fitted on ≤ ``sample`` of ``images`` to a checkpoint; returns the new .ckpt."""
-    from .training.checkpoint import add_pca as _add_pca
+    from ..training.checkpoint import add_pca as _add_pca
 
     return _add_pca(checkpoint, images, dim, whiten=whiten, sample=sample, out=out, progress=progress)

@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 
-from .backbones.base import DenseFeatures
-from .registry import Registry
+from ..backbones.base import DenseFeatures
+from ..registry import Registry
 
 if TYPE_CHECKING:
-    from .images import Batch
-    from .maps import FaissIndex, MapStore
-    from .maps.extensions import MapExtension
+    from ..images import Batch
+    from ..maps import MapStore
+    from ..maps.index import Index
+    from ..maps.extensions import MapExtension
 
 
 @dataclass
@@ -32,7 +33,7 @@ class SearchSpace:
     as a read-only map does).
     """
 
-    index: "FaissIndex"
+    index: "Index"
     size: int
     store: "MapStore | None" = None
     extensions: Mapping[str, "MapExtension"] = field(default_factory=dict)
