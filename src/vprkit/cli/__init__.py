@@ -14,7 +14,7 @@ import click
 
 from ..errors import VPRKitError
 
-_TOPICS = ("core", "vocab", "rerank", "segments", "bench", "train")
+_TOPICS = ("core", "vocab", "rerank", "segments", "bench", "train", "serve", "loops", "scale")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
