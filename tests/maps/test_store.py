@@ -86,3 +86,36 @@ def test_store_files_follow_the_umask_and_consolidation_cleans_orphans(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index.faiss", "pending", "store.h5"]
     for name in ("store.h5", "index.faiss"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644
+
+
+def test_live_appends_are_folded_into_the_store_once_there_are_many(tmp_path, monkeypatch):
+    import vprkit.maps.store as store_module
+
+    monkeypatch.setattr(store_module, "LIVE_FOLD_FILES", 3)
+    s = MapStore(tmp_path)
+    s.write_shard(["a"], np.ones((1, 2)))
+    s.consolidate()
+    for i in range(5):
+        s.append([f"live{i}"], np.full((1, 2), i), np.array([[i, i]]), np.array([i * 10.0]))
+    live = sorted(p.name for p in (tmp_path / "live").iterdir())
+    assert len(live) < 3  # folded when the third arrived; numbering continues, never reused
+    assert s.keys() == ["a"] + [f"live{i}" for i in range(5)] and np.allclose(s.read_headings()[1:], [0, 10, 20, 30, 40])
+    with h5py.File(tmp_path / "store.h5") as f:
+        assert int(f.attrs["live_absorbed"]) == 3
+    assert all(int(name[len("append-"):-len(".h5")]) > 3 for name in live)
+
+
+def test_append_files_already_folded_are_ignored_after_a_crash(tmp_path):
+    import shutil
+
+    s = MapStore(tmp_path)
+    s.write_shard(["a"], np.ones((1, 2)))
+    s.consolidate()
+    s.append(["b"], np.ones((1, 2)))
+    kept = tmp_path / "kept.h5"
+    shutil.copy(next((tmp_path / "live").iterdir()), kept)
+    s.consolidate()
+    shutil.copy(kept, tmp_path / "live" / "append-000000001.h5")  # as if the fold died before deleting it
+    assert MapStore(tmp_path).keys() == ["a", "b"] and len(MapStore(tmp_path)) == 2
+    s.append(["c"], np.ones((1, 2)))
+    assert MapStore(tmp_path).keys() == ["a", "b", "c"]

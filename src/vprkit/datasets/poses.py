@@ -18,7 +18,10 @@ and line):
 - Columns (header names are case-insensitive, in any order; :data:`COLUMN_ALIASES` lists the
   accepted spellings): ``image`` (required) plus either ``easting,northing`` (metres, any metric
   frame) or ``lat,lon`` (WGS84 degrees, projected into the UTM zone of the first row); optional
-  ``heading`` (degrees) and ``timestamp`` (seconds). When both pairs are present the metric one is
+  ``heading`` (degrees) and ``timestamp`` (seconds since 1970-01-01 UTC as a number, or an ISO-8601
+  date-time such as ``2024-05-01T12:30:00Z``, UTC when it has no offset; see :func:`parse_timestamp`).
+  The frame is recorded (:attr:`Poses.crs`): UTM zone and hemisphere for lat/lon, local metres
+  otherwise; :func:`utm_to_latlon` turns UTM metres back into degrees. When both pairs are present the metric one is
   used. Other columns are ignored (logged at INFO). A column given twice (e.g. ``x`` and
   ``easting``) is an error.
 - Each row has as many fields as the header (trailing optional fields may be left out, never
@@ -206,6 +209,139 @@ def latlon_to_utm(
     return np.stack([easting, northing], axis=1), int(zone), bool(northern)
 
 
+def _kruger_beta(n: float) -> np.ndarray:
+    """Krüger's inverse-series coefficients β1…β6 for third flattening ``n`` (Karney 2011, eq. 36)."""
+    n2, n3, n4, n5, n6 = n**2, n**3, n**4, n**5, n**6
+    return np.array(
+        [
+            n / 2 - 2 * n2 / 3 + 37 * n3 / 96 - n4 / 360 - 81 * n5 / 512 + 96199 * n6 / 604800,
+            n2 / 48 + n3 / 15 - 437 * n4 / 1440 + 46 * n5 / 105 - 1118711 * n6 / 3870720,
+            17 * n3 / 480 - 37 * n4 / 840 - 209 * n5 / 4480 + 5569 * n6 / 90720,
+            4397 * n4 / 161280 - 11 * n5 / 504 - 830251 * n6 / 7257600,
+            4583 * n5 / 161280 - 108847 * n6 / 3991680,
+            20648693 * n6 / 638668800,
+        ]
+    )
+
+
+_BETA = _kruger_beta(_N)
+# Newton steps from the conformal to the geodetic latitude (Karney 2011, eqs. 19–21): each squares the
+# error, so a handful reach float64 precision from the conformal latitude as the start.
+CONFORMAL_NEWTON_STEPS = 5
+
+
+def utm_to_latlon(xy: np.ndarray, zone: int, northern: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """WGS84 (lat, lon) degrees of UTM ``xy`` (n×2 easting, northing) in ``zone`` — the inverse of
+    :func:`latlon_to_utm` (Krüger's inverse series, Karney 2011), exact to well under a micro-degree
+    within the extended zone."""
+    xy = np.asarray(xy, np.float64).reshape(-1, 2)
+    xi = (xy[:, 1] - (0.0 if northern else UTM_FALSE_NORTHING_SOUTH)) / (UTM_K0 * _RECTIFYING_RADIUS)
+    eta = (xy[:, 0] - UTM_FALSE_EASTING) / (UTM_K0 * _RECTIFYING_RADIUS)
+    j2 = 2.0 * np.arange(1, _BETA.size + 1)
+    xi_p = xi - np.sum(_BETA * np.sin(j2 * xi[:, None]) * np.cosh(j2 * eta[:, None]), axis=1)
+    eta_p = eta - np.sum(_BETA * np.cos(j2 * xi[:, None]) * np.sinh(j2 * eta[:, None]), axis=1)
+    tau_p = np.sin(xi_p) / np.sqrt(np.sinh(eta_p) ** 2 + np.cos(xi_p) ** 2)  # tan of the conformal latitude
+    lam = np.arctan2(np.sinh(eta_p), np.cos(xi_p))
+    e2 = _E * _E
+    tau = tau_p.copy()
+    for _ in range(CONFORMAL_NEWTON_STEPS):
+        sigma = np.sinh(_E * np.arctanh(_E * tau / np.sqrt(1.0 + tau * tau)))
+        tau_i = tau * np.sqrt(1.0 + sigma * sigma) - sigma * np.sqrt(1.0 + tau * tau)
+        tau = tau + (tau_p - tau_i) / np.sqrt(1.0 + tau_i * tau_i) * (1.0 + (1.0 - e2) * tau * tau) / (
+            (1.0 - e2) * np.sqrt(1.0 + tau * tau))
+    lat = np.degrees(np.arctan(tau))
+    lon = (np.degrees(lam) + central_meridian(zone) + 180.0) % 360.0 - 180.0
+    return lat, lon
+
+
+# EPSG codes of WGS84 / UTM: 326zz north, 327zz south.
+EPSG_UTM_NORTH = 32600
+EPSG_UTM_SOUTH = 32700
+
+
+def utm_crs(zone: int, northern: bool) -> dict:
+    """The ``map.json`` record of a UTM frame: ``{"kind": "utm", "zone", "hemisphere", "epsg"}``."""
+    return {"kind": "utm", "zone": int(zone), "hemisphere": "N" if northern else "S",
+            "epsg": (EPSG_UTM_NORTH if northern else EPSG_UTM_SOUTH) + int(zone)}
+
+
+LOCAL_CRS = {"kind": "local", "unit": "m"}
+_UTM_SPEC = re.compile(r"utm:?\s*(\d{1,2})\s*([ns])", re.IGNORECASE)
+_EPSG_SPEC = re.compile(r"epsg:\s*(\d+)", re.IGNORECASE)
+
+
+def project_pose(pose: "dict | Sequence[float]", crs: dict | None, allow_local_latlon: bool = False
+                 ) -> tuple[np.ndarray | None, float | None, float | None, dict]:
+    """One pose in a map's frame: ``(xy or None, heading or None, timestamp or None, frame)``.
+
+    ``pose`` is ``(easting, northing)`` or a dict with ``easting``/``northing`` (metres in the map's
+    frame) or ``lat``/``lon`` (WGS84, projected into the map's UTM zone; for a map without a UTM frame
+    into the point's own zone — only when ``allow_local_latlon``, i.e. the map has no poses yet),
+    plus optional ``heading`` (degrees) and ``timestamp`` (epoch seconds or ISO-8601). Values not
+    given are None (leave as they are). ``frame`` is the CRS the position is in. Bad input is one
+    :class:`DatasetError`.
+    """
+    frame = dict(crs) if crs else dict(LOCAL_CRS)
+    if not isinstance(pose, dict):
+        values = [float(v) for v in pose]
+        if len(values) != 2:
+            raise DatasetError(f"a pose is (easting, northing), got {pose!r}")
+        pose = {"easting": values[0], "northing": values[1]}
+    unknown = set(pose) - {"easting", "northing", "lat", "lon", "heading", "timestamp"}
+    if unknown:
+        raise DatasetError(f"unknown pose field(s) {sorted(unknown)}; use easting,northing or lat,lon, heading, timestamp")
+    xy = None
+    try:
+        if ("easting" in pose) != ("northing" in pose) or ("lat" in pose) != ("lon" in pose):
+            raise DatasetError("a position needs both easting and northing, or both lat and lon")
+        if "easting" in pose and "lat" in pose:
+            raise DatasetError("give easting,northing or lat,lon, not both")
+        if "easting" in pose:
+            xy = np.array([float(pose["easting"]), float(pose["northing"])])
+        elif "lat" in pose:
+            utm = frame.get("kind") == "utm"
+            if not utm and not allow_local_latlon:
+                raise DatasetError("the map's poses are in local metres: give easting,northing in that frame, not lat/lon")
+            projected, zone, northern = latlon_to_utm([float(pose["lat"])], [float(pose["lon"])],
+                                                      frame["zone"] if utm else None,
+                                                      frame.get("hemisphere", "N") == "N" if utm else None)
+            xy, frame = projected[0], utm_crs(zone, northern)
+        heading = None if pose.get("heading") is None else float(pose["heading"])
+        stamp = pose.get("timestamp")
+        stamp = None if stamp is None else (float(stamp) if isinstance(stamp, (int, float)) else parse_timestamp(str(stamp)))
+    except (TypeError, ValueError) as exc:
+        raise DatasetError(f"pose {pose!r}: {exc}") from None
+    if xy is not None and not np.isfinite(xy).all():
+        raise DatasetError(f"pose {pose!r} is not finite")
+    return xy, heading, stamp, frame
+
+
+def parse_crs(spec: str | dict | None) -> dict | None:
+    """A stated frame: ``"utm:33N"`` / ``"utm33s"``, ``"epsg:32633"`` (WGS84 / UTM), ``"local"`` or a ``map.json``
+    record (dict) → the record (:func:`utm_crs` or local metres); None stays None. Anything else is a :class:`DatasetError`."""
+    if spec is None:
+        return None
+    if isinstance(spec, dict):
+        if spec.get("kind") == "utm":
+            return utm_crs(int(spec["zone"]), str(spec.get("hemisphere", "N")).upper() == "N")
+        if spec.get("kind") == "local":
+            return dict(LOCAL_CRS)
+        raise DatasetError(f"unknown CRS record {spec!r}; expected kind 'utm' or 'local'")
+    text = str(spec).strip()
+    if text.lower() == "local":
+        return dict(LOCAL_CRS)
+    m = _UTM_SPEC.fullmatch(text)
+    if m and 1 <= int(m.group(1)) <= 60:
+        return utm_crs(int(m.group(1)), m.group(2).upper() == "N")
+    m = _EPSG_SPEC.fullmatch(text)
+    if m:
+        code = int(m.group(1))
+        for base, northern in ((EPSG_UTM_NORTH, True), (EPSG_UTM_SOUTH, False)):
+            if base + 1 <= code <= base + 60:
+                return utm_crs(code - base, northern)
+    raise DatasetError(f"unknown CRS {text!r}; write utm:ZONE(N|S) (e.g. utm:33N), epsg:326ZZ / epsg:327ZZ, or local")
+
+
 # --- Poses ---------------------------------------------------------------------------------------
 
 @dataclass
@@ -246,6 +382,22 @@ class Poses:
         out = np.full((len(keys), 2), np.nan)
         found = idx >= 0
         out[found] = self.xy[idx[found]]
+        return out
+
+    @property
+    def crs(self) -> dict:
+        """The frame of :attr:`xy`: UTM (lat/lon input, see :func:`utm_crs`) or local metres."""
+        return utm_crs(self.utm_zone, bool(self.northern)) if self.utm_zone else dict(LOCAL_CRS)
+
+    def lookup_column(self, name: str, keys: Sequence[str]) -> np.ndarray:
+        """``headings`` or ``timestamps`` aligned to ``keys``; NaN for keys without a pose or a column the file lacked."""
+        values = getattr(self, name)
+        out = np.full(len(keys), np.nan)
+        if values is None:
+            return out
+        idx = self.indices(keys)
+        found = idx >= 0
+        out[found] = values[idx[found]]
         return out
 
     def lookup_headings(self, keys: Sequence[str]) -> np.ndarray | None:
@@ -375,6 +527,30 @@ def _parse_float(text: str, path: Path, line: int, column: str, allow_empty: boo
     return value
 
 
+def parse_timestamp(text: str, path: Path | str = "", line: int = 0, hint: str = "") -> float:
+    """A pose file's ``timestamp`` as seconds since the Unix epoch (NaN when empty).
+
+    A number is taken as epoch seconds as written; otherwise an ISO-8601 date-time
+    (``2024-05-01T12:30:00Z``, ``2024-05-01 12:30:00.5+02:00``, ``2024-05-01``) is converted, a time
+    without an offset being UTC. Anything else is one :class:`DatasetError` naming the file and line.
+    """
+    from datetime import datetime, timezone
+
+    raw = text.strip()
+    if raw == "" or _NUMBER.fullmatch(raw):
+        return _parse_float(raw, Path(path), line, "timestamp", allow_empty=True, hint=hint)
+    try:
+        when = datetime.fromisoformat(raw)
+    except ValueError:
+        raise DatasetError(
+            f"{path}, line {line}: column 'timestamp' has {raw!r}, which is neither a number (seconds since "
+            f"1970-01-01 UTC) nor an ISO-8601 date-time (2024-05-01T12:30:00Z){hint}; fix or remove the row"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.timestamp()
+
+
 def normalise_image_name(name: str) -> str:
     """How an image name in a CSV is compared with image keys: trimmed, ``\\`` → ``/``, no leading ``./``."""
     name = name.strip().replace("\\", "/")
@@ -383,13 +559,15 @@ def normalise_image_name(name: str) -> str:
     return name
 
 
-def read_poses(csv_path: str | os.PathLike) -> Poses:
+def read_poses(csv_path: str | os.PathLike, zone: int | None = None, northern: bool | None = None) -> Poses:
     """Read a pose CSV (grammar in the module docstring) into :class:`Poses`.
 
     ``image,easting,northing`` (metres) or ``image,lat,lon`` (WGS84 degrees), optional ``heading``
-    (degrees) and ``timestamp`` columns. Lat/lon are projected to the UTM zone of the first row (see
-    :func:`latlon_to_utm`). Every malformed input raises one :class:`DatasetError` naming the file
-    and the line. Match the table to image keys with :func:`match_poses`.
+    (degrees) and ``timestamp`` (epoch seconds or ISO-8601, see :func:`parse_timestamp`) columns.
+    Lat/lon are projected to the UTM zone of the first row (see :func:`latlon_to_utm`), or into
+    ``zone``/``northern`` when given (a map's frame, so a second run lands in the same metres; points
+    too far from that zone's meridian are refused). Every malformed input raises one
+    :class:`DatasetError` naming the file and the line. Match the table to image keys with :func:`match_poses`.
     """
     table = read_csv_table(csv_path, "pose file", POSES_EXPECTED)
     path, header, sep = table.path, table.header, table.delimiter
@@ -449,7 +627,7 @@ def read_poses(csv_path: str | os.PathLike) -> Poses:
         if headings is not None and cols["heading"] < len(row):
             headings[i] = _parse_float(row[cols["heading"]], path, line, "heading", allow_empty=True, hint=hint)
         if stamps is not None and cols["timestamp"] < len(row):
-            stamps[i] = _parse_float(row[cols["timestamp"]], path, line, "timestamp", allow_empty=True, hint=hint)
+            stamps[i] = parse_timestamp(row[cols["timestamp"]], path, line, hint=hint)
         if not metric:
             if not -90.0 <= a[i] <= 90.0 or not -180.0 <= b[i] <= 180.0:
                 raise DatasetError(
@@ -463,17 +641,18 @@ def read_poses(csv_path: str | os.PathLike) -> Poses:
                 )
     if metric:
         return Poses(keys, np.stack([a, b], 1), headings, stamps, source=str(path))
-    zone = utm_zone(float(a[0]), float(b[0]))
+    chosen = f"chosen by line {lines[0]}" if zone is None else "the map's frame"
+    zone = utm_zone(float(a[0]), float(b[0])) if zone is None else int(zone)
     far = _far_from_central_meridian(b, zone)
     if far is not None:
         i, dlon_i = far
         raise DatasetError(
             f"{path}, line {lines[i]}: lon {b[i]:g} is {dlon_i:.1f}° from the central meridian of UTM zone "
-            f"{zone} (chosen by line {lines[0]}; limit {MAX_DEGREES_FROM_CENTRAL_MERIDIAN:g}°): one metric frame "
+            f"{zone} ({chosen}; limit {MAX_DEGREES_FROM_CENTRAL_MERIDIAN:g}°): one metric frame "
             f"cannot cover these points; split the dataset by region or provide easting,northing"
         )
     try:
-        xy, zone, northern = latlon_to_utm(a, b)
+        xy, zone, northern = latlon_to_utm(a, b, zone, northern)
     except DatasetError as exc:
         raise DatasetError(f"{path}: {exc}") from None
     return Poses(keys, xy, headings, stamps, utm_zone=zone, northern=northern, source=str(path))

@@ -113,6 +113,29 @@ class MapData:
     keys: list[str]
     poses: np.ndarray
     read_only: bool = True
+    headings: np.ndarray | None = None  # (N,) degrees, NaN unknown (filled from the store when not given)
+    timestamps: np.ndarray | None = None  # (N,) seconds since the Unix epoch, NaN unknown
+
+    def __post_init__(self) -> None:
+        n = len(self.keys)
+        if self.headings is None:
+            self.headings = np.full(n, np.nan)
+        if self.timestamps is None:
+            self.timestamps = np.full(n, np.nan)
+
+    @property
+    def crs(self) -> dict[str, Any]:
+        """The frame of :attr:`poses` (``map.json`` → ``crs``): ``{"kind": "utm", "zone", "hemisphere", "epsg"}``
+        or ``{"kind": "local", "unit": "m"}`` (maps from before the CRS was recorded read as local metres)."""
+        return map_crs(self.info)
+
+    def latlon(self, rows: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        """WGS84 (lat, lon) degrees of ``rows`` (all rows by default), len×2, NaN where the pose is unknown.
+
+        A :class:`MapError` when the map's poses are not in a UTM frame (local metres have no lat/lon).
+        """
+        xy = self.poses if rows is None else self.poses[np.asarray(rows, np.int64)]
+        return crs_to_latlon(self.crs, xy)
 
     @property
     def images_root(self) -> Path | None:
@@ -123,13 +146,21 @@ class MapData:
     @property
     def images(self) -> MappedFiles:
         """The map's own images (for re-ranking on the fly and explanations), each in the folder of the run that added it."""
-        roots = {r.get("run"): r.get("images_root") for r in self.info.get("runs", [])}
+        records = {r.get("run"): r for r in self.info.get("runs", [])}
+        if self.dir is not None and (self.dir / MAP_FILE).exists():  # runs registered since it was opened (live additions)
+            try:
+                records.update({r.get("run"): r for r in read_json(self.dir / MAP_FILE).get("runs", [])
+                                if r.get("run") not in records})
+            except MapError:
+                pass  # the opened record still serves
         runs = self.store.read_entries()["run"]
         paths = {}
         for key, run in zip(self.keys, runs):
-            root = roots.get(int(run)) or (self.info.get("images_root") if int(run) < 0 else None)
+            record = records.get(int(run), {})
+            root = record.get("images_root") or (self.info.get("images_root") if int(run) < 0 else None)
             if root is not None:
-                paths[key] = Path(root) / key
+                prefix = record.get("key_prefix") or ""  # a duplicate name kept as a new place: "runN/<name>"
+                paths[key] = Path(root) / (key[len(prefix):] if prefix and key.startswith(prefix) else key)
         if not paths:
             raise MapError(f"{self.dir} was built from decoded frames: its images are not on disk")
         return MappedFiles(paths)
@@ -149,14 +180,15 @@ def open_map_data(map_dir: str | os.PathLike, read_only: bool = True) -> MapData
     recorded = info.get("vocabulary")
     if vocabulary is not None and recorded and vocabulary.checksum != recorded.get("checksum"):
         raise VocabularyMismatchError(f"{d / VOCAB_FILE} changed since the map was built; rebuild the map")
-    store = MapStore(d, config.store_dtype)
+    store = MapStore(d, config.store_dtype).pin()  # this map's rows stay as opened, whatever a writer does later
     keys = store.keys()
     index = load_index(d, config)  # derived data: None when missing or damaged
     if index is None or index.ntotal != len(keys):  # missing, damaged or stale: rebuild from the store
         index = build_index(store.read_global(), config, d)
         if not read_only:
             index.save_to_map(d)
-    return MapData(d, info, config, vocabulary, store, index, keys, store.read_poses(), read_only)
+    return MapData(d, info, config, vocabulary, store, index, keys, store.read_poses(), read_only,
+                   store.read_headings(), store.read_timestamps())
 
 
 def changed_entries(source: ImageSource, keys: Sequence[str], stored: Mapping[str, tuple[str, int, float, int]],
@@ -185,3 +217,53 @@ def changed_entries(source: ImageSource, keys: Sequence[str], stored: Mapping[st
     if unknown:
         log(f"{unknown} image(s) of the map were stored without a content record (an older vprkit); not checked for changes")
     return changed
+
+
+# ---- runs and the coordinate frame ----------------------------------------------------------------
+LOCAL_CRS: dict[str, Any] = {"kind": "local", "unit": "m"}
+
+
+def map_crs(info: Mapping[str, Any]) -> dict[str, Any]:
+    """The CRS recorded in a ``map.json`` (local metres when none is)."""
+    crs = info.get("crs")
+    return dict(crs) if isinstance(crs, dict) and crs.get("kind") else dict(LOCAL_CRS)
+
+
+def crs_to_latlon(crs: Mapping[str, Any], xy: np.ndarray) -> np.ndarray:
+    """(lat, lon) degrees of easting/northing ``xy`` (n×2) in ``crs``; a :class:`MapError` unless it is UTM."""
+    from ..datasets.poses import utm_to_latlon
+
+    if crs.get("kind") != "utm":
+        raise MapError(f"the map's poses are in a local frame ({crs}); they have no latitude/longitude")
+    xy = np.asarray(xy, np.float64).reshape(-1, 2)
+    out = np.full(xy.shape, np.nan)
+    known = np.isfinite(xy).all(axis=1)
+    if known.any():
+        lat, lon = utm_to_latlon(xy[known], int(crs["zone"]), crs.get("hemisphere", "N") == "N")
+        out[known] = np.stack([lat, lon], axis=1)
+    return out
+
+
+def next_run_id(runs: Sequence[Mapping[str, Any]]) -> int:
+    """The id of the next run: one more than the largest recorded (ids are never reused)."""
+    return 1 + max((int(r.get("run", -1)) for r in runs), default=-1)
+
+
+def register_run(map_dir: str | os.PathLike, images_root: str | None, note: str) -> int:
+    """Record a new run (a source of images, e.g. the live service's ``MAP_DIR/live-images``) in ``map.json``.
+
+    The record is appended atomically; returns its id, to store in the rows' ``run`` entry so
+    :attr:`MapData.images` finds their files. The caller holds the map's write lock.
+    """
+    from datetime import datetime, timezone
+
+    from ..io import atomic_write_json
+
+    d = Path(map_dir)
+    info = read_map_info(d)
+    runs = list(info.get("runs", []))
+    run = {"run": next_run_id(runs), "images_root": None if images_root is None else str(images_root),
+           "note": str(note), "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    info["runs"] = runs + [run]
+    atomic_write_json(d / MAP_FILE, info, default=str)
+    return run["run"]
