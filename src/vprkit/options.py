@@ -1,7 +1,7 @@
 """Typed options of every registered component, checked when a preset is resolved.
 
 One declarative table: for each component kind (``backbone``, ``aggregator``, ``retriever``,
-``extension``, ``segmenter``) and registered name, the options its factory accepts, with type,
+``extension``, ``segmenter``, ``index``) and registered name, the options its factory accepts, with type,
 default, range or choices. :func:`validate_config` checks a :class:`~vprkit.config.Config` against
 it (and the combinations of options that only fail later: a ``segvlad`` retriever without the
 ``segments`` extension, VLAD ``assignments`` above the vocabulary's K, …), so a typo is a
@@ -23,7 +23,7 @@ from typing import Any, Iterable, Mapping
 
 from .errors import ConfigError
 
-KINDS = ("backbone", "aggregator", "retriever", "extension", "segmenter")
+KINDS = ("backbone", "aggregator", "retriever", "extension", "segmenter", "index")
 # Value types an option may take ("path": a str or os.PathLike; "scales": [[size, stride], …]).
 TYPES = ("int", "float", "bool", "str", "path", "mapping", "scales")
 
@@ -285,6 +285,34 @@ register_schema(Schema("segmenter", "sam", (
     Option("allow_random", "bool", False, "allow a random SAM (tests)"),
     Option("device", "str", "cpu", "SAM's device")), doc="Segment Anything automatic masks"))
 
+# Index backends (Config.index_backend / index_options; vprkit.maps.index.INDEX_BACKENDS). FAISS's structure is
+# the factory string Config.index; Milvus's options mirror vprkit.maps.milvus.DEFAULTS (tested).
+MILVUS_METRICS = ("IP", "COSINE")
+# What Milvus Lite (3.x, milvus_lite/index/factory.py) builds; a Milvus server offers more (IVF_PQ, DISKANN, …).
+MILVUS_LITE_INDEX_TYPES = ("FLAT", "BRUTE_FORCE", "AUTOINDEX", "IVF_FLAT", "IVF_SQ8", "HNSW", "HNSW_SQ")
+register_schema(Schema("index", "faiss", (  # mirrors vprkit.maps.index.DEFAULT_FAISS_OPTIONS (tested)
+    Option("train_sample", "int", 65536, "rows drawn (seeded) to train a compressed index", low=0),
+    Option("seed", "int", None, "training sample / k-means seed (default: the vocabulary seed)", nullable=True),
+    Option("nprobe", "int", 16, "IVF lists visited per query", low=0),
+    Option("efSearch", "int", 64, "HNSW candidates per query", low=0),
+    Option("rescore", "int", 0, "shortlist re-scored from full-precision descriptors on disk (0 = off)", low=0),
+    Option("shard_rows", "int", 0, "rows per index shard file (0 = one file)", low=0),
+    Option("descriptors_dtype", "str", "float16", "dtype of the full-precision copy kept for re-scoring",
+           choices=("float16", "float32"))),
+    doc="FAISS in this process's RAM; the structure is the factory string Config.index"))
+register_schema(Schema("index", "milvus", (
+    Option("uri", "str", None, "Milvus Lite folder *.db (relative: to the map; default MAP_DIR/milvus.db) or a server "
+                               "URL http://host:19530", nullable=True),
+    Option("token_env", "str", None, "environment variable holding the server's token (never stored in the map)",
+           nullable=True),
+    Option("collection", "str", None, "collection name (default: from the map folder)", nullable=True),
+    Option("index_type", "str", "FLAT", "Milvus index type (FLAT exact, IVF_FLAT, IVF_SQ8, HNSW, …)"),
+    Option("index_params", "mapping", {}, "index build parameters ({nlist}, {M, efConstruction}, …)"),
+    Option("search_params", "mapping", {}, "search parameters ({nprobe}, {ef}, …)"),
+    Option("metric", "str", "IP", "similarity (both are cosines on unit descriptors)", choices=MILVUS_METRICS),
+    Option("insert_mb", "int", 16, "MB of vectors per insert / search request", low=1)),
+    doc="Milvus (pymilvus): Milvus Lite embedded, or a server / cluster by URI"))
+
 # Options declared ahead of the code that takes them (another change adds them to the factory);
 # the signature test accepts their absence, and checks them once present.
 PENDING: set[tuple[str, str, str]] = set()
@@ -385,6 +413,7 @@ def validate_config(config: Any) -> None:
     validate_options("backbone", config.backbone, config.backbone_options)
     validate_options("aggregator", config.aggregator, config.aggregator_options)
     validate_options("retriever", config.retriever, config.retriever_options)
+    validate_options("index", config.index_backend, config.index_options)
     if not isinstance(config.extensions, Mapping):
         raise ConfigError(f"extensions must map an extension name to its options, got {config.extensions!r}")
     for group, opts in config.extensions.items():
@@ -400,6 +429,12 @@ def validate_config(config: Any) -> None:
     if config.aggregator == "cls" and config.backbone not in DINOV2_MODELS:
         raise ConfigError(f"aggregator 'cls' needs a backbone with a global token ({', '.join(DINOV2_MODELS[:2])}, …); "
                           f"backbone {config.backbone!r} has none")
+    index = dict(config.index_options)
+    lite = config.index_backend == "milvus" and "://" not in str(index.get("uri") or "")
+    if lite and str(index.get("index_type", "FLAT")).upper() not in MILVUS_LITE_INDEX_TYPES:
+        # Milvus Lite accepts any name at creation, then fails in a background thread: say it before the build
+        raise ConfigError(f"index 'milvus': Milvus Lite indexes with {', '.join(MILVUS_LITE_INDEX_TYPES)}, not "
+                          f"{index['index_type']!r}; other index types need a Milvus server (uri=http://host:19530)")
     if config.retriever == "segvlad" and "segments" not in config.extensions:
         raise ConfigError("retriever 'segvlad' needs the 'segments' extension (extensions={'segments': {...}}, "
                           "as the segvlad-* presets set)")

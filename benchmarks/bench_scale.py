@@ -1,0 +1,346 @@
+"""Issue 15, items 1–2: compact maps and large maps on one machine.
+
+    python benchmarks/bench_scale.py [--places 1000000] [--queries 200] [--flat-subset 20000]
+                                     [--types pca-opq-ivfpq-rescore ...] [--no-synthetic] [--no-real]
+
+**Synthetic** (``--places`` N, default 1,000,000): N descriptors of the default preset's dimension
+(11,520, read from the real Corridor map this benchmark builds, else the preset's backbone dim × K),
+generated in seeded chunks so nothing holds more than one chunk: a low-rank "scene" part (places
+clustered along routes, as VLAD descriptors of a city are) plus isotropic noise, unit-normalised.
+They are written once as a float16 ``descriptors.npy`` (the map's re-scoring copy, 23 GB at 1M) under
+``benchmarks/results/cache/`` and memory-mapped. Queries are perturbed database rows. The exact
+top-10 of every query is computed chunk by chunk over all N rows. PCA is fitted once (randomised SVD
+on a seeded sample, as ``map compress`` does) and the N rows projected once; every PCA-based index
+shares that pass, whose time is added to each one's build time. Per index type: bytes per place
+(RAM of the served index / N, and the codes alone), build time, the served index's RAM, query latency
+p50/p99 with 2 threads one query at a time (the PCA projection and any re-scoring included), and
+Recall@1/@10 relative to exact search (top-1 equal; share of the exact top-10 found). ``Flat`` runs
+on the first ``--flat-subset`` rows only (at 1M it would need 46 GB).
+
+**Real** (Corridor 111 places, Nordland-600): default-preset maps built from ../shared/datasets
+(cached), compressed with each type; Recall@1 against the datasets' ground truth relative to the
+uncompressed map's, and bytes per place against float32's (target ≤ 1/50 keeping ≥ 0.97).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any, Callable, Iterator
+
+import numpy as np
+from common import DATA, NORDLAND_600, NORDLAND_SIZE, RESULTS, THREADS, setup
+
+CACHE = RESULTS / "cache"
+SEED = 0
+TOP = 10
+FLOAT32_BYTES = 4
+# Synthetic structure: places lie along routes in a low-rank scene space; a query is its place seen again.
+LATENT_RANK = 128
+ROUTE_COUNT = 2000
+ROUTE_SPREAD = 0.6          # spread of places around their route centre (latent units)
+NOISE_SHARE = 0.35          # norm of the isotropic part relative to the scene part
+QUERY_LATENT_NOISE = 0.15   # a query's scene differs a little from its place's ...
+QUERY_NOISE_SHARE = 0.35    # ... and its isotropic part is drawn again
+GEN_CHUNK = 8192
+GT_CHUNK = 8192
+# Index types: name → (factory after the shared PCA, or a full factory for "Flat"; PCA dims; options).
+PCA_DIMS = 1024
+SYNTHETIC_TYPES: dict[str, tuple[str, int, dict[str, Any]]] = {
+    "flat-subset": ("Flat", 0, {}),
+    "pca1024-flat": ("Flat", PCA_DIMS, {}),
+    "pca1024-sq8": ("SQ8", PCA_DIMS, {}),
+    "pca256-hnsw32": ("HNSW32", 256, {"efSearch": 128}),
+    "pca1024-ivfpq64": ("IVF1024,PQ64", PCA_DIMS, {"nprobe": 32}),
+    "pca1024-ivfpq64-rescore": ("IVF1024,PQ64", PCA_DIMS, {"nprobe": 32, "rescore": 100}),
+    "pca1024-opq64-ivfpq64": ("OPQ64,IVF1024,PQ64", PCA_DIMS, {"nprobe": 32}),
+    "pca1024-opq64-ivfpq64-rescore": ("OPQ64,IVF1024,PQ64", PCA_DIMS, {"nprobe": 32, "rescore": 100}),
+    "pca1024-ivf1024-sq8": ("IVF1024,SQ8", PCA_DIMS, {"nprobe": 32}),
+}
+# Real maps are small (111 and 600 places): flat codes, after a PCA that fits the map or on all dims;
+# 4-bit PQ (16 centroids per sub-vector) because 8-bit PQ needs ≥ 256 training rows.
+REAL_TYPES: dict[str, tuple[str, dict[str, Any]]] = {
+    "flat (float32)": ("Flat", {}),
+    "sq4": ("SQ4", {}),
+    "pq1440x4": ("PQ1440x4", {}),
+    "pca64-sq8": ("PCA64,SQ8", {}),
+    "pca64-pq32x4": ("PCA64,PQ32x4", {}),
+    "pq180x4-rescore50": ("PQ180x4", {"rescore": 50}),
+    "pca64-pq16x4-rescore100": ("PCA64,PQ16x4", {"rescore": 100}),
+}
+LATENCY_WARMUP = 5
+MIB = 2**20
+
+
+# ---- synthetic descriptors ------------------------------------------------------------------------
+def _basis(dim: int) -> np.ndarray:
+    rng = np.random.default_rng([SEED, 1])
+    return (rng.standard_normal((LATENT_RANK, dim)) / np.sqrt(dim)).astype(np.float32)
+
+
+def _routes() -> np.ndarray:
+    return np.random.default_rng([SEED, 2]).standard_normal((ROUTE_COUNT, LATENT_RANK)).astype(np.float32)
+
+
+def _place_latents(start: int, stop: int) -> np.ndarray:
+    rng = np.random.default_rng([SEED, 3, start])
+    routes = _routes()
+    which = np.arange(start, stop) % ROUTE_COUNT
+    return routes[which] + ROUTE_SPREAD * rng.standard_normal((stop - start, LATENT_RANK)).astype(np.float32)
+
+
+def _render(latent: np.ndarray, basis: np.ndarray, rng: np.random.Generator, noise_share: float) -> np.ndarray:
+    scene = latent @ basis
+    noise = rng.standard_normal(scene.shape, dtype=np.float32)
+    noise *= noise_share * np.linalg.norm(scene, axis=1, keepdims=True) / np.sqrt(scene.shape[1])
+    x = scene + noise
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def synthetic_chunks(n: int, dim: int) -> Iterator[np.ndarray]:
+    basis = _basis(dim)
+    for start in range(0, n, GEN_CHUNK):
+        stop = min(n, start + GEN_CHUNK)
+        yield _render(_place_latents(start, stop), basis, np.random.default_rng([SEED, 4, start]), NOISE_SHARE)
+
+
+def synthetic_queries(n: int, dim: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng([SEED, 5])
+    rows = np.sort(rng.choice(n, size=count, replace=False))
+    latents = np.concatenate([_place_latents(r // GEN_CHUNK * GEN_CHUNK, min(n, r // GEN_CHUNK * GEN_CHUNK + GEN_CHUNK))
+                              [r % GEN_CHUNK][None] for r in rows])
+    latents += QUERY_LATENT_NOISE * rng.standard_normal(latents.shape).astype(np.float32)
+    return _render(latents, _basis(dim), rng, QUERY_NOISE_SHARE), rows
+
+
+def exact_topk(desc, q: np.ndarray, k: int, limit: int | None = None) -> np.ndarray:
+    """Exact top-k rows of every query over the first ``limit`` rows, chunk by chunk."""
+    from tqdm import tqdm
+
+    n = len(desc) if limit is None else limit
+    best_s = np.full((len(q), k), -np.inf, np.float32)
+    best_r = np.full((len(q), k), -1, np.int64)
+    for start in tqdm(range(0, n, GT_CHUNK), desc="exact top-k", leave=False):
+        block = np.asarray(desc.array[start:min(n, start + GT_CHUNK)], dtype=np.float32)
+        s = q @ block.T
+        r = np.broadcast_to(np.arange(start, start + len(block)), s.shape)
+        all_s, all_r = np.concatenate([best_s, s], 1), np.concatenate([best_r, r], 1)
+        top = np.argpartition(-all_s, k - 1, axis=1)[:, :k]
+        best_s, best_r = np.take_along_axis(all_s, top, 1), np.take_along_axis(all_r, top, 1)
+    order = np.argsort(-best_s, axis=1, kind="stable")
+    return np.take_along_axis(best_r, order, 1)
+
+
+# ---- measuring an index ---------------------------------------------------------------------------
+def latency_ms(search: Callable[[np.ndarray], Any], q: np.ndarray) -> tuple[float, float]:
+    for i in range(min(LATENCY_WARMUP, len(q))):
+        search(q[i:i + 1])
+    times = []
+    for i in range(len(q)):
+        t = time.perf_counter()
+        search(q[i:i + 1])
+        times.append((time.perf_counter() - t) * 1e3)
+    return float(np.percentile(times, 50)), float(np.percentile(times, 99))
+
+
+def recall_vs_exact(rows: np.ndarray, exact: np.ndarray) -> tuple[float, float]:
+    r1 = float(np.mean(rows[:, 0] == exact[:, 0]))
+    r10 = float(np.mean([len(set(a[:TOP]) & set(b[:TOP])) / TOP for a, b in zip(rows, exact)]))
+    return r1, r10
+
+
+def index_bytes(index) -> int:
+    import faiss
+
+    return int(len(faiss.serialize_index(index)))
+
+
+def run_synthetic(args: argparse.Namespace, dim: int) -> list[dict]:
+    import faiss
+
+    from vprkit.maps.index import TRAIN_SAMPLE_MAX_BYTES, FaissIndex, _top_components
+    from vprkit.maps.vectors import DescriptorFile, RowSource, write_descriptors
+
+    n = args.places
+    faiss.omp_set_num_threads(THREADS)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    path = CACHE / f"synthetic-{n}x{dim}-seed{SEED}.npy"
+    if not path.exists():
+        t = time.perf_counter()
+        write_descriptors(path, synthetic_chunks(n, dim), dim, "float16")
+        print(f"generated {n:,} × {dim} descriptors in {time.perf_counter() - t:.0f} s → {path}")
+    desc = DescriptorFile(path)
+    q, _ = synthetic_queries(n, dim, args.queries)
+    gt_path = CACHE / f"synthetic-{n}x{dim}-seed{SEED}-q{args.queries}-gt.npz"
+    if gt_path.exists():
+        exact = np.load(gt_path)["rows"]
+    else:
+        exact = exact_topk(desc, q, TOP)
+        np.savez(gt_path, rows=exact)
+
+    rows_out: list[dict] = []
+    pca_cache: dict[int, tuple[Any, np.ndarray, float]] = {}
+
+    def projected(dims: int):
+        """(PCA transform, N×dims projected rows as a memmap, seconds to fit and project) — shared by types."""
+        if dims in pca_cache:
+            return pca_cache[dims]
+        if PCA_DIMS in pca_cache and dims < PCA_DIMS:  # leading components of the larger PCA are this PCA
+            big, big_rows, big_s = pca_cache[PCA_DIMS]
+            a = faiss.vector_to_array(big.A).reshape(PCA_DIMS, dim)[:dims]
+            b = faiss.vector_to_array(big.b)[:dims]
+            pca = _pca_transform(dim, dims, a, b, faiss.vector_to_array(big.mean))
+            pca_cache[dims] = (pca, big_rows[:, :dims], big_s)
+            return pca_cache[dims]
+        t = time.perf_counter()
+        rng = np.random.default_rng([SEED, 6])
+        size = min(n, args.train_sample, TRAIN_SAMPLE_MAX_BYTES // (dim * FLOAT32_BYTES))  # as map compress bounds it
+        sample = desc.rows(np.sort(rng.choice(n, size=size, replace=False)))
+        mean = sample.mean(0)
+        comps, _ = _top_components(sample - mean, dims, SEED)
+        pca = _pca_transform(dim, dims, comps, -(comps @ mean), mean)
+        out = np.lib.format.open_memmap(CACHE / f"synthetic-{n}-pca{dims}.npy", mode="w+", dtype=np.float32,
+                                        shape=(n, dims))
+        for start in range(0, n, GT_CHUNK):
+            out[start:start + GT_CHUNK] = pca.apply(np.asarray(desc.array[start:start + GT_CHUNK], np.float32))
+        out.flush()
+        pca_cache[dims] = (pca, out, time.perf_counter() - t)
+        print(f"PCA{dims}: fitted and projected {n:,} rows in {pca_cache[dims][2]:.0f} s")
+        return pca_cache[dims]
+
+    for name in args.types:
+        factory, dims, options = SYNTHETIC_TYPES[name]
+        t0 = time.perf_counter()
+        if dims == 0:  # exact search over a subset: the reference a compressed index is compared with
+            limit = min(n, args.flat_subset)
+            sub = FaissIndex.build(RowSource(lambda r: desc.rows(r), limit, dim), factory)
+            build_s = time.perf_counter() - t0
+            served, places, subset_exact = sub, limit, exact_topk(desc, q, TOP, limit)
+            ram = index_bytes(sub.index)
+        else:
+            pca, reduced, pca_s = projected(dims)
+            t0 = time.perf_counter()
+            sub = FaissIndex.build(reduced, factory, seed=SEED, options={**options, "train_sample": args.train_sample})
+            whole = faiss.IndexPreTransform(pca, sub.index)  # the index "PCA{dims},{factory}" would build
+            served = FaissIndex(whole, f"PCA{dims},{factory}", sub.options,
+                                descriptors=desc if sub.options["rescore"] else None)
+            build_s = time.perf_counter() - t0 + pca_s  # the shared PCA pass counts for every type
+            places, subset_exact = n, exact
+            ram = index_bytes(sub.index) + index_bytes(faiss.IndexPreTransform(pca, faiss.IndexFlatIP(dims)))
+        empty = faiss.clone_index(served._template())
+        codes = (index_bytes(served.index) - index_bytes(empty)) / places
+        found, _ = served.search(q, TOP)
+        r1, r10 = recall_vs_exact(found, subset_exact)
+        p50, p99 = latency_ms(lambda x: served.search(x, TOP), q)
+        rows_out.append({"index": name, "factory": served.factory, "places": places, "pca_dims": dims,
+                         "bytes_per_place": round(ram / places, 1), "code_bytes_per_place": round(codes, 1),
+                         "float32_bytes_per_place": dim * FLOAT32_BYTES, "build_s": round(build_s, 1),
+                         "ram_mb": round(ram / MIB, 1), "p50_ms": round(p50, 2), "p99_ms": round(p99, 2),
+                         "recall@1_vs_exact": round(r1, 3), "recall@10_vs_exact": round(r10, 3),
+                         "rescore": sub.options["rescore"]})
+        print(json.dumps(rows_out[-1]), flush=True)
+    return rows_out
+
+
+def _pca_transform(d_in: int, d_out: int, a: np.ndarray, b: np.ndarray, mean: np.ndarray):
+    import faiss
+
+    pca = faiss.PCAMatrix(d_in, d_out)
+    faiss.copy_array_to_vector(np.ascontiguousarray(a, np.float32).ravel(), pca.A)
+    faiss.copy_array_to_vector(np.ascontiguousarray(b, np.float32), pca.b)
+    faiss.copy_array_to_vector(np.ascontiguousarray(mean, np.float32), pca.mean)
+    pca.is_trained = True
+    return pca
+
+
+# ---- real maps --------------------------------------------------------------------------------------
+def real_map(name: str, dataset: str, image_size) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """(map descriptors, query descriptors, positives) of a default-preset map, built once and cached."""
+    from vprkit import pipeline
+    from vprkit.datasets import load_dataset
+    from vprkit.images import FolderImages
+    from vprkit.presets import resolve
+
+    ds = load_dataset(dataset)
+    cached = CACHE / f"{name}-default.npz"
+    if not cached.exists():
+        map_dir = CACHE / "maps" / name
+        if not (map_dir / "map.json").exists():
+            pipeline.build_map(ds.database_dir, map_dir, resolve(None, image_size=image_size),
+                               keys=ds.database_images, progress=True)
+        m = pipeline.open_map(map_dir, read_only=True)
+        by_key = {}
+        for qb in pipeline.query_batches(m, FolderImages(ds.queries_dir), ds.query_images, progress=True):
+            by_key.update(zip(qb.keys, qb.global_descriptors))
+        np.savez(cached, map=m.data.store.read_global(), query=np.stack([by_key[k] for k in ds.query_images]))
+    z = np.load(cached)
+    return z["map"], z["query"], list(ds.ground_truth.positives)
+
+
+def run_real(dims_out: list[int]) -> list[dict]:
+    import faiss
+
+    from vprkit.maps.index import FaissIndex
+
+    rows = []
+    for name, dataset, size in (("corridor", str(DATA / "corridor"), None), ("nordland600", NORDLAND_600, NORDLAND_SIZE)):
+        db, q, positives = real_map(name, dataset, size)
+        dims_out.append(db.shape[1])
+        base = None
+        for label, (factory, options) in REAL_TYPES.items():
+            t = time.perf_counter()
+            index = FaissIndex.build(db, factory, seed=SEED, options=options)
+            build_s = time.perf_counter() - t
+            found, _ = index.search(q, 1)
+            recall1 = float(np.mean([r in p for r, p in zip(found[:, 0], positives)]))
+            base = recall1 if base is None else base
+            empty = faiss.clone_index(index._template())
+            codes = (index_bytes(index.index) - index_bytes(empty)) / len(db)
+            whole = index_bytes(index.index) / len(db)
+            float32 = db.shape[1] * FLOAT32_BYTES
+            rows.append({"map": name, "places": len(db), "index": label, "code_bytes_per_place": round(codes, 1),
+                         "index_bytes_per_place": round(whole, 1), "vs_float32": f"1/{float32 / max(codes, 1e-9):.0f}",
+                         "recall@1": round(recall1, 3), "vs_uncompressed": round(recall1 / base, 3) if base else None,
+                         "rescore": index.options["rescore"], "build_s": round(build_s, 2)})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--places", type=int, default=1_000_000)
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--flat-subset", type=int, default=20_000)
+    parser.add_argument("--train-sample", type=int, default=65_536)
+    parser.add_argument("--types", nargs="+", default=list(SYNTHETIC_TYPES), choices=list(SYNTHETIC_TYPES))
+    parser.add_argument("--no-synthetic", action="store_true")
+    parser.add_argument("--no-real", action="store_true")
+    parser.add_argument("--name", default="scale")
+    args = parser.parse_args()
+    setup()
+    from common import report
+
+    dims: list[int] = []
+    real = [] if args.no_real else run_real(dims)
+    if dims:
+        dim = dims[0]
+    else:
+        from vprkit import pipeline
+        from vprkit.presets import resolve
+
+        config = resolve(None)
+        dim = pipeline.load_backbone(config).dim * config.vocabulary.k
+    synthetic = [] if args.no_synthetic else run_synthetic(args, dim)
+    extra = {"places": args.places, "queries": args.queries, "dim": dim, "threads": THREADS, "real": real}
+    if real:
+        report(f"{args.name}-real", real, ["map", "places", "index", "code_bytes_per_place", "index_bytes_per_place",
+                                            "vs_float32", "recall@1", "vs_uncompressed", "rescore", "build_s"])
+    if synthetic:
+        print()
+        report(args.name, synthetic, ["index", "places", "bytes_per_place", "code_bytes_per_place", "build_s", "ram_mb",
+                                      "p50_ms", "p99_ms", "recall@1_vs_exact", "recall@10_vs_exact"], extra)
+
+
+if __name__ == "__main__":
+    main()
