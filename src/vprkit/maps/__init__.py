@@ -1,8 +1,11 @@
 """The persistent map: descriptor store (HDF5, crash-safe shards), FAISS index, and the opened map's data."""
 
 from .index import INDEX_FILE, FaissIndex
-from .mapdir import FAILURES_FILE, MAP_FILE, VOCAB_FILE, MapData, open_map_data, read_json, read_map_info
-from .store import STORE_FILE, MapStore, StoreReader
+from . import milvus as _milvus  # noqa: F401,E402 - registers the "milvus" index backend (pymilvus is imported only when used)
+from .mapdir import (FAILURES_FILE, MAP_FILE, VOCAB_FILE, MapData, crs_to_latlon, map_crs, open_map_data, read_json,
+                     read_map_info, register_run)
+from .store import LIVE_DIR, STORE_FILE, MapStore, StoreReader
 
 __all__ = ["FaissIndex", "INDEX_FILE", "MapStore", "StoreReader", "STORE_FILE", "MAP_FILE", "VOCAB_FILE",
-           "FAILURES_FILE", "MapData", "open_map_data", "read_json", "read_map_info"]
+           "FAILURES_FILE", "MapData", "open_map_data", "read_json", "read_map_info", "register_run", "map_crs",
+           "crs_to_latlon", "LIVE_DIR"]

