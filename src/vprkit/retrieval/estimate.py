@@ -1,0 +1,454 @@
+"""An estimate a robot can act on: position, heading, spread, a calibrated confidence and "unknown place".
+
+Why a calibration and not a fixed threshold: raw cosines mean different things on different maps
+(a corridor's images are all alike — unrelated places score 0.7 — while Nordland's true matches
+score 0.5), so no single number separates "here" from "somewhere else". What the map itself does
+tell is how strongly a query *from this environment* matches it: for a seeded sample of map images,
+the mean of their top-``k`` cosines against map images of *other* places (outside the positive
+radius when the map has poses, outside a ±``window`` rows window of the sequence otherwise — maps
+are usually sequences). That is the evidence an image of this environment produces even when its
+own place is left out. A query from another environment (a railway frame in a corridor map) scores
+far below that distribution; a query of a mapped place scores within or above it.
+
+The **confidence** is the kernel-smoothed CDF of that impostor distribution at the query's evidence
+(the mean of its top-``k`` global cosines): the fraction of the map's own places whose evidence
+against *other* places is weaker than the query's. It needs no labelled query, lies in [0, 1], is
+computed from the global cosines whatever the ranking mode (global, re-ranked, SegVLAD), and means
+the same on every map. ``unknown`` is ``confidence < threshold``: under the hypothesis "the query
+is an image of this environment", a query is wrongly called unknown with probability ≈ threshold.
+
+What it does not claim: a query of the right environment whose top match is the wrong place
+(Nordland winter against summer) can be confident — domain evidence says "in this map", not
+"this exact frame". The ``agreement`` of the top matches (the weight share of the matches at the
+top match's place) is reported beside it as evidence of that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+from scipy.special import ndtr
+
+from ..errors import MapError
+from ..io import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+CALIBRATION_FILE = "calibration.json"
+CALIBRATION_VERSION = 1
+# Evidence: mean of the top-k global cosines. k > 1 averages out one lucky impostor; 10 separated
+# out-of-map queries best on Corridor and Nordland (benchmarks/bench_unknown.py).
+DEFAULT_TOP_K = 10
+# Rows of the sequence (sorted key order) on each side that count as the same place without poses.
+DEFAULT_WINDOW = 10
+# A tiny map keeps at least this many rows outside every window: window ≤ (n − 1) / WINDOW_FRACTION.
+WINDOW_FRACTION = 4
+DEFAULT_RADIUS_M = 25.0  # the usual VPR positive radius
+# Map images whose impostor evidence is sampled: bounds calibration to sample × one index search.
+DEFAULT_SAMPLE = 2000
+# Extra neighbours searched when poses decide the place (how many lie within the radius is unknown).
+RADIUS_SLACK = 64
+# Rows searched per index call while calibrating (bounds the query block's memory).
+SEARCH_CHUNK = 256
+# Map rows whose descriptors enter the fingerprint (content changes under the same keys).
+# A map grown or shrunk live (the service adds places) by less than this share keeps its calibration:
+# refitting a large map per added place would cost seconds, and a few rows barely move the sample.
+REFIT_FRACTION = 0.1
+FINGERPRINT_ROWS = 64
+# Below this confidence a query is "unknown" — the usual 5 % level: an image of the map's own
+# environment is called unknown about 5 % of the time. On the cross-dataset benchmark any threshold
+# in ≈ 0.015–0.12 rejects ≥ 0.95 of out-of-map queries and keeps ≥ 0.90 of Corridor's correct matches.
+DEFAULT_UNKNOWN_BELOW = 0.05
+# Silverman's rule of thumb for the kernel bandwidth, and a floor so identical samples still smooth.
+SILVERMAN = 0.9
+IQR_TO_SIGMA = 1.34
+MIN_BANDWIDTH = 1e-4
+MIN_WEIGHT = 1e-6  # cosine weights of agreeing matches are clipped here (negative cosines carry no weight)
+
+STATISTIC = "mean_top_k_cosine"
+
+
+# ---- score kinds -------------------------------------------------------------------------------
+# What the ranking score of each mode is; a retriever or re-ranker may declare ``score_kind`` itself.
+RETRIEVER_SCORE_KINDS: dict[str, str] = {"global": "cosine", "segvlad": "segvlad_vote"}
+RERANKER_SCORE_KIND = "fused_zscore"  # Patch-NetVLAD fuses z-normalised patch (and global) scores
+
+
+# What one scale's spatial score of two images is, by scorer (``match-two``): RANSAC counts inliers per
+# query patch (in [0, 1]); rapid spatial scoring sums squared displacement agreement (grows with the grid).
+PATCH_SCORE_KINDS: dict[str, str] = {"ransac": "inlier_ratio", "rapid": "rapid_spatial_score"}
+
+
+def patch_score_kind(scorer: str) -> str:
+    """The name of a spatial scorer's per-scale score (``inlier_ratio`` for RANSAC …)."""
+    return PATCH_SCORE_KINDS.get(scorer, f"{scorer}_score")
+
+
+def score_kind(retriever: Any, reranker: Any = None) -> str:
+    """The name of the ranking score a retriever (and optional re-ranker) returns (``cosine``, ``fused_zscore`` …)."""
+    if reranker is not None:
+        return str(getattr(reranker, "score_kind", None) or RERANKER_SCORE_KIND)
+    kind = getattr(retriever, "score_kind", None)
+    if kind:
+        return str(kind)
+    name = getattr(retriever, "name", str(retriever))
+    return RETRIEVER_SCORE_KINDS.get(name, f"{name}_score")
+
+
+# ---- the sequence order and "same place" -------------------------------------------------------
+_DIGITS = re.compile(r"(\d+)")
+
+
+def _natural_key(text: str) -> list:
+    return [int(t) if t.isdigit() else t for t in _DIGITS.split(text)]
+
+
+def sequence_positions(keys: Sequence[str]) -> np.ndarray:
+    """Each row's position in natural name order (``img2`` before ``img10``): the route order of a sequence.
+
+    A map's rows are not necessarily in route order (a build stores cached images first), its names are.
+    """
+    order = sorted(range(len(keys)), key=lambda i: _natural_key(keys[i]))
+    seq = np.empty(len(keys), np.int64)
+    seq[np.asarray(order, np.int64)] = np.arange(len(keys))
+    return seq
+
+
+def same_place(anchor: int, rows: np.ndarray, sequence: np.ndarray, poses: np.ndarray | None,
+               window: int, radius_m: float) -> np.ndarray:
+    """Which of ``rows`` are the place of ``anchor``: within ``radius_m`` where both poses are known, else within ±``window`` rows."""
+    rows = np.asarray(rows, np.int64)
+    near = np.abs(sequence[rows] - sequence[anchor]) <= window
+    if poses is not None:
+        known = np.isfinite(poses[rows]).all(1) & bool(np.isfinite(poses[anchor]).all())
+        dist = np.linalg.norm(np.nan_to_num(poses[rows] - poses[anchor]), axis=1)
+        near = np.where(known, dist <= radius_m, near)
+    return near
+
+
+def effective_window(n: int, window: int = DEFAULT_WINDOW) -> int:
+    """The window, shrunk for tiny maps so rows outside it remain."""
+    return max(1, min(window, (n - 1) // WINDOW_FRACTION))
+
+
+def map_fingerprint(keys: Sequence[str], read_rows: Callable[[np.ndarray], np.ndarray], token: str = "",
+                    poses: np.ndarray | None = None) -> str:
+    """SHA-256 of the row count, the keys, the poses, a probe of rows' descriptors and ``token``.
+
+    What changes the calibration: rows added or removed, poses set (they decide "same place"), and
+    descriptors re-encoded (seen through ``FINGERPRINT_ROWS`` probed rows). A rebuild that adds
+    nothing leaves it unchanged, so the calibration is not refitted for nothing.
+    """
+    h = hashlib.sha256(f"{len(keys)}\n{token}\n".encode())
+    h.update("\n".join(keys).encode())
+    if poses is not None:
+        h.update(np.ascontiguousarray(np.asarray(poses, np.float64)).tobytes())
+    if len(keys):
+        probe = np.unique(np.linspace(0, len(keys) - 1, min(FINGERPRINT_ROWS, len(keys))).astype(np.int64))
+        h.update(np.round(np.asarray(read_rows(probe), np.float32), 4).tobytes())
+    return h.hexdigest()
+
+
+# ---- the calibration ---------------------------------------------------------------------------
+@dataclass
+class Calibration:
+    """The map's impostor evidence distribution (fitted from the map alone) and the unknown threshold."""
+
+    impostor: np.ndarray  # sorted evidence values of sampled map images against other places
+    bandwidth: float
+    k: int
+    window: int
+    radius_m: float
+    rows: int
+    fingerprint: str
+    threshold: float = DEFAULT_UNKNOWN_BELOW
+    seed: int = 0
+    statistic: str = STATISTIC
+    extra: dict[str, Any] = field(default_factory=dict)
+    sequence: np.ndarray | None = field(default=None, repr=False, compare=False)  # route positions (not persisted)
+
+    @property
+    def usable(self) -> bool:
+        """False for a map too small to have other places (then confidence is not defined)."""
+        return self.impostor.size > 0
+
+    def evidence(self, cosines: np.ndarray) -> np.ndarray:
+        """The statistic of each row of Q×K global cosines (best first, -inf/NaN padded): mean of the top ``k`` finite."""
+        c = np.atleast_2d(np.asarray(cosines, np.float64))
+        c = -np.sort(-np.where(np.isfinite(c), c, -np.inf), axis=1)[:, : self.k]
+        ok = np.isfinite(c)
+        n = ok.sum(1)
+        return np.where(n > 0, np.where(ok, c, 0.0).sum(1) / np.maximum(n, 1), np.nan)
+
+    def confidence(self, evidence: np.ndarray | float) -> np.ndarray:
+        """Kernel-smoothed impostor CDF at ``evidence`` — in [0, 1], monotone increasing; NaN when not usable."""
+        e = np.atleast_1d(np.asarray(evidence, np.float64))
+        if not self.usable:
+            return np.full(e.shape, np.nan)
+        out = np.empty(e.shape)
+        for lo in range(0, e.size, SEARCH_CHUNK):  # Q × sample at a time, bounded
+            block = e[lo: lo + SEARCH_CHUNK]
+            out[lo: lo + SEARCH_CHUNK] = ndtr((block[:, None] - self.impostor[None, :]) / self.bandwidth).mean(1)
+        return np.where(np.isfinite(e), out, 0.0)
+
+    def is_stale(self, rows: int, fingerprint: str) -> bool:
+        return self.rows != rows or self.fingerprint != fingerprint
+
+    def covers(self, rows: int) -> bool:
+        """Whether a map now holding ``rows`` rows may keep this calibration (changed by < ``REFIT_FRACTION``)."""
+        return abs(rows - self.rows) < max(1.0, REFIT_FRACTION * self.rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": CALIBRATION_VERSION, "statistic": self.statistic, "k": self.k, "window": self.window,
+                "radius_m": self.radius_m, "rows": self.rows, "fingerprint": self.fingerprint,
+                "threshold": self.threshold, "seed": self.seed, "bandwidth": self.bandwidth,
+                "impostor": [round(float(v), 7) for v in self.impostor], "extra": self.extra}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Calibration":
+        if d.get("version") != CALIBRATION_VERSION or d.get("statistic") != STATISTIC:
+            raise MapError(f"calibration version {d.get('version')} / statistic {d.get('statistic')!r} is not this vprkit's")
+        try:
+            return cls(np.sort(np.asarray(d["impostor"], np.float64)), float(d["bandwidth"]), int(d["k"]),
+                       int(d["window"]), float(d["radius_m"]), int(d["rows"]), str(d["fingerprint"]),
+                       float(d.get("threshold", DEFAULT_UNKNOWN_BELOW)), int(d.get("seed", 0)), STATISTIC,
+                       dict(d.get("extra", {})))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MapError(f"calibration is damaged ({exc!r})") from None
+
+    def summary(self) -> dict[str, Any]:
+        """A few numbers for the estimate's evidence (the full sample stays in the map's calibration file)."""
+        q = np.percentile(self.impostor, [5, 50, 95]) if self.usable else [np.nan] * 3
+        return {"k": self.k, "window_rows": self.window, "radius_m": self.radius_m, "sample": int(self.impostor.size),
+                "impostor_p05": _r(q[0]), "impostor_median": _r(q[1]), "impostor_p95": _r(q[2])}
+
+
+def _r(v: float) -> float | None:
+    return None if not np.isfinite(v) else round(float(v), 6)
+
+
+def _bandwidth(x: np.ndarray) -> float:
+    """Silverman's rule of thumb: 0.9 · min(σ, IQR/1.34) · m^(−1/5)."""
+    if x.size < 2:
+        return MIN_BANDWIDTH
+    iqr = float(np.subtract(*np.percentile(x, [75, 25])))
+    sigma = min(float(x.std()), iqr / IQR_TO_SIGMA) or float(x.std())
+    return max(MIN_BANDWIDTH, SILVERMAN * sigma * x.size ** -0.2)
+
+
+def fit_calibration(
+    search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
+    read_rows: Callable[[np.ndarray], np.ndarray],
+    keys: Sequence[str],
+    poses: np.ndarray | None = None,
+    *,
+    k: int = DEFAULT_TOP_K,
+    window: int = DEFAULT_WINDOW,
+    radius_m: float = DEFAULT_RADIUS_M,
+    sample: int = DEFAULT_SAMPLE,
+    seed: int = 0,
+    threshold: float = DEFAULT_UNKNOWN_BELOW,
+    fingerprint: str = "",
+    progress: bool = False,
+) -> Calibration:
+    """Fit the impostor distribution of a map from the map alone.
+
+    ``search(vectors, k) -> (rows, cosines)`` is the map's index (the one queries use, so an
+    approximate index is calibrated as it answers); ``read_rows(rows)`` returns stored descriptors.
+    Cost: ``min(sample, n)`` index searches of ``k + 2·window + 1`` neighbours, in chunks — bounded
+    for any map size.
+    """
+    n = len(keys)
+    w = effective_window(n, window)
+    k_eff = max(1, min(k, n - (2 * w + 1)))
+    has_poses = poses is not None and bool(np.isfinite(poses).all(1).any())
+    pose_arr = np.asarray(poses, np.float64) if has_poses else None
+    seq = sequence_positions(keys)
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(n, min(sample, n), replace=False)) if n else np.zeros(0, np.int64)
+    want = min(n, k_eff + 2 * w + 1 + (RADIUS_SLACK if has_poses else 0))
+    values: list[float] = []
+    chunks = range(0, len(chosen), SEARCH_CHUNK)
+    if progress:
+        from tqdm import tqdm
+
+        chunks = tqdm(chunks, desc="calibrate", unit="chunk")
+    for lo in chunks:
+        rows = chosen[lo: lo + SEARCH_CHUNK]
+        if n <= 2 * w + 1:
+            break
+        found, cos = search(np.ascontiguousarray(read_rows(rows), np.float32), want)
+        for anchor, fr, fc in zip(rows, found, cos):
+            ok = fr >= 0
+            fr, fc = fr[ok], fc[ok]
+            other = ~same_place(int(anchor), fr, seq, pose_arr, w, radius_m)
+            top = fc[other][:k_eff]
+            if top.size:
+                values.append(float(np.mean(top)))
+    imp = np.sort(np.asarray(values, np.float64))
+    if imp.size == 0:
+        logger.info("map of %d image(s) is too small to calibrate a confidence (no other places)", n)
+    return Calibration(imp, _bandwidth(imp), k_eff, w, radius_m, n, fingerprint, threshold, seed,
+                       extra={"has_poses": has_poses})
+
+
+def load_or_fit_calibration(
+    map_dir: Path | None, search, read_rows, keys: Sequence[str], poses: np.ndarray | None, token: str = "",
+    write: bool = False, fit: bool = True, progress: bool = False, **options,
+) -> Calibration | None:
+    """The map's calibration: ``map_dir/calibration.json`` when it is fresh, else fitted (and written atomically when ``write``).
+
+    Stale means the row count or the fingerprint (keys, a probe of descriptors, ``token``) changed.
+    A damaged file is refitted with a warning rather than failing the map. ``fit=False`` returns
+    None instead of fitting (a reader that may never need it).
+    """
+    fp = map_fingerprint(keys, read_rows, token, poses)
+    path = None if map_dir is None else Path(map_dir) / CALIBRATION_FILE
+    cal = None
+    if path is not None and path.is_file():
+        try:
+            cal = Calibration.from_dict(json.loads(path.read_text(encoding="utf-8")))
+            if cal.is_stale(len(keys), fp):
+                logger.info("%s is stale (the map changed); recalibrating", path)
+                cal = None
+        except (OSError, ValueError, MapError) as exc:
+            logger.warning("%s is unreadable (%s); recalibrating", path, exc)
+            cal = None
+    if cal is None:
+        if not fit:
+            return None
+        cal = fit_calibration(search, read_rows, keys, poses, fingerprint=fp, progress=progress, **options)
+        if write and path is not None:
+            try:
+                atomic_write_json(path, cal.to_dict())
+            except OSError as exc:  # a map we may read but not write: keep the calibration in memory
+                logger.warning("could not write %s (%s); the calibration is kept in memory", path, exc)
+    cal.sequence = sequence_positions(keys)
+    return cal
+
+
+# ---- the estimate ------------------------------------------------------------------------------
+def row_cosines(read_rows: Callable[[np.ndarray], np.ndarray], queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Q×K global cosines of each query with its ranked ``rows`` (−1 → NaN), one store read per batch."""
+    rows = np.asarray(rows, np.int64)
+    out = np.full(rows.shape, np.nan)
+    valid = rows >= 0
+    if valid.any():
+        vec = read_rows(rows[valid])
+        qi = np.nonzero(valid)[0]
+        out[valid] = np.einsum("nd,nd->n", np.asarray(queries, np.float32)[qi], np.asarray(vec, np.float32))
+    return out
+
+
+@dataclass
+class Estimate:
+    """Where the query is, how sure, and from what evidence.
+
+    ``position`` (easting, northing) and ``heading`` (degrees) come from the top matches that agree
+    with the best one (same place); ``spread`` is the cosine-weighted RMS distance of all top
+    matches from that position — metres with poses, sequence rows without (``spread_unit``).
+    """
+
+    position: tuple[float, float] | None
+    heading: float | None
+    spread: float | None
+    spread_unit: str
+    confidence: float | None
+    unknown: bool
+    evidence: dict[str, Any] = field(default_factory=dict)
+    route_position: float | None = None  # weighted mean route index (natural name order) of the agreeing matches
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"position": None if self.position is None else [round(v, 3) for v in self.position],
+                "route_position": None if self.route_position is None else round(self.route_position, 2),
+                "heading_deg": None if self.heading is None else round(self.heading, 2),
+                f"spread_{self.spread_unit}": None if self.spread is None else round(self.spread, 3),
+                "confidence": None if self.confidence is None else round(self.confidence, 4),
+                "unknown": self.unknown, "evidence": self.evidence}
+
+    def line(self) -> str:
+        """One human-readable line."""
+        if self.position is not None:
+            where = f"at ({self.position[0]:.1f}, {self.position[1]:.1f})"
+        else:
+            where = "no pose" + ("" if self.route_position is None else f", route position {self.route_position:.1f}")
+        head = "" if self.heading is None else f", heading {self.heading:.0f}°"
+        spread = "" if self.spread is None else f", spread {self.spread:.1f} {self.spread_unit}"
+        conf = "n/a" if self.confidence is None else f"{self.confidence:.3f}"
+        verdict = "UNKNOWN PLACE" if self.unknown else "in map"
+        return f"{verdict}: confidence {conf} {where}{head}{spread}"
+
+
+def circular_mean_deg(angles: np.ndarray, weights: np.ndarray | None = None) -> float | None:
+    """Weighted circular mean in [0, 360) of angles in degrees (NaNs ignored); None when none is known."""
+    a = np.asarray(angles, np.float64)
+    w = np.ones_like(a) if weights is None else np.asarray(weights, np.float64)
+    ok = np.isfinite(a) & (w > 0)
+    if not ok.any():
+        return None
+    r = np.deg2rad(a[ok])
+    s, c = float((w[ok] * np.sin(r)).sum()), float((w[ok] * np.cos(r)).sum())
+    if np.hypot(s, c) < MIN_WEIGHT:  # opposite headings cancel: no mean direction
+        return None
+    return float(np.rad2deg(np.arctan2(s, c)) % 360.0)
+
+
+def estimate(
+    rows: np.ndarray, cosines: np.ndarray, poses: np.ndarray | None, headings: np.ndarray | None,
+    calibration: Calibration, evidence: np.ndarray | None = None, sequence: np.ndarray | None = None,
+    threshold: float | None = None,
+) -> Estimate:
+    """The estimate of one query from its ranked matches.
+
+    ``rows``/``cosines``: the final ranking (best first, any mode) and each row's *global cosine*
+    with the query; ``evidence``: the query's top global cosines over the whole map (default:
+    ``cosines``) — the confidence comes from these only, so it is the same in every mode.
+    ``sequence``: each map row's route position (:func:`sequence_positions`; default: row order).
+    """
+    rows = np.asarray(rows, np.int64).reshape(-1)
+    cos = np.asarray(cosines, np.float64).reshape(-1)
+    keep = rows >= 0
+    rows, cos = rows[keep], cos[keep]
+    thr = calibration.threshold if threshold is None else float(threshold)
+    ev = calibration.evidence(cos if evidence is None else evidence)[0]
+    conf_arr = calibration.confidence(ev)
+    conf = None if not np.isfinite(conf_arr[0]) else float(np.clip(conf_arr[0], 0.0, 1.0))
+    info: dict[str, Any] = {"statistic": f"mean_top{calibration.k}_cosine", "value": _r(ev), "threshold": thr,
+                            "calibration": calibration.summary()}
+    if rows.size == 0:
+        return Estimate(None, None, None, "rows", 0.0 if conf is None else conf, True, {**info, "matches": 0})
+    n_map = int(max(rows.max() + 1, 0 if sequence is None else len(sequence)))
+    seq = np.arange(n_map) if sequence is None else np.asarray(sequence)
+    pose_arr = None if poses is None else np.asarray(poses, np.float64)
+    agree = same_place(int(rows[0]), rows, seq, pose_arr, calibration.window, calibration.radius_m)
+    w = np.clip(np.nan_to_num(cos, nan=0.0), MIN_WEIGHT, None)
+    position, spread, unit = None, None, "rows"
+    if pose_arr is not None:
+        p = pose_arr[rows]
+        known = np.isfinite(p).all(1)
+        if (known & agree).any():
+            sel = known & agree
+            position_arr = (w[sel, None] * p[sel]).sum(0) / w[sel].sum()
+            position = (float(position_arr[0]), float(position_arr[1]))
+            d2 = ((p[known] - position_arr) ** 2).sum(1)
+            spread, unit = float(np.sqrt((w[known] * d2).sum() / w[known].sum())), "m"
+    s = seq[rows].astype(np.float64)
+    centre = float((w[agree] * s[agree]).sum() / w[agree].sum())
+    if position is None:
+        spread = float(np.sqrt((w * (s - centre) ** 2).sum() / w.sum()))
+    heading = None
+    if headings is not None:
+        heading = circular_mean_deg(np.asarray(headings, np.float64)[rows[agree]], w[agree])
+    info.update(top1_cosine=_r(float(cos[0])), agreement=round(float(w[agree].sum() / w.sum()), 4),
+                agreeing=int(agree.sum()), matches=int(rows.size))
+    unknown = False if conf is None else conf < thr  # uncalibrated: neither claim can be made
+    if conf is None:
+        info["note"] = "map too small to calibrate a confidence"
+    return Estimate(position, heading, spread, unit, conf, bool(unknown), info, centre)
