@@ -1,0 +1,117 @@
+"""Frames as they come: a video file, a camera, or a folder of frames, as ``(name, image)`` pairs.
+
+A stream is an iterable of ``(name, frame)``; the frame is an RGB ``H×W×3`` uint8 array (video,
+camera) or an image path (folder: decoded by the image reader, so EXIF rotation and the other
+rules of :mod:`vprkit.images` apply). :func:`vprkit.pipeline.sequences.localize_stream` consumes
+any such iterable, so a robot's own frame loop works the same way.
+
+OpenCV (``opencv-python-headless``) decodes video and reads cameras; it is imported only when a
+video or camera is opened. A file or camera that cannot be opened is one :class:`ImageReadError`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .errors import ConfigError, ImageReadError
+from .images import list_images
+
+# Names of video frames: "<file stem>#<frame index>" (index in the file, before ``every``).
+FRAME_NAME_DIGITS = 6
+
+
+def _cv2():
+    try:
+        import cv2
+    except ImportError:  # pragma: no cover - installed with vprkit
+        raise ImageReadError("reading video or a camera needs OpenCV: pip install opencv-python-headless") from None
+    return cv2
+
+
+def _check_counts(every: int, limit: int | None) -> None:
+    if every < 1:
+        raise ConfigError(f"every must be ≥ 1 (keep every N-th frame), got {every}")
+    if limit is not None and limit < 1:
+        raise ConfigError(f"limit must be ≥ 1 frames, got {limit}")
+
+
+class _CaptureFrames:
+    """Frames of an OpenCV capture, BGR converted to RGB; ``every`` N-th frame, at most ``limit``."""
+
+    def __init__(self, what: str, prefix: str, every: int = 1, limit: int | None = None):
+        _check_counts(every, limit)
+        self.what, self.prefix, self.every, self.limit = what, prefix, int(every), limit
+
+    def _open(self):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
+        cv2 = _cv2()
+        cap = self._open()
+        if not cap.isOpened():
+            cap.release()
+            raise ImageReadError(f"{self.what}: cannot be opened (not a video OpenCV can decode, or no such device)")
+        try:
+            index = kept = 0
+            while self.limit is None or kept < self.limit:
+                ok, frame = cap.read()
+                if not ok or frame is None:
+                    break
+                if index % self.every == 0:
+                    yield f"{self.prefix}#{index:0{FRAME_NAME_DIGITS}d}", cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+                    kept += 1
+                index += 1
+            if index == 0:
+                raise ImageReadError(f"{self.what}: opened, but no frame could be read")
+        finally:
+            cap.release()
+
+
+class VideoFrames(_CaptureFrames):
+    """Frames of a video file (anything OpenCV's FFmpeg backend decodes: MP4, AVI, MKV …)."""
+
+    def __init__(self, path: str | os.PathLike, every: int = 1, limit: int | None = None):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ImageReadError(f"{self.path}: video file not found")
+        super().__init__(str(self.path), self.path.stem, every, limit)
+
+    def _open(self):
+        return _cv2().VideoCapture(str(self.path))
+
+
+class CameraFrames(_CaptureFrames):
+    """Frames of camera ``index`` (OpenCV's device number), until ``limit`` or the camera stops."""
+
+    def __init__(self, index: int = 0, every: int = 1, limit: int | None = None):
+        if index < 0:
+            raise ConfigError(f"camera index must be ≥ 0, got {index}")
+        self.index = int(index)
+        super().__init__(f"camera {index}", f"camera{index}", every, limit)
+
+    def _open(self):
+        return _cv2().VideoCapture(self.index)
+
+
+class FolderFrames:
+    """Image files of a folder in sorted name order (frames named ``000001.jpg`` … are time order)."""
+
+    def __init__(self, folder: str | os.PathLike, every: int = 1, limit: int | None = None):
+        _check_counts(every, limit)
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise ImageReadError(f"{self.folder}: frame folder not found")
+        self.keys = list_images(self.folder)[:: int(every)][:limit]
+        if not self.keys:
+            raise ImageReadError(f"{self.folder}: no images found")
+
+    def __iter__(self) -> Iterator[tuple[str, Path]]:
+        for key in self.keys:
+            yield key, self.folder / key
+
+    def __len__(self) -> int:
+        return len(self.keys)

@@ -1,0 +1,127 @@
+"""Streams: video files, frame folders and cameras → frames → `vprkit localize --video/--frames` as JSON lines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import run_cli
+from vprkit import pipeline
+from vprkit.cli import main
+from vprkit.errors import ConfigError, ImageReadError
+from vprkit.images import FolderImages
+from vprkit.pipeline.sequences import localize_stream
+from vprkit.presets import resolve
+from vprkit.streams import CameraFrames, FolderFrames, VideoFrames
+
+MAP_FRAMES = 16  # Corridor reference frames in the test map
+MAP_IMAGE_SIZE = (120, 160)  # (height, width): Corridor's own size, a quarter of the preset's pixels
+VIDEO_FPS = 5.0
+
+
+def _corridor_frames(root: Path, first: int, count: int, sub: str = "ref") -> list[Path]:
+    return [root / "corridor" / sub / f"{i:07d}.jpg" for i in range(first, first + count)]
+
+
+def _write_video(path: Path, frames: list[Path]) -> Path:
+    import cv2
+
+    first = cv2.imread(str(frames[0]))
+    h, w = first.shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), VIDEO_FPS, (w, h))
+    assert writer.isOpened()
+    for f in frames:
+        writer.write(cv2.imread(str(f)))
+    writer.release()
+    return path
+
+
+@pytest.fixture(scope="module")
+def corridor_map(tmp_path_factory, shared_datasets) -> Path:
+    """A small map of Corridor's first reference frames (GeM: no vocabulary, fast)."""
+    out = tmp_path_factory.mktemp("stream") / "map"
+    keys = [p.name for p in _corridor_frames(shared_datasets, 0, MAP_FRAMES)]
+    config = resolve("effnet-gem", image_size=MAP_IMAGE_SIZE)
+    pipeline.build_map(FolderImages(shared_datasets / "corridor" / "ref", keys), out, config, progress=False)
+    return out
+
+
+def test_video_file_gives_rgb_frames_in_order(tmp_path, shared_datasets):
+    frames = _corridor_frames(shared_datasets, 0, 6)
+    video = _write_video(tmp_path / "walk.avi", frames)
+    got = list(VideoFrames(video))
+    assert [n for n, _ in got] == [f"walk#{i:06d}" for i in range(6)]
+    from PIL import Image
+
+    original = np.asarray(Image.open(frames[2]).convert("RGB"), dtype=np.float32)
+    assert got[2][1].shape == original.shape and got[2][1].dtype == np.uint8
+    assert np.abs(got[2][1].astype(np.float32) - original).mean() < 12  # RGB order, only compression noise
+    assert [n for n, _ in VideoFrames(video, every=2, limit=2)] == ["walk#000000", "walk#000002"]
+
+
+def test_unopenable_video_and_bad_arguments_are_clear_errors(tmp_path):
+    bad = tmp_path / "not-a-video.mp4"
+    bad.write_text("hello")
+    with pytest.raises(ImageReadError, match="cannot be opened|no frame"):
+        list(VideoFrames(bad))
+    with pytest.raises(ImageReadError, match="not found"):
+        VideoFrames(tmp_path / "missing.mp4")
+    with pytest.raises(ImageReadError, match="camera 97"):
+        list(CameraFrames(97, limit=1))
+    with pytest.raises(ConfigError):
+        VideoFrames(bad, every=0)
+
+
+def test_unopenable_video_on_the_command_line_is_one_error_line(tmp_path, corridor_map, capsys, monkeypatch):
+    bad = tmp_path / "broken.avi"
+    bad.write_bytes(b"\x00" * 64)
+    monkeypatch.setattr("sys.argv", ["vprkit", "localize", str(corridor_map), "--video", str(bad)])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("error:") and "broken.avi" in err[0]
+
+
+def test_localize_video_prints_json_lines_and_writes_jsonl(tmp_path, shared_datasets, corridor_map):
+    video = _write_video(tmp_path / "drive.avi", _corridor_frames(shared_datasets, 4, 4))
+    r = run_cli(["localize", corridor_map, "--video", video, "--top-k", "3", "--json", "--jsonl", tmp_path / "out.jsonl"])
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(x) for x in r.output.strip().splitlines()]
+    assert [x["query"] for x in lines] == [f"drive#{i:06d}" for i in range(4)]
+    assert [x["matches"][0]["image"] for x in lines] == [f"{i:07d}.jpg" for i in range(4, 8)]
+    assert all(len(x["matches"]) == 3 for x in lines)
+    assert [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()] == lines
+
+
+def test_localize_frames_folder_with_a_sequence(tmp_path, shared_datasets, corridor_map):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, src in enumerate(_corridor_frames(shared_datasets, 2, 6)):
+        (folder / f"{i:04d}.jpg").write_bytes(src.read_bytes())
+    r = run_cli(["localize", corridor_map, "--frames", folder, "--sequence-length", "3", "--top-k", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(x) for x in r.output.strip().splitlines()]
+    assert [x["query"] for x in lines] == [f"{i:04d}.jpg" for i in range(6)]
+    top = [int(x["matches"][0]["image"][:7]) for x in lines]
+    assert top[2:] == list(range(4, 8))  # once three frames are seen, the sequence is exact
+    assert [x["sequence_frames"] for x in lines] == [1, 2, 3, 3, 3, 3]
+    assert lines[-1]["matches"][0]["score_kind"] == "sequence_mean_cosine"
+    assert -1 <= lines[-1]["matches"][0]["cosine"] <= 1
+    r = run_cli(["localize", corridor_map, "--frames", folder, "--video", folder / "x.avi"])
+    assert r.exit_code != 0 and "exactly one" in r.output
+
+
+def test_python_stream_api_takes_decoded_frames_and_reports_bad_ones(shared_datasets, corridor_map):
+    from PIL import Image
+
+    frames = [np.asarray(Image.open(p).convert("RGB")) for p in _corridor_frames(shared_datasets, 6, 3)]
+    stream = [("a", frames[0]), ("broken", np.zeros((2, 2, 7), np.uint8)), ("b", frames[1]), ("c", frames[2])]
+    m = pipeline.open_map(corridor_map, read_only=True)
+    results = list(localize_stream(m, stream, top_k=1, sequence_length=2, batch_frames=2))
+    assert [r.query for r in results] == ["a", "broken", "b", "c"]
+    assert results[1].error and not results[1].matches
+    assert [r.matches[0].key for r in results if r.error is None] == ["0000006.jpg", "0000007.jpg", "0000008.jpg"]
+    assert len(list(FolderFrames(shared_datasets / "corridor" / "ref", every=10))) == 12
