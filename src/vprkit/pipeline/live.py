@@ -1,0 +1,577 @@
+"""A map served live: models loaded once, localisation while places are added, moved and removed.
+
+:class:`LiveMap` is what ``vprkit serve`` (and any long-running process: a robot, a web service) holds
+instead of calling :func:`vprkit.pipeline.localize` on a path, which would reload the model for every
+query. It composes the stages exactly as a build and a query do — descriptors through
+:func:`vprkit.pipeline.query_batches`, rows through :class:`~vprkit.maps.MapStore`, the index through
+its ``add``/``remove`` — and adds what sharing needs:
+
+- **Readers–writer lock.** Any number of localisations run together; a write (add, move, remove)
+  waits for them and excludes them for its short store-and-index update. The descriptor of an added
+  image is computed *before* the write lock is taken, so readers wait only for the disk writes.
+- **Durable before the answer.** A write returns after the store (and, for an added place, its image
+  under ``MAP_DIR/live-images/``) is on disk: a crash right after loses nothing, and a restart serves
+  every acknowledged place. The index is derived data: its file is removed before the store changes
+  and saved after, so a crash in between makes the next open rebuild it from the store, never trust
+  a stale one.
+- **One writer per map.** Writes also take :func:`vprkit.maps.lock.map_write_lock`, so a
+  ``vprkit map build`` into the same folder cannot interleave with them (whichever comes second is
+  refused with a clear message). Once another process has changed the map (``map.json`` replaced),
+  writes are refused (:class:`MapChangedError`): the rows held in memory no longer match the disk.
+  Reads keep serving the map as opened (the store keeps its opened files, see ``MapStore.pin``).
+- **Recorded.** Each write notes itself in ``map.json`` (counts, index size, ``updated``, ``last_change``).
+- **Bounded model concurrency, with batching.** The backbone runs at most ``inference_slots`` passes
+  at a time: PyTorch already spreads one pass over the configured threads, and concurrent passes on a
+  small CPU only multiply threads and stretch every request's latency. Localisations that arrive while
+  the model is busy queue up and the next pass takes them together (up to the preset's batch size), so
+  under load the CPU per image drops (batches of 4: about 30 % less) while an idle map answers at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import logging
+import math
+import os
+import re
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+from PIL import Image
+
+from ..errors import ConfigError, ImageReadError, MapError
+from ..images import MAX_PIXELS, DecodedImages, read_image
+from ..io import atomic_path, atomic_write_json
+from ..maps import INDEX_FILE, MAP_FILE, read_map_info
+from ..maps.lock import map_write_lock
+from ..maps.store import ENTRY_FIELDS, POSE_DIMS
+from . import Map, QueryResult, localize, open_map, query_batches
+
+logger = logging.getLogger(__name__)
+
+# Where the images of places added live are kept (the map's own copy: re-ranking and explanations read them).
+LIVE_IMAGES_DIR = "live-images"
+LIVE_RUN_NOTE = "places added through the live map (vprkit serve)"
+# Keys name files under LIVE_IMAGES_DIR: relative paths of plain characters, no '.'/'..' components.
+KEY_PATTERN = re.compile(r"[\w\-.]+(/[\w\-.]+)*")
+MAX_KEY_CHARS = 200
+# One forward pass at a time: on a 2-core CPU a second concurrent pass only doubles both latencies.
+DEFAULT_INFERENCE_SLOTS = 1
+# Pixels an uploaded image may have before it is decoded (a 20 MB PNG can hold hundreds of megapixels).
+DEFAULT_MAX_UPLOAD_PIXELS = 40_000_000
+# Formats PIL decodes at a reduced scale when the target size is known (JPEG's DCT scaling): for these
+# only the library's own limit (vprkit.images.MAX_PIXELS) applies.
+DRAFT_FORMATS = ("JPEG", "MPO")
+FULL_TURN_DEG = 360.0
+# PIL format → file extension for keys generated for uploads without a name.
+FORMAT_EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif",
+                     "GIF": ".gif", "PPM": ".ppm"}
+
+
+class UnknownPlaceError(MapError):
+    """No place of the map has this key."""
+
+
+class PlaceExistsError(MapError):
+    """A place with this key is already in the map."""
+
+
+class MapChangedError(MapError):
+    """Another process changed the map on disk since it was opened (its in-memory rows would be wrong)."""
+
+
+class ReadWriteLock:
+    """Many readers or one writer; a waiting writer blocks new readers, so a stream of queries cannot starve it."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+@dataclass(frozen=True)
+class Pose:
+    """A place's pose in the map's frame: position (easting, northing in metres), heading (degrees), timestamp (s).
+
+    ``None`` means "not given": unknown for a new place, unchanged for an update.
+    """
+
+    xy: tuple[float, float] | None = None
+    heading: float | None = None
+    timestamp: float | None = None
+
+
+def _finite(pose: Mapping[str, Any], name: str) -> float | None:
+    value = pose.get(name)
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"pose field {name!r} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"pose field {name!r} must be finite, got {value!r}")
+    return number
+
+
+def _utm_frame(crs: Any) -> tuple[int, bool] | None:
+    """(UTM zone, northern) of a map's CRS (:attr:`vprkit.maps.MapData.crs`), or None for a local metric frame."""
+    if isinstance(crs, Mapping) and crs.get("kind") == "utm" and crs.get("zone") is not None:
+        return int(crs["zone"]), str(crs.get("hemisphere", "N")).upper().startswith("N")
+    return None
+
+
+def parse_pose(pose: Mapping[str, Any] | None, crs: Any = None) -> Pose:
+    """A pose dict → :class:`Pose` in the map's frame.
+
+    ``{"easting", "northing"}`` (metres) or ``{"lat", "lon"}`` (WGS84 degrees, projected into the map's
+    UTM zone — a map without a geographic frame refuses them), plus optional ``heading`` (degrees,
+    normalised to [0, 360)) and ``timestamp`` (seconds). Any other field is an error, so a typo is not
+    silently ignored.
+    """
+    if not pose:
+        return Pose()
+    known = {"easting", "northing", "lat", "lon", "heading", "timestamp"}
+    unknown = sorted(set(pose) - known)
+    if unknown:
+        raise ConfigError(f"unknown pose field(s) {', '.join(unknown)}; use easting+northing or lat+lon, heading, timestamp")
+    e, n, lat, lon = (_finite(pose, k) for k in ("easting", "northing", "lat", "lon"))
+    metric, geographic = (e, n) != (None, None), (lat, lon) != (None, None)
+    if metric and geographic:
+        raise ConfigError("give a position as easting+northing or as lat+lon, not both")
+    xy: tuple[float, float] | None = None
+    if metric:
+        if e is None or n is None:
+            raise ConfigError("a metric position needs both easting and northing")
+        xy = (e, n)
+    elif geographic:
+        if lat is None or lon is None:
+            raise ConfigError("a geographic position needs both lat and lon")
+        frame = _utm_frame(crs)
+        if frame is None:
+            raise ConfigError("this map records no geographic frame (its poses are metric); give easting+northing")
+        from ..datasets.poses import latlon_to_utm
+
+        projected, _, _ = latlon_to_utm([lat], [lon], zone=frame[0], northern=frame[1])
+        xy = (float(projected[0, 0]), float(projected[0, 1]))
+    heading = _finite(pose, "heading")
+    return Pose(xy, None if heading is None else heading % FULL_TURN_DEG, _finite(pose, "timestamp"))
+
+
+def check_key(key: str) -> str:
+    """``key`` if it can name a place (and its file under ``live-images/``), else a :class:`ConfigError`."""
+    if not isinstance(key, str) or not key or len(key) > MAX_KEY_CHARS or not KEY_PATTERN.fullmatch(key) \
+            or any(part in (".", "..") for part in key.split("/")):
+        raise ConfigError(f"place id {key!r} is not usable: 1–{MAX_KEY_CHARS} characters of letters, digits, '_', '-', "
+                          f"'.', with '/' between non-empty parts (no '.' or '..' parts)")
+    return key
+
+
+def decode_image(data: bytes, name: str = "upload", max_pixels: int = DEFAULT_MAX_UPLOAD_PIXELS,
+                 size_hint: tuple[int, int] | None = None) -> Image.Image:
+    """An uploaded file's bytes → an RGB image, as :func:`vprkit.images.read_image` decodes files.
+
+    The header is checked first: more than ``max_pixels`` pixels is an :class:`ImageReadError` before any
+    pixel is decoded. ``size_hint`` (height, width) lets JPEGs decode at reduced scale (what the map's
+    backbone is fed anyway); such JPEGs are held to the library's limit only.
+    """
+    if not data:
+        raise ImageReadError(f"{name}: empty upload; send the image's bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            width, height, fmt = probe.width, probe.height, probe.format
+    except Exception:  # noqa: BLE001 - read_image below gives the one-line reason for every decoder failure
+        width = height = 0
+        fmt = None
+    if size_hint is not None and fmt in DRAFT_FORMATS:
+        max_pixels = max(max_pixels, MAX_PIXELS)  # decoded at reduced scale: a 48 Mpx phone photo costs little
+    if width * height > max_pixels:
+        raise ImageReadError(f"{name}: {width}×{height} pixels is more than this service decodes ({max_pixels:,} pixels); "
+                             f"downscale it first")
+    return read_image(bytes(data), target_size=size_hint, name=name)
+
+
+@dataclass(eq=False)
+class _Request:
+    """One call of :meth:`LiveMap.localize`, waiting for the model or done (results or error)."""
+
+    frames: dict[str, np.ndarray | Image.Image]
+    top_k: int
+    rerank: str | None
+    results: list[QueryResult] | None = None
+    error: BaseException | None = None
+    finished: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    @property
+    def settings(self) -> tuple[int, str | None]:
+        return self.top_k, self.rerank
+
+
+class LiveMap:
+    """One opened map with its models, shared by readers and writers (see the module docstring)."""
+
+    def __init__(self, map: Map, inference_slots: int = DEFAULT_INFERENCE_SLOTS,
+                 max_upload_pixels: int = DEFAULT_MAX_UPLOAD_PIXELS):
+        if inference_slots < 1:
+            raise ConfigError(f"inference_slots must be at least 1, got {inference_slots}")
+        self.map = map
+        self.max_upload_pixels = max_upload_pixels
+        self.lock = ReadWriteLock()
+        self._inference = threading.BoundedSemaphore(inference_slots)
+        self._queue: list[_Request] = []  # localisations waiting for the model (see _claim)
+        self._queue_lock = threading.Lock()
+        self._row_of = {k: i for i, k in enumerate(map.data.keys)}
+        self._run: int | None = None
+        self._seen = self._map_file_state()
+        self.opened = time.time()
+
+    @classmethod
+    def open(cls, map_dir: str | os.PathLike, device: str | None = None, **options: Any) -> "LiveMap":
+        """Open ``map_dir`` for reading and writing and load its models once."""
+        return cls(open_map(map_dir, read_only=False, device=device), **options)
+
+    # ---- reading ------------------------------------------------------------------------------
+    @property
+    def dir(self) -> Path:
+        return self.map.data.dir
+
+    def __len__(self) -> int:
+        return len(self.map.data.keys)
+
+    def size_hint(self) -> tuple[int, int] | None:
+        """(height, width) the map's images are resized to, when fixed (lets JPEG uploads decode at reduced scale)."""
+        spec = self.map.config.image
+        return tuple(spec.size) if spec.resize in ("fixed", "resize_crop") else None  # type: ignore[return-value]
+
+    def decode(self, data: bytes, name: str = "upload") -> Image.Image:
+        """Uploaded bytes → an image this map can localise or store (see :func:`decode_image`)."""
+        return decode_image(data, name, self.max_upload_pixels, self.size_hint())
+
+    def localize(self, frames: Mapping[str, np.ndarray | Image.Image], top_k: int = 10,
+                 rerank: str | None = None) -> list[QueryResult]:
+        """Top-``top_k`` places of each decoded frame (named by its key), optionally re-ranked.
+
+        Runs beside other localisations; waits only for a write in progress.
+        """
+        request = _Request(dict(frames), top_k, rerank)
+        with self._queue_lock:
+            self._queue.append(request)
+        with self.lock.read():
+            with self._inference:
+                batch = self._claim(request)
+                if batch:
+                    self._run_batch(request, batch)
+            request.finished.wait()  # at once when this call ran the batch; else until the batch that took it ends
+        if request.error is not None:
+            raise request.error
+        assert request.results is not None
+        return request.results
+
+    def _claim(self, leader: "_Request") -> list["_Request"]:
+        """``leader`` and the queued requests with its settings (up to the preset's batch size in images),
+        taken off the queue; empty when a batch already took ``leader``.
+
+        Requests that arrive while the model is busy queue up; the next one to get the model takes them
+        all, so a loaded service runs batches — less CPU per image than one image at a time — and an
+        idle one answers each request at once.
+        """
+        with self._queue_lock:
+            if leader not in self._queue:
+                return []
+            batch, budget = [], max(self.map.config.batch_size, len(leader.frames))
+            for request in [leader] + [r for r in self._queue if r is not leader]:
+                if request.settings == leader.settings and (request is leader or len(request.frames) <= budget):
+                    batch.append(request)
+                    budget -= len(request.frames)
+            self._queue = [r for r in self._queue if all(r is not b for b in batch)]
+            return batch
+
+    def _run_batch(self, leader: "_Request", batch: list["_Request"]) -> None:
+        """Localise the frames of ``batch`` in one call and hand each request its results (or the error)."""
+        named = {f"{i}/{key}": frame for i, request in enumerate(batch) for key, frame in request.frames.items()}
+        try:
+            results = localize(self.map, named, top_k=leader.top_k, rerank=leader.rerank, unreadable="report")
+            start = 0
+            for request in batch:
+                mine = results[start:start + len(request.frames)]
+                request.results = [dataclasses.replace(r, query=key) for r, key in zip(mine, request.frames)]
+                start += len(request.frames)
+        except BaseException as exc:  # every request of the batch gets the error (it is not about one frame)
+            for request in batch:
+                request.error = exc
+        finally:
+            for request in batch:
+                request.finished.set()
+
+    def place(self, key: str) -> dict[str, Any]:
+        """What the map holds for ``key``: its row, position, heading and timestamp."""
+        with self.lock.read():
+            return self._place(key)
+
+    def info(self) -> dict[str, Any]:
+        """A summary of the served map: settings, counts, index, frame (``map.json`` with live counts)."""
+        with self.lock.read():
+            data = self.map.data
+            info = data.info
+            poses = data.poses
+            return {
+                "map_dir": str(data.dir),
+                "preset": data.config.name,
+                "descriptor_dim": info.get("descriptor_dim"),
+                "places": len(data.keys),
+                "places_with_position": int((~np.isnan(poses).any(axis=1)).sum()) if len(poses) else 0,
+                "index": {"factory": getattr(data.index, "factory", None), "ntotal": int(data.index.ntotal)},
+                "crs": data.crs,
+                "extensions": sorted(self.map.extensions),
+                "created": info.get("created"),
+                "updated": info.get("updated"),
+                "runs": len(info.get("runs", [])),
+                "vprkit_version": info.get("vprkit_version"),
+            }
+
+    # ---- writing ------------------------------------------------------------------------------
+    def add_place(self, image: bytes | np.ndarray | Image.Image, key: str | None = None,
+                  pose: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Add one image as a new place (``key`` or a generated one); durable when this returns.
+
+        ``image`` is a file's bytes (kept as they are under ``live-images/<key>``) or a decoded frame
+        (kept as PNG). The descriptor (and the map extensions' payloads) come from the same models as
+        the map's. A key already in the map is a :class:`PlaceExistsError`.
+        """
+        data_bytes, picture, fmt = self._picture(image, key or "upload")
+        key = check_key(key) if key is not None else self._new_key(fmt)
+        if key in self._row_of:  # early answer; checked again under the write lock
+            raise PlaceExistsError(f"place {key!r} is already in the map; delete it or use another id")
+        parsed = parse_pose(pose, self.map.data.crs)
+        with self._inference:  # the model's work, before any lock readers would wait for
+            (qb,) = list(query_batches(self.map, DecodedImages({key: picture})))
+        vector = qb.global_descriptors[:1]
+        extras = None
+        if self.map.extensions:
+            per_image: dict[str, Any] = {}
+            for group, ext in self.map.extensions.items():
+                per_image[group] = ext.encode(qb.batch, qb.features)[0]
+            extras = [per_image]
+        with self._writing():
+            if key in self._row_of:
+                raise PlaceExistsError(f"place {key!r} is already in the map; delete it or use another id")
+            run = self._live_run()
+            path = self.dir / LIVE_IMAGES_DIR / key
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                Path(tmp).write_bytes(data_bytes)
+            entries = {"content_sha256": np.array([hashlib.sha256(data_bytes).hexdigest().encode()]),
+                       "file_size": np.array([len(data_bytes)]), "file_mtime": np.array([path.stat().st_mtime]),
+                       "run": np.array([run])}
+            entries = {k: np.asarray(v, ENTRY_FIELDS[k][0]) for k, v in entries.items()}
+            xy = np.array([parsed.xy if parsed.xy is not None else (np.nan, np.nan)], np.float64).reshape(1, POSE_DIMS)
+            headings = None if parsed.heading is None else np.array([parsed.heading])
+            stamps = None if parsed.timestamp is None else np.array([parsed.timestamp])
+            try:
+                with self._store_change():
+                    self.map.store.append([key], vector, xy, headings, stamps, entries, extras)
+            except BaseException:
+                path.unlink(missing_ok=True)  # the place was not added: its image goes too
+                raise
+            self.map.index.add(vector)
+            self._remember(key, xy[0], parsed)
+            self._after_write({"added": key})
+            return self._place(key)
+
+    def remove_place(self, key: str) -> dict[str, Any]:
+        """Remove ``key`` from the map (its live image too); durable when this returns. Returns what it held."""
+        with self._writing():
+            before = self._place(key)
+            with self._store_change():
+                rows = np.asarray(self.map.store.remove([key]), np.int64)
+            if len(rows):
+                self.map.index.remove(rows)
+            data = self.map.data
+            keep = np.ones(len(data.keys), bool)
+            keep[rows] = False
+            data.keys = [k for k, kept in zip(data.keys, keep) if kept]
+            data.poses = data.poses[keep]
+            data.headings, data.timestamps = data.headings[keep], data.timestamps[keep]
+            self._row_of = {k: i for i, k in enumerate(data.keys)}
+            (self.dir / LIVE_IMAGES_DIR / key).unlink(missing_ok=True)  # after the store: a crash leaves a stray file, never a lost place
+            self._after_write({"removed": key})
+            return before
+
+    def update_pose(self, key: str, pose: Mapping[str, Any]) -> dict[str, Any]:
+        """Set the position / heading / timestamp of ``key`` (fields not given stay as they are); durable on return."""
+        parsed = parse_pose(pose, self.map.data.crs)
+        with self._writing():
+            self._row(key)
+            row = int(self.map.store.set_pose(key, None if parsed.xy is None else np.asarray(parsed.xy, np.float64),
+                                              heading=parsed.heading, timestamp=parsed.timestamp))
+            data = self.map.data
+            if parsed.xy is not None:
+                data.poses[row] = parsed.xy
+            if parsed.heading is not None:
+                data.headings[row] = parsed.heading
+            if parsed.timestamp is not None:
+                data.timestamps[row] = parsed.timestamp
+            self._record({"pose": key})
+            return self._place(key)
+
+    # ---- helpers (callers hold the lock) ------------------------------------------------------
+    def _row(self, key: str) -> int:
+        row = self._row_of.get(key)
+        if row is None:
+            raise UnknownPlaceError(f"no place {key!r} in the map")
+        return row
+
+    def _place(self, key: str) -> dict[str, Any]:
+        row = self._row(key)
+        data = self.map.data
+        pos = data.poses[row]
+        heading = self._optional("headings", row)
+        stamp = self._optional("timestamps", row)
+        return {"id": key, "row": row,
+                "position": None if np.isnan(pos).any() else {"easting": float(pos[0]), "northing": float(pos[1])},
+                "heading": heading, "timestamp": stamp}
+
+    def _optional(self, name: str, row: int) -> float | None:
+        value = float(getattr(self.map.data, name)[row])
+        return value if np.isfinite(value) else None
+
+    def _remember(self, key: str, xy: np.ndarray, pose: Pose) -> None:
+        """The in-memory view of a row appended at the end (the store appends there too)."""
+        data = self.map.data
+        data.keys.append(key)
+        data.poses = np.vstack([data.poses.reshape(-1, POSE_DIMS), xy.reshape(1, POSE_DIMS)])
+        data.headings = np.append(data.headings, np.nan if pose.heading is None else pose.heading)
+        data.timestamps = np.append(data.timestamps, np.nan if pose.timestamp is None else pose.timestamp)
+        self._row_of[key] = len(data.keys) - 1
+
+    def _picture(self, image: bytes | np.ndarray | Image.Image, name: str) -> tuple[bytes, Image.Image, str]:
+        """(bytes to keep, decoded picture, PIL format) of an added image."""
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            raw = bytes(image)
+            picture = self.decode(raw, name)
+            try:
+                with Image.open(io.BytesIO(raw)) as probe:
+                    fmt = probe.format or "PNG"
+            except Exception:  # noqa: BLE001 - decoded above, so this cannot fail in practice
+                fmt = "PNG"
+            return raw, picture, fmt
+        from ..images import as_pil
+
+        picture = as_pil(image, name)
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        return buffer.getvalue(), picture, "PNG"
+
+    def _new_key(self, fmt: str) -> str:
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        return f"live-{stamp}-{os.urandom(4).hex()}{FORMAT_EXTENSIONS.get(fmt, '.img')}"
+
+    def _live_run_id(self) -> int | None:
+        """The build run of the live images folder, if one is recorded in ``map.json``."""
+        if self._run is not None:
+            return self._run
+        root = str((self.dir / LIVE_IMAGES_DIR).resolve())
+        for run in self.map.data.info.get("runs", []):
+            if run.get("images_root") == root:
+                self._run = int(run["run"])
+        return self._run
+
+    def _live_run(self) -> int:
+        """The run id recorded for the live images (registered on the first add, reused after a restart)."""
+        run = self._live_run_id()
+        if run is None:
+            from ..maps.mapdir import register_run
+
+            run = int(register_run(self.dir, (self.dir / LIVE_IMAGES_DIR).resolve(), LIVE_RUN_NOTE))
+            self.map.data.info = read_map_info(self.dir)  # the new run: MapData.images finds live images by it
+            self._seen = self._map_file_state()
+            self._run = run
+        return run
+
+    @contextmanager
+    def _store_change(self) -> Iterator[None]:
+        """Remove the saved index while the store's rows change, so a crash before :meth:`_after_write` saves
+        it again makes the next open rebuild it from the store; if the change fails (nothing changed), put it back."""
+        (self.dir / INDEX_FILE).unlink(missing_ok=True)
+        try:
+            yield
+        except BaseException:
+            self.map.index.save_to_map(self.dir)
+            raise
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """This process's write lock and the map directory's, refusing a map another process changed meanwhile."""
+        with self.lock.write(), map_write_lock(self.dir):
+            if self._map_file_state() != self._seen:
+                raise MapChangedError(f"{self.dir} was changed by another process (a `vprkit map build`, `map remove` …) "
+                                      f"since this service opened it; restart the service to serve the map as it is now")
+            yield
+
+    def _map_file_state(self) -> tuple[int, int, int]:
+        """Identity of ``map.json`` as it is now: every writer replaces it by renaming a new file into place."""
+        st = (self.dir / MAP_FILE).stat()
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    def _after_write(self, change: dict[str, str]) -> None:
+        """Save the index that matches the store, let extensions refresh what they derive from it, record the change."""
+        self.map.index.save_to_map(self.dir)
+        for ext in self.map.extensions.values():
+            ext.finalize(self.map.store, self.dir)
+        self._record(change)
+
+    def _record(self, change: dict[str, str]) -> None:
+        """Note a live change in ``map.json`` (counts, index size, time, what changed), as map maintenance does."""
+        info = read_map_info(self.dir)
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        info.setdefault("counts", {})["images"] = len(self.map.data.keys)
+        info.setdefault("index", {})["ntotal"] = int(self.map.index.ntotal)
+        info["updated"] = now
+        info["last_change"] = {"at": now, "live": change}
+        atomic_write_json(self.dir / MAP_FILE, info, default=str)
+        self.map.data.info = info
+        self._seen = self._map_file_state()
+
+
+__all__ = ["LIVE_IMAGES_DIR", "LiveMap", "MapChangedError", "PlaceExistsError", "Pose", "ReadWriteLock", "UnknownPlaceError",
+           "check_key", "decode_image", "parse_pose"]

@@ -1,0 +1,313 @@
+"""The HTTP face of a live map: FastAPI routes over :class:`vprkit.pipeline.live.LiveMap`, nothing deeper.
+
+Routes (the OpenAPI schema at ``/openapi.json``, interactive docs at ``/docs``):
+
+- ``POST /localize`` — an image (multipart field ``image``, or the raw bytes as the body) → the top-K
+  places and the position estimate; query ``top_k``, ``rerank``.
+- ``POST /places`` — an image and its pose → a new place, on disk before the answer.
+- ``GET /places/{id}``, ``PATCH /places/{id}`` (pose), ``DELETE /places/{id}``.
+- ``GET /health``, ``GET /map``.
+
+Bad input is a 4xx with ``{"detail": "..."}``, never a 500: the body is read with a size limit (413),
+images are decoded by the library (422 with the reason), unknown ids are 404, a taken id 409, a map
+being built by another process 409, writes without the API key 401. CPU work runs in the threadpool,
+so the event loop keeps answering ``/health`` while models run.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from .. import __version__
+from ..errors import ConfigError, DatasetError, ImageReadError, MapError, VPRKitError
+from ..pipeline.live import LiveMap, PlaceExistsError, UnknownPlaceError
+from ..presets import list_rerank_configs
+
+API_KEY_HEADER = "X-API-Key"
+DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+DEFAULT_TOP_K = 10
+MAX_TOP_K = 100
+IMAGE_FIELD = "image"
+MULTIPART = "multipart/form-data"
+RAW_IMAGE_TYPES = ("image/", "application/octet-stream")
+# Form / query fields of a pose (POST /places).
+POSE_FIELDS = ("easting", "northing", "lat", "lon", "heading", "timestamp")
+
+# The most specific class wins (walked along the exception's MRO): the status of each library error.
+ERROR_STATUS: dict[type[VPRKitError], int] = {
+    UnknownPlaceError: 404,
+    PlaceExistsError: 409,
+    MapError: 409,  # e.g. the map is being built by another process right now
+    ImageReadError: 422,
+    ConfigError: 422,
+    DatasetError: 422,  # a lat/lon outside UTM's range
+    VPRKitError: 400,
+}
+
+
+def error_status(exc: VPRKitError) -> int:
+    """The HTTP status of a library error (see :data:`ERROR_STATUS`)."""
+    for cls in type(exc).__mro__:
+        if cls in ERROR_STATUS:
+            return ERROR_STATUS[cls]
+    return 400
+
+
+# ---- response models (documentation of the answers; /openapi.json shows them) -------------------
+class Open(BaseModel):
+    """Fields beyond the documented ones pass through (the library may add more)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class Position(BaseModel):
+    easting: float = Field(description="metres, in the map's frame")
+    northing: float = Field(description="metres, in the map's frame")
+
+
+class MatchOut(Open):
+    id: str = Field(description="the place's id (its key in the map)")
+    image: str | None = Field(None, description="the same key, as the library names it")
+    row: int | None = Field(None, description="the place's row in the map")
+    score: float | None = Field(None, description="the ranking score, higher is better (see score_kind)")
+    score_kind: str | None = Field(None, description="what the score is: a cosine, or a re-ranking score")
+    cosine: float | None = Field(None, description="cosine similarity of the global descriptors")
+    position: list[float] | None = Field(None, description="[easting, northing] of the place, null when unknown")
+    heading_deg: float | None = Field(None, description="the place's heading, when the map records it")
+
+
+class EstimateOut(Open):
+    """Where the query was taken, from the top matches (``spread_<unit>`` says how far they lie apart)."""
+
+    position: list[float] | None = Field(None, description="[easting, northing] estimated from the top matches")
+    heading_deg: float | None = None
+    confidence: float | None = Field(None, description="in [0, 1]")
+    unknown: bool | None = Field(None, description="true when the query looks like no place of the map")
+
+
+class LocalizeOut(Open):
+    query: str
+    seconds: float = Field(description="extraction and search time of this query")
+    matches: list[MatchOut] = Field(description="best first")
+    estimate: EstimateOut | None = None
+    error: str | None = None
+
+
+class PlaceOut(BaseModel):
+    id: str
+    row: int = Field(description="the place's row in the map (rows after a deleted one move down)")
+    position: Position | None = None
+    heading: float | None = Field(None, description="degrees in [0, 360)")
+    timestamp: float | None = Field(None, description="seconds")
+
+
+class PoseIn(BaseModel):
+    """A pose: easting+northing (metres) or lat+lon (WGS84, projected into the map's frame); fields left out stay as they are."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    easting: float | None = None
+    northing: float | None = None
+    lat: float | None = None
+    lon: float | None = None
+    heading: float | None = Field(None, description="degrees")
+    timestamp: float | None = Field(None, description="seconds")
+
+
+class DeletedOut(BaseModel):
+    deleted: PlaceOut
+    places: int = Field(description="places left in the map")
+
+
+class HealthOut(BaseModel):
+    status: str
+    places: int
+    uptime_seconds: float
+    version: str
+
+
+class ErrorOut(BaseModel):
+    detail: Any
+
+
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "The image as a multipart file field `image`, or its raw bytes as the body (image/*, "
+                       "application/octet-stream).",
+        "content": {
+            MULTIPART: {"schema": {"type": "object", "required": [IMAGE_FIELD],
+                                   "properties": {IMAGE_FIELD: {"type": "string", "format": "binary"}}}},
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+_PLACE_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "The image as a multipart file field `image` with optional form fields `key`, "
+                       "`easting`+`northing` or `lat`+`lon`, `heading`, `timestamp`; or the raw bytes as the body "
+                       "with those fields as query parameters.",
+        "content": {
+            MULTIPART: {"schema": {"type": "object", "required": [IMAGE_FIELD], "properties": {
+                IMAGE_FIELD: {"type": "string", "format": "binary"}, "key": {"type": "string"},
+                **{f: {"type": "number"} for f in POSE_FIELDS}}}},
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+_ERRORS = {s: {"model": ErrorOut} for s in (401, 404, 409, 413, 415, 422)}
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it exceeds ``limit`` bytes (declared or streamed)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"upload of {int(declared):,} bytes is larger than this service accepts ({limit:,} bytes)")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise HTTPException(413, f"upload is larger than this service accepts ({limit:,} bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_upload(request: Request, limit: int) -> tuple[bytes, str, dict[str, str]]:
+    """(image bytes, its name, form fields) of a multipart or raw upload, read within ``limit`` bytes."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype and ctype != MULTIPART and not ctype.startswith(RAW_IMAGE_TYPES):
+        raise HTTPException(415, f"send the image as {MULTIPART} (field '{IMAGE_FIELD}') or as raw bytes "
+                                 f"(image/*, application/octet-stream), not {ctype}")
+    body = await read_body(request, limit)
+    if ctype == MULTIPART:
+        async def replay() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await Request(request.scope, replay).form(max_files=1, max_part_size=limit)
+        except Exception as exc:  # noqa: BLE001 - the multipart parser's errors are the client's malformed body
+            raise HTTPException(422, f"unreadable multipart body ({getattr(exc, 'detail', exc)})") from None
+        upload = form.get(IMAGE_FIELD)
+        if not isinstance(upload, UploadFile):
+            raise HTTPException(422, f"multipart upload needs a file field named '{IMAGE_FIELD}'")
+        data = await upload.read()
+        fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        await form.close()
+        return data, upload.filename or IMAGE_FIELD, fields
+    if not body:
+        raise HTTPException(422, "no image in the request body")
+    return body, "upload", {}
+
+
+def _form_pose(fields: dict[str, str]) -> dict[str, float]:
+    pose: dict[str, float] = {}
+    for name in POSE_FIELDS:
+        text = fields.get(name)
+        if text is None or not text.strip():
+            continue
+        try:
+            pose[name] = float(text)
+        except ValueError:
+            raise HTTPException(422, f"field {name!r} must be a number, got {text!r}") from None
+    return pose
+
+
+def create_app(live: LiveMap, api_key: str | None = None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+               title: str = "vprkit live localiser") -> FastAPI:
+    """The FastAPI app serving ``live`` (one loaded model and map). ``api_key``: required for writes when given."""
+    if max_upload_bytes < 1:
+        raise ConfigError(f"max_upload_bytes must be positive, got {max_upload_bytes}")
+    if api_key is not None and not api_key:
+        raise ConfigError("the API key is empty; give a non-empty key or none")
+    started = time.time()
+    app = FastAPI(title=title, version=__version__,
+                  description="Visual place recognition over a live map: localise images, add, move and remove places.")
+    key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False,
+                              description="required for POST/PATCH/DELETE /places when the service has a key")
+    rerank_names = {c.name for c in list_rerank_configs()}
+
+    def require_key(given: str | None = Depends(key_header)) -> None:
+        if api_key is None:
+            return
+        if given is None or not hmac.compare_digest(given.encode(), api_key.encode()):
+            raise HTTPException(401, f"this service needs its API key for writes (header {API_KEY_HEADER})",
+                                headers={"WWW-Authenticate": API_KEY_HEADER})
+
+    @app.exception_handler(VPRKitError)
+    async def _library_error(_: Request, exc: VPRKitError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=error_status(exc))
+
+    @app.get("/health", response_model=HealthOut, summary="Liveness and the number of places")
+    def health() -> HealthOut:
+        return HealthOut(status="ok", places=len(live), uptime_seconds=round(time.time() - started, 3), version=__version__)
+
+    @app.get("/map", summary="The served map: settings, counts, index, frame")
+    def map_info() -> dict[str, Any]:
+        return live.info()
+
+    @app.post("/localize", response_model=LocalizeOut, responses=_ERRORS, openapi_extra=_UPLOAD_BODY,
+              summary="Localise one image: the top-K places and the position estimate")
+    async def localize(request: Request,
+                       top_k: int = Query(DEFAULT_TOP_K, ge=1, le=MAX_TOP_K, description="places to return"),
+                       rerank: str | None = Query(None, description=f"re-ranking preset: {', '.join(sorted(rerank_names))}")
+                       ) -> JSONResponse:
+        if rerank is not None and rerank not in rerank_names:
+            raise HTTPException(422, f"unknown re-ranking preset {rerank!r}; known: {', '.join(sorted(rerank_names))}")
+        data, name, _ = await read_upload(request, max_upload_bytes)
+
+        def work() -> dict[str, Any]:
+            picture = live.decode(data, name)
+            result = live.localize({name: picture}, top_k=top_k, rerank=rerank)[0]
+            if result.error is not None:
+                raise ImageReadError(result.error)
+            out = result.to_dict()
+            for match in out.get("matches", []):
+                match.setdefault("id", match.get("image"))
+            return out
+
+        return JSONResponse(await run_in_threadpool(work))
+
+    @app.post("/places", response_model=PlaceOut, status_code=201, responses=_ERRORS, openapi_extra=_PLACE_BODY,
+              dependencies=[Depends(require_key)], summary="Add an image and its pose as a new place (durable on answer)")
+    async def add_place(request: Request,
+                        key: str | None = Query(None, description="the new place's id (default: generated)"),
+                        easting: float | None = Query(None), northing: float | None = Query(None),
+                        lat: float | None = Query(None), lon: float | None = Query(None),
+                        heading: float | None = Query(None), timestamp: float | None = Query(None)) -> JSONResponse:
+        data, _, fields = await read_upload(request, max_upload_bytes)
+        given = {"easting": easting, "northing": northing, "lat": lat, "lon": lon, "heading": heading, "timestamp": timestamp}
+        pose = {**{k: v for k, v in given.items() if v is not None}, **_form_pose(fields)}
+        place_key = fields.get("key") or key
+        place = await run_in_threadpool(live.add_place, data, place_key, pose)
+        return JSONResponse(place, status_code=201)
+
+    @app.get("/places/{key:path}", response_model=PlaceOut, responses=_ERRORS, summary="One place")
+    def get_place(key: str) -> dict[str, Any]:
+        return live.place(key)
+
+    @app.patch("/places/{key:path}", response_model=PlaceOut, responses=_ERRORS, dependencies=[Depends(require_key)],
+               summary="Change a place's pose (fields left out stay as they are; durable on answer)")
+    def update_place(key: str, pose: PoseIn) -> dict[str, Any]:
+        return live.update_pose(key, pose.model_dump(exclude_none=True))
+
+    @app.delete("/places/{key:path}", response_model=DeletedOut, responses=_ERRORS, dependencies=[Depends(require_key)],
+                summary="Remove a place (durable on answer)")
+    def delete_place(key: str) -> dict[str, Any]:
+        deleted = live.remove_place(key)
+        return {"deleted": deleted, "places": len(live)}
+
+    return app
+
+
