@@ -1,13 +1,17 @@
 """Issue 12 demonstration: heads trained on frozen default-backbone features, Nordland first half → unseen second half.
 
-    python benchmarks/bench_training.py [--heads gem netvlad mixvpr mixvpr-triplet] [--epochs N]
+    python benchmarks/bench_training.py [--heads layout fused-layout ...] [--epochs N] [--fresh]
 
 Protocol: EfficientNet-Lite2 block 14 (the default preset's backbone) at 224×112, features cached
-once (float16, ``vprkit.training.CachedFeatures``). Training: Nordland frames 0–1787, summer and
-winter of the same frame are one place. Evaluation: winter queries → summer references on frames
-1788–3575, every 4th frame (447 places), exact frame — never seen in training — and, without
-retraining, Corridor through the checkpoint-as-preset (``pipeline.evaluate``). Every head stays
-within the default's 11,520 floats per place.
+once (float16, ``vprkit.training.CachedFeatures``). Training: Nordland frames 0–1477, summer and
+winter of the same frame are one place. Checkpoint selection (validation): winter → summer on the
+held-out frames 1488–1787 of the *training half* (``[validation] holdout = 300``, ``gap = 10``).
+Evaluation: winter queries → summer references on frames 1788–3575, every 4th frame (447 places),
+exact frame — never seen in training and never used to pick a checkpoint (it is only *monitored*
+per epoch for the curve) — through the whole pipeline (map build, checkpoint as a preset), and,
+without retraining, Corridor. Every head stays within the default's 11,520 floats per place.
+Writes ``results/bench_training.json`` and ``results/bench_training_curves.png`` (monitored
+Recall@1 on the unseen half per epoch, every head).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 from common import DATA, RESULTS, report, setup
 from vprkit import pipeline
 from vprkit.aggregation import VLAD, fit_vocabulary
+from vprkit.evaluation.report import write_json
 from vprkit.presets import DEFAULT_PRESET, resolve
 from vprkit.training.checkpoint import checkpoint_config
 from vprkit.training.recipe import prepare, run_recipe
@@ -38,7 +43,9 @@ BASE = {
     "backbone": {"preset": DEFAULT_PRESET, "image_size": [224, 112], "cache": str(WORK / "features-nordland-224x112"),
                  "memory_budget_mb": 2048},
     "data": {"root": str(NORDLAND), "labels": "frames", "folders": ["summer", "winter"], "frames": [0, 1788]},
-    "validation": {"queries": "winter", "database": "summer", "frames": [1788, 3576], "every": 4, "tolerance": 0},
+    # Checkpoints are picked on frames held out of the training half; the unseen half is only monitored.
+    "validation": {"queries": "winter", "database": "summer", "holdout": 300, "gap": 10},
+    "monitor": {"queries": "winter", "database": "summer", "frames": [1788, 3576], "every": 4, "tolerance": 0},
     "sampler": {"places": 64, "images_per_place": 2},
     "optimiser": {"name": "adam", "lr": 1e-3},
     "schedule": {"name": "cosine"},
@@ -61,6 +68,17 @@ HEADS = {
     "fused-triplet": {"head": {"name": "mixvpr", "options": {"out_channels": 36, "out_rows": 96, "adapt_grid": True},
                                "vlad": {"k": 64, "assignments": 4, "weight": 0.85}},
                       "loss": {"name": "triplet"}, "miner": {"name": "triplet-semihard"}},
+    # The spatial-layout head: a 3×3 convolution 120 → 117 per cell of the 7×14 map, learned per-cell
+    # weights, kept in place (98 × 117 = 11,466 floats), InfoNCE over the batch's places.
+    "layout": {"head": {"name": "layout", "options": {"out_channels": 117, "kernel": 3}},
+               "loss": {"name": "infonce", "options": {"temperature": 0.05}}, "miner": {"name": ""}},
+    "layout-ms": {"head": {"name": "layout", "options": {"out_channels": 117, "kernel": 3}}},
+    # The generalising head: a small layout head (36 per cell, any grid pooled to the trained 7×14) fused
+    # with VLAD over the map's own vocabulary (K = 64, 4 assignments): 7,680 + 3,528 = 11,208 floats.
+    "fused-layout": {"head": {"name": "layout", "options": {"out_channels": 36, "kernel": 3, "adapt_grid": True},
+                              "vlad": {"k": 64, "assignments": 4, "weight": 0.85}},
+                     "loss": {"name": "infonce", "options": {"temperature": 0.05}}, "miner": {"name": ""},
+                     "train": {"epochs": 4}},
 }
 
 
@@ -69,7 +87,7 @@ def recipe_for(name: str, epochs: int, seed: int) -> dict:
     r.update(json.loads(json.dumps(HEADS[name])))
     r["name"] = f"nordland-{name}"
     r["out"] = str(WORK / name)
-    r["train"] = {"epochs": epochs, "seed": seed}
+    r["train"] = {"epochs": r.get("train", {}).get("epochs", epochs), "seed": seed}
     r["_dir"] = str(WORK)
     return r
 
@@ -77,7 +95,7 @@ def recipe_for(name: str, epochs: int, seed: int) -> dict:
 def default_untrained(seeds: int) -> dict:
     """The default preset's VLAD (K=96, 4 assignments, vocabulary from the unseen half's summer images) on the cache."""
     prep = prepare(recipe_for("gem", 1, 0), progress=False)
-    val = prep.validation
+    val = prep.monitor  # the unseen half
     feats = prep.features
     db = feats.batch(val.database_ids)
     sample = db.flat().reshape(-1, db.dim).numpy()
@@ -110,9 +128,44 @@ def nordland(config) -> float:
                              progress=False)["recall"]["R@1"]
 
 
+def backbone_dim() -> int:
+    """The cached backbone's channel count (VLAD's floats per centre)."""
+    return int(json.loads((WORK / "features-nordland-224x112" / "meta.json").read_text())["identity"]["backbone"]["dim"])
+
+
+def corridor_for(r: dict, ckpt) -> str:
+    """Corridor R@1 of a checkpoint: grid-bound heads at their trained 224×112, the others at the default's 320×240."""
+    h = r["head"]
+    if h["name"] in ("mixvpr", "layout") and not h.get("options", {}).get("adapt_grid"):
+        return f"{corridor(ckpt):.3f} at 224x112"
+    return f"{corridor(ckpt.replace(image=resolve(DEFAULT_PRESET).image)):.3f} at 320x240"
+
+
+def plot_monitored(runs: dict[str, list[dict]], baseline: float, out: Path) -> Path:
+    """Monitored Recall@1 on the unseen half per epoch, every head, with the untrained default as a line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.2, 4.0), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for name, hist in runs.items():
+        ax.plot([h["epoch"] for h in hist], [h.get("monitor R@1") for h in hist], "o-", label=name)
+    ax.axhline(baseline, color="grey", ls="--", label=f"{DEFAULT_PRESET} untrained")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("Recall@1, Nordland unseen half (monitored, not used to pick)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--heads", nargs="+", default=["gem", "netvlad", "netvlad-triplet", "mixvpr", "mixvpr-triplet", "fused"])
+    ap.add_argument("--heads", nargs="+", choices=sorted(HEADS),
+                    default=["layout", "fused-layout", "mixvpr-triplet", "mixvpr", "netvlad-triplet", "gem", "fused",
+                             "netvlad", "layout-ms"])
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--seeds", type=int, default=4, help="vocabulary seeds of the untrained default")
@@ -127,9 +180,10 @@ def main() -> None:
     cor_default = corridor(resolve(DEFAULT_PRESET))
     nord_default = nordland(resolve(DEFAULT_PRESET))
     rows.append({"method": f"{DEFAULT_PRESET} (untrained)", "loss": "-", "dim": base["dim"],
-                 "nordland_R@1": f"{nord_default:.3f}",
-                 "val_R@1": f"{base['R@1']:.3f} (seeds 0-{args.seeds - 1}: {base['range'][0]:.3f}-{base['range'][1]:.3f})",
+                 "nordland_R@1": f"{nord_default:.3f}", "picked_on_holdout": "-",
+                 "monitored_R@1": f"{base['R@1']:.3f} (seeds 0-{args.seeds - 1}: {base['range'][0]:.3f}-{base['range'][1]:.3f})",
                  "corridor_R@1": f"{cor_default:.3f} at 320x240", "train_s": "-"})
+    curves: dict[str, list[dict]] = {}
     for name in args.heads:
         r = recipe_for(name, args.epochs, args.seed)
         out = Path(r["out"])
@@ -139,25 +193,29 @@ def main() -> None:
             shutil.rmtree(out)
         s = run_recipe(r, progress=True, log=lambda m: print(m, file=sys.stderr))
         ckpt = checkpoint_config(s["checkpoint"])
-        head = r["head"]["name"]
-        opts = r["head"].get("options", {})
-        if head == "mixvpr" and not opts.get("adapt_grid"):  # the head needs its trained grid: Corridor at 224×112
-            cor = f"{corridor(ckpt):.3f} at 224x112"
-        else:  # grid-free heads run at Corridor's usual 320×240 (the default preset's size)
-            cor = f"{corridor(ckpt.replace(image=resolve(DEFAULT_PRESET).image)):.3f} at 320x240"
+        cor = corridor_for(r, ckpt)
         nord = nordland(ckpt)
-        dim = s["head_dim"] + (64 * 120 if r["head"].get("vlad") else 0)
-        best = s["best"]
-        rows.append({"method": f"{name}" + (" (+ map VLAD K=64)" if r["head"].get("vlad") else ""),
+        vlad = r["head"].get("vlad")
+        dim = s["head_dim"] + (int(vlad["k"]) * backbone_dim() if vlad else 0)
+        best, hist = s["best"], s["history"]
+        curves[name] = hist
+        rows.append({"method": f"{name}" + (f" (+ map VLAD K={vlad['k']}, weight {vlad['weight']})" if vlad else ""),
                      "loss": r.get("loss", BASE["loss"])["name"], "dim": dim, "nordland_R@1": f"{nord:.3f}",
-                     "val_R@1": f"best {best['R@1']:.3f} (epoch {best['epoch']}); last {s['history'][-1]['R@1']:.3f}",
+                     "picked_on_holdout": f"epoch {best['epoch']}/{len(hist)} (holdout R@1 {best['R@1']:.3f})",
+                     "monitored_R@1": " ".join(f"{h['monitor R@1']:.3f}" for h in hist),
                      "corridor_R@1": cor, "train_s": f"{s['train_seconds']:.0f}"})
-        assert dim <= DEFAULT_FLOATS
-    report("bench_training", rows, ["method", "loss", "dim", "nordland_R@1", "val_R@1", "corridor_R@1", "train_s"],
-           extra={"protocol": "train Nordland frames 0-1787 (summer+winter), evaluate winter->summer frames 1788-3575 "
-                              "every 4th, exact frame, 224x112; Corridor with the checkpoint preset",
-                  "cache_and_baseline_s": cache_s, "total_s": round(time.perf_counter() - t0, 1)})
-    print(f"total {time.perf_counter() - t0:.0f} s; curves in {WORK}/<head>/curves.png")
+        assert dim <= DEFAULT_FLOATS, f"{name}: {dim} floats per place, over the default's {DEFAULT_FLOATS}"
+        # Each finished head is kept at once, so an interrupted benchmark still leaves what it measured.
+        write_json({"rows": rows, "partial": True}, RESULTS / "bench_training.partial.json")
+    png = plot_monitored(curves, base["R@1"], RESULTS / "bench_training_curves.png")
+    report("bench_training", rows, ["method", "loss", "dim", "nordland_R@1", "picked_on_holdout", "monitored_R@1",
+                                    "corridor_R@1", "train_s"],
+           extra={"protocol": "train Nordland frames 0-1477 (summer+winter); pick the checkpoint on winter->summer "
+                              "frames 1488-1787 (held out of the training half); evaluate winter->summer frames "
+                              "1788-3575 every 4th, exact frame, 224x112, through the pipeline (monitored per epoch, "
+                              "never used to pick); Corridor with the checkpoint preset",
+                  "cache_and_baseline_s": cache_s, "total_s": round(time.perf_counter() - t0, 1), "curves": str(png)})
+    print(f"total {time.perf_counter() - t0:.0f} s; curves in {png} and {WORK}/<head>/curves.png")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,19 @@ def make_images(folder: Path, n: int, size=(48, 64), seed: int = 0, ext: str = "
     return names
 
 
+def synchronised_seasons(root: Path, n: int = 16) -> None:
+    """Two synchronised 'seasons' (``summer/``, ``winter/``) of n frames named like Nordland's: the same
+    texture per frame index, a brightness change and noise."""
+    rng = np.random.default_rng(0)
+    for season in ("summer", "winter"):
+        (root / season).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        base = rng.integers(0, 255, size=(8, 8, 3)).astype(np.float32)
+        for season, gain in (("summer", 1.0), ("winter", 0.8)):
+            img = np.clip(base * gain + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(img).resize((64, 64), Image.BILINEAR).save(root / season / f"images-{i:05d}.png")
+
+
 def run_cli(args, **kw):
     """Invoke the ``vprkit`` command in-process (exceptions propagate, so a failure shows its traceback)."""
     from click.testing import CliRunner

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import synchronised_seasons
 from vprkit.aggregation import AGGREGATORS
 from vprkit.aggregation.mixvpr import MixVPR
 from vprkit.aggregation.projection import Projection, TrainedHead
@@ -235,15 +236,7 @@ def test_resume_refuses_other_settings(tmp_path):
 # ---- recipe → checkpoint → preset → map ------------------------------------------------------------
 
 def _sequences(root: Path, n: int = 16) -> None:
-    """Two synchronised 'seasons' of n frames: the same texture, a brightness change and noise."""
-    rng = np.random.default_rng(0)
-    for season, gain in (("summer", 1.0), ("winter", 0.8)):
-        (root / season).mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        base = rng.integers(0, 255, size=(8, 8, 3)).astype(np.float32)
-        for season, gain in (("summer", 1.0), ("winter", 0.8)):
-            img = np.clip(base * gain + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
-            Image.fromarray(img).resize((64, 64), Image.BILINEAR).save(root / season / f"images-{i:05d}.png")
+    synchronised_seasons(root, n)
 
 
 RECIPE = """
@@ -320,8 +313,9 @@ def test_recipe_trains_and_its_checkpoint_builds_a_map_and_localises(tiny_run):
     assert info["descriptor_dim"] == 8
 
 
-@pytest.mark.parametrize("head,options", [("netvlad", "{ k = 4 }"), ("mixvpr", "{ out_rows = 2 }")])
-def test_recipe_heads_netvlad_and_mixvpr(tmp_path, head, options):
+@pytest.mark.parametrize("head,options", [("netvlad", "{ k = 4 }"), ("mixvpr", "{ out_rows = 2 }"),
+                                          ("layout", "{ out_channels = 3 }")])
+def test_recipe_heads_netvlad_mixvpr_and_layout(tmp_path, head, options):
     from vprkit import pipeline
 
     _sequences(tmp_path / "data")

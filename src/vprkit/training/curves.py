@@ -8,7 +8,7 @@ from typing import Sequence
 
 
 def plot_curves(history: Sequence[dict], out: str | os.PathLike, title: str = "") -> Path:
-    """Mean training loss and validation Recall@1/5 per epoch, two axes, written to ``out``."""
+    """Mean training loss, validation Recall@1/5 and the monitored Recall@1 per epoch, two axes, written to ``out``."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -21,9 +21,10 @@ def plot_curves(history: Sequence[dict], out: str | os.PathLike, title: str = ""
     ax.set_ylabel("loss", color="tab:red")
     if any("R@1" in h for h in history):
         ax2 = ax.twinx()
-        for n, style in (("R@1", "s-"), ("R@5", "^--")):
+        for n, style, label in (("R@1", "s-", "validation R@1"), ("R@5", "^--", "validation R@5"),
+                                ("monitor R@1", "d:", "monitored R@1 (not used to pick)")):
             if any(n in h for h in history):
-                ax2.plot(epochs, [h.get(n) for h in history], style, label=f"validation {n}")
+                ax2.plot(epochs, [h.get(n) for h in history], style, label=label)
         ax2.set_ylabel("validation recall")
         ax2.set_ylim(0, 1)
         ax2.legend(loc="lower right", fontsize=8)

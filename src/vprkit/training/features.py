@@ -5,8 +5,8 @@ through :func:`numpy.lib.format.open_memmap`), ``keys.json`` and ``meta.json`` (
 identity, the image spec, the grid, and whether the build completed). Opening a cache loads it
 into RAM only when it fits the given byte budget (the feature-cache share of
 ``Config.memory_budget_mb``, see :meth:`vprkit.config.Config.memory_plan`); otherwise it stays
-memory-mapped and a batch reads only its own rows. A rebuild with the same settings and keys
-reuses a complete cache.
+memory-mapped and a batch reads only its own rows. A rebuild with the same settings whose keys are
+all in a complete cache reuses it (rows are addressed by key, see :meth:`CachedFeatures.ids`).
 
 :class:`ImageFeatures` has the same ``batch(ids)`` interface but re-reads the images and runs the
 backbone with gradients — what training with unfrozen backbone blocks needs.
@@ -112,7 +112,9 @@ class CachedFeatures:
         meta_path = out / META_FILE
         if meta_path.is_file():
             old = json.loads(meta_path.read_text())
-            if old.get("complete") and old.get("identity") == ident and json.loads((out / KEYS_FILE).read_text()) == keys:
+            # A complete cache of the same backbone and image spec holding every asked key is reused
+            # (rows are found by key), so runs over sub-ranges of one sequence share one cache.
+            if old.get("complete") and old.get("identity") == ident and set(keys) <= set(json.loads((out / KEYS_FILE).read_text())):
                 return cls(out, max_ram_bytes)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(meta_path, {"complete": False, "identity": ident})

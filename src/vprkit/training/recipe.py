@@ -20,16 +20,22 @@ A recipe (paths relative to the recipe file)::
     tolerance = 0
     # labels = "poses": images = "db/", poses = "poses.csv", radius = 10, soft_radius = 25
 
-    [validation]                             # queries vs database, frames or a dataset spec
+    [validation]                             # picks the best epoch: held out of training, never the judged set
+    holdout = 300                            # the last 300 frames of [data] frames, taken out of training
+    gap = 10                                 # and the 10 frames before them dropped (neighbours look alike)
+    queries = "winter"
+    database = "summer"
+    # frames = [a, b], every = 4, tolerance = 0: an explicit frame range instead (must not overlap training)
+    # dataset = "corridor"                   # any `vprkit eval` dataset instead
+
+    [monitor]                                # optional: recorded every epoch ("monitor R@1"), never picks
     queries = "winter"
     database = "summer"
     frames = [1788, 3576]
     every = 4
-    tolerance = 0
-    # dataset = "corridor"                   # any `vprkit eval` dataset instead
 
     [head]
-    name = "mixvpr"                          # gem | netvlad | mixvpr | mean
+    name = "mixvpr"                          # gem | netvlad | mixvpr | layout | mean
     options = { out_channels = 120, out_rows = 96 }
     projection = 0                           # > 0: a trainable linear projection to this many dims
 
@@ -78,7 +84,8 @@ from .heads import KMEANS_SAMPLE, build_head, head_options
 from .labels import PlaceLabels, frame_keys
 from .trainer import TrainSettings, Trainer, Validation
 
-SECTIONS = ("backbone", "data", "validation", "head", "loss", "miner", "sampler", "optimiser", "schedule", "train")
+SECTIONS = ("backbone", "data", "validation", "monitor", "head", "loss", "miner", "sampler", "optimiser", "schedule",
+            "train")
 TOP_LEVEL = ("name", "description", "out", *SECTIONS)
 
 
@@ -154,6 +161,7 @@ class Prepared:
     extra_parameters: list
     backbone: Any
     info: dict
+    monitor: Validation | None = None
 
 
 def _training_keys(recipe, data) -> tuple[Path, list[str], PlaceLabels]:
@@ -204,12 +212,53 @@ def _validation_keys(recipe, val, data_root: Path) -> tuple[Path, list[str], lis
     return root, [f"{qf}/{n}" for n in names], [f"{df}/{n}" for n in names], gt
 
 
+def _frame_names(recipe: Mapping[str, Any], data: Mapping[str, Any]) -> list[str]:
+    """The sorted frame names every ``[data] folders`` folder has (before any frame range)."""
+    root = _path(recipe, data.get("root", "."))
+    return sorted(set.intersection(*(set(frame_keys(list_images(root / f))) for f in data["folders"])))
+
+
+def split_holdout(recipe: Mapping[str, Any], data: Mapping[str, Any], val: Mapping[str, Any]) -> tuple[dict, dict]:
+    """``[validation] holdout = N`` (frame labels): the last N training frames become the validation set.
+
+    Why: the checkpoint must be picked on frames the run neither trains on nor is judged on. The
+    held-out frames (and ``gap`` frames before them, which look like their neighbours) leave the
+    training range; the validation set is ``queries`` → ``database`` on the held-out frames. Returns
+    the new ``[data]`` and ``[validation]`` sections (unchanged without ``holdout``).
+    """
+    data, val = dict(data), dict(val)
+    n, gap = int(val.pop("holdout", 0) or 0), int(val.pop("gap", 0) or 0)
+    if not n:
+        return data, val
+    if data.get("labels", "frames") != "frames" or not data.get("folders"):
+        raise ConfigError("[validation] holdout needs frame labels ([data] labels = 'frames' with folders)")
+    if n < 1 or gap < 0 or "frames" in val or "dataset" in val:
+        raise ConfigError("[validation] holdout = N ≥ 1 (gap ≥ 0) replaces frames / dataset; give one or the other")
+    total = len(_frame_names(recipe, data))
+    lo, hi = (int(v) for v in (data.get("frames") or (0, total)))
+    hi = min(hi, total)
+    if hi - lo - n - gap < 1:
+        raise ConfigError(f"[validation] holdout {n} + gap {gap} leaves no training frame in [{lo}, {hi})")
+    data["frames"] = [lo, hi - n - gap]
+    val["frames"] = [hi - n, hi]
+    val.setdefault("root", data.get("root", "."))
+    return data, val
+
+
+def _check_disjoint(train_keys: list[str], val_keys: list[str]) -> None:
+    """Validation places must not be training places (the same frame in another season is the same place)."""
+    shared = sorted(set(frame_keys(train_keys)) & set(frame_keys(val_keys)))
+    if shared:
+        raise ConfigError(f"{len(shared)} validation frames are also training frames (e.g. {shared[0]}); "
+                          "hold them out ([validation] holdout = N) or move [data] frames")
+
+
 def prepare(recipe: Mapping[str, Any], progress: bool = True, log: Callable[[str], None] = print) -> Prepared:
-    """Labels, features (cached or read with gradients), head and validation of a recipe."""
+    """Labels, features (cached or read with gradients), head, validation and monitor of a recipe."""
     config = base_config(recipe)
     b = dict(recipe.get("backbone", {}))
-    data = dict(recipe.get("data", {}))
-    val = dict(recipe.get("validation", {}))
+    data, val = split_holdout(recipe, recipe.get("data", {}), recipe.get("validation", {}))
+    mon = dict(recipe.get("monitor", {}))
     seed = int(dict(recipe.get("train", {})).get("seed", 0))
     torch.set_num_threads(config.threads)
     unfreeze = int(b.get("unfreeze", 0))
@@ -217,6 +266,11 @@ def prepare(recipe: Mapping[str, Any], progress: bool = True, log: Callable[[str
     vroot = vq = vd = gt = None
     if val:
         vroot, vq, vd, gt = _validation_keys(recipe, val, root)
+        if data.get("labels", "frames") == "frames" and not val.get("dataset") and vroot.resolve() == root.resolve():
+            _check_disjoint(keys, vq + vd)
+    mroot = mq = md = mgt = None
+    if mon:
+        mroot, mq, md, mgt = _validation_keys(recipe, mon, root)
     backbone = build_backbone(config.backbone, trainable=unfreeze > 0, **dict(config.backbone_options))
     extra: list = []
     info: dict[str, Any] = {"train_images": len(keys), "train_places": len(set(places.class_labels(np.arange(len(keys))).tolist()))
@@ -227,6 +281,7 @@ def prepare(recipe: Mapping[str, Any], progress: bool = True, log: Callable[[str
         features = ImageFeatures(backbone, config, FolderImages(root, keys), keys)
         train_ids = np.arange(len(keys))
         vfeat = None if gt is None else ImageFeatures(backbone, config, FolderImages(vroot, vq + vd), vq + vd)
+        mfeat = None if mgt is None else ImageFeatures(backbone, config, FolderImages(mroot, mq + md), mq + md)
         grid = features.batch([0]).grid
         sample_src = None
     else:
@@ -234,30 +289,39 @@ def prepare(recipe: Mapping[str, Any], progress: bool = True, log: Callable[[str
         cache_dir = _path(recipe, b["cache"]) if b.get("cache") else out / "features"
         ram = config.memory_plan().feature_cache_bytes
         same = gt is not None and vroot.resolve() == root.resolve()
-        all_keys = list(dict.fromkeys(keys + (vq + vd if same else [])))
+        msame = mgt is not None and mroot.resolve() == root.resolve()
+        all_keys = list(dict.fromkeys(keys + (vq + vd if same else []) + (mq + md if msame else [])))
         t0 = time.perf_counter()
         features = CachedFeatures.build(backbone, config, FolderImages(root, all_keys), cache_dir, all_keys,
                                         dtype=b.get("cache_dtype", "float16"), progress=progress and "cache features",
                                         max_ram_bytes=ram)
         info["cache_seconds"] = round(time.perf_counter() - t0, 1)
         train_ids = features.ids(keys)
-        if gt is None:
-            vfeat = None
-        elif same:
-            vfeat = features
-        else:
-            vfeat = CachedFeatures.build(backbone, config, FolderImages(vroot, vq + vd), Path(str(cache_dir) + "-validation"),
-                                         vq + vd, dtype=b.get("cache_dtype", "float16"), progress=progress and "cache validation",
-                                         max_ram_bytes=ram)
+        def evaluation_features(truth, shares_training_cache: bool, root, queries, database, role: str):
+            """Features of a validation or monitored set: none, the training cache, or a cache of its own."""
+            if truth is None:
+                return None
+            if shares_training_cache:
+                return features
+            names = queries + database
+            return CachedFeatures.build(backbone, config, FolderImages(root, names), Path(f"{cache_dir}-{role}"), names,
+                                        dtype=b.get("cache_dtype", "float16"), progress=progress and f"cache {role}",
+                                        max_ram_bytes=ram)
+
+        vfeat = evaluation_features(gt, same, vroot, vq, vd, "validation")
+        mfeat = evaluation_features(mgt, msame, mroot, mq, md, "monitor")
         grid = features.grid
         sample_src = features
-    validation = None
-    if gt is not None:
-        if vfeat is features:
-            q_ids, d_ids = features.ids(vq), features.ids(vd)
-        else:
-            q_ids, d_ids = np.arange(len(vq)), np.arange(len(vq), len(vq) + len(vd))
-        validation = Validation(vfeat, q_ids, d_ids, gt)
+
+    def eval_set(feats, q: list[str] | None, d: list[str] | None, truth: GroundTruth | None) -> Validation | None:
+        if truth is None:
+            return None
+        if feats is features:
+            return Validation(feats, features.ids(q), features.ids(d), truth)
+        return Validation(feats, np.arange(len(q)), np.arange(len(q), len(q) + len(d)), truth)
+
+    validation = eval_set(vfeat, vq, vd, gt)
+    monitor = eval_set(mfeat, mq, md, mgt)
     # Labels over the training ids: the feature source's ids when the cache also holds validation images.
     if len(train_ids) != features.__len__() or not np.array_equal(train_ids, np.arange(len(train_ids))):
         places = _relabel(places, train_ids, len(features))
@@ -271,7 +335,7 @@ def prepare(recipe: Mapping[str, Any], progress: bool = True, log: Callable[[str
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         head = build_head(name, backbone.dim, grid, h.get("options"), h.get("projection") or None, sample, seed)
-    return Prepared(config, head, features, train_ids, places, validation, extra, backbone, info)
+    return Prepared(config, head, features, train_ids, places, validation, extra, backbone, info, monitor)
 
 
 def _relabel(places: PlaceLabels, train_ids: np.ndarray, n: int) -> PlaceLabels:
@@ -362,7 +426,7 @@ def run_recipe(path: str | os.PathLike | Mapping[str, Any], resume: bool = True,
         plot_curves(trainer.history, out / "curves.png", title=config.name)
 
     trainer = Trainer(prepared.head, prepared.features, prepared.places, settings, prepared.validation,
-                      prepared.train_ids, prepared.extra_parameters, progress, on_best, on_epoch)
+                      prepared.train_ids, prepared.extra_parameters, progress, on_best, on_epoch, prepared.monitor)
     if resume and (out / "last.pt").exists():
         trainer.load(out / "last.pt")
         log(f"resuming {out} at step {trainer.step}/{trainer.total_steps}")

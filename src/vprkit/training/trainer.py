@@ -7,7 +7,11 @@ run resumed from :meth:`Trainer.save`'s checkpoint (head, loss, optimiser and sc
 counter, history) takes exactly the step the uninterrupted run would have taken.
 
 Validation (every epoch): Recall@1/5/10/20 of the head's descriptors, queries against a database,
-with :func:`vprkit.evaluation.metrics.recall_at_n`; the best by Recall@1 is kept.
+with :func:`vprkit.evaluation.metrics.recall_at_n`; the best by Recall@1 is kept. The validation
+set must be held out of *training* (``recipe``: ``[validation] holdout``), never the set the run is
+finally judged on: picking the checkpoint on the evaluated set inflates its figure. A ``monitor``
+set (e.g. that evaluated set) is only recorded (``monitor R@N`` in the history, for the curve),
+never used to pick.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ RECALL_NS = (1, 5, 10, 20)
 OPTIMISERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "step")
 VALIDATION_CHUNK = 256
+# History keys of the monitored (recorded, never selecting) set: "monitor R@1", ...
+MONITOR_PREFIX = "monitor "
 
 
 class FeatureSource(Protocol):
@@ -169,18 +175,20 @@ class Trainer:
 
     ``places`` are square labels over the ids of ``features``; ``train_ids`` (default: all) restrict
     training to part of them. ``on_epoch(trainer, record)`` is called after each epoch's validation.
+    ``validation`` picks the best epoch; ``monitor`` is only recorded (see the module docstring).
     """
 
     def __init__(self, head: torch.nn.Module, features: FeatureSource, places: PlaceLabels, settings: TrainSettings,
                  validation: Validation | None = None, train_ids: np.ndarray | None = None,
                  extra_parameters: Sequence[torch.nn.Parameter] = (), progress: bool = True,
                  on_best: Callable[["Trainer", dict], None] | None = None,
-                 on_epoch: Callable[["Trainer", dict], None] | None = None):
+                 on_epoch: Callable[["Trainer", dict], None] | None = None, monitor: Validation | None = None):
         if not places.square:
             raise ConfigError("training needs square place labels (one image set)")
         self.device = resolve_device(settings.device)
         self.head, self.features, self.places, self.s = head.to(self.device), features, places, settings
         self.validation, self.progress, self.on_best, self.on_epoch = validation, progress, on_best, on_epoch
+        self.monitor = monitor
         self.sampler = PlaceSampler(place_groups(places, train_ids), settings.places_per_batch,
                                     settings.images_per_place, settings.seed)
         self.steps_per_epoch = settings.steps_per_epoch or self.sampler.steps_per_epoch
@@ -293,6 +301,9 @@ class Trainer:
         if self.validation is not None:
             rec = validate(self.head, self.validation)
             record.update({f"R@{n}": rec[f"R@{n}"] for n in self.validation.ns})
+        if self.monitor is not None:  # recorded for the curve only; never picks the checkpoint
+            rec = validate(self.head, self.monitor)
+            record.update({f"{MONITOR_PREFIX}R@{n}": rec[f"R@{n}"] for n in self.monitor.ns})
         self.history.append(record)
         if self.progress:
             shown = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
