@@ -44,7 +44,7 @@ def test_every_preset_validates_and_roundtrips():
         assert resolve(c.name) == c
         assert Config.from_dict(json.loads(json.dumps(c.to_dict()))) == c
     assert {r.name for r in list_rerank_configs()} == {
-        "performance", "speed", "storage", "performance-patch-only", "speed-patch-only", "storage-patch-only",
+        "performance", "performance-reference", "speed", "storage", "performance-patch-only", "speed-patch-only", "storage-patch-only",
         "performance-xfeat", "speed-xfeat", "performance-disk", "speed-disk"}
 
 

@@ -30,6 +30,10 @@ DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps"
 # stores for re-ranking is its ``extensions["patches"]``. See :meth:`Config.map_settings`.
 RUNTIME_SETTINGS = ("memory_budget_mb", "device", "threads", "workers", "batch_size", "rerank")
 RUNTIME_VOCABULARY_SETTINGS = ("max_bytes",)
+# How a map is searched, not what it holds: the index is derived from the stored descriptors and can
+# be replaced (``vprkit map compress``) without re-encoding a single image, so a later build that
+# adds images is not refused over it (the map keeps the index it was compressed with).
+SERVING_SETTINGS = ("index", "index_backend", "index_options")
 # Re-ranking: spatial scorers, stored patch dtypes, and the defaults of Patch-NetVLAD's presets.
 RERANK_SCORERS = ("ransac", "rapid")
 RERANK_DTYPES = ("float16", "float32", "int8")
@@ -127,7 +131,10 @@ class RerankConfig:
     ``whiten``-ed; ``shortlist``: how many global candidates are re-scored; ``global_weight``: the
     share of the z-normalised global similarity in the final score (0 = the original's patch-only
     ranking); ``backbone``: ``None`` = the map's backbone, or a local-feature backbone (``xfeat``,
-    ``disk``) with its ``backbone_options``. Named presets: :func:`vprkit.presets.get_rerank_config`.
+    ``disk``) with its ``backbone_options``; ``global_gap``: re-rank only the candidates whose
+    global similarity is within this many standard deviations (z-units over the shortlist) of the
+    global top-1 — a global top-1 that stands out by more is kept, and fewer candidates are matched
+    (``None``: every shortlist candidate, the original). Named presets: :func:`vprkit.presets.get_rerank_config`.
     """
 
     name: str = "custom"
@@ -142,9 +149,14 @@ class RerankConfig:
     global_weight: float = DEFAULT_RERANK_GLOBAL_WEIGHT
     backbone: str | None = None
     backbone_options: Mapping[str, Any] = field(default_factory=dict)
+    global_gap: float | None = None
 
     def __post_init__(self):
         where = f"re-ranking preset {self.name!r}"
+        if self.global_gap is not None and (isinstance(self.global_gap, bool) or not isinstance(self.global_gap, (int, float))
+                                            or not 0 < float(self.global_gap) < float("inf")):
+            raise ConfigError(f"{where}: global_gap must be a positive number of standard deviations (or None), "
+                              f"got {self.global_gap!r}")
         try:
             scales = tuple((int(s[0]), int(s[1]) if len(s) > 1 else 1) for s in self.scales)
             weights = tuple(float(w) for w in self.weights)
@@ -397,12 +409,13 @@ class Config:
         return self
 
     def map_settings(self) -> dict[str, Any]:
-        """:meth:`to_dict` without the runtime settings (:data:`RUNTIME_SETTINGS`): what makes two maps different.
+        """:meth:`to_dict` without the runtime and serving settings (:data:`RUNTIME_SETTINGS`,
+        :data:`SERVING_SETTINGS`): what makes two maps different.
 
         Two builds with equal ``map_settings()`` produce the same map, so one may resume the other.
         """
         d = self.to_dict()
-        for key in RUNTIME_SETTINGS:
+        for key in RUNTIME_SETTINGS + SERVING_SETTINGS:
             d.pop(key, None)
         for key in RUNTIME_VOCABULARY_SETTINGS:
             d.get("vocabulary", {}).pop(key, None)

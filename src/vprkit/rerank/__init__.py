@@ -2,23 +2,26 @@
 
 ``patches`` (integral NetVLAD patch descriptors) → ``matching`` (mutual nearest neighbours) →
 ``scoring`` (RANSAC homography, rapid spatial scoring) → ``fusion`` (per-scale z-norm, weighted
-sums, global fusion), packaged as the :class:`PatchReranker` and named presets (``performance``,
-``speed``, ``storage`` …, registered in :data:`RERANKERS`). The ``patches`` map extension stores
-candidates' patch descriptors at build time.
+sums, global fusion, and the global gap deciding which candidates are re-ranked at all), packaged
+as the :class:`PatchReranker` and named presets (``performance``, ``performance-reference``,
+``speed``, ``storage`` …, in :data:`vprkit.presets.RERANK_PRESETS`). The ``patches`` map extension
+stores candidates' patch descriptors at build time; for a map built without them, ``saved``
+keeps the state fitted on first use (and the patches computed since) in the map.
 """
 
 from .base import Reranker
 from .extension import PatchesExtension
-from .fusion import fuse_scales, fuse_with_global, znorm
+from .fusion import fuse_scales, fuse_with_global, within_global_gap, znorm
 from .matching import Matches, mutual_nn, mutual_nn_grouped
 from .patches import PatchProjection, PatchScale, direct_patch_vlad, integral_patch_vlad
 from .presets import RERANK_PRESETS, RerankSettings, get_rerank_settings, map_extensions_for
 from .reranker import PairResult, PatchReranker, make_reranker, score_pair
+from .saved import SavedState
 from .scoring import SCORERS, PatchSet, SpatialScore, rapid_spatial_score, ransac_score
 
 __all__ = [
-    "Reranker", "make_reranker", "PatchesExtension", "fuse_scales", "fuse_with_global", "znorm", "Matches", "mutual_nn",
+    "Reranker", "make_reranker", "PatchesExtension", "fuse_scales", "fuse_with_global", "within_global_gap", "znorm", "Matches", "mutual_nn",
     "mutual_nn_grouped", "PatchProjection", "PatchScale", "direct_patch_vlad", "integral_patch_vlad", "RERANK_PRESETS",
     "RerankSettings", "get_rerank_settings", "map_extensions_for", "PairResult", "PatchReranker", "score_pair",
-    "SCORERS", "PatchSet", "SpatialScore", "rapid_spatial_score", "ransac_score",
+    "SCORERS", "PatchSet", "SpatialScore", "rapid_spatial_score", "ransac_score", "SavedState",
 ]

@@ -9,7 +9,8 @@ layer) are :mod:`vprkit.presets`' light functions. New code should import from :
 from __future__ import annotations
 
 from ..config import RerankConfig
-from ..presets import (DEFAULT_GLOBAL_WEIGHT, DEFAULT_SHORTLIST, PERFORMANCE, RERANK_PRESETS, SPEED, STORAGE,
+from ..presets import (DEFAULT_GLOBAL_WEIGHT, DEFAULT_SHORTLIST, PERFORMANCE, PERFORMANCE_REFERENCE, RERANK_PRESETS,
+                       SPEED, STORAGE,
                        get_rerank_config, list_rerank_configs, map_extensions_for, patch_options,
                        register_rerank_preset)
 
@@ -17,7 +18,7 @@ RerankSettings = RerankConfig
 get_rerank_settings = get_rerank_config
 
 __all__ = [
-    "DEFAULT_GLOBAL_WEIGHT", "DEFAULT_SHORTLIST", "PERFORMANCE", "RERANK_PRESETS", "SPEED", "STORAGE", "RerankSettings",
+    "DEFAULT_GLOBAL_WEIGHT", "DEFAULT_SHORTLIST", "PERFORMANCE", "PERFORMANCE_REFERENCE", "RERANK_PRESETS", "SPEED", "STORAGE", "RerankSettings",
     "get_rerank_config", "get_rerank_settings", "list_rerank_configs", "map_extensions_for", "patch_options",
     "register_rerank_preset",
 ]

@@ -7,10 +7,12 @@ per-scale z-normalisation and the preset's weights (as the original), and the re
 the z-normalised global similarity (``global_weight``; 0 reproduces the original's patch-only
 ranking). Fusing the global score matters where geometry is weak — fisheye corridors, lateral
 motion — while the patch evidence decides where it is strong; a shortlist whose patch scores are
-all equal leaves the global order unchanged.
+all equal leaves the global order unchanged. With a ``global_gap`` only the candidates within it
+of the global top-1 are matched and reordered (see :mod:`vprkit.rerank.fusion`).
 
 Candidates' patches come from the map store when it was built with the same re-ranking settings;
-otherwise they are computed on the fly from the map's images (slower, same result) and cached.
+otherwise they are computed from the map's images (same result) and cached in RAM, and the fitted
+state and the computed patches are saved into the map once (:mod:`vprkit.rerank.saved`).
 """
 
 from __future__ import annotations
@@ -19,17 +21,20 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from ..backbones.extract import extract, ignore_failures, sample_keys
 from ..device import module_device
 from ..errors import MapError
+from ..numerics import zscore
 from .base import Reranker
 from .extension import GROUP, PatchesExtension
-from .fusion import fuse_scales, fuse_with_global
+from .fusion import fuse_scales, fuse_with_global, within_global_gap
 from .matching import Matches, mutual_nn_grouped
 from .scoring import SCORERS, PatchSet, SpatialScore
 
@@ -40,6 +45,7 @@ if TYPE_CHECKING:
     from ..maps import MapStore
     from ..retrieval import QueryBatch
     from .presets import RerankSettings
+    from .saved import SavedState
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +54,9 @@ logger = logging.getLogger(__name__)
 # cache thrashes and decodes every candidate again for every query. Kept as float32 because
 # widening float16 per match costs more on a CPU than the matrix product it feeds.
 CANDIDATE_CACHE_BYTES = 1024 * 2**20
+# Map images per saved shard when preparing a whole map: one shard per chunk bounds the payloads in
+# RAM (a few hundred MB at the performance preset) and what an interrupt loses.
+PREPARE_CHUNK = 128
 
 
 @dataclass
@@ -113,25 +122,65 @@ class StoredPatches:
 
 
 class ComputedPatches:
-    """Candidates' patch sets computed from the map's images on the fly (a map stored without them)."""
+    """Candidates' patch sets computed from the map's images (a map stored without them).
+
+    With ``saved`` (a :class:`~vprkit.rerank.saved.SavedState`), payloads computed once are saved
+    into the map and read back by later calls instead of running the backbone again. Payloads go
+    through the extension's storage format (``encode`` → ``decode``) whether saved or not, so the
+    scores are those a map built with the same re-ranking settings gives, on the first call and after.
+    """
 
     stored = False
 
     def __init__(self, extension: PatchesExtension, backbone: "Backbone", config: "Config", images: "ImageSource",
-                 keys: Sequence[str]):
+                 keys: Sequence[str], saved: "SavedState | None" = None, sha256: Sequence[bytes] | None = None):
         self.extension, self.backbone, self.config, self.images, self.keys = extension, backbone, config, images, keys
+        self.saved = saved
+        self.sha256 = list(sha256) if sha256 is not None else [b""] * len(keys)
+        self._index: dict[int, tuple[Path, int]] | None = None
+
+    def _saved_index(self) -> dict[int, tuple[Path, int]]:
+        if self._index is None:
+            self._index = {} if self.saved is None else self.saved.index(self.keys, self.sha256)
+        return self._index
 
     def __call__(self, rows: list[int]) -> dict[int, list[PatchSet]]:
+        index = self._saved_index()
+        out = {r: self.extension.decode(self.saved.read(*index[r])) for r in rows if r in index}
+        todo = [r for r in rows if r not in index]
+        if todo:
+            for r, payload in self.compute(todo).items():
+                out[r] = self.extension.decode(payload)
+        return out
+
+    def compute(self, rows: list[int], progress: bool | str = False) -> dict[int, dict[str, np.ndarray]]:
+        """Payloads of ``rows`` from the map's images, saved as one shard when a saver is set."""
         keys = [self.keys[r] for r in rows]
         row_of = dict(zip(keys, rows))
-        out: dict[int, list[PatchSet]] = {}
-        for batch, feats in extract(self.backbone, self.config, self.images, keys, on_failure=ignore_failures):
-            for key, sets in zip(batch.keys, self.extension.describe_batch(batch, feats)):
-                out[row_of[key]] = sets
-        lost = [self.keys[r] for r in rows if r not in out]
+        payloads: dict[int, dict[str, np.ndarray]] = {}
+        for batch, feats in extract(self.backbone, self.config, self.images, keys, progress, on_failure=ignore_failures):
+            for key, payload in zip(batch.keys, self.extension.encode(batch, feats)):
+                payloads[row_of[key]] = payload
+        lost = [self.keys[r] for r in rows if r not in payloads]
         if lost:
             raise MapError(f"cannot re-rank: map images {lost[:3]} are no longer readable in {self.images.describe()}")
-        return out
+        if self.saved is not None:
+            done = list(payloads)
+            shard = self.saved.save_rows([self.keys[r] for r in done], [self.sha256[r] for r in done],
+                                         [payloads[r] for r in done])
+            if shard is not None:
+                self._saved_index().update({r: (shard, i) for i, r in enumerate(done)})
+        return payloads
+
+    def prepare(self, chunk: int = PREPARE_CHUNK, progress: bool = True) -> int:
+        """Compute and save the payloads of every map row not saved yet; returns how many were computed."""
+        todo = [r for r in range(len(self.keys)) if r not in self._saved_index()]
+        bar = tqdm(total=len(todo), desc="re-ranking patches", unit="img", disable=not progress)
+        for i in range(0, len(todo), chunk):
+            self.compute(todo[i : i + chunk])
+            bar.update(len(todo[i : i + chunk]))
+        bar.close()
+        return len(todo)
 
     def close(self) -> None:
         pass
@@ -140,24 +189,37 @@ class ComputedPatches:
 def make_reranker(
     settings: "RerankSettings", *, config: "Config", backbone: "Backbone", vocabulary, stored: PatchesExtension | None,
     store: "MapStore", keys: Sequence[str], images: "ImageSource", log: Callable[[str], None] = logger.info,
+    save: bool = True,
 ) -> "PatchReranker":
     """A re-ranker for a map: its stored patches when they match ``settings``, else patches computed on the fly.
 
-    On the fly, the patch state (NetVLAD centres, α, PCA) is fitted on a sample of the map's images.
+    On the fly, the patch state (NetVLAD centres, α, PCA) is fitted on a sample of the map's images
+    the first time and saved into the map with the candidates' patches as they are computed
+    (:mod:`vprkit.rerank.saved`); later calls read them back. ``save=False`` keeps everything in memory.
     """
     from .presets import patch_options
+    from .saved import SavedState
 
     options = patch_options(settings, config)
     device = module_device(backbone)  # match where the models run
     if stored is not None and stored.stores_same_as(options):
         return PatchReranker(settings, stored, StoredPatches(store, stored), device)
-    log(f"re-ranking '{settings.name}': the map stores no matching patch descriptors; computing them from "
-        f"{images.describe()} as needed (build the map with --rerank {settings.name} to store them)")
+    if images is None:
+        raise MapError(f"re-ranking '{settings.name}' needs the map's images or patches stored with these settings; "
+                       f"{store.dir} has neither")
     ext = PatchesExtension(options, backbone, vocabulary)
-    if ext.needs_fit:
+    saved = SavedState(store.dir, ext, writable=save, log=log)
+    if ext.needs_fit and not saved.load_state():
         sample = sample_keys(keys, int(ext.options["fit_images"]), config.vocabulary.seed)
-        ext.fit(extract(backbone, config, images, sample, on_failure=ignore_failures))
-    return PatchReranker(settings, ext, ComputedPatches(ext, backbone, config, images, keys), device)
+        log(f"re-ranking '{settings.name}': the map stores no matching patch descriptors; computing them from "
+            f"{images.describe()} as needed, after fitting their state on {len(sample)} images (once: state and "
+            f"patches are saved into the map; `vprkit rerank prepare` or --rerank at build time does it up front)")
+        ext.fit(extract(backbone, config, images, sample, "re-ranking fit", on_failure=ignore_failures))
+        saved.save_state()
+    else:
+        log(f"re-ranking '{settings.name}': using the patch state saved in {saved.folder}")
+    sha = store.read_entries()["content_sha256"]
+    return PatchReranker(settings, ext, ComputedPatches(ext, backbone, config, images, keys, saved, list(sha)), device)
 
 
 class PatchReranker(Reranker):
@@ -206,9 +268,14 @@ class PatchReranker(Reranker):
                 out[s, c] = self.scorer(q, cand[s], m).value
         return out
 
-    def fuse(self, per_scale: np.ndarray, global_scores: np.ndarray) -> np.ndarray:
+    def fuse(self, per_scale: np.ndarray, global_scores: np.ndarray, global_z: np.ndarray | None = None) -> np.ndarray:
+        """Fused scores of the matched candidates. ``global_z``: their global z-scores over the whole
+        shortlist (with a global gap, the global score keeps its own spread as the unit, so that two
+        candidates it can barely tell apart do not become ±1 apart among the few kept)."""
         patch = fuse_scales(list(per_scale), self.settings.weights)
-        return fuse_with_global(patch, global_scores, self.settings.global_weight)
+        if global_z is None:
+            return fuse_with_global(patch, global_scores, self.settings.global_weight)
+        return (1.0 - self.settings.global_weight) * zscore(patch) + self.settings.global_weight * global_z
 
     def rerank(self, query: "QueryBatch", rows: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rows, scores = np.array(rows), np.array(scores, np.float64)
@@ -220,16 +287,33 @@ class PatchReranker(Reranker):
             head = [int(r) for r in rows[qi, :n] if r >= 0]
             if len(head) < 2:
                 continue
-            sets = self.candidate_sets(head)
-            per_scale = self.patch_scores(qsets, [sets[r] for r in head])
-            fused = self.fuse(per_scale, scores[qi, : len(head)])
-            order = np.argsort(-fused, kind="stable")
+            # only the candidates within the global gap are matched; the rest keep their global order below
+            head_scores = scores[qi, : len(head)]
+            keep = within_global_gap(head_scores, self.settings.global_gap)
+            picked = np.flatnonzero(keep)
+            if len(picked) >= 2:
+                sets = self.candidate_sets([head[i] for i in picked])
+                per_scale = self.patch_scores(qsets, [sets[head[i]] for i in picked])
+                global_z = None if keep.all() else zscore(head_scores)[picked]
+                fused_kept = self.fuse(per_scale, head_scores[picked], global_z)
+            else:  # the global top-1 stands out: nothing to re-rank
+                fused_kept = np.zeros(len(picked))
+            order = picked[np.argsort(-fused_kept, kind="stable")]
+            rest = np.flatnonzero(~keep)  # in global order
+            fused = np.empty(len(head))
+            fused[picked] = fused_kept
+            fused[rest] = fused_kept.min() - 1.0 - np.arange(len(rest))
+            order = np.concatenate([order, rest])
             out_rows[qi, : len(head)] = np.asarray(head)[order]
             out_scores[qi, : len(head)] = fused[order]
             tail = slice(len(head), rows.shape[1])  # beyond the shortlist: global order, below it
             out_scores[qi, tail] = np.where(rows[qi, tail] >= 0, fused.min() - 1.0 - np.arange(rows.shape[1] - len(head)), -np.inf)
             self.timings.append(time.perf_counter() - t0)
         return out_rows, out_scores
+
+    def prepare(self, progress: bool = True) -> int:
+        """Compute and save every map image's patches (a map stored without them); returns how many were computed."""
+        return 0 if self.stored else self.candidates.prepare(progress=progress)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "stored": self.stored, **self.settings.to_dict()}
