@@ -51,6 +51,23 @@ def _config(preset: str | None, float16: bool = False, extensions_from_rerank: s
                    memory_budget_mb=memory_budget, image_size=image_size, device=device)
 
 
+def _with_index(config, backend: str | None, options: tuple[str, ...]):
+    """``--index-backend`` / ``--index-option KEY=VALUE`` (values parsed as JSON when they are JSON) → the config."""
+    if backend is None and not options:
+        return config
+    parsed = {}
+    for item in options:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--index-option")
+        try:
+            parsed[key.strip()] = json.loads(value)
+        except ValueError:
+            parsed[key.strip()] = value
+    return resolve(config, index_backend=backend or config.index_backend,
+                   index_options={**config.index_options, **parsed})
+
+
 @click.group("map")
 def map_group() -> None:
     """Build and inspect maps (descriptor store + index)."""
@@ -70,16 +87,39 @@ def map_group() -> None:
 @device_option
 @click.option("--on-change", "on_change", type=click.Choice(["refuse", "reencode"]), default="refuse", show_default=True,
               help="An image whose content differs from the map's entry of the same name: refuse, or re-encode it.")
+@click.option("--on-duplicate", "on_duplicate", type=click.Choice(["error", "new-place", "replace"]), default="error",
+              show_default=True,
+              help="An image from another folder whose name is in the map with other content: refuse, keep it as a "
+                   "new place (key runN/NAME), or replace the map's entry.")
+@click.option("--crs", default=None, help="Frame of easting,northing poses: utm:33N, epsg:32633 or local (default: "
+                                          "UTM for lat/lon, else the map's, else local metres).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Encode on Ray: alone or 'local' starts a local instance; 'auto' or ray://HEAD:10001 joins a cluster.")
+@click.option("--replicas", type=click.IntRange(1), default=1, show_default=True,
+              help="With --ray: model replicas encoding in parallel.")
+@click.option("--index-backend", "index_backend", default=None, help="Index backend: faiss (default) | milvus.")
+@click.option("--index-option", "index_option", multiple=True, metavar="KEY=VALUE",
+              help="Index backend option (repeatable; JSON values), e.g. uri=http://host:19530, index_type=HNSW.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def map_build(images_dir: Path, out: Path, poses: Path | None, preset: str, float16: bool, rerank: str | None,
               vocab: str | None, weights: Path | None, memory_budget: int | None, image_size: tuple[int, int] | None,
-              device: str | None, on_change: str, quiet: bool) -> None:
+              device: str | None, on_change: str, on_duplicate: str, crs: str | None, ray_address: str | None,
+              replicas: int, index_backend: str | None, index_option: tuple[str, ...], quiet: bool) -> None:
     """Extract, aggregate and store descriptors of every image in IMAGES_DIR (resumable, one writer at a time)."""
     config = _config(preset, float16, rerank, vocab, weights, memory_budget, image_size, device)
-    info = pipeline.build_map(images_dir, out, config, poses=poses, progress=not quiet, on_change=on_change)
+    config = _with_index(config, index_backend, index_option)
+    if ray_address is not None:
+        from ..pipeline.distributed import build_map_ray
+
+        info = build_map_ray(images_dir, out, config, address=ray_address, replicas=replicas, poses=poses,
+                             progress=not quiet, on_change=on_change, on_duplicate=on_duplicate, crs=crs)
+    else:
+        info = pipeline.build_map(images_dir, out, config, poses=poses, progress=not quiet, on_change=on_change,
+                                  on_duplicate=on_duplicate, crs=crs)
     c, last = info["counts"], info["last_build"]
-    extra = "".join(f", {last[k]} {label}" for k, label in (("reencoded", "re-encoded"), ("poses_updated", "poses updated"))
-                    if last.get(k))
+    extra = "".join(f", {last[k]} {label}" for k, label in (
+        ("reencoded", "re-encoded"), ("new_places", "duplicate names kept as new places"),
+        ("copies", "identical copies"), ("poses_updated", "poses updated")) if last.get(k))
     click.echo(f"map {out}: {c['images']} images ({last['new_images']} new{extra}), {info['descriptor_dim']}-d "
                f"descriptors ({info['config']['name']}), {c['failed']} unreadable, built in {last['seconds']:.1f} s")
 
@@ -88,7 +128,7 @@ def map_build(images_dir: Path, out: Path, poses: Path | None, preset: str, floa
 @click.argument("map_dir", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True)
 def map_info(map_dir: Path, as_json: bool) -> None:
-    """Counts, settings and bytes per image of a map."""
+    """Counts, settings, bytes per image, poses (count, extent, CRS, headings, timestamps) and runs of a map."""
     info = pipeline.map_info(map_dir)
     if as_json:
         click.echo(json.dumps(info, indent=2))
@@ -98,22 +138,110 @@ def map_info(map_dir: Path, as_json: bool) -> None:
     click.echo(f"  descriptor: {info['descriptor_dim']}-d {info['config']['store_dtype']}, index {info['index']['factory']}")
     for group, nbytes in info["bytes_per_image"].items():
         click.echo(f"  bytes/image {group:>12}: {nbytes:,.0f}")
+    serving = info.get("serving")
+    if serving:
+        per, ram = serving["disk_bytes_per_place"], serving["ram_bytes"]
+        parts = ", ".join(f"{name} {per[name]:,.0f}" for name in ("store", "index", "descriptors") if per.get(name))
+        click.echo(f"  disk bytes/place: {parts or '-'}; RAM to serve: {ram['total'] / 2**20:,.1f} MiB "
+                   f"(index {ram['index'] / 2**20:,.1f} MiB in {serving['shards']} file(s))")
+    for line in _poses_lines(info["poses"]):
+        click.echo(line)
+    click.echo(f"  runs: {len(info['runs'])}")
+    for r in info["runs"]:
+        note = f"  ({r['note']})" if r.get("note") else ""
+        click.echo(f"    {r.get('run')}: {r.get('images', 0)} images from {r.get('images_root') or 'decoded frames'}{note}")
     click.echo(f"  updated: {info['updated']}")
+
+
+def _poses_lines(p: dict) -> list[str]:
+    """The poses block of ``map info``: count, CRS, extent (metres, and degrees for UTM), headings, timestamps."""
+    crs = p["crs"]
+    frame = (f"UTM zone {crs['zone']}{crs.get('hemisphere', 'N')} (EPSG:{crs.get('epsg')})" if crs.get("kind") == "utm"
+             else f"local {crs.get('unit', 'm')}")
+    lines = [f"  poses: {p['with_pose']} of {p['images']} images, CRS {frame}"]
+    if p.get("extent"):
+        e = p["extent"]
+        lines.append(f"    extent: easting {e['easting'][0]:.2f} … {e['easting'][1]:.2f} m, "
+                     f"northing {e['northing'][0]:.2f} … {e['northing'][1]:.2f} m")
+    if p.get("extent_latlon"):
+        e = p["extent_latlon"]
+        lines.append(f"    extent: lat {e['lat'][0]:.6f} … {e['lat'][1]:.6f}°, lon {e['lon'][0]:.6f} … {e['lon'][1]:.6f}°")
+    lines.append(f"    with heading: {p['with_heading']}   with timestamp: {p['with_timestamp']}"
+                 + (f" ({p['time_range'][0]} … {p['time_range'][1]})" if p.get("time_range") else ""))
+    return lines
+
+
+@map_group.command("remove")
+@click.argument("map_dir", type=click.Path(path_type=Path))
+@click.argument("keys", nargs=-1)
+@click.option("--from-file", "from_file", type=click.Path(path_type=Path), default=None,
+              help="A text file of keys to remove, one per line (blank lines and # comments skipped).")
+def map_remove(map_dir: Path, keys: tuple[str, ...], from_file: Path | None) -> None:
+    """Remove images (by key, as `localize` prints them) from MAP_DIR: store, index and derived data."""
+    wanted = list(keys)
+    if from_file is not None:
+        try:
+            text = from_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise click.UsageError(f"cannot read {from_file}: {exc}") from None
+        wanted += [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    if not wanted:
+        raise click.UsageError("give the KEYs to remove, or --from-file")
+    done = pipeline.remove_places(map_dir, wanted)
+    click.echo(f"map {map_dir}: removed {len(done['removed'])} image(s), {done['images']} left")
+
+
+@map_group.command("set-pose")
+@click.argument("map_dir", type=click.Path(path_type=Path))
+@click.option("--poses", required=True, type=click.Path(path_type=Path),
+              help="CSV: image,easting,northing (m) or image,lat,lon, optional heading,timestamp.")
+def map_set_pose(map_dir: Path, poses: Path) -> None:
+    """Set the poses (and headings/timestamps) of images already in MAP_DIR from a CSV."""
+    done = pipeline.update_place_poses(map_dir, poses)
+    rep = done["report"] or {}
+    crs = done["crs"] or {}
+    frame = f"UTM zone {crs['zone']}{crs.get('hemisphere', 'N')}" if crs.get("kind") == "utm" else "local metres"
+    click.echo(f"map {map_dir}: {done['updated']} pose(s) changed ({rep.get('n_matched', 0)} of "
+               f"{rep.get('n_poses', 0)} row(s) matched an image; {frame})")
 
 
 @click.command("localize")
 @click.argument("map_dir", type=click.Path(path_type=Path))
-@click.argument("queries", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("queries", nargs=-1, required=False, type=click.Path(path_type=Path))
+@click.option("--video", type=click.Path(path_type=Path), default=None, help="Localise the frames of a video file.")
+@click.option("--camera", type=click.IntRange(0), default=None, metavar="N", help="Localise frames of camera N (OpenCV).")
+@click.option("--frames", "frames_dir", type=click.Path(path_type=Path), default=None,
+              help="Localise the images of a folder as a stream, in sorted name (time) order.")
+@click.option("--every", type=click.IntRange(1), default=1, show_default=True, help="Streams: keep every N-th frame.")
+@click.option("--max-frames", "max_frames", type=click.IntRange(1), default=None, help="Streams: stop after N frames.")
+@click.option("--sequence-length", "sequence_length", type=click.IntRange(1), default=None, metavar="L",
+              help="Streams: score each frame with the L−1 frames before it (sequence matching; map in route order).")
+@click.option("--trajectory", type=click.Choice(["line", "flexible"]), default="line", show_default=True,
+              help="With --sequence-length: straight lines (steady speed) or paths whose speed may change every frame.")
+@click.option("--jsonl", "jsonl", type=click.Path(path_type=Path), default=None,
+              help="Streams: also write one JSON object per frame to this file (flushed per frame).")
 @click.option("--top-k", default=10, show_default=True, type=click.IntRange(1))
 @click.option("--rerank", default=None, help="Re-rank the shortlist: performance | speed | storage.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON (one object per query).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (one object per query; streams: one line per frame).")
 @device_option
-def localize(map_dir: Path, queries: tuple[Path, ...], top_k: int, rerank: str | None, as_json: bool,
-             device: str | None) -> None:
-    """Top-K places of MAP_DIR for each QUERY image."""
+def localize(map_dir: Path, queries: tuple[Path, ...], video: Path | None, camera: int | None, frames_dir: Path | None,
+             every: int, max_frames: int | None, sequence_length: int | None, trajectory: str, jsonl: Path | None,
+             top_k: int, rerank: str | None, as_json: bool, device: str | None) -> None:
+    """Top-K places of MAP_DIR for each QUERY image, or for each frame of --video / --camera / --frames."""
+    streams = [name for name, v in (("--video", video), ("--camera", camera), ("--frames", frames_dir)) if v is not None]
+    if len(streams) + bool(queries) != 1:
+        raise click.UsageError("give query images, or exactly one of --video, --camera, --frames")
+    if not streams and (sequence_length is not None or jsonl is not None):
+        raise click.UsageError("--sequence-length and --jsonl apply to streams (--video, --camera, --frames)")
+    if trajectory != "line" and sequence_length is None:
+        raise click.UsageError("--trajectory needs --sequence-length")
     if rerank is not None:
         get_rerank_config(rerank)  # an unknown name fails before the map is opened
     extra = {} if device is None else {"device": check_device(device)}
+    if streams:
+        _localize_stream(map_dir, video, camera, frames_dir, every, max_frames, sequence_length, trajectory, jsonl, top_k,
+                         rerank, as_json, extra)
+        return
     results = pipeline.localize(map_dir, list(queries), top_k=top_k, rerank=rerank, unreadable="report", **extra)
     failed = [r for r in results if r.error is not None]
     if as_json:
@@ -122,14 +250,65 @@ def localize(map_dir: Path, queries: tuple[Path, ...], top_k: int, rerank: str |
         for r in results:
             if r.error is not None:
                 continue
-            click.echo(f"{r.query}  ({1000 * r.seconds:.0f} ms)")
-            for rank, m in enumerate(r.matches, 1):
-                pos = "" if m.position is None else f"  at ({m.position[0]:.1f}, {m.position[1]:.1f})"
-                click.echo(f"  {rank:>3}. {m.key}  score {m.score:.4f}{pos}")
+            _print_result(r)
     for r in failed:
         click.echo(f"not localised: {r.error}", err=True)
     if failed:
         raise click.exceptions.Exit(1)  # the good queries' results are above; say that some failed
+
+
+def _print_result(r) -> None:
+    click.echo(f"{r.query}  ({1000 * r.seconds:.0f} ms)")
+    if getattr(r, "estimate", None) is not None:
+        click.echo(f"  {r.estimate.line()}")
+    for rank, m in enumerate(r.matches, 1):
+        pos = "" if m.position is None else f"  at ({m.position[0]:.1f}, {m.position[1]:.1f})"
+        kind = getattr(m, "score_kind", "score")
+        cos = "" if kind == "cosine" or getattr(m, "cosine", None) is None else f" (cosine {m.cosine:.4f})"
+        click.echo(f"  {rank:>3}. {m.key}  {kind} {m.score:.4f}{cos}{pos}")
+
+
+def _localize_stream(map_dir: Path, video: Path | None, camera: int | None, frames_dir: Path | None, every: int,
+                     max_frames: int | None, sequence_length: int | None, trajectory: str, jsonl: Path | None,
+                     top_k: int, rerank: str | None, as_json: bool, extra: dict) -> None:
+    """``localize --video/--camera/--frames``: results printed (or JSON lines) as frames are localised."""
+    from ..pipeline.sequences import DEFAULT_STREAM_BATCH, FILE_STREAM_BATCH, localize_stream
+    from ..streams import CameraFrames, FolderFrames, VideoFrames
+
+    if video is not None:
+        frames = VideoFrames(video, every, max_frames)
+    elif camera is not None:
+        frames = CameraFrames(camera, every, max_frames)
+    else:
+        frames = FolderFrames(frames_dir, every, max_frames)
+    sink = open(jsonl, "w", encoding="utf-8") if jsonl is not None else None  # a log of the stream: lines as they come
+    failed = 0
+    try:
+        batch = DEFAULT_STREAM_BATCH if camera is not None else FILE_STREAM_BATCH  # a camera: lowest latency
+        sequence = {"trajectory": trajectory} if sequence_length is not None else None
+        seen = 0  # frames localised so far: the evidence a sequence score rests on
+        for r in localize_stream(map_dir, frames, top_k=top_k, sequence_length=sequence_length, sequence=sequence,
+                                 rerank=rerank, batch_frames=batch, **extra):
+            record = r.to_dict()
+            if sequence_length is not None and r.error is None:
+                seen += 1
+                record["sequence_frames"] = min(seen, sequence_length)
+            line = json.dumps(record)
+            if sink is not None:
+                sink.write(line + "\n")
+                sink.flush()
+            if r.error is not None:
+                failed += 1
+                click.echo(f"not localised: {r.error}", err=True)
+            elif as_json:
+                click.echo(line)
+            else:
+                _print_result(r)
+    finally:
+        if sink is not None:
+            sink.close()
+    if failed:
+        raise click.exceptions.Exit(1)
 
 
 @click.command("eval")
@@ -155,12 +334,14 @@ def localize(map_dir: Path, queries: tuple[Path, ...], top_k: int, rerank: str |
 @device_option
 @click.option("--save-predictions", "save_predictions", default=0, type=click.IntRange(0), metavar="N",
               help="With --out: draw the worst and best queries beside their top N predictions (predictions/, report.html).")
+@click.option("--sequence-length", "sequence_length", type=click.IntRange(1), default=None, metavar="L",
+              help="Sequential datasets (e.g. nordland-64x32): score each query with the L−1 queries before it.")
 @click.option("--quiet", is_flag=True)
 def evaluate(dataset: str, preset: str, rerank: str | None, out: Path | None, data_root: Path | None,
              queries_sub: str | None, database_sub: str | None, no_positive: str,
              positive_dist_threshold: float | None, float16: bool,
              vocab: str | None, weights: Path | None, memory_budget: int | None, image_size: tuple[int, int] | None,
-             device: str | None, save_predictions: int, quiet: bool) -> None:
+             device: str | None, save_predictions: int, sequence_length: int | None, quiet: bool) -> None:
     """Build a map of DATASET's database, localise its queries and print Recall@1/5/10/20."""
     import os
 
@@ -173,12 +354,14 @@ def evaluate(dataset: str, preset: str, rerank: str | None, out: Path | None, da
                                  "positive_dist_threshold": positive_dist_threshold}.items() if v}
     ds = load_dataset(dataset, **options)
     summary = pipeline.evaluate(ds, config, out=out, rerank=rerank, no_positive=no_positive,
-                                progress=not quiet, log=click.echo, save_predictions=save_predictions)
+                                progress=not quiet, log=click.echo, save_predictions=save_predictions,
+                                **({"sequence_length": sequence_length} if sequence_length is not None else {}))
     rec = summary["recall"]
     t = summary["timing"]
     size = config.image.size
     click.echo(f"{summary['dataset']}  preset {summary['preset']}" + (f" at {size[1]}×{size[0]}" if size else "")
-               + (f"  rerank {rerank}" if rerank else ""))
+               + (f"  rerank {rerank}" if rerank else "")
+               + (f"  sequence length {sequence_length}" if sequence_length is not None else ""))
     click.echo(f"  database {summary['counts']['database']}  queries {summary['counts']['queries']}  "
                f"(no-positive queries: {rec.get('n_no_positive', 0)}, policy {rec.get('no_positive_policy')})")
     click.echo("  " + "  ".join(f"R@{n} {rec[f'R@{n}']:.3f}" for n in pipeline.RECALL_NS if f"R@{n}" in rec))
