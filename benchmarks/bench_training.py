@@ -153,7 +153,9 @@ def plot_monitored(runs: dict[str, list[dict]], baseline: float, out: Path) -> P
         ax.plot([h["epoch"] for h in hist], [h.get("monitor R@1") for h in hist], "o-", label=name)
     ax.axhline(baseline, color="grey", ls="--", label=f"{DEFAULT_PRESET} untrained")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("Recall@1, Nordland unseen half (monitored, not used to pick)")
+    ax.set_ylabel("Recall@1, Nordland unseen half")
+    ax.set_title("Monitored each epoch (never used to pick a checkpoint); head features, training vocabulary",
+                 fontsize=8)
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
