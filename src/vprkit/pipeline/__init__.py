@@ -594,6 +594,8 @@ def get_reranker(map: Map, name, log: Callable[[str], None] = logger.info, save:
     """
     if not name:
         return None
+    if hasattr(name, "rerank") and hasattr(name, "shortlist"):  # a re-ranker already built (kept by a service)
+        return name
     _import_plugins()
     from ..rerank import make_reranker
 

@@ -53,7 +53,7 @@ from ..io import atomic_path, atomic_write_json
 from ..maps import INDEX_FILE, MAP_FILE, read_map_info
 from ..maps.lock import map_write_lock
 from ..maps.store import ENTRY_FIELDS, POSE_DIMS
-from . import Map, QueryResult, localize, open_map, query_batches
+from . import Map, QueryResult, get_reranker, localize, open_map, query_batches
 
 logger = logging.getLogger(__name__)
 
@@ -261,6 +261,10 @@ class LiveMap:
         self._queue: list[_Request] = []  # localisations waiting for the model (see _claim)
         self._queue_lock = threading.Lock()
         self._row_of = {k: i for i, k in enumerate(map.data.keys)}
+        # Re-rankers by name, built once (their patch state, readers and caches) and dropped on a write,
+        # which changes the rows they index.
+        self._rerankers: dict[str, Any] = {}
+        self._rerankers_lock = threading.Lock()
         self._run: int | None = None
         self._seen = self._map_file_state()
         self.opened = time.time()
@@ -330,7 +334,8 @@ class LiveMap:
         """Localise the frames of ``batch`` in one call and hand each request its results (or the error)."""
         named = {f"{i}/{key}": frame for i, request in enumerate(batch) for key, frame in request.frames.items()}
         try:
-            results = localize(self.map, named, top_k=leader.top_k, rerank=leader.rerank, unreadable="report")
+            results = localize(self.map, named, top_k=leader.top_k, rerank=self._reranker(leader.rerank),
+                               unreadable="report")
             start = 0
             for request in batch:
                 mine = results[start:start + len(request.frames)]
@@ -553,8 +558,24 @@ class LiveMap:
         st = (self.dir / MAP_FILE).stat()
         return st.st_ino, st.st_mtime_ns, st.st_size
 
+    def _reranker(self, name: str | None):
+        """The re-ranker ``name`` for this map, built on first use and kept until the next write."""
+        if not name:
+            return None
+        with self._rerankers_lock:
+            if name not in self._rerankers:
+                self._rerankers[name] = get_reranker(self.map, name)
+            return self._rerankers[name]
+
+    def _drop_rerankers(self) -> None:
+        with self._rerankers_lock:
+            rerankers, self._rerankers = self._rerankers, {}
+        for reranker in rerankers.values():
+            reranker.close()
+
     def _after_write(self, change: dict[str, str]) -> None:
         """Save the index that matches the store, let extensions refresh what they derive from it, record the change."""
+        self._drop_rerankers()
         self.map.index.save_to_map(self.dir)
         for ext in self.map.extensions.values():
             ext.finalize(self.map.store, self.dir)
