@@ -160,14 +160,21 @@ def _open_checked(path: Path) -> h5py.File:
 
 
 @contextmanager
+def _damage_is_map_error(path: Path):
+    """HDF5's errors on a damaged file, raised inside the block, become one :class:`MapError` line naming ``path``."""
+    try:
+        yield
+    except _DAMAGE as exc:
+        raise MapError(f"{path} is not a readable map store ({exc}); rebuild the map") from None
+
+
+@contextmanager
 def _open_for_reading(path: Path):
     """``path`` opened read-only and its layout checked; a damaged or foreign file is one :class:`MapError` line."""
     f = _open_checked(path)
     try:
-        try:
+        with _damage_is_map_error(path):
             yield f
-        except _DAMAGE as exc:
-            raise MapError(f"{path} is not a readable map store ({exc}); rebuild the map") from None
     finally:
         f.close()
 
@@ -376,10 +383,8 @@ class MapStore:
         """The pinned snapshot, or the current files opened for this one read."""
         snap = self._current()
         try:
-            try:
+            with _damage_is_map_error(self.dir / STORE_FILE):
                 yield snap
-            except _DAMAGE as exc:
-                raise MapError(f"{self.dir / STORE_FILE} is not a readable map store ({exc}); rebuild the map") from None
         finally:
             snap.release()
 
