@@ -148,3 +148,15 @@ def test_cli_lists_after_one_option():
                               ("none",))
     assert ds == ["corridor", "nordland-64x32:600"] and ps == ["effnet2-vlad-ma4", "effnet-vlad"]
     assert rs == ["none", "speed"]
+
+
+def test_compare_methods_cross_bare_presets_and_keep_named_pairs():
+    """``PRESET+RERANK`` is one method; a bare preset is crossed with every ``--rerank`` mode."""
+    from vprkit.errors import ConfigError
+    from vprkit.pipeline import _compare_methods
+
+    methods = _compare_methods(["a", "a+speed", "seg", "b+none"], [None, "storage"])
+    assert methods == [("a", None), ("a", "storage"), ("a", "speed"), ("seg", None), ("seg", "storage"),
+                       ("b", None)]
+    with pytest.raises(ConfigError, match="PRESET\\+RERANK"):
+        _compare_methods(["a+"], [None])

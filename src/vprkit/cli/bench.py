@@ -14,7 +14,9 @@ from .core import _parse_image_size, memory_budget_option
 @click.command("compare")
 @click.argument("datasets", nargs=-1, required=True)
 @click.option("--presets", "presets", multiple=True, required=True,
-              help="Presets to compare; several after one --presets (effnet2-vlad-ma4 effnet-vlad) or repeated.")
+              help="Presets to compare; several after one --presets (effnet2-vlad-ma4 effnet-vlad) or repeated. "
+                   "PRESET+RERANK names one re-ranked method (effnet2-vlad-ma4+speed); a bare preset is crossed "
+                   "with every --rerank mode.")
 @click.option("--rerank", "reranks", multiple=True,
               help="Re-ranking modes to cross with every preset: none | speed | storage | performance (several allowed).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,

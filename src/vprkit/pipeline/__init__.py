@@ -1092,21 +1092,21 @@ def compare(
     if not datasets or not presets:
         raise ConfigError("compare needs at least one dataset and one preset")
     modes = [None if r in (None, "", "none") else r for r in (reranks or (None,))]
+    methods = _compare_methods(presets, modes)
     tmp = tempfile.TemporaryDirectory(prefix="vprkit-compare-") if out is None else None
     root = Path(tmp.name) if tmp is not None else Path(out)
     try:
         records = []
         for spec in datasets:
             ds = load_dataset(spec) if isinstance(spec, (str, os.PathLike)) else spec
-            for preset in presets:
-                for mode in modes:
-                    config = resolve(preset, rerank=mode, **dict(resolve_options or {}))
-                    label = config.name + (f"+{mode}" if mode else "")
-                    run_dir = root / _run_folder_name(ds.name) / _run_folder_name(label)
-                    log(f"compare: {ds.name} · {config.name}" + (f" + {mode}" if mode else "") + f" → {run_dir}")
-                    evaluate(ds, config, out=run_dir, rerank=mode, ns=ns, no_positive=no_positive,
-                             progress=progress, log=log, save_predictions=save_predictions)
-                    records.append(cmp.load_run(run_dir, map_info(run_dir / "map")["bytes_per_image"]))
+            for preset, mode in methods:
+                config = resolve(preset, rerank=mode, **dict(resolve_options or {}))
+                label = config.name + (f"+{mode}" if mode else "")
+                run_dir = root / _run_folder_name(ds.name) / _run_folder_name(label)
+                log(f"compare: {ds.name} · {config.name}" + (f" + {mode}" if mode else "") + f" → {run_dir}")
+                evaluate(ds, config, out=run_dir, rerank=mode, ns=ns, no_positive=no_positive,
+                         progress=progress, log=log, save_predictions=save_predictions)
+                records.append(cmp.load_run(run_dir, map_info(run_dir / "map")["bytes_per_image"]))
         changes = cmp.pairwise_changes(records, baseline, n)
         files = [] if tmp is not None else [str(p) for p in cmp.write_comparison(root, records, changes, ns)]
         return {"rows": cmp.comparison_rows(records, ns), "changes": changes,
@@ -1115,6 +1115,24 @@ def compare(
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+def _compare_methods(presets: Sequence[str | Config], modes: Sequence[str | None]) -> list[tuple[Any, str | None]]:
+    """(preset, re-ranking mode) pairs: ``"NAME+MODE"`` names one pair; a bare preset is crossed with ``modes``.
+
+    The ``+`` form lets one table hold methods that cannot all be crossed (a SegVLAD preset has no patch
+    re-ranking), e.g. ``effnet2-vlad-ma4 effnet2-vlad-ma4+speed segvlad-slic``.
+    """
+    out: list[tuple[Any, str | None]] = []
+    for preset in presets:
+        if isinstance(preset, str) and "+" in preset:
+            name, mode = preset.split("+", 1)
+            if not name or not mode:
+                raise ConfigError(f"method {preset!r}: write PRESET+RERANK, e.g. effnet2-vlad-ma4+speed")
+            out.append((name, None if mode == "none" else mode))
+        else:
+            out.extend((preset, mode) for mode in modes)
+    return out
 
 
 def export_hloc(map_dir: str | os.PathLike, out: str | os.PathLike, pairs: str | os.PathLike | None = None,
