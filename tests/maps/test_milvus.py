@@ -183,6 +183,65 @@ def test_the_live_service_adds_and_removes_places_in_a_milvus_map(tmp_path, shar
     reopened.index.close()
 
 
+def _entity_fields(index: mv.MilvusIndex) -> dict[str, tuple[int, float, float]]:
+    """image key → (run, easting, northing) of every entity of the collection, as Milvus holds them."""
+    got = index.client.query(index.collection, filter="id >= 0", output_fields=["image", "run", "easting", "northing"])
+    return {r["image"]: (int(r["run"]), float(r["easting"]), float(r["northing"])) for r in got}
+
+
+def _store_fields(map_dir) -> dict[str, tuple[int, float, float]]:
+    """The same, as the map store holds them (the reference)."""
+    store = MapStore(map_dir)
+    runs, poses = store.read_entries()["run"], store.read_poses()
+    return {k: (int(r), float(e), float(n)) for k, r, (e, n) in zip(store.keys(), runs, poses)}
+
+
+def _assert_fields_follow_the_store(index: mv.MilvusIndex, map_dir) -> dict[str, tuple[int, float, float]]:
+    held, want = _entity_fields(index), _store_fields(map_dir)
+    assert sorted(held) == sorted(want) and "" not in held  # no entity with a blank key
+    for key, (run, e, n) in want.items():
+        assert held[key][0] == run, key
+        np.testing.assert_array_equal(held[key][1:], (e, n), err_msg=key)  # NaN where the store has none
+    return held
+
+
+def test_live_adds_pose_updates_and_removes_keep_the_entity_fields(tmp_path, shared_datasets):
+    """Rows added live carry their key, run and pose; a live pose change and a `map set-pose` rewrite the fields."""
+    ref = shared_datasets / "corridor" / "ref"
+    keys = sorted(p.name for p in ref.glob("*.jpg"))[::SLICE_EVERY]
+    out = tmp_path / "map"
+    poses = np.stack([np.arange(len(keys), dtype=np.float64), np.zeros(len(keys))], 1)
+    pipeline.build_map(FolderImages(ref, keys), out, resolve(None, index_backend="milvus"), poses=poses, progress=False)
+    live = LiveMap.open(out)
+    try:
+        picture = shared_datasets / "corridor" / "query" / "0000050.jpg"
+        live.add_place(picture.read_bytes(), "with-pose.jpg", {"easting": 12.5, "northing": -3.25})
+        live.add_place(picture.read_bytes(), "no-pose.jpg", None)
+        held = _assert_fields_follow_the_store(live.map.index, out)
+        live_run = held["with-pose.jpg"][0]
+        assert live_run >= 1 and live_run != held[keys[0]][0]  # the live images' run, not the build's
+        assert held["with-pose.jpg"][1:] == (12.5, -3.25) and np.isnan(held["no-pose.jpg"][1:]).all()
+        live.update_pose("no-pose.jpg", {"easting": 40.0, "northing": 2.0})
+        live.update_pose(keys[2], {"easting": -7.0, "northing": 8.0})
+        held = _assert_fields_follow_the_store(live.map.index, out)
+        assert held["no-pose.jpg"][1:] == (40.0, 2.0) and held[keys[2]][1:] == (-7.0, 8.0)
+        live.remove_place(keys[1])
+        held = _assert_fields_follow_the_store(live.map.index, out)
+        assert keys[1] not in held and len(held) == len(keys) + 1
+        rows, _ = live.map.index.search(live.map.store.read_global(), 1)  # rows still map to the right entities
+        np.testing.assert_array_equal(rows[:, 0][:len(keys) - 1], np.arange(len(keys) - 1))
+    finally:
+        live.map.index.close()
+    pipeline.update_place_poses(out, {keys[3]: (100.0, 200.0)})  # `map set-pose`: the collection is closed
+    reopened = open_map_data(out)  # reconnected (not rebuilt), and the changed pose rewritten
+    try:
+        assert isinstance(reopened.index, mv.MilvusIndex) and reopened.index.next_id == len(keys) + 2
+        held = _assert_fields_follow_the_store(reopened.index, out)
+        assert held[keys[3]][1:] == (100.0, 200.0)
+    finally:
+        reopened.index.close()
+
+
 def test_options_are_checked_and_match_the_backend_defaults(tmp_path):
     assert opts.schema("index", "milvus").defaults() == mv.DEFAULTS
     with pytest.raises(ConfigError, match=r"option 'metric' = 'L2'.*allowed: one of 'IP', 'COSINE'"):

@@ -20,6 +20,13 @@ SHARD = 8  # images per shard: the interrupted build stops after the first of tw
 RAY_CPUS = 2
 POSES = np.stack([np.arange(IMAGES, dtype=np.float64), np.zeros(IMAGES)], 1)  # metres along the corridor
 CLI_IMAGES = 8
+RERANK = "speed"  # Patch-NetVLAD speed: one patch size, float16 patches
+SMALL_SIZE = (120, 160)  # a tiny image size keeps the re-ranking build short
+RERANK_IMAGES = 8  # patch descriptors cost about a second per image here: half the fixture
+RERANK_QUERIES = (1, 6)  # map images localised against both maps
+RERANK_TOP_K = 5
+SEGVLAD_PRESET = "segvlad-slic"  # SLIC superpixels: no segmentation model to load
+PATCH_ATOL = 2e-2  # float16 patches of float32 features equal to 1e-5: a rounding step at most
 
 
 class Stop(Exception):
@@ -48,10 +55,10 @@ def single(corridor, tmp_path_factory) -> Path:
     return out
 
 
-def _assert_same_map(a: Path, b: Path) -> None:
+def _assert_same_map(a: Path, b: Path, images: int = IMAGES) -> None:
     sa, sb = MapStore(a), MapStore(b)
     ka, kb = sa.keys(), sb.keys()
-    assert ka == kb and len(set(kb)) == len(kb) == IMAGES
+    assert ka == kb and len(set(kb)) == len(kb) == images
     np.testing.assert_allclose(sb.read_global(), sa.read_global(), atol=1e-5)
     np.testing.assert_array_equal(sb.read_poses(), sa.read_poses())
     assert read_json(a / MAP_FILE)["vocabulary"] == read_json(b / MAP_FILE)["vocabulary"]  # same seed and sample
@@ -83,9 +90,73 @@ def test_bad_settings_are_refused_before_any_work(ray_local, corridor, tmp_path)
         build_map_ray(corridor, tmp_path / "map", replicas=RAY_CPUS, progress=False)
     with pytest.raises(ConfigError, match=r"on_change must be one of"):
         build_map_ray(corridor, tmp_path / "map", on_change="keep", progress=False)
-    with pytest.raises(ConfigError, match=r"does not encode map extensions \(patches\)"):
-        build_map_ray(corridor, tmp_path / "map", resolve(None, rerank="speed"), progress=False)
     assert not (tmp_path / "map").exists()
+
+
+def test_a_ray_build_with_re_ranking_patches_equals_the_single_process_build(ray_local, corridor, tmp_path):
+    """--rerank speed on Ray: the same patch state and per-image patches, so re-ranked localisation is the same."""
+    config = resolve(None, rerank=RERANK, image_size=SMALL_SIZE)
+    images = FolderImages(corridor.root, corridor.keys[:RERANK_IMAGES])
+    single, ray_map = tmp_path / "single" / "map", tmp_path / "ray" / "map"  # one name: the vocabulary records it
+    pipeline.build_map(images, single, config, poses=POSES[:RERANK_IMAGES], progress=False)
+    info = build_map_ray(images, ray_map, config, replicas=1, poses=POSES[:RERANK_IMAGES], progress=False)
+    _assert_same_map(single, ray_map, RERANK_IMAGES)
+    assert info["extensions"] == ["patches"] and info["last_build"]["distributed"]["images"] == RERANK_IMAGES
+    state_a = np.load(single / "extensions" / "patches.npz")
+    state_b = np.load(ray_map / "extensions" / "patches.npz")
+    assert sorted(state_a.files) == sorted(state_b.files) and "pca_components" in state_a.files
+    for name in state_a.files:  # fitted on the driver by the single-process build's own steps: identical
+        np.testing.assert_array_equal(state_b[name], state_a[name], err_msg=name)
+    with MapStore(single).open() as ra, MapStore(ray_map).open() as rb:
+        for row in range(RERANK_IMAGES):
+            pa, pb = ra.extras("patches", row), rb.extras("patches", row)
+            assert sorted(pa) == sorted(pb) and len(pa) > 1, row
+            for name in pa:
+                assert pa[name].dtype == pb[name].dtype and pa[name].shape == pb[name].shape, (row, name)
+                np.testing.assert_allclose(pb[name].astype(np.float32), pa[name].astype(np.float32), atol=PATCH_ATOL)
+    reranker = pipeline.get_reranker(pipeline.open_map(ray_map, read_only=True), RERANK, log=lambda _: None)
+    assert reranker.stored  # re-ranking reads the Ray-written patches, computing none
+    reranker.close()
+    queries = [corridor.path(corridor.keys[i]) for i in RERANK_QUERIES]
+    got_a = pipeline.localize(single, queries, top_k=RERANK_TOP_K, rerank=RERANK)
+    got_b = pipeline.localize(ray_map, queries, top_k=RERANK_TOP_K, rerank=RERANK)
+    for a, b in zip(got_a, got_b):
+        assert a.matches[0].score_kind == b.matches[0].score_kind != "cosine"  # re-ranked, from the stored patches
+        assert [m.key for m in a.matches] == [m.key for m in b.matches]
+        np.testing.assert_allclose([m.score for m in b.matches], [m.score for m in a.matches], atol=1e-3)
+
+
+def test_a_ray_build_with_segvlad_segments_equals_the_single_process_build(ray_local, corridor, tmp_path):
+    """A SegVLAD preset on Ray: the same segment PCA, SuperSegments and segment index, so the same ranking."""
+    config = resolve(SEGVLAD_PRESET, image_size=SMALL_SIZE)
+    single, ray_map = tmp_path / "single" / "map", tmp_path / "ray" / "map"  # one name: the vocabulary records it
+    pipeline.build_map(corridor, single, config, poses=POSES, progress=False)
+    info = build_map_ray(corridor, ray_map, config, replicas=1, poses=POSES, progress=False)
+    _assert_same_map(single, ray_map)
+    assert info["extensions"] == ["segments"]
+    state_a = np.load(single / "extensions" / "segments.npz")
+    state_b = np.load(ray_map / "extensions" / "segments.npz")
+    assert sorted(state_a.files) == sorted(state_b.files)
+    for name in state_a.files:
+        np.testing.assert_array_equal(state_b[name], state_a[name], err_msg=name)
+    with MapStore(single).open() as ra, MapStore(ray_map).open() as rb:
+        for row in range(IMAGES):
+            pa, pb = ra.extras("segments", row), rb.extras("segments", row)
+            assert sorted(pa) == sorted(pb), row
+            for name in set(pa) - {"desc_f16"}:  # segments, SuperSegments and their grid: identical
+                np.testing.assert_array_equal(pb[name], pa[name], err_msg=f"row {row} {name}")
+            np.testing.assert_allclose(pb["desc_f16"].astype(np.uint16).view(np.float16).astype(np.float32),
+                                       pa["desc_f16"].astype(np.uint16).view(np.float16).astype(np.float32),
+                                       atol=PATCH_ATOL)
+    rows_a, rows_b = np.load(single / "segments.npz"), np.load(ray_map / "segments.npz")  # the finishing build's index
+    for name in ("image", "local", "n_images"):
+        np.testing.assert_array_equal(rows_b[name], rows_a[name], err_msg=name)
+    queries = [corridor.path(corridor.keys[i]) for i in RERANK_QUERIES]
+    got_a = pipeline.localize(single, queries, top_k=RERANK_TOP_K)
+    got_b = pipeline.localize(ray_map, queries, top_k=RERANK_TOP_K)
+    for a, b in zip(got_a, got_b):
+        assert [m.key for m in a.matches] == [m.key for m in b.matches]
+        np.testing.assert_allclose([m.score for m in b.matches], [m.score for m in a.matches], atol=1e-3)
 
 
 def test_the_cli_builds_on_ray_into_a_milvus_index(ray_local, corridor, tmp_path):

@@ -94,7 +94,8 @@ def map_group() -> None:
 @click.option("--crs", default=None, help="Frame of easting,northing poses: utm:33N, epsg:32633 or local (default: "
                                           "UTM for lat/lon, else the map's, else local metres).")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
-              help="Encode on Ray: alone or 'local' starts a local instance; 'auto' or ray://HEAD:10001 joins a cluster.")
+              help="Encode on Ray (map extensions too: --rerank, SegVLAD): alone or 'local' starts a local instance; "
+                   "'auto', HEAD:6379 or ray://HEAD:10001 joins a cluster.")
 @click.option("--replicas", type=click.IntRange(1), default=1, show_default=True,
               help="With --ray: model replicas encoding in parallel.")
 @click.option("--index-backend", "index_backend", default=None, help="Index backend: faiss (default) | milvus.")

@@ -73,7 +73,13 @@ class Index(Protocol):
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
 
-    def add(self, vectors: np.ndarray) -> None: ...
+    def add(self, vectors: np.ndarray, keys: Sequence[str] | None = None, runs: np.ndarray | None = None,
+            poses: np.ndarray | None = None) -> None:
+        """Append rows; ``keys``, ``runs`` and N×2 ``poses`` are what the store holds for them (a backend
+        that keeps them beside the vectors, as Milvus does, stores them; FAISS ignores them)."""
+
+    def set_poses(self, rows: Sequence[int], poses: np.ndarray) -> None:
+        """The store changed the poses of ``rows``: a backend that keeps poses updates them (FAISS keeps none)."""
 
     def remove(self, rows: Sequence[int]) -> None: ...
 
@@ -379,10 +385,13 @@ class FaissIndex:
         self._set_query_options(shard)
         return shard
 
-    def add(self, vectors: np.ndarray) -> None:
+    def add(self, vectors: np.ndarray, keys: Sequence[str] | None = None, runs: np.ndarray | None = None,
+            poses: np.ndarray | None = None) -> None:
         """Append rows ``ntotal …``: to the last shard, opening new ones every ``shard_rows`` rows.
 
         Rows are read and encoded chunk by chunk (``vectors`` may be a memory map or a row source).
+        ``keys``, ``runs`` and ``poses`` are accepted for the protocol and not kept: FAISS holds vectors
+        only, the store the rest.
         """
         x = _rows_of(vectors)
         if len(x.shape) != 2 or x.shape[1] != self.d:
@@ -407,6 +416,9 @@ class FaissIndex:
             last.add(block)
             self._files[-1] = None
             start = stop
+
+    def set_poses(self, rows: Sequence[int], poses: np.ndarray) -> None:
+        """Nothing to do: FAISS keeps no poses (the store is where they change)."""
 
     def remove(self, rows: Sequence[int]) -> None:
         """Delete ``rows``; later rows move down as in the key list. Only the shards holding them change.

@@ -26,16 +26,23 @@ the same scores on vprkit's unit descriptors) and ``insert_mb`` (bytes per inser
 Scores are inner products of unit vectors: cosines, higher is better, as with FAISS.
 
 ``MAP_DIR/milvus.json`` records which collection holds the map, its dimension, row count, index
-settings and a digest of the rows (each key with its image's content hash);
-:meth:`MilvusIndex.load_for_map` reconnects only when all still match the store (anything else is
-stale: the caller rebuilds it from the store), and :meth:`MilvusIndex.update_for_map` (after a
-build) inserts only the rows added to a collection that still holds the rest.
+settings, a digest of the rows (each key with its image's content hash) and one of the poses;
+:meth:`MilvusIndex.load_for_map` reconnects only when all but the poses still match the store
+(anything else is stale: the caller rebuilds it from the store), and :meth:`MilvusIndex.update_for_map`
+(after a build) inserts only the rows added to a collection that still holds the rest.
+
+The entity fields follow the store through every change: rows added by a build or by the live
+service (:class:`~vprkit.pipeline.live.LiveMap` passes each new row's key, run and pose to
+:meth:`MilvusIndex.add`) carry them; a pose corrected live (``set_pose``, the service's PATCH) is
+rewritten by :meth:`MilvusIndex.set_poses`; removed rows are deleted. Poses changed while the
+collection was not open (``vprkit map set-pose``, a build's ``--poses``) differ from the recorded
+poses digest, and the next open rewrites the rows whose pose the store changed.
 
 Vectors to index may be a row source larger than RAM (``vprkit.maps.vectors.RowSource``): they
 are read and inserted ``insert_mb`` at a time. Limits: Milvus Lite serves one process (share a map
-through a server); the entity fields (key, run, pose) are written with the rows and not rewritten
-when a pose is corrected later (the store stays the reference); opening a map ``read_only`` whose
-collection is stale rebuilds the collection (it is not a file of the map, but it is written).
+through a server); the store stays the reference for keys and poses (headings and timestamps are
+not fields); opening a map ``read_only`` whose collection is stale rebuilds the collection, or
+rewrites its changed poses (it is not a file of the map, but it is written).
 """
 
 from __future__ import annotations
@@ -202,6 +209,12 @@ def resolve_options(options: Mapping[str, Any], map_dir: Path | None) -> dict[st
     return opts
 
 
+def poses_digest(poses: np.ndarray) -> str:
+    """A digest of the rows' poses in order (every unknown value counted as the same NaN)."""
+    xy = np.asarray(poses, np.float64).reshape(-1, 2)
+    return hashlib.sha256(np.ascontiguousarray(np.where(np.isfinite(xy), xy, np.nan)).tobytes()).hexdigest()
+
+
 def rows_digest(keys: Sequence[str], shas: Sequence[bytes | str]) -> str:
     """A digest of the map's rows in order — each key with its image's content hash.
 
@@ -244,6 +257,9 @@ class _MapRows:
     def digest(self, n: int | None = None) -> str:
         n = len(self.keys) if n is None else n
         return rows_digest(self.keys[:n], self.shas[:n])
+
+    def poses_digest(self, n: int | None = None) -> str:
+        return poses_digest(self.poses[: len(self.keys) if n is None else n])
 
     def slice(self, start: int, stop: int) -> tuple[list[str], np.ndarray, np.ndarray] | tuple[None, None, None]:
         """Keys, runs and poses of rows ``start:stop`` — or nothing when the store does not hold those rows."""
@@ -371,7 +387,15 @@ class MilvusIndex:
             logger.warning("Milvus collection %s holds %d rows, the store %d; rebuilding it", opts["collection"],
                            len(ids), n)
             return None
-        return cls(client, opts, int(state.get("dim", 0)), ids, int(state.get("next_id", 0)))
+        index = cls(client, opts, int(state.get("dim", 0)), ids, int(state.get("next_id", 0)))
+        if n and state.get("poses_sha256") != rows.poses_digest(n):  # poses set while the collection was closed
+            try:
+                index._sync_poses(rows.poses[:n])
+            except (MapError, ConfigError) as exc:
+                index.close()
+                logger.warning("%s; rebuilding the Milvus collection from the store", exc)
+                return None
+        return index
 
     def save_to_map(self, map_dir: Path) -> None:
         """Flush the collection and record in ``milvus.json`` what it holds (so a reopen can tell it is current)."""
@@ -381,7 +405,8 @@ class MilvusIndex:
             "uri": self.options["uri"], "collection": self.collection, "index_type": self.options["index_type"],
             "index_params": self.options["index_params"], "metric": self.options["metric"], "dim": self.dim,
             "ntotal": self.ntotal, "next_id": self.next_id,
-            "rows_sha256": rows.digest() if len(rows.keys) == self.ntotal else None})
+            "rows_sha256": rows.digest() if len(rows.keys) == self.ntotal else None,
+            "poses_sha256": rows.poses_digest() if len(rows.keys) == self.ntotal else None})
 
     def close(self) -> None:
         """Close the connection (and stop Milvus Lite's server when no other index uses it)."""
@@ -399,6 +424,50 @@ class MilvusIndex:
         if rows.shape[1] != self.dim:
             raise MapError(f"cannot add vectors of shape {tuple(rows.shape)} to a {self.dim}-d index")
         self._insert(rows, keys, runs, poses)
+
+    def set_poses(self, rows: Sequence[int], poses: np.ndarray) -> None:
+        """Rewrite the ``easting`` / ``northing`` fields of ``rows`` (N×2 metres, NaN unknown) as the store now has them.
+
+        Each entity is read whole and upserted with its new pose (same id, key, run and vector): a
+        full-entity upsert, since Milvus servers before 2.6 have no partial one.
+        """
+        at = np.asarray(list(rows), dtype=np.int64).reshape(-1)
+        xy = np.asarray(poses, np.float64).reshape(-1, 2)
+        if len(at) != len(xy):
+            raise MapError(f"{len(at)} rows need {len(at)} poses, got {len(xy)}")
+        if len(at) == 0:
+            return
+        if at.min() < 0 or at.max() >= self.ntotal:
+            raise MapError(f"cannot set the poses of rows {at.tolist()[:5]}: the index holds {self.ntotal}")
+        ids = self.ids[at]
+        fields = [F_ID, F_IMAGE, F_RUN, F_EAST, F_NORTH, F_VECTOR]
+        for start, stop in _chunks(len(ids), self._rows_per_request()):
+            wanted = ids[start:stop]
+            try:
+                found = self.client.query(self.collection, filter=f"{F_ID} in {wanted.tolist()}", output_fields=fields,
+                                          limit=len(wanted))
+                by_id = {int(r[F_ID]): r for r in found}
+                missing = [int(i) for i in wanted if int(i) not in by_id]
+                if missing:
+                    raise MapError(f"Milvus collection {self.collection!r} lacks the entities {missing[:5]} of the map's rows")
+                entities = [{**{f: by_id[int(i)][f] for f in fields}, F_EAST: float(p[0]), F_NORTH: float(p[1])}
+                            for i, p in zip(wanted, xy[start:stop])]
+                self.client.upsert(self.collection, entities)
+            except MapError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                raise _milvus_error(f"cannot update poses in collection {self.collection!r}", exc) from None
+
+    def _sync_poses(self, poses: np.ndarray) -> None:
+        """Rewrite the pose fields of the rows whose pose in the store (``poses``, N×2) differs from the collection's."""
+        held = _read_poses(self.client, self.collection, self.next_id, self.ids)
+        want = np.asarray(poses, np.float64).reshape(-1, 2)
+        same = (held == want) | (np.isnan(held) & np.isnan(want))
+        changed = np.flatnonzero(~same.all(axis=1))
+        if len(changed):
+            logger.info("rewriting the pose fields of %d row(s) of Milvus collection %s (set while it was closed)",
+                        len(changed), self.collection)
+            self.set_poses(changed, want[changed])
 
     def remove(self, rows: Sequence[int]) -> None:
         """Delete ``rows``; later rows move down as in the key list (their ids stay, their row numbers shift)."""
@@ -529,6 +598,25 @@ def _read_ids(client, collection: str, next_id: int) -> np.ndarray:
     return np.unique(np.concatenate(ids)) if ids else np.zeros(0, np.int64)
 
 
+def _read_poses(client, collection: str, next_id: int, ids: np.ndarray) -> np.ndarray:
+    """The ``easting`` / ``northing`` fields of the entities ``ids`` (ascending), N×2 in the same order.
+
+    Read in the same windows of id values as :func:`_read_ids`.
+    """
+    out = np.full((len(ids), 2), np.nan)
+    for lo in range(0, max(0, int(next_id)), ID_PAGE):
+        page = client.query(collection, filter=f"{F_ID} >= {lo} and {F_ID} < {lo + ID_PAGE}",
+                            output_fields=[F_ID, F_EAST, F_NORTH], limit=ID_PAGE)
+        if not page:
+            continue
+        got = np.fromiter((int(r[F_ID]) for r in page), np.int64, len(page))
+        xy = np.array([(float(r[F_EAST]), float(r[F_NORTH])) for r in page], np.float64).reshape(-1, 2)
+        pos = np.searchsorted(ids, got)
+        ok = (pos < len(ids)) & (ids[np.minimum(pos, len(ids) - 1)] == got)
+        out[pos[ok]] = xy[ok]
+    return out
+
+
 def _milvus_error(what: str, exc: Exception) -> MapError | ConfigError:
     """One line from a pymilvus exception; a refused index type or parameter is a settings error."""
     reason = getattr(exc, "message", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -537,4 +625,5 @@ def _milvus_error(what: str, exc: Exception) -> MapError | ConfigError:
     return MapError(f"{what}: {reason}")
 
 
-__all__ = ["MilvusIndex", "BACKEND_NAME", "LITE_DB", "STATE_FILE", "collection_name", "resolve_options", "rows_digest"]
+__all__ = ["MilvusIndex", "BACKEND_NAME", "LITE_DB", "STATE_FILE", "collection_name", "poses_digest", "resolve_options",
+           "rows_digest"]

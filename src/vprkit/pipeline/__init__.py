@@ -184,6 +184,23 @@ DUPLICATE_POLICIES = ("error", "new-place", "replace")
 NEW_PLACE_PREFIX = "run{run}/"
 
 
+
+def _fitted_extensions(config: Config, backbone, vocabulary, source: ImageSource, keys: list[str], out: Path,
+                       progress: bool) -> dict[str, MapExtension]:
+    """The map's extensions with their state: loaded when the map has it (an interrupted build's), else
+    fitted on the seeded sample of ``fit_images`` of the build's keys and saved into ``extensions/<group>.npz``.
+
+    Shared by the single-process and the Ray build, so both encode with the very same state.
+    """
+    extensions = _make_extensions(config, backbone, vocabulary)
+    for ext in extensions.values():
+        if ext.needs_fit and not ext.try_load_state(out):
+            fit_keys = sample_keys(keys, int(ext.options.get("fit_images", DEFAULT_FIT_IMAGES)), config.vocabulary.seed)
+            ext.fit(_features_on_cpu(extract(backbone, config, source, fit_keys, progress and f"fit {ext.group}",
+                                             on_failure=ignore_failures)))
+            ext.save_state(out)
+    return extensions
+
 def build_map(
     images: ImageSource | str | os.PathLike,
     out: str | os.PathLike,
@@ -320,13 +337,7 @@ def _build_locked(config: Config, source: ImageSource, keys: list[str], out: Pat
         _record_build_vocabulary(out / BUILD_FILE, vocabulary)
     aggregator = make_aggregator(config, backbone, vocabulary)
     aggregator = aggregator.to(module_device(backbone)) if isinstance(aggregator, torch.nn.Module) else aggregator
-    extensions = _make_extensions(config, backbone, vocabulary)
-    for ext in extensions.values():
-        if ext.needs_fit and not ext.try_load_state(out):
-            fit_keys = sample_keys(keys, int(ext.options.get("fit_images", DEFAULT_FIT_IMAGES)), config.vocabulary.seed)
-            ext.fit(_features_on_cpu(extract(backbone, config, source, fit_keys, progress and f"fit {ext.group}",
-                                             on_failure=ignore_failures)))
-            ext.save_state(out)
+    extensions = _fitted_extensions(config, backbone, vocabulary, source, keys, out, progress)
 
     failures: dict[str, str] = {}
     listing = getattr(source, "listing", None)

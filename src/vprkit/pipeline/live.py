@@ -418,7 +418,8 @@ class LiveMap:
             except BaseException:
                 path.unlink(missing_ok=True)  # the place was not added: its image goes too
                 raise
-            self.map.index.add(vector)
+            # the row's key, run and pose too: an index that keeps them beside the vector (Milvus) stores them
+            self.map.index.add(vector, [key], entries["run"], xy)
             self._remember(key, xy[0], parsed)
             self._after_write({"added": key})
             return self._place(key)
@@ -452,6 +453,8 @@ class LiveMap:
             data = self.map.data
             if parsed.xy is not None:
                 data.poses[row] = parsed.xy
+                # an index that keeps poses beside the vectors (Milvus) follows the store
+                self.map.index.set_poses([row], np.asarray(parsed.xy, np.float64).reshape(1, POSE_DIMS))
             if parsed.heading is not None:
                 data.headings[row] = parsed.heading
             if parsed.timestamp is not None:
