@@ -18,6 +18,7 @@ A recipe (paths relative to the recipe file)::
     folders = ["summer", "winter"]
     frames = [0, 1788]                       # [first, end) of the sorted frame names (optional)
     tolerance = 0
+    negatives = "any"                        # or "cross-domain": negatives only from another folder (season)
     # labels = "poses": images = "db/", poses = "poses.csv", radius = 10, soft_radius = 25
 
     [validation]                             # picks the best epoch: held out of training, never the judged set
@@ -81,7 +82,7 @@ from .checkpoint import write_checkpoint
 from .curves import plot_curves
 from .features import CachedFeatures, ImageFeatures
 from .heads import KMEANS_SAMPLE, build_head, head_options
-from .labels import PlaceLabels, frame_keys
+from .labels import NEGATIVE_RULES, PlaceLabels, frame_keys
 from .trainer import TrainSettings, Trainer, Validation
 
 SECTIONS = ("backbone", "data", "validation", "monitor", "head", "loss", "miner", "sampler", "optimiser", "schedule",
@@ -167,6 +168,9 @@ class Prepared:
 def _training_keys(recipe, data) -> tuple[Path, list[str], PlaceLabels]:
     root = _path(recipe, data.get("root", "."))
     kind = data.get("labels", "frames")
+    negatives = str(data.get("negatives", "any"))
+    if negatives not in NEGATIVE_RULES:
+        raise ConfigError(f"[data] negatives must be one of {NEGATIVE_RULES}, got {negatives!r}")
     if kind == "frames":
         folders = data.get("folders")
         if not folders:
@@ -178,7 +182,11 @@ def _training_keys(recipe, data) -> tuple[Path, list[str], PlaceLabels]:
         keys = [f"{f}/{n}" for f in folders for n in names]
         places = PlaceLabels.from_frames(frame_keys(keys), tolerance=int(data.get("tolerance", 0)),
                                          soft_tolerance=data.get("soft_tolerance"))
+        if negatives != "any":  # each folder (season) is a domain
+            places = places.with_domains(np.repeat(np.arange(len(folders)), len(names)), negatives=negatives)
         return root, keys, places
+    if negatives != "any":
+        raise ConfigError(f"[data] negatives = {negatives!r} needs frame labels with folders (each folder a domain)")
     if kind == "poses":
         from ..datasets.poses import read_poses
 
@@ -347,7 +355,12 @@ def _relabel(places: PlaceLabels, train_ids: np.ndarray, n: int) -> PlaceLabels:
     # Images outside training get their own classes (never sampled; they are not in train_ids).
     outside = classes < 0
     classes[outside] = classes.max() + 1 + np.arange(int(outside.sum()))
-    return PlaceLabels.from_classes(classes)
+    relabelled = PlaceLabels.from_classes(classes)
+    if places.domains is None:
+        return relabelled
+    domains = np.full(n, -1, dtype=np.int64)  # unknown outside training: never a cross-domain negative
+    domains[train_ids] = places.domains
+    return relabelled.with_domains(domains, negatives=places.negatives)
 
 
 def trained_config(recipe: Mapping[str, Any], prepared: Prepared) -> Config:

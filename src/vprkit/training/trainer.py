@@ -33,7 +33,7 @@ from ..datasets import GroundTruth
 from ..device import module_device, resolve_device
 from ..errors import ConfigError
 from ..evaluation.metrics import recall_at_n
-from .labels import PlaceLabels
+from .labels import PlaceLabels, restrict_tuples
 from .losses import CLASSIFIER_LOSSES, make_loss
 from .miners import MINERS, GeoMiner
 
@@ -249,6 +249,10 @@ class Trainer:
         if self.miner is not None:
             mine_labels = labels if isinstance(self.miner, GeoMiner) else self.places.class_labels(ids).to(self.device)
             tuples = self.miner(emb, mine_labels)
+            if not isinstance(self.miner, GeoMiner):
+                # A class-label miner knows same / other class only; the labels may forbid more negatives
+                # (soft positives, same-domain pairs with cross-domain negatives).
+                tuples = restrict_tuples(tuples, *self.places.masks(ids, device=self.device))
             mined = int(len(tuples[0]))
         loss = self.loss(emb, labels, tuples)
         self.optimiser.zero_grad(set_to_none=True)
