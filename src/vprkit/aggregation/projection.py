@@ -14,6 +14,13 @@ layer (for training). ``vlad={k, assignments, weight}`` concatenates the default
 VLAD (over the *map's own* vocabulary, so it needs one, built by the map build as for ``vlad``)
 with the trained head, scaled so that the descriptor's cosine is ``weight·VLAD + (1 − weight)·head``:
 the trained head brings what it learned (seasons), the map vocabulary keeps what generalises.
+
+A head may also be *centred* (:meth:`TrainedHead.fit_centre`, :func:`add_centre`): the mean of its
+outputs over the training images is subtracted and the result L2-normalised again. Why: every
+image of a domain shares a large common component in a layout head's output (the same sky, rails
+and hood in the same cells), which inflates every head cosine alike and so drowns the differences
+between places; removing it makes the head's part of a fused cosine measure those differences.
+The centre is saved in the state (``head_centre``), so a centred checkpoint needs no option.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import inspect
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -31,6 +38,9 @@ from torch import nn
 from ..backbones.base import DenseFeatures
 from ..errors import ConfigError
 from .base import AGGREGATORS, Aggregator, l2n
+
+# The state key of a centred head's centre (the mean training output, subtracted before re-normalising).
+CENTRE_KEY = "head_centre"
 
 
 class Projection(nn.Linear):
@@ -99,6 +109,7 @@ class TrainedHead(Aggregator):
         loaded = read_state(state) if state is not None else None
         if loaded is not None:  # a fused VLAD's centres come from the map's vocabulary, never from the state
             loaded = {k: v for k, v in loaded.items() if not k.startswith("vlad.")}
+        self.register_buffer(CENTRE_KEY, None)
         if loaded is not None:
             i = 0
             while f"projections.{i}.weight" in loaded:
@@ -107,6 +118,8 @@ class TrainedHead(Aggregator):
                 i += 1
         if projection is not None:
             self.add_projection(Projection(self.dim, int(projection)))
+        if loaded is not None and CENTRE_KEY in loaded:
+            self.set_centre(loaded[CENTRE_KEY])
         if loaded is not None:
             missing, unexpected = self.load_state_dict(loaded, strict=False)
             missing = [k for k in missing if not k.startswith(f"projections.{len(self.projections) - (projection is not None)}")]
@@ -132,9 +145,44 @@ class TrainedHead(Aggregator):
         return bool(options.get("vlad"))
 
     def add_projection(self, layer: Projection) -> None:
+        if self.head_centre is not None:
+            raise ConfigError("this head is centred (its centre belongs to its current output): add projections "
+                              "before fitting the centre")
         if layer.in_features != self.head_dim:
             raise ConfigError(f"a projection from {layer.in_features}-d cannot follow this {self.dim}-d head")
         self.projections.append(layer)
+
+    def set_centre(self, centre: torch.Tensor | np.ndarray) -> None:
+        """Subtract ``centre`` (a ``head_dim`` vector) from the head's output, then L2-normalise it again."""
+        c = torch.as_tensor(np.asarray(centre, np.float32) if isinstance(centre, np.ndarray) else centre).float().flatten()
+        if c.numel() != self.head_dim:
+            raise ConfigError(f"a head centre must have the head's {self.head_dim} dims, got {c.numel()}")
+        if not bool(torch.isfinite(c).all()):
+            raise ConfigError("a head centre must be finite")
+        self.head_centre = c.detach().clone()
+
+    def head_forward(self, features: DenseFeatures) -> torch.Tensor:
+        """The trained part alone: the inner head, its projections, and the centring when fitted."""
+        x = self.head(features)
+        for p in self.projections:
+            x = p(x)
+        if self.head_centre is not None:
+            x = l2n(x - self.head_centre.to(x.device, x.dtype))
+        return x
+
+    @torch.no_grad()
+    def fit_centre(self, features: Iterable[DenseFeatures]) -> torch.Tensor:
+        """Centre the head on the mean of its (uncentred) outputs over ``features`` (batches of training images)."""
+        self.head_centre = None
+        total, count = None, 0
+        for f in features:
+            y = self.head_forward(f).double()
+            total = y.sum(0) if total is None else total + y.sum(0)
+            count += len(y)
+        if not count:
+            raise ConfigError("fitting a head centre needs at least one image")
+        self.set_centre(total / count)
+        return self.head_centre
 
     @property
     def head_dim(self) -> int:
@@ -152,17 +200,31 @@ class TrainedHead(Aggregator):
         self.head.fit(descriptors, **options)
 
     def forward(self, features: DenseFeatures) -> torch.Tensor:
-        x = self.head(features)
-        for p in self.projections:
-            x = p(x)
+        x = self.head_forward(features)
         if self.vlad is not None:  # cosine of the concatenation = weight·VLAD cosine + (1 − weight)·head cosine
             w = self.vlad_weight
             x = torch.cat([math.sqrt(w) * self.vlad(features).to(x.dtype), math.sqrt(1.0 - w) * x], dim=1)
         return x
 
     def identity(self) -> dict[str, Any]:
-        return {**super().identity(), "head": self.head.identity(), "projections": [p.out_features for p in self.projections],
-                "state": Path(self.state).name if self.state else None}
+        ident = {**super().identity(), "head": self.head.identity(),
+                 "projections": [p.out_features for p in self.projections],
+                 "state": Path(self.state).name if self.state else None}
+        if self.head_centre is not None:  # only then: maps of uncentred heads keep their identity
+            ident["centred"] = True
+        return ident
+
+
+def add_centre(head: TrainedHead, features: Iterable[DenseFeatures], out: str | os.PathLike) -> Path:
+    """Fit ``head``'s centre on ``features`` (training images) and save its state (with ``head_centre``) to ``out``.
+
+    The fused VLAD's centres are not saved (they come from the map's vocabulary), as the trainer does.
+    """
+    head.fit_centre(features)
+    state = {k: v for k, v in head.state_dict().items() if not k.startswith("vlad.")}
+    p = Path(out)
+    torch.save(state, p)
+    return p
 
 
 AGGREGATORS.register("trained", TrainedHead)
