@@ -15,6 +15,16 @@ anyway), its 90th percentile, and ``matched``, the mean number of candidates mat
 
     python benchmarks/bench_rerank.py                                 # everything (slow: about an hour on 2 cores)
     python benchmarks/bench_rerank.py --datasets nordland --transforms none rotate:15 --presets performance
+    python benchmarks/bench_rerank.py --record                        # also save every query's shortlist scores
+    python benchmarks/bench_rerank.py --replay                        # re-fuse the saved scores (seconds, no matching)
+
+**Replay.** ``--record`` also matches the global top :data:`RECORD_MINIMUM` of every query (besides
+the candidates the preset keeps) and saves, per query set and preset, each query's shortlist
+(dataset indices), global scores and per-scale spatial scores in ``--cache``/replay. ``--replay``
+then ranks every query again with :func:`vprkit.rerank.fusion.rank_shortlist` — the function the
+live re-ranker uses — on the candidates the preset keeps and matches, so fusion constants are
+compared in seconds and give the live Recall@N of the same preset (compare a live run's table;
+recorded runs report the replayed ranking). Times are not replayed (a recording matches more).
 """
 
 from __future__ import annotations
@@ -28,7 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common import NORDLAND_600, NORDLAND_SIZE, report, setup
+import torch
+from common import NORDLAND_600, NORDLAND_SIZE, THREADS, report, setup
 
 from vprkit import pipeline
 from vprkit.datasets import load_dataset
@@ -37,6 +48,7 @@ from vprkit.evaluation.metrics import recall_at_n
 from vprkit.images import ImageSpec
 from vprkit.presets import get_preset, get_rerank_config
 from vprkit.rerank import map_extensions_for
+from vprkit.rerank.fusion import guard_options, matched_candidates, rank_shortlist, within_global_gap
 from vprkit.rerank.saved import state_digest
 
 DATASETS = {"corridor": ("corridor", None), "nordland": (NORDLAND_600, NORDLAND_SIZE)}
@@ -44,14 +56,26 @@ NS = (1, 5, 10)
 TRANSFORMS = ["none", "rotate:15", "rotate:30", "rotate:90", "zoom:1.3", "zoom:1.6", "crop:0.7"]
 RERANKS = ["speed", "storage", "performance", "performance-reference"]
 REFERENCE = "performance-reference"
+# --record matches at least the global top this many (besides the preset's kept candidates), so that
+# replays can try statistics over up to this many candidates
+RECORD_MINIMUM = 20
 CACHE = Path(os.environ.get("VPRKIT_CACHE", Path.home() / ".cache" / "vprkit")) / "bench_rerank"
 
 
-def run_queries(m, ds, reranker, k: int) -> tuple[np.ndarray, list[int]]:
-    """Ranked database indices (dataset order) per query, and the candidates matched per query."""
+def run_queries(m, ds, reranker, k: int, record: list | None = None) -> tuple[np.ndarray, list[int]]:
+    """Ranked database indices (dataset order) per query, and the candidates matched per query.
+
+    With ``record`` (a list), the re-ranker also matches the global top :data:`RECORD_MINIMUM` and
+    each query's ``(shortlist as dataset indices, global scores, matched mask, spatial scores
+    scales × matched)`` is appended.
+    """
     db_index = {key: i for i, key in enumerate(ds.database_images)}
     row_to_db = np.array([db_index[key] for key in m.keys] + [-1])
     rows_all, matched = [], []
+    if reranker is not None and record is not None:
+        reranker.guard = {**reranker.guard, "minimum": RECORD_MINIMUM}
+        reranker.on_scores = lambda head, g, matched, per_scale: record.append(
+            (row_to_db[head], np.asarray(g), np.asarray(matched), per_scale))
     for qb in pipeline.query_batches(m, ds.queries_dir, ds.query_images):
         if reranker is not None:
             reranker.candidate_sets = _counting(reranker.candidate_sets, matched)
@@ -69,6 +93,50 @@ def _counting(fn, sink: list[int]):
 
     wrapper.__wrapped__ = inner
     return wrapper
+
+
+def replay_path(cache: Path, queries: str, base, rerank: str) -> Path:
+    """Where a recording goes: named by query set, preset and the digest of the patches it matched."""
+    digest = state_digest(map_extensions_for(get_rerank_config(rerank), base)["patches"])
+    return cache / "replay" / f"{queries.replace(':', '_').replace('/', '_')}-{base.name}-{rerank}-{digest}.npz"
+
+
+def save_record(path: Path, record: list) -> None:
+    """Per-query shortlists, global scores and spatial scores (NaN where not matched), padded to the
+    longest shortlist (−1 / NaN)."""
+    n = max(len(h) for h, _, _, _ in record)
+    scales = max(p.shape[0] for _, _, _, p in record if p is not None)
+    heads = np.full((len(record), n), -1, np.int64)
+    glob = np.full((len(record), n), np.nan)
+    spatial = np.full((len(record), scales, n), np.nan)
+    for i, (h, g, matched, p) in enumerate(record):
+        heads[i, : len(h)], glob[i, : len(h)] = h, g
+        if p is not None:
+            spatial[i, :, np.flatnonzero(matched)] = p.T
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, heads=heads, global_scores=glob, spatial=spatial)
+
+
+def replay(path: Path, settings, guard: dict | None = None) -> np.ndarray:
+    """Ranked dataset indices per query from a recording: the candidates ``settings``' gap keeps, plus
+    those its guard matches for statistics, fused by :func:`~vprkit.rerank.fusion.rank_shortlist` as
+    the live re-ranker does (``guard`` overrides :func:`~vprkit.rerank.fusion.guard_options`). The
+    recording must hold every candidate this needs (a gap ≤ the recorded preset's, a minimum ≤
+    :data:`RECORD_MINIMUM`)."""
+    data = np.load(path)
+    guard = guard or guard_options(settings.global_gap)
+    out = []
+    for heads, g, spatial in zip(data["heads"], data["global_scores"], data["spatial"]):
+        valid = heads >= 0
+        heads, g, spatial = heads[valid], g[valid], spatial[:, valid]
+        keep = within_global_gap(g, settings.global_gap)
+        matched = matched_candidates(g, keep, guard["minimum"])
+        per_scale = spatial[:, matched] if keep.sum() >= 2 else None
+        if per_scale is not None and np.isnan(per_scale).any():
+            raise ValueError(f"{path.name} was recorded with fewer candidates matched than this replay needs")
+        fused = rank_shortlist(per_scale, g, keep, settings.weights, settings.global_weight, matched, guard["alpha"])
+        out.append(heads[np.argsort(-fused, kind="stable")][: max(NS)])
+    return np.stack(out)
 
 
 def query_sets(ds, transforms: list[str], limit: int | None, cache: Path):
@@ -104,8 +172,14 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="only the first N queries of the transformed sets")
     ap.add_argument("--cache", type=Path, default=CACHE, help="maps and transformed queries, reused by later runs")
     ap.add_argument("--name", default="rerank")
+    ap.add_argument("--threads", type=int, default=THREADS,
+                    help="torch threads; on a machine shared with other jobs use 1 (two threads that wait for "
+                         "each other's core made the small matching products 20× slower under load)")
+    ap.add_argument("--record", action="store_true", help="match whole shortlists and save the scores for --replay")
+    ap.add_argument("--replay", action="store_true", help="re-fuse recorded scores instead of matching (no times)")
     args = ap.parse_args()
     setup()
+    torch.set_num_threads(args.threads)
     rows_out = []
     for dname in args.datasets:
         spec, size = DATASETS[dname]
@@ -113,11 +187,27 @@ def main() -> None:
         base = get_preset(args.preset)
         if size is not None:
             base = base.replace(image=ImageSpec(size, "fixed"))
-        maps = {r: cached_map(ds, base, r, args.cache) for r in args.presets}
+        maps = {} if args.replay else {r: cached_map(ds, base, r, args.cache) for r in args.presets}
         for qs in query_sets(ds, args.transforms, args.limit, args.cache):
             gt = qs.ground_truth
             global_r1 = None
             for rerank in args.presets:
+                settings = get_rerank_config(rerank)
+                if args.replay:
+                    path = replay_path(args.cache, qs.name, base, rerank)
+                    if not path.exists():
+                        print(f"{qs.name} {rerank}: no recording ({path}); run --record first", file=sys.stderr)
+                        continue
+                    if global_r1 is None:
+                        rec = recall_at_n(np.load(path)["heads"][:, : max(NS)], gt, NS)  # recorded in global order
+                        global_r1 = rec["R@1"]
+                        rows_out.append({"queries": qs.name, "method": f"global {args.preset}",
+                                         **{f"R@{n}": round(rec[f"R@{n}"], 3) for n in NS}})
+                    rec = recall_at_n(replay(path, settings), gt, NS)
+                    rows_out.append({"queries": qs.name, "method": f"replay {rerank}",
+                                     **{f"R@{n}": round(rec[f"R@{n}"], 3) for n in NS},
+                                     "dR@1": round(rec["R@1"] - global_r1, 3)})
+                    continue
                 m = pipeline.open_map(maps[rerank], read_only=True)
                 if global_r1 is None:
                     g, _ = run_queries(m, qs, None, max(NS))
@@ -127,11 +217,17 @@ def main() -> None:
                                      **{f"R@{n}": round(rec[f"R@{n}"], 3) for n in NS}})
                 reranker = pipeline.get_reranker(m, rerank, log=lambda _: None)
                 assert reranker.stored, "the map should hold the preset's patches"
-                r, matched = run_queries(m, qs, reranker, max(NS))
+                record: list | None = [] if args.record else None
+                r, matched = run_queries(m, qs, reranker, max(NS), record)
+                if record is not None:
+                    path = replay_path(args.cache, qs.name, base, rerank)
+                    save_record(path, record)
+                    r = replay(path, settings)  # the preset's ranking (its gap applied to the whole-shortlist scores)
                 rec = recall_at_n(r, gt, NS)
                 timings = reranker.timings or [0.0]
                 rows_out.append({
-                    "queries": qs.name, "method": f"rerank {rerank}", **{f"R@{n}": round(rec[f"R@{n}"], 3) for n in NS},
+                    "queries": qs.name, "method": f"{'record' if args.record else 'rerank'} {rerank}",
+                    **{f"R@{n}": round(rec[f"R@{n}"], 3) for n in NS},
                     "dR@1": round(rec["R@1"] - global_r1, 3),
                     "s/query": round(statistics.mean(timings), 4), "s_p90": round(float(np.percentile(timings, 90)), 4),
                     "matched": round(sum(matched) / max(1, len(qs.query_images)), 1),
@@ -143,12 +239,13 @@ def main() -> None:
     ref = {(r["queries"]): r for r in rows_out if r["method"] == f"rerank {REFERENCE}"}
     for r in rows_out:
         base_row = ref.get(r["queries"])
-        if "bytes/image" in r and base_row is not None and base_row["bytes/image"] and r["s/query"]:
+        if r.get("bytes/image") and base_row is not None and base_row["bytes/image"] and r["s/query"]:
             r["bytes vs ref"] = f"1/{base_row['bytes/image'] / max(1, r['bytes/image']):.1f}"
             r["time vs ref"] = f"1/{base_row['s/query'] / r['s/query']:.1f}"
     cols = ["queries", "method", "R@1", "R@5", "R@10", "dR@1", "s/query", "s_p90", "matched", "bytes/image",
             "bytes vs ref", "time vs ref"]
-    report(args.name, rows_out, cols, {"global_preset": args.preset, "threads": 2,
+    report(args.name, rows_out, cols, {"global_preset": args.preset, "threads": args.threads,
+                                       "load_average": os.getloadavg(),
                                        "presets": {p: get_rerank_config(p).to_dict() for p in args.presets}})
 
 

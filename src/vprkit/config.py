@@ -134,7 +134,9 @@ class RerankConfig:
     ``disk``) with its ``backbone_options``; ``global_gap``: re-rank only the candidates whose
     global similarity is within this many standard deviations (z-units over the shortlist) of the
     global top-1 — a global top-1 that stands out by more is kept, and fewer candidates are matched
-    (``None``: every shortlist candidate, the original). Named presets: :func:`vprkit.presets.get_rerank_config`.
+    (``None``: every shortlist candidate, the original); ``verify``: run the spatial scorer on only this
+    many of the matched candidates, those with the most mutual nearest neighbours (a cascade, see
+    :mod:`vprkit.rerank.cascade`; ``None``: all, the original). Named presets: :func:`vprkit.presets.get_rerank_config`.
     """
 
     name: str = "custom"
@@ -150,9 +152,12 @@ class RerankConfig:
     backbone: str | None = None
     backbone_options: Mapping[str, Any] = field(default_factory=dict)
     global_gap: float | None = None
+    verify: int | None = None
 
     def __post_init__(self):
         where = f"re-ranking preset {self.name!r}"
+        if self.verify is not None and (isinstance(self.verify, bool) or not isinstance(self.verify, int) or self.verify < 1):
+            raise ConfigError(f"{where}: verify must be a number of candidates ≥ 1 (or None for all), got {self.verify!r}")
         if self.global_gap is not None and (isinstance(self.global_gap, bool) or not isinstance(self.global_gap, (int, float))
                                             or not 0 < float(self.global_gap) < float("inf")):
             raise ConfigError(f"{where}: global_gap must be a positive number of standard deviations (or None), "

@@ -12,7 +12,7 @@ import pytest
 from vprkit.errors import ConfigError
 from vprkit.numerics import zscore
 from vprkit.rerank import RerankSettings
-from vprkit.rerank.fusion import within_global_gap
+from vprkit.rerank.fusion import STATISTICS_MIN_CANDIDATES, within_global_gap
 from vprkit.rerank.reranker import PatchReranker
 
 SHORTLIST = 20
@@ -75,7 +75,8 @@ def test_among_close_global_candidates_the_patches_decide():
     patch = {r: 0.1 for r in range(SHORTLIST)} | {1: 0.9}
     rows, scores, rr = _rerank(1.0, g, patch)
     assert rows[0] == 1 and rows[1] == 0
-    assert sorted(rr.matched[0]) == [0, 1]  # only the close ones were matched
+    # the close ones, and the global top few whose patch scores measure the chance spread
+    assert sorted(rr.matched[0]) == list(range(STATISTICS_MIN_CANDIDATES))
     assert list(rows[2:]) == list(range(2, SHORTLIST)) and (np.diff(scores) < 0).all()
 
 
@@ -84,8 +85,10 @@ def test_the_fusion_among_kept_candidates_is_the_z_sum_with_the_global_spread():
     patch = {0: 0.2, 1: 0.5, 2: 0.4, 3: 0.9} | {r: 0.0 for r in range(4, SHORTLIST)}
     rows, scores, _ = _rerank(1.0, g, patch)
     kept = np.arange(4)
-    # the patch scores z-normalised among the kept; the global ones keep the whole shortlist's spread
-    fused = 0.5 * zscore(np.array([patch[r] for r in kept])) + 0.5 * zscore(g)[kept]
+    matched = np.arange(max(len(kept), STATISTICS_MIN_CANDIDATES))
+    # the patch scores z-normalised over the matched; the global ones keep the whole shortlist's
+    # spread (no significance margin by default)
+    fused = 0.5 * zscore(np.array([patch[r] for r in matched]))[kept] + 0.5 * zscore(g)[kept]
     assert list(rows[:4]) == list(kept[np.argsort(-fused)])
     np.testing.assert_allclose(scores[:4], np.sort(fused)[::-1])
 

@@ -142,6 +142,8 @@ def test_cli_prepare_and_second_localize_do_not_refit(plain_map, refs):
     assert [m["image"] for m in a[0]["matches"]] == [m["image"] for m in b[0]["matches"]]
     r = runner.invoke(cli, ["rerank", "prepare", str(plain_map), "--rerank", "storage"])
     assert r.exit_code == 0, r.output
-    assert "computed and saved" in r.output and " 0 images" not in r.output
+    # the guarded fusion matches the global top STATISTICS_MIN_CANDIDATES (≥ this 8-image map), so the
+    # localize above may already have saved every image; prepare then completes whatever is left
+    assert "computed and saved" in r.output
     r = runner.invoke(cli, ["rerank", "prepare", str(plain_map), "--rerank", "storage"])
     assert "0 images' patches computed" in r.output, r.output

@@ -11,7 +11,7 @@ keeps the state fitted on first use (and the patches computed since) in the map.
 
 from .base import Reranker
 from .extension import PatchesExtension
-from .fusion import fuse_scales, fuse_with_global, within_global_gap, znorm
+from .fusion import fuse_scales, fuse_with_global, rank_shortlist, within_global_gap, znorm
 from .matching import Matches, mutual_nn, mutual_nn_grouped
 from .patches import PatchProjection, PatchScale, direct_patch_vlad, integral_patch_vlad
 from .presets import RERANK_PRESETS, RerankSettings, get_rerank_settings, map_extensions_for
@@ -20,7 +20,7 @@ from .saved import SavedState
 from .scoring import SCORERS, PatchSet, SpatialScore, rapid_spatial_score, ransac_score
 
 __all__ = [
-    "Reranker", "make_reranker", "PatchesExtension", "fuse_scales", "fuse_with_global", "within_global_gap", "znorm", "Matches", "mutual_nn",
+    "Reranker", "make_reranker", "PatchesExtension", "fuse_scales", "fuse_with_global", "rank_shortlist", "within_global_gap", "znorm", "Matches", "mutual_nn",
     "mutual_nn_grouped", "PatchProjection", "PatchScale", "direct_patch_vlad", "integral_patch_vlad", "RERANK_PRESETS",
     "RerankSettings", "get_rerank_settings", "map_extensions_for", "PairResult", "PatchReranker", "score_pair",
     "SCORERS", "PatchSet", "SpatialScore", "rapid_spatial_score", "ransac_score", "SavedState",

@@ -20,11 +20,23 @@ the kept candidates are the only ones matched, it also cuts the re-ranking time.
 
 from __future__ import annotations
 
+from statistics import NormalDist
 from typing import Sequence
 
 import numpy as np
 
 from ..numerics import zscore
+
+SQRT2 = float(np.sqrt(2.0))
+# The guarded fusion (presets with a global gap): candidates always matched, when anything is
+# re-ranked, to measure the spread of patch scores (see rank_shortlist) ...
+STATISTICS_MIN_CANDIDATES = 10
+# ... and the family-wise chance that the patches overturn a right global top-1 by chance (overturn_margin),
+# for callers that ask for the significance test. Not on by default: measured on Nordland-600 (speed,
+# bench_rerank --replay) it removed the whole seasonal gain (0.525 → 0.413 at α = 0.05; global 0.412).
+OVERTURN_ALPHA = 0.05
+# The default presets' test level: None = no significance test (statistics over the matched only).
+DEFAULT_OVERTURN_ALPHA: float | None = None
 
 # The former name of :func:`vprkit.numerics.zscore` (z-scores over ``valid`` entries, others → 0).
 znorm = zscore
@@ -55,3 +67,90 @@ def within_global_gap(global_scores: np.ndarray, gap: float | None) -> np.ndarra
         return np.ones(g.shape, bool)
     z = zscore(g)
     return z >= z.max() - float(gap)
+
+
+def overturn_margin(challengers: int, alpha: float) -> float:
+    """How far (in standard deviations of the patch score) a challenger must out-score the global
+    top-1 for the patches to overturn it, with ``challengers`` candidates trying at once.
+
+    Under the null hypothesis that the patch scores of the challenger and of the top-1 differ only by
+    chance — two independent draws from the shortlist's patch-score distribution, unit variance once
+    z-normalised — their difference is N(0, 2). Testing every challenger at level ``alpha / n``
+    (Bonferroni, so that *any* of the ``n`` overturns by chance with probability ≤ ``alpha``) needs
+    a difference of ``√2 · Φ⁻¹(1 − alpha / n)``: at α = 0.05, 2.3 σ for one challenger, 3.6 σ for
+    ten, 4.0 σ for twenty — growing slowly with ``n``. Zero challengers: nothing to test (0).
+    """
+    if challengers < 1:
+        return 0.0
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    return SQRT2 * NormalDist().inv_cdf(1.0 - alpha / challengers)
+
+
+def matched_candidates(global_scores: np.ndarray, keep: np.ndarray, minimum: int) -> np.ndarray:
+    """Which shortlist candidates to match: the kept ones, and — when at least two are kept, so that
+    something may be reordered — the global top ``minimum`` as well, whose patch scores estimate the
+    spread of chance patch scores (see :func:`rank_shortlist`). ``global_scores`` in global order."""
+    keep = np.asarray(keep, bool)
+    if keep.sum() < 2 or minimum <= 0:
+        return keep.copy()
+    top = np.zeros(len(keep), bool)
+    top[np.argsort(-np.asarray(global_scores, np.float64), kind="stable")[:minimum]] = True
+    return keep | top
+
+
+def guard_options(global_gap: float | None) -> dict:
+    """``rank_shortlist``'s guard for a preset: with a global gap (the trust-guarded presets) patch
+    statistics over at least :data:`STATISTICS_MIN_CANDIDATES` and the significance test at
+    :data:`DEFAULT_OVERTURN_ALPHA` (off: see :data:`OVERTURN_ALPHA`); without (the original Patch-NetVLAD fusion, kept for fidelity) neither."""
+    if global_gap is None:
+        return {"minimum": 0, "alpha": None}
+    return {"minimum": STATISTICS_MIN_CANDIDATES, "alpha": DEFAULT_OVERTURN_ALPHA}
+
+
+def rank_shortlist(per_scale: np.ndarray | None, head_scores: np.ndarray, keep: np.ndarray,
+                   weights: Sequence[float], global_weight: float, matched: np.ndarray | None = None,
+                   alpha: float | None = None) -> np.ndarray:
+    """Final scores of one query's shortlist (higher is better; sort descending, stably, for the order).
+
+    ``head_scores``: the shortlist's global similarities in global order; ``keep``: which of them may
+    be reordered (:func:`within_global_gap`); ``matched`` (default ``keep``, must contain it): which
+    were matched, ``per_scale`` being their ``scales × matched`` spatial scores (``None`` when fewer
+    than two were kept: nothing to reorder). The kept candidates are fused; the others follow below
+    them in global order.
+
+    Fusion: ``(1 − g)·z(patch) + g·z(global)``, the patch score z-normalised over the *matched*
+    candidates and the global one over the whole shortlist. Normalising over the kept candidates
+    alone is what made re-ranking lose: with two kept, their patch z-scores are ±1 whatever the
+    difference, so a challenger one inlier ahead overturns the top-1; over the matched set (the kept
+    plus the global top ``minimum``) the unit is the spread of patch scores over candidates that
+    are mostly wrong — chance.
+
+    ``alpha``: the global top-1 is overturned only when the patches say so significantly — it gets a
+    head start of ``(1 − g) · overturn_margin(kept − 1, alpha)`` (:func:`overturn_margin`), i.e. a
+    challenger must out-score it by the global deficit plus that margin in patch standard deviations.
+    ``None``: no test (the original fusion). One pure function, so that the live re-ranker and a
+    replay of recorded scores (``benchmarks/bench_rerank.py --replay``) rank alike.
+    """
+    head_scores = np.asarray(head_scores, np.float64)
+    keep = np.asarray(keep, bool)
+    matched = keep if matched is None else np.asarray(matched, bool)
+    if (keep & ~matched).any():
+        raise ValueError("every kept candidate must be matched")
+    picked = np.flatnonzero(keep)
+    if per_scale is None or len(picked) < 2:
+        fused_kept = np.zeros(len(picked))
+    else:
+        patch = np.zeros(len(head_scores))
+        patch[matched] = zscore(fuse_scales(list(per_scale), weights))
+        # the global score keeps its own spread over the whole shortlist as the unit, so that two
+        # candidates it can barely tell apart do not become ±1 apart among the few kept
+        fused_kept = (1.0 - global_weight) * patch[picked] + global_weight * zscore(head_scores)[picked]
+        if alpha is not None:
+            top = int(np.argmax(np.where(keep, head_scores, -np.inf)))
+            fused_kept[np.searchsorted(picked, top)] += (1.0 - global_weight) * overturn_margin(len(picked) - 1, alpha)
+    rest = np.flatnonzero(~keep)  # in global order
+    fused = np.empty(len(head_scores))
+    fused[picked] = fused_kept
+    fused[rest] = (fused_kept.min() if len(picked) else 0.0) - 1.0 - np.arange(len(rest))
+    return fused

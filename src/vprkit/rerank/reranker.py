@@ -8,7 +8,9 @@ the z-normalised global similarity (``global_weight``; 0 reproduces the original
 ranking). Fusing the global score matters where geometry is weak — fisheye corridors, lateral
 motion — while the patch evidence decides where it is strong; a shortlist whose patch scores are
 all equal leaves the global order unchanged. With a ``global_gap`` only the candidates within it
-of the global top-1 are matched and reordered (see :mod:`vprkit.rerank.fusion`).
+of the global top-1 are matched and reordered (see :mod:`vprkit.rerank.fusion`). With ``verify`` the
+spatial scorer runs on only that many matched candidates, those with the most mutual nearest
+neighbours (see :mod:`vprkit.rerank.cascade`).
 
 Candidates' patches come from the map store when it was built with the same re-ranking settings;
 otherwise they are computed from the map's images (same result) and cached in RAM, and the fitted
@@ -31,10 +33,10 @@ from tqdm import tqdm
 from ..backbones.extract import extract, ignore_failures, sample_keys
 from ..device import module_device
 from ..errors import MapError
-from ..numerics import zscore
 from .base import Reranker
+from .cascade import cascade_scores
 from .extension import GROUP, PatchesExtension
-from .fusion import fuse_scales, fuse_with_global, within_global_gap
+from .fusion import guard_options, matched_candidates, rank_shortlist, within_global_gap
 from .matching import Matches, mutual_nn_grouped
 from .scoring import SCORERS, PatchSet, SpatialScore
 
@@ -238,6 +240,12 @@ class PatchReranker(Reranker):
         self.scorer = SCORERS.get(settings.scorer)
         self.cache = CandidateCache(CANDIDATE_CACHE_BYTES)
         self.timings: list[float] = []
+        # the guarded fusion's constants (vprkit.rerank.fusion.guard_options); benchmarks may override
+        # them to record more candidates than the preset matches
+        self.guard = guard_options(settings.global_gap)
+        # called per query with (shortlist rows, their global scores, matched mask, matched spatial
+        # scores or None) before fusing: benchmarks record them to replay other fusion rules without matching again
+        self.on_scores: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None], None] | None = None
         self.extension = extension
         self.candidates = candidates
         self.stored = candidates.stored
@@ -260,7 +268,14 @@ class PatchReranker(Reranker):
 
     # ---- re-ranking ----------------------------------------------------------------------------
     def patch_scores(self, query_sets: list[PatchSet], candidates: list[list[PatchSet]]) -> np.ndarray:
-        """``scales × candidates`` spatial scores of one query against its shortlist."""
+        """``scales × candidates`` spatial scores of one query against its shortlist (candidates in global order).
+
+        With the ``verify`` setting, only that many candidates are spatially verified (the cascade of
+        :mod:`vprkit.rerank.cascade`); otherwise every candidate is, one pair at a time, as the original.
+        """
+        if self.settings.verify is not None:
+            return cascade_scores(query_sets, candidates, self.scorer, self.settings.weights, self.settings.verify,
+                                  self.device)[0]
         out = np.zeros((len(query_sets), len(candidates)))
         for s, q in enumerate(query_sets):
             matches = mutual_nn_grouped(q.descriptors, [c[s].descriptors for c in candidates], self.device)
@@ -268,14 +283,12 @@ class PatchReranker(Reranker):
                 out[s, c] = self.scorer(q, cand[s], m).value
         return out
 
-    def fuse(self, per_scale: np.ndarray, global_scores: np.ndarray, global_z: np.ndarray | None = None) -> np.ndarray:
-        """Fused scores of the matched candidates. ``global_z``: their global z-scores over the whole
-        shortlist (with a global gap, the global score keeps its own spread as the unit, so that two
-        candidates it can barely tell apart do not become ±1 apart among the few kept)."""
-        patch = fuse_scales(list(per_scale), self.settings.weights)
-        if global_z is None:
-            return fuse_with_global(patch, global_scores, self.settings.global_weight)
-        return (1.0 - self.settings.global_weight) * zscore(patch) + self.settings.global_weight * global_z
+    def fuse(self, per_scale: np.ndarray | None, head_scores: np.ndarray, keep: np.ndarray,
+             matched: np.ndarray | None = None) -> np.ndarray:
+        """Final scores of one query's shortlist from its matched candidates' spatial scores
+        (:func:`vprkit.rerank.fusion.rank_shortlist`; ``per_scale`` is ``None`` when nothing was matched)."""
+        return rank_shortlist(per_scale, head_scores, keep, self.settings.weights, self.settings.global_weight,
+                              matched, self.guard["alpha"])
 
     def rerank(self, query: "QueryBatch", rows: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rows, scores = np.array(rows), np.array(scores, np.float64)
@@ -287,23 +300,20 @@ class PatchReranker(Reranker):
             head = [int(r) for r in rows[qi, :n] if r >= 0]
             if len(head) < 2:
                 continue
-            # only the candidates within the global gap are matched; the rest keep their global order below
+            # only the candidates within the global gap may move (the rest keep their global order
+            # below); a few more are matched to measure the spread of chance patch scores
             head_scores = scores[qi, : len(head)]
             keep = within_global_gap(head_scores, self.settings.global_gap)
-            picked = np.flatnonzero(keep)
-            if len(picked) >= 2:
+            matched = matched_candidates(head_scores, keep, self.guard["minimum"])
+            per_scale = None
+            if keep.sum() >= 2:
+                picked = np.flatnonzero(matched)
                 sets = self.candidate_sets([head[i] for i in picked])
                 per_scale = self.patch_scores(qsets, [sets[head[i]] for i in picked])
-                global_z = None if keep.all() else zscore(head_scores)[picked]
-                fused_kept = self.fuse(per_scale, head_scores[picked], global_z)
-            else:  # the global top-1 stands out: nothing to re-rank
-                fused_kept = np.zeros(len(picked))
-            order = picked[np.argsort(-fused_kept, kind="stable")]
-            rest = np.flatnonzero(~keep)  # in global order
-            fused = np.empty(len(head))
-            fused[picked] = fused_kept
-            fused[rest] = fused_kept.min() - 1.0 - np.arange(len(rest))
-            order = np.concatenate([order, rest])
+            if self.on_scores is not None:
+                self.on_scores(np.asarray(head), head_scores, matched, per_scale)
+            fused = self.fuse(per_scale, head_scores, keep, matched)
+            order = np.argsort(-fused, kind="stable")
             out_rows[qi, : len(head)] = np.asarray(head)[order]
             out_scores[qi, : len(head)] = fused[order]
             tail = slice(len(head), rows.shape[1])  # beyond the shortlist: global order, below it

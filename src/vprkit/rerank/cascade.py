@@ -1,0 +1,100 @@
+"""Cascade scoring: a cheap pre-score for every matched candidate, RANSAC only for the few it ranks best.
+
+Why: with compact patch descriptors (the ``performance`` preset's 256-d whitened int8) the time of
+re-ranking a whole shortlist is not in the matrix products but in the spatial check. OpenCV's
+RANSAC stops early only when the inlier ratio is high; a wrong candidate — most of a shortlist —
+has few inliers among its mutual matches, so it runs the full 2,000 iterations, at every scale
+(profiled on Nordland-600 with one thread: RANSAC 0.59 s of 0.66 s per query for a 100-candidate
+shortlist; the rest is 300 one-pair matching calls). Those are exactly the candidates whose RANSAC
+score cannot win. The mutual-nearest-neighbour count of a pair is known before any geometry, costs
+next to nothing once all candidates are matched in one batched product
+(:func:`vprkit.rerank.matching.mutual_nn_stacked`), and ranks the right place high: a true match
+shares many mutually-nearest patches (on Nordland-600 the true place is among the 15 best counts
+for 84 % of the queries whose shortlist holds it, sampled on 60 queries). So:
+
+1. match every candidate (all of them at once per scale);
+2. pre-score each candidate with its mutual-match counts, z-normalised per scale over the
+   candidates and summed with the preset's scale weights (:func:`prescore`);
+3. verify with the preset's spatial scorer (RANSAC) only the ``verify`` candidates with the best
+   pre-scores (:func:`select_for_verification`);
+4. give the others, at each scale, the lowest verified score (:func:`fill_unverified`): they were
+   judged weaker by the pre-score, so they rank with the weakest verified candidate, and the
+   per-scale statistics the fusion z-normalises with still count them.
+
+The fusion (:mod:`vprkit.rerank.fusion`) is unchanged: it receives ``scales × candidates`` scores
+as from the full re-ranker.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..numerics import zscore
+from .matching import Matches, mutual_nn_stacked
+from .scoring import PatchSet, SpatialScore
+
+
+def prescore(match_counts: np.ndarray, weights: Sequence[float]) -> np.ndarray:
+    """Cheap score per candidate: ``Σ_s w_s · z(mutual matches at scale s)``.
+
+    ``match_counts``: ``scales × candidates`` numbers of mutual nearest neighbours. Z-normalising
+    per scale puts scales with many patches (size 2) and few (size 8) on one footing, as the
+    fusion does with the spatial scores; a scale where every candidate has the same count adds 0.
+    """
+    counts = np.asarray(match_counts, np.float64)
+    if counts.ndim != 2 or counts.shape[0] != len(weights):
+        raise ValueError(f"match counts of shape {counts.shape} for {len(weights)} scale weights")
+    return sum(w * zscore(c) for c, w in zip(counts, weights))
+
+
+def select_for_verification(pre: np.ndarray, verify: int | None) -> np.ndarray:
+    """Which candidates the spatial scorer verifies: the ``verify`` best by pre-score.
+
+    ``pre`` is in global order (best global candidate first), so ties in the pre-score go to the
+    better global candidate. ``verify=None`` or ``≥ len(pre)`` verifies all.
+    """
+    pre = np.asarray(pre, np.float64)
+    chosen = np.zeros(len(pre), bool)
+    if verify is None or verify >= len(pre):
+        chosen[:] = True
+        return chosen
+    if verify < 1:
+        raise ValueError(f"verify must be ≥ 1 candidate (or None for all), got {verify}")
+    chosen[np.argsort(-pre, kind="stable")[:verify]] = True
+    return chosen
+
+
+def fill_unverified(verified_scores: np.ndarray, chosen: np.ndarray) -> np.ndarray:
+    """``scales × candidates`` scores with each unverified candidate at its scale's lowest verified score.
+
+    ``verified_scores``: ``scales × candidates`` (entries of unverified candidates are ignored).
+    """
+    scores = np.asarray(verified_scores, np.float64)
+    chosen = np.asarray(chosen, bool)
+    if not chosen.any():
+        raise ValueError("at least one candidate must be verified")
+    floor = scores[:, chosen].min(axis=1, keepdims=True)
+    return np.where(chosen[None, :], scores, floor)
+
+
+def cascade_scores(query_sets: list[PatchSet], candidates: list[list[PatchSet]],
+                   scorer: Callable[[PatchSet, PatchSet, Matches], SpatialScore], weights: Sequence[float],
+                   verify: int | None, device=None) -> tuple[np.ndarray, np.ndarray]:
+    """``scales × candidates`` spatial scores of one query against its candidates (in global order),
+    with ``scorer`` run only on the candidates :func:`select_for_verification` picks; and that mask.
+    """
+    n_scales, n_cand = len(query_sets), len(candidates)
+    matches: list[list[Matches]] = []
+    counts = np.zeros((n_scales, n_cand))
+    for s, q in enumerate(query_sets):
+        per_scale = mutual_nn_stacked(q.descriptors, [c[s].descriptors for c in candidates], device)
+        matches.append(per_scale)
+        counts[s] = [len(m) for m in per_scale]
+    chosen = select_for_verification(prescore(counts, weights), verify)
+    scores = np.zeros((n_scales, n_cand))
+    for c in np.flatnonzero(chosen):
+        for s, q in enumerate(query_sets):
+            scores[s, c] = scorer(q, candidates[c][s], matches[s][c]).value
+    return fill_unverified(scores, chosen), chosen
