@@ -57,6 +57,14 @@ SYNTHETIC_TYPES: dict[str, tuple[str, int, dict[str, Any]]] = {
     "pca1024-opq64-ivfpq64": ("OPQ64,IVF1024,PQ64", PCA_DIMS, {"nprobe": 32}),
     "pca1024-opq64-ivfpq64-rescore": ("OPQ64,IVF1024,PQ64", PCA_DIMS, {"nprobe": 32, "rescore": 100}),
     "pca1024-ivf1024-sq8": ("IVF1024,SQ8", PCA_DIMS, {"nprobe": 32}),
+    # Everything in the process's RAM, no re-scoring copy: half-precision codes of a 512-d PCA.
+    "pca512-ivf1024-sqfp16": ("IVF1024,SQfp16", 512, {"nprobe": 32}),
+    "pca768-ivf1024-sqfp16": ("IVF1024,SQfp16", 768, {"nprobe": 32}),
+    "pca768-ivf1024-sqfp16-nprobe16": ("IVF1024,SQfp16", 768, {"nprobe": 16}),
+    "pca1024-ivf1024-sq8-rescore": ("IVF1024,SQ8", PCA_DIMS, {"nprobe": 32, "rescore": 100}),
+    "pca1024-ivfpq64-rescore250": ("IVF1024,PQ64", PCA_DIMS, {"nprobe": 32, "rescore": 250}),
+    "pca1024-ivfpq64-rescore400": ("IVF1024,PQ64", PCA_DIMS, {"nprobe": 32, "rescore": 400}),
+    "pca1024-ivfpq64-rescore500": ("IVF1024,PQ64", PCA_DIMS, {"nprobe": 32, "rescore": 500}),
 }
 # Real maps are small (111 and 600 places): flat codes, after a PCA that fits the map or on all dims;
 # 4-bit PQ (16 centroids per sub-vector) because 8-bit PQ needs ≥ 256 training rows.
@@ -189,6 +197,8 @@ def run_synthetic(args: argparse.Namespace, dim: int) -> list[dict]:
         """(PCA transform, N×dims projected rows as a memmap, seconds to fit and project) — shared by types."""
         if dims in pca_cache:
             return pca_cache[dims]
+        if dims < PCA_DIMS and (CACHE / f"synthetic-{n}-pca{PCA_DIMS}-fit.npz").exists():
+            projected(PCA_DIMS)  # a cached larger PCA: its leading components are this PCA
         if PCA_DIMS in pca_cache and dims < PCA_DIMS:  # leading components of the larger PCA are this PCA
             big, big_rows, big_s = pca_cache[PCA_DIMS]
             a = faiss.vector_to_array(big.A).reshape(PCA_DIMS, dim)[:dims]
