@@ -6,9 +6,12 @@ Kept out of conftest.py: several conftest modules exist, and only one can be imp
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from PIL import Image
+
+from vprkit.rerank.reranker import PatchReranker
 
 
 def make_images(folder: Path, n: int, size=(48, 64), seed: int = 0, ext: str = "png") -> list[str]:
@@ -45,3 +48,21 @@ def run_cli(args, **kw):
     from vprkit.cli import cli
 
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False, **kw)
+
+
+
+class FixedPatchScores(PatchReranker):
+    """A re-ranker whose patch scores per map row are given (no images involved): fusion tests."""
+
+    def __init__(self, settings, patch_by_row: dict[int, float]):
+        stub_ext = SimpleNamespace(describe_batch=lambda batch, feats: [[None]])
+        super().__init__(settings, stub_ext, SimpleNamespace(stored=True, close=lambda: None))
+        self.patch_by_row = patch_by_row
+        self.matched: list[list[int]] = []  # the rows matched, per query
+
+    def candidate_sets(self, rows):
+        self.matched.append(list(rows))
+        return {r: [r] for r in rows}
+
+    def patch_scores(self, query_sets, candidates):
+        return np.array([[self.patch_by_row[c[0]] for c in candidates]])

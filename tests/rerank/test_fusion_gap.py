@@ -13,7 +13,7 @@ from vprkit.errors import ConfigError
 from vprkit.numerics import zscore
 from vprkit.rerank import RerankSettings
 from vprkit.rerank.fusion import STATISTICS_MIN_CANDIDATES, within_global_gap
-from vprkit.rerank.reranker import PatchReranker
+from helpers import FixedPatchScores
 
 SHORTLIST = 20
 
@@ -21,24 +21,6 @@ SHORTLIST = 20
 def _scores(top: float, second: float) -> np.ndarray:
     """A shortlist: a top-1, a runner-up, and a tail spread evenly below both."""
     return np.r_[top, second, np.linspace(0.50, 0.40, SHORTLIST - 2)]
-
-
-class FixedPatchScores(PatchReranker):
-    """A re-ranker whose patch scores per map row are given (no images involved)."""
-
-    def __init__(self, settings, patch_by_row: dict[int, float]):
-        stub_ext = SimpleNamespace(describe_batch=lambda batch, feats: [[None]])
-        stub_candidates = SimpleNamespace(stored=True, close=lambda: None, __call__=None)
-        super().__init__(settings, stub_ext, stub_candidates)
-        self.patch_by_row = patch_by_row
-        self.matched: list[list[int]] = []
-
-    def candidate_sets(self, rows):
-        self.matched.append(list(rows))
-        return {r: [r] for r in rows}
-
-    def patch_scores(self, query_sets, candidates):
-        return np.array([[self.patch_by_row[c[0]] for c in candidates]])
 
 
 def _rerank(gap: float | None, global_scores: np.ndarray, patch: dict[int, float]):

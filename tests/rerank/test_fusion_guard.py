@@ -19,7 +19,7 @@ from vprkit.numerics import zscore
 from vprkit.rerank import RerankSettings
 from vprkit.rerank.fusion import (DEFAULT_OVERTURN_ALPHA, OVERTURN_ALPHA, STATISTICS_MIN_CANDIDATES, guard_options, matched_candidates,
                                   overturn_margin, rank_shortlist, within_global_gap)
-from vprkit.rerank.reranker import PatchReranker
+from helpers import FixedPatchScores
 
 SHORTLIST = 30
 GAP = 1.0
@@ -110,23 +110,6 @@ def test_statistics_candidates_are_matched_only_when_something_can_move():
 def test_presets_with_a_gap_are_guarded_and_the_original_is_not():
     assert guard_options(2.5) == {"minimum": STATISTICS_MIN_CANDIDATES, "alpha": DEFAULT_OVERTURN_ALPHA}
     assert guard_options(None) == {"minimum": 0, "alpha": None}
-
-
-class FixedPatchScores(PatchReranker):
-    """A re-ranker whose patch scores per map row are given (no images involved)."""
-
-    def __init__(self, settings, patch_by_row):
-        stub_ext = SimpleNamespace(describe_batch=lambda batch, feats: [[None]])
-        super().__init__(settings, stub_ext, SimpleNamespace(stored=True, close=lambda: None))
-        self.patch_by_row = patch_by_row
-        self.matched: list[list[int]] = []
-
-    def candidate_sets(self, rows):
-        self.matched.append(list(rows))
-        return {r: [r] for r in rows}
-
-    def patch_scores(self, query_sets, candidates):
-        return np.array([[self.patch_by_row[c[0]] for c in candidates]])
 
 
 @pytest.mark.parametrize("lead, winner", [(1, 0), (10, 1)])
