@@ -148,6 +148,8 @@ def test_cli_lists_after_one_option():
                               ("none",))
     assert ds == ["corridor", "nordland-64x32:600"] and ps == ["effnet2-vlad-ma4", "effnet-vlad"]
     assert rs == ["none", "speed"]
+    ds, ps, _ = _split_lists(("corridor", "effnet2-vlad-ma4+speed", "segvlad-slic", "x+speed"), ("effnet-vlad",), ())
+    assert ds == ["corridor", "x+speed"] and ps == ["effnet-vlad", "effnet2-vlad-ma4+speed", "segvlad-slic"]
 
 
 def test_compare_methods_cross_bare_presets_and_keep_named_pairs():

@@ -66,8 +66,13 @@ def _split_lists(datasets, presets, reranks):
     preset_names = {c.name for c in list_presets()}
     rerank_names = {s.name for s in list_rerank_configs()} | {"none"}
     ds, ps, rs = [], list(presets), list(reranks)
+
+    def is_method(a: str) -> bool:  # a preset, or PRESET+RERANK
+        name, _, mode = a.partition("+")
+        return name in preset_names and (not mode or mode in rerank_names)
+
     for a in datasets:
-        if a in preset_names and a not in ps:
+        if is_method(a) and a not in ps:
             ps.append(a)
         elif a in rerank_names and rs:
             rs.append(a)
