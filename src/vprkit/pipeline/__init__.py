@@ -185,6 +185,14 @@ NEW_PLACE_PREFIX = "run{run}/"
 
 
 
+
+def _check_build_policies(on_change: str, on_duplicate: str) -> None:
+    """Refuse an unknown ``on_change`` / ``on_duplicate`` before any image is read (both build paths)."""
+    if on_change not in CHANGE_POLICIES:
+        raise ConfigError(f"on_change must be one of {CHANGE_POLICIES}, got {on_change!r}")
+    if on_duplicate not in DUPLICATE_POLICIES:
+        raise ConfigError(f"on_duplicate must be one of {DUPLICATE_POLICIES}, got {on_duplicate!r}")
+
 def _fitted_extensions(config: Config, backbone, vocabulary, source: ImageSource, keys: list[str], out: Path,
                        progress: bool) -> dict[str, MapExtension]:
     """The map's extensions with their state: loaded when the map has it (an interrupted build's), else
@@ -244,10 +252,7 @@ def build_map(
       from it are refused); lat/lon into a map with local-metre poses is refused.
     """
     started = time.perf_counter()
-    if on_change not in CHANGE_POLICIES:
-        raise ConfigError(f"on_change must be one of {CHANGE_POLICIES}, got {on_change!r}")
-    if on_duplicate not in DUPLICATE_POLICIES:
-        raise ConfigError(f"on_duplicate must be one of {DUPLICATE_POLICIES}, got {on_duplicate!r}")
+    _check_build_policies(on_change, on_duplicate)
     config = resolve_config(preset)
     source = image_source(images, keys)
     keys = list(source.keys)

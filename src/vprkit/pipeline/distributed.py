@@ -59,9 +59,9 @@ from ..maps.extensions import EXTENSIONS_DIR
 from ..maps.lock import map_write_lock
 from ..maps.mapdir import BUILD_FILE, check_build_settings, next_run_id
 from ..maps.store import PENDING_DIR
-from . import (CHANGE_POLICIES, DUPLICATE_POLICIES, SHARD_IMAGES, _fitted_extensions, _make_extensions,
-               _obtain_vocabulary, _on_cpu, _pose_rows, _record_build_vocabulary, build_map, load_backbone,
-               resolve_config)
+from . import (CHANGE_POLICIES, DUPLICATE_POLICIES, SHARD_IMAGES, _check_build_policies, _fitted_extensions,
+               _make_extensions, _obtain_vocabulary, _on_cpu, _pose_rows, _record_build_vocabulary, build_map,
+               load_backbone, resolve_config)
 
 logger = logging.getLogger(__name__)
 
@@ -258,10 +258,8 @@ def build_map_ray(
         inspect.signature(build_map).bind_partial(**build_options)
     except TypeError as exc:
         raise ConfigError(f"build_map_ray: {exc}") from None
-    if build_options.get("on_change", CHANGE_POLICIES[0]) not in CHANGE_POLICIES:
-        raise ConfigError(f"on_change must be one of {CHANGE_POLICIES}, got {build_options['on_change']!r}")
-    if build_options.get("on_duplicate", DUPLICATE_POLICIES[0]) not in DUPLICATE_POLICIES:
-        raise ConfigError(f"on_duplicate must be one of {DUPLICATE_POLICIES}, got {build_options['on_duplicate']!r}")
+    _check_build_policies(build_options.get("on_change", CHANGE_POLICIES[0]),
+                          build_options.get("on_duplicate", DUPLICATE_POLICIES[0]))
     config = resolve_config(preset)
     source = image_source(images, keys)
     all_keys = list(source.keys)
