@@ -18,13 +18,18 @@ anyway), its 90th percentile, and ``matched``, the mean number of candidates mat
     python benchmarks/bench_rerank.py --record                        # also save every query's shortlist scores
     python benchmarks/bench_rerank.py --replay                        # re-fuse the saved scores (seconds, no matching)
 
-**Replay.** ``--record`` also matches the global top :data:`RECORD_MINIMUM` of every query (besides
-the candidates the preset keeps) and saves, per query set and preset, each query's shortlist
-(dataset indices), global scores and per-scale spatial scores in ``--cache``/replay. ``--replay``
-then ranks every query again with :func:`vprkit.rerank.fusion.rank_shortlist` — the function the
-live re-ranker uses — on the candidates the preset keeps and matches, so fusion constants are
-compared in seconds and give the live Recall@N of the same preset (compare a live run's table;
-recorded runs report the replayed ranking). Times are not replayed (a recording matches more).
+**Replay.** ``--record`` matches and spatially verifies every candidate of every query's whole
+shortlist (whatever the preset's gap and ``verify``) and saves, per query set, patches and spatial
+scorer, each query's shortlist (dataset indices), global scores, per-scale spatial scores and
+per-scale mutual-nearest-neighbour counts in ``--cache``/replay. ``--replay`` then ranks every query
+again as the preset would: its global gap and the candidates it matches
+(:func:`vprkit.rerank.fusion.within_global_gap`, :func:`~vprkit.rerank.fusion.matched_candidates`),
+its cascade (:func:`vprkit.rerank.cascade.select_for_verification` on the recorded counts, unverified
+candidates filled as the live cascade fills them) and :func:`vprkit.rerank.fusion.rank_shortlist` —
+the functions the live re-ranker uses — so one recording serves every preset that shares its patches
+and scorer (``performance``, ``performance-cascade`` and variants), fusion and cascade constants are
+compared in seconds, and the result is the live Recall@N of the same preset (compare a live run's
+table; recorded runs report the replayed ranking). Times are not replayed (a recording verifies more).
 """
 
 from __future__ import annotations
@@ -47,7 +52,9 @@ from vprkit.datasets.transforms import transformed_queries
 from vprkit.evaluation.metrics import recall_at_n
 from vprkit.images import ImageSpec
 from vprkit.presets import get_preset, get_rerank_config
+from vprkit.rerank import cascade as cascade_module
 from vprkit.rerank import map_extensions_for
+from vprkit.rerank.cascade import fill_unverified, prescore, select_for_verification
 from vprkit.rerank.fusion import guard_options, matched_candidates, rank_shortlist, within_global_gap
 from vprkit.rerank.saved import state_digest
 
@@ -56,31 +63,41 @@ NS = (1, 5, 10)
 TRANSFORMS = ["none", "rotate:15", "rotate:30", "rotate:90", "zoom:1.3", "zoom:1.6", "crop:0.7"]
 RERANKS = ["speed", "storage", "performance", "performance-reference"]
 REFERENCE = "performance-reference"
-# --record matches at least the global top this many (besides the preset's kept candidates), so that
-# replays can try statistics over up to this many candidates
-RECORD_MINIMUM = 20
 CACHE = Path(os.environ.get("VPRKIT_CACHE", Path.home() / ".cache" / "vprkit")) / "bench_rerank"
 
 
 def run_queries(m, ds, reranker, k: int, record: list | None = None) -> tuple[np.ndarray, list[int]]:
     """Ranked database indices (dataset order) per query, and the candidates matched per query.
 
-    With ``record`` (a list), the re-ranker also matches the global top :data:`RECORD_MINIMUM` and
-    each query's ``(shortlist as dataset indices, global scores, matched mask, spatial scores
-    scales × matched)`` is appended.
+    With ``record`` (a list), the re-ranker matches and verifies the whole shortlist (no gap, a
+    cascade that verifies everything, so the mutual-match counts are known) and each query's
+    ``(shortlist as dataset indices, global scores, matched mask, spatial scores scales × matched,
+    mutual-match counts scales × matched)`` is appended.
     """
     db_index = {key: i for i, key in enumerate(ds.database_images)}
     row_to_db = np.array([db_index[key] for key in m.keys] + [-1])
     rows_all, matched = [], []
     if reranker is not None and record is not None:
-        reranker.guard = {**reranker.guard, "minimum": RECORD_MINIMUM}
+        reranker.settings = reranker.settings.replace(global_gap=None, verify=reranker.shortlist)
+        reranker.guard = guard_options(None)
+        counts: list[np.ndarray] = []
+        live_prescore = cascade_module.prescore
+
+        def counting_prescore(match_counts, weights):  # the cascade's counts, kept for the recording
+            counts.append(np.asarray(match_counts, np.float64))
+            return live_prescore(match_counts, weights)
+
+        cascade_module.prescore = counting_prescore
         reranker.on_scores = lambda head, g, matched, per_scale: record.append(
-            (row_to_db[head], np.asarray(g), np.asarray(matched), per_scale))
+            (row_to_db[head], np.asarray(g), np.asarray(matched), per_scale,
+             counts.pop() if per_scale is not None else None))
     for qb in pipeline.query_batches(m, ds.queries_dir, ds.query_images):
         if reranker is not None:
             reranker.candidate_sets = _counting(reranker.candidate_sets, matched)
         rows, _ = pipeline.search(m, qb, k, reranker)
         rows_all.append(row_to_db[rows])
+    if reranker is not None and record is not None:
+        cascade_module.prescore = live_prescore
     return np.concatenate(rows_all), matched
 
 
@@ -96,44 +113,51 @@ def _counting(fn, sink: list[int]):
 
 
 def replay_path(cache: Path, queries: str, base, rerank: str) -> Path:
-    """Where a recording goes: named by query set, preset and the digest of the patches it matched."""
-    digest = state_digest(map_extensions_for(get_rerank_config(rerank), base)["patches"])
-    return cache / "replay" / f"{queries.replace(':', '_').replace('/', '_')}-{base.name}-{rerank}-{digest}.npz"
+    """Where a recording goes: named by query set, spatial scorer and the digest of the patches it
+    matched — every preset sharing those replays it."""
+    settings = get_rerank_config(rerank)
+    digest = state_digest(map_extensions_for(settings, base)["patches"])
+    return cache / "replay" / f"{queries.replace(':', '_').replace('/', '_')}-{base.name}-{settings.scorer}-{digest}.npz"
 
 
 def save_record(path: Path, record: list) -> None:
-    """Per-query shortlists, global scores and spatial scores (NaN where not matched), padded to the
-    longest shortlist (−1 / NaN)."""
-    n = max(len(h) for h, _, _, _ in record)
-    scales = max(p.shape[0] for _, _, _, p in record if p is not None)
+    """Per-query shortlists, global scores, spatial scores and mutual-match counts (NaN where not
+    matched), padded to the longest shortlist (−1 / NaN)."""
+    n = max(len(r[0]) for r in record)
+    scales = max(r[3].shape[0] for r in record if r[3] is not None)
     heads = np.full((len(record), n), -1, np.int64)
     glob = np.full((len(record), n), np.nan)
     spatial = np.full((len(record), scales, n), np.nan)
-    for i, (h, g, matched, p) in enumerate(record):
+    counts = np.full((len(record), scales, n), np.nan)
+    for i, (h, g, matched, p, c) in enumerate(record):
         heads[i, : len(h)], glob[i, : len(h)] = h, g
         if p is not None:
             spatial[i, :, np.flatnonzero(matched)] = p.T
+            counts[i, :, np.flatnonzero(matched)] = c.T
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, heads=heads, global_scores=glob, spatial=spatial)
+    np.savez_compressed(path, heads=heads, global_scores=glob, spatial=spatial, counts=counts)
 
 
 def replay(path: Path, settings, guard: dict | None = None) -> np.ndarray:
-    """Ranked dataset indices per query from a recording: the candidates ``settings``' gap keeps, plus
-    those its guard matches for statistics, fused by :func:`~vprkit.rerank.fusion.rank_shortlist` as
-    the live re-ranker does (``guard`` overrides :func:`~vprkit.rerank.fusion.guard_options`). The
-    recording must hold every candidate this needs (a gap ≤ the recorded preset's, a minimum ≤
-    :data:`RECORD_MINIMUM`)."""
+    """Ranked dataset indices per query from a whole-shortlist recording, as ``settings`` rank live:
+    the candidates its gap keeps plus those its guard matches for statistics; with ``verify``, the
+    cascade's choice by mutual-match counts among them, the rest at the lowest verified score; fused
+    by :func:`~vprkit.rerank.fusion.rank_shortlist` (``guard`` overrides
+    :func:`~vprkit.rerank.fusion.guard_options`)."""
     data = np.load(path)
+    if "counts" not in data:
+        raise ValueError(f"{path.name} is an older partial recording; run --record again")
     guard = guard or guard_options(settings.global_gap)
     out = []
-    for heads, g, spatial in zip(data["heads"], data["global_scores"], data["spatial"]):
+    for heads, g, spatial, counts in zip(data["heads"], data["global_scores"], data["spatial"], data["counts"]):
         valid = heads >= 0
-        heads, g, spatial = heads[valid], g[valid], spatial[:, valid]
+        heads, g, spatial, counts = heads[valid], g[valid], spatial[:, valid], counts[:, valid]
         keep = within_global_gap(g, settings.global_gap)
         matched = matched_candidates(g, keep, guard["minimum"])
         per_scale = spatial[:, matched] if keep.sum() >= 2 else None
-        if per_scale is not None and np.isnan(per_scale).any():
-            raise ValueError(f"{path.name} was recorded with fewer candidates matched than this replay needs")
+        if per_scale is not None and settings.verify is not None:
+            chosen = select_for_verification(prescore(counts[:, matched], settings.weights), settings.verify)
+            per_scale = fill_unverified(per_scale, chosen)
         fused = rank_shortlist(per_scale, g, keep, settings.weights, settings.global_weight, matched, guard["alpha"])
         out.append(heads[np.argsort(-fused, kind="stable")][: max(NS)])
     return np.stack(out)
