@@ -37,6 +37,7 @@ from vprkit.training.trainer import validate
 
 DEFAULT_FLOATS = 11520
 NORDLAND = DATA / "nordland-64x32"
+NORDLAND_WH = (224, 112)  # the protocol's image size, W×H; a head may train (and is then judged) at another
 WORK = RESULTS / "training-runs"
 
 BASE = {
@@ -52,6 +53,26 @@ BASE = {
     "loss": {"name": "multi-similarity"},
     "miner": {"name": "multi-similarity"},
 }
+
+HEAD_LR = 1e-3
+UNFROZEN_LR = 1e-4  # the pretrained blocks' learning rate: a tenth of the fresh head's
+
+
+HEADS_XD_WIDE = {"data": {**BASE["data"], "negatives": "cross-domain"}, "sampler": {"places": 128, "images_per_place": 2},
+                 "loss": {"name": "infonce", "options": {"temperature": 0.05}}, "miner": {"name": ""},
+                 "train": {"epochs": 16}}
+
+
+def unfrozen_layout(blocks: int, backbone_lr: float) -> dict:
+    """layout-xd-wide (below) with the last ``blocks`` MBConv blocks trained too, at ``backbone_lr``."""
+    return {"backbone": {**BASE["backbone"], "unfreeze": blocks},
+            "head": {"name": "layout", "options": {"out_channels": 117, "kernel": 3}},
+            "data": {**BASE["data"], "negatives": "cross-domain"},
+            "sampler": {"places": 128, "images_per_place": 2},
+            "optimiser": {"name": "adam", "lr": HEAD_LR, "backbone_lr": backbone_lr},
+            "loss": {"name": "infonce", "options": {"temperature": 0.05}}, "miner": {"name": ""},
+            "train": {"epochs": 16}}
+
 
 HEADS = {
     "gem": {"head": {"name": "gem"}, "optimiser": {"name": "adam", "lr": 1e-2}},
@@ -84,6 +105,21 @@ HEADS = {
                        "sampler": {"places": 128, "images_per_place": 2},
                        "loss": {"name": "infonce", "options": {"temperature": 0.05}}, "miner": {"name": ""},
                        "train": {"epochs": 16}},
+    # layout-xd-wide with the last 1 / 2 / 3 MBConv blocks of the backbone trained too, at a tenth of the head's
+    # learning rate; the frozen prefix's output is cached once (features-…-before-lastN) and the blocks run on it.
+    **{f"layout-xd-unfreeze{n}": unfrozen_layout(n, UNFROZEN_LR) for n in (1, 2, 3)},
+    # The same with the blocks at the head's learning rate (they move as far as the head does).
+    **{f"layout-xd-unfreeze{n}-fast": unfrozen_layout(n, HEAD_LR) for n in (1, 2, 3)},
+    # layout-xd-unfreeze2 regularised: a fifth of the cells dropped and the grid shifted by up to one cell per batch.
+    "layout-xd-unfreeze2-reg": {**unfrozen_layout(2, UNFROZEN_LR),
+                                "train": {"epochs": 16, "feature_dropout": 0.2, "feature_shift": 1}},
+    # layout-xd-wide at another image size (its own feature cache; judged at that size too), the layout's
+    # channels filling the default's 11,520 floats: 160×80 → 10×5 cells × 230, 320×160 → 20×10 cells × 57.
+    **{f"layout-xd-wide-{w}x{h}": {**HEADS_XD_WIDE,
+                                   "backbone": {**BASE["backbone"], "image_size": [w, h],
+                                                "cache": str(WORK / f"features-nordland-{w}x{h}")},
+                                   "head": {"name": "layout", "options": {"out_channels": c, "kernel": 3}}}
+       for w, h, c in ((160, 80, 230), (320, 160, 57))},
     # The generalising head: a small layout head (36 per cell, any grid pooled to the trained 7×14) fused
     # with VLAD over the map's own vocabulary (K = 64, 4 assignments): 7,680 + 3,528 = 11,208 floats.
     "fused-layout": {"head": {"name": "layout", "options": {"out_channels": 36, "kernel": 3, "adapt_grid": True},
@@ -114,7 +150,7 @@ def recipe_for(name: str, epochs: int, seed: int) -> dict:
     r.update(json.loads(json.dumps(HEADS[name])))
     r["name"] = f"nordland-{name}"
     r["out"] = str(WORK / name)
-    r["train"] = {"epochs": r.get("train", {}).get("epochs", epochs), "seed": seed}
+    r["train"] = {**r.get("train", {}), "epochs": r.get("train", {}).get("epochs", epochs), "seed": seed}
     r["_dir"] = str(WORK)
     return r
 
@@ -182,9 +218,10 @@ def nordland_unseen():
                    GroundTruth.from_frames(names, names, tolerance=0))
 
 
-def nordland(config) -> float:
+def nordland(config, image_size: tuple[int, int] = NORDLAND_WH) -> float:
     """Recall@1 through the whole pipeline (map build, vocabulary from the map when the preset has one)."""
-    return pipeline.evaluate(nordland_unseen(), config.replace(image=resolve(None, image_size=(112, 224)).image),
+    w, h = image_size  # W×H, as recipes give it
+    return pipeline.evaluate(nordland_unseen(), config.replace(image=resolve(None, image_size=(h, w)).image),
                              progress=False)["recall"]["R@1"]
 
 
@@ -197,11 +234,12 @@ def corridor_for(r: dict, ckpt) -> str:
     """Corridor R@1 of a checkpoint: grid-bound heads at their trained 224×112, the others at the default's 320×240."""
     h = r["head"]
     if h["name"] in ("mixvpr", "layout") and not h.get("options", {}).get("adapt_grid"):
-        return f"{corridor(ckpt):.3f} at 224x112"
+        w, h = r["backbone"]["image_size"]
+        return f"{corridor(ckpt):.3f} at {w}x{h}"
     return f"{corridor(ckpt.replace(image=resolve(DEFAULT_PRESET).image)):.3f} at 320x240"
 
 
-def plot_monitored(runs: dict[str, list[dict]], baseline: float, out: Path) -> Path:
+def plot_monitored(runs: dict[str, list[dict]], baseline: float | None, out: Path) -> Path:
     """Monitored Recall@1 on the unseen half per epoch, every head, with the untrained default as a line."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -211,7 +249,8 @@ def plot_monitored(runs: dict[str, list[dict]], baseline: float, out: Path) -> P
     ax = fig.add_subplot(1, 1, 1)
     for name, hist in runs.items():
         ax.plot([h["epoch"] for h in hist], [h.get("monitor R@1") for h in hist], "o-", label=name)
-    ax.axhline(baseline, color="grey", ls="--", label=f"{DEFAULT_PRESET} untrained")
+    if baseline is not None:
+        ax.axhline(baseline, color="grey", ls="--", label=f"{DEFAULT_PRESET} untrained")
     ax.set_xlabel("epoch")
     ax.set_ylabel("Recall@1, Nordland unseen half")
     ax.set_title("Monitored each epoch (never used to pick a checkpoint); head features, training vocabulary",
@@ -232,19 +271,22 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--seeds", type=int, default=4, help="vocabulary seeds of the untrained default")
     ap.add_argument("--fresh", action="store_true", help="retrain even if a run folder exists")
+    ap.add_argument("--no-baseline", action="store_true",
+                    help="skip the untrained default's rows (its cache, Corridor and Nordland runs): trained heads only")
     args = ap.parse_args()
     setup()
     WORK.mkdir(parents=True, exist_ok=True)
     rows = []
     t0 = time.perf_counter()
-    base = default_untrained(args.seeds)
+    base = None if args.no_baseline else default_untrained(args.seeds)
     cache_s = round(time.perf_counter() - t0, 1)
-    cor_default = corridor(resolve(DEFAULT_PRESET))
-    nord_default = nordland(resolve(DEFAULT_PRESET))
-    rows.append({"method": f"{DEFAULT_PRESET} (untrained)", "loss": "-", "dim": base["dim"],
-                 "nordland_R@1": f"{nord_default:.3f}", "picked_on_holdout": "-",
-                 "monitored_R@1": f"{base['R@1']:.3f} (seeds 0-{args.seeds - 1}: {base['range'][0]:.3f}-{base['range'][1]:.3f})",
-                 "corridor_R@1": f"{cor_default:.3f} at 320x240", "train_s": "-"})
+    if base is not None:
+        cor_default = corridor(resolve(DEFAULT_PRESET))
+        nord_default = nordland(resolve(DEFAULT_PRESET))
+        rows.append({"method": f"{DEFAULT_PRESET} (untrained)", "loss": "-", "dim": base["dim"],
+                     "nordland_R@1": f"{nord_default:.3f}", "picked_on_holdout": "-",
+                     "monitored_R@1": f"{base['R@1']:.3f} (seeds 0-{args.seeds - 1}: {base['range'][0]:.3f}-{base['range'][1]:.3f})",
+                     "corridor_R@1": f"{cor_default:.3f} at 320x240", "train_s": "-"})
     curves: dict[str, list[dict]] = {}
     for name in args.heads:
         r = recipe_for(name, args.epochs, args.seed)
@@ -259,7 +301,7 @@ def main() -> None:
             path, s["head_dim"] = post_process(r, s["checkpoint"], post)
         ckpt = checkpoint_config(path if post else s["checkpoint"])
         cor = corridor_for(r, ckpt)
-        nord = nordland(ckpt)
+        nord = nordland(ckpt, tuple(r["backbone"]["image_size"]))
         vlad = r["head"].get("vlad")
         dim = s["head_dim"] + (int(vlad["k"]) * backbone_dim() if vlad else 0)
         best, hist = s["best"], s["history"]
@@ -272,7 +314,7 @@ def main() -> None:
         assert dim <= DEFAULT_FLOATS, f"{name}: {dim} floats per place, over the default's {DEFAULT_FLOATS}"
         # Each finished head is kept at once, so an interrupted benchmark still leaves what it measured.
         write_json({"rows": rows, "partial": True}, RESULTS / "bench_training.partial.json")
-    png = plot_monitored(curves, base["R@1"], RESULTS / "bench_training_curves.png")
+    png = plot_monitored(curves, None if base is None else base["R@1"], RESULTS / "bench_training_curves.png")
     report("bench_training", rows, ["method", "loss", "dim", "nordland_R@1", "picked_on_holdout", "monitored_R@1",
                                     "corridor_R@1", "train_s"],
            extra={"protocol": "train Nordland frames 0-1477 (summer+winter); pick the checkpoint on winter->summer "

@@ -170,6 +170,32 @@ class Backbone(nn.Module):
                 p.requires_grad_(True)
         return self
 
+    def split(self, last_blocks: int) -> tuple["Backbone", nn.Module]:
+        """``(prefix, suffix)`` with ``suffix(prefix(pixels)) == self(pixels)``: the last ``last_blocks`` blocks apart.
+
+        Why: when only the last N blocks train (and the images are not augmented), everything before
+        them is a fixed function of the image — its output can be computed once and cached, and
+        training then runs the N blocks on the cache instead of the whole backbone on re-read images.
+
+        ``prefix`` is a :class:`Backbone` (pixels → the dense map entering the last N blocks; its
+        ``identity()`` is that of the backbone truncated there, so a feature cache of it is
+        keyed correctly); ``suffix`` maps that :class:`DenseFeatures` to this backbone's output
+        and has ``stride`` and ``dim``. Both *share* this backbone's modules (no copies): training
+        the suffix trains this backbone, whose weights are what a checkpoint saves. Blocks count as
+        in :meth:`set_trainable` (``1 ≤ last_blocks``; the family decides how many can be split off).
+        The mode (train / eval) and ``requires_grad`` are left as they are.
+        """
+        if self.inference_optimised:
+            raise ConfigError(f"{self.name} was optimised for inference; build it with trainable=True to split it")
+        if int(last_blocks) < 1:
+            raise ConfigError(f"split needs last_blocks ≥ 1, got {last_blocks}")
+        return self._split(int(last_blocks))
+
+    def _split(self, last_blocks: int) -> tuple["Backbone", nn.Module]:
+        """Subclass hook for :meth:`split` (families without it cannot train from a cached prefix)."""
+        raise ConfigError(f"{self.name} cannot be split into a cached prefix and trainable blocks; "
+                          "train its unfrozen blocks on re-read images instead")
+
 
 def unit_parameters(*parts: nn.Module | nn.Parameter | None) -> list[nn.Parameter]:
     """The parameters of modules and bare parameters, in order, without duplicates (``None`` skipped)."""

@@ -9,6 +9,10 @@ The constructed module is the trainable graph (real BatchNorm, gradients flow);
 :meth:`~vprkit.backbones.base.Backbone.optimise_for_inference` folds every BatchNorm into its
 convolution (what :func:`~vprkit.backbones.base.build_backbone` does by default). Both graphs pad
 inside the convolutions, run ReLU6 in place and use channels-last: those are safe under autograd.
+
+:meth:`~vprkit.backbones.base.Backbone.split` (trainable graph only) gives the stem and the first
+blocks as an :class:`EfficientNetPrefix` and the last N blocks as an :class:`EfficientNetSuffix`,
+sharing the modules: training those N blocks from a cache of the prefix's output.
 """
 
 from __future__ import annotations
@@ -85,6 +89,14 @@ class EfficientNetLite(Backbone):
         """The stem (convolution + BatchNorm), then each MBConv block."""
         return [unit_parameters(self.stem)] + [unit_parameters(b) for b in self.blocks]
 
+    def _split(self, last_blocks: int) -> tuple["EfficientNetPrefix", "EfficientNetSuffix"]:
+        """The stem and blocks before the last ``last_blocks`` MBConv blocks, and those blocks (shared modules)."""
+        if last_blocks >= len(self.blocks):
+            raise ConfigError(f"{self.name} up to block {self.block} has {len(self.blocks)} MBConv blocks; cannot split "
+                              f"off the last {last_blocks} (the prefix keeps the stem and block 0 at least)")
+        cut = len(self.blocks) - last_blocks
+        return EfficientNetPrefix(self, cut), EfficientNetSuffix(self, cut)
+
     def _fold_batchnorms(self) -> None:
         """Fold every eval-mode BatchNorm into the preceding convolution (same outputs, fewer passes)."""
         fold_batchnorm(self.stem[0], self.stem[1])
@@ -130,6 +142,66 @@ class EfficientNetLite(Backbone):
 
     def identity(self):
         return {**super().identity(), "block": self.block}
+
+
+class EfficientNetPrefix(EfficientNetLite):
+    """The stem and the first ``cut`` MBConv blocks of an :class:`EfficientNetLite`, sharing its modules.
+
+    It *is* that backbone truncated after block ``cut - 1`` (so it has that backbone's
+    ``identity()``, and a feature cache of it is one of the truncated backbone), built around the
+    existing modules instead of reloading weights. Its BatchNorms are not folded, even by
+    :meth:`optimise_for_inference`: folding would rewrite the modules it shares.
+    """
+
+    def __init__(self, net: EfficientNetLite, cut: int):
+        Backbone.__init__(self)  # not EfficientNetLite.__init__: the modules exist already
+        if not 0 < cut <= len(net.blocks):
+            raise ConfigError(f"a prefix of {net.name} keeps 1..{len(net.blocks)} MBConv blocks, not {cut}")
+        self.name = net.name
+        self.size_multiple = net.size_multiple
+        self.stem, self.stem_act = net.stem, net.stem_act
+        self.blocks = nn.ModuleList(list(net.blocks)[:cut])
+        self.block = cut - 1
+        self.stride = _output_stride(self.stem, self.blocks)
+        self.dim = int(self.blocks[-1]._block_args.output_filters)
+        self.train(net.training)
+
+    def _optimise_for_inference(self) -> None:
+        """Nothing to rewrite in place: the modules belong to the full backbone too."""
+
+
+class EfficientNetSuffix(nn.Module):
+    """MBConv blocks ``cut`` onwards of an :class:`EfficientNetLite` (shared modules): prefix features → its output.
+
+    ``forward`` takes the :class:`DenseFeatures` an :class:`EfficientNetPrefix` gives (or a cache of
+    them: ``B×h×w×C``, moved to the blocks' device and dtype) and returns the backbone's.
+    """
+
+    def __init__(self, net: EfficientNetLite, cut: int):
+        super().__init__()
+        if not 0 <= cut < len(net.blocks):
+            raise ConfigError(f"a suffix of {net.name} starts at one of its blocks 0..{len(net.blocks) - 1}, not {cut}")
+        self.name = net.name
+        self.blocks = nn.ModuleList(list(net.blocks)[cut:])
+        self.stride = net.stride
+        self.dim = net.dim
+        self.train(net.training)
+
+    def forward(self, feats: DenseFeatures) -> DenseFeatures:
+        p = next(self.parameters())
+        x = feats.patches.to(device=p.device, dtype=p.dtype).permute(0, 3, 1, 2)
+        x = x.contiguous(memory_format=torch.channels_last)  # what the blocks run fastest on (a no-op here)
+        for b in self.blocks:
+            x = b(x)  # no drop-connect rate, as in EfficientNetLite.extract
+        return DenseFeatures(x.permute(0, 2, 3, 1).contiguous(), self.stride, feats.image_size, feats.global_token)
+
+
+def _output_stride(stem: nn.Sequential, blocks: nn.ModuleList) -> int:
+    """The stride of the stem followed by ``blocks``."""
+    stride = stem[0].stride[0]
+    for b in blocks:
+        stride *= b._depthwise_conv.stride[0]
+    return int(stride)
 
 
 for _variant in VARIANTS:

@@ -6,7 +6,8 @@ representation; ``make_loss(name)`` / ``LOSSES`` give pytorch-metric-learning-st
 ``OfflineHardNegativeMiner`` choose the tuples.
 
 Training (issue 12, deliverables 4–7): ``CachedFeatures`` (backbone features once, on disk,
-memory-mapped beyond the budget) or ``ImageFeatures`` (unfrozen blocks, images re-read);
+memory-mapped beyond the budget), ``SuffixFeatures`` (unfrozen blocks run on a cache of the
+frozen prefix's output, ``Backbone.split``) or ``ImageFeatures`` (unfrozen blocks, images re-read);
 ``build_head`` (GeM, NetVLAD from k-means, MixVPR, + a linear projection — a ``trained``
 aggregator); ``Trainer`` (places × images batches, loss + miner, deterministic, resumable,
 Recall@N validation every epoch, best kept); ``run_recipe`` (``vprkit train RECIPE.toml``);
@@ -45,7 +46,7 @@ from .miners import (
 
 from .checkpoint import add_pca, checkpoint_config, is_checkpoint, register_checkpoint
 from .curves import plot_curves
-from .features import CachedFeatures, ImageFeatures
+from .features import CachedFeatures, ImageFeatures, SuffixFeatures
 from .heads import build_head
 from .recipe import load_recipe, run_recipe
 from .trainer import PlaceSampler, Trainer, TrainSettings, Validation, validate
@@ -54,6 +55,7 @@ __all__ = [
     "CachedFeatures",
     "ImageFeatures",
     "PlaceSampler",
+    "SuffixFeatures",
     "TrainSettings",
     "Trainer",
     "Validation",

@@ -9,7 +9,11 @@ memory-mapped and a batch reads only its own rows. A rebuild with the same setti
 all in a complete cache reuses it (rows are addressed by key, see :meth:`CachedFeatures.ids`).
 
 :class:`ImageFeatures` has the same ``batch(ids)`` interface but re-reads the images and runs the
-backbone with gradients — what training with unfrozen backbone blocks needs.
+backbone with gradients — what training with unfrozen backbone blocks needs when the images change
+from one reading to the next (augmentation). Without that, the frozen part of the backbone is a
+fixed function of the image: :class:`SuffixFeatures` caches its output (a :class:`CachedFeatures`
+of :meth:`Backbone.split`'s prefix) and runs only the unfrozen blocks, with gradients, on the cache —
+the same features up to the cache's float16 rounding, many times faster.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ FEATURES_FILE = "features.npy"
 KEYS_FILE = "keys.json"
 META_FILE = "meta.json"
 CACHE_DTYPES = ("float16", "float32")
+SAMPLE_CHUNK = 256  # images per suffix forward pass when sampling descriptors (bounds the activations in RAM)
 
 
 def _identity(backbone: Backbone, config: Config, dtype: str) -> dict:
@@ -155,3 +160,63 @@ class ImageFeatures:
                 raise ConfigError(f"cannot read {b.failures[0][0]}: {b.failures[0][1]}")
             pixels.append(torch.from_numpy(b.pixels))
         return self.backbone(torch.cat(pixels))
+
+
+class SuffixFeatures:
+    """``batch(ids)`` = the unfrozen blocks (``suffix``) run on cached prefix features, with gradients when enabled.
+
+    ``cache`` holds the output of the backbone's frozen prefix (see :meth:`Backbone.split`); the
+    suffix is the trainable rest, sharing the backbone's modules. Ids and keys are the cache's.
+    The suffix runs in whatever mode it is in (eval for frozen BatchNorm statistics, as training
+    unfrozen blocks does here); under ``torch.no_grad()`` (validation) it is a plain forward.
+    """
+
+    def __init__(self, cache: CachedFeatures, suffix: torch.nn.Module):
+        self.cache, self.suffix = cache, suffix
+        self._grid: tuple[int, int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    @property
+    def keys(self) -> list[str]:
+        return self.cache.keys
+
+    def ids(self, keys: Sequence[str]) -> np.ndarray:
+        return self.cache.ids(keys)
+
+    @property
+    def dim(self) -> int:
+        return int(self.suffix.dim)
+
+    @property
+    def stride(self) -> int:
+        return int(self.suffix.stride)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The suffix's output grid (run once on one cached row: blocks may change the resolution)."""
+        if self._grid is None:
+            with torch.no_grad():
+                self._grid = self.batch([0]).grid
+        return self._grid
+
+    def batch(self, ids: Sequence[int] | np.ndarray) -> DenseFeatures:
+        return self.suffix(self.cache.batch(ids))
+
+    def descriptor_sample(self, n: int, seed: int = 0, ids: Sequence[int] | None = None) -> np.ndarray:
+        """``≤ n`` local descriptors of the suffix's output (initial weights), drawn like :meth:`CachedFeatures.descriptor_sample`."""
+        rng = np.random.default_rng(seed)
+        pool = np.arange(len(self)) if ids is None else np.asarray(ids)
+        h, w = self.grid
+        per = max(1, int(np.ceil(n / max(1, len(pool)))))
+        take = np.sort(rng.choice(pool, size=min(len(pool), max(1, n // per)), replace=False))
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(take), SAMPLE_CHUNK):
+                chunk = take[start:start + SAMPLE_CHUNK]
+                maps = self.batch(chunk).patches.reshape(len(chunk), h * w, -1)
+                for m in maps:
+                    cells = rng.choice(h * w, size=min(per, h * w), replace=False)
+                    out.append(m[torch.from_numpy(cells)].float().numpy())
+        return np.concatenate(out)[:n]

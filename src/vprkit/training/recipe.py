@@ -8,7 +8,9 @@ A recipe (paths relative to the recipe file)::
     [backbone]
     preset = "effnet2-vlad-ma4"              # backbone, its options and the image spec come from here
     image_size = [224, 112]                  # W×H (optional)
-    unfreeze = 0                             # train the last N backbone blocks (images re-read); 0 = frozen, cached
+    unfreeze = 0                             # train the last N backbone blocks too; 0 = frozen, cached
+    cache_prefix = true                      # unfreeze > 0: cache the frozen prefix's output, train the N blocks on it
+                                             # (false: re-read the images through the whole backbone every step)
     cache = "runs/features-nordland"         # feature cache folder (default: <out>/features); shared by runs
     memory_budget_mb = 1024                  # the cache is loaded into RAM when it fits a quarter of this
 
@@ -50,6 +52,7 @@ A recipe (paths relative to the recipe file)::
     [optimiser]
     name = "adam"
     lr = 1e-3
+    backbone_lr = 1e-4                       # the unfrozen backbone blocks' learning rate (default: lr)
     [schedule]
     name = "cosine"
     [train]
@@ -80,7 +83,7 @@ from ..images import FolderImages, list_images
 from ..presets import resolve
 from .checkpoint import write_checkpoint
 from .curves import plot_curves
-from .features import CachedFeatures, ImageFeatures
+from .features import CachedFeatures, ImageFeatures, SuffixFeatures
 from .heads import KMEANS_SAMPLE, build_head, head_options
 from .labels import NEGATIVE_RULES, PlaceLabels, frame_keys
 from .trainer import TrainSettings, Trainer, Validation
@@ -88,6 +91,8 @@ from .trainer import TrainSettings, Trainer, Validation
 SECTIONS = ("backbone", "data", "validation", "monitor", "head", "loss", "miner", "sampler", "optimiser", "schedule",
             "train")
 TOP_LEVEL = ("name", "description", "out", *SECTIONS)
+# The cache of a split backbone's frozen prefix: <cache>-before-last<N> beside the frozen features' <cache>.
+PREFIX_CACHE_SUFFIX = "-before-last"
 
 
 def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
@@ -127,6 +132,7 @@ def settings_from(recipe: Mapping[str, Any]) -> TrainSettings:
         miner_options=dict(miner.get("options", {})),
         optimiser=o.get("name", "adam"), lr=float(o.get("lr", 1e-3)), weight_decay=float(o.get("weight_decay", 0.0)),
         momentum=float(o.get("momentum", 0.9)), loss_lr=o.get("loss_lr"),
+        backbone_lr=None if o.get("backbone_lr") is None else float(o["backbone_lr"]),
         schedule=sch.get("name", "cosine"), warmup_steps=int(sch.get("warmup_steps", 0)),
         step_every=int(sch.get("step_every", 1)), step_gamma=float(sch.get("step_gamma", 0.5)),
         seed=int(tr.get("seed", 0)), grad_clip=tr.get("grad_clip"),
@@ -262,7 +268,13 @@ def _check_disjoint(train_keys: list[str], val_keys: list[str]) -> None:
 
 
 def prepare(recipe: Mapping[str, Any], progress: bool = True, log: Callable[[str], None] = print) -> Prepared:
-    """Labels, features (cached or read with gradients), head, validation and monitor of a recipe."""
+    """Labels, features, head, validation and monitor of a recipe.
+
+    Features: frozen (``unfreeze = 0``) — the backbone's output, cached; ``unfreeze = N`` — the output
+    of the frozen prefix cached (``<cache>-before-lastN``) and the last N blocks run on it with
+    gradients (:class:`SuffixFeatures`); with ``cache_prefix = false`` — the images re-read through
+    the whole backbone at every step (:class:`ImageFeatures`, for when the images must change).
+    """
     config = base_config(recipe)
     b = dict(recipe.get("backbone", {}))
     data, val = split_holdout(recipe, recipe.get("data", {}), recipe.get("validation", {}))
@@ -284,8 +296,11 @@ def prepare(recipe: Mapping[str, Any], progress: bool = True, log: Callable[[str
     info: dict[str, Any] = {"train_images": len(keys), "train_places": len(set(places.class_labels(np.arange(len(keys))).tolist()))
                             if places.has_classes else None}
     if unfreeze > 0:
+        # Unfrozen blocks keep their BatchNorm statistics (eval mode): batches of two images per place are
+        # no population to re-estimate them from, and the map is built with the same statistics.
         backbone.set_trainable(last_blocks=unfreeze).eval()
         extra = [p for p in backbone.parameters() if p.requires_grad]
+    if unfreeze > 0 and not bool(b.get("cache_prefix", True)):
         features = ImageFeatures(backbone, config, FolderImages(root, keys), keys)
         train_ids = np.arange(len(keys))
         vfeat = None if gt is None else ImageFeatures(backbone, config, FolderImages(vroot, vq + vd), vq + vd)
@@ -295,12 +310,19 @@ def prepare(recipe: Mapping[str, Any], progress: bool = True, log: Callable[[str
     else:
         out = _path(recipe, recipe.get("out", "run"))
         cache_dir = _path(recipe, b["cache"]) if b.get("cache") else out / "features"
+        cached, suffix = backbone, None
+        if unfreeze > 0:
+            # The frozen prefix is a fixed function of the image (no augmentation here): cache its output
+            # once, beside the frozen features' cache, and run only the unfrozen blocks at every step.
+            cached, suffix = backbone.split(unfreeze)
+            cache_dir = cache_dir.with_name(f"{cache_dir.name}{PREFIX_CACHE_SUFFIX}{unfreeze}")
+            info["cached_prefix"] = cached.identity()
         ram = config.memory_plan().feature_cache_bytes
         same = gt is not None and vroot.resolve() == root.resolve()
         msame = mgt is not None and mroot.resolve() == root.resolve()
         all_keys = list(dict.fromkeys(keys + (vq + vd if same else []) + (mq + md if msame else [])))
         t0 = time.perf_counter()
-        features = CachedFeatures.build(backbone, config, FolderImages(root, all_keys), cache_dir, all_keys,
+        features = CachedFeatures.build(cached, config, FolderImages(root, all_keys), cache_dir, all_keys,
                                         dtype=b.get("cache_dtype", "float16"), progress=progress and "cache features",
                                         max_ram_bytes=ram)
         info["cache_seconds"] = round(time.perf_counter() - t0, 1)
@@ -312,12 +334,15 @@ def prepare(recipe: Mapping[str, Any], progress: bool = True, log: Callable[[str
             if shares_training_cache:
                 return features
             names = queries + database
-            return CachedFeatures.build(backbone, config, FolderImages(root, names), Path(f"{cache_dir}-{role}"), names,
+            return CachedFeatures.build(cached, config, FolderImages(root, names), Path(f"{cache_dir}-{role}"), names,
                                         dtype=b.get("cache_dtype", "float16"), progress=progress and f"cache {role}",
                                         max_ram_bytes=ram)
 
         vfeat = evaluation_features(gt, same, vroot, vq, vd, "validation")
         mfeat = evaluation_features(mgt, msame, mroot, mq, md, "monitor")
+        if suffix is not None:  # every feature source runs the (shared) unfrozen blocks on its prefix cache
+            wrapped = {id(f): SuffixFeatures(f, suffix) for f in (features, vfeat, mfeat) if f is not None}
+            features, vfeat, mfeat = (None if f is None else wrapped[id(f)] for f in (features, vfeat, mfeat))
         grid = features.grid
         sample_src = features
 
@@ -366,8 +391,8 @@ def _relabel(places: PlaceLabels, train_ids: np.ndarray, n: int) -> PlaceLabels:
 def trained_config(recipe: Mapping[str, Any], prepared: Prepared) -> Config:
     h = dict(recipe.get("head", {}))
     name = h.get("name", "gem")
-    opts = head_options(name, h.get("options"), prepared.features.batch([0]).grid if prepared.extra_parameters
-                        else prepared.features.grid)
+    feats = prepared.features
+    opts = head_options(name, h.get("options"), feats.grid if hasattr(feats, "grid") else feats.batch([0]).grid)
     run_name = recipe.get("name") or Path(recipe.get("out", "run")).name
     agg: dict[str, Any] = {"head": name, "head_options": opts, "state": None}
     vocabulary = prepared.config.vocabulary

@@ -71,6 +71,9 @@ class TrainSettings:
     step_every: int = 1  # "step" schedule: epochs between ×step_gamma
     step_gamma: float = 0.5
     loss_lr: float | None = None  # classifier losses' weights (default: lr)
+    # Unfrozen backbone blocks (extra_parameters): pretrained weights usually want a smaller step than a
+    # fresh head. None: one parameter group with the head, at lr.
+    backbone_lr: float | None = None
     seed: int = 0
     grad_clip: float | None = None
     # Feature-level augmentation of training batches (cached features cannot be re-cropped):
@@ -208,7 +211,11 @@ class Trainer:
             elif not places.has_classes:
                 raise ConfigError(f"miner {settings.miner!r} needs class labels; these labels have none (use 'gps')")
             self.miner = MINERS.get(settings.miner)(**mopts)
-        groups = [{"params": [p for p in head.parameters() if p.requires_grad] + list(extra_parameters)}]
+        head_params = [p for p in head.parameters() if p.requires_grad]
+        if settings.backbone_lr is None or not extra_parameters:
+            groups = [{"params": head_params + list(extra_parameters)}]
+        else:
+            groups = [{"params": head_params}, {"params": list(extra_parameters), "lr": settings.backbone_lr}]
         loss_params = [p for p in self.loss.parameters() if p.requires_grad]
         if loss_params:
             groups.append({"params": loss_params, "lr": settings.loss_lr or settings.lr})
@@ -340,7 +347,9 @@ class Trainer:
     def load(self, path: str | Path) -> "Trainer":
         """Resume from :meth:`save`'s file: the next step is the one the uninterrupted run would take."""
         st = torch.load(path, map_location="cpu", weights_only=True)
-        if json.loads(st["settings"]) != self.s.to_dict():
+        # Settings added after a run was saved compare at their defaults (so older runs still resume).
+        saved = {**TrainSettings().to_dict(), **json.loads(st["settings"])}
+        if saved != self.s.to_dict():
             raise ConfigError(f"{path} was saved by a run with other settings; resume with the same recipe")
         self.head.load_state_dict(st["head"])
         self.loss.load_state_dict(st["loss"])
