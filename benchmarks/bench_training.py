@@ -141,10 +141,6 @@ HEADS = {
                          "train": {"epochs": 4}, "post": {"pca": 1920}},
 }
 
-# Batch of cached training features per forward pass when fitting a post-training step (PCA, centre).
-POST_BATCH = 256
-
-
 def recipe_for(name: str, epochs: int, seed: int) -> dict:
     r = json.loads(json.dumps(BASE))
     r.update(json.loads(json.dumps(HEADS[name])))
@@ -153,39 +149,6 @@ def recipe_for(name: str, epochs: int, seed: int) -> dict:
     r["train"] = {**r.get("train", {}), "epochs": r.get("train", {}).get("epochs", epochs), "seed": seed}
     r["_dir"] = str(WORK)
     return r
-
-
-def post_process(r: dict, checkpoint: str | Path, post: dict) -> tuple[Path, int]:
-    """A checkpoint whose head is fitted further on the cached training images' head outputs, and its head dim.
-
-    ``post``: ``{"pca": D}`` appends a PCA to ``D`` dims (centred, not whitened); ``{"centre": True}``
-    centres the head on its mean output. Written beside the checkpoint as ``best-post.ckpt``.
-    """
-    from vprkit.aggregation.projection import Projection, TrainedHead, add_centre
-    from vprkit.training.checkpoint import write_checkpoint
-
-    prep = prepare(r, progress=False)
-    src = Path(checkpoint)
-    config = checkpoint_config(src)
-    opts = {k: v for k, v in config.aggregator_options.items() if k != "vlad"}  # the head alone (no vocabulary)
-    head = TrainedHead(prep.features.dim, **opts).eval()
-    ids = prep.train_ids
-    batches = [ids[i:i + POST_BATCH] for i in range(0, len(ids), POST_BATCH)]
-    state = src.with_name("best-post.head.pt")
-    if post.get("pca"):
-        with torch.no_grad():
-            x = torch.cat([head(prep.features.batch(b)).float() for b in batches])
-        head.add_projection(Projection.from_pca(x, int(post["pca"])))
-    if post.get("centre"):
-        add_centre(head, (prep.features.batch(b) for b in batches), state)
-    else:
-        torch.save(head.state_dict(), state)
-    info = {k: v for k, v in json.loads(src.read_text()).items() if k not in ("format", "config")}
-    info["post"] = {**post, "fitted_on": len(ids), "from": src.name}
-    out = write_checkpoint(src.with_name("best-post.ckpt"),
-                           config.replace(name=config.name + "-post", description=config.description + f"; then {post}"),
-                           state, info)
-    return out, int(head.head_dim)
 
 
 def default_untrained(seeds: int) -> dict:
@@ -295,11 +258,8 @@ def main() -> None:
             import shutil
 
             shutil.rmtree(out)
-        post = r.pop("post", None)  # a step after training, not a recipe section
-        s = run_recipe(r, progress=True, log=lambda m: print(m, file=sys.stderr))
-        if post:
-            path, s["head_dim"] = post_process(r, s["checkpoint"], post)
-        ckpt = checkpoint_config(path if post else s["checkpoint"])
+        s = run_recipe(r, progress=True, log=lambda m: print(m, file=sys.stderr))  # [post] fitted by the recipe
+        ckpt = checkpoint_config(s["checkpoint"])
         cor = corridor_for(r, ckpt)
         nord = nordland(ckpt, tuple(r["backbone"]["image_size"]))
         vlad = r["head"].get("vlad")

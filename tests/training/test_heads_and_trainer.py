@@ -344,6 +344,51 @@ def test_unfrozen_blocks_train_and_the_checkpoint_carries_them(tmp_path):
         assert not torch.allclose(before(x).patches, after(x).patches)  # the last block changed
 
 
+def test_recipe_post_pca_is_fitted_on_the_training_features_and_is_the_preset(tmp_path):
+    """[post] pca = D: a PCA of the trained head's outputs on the training images, written as best-post.ckpt."""
+    from vprkit import pipeline
+    from vprkit.training.recipe import load_recipe, prepare
+
+    _sequences(tmp_path / "data")
+    text = RECIPE.replace("{head}", "layout").replace("{options}", "{ out_channels = 3 }")
+    (tmp_path / "recipe.toml").write_text(text + "\n[post]\npca = 6\n")
+    s = run_recipe(tmp_path / "recipe.toml", progress=False)
+    assert Path(s["checkpoint"]).name == "best-post.ckpt" and Path(s["trained_checkpoint"]).name == "best.ckpt"
+    assert s["head_dim"] == 6
+    info = json.loads(Path(s["checkpoint"]).read_text())
+    assert info["post"]["pca"] == 6 and info["post"]["from"] == "best.ckpt"
+    config = checkpoint_config(s["checkpoint"])
+    built = pipeline.build_map(tmp_path / "data" / "summer", tmp_path / "map", config, progress=False)
+    assert built["descriptor_dim"] == 6
+    # The PCA is the one of the training images' head outputs: against an SVD of the trained head's
+    # outputs on the training images (up to each component's sign), rows L2-normalised.
+    prep = prepare(load_recipe(tmp_path / "recipe.toml"), progress=False)
+
+    def outputs(ckpt):
+        opts = {k: v for k, v in checkpoint_config(ckpt).aggregator_options.items() if k != "vlad"}
+        with torch.no_grad():
+            return TrainedHead(prep.features.dim, **opts).eval()(prep.features.batch(prep.train_ids)).double()
+
+    x = outputs(s["trained_checkpoint"])
+    centred = x - x.mean(0)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    ref = torch.nn.functional.normalize(centred @ vh[:6].T, dim=1)
+    got = torch.nn.functional.normalize(outputs(s["checkpoint"]), dim=1)
+    signs = torch.sign((ref * got).sum(0))
+    assert torch.allclose(got * signs, ref, atol=1e-3)
+
+
+@pytest.mark.parametrize("post,match", [("pca = 4\ncentre = true", "not both"), ("whiten = true", "unknown keys"),
+                                        ("pca = 0", "needs pca"), ("pca = 1.5", "positive number")])
+def test_recipe_post_errors_come_before_training(tmp_path, post, match):
+    _sequences(tmp_path / "data")
+    text = RECIPE.replace("{head}", "gem").replace("{options}", "{}")
+    (tmp_path / "recipe.toml").write_text(text + f"\n[post]\n{post}\n")
+    with pytest.raises(ConfigError, match=match):
+        run_recipe(tmp_path / "recipe.toml", progress=False)
+    assert not (tmp_path / "run" / "last.pt").exists()  # no training was started
+
+
 def test_recipe_errors_are_clear(tmp_path):
     (tmp_path / "r.toml").write_text('bogus = 1\n')
     with pytest.raises(ConfigError, match="unknown recipe keys"):
