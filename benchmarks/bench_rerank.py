@@ -52,7 +52,6 @@ from vprkit.datasets.transforms import transformed_queries
 from vprkit.evaluation.metrics import recall_at_n
 from vprkit.images import ImageSpec
 from vprkit.presets import get_preset, get_rerank_config
-from vprkit.rerank import cascade as cascade_module
 from vprkit.rerank import map_extensions_for
 from vprkit.rerank.cascade import fill_unverified, prescore, select_for_verification
 from vprkit.rerank.fusion import guard_options, matched_candidates, rank_shortlist, within_global_gap
@@ -78,26 +77,16 @@ def run_queries(m, ds, reranker, k: int, record: list | None = None) -> tuple[np
     row_to_db = np.array([db_index[key] for key in m.keys] + [-1])
     rows_all, matched = [], []
     if reranker is not None and record is not None:
+        # the whole shortlist, every candidate verified by a cascade (so its mutual-match counts are known)
         reranker.settings = reranker.settings.replace(global_gap=None, verify=reranker.shortlist)
         reranker.guard = guard_options(None)
-        counts: list[np.ndarray] = []
-        live_prescore = cascade_module.prescore
-
-        def counting_prescore(match_counts, weights):  # the cascade's counts, kept for the recording
-            counts.append(np.asarray(match_counts, np.float64))
-            return live_prescore(match_counts, weights)
-
-        cascade_module.prescore = counting_prescore
-        reranker.on_scores = lambda head, g, matched, per_scale: record.append(
-            (row_to_db[head], np.asarray(g), np.asarray(matched), per_scale,
-             counts.pop() if per_scale is not None else None))
+        reranker.on_scores = lambda head, g, matched, per_scale, counts: record.append(
+            (row_to_db[head], np.asarray(g), np.asarray(matched), per_scale, counts))
     for qb in pipeline.query_batches(m, ds.queries_dir, ds.query_images):
         if reranker is not None:
             reranker.candidate_sets = _counting(reranker.candidate_sets, matched)
         rows, _ = pipeline.search(m, qb, k, reranker)
         rows_all.append(row_to_db[rows])
-    if reranker is not None and record is not None:
-        cascade_module.prescore = live_prescore
     return np.concatenate(rows_all), matched
 
 

@@ -90,7 +90,8 @@ def test_cascade_verifies_the_candidates_with_most_mutual_matches_only():
     counts = [len(m) for m in mutual_nn_grouped(query.descriptors, [c.descriptors for c in cands])]
     assert all(n >= s for n, s in zip(counts, SHARED))  # the shared patches are mutual matches
     spy = SpyScorer(cands)
-    scores, chosen = cascade_scores([query], [[c] for c in cands], spy, (1.0,), verify=2)
+    scores, chosen, match_counts = cascade_scores([query], [[c] for c in cands], spy, (1.0,), verify=2)
+    np.testing.assert_array_equal(match_counts[0], counts)  # what the choice was made by, for recordings
     assert sorted(set(spy.seen)) == [2, 4]  # the two candidates sharing 25 and 18 patches, not the global top-2
     np.testing.assert_array_equal(chosen, [False, False, True, False, True, False])
     verified = {2: counts[2] / N_PATCHES, 4: counts[4] / N_PATCHES}
@@ -98,7 +99,7 @@ def test_cascade_verifies_the_candidates_with_most_mutual_matches_only():
                                                                           verified[4], min(verified.values())])
     # verifying all is the original: every candidate scored, each by its own matches
     spy_all = SpyScorer(cands)
-    all_scores, all_chosen = cascade_scores([query], [[c] for c in cands], spy_all, (1.0,), verify=None)
+    all_scores, all_chosen, _ = cascade_scores([query], [[c] for c in cands], spy_all, (1.0,), verify=None)
     assert all_chosen.all() and sorted(spy_all.seen) == list(range(len(cands)))
     np.testing.assert_allclose(all_scores[0], np.array(counts) / N_PATCHES)
 

@@ -27,7 +27,7 @@ as from the full re-ranker.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -79,11 +79,21 @@ def fill_unverified(verified_scores: np.ndarray, chosen: np.ndarray) -> np.ndarr
     return np.where(chosen[None, :], scores, floor)
 
 
+class CascadeScores(NamedTuple):
+    """What the cascade found for one query: ``scales × candidates`` scores (unverified ones filled),
+    which candidates were verified, and the ``scales × candidates`` mutual-match counts it chose them by
+    (benchmarks record them to replay other ``verify`` settings without matching again)."""
+
+    scores: np.ndarray
+    chosen: np.ndarray
+    match_counts: np.ndarray
+
+
 def cascade_scores(query_sets: list[PatchSet], candidates: list[list[PatchSet]],
                    scorer: Callable[[PatchSet, PatchSet, Matches], SpatialScore], weights: Sequence[float],
-                   verify: int | None, device=None) -> tuple[np.ndarray, np.ndarray]:
+                   verify: int | None, device=None) -> CascadeScores:
     """``scales × candidates`` spatial scores of one query against its candidates (in global order),
-    with ``scorer`` run only on the candidates :func:`select_for_verification` picks; and that mask.
+    with ``scorer`` run only on the candidates :func:`select_for_verification` picks; that mask; the counts.
     """
     n_scales, n_cand = len(query_sets), len(candidates)
     matches: list[list[Matches]] = []
@@ -97,4 +107,4 @@ def cascade_scores(query_sets: list[PatchSet], candidates: list[list[PatchSet]],
     for c in np.flatnonzero(chosen):
         for s, q in enumerate(query_sets):
             scores[s, c] = scorer(q, candidates[c][s], matches[s][c]).value
-    return fill_unverified(scores, chosen), chosen
+    return CascadeScores(fill_unverified(scores, chosen), chosen, counts)

@@ -244,8 +244,10 @@ class PatchReranker(Reranker):
         # them to record more candidates than the preset matches
         self.guard = guard_options(settings.global_gap)
         # called per query with (shortlist rows, their global scores, matched mask, matched spatial
-        # scores or None) before fusing: benchmarks record them to replay other fusion rules without matching again
-        self.on_scores: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None], None] | None = None
+        # scores or None, the cascade's mutual-match counts or None) before fusing: benchmarks record
+        # them to replay other fusion and cascade rules without matching again
+        self.last_match_counts: np.ndarray | None = None  # the last query's cascade counts (scales × matched)
+        self.on_scores: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None], None] | None = None
         self.extension = extension
         self.candidates = candidates
         self.stored = candidates.stored
@@ -273,9 +275,12 @@ class PatchReranker(Reranker):
         With the ``verify`` setting, only that many candidates are spatially verified (the cascade of
         :mod:`vprkit.rerank.cascade`); otherwise every candidate is, one pair at a time, as the original.
         """
+        self.last_match_counts = None
         if self.settings.verify is not None:
-            return cascade_scores(query_sets, candidates, self.scorer, self.settings.weights, self.settings.verify,
-                                  self.device)[0]
+            found = cascade_scores(query_sets, candidates, self.scorer, self.settings.weights, self.settings.verify,
+                                   self.device)
+            self.last_match_counts = found.match_counts
+            return found.scores
         out = np.zeros((len(query_sets), len(candidates)))
         for s, q in enumerate(query_sets):
             matches = mutual_nn_grouped(q.descriptors, [c[s].descriptors for c in candidates], self.device)
@@ -305,13 +310,13 @@ class PatchReranker(Reranker):
             head_scores = scores[qi, : len(head)]
             keep = within_global_gap(head_scores, self.settings.global_gap)
             matched = matched_candidates(head_scores, keep, self.guard["minimum"])
-            per_scale = None
+            per_scale = self.last_match_counts = None
             if keep.sum() >= 2:
                 picked = np.flatnonzero(matched)
                 sets = self.candidate_sets([head[i] for i in picked])
                 per_scale = self.patch_scores(qsets, [sets[head[i]] for i in picked])
             if self.on_scores is not None:
-                self.on_scores(np.asarray(head), head_scores, matched, per_scale)
+                self.on_scores(np.asarray(head), head_scores, matched, per_scale, self.last_match_counts)
             fused = self.fuse(per_scale, head_scores, keep, matched)
             order = np.argsort(-fused, kind="stable")
             out_rows[qi, : len(head)] = np.asarray(head)[order]
