@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ FEATURES_FILE = "features.npy"
 KEYS_FILE = "keys.json"
 META_FILE = "meta.json"
 CACHE_DTYPES = ("float16", "float32")
-SAMPLE_CHUNK = 256  # images per suffix forward pass when sampling descriptors (bounds the activations in RAM)
+SAMPLE_CHUNK = 256  # images whose maps are read (or computed) at once when sampling descriptors: bounds the RAM
 
 
 def _identity(backbone: Backbone, config: Config, dtype: str) -> dict:
@@ -93,16 +93,8 @@ class CachedFeatures:
 
     def descriptor_sample(self, n: int, seed: int = 0, ids: Sequence[int] | None = None) -> np.ndarray:
         """``≤ n`` local descriptors (float32, ``n×D``) drawn uniformly from the cached maps of ``ids``."""
-        rng = np.random.default_rng(seed)
-        pool = np.arange(len(self)) if ids is None else np.asarray(ids)
-        h, w = self.grid
-        per = max(1, int(np.ceil(n / max(1, len(pool)))))
-        take = rng.choice(pool, size=min(len(pool), max(1, n // per)), replace=False)
-        out = []
-        for i in np.sort(take):
-            cells = rng.choice(h * w, size=min(per, h * w), replace=False)
-            out.append(np.asarray(self.array[i]).reshape(h * w, -1)[cells].astype(np.float32))
-        return np.concatenate(out)[:n]
+        return sample_descriptors(lambda chunk: np.asarray(self.array[chunk], np.float32), len(self), self.grid,
+                                  n, seed, ids)
 
     @classmethod
     def build(cls, backbone: Backbone, config: Config, images: ImageSource, out: str | os.PathLike,
@@ -206,17 +198,27 @@ class SuffixFeatures:
 
     def descriptor_sample(self, n: int, seed: int = 0, ids: Sequence[int] | None = None) -> np.ndarray:
         """``≤ n`` local descriptors of the suffix's output (initial weights), drawn like :meth:`CachedFeatures.descriptor_sample`."""
-        rng = np.random.default_rng(seed)
-        pool = np.arange(len(self)) if ids is None else np.asarray(ids)
-        h, w = self.grid
-        per = max(1, int(np.ceil(n / max(1, len(pool)))))
-        take = np.sort(rng.choice(pool, size=min(len(pool), max(1, n // per)), replace=False))
-        out = []
-        with torch.no_grad():
-            for start in range(0, len(take), SAMPLE_CHUNK):
-                chunk = take[start:start + SAMPLE_CHUNK]
-                maps = self.batch(chunk).patches.reshape(len(chunk), h * w, -1)
-                for m in maps:
-                    cells = rng.choice(h * w, size=min(per, h * w), replace=False)
-                    out.append(m[torch.from_numpy(cells)].float().numpy())
-        return np.concatenate(out)[:n]
+        def maps(chunk: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return self.batch(chunk).patches.float().numpy()
+
+        return sample_descriptors(maps, len(self), self.grid, n, seed, ids)
+
+
+def sample_descriptors(maps: Callable[[np.ndarray], np.ndarray], count: int, grid: tuple[int, int], n: int,
+                       seed: int = 0, ids: Sequence[int] | None = None) -> np.ndarray:
+    """``≤ n`` local descriptors (float32, ``n×D``): ``⌈n / images⌉`` random cells from each of up to ``n``
+    random images among ``ids`` (default all ``count``); ``maps(sorted ids)`` gives their ``B×h×w×D``
+    maps, asked for :data:`SAMPLE_CHUNK` images at a time so the sample never holds every map."""
+    rng = np.random.default_rng(seed)
+    pool = np.arange(count) if ids is None else np.asarray(ids)
+    h, w = grid
+    per = max(1, int(np.ceil(n / max(1, len(pool)))))
+    take = np.sort(rng.choice(pool, size=min(len(pool), max(1, n // per)), replace=False))
+    out = []
+    for start in range(0, len(take), SAMPLE_CHUNK):
+        chunk = take[start:start + SAMPLE_CHUNK]
+        for m in maps(chunk).reshape(len(chunk), h * w, -1):
+            cells = rng.choice(h * w, size=min(per, h * w), replace=False)
+            out.append(m[cells].astype(np.float32))
+    return np.concatenate(out)[:n]
