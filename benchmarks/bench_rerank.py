@@ -27,9 +27,12 @@ again as the preset would: its global gap and the candidates it matches
 its cascade (:func:`vprkit.rerank.cascade.select_for_verification` on the recorded counts, unverified
 candidates filled as the live cascade fills them) and :func:`vprkit.rerank.fusion.rank_shortlist` —
 the functions the live re-ranker uses — so one recording serves every preset that shares its patches
-and scorer (``performance``, ``performance-cascade`` and variants), fusion and cascade constants are
-compared in seconds, and the result is the live Recall@N of the same preset (compare a live run's
+and scorer (``performance-reference``'s fusion, gap and cascade variants), fusion and cascade constants
+are compared in seconds, and the result is the live Recall@N of the same preset (compare a live run's
 table; recorded runs report the replayed ranking). Times are not replayed (a recording verifies more).
+A preset whose cascade picks candidates by a fast spatial scorer (``prescorer``, e.g. ``performance``'s
+``usac``) also replays from a recording by that scorer on the same patches: record a preset with
+``scorer = "usac"`` too (``performance`` replays from its patches' ``ransac`` and ``usac`` recordings).
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ from vprkit.images import ImageSpec
 from vprkit.presets import get_preset, get_rerank_config
 from vprkit.rerank import map_extensions_for
 from vprkit.rerank.cascade import fill_unverified, prescore, select_for_verification
-from vprkit.rerank.fusion import guard_options, matched_candidates, rank_shortlist, within_global_gap
+from vprkit.rerank.fusion import fuse_scales, guard_options, matched_candidates, rank_shortlist, within_global_gap
+from vprkit.rerank.places import RouteNeighbours, place_radius
 from vprkit.rerank.saved import state_digest
 
 DATASETS = {"corridor": ("corridor", None), "nordland": (NORDLAND_600, NORDLAND_SIZE)}
@@ -81,7 +85,7 @@ def run_queries(m, ds, reranker, k: int, record: list | None = None) -> tuple[np
         reranker.settings = reranker.settings.replace(global_gap=None, verify=reranker.shortlist)
         reranker.guard = guard_options(None)
         reranker.on_scores = lambda head, g, matched, per_scale, counts: record.append(
-            (row_to_db[head], np.asarray(g), np.asarray(matched), per_scale, counts))
+            (row_to_db[head], np.asarray(g), np.asarray(matched), per_scale, counts, np.asarray(head)))
     for qb in pipeline.query_batches(m, ds.queries_dir, ds.query_images):
         if reranker is not None:
             reranker.candidate_sets = _counting(reranker.candidate_sets, matched)
@@ -101,53 +105,94 @@ def _counting(fn, sink: list[int]):
     return wrapper
 
 
-def replay_path(cache: Path, queries: str, base, rerank: str) -> Path:
-    """Where a recording goes: named by query set, spatial scorer and the digest of the patches it
-    matched — every preset sharing those replays it."""
+def replay_path(cache: Path, queries: str, base, rerank: str, scorer: str | None = None) -> Path:
+    """Where a recording goes: named by query set, spatial scorer (the preset's, or ``scorer``) and the
+    digest of the patches it matched — every preset sharing those replays it."""
     settings = get_rerank_config(rerank)
     digest = state_digest(map_extensions_for(settings, base)["patches"])
-    return cache / "replay" / f"{queries.replace(':', '_').replace('/', '_')}-{base.name}-{settings.scorer}-{digest}.npz"
+    scorer = scorer or settings.scorer
+    return cache / "replay" / f"{queries.replace(':', '_').replace('/', '_')}-{base.name}-{scorer}-{digest}.npz"
 
 
-def save_record(path: Path, record: list) -> None:
-    """Per-query shortlists, global scores, spatial scores and mutual-match counts (NaN where not
-    matched), padded to the longest shortlist (−1 / NaN)."""
+def save_record(path: Path, record: list, m) -> None:
+    """Per-query shortlists (dataset indices and map rows), global scores, spatial scores and
+    mutual-match counts (NaN where not matched), padded to the longest shortlist (−1 / NaN); and the
+    map's size and poses, from which a replay finds the top-1's place (``same_place``)."""
     n = max(len(r[0]) for r in record)
     scales = max(r[3].shape[0] for r in record if r[3] is not None)
     heads = np.full((len(record), n), -1, np.int64)
+    rows = np.full((len(record), n), -1, np.int64)
     glob = np.full((len(record), n), np.nan)
     spatial = np.full((len(record), scales, n), np.nan)
     counts = np.full((len(record), scales, n), np.nan)
-    for i, (h, g, matched, p, c) in enumerate(record):
-        heads[i, : len(h)], glob[i, : len(h)] = h, g
+    for i, (h, g, matched, p, c, r) in enumerate(record):
+        heads[i, : len(h)], glob[i, : len(h)], rows[i, : len(h)] = h, g, r
         if p is not None:
             spatial[i, :, np.flatnonzero(matched)] = p.T
             counts[i, :, np.flatnonzero(matched)] = c.T
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, heads=heads, global_scores=glob, spatial=spatial, counts=counts)
+    np.savez_compressed(path, heads=heads, rows=rows, global_scores=glob, spatial=spatial, counts=counts,
+                        n_rows=len(m.store), poses=m.store.read_poses(),
+                        place_radius=place_radius(lambda r: m.store.read_global(r), len(m.store)))
 
 
-def replay(path: Path, settings, guard: dict | None = None) -> np.ndarray:
+def replay(path: Path, settings, guard: dict | None = None, n_rows: int | None = None,
+           first_path: Path | None = None) -> np.ndarray:
     """Ranked dataset indices per query from a whole-shortlist recording, as ``settings`` rank live:
     the candidates its gap keeps plus those its guard matches for statistics; with ``verify``, the
-    cascade's choice by mutual-match counts among them, the rest at the lowest verified score; fused
-    by :func:`~vprkit.rerank.fusion.rank_shortlist` (``guard`` overrides
-    :func:`~vprkit.rerank.fusion.guard_options`)."""
+    cascade's choice by mutual-match counts among them, the rest at the lowest verified score; with
+    ``same_place``, the top-1's place from the recorded map rows and poses; fused by
+    :func:`~vprkit.rerank.fusion.rank_shortlist` (``guard`` overrides
+    :func:`~vprkit.rerank.fusion.guard_options`). Recordings made before map rows were kept take the
+    dataset indices as rows (the benchmark's maps are built in dataset order) and need ``n_rows``.
+    A preset with a ``prescorer`` also needs ``first_path``, a recording of the same query set and
+    patches by that scorer: its scores pick the candidates to verify and stand for the others."""
     data = np.load(path)
+    first = None
+    if settings.verify is not None and settings.prescorer is not None:
+        if first_path is None or not first_path.exists():
+            raise ValueError(f"replaying {settings.name} needs a recording by its prescorer {settings.prescorer!r} "
+                             f"({first_path}); record a preset with scorer = {settings.prescorer!r} and the same patches")
+        first = np.load(first_path)
+        if not np.array_equal(first["heads"], data["heads"]):
+            raise ValueError(f"{first_path.name} and {path.name} recorded different shortlists")
+        first = first["spatial"]
     if "counts" not in data:
         raise ValueError(f"{path.name} is an older partial recording; run --record again")
     guard = guard or guard_options(settings.global_gap)
+    places = None
+    if settings.same_place is not None:
+        radius = settings.same_place
+        if radius == "auto":
+            if "place_radius" not in data:
+                raise ValueError(f"{path.name} was recorded before the map's place radius was kept; run --record again")
+            radius = int(data["place_radius"])
+        if "rows" in data:
+            places = RouteNeighbours(int(data["n_rows"]), radius, data["poses"])
+        elif n_rows is not None:
+            places = RouteNeighbours(n_rows, radius)
+        else:
+            raise ValueError(f"{path.name} has no map rows: pass n_rows (the map's size) to replay same_place")
+    all_rows = data["rows"] if "rows" in data else data["heads"]
     out = []
-    for heads, g, spatial, counts in zip(data["heads"], data["global_scores"], data["spatial"], data["counts"]):
+    firsts = first if first is not None else [None] * len(data["heads"])
+    for heads, rows, g, spatial, counts, pre in zip(data["heads"], all_rows, data["global_scores"], data["spatial"],
+                                                    data["counts"], firsts):
         valid = heads >= 0
-        heads, g, spatial, counts = heads[valid], g[valid], spatial[:, valid], counts[:, valid]
+        heads, rows, g, spatial, counts = heads[valid], rows[valid], g[valid], spatial[:, valid], counts[:, valid]
         keep = within_global_gap(g, settings.global_gap)
         matched = matched_candidates(g, keep, guard["minimum"])
         per_scale = spatial[:, matched] if keep.sum() >= 2 else None
-        if per_scale is not None and settings.verify is not None:
+        if per_scale is not None and settings.verify is not None and pre is not None:
+            pre = pre[:, valid][:, matched]
+            chosen = select_for_verification(fuse_scales(list(pre), settings.weights), settings.verify)
+            per_scale = np.where(chosen[None, :], per_scale, pre)
+        elif per_scale is not None and settings.verify is not None:
             chosen = select_for_verification(prescore(counts[:, matched], settings.weights), settings.verify)
             per_scale = fill_unverified(per_scale, chosen)
-        fused = rank_shortlist(per_scale, g, keep, settings.weights, settings.global_weight, matched, guard["alpha"])
+        same_place = None if places is None else places.mask(rows)
+        fused = rank_shortlist(per_scale, g, keep, settings.weights, settings.global_weight, matched, guard["alpha"],
+                               same_place)
         out.append(heads[np.argsort(-fused, kind="stable")][: max(NS)])
     return np.stack(out)
 
@@ -216,7 +261,8 @@ def main() -> None:
                         global_r1 = rec["R@1"]
                         rows_out.append({"queries": qs.name, "method": f"global {args.preset}",
                                          **{f"R@{n}": round(rec[f"R@{n}"], 3) for n in NS}})
-                    rec = recall_at_n(replay(path, settings), gt, NS)
+                    first = replay_path(args.cache, qs.name, base, rerank, settings.prescorer) if settings.prescorer else None
+                    rec = recall_at_n(replay(path, settings, n_rows=len(ds.database_images), first_path=first), gt, NS)
                     rows_out.append({"queries": qs.name, "method": f"replay {rerank}",
                                      **{f"R@{n}": round(rec[f"R@{n}"], 3) for n in NS},
                                      "dR@1": round(rec["R@1"] - global_r1, 3)})
@@ -234,8 +280,15 @@ def main() -> None:
                 r, matched = run_queries(m, qs, reranker, max(NS), record)
                 if record is not None:
                     path = replay_path(args.cache, qs.name, base, rerank)
-                    save_record(path, record)
-                    r = replay(path, settings)  # the preset's ranking (its gap applied to the whole-shortlist scores)
+                    save_record(path, record, m)
+                    # the preset's ranking (its gap applied to the whole-shortlist scores); a prescorer's cascade
+                    # needs that scorer's recording too, else the exact scorer's whole-shortlist ranking is shown
+                    first = replay_path(args.cache, qs.name, base, rerank, settings.prescorer) if settings.prescorer else None
+                    if first is not None and not first.exists():
+                        print(f"{qs.name} {rerank}: no {settings.prescorer} recording yet, showing every candidate verified",
+                              file=sys.stderr)
+                        settings, first = settings.replace(verify=None, prescorer=None), None
+                    r = replay(path, settings, first_path=first)
                 rec = recall_at_n(r, gt, NS)
                 timings = reranker.timings or [0.0]
                 rows_out.append({

@@ -45,7 +45,7 @@ def test_every_preset_validates_and_roundtrips():
         assert Config.from_dict(json.loads(json.dumps(c.to_dict()))) == c
     assert {r.name for r in list_rerank_configs()} == {
         "performance", "performance-reference", "speed", "storage", "performance-patch-only", "speed-patch-only", "storage-patch-only",
-        "performance-xfeat", "speed-xfeat", "performance-disk", "speed-disk", "performance-cascade"}
+        "performance-xfeat", "speed-xfeat", "performance-disk", "speed-disk"}
 
 
 # ---- typed options --------------------------------------------------------------------------------

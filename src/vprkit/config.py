@@ -35,7 +35,7 @@ RUNTIME_VOCABULARY_SETTINGS = ("max_bytes",)
 # adds images is not refused over it (the map keeps the index it was compressed with).
 SERVING_SETTINGS = ("index", "index_backend", "index_options")
 # Re-ranking: spatial scorers, stored patch dtypes, and the defaults of Patch-NetVLAD's presets.
-RERANK_SCORERS = ("ransac", "rapid")
+RERANK_SCORERS = ("ransac", "usac", "rapid")
 RERANK_DTYPES = ("float16", "float32", "int8")
 DEFAULT_RERANK_SHORTLIST = 100
 # Weight of the global score in the final ranking; the patch evidence gets the rest.
@@ -136,7 +136,14 @@ class RerankConfig:
     global top-1 — a global top-1 that stands out by more is kept, and fewer candidates are matched
     (``None``: every shortlist candidate, the original); ``verify``: run the spatial scorer on only this
     many of the matched candidates, those with the most mutual nearest neighbours (a cascade, see
-    :mod:`vprkit.rerank.cascade`; ``None``: all, the original). Named presets: :func:`vprkit.presets.get_rerank_config`.
+    :mod:`vprkit.rerank.cascade`; ``None``: all, the original); ``prescorer``: with ``verify``, a fast
+    spatial scorer (``usac``) that scores every candidate first and picks those ``verify`` by geometry
+    instead of by mutual-match counts (``None``: the counts); ``same_place``: the global top-1's
+    route neighbours within this many map rows on each side (by position when the map has poses) are
+    its place, where the global order stands — the patches choose between places, not between
+    neighbouring views of one (:mod:`vprkit.rerank.places`; ``"auto"``: as far as consecutive map images
+    look alike, :func:`vprkit.rerank.places.place_radius`; ``None``: off, the original). Named
+    presets: :func:`vprkit.presets.get_rerank_config`.
     """
 
     name: str = "custom"
@@ -153,9 +160,15 @@ class RerankConfig:
     backbone_options: Mapping[str, Any] = field(default_factory=dict)
     global_gap: float | None = None
     verify: int | None = None
+    prescorer: str | None = None
+    same_place: int | str | None = None
 
     def __post_init__(self):
         where = f"re-ranking preset {self.name!r}"
+        if self.same_place is not None and self.same_place != "auto" and (
+                isinstance(self.same_place, bool) or not isinstance(self.same_place, int) or self.same_place < 1):
+            raise ConfigError(f"{where}: same_place must be a number of neighbouring map rows ≥ 1, \"auto\" (read off "
+                              f"the map) or None (off), got {self.same_place!r}")
         if self.verify is not None and (isinstance(self.verify, bool) or not isinstance(self.verify, int) or self.verify < 1):
             raise ConfigError(f"{where}: verify must be a number of candidates ≥ 1 (or None for all), got {self.verify!r}")
         if self.global_gap is not None and (isinstance(self.global_gap, bool) or not isinstance(self.global_gap, (int, float))
@@ -179,6 +192,16 @@ class RerankConfig:
                               f"(one weight per scale: scales={[list(s) for s in scales]}, weights={list(weights)})")
         if any(w < 0 for w in weights):
             raise ConfigError(f"{where}: scale weights must be ≥ 0, got {list(weights)}")
+        if self.prescorer is not None:
+            if self.prescorer not in RERANK_SCORERS:
+                raise ConfigError(f"{where}: unknown pre-scorer {self.prescorer!r}"
+                                  f"{_did_you_mean(self.prescorer, RERANK_SCORERS)}; allowed: {', '.join(RERANK_SCORERS)}")
+            if self.verify is None:
+                raise ConfigError(f"{where}: prescorer {self.prescorer!r} picks the candidates to verify; set verify "
+                                  "(how many the exact scorer re-scores) or drop the prescorer")
+            if self.prescorer == self.scorer:
+                raise ConfigError(f"{where}: prescorer and scorer are both {self.scorer!r}; a pre-pass with the same "
+                                  "scorer only repeats it (drop prescorer, or verify every candidate)")
         if self.scorer not in RERANK_SCORERS:
             raise ConfigError(f"{where}: unknown spatial scorer {self.scorer!r}"
                               f"{_did_you_mean(self.scorer, RERANK_SCORERS)}; allowed: {', '.join(RERANK_SCORERS)}")

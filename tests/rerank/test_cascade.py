@@ -142,3 +142,39 @@ def test_verify_must_be_a_positive_count(bad):
     with pytest.raises(ConfigError, match="verify"):
         RerankSettings("t", verify=bad)
     assert RerankSettings("t", verify=None).verify is None and RerankSettings("t", verify=7).verify == 7
+
+
+class FixedScorer:
+    """A spatial scorer with a fixed score per candidate (by identity), recording which it scored."""
+
+    def __init__(self, candidates: list[PatchSet], values):
+        self.value = {id(c): v for c, v in zip(candidates, values)}
+        self.ids = {id(c): i for i, c in enumerate(candidates)}
+        self.seen: list[int] = []
+
+    def __call__(self, query, candidate, matches) -> SpatialScore:
+        self.seen.append(self.ids[id(candidate)])
+        return SpatialScore(self.value[id(candidate)], np.ones(len(matches), bool))
+
+
+def test_a_prescorer_picks_by_its_own_scores_and_the_rest_keep_them():
+    query, cands = _query_and_candidates(seed=3)
+    # the fast pass prefers candidates 0 and 5 (not those with the most mutual matches, 2 and 4)
+    fast = FixedScorer(cands, [0.30, 0.05, 0.10, 0.02, 0.12, 0.25])
+    exact = FixedScorer(cands, [0.40, 0.99, 0.99, 0.99, 0.99, 0.20])
+    found = cascade_scores([query], [[c] for c in cands], exact, (1.0,), verify=2, prescorer=fast)
+    assert sorted(fast.seen) == list(range(len(cands)))  # the fast scorer sees every candidate
+    assert sorted(exact.seen) == [0, 5]  # the exact one only the two it ranks best
+    np.testing.assert_array_equal(found.chosen, [True, False, False, False, False, True])
+    np.testing.assert_allclose(found.scores[0], [0.40, 0.05, 0.10, 0.02, 0.12, 0.20])
+    assert found.match_counts.shape == (1, len(cands))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"prescorer": "usac"}, "set verify"),
+    ({"prescorer": "nope", "verify": 5}, "unknown pre-scorer"),
+    ({"prescorer": "ransac", "scorer": "ransac", "verify": 5}, "both"),
+])
+def test_config_validates_the_prescorer(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        RerankSettings("t", **changes)

@@ -8,7 +8,7 @@ import torch
 
 from vprkit.rerank.fusion import fuse_scales, fuse_with_global, znorm
 from vprkit.rerank.matching import Matches, mutual_nn, mutual_nn_grouped
-from vprkit.rerank.scoring import PatchSet, rapid_spatial_score, ransac_score
+from vprkit.rerank.scoring import SCORERS, PatchSet, rapid_spatial_score, ransac_score, usac_score
 
 
 def unit(*rows):
@@ -61,7 +61,8 @@ def test_rapid_scoring_ranks_a_consistent_shift_above_random_matches():
     assert rapid_spatial_score(q, d, Matches(np.zeros(0, int), np.zeros(0, int), np.zeros(0))).value == 0.0
 
 
-def test_ransac_recovers_a_planted_homography_on_synthetic_points():
+@pytest.mark.parametrize("scorer", [ransac_score, usac_score], ids=["ransac", "usac"])
+def test_ransac_recovers_a_planted_homography_on_synthetic_points(scorer):
     q, d = grid_set(10, 12), grid_set(10, 12)
     h = np.array([[0.95, 0.02, 6.0], [-0.01, 1.0, 3.0], [1e-4, 0, 1.0]])
     pts = np.c_[q.centres, np.ones(len(q))] @ h.T
@@ -71,7 +72,7 @@ def test_ransac_recovers_a_planted_homography_on_synthetic_points():
     di = qi.copy()
     outliers = rng.choice(len(q), 30, replace=False)
     di[outliers] = rng.permutation(di[outliers])
-    s = ransac_score(q, d, Matches(qi, di, np.ones(len(qi))))
+    s = scorer(q, d, Matches(qi, di, np.ones(len(qi))))
     moved = di != qi
     assert s.inliers[~moved].all() and s.inliers[moved].mean() < 0.2
     def project(m, xy):
@@ -82,7 +83,14 @@ def test_ransac_recovers_a_planted_homography_on_synthetic_points():
     # patch step (outliers within the 1.5-step threshold may pull the refit slightly)
     assert np.abs(project(s.model, q.centres) - project(h, q.centres)).max() < q.step_px / 8
     assert s.value == pytest.approx(s.inliers.sum() / len(q))
-    assert ransac_score(q, d, Matches(qi[:3], di[:3], np.ones(3))).value == 0.0
+    assert scorer(q, d, Matches(qi[:3], di[:3], np.ones(3))).value == 0.0
+
+
+def test_usac_is_a_registered_scorer_with_ransacs_score_kind():
+    from vprkit.retrieval.estimate import patch_score_kind
+
+    assert SCORERS.get("usac") is usac_score
+    assert patch_score_kind("usac") == patch_score_kind("ransac") == "inlier_ratio"
 
 
 def test_znorm_and_fusion_arithmetic():

@@ -108,9 +108,19 @@ def guard_options(global_gap: float | None) -> dict:
     return {"minimum": STATISTICS_MIN_CANDIDATES, "alpha": DEFAULT_OVERTURN_ALPHA}
 
 
+def global_order_within(fused: np.ndarray, place: np.ndarray) -> np.ndarray:
+    """``fused`` with the entries of ``place`` (a mask over the shortlist, in global order) given their
+    own scores sorted descending, in global order: the group keeps its scores (so it competes with
+    other places as before) while the global order decides within it."""
+    fused = np.array(fused, np.float64)
+    members = np.flatnonzero(np.asarray(place, bool))
+    fused[members] = np.sort(fused[members])[::-1]
+    return fused
+
+
 def rank_shortlist(per_scale: np.ndarray | None, head_scores: np.ndarray, keep: np.ndarray,
                    weights: Sequence[float], global_weight: float, matched: np.ndarray | None = None,
-                   alpha: float | None = None) -> np.ndarray:
+                   alpha: float | None = None, same_place: np.ndarray | None = None) -> np.ndarray:
     """Final scores of one query's shortlist (higher is better; sort descending, stably, for the order).
 
     ``head_scores``: the shortlist's global similarities in global order; ``keep``: which of them may
@@ -129,8 +139,13 @@ def rank_shortlist(per_scale: np.ndarray | None, head_scores: np.ndarray, keep: 
     ``alpha``: the global top-1 is overturned only when the patches say so significantly — it gets a
     head start of ``(1 − g) · overturn_margin(kept − 1, alpha)`` (:func:`overturn_margin`), i.e. a
     challenger must out-score it by the global deficit plus that margin in patch standard deviations.
-    ``None``: no test (the original fusion). One pure function, so that the live re-ranker and a
-    replay of recorded scores (``benchmarks/bench_rerank.py --replay``) rank alike.
+    ``None``: no test (the original fusion).
+
+    ``same_place``: a mask over the shortlist of the global top-1's place (its route neighbours,
+    :mod:`vprkit.rerank.places`); among its kept members the global order stands
+    (:func:`global_order_within`), so the patches choose between places and not between
+    neighbouring views of one. ``None``: off (the original). One pure function, so that the live
+    re-ranker and a replay of recorded scores (``benchmarks/bench_rerank.py --replay``) rank alike.
     """
     head_scores = np.asarray(head_scores, np.float64)
     keep = np.asarray(keep, bool)
@@ -153,4 +168,9 @@ def rank_shortlist(per_scale: np.ndarray | None, head_scores: np.ndarray, keep: 
     fused = np.empty(len(head_scores))
     fused[picked] = fused_kept
     fused[rest] = (fused_kept.min() if len(picked) else 0.0) - 1.0 - np.arange(len(rest))
+    if same_place is not None:
+        place = np.asarray(same_place, bool)
+        if place.shape != keep.shape or not place[0]:
+            raise ValueError("same_place must be a mask over the shortlist that holds the global top-1")
+        fused = global_order_within(fused, place & keep)
     return fused

@@ -10,7 +10,8 @@ motion — while the patch evidence decides where it is strong; a shortlist whos
 all equal leaves the global order unchanged. With a ``global_gap`` only the candidates within it
 of the global top-1 are matched and reordered (see :mod:`vprkit.rerank.fusion`). With ``verify`` the
 spatial scorer runs on only that many matched candidates, those with the most mutual nearest
-neighbours (see :mod:`vprkit.rerank.cascade`).
+neighbours (see :mod:`vprkit.rerank.cascade`). With ``same_place`` the global top-1's route
+neighbours keep their global order among themselves (see :mod:`vprkit.rerank.places`).
 
 Candidates' patches come from the map store when it was built with the same re-ranking settings;
 otherwise they are computed from the map's images (same result) and cached in RAM, and the fitted
@@ -38,6 +39,7 @@ from .cascade import cascade_scores
 from .extension import GROUP, PatchesExtension
 from .fusion import guard_options, matched_candidates, rank_shortlist, within_global_gap
 from .matching import Matches, mutual_nn_grouped
+from .places import PLACE_SIMILARITY_QUANTILE, RouteNeighbours, place_radius
 from .scoring import SCORERS, PatchSet, SpatialScore
 
 if TYPE_CHECKING:
@@ -204,8 +206,9 @@ def make_reranker(
 
     options = patch_options(settings, config)
     device = module_device(backbone)  # match where the models run
+    places = route_neighbours(settings, store, log)
     if stored is not None and stored.stores_same_as(options):
-        return PatchReranker(settings, stored, StoredPatches(store, stored), device)
+        return PatchReranker(settings, stored, StoredPatches(store, stored), device, places)
     if images is None:
         raise MapError(f"re-ranking '{settings.name}' needs the map's images or patches stored with these settings; "
                        f"{store.dir} has neither")
@@ -221,7 +224,22 @@ def make_reranker(
     else:
         log(f"re-ranking '{settings.name}': using the patch state saved in {saved.folder}")
     sha = store.read_entries()["content_sha256"]
-    return PatchReranker(settings, ext, ComputedPatches(ext, backbone, config, images, keys, saved, list(sha)), device)
+    return PatchReranker(settings, ext, ComputedPatches(ext, backbone, config, images, keys, saved, list(sha)), device,
+                         places)
+
+
+def route_neighbours(settings: "RerankSettings", store: "MapStore",
+                     log: Callable[[str], None] = logger.info) -> RouteNeighbours | None:
+    """The map's places for ``settings.same_place`` (``None`` when the preset does not use them);
+    ``"auto"`` reads the radius off the map's own descriptors (:func:`~vprkit.rerank.places.place_radius`)."""
+    if settings.same_place is None:
+        return None
+    radius = settings.same_place
+    if radius == "auto":
+        radius = place_radius(lambda rows: store.read_global(rows), len(store))
+        log(f"re-ranking '{settings.name}': a place spans ±{radius} map rows (neighbours as alike as the map's top "
+            f"{1 - PLACE_SIMILARITY_QUANTILE:.0%} of image pairs); within the global top-1's place the global order stands")
+    return RouteNeighbours(len(store), radius, store.read_poses())
 
 
 class PatchReranker(Reranker):
@@ -232,12 +250,18 @@ class PatchReranker(Reranker):
     """
 
     def __init__(self, settings: "RerankSettings", extension: PatchesExtension,
-                 candidates: "StoredPatches | ComputedPatches", device: "torch.device | str | None" = None):
+                 candidates: "StoredPatches | ComputedPatches", device: "torch.device | str | None" = None,
+                 places: RouteNeighbours | None = None):
+        if settings.same_place is not None and places is None:
+            raise ValueError(f"re-ranking preset {settings.name!r} uses same_place = {settings.same_place}: "
+                             "pass the map's RouteNeighbours (make_reranker does)")
         self.settings = settings
+        self.places = places if settings.same_place is not None else None
         self.device = device  # where patch matching runs (None: where the descriptors are, the CPU)
         self.name = settings.name
         self.shortlist = settings.shortlist
         self.scorer = SCORERS.get(settings.scorer)
+        self.prescorer = None if settings.prescorer is None else SCORERS.get(settings.prescorer)
         self.cache = CandidateCache(CANDIDATE_CACHE_BYTES)
         self.timings: list[float] = []
         # the guarded fusion's constants (vprkit.rerank.fusion.guard_options); benchmarks may override
@@ -278,7 +302,7 @@ class PatchReranker(Reranker):
         self.last_match_counts = None
         if self.settings.verify is not None:
             found = cascade_scores(query_sets, candidates, self.scorer, self.settings.weights, self.settings.verify,
-                                   self.device)
+                                   self.device, self.prescorer)
             self.last_match_counts = found.match_counts
             return found.scores
         out = np.zeros((len(query_sets), len(candidates)))
@@ -289,11 +313,17 @@ class PatchReranker(Reranker):
         return out
 
     def fuse(self, per_scale: np.ndarray | None, head_scores: np.ndarray, keep: np.ndarray,
-             matched: np.ndarray | None = None) -> np.ndarray:
+             matched: np.ndarray | None = None, head: np.ndarray | None = None) -> np.ndarray:
         """Final scores of one query's shortlist from its matched candidates' spatial scores
-        (:func:`vprkit.rerank.fusion.rank_shortlist`; ``per_scale`` is ``None`` when nothing was matched)."""
+        (:func:`vprkit.rerank.fusion.rank_shortlist`; ``per_scale`` is ``None`` when nothing was matched;
+        ``head``: the shortlist's map rows, which the preset's ``same_place`` needs)."""
+        same_place = None
+        if self.places is not None:
+            if head is None:
+                raise ValueError(f"re-ranking preset {self.name!r} needs the shortlist's map rows to find the top-1's place")
+            same_place = self.places.mask(np.asarray(head))
         return rank_shortlist(per_scale, head_scores, keep, self.settings.weights, self.settings.global_weight,
-                              matched, self.guard["alpha"])
+                              matched, self.guard["alpha"], same_place)
 
     def rerank(self, query: "QueryBatch", rows: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rows, scores = np.array(rows), np.array(scores, np.float64)
@@ -317,7 +347,7 @@ class PatchReranker(Reranker):
                 per_scale = self.patch_scores(qsets, [sets[head[i]] for i in picked])
             if self.on_scores is not None:
                 self.on_scores(np.asarray(head), head_scores, matched, per_scale, self.last_match_counts)
-            fused = self.fuse(per_scale, head_scores, keep, matched)
+            fused = self.fuse(per_scale, head_scores, keep, matched, np.asarray(head))
             order = np.argsort(-fused, kind="stable")
             out_rows[qi, : len(head)] = np.asarray(head)[order]
             out_scores[qi, : len(head)] = fused[order]
