@@ -8,6 +8,7 @@ A recipe (paths relative to the recipe file)::
     [backbone]
     preset = "effnet2-vlad-ma4"              # backbone, its options and the image spec come from here
     image_size = [224, 112]                  # W×H (optional)
+    options = { block = 19 }                 # the backbone's options changed from the preset's (optional)
     unfreeze = 0                             # train the last N backbone blocks too; 0 = frozen, cached
     cache_prefix = true                      # unfreeze > 0: cache the frozen prefix's output, train the N blocks on it
                                              # (false: re-read the images through the whole backbone every step)
@@ -41,6 +42,9 @@ A recipe (paths relative to the recipe file)::
     name = "mixvpr"                          # gem | netvlad | mixvpr | layout | mean
     options = { out_channels = 120, out_rows = 96 }
     projection = 0                           # > 0: a trainable linear projection to this many dims
+    vlad = { k = 64, assignments = 4, weight = 0.85 }   # optional: fuse with VLAD over the map's own vocabulary;
+                                             # weight = [0.1, 0.2, 0.3] picks the best on [validation] after training
+                                             # (its database plays the map: training.fusion), → <best>-fused.ckpt
 
     [loss]
     name = "multi-similarity"                # any of vprkit.training.LOSSES
@@ -49,6 +53,7 @@ A recipe (paths relative to the recipe file)::
     [sampler]
     places = 32
     images_per_place = 2
+    contiguous = 0.0                         # the share of batches that are windows of consecutive places
     [post]                                   # optional, fitted after training on the cached training images:
     pca = 1920                               # a PCA of the head's output to this many dims (centred, not whitened)
     centre = false                           # or: centre the head on its mean training output
@@ -84,9 +89,10 @@ from ..datasets import GroundTruth
 from ..errors import ConfigError
 from ..images import FolderImages, list_images
 from ..presets import resolve
-from .checkpoint import write_checkpoint
+from .checkpoint import checkpoint_config, write_checkpoint
 from .curves import plot_curves
 from .features import CachedFeatures, ImageFeatures, SuffixFeatures
+from .fusion import fuse_checkpoint, fused_validation, vlad_spec
 from .heads import KMEANS_SAMPLE, build_head, head_options
 from .labels import NEGATIVE_RULES, PlaceLabels, frame_keys
 from .trainer import TrainSettings, Trainer, Validation
@@ -130,6 +136,7 @@ def settings_from(recipe: Mapping[str, Any]) -> TrainSettings:
     return TrainSettings(
         epochs=int(tr.get("epochs", 10)), steps_per_epoch=tr.get("steps_per_epoch") or None,
         places_per_batch=int(s.get("places", 32)), images_per_place=int(s.get("images_per_place", 2)),
+        contiguous_batches=float(s.get("contiguous", 0.0)),
         loss=loss.get("name", "multi-similarity"), loss_options=dict(loss.get("options", {})),
         miner=miner.get("name", "multi-similarity") if "miner" in recipe or "name" in miner else "multi-similarity",
         miner_options=dict(miner.get("options", {})),
@@ -147,8 +154,14 @@ def settings_from(recipe: Mapping[str, Any]) -> TrainSettings:
 def base_config(recipe: Mapping[str, Any]) -> Config:
     b = dict(recipe.get("backbone", {}))
     size = b.get("image_size")
-    return resolve(b.get("preset"), image_size=None if size is None else (int(size[1]), int(size[0])),
-                   memory_budget_mb=b.get("memory_budget_mb"))
+    config = resolve(b.get("preset"), image_size=None if size is None else (int(size[1]), int(size[0])),
+                     memory_budget_mb=b.get("memory_budget_mb"))
+    options = b.get("options")
+    if options:  # e.g. another block of the preset's backbone; validated as any preset's options are
+        if not isinstance(options, Mapping):
+            raise ConfigError(f"[backbone] options must be a table of the backbone's options, got {options!r}")
+        config = resolve(config.replace(backbone_options={**dict(config.backbone_options), **dict(options)}))
+    return config
 
 
 def _frame_range(names: list[str], frames) -> list[str]:
@@ -400,7 +413,9 @@ def trained_config(recipe: Mapping[str, Any], prepared: Prepared) -> Config:
     agg: dict[str, Any] = {"head": name, "head_options": opts, "state": None}
     vocabulary = prepared.config.vocabulary
     fused = ""
-    if h.get("vlad"):
+    # A list of VLAD weights is picked on the validation set after training (training.fusion): until then the
+    # checkpoint is the head alone.
+    if h.get("vlad") and not isinstance(h["vlad"].get("weight"), (list, tuple)):
         v = {"k": int(h["vlad"].get("k", vocabulary.k)), "assignments": int(h["vlad"].get("assignments", 4)),
              "weight": float(h["vlad"].get("weight", 0.5))}
         agg["vlad"] = v
@@ -448,6 +463,10 @@ def run_recipe(path: str | os.PathLike | Mapping[str, Any], resume: bool = True,
     out.mkdir(parents=True, exist_ok=True)
     if recipe.get("post"):
         check_post(dict(recipe["post"]), int(dict(recipe.get("backbone", {})).get("unfreeze", 0)))
+    vlad = dict(dict(recipe.get("head", {})).get("vlad") or {})
+    if vlad:  # checked before training, so a typo costs no run
+        if vlad_spec(vlad)["chosen_on_validation"] and not recipe.get("validation"):
+            raise ConfigError("[head] vlad weight = [candidates] is picked on the validation set: give [validation]")
     prepared = prepare(recipe, progress, log)
     settings = settings_from(recipe)
     config = trained_config(recipe, prepared)
@@ -481,6 +500,20 @@ def run_recipe(path: str | os.PathLike | Mapping[str, Any], resume: bool = True,
     if post:
         summary_extra["trained_checkpoint"] = str(checkpoint)
         checkpoint, head_dim = post_train(prepared, checkpoint, post)
+    if vlad and prepared.validation is not None:
+        # The map VLAD's weight (or weights to pick from) measured on the validation set, the fused descriptor whole.
+        spec = vlad_spec(vlad)
+        if spec["chosen_on_validation"]:
+            summary_extra["unfused_checkpoint"] = str(checkpoint)
+            checkpoint, summary_extra["fused_validation"] = fuse_checkpoint(checkpoint, prepared.backbone.dim,
+                                                                            prepared.validation, vlad)
+            log(f"map VLAD weight {summary_extra['fused_validation']['weight']} picked on validation: "
+                + ", ".join(f"{w}: R@1 {r['R@1']:.3f}" for w, r in summary_extra["fused_validation"]["weights"].items()))
+        else:
+            fused = checkpoint_config(checkpoint)  # its VLAD's K is the checkpoint vocabulary's
+            rec = fused_validation(fused, prepared.backbone.dim, prepared.validation,
+                                   fused.vocabulary.k, spec["assignments"], spec["weights"])
+            summary_extra["fused_validation"] = {"weight": spec["weights"][0], "R@1": float(rec[spec["weights"][0]]["R@1"])}
     summary = {"name": config.name, "checkpoint": str(checkpoint), "best": trainer.best, "history": trainer.history,
                "train_seconds": round(seconds, 1), "head_dim": head_dim, **summary_extra, **prepared.info}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")

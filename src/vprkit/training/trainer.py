@@ -80,6 +80,8 @@ class TrainSettings:
     # drop whole cells with this probability, and shift the grid by up to this many cells.
     feature_dropout: float = 0.0
     feature_shift: int = 0
+    # The share of batches that are windows of consecutive places (PlaceSampler: near-neighbour negatives).
+    contiguous_batches: float = 0.0
     # Where the head trains ("auto": CUDA, then MPS, then CPU — vprkit.device.resolve_device); batches follow it.
     device: str = "auto"
 
@@ -108,13 +110,23 @@ def place_groups(places: PlaceLabels, ids: np.ndarray | None = None) -> list[np.
 
 
 class PlaceSampler:
-    """``places_per_batch`` places × ``images_per_place`` images per batch, a pure function of (seed, epoch, step)."""
+    """``places_per_batch`` places × ``images_per_place`` images per batch, a pure function of (seed, epoch, step).
 
-    def __init__(self, groups: list[np.ndarray], places_per_batch: int, images_per_place: int, seed: int = 0):
+    ``contiguous`` (0–1): that share of the batches (drawn per step) takes a window of consecutive places
+    in ``groups``' order — for frame labels, consecutive frames — instead of the epoch's shuffled places,
+    so every negative is a near neighbour of its anchor (exact-frame discrimination); 0 leaves the
+    batches exactly as without it.
+    """
+
+    def __init__(self, groups: list[np.ndarray], places_per_batch: int, images_per_place: int, seed: int = 0,
+                 contiguous: float = 0.0):
         self.groups = [np.asarray(g, dtype=np.int64) for g in groups if len(g) >= 1]
         if len(self.groups) < places_per_batch:
             raise ConfigError(f"only {len(self.groups)} places for batches of {places_per_batch} places")
+        if not 0.0 <= float(contiguous) <= 1.0:
+            raise ConfigError(f"the share of contiguous batches must be in [0, 1], got {contiguous}")
         self.p, self.k, self.seed = int(places_per_batch), int(images_per_place), int(seed)
+        self.contiguous = float(contiguous)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -124,6 +136,11 @@ class PlaceSampler:
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.groups))
         n = self.steps_per_epoch
         chosen = order[(step % n) * self.p : (step % n + 1) * self.p]
+        if self.contiguous:  # a stream of its own, so the other batches' images are drawn as without windows
+            w = np.random.default_rng([self.seed, epoch, step, 1])
+            if w.random() < self.contiguous:
+                start = int(w.integers(0, len(self.groups) - self.p + 1))
+                chosen = np.arange(start, start + self.p)
         rng = np.random.default_rng([self.seed, epoch, step])
         out = []
         for g in chosen:
@@ -193,7 +210,7 @@ class Trainer:
         self.validation, self.progress, self.on_best, self.on_epoch = validation, progress, on_best, on_epoch
         self.monitor = monitor
         self.sampler = PlaceSampler(place_groups(places, train_ids), settings.places_per_batch,
-                                    settings.images_per_place, settings.seed)
+                                    settings.images_per_place, settings.seed, settings.contiguous_batches)
         self.steps_per_epoch = settings.steps_per_epoch or self.sampler.steps_per_epoch
         self.total_steps = self.steps_per_epoch * settings.epochs
         dim = int(head.dim)
