@@ -35,7 +35,7 @@ RUNTIME_VOCABULARY_SETTINGS = ("max_bytes",)
 # adds images is not refused over it (the map keeps the index it was compressed with).
 SERVING_SETTINGS = ("index", "index_backend", "index_options")
 # Re-ranking: spatial scorers, stored patch dtypes, and the defaults of Patch-NetVLAD's presets.
-RERANK_SCORERS = ("ransac", "usac", "rapid")
+RERANK_SCORERS = ("ransac", "usac", "rapid", "similarity", "affine")
 RERANK_DTYPES = ("float16", "float32", "int8")
 DEFAULT_RERANK_SHORTLIST = 100
 # Weight of the global score in the final ranking; the patch evidence gets the rest.
@@ -137,7 +137,7 @@ class RerankConfig:
     (``None``: every shortlist candidate, the original); ``verify``: run the spatial scorer on only this
     many of the matched candidates, those with the most mutual nearest neighbours (a cascade, see
     :mod:`vprkit.rerank.cascade`; ``None``: all, the original); ``prescorer``: with ``verify``, a fast
-    spatial scorer (``usac``) that scores every candidate first and picks those ``verify`` by geometry
+    spatial scorer (``affine``, ``similarity``, ``usac``) that scores every candidate first and picks those ``verify`` by geometry
     instead of by mutual-match counts (``None``: the counts); ``same_place``: the global top-1's
     route neighbours within this many map rows on each side (by position when the map has poses) are
     its place, where the global order stands — the patches choose between places, not between

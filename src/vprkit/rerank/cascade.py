@@ -1,6 +1,6 @@
 """Cascade scoring: a cheap pre-score for every matched candidate, RANSAC only for the few it ranks best.
 
-Why: with compact patch descriptors (the ``performance`` preset's 256-d whitened int8) the time of
+Why: with compact patch descriptors (the ``performance`` preset's 512-d whitened int8) the time of
 re-ranking a whole shortlist is not in the matrix products but in the spatial check. OpenCV's
 RANSAC stops early only when the inlier ratio is high; a wrong candidate — most of a shortlist —
 has few inliers among its mutual matches, so it runs the full 2,000 iterations, at every scale
@@ -21,15 +21,19 @@ for 84 % of the queries whose shortlist holds it, sampled on 60 queries). So:
    judged weaker by the pre-score, so they rank with the weakest verified candidate, and the
    per-scale statistics the fusion z-normalises with still count them.
 
-**A spatial first pass** (``prescorer``, e.g. ``usac``): instead of the mutual-match counts, a fast
-spatial scorer scores every candidate and the exact scorer re-scores the ``verify`` best by its
-fused score; the others keep the fast scorer's score (the same unit, an inlier ratio), not the
-floor. OpenCV's USAC (:func:`vprkit.rerank.scoring.usac_score`) rejects a wrong candidate's
-hypotheses after a few matches, so it costs a small part of RANSAC's time on the many wrong
-candidates, and it ranks candidates by geometry, which counts do not (a rotated query's true place
-has few mutual matches but they agree); but on a true place with a low inlier ratio it finds fewer
-inliers than RANSAC's 2,000 full passes (recorded on rotated and zoomed Nordland: USAC alone
-0.200 / 0.290 Recall@1, RANSAC 0.215 / 0.320), which the exact pass over its best few restores.
+**A spatial first pass** (``prescorer``): instead of the mutual-match counts, a fast spatial scorer
+scores every candidate and the exact scorer re-scores the ``verify`` best by its fused score; the
+others keep the fast scorer's score (the same unit, an inlier ratio), not the floor. A first pass
+ranks candidates by geometry, which counts do not (a rotated query's true place has few mutual
+matches but they agree; a crop keeps few of the query's patches, and counts then favour candidates
+with many generic ones — the counts cascade fell from 0.694 to 0.306 on cropped Corridor). It
+need not be exact, only rank the right place among the best few: ``performance`` uses
+``affine`` (:func:`vprkit.rerank.scoring.affine_scores`: 128 three-match affine hypotheses per pair,
+every pair of a scale scored in one vectorised pass). The earlier choice, OpenCV's USAC
+(``usac``), also picked well, but one OpenCV call per pair (~130 µs, 300 a query) was most of the
+time left. Either finds fewer inliers than RANSAC's 2,000 full passes on a true place with a low
+inlier ratio (recorded on rotated and zoomed Nordland: USAC alone 0.200 / 0.290 Recall@1, RANSAC
+0.215 / 0.320), which the exact pass over its best few restores.
 
 The fusion (:mod:`vprkit.rerank.fusion`) is unchanged: it receives ``scales × candidates`` scores
 as from the full re-ranker.
@@ -44,7 +48,7 @@ import numpy as np
 from ..numerics import zscore
 from .fusion import fuse_scales
 from .matching import Matches, mutual_nn_stacked
-from .scoring import PatchSet, SpatialScore
+from .scoring import PatchSet, SpatialScore, score_candidates
 
 
 def prescore(match_counts: np.ndarray, weights: Sequence[float]) -> np.ndarray:
@@ -108,7 +112,8 @@ def cascade_scores(query_sets: list[PatchSet], candidates: list[list[PatchSet]],
     with ``scorer`` run only on the candidates :func:`select_for_verification` picks; that mask; the counts.
 
     ``prescorer``: pick them by its fused scores instead of the mutual-match counts; the unpicked keep
-    its scores (see the module docs).
+    its scores (see the module docs). A prescorer with a batched form scores each scale's candidates in
+    one call (:func:`vprkit.rerank.scoring.score_candidates`).
     """
     n_scales, n_cand = len(query_sets), len(candidates)
     matches: list[list[Matches]] = []
@@ -121,7 +126,7 @@ def cascade_scores(query_sets: list[PatchSet], candidates: list[list[PatchSet]],
         chosen = select_for_verification(prescore(counts, weights), verify)
         scores = np.zeros((n_scales, n_cand))
     else:
-        scores = np.array([[prescorer(q, candidates[c][s], matches[s][c]).value for c in range(n_cand)]
+        scores = np.array([score_candidates(prescorer, q, [c[s] for c in candidates], matches[s])
                            for s, q in enumerate(query_sets)]).reshape(n_scales, n_cand)
         chosen = select_for_verification(fuse_scales(list(scores), weights), verify)
     for c in np.flatnonzero(chosen):

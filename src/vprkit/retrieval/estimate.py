@@ -83,7 +83,8 @@ RERANKER_SCORE_KIND = "fused_zscore"  # Patch-NetVLAD fuses z-normalised patch (
 
 # What one scale's spatial score of two images is, by scorer (``match-two``): RANSAC counts inliers per
 # query patch (in [0, 1]); rapid spatial scoring sums squared displacement agreement (grows with the grid).
-PATCH_SCORE_KINDS: dict[str, str] = {"ransac": "inlier_ratio", "usac": "inlier_ratio", "rapid": "rapid_spatial_score"}
+PATCH_SCORE_KINDS: dict[str, str] = {"ransac": "inlier_ratio", "usac": "inlier_ratio", "similarity": "inlier_ratio",
+                                     "affine": "inlier_ratio", "rapid": "rapid_spatial_score"}
 
 
 def patch_score_kind(scorer: str) -> str:
