@@ -141,7 +141,9 @@ def replay(path: Path, settings, guard: dict | None = None, n_rows: int | None =
     """Ranked dataset indices per query from a whole-shortlist recording, as ``settings`` rank live:
     the candidates its gap keeps plus those its guard matches for statistics; with ``verify``, the
     cascade's choice by mutual-match counts among them, the rest at the lowest verified score; with
-    ``same_place``, the top-1's place from the recorded map rows and poses; fused by
+    ``same_place``, the top-1's place from the recorded map rows and poses (``"auto"`` is replayed with the
+    map's fixed lag radius, :func:`~vprkit.rerank.places.place_radius` — an approximation: live, each top-1's
+    place reaches as far as its neighbours look alike, which needs the map's descriptors); fused by
     :func:`~vprkit.rerank.fusion.rank_shortlist` (``guard`` overrides
     :func:`~vprkit.rerank.fusion.guard_options`). Recordings made before map rows were kept take the
     dataset indices as rows (the benchmark's maps are built in dataset order) and need ``n_rows``.

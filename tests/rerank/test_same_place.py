@@ -139,3 +139,61 @@ def test_the_reranker_needs_the_maps_places_when_the_preset_uses_them():
     with pytest.raises(ValueError, match="RouteNeighbours"):
         PatchReranker(settings, stub_ext, stub_candidates)
     assert PatchReranker(settings, stub_ext, stub_candidates, places=RouteNeighbours(4, 1)).places is not None
+
+
+# ---- "auto": a place as far as the neighbours look alike -------------------------------------------
+
+def _stretch_route() -> np.ndarray:
+    """20 rows of unrelated views, except rows 8-13: one spot filmed six times (the robot slowed down),
+    and rows 15-16, alike again but behind the unrelated row 14."""
+    rng = np.random.default_rng(4)
+    desc = rng.normal(size=(20, 32))
+    spot = rng.normal(size=32)
+    desc[8:14] = spot + 0.2 * rng.normal(size=(6, 32))
+    desc[15:17] = spot + 0.2 * rng.normal(size=(2, 32))
+    return desc / np.linalg.norm(desc, axis=1, keepdims=True)
+
+
+def test_a_place_by_similarity_reaches_as_far_as_the_neighbours_look_alike():
+    desc = _stretch_route()
+    places = RouteNeighbours(len(desc), 10, read_rows=lambda rows: desc[rows], similarity=0.5)
+    assert places.place_of(10).tolist() == [8, 9, 10, 11, 12, 13]  # stops at row 14, not at 15-16 beyond it
+    assert places.place_of(8).tolist() == [8, 9, 10, 11, 12, 13]
+    assert places.place_of(3).tolist() == [3]  # an unrelated row is its own place
+    # the radius caps it
+    capped = RouteNeighbours(len(desc), 1, read_rows=lambda rows: desc[rows], similarity=0.5)
+    assert capped.place_of(10).tolist() == [9, 10, 11]
+
+
+def test_a_place_by_similarity_with_poses_goes_nearest_first():
+    desc = _stretch_route()
+    poses = np.c_[np.arange(20.0) * 5, np.zeros(20)]
+    poses[16] = poses[10] + [0.5, 0.0]  # row 16: the slow spot again on a second pass, nearest to row 10 of all
+    places = RouteNeighbours(len(desc), 3, poses, read_rows=lambda rows: desc[rows], similarity=0.5)
+    got = places.place_of(10).tolist()
+    assert 16 in got and 10 in got and set(got) <= {8, 9, 10, 11, 12, 13, 16}
+    assert places.place_of(3).tolist() == [3]
+
+
+def test_a_place_by_similarity_needs_the_descriptors_and_the_similarity():
+    with pytest.raises(ValueError, match="both"):
+        RouteNeighbours(5, 2, read_rows=lambda rows: np.zeros((len(rows), 2)))
+    with pytest.raises(ValueError, match="both"):
+        RouteNeighbours(5, 2, similarity=0.5)
+
+
+def test_auto_places_use_the_maps_similarity_quantile():
+    from vprkit.rerank import places as places_module
+    from vprkit.rerank.reranker import route_neighbours
+
+    desc = _route(40, 3, noise=0.3)
+    store = type("Store", (), {"read_global": staticmethod(lambda rows: desc[np.asarray(rows)]),
+                               "read_poses": staticmethod(lambda: None), "__len__": lambda self: len(desc)})()
+    logged = []
+    got = route_neighbours(RerankSettings("t", same_place="auto"), store, logged.append)
+    pairs = (desc @ desc.T)[np.triu_indices(len(desc), 1)]
+    assert got.similarity == pytest.approx(np.quantile(pairs, places_module.PLACE_SIMILARITY_QUANTILE), abs=1e-6)
+    assert got.radius == places_module.MAX_PLACE_RADIUS and "cosine >" in logged[0]
+    # each place is its own three views (rows 3k … 3k+2): as alike as near-duplicates, unlike the next place
+    assert got.place_of(4).tolist() == [3, 4, 5]
+    assert route_neighbours(RerankSettings("t", same_place=2), store, logged.append).similarity is None

@@ -39,7 +39,7 @@ from .cascade import cascade_scores
 from .extension import GROUP, PatchesExtension
 from .fusion import guard_options, matched_candidates, rank_shortlist, within_global_gap
 from .matching import Matches, mutual_nn_grouped
-from .places import PLACE_SIMILARITY_QUANTILE, RouteNeighbours, place_radius
+from .places import MAX_PLACE_RADIUS, PLACE_SIMILARITY_QUANTILE, RouteNeighbours, place_similarity
 from .scoring import SCORERS, PatchSet, SpatialScore
 
 if TYPE_CHECKING:
@@ -231,15 +231,18 @@ def make_reranker(
 def route_neighbours(settings: "RerankSettings", store: "MapStore",
                      log: Callable[[str], None] = logger.info) -> RouteNeighbours | None:
     """The map's places for ``settings.same_place`` (``None`` when the preset does not use them);
-    ``"auto"`` reads the radius off the map's own descriptors (:func:`~vprkit.rerank.places.place_radius`)."""
+    ``"auto"``: each top-1's own place, read off the map's descriptors around it
+    (:func:`~vprkit.rerank.places.place_similarity`, :class:`~vprkit.rerank.places.RouteNeighbours`)."""
     if settings.same_place is None:
         return None
-    radius = settings.same_place
-    if radius == "auto":
-        radius = place_radius(lambda rows: store.read_global(rows), len(store))
-        log(f"re-ranking '{settings.name}': a place spans ±{radius} map rows (neighbours as alike as the map's top "
-            f"{1 - PLACE_SIMILARITY_QUANTILE:.0%} of image pairs); within the global top-1's place the global order stands")
-    return RouteNeighbours(len(store), radius, store.read_poses())
+    if settings.same_place == "auto":
+        read = lambda rows: store.read_global(rows)  # noqa: E731
+        similarity = place_similarity(read, len(store))
+        log(f"re-ranking '{settings.name}': the global top-1's place is its route neighbours, outward while they are "
+            f"as alike as the map's top {1 - PLACE_SIMILARITY_QUANTILE:.0%} of image pairs (cosine > {similarity:.3f}, "
+            f"at most ±{MAX_PLACE_RADIUS} rows); within it the global order stands")
+        return RouteNeighbours(len(store), MAX_PLACE_RADIUS, store.read_poses(), read_rows=read, similarity=similarity)
+    return RouteNeighbours(len(store), settings.same_place, store.read_poses())
 
 
 class PatchReranker(Reranker):
