@@ -31,6 +31,9 @@ A recipe (paths relative to the recipe file)::
     database = "summer"
     # frames = [a, b], every = 4, tolerance = 0: an explicit frame range instead (must not overlap training)
     # dataset = "corridor"                   # any `vprkit eval` dataset instead
+    refit = false                            # true (needs holdout): after the run, train again from scratch on the
+                                             # whole [data] range (holdout and gap returned) for the picked number
+                                             # of epochs, same seed and schedule → refit.ckpt, the run's checkpoint
 
     [monitor]                                # optional: recorded every epoch ("monitor R@1"), never picks
     queries = "winter"
@@ -257,6 +260,7 @@ def split_holdout(recipe: Mapping[str, Any], data: Mapping[str, Any], val: Mappi
     the new ``[data]`` and ``[validation]`` sections (unchanged without ``holdout``).
     """
     data, val = dict(data), dict(val)
+    val.pop("refit", None)  # a run-level choice (run_recipe), not part of the validation set
     n, gap = int(val.pop("holdout", 0) or 0), int(val.pop("gap", 0) or 0)
     if not n:
         return data, val
@@ -294,6 +298,8 @@ def prepare(recipe: Mapping[str, Any], progress: bool = True, log: Callable[[str
     config = base_config(recipe)
     b = dict(recipe.get("backbone", {}))
     data, val = split_holdout(recipe, recipe.get("data", {}), recipe.get("validation", {}))
+    # A run that will be refitted caches the frames it returns to training (the gap) now, so the refit reuses the cache.
+    refit_keys = _training_keys(recipe, dict(recipe["data"]))[1] if wants_refit(recipe) else []
     mon = dict(recipe.get("monitor", {}))
     seed = int(dict(recipe.get("train", {})).get("seed", 0))
     torch.set_num_threads(config.threads)
@@ -336,7 +342,7 @@ def prepare(recipe: Mapping[str, Any], progress: bool = True, log: Callable[[str
         ram = config.memory_plan().feature_cache_bytes
         same = gt is not None and vroot.resolve() == root.resolve()
         msame = mgt is not None and mroot.resolve() == root.resolve()
-        all_keys = list(dict.fromkeys(keys + (vq + vd if same else []) + (mq + md if msame else [])))
+        all_keys = list(dict.fromkeys(keys + refit_keys + (vq + vd if same else []) + (mq + md if msame else [])))
         t0 = time.perf_counter()
         features = CachedFeatures.build(cached, config, FolderImages(root, all_keys), cache_dir, all_keys,
                                         dtype=b.get("cache_dtype", "float16"), progress=progress and "cache features",
@@ -429,7 +435,7 @@ def trained_config(recipe: Mapping[str, Any], prepared: Prepared) -> Config:
     )
 
 
-def _save_backbone(prepared: Prepared, out: Path) -> str:
+def _save_backbone(prepared: Prepared, out: Path, name: str = "best.backbone.pth") -> str:
     """Unfrozen EfficientNet-Lite blocks → a full weights file its loader reads (``backbone_options.weights``)."""
     config = prepared.config
     if not config.backbone.startswith("efficientnet"):
@@ -446,7 +452,7 @@ def _save_backbone(prepared: Prepared, out: Path) -> str:
         k2 = "_blocks." + k2[len("blocks."):] if k2.startswith("blocks.") else k2
         if k2 in full:
             full[k2] = v.detach().clone()
-    path = out / "best.backbone.pth"
+    path = out / name
     torch.save(full, path)
     return str(path.resolve())
 
@@ -456,7 +462,10 @@ def run_recipe(path: str | os.PathLike | Mapping[str, Any], resume: bool = True,
     """Train what the recipe says; write ``best.ckpt`` (+ ``best.head.pt``), ``last.pt``, ``history.json``, ``curves.png``.
 
     Resumes from ``last.pt`` when it exists (and ``resume``). Returns a summary with the best
-    validation recall, the checkpoint path and the training time.
+    validation recall, the checkpoint path and the training time. With ``[validation] refit = true``
+    the picked epoch count is then retrained on the whole training range (:func:`refit_run`): the
+    summary's ``checkpoint`` is ``refit.ckpt`` (``picked_checkpoint`` the one picked on the holdout),
+    ``refit`` its record, and ``train_seconds`` covers both runs.
     """
     recipe = load_recipe(path) if not isinstance(path, Mapping) else dict(path)
     out = _path(recipe, recipe.get("out", "run"))
@@ -467,6 +476,7 @@ def run_recipe(path: str | os.PathLike | Mapping[str, Any], resume: bool = True,
     if vlad:  # checked before training, so a typo costs no run
         if vlad_spec(vlad)["chosen_on_validation"] and not recipe.get("validation"):
             raise ConfigError("[head] vlad weight = [candidates] is picked on the validation set: give [validation]")
+    refit = check_refit(recipe)
     prepared = prepare(recipe, progress, log)
     settings = settings_from(recipe)
     config = trained_config(recipe, prepared)
@@ -514,10 +524,98 @@ def run_recipe(path: str | os.PathLike | Mapping[str, Any], resume: bool = True,
             rec = fused_validation(fused, prepared.backbone.dim, prepared.validation,
                                    fused.vocabulary.k, spec["assignments"], spec["weights"])
             summary_extra["fused_validation"] = {"weight": spec["weights"][0], "R@1": float(rec[spec["weights"][0]]["R@1"])}
+    if refit:
+        # The epoch count picked on the holdout, retrained on the whole training range: that model is the run's.
+        summary_extra["picked_checkpoint"] = str(checkpoint)
+        summary_extra["refit"] = refit_run(recipe, int(trainer.best["epoch"]), trainer.best, settings, out, resume,
+                                           progress, log)
+        checkpoint = Path(summary_extra["refit"]["checkpoint"])
+        seconds += summary_extra["refit"]["train_seconds"]
     summary = {"name": config.name, "checkpoint": str(checkpoint), "best": trainer.best, "history": trainer.history,
                "train_seconds": round(seconds, 1), "head_dim": head_dim, **summary_extra, **prepared.info}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
+
+
+def wants_refit(recipe: Mapping[str, Any]) -> bool:
+    """Whether ``[validation] refit`` asks for a refit (a boolean; anything else is an error)."""
+    value = dict(recipe.get("validation") or {}).get("refit", False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"[validation] refit must be true or false, got {value!r}")
+    return value
+
+
+def check_refit(recipe: Mapping[str, Any]) -> bool:
+    """``[validation] refit = true`` and the options it cannot go with — checked before training, so a typo costs no run."""
+    if not wants_refit(recipe):
+        return False
+    val = dict(recipe["validation"])
+    if not int(val.get("holdout", 0) or 0):
+        raise ConfigError("[validation] refit = true needs holdout = N: the refit returns the held-out frames (and the "
+                          "gap) to training, which an explicit frame range or another dataset cannot be")
+    if recipe.get("post"):
+        raise ConfigError("[validation] refit = true cannot be combined with [post] (fitted on the picked run's "
+                          "training images); fit it on the refitted checkpoint with `vprkit add-pca`")
+    if dict(recipe.get("head", {})).get("vlad"):
+        raise ConfigError("[validation] refit = true cannot be combined with [head] vlad (the fusion weight is measured "
+                          "on the held-out frames, which the refit trains on)")
+    return True
+
+
+def refit_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
+    """The refit's recipe: the same, over the whole ``[data]`` range (holdout and gap returned), without validation."""
+    r = {k: v for k, v in recipe.items() if k != "validation"}
+    r["name"] = f"{recipe.get('name') or Path(recipe.get('out', 'run')).name}-refit"
+    return r
+
+
+def refit_run(recipe: Mapping[str, Any], epochs: int, picked: Mapping[str, Any], settings: TrainSettings, out: Path,
+              resume: bool = True, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Retrain from scratch on the union of training, gap and held-out frames for the ``epochs`` picked on the holdout.
+
+    Same seed, same settings and the same schedule (the recipe's ``epochs`` long, over the union's steps per
+    epoch), stopped after ``epochs`` epochs: the refitted model sits where the picked one sat in its schedule,
+    having seen every training-range frame. Nothing is validated (no frame of the range is held out); the
+    monitor, if any, is still only recorded. Writes ``refit.ckpt`` (+ ``refit.head.pt``), a preset like
+    ``best.ckpt``, with ``refit.last.pt`` (to resume), ``refit.history.json`` and ``refit.curves.png``.
+    """
+    if epochs < 1 or epochs > settings.epochs:
+        raise ConfigError(f"refit for {epochs} epochs: the picked epoch must be in 1..{settings.epochs}")
+    union = refit_recipe(recipe)
+    log(f"refit: {epochs} epochs (picked on the holdout) on the whole training range {union['data'].get('frames')}")
+    prepared = prepare(union, progress, log)
+    config = trained_config(union, prepared)
+    config = config.replace(description=config.description + f"; refitted on the whole training range for {epochs} "
+                                                             f"epochs (picked on the holdout)")
+    t0 = time.perf_counter()
+
+    def on_epoch(trainer: Trainer, record: dict) -> None:
+        record["refit"] = True
+        trainer.save(out / "refit.last.pt")
+        (out / "refit.history.json").write_text(json.dumps(trainer.history, indent=2) + "\n")
+        plot_curves(trainer.history, out / "refit.curves.png", title=config.name)
+
+    trainer = Trainer(prepared.head, prepared.features, prepared.places, settings, None, prepared.train_ids,
+                      prepared.extra_parameters, progress, None, on_epoch, prepared.monitor)
+    if resume and (out / "refit.last.pt").exists():
+        trainer.load(out / "refit.last.pt")
+        log(f"resuming the refit at step {trainer.step}/{epochs * trainer.steps_per_epoch}")
+    trainer.fit(max_steps=epochs * trainer.steps_per_epoch)
+    seconds = time.perf_counter() - t0
+    if len(trainer.history) != epochs:
+        raise ConfigError(f"the refit ran {len(trainer.history)} epochs instead of {epochs} "
+                          f"({out / 'refit.last.pt'} is from another run: delete it)")
+    if prepared.extra_parameters:
+        config = config.replace(backbone_options={**config.backbone_options,
+                                                  "weights": _save_backbone(prepared, out, "refit.backbone.pth")})
+    torch.save(trainer.head.state_dict(), out / "refit.head.pt")
+    info = {"refit": {"epochs": epochs, "schedule_epochs": settings.epochs, "picked_on_validation":
+                      {k: v for k, v in picked.items() if k.startswith("R@")}, "frames": union["data"].get("frames")},
+            "epoch": epochs, "step": trainer.step, "head_dim": int(trainer.head.dim), "settings": settings.to_dict(),
+            "train": prepared.info}
+    checkpoint = write_checkpoint(out / "refit.ckpt", config, out / "refit.head.pt", info)
+    return {"checkpoint": str(checkpoint), "picked_epoch": epochs, "epochs": len(trainer.history),
+            "steps": trainer.step, "history": trainer.history, "train_seconds": round(seconds, 1), **prepared.info}
 
 
 # Cached training features per forward pass when fitting a post-training step.
