@@ -116,7 +116,7 @@ def test_the_batch_is_scored_in_bounded_blocks(monkeypatch):
     pairs = [_pair(_rotation(d), np.zeros(2), 10 + d, 5, seed=d) for d in range(8)]
     query, cands, matches = pairs[0][0], [p[1] for p in pairs], [p[2] for p in pairs]
     whole = affine_scores(query, cands, matches)
-    monkeypatch.setattr(scoring, "SIMILARITY_CHUNK_ELEMENTS", scoring.SIMILARITY_HYPOTHESES * 40)
+    monkeypatch.setattr(scoring, "MOTION_CHUNK_ELEMENTS", scoring.MOTION_HYPOTHESES * 40)
     np.testing.assert_array_equal(affine_scores(query, cands, matches), whole)
 
 

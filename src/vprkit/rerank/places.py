@@ -156,9 +156,9 @@ class RouteNeighbours:
         """Of ``near`` (the row's neighbours within the radius), those reached from the row without
         passing a neighbour less alike than :attr:`similarity`: outward along the route on each side,
         or nearest first by position."""
-        near = np.asarray(near)
-        desc = _unit(self.read_rows(np.sort(near)))
-        sims = dict(zip(np.sort(near).tolist(), (desc @ desc[np.searchsorted(np.sort(near), row)]).tolist()))
+        rows = np.sort(np.asarray(near))
+        desc = _unit(self.read_rows(rows))
+        sims = dict(zip(rows.tolist(), (desc @ desc[np.searchsorted(rows, row)]).tolist()))
         if self.poses is None:
             keep = [row]
             for direction in (-1, 1):
@@ -168,7 +168,7 @@ class RouteNeighbours:
                     r += direction
             return np.sort(np.array(keep))
         keep = []
-        for r in near.tolist():  # nearest first, the row itself first of all
+        for r in np.asarray(near).tolist():  # nearest first, the row itself first of all
             if r != row and sims[r] <= self.similarity:
                 break
             keep.append(r)

@@ -2,7 +2,8 @@
 
 Also fast first-pass scorers for the re-ranking cascade: OpenCV's USAC (:func:`usac_score`) and
 vectorised minimal-sample fits of a similarity or an affine map (:func:`similarity_scores`,
-:func:`affine_scores`) that score all of a query's candidates at one scale in one call
+:func:`affine_scores`, both :func:`motion_scores`) that score all of a query's candidates at one scale
+in one call
 (:func:`score_candidates`).
 
 Both reference scorers take a query's and a candidate's :class:`PatchSet` at one scale plus their mutual
@@ -50,12 +51,12 @@ RANSAC_MAX_ITERS = 2000
 
 # |h₃₃| below this: the inverse homography maps points to infinity and is left unnormalised.
 DEGENERATE_HOMOGRAPHY = 1e-12
-# Similarity / affine pre-scoring (:func:`similarity_scores`): minimal samples per pair, their seed, the
-# largest pairs × hypotheses × matches array scored at once, and the smallest span (pixels; px² for the affine's determinant) of a
-# sample's candidate patch centres that fixes the map.
-SIMILARITY_HYPOTHESES = 128
-SIMILARITY_SEED = 0
-SIMILARITY_CHUNK_ELEMENTS = 1 << 21
+# Affine / similarity pre-scoring (:func:`motion_scores`): minimal samples per pair, their seed, the
+# largest pairs × hypotheses × matches array scored at once, and the smallest span (pixels; px² for the
+# affine's determinant) of a sample's candidate patch centres that fixes the map.
+MOTION_HYPOTHESES = 128
+MOTION_SEED = 0
+MOTION_CHUNK_ELEMENTS = 1 << 21
 DEGENERATE_SPAN_PX = 1e-6
 
 
@@ -202,37 +203,30 @@ MOTION_FITS = {"similarity": _fit_similarity, "affine": _fit_affine}
 MOTION_SAMPLE_SIZE = {"similarity": 2, "affine": 3}
 
 
-def _with_inverse(value: float, inliers: np.ndarray, model: np.ndarray) -> SpatialScore:
-    """A score with the fitted candidate → query map reported query → candidate (no model if singular)."""
-    try:
-        return SpatialScore(value, inliers, np.linalg.inv(model))
-    except np.linalg.LinAlgError:
-        return SpatialScore(value, inliers)
 
-def similarity_scores(query: PatchSet, candidates: Sequence[PatchSet], matches: Sequence[Matches],
-                      hypotheses: int = SIMILARITY_HYPOTHESES, seed: int = SIMILARITY_SEED,
-                      return_best: bool = False, motion: str = "similarity"):
-    """:func:`ransac_score`'s inlier ratio for a *similarity* (rotation, scale, translation) instead of a
-    homography, for many candidates of one query at once, with no OpenCV call.
+def motion_scores(query: PatchSet, candidates: Sequence[PatchSet], matches: Sequence[Matches], motion: str = "affine",
+                  hypotheses: int = MOTION_HYPOTHESES, seed: int = MOTION_SEED, return_best: bool = False):
+    """:func:`ransac_score`'s inlier ratio for an affine map or a similarity instead of a homography,
+    for all of one query's candidates at one scale at once, with no OpenCV call.
 
     Why: as the first pass of a cascade (``prescorer``) it has to score every shortlist candidate at
     every scale — 300 pairs a query for ``performance`` — and one OpenCV call per pair cost more than
-    the geometry itself (USAC: ~130 µs a call for ~15 matches). A similarity has a 2-match minimal
-    sample with a closed-form fit, so every hypothesis of every candidate is tested in one vectorised
-    pass: with centres as complex numbers, the candidate → query map through matches *i*, *j* is
-    ``z ↦ a·z + b`` with ``a = (q_j − q_i) / (c_j − c_i)``, ``b = q_i − a·c_i``, and a match is an
-    inlier when it lands within the RANSAC threshold (1.5 patch steps, query pixels) of its query
-    patch. A similarity keeps what a rotated, zoomed or cropped view of the same place does to patch
-    centres (a homography's perspective part is small over one view's patch grid), and ranks by
-    geometry where mutual-match counts do not.
+    the geometry itself (USAC: ~130 µs a call for ~15 matches). Both maps have small minimal samples
+    with closed-form fits (:data:`MOTION_FITS`: 2 matches fix a similarity ``z ↦ a·z + b`` on complex
+    centres, 3 an affine map), so every hypothesis of every candidate is tested in one vectorised
+    pass, and a match is an inlier when the map puts its candidate patch centre within the RANSAC
+    threshold (1.5 patch steps, query pixels) of its query patch centre. Both follow what a rotated,
+    zoomed or cropped view of the same place does to patch centres; the affine map also follows the
+    shear that perspective gives a receding surface (a similarity picked worse on Nordland's track:
+    README, "Re-ranking you can afford").
 
-    Hypotheses: ``hypotheses`` random 2-match samples per pair, drawn from one seeded stream *shared*
+    Hypotheses: ``hypotheses`` random minimal samples per pair, drawn from one seeded stream *shared*
     by all pairs (each pair scales the same uniform draws to its own match count), so a candidate's
-    score depends only on its own matches — not on the rest of its shortlist or the batch it is in.
-    With inlier ratio *w* a sample is all-inlier with probability ≈ *w*², so 128 samples miss every
-    good one with probability 0.96¹²⁸ < 1 % at *w* = 0.2. Returns the best inlier count over the query's
-    patch count per candidate (0 below 2 matches); with ``return_best``, also each candidate's best
-    ``(a, b)`` and inlier mask (for :func:`similarity_score`).
+    score depends only on its own matches — not on the rest of its shortlist or the block it is in.
+    With inlier ratio *w* a 3-match sample is all-inlier with probability ≈ *w*³, so 128 samples miss
+    every good one with probability 0.973¹²⁸ ≈ 3 % at *w* = 0.3. Returns the best inlier count over the
+    query's patch count per candidate (0 below a minimal sample); with ``return_best``, also each
+    candidate's best map (3×3, candidate → query pixels; ``None`` if none was defined) and inlier mask.
     """
     n_cand = len(candidates)
     values = np.zeros(n_cand)
@@ -244,13 +238,13 @@ def similarity_scores(query: PatchSet, candidates: Sequence[PatchSet], matches: 
         return (values, best_models, best_masks) if return_best else values
     threshold_sq = (RANSAC_THRESHOLD_STEPS * query.step_px) ** 2
     draws = torch.from_numpy(np.random.default_rng(seed).random((hypotheses, MOTION_SAMPLE_SIZE[motion])))
-    # pairs in blocks of at most SIMILARITY_CHUNK_ELEMENTS hypothesis × match tests, sorted by match count so
+    # pairs in blocks of at most MOTION_CHUNK_ELEMENTS hypothesis × match tests, sorted by match count so
     # that a block's padding (to its widest pair) stays small
     usable = usable[np.argsort(lengths[usable], kind="stable")]
     start = 0
     while start < len(usable):
         fits = np.flatnonzero(np.arange(1, len(usable) - start + 1) * hypotheses * lengths[usable[start:]]
-                              <= SIMILARITY_CHUNK_ELEMENTS)
+                              <= MOTION_CHUNK_ELEMENTS)
         rows = usable[start:start + (int(fits[-1]) + 1 if len(fits) else 1)]
         start += len(rows)
         n_np = lengths[rows]
@@ -290,26 +284,37 @@ def similarity_scores(query: PatchSet, candidates: Sequence[PatchSet], matches: 
     return (values, best_models, best_masks) if return_best else values
 
 
-def similarity_score(query: PatchSet, candidate: PatchSet, matches: Matches) -> SpatialScore:
-    """One pair's :func:`similarity_scores`, with its inliers and the fitted map as a 3×3 matrix
+def _one_pair(motion: str, query: PatchSet, candidate: PatchSet, matches: Matches) -> SpatialScore:
+    """One pair's :func:`motion_scores`, with its inliers and the fitted map as a 3×3 matrix
     (query pixels → candidate pixels, as the RANSAC scorer reports it)."""
-    values, models, masks = similarity_scores(query, [candidate], [matches], return_best=True)
+    values, models, masks = motion_scores(query, [candidate], [matches], motion, return_best=True)
     if models[0] is None:
         return SpatialScore(float(values[0]), masks[0] if masks else np.zeros(len(matches), bool))
-    return _with_inverse(float(values[0]), masks[0], models[0])
+    try:
+        return SpatialScore(float(values[0]), masks[0], np.linalg.inv(models[0]))
+    except np.linalg.LinAlgError:
+        return SpatialScore(float(values[0]), masks[0])
+
+
+def similarity_scores(query: PatchSet, candidates: Sequence[PatchSet], matches: Sequence[Matches], **options) -> np.ndarray:
+    """:func:`motion_scores` for a similarity (2-match samples): rotation, one scale, translation."""
+    return motion_scores(query, candidates, matches, "similarity", **options)
 
 
 def affine_scores(query: PatchSet, candidates: Sequence[PatchSet], matches: Sequence[Matches], **options) -> np.ndarray:
-    """:func:`similarity_scores` with an affine map (3-match samples): shear and unequal scales too."""
-    return similarity_scores(query, candidates, matches, motion="affine", **options)
+    """:func:`motion_scores` for an affine map (3-match samples): shear and unequal scales too."""
+    return motion_scores(query, candidates, matches, "affine", **options)
+
+
+def similarity_score(query: PatchSet, candidate: PatchSet, matches: Matches) -> SpatialScore:
+    """One pair's :func:`similarity_scores`, with its inliers and fitted map."""
+    return _one_pair("similarity", query, candidate, matches)
 
 
 def affine_score(query: PatchSet, candidate: PatchSet, matches: Matches) -> SpatialScore:
-    """One pair's :func:`affine_scores`, as :func:`similarity_score`."""
-    values, models, masks = similarity_scores(query, [candidate], [matches], return_best=True, motion="affine")
-    if models[0] is None:
-        return SpatialScore(float(values[0]), masks[0] if masks else np.zeros(len(matches), bool))
-    return _with_inverse(float(values[0]), masks[0], models[0])
+    """One pair's :func:`affine_scores`, with its inliers and fitted map."""
+    return _one_pair("affine", query, candidate, matches)
+
 
 SCORERS: Registry[Callable[[PatchSet, PatchSet, Matches], SpatialScore]] = Registry("spatial scorer")
 SCORERS.register("ransac", ransac_score)
