@@ -6,14 +6,14 @@ is zoomed, cropped or shifted sideways overlaps *a neighbouring view* best (a 1.
 forward-facing corridor view is the view from a few metres further on). Measured on recordings of
 whole shortlists (``benchmarks/bench_rerank.py --record``, ``performance`` patches): every one of
 the 15 zoomed-Corridor queries that re-ranking broke moved the top-1 1–4 frames *forward* along the
-route, and all of the plain and rotated Corridor breaks moved it by 1–2 frames; the re-ranking gains
+route, and all of the plain and rotated Corridor breaks moved it by 1–4 frames; the re-ranking gains
 on Nordland-600 come from the other direction — 107 of its 114 fixes jump more than 5 places away,
 to a different part of the route. So the re-ranker chooses between *places*, and within the global
 top-1's place the global order stands: :func:`vprkit.rerank.fusion.rank_shortlist` gives the
 top-1's place (this module's mask) its fused scores in global order.
 
-The place of a map row is the row with its ``radius`` nearest neighbours on each side along the
-route: the ``2 × radius`` rows nearest by position when every row of the map has a pose (so a
+With a fixed ``same_place = N`` (an int), the place of a map row is the row with its ``radius`` = N
+nearest neighbours on each side along the route: the ``2 × radius`` rows nearest by position when every row of the map has a pose (so a
 second traversal of the same street counts too), else the rows within ``radius`` of it in the
 map's row order — the order images were added in, which for a folder of frames is capture order.
 
@@ -26,8 +26,8 @@ the map has poses) for as long as each looks as alike to it as the map's most si
 :data:`MAX_PLACE_RADIUS` rows each side. Measured on the benchmark maps (``effnet2-vlad-ma4``): the
 95th percentile of all pairs' cosines is 0.787 on Corridor and 0.481 on Nordland-600; the places it
 gives reach 2.4 rows back on average on Corridor (a slow walk filmed frame by frame) and 1.1 on
-Nordland-600 (frames 40 apart; 354 of its 600 rows have no alike neighbour behind them). A fixed radius, even one read
-off the map's mean similarity at each lag (:func:`place_radius`: ±2 rows on Corridor, ±1 on
+Nordland-600 (frames 40 apart; 354 of its 600 rows have no alike neighbour behind them). A fixed
+radius, even one read off the map's mean similarity at each lag (:func:`place_radius`: ±2 rows on Corridor, ±1 on
 Nordland-600), fits the average stretch only: rotated Corridor lost two queries to frames three and
 four rows back from a top-1 in a stretch where the camera slowed (cosines 0.80–0.84 to the top-1,
 above Corridor's 0.787), which the per-top-1 place keeps; and a fixed ±2 cost rotated Nordland 0.01
