@@ -13,9 +13,9 @@ top-1's place the global order stands: :func:`vprkit.rerank.fusion.rank_shortlis
 top-1's place (this module's mask) its fused scores in global order.
 
 With a fixed ``same_place = N`` (an int), the place of a map row is the row with its ``radius`` = N
-nearest neighbours on each side along the route: the ``2 × radius`` rows nearest by position when every row of the map has a pose (so a
-second traversal of the same street counts too), else the rows within ``radius`` of it in the
-map's row order — the order images were added in, which for a folder of frames is capture order.
+nearest neighbours on each side along the route: the ``2 × radius`` rows nearest by position when
+every row of the map has a pose (so a second traversal of the same street counts too), else the rows
+within ``radius`` of it in the map's row order — the order images were added in, which for a folder of frames is capture order.
 
 How far a place reaches depends on how densely the route was sampled — and, along one route, on how
 fast the camera moved there. ``same_place = "auto"`` therefore reads it off the map *around each
