@@ -14,6 +14,9 @@ Writes ``results/bench_training.json`` and ``results/bench_training_curves.png``
 Recall@1 on the unseen half per epoch, every head). ``*-refit`` heads (``[validation] refit = true``)
 pick the epoch count on the holdout as above, then retrain from scratch on all of frames 0–1787 (the
 holdout and the gap returned) for that many epochs; that refitted checkpoint is the one evaluated.
+``*-ens<N>*`` heads (``[head] members = N``) train N heads with seeds seed … seed + N − 1, each picked on the
+holdout, and evaluate their ensemble (``ensemble`` aggregator: normalised descriptors concatenated, cosine = the
+members' mean); their row lists each member's pick and monitored curve, and the ensemble's holdout R@1.
 """
 
 from __future__ import annotations
@@ -182,6 +185,31 @@ HEADS = {
                                     "head": {"name": "layout", "options": {"out_channels": 117, "kernel": 3}},
                                     "sampler": {"places": 128, "images_per_place": 2, "contiguous": 0.5},
                                     "validation": {**BASE["validation"], "refit": True}},
+    # layout-xd-wide-contig as an ensemble ([head] members = 2): two half-width heads (58 per cell, 5,684 floats each)
+    # trained with seeds 0 and 1, each picked on the holdout, their L2-normalised descriptors concatenated with
+    # 1/sqrt(2) each (the ensemble's cosine is the mean of the members'): 11,368 floats.
+    "layout-xd-wide-contig-ens2": {**HEADS_XD_WIDE,
+                                   "head": {"name": "layout", "options": {"out_channels": 58, "kernel": 3}, "members": 2},
+                                   "sampler": {"places": 128, "images_per_place": 2, "contiguous": 0.5}},
+    # layout-xd-wide-contig-ens2 with member i's identity start on slice i of 2 of the 120 backbone channels
+    # ([head] member_init = "split": member 0 from channels 0-57, member 1 from 60-117) instead of both on 0-57.
+    "layout-xd-wide-contig-ens2-split": {**HEADS_XD_WIDE,
+                                         "head": {"name": "layout", "options": {"out_channels": 58, "kernel": 3},
+                                                  "members": 2, "member_init": "split"},
+                                         "sampler": {"places": 128, "images_per_place": 2, "contiguous": 0.5}},
+    # Three third-width members (39 per cell, 3,822 floats each; seeds 0-2), member i starting on channels 40i-40i+38:
+    # 11,466 floats, as the single head.
+    "layout-xd-wide-contig-ens3-split": {**HEADS_XD_WIDE,
+                                         "head": {"name": "layout", "options": {"out_channels": 39, "kernel": 3},
+                                                  "members": 3, "member_init": "split"},
+                                         "sampler": {"places": 128, "images_per_place": 2, "contiguous": 0.5}},
+    # Two full-width members (2 x 11,466) concatenated, then a PCA fitted on the training frames' ensemble outputs
+    # ([post] pca): 2,944 dims, the rank bound of the 2,956 training images (2,955) rounded down, far under the budget.
+    "layout-xd-wide-contig-ens2-pca": {**HEADS_XD_WIDE,
+                                       "head": {"name": "layout", "options": {"out_channels": 117, "kernel": 3},
+                                                "members": 2},
+                                       "sampler": {"places": 128, "images_per_place": 2, "contiguous": 0.5},
+                                       "post": {"pca": 2944}},
 }
 
 def recipe_for(name: str, epochs: int, seed: int) -> dict:
@@ -313,6 +341,19 @@ def main() -> None:
         picked = f"epoch {best['epoch']}/{len(hist)} (holdout R@1 {best['R@1']:.3f})"
         refit = s.get("refit")
         monitored = " ".join(f"{h['monitor R@1']:.3f}" for h in hist)
+        if s.get("members"):  # [head] members: each member picked on the holdout, then the ensemble measured there
+            ms = s["members"]
+            picked = ("members: " + ", ".join(f"epoch {m['best']['epoch']}/{len(m['history'])} (holdout R@1 "
+                                              f"{m['best']['R@1']:.3f})" for m in ms)
+                      + f"; ensemble holdout R@1 {best['R@1']:.3f}")
+            monitored = "; ".join(f"member {i}: " + " ".join(f"{h['monitor R@1']:.3f}" for h in m["history"])
+                                  for i, m in enumerate(ms)) + f"; ensemble {best['monitor R@1']:.3f}"
+            for i, m in enumerate(ms):
+                curves[f"{name} member {i}"] = m["history"]
+            curves.pop(name)
+            if s.get("trained_checkpoint"):  # [post]: the ensemble before its PCA, through the pipeline too
+                whole = nordland(checkpoint_config(s["trained_checkpoint"]), tuple(r["backbone"]["image_size"]))
+                picked += f"; before [post] {whole:.3f} on the unseen half ({sum(int(m['head_dim']) for m in ms)} floats)"
         if refit:  # the evaluated checkpoint is the refit's: the picked epoch count on frames 0-1787
             picked += (f"; refitted on frames 0-1787 ({refit['train_places']} places) for {refit['epochs']} epochs, "
                        f"{refit['train_seconds']:.0f} s")

@@ -11,7 +11,8 @@ frozen prefix's output, ``Backbone.split``) or ``ImageFeatures`` (unfrozen block
 ``build_head`` (GeM, NetVLAD from k-means, MixVPR, + a linear projection — a ``trained``
 aggregator); ``Trainer`` (places × images batches, loss + miner, deterministic, resumable,
 Recall@N validation every epoch, best kept); ``run_recipe`` (``vprkit train RECIPE.toml``);
-``checkpoint_config`` / ``register_checkpoint`` (a checkpoint is a preset); ``add_pca``.
+``checkpoint_config`` / ``register_checkpoint`` (a checkpoint is a preset); ``add_pca``;
+``run_ensemble`` (``[head] members = N``: N heads, seeds apart, concatenated into one ``ensemble`` preset).
 """
 
 from .labels import (
@@ -46,6 +47,7 @@ from .miners import (
 
 from .checkpoint import add_pca, checkpoint_config, is_checkpoint, register_checkpoint
 from .curves import plot_curves
+from .ensemble import run_ensemble
 from .features import CachedFeatures, ImageFeatures, SuffixFeatures
 from .heads import build_head
 from .recipe import load_recipe, run_recipe
@@ -66,6 +68,7 @@ __all__ = [
     "load_recipe",
     "plot_curves",
     "register_checkpoint",
+    "run_ensemble",
     "run_recipe",
     "validate",
     "LOSSES",

@@ -45,6 +45,11 @@ A recipe (paths relative to the recipe file)::
     name = "mixvpr"                          # gem | netvlad | mixvpr | layout | mean
     options = { out_channels = 120, out_rows = 96 }
     projection = 0                           # > 0: a trainable linear projection to this many dims
+    members = 1                              # > 1: an ensemble of that many heads, seeds seed … seed + N − 1, each
+                                             # trained and picked as one head is (<out>/member<i>/); best.ckpt is
+                                             # their concatenation (cosine = the members' mean; training.ensemble)
+    member_init = "same"                     # or "split" (layout): member i starts on slice i of N of the channels
+    start_slice = [0, 1]                     # layout: start as the identity on slice i of n of the backbone's channels
     vlad = { k = 64, assignments = 4, weight = 0.85 }   # optional: fuse with VLAD over the map's own vocabulary;
                                              # weight = [0.1, 0.2, 0.3] picks the best on [validation] after training
                                              # (its database plays the map: training.fusion), → <best>-fused.ckpt
@@ -96,7 +101,7 @@ from .checkpoint import checkpoint_config, write_checkpoint
 from .curves import plot_curves
 from .features import CachedFeatures, ImageFeatures, SuffixFeatures
 from .fusion import fuse_checkpoint, fused_validation, vlad_spec
-from .heads import KMEANS_SAMPLE, build_head, head_options
+from .heads import KMEANS_SAMPLE, build_head, head_options, start_slice
 from .labels import NEGATIVE_RULES, PlaceLabels, frame_keys
 from .trainer import TrainSettings, Trainer, Validation
 
@@ -287,8 +292,9 @@ def _check_disjoint(train_keys: list[str], val_keys: list[str]) -> None:
                           "hold them out ([validation] holdout = N) or move [data] frames")
 
 
-def prepare(recipe: Mapping[str, Any], progress: bool = True, log: Callable[[str], None] = print) -> Prepared:
-    """Labels, features, head, validation and monitor of a recipe.
+def prepare(recipe: Mapping[str, Any], progress: bool = True, log: Callable[[str], None] = print,
+            with_head: bool = True) -> Prepared:
+    """Labels, features, head, validation and monitor of a recipe (``with_head=False``: no head, ``head`` is None).
 
     Features: frozen (``unfreeze = 0``) — the backbone's output, cached; ``unfreeze = N`` — the output
     of the frozen prefix cached (``<cache>-before-lastN``) and the last N blocks run on it with
@@ -382,6 +388,8 @@ def prepare(recipe: Mapping[str, Any], progress: bool = True, log: Callable[[str
         places = _relabel(places, train_ids, len(features))
     h = dict(recipe.get("head", {}))
     name = h.get("name", "gem")
+    if not with_head:
+        return Prepared(config, None, features, train_ids, places, validation, extra, backbone, info, monitor)
     sample = None
     if name == "netvlad":
         if sample_src is None:
@@ -389,7 +397,8 @@ def prepare(recipe: Mapping[str, Any], progress: bool = True, log: Callable[[str
         sample = sample_src.descriptor_sample(int(h.get("kmeans_sample", KMEANS_SAMPLE)), seed, train_ids)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        head = build_head(name, backbone.dim, grid, h.get("options"), h.get("projection") or None, sample, seed)
+        head = build_head(name, backbone.dim, grid, h.get("options"), h.get("projection") or None, sample, seed,
+                          start_slice(h.get("start_slice"), name))
     return Prepared(config, head, features, train_ids, places, validation, extra, backbone, info, monitor)
 
 
@@ -461,17 +470,22 @@ def run_recipe(path: str | os.PathLike | Mapping[str, Any], resume: bool = True,
                log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train what the recipe says; write ``best.ckpt`` (+ ``best.head.pt``), ``last.pt``, ``history.json``, ``curves.png``.
 
-    Resumes from ``last.pt`` when it exists (and ``resume``). Returns a summary with the best
+    Resumes from ``last.pt`` when it exists (and ``resume``). ``[head] members = N > 1`` trains N heads and
+    writes their ensemble instead (:func:`vprkit.training.ensemble.run_ensemble`). Returns a summary with the best
     validation recall, the checkpoint path and the training time. With ``[validation] refit = true``
     the picked epoch count is then retrained on the whole training range (:func:`refit_run`): the
     summary's ``checkpoint`` is ``refit.ckpt`` (``picked_checkpoint`` the one picked on the holdout),
     ``refit`` its record, and ``train_seconds`` covers both runs.
     """
+    from .ensemble import check_members, run_ensemble
+
     recipe = load_recipe(path) if not isinstance(path, Mapping) else dict(path)
-    out = _path(recipe, recipe.get("out", "run"))
-    out.mkdir(parents=True, exist_ok=True)
     if recipe.get("post"):
         check_post(dict(recipe["post"]), int(dict(recipe.get("backbone", {})).get("unfreeze", 0)))
+    if check_members(recipe) > 1:  # [head] members = N: N runs, then their ensemble is the preset
+        return run_ensemble(recipe, resume, progress, log)
+    out = _path(recipe, recipe.get("out", "run"))
+    out.mkdir(parents=True, exist_ok=True)
     vlad = dict(dict(recipe.get("head", {})).get("vlad") or {})
     if vlad:  # checked before training, so a typo costs no run
         if vlad_spec(vlad)["chosen_on_validation"] and not recipe.get("validation"):
@@ -650,6 +664,7 @@ def post_train(prepared: Prepared, checkpoint: str | os.PathLike, post: Mapping[
     training places vary along, so the fused descriptor can give the map's own VLAD more bytes. The
     trained checkpoint stays; the new one (``best-post.ckpt`` + ``best-post.head.pt``) is the preset.
     """
+    from ..aggregation import AGGREGATORS
     from ..aggregation.projection import Projection, TrainedHead, add_centre
     from .checkpoint import checkpoint_config
 
@@ -657,7 +672,10 @@ def post_train(prepared: Prepared, checkpoint: str | os.PathLike, post: Mapping[
     src = Path(checkpoint)
     config = checkpoint_config(src)
     options = {k: v for k, v in config.aggregator_options.items() if k != "vlad"}  # the head alone, no vocabulary
-    head = TrainedHead(prepared.features.dim, **options).eval()
+    # A trained head, or an ensemble of them ([head] members): both take projections after their output.
+    head = AGGREGATORS.get(config.aggregator)(prepared.features.dim, **options).eval()
+    if post.get("centre") and not isinstance(head, TrainedHead):
+        raise ConfigError(f"[post] centre is for one trained head, not a {config.aggregator!r} checkpoint")
     ids = prepared.train_ids
     batches = [ids[i:i + POST_BATCH] for i in range(0, len(ids), POST_BATCH)]
     state = src.with_name("best-post.head.pt")
