@@ -142,8 +142,12 @@ class RerankConfig:
     route neighbours within this many map rows on each side (by position when the map has poses) are
     its place, where the global order stands — the patches choose between places, not between
     neighbouring views of one (:mod:`vprkit.rerank.places`; ``"auto"``: as far as consecutive map images
-    look alike, :func:`vprkit.rerank.places.place_radius`; ``None``: off, the original). Named
-    presets: :func:`vprkit.presets.get_rerank_config`.
+    look alike, :func:`vprkit.rerank.places.place_radius`; ``None``: off, the original);
+    ``fine_budget``: with a ``prescorer``, how many patch similarities (query patches × candidate
+    patches, summed over candidates) the finest scale — the most patches, the most expensive to match —
+    may compute per query: it matches as many candidates as fit, those the coarser scales' first pass
+    ranks best (at least ``verify``), and the others take that scale's lowest first-pass score
+    (:func:`vprkit.rerank.cascade.cascade_scores`; ``None``: every candidate at every scale). Named presets: :func:`vprkit.presets.get_rerank_config`.
     """
 
     name: str = "custom"
@@ -162,6 +166,7 @@ class RerankConfig:
     verify: int | None = None
     prescorer: str | None = None
     same_place: int | str | None = None
+    fine_budget: int | None = None
 
     def __post_init__(self):
         where = f"re-ranking preset {self.name!r}"
@@ -202,6 +207,16 @@ class RerankConfig:
             if self.prescorer == self.scorer:
                 raise ConfigError(f"{where}: prescorer and scorer are both {self.scorer!r}; a pre-pass with the same "
                                   "scorer only repeats it (drop prescorer, or verify every candidate)")
+        if self.fine_budget is not None:
+            if isinstance(self.fine_budget, bool) or not isinstance(self.fine_budget, int) or self.fine_budget < 1:
+                raise ConfigError(f"{where}: fine_budget must be a number of patch similarities ≥ 1 (or None for no "
+                                  f"limit), got {self.fine_budget!r}")
+            if self.prescorer is None:
+                raise ConfigError(f"{where}: fine_budget picks candidates by the coarser scales' first pass; set "
+                                  "prescorer (and verify), or drop fine_budget")
+            if len(scales) < 2:
+                raise ConfigError(f"{where}: fine_budget needs at least two patch scales (a coarser one to pick "
+                                  f"by), got {[list(x) for x in scales]}")
         if self.scorer not in RERANK_SCORERS:
             raise ConfigError(f"{where}: unknown spatial scorer {self.scorer!r}"
                               f"{_did_you_mean(self.scorer, RERANK_SCORERS)}; allowed: {', '.join(RERANK_SCORERS)}")

@@ -257,15 +257,25 @@ RERANK_STORAGE_GLOBAL_WEIGHT = 0.7
 RERANK_PRESCORER = "affine"
 RERANK_VERIFY = 8
 RERANK_SAME_PLACE = "auto"
+# ... and the matching budget of its finest scale (size 2, the most patches): at most this many patch
+# similarities per query (vprkit.rerank.cascade.cascade_scores), spent on the candidates the coarser
+# scales' first pass ranks best. Matching cost is the product of the two sides' patch counts, so at
+# 320×240 (266 size-2 patches a side, 70,756 similarities per candidate) the finest scale was 63 % of
+# the products: the budget matches 35 of 100 there, and Corridor's re-ranking time fell by about a
+# third. At Nordland's 224×112 (6,084 per candidate) the whole shortlist fits and nothing changes —
+# pruning it to 30 lost rotated Nordland a query in a hundred (its sizes 5 and 8 have 30 and 8
+# patches, too few to pick by). README, "Re-ranking you can afford".
+RERANK_FINE_BUDGET = 2_500_000
 PERFORMANCE_REFERENCE = register_rerank_preset(RerankConfig(
     "performance-reference", "Patch-NetVLAD performance as published: sizes 2,5,8, RANSAC, 4096-d PCA (capped at K·D), "
     "float16, the whole shortlist",
     scales=((2, 1), (5, 1), (8, 1)), weights=(0.45, 0.15, 0.40), scorer="ransac", pca_dim=4096))
 PERFORMANCE = register_rerank_preset(PERFORMANCE_REFERENCE.replace(
     name="performance", description="Patch-NetVLAD performance, affordable: sizes 2,5,8, 512-d whitened PCA, int8, "
-    f"the whole shortlist by batched affine fits, RANSAC for its best {RERANK_VERIFY}; the top-1's route neighbours keep "
-    "the global order",
-    pca_dim=512, whiten=True, dtype="int8", prescorer=RERANK_PRESCORER, verify=RERANK_VERIFY, same_place=RERANK_SAME_PLACE))
+    f"the whole shortlist by batched affine fits (size 2 within {RERANK_FINE_BUDGET:,} patch similarities, for the best at "
+    f"sizes 5 and 8), RANSAC for its best {RERANK_VERIFY}; the top-1's route neighbours keep the global order",
+    pca_dim=512, whiten=True, dtype="int8", prescorer=RERANK_PRESCORER, verify=RERANK_VERIFY, same_place=RERANK_SAME_PLACE,
+    fine_budget=RERANK_FINE_BUDGET))
 SPEED = register_rerank_preset(RerankConfig(
     "speed", f"Patch-NetVLAD speed: size 5, rapid spatial scoring, 512-d, float16, within {RERANK_GLOBAL_GAP:g} σ",
     scales=((5, 1),), weights=(1.0,), scorer="rapid", pca_dim=512, global_gap=RERANK_GLOBAL_GAP,

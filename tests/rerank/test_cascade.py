@@ -12,7 +12,7 @@ import torch
 from vprkit.errors import ConfigError
 from vprkit.numerics import zscore
 from vprkit.rerank import RerankSettings
-from vprkit.rerank.cascade import cascade_scores, fill_unverified, prescore, select_for_verification
+from vprkit.rerank.cascade import cascade_scores, fill_unverified, fine_candidates, prescore, select_for_verification
 from vprkit.rerank.matching import mutual_nn_grouped, mutual_nn_stacked
 from vprkit.rerank.reranker import PatchReranker
 from vprkit.rerank.scoring import PatchSet, SpatialScore
@@ -124,12 +124,14 @@ def test_the_reranker_runs_the_cascade_when_verify_is_set_and_the_original_other
     assert sorted(seen_all) == list(range(len(cands))) and rows_all[0] == 2
 
 
-@pytest.mark.parametrize("max_bytes", [1, 10**9])
-def test_stacked_matching_finds_the_same_pairs_as_one_by_one(max_bytes):
+@pytest.mark.parametrize("max_bytes,sim_bytes", [(1, 10**9), (10**9, 1), (10**9, 2 * 12 * 10 * 4), (10**9, 10**9)])
+def test_stacked_matching_finds_the_same_pairs_as_one_by_one(max_bytes, sim_bytes):
+    """Whatever the blocks (one candidate, two, all; bounded by descriptors or by similarities)."""
     g = torch.Generator().manual_seed(2)
     q = _unit(torch.randn(12, 8, generator=g))
     cands = [_unit(torch.randn(n, 8, generator=g)) for n in (10, 7, 10, 0, 10, 3)]
-    for c, single, stacked in zip(cands, mutual_nn_grouped(q, cands), mutual_nn_stacked(q, cands, max_bytes=max_bytes)):
+    stacked_all = mutual_nn_stacked(q, cands, max_bytes=max_bytes, sim_bytes=sim_bytes)
+    for c, single, stacked in zip(cands, mutual_nn_grouped(q, cands), stacked_all):
         assert stacked.query.tolist() == single.query.tolist()
         assert stacked.candidate.tolist() == single.candidate.tolist()
         np.testing.assert_allclose(stacked.similarity, single.similarity, rtol=1e-6)
@@ -178,3 +180,76 @@ def test_a_prescorer_picks_by_its_own_scores_and_the_rest_keep_them():
 def test_config_validates_the_prescorer(changes, message):
     with pytest.raises(ConfigError, match=message):
         RerankSettings("t", **changes)
+
+
+def _two_scale_shortlist(seed: int = 5):
+    """A query at two scales — coarse (12 patches) first, fine (30 patches) second — and six candidates."""
+    g = torch.Generator().manual_seed(seed)
+    coarse_grid = (3, 4)
+
+    def coarse_set(d):
+        ys, xs = np.meshgrid(np.arange(coarse_grid[0]), np.arange(coarse_grid[1]), indexing="ij")
+        pos = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.float32)
+        return PatchSet(d, (pos + 1) * 32.0, pos, coarse_grid, 32.0)
+
+    query = [coarse_set(_unit(torch.randn(12, DIM, generator=g))), _patch_set(_unit(torch.randn(N_PATCHES, DIM, generator=g)))]
+    cands = [[coarse_set(torch.cat([query[0].descriptors[:6], _unit(torch.randn(6, DIM, generator=g))])),
+              _patch_set(torch.cat([query[1].descriptors[:10], _unit(torch.randn(N_PATCHES - 10, DIM, generator=g))]))]
+             for _ in range(6)]
+    return query, cands
+
+
+def test_the_finest_scale_is_matched_only_for_the_candidates_the_coarser_scales_rank_best():
+    query, cands = _two_scale_shortlist()
+    coarse_fast = [0.10, 0.50, 0.30, 0.05, 0.40, 0.20]  # the coarse first pass ranks 1, 4, 2 best
+    fine_fast = [0.90, 0.20, 0.60, 0.90, 0.10, 0.90]  # 0, 3 and 5 would shine at the fine scale: never asked
+    fast = FixedScorer([c[0] for c in cands] + [c[1] for c in cands], coarse_fast + fine_fast)
+    exact = FixedScorer([c[0] for c in cands] + [c[1] for c in cands], [0.7] * 12)
+    found = cascade_scores(query, cands, exact, (0.5, 0.5), verify=2, prescorer=fast,
+                           fine_budget=3 * N_PATCHES * N_PATCHES)  # room for 3 fine-scale candidates
+    coarse_seen, fine_seen = sorted(i for i in fast.seen if i < 6), sorted(i - 6 for i in fast.seen if i >= 6)
+    assert coarse_seen == list(range(6)) and fine_seen == [1, 2, 4]
+    np.testing.assert_allclose(found.scores[1, [0, 3, 5]], 0.10)  # the fine scale's lowest first-pass score
+    np.testing.assert_array_equal(found.match_counts[1, [0, 3, 5]], 0)
+    assert (found.match_counts[1, [1, 2, 4]] >= 10).all() and (found.match_counts[0] >= 6).all()
+    assert found.chosen.sum() == 2 and not found.chosen[[0, 3, 5]].any()
+    assert sorted(i % 6 for i in exact.seen) == sorted(2 * np.flatnonzero(found.chosen).tolist())
+
+
+def test_a_budget_covering_the_shortlist_changes_nothing():
+    query, cands = _two_scale_shortlist()
+    values = [0.1, 0.5, 0.3, 0.05, 0.4, 0.2, 0.9, 0.2, 0.6, 0.9, 0.1, 0.9]
+
+    def run(fine):
+        fast = FixedScorer([c[0] for c in cands] + [c[1] for c in cands], values)
+        exact = FixedScorer([c[0] for c in cands] + [c[1] for c in cands], [0.7] * 12)
+        return cascade_scores(query, cands, exact, (0.5, 0.5), verify=2, prescorer=fast,
+                              fine_budget=None if fine is None else fine * N_PATCHES * N_PATCHES)
+
+    full, covered = run(None), run(6)
+    np.testing.assert_array_equal(full.scores, covered.scores)
+    np.testing.assert_array_equal(full.chosen, covered.chosen)
+    np.testing.assert_array_equal(full.match_counts, covered.match_counts)
+
+
+def test_the_budget_buys_whole_candidates_and_never_fewer_than_verify():
+    query, cands = _two_scale_shortlist()
+    fine = [c[1] for c in cands]  # 30 patches each, against the query's 30: 900 similarities a candidate
+    assert fine_candidates(query[1], fine, 4 * 900) == 4
+    assert fine_candidates(query[1], fine, 4 * 900 - 1) == 3  # a candidate is matched whole or not at all
+    assert fine_candidates(query[1], fine, 10**9) == len(fine)  # never more than there are
+    assert fine_candidates(query[1], fine, 1, verify=2) == 2  # the verified are matched at every scale
+    assert fine_candidates(query[1], fine, 1) == 1 and fine_candidates(query[1], [], 10**9) == 0
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"fine_budget": 30, "scales": ((2, 1), (5, 1)), "weights": (0.5, 0.5)}, "set prescorer"),
+    ({"fine_budget": 30, "prescorer": "affine", "verify": 8}, "at least two patch scales"),
+    ({"fine_budget": 0, "prescorer": "affine", "verify": 8, "scales": ((2, 1), (5, 1)), "weights": (0.5, 0.5)},
+     "≥ 1"),
+    ({"fine_budget": True, "prescorer": "affine", "verify": 8, "scales": ((2, 1), (5, 1)), "weights": (0.5, 0.5)},
+     "≥ 1"),
+])
+def test_config_validates_the_fine_budget(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        RerankSettings("t", **{"scorer": "ransac", **changes})

@@ -104,31 +104,75 @@ class CascadeScores(NamedTuple):
     match_counts: np.ndarray
 
 
+def finest_scale(query_sets: Sequence[PatchSet]) -> int:
+    """The scale with the most query patches: the most expensive to match (ties: the first)."""
+    return int(np.argmax([len(q.descriptors) for q in query_sets]))
+
+
+def fine_candidates(query: PatchSet, candidates: Sequence[PatchSet], budget: int, verify: int | None = None) -> int:
+    """How many candidates the finest scale matches within ``budget`` patch similarities: as many as fit
+    (the candidates' mean patch count times the query's per candidate), at least ``verify`` and 1."""
+    if not candidates:
+        return 0
+    per_candidate = max(1, len(query.descriptors)) * max(1.0, float(np.mean([len(c.descriptors) for c in candidates])))
+    return int(min(len(candidates), max(verify or 1, int(budget // per_candidate))))
+
+
 def cascade_scores(query_sets: list[PatchSet], candidates: list[list[PatchSet]],
                    scorer: Callable[[PatchSet, PatchSet, Matches], SpatialScore], weights: Sequence[float],
                    verify: int | None, device=None,
-                   prescorer: Callable[[PatchSet, PatchSet, Matches], SpatialScore] | None = None) -> CascadeScores:
+                   prescorer: Callable[[PatchSet, PatchSet, Matches], SpatialScore] | None = None,
+                   fine_budget: int | None = None) -> CascadeScores:
     """``scales × candidates`` spatial scores of one query against its candidates (in global order),
     with ``scorer`` run only on the candidates :func:`select_for_verification` picks; that mask; the counts.
 
     ``prescorer``: pick them by its fused scores instead of the mutual-match counts; the unpicked keep
     its scores (see the module docs). A prescorer with a batched form scores each scale's candidates in
     one call (:func:`vprkit.rerank.scoring.score_candidates`).
+
+    ``fine_budget`` (with a prescorer): the finest scale (:func:`finest_scale`) computes at most that
+    many patch similarities (query patches × candidate patches, summed over candidates): it matches
+    :func:`fine_candidates` of them, the best by the coarser scales' fused first-pass scores; the others
+    get the finest scale's lowest first-pass score among them (as :func:`fill_unverified` does for the
+    exact pass) and a mutual-match count of 0, and only candidates matched at every scale are verified.
+    Why: matching cost grows with the product of the two sides' patch counts, so the finest scale
+    dominates it, and far more at high resolution (Corridor's 320×240: 266 size-2 patches a side, 70,756
+    similarities per candidate; Nordland's 224×112: 78, 6,084). A budget bounds the cost per query
+    whatever the resolution: where the whole shortlist fits it nothing changes.
     """
     n_scales, n_cand = len(query_sets), len(candidates)
-    matches: list[list[Matches]] = []
+    if fine_budget is not None and prescorer is None:
+        raise ValueError("fine_budget picks by the coarser scales' first pass: pass a prescorer")
+    fine = finest_scale(query_sets) if fine_budget is not None and n_scales > 1 else None
+    n_fine = n_cand if fine is None else fine_candidates(query_sets[fine], [c[fine] for c in candidates], fine_budget,
+                                                        verify)
+    order = [s for s in range(n_scales) if s != fine] + ([fine] if fine is not None else [])
+    matches: list[list[Matches]] = [[] for _ in range(n_scales)]
     counts = np.zeros((n_scales, n_cand))
-    for s, q in enumerate(query_sets):
-        per_scale = mutual_nn_stacked(q.descriptors, [c[s].descriptors for c in candidates], device)
-        matches.append(per_scale)
-        counts[s] = [len(m) for m in per_scale]
+    scores = np.zeros((n_scales, n_cand))
+    fine_mask = np.ones(n_cand, bool)
+    for s in order:
+        q = query_sets[s]
+        if s == fine and n_fine < n_cand:
+            coarse = [c for c in range(n_scales) if c != fine]
+            fine_mask = select_for_verification(fuse_scales([scores[c] for c in coarse], [weights[c] for c in coarse]),
+                                                n_fine)
+        picked = np.flatnonzero(fine_mask) if s == fine else np.arange(n_cand)
+        found = mutual_nn_stacked(q.descriptors, [candidates[c][s].descriptors for c in picked], device)
+        per_scale = [Matches(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))] * n_cand
+        for c, m in zip(picked, found):
+            per_scale[c] = m
+        matches[s] = per_scale
+        counts[s, picked] = [len(m) for m in found]
+        if prescorer is not None:
+            scores[s, picked] = score_candidates(prescorer, q, [candidates[c][s] for c in picked], found)
+            if len(picked) < n_cand:
+                scores[s, ~fine_mask] = scores[s, picked].min()
     if prescorer is None:
         chosen = select_for_verification(prescore(counts, weights), verify)
-        scores = np.zeros((n_scales, n_cand))
     else:
-        scores = np.array([score_candidates(prescorer, q, [c[s] for c in candidates], matches[s])
-                           for s, q in enumerate(query_sets)]).reshape(n_scales, n_cand)
-        chosen = select_for_verification(fuse_scales(list(scores), weights), verify)
+        fused = np.where(fine_mask, fuse_scales(list(scores), weights), -np.inf)
+        chosen = select_for_verification(fused, verify) & fine_mask
     for c in np.flatnonzero(chosen):
         for s, q in enumerate(query_sets):
             scores[s, c] = scorer(q, candidates[c][s], matches[s][c]).value

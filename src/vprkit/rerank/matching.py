@@ -70,10 +70,17 @@ def mutual_nn_grouped(query: torch.Tensor, candidates: list[torch.Tensor],
 # stacked descriptors): large enough that a 256-d shortlist of 100 goes in one product, small enough
 # that the paper's 4096-d patches at 320×240 (≈ 8 MB per image) are matched in blocks of a few.
 STACK_MAX_BYTES = 64 * 2**20
+# Upper bound on one block's similarity matrix (``B×n_d×n_q`` float32) in :func:`mutual_nn_stacked`.
+# Why: the two reductions that find mutual nearest neighbours (best candidate patch per query patch,
+# best query patch per candidate patch) read the whole matrix again; a block that fits a core's L2
+# cache (1 MiB here) is read from cache, a whole shortlist's is read from memory. Measured on this
+# 2-core machine, 100 candidates × 512-d: 266 patches a side (Corridor's size-2 scale) 146 → 76 ms
+# per scale, 176 patches 53 → 41 ms; small sets (Nordland's 78 / 30 / 8) unchanged (benchmarks/bench_rerank.py).
+SIM_BLOCK_BYTES = 1 * 2**20
 
 
 def mutual_nn_stacked(query: torch.Tensor, candidates: list[torch.Tensor], device: torch.device | str | None = None,
-                      max_bytes: int = STACK_MAX_BYTES) -> list[Matches]:
+                      max_bytes: int = STACK_MAX_BYTES, sim_bytes: int = SIM_BLOCK_BYTES) -> list[Matches]:
     """Like :func:`mutual_nn_grouped`, with candidates of equal patch count matched in one batched product.
 
     Why: with the compact presets' patch sets (tens of patches of 256 dimensions) one pair's matrix
@@ -81,8 +88,10 @@ def mutual_nn_stacked(query: torch.Tensor, candidates: list[torch.Tensor], devic
     three copies to NumPy) cost far more than the arithmetic: a 100-candidate shortlist at three
     scales is 300 such rounds. Stacking candidates of the same patch count (at a fixed image size,
     all of them) makes it a handful of calls per scale. Blocks are bounded by ``max_bytes`` of
-    stacked descriptors so that the stacking copy stays small where patch sets are large. Same pairs
-    as the one-by-one matcher (the maxima of the same products).
+    stacked descriptors so that the stacking copy stays small where patch sets are large, and by
+    ``sim_bytes`` of similarities so that the reductions over a block read it from cache
+    (:data:`SIM_BLOCK_BYTES`). Same pairs as the one-by-one matcher (the maxima of the same products),
+    whatever the blocks.
     """
     empty = Matches(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
     out: list[Matches] = [empty] * len(candidates)
@@ -96,10 +105,11 @@ def mutual_nn_stacked(query: torch.Tensor, candidates: list[torch.Tensor], devic
             groups.setdefault(int(c.shape[0]), []).append(i)
     for n_d, members in groups.items():
         per_candidate = max(1, n_d * candidates[members[0]].shape[1] * candidates[members[0]].element_size())
-        block = max(1, max_bytes // per_candidate)
+        per_similarity = max(1, n_d * len(query) * 4)
+        block = max(1, min(max_bytes // per_candidate, sim_bytes // per_similarity))
         for start in range(0, len(members), block):
             idx = members[start : start + block]
-            stacked = torch.stack([candidates[i] for i in idx])
+            stacked = candidates[idx[0]].unsqueeze(0) if len(idx) == 1 else torch.stack([candidates[i] for i in idx])
             if device is not None:
                 stacked = stacked.to(device)
             for i, m in zip(idx, _mutual_block(query, stacked)):

@@ -305,7 +305,7 @@ class PatchReranker(Reranker):
         self.last_match_counts = None
         if self.settings.verify is not None:
             found = cascade_scores(query_sets, candidates, self.scorer, self.settings.weights, self.settings.verify,
-                                   self.device, self.prescorer)
+                                   self.device, self.prescorer, self.settings.fine_budget)
             self.last_match_counts = found.match_counts
             return found.scores
         out = np.zeros((len(query_sets), len(candidates)))
