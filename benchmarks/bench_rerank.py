@@ -148,7 +148,9 @@ def replay(path: Path, settings, guard: dict | None = None, n_rows: int | None =
     :func:`~vprkit.rerank.fusion.guard_options`). Recordings made before map rows were kept take the
     dataset indices as rows (the benchmark's maps are built in dataset order) and need ``n_rows``.
     A preset with a ``prescorer`` also needs ``first_path``, a recording of the same query set and
-    patches by that scorer: its scores pick the candidates to verify and stand for the others."""
+    patches by that scorer: its scores pick the candidates to verify and stand for the others.
+    A preset's ``fine_budget`` is not replayed: a recording holds every candidate's finest scale, and
+    the replay uses them all (live, only the candidates within the budget are matched there)."""
     data = np.load(path)
     first = None
     if settings.verify is not None and settings.prescorer is not None:
@@ -263,6 +265,9 @@ def main() -> None:
                         global_r1 = rec["R@1"]
                         rows_out.append({"queries": qs.name, "method": f"global {args.preset}",
                                          **{f"R@{n}": round(rec[f"R@{n}"], 3) for n in NS}})
+                    if settings.fine_budget is not None:
+                        print(f"{qs.name} {rerank}: its fine_budget is not replayed (every recorded candidate's finest "
+                              "scale is used)", file=sys.stderr)
                     first = replay_path(args.cache, qs.name, base, rerank, settings.prescorer) if settings.prescorer else None
                     rec = recall_at_n(replay(path, settings, n_rows=len(ds.database_images), first_path=first), gt, NS)
                     rows_out.append({"queries": qs.name, "method": f"replay {rerank}",

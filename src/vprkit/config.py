@@ -147,7 +147,8 @@ class RerankConfig:
     patches, summed over candidates) the finest scale — the most patches, the most expensive to match —
     may compute per query: it matches as many candidates as fit, those the coarser scales' first pass
     ranks best (at least ``verify``), and the others take that scale's lowest first-pass score
-    (:func:`vprkit.rerank.cascade.cascade_scores`; ``None``: every candidate at every scale). Named presets: :func:`vprkit.presets.get_rerank_config`.
+    (:func:`vprkit.rerank.cascade.cascade_scores`; ``None``: every candidate at every scale). Named
+    presets: :func:`vprkit.presets.get_rerank_config`.
     """
 
     name: str = "custom"

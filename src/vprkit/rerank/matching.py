@@ -75,7 +75,8 @@ STACK_MAX_BYTES = 64 * 2**20
 # best query patch per candidate patch) read the whole matrix again; a block that fits a core's L2
 # cache (1 MiB here) is read from cache, a whole shortlist's is read from memory. Measured on this
 # 2-core machine, 100 candidates × 512-d: 266 patches a side (Corridor's size-2 scale) 146 → 76 ms
-# per scale, 176 patches 53 → 41 ms; small sets (Nordland's 78 / 30 / 8) unchanged (benchmarks/bench_rerank.py).
+# per scale, 176 patches 53 → 41 ms; small sets (Nordland's 78 / 30 / 8) unchanged (timed on random unit
+# descriptors of those shapes; end to end: README, "Re-ranking you can afford").
 SIM_BLOCK_BYTES = 1 * 2**20
 
 
