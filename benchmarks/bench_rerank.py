@@ -75,7 +75,7 @@ def run_queries(m, ds, reranker, k: int, record: list | None = None) -> tuple[np
     With ``record`` (a list), the re-ranker matches and verifies the whole shortlist (no gap, a
     cascade that verifies everything, so the mutual-match counts are known) and each query's
     ``(shortlist as dataset indices, global scores, matched mask, spatial scores scales × matched,
-    mutual-match counts scales × matched)`` is appended.
+    mutual-match counts scales × matched, map rows, each scale's perfect score)`` is appended.
     """
     db_index = {key: i for i, key in enumerate(ds.database_images)}
     row_to_db = np.array([db_index[key] for key in m.keys] + [-1])
@@ -84,8 +84,8 @@ def run_queries(m, ds, reranker, k: int, record: list | None = None) -> tuple[np
         # the whole shortlist, every candidate verified by a cascade (so its mutual-match counts are known)
         reranker.settings = reranker.settings.replace(global_gap=None, verify=reranker.shortlist)
         reranker.guard = guard_options(None)
-        reranker.on_scores = lambda head, g, matched, per_scale, counts: record.append(
-            (row_to_db[head], np.asarray(g), np.asarray(matched), per_scale, counts, np.asarray(head)))
+        reranker.on_scores = lambda head, g, matched, per_scale, counts, perfect: record.append(
+            (row_to_db[head], np.asarray(g), np.asarray(matched), per_scale, counts, np.asarray(head), perfect))
     for qb in pipeline.query_batches(m, ds.queries_dir, ds.query_images):
         if reranker is not None:
             reranker.candidate_sets = _counting(reranker.candidate_sets, matched)
@@ -116,8 +116,9 @@ def replay_path(cache: Path, queries: str, base, rerank: str, scorer: str | None
 
 def save_record(path: Path, record: list, m) -> None:
     """Per-query shortlists (dataset indices and map rows), global scores, spatial scores and
-    mutual-match counts (NaN where not matched), padded to the longest shortlist (−1 / NaN); and the
-    map's size and poses, from which a replay finds the top-1's place (``same_place``)."""
+    mutual-match counts (NaN where not matched), padded to the longest shortlist (−1 / NaN), and each
+    scale's perfect score per query (``min_agreement``); and the map's size and poses, from which a
+    replay finds the top-1's place (``same_place``)."""
     n = max(len(r[0]) for r in record)
     scales = max(r[3].shape[0] for r in record if r[3] is not None)
     heads = np.full((len(record), n), -1, np.int64)
@@ -125,13 +126,14 @@ def save_record(path: Path, record: list, m) -> None:
     glob = np.full((len(record), n), np.nan)
     spatial = np.full((len(record), scales, n), np.nan)
     counts = np.full((len(record), scales, n), np.nan)
-    for i, (h, g, matched, p, c, r) in enumerate(record):
-        heads[i, : len(h)], glob[i, : len(h)], rows[i, : len(h)] = h, g, r
+    perfect = np.full((len(record), scales), np.nan)
+    for i, (h, g, matched, p, c, r, best) in enumerate(record):
+        heads[i, : len(h)], glob[i, : len(h)], rows[i, : len(h)], perfect[i] = h, g, r, best
         if p is not None:
             spatial[i, :, np.flatnonzero(matched)] = p.T
             counts[i, :, np.flatnonzero(matched)] = c.T
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, heads=heads, rows=rows, global_scores=glob, spatial=spatial, counts=counts,
+    np.savez_compressed(path, heads=heads, rows=rows, global_scores=glob, spatial=spatial, counts=counts, perfect=perfect,
                         n_rows=len(m.store), poses=m.store.read_poses(),
                         place_radius=place_radius(lambda r: m.store.read_global(r), len(m.store)))
 
@@ -163,6 +165,10 @@ def replay(path: Path, settings, guard: dict | None = None, n_rows: int | None =
         first = first["spatial"]
     if "counts" not in data:
         raise ValueError(f"{path.name} is an older partial recording; run --record again")
+    if settings.min_agreement is not None and "perfect" not in data:
+        raise ValueError(f"{path.name} was recorded before perfect scores were kept, which {settings.name}'s "
+                         "min_agreement needs; run --record again")
+    perfects = data["perfect"] if "perfect" in data else [None] * len(data["heads"])
     guard = guard or guard_options(settings.global_gap)
     places = None
     if settings.same_place is not None:
@@ -180,8 +186,8 @@ def replay(path: Path, settings, guard: dict | None = None, n_rows: int | None =
     all_rows = data["rows"] if "rows" in data else data["heads"]
     out = []
     firsts = first if first is not None else [None] * len(data["heads"])
-    for heads, rows, g, spatial, counts, pre in zip(data["heads"], all_rows, data["global_scores"], data["spatial"],
-                                                    data["counts"], firsts):
+    for heads, rows, g, spatial, counts, pre, perfect in zip(data["heads"], all_rows, data["global_scores"],
+                                                             data["spatial"], data["counts"], firsts, perfects):
         valid = heads >= 0
         heads, rows, g, spatial, counts = heads[valid], rows[valid], g[valid], spatial[:, valid], counts[:, valid]
         keep = within_global_gap(g, settings.global_gap)
@@ -196,7 +202,7 @@ def replay(path: Path, settings, guard: dict | None = None, n_rows: int | None =
             per_scale = fill_unverified(per_scale, chosen)
         same_place = None if places is None else places.mask(rows)
         fused = rank_shortlist(per_scale, g, keep, settings.weights, settings.global_weight, matched, guard["alpha"],
-                               same_place)
+                               same_place, perfect, settings.min_agreement)
         out.append(heads[np.argsort(-fused, kind="stable")][: max(NS)])
     return np.stack(out)
 

@@ -54,10 +54,11 @@ def run_cli(args, **kw):
 class FixedPatchScores(PatchReranker):
     """A re-ranker whose patch scores per map row are given (no images involved): fusion tests."""
 
-    def __init__(self, settings, patch_by_row: dict[int, float]):
+    def __init__(self, settings, patch_by_row: dict[int, float], perfect: float = 1.0):
         stub_ext = SimpleNamespace(describe_batch=lambda batch, feats: [[None]])
         super().__init__(settings, stub_ext, SimpleNamespace(stored=True, close=lambda: None))
         self.patch_by_row = patch_by_row
+        self.perfect = perfect  # the one scale's perfect score (min_agreement reads scores against it)
         self.matched: list[list[int]] = []  # the rows matched, per query
 
     def candidate_sets(self, rows):
@@ -66,3 +67,6 @@ class FixedPatchScores(PatchReranker):
 
     def patch_scores(self, query_sets, candidates):
         return np.array([[self.patch_by_row[c[0]] for c in candidates]])
+
+    def perfect_scores(self, query_sets):
+        return np.array([self.perfect])

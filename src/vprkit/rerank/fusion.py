@@ -16,6 +16,15 @@ top-1: a top-1 that stands out from the shortlist by more than ``gap`` is kept a
 global descriptor is sure), and when the top few are close — where the global descriptor cannot
 tell them apart, and where patches help (Nordland's seasons) — the patches decide among them. As
 the kept candidates are the only ones matched, it also cuts the re-ranking time.
+
+**Did the patches find the query at all?** z-normalisation also hides how *much* the patches agree:
+a shortlist whose best candidate aligns a tenth of the query's patches z-normalises like one whose
+best aligns half. Where the patches' matches fail — a quarter-turned query against upright
+references, whose coarse patch descriptors no longer match — every candidate's score is chance, and
+a chance leader still overturns a right global top-1. :func:`best_agreement` measures the best
+matched candidate's score as a fraction of a perfect alignment (every query patch matched and in
+agreement, :func:`vprkit.rerank.scoring.perfect_score`); below a preset's ``min_agreement`` the
+patches have found nothing and the global order stands.
 """
 
 from __future__ import annotations
@@ -108,6 +117,26 @@ def guard_options(global_gap: float | None) -> dict:
     return {"minimum": STATISTICS_MIN_CANDIDATES, "alpha": DEFAULT_OVERTURN_ALPHA}
 
 
+def best_agreement(per_scale: np.ndarray, perfect: Sequence[float], weights: Sequence[float]) -> float:
+    """The best candidate's agreement: ``max_c Σ_s w_s · score[s, c] / perfect[s] / Σ_s w_s``, in [0, 1].
+
+    ``per_scale``: ``scales × candidates`` spatial scores; ``perfect``: each scale's perfect score for this
+    query (:func:`vprkit.rerank.scoring.perfect_score`), so that scales and scorers of different ranges
+    (inlier ratios, rapid scores that grow with the patch grid) are read on one scale: the share of a
+    perfect alignment. No candidates: 0.
+    """
+    per_scale = np.asarray(per_scale, np.float64)
+    perfect = np.asarray(perfect, np.float64)
+    w = np.asarray(weights, np.float64)
+    if per_scale.ndim != 2 or per_scale.shape[0] != len(perfect) or len(w) != len(perfect):
+        raise ValueError(f"scores of shape {per_scale.shape} need one perfect score and one weight per scale, "
+                         f"got {len(perfect)} and {len(w)}")
+    if per_scale.shape[1] == 0 or w.sum() <= 0:
+        return 0.0
+    share = per_scale / np.where(perfect > 0, perfect, np.inf)[:, None]
+    return float((w @ share).max() / w.sum())
+
+
 def global_order_within(fused: np.ndarray, place: np.ndarray) -> np.ndarray:
     """``fused`` with the entries of ``place`` (a mask over the shortlist, in global order) given their
     own scores sorted descending, in global order: the group keeps its scores (so it competes with
@@ -120,7 +149,8 @@ def global_order_within(fused: np.ndarray, place: np.ndarray) -> np.ndarray:
 
 def rank_shortlist(per_scale: np.ndarray | None, head_scores: np.ndarray, keep: np.ndarray,
                    weights: Sequence[float], global_weight: float, matched: np.ndarray | None = None,
-                   alpha: float | None = None, same_place: np.ndarray | None = None) -> np.ndarray:
+                   alpha: float | None = None, same_place: np.ndarray | None = None,
+                   perfect: Sequence[float] | None = None, min_agreement: float | None = None) -> np.ndarray:
     """Final scores of one query's shortlist (higher is better; sort descending, stably, for the order).
 
     ``head_scores``: the shortlist's global similarities in global order; ``keep``: which of them may
@@ -144,7 +174,11 @@ def rank_shortlist(per_scale: np.ndarray | None, head_scores: np.ndarray, keep: 
     ``same_place``: a mask over the shortlist of the global top-1's place (its route neighbours,
     :mod:`vprkit.rerank.places`); among its kept members the global order stands
     (:func:`global_order_within`), so the patches choose between places and not between
-    neighbouring views of one. ``None``: off (the original). One pure function, so that the live
+    neighbouring views of one. ``None``: off (the original).
+
+    ``min_agreement`` (with ``perfect``, each scale's perfect score for this query): when the best matched
+    candidate's agreement (:func:`best_agreement`) falls below it, the patches found nothing and nothing
+    is reordered — the shortlist keeps its global order. ``None``: off (the original). One pure function, so that the live
     re-ranker and a replay of recorded scores (``benchmarks/bench_rerank.py --replay``) rank alike.
     """
     head_scores = np.asarray(head_scores, np.float64)
@@ -153,6 +187,11 @@ def rank_shortlist(per_scale: np.ndarray | None, head_scores: np.ndarray, keep: 
     if (keep & ~matched).any():
         raise ValueError("every kept candidate must be matched")
     picked = np.flatnonzero(keep)
+    if per_scale is not None and min_agreement is not None:
+        if perfect is None:
+            raise ValueError("min_agreement needs each scale's perfect score (perfect)")
+        if best_agreement(per_scale, perfect, weights) < min_agreement:
+            per_scale = None  # the patches found nothing: the global order stands
     if per_scale is None or len(picked) < 2:
         fused_kept = np.zeros(len(picked))
     else:

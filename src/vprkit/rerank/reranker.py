@@ -40,7 +40,7 @@ from .extension import GROUP, PatchesExtension
 from .fusion import guard_options, matched_candidates, rank_shortlist, within_global_gap
 from .matching import Matches, mutual_nn_grouped
 from .places import MAX_PLACE_RADIUS, PLACE_SIMILARITY_QUANTILE, RouteNeighbours, place_similarity
-from .scoring import SCORERS, PatchSet, SpatialScore
+from .scoring import SCORERS, PatchSet, SpatialScore, perfect_score
 
 if TYPE_CHECKING:
     from ..backbones.base import Backbone
@@ -271,10 +271,11 @@ class PatchReranker(Reranker):
         # them to record more candidates than the preset matches
         self.guard = guard_options(settings.global_gap)
         # called per query with (shortlist rows, their global scores, matched mask, matched spatial
-        # scores or None, the cascade's mutual-match counts or None) before fusing: benchmarks record
-        # them to replay other fusion and cascade rules without matching again
+        # scores or None, the cascade's mutual-match counts or None, each scale's perfect score) before
+        # fusing: benchmarks record them to replay other fusion and cascade rules without matching again
         self.last_match_counts: np.ndarray | None = None  # the last query's cascade counts (scales × matched)
-        self.on_scores: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None], None] | None = None
+        self.on_scores: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray],
+                                 None] | None = None
         self.extension = extension
         self.candidates = candidates
         self.stored = candidates.stored
@@ -315,18 +316,26 @@ class PatchReranker(Reranker):
                 out[s, c] = self.scorer(q, cand[s], m).value
         return out
 
+    def perfect_scores(self, query_sets: list[PatchSet]) -> np.ndarray:
+        """Each scale's perfect spatial score for this query (:func:`vprkit.rerank.scoring.perfect_score`)."""
+        return np.array([perfect_score(self.settings.scorer, q) for q in query_sets])
+
     def fuse(self, per_scale: np.ndarray | None, head_scores: np.ndarray, keep: np.ndarray,
-             matched: np.ndarray | None = None, head: np.ndarray | None = None) -> np.ndarray:
+             matched: np.ndarray | None = None, head: np.ndarray | None = None,
+             perfect: np.ndarray | None = None) -> np.ndarray:
         """Final scores of one query's shortlist from its matched candidates' spatial scores
         (:func:`vprkit.rerank.fusion.rank_shortlist`; ``per_scale`` is ``None`` when nothing was matched;
-        ``head``: the shortlist's map rows, which the preset's ``same_place`` needs)."""
+        ``head``: the shortlist's map rows, which the preset's ``same_place`` needs; ``perfect``: each
+        scale's perfect score, which its ``min_agreement`` needs)."""
         same_place = None
         if self.places is not None:
             if head is None:
                 raise ValueError(f"re-ranking preset {self.name!r} needs the shortlist's map rows to find the top-1's place")
             same_place = self.places.mask(np.asarray(head))
+        if self.settings.min_agreement is not None and per_scale is not None and perfect is None:
+            raise ValueError(f"re-ranking preset {self.name!r} checks min_agreement: pass each scale's perfect score")
         return rank_shortlist(per_scale, head_scores, keep, self.settings.weights, self.settings.global_weight,
-                              matched, self.guard["alpha"], same_place)
+                              matched, self.guard["alpha"], same_place, perfect, self.settings.min_agreement)
 
     def rerank(self, query: "QueryBatch", rows: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rows, scores = np.array(rows), np.array(scores, np.float64)
@@ -348,9 +357,10 @@ class PatchReranker(Reranker):
                 picked = np.flatnonzero(matched)
                 sets = self.candidate_sets([head[i] for i in picked])
                 per_scale = self.patch_scores(qsets, [sets[head[i]] for i in picked])
+            perfect = self.perfect_scores(qsets)
             if self.on_scores is not None:
-                self.on_scores(np.asarray(head), head_scores, matched, per_scale, self.last_match_counts)
-            fused = self.fuse(per_scale, head_scores, keep, matched, np.asarray(head))
+                self.on_scores(np.asarray(head), head_scores, matched, per_scale, self.last_match_counts, perfect)
+            fused = self.fuse(per_scale, head_scores, keep, matched, np.asarray(head), perfect)
             order = np.argsort(-fused, kind="stable")
             out_rows[qi, : len(head)] = np.asarray(head)[order]
             out_scores[qi, : len(head)] = fused[order]

@@ -323,6 +323,33 @@ SCORERS.register("rapid", rapid_spatial_score)
 SCORERS.register("similarity", similarity_score)
 SCORERS.register("affine", affine_score)
 
+
+
+def _inlier_ratio_perfect(query: PatchSet) -> float:
+    return 1.0
+
+
+def _rapid_perfect(query: PatchSet) -> float:
+    rows, cols = query.grid
+    return float((cols - 1) ** 2 + (rows - 1) ** 2)
+
+
+# What each scorer gives a perfect alignment — every query patch matched, all in agreement: an
+# inlier ratio of 1 for the fitted models; for rapid scoring, every match at the mean displacement,
+# x_max² + y_max². A score over it is the *agreement*, in [0, 1] whatever the scorer and image size
+# (:func:`vprkit.rerank.fusion.best_agreement`); keyed like :data:`SCORERS` (a scorer registered without one cannot be gated
+# by ``min_agreement``).
+PERFECT_SCORES: Registry[Callable[[PatchSet], float]] = Registry("perfect spatial score")
+for _name in ("ransac", "usac", "similarity", "affine"):
+    PERFECT_SCORES.register(_name, _inlier_ratio_perfect)
+PERFECT_SCORES.register("rapid", _rapid_perfect)
+
+
+def perfect_score(scorer: str, query: PatchSet) -> float:
+    """The value ``scorer`` (a :data:`SCORERS` name) gives ``query`` against a perfectly aligned copy of itself."""
+    return float(PERFECT_SCORES.get(scorer)(query))
+
+
 # Scorers with a form that scores all of a query's candidates at one scale in one call.
 BATCHED_SCORERS: dict[Callable, Callable[[PatchSet, Sequence[PatchSet], Sequence[Matches]], np.ndarray]] = {
     similarity_score: similarity_scores, affine_score: affine_scores}
