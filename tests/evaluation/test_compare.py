@@ -140,6 +140,34 @@ def test_real_compare_on_corridor(tmp_path, shared_datasets, monkeypatch):
     assert [x["query"] for x in c["fixed"]] == wrong and [x["query"] for x in c["broken"]] == right
 
 
+def test_real_compare_two_presets_on_two_shared_datasets(tmp_path, shared_datasets, monkeypatch):
+    """The issue's case: two presets × two shared datasets (Corridor and Nordland-600) in one call, small
+    images to stay cheap. Each dataset's per-query changes must account exactly for its Recall@1 gap."""
+    from vprkit import pipeline
+
+    monkeypatch.setenv("VPRKIT_DATA", str(shared_datasets))
+    res = pipeline.compare(["corridor", "nordland-64x32:600"], ["effnet-gem", "effnet-vlad"], [None], out=tmp_path,
+                           progress=False, resolve_options={"image_size": (64, 128)}, log=lambda _: None)
+    rows = {(r["dataset"], r["method"]): r for r in res["rows"]}
+    assert set(rows) == {(d, m) for d in ("corridor", "nordland-64x32:600") for m in ("effnet-gem", "effnet-vlad")}
+    assert {r["queries"] for k, r in rows.items() if k[0] == "corridor"} == {111}
+    assert {r["queries"] for k, r in rows.items() if k[0] != "corridor"} == {600}
+    assert rows[("corridor", "effnet-gem")]["bytes/place"] == 448  # 112-d float32; VLAD: K = 32 × 112
+    assert rows[("corridor", "effnet-vlad")]["bytes/place"] == 32 * 112 * 4
+    for run in res["runs"]:
+        summary = json.loads((Path(run) / "summary.json").read_text())
+        assert rows[(summary["dataset"], load_run(run).label)]["R@1"] == pytest.approx(summary["recall"]["R@1"])
+    assert [(c["dataset"], c["a"], c["b"]) for c in res["changes"]] == [
+        ("corridor", "effnet-gem", "effnet-vlad"), ("nordland-64x32:600", "effnet-gem", "effnet-vlad")]
+    for c in res["changes"]:
+        gap = rows[(c["dataset"], "effnet-vlad")]["R@1"] - rows[(c["dataset"], "effnet-gem")]["R@1"]
+        assert c["net"] == round(gap * c["common"]) and c["common"] == rows[(c["dataset"], "effnet-gem")]["queries"]
+        assert len(c["fixed"]) + len(c["broken"]) + c["both_right"] + c["both_wrong"] == c["common"]
+    table = (tmp_path / "comparison.md").read_text()
+    assert table.count("| corridor | effnet-") == 2 + 1 and table.count("| nordland-64x32:600 | effnet-") == 2 + 1
+    assert {Path(f).name for f in res["files"]} >= {"comparison.md", "comparison.csv", "comparison.html", "changes.csv"}
+
+
 def test_cli_lists_after_one_option():
     """`--presets a b --rerank none speed`: the values after the first go to their option, not to datasets."""
     from vprkit.cli.bench import _split_lists
