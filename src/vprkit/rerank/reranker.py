@@ -332,8 +332,6 @@ class PatchReranker(Reranker):
             if head is None:
                 raise ValueError(f"re-ranking preset {self.name!r} needs the shortlist's map rows to find the top-1's place")
             same_place = self.places.mask(np.asarray(head))
-        if self.settings.min_agreement is not None and per_scale is not None and perfect is None:
-            raise ValueError(f"re-ranking preset {self.name!r} checks min_agreement: pass each scale's perfect score")
         return rank_shortlist(per_scale, head_scores, keep, self.settings.weights, self.settings.global_weight,
                               matched, self.guard["alpha"], same_place, perfect, self.settings.min_agreement)
 
