@@ -47,7 +47,7 @@ import threading
 from bisect import bisect_right
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import h5py
 import numpy as np
@@ -72,6 +72,15 @@ LIVE_FOLD_FILES = 128
 SNAPSHOT_ATTEMPTS = 5
 # Rows copied per step when a store is rewritten (bounds memory for large maps).
 COPY_CHUNK_ROWS = 4096
+
+
+class StoredEntry(NamedTuple):
+    """What the store records of one image: its content, its file, and the build run that added it."""
+
+    sha256: str  # content SHA-256 (hex); empty for rows of maps built before content was recorded
+    size: int  # file size in bytes
+    mtime: float  # file modification time (seconds since the epoch)
+    run: int  # the run (map.json → runs) the row came from; -1 for rows from before runs were recorded
 
 
 def _key_array(keys: list[str]) -> np.ndarray:
@@ -768,19 +777,19 @@ class MapStore:
         return {name: np.concatenate([p[name] for p in parts]) if parts else unknown_entries(0)[name]
                 for name in ENTRY_FIELDS}
 
-    def entry_table(self, include_pending: bool = True) -> dict[str, tuple[str, int, float, int]]:
-        """key → (content SHA-256 hex, file size, file time, run) of every stored row (and pending shard rows).
+    def entry_table(self, include_pending: bool = True) -> dict[str, "StoredEntry"]:
+        """key → :class:`StoredEntry` (content SHA-256 hex, file size, file time, run) of every stored row (and pending shard rows).
 
         When a key occurs twice the last occurrence wins, as in :meth:`consolidate`.
         """
-        table: dict[str, tuple[str, int, float, int]] = {}
+        table: dict[str, StoredEntry] = {}
 
         def add(f: h5py.File) -> None:
             keys = _decode_keys(f["keys"][()])
             cols = _entries_of(f, len(keys))
             for i, key in enumerate(keys):
-                table[key] = (cols["content_sha256"][i].decode(), int(cols["file_size"][i]),
-                              float(cols["file_mtime"][i]), int(cols["run"][i]))
+                table[key] = StoredEntry(cols["content_sha256"][i].decode(), int(cols["file_size"][i]),
+                                         float(cols["file_mtime"][i]), int(cols["run"][i]))
 
         if self.path.exists() or self._live_files():
             snap = self._open_snapshot()
