@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 
 from ..errors import ConfigError
 from ..io import atomic_write_text
+from .html import _CSS, _esc, table
 from .report import write_csv, write_json
 from .run import RECALL_NS
 
@@ -206,8 +207,6 @@ def render_markdown(runs: Sequence[RunRecord], changes: Sequence[Mapping[str, An
 
 def render_html(runs: Sequence[RunRecord], changes: Sequence[Mapping[str, Any]], ns: Sequence[int] = COMPARE_NS) -> str:
     """The comparison as one self-contained HTML page (inline CSS, no scripts or external files)."""
-    from .html import _CSS, _esc, table
-
     parts = ['<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>vprkit comparison</title>'
              f"<style>{_CSS}</style></head><body><h1>vprkit comparison</h1>",
              '<section id="table"><h2>Recall@N, bytes per place, time per query</h2>'

@@ -15,14 +15,17 @@ one sees what it should have found.
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 from ..io import atomic_path
+from .report import write_csv
 
 THUMB_SIZE = (160, 120)  # width, height of the box each image is fitted into
 BORDER = 5
@@ -81,8 +84,6 @@ def gallery_order(first_rank: np.ndarray, top1_score: np.ndarray, n_worst: int =
 
 
 def _font(size: int):
-    from PIL import ImageFont
-
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: the fixed bitmap font
@@ -91,8 +92,6 @@ def _font(size: int):
 
 def _load(path: Path | None, box: tuple[int, int]):
     """The image fitted into ``box`` (aspect kept, scaled up or down), or a grey placeholder."""
-    from PIL import Image
-
     w, h = box
     if path is not None:
         try:
@@ -130,8 +129,6 @@ def draw_prediction_row(
     Each tile is the image fitted in ``thumb`` with a coloured frame and two caption lines under it
     (the first line of ``caption`` — rank and score — and ``correct``/``wrong``, then the name).
     """
-    from PIL import Image, ImageDraw
-
     font, title_font = _font(FONT_SIZE), _font(TITLE_FONT_SIZE)
     tw, th = thumb
     tile_w, tile_h = tw + 2 * BORDER, th + 2 * BORDER
@@ -167,8 +164,6 @@ def draw_prediction_row(
 
 
 def _png(image) -> bytes:
-    import io
-
     buf = io.BytesIO()
     image.save(buf, format="PNG", optimize=True)
     return buf.getvalue()
@@ -238,8 +233,6 @@ def build_galleries(
 
 def write_galleries(out: str | os.PathLike, entries: Sequence[GalleryEntry]) -> list[Path]:
     """``predictions/{worst,best}-NNN_<query>.png`` and ``predictions/index.csv`` under ``out`` (atomic writes)."""
-    from .report import write_csv
-
     out = Path(out)
     folder = out / GALLERY_DIR
     if folder.is_dir():  # rows of an earlier run into the same folder would mix with this run's

@@ -117,19 +117,35 @@ def render_report(
 ) -> str:
     """The report as one HTML string. ``galleries``: :class:`~.gallery.GalleryEntry` objects (worst, best);
     ``per_query``: rows already in display order (worst first); ``files``: what else the run wrote."""
-    rec = summary.get("recall", {})
-    ns = rec.get("ns") or sorted(int(k[2:]) for k in rec if k.startswith("R@"))
+    parts = _head(summary)
+    parts.append(_results_section(summary))
+    parts += _curve_sections(recall_png, pr_png)
+    parts.append(_galleries_section(list(galleries)))
+    parts.append(_per_query_section(per_query, per_query_columns))
+    parts += _run_sections(summary)
+    if files:
+        parts.append(f'<p class="muted">files of this run: {_esc(", ".join(files))}</p>')
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def _head(summary: Mapping[str, Any]) -> list[str]:
+    """The document head, the title and the generation line (the report's first parts)."""
     title = f"vprkit evaluation — {summary.get('dataset', '?')} · {summary.get('preset', '?')}"
     if summary.get("rerank"):
         title += f" + rerank {summary['rerank']}"
-    parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-             f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>",
-             f"<h1>{_esc(title)}</h1>",
-             f"<p class=\"muted\">generated {datetime.now(timezone.utc).isoformat(timespec='seconds')} by vprkit "
-             f"{_esc(summary.get('software', {}).get('vprkit', ''))}</p>"]
+    return [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>",
+            f"<h1>{_esc(title)}</h1>",
+            f"<p class=\"muted\">generated {datetime.now(timezone.utc).isoformat(timespec='seconds')} by vprkit "
+            f"{_esc(summary.get('software', {}).get('vprkit', ''))}</p>"]
 
-    # results
+
+def _results_section(summary: Mapping[str, Any]) -> str:
+    """``results``: Recall@N in large type and as a table, the counts and the precision–recall summary."""
+    rec = summary.get("recall", {})
+    ns = rec.get("ns") or sorted(int(k[2:]) for k in rec if k.startswith("R@"))
     recall_row = {f"R@{n}": rec.get(f"R@{n}") for n in ns}
     counts = summary.get("counts", {})
     pr = summary.get("precision_recall") or {}
@@ -145,59 +161,63 @@ def render_report(
     body.append(key_value(info, "what", "value"))
     if rec.get("truncated_ns"):
         body.append(f"<p class=\"muted\">N larger than the ranking length: {_esc(rec['truncated_ns'])}</p>")
-    parts.append(_section("results", "Results", "\n".join(body)))
+    return _section("results", "Results", "\n".join(body))
 
-    parts.append(_section("recall-curve", "Recall@N curve",
-                          figure(recall_png, "Recall@N curve", "Recall@N for N = 1 … K") if recall_png
-                          else "<p>not available</p>"))
-    parts.append(_section("pr-curve", "Precision–recall (top-1 acceptance by score)",
-                          figure(pr_png, "precision–recall curve",
-                                 "accept a query's top-1 when its score passes a threshold; sweep the threshold")
-                          if pr_png else "<p>not applicable to this run (no finite top-1 scores)</p>"))
 
-    # galleries
-    entries = list(galleries)
-    if entries:
-        gbody = ['<p class="muted">each row: the query (blue frame), then its top predictions — '
-                 'green frame = correct, red = wrong; after a gap, purple: a true match the query should have found. '
-                 'Worst queries first.</p>']
-        for kind, heading in (("worst", "Worst queries"), ("best", "Best queries")):
-            chosen = [e for e in entries if e.kind == kind][: MAX_HTML_GALLERY[kind]]
-            total = sum(e.kind == kind for e in entries)
-            if not chosen:
-                continue
-            more = f" (first {len(chosen)} of {total}; all in predictions/)" if total > len(chosen) else ""
-            gbody.append(f'<h3 id="gallery-{kind}">{_esc(heading)}{_esc(more)}</h3>')
-            gbody += [f'<div class="gallery-row" data-kind="{kind}" data-query="{_esc(e.query)}">'
-                      + figure(e.png, f"{kind} {e.position}: {e.query}") + "</div>" for e in chosen]
-        parts.append(_section("galleries", "Prediction galleries", "\n".join(gbody)))
-    else:
-        parts.append(_section("galleries", "Prediction galleries",
-                              "<p>not drawn (run with <code>--save-predictions N</code>)</p>"))
+def _curve_sections(recall_png: bytes | None, pr_png: bytes | None) -> list[str]:
+    """``recall-curve`` and ``pr-curve``: the figures, or why there is none."""
+    return [_section("recall-curve", "Recall@N curve",
+                     figure(recall_png, "Recall@N curve", "Recall@N for N = 1 … K") if recall_png
+                     else "<p>not available</p>"),
+            _section("pr-curve", "Precision–recall (top-1 acceptance by score)",
+                     figure(pr_png, "precision–recall curve",
+                            "accept a query's top-1 when its score passes a threshold; sweep the threshold")
+                     if pr_png else "<p>not applicable to this run (no finite top-1 scores)</p>")]
 
-    # per-query
+
+def _galleries_section(entries: Sequence[Any]) -> str:
+    """``galleries``: the worst, then the best queries (capped by :data:`MAX_HTML_GALLERY`), or how to draw them."""
+    if not entries:
+        return _section("galleries", "Prediction galleries",
+                        "<p>not drawn (run with <code>--save-predictions N</code>)</p>")
+    gbody = ['<p class="muted">each row: the query (blue frame), then its top predictions — '
+             'green frame = correct, red = wrong; after a gap, purple: a true match the query should have found. '
+             'Worst queries first.</p>']
+    for kind, heading in (("worst", "Worst queries"), ("best", "Best queries")):
+        chosen = [e for e in entries if e.kind == kind][: MAX_HTML_GALLERY[kind]]
+        total = sum(e.kind == kind for e in entries)
+        if not chosen:
+            continue
+        more = f" (first {len(chosen)} of {total}; all in predictions/)" if total > len(chosen) else ""
+        gbody.append(f'<h3 id="gallery-{kind}">{_esc(heading)}{_esc(more)}</h3>')
+        gbody += [f'<div class="gallery-row" data-kind="{kind}" data-query="{_esc(e.query)}">'
+                  + figure(e.png, f"{kind} {e.position}: {e.query}") + "</div>" for e in chosen]
+    return _section("galleries", "Prediction galleries", "\n".join(gbody))
+
+
+def _per_query_section(per_query: Sequence[Mapping[str, Any]], columns: Sequence[str] | None) -> str:
+    """``per-query``: the first :data:`MAX_PER_QUERY_ROWS` rows (worst first), right and wrong ones marked."""
     shown = list(per_query)[:MAX_PER_QUERY_ROWS]
     classes = ["right" if r.get("correct") else ("wrong" if r.get("correct") is False else "") for r in shown]
     note = (f'<p class="muted">{len(shown)} of {len(per_query)} queries, worst first; all in per_query.csv '
             f'and top-N in topn.csv</p>')
-    parts.append(_section("per-query", "Per-query results", note + table(shown, per_query_columns, classes)))
+    return _section("per-query", "Per-query results", note + table(shown, columns, classes))
 
+
+def _run_sections(summary: Mapping[str, Any]) -> list[str]:
+    """``ground-truth``, ``timing``, ``settings``, ``environment`` and ``software``: how the run was made."""
     gt = summary.get("ground_truth", {})
-    parts.append(_section("ground-truth", "Ground truth", key_value(gt, "what", "value") if gt else "<p>unknown</p>"))
     timing = dict(summary.get("timing", {}))
     if "peak_rss_mb" in summary:
         timing["peak_rss_mb"] = summary["peak_rss_mb"]
-    parts.append(_section("timing", "Timing and memory", key_value(timing, "measure", "value")))
     settings = {"dataset": summary.get("dataset"), "preset": summary.get("preset"), "rerank": summary.get("rerank"),
                 "save_predictions": summary.get("save_predictions")}
-    parts.append(_section("settings", "Settings",
-                          key_value(settings, "setting", "value")
-                          + table(flatten(summary.get("config", {}), "config."), ["setting", "value"])))
     env = summary.get("environment") or {}
-    parts.append(_section("environment", "Environment variables that change results",
-                          key_value(env, "variable", "value") if env else "<p>none set</p>"))
-    parts.append(_section("software", "Software", key_value(summary.get("software", {}), "package", "version")))
-    if files:
-        parts.append(f'<p class="muted">files of this run: {_esc(", ".join(files))}</p>')
-    parts.append("</body></html>\n")
-    return "\n".join(parts)
+    return [_section("ground-truth", "Ground truth", key_value(gt, "what", "value") if gt else "<p>unknown</p>"),
+            _section("timing", "Timing and memory", key_value(timing, "measure", "value")),
+            _section("settings", "Settings",
+                     key_value(settings, "setting", "value")
+                     + table(flatten(summary.get("config", {}), "config."), ["setting", "value"])),
+            _section("environment", "Environment variables that change results",
+                     key_value(env, "variable", "value") if env else "<p>none set</p>"),
+            _section("software", "Software", key_value(summary.get("software", {}), "package", "version"))]

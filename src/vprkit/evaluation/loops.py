@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from scipy.spatial import cKDTree
 
 from ..errors import ConfigError, DatasetError
 from ..io import atomic_write_text
@@ -47,8 +48,6 @@ def earlier_mask(n: int, exclude_recent: int) -> np.ndarray:
 def truth_from_positions(positions: np.ndarray, radius: float = DEFAULT_LOOP_RADIUS_M,
                          exclude_recent: int = 0) -> np.ndarray:
     """n×n boolean: earlier frames outside the window within ``radius`` metres (KD-tree, sparse)."""
-    from scipy.spatial import cKDTree
-
     p = np.asarray(positions, dtype=np.float64)
     if p.ndim != 2 or p.shape[1] != 2:
         raise DatasetError(f"loop ground truth needs N×2 positions, got shape {p.shape}")

@@ -11,21 +11,24 @@ import io
 import json
 import math
 import os
+import platform
 import resource
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+import psutil
 
 from ..io import atomic_write_bytes, atomic_write_text
+from .plots import PLOT_DPI, PLOT_SIZE_INCHES, pr_curve_png  # noqa: F401  (the constants kept importable from here)
 
 BYTES_PER_MB = 1024 * 1024
 # ru_maxrss is in kilobytes on Linux and in bytes on macOS.
 RU_MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024
 DEFAULT_FLOAT_FORMAT = "{:.3f}"
-from .plots import PLOT_DPI, PLOT_SIZE_INCHES  # noqa: E402,F401  (kept importable from here)
 
 
 class Timer:
@@ -55,10 +58,8 @@ class Timer:
 
 def _current_rss_bytes() -> int:
     try:
-        import psutil
-
         return int(psutil.Process().memory_info().rss)
-    except Exception:  # psutil missing or restricted (some containers): report 0 rather than fail a run
+    except Exception:  # restricted (some containers): report 0 rather than fail a run
         return 0
 
 
@@ -206,8 +207,6 @@ def plot_pr_curve(
     ``curves`` is either one result dict or ``{label: result}``. Uses the Agg canvas directly
     (:mod:`.plots`), so it never touches pyplot's global backend (safe in servers and tests without a display).
     """
-    from .plots import pr_curve_png
-
     return atomic_write_bytes(path, pr_curve_png(curves, title))
 
 
@@ -229,9 +228,6 @@ def software_versions() -> dict[str, str | None]:
     Read from installed package metadata, falling back to an imported module's ``__version__``;
     nothing heavy is imported.
     """
-    import platform
-    from importlib import metadata
-
     out: dict[str, str | None] = {"python": platform.python_version()}
     for name, dists in _SOFTWARE.items():
         version = None

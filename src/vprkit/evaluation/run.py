@@ -20,9 +20,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..datasets.adapters import format_rule
 from ..datasets.ground_truth import GroundTruth
 from ..io import atomic_write_text
+from .gallery import DEFAULT_BEST, DEFAULT_WORST, build_galleries, gallery_order, write_galleries
+from .html import render_report
 from .metrics import first_positive_rank, hit_matrix, query_records, recall_at_n, recall_curve, top1_precision_recall
+from .plots import pr_curve_png, recall_curve_png, save_png
 from .report import software_versions, write_csv, write_json
 
 RECALL_NS = (1, 5, 10, 20)
@@ -100,10 +104,8 @@ def ground_truth_rule(dataset: Any, ground_truth: GroundTruth) -> Any:
 def _rule_text(rule: Any) -> str:
     if isinstance(rule, Mapping):
         try:
-            from ..datasets.adapters import format_rule
-
             return format_rule(dict(rule))
-        except Exception:  # an older datasets stage, or a rule it cannot phrase: show it as data
+        except Exception:  # a rule the datasets stage cannot phrase: show it as data
             return ", ".join(f"{k}: {v}" for k, v in rule.items())
     return str(rule)
 
@@ -133,8 +135,6 @@ def describe_run(summary: dict[str, Any], rankings: Rankings, ground_truth: Grou
 
 def _display_order(rankings: Rankings, ground_truth: GroundTruth, policy: str) -> list[int]:
     """All queries, worst first (as the galleries order them), then those the policy leaves out."""
-    from .gallery import gallery_order
-
     first = first_positive_rank(rankings.ranked, ground_truth)
     evaluated = ground_truth.n_positives > 0 if policy == "skip" else None
     n = len(first)
@@ -153,10 +153,6 @@ def write_run(out: str | os.PathLike, summary: dict[str, Any], rankings: Ranking
     and the ground-truth rule; ``save_predictions=N`` draws the worst and best queries with their top N
     (capped at the ranking length). ``report=False`` skips the PNG figures and the HTML report.
     """
-    from .gallery import DEFAULT_BEST, DEFAULT_WORST, build_galleries, write_galleries
-    from .html import render_report
-    from .plots import pr_curve_png, recall_curve_png, save_png
-
     out = Path(out)
     summary.update(describe_run(summary, rankings, ground_truth, dataset, save_predictions))
     policy = summary.get("recall", {}).get("no_positive_policy", "fail")
