@@ -357,11 +357,12 @@ def with_weights(config: Config, path: str | os.PathLike) -> Config:
 
     A NetVLAD / Patch-NetVLAD checkpoint holds more than the encoder: for a ``netvlad`` aggregator on
     ``vgg16-conv5`` it also supplies the trained NetVLAD layer (and WPCA), so no vocabulary is built.
-    Only then is the checkpoint read (the VGG16 reader, and torch, are imported here lazily).
+    Only then is the checkpoint read.
     """
     config = config.replace(backbone_options={**config.backbone_options, "weights": str(path)})
     if config.aggregator == "netvlad" and config.backbone == "vgg16-conv5":
-        from .backbones.vgg16 import is_netvlad_checkpoint
+        # Local: reading a checkpoint needs torch, and resolving a preset imports no library (vprkit --help).
+        from .checkpoints import is_netvlad_checkpoint
 
         if is_netvlad_checkpoint(path):
             config = config.replace(aggregator_options={**config.aggregator_options, "checkpoint": str(path)})

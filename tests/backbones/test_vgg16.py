@@ -17,7 +17,8 @@ from vprkit import pipeline
 from vprkit.aggregation.netvlad import NetVLAD
 from vprkit.backbones import build_backbone
 from vprkit.backbones.base import IMAGENET_MEAN, IMAGENET_STD
-from vprkit.backbones.vgg16 import VGG16_LAYOUT, is_netvlad_checkpoint, read_netvlad_checkpoint
+from vprkit.backbones.vgg16 import VGG16_LAYOUT
+from vprkit.checkpoints import is_netvlad_checkpoint, read_netvlad_checkpoint
 from vprkit.config import VocabularyConfig
 from vprkit.errors import WeightsNotFoundError
 from vprkit.images import ImageSpec

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from vprkit.aggregation.netvlad import NetVLAD, NetVLADLayer, alpha_from_margin, assignment_margin
-from vprkit.aggregation.vlad import Vocabulary, hard_vlad
+from vprkit.aggregation.netvlad import NetVLAD, NetVLADLayer, alpha_from_margin
+from vprkit.aggregation.vlad import Vocabulary, assignment_margin, hard_vlad
 from vprkit.backbones.base import DenseFeatures
 from vprkit.errors import ConfigError, VocabularyMismatchError
 

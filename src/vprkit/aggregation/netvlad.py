@@ -23,30 +23,15 @@ import torch
 from torch import nn
 
 from ..backbones.base import DenseFeatures
+from ..checkpoints import read_netvlad_checkpoint
 from ..errors import ConfigError, VocabularyMismatchError
 from .base import AGGREGATORS, Aggregator, l2n
-from .vlad import Vocabulary, vlad_normalise
+from .vlad import Vocabulary, fit_vocabulary, vlad_normalise
 
 # α is chosen so that the nearest centre gets this share of the weight against the runner-up.
 NEAREST_SHARE = 0.99
 ALPHA_VARIANTS = ("released", "v2")
 MIN_MARGIN = 1e-6  # floor under the assignment margin, so α stays finite
-
-
-def assignment_margin(descriptors: np.ndarray | torch.Tensor, centres: np.ndarray | torch.Tensor, chunk: int = 65536) -> float:
-    """Mean gap between the best and second-best centre cosine of L2-normalised ``descriptors``."""
-    x = torch.as_tensor(np.asarray(descriptors, dtype=np.float32))
-    c = l2n(torch.as_tensor(np.asarray(centres, dtype=np.float32)))
-    if c.shape[0] < 2:
-        raise ConfigError("NetVLAD needs at least two clusters")
-    total, n = 0.0, 0
-    for i in range(0, len(x), chunk):
-        top = torch.topk(l2n(x[i : i + chunk]) @ c.T, 2, dim=1).values
-        total += float((top[:, 0] - top[:, 1]).sum())
-        n += len(top)
-    if n == 0:
-        raise ConfigError("no descriptors to estimate NetVLAD's α from")
-    return total / n
 
 
 def alpha_from_margin(margin: float) -> float:
@@ -84,7 +69,7 @@ class NetVLADLayer(nn.Module):
         return layer
 
     def load_weights(self, centroids: torch.Tensor, assign_weight: torch.Tensor, assign_bias: torch.Tensor | None = None) -> None:
-        """Load trained parameters (e.g. from :func:`vprkit.backbones.vgg16.read_netvlad_checkpoint`)."""
+        """Load trained parameters (e.g. from :func:`vprkit.checkpoints.read_netvlad_checkpoint`)."""
         w = assign_weight.reshape(assign_weight.shape[0], -1)
         if tuple(centroids.shape) != (self.num_clusters, self.dim) or tuple(w.shape) != (self.num_clusters, self.dim):
             raise VocabularyMismatchError(
@@ -143,8 +128,6 @@ class NetVLAD(Aggregator):
         self.alpha: float | None = None if alpha is None else float(alpha)
         self._fitted = True
         if checkpoint is not None:
-            from ..backbones.vgg16 import read_netvlad_checkpoint
-
             ck = read_netvlad_checkpoint(checkpoint)
             if ck.dim != backbone_dim:
                 raise VocabularyMismatchError(f"{checkpoint}: NetVLAD is {ck.dim}-d, the backbone gives {backbone_dim}-d")
@@ -188,8 +171,6 @@ class NetVLAD(Aggregator):
         """k-means centres (K = the layer's clusters) and α from the sample's assignment margin (unless ``alpha`` was given)."""
         if self.checkpoint is not None:
             raise ConfigError("this netvlad aggregator was loaded from a trained checkpoint; fitting would discard it")
-        from .vlad import fit_vocabulary
-
         device = self.layer.centroids.device
         voc = fit_vocabulary(descriptors, self.layer.num_clusters, metadata, seed=seed)
         self._init_from_vocabulary(voc, self.alpha)

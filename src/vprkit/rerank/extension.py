@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from ..aggregation.base import l2n
-from ..aggregation.netvlad import NetVLADLayer, alpha_from_margin, assignment_margin
-from ..aggregation.vlad import fit_vocabulary
+from ..aggregation.netvlad import NetVLADLayer, alpha_from_margin
+from ..aggregation.vlad import assignment_margin, fit_vocabulary
 from ..backbones.base import Backbone, DenseFeatures, build_backbone
+from ..checkpoints import read_netvlad_checkpoint
 from ..errors import ConfigError, MapError
 from ..maps.extensions import EXTENSIONS, MapExtension
 from ..numerics import NORM_FLOOR
@@ -89,8 +90,6 @@ class PatchesExtension(MapExtension):
 
     def _load_checkpoint(self, path: str) -> None:
         """Trained NetVLAD (+ WPCA) from a checkpoint: nothing left to fit."""
-        from ..backbones.vgg16 import read_netvlad_checkpoint
-
         ck = read_netvlad_checkpoint(path)
         if ck.dim != self.feature_backbone.dim:
             raise ConfigError(f"{path}: NetVLAD expects {ck.dim}-d features, backbone {self.feature_backbone.name} gives "
