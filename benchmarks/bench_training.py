@@ -257,7 +257,7 @@ def corridor(config) -> float:
 def nordland_unseen():
     """The evaluation half as a Dataset: winter queries, summer references, frames 1788–3575 every 4th, exact frame."""
     from vprkit.datasets import GroundTruth
-    from vprkit.datasets.adapters import Dataset
+    from vprkit.datasets import Dataset
     from vprkit.images import list_images
 
     names = sorted(set(list_images(NORDLAND / "summer")) & set(list_images(NORDLAND / "winter")))[1788:3576:4]

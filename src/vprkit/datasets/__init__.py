@@ -5,19 +5,8 @@ supported format: VPR-Bench, Pittsburgh/Tokyo .mat, MSLS, Nordland, Baidu Mall, 
 type every source produces; :mod:`.poses` reads positions and converts lat/lon to UTM.
 """
 
-from .adapters import (
-    DATA_ROOT_ENV,
-    DATASET_ADAPTERS,
-    Dataset,
-    DatasetAdapter,
-    data_root,
-    describe,
-    describe_adapters,
-    detect_layout,
-    format_rule,
-    load_dataset,
-    register_adapter,
-)
+from .adapters import DATA_ROOT_ENV, data_root, describe, describe_adapters, detect_layout, load_dataset
+from .base import DATASET_ADAPTERS, Dataset, DatasetAdapter, format_rule, register_adapter
 from .ground_truth import DEFAULT_FRAME_TOLERANCE, DEFAULT_RADIUS_M, GroundTruth
 from .poses import Poses, latlon_to_utm, parse_utm_filename, poses_from_filenames, read_poses, utm_zone
 

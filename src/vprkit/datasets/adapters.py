@@ -18,8 +18,8 @@ Layouts (highest priority first):
 
 Standard benchmark formats (Pittsburgh/Tokyo ``.mat``, MSLS, Baidu Mall, AnyLoc's sets, VP-Air,
 AmsterTime, RobotCar-style CSVs, VPR-datasets-downloader splits) live in :mod:`.formats`, one module
-per format, and register themselves here; :func:`describe_adapters` lists every layout with what it
-expects on disk and its default ground truth. Radius-based layouts take ``positive_dist_threshold``
+per format, and register themselves in :data:`~.base.DATASET_ADAPTERS` like the layouts here;
+:func:`describe_adapters` lists every layout with what it expects on disk and its default ground truth. Radius-based layouts take ``positive_dist_threshold``
 (metres; ``radius`` is the older name). Every loaded :class:`Dataset` records its ground-truth rule
 machine-readably in ``ground_truth_rule`` (``{"kind": "radius", "meters": 25.0}``, ``{"kind":
 "frames", "tolerance": 1, "match": "name"}``, ``{"kind": "list", "file": …}``, ``{"kind": "none"}`` …).
@@ -39,24 +39,24 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from ..errors import ConfigError, DatasetError
 from ..images import list_images
-from ..registry import Registry
-from .ground_truth import DEFAULT_FRAME_TOLERANCE, DEFAULT_RADIUS_M, GroundTruth
-from .poses import match_poses, poses_from_filenames, read_poses
+from . import formats  # noqa: F401  (the standard benchmark formats register their layouts on import)
+from .base import (DATASET_ADAPTERS, GROUND_TRUTH_CSV, POSES_CSV, RADIUS_OPTIONS, Dataset, DatasetAdapter, image_keys,
+                   load_utm_folders, ordered_adapters, radius_option, register_adapter)
+from .base import format_rule  # noqa: F401  (vprkit.evaluation.run imports it from here; to switch to .base)
+from .ground_truth import DEFAULT_FRAME_TOLERANCE, GroundTruth
+from .poses import match_poses, read_poses
 
 log = logging.getLogger(__name__)
 
 DATA_ROOT_ENV = "VPRKIT_DATA"
 DEFAULT_DATA_ROOT = "./datasets"
-GROUND_TRUTH_CSV = "ground_truth.csv"
-POSES_CSV = "poses.csv"
 VPR_BENCH_PICKLE = "ground_truth_new.npy"
 # Take every PLACES_STEP-th file for "places=P" subsets (the README's Nordland-600 protocol).
 PLACES_STEP = 4
@@ -102,173 +102,7 @@ NAMED_PROTOCOLS: dict[str, tuple[str, dict[str, Any], str]] = {
 COMMON_OPTIONS = ("adapter", "every", "limit", "places", "name")
 
 
-@dataclass(eq=False)
-class Dataset:
-    """Images and ground truth of one evaluation set. Keys are relative to their folder."""
-
-    name: str
-    database_dir: Path
-    database_images: list[str]
-    queries_dir: Path
-    query_images: list[str]
-    ground_truth: GroundTruth | None  # None for unlabelled sets (toy)
-    database_poses: np.ndarray | None = None  # N×2 metres if known
-    query_poses: np.ndarray | None = None
-    description: str = ""
-    layout: str = ""
-    options: dict[str, Any] = field(default_factory=dict)
-    # How positives were decided, machine-readable (for reports), e.g. {"kind": "radius", "meters": 25.0};
-    # {"kind": "none"} for unlabelled sets. Filled from the ground truth by load_dataset if an adapter
-    # does not set a richer one (e.g. with the protocol's source).
-    ground_truth_rule: dict[str, Any] = field(default_factory=dict)
-    # Per-image extras a format ships (MSLS night/panorama flags, timestamps …): name → array per side.
-    query_metadata: dict[str, Any] = field(default_factory=dict)
-    database_metadata: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def labelled(self) -> bool:
-        return self.ground_truth is not None
-
-    def subset(self, every: int = 1, limit: int | None = None, which: str = "both") -> "Dataset":
-        """Every ``every``-th image (then the first ``limit``) of queries and/or database.
-
-        ``which`` is ``"both"`` (synchronised sequences: the same places on both sides),
-        ``"queries"`` or ``"database"``. Ground truth is restricted to the kept images and renumbered,
-        so a positive still means the same place; queries may lose all positives (see
-        ``GroundTruth.no_positive_queries``).
-        """
-        if every < 1 or (limit is not None and limit < 1):
-            raise ConfigError(f"subset needs every ≥ 1 and limit ≥ 1 (or None); got every={every}, limit={limit}")
-        if which not in ("both", "queries", "database"):
-            raise ConfigError(f"subset which={which!r} must be 'both', 'queries' or 'database'")
-
-        def pick(n: int, apply: bool) -> np.ndarray:
-            idx = np.arange(n)
-            return idx[::every][:limit] if apply else idx
-
-        qi = pick(len(self.query_images), which in ("both", "queries"))
-        di = pick(len(self.database_images), which in ("both", "database"))
-        gt = self.ground_truth.subset(qi, di) if self.ground_truth is not None else None
-        return replace(
-            self,
-            database_images=[self.database_images[i] for i in di],
-            query_images=[self.query_images[i] for i in qi],
-            ground_truth=gt,
-            database_poses=self.database_poses[di] if self.database_poses is not None else None,
-            query_poses=self.query_poses[qi] if self.query_poses is not None else None,
-            query_metadata={k: _take(v, qi) for k, v in self.query_metadata.items()},
-            database_metadata={k: _take(v, di) for k, v in self.database_metadata.items()},
-            ground_truth_rule=dict(self.ground_truth_rule),
-            description=(self.description + f"; subset every {every}" + (f", first {limit}" if limit else "")).lstrip("; "),
-            options=dict(self.options),
-        )
-
-    def describe(self) -> str:
-        """One paragraph for logs and reports: sizes, folders and how ground truth was made."""
-        lines = [
-            f"dataset {self.name} ({self.layout or 'custom'} layout)",
-            f"  database: {len(self.database_images)} images in {self.database_dir}",
-            f"  queries:  {len(self.query_images)} images in {self.queries_dir}",
-        ]
-        if self.ground_truth is None:
-            lines.append("  ground truth: none (unlabelled; localisation only, no recall)")
-        else:
-            s = self.ground_truth.summary()
-            lines.append(
-                f"  ground truth: {s['source']}; {s['mean_positives']:.1f} positives per query on average, "
-                f"{s['n_no_positive']} queries without positive"
-            )
-        if self.ground_truth_rule:
-            lines.append(f"  ground-truth rule: {format_rule(self.ground_truth_rule)}")
-        if self.description:
-            lines.append(f"  {self.description}")
-        return "\n".join(lines)
-
-
-def _take(values: Any, idx: np.ndarray) -> np.ndarray:
-    return np.asarray(values)[idx]
-
-
-def format_rule(rule: dict[str, Any]) -> str:
-    """A ground-truth rule as one short phrase: ``radius 25 m (source: …)``."""
-    kind = rule.get("kind", "?")
-    if kind == "radius":
-        text = f"radius {rule['meters']:g} m"
-        if "max_heading_diff_deg" in rule:
-            text += f" and heading ≤ {rule['max_heading_diff_deg']:g}°"
-    elif kind == "frames":
-        text = f"{'same file name' if rule.get('match') == 'name' else 'frame number'} ±{rule['tolerance']}"
-    elif kind == "list":
-        text = f"list {rule.get('file', '')}".strip()
-    else:
-        text = kind
-    extra = {k: v for k, v in rule.items() if k not in ("kind", "meters", "max_heading_diff_deg", "tolerance", "match", "file")}
-    return text + (f" ({', '.join(f'{k}: {v}' for k, v in extra.items())})" if extra else "")
-
-
-# --- adapters ------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class DatasetAdapter:
-    """A folder layout: ``detect(path)`` says whether it applies, ``load(path, **options)`` reads it.
-
-    ``priority``: lower is tried first; more specific layouts must come before general ones
-    (``explicit`` before ``utm-filenames``, which share ``database/`` + ``queries/``).
-    """
-
-    name: str
-    priority: int
-    detect: Callable[[Path], bool]
-    load: Callable[..., Dataset]
-    options: tuple[str, ...] = ()
-    summary: str = ""
-    ground_truth: str = ""  # the default ground-truth rule, for describe_adapters()
-
-
-DATASET_ADAPTERS: Registry[DatasetAdapter] = Registry("dataset layout")
-
-
-def register_adapter(name: str, priority: int, options: tuple[str, ...], summary: str, ground_truth: str = ""):
-    """Decorator for a function returning ``(detect, load)``: registers the layout under ``name``."""
-
-    def wrap(cls_detect_load):
-        detect, load = cls_detect_load()
-        DATASET_ADAPTERS.register(name, DatasetAdapter(name, priority, detect, load, options, summary, ground_truth))
-        return cls_detect_load
-
-    return wrap
-
-
-_adapter = register_adapter
-
-
-def radius_option(positive_dist_threshold: float | None, radius: float | None, default: float = DEFAULT_RADIUS_M) -> float:
-    """The positive radius in metres: ``positive_dist_threshold`` (or its older name ``radius``), else ``default``."""
-    if positive_dist_threshold is not None and radius is not None and float(positive_dist_threshold) != float(radius):
-        raise ConfigError(f"positive_dist_threshold={positive_dist_threshold} and radius={radius} disagree; give one")
-    value = positive_dist_threshold if positive_dist_threshold is not None else radius
-    value = default if value is None else float(value)
-    if not value > 0:
-        raise ConfigError(f"positive_dist_threshold must be > 0 metres, got {value}")
-    return value
-
-
-RADIUS_OPTIONS = ("positive_dist_threshold", "radius")
-
-
-def ordered_adapters() -> list[DatasetAdapter]:
-    """Adapters in detection order."""
-    return sorted((a for _, a in DATASET_ADAPTERS.items()), key=lambda a: a.priority)
-
-
-def _images(folder: Path, role: str) -> list[str]:
-    if not folder.is_dir():
-        raise DatasetError(f"{role} folder {folder} does not exist")
-    keys = list_images(folder)
-    if not keys:
-        raise DatasetError(f"no images found in {folder} ({role}); add images or point to the right folder")
-    return keys
-
+# --- the built-in layouts -----------------------------------------------------------------------
 
 def _unpickled_npy_error(path: Path) -> DatasetError:
     return DatasetError(
@@ -280,7 +114,7 @@ def _unpickled_npy_error(path: Path) -> DatasetError:
     )
 
 
-@_adapter(
+@register_adapter(
     "vpr-bench", 10, ("tolerance",),
     "ref/ + query/ + ground_truth.csv (VPR-Bench: Corridor, SPED, 17 Places, Gardens Point, St Lucia …); "
     "with only the pickled ground_truth_new.npy, tolerance=N pairs the i-th query with the i-th reference ±N",
@@ -291,8 +125,8 @@ def _vpr_bench():
         return (path / "ref").is_dir() and (path / "query").is_dir()
 
     def load(path: Path, tolerance: int | None = None) -> Dataset:
-        db = _images(path / "ref", "database")
-        q = _images(path / "query", "query")
+        db = image_keys(path / "ref", "database")
+        q = image_keys(path / "query", "query")
         csv_path = path / GROUND_TRUTH_CSV
         description = ""
         if csv_path.is_file():
@@ -318,8 +152,8 @@ def _vpr_bench():
     return detect, load
 
 
-@_adapter("explicit", 20, RADIUS_OPTIONS, "database/ + queries/ + ground_truth.csv or poses.csv",
-          "the CSV list, else radius 25 m from poses.csv")
+@register_adapter("explicit", 20, RADIUS_OPTIONS, "database/ + queries/ + ground_truth.csv or poses.csv",
+                  "the CSV list, else radius 25 m from poses.csv")
 def _explicit():
     def detect(path: Path) -> bool:
         return (
@@ -330,8 +164,8 @@ def _explicit():
 
     def load(path: Path, positive_dist_threshold: float | None = None, radius: float | None = None) -> Dataset:
         radius = radius_option(positive_dist_threshold, radius)
-        db = _images(path / "database", "database")
-        q = _images(path / "queries", "query")
+        db = image_keys(path / "database", "database")
+        q = image_keys(path / "queries", "query")
         db_xy = q_xy = None
         description = ""
         if (path / POSES_CSV).is_file():
@@ -364,9 +198,9 @@ def _explicit():
     return detect, load
 
 
-@_adapter("utm-filenames", 30, RADIUS_OPTIONS,
-          "database/ + queries/ with @east@north@…@.jpg names (VPR-methods-evaluation; or none: unlabelled)",
-          "radius 25 m")
+@register_adapter("utm-filenames", 30, RADIUS_OPTIONS,
+                  "database/ + queries/ with @east@north@…@.jpg names (VPR-methods-evaluation; or none: unlabelled)",
+                  "radius 25 m")
 def _utm_filenames():
     def detect(path: Path) -> bool:
         return (path / "database").is_dir() and (path / "queries").is_dir()
@@ -376,27 +210,6 @@ def _utm_filenames():
         return load_utm_folders(path, path / "database", path / "queries", radius, "utm-filenames")
 
     return detect, load
-
-
-def load_utm_folders(path: Path, db_dir: Path, q_dir: Path, radius: float, layout: str) -> Dataset:
-    """Database and query folders whose file names carry ``@east@north@`` (VPR-methods-evaluation)."""
-    db = _images(db_dir, "database")
-    q = _images(q_dir, "query")
-    db_xy, q_xy = poses_from_filenames(db), poses_from_filenames(q)
-    have = np.concatenate([np.isfinite(db_xy[:, 0]), np.isfinite(q_xy[:, 0])])
-    if not have.any():
-        return Dataset(
-            path.name, db_dir, db, q_dir, q, None,
-            description="file names carry no coordinates: unlabelled", layout=layout,
-        )
-    if not have.all():
-        names = [k for k, ok in zip(db + q, have) if not ok]
-        raise DatasetError(
-            f"{path}: {len(names)} image(s) lack @east@north@ coordinates in their names (e.g. {names[0]!r}) "
-            f"while others have them; rename them or add {POSES_CSV}"
-        )
-    gt = GroundTruth.from_radius(q_xy, db_xy, radius)
-    return Dataset(path.name, db_dir, db, q_dir, q, gt, db_xy, q_xy, layout=layout)
 
 
 def read_frame_list(list_path: str | os.PathLike) -> set[str]:
@@ -418,7 +231,7 @@ def _sequence_folders(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-@_adapter(
+@register_adapter(
     "sequences", 40, ("queries", "database", "tolerance", "frame_list"),
     "sub-folders of identically named frames (Nordland full or a partition: spring/summer/fall/winter, "
     "sections as sub-folders; Gardens Point day_left/day_right/night_right); frame_list=FILE keeps the "
@@ -462,8 +275,8 @@ def _sequences():
         if queries == database:
             raise ConfigError(f"queries and database are the same sequence {queries!r}")
         tolerance = int(tolerance)
-        db = _images(path / database, "database")
-        q = _images(path / queries, "query")
+        db = image_keys(path / database, "database")
+        q = image_keys(path / queries, "query")
         description = f"queries {queries}, database {database}, same file name ±{tolerance} file(s)"
         if frame_list is not None:
             keep = read_frame_list(frame_list)
@@ -617,7 +430,3 @@ def describe_adapters() -> str:
 def describe(dataset: Dataset | None = None) -> str:
     """``dataset.describe()`` for a dataset, else the list of supported layouts."""
     return dataset.describe() if dataset is not None else "dataset layouts (detection order):\n" + describe_adapters()
-
-
-# The standard benchmark formats register themselves on import (kept last: they use this module).
-from . import formats  # noqa: E402,F401

@@ -45,6 +45,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
@@ -534,8 +535,6 @@ def parse_timestamp(text: str, path: Path | str = "", line: int = 0, hint: str =
     (``2024-05-01T12:30:00Z``, ``2024-05-01 12:30:00.5+02:00``, ``2024-05-01``) is converted, a time
     without an offset being UTC. Anything else is one :class:`DatasetError` naming the file and line.
     """
-    from datetime import datetime, timezone
-
     raw = text.strip()
     if raw == "" or _NUMBER.fullmatch(raw):
         return _parse_float(raw, Path(path), line, "timestamp", allow_empty=True, hint=hint)
@@ -570,7 +569,20 @@ def read_poses(csv_path: str | os.PathLike, zone: int | None = None, northern: b
     :class:`DatasetError` naming the file and the line. Match the table to image keys with :func:`match_poses`.
     """
     table = read_csv_table(csv_path, "pose file", POSES_EXPECTED)
-    path, header, sep = table.path, table.header, table.delimiter
+    cols, metric = _pose_columns(table)
+    rows = _read_pose_rows(table, cols, metric)
+    if metric:
+        return Poses(rows.keys, np.stack([rows.a, rows.b], 1), rows.headings, rows.stamps, source=str(table.path))
+    return _project_latlon(rows, table.path, zone, northern)
+
+
+def _pose_columns(table: CsvTable) -> tuple[dict[str, int | None], bool]:
+    """Each pose column's index in the header (None when absent), and whether positions are metric.
+
+    Refuses a header without ``image`` and a position pair, a nameless column among the used ones,
+    and a table without rows.
+    """
+    path, header = table.path, table.header
     cols = {name: _find_column(header, name, path) for name in COLUMN_ALIASES}
     metric = cols["easting"] is not None and cols["northing"] is not None
     geographic = cols["lat"] is not None and cols["lon"] is not None
@@ -592,16 +604,31 @@ def read_poses(csv_path: str | os.PathLike, zone: int | None = None, northern: b
         raise DatasetError(f"{path}, line 1: header column {empty_named[0]} has no name; expected {POSES_EXPECTED}")
     if not table.rows:
         raise DatasetError(f"{path}: the header is there but no pose rows follow; expected {POSES_EXPECTED}")
+    return cols, metric
+
+
+@dataclass
+class _PoseRows:
+    """A pose table's parsed rows: ``a``, ``b`` are easting/northing or lat/lon; ``lines`` their line numbers."""
+
+    keys: list[str]
+    lines: np.ndarray
+    a: np.ndarray
+    b: np.ndarray
+    headings: np.ndarray | None
+    stamps: np.ndarray | None
+
+
+def _read_pose_rows(table: CsvTable, cols: dict[str, int | None], metric: bool) -> _PoseRows:
+    """Parse every row: one image each, finite numbers, lat/lon on Earth and within UTM's range."""
+    path, header, sep = table.path, table.header, table.delimiter
     xcol, ycol = (cols["easting"], cols["northing"]) if metric else (cols["lat"], cols["lon"])
     xname, yname = ("easting", "northing") if metric else ("lat", "lon")
     n = len(table.rows)
-    keys: list[str] = []
-    lines = np.empty(n, dtype=np.int64)
+    rows = _PoseRows([], np.empty(n, dtype=np.int64), np.empty(n), np.empty(n),
+                     np.full(n, np.nan) if cols["heading"] is not None else None,
+                     np.full(n, np.nan) if cols["timestamp"] is not None else None)
     first_line: dict[str, int] = {}
-    a = np.empty(n)
-    b = np.empty(n)
-    headings = np.full(n, np.nan) if cols["heading"] is not None else None
-    stamps = np.full(n, np.nan) if cols["timestamp"] is not None else None
     needed = max(c for c in (cols["image"], xcol, ycol) if c is not None) + 1
     for i, (line, row) in enumerate(table.rows):
         others = _other_separators(sep.join(row), sep)
@@ -620,42 +647,49 @@ def read_poses(csv_path: str | os.PathLike, zone: int | None = None, northern: b
         if key in first_line:
             raise DatasetError(f"{path}, line {line}: image {key!r} already appears on line {first_line[key]}")
         first_line[key] = line
-        keys.append(key)
-        lines[i] = line
-        a[i] = _parse_float(row[xcol], path, line, xname, hint=hint)
-        b[i] = _parse_float(row[ycol], path, line, yname, hint=hint)
-        if headings is not None and cols["heading"] < len(row):
-            headings[i] = _parse_float(row[cols["heading"]], path, line, "heading", allow_empty=True, hint=hint)
-        if stamps is not None and cols["timestamp"] < len(row):
-            stamps[i] = parse_timestamp(row[cols["timestamp"]], path, line, hint=hint)
+        rows.keys.append(key)
+        rows.lines[i] = line
+        rows.a[i] = _parse_float(row[xcol], path, line, xname, hint=hint)
+        rows.b[i] = _parse_float(row[ycol], path, line, yname, hint=hint)
+        if rows.headings is not None and cols["heading"] < len(row):
+            rows.headings[i] = _parse_float(row[cols["heading"]], path, line, "heading", allow_empty=True, hint=hint)
+        if rows.stamps is not None and cols["timestamp"] < len(row):
+            rows.stamps[i] = parse_timestamp(row[cols["timestamp"]], path, line, hint=hint)
         if not metric:
-            if not -90.0 <= a[i] <= 90.0 or not -180.0 <= b[i] <= 180.0:
-                raise DatasetError(
-                    f"{path}, line {line}: lat {a[i]:g}, lon {b[i]:g} is not a position on Earth "
-                    f"(lat −90…90, lon −180…180); are the columns swapped?"
-                )
-            if not UTM_MIN_LAT <= a[i] <= UTM_MAX_LAT:
-                raise DatasetError(
-                    f"{path}, line {line}: lat {a[i]:g} is outside UTM's range ({UTM_MIN_LAT:g}…{UTM_MAX_LAT:g}°); "
-                    f"provide easting,northing in a polar projection instead"
-                )
-    if metric:
-        return Poses(keys, np.stack([a, b], 1), headings, stamps, source=str(path))
-    chosen = f"chosen by line {lines[0]}" if zone is None else "the map's frame"
-    zone = utm_zone(float(a[0]), float(b[0])) if zone is None else int(zone)
-    far = _far_from_central_meridian(b, zone)
+            _check_latlon(rows.a[i], rows.b[i], path, line)
+    return rows
+
+
+def _check_latlon(lat: float, lon: float, path: Path, line: int) -> None:
+    if not -90.0 <= lat <= 90.0 or not -180.0 <= lon <= 180.0:
+        raise DatasetError(
+            f"{path}, line {line}: lat {lat:g}, lon {lon:g} is not a position on Earth "
+            f"(lat −90…90, lon −180…180); are the columns swapped?"
+        )
+    if not UTM_MIN_LAT <= lat <= UTM_MAX_LAT:
+        raise DatasetError(
+            f"{path}, line {line}: lat {lat:g} is outside UTM's range ({UTM_MIN_LAT:g}…{UTM_MAX_LAT:g}°); "
+            f"provide easting,northing in a polar projection instead"
+        )
+
+
+def _project_latlon(rows: _PoseRows, path: Path, zone: int | None, northern: bool | None) -> Poses:
+    """Lat/lon rows in UTM metres: the first row's zone, or ``zone`` (a map's frame) when given."""
+    chosen = f"chosen by line {rows.lines[0]}" if zone is None else "the map's frame"
+    zone = utm_zone(float(rows.a[0]), float(rows.b[0])) if zone is None else int(zone)
+    far = _far_from_central_meridian(rows.b, zone)
     if far is not None:
         i, dlon_i = far
         raise DatasetError(
-            f"{path}, line {lines[i]}: lon {b[i]:g} is {dlon_i:.1f}° from the central meridian of UTM zone "
+            f"{path}, line {rows.lines[i]}: lon {rows.b[i]:g} is {dlon_i:.1f}° from the central meridian of UTM zone "
             f"{zone} ({chosen}; limit {MAX_DEGREES_FROM_CENTRAL_MERIDIAN:g}°): one metric frame "
             f"cannot cover these points; split the dataset by region or provide easting,northing"
         )
     try:
-        xy, zone, northern = latlon_to_utm(a, b, zone, northern)
+        xy, zone, northern = latlon_to_utm(rows.a, rows.b, zone, northern)
     except DatasetError as exc:
         raise DatasetError(f"{path}: {exc}") from None
-    return Poses(keys, xy, headings, stamps, utm_zone=zone, northern=northern, source=str(path))
+    return Poses(rows.keys, xy, rows.headings, rows.stamps, utm_zone=zone, northern=northern, source=str(path))
 
 
 # --- matching a pose table to image keys ---------------------------------------------------------

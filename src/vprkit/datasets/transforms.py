@@ -34,7 +34,7 @@ from ..errors import ConfigError
 from ..images import read_image
 from ..io import atomic_write_bytes
 from ..registry import Registry
-from .adapters import Dataset
+from .base import Dataset
 
 # Interpolation for every resampling here: area-preserving when shrinking, smooth when enlarging.
 INTERPOLATION = cv2.INTER_LINEAR

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import ConfigError, DatasetError
-from ..adapters import Dataset, register_adapter
+from ..base import Dataset, register_adapter
 from ..ground_truth import GroundTruth
 from .common import images_natural
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import ConfigError, DatasetError
-from ..adapters import GROUND_TRUTH_CSV, RADIUS_OPTIONS, Dataset, radius_option, register_adapter
+from ..base import GROUND_TRUTH_CSV, RADIUS_OPTIONS, Dataset, radius_option, register_adapter
 from ..ground_truth import GroundTruth
 from .common import images_natural, natural_key
 

@@ -23,7 +23,7 @@ from scipy.spatial import cKDTree
 from scipy.spatial.transform import Rotation
 
 from ...errors import DatasetError
-from ..adapters import RADIUS_OPTIONS, Dataset, radius_option, register_adapter
+from ..base import RADIUS_OPTIONS, Dataset, radius_option, register_adapter
 from ..ground_truth import GroundTruth
 from .common import images_natural, natural_key
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import ConfigError, DatasetError
-from ..adapters import RADIUS_OPTIONS, Dataset, radius_option, register_adapter
+from ..base import RADIUS_OPTIONS, Dataset, radius_option, register_adapter
 from ..ground_truth import GroundTruth
 from .common import column, floats, read_csv, require_files, truthy
 

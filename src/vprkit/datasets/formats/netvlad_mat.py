@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import DatasetError
-from ..adapters import RADIUS_OPTIONS, Dataset, radius_option, register_adapter
+from ..base import RADIUS_OPTIONS, Dataset, radius_option, register_adapter
 from ..ground_truth import GroundTruth
 from .common import require_files
 

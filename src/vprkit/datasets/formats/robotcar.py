@@ -23,7 +23,7 @@ import numpy as np
 
 from ...errors import ConfigError, DatasetError
 from ...images import list_images
-from ..adapters import RADIUS_OPTIONS, Dataset, radius_option, register_adapter
+from ..base import RADIUS_OPTIONS, Dataset, radius_option, register_adapter
 from ..ground_truth import GroundTruth
 from .common import column, floats, read_csv
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...errors import DatasetError
-from ..adapters import RADIUS_OPTIONS, Dataset, load_utm_folders, radius_option, register_adapter
+from ..base import RADIUS_OPTIONS, Dataset, load_utm_folders, radius_option, register_adapter
 
 SPLITS = ("test", "val", "train")
 
