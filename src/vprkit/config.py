@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .errors import ConfigError
+from .options import did_you_mean, validate_config, validate_options
 
 STORE_DTYPES = ("float16", "float32")
 RESIZE_MODES = ("fixed", "keep_aspect", "resize_crop", "none")
@@ -206,7 +207,7 @@ class RerankConfig:
         if self.prescorer is not None:
             if self.prescorer not in RERANK_SCORERS:
                 raise ConfigError(f"{where}: unknown pre-scorer {self.prescorer!r}"
-                                  f"{_did_you_mean(self.prescorer, RERANK_SCORERS)}; allowed: {', '.join(RERANK_SCORERS)}")
+                                  f"{did_you_mean(self.prescorer, RERANK_SCORERS)}; allowed: {', '.join(RERANK_SCORERS)}")
             if self.verify is None:
                 raise ConfigError(f"{where}: prescorer {self.prescorer!r} picks the candidates to verify; set verify "
                                   "(how many the exact scorer re-scores) or drop the prescorer")
@@ -230,7 +231,7 @@ class RerankConfig:
                               f"for no check), got {self.min_agreement!r}")
         if self.scorer not in RERANK_SCORERS:
             raise ConfigError(f"{where}: unknown spatial scorer {self.scorer!r}"
-                              f"{_did_you_mean(self.scorer, RERANK_SCORERS)}; allowed: {', '.join(RERANK_SCORERS)}")
+                              f"{did_you_mean(self.scorer, RERANK_SCORERS)}; allowed: {', '.join(RERANK_SCORERS)}")
         if self.dtype not in RERANK_DTYPES:
             raise ConfigError(f"{where}: patch dtype {self.dtype!r} is not one of {', '.join(RERANK_DTYPES)}")
         if not isinstance(self.pca_dim, int) or isinstance(self.pca_dim, bool) or self.pca_dim < 0:
@@ -242,8 +243,6 @@ class RerankConfig:
         if not 0.0 <= float(self.global_weight) <= 1.0:
             raise ConfigError(f"{where}: global_weight must be in [0, 1], got {self.global_weight!r}")
         if self.backbone is not None:
-            from .options import validate_options
-
             validate_options("backbone", self.backbone, self.backbone_options, where=f"{where}: patch backbone")
         elif self.backbone_options:
             raise ConfigError(f"{where}: backbone_options {dict(self.backbone_options)} need a patch backbone "
@@ -274,18 +273,11 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} {value!r} cannot be saved in a configuration (use plain JSON values)")
 
 
-def _did_you_mean(given: Any, allowed) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(str(given), [str(a) for a in allowed], n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def check_device(device: Any) -> str:
     """``device`` if it names a device vprkit can run on (syntax only: no torch import), else ConfigError."""
     if not isinstance(device, str) or not DEVICE_PATTERN.fullmatch(device):
         hint = " (did you mean 'cuda'?)" if str(device).lower() in ("gpu", "cuda0", "nvidia") else \
-            _did_you_mean(str(device).lower(), ('auto', 'cpu', 'cuda', 'mps'))
+            did_you_mean(str(device).lower(), ('auto', 'cpu', 'cuda', 'mps'))
         raise ConfigError(f"device {device!r} is not one of {DEVICE_CHOICES}{hint}")
     return device
 
@@ -457,8 +449,6 @@ class Config:
         Raises :class:`ConfigError` naming the component, the option, what was given and what is
         allowed. Returns ``self`` so a call can be chained.
         """
-        from .options import validate_config
-
         validate_config(self)
         return self
 

@@ -19,8 +19,11 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence, Union
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageFile, UnidentifiedImageError
 
+# ImageSpec (how images are resized) is configuration: it lives in the pure-data config module so
+# resolving a preset does not import PIL or numpy; images are prepared to it here.
+from .config import MAX_ASPECT_RATIO, MAX_PREPARED_PIXELS, ImageSpec
 from .errors import ConfigError, ImageReadError
 
 log = logging.getLogger(__name__)
@@ -60,11 +63,6 @@ DECODER_ERRORS = (
 )
 # list_images logs this many skipped entries one by one, then a count.
 MAX_LISTING_WARNINGS = 20
-
-
-# ImageSpec (how images are resized) is configuration: it lives in the pure-data config module so
-# resolving a preset does not import PIL or numpy; it is re-exported here.
-from .config import MAX_ASPECT_RATIO, MAX_PREPARED_PIXELS, RESIZE_MODES, ImageSpec  # noqa: E402,F401
 
 
 @dataclass(frozen=True)
@@ -301,8 +299,6 @@ def _cmyk_to_rgb(img: Image.Image, name: str, notes: list[DecodeNote]) -> Image.
     icc = img.info.get("icc_profile")
     if icc:
         try:
-            from PIL import ImageCms
-
             srgb = ImageCms.createProfile("sRGB")
             out = ImageCms.profileToProfile(img, io.BytesIO(icc), srgb, outputMode="RGB")
             if out is not None:

@@ -18,6 +18,7 @@ import re
 import tempfile
 import threading
 import time
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -151,10 +152,6 @@ def load_npz(path: str | os.PathLike) -> dict:
     them (a MemoryError) before noticing the data is not there. Here such a file is a ``ValueError``
     naming the member, and pickled members are refused (``allow_pickle=False``).
     """
-    import zipfile
-
-    import numpy as np
-
     path = Path(path)
     try:
         with zipfile.ZipFile(path) as zf:

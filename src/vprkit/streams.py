@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+import cv2
 import numpy as np
 
 from .errors import ConfigError, ImageReadError
@@ -22,14 +23,6 @@ from .images import list_images
 
 # Names of video frames: "<file stem>#<frame index>" (index in the file, before ``every``).
 FRAME_NAME_DIGITS = 6
-
-
-def _cv2():
-    try:
-        import cv2
-    except ImportError:  # pragma: no cover - installed with vprkit
-        raise ImageReadError("reading video or a camera needs OpenCV: pip install opencv-python-headless") from None
-    return cv2
 
 
 def _check_counts(every: int, limit: int | None) -> None:
@@ -50,7 +43,6 @@ class _CaptureFrames:
         raise NotImplementedError
 
     def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
-        cv2 = _cv2()
         cap = self._open()
         if not cap.isOpened():
             cap.release()
@@ -81,7 +73,7 @@ class VideoFrames(_CaptureFrames):
         super().__init__(str(self.path), self.path.stem, every, limit)
 
     def _open(self):
-        return _cv2().VideoCapture(str(self.path))
+        return cv2.VideoCapture(str(self.path))
 
 
 class CameraFrames(_CaptureFrames):
@@ -94,7 +86,7 @@ class CameraFrames(_CaptureFrames):
         super().__init__(f"camera {index}", f"camera{index}", every, limit)
 
     def _open(self):
-        return _cv2().VideoCapture(self.index)
+        return cv2.VideoCapture(self.index)
 
 
 class FolderFrames:

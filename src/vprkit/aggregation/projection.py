@@ -37,7 +37,9 @@ from torch import nn
 
 from ..backbones.base import DenseFeatures
 from ..errors import ConfigError
+from ..numerics import PCA
 from .base import AGGREGATORS, Aggregator, l2n
+from .vlad import VLAD
 
 # The state key of a centred head's centre (the mean training output, subtracted before re-normalising).
 CENTRE_KEY = "head_centre"
@@ -53,8 +55,6 @@ class Projection(nn.Linear):
     def from_pca(cls, descriptors: np.ndarray | torch.Tensor, dim: int, whiten: bool = False,
                  whiten_reg: float = 0.0) -> "Projection":
         """PCA (``whiten``: whitened PCA, regularised by ``whiten_reg``) of an ``N×D`` descriptor sample."""
-        from ..numerics import PCA
-
         x = descriptors.detach().cpu().float().numpy() if isinstance(descriptors, torch.Tensor) else np.asarray(descriptors, np.float32)
         pca = PCA.fit(x, dim, whiten=whiten, whiten_reg=whiten_reg)
         w = pca.components * pca.scales[:, None]
@@ -129,8 +129,6 @@ class TrainedHead(Aggregator):
         self.vlad = None
         self.vlad_weight = 0.0
         if vlad:
-            from .vlad import VLAD
-
             if vocabulary is None:
                 raise ConfigError("trained: fusing with VLAD needs the map's vocabulary (the map build provides it)")
             v = dict(vlad)

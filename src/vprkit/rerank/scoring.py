@@ -35,6 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import cv2
 import numpy as np
 import torch
 
@@ -94,8 +95,6 @@ def _empty(m: Matches) -> SpatialScore:
 
 def _homography_score(query: PatchSet, candidate: PatchSet, matches: Matches, method: str) -> SpatialScore:
     """Inliers of a robust homography fit (OpenCV ``method``) over the query's patch count; see :func:`ransac_score`."""
-    import cv2
-
     if len(matches) < HOMOGRAPHY_MIN_MATCHES or len(query) == 0:
         return _empty(matches)
     order = np.argsort(np.asarray(matches.candidate), kind="stable")  # the reference's candidate order

@@ -35,6 +35,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from scipy.special import ndtr
+from tqdm import tqdm
 
 from ..errors import MapError
 from ..io import atomic_write_json
@@ -278,8 +279,6 @@ def fit_calibration(
     values: list[float] = []
     chunks = range(0, len(chosen), SEARCH_CHUNK)
     if progress:
-        from tqdm import tqdm
-
         chunks = tqdm(chunks, desc="calibrate", unit="chunk")
     for lo in chunks:
         rows = chosen[lo: lo + SEARCH_CHUNK]

@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from ..errors import ConfigError
 from ..registry import Registry
@@ -293,8 +294,6 @@ def _ending_at(s: np.ndarray, neutral: np.ndarray, settings: SequenceSettings, l
     out = np.empty((q, n), np.float32)
     starts = range(0, q, chunk)
     if progress:
-        from tqdm import tqdm
-
         starts = tqdm(starts, desc="sequence", unit="chunk")
     # History padded with length − 1 placeholder rows before the first query; a placeholder step is
     # "no evidence" for the query whose window it falls in (that query's mean), as online.
