@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -37,6 +38,25 @@ def ignore_failures(key: str, message: str) -> None:
     """An ``on_failure`` handler for passes where a missing image only shrinks a sample."""
 
 
+@dataclass(frozen=True)
+class ExtractionOptions:
+    """What the extraction loop reads of a configuration: how images are prepared and batched, and how
+    many decoded images may wait for the backbone (the memory plan's decode share; ``None``: all).
+
+    Stages that run the loop (the re-ranker computing a map's patches, the domain analysis, SegVLAD's
+    explanations) hold one of these instead of the whole :class:`~vprkit.config.Config`.
+    """
+
+    image: ImageSpec = field(default_factory=ImageSpec)
+    batch_size: int = 8
+    workers: int = 2
+    decode_buffer_bytes: int | None = None
+
+    @classmethod
+    def from_config(cls, config: Config) -> "ExtractionOptions":
+        return cls(config.image, config.batch_size, config.workers, config.memory_plan().decode_buffer_bytes)
+
+
 # ---- memory ------------------------------------------------------------------------------------
 def prepared_size_bound(spec: ImageSpec) -> tuple[int, int]:
     """The largest (height, width) an image can have after preparation under ``spec``."""
@@ -48,9 +68,9 @@ def prepared_size_bound(spec: ImageSpec) -> tuple[int, int]:
     return ASSUMED_ORIGINAL_SIZE
 
 
-def decoded_image_bytes(config: Config) -> int:
+def decoded_image_bytes(options: ExtractionOptions | Config) -> int:
     """Bytes of one decoded, prepared image waiting for the backbone (uint8 RGB)."""
-    h, w = prepared_size_bound(config.image)
+    h, w = prepared_size_bound(options.image)
     return h * w * RGB_CHANNELS
 
 
@@ -83,18 +103,22 @@ def memory_plan(config: Config, backbone: Backbone) -> MemoryPlan:
     return plan
 
 
-def decode_prefetch_images(config: Config, plan: MemoryPlan) -> int | None:
+def decode_prefetch_images(options: ExtractionOptions | Config, plan: MemoryPlan) -> int | None:
     """How many decoded images may wait for the backbone (a multiple of ``batch_size``); None = all."""
-    if plan.decode_buffer_bytes is None:
+    return _prefetch_images(options, plan.decode_buffer_bytes)
+
+
+def _prefetch_images(options: ExtractionOptions | Config, decode_buffer_bytes: int | None) -> int | None:
+    if decode_buffer_bytes is None:
         return None
-    batches = plan.decode_buffer_bytes // (decoded_image_bytes(config) * config.batch_size)
-    return max(1, batches) * config.batch_size
+    batches = decode_buffer_bytes // (decoded_image_bytes(options) * options.batch_size)
+    return max(1, batches) * options.batch_size
 
 
 # ---- the loop ----------------------------------------------------------------------------------
 def extract(
-    backbone: Backbone, config: Config, images: ImageSource | str | os.PathLike, keys: Sequence[str] | None = None,
-    progress: bool | str = False, on_failure: FailureHandler | None = None,
+    backbone: Backbone, options: ExtractionOptions | Config, images: ImageSource | str | os.PathLike,
+    keys: Sequence[str] | None = None, progress: bool | str = False, on_failure: FailureHandler | None = None,
 ) -> Iterator[tuple[Batch, DenseFeatures]]:
     """Dense features of ``keys`` of ``images`` (a source, or a folder the keys are relative to), batch by batch.
 
@@ -102,15 +126,19 @@ def extract(
     :class:`ImageReadError`. The decoder pool runs ahead of the backbone (decoding is much faster);
     with a memory budget the keys go to it in chunks of :func:`decode_prefetch_images`, so the images
     decoded ahead stay within the budget's decode share instead of growing with the number of images.
-    Pixels go to the backbone's device; features come back on it.
+    Pixels go to the backbone's device; features come back on it. ``options`` may be a whole
+    :class:`~vprkit.config.Config`, read through :meth:`ExtractionOptions.from_config`.
     """
+    if isinstance(options, Config):
+        options = ExtractionOptions.from_config(options)
     source = image_source(images, keys)
     keys = source.keys
     bar = tqdm(total=len(keys), desc=progress if isinstance(progress, str) else "extract", unit="img",
                disable=not progress, leave=False)
-    chunk = decode_prefetch_images(config, config.memory_plan()) or max(1, len(keys))
+    chunk = _prefetch_images(options, options.decode_buffer_bytes) or max(1, len(keys))
     batches = itertools.chain.from_iterable(
-        iter_batches(source, keys[i : i + chunk], config.image, backbone.size_multiple, config.batch_size, config.workers)
+        iter_batches(source, keys[i : i + chunk], options.image, backbone.size_multiple, options.batch_size,
+                     options.workers)
         for i in range(0, len(keys), chunk)
     )
     device = module_device(backbone)

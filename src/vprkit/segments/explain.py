@@ -18,13 +18,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import MapError
+from skimage.segmentation import find_boundaries
+
+from ..backbones.base import Backbone
+from ..backbones.extract import ExtractionOptions, extract
+from ..images import ImageSource
 from ..io import atomic_path
+from .base import patch_centroids
+from .retriever import GROUP, SegmentsExtension, SegmentSet, batch_images
 
 if TYPE_CHECKING:
-    from ..backbones.base import Backbone
-    from ..config import Config
-    from ..images import ImageSource
     from ..maps import MapStore
 
 
@@ -72,13 +75,11 @@ def greedy_pairs(sim: np.ndarray, top: int) -> list[tuple[int, int, float]]:
     return out
 
 
-def segment_sets(backbone: "Backbone", config: "Config", extension, images: "ImageSource"):
+def segment_sets(backbone: Backbone, extraction: ExtractionOptions, extension: SegmentsExtension,
+                 images: ImageSource) -> tuple[list[SegmentSet], list[np.ndarray]]:
     """SuperSegments (and prepared pixels) of every image of ``images``, as the map's extension makes them."""
-    from ..backbones.extract import extract
-    from .retriever import batch_images
-
     sets, pictures = [], []
-    for batch, feats in extract(backbone, config, images):
+    for batch, feats in extract(backbone, extraction, images):
         sets.extend(extension.analyse(batch, feats))
         pictures.extend(batch_images(batch))
     return sets, pictures
@@ -86,8 +87,6 @@ def segment_sets(backbone: "Backbone", config: "Config", extension, images: "Ima
 
 def stored_segment_set(store: "MapStore", row: int, stride: int):
     """A map image's SuperSegments as stored (when its image file is gone), for drawing on a grey canvas."""
-    from .retriever import GROUP, SegmentsExtension
-
     with store.open() as reader:
         payload = reader.extras(GROUP, row)
     desc, members = SegmentsExtension.read_payload(payload)
@@ -103,8 +102,6 @@ def explain_pair(query: str, qset, match: str, row: int, score: float, mset, top
 
 
 def _stored_set(desc, members, payload, stride):
-    from .retriever import SegmentSet
-
     grid = tuple(int(v) for v in payload["grid"])
     n = len(desc)
     return SegmentSet(np.zeros((0, grid[0] * stride, grid[1] * stride), bool), members, np.zeros((n, 2)), members,
@@ -116,8 +113,6 @@ def map_centroid(s, i: int) -> np.ndarray:
     seg = int(s.kept[i])
     if seg < len(s.centroids) and np.isfinite(s.centroids[seg]).all() and len(s.masks):
         return s.centroids[seg]
-    from .base import patch_centroids
-
     return patch_centroids(s.members[i : i + 1], s.grid, s.stride)[0]
 
 
@@ -126,7 +121,6 @@ def draw(exp: Explanation, qimg: np.ndarray, qset, mimg: np.ndarray, mset, out: 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import ConnectionPatch
-    from skimage.segmentation import find_boundaries
 
     colours = colormaps["tab10"]
     fig = Figure(figsize=(10, 4.2), dpi=120)

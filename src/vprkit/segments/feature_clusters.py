@@ -10,6 +10,7 @@ pixels (stride × stride blocks), so they map back onto exactly those cells.
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 from scipy import ndimage
 
@@ -32,8 +33,6 @@ class FeatureClusterSegmenter(Segmenter):
 
     def labels(self, features: np.ndarray) -> np.ndarray:
         """``h×w`` component labels (−1 for dropped cells) of an ``h×w×D`` feature grid."""
-        import faiss
-
         f = np.asarray(features, dtype=np.float32)
         h, w, d = f.shape
         x = f.reshape(-1, d)

@@ -13,6 +13,7 @@ the triangulation (duplicates) are connected to their nearest triangulated neigh
 from __future__ import annotations
 
 import numpy as np
+from scipy.spatial import Delaunay, QhullError
 
 
 def _chain(points: np.ndarray) -> np.ndarray:
@@ -31,8 +32,6 @@ def _chain(points: np.ndarray) -> np.ndarray:
 
 def adjacency(centroids: np.ndarray) -> np.ndarray:
     """``S×S`` bool adjacency (symmetric, with self-loops) of the Delaunay graph of ``S×2`` centroids."""
-    from scipy.spatial import Delaunay, QhullError
-
     pts = np.asarray(centroids, dtype=np.float64).reshape(-1, 2)
     n = len(pts)
     if n <= 2:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
+import faiss
 import numpy as np
 
 from ..errors import ConfigError, MapError
@@ -275,8 +276,6 @@ class SegmentIndex:
 
     @classmethod
     def from_vectors(cls, vectors: np.ndarray, image: np.ndarray, local: np.ndarray, n_images: int) -> "SegmentIndex":
-        import faiss
-
         v = np.ascontiguousarray(vectors, np.float32)
         index = faiss.IndexFlatIP(v.shape[1])
         if len(v):
@@ -299,8 +298,6 @@ class SegmentIndex:
         return cls.from_vectors(v, np.concatenate(image) if image else [], np.concatenate(local) if local else [], n_images)
 
     def save(self, map_dir: Path) -> None:
-        import faiss
-
         map_dir = Path(map_dir)
         with atomic_path(map_dir / INDEX_FILE) as tmp:
             faiss.write_index(self.index, str(tmp))
@@ -309,8 +306,6 @@ class SegmentIndex:
 
     @classmethod
     def load(cls, map_dir: Path) -> "SegmentIndex | None":
-        import faiss
-
         map_dir = Path(map_dir)
         if not (map_dir / INDEX_FILE).exists() or not (map_dir / ROWS_FILE).exists():
             return None
@@ -323,8 +318,6 @@ class SegmentIndex:
 
     def search(self, queries: np.ndarray, k: int, restrict_to: np.ndarray | None = None):
         """Top-``k`` map segments of each query segment → (segment ids, image rows, cosines); −1 where none."""
-        import faiss
-
         q = np.ascontiguousarray(queries, np.float32)
         if self.ntotal == 0 or len(q) == 0:
             z = np.full((len(q), 1), -1, np.int64)

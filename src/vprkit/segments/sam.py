@@ -18,6 +18,8 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image
 
 from ..errors import ConfigError, WeightsNotFoundError
 from .base import SEGMENTERS, Segmenter
@@ -80,8 +82,6 @@ class SAMSegmenter(Segmenter):
             raise ConfigError(
                 f"the 'sam' segmenter needs segment-anything and torchvision (`pip install vprkit[sam] torchvision`): {exc}"
             ) from None
-        import torch
-
         if self.checkpoint is None:
             torch.manual_seed(0)
         model = sam_model_registry[self.model_type](checkpoint=self.checkpoint)
@@ -90,16 +90,12 @@ class SAMSegmenter(Segmenter):
         return self._generator
 
     def segment(self, image, features=None, stride=None):
-        from PIL import Image
-
         gen = self._load()
         H, W = image.shape[:2]
         small = image
         if self.scale < 1:
             sw, sh = max(1, round(W * self.scale)), max(1, round(H * self.scale))
             small = np.asarray(Image.fromarray(image).resize((sw, sh), Image.BILINEAR))
-        import torch
-
         with torch.inference_mode():
             records = gen.generate(np.ascontiguousarray(small))
         if not records:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import numpy as np
+from skimage.segmentation import felzenszwalb, slic
 
 from .base import SEGMENTERS, Segmenter, labels_to_masks
 
@@ -19,8 +19,6 @@ class SLICSegmenter(Segmenter):
         self.sigma = float(sigma)
 
     def segment(self, image, features=None, stride=None):
-        from skimage.segmentation import slic
-
         labels = slic(image, n_segments=self.n_segments, compactness=self.compactness, sigma=self.sigma,
                       start_label=0, enforce_connectivity=True)
         return labels_to_masks(labels)
@@ -45,8 +43,6 @@ class FelzenszwalbSegmenter(Segmenter):
         self.scale_per_pixel = float(scale_per_pixel)
 
     def segment(self, image, features=None, stride=None):
-        from skimage.segmentation import felzenszwalb
-
         area = image.shape[0] * image.shape[1]
         scale = self.scale if self.scale is not None else max(1.0, self.scale_per_pixel * area)
         labels = felzenszwalb(image, scale=scale, sigma=self.sigma, min_size=max(1, int(self.min_fraction * area)))

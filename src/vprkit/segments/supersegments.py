@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from ..aggregation.vlad import assign, residual_sums, vlad_normalise
+from ..aggregation.vlad import assign, hard_vlad, residual_sums, vlad_normalise
 from ..errors import ConfigError
 from ..numerics import NORM_FLOOR, PCA as _PCA, l2_normalise
 
@@ -59,8 +59,6 @@ def supersegment_vlad(features, membership, centres) -> np.ndarray:
 
 def supersegment_vlad_loop(features, membership, centres) -> np.ndarray:
     """Reference implementation (one VLAD per SuperSegment, a loop); for tests."""
-    from ..aggregation.vlad import hard_vlad
-
     x = _t(features).float()
     c = _t(centres).float()
     m = np.asarray(membership, dtype=bool)

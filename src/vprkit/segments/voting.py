@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import ConfigError
+from ..options import did_you_mean
+
 VOTINGS = ("weighted", "maxseg", "maxsim")
 
 
@@ -61,13 +64,11 @@ def max_sim(images: np.ndarray, sims: np.ndarray, n_images: int) -> np.ndarray:
     return out
 
 
-def vote(images: np.ndarray, sims: np.ndarray, n_images: int, rule: str = "weighted") -> np.ndarray:
-    if rule == "weighted":
-        return weighted(images, sims, n_images)
-    if rule == "maxseg":
-        return max_seg(images, sims, n_images)
-    if rule == "maxsim":
-        return max_sim(images, sims, n_images)
-    from ..errors import ConfigError
+VOTING_RULES = {"weighted": weighted, "maxseg": max_seg, "maxsim": max_sim}
 
-    raise ConfigError(f"voting must be one of {VOTINGS}, got {rule!r}")
+
+def vote(images: np.ndarray, sims: np.ndarray, n_images: int, rule: str = "weighted") -> np.ndarray:
+    """Each map image's score under the voting ``rule`` (one of :data:`VOTINGS`)."""
+    if rule not in VOTING_RULES:
+        raise ConfigError(f"voting must be one of {', '.join(VOTINGS)}, got {rule!r}{did_you_mean(rule, VOTINGS)}")
+    return VOTING_RULES[rule](images, sims, n_images)
