@@ -5,10 +5,13 @@ Kept out of conftest.py: several conftest modules exist, and only one can be imp
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Iterable, NamedTuple
 
 import numpy as np
+import psutil
 from PIL import Image
 
 from vprkit.rerank.reranker import PatchReranker
@@ -48,6 +51,64 @@ def run_cli(args, **kw):
     from vprkit.cli import cli
 
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False, **kw)
+
+
+class Listener(NamedTuple):
+    """One listening inet socket: the process holding it and the address it binds."""
+
+    pid: int
+    process: str
+    ip: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.ip}]" if ":" in self.ip else self.ip
+        return f"{host}:{self.port} ({self.process}, pid {self.pid})"
+
+
+def _with_children(procs: Iterable[psutil.Process | int]) -> list[psutil.Process]:
+    """``procs`` (psutil processes or pids) and all their descendants, each once; gone ones skipped."""
+    found: dict[int, psutil.Process] = {}
+    for proc in procs:
+        try:
+            proc = proc if isinstance(proc, psutil.Process) else psutil.Process(proc)
+            for p in (proc, *proc.children(recursive=True)):
+                found.setdefault(p.pid, p)
+        except psutil.NoSuchProcess:
+            continue
+    return list(found.values())
+
+
+def listening_sockets(*procs: psutil.Process | int) -> list[Listener]:
+    """Every TCP socket in LISTEN state held by ``procs`` or their children (default: this test process).
+
+    Unix sockets are not inet sockets, so they are not listed (they are not reachable from the network).
+    """
+    out: list[Listener] = []
+    for proc in _with_children(procs or [psutil.Process()]):
+        try:
+            name = proc.name()
+            conns = proc.net_connections(kind="inet")
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+        out += [Listener(proc.pid, name, c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN]
+    return sorted(set(out), key=lambda s: (s.pid, s.port, s.ip))
+
+
+def is_loopback(ip: str) -> bool:
+    """127.0.0.0/8, ::1, or IPv4 loopback mapped into IPv6 (``::ffff:127.0.0.1``, a dual-stack socket)."""
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return (mapped or addr).is_loopback
+
+
+def assert_loopback_only(listeners: Iterable[Listener]) -> list[Listener]:
+    """Fail, naming them, if any of ``listeners`` binds another address than loopback; returns them all."""
+    listeners = list(listeners)
+    exposed = [s for s in listeners if not is_loopback(s.ip)]
+    assert not exposed, ("listening beyond loopback: " + ", ".join(map(str, exposed))
+                         + "; all listeners: " + ", ".join(map(str, listeners)))
+    return listeners
 
 
 

@@ -15,6 +15,14 @@ found (``~/.ray/auth_token``, which any earlier local Ray may have written), and
 by address then needs ``RAY_AUTH_MODE=token`` and the token. The head here is started with
 ``RAY_AUTH_MODE=disabled`` so the test neither depends on nor reads a token that is not its own;
 it exercises the join by address, not Ray's authentication.
+
+Loopback only: ``--node-ip-address=127.0.0.1`` alone does not keep Ray on loopback — ``ray start``
+replaces a loopback node address with the machine's external one (``resolve_ip_for_localhost``), and
+the GCS, the raylet, every worker and the driver then listen on all interfaces, the client server
+and the runtime-env agent on the external address. ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` is Ray's
+single-machine mode (its default on macOS and Windows): the node address stays 127.0.0.1 and so does
+every listener. It is set for the head and for the driver (both read it), and the test reads the
+listening sockets of both while the build runs.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import psutil
@@ -36,6 +45,8 @@ import pytest
 from vprkit import pipeline
 from vprkit.maps import MAP_FILE, MapStore, read_json
 from vprkit.presets import resolve
+
+from helpers import Listener, assert_loopback_only, listening_sockets
 
 IMAGES = 8
 SMALL_SIZE = (120, 160)  # (height, width): a small image size keeps the two builds short
@@ -54,6 +65,15 @@ EXTRA_PORTS = ("ray-client-server-port", "dashboard-agent-listen-port", "dashboa
                "runtime-env-agent-port", "metrics-export-port", "node-manager-port", "object-manager-port")
 STARTED = "Ray runtime started"
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
+SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": node address and listeners on loopback
+LISTEN_POLL_S = 0.5  # how often the listening sockets of the head and the driver are read during the build
+
+
+class Head(NamedTuple):
+    """The head started by :func:`ray_head`: its GCS address and the session its processes run in."""
+
+    address: str
+    session: int
 
 
 def _free_ports(n: int) -> list[int]:
@@ -103,6 +123,7 @@ def _stop_session(leader: int) -> None:
 def ray_head(monkeypatch):
     """A Ray head on 127.0.0.1 started by ``ray start --head --block``; yields its address, stops it after."""
     monkeypatch.setenv(AUTH_MODE_ENV, "disabled")  # the head's and the CLI driver's: see the module docstring
+    monkeypatch.setenv(SINGLE_MACHINE_ENV, "0")  # loopback only, head and driver: see the module docstring
 
     if not RAY_BIN.exists():
         pytest.fail(f"{RAY_BIN} is missing: install Ray Data into the venv (pip install vprkit[scale])")
@@ -110,7 +131,7 @@ def ray_head(monkeypatch):
     temp = Path(tempfile.mkdtemp(prefix="vr", dir="/tmp"))  # short: Ray's socket paths must stay under 108 bytes
     log_path = temp / "ray-start.log"
     cmd = [str(RAY_BIN), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", f"--num-cpus={HEAD_CPUS}",
-           "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}", "--block",
+           "--include-dashboard=false", "--dashboard-host=127.0.0.1", "--disable-usage-stats", f"--temp-dir={temp}", "--block",
            *(f"--{name}={p}" for name, p in zip(EXTRA_PORTS, extra))]
     with open(log_path, "wb") as log:
         head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=dict(os.environ))
@@ -120,7 +141,7 @@ def ray_head(monkeypatch):
             if head.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"the Ray head did not start (exit {head.poll()}):\n{log_path.read_text(errors='replace')[-3000:]}")
             time.sleep(0.5)
-        yield f"127.0.0.1:{port}"
+        yield Head(f"127.0.0.1:{port}", head.pid)
     finally:
         _stop_session(head.pid)
         head.wait(timeout=STOP_GRACE_S)
@@ -129,8 +150,31 @@ def ray_head(monkeypatch):
         assert not left, f"processes of the Ray head outlived the test: {left}"
 
 
+def _run_watching_listeners(cmd: list[str], head: Head,
+                            timeout: float) -> tuple[subprocess.CompletedProcess, set[Listener]]:
+    """Run ``cmd`` to its end, reading the listening sockets of the head's processes and of the command's own
+    process tree as it runs (Ray starts workers, each with servers of its own, while the build goes on)."""
+    seen: dict[tuple[int, str, int], Listener] = {}  # a worker's name changes with its task: one entry per socket
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err)
+        deadline = time.monotonic() + timeout
+        try:
+            while proc.poll() is None:
+                assert time.monotonic() < deadline, f"{cmd[:3]} did not finish in {timeout} s"
+                for s in listening_sockets(*_session_processes(head.session), proc.pid):
+                    seen.setdefault((s.pid, s.ip, s.port), s)
+                time.sleep(LISTEN_POLL_S)
+        finally:
+            proc.kill()
+            proc.wait()
+        out.seek(0), err.seek(0)
+        done = subprocess.CompletedProcess(cmd, proc.returncode, out.read().decode(), err.read().decode())
+    return done, set(seen.values())
+
+
 def test_the_cli_builds_on_a_ray_cluster_by_address_as_the_single_process_build(ray_head, shared_datasets, tmp_path):
-    """``vprkit map build --ray 127.0.0.1:PORT`` in a process of its own (a fresh driver, as a user runs it)."""
+    """``vprkit map build --ray 127.0.0.1:PORT`` in a process of its own (a fresh driver, as a user runs it); the
+    head, its workers and the driver listen on loopback only while it runs."""
     root = shared_datasets / "corridor" / "ref"
     keys = sorted(p.name for p in root.glob("*.jpg"))[:IMAGES]
     images = tmp_path / "images"
@@ -141,14 +185,18 @@ def test_the_cli_builds_on_a_ray_cluster_by_address_as_the_single_process_build(
     poses.write_text("image,easting,northing\n" + "".join(f"{k},{e},{n}\n" for k, (e, n) in zip(keys, POSES)))
     single, cluster = tmp_path / "single" / "map", tmp_path / "cluster" / "map"  # one name: the vocabulary records it
     pipeline.build_map(images, single, resolve(None, image_size=SMALL_SIZE), poses=poses, progress=False)
-    done = subprocess.run([str(VPRKIT_BIN), "map", "build", str(images), "--out", str(cluster), "--poses", str(poses),
-                           "--image-size", f"{SMALL_SIZE[1]}x{SMALL_SIZE[0]}", "--ray", ray_head, "--replicas", "1",
-                           "--quiet"],
-                          capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+    done, listeners = _run_watching_listeners(
+        [str(VPRKIT_BIN), "map", "build", str(images), "--out", str(cluster), "--poses", str(poses),
+         "--image-size", f"{SMALL_SIZE[1]}x{SMALL_SIZE[0]}", "--ray", ray_head.address, "--replicas", "1", "--quiet"],
+        ray_head, CLI_TIMEOUT_S)
     assert done.returncode == 0 and f"{IMAGES} images ({IMAGES} new" in done.stdout, done.stdout + done.stderr[-3000:]
+    assert_loopback_only(listeners)
+    gcs_port = int(ray_head.address.rsplit(":", 1)[1])
+    assert gcs_port in {s.port for s in listeners}, listeners  # the watch saw the head's servers
 
     distributed = read_json(cluster / MAP_FILE)["last_build"]["distributed"]
-    assert distributed == {**distributed, "engine": "ray", "address": ray_head, "images": IMAGES, "resumed_from_shards": 0}
+    assert distributed == {**distributed, "engine": "ray", "address": ray_head.address, "images": IMAGES,
+                           "resumed_from_shards": 0}
     sa, sb = MapStore(single), MapStore(cluster)
     assert sb.keys() == sa.keys() == keys
     np.testing.assert_allclose(sb.read_global(), sa.read_global(), atol=1e-5)

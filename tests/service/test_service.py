@@ -18,6 +18,8 @@ from PIL import Image
 
 from vprkit.pipeline.live import LIVE_IMAGES_DIR, LiveMap
 
+from helpers import assert_loopback_only, listening_sockets
+
 MAP_IMAGES = 20  # as built by conftest.built_map: Corridor references 0…19 at easting i m
 GT_TOLERANCE = 2  # Corridor's ground truth: a query's positives are the references within ±2 frames
 MUTATED_UPLOADS = 12
@@ -39,6 +41,9 @@ def ids(response: httpx.Response) -> list[str]:
 
 def test_health_map_and_schema(map_dir, serve):
     s = serve(map_dir)
+    port = httpx.URL(s.server.url).port
+    served = [x for x in assert_loopback_only(listening_sockets()) if x.port == port]  # every listener of this process
+    assert [x.ip for x in served] == ["127.0.0.1"], served
     health = s.client.get("/health").json()
     assert health["status"] == "ok" and health["places"] == MAP_IMAGES
     info = s.client.get("/map").json()
@@ -215,6 +220,8 @@ def test_kill_right_after_the_answer_loses_nothing(map_dir, corridor_dir, tmp_pa
                 pass
             assert time.monotonic() < deadline, "the server did not start"
             time.sleep(0.1)
+        listeners = assert_loopback_only(listening_sockets(proc.pid))  # `vprkit serve`'s default host: loopback
+        assert port in {s.port for s in listeners}, listeners
         frame = np.asarray(Image.open(corridor_dir / "query" / key(70)))
         buf = io.BytesIO()
         Image.fromarray(frame).save(buf, format="PNG")

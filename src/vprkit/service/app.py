@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hmac
 import time
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
@@ -231,12 +231,23 @@ def create_app(live: LiveMap, api_key: str | None = None, max_upload_bytes: int 
         raise ConfigError(f"max_upload_bytes must be positive, got {max_upload_bytes}")
     if api_key is not None and not api_key:
         raise ConfigError("the API key is empty; give a non-empty key or none")
-    started = time.time()
     app = FastAPI(title=title, version=__version__,
                   description="Visual place recognition over a live map: localise images, add, move and remove places.")
+
+    @app.exception_handler(VPRKitError)
+    async def _library_error(_: Request, exc: VPRKitError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=error_status(exc))
+
+    _add_status_routes(app, live, started=time.time())
+    _add_localize_route(app, live, max_upload_bytes)
+    _add_place_routes(app, live, max_upload_bytes, _key_check(api_key))
+    return app
+
+
+def _key_check(api_key: str | None) -> Callable[..., None]:
+    """The dependency that guards writes: 401 unless the request carries ``api_key`` (nothing to check without one)."""
     key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False,
                               description="required for POST/PATCH/DELETE /places when the service has a key")
-    rerank_names = {c.name for c in list_rerank_configs()}
 
     def require_key(given: str | None = Depends(key_header)) -> None:
         if api_key is None:
@@ -245,26 +256,35 @@ def create_app(live: LiveMap, api_key: str | None = None, max_upload_bytes: int 
             raise HTTPException(401, f"this service needs its API key for writes (header {API_KEY_HEADER})",
                                 headers={"WWW-Authenticate": API_KEY_HEADER})
 
-    @app.exception_handler(VPRKitError)
-    async def _library_error(_: Request, exc: VPRKitError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=error_status(exc))
+    return require_key
+
+
+def _add_status_routes(app: FastAPI, live: LiveMap, started: float) -> None:
+    """``GET /health`` (uptime counted from ``started``) and ``GET /map``."""
 
     @app.get("/health", response_model=HealthOut, summary="Liveness and the number of places")
     def health() -> HealthOut:
-        return HealthOut(status="ok", places=len(live), uptime_seconds=round(time.time() - started, 3), version=__version__)
+        return HealthOut(status="ok", places=len(live), uptime_seconds=round(time.time() - started, 3),
+                         version=__version__)
 
     @app.get("/map", summary="The served map: settings, counts, index, frame")
     def map_info() -> dict[str, Any]:
         return live.info()
 
+
+def _add_localize_route(app: FastAPI, live: LiveMap, max_upload_bytes: int) -> None:
+    """``POST /localize``: the upload is read on the event loop, decoding and search run in the threadpool."""
+    rerank_names = {c.name for c in list_rerank_configs()}
+    known = ", ".join(sorted(rerank_names))
+
     @app.post("/localize", response_model=LocalizeOut, responses=_ERRORS, openapi_extra=_UPLOAD_BODY,
               summary="Localise one image: the top-K places and the position estimate")
     async def localize(request: Request,
                        top_k: int = Query(DEFAULT_TOP_K, ge=1, le=MAX_TOP_K, description="places to return"),
-                       rerank: str | None = Query(None, description=f"re-ranking preset: {', '.join(sorted(rerank_names))}")
-                       ) -> JSONResponse:
-        if rerank is not None and rerank not in rerank_names:
-            raise HTTPException(422, f"unknown re-ranking preset {rerank!r}; known: {', '.join(sorted(rerank_names))}")
+                       rerank: str | None = Query(None, description=f"re-ranking preset: {known}, or none; default: "
+                                                                    f"the re-ranking the map was built for")) -> JSONResponse:
+        if rerank is not None and rerank != "none" and rerank not in rerank_names:
+            raise HTTPException(422, f"unknown re-ranking preset {rerank!r}; known: {known}")
         data, name, _ = await read_upload(request, max_upload_bytes)
 
         def work() -> dict[str, Any]:
@@ -279,15 +299,21 @@ def create_app(live: LiveMap, api_key: str | None = None, max_upload_bytes: int 
 
         return JSONResponse(await run_in_threadpool(work))
 
+
+def _add_place_routes(app: FastAPI, live: LiveMap, max_upload_bytes: int, require_key: Callable[..., None]) -> None:
+    """``POST /places``, ``GET``/``PATCH``/``DELETE /places/{id}``: writes need ``require_key``, durable on answer."""
+
     @app.post("/places", response_model=PlaceOut, status_code=201, responses=_ERRORS, openapi_extra=_PLACE_BODY,
-              dependencies=[Depends(require_key)], summary="Add an image and its pose as a new place (durable on answer)")
+              dependencies=[Depends(require_key)],
+              summary="Add an image and its pose as a new place (durable on answer)")
     async def add_place(request: Request,
                         key: str | None = Query(None, description="the new place's id (default: generated)"),
                         easting: float | None = Query(None), northing: float | None = Query(None),
                         lat: float | None = Query(None), lon: float | None = Query(None),
                         heading: float | None = Query(None), timestamp: float | None = Query(None)) -> JSONResponse:
         data, _, fields = await read_upload(request, max_upload_bytes)
-        given = {"easting": easting, "northing": northing, "lat": lat, "lon": lon, "heading": heading, "timestamp": timestamp}
+        given = {"easting": easting, "northing": northing, "lat": lat, "lon": lon, "heading": heading,
+                 "timestamp": timestamp}
         pose = {**{k: v for k, v in given.items() if v is not None}, **_form_pose(fields)}
         place_key = fields.get("key") or key
         place = await run_in_threadpool(live.add_place, data, place_key, pose)
@@ -307,7 +333,3 @@ def create_app(live: LiveMap, api_key: str | None = None, max_upload_bytes: int 
     def delete_place(key: str) -> dict[str, Any]:
         deleted = live.remove_place(key)
         return {"deleted": deleted, "places": len(live)}
-
-    return app
-
-
