@@ -15,8 +15,9 @@ from helpers import run_cli
 from vprkit import pipeline
 from vprkit.errors import ConfigError
 from vprkit.maps import open_map_data
-from vprkit.maps.index import (DEFAULT_FAISS_OPTIONS, INDEX_FILE, TRAINED_FILE, FaissIndex,
-                               read_index_manifest, serving_footprint)
+from vprkit.maps.index import INDEX_FILE, TRAINED_FILE, FaissIndex, serving_footprint
+from vprkit.maps.index_options import DEFAULT_FAISS_OPTIONS, canonical_name
+from vprkit.maps.manifest import read_index_manifest
 from vprkit.maps.vectors import DESCRIPTORS_FILE, DescriptorFile, open_descriptors, write_descriptors
 from vprkit.options import SCHEMAS
 from vprkit.pipeline.scale import compress_map
@@ -75,7 +76,7 @@ def test_compressed_recall_against_exact_search_on_a_real_map(corridor_map, tmp_
     recall10 = np.mean([len(set(r) & set(e)) / TOP for r, e in zip(rows, exact_rows)])
     assert recall1 >= MIN_RECALL1_VS_EXACT and recall10 >= MIN_RECALL10_VS_EXACT, (recall1, recall10)
 
-    compress_map(d, FACTORY, rescore=20)  # the same trained options otherwise, now re-scored exactly
+    compress_map(d, FACTORY, rescore=20)  # the default nprobe (16 ≥ the 4 lists), now re-scored exactly
     index = open_map_data(d).index
     assert isinstance(index.descriptors, DescriptorFile) and len(index.descriptors) == len(db)
     rows, scores = index.search(q, 5)
@@ -129,14 +130,14 @@ def test_shards_are_written_only_when_they_change(tmp_path):
     x = _unit(900, 16, 3)
     index = FaissIndex.build(x, "IVF4,PQ4", options={"shard_rows": 300, "nprobe": 4})
     index.save_to_map(tmp_path)
-    first = [s["file"] for s in read_index_manifest(tmp_path)["shards"]]
+    first = [s.file for s in read_index_manifest(tmp_path).shards]
     index.add(_unit(10, 16, 4))  # a new last shard; the full ones stay as they are
     index.save_to_map(tmp_path)
-    second = [s["file"] for s in read_index_manifest(tmp_path)["shards"]]
+    second = [s.file for s in read_index_manifest(tmp_path).shards]
     assert second[:3] == first and len(second) == 4
     index.remove([10])  # only the first shard changes
     index.save_to_map(tmp_path)
-    third = [s["file"] for s in read_index_manifest(tmp_path)["shards"]]
+    third = [s.file for s in read_index_manifest(tmp_path).shards]
     assert third[0] != first[0] and third[1:3] == first[1:3]
     on_disk = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "index-shards").iterdir())
     assert on_disk == sorted(third)  # replaced shard files are removed
@@ -148,8 +149,8 @@ def test_compress_command_swaps_the_index_and_a_failed_training_keeps_the_old_on
     before = (d / INDEX_FILE).read_bytes()
     with pytest.raises(ConfigError, match="PCA to 4096 dims"):  # more dims than the map has places
         compress_map(d, "PCA4096,PQ16")
-    assert (d / INDEX_FILE).read_bytes() == before and read_index_manifest(d)["factory"] == "Flat"
-    r = run_cli(["map", "compress", d, "--index", FACTORY, "--sample", 50, "--seed", 3, "--rescore", 10,
+    assert (d / INDEX_FILE).read_bytes() == before and read_index_manifest(d).factory == "Flat"
+    r = run_cli(["map", "compress", d, "--index", FACTORY, "--train-sample", 50, "--seed", 3, "--rescore", 10,
                  "--nprobe", 2, "--json"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
@@ -157,8 +158,9 @@ def test_compress_command_swaps_the_index_and_a_failed_training_keeps_the_old_on
     info = json.loads((d / "map.json").read_text())
     assert info["index"]["factory"] == FACTORY and info["config"]["index"] == FACTORY
     assert (d / TRAINED_FILE).exists() and (d / DESCRIPTORS_FILE).exists()
-    r = run_cli(["map", "compress", d, "--index", FACTORY])  # the readable summary
+    r = run_cli(["map", "compress", d, "--index", FACTORY, "--rescore", 10])  # the readable summary
     assert r.exit_code == 0 and "bytes/place" in r.output and "RAM to serve" in r.output
+    assert "index options: train_sample=65536 seed=" in r.output and " rescore=10 " in r.output
     r = run_cli(["map", "info", d])
     assert r.exit_code == 0 and "disk bytes/place: store" in r.output and "descriptors" in r.output
     serving = json.loads(run_cli(["map", "info", d, "--json"]).output)["serving"]
@@ -169,15 +171,15 @@ def test_a_later_build_keeps_the_compressed_index_and_adds_the_new_images(corrid
     d = _copy(corridor_map[0], tmp_path / "map")
     compress_map(d, FACTORY, rescore=10, nprobe=4)
     trained = (d / TRAINED_FILE).read_bytes()
-    sample = read_index_manifest(d)["trained_on"]["sample_sha256"]
+    sample = read_index_manifest(d).trained_on["sample_sha256"]
     new = sorted(p.name for p in (shared_datasets / "corridor" / "ref").glob("*.jpg"))[1::16]
     # the build's settings say index "Flat": a serving setting, so the build is not refused over it
     pipeline.build_map(shared_datasets / "corridor" / "ref", d, resolve(PRESET, image_size=SMALL_SIZE), keys=new,
                        progress=False)
     manifest = read_index_manifest(d)
     n = len(open_map_data(d).keys)
-    assert manifest["factory"] == FACTORY and manifest["ntotal"] == n
-    assert manifest["trained_on"]["sample_sha256"] == sample and (d / TRAINED_FILE).read_bytes() == trained
+    assert manifest.factory == FACTORY and manifest.ntotal == n
+    assert manifest.trained_on["sample_sha256"] == sample and (d / TRAINED_FILE).read_bytes() == trained
     assert len(open_descriptors(d)) == n
     m = open_map_data(d)
     db = m.store.read_global()
@@ -204,10 +206,52 @@ def test_memory_mapped_descriptors_round_trip(tmp_path):
     assert open_descriptors(tmp_path / "nowhere") is None
 
 
-def test_faiss_options_are_checked_and_mirror_the_schema():
-    schema = {o.name: o.default for o in SCHEMAS[("index", "faiss")].options}
-    assert schema == DEFAULT_FAISS_OPTIONS
-    with pytest.raises(ConfigError, match="unknown FAISS index options"):
+def test_faiss_options_are_declared_once_and_checked():
+    schema = {canonical_name(o.name): o.default for o in SCHEMAS[("index", "faiss")].options}
+    assert schema == DEFAULT_FAISS_OPTIONS and all(name == name.lower() for name in DEFAULT_FAISS_OPTIONS)
+    with pytest.raises(ConfigError, match="unknown option 'nprobes' \\(did you mean 'nprobe'\\?\\)"):
         FaissIndex.build(_unit(10, 4, 0), "Flat", options={"nprobes": 3})
-    with pytest.raises(ConfigError, match="whole number"):
+    with pytest.raises(ConfigError, match="unknown option 'efSearch' \\(did you mean 'ef_search'\\?\\)"):
+        FaissIndex.build(_unit(10, 4, 0), "Flat", options={"efSearch": 3})  # one spelling: the old one is read, not taken
+    with pytest.raises(ConfigError, match="option 'rescore' = -1 is not allowed"):
         FaissIndex.build(_unit(10, 4, 0), "Flat", options={"rescore": -1})
+
+
+def test_ef_search_reaches_faiss_under_its_own_name(tmp_path):
+    index = FaissIndex.build(_unit(200, 8, 0), "HNSW8", options={"ef_search": 24})
+    assert faiss.downcast_index(index.index).hnsw.efSearch == 24
+    index.set_options(ef_search=40)
+    assert faiss.downcast_index(index.index).hnsw.efSearch == 40 and index.options["ef_search"] == 40
+    index.save_to_map(tmp_path)
+    assert read_index_manifest(tmp_path).options["ef_search"] == 40
+    # an index.json of an earlier version (efSearch) is read under the one spelling
+    raw = json.loads((tmp_path / "index.json").read_text())
+    raw["options"]["efSearch"] = raw["options"].pop("ef_search")
+    (tmp_path / "index.json").write_text(json.dumps(raw))
+    loaded = FaissIndex.load_for_map(tmp_path, resolve(PRESET))
+    assert loaded.options["ef_search"] == 40 and faiss.downcast_index(loaded.index).hnsw.efSearch == 40
+
+
+def test_compress_without_a_flag_takes_the_documented_default_and_says_so(corridor_map, tmp_path):
+    d = _copy(corridor_map[0], tmp_path / "map")
+    r = run_cli(["map", "compress", d, "--index", "PCA32,SQ8", "--rescore", 100, "--nprobe", 4])
+    assert r.exit_code == 0, r.output
+    assert "index options: " in r.output and " rescore=100 " in r.output and " nprobe=4 " in r.output
+    served = open_map_data(d).index
+    assert served.options["rescore"] == 100 and served.descriptors is not None
+    r = run_cli(["map", "compress", d, "--index", "SQ4"])  # no --rescore: its default, 0 = off
+    assert r.exit_code == 0, r.output
+    line = next(x for x in r.output.splitlines() if "index options:" in x)
+    seed = open_map_data(d).config.vocabulary.seed  # the seed's documented default: the map's vocabulary seed
+    assert " rescore=0 (off)" in line and " nprobe=16 " in line and f"seed={seed} " in line, line
+    served = open_map_data(d).index  # what a process serving the map now does: no re-scoring
+    assert served.factory == "SQ4" and served.options["rescore"] == 0 and served.descriptors is None
+    assert not (d / DESCRIPTORS_FILE).exists()
+    assert read_index_manifest(d).options["rescore"] == 0 and read_index_manifest(d).descriptors is None
+    info = json.loads((d / "map.json").read_text())
+    assert info["config"]["index_options"]["rescore"] == 0 and info["index"]["options"]["rescore"] == 0
+    q = np.ascontiguousarray(open_map_data(d).store.read_global()[:3], np.float32)
+    rows, scores = served.search(q, 3)  # the SQ4 codes' own scores: nothing re-scored them
+    codes_scores, codes_rows = served.index.search(q, 3)
+    np.testing.assert_array_equal(rows, codes_rows)
+    np.testing.assert_array_equal(scores, codes_scores)

@@ -151,3 +151,13 @@ def test_each_kind_of_bad_index_field_is_named(change, message):
         IndexManifest.from_dict(raw, "index.json")
     assert str(err.value).startswith("index.json: ") and message in str(err.value), str(err.value)
 
+
+
+def test_a_damaged_index_manifest_only_costs_a_rebuild(real_map, tmp_path, caplog):
+    import shutil
+
+    d = tmp_path / "map"
+    shutil.copytree(real_map, d, ignore=shutil.ignore_patterns(".lock"))
+    (d / INDEX_MANIFEST_FILE).write_text(json.dumps({"factory": "Flat", "shards": [{"file": "../x", "rows": 1}]}))
+    m = open_map_data(d)
+    assert m.index.ntotal == len(m.keys) == 12 and "index.json" in caplog.text

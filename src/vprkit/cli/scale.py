@@ -1,33 +1,60 @@
-"""``vprkit map compress``: replace a map's index with a compressed one (parsing and printing only)."""
+"""``vprkit map compress``: replace a map's index with a compressed one (parsing and printing only).
+
+Its index flags are made from the option table (:mod:`vprkit.options`, schema ``("index", "faiss")``):
+one flag per option, spelled as the option with dashes (``ef_search`` → ``--ef-search``), its help
+the option's meaning and default — so the flag, ``Config.index_options`` and ``index.json`` say the same.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import Any, Callable
 
 import click
+
+from ..options import Option, schema
+
+
+def _option_name(name: str) -> str:
+    """The snake_case name of a table option (the table's names already are; camelCase would read as snake_case)."""
+    return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", name).lower()
+
+
+def _index_flag(opt: Option) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The click option of one FAISS index option: type and range from the table, no default (not given = None)."""
+    name = _option_name(opt.name)
+    if opt.choices:
+        kind: Any = click.Choice([str(c) for c in opt.choices])
+    elif "int" in opt.types and (opt.low is not None or opt.high is not None):
+        kind = click.IntRange(None if opt.low is None else int(opt.low), None if opt.high is None else int(opt.high))
+    else:
+        kind = int if "int" in opt.types else str
+    default = "" if opt.default is None else f"; default {opt.default}"
+    return click.option("--" + name.replace("_", "-"), name, type=kind, default=None, help=f"{opt.doc}{default}.")
+
+
+def _index_flags(command: Callable[..., Any]) -> Callable[..., Any]:
+    for opt in reversed(schema("index", "faiss").options):
+        command = _index_flag(opt)(command)
+    return command
 
 
 @click.command("compress")
 @click.argument("map_dir", type=click.Path(path_type=Path))
 @click.option("--index", "factory", required=True, metavar="FACTORY",
               help='FAISS index factory string, e.g. "PCA1024,OPQ64,IVF1024,PQ64", "PCA256,HNSW32", "PCA512,SQ8".')
-@click.option("--sample", type=click.IntRange(1), default=None, help="Training rows (seeded sample; default 65536).")
-@click.option("--seed", type=int, default=None, help="Sample and k-means seed (default: the map's vocabulary seed).")
-@click.option("--rescore", type=click.IntRange(0), default=None,
-              help="Re-score this many candidates exactly from full-precision descriptors kept on disk (0 = off).")
-@click.option("--nprobe", type=click.IntRange(1), default=None, help="IVF lists visited per query (default 16).")
-@click.option("--ef-search", "ef_search", type=click.IntRange(1), default=None, help="HNSW candidates per query (default 64).")
-@click.option("--shard-rows", "shard_rows", type=click.IntRange(0), default=None,
-              help="Rows per index file (0 = one file); adds write only the last shard.")
+@_index_flags
 @click.option("--json", "as_json", is_flag=True, help="Print the index record and footprint as JSON.")
-def map_compress(map_dir: Path, factory: str, sample: int | None, seed: int | None, rescore: int | None,
-                 nprobe: int | None, ef_search: int | None, shard_rows: int | None, as_json: bool) -> None:
-    """Train a compressed index for MAP_DIR on a bounded seeded sample and swap it in atomically."""
-    from ..pipeline.scale import compress_map
+def map_compress(map_dir: Path, factory: str, as_json: bool, **options: Any) -> None:
+    """Train a compressed index for MAP_DIR on a bounded seeded sample and swap it in atomically.
 
-    result = compress_map(map_dir, factory, sample=sample, seed=seed, rescore=rescore, nprobe=nprobe,
-                          ef_search=ef_search, shard_rows=shard_rows)
+    An index option not given takes its default shown here (not what an earlier compress used).
+    """
+    from ..pipeline.scale import compress_map, describe_options  # the composer: `vprkit --help` stays light
+
+    result = compress_map(map_dir, factory, **options)
     if as_json:
         click.echo(json.dumps(result, indent=2, default=str))
         return
@@ -37,6 +64,7 @@ def map_compress(map_dir: Path, factory: str, sample: int | None, seed: int | No
     click.echo(f"map {map_dir}: index {factory} over {result['ntotal']} places "
                f"(trained on {trained.get('sample', 0)} rows, seed {trained.get('seed', '-')}) "
                f"in {result['build_seconds']:.1f} s")
+    click.echo(f"  {describe_options(result['options'])}")
     click.echo(f"  index: {per['index']} bytes/place ({per['index_codes']} of codes), {fp['shards']} file(s); "
                f"re-score shortlist: {result['options']['rescore'] or 'off'}"
                + (f" from {per['descriptors']} bytes/place on disk" if per["descriptors"] else ""))

@@ -27,13 +27,14 @@ from typing import Any, Mapping, Sequence
 
 import h5py
 import numpy as np
+from PIL import Image
 
 from .. import __version__
 from ..errors import ConfigError, MapError
-from ..io import atomic_path, atomic_write_json
+from ..io import atomic_path, atomic_write_text
 from ..numerics import NORM_FLOOR
 from .index import INDEX_FILE, FaissIndex
-from .mapdir import MAP_FILE, read_map_info
+from .manifest import MAP_FILE, Counts, IndexSection, MapManifest, read_map_info, write_manifest
 from .store import MapStore
 
 DESCRIPTOR = "global_descriptor"
@@ -124,8 +125,6 @@ def read_global_features(path: str | os.PathLike, names: Sequence[str] | None = 
 def _image_sizes(root: Path | None, keys: Sequence[str]) -> dict[str, tuple[int, int]]:
     if root is None:
         return {}
-    from PIL import Image
-
     sizes = {}
     for k in keys:
         try:
@@ -197,8 +196,6 @@ def write_pairs(path: str | os.PathLike, pairs: Sequence[tuple[str, str] | tuple
         if any(c.isspace() for c in a + b):
             raise MapError(f"hloc pair names cannot contain whitespace: {a!r} {b!r}")
         lines.append(f"{a} {b}")
-    from ..io import atomic_write_text
-
     return atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
 
 
@@ -249,6 +246,16 @@ def import_features(features: str | os.PathLike, out: str | os.PathLike, config:
     n = store.consolidate()
     index = FaissIndex.build(store.read_global(), index_factory)
     index.save(out / INDEX_FILE)
+    manifest = _imported_manifest(src, config, index_factory, store_dtype, index.ntotal, n, vectors.shape[1],
+                                  prefix, normalize, norms)
+    write_manifest(out, manifest)
+    return manifest.to_dict()
+
+
+def _imported_manifest(src: Path, config: Mapping[str, Any] | None, index_factory: str, store_dtype: str,
+                       ntotal: int, n: int, dim: int, prefix: str | Sequence[str] | None, normalize: bool,
+                       norms: np.ndarray) -> MapManifest:
+    """``map.json`` of a map imported from hloc: the settings (a preset's, or a placeholder) and where it came from."""
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     if config is None:
         config = {"name": "hloc-import", "backbone": IMPORTED_BACKBONE, "aggregator": "none",
@@ -257,30 +264,20 @@ def import_features(features: str | os.PathLike, out: str | os.PathLike, config:
         queries = "by descriptor only: vprkit.maps.hloc.retrieve(map, query_descriptors) with the same model's descriptors"
     else:
         queries = f"images through preset {config.get('name')!r} (vprkit localize), or descriptors via retrieve()"
-    info = {
-        "vprkit_version": __version__,
-        "config": dict(config),
-        "images_root": None,
-        "descriptor_dim": int(vectors.shape[1]),
-        "vocabulary": None,
-        "counts": {"images": n, "failed": 0},
-        "index": {"factory": index_factory, "ntotal": index.ntotal},
-        "extensions": [],
-        "imported": {
-            "format": "hloc global features (HDF5: /<image name>/global_descriptor)",
-            "from": str(src.resolve()),
-            "prefix": prefix if prefix else None,
-            "images": n,
-            "normalized": bool(normalize),
-            "norms": {"min": float(norms.min()), "max": float(norms.max())},
-            "queries": queries,
-            "imported_at": now,
-        },
-        "created": now,
-        "updated": now,
+    imported = {
+        "format": "hloc global features (HDF5: /<image name>/global_descriptor)",
+        "from": str(src.resolve()),
+        "prefix": prefix if prefix else None,
+        "images": n,
+        "normalized": bool(normalize),
+        "norms": {"min": float(norms.min()), "max": float(norms.max())},
+        "queries": queries,
+        "imported_at": now,
     }
-    atomic_write_json(out / MAP_FILE, info)
-    return info
+    return MapManifest(vprkit_version=__version__, config=dict(config), images_root=None, descriptor_dim=int(dim),
+                       vocabulary=None, counts=Counts(images=n, failed=0),
+                       index=IndexSection(factory=index_factory, ntotal=ntotal), extensions=[], imported=imported,
+                       created=now, updated=now)
 
 
 def retrieve(map_dir: str | os.PathLike, query_descriptors: np.ndarray, top_k: int = 10

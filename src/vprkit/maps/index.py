@@ -21,12 +21,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
 
+import faiss
 import numpy as np
 
 from ..errors import ConfigError, MapError
-from ..io import atomic_path, atomic_write_json
+from ..io import atomic_path
 from ..registry import Registry
-from .vectors import DESCRIPTOR_DTYPES, DESCRIPTORS_FILE, DescriptorFile, MemoryDescriptors, chunk_rows, open_descriptors, write_descriptors
+from .index_options import QUERY_OPTIONS, faiss_options, faiss_parameters
+from .manifest import (INDEX_MANIFEST_FILE, MAP_FILE, VOCAB_FILE, DescriptorsRecord, IndexManifest, IndexShard,
+                       read_index_manifest, read_manifest, write_index_manifest)
+from .store import STORE_FILE
+from .vectors import (DESCRIPTOR_DTYPES, DESCRIPTORS_FILE, DescriptorFile, MemoryDescriptors, chunk_rows,
+                      open_descriptors, write_descriptors)
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -34,7 +40,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "index.faiss"              # a one-shard index (every map before sharding, and most maps)
-MANIFEST_FILE = "index.json"            # what the index is and what it was trained on
+MANIFEST_FILE = INDEX_MANIFEST_FILE     # what the index is and what it was trained on (maps.manifest.IndexManifest)
 TRAINED_FILE = "index.trained.faiss"    # the trained, empty index: adding or rebuilding never retrains
 SHARD_DIR = "index-shards"
 # Enough training vectors per IVF list / PQ centroid that FAISS does not warn or degrade.
@@ -46,17 +52,8 @@ RESCORE_BLOCK_BYTES = 256 * 2**20
 # FAISS's "no result" score for inner product (rows are -1 there).
 MISSING_SCORE = -np.inf
 
-# Options of the FAISS backend (``Config.index_options``); query-time ones may differ between processes.
-DEFAULT_FAISS_OPTIONS: dict[str, Any] = {
-    "train_sample": 65_536,   # rows drawn (seeded, uniform) to train a compressed index
-    "seed": None,             # None: the map's vocabulary seed
-    "nprobe": 16,             # IVF lists visited per query
-    "efSearch": 64,           # HNSW candidate list per query
-    "rescore": 0,             # shortlist re-scored from full-precision descriptors (0 = off)
-    "shard_rows": 0,          # rows per index shard (0 = one file)
-    "descriptors_dtype": "float16",  # the on-disk full-precision copy kept for rescoring
-}
-QUERY_OPTIONS = ("nprobe", "efSearch", "rescore")
+# The options of the FAISS backend (``Config.index_options``, index.json) are declared once, in the option table
+# (vprkit.options, read by vprkit.maps.index_options); query-time ones may differ between processes.
 
 
 class Index(Protocol):
@@ -117,24 +114,9 @@ def update_map_index(map_dir: Path, vectors: np.ndarray, config: "Config") -> In
     return index
 
 
-def faiss_options(options: Mapping[str, Any] | None, config: "Config | None" = None) -> dict[str, Any]:
-    """:data:`DEFAULT_FAISS_OPTIONS` updated with ``options``; unknown names or bad values are one ConfigError."""
-    merged = dict(DEFAULT_FAISS_OPTIONS)
-    given = dict(options or {})
-    unknown = set(given) - set(merged)
-    if unknown:
-        raise ConfigError(f"unknown FAISS index options {sorted(unknown)}; known: {sorted(merged)}")
-    merged.update(given)
-    if merged["seed"] is None and config is not None:
-        merged["seed"] = config.vocabulary.seed
-    for name in ("train_sample", "nprobe", "efSearch", "rescore", "shard_rows"):
-        value = merged[name]
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise ConfigError(f"index option {name} must be a whole number ≥ 0, got {value!r}")
-        merged[name] = int(value)
-    if merged["descriptors_dtype"] not in ("float16", "float32"):
-        raise ConfigError(f"index option descriptors_dtype must be float16 or float32, got {merged['descriptors_dtype']!r}")
-    return merged
+def config_options(config: "Config") -> dict[str, Any]:
+    """Every FAISS option ``config`` asks for (its ``index_options`` over the defaults; seed: the vocabulary's)."""
+    return faiss_options(config.index_options, seed=config.vocabulary.seed)
 
 
 def _rows_of(vectors):
@@ -148,8 +130,6 @@ def _now() -> str:
 
 def _is_exact(index) -> bool:
     """Whether ``index`` returns exact inner products (a flat index with no transform)."""
-    import faiss
-
     return isinstance(index, faiss.IndexFlat)
 
 
@@ -216,7 +196,7 @@ class FaissIndex:
             out._start_descriptors(_rows_of(vectors).shape[1])
             out.add(vectors)
             return out
-        return cls.build(vectors, config.index, seed=config.vocabulary.seed, options=faiss_options(config.index_options, config))
+        return cls.build(vectors, config.index, seed=config.vocabulary.seed, options=config_options(config))
 
     @classmethod
     def update_for_map(cls, map_dir: Path, vectors: np.ndarray, config: "Config") -> "FaissIndex":
@@ -245,8 +225,6 @@ class FaissIndex:
     @staticmethod
     def _recorded(map_dir: Path | None, config: "Config"):
         """(factory, options, trained index, trained_on) recorded in ``map_dir``, or None."""
-        import faiss
-
         if map_dir is None:
             return None
         manifest = _read_manifest(Path(map_dir))
@@ -257,8 +235,8 @@ class FaissIndex:
         except (RuntimeError, MemoryError):
             logger.warning("%s is unreadable; the index is trained again", Path(map_dir) / TRAINED_FILE)
             return None
-        options = _serving_options(manifest.get("options", {}), config)
-        return manifest.get("factory", config.index), options, trained, manifest.get("trained_on", {})
+        options = _serving_options(manifest.options, config)
+        return manifest.factory or config.index, options, trained, manifest.trained_on
 
     # ---- reading and writing a map's index ------------------------------------------------------
     @classmethod
@@ -274,7 +252,7 @@ class FaissIndex:
             except MapError as exc:
                 logger.warning("%s; rebuilding it from the store", exc)
                 return None
-        missing = [e.get("file") for e in manifest.get("shards", []) if not (map_dir / str(e.get("file"))).exists()]
+        missing = [e.file for e in manifest.shards if not (map_dir / e.file).exists()]
         if missing:  # removed on purpose (a live update in progress, a user): derived data, rebuilt quietly
             logger.info("index file %s is missing; rebuilding the index from the store", missing[0])
             return None
@@ -285,16 +263,14 @@ class FaissIndex:
             return None
 
     @classmethod
-    def _load_manifest(cls, map_dir: Path, manifest: Mapping[str, Any], config: "Config") -> "FaissIndex":
-        import faiss
-
+    def _load_manifest(cls, map_dir: Path, manifest: IndexManifest, config: "Config") -> "FaissIndex":
         shards, files = [], []
-        for entry in manifest.get("shards", []):
-            path = map_dir / entry["file"]
-            shards.append(cls.load(path, manifest.get("factory", "?")).index)
-            if shards[-1].ntotal != entry.get("rows"):
-                raise MapError(f"{path} holds {shards[-1].ntotal} rows, the manifest says {entry.get('rows')}")
-            files.append(entry["file"])
+        for entry in manifest.shards:
+            path = map_dir / entry.file
+            shards.append(cls.load(path, manifest.factory or "?").index)
+            if shards[-1].ntotal != entry.rows:
+                raise MapError(f"{path} holds {shards[-1].ntotal} rows, the manifest says {entry.rows}")
+            files.append(entry.file)
         if not shards:
             raise MapError(f"{map_dir / MANIFEST_FILE} lists no index shards")
         trained = None
@@ -303,24 +279,22 @@ class FaissIndex:
                 trained = faiss.read_index(str(map_dir / TRAINED_FILE))
             except (RuntimeError, MemoryError):
                 trained = None
-        options = _serving_options(manifest.get("options", {}), config)
-        descriptors = open_descriptors(map_dir) if manifest.get("descriptors") else None
+        options = _serving_options(manifest.options, config)
+        descriptors = open_descriptors(map_dir) if manifest.descriptors is not None else None
         total = sum(s.ntotal for s in shards)
         if descriptors is not None and len(descriptors) != total:
             logger.warning("%s holds %d rows, the index %d: exact re-scoring is off until the index is saved again",
                            descriptors.path, len(descriptors), total)
             descriptors = None
-        out = cls(None, manifest.get("factory", "?"), options, shards=shards, descriptors=descriptors,
-                  trained=trained, trained_on=manifest.get("trained_on"))
+        out = cls(None, manifest.factory or "?", options, shards=shards, descriptors=descriptors,
+                  trained=trained, trained_on=manifest.trained_on)
         out._files = files
-        out._generation = int(manifest.get("generation", 0))
+        out._generation = manifest.generation
         out._trained_dirty = trained is None
         return out
 
     def save_to_map(self, map_dir: Path) -> None:
         """Write changed shards under new names, the descriptors and the trained index, then swap the manifest."""
-        import faiss
-
         map_dir = Path(map_dir)
         generation = self._generation + 1
         sharded = len(self.shards) > 1 or self.options["shard_rows"] > 0
@@ -341,14 +315,13 @@ class FaissIndex:
             if not isinstance(self.descriptors, DescriptorFile) or self.descriptors.path != target:
                 self.descriptors = write_descriptors(target, self.descriptors.iter_chunks(), self.descriptors.dim,
                                                      self.options["descriptors_dtype"])
-        manifest = {
-            "backend": "faiss", "factory": self.factory, "options": self.options, "ntotal": self.ntotal,
-            "trained_on": self.trained_on, "generation": generation, "saved": _now(),
-            "shards": [{"file": f, "rows": int(s.ntotal)} for f, s in zip(self._files, self.shards)],
-            "descriptors": None if self.descriptors is None else {
-                "file": DESCRIPTORS_FILE, "dtype": str(self.descriptors.dtype), "rows": len(self.descriptors)},
-        }
-        atomic_write_json(map_dir / MANIFEST_FILE, manifest, default=str)
+        manifest = IndexManifest(
+            factory=self.factory, options=dict(self.options), ntotal=self.ntotal, trained_on=dict(self.trained_on),
+            generation=generation, saved=_now(),
+            shards=[IndexShard(file=f, rows=int(s.ntotal)) for f, s in zip(self._files, self.shards)],
+            descriptors=None if self.descriptors is None else DescriptorsRecord(
+                file=DESCRIPTORS_FILE, dtype=str(self.descriptors.dtype), rows=len(self.descriptors)))
+        write_index_manifest(map_dir, manifest)
         self._generation = generation
         _remove_unlisted(map_dir, set(self._files), keep_single=not sharded, keep_descriptors=self.descriptors is not None,
                          keep_trained=keeps_training)
@@ -369,8 +342,6 @@ class FaissIndex:
 
     def _template(self):
         """The trained, empty structure new shards start from (an emptied copy of a shard if none was kept)."""
-        import faiss
-
         if self.trained is None:
             if not self.shards:
                 raise MapError(f"index {self.factory!r} has no trained structure to add to; rebuild it")
@@ -379,8 +350,6 @@ class FaissIndex:
         return self.trained
 
     def _new_shard(self):
-        import faiss
-
         shard = faiss.clone_index(self._template())
         self._set_query_options(shard)
         return shard
@@ -445,8 +414,6 @@ class FaissIndex:
         self._files = [self._files[i] for i in keep]
 
     def _remove_from_shard(self, i: int, local: np.ndarray, offset: int) -> None:
-        import faiss
-
         shard = self.shards[i]
         inner = faiss.downcast_index(shard.index) if isinstance(shard, faiss.IndexPreTransform) else shard
         if isinstance(inner, faiss.IndexFlatCodes):
@@ -526,12 +493,10 @@ class FaissIndex:
 
     # ---- query-time settings --------------------------------------------------------------------
     def _set_query_options(self, shard) -> None:
-        import faiss
-
         space = faiss.ParameterSpace()
-        for name in ("nprobe", "efSearch"):
+        for name, value in faiss_parameters(self.options).items():  # FAISS's names only here (efSearch)
             try:
-                space.set_index_parameter(shard, name, self.options[name])
+                space.set_index_parameter(shard, name, value)
             except RuntimeError:
                 pass  # the index has no such parameter (a flat index has no lists to probe)
 
@@ -540,7 +505,7 @@ class FaissIndex:
             self._set_query_options(shard)
 
     def set_options(self, **options: Any) -> None:
-        """Change query-time options (``nprobe``, ``efSearch``, ``rescore``) of this loaded index."""
+        """Change query-time options (``nprobe``, ``ef_search``, ``rescore``) of this loaded index."""
         bad = set(options) - set(QUERY_OPTIONS)
         if bad:
             raise ConfigError(f"{sorted(bad)} cannot change after training; query-time options are {QUERY_OPTIONS}")
@@ -550,8 +515,6 @@ class FaissIndex:
     # ---- single files (hloc exports, tests) -----------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
         """Write the first shard to ``path`` (a one-file index; sharded maps use :meth:`save_to_map`)."""
-        import faiss
-
         path = Path(path)
         with atomic_path(path) as tmp:
             faiss.write_index(self.index, str(tmp))
@@ -560,8 +523,6 @@ class FaissIndex:
     @classmethod
     def load(cls, path: str | os.PathLike, factory: str = "?") -> "FaissIndex":
         """Read an index file; a truncated or foreign file is a :class:`MapError` (the index can be rebuilt)."""
-        import faiss
-
         try:
             return cls(faiss.read_index(str(path)), factory)
         except (RuntimeError, MemoryError) as exc:  # MemoryError: a damaged header asked for an absurd allocation
@@ -576,8 +537,6 @@ def train_index(vectors: np.ndarray, factory: str, options: Mapping[str, Any]):
     drawn uniformly without replacement with ``seed``; its SHA-256 is recorded so a retraining can be
     checked to be the same one.
     """
-    import faiss
-
     x = _rows_of(vectors)
     try:
         index = faiss.index_factory(x.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
@@ -614,8 +573,6 @@ def _fit_pca(index, sample: np.ndarray, seed: int) -> None:
     projection (A, b) and its eigenvalues are kept. Whitening (``PCAW``, eigen_power) is applied as
     FAISS does; random rotations or balanced bins are left to FAISS.
     """
-    import faiss
-
     if not isinstance(index, faiss.IndexPreTransform):
         return
     x = np.asarray(sample, dtype=np.float32)
@@ -669,28 +626,17 @@ def _top_components(x: np.ndarray, rank: int, seed: int) -> tuple[np.ndarray, np
 
 def _serving_options(recorded: Mapping[str, Any], config: "Config") -> dict[str, Any]:
     """The options a map was compressed with; the config may change the query-time ones."""
-    opts = faiss_options({k: v for k, v in recorded.items() if k in DEFAULT_FAISS_OPTIONS}, config)
     overrides = {k: v for k, v in dict(config.index_options).items() if k in QUERY_OPTIONS}
-    return faiss_options({**opts, **overrides}, config)
+    return faiss_options({**recorded, **overrides}, seed=config.vocabulary.seed)
 
 
-def _read_manifest(map_dir: Path) -> dict[str, Any] | None:
-    import json
-
-    path = Path(map_dir) / MANIFEST_FILE
-    if not path.exists():
-        return None
+def _read_manifest(map_dir: Path) -> IndexManifest | None:
+    """The map's checked index manifest, or None when it has none or it is damaged (the index is derived data)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        logger.warning("%s is unreadable; the index is rebuilt from the store", path)
+        return read_index_manifest(map_dir)
+    except MapError as exc:
+        logger.warning("%s; the index is rebuilt from the store", exc)
         return None
-    return data if isinstance(data, dict) else None
-
-
-def read_index_manifest(map_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The map's index manifest (factory, options, what it was trained on, shards), or None."""
-    return _read_manifest(Path(map_dir))
 
 
 def _remove_unlisted(map_dir: Path, listed: set[str | None], keep_single: bool, keep_descriptors: bool,
@@ -716,43 +662,24 @@ def serving_footprint(map_dir: str | os.PathLike) -> dict[str, Any]:
     when the map records it, the model's weights. The full-precision descriptors kept for re-scoring
     are memory-mapped: counted on disk, not in RAM (the page cache holds what queries touch).
     """
-    from .store import STORE_FILE
-
     d = Path(map_dir)
     manifest = _read_manifest(d)
     if manifest is not None:
-        index_files = [d / s["file"] for s in manifest.get("shards", [])]
-        n = int(manifest.get("ntotal", 0))
+        index_files = [d / s.file for s in manifest.shards]
+        n = manifest.ntotal
     else:
         index_files = [d / INDEX_FILE] if (d / INDEX_FILE).exists() else []
-        n = 0
-    size = lambda p: p.stat().st_size if p.exists() else 0  # noqa: E731
-    index_bytes = sum(size(p) for p in index_files)
-    trained_bytes = size(d / TRAINED_FILE)
-    store_bytes, desc_bytes, vocab_bytes = size(d / STORE_FILE), size(d / DESCRIPTORS_FILE), size(d / "vocabulary.npz")
-    if not n:
-        try:
-            import faiss
-
-            n = int(faiss.read_index(str(index_files[0]), faiss.IO_FLAG_MMAP).ntotal) if index_files else 0
-        except RuntimeError:
-            n = 0
+        n = _rows_in(index_files[0]) if index_files else 0
+    index_bytes = sum(_size(p) for p in index_files)
+    trained_bytes = _size(d / TRAINED_FILE)
+    store_bytes, desc_bytes, vocab_bytes = _size(d / STORE_FILE), _size(d / DESCRIPTORS_FILE), _size(d / VOCAB_FILE)
     per = (lambda b: round(b / n, 1)) if n else (lambda b: None)
     code_bytes = max(0, index_bytes - trained_bytes * len(index_files))
-    if (d / "map.json").exists():
-        import json
-
-        try:
-            info = json.loads((d / "map.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            info = {}
-        model_bytes = (info.get("backbone") or {}).get("weights_bytes") if isinstance(info.get("backbone"), dict) else None
-    else:
-        model_bytes = None
+    model_bytes = _model_bytes(d)
     ram = index_bytes + vocab_bytes + (model_bytes or 0)
     return {
         "places": n,
-        "factory": (manifest or {}).get("factory"),
+        "factory": None if manifest is None else manifest.factory,
         "shards": len(index_files),
         "disk_bytes": {"store": store_bytes, "index": index_bytes + trained_bytes, "descriptors": desc_bytes},
         "disk_bytes_per_place": {"store": per(store_bytes), "index": per(index_bytes), "index_codes": per(code_bytes),
@@ -761,14 +688,35 @@ def serving_footprint(map_dir: str | os.PathLike) -> dict[str, Any]:
     }
 
 
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def _rows_in(path: Path) -> int:
+    """Rows of a FAISS index file, read memory-mapped (0 when it is unreadable)."""
+    try:
+        return int(faiss.read_index(str(path), faiss.IO_FLAG_MMAP).ntotal)
+    except RuntimeError:
+        return 0
+
+
+def _model_bytes(map_dir: Path) -> int | None:
+    """The model's weights in bytes, when ``map.json`` records them (None when it does not or cannot be read)."""
+    if not (map_dir / MAP_FILE).exists():
+        return None
+    try:
+        backbone = read_manifest(map_dir).backbone
+    except MapError:
+        return None
+    return (backbone or {}).get("weights_bytes")
+
+
 def _seed_training(index, seed: int) -> None:
     """Seed the k-means FAISS runs while training ``index`` (IVF coarse quantiser, product quantisers).
 
     FAISS's clustering otherwise uses a fixed seed of its own; taking the map's seed makes an index
     trained on a sample reproducible from the map's settings and lets benchmarks vary it.
     """
-    import faiss
-
     parts = []
     try:
         ivf = faiss.extract_index_ivf(index)

@@ -59,12 +59,13 @@ def check_index_option(name: str, value: Any) -> Any:
 
 
 def faiss_options(options: Mapping[str, Any] | None, seed: int | None = None) -> dict[str, Any]:
-    """Every FAISS option: :data:`DEFAULT_FAISS_OPTIONS` updated with ``options`` (either spelling), checked.
+    """Every FAISS option: :data:`DEFAULT_FAISS_OPTIONS` updated with ``options``, each checked (one spelling:
+    files of older versions are read through :func:`canonical_options`, callers' options are not translated).
 
     ``seed`` fills the ``seed`` option when it is unset (the map's vocabulary seed, by its documented default).
     """
     merged = dict(DEFAULT_FAISS_OPTIONS)
-    for name, value in canonical_options(options).items():
+    for name, value in dict(options or {}).items():
         merged[name] = check_index_option(name, value)
     if merged["seed"] is None and seed is not None:
         merged["seed"] = int(seed)

@@ -34,6 +34,7 @@ MAP_FILE = "map.json"
 # The settings a build writes before its first shard; a resumed or later build must match them.
 BUILD_FILE = "build.json"
 INDEX_MANIFEST_FILE = "index.json"
+VOCAB_FILE = "vocabulary.npz"  # the map's VLAD vocabulary; map.json → vocabulary records its checksum
 CRS_KINDS = ("utm", "local")
 INDEX_MANIFEST_BACKENDS = ("faiss",)  # the backends that write index.json (Milvus keeps milvus.json)
 

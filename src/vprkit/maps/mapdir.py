@@ -12,28 +12,32 @@ file locking for reading; writers only ever replace files by renaming complete o
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from ..aggregation.vlad import Vocabulary
 from ..config import Config
-from ..errors import ConfigError, ImageReadError, MapError, VocabularyMismatchError
+from ..datasets.poses import LOCAL_CRS, utm_to_latlon
+from ..errors import ImageReadError, MapError, VocabularyMismatchError
 from ..images import ImageSource, MappedFiles
 from .index import INDEX_FILE, FaissIndex, Index, build_index, load_index
+from .manifest import (BUILD_FILE, MAP_FILE, VOCAB_FILE, MapManifest, RunRecord, read_build_record, read_json,
+                       read_manifest, read_map_info, recorded_config, write_manifest)
 from .store import MapStore
 
 logger = logging.getLogger(__name__)
 
-MAP_FILE = "map.json"
-VOCAB_FILE = "vocabulary.npz"
 FAILURES_FILE = "failures.json"
-# The settings a build writes before its first shard; a resumed or later build must match them.
-BUILD_FILE = "build.json"
+# Names other modules import from here (the records themselves live in vprkit.maps.manifest).
+__all__ = ["BUILD_FILE", "FAILURES_FILE", "INDEX_FILE", "LOCAL_CRS", "MAP_FILE", "VOCAB_FILE", "FaissIndex", "MapData",
+           "MapManifest", "changed_entries", "check_build_settings", "crs_to_latlon", "map_config", "map_crs",
+           "next_run_id", "open_map_data", "read_json", "read_map_info", "register_run", "settings_differences"]
 
 
 def settings_differences(old: Any, new: Any, path: str = "") -> list[str]:
@@ -52,52 +56,23 @@ def check_build_settings(map_dir: Path, config: Config) -> None:
     The message names every setting that differs. Runtime settings (memory budget, device, batch size …)
     may differ: they do not change what is stored.
     """
-    for name in (MAP_FILE, BUILD_FILE):
-        path = Path(map_dir) / name
-        if not path.exists():
-            continue
-        recorded = read_json(path).get("config")
-        if recorded is None:
-            raise MapError(f"{path} records no settings; the map directory is damaged (build into another --out)")
-        before = map_config({"config": recorded}, path).map_settings()
-        diffs = settings_differences(before, config.map_settings())
-        if diffs:
-            shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
-            state = "holds a map" if name == MAP_FILE else "holds an interrupted build"
-            raise MapError(f"{map_dir} {state} with other settings ({shown}); use the same settings to add "
-                           f"images, or another --out")
-        return
-
-
-def read_json(path: Path) -> dict:
-    """A JSON file of the map, with one clear error when it is unreadable."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise MapError(f"{path} is unreadable ({exc}); the map directory is damaged") from None
-    if not isinstance(data, dict):
-        raise MapError(f"{path} does not hold a JSON object; the map directory is damaged")
-    return data
-
-
-def read_map_info(map_dir: str | os.PathLike) -> dict[str, Any]:
-    """``map.json`` of ``map_dir``; a clear error when the folder is not a map."""
     d = Path(map_dir)
-    path = d / MAP_FILE
-    if not path.exists():
-        raise MapError(f"{d} is not a vprkit map (no {MAP_FILE}); build one with `vprkit map build`")
-    info = read_json(path)
-    for key in ("config",):
-        if key not in info:
-            raise MapError(f"{path} lacks '{key}'; the map directory is damaged (rebuild it)")
-    return info
+    if (d / MAP_FILE).exists():
+        recorded, path, state = read_manifest(d), d / MAP_FILE, "holds a map"
+    else:
+        recorded, path, state = read_build_record(d), d / BUILD_FILE, "holds an interrupted build"
+    if recorded is None:
+        return
+    diffs = settings_differences(recorded.settings(path).map_settings(), config.map_settings())
+    if diffs:
+        shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+        raise MapError(f"{map_dir} {state} with other settings ({shown}); use the same settings to add "
+                       f"images, or another --out")
 
 
-def map_config(info: dict[str, Any], path: Path | str = MAP_FILE) -> Config:
-    try:
-        return Config.from_dict(info["config"])
-    except (ConfigError, TypeError, KeyError, ValueError) as exc:
-        raise MapError(f"{path}: the recorded settings are not readable by this vprkit ({exc})") from None
+def map_config(info: Mapping[str, Any], path: Path | str = MAP_FILE) -> Config:
+    """The settings recorded in a ``map.json`` dict (``info["config"]``) as a :class:`Config`."""
+    return recorded_config(info["config"], path)
 
 
 @dataclass
@@ -149,8 +124,7 @@ class MapData:
         records = {r.get("run"): r for r in self.info.get("runs", [])}
         if self.dir is not None and (self.dir / MAP_FILE).exists():  # runs registered since it was opened (live additions)
             try:
-                records.update({r.get("run"): r for r in read_json(self.dir / MAP_FILE).get("runs", [])
-                                if r.get("run") not in records})
+                records.update({r.run: r.to_dict() for r in read_manifest(self.dir).runs if r.run not in records})
             except MapError:
                 pass  # the opened record still serves
         runs = self.store.read_entries()["run"]
@@ -171,14 +145,12 @@ class MapData:
 
 def open_map_data(map_dir: str | os.PathLike, read_only: bool = True) -> MapData:
     """Open ``map_dir``'s data; with ``read_only=False`` a missing or stale index is rebuilt and saved."""
-    from ..aggregation.vlad import Vocabulary
-
     d = Path(map_dir)
-    info = read_map_info(d)
-    config = map_config(info, d / MAP_FILE)
+    manifest = read_manifest(d)
+    info, config = manifest.to_dict(), manifest.settings(d / MAP_FILE)
     vocabulary = Vocabulary.load(d / VOCAB_FILE) if (d / VOCAB_FILE).exists() else None
-    recorded = info.get("vocabulary")
-    if vocabulary is not None and recorded and vocabulary.checksum != recorded.get("checksum"):
+    recorded = manifest.vocabulary
+    if vocabulary is not None and recorded is not None and vocabulary.checksum != recorded.checksum:
         raise VocabularyMismatchError(f"{d / VOCAB_FILE} changed since the map was built; rebuild the map")
     store = MapStore(d, config.store_dtype).pin()  # this map's rows stay as opened, whatever a writer does later
     keys = store.keys()
@@ -220,9 +192,6 @@ def changed_entries(source: ImageSource, keys: Sequence[str], stored: Mapping[st
 
 
 # ---- runs and the coordinate frame ----------------------------------------------------------------
-LOCAL_CRS: dict[str, Any] = {"kind": "local", "unit": "m"}
-
-
 def map_crs(info: Mapping[str, Any]) -> dict[str, Any]:
     """The CRS recorded in a ``map.json`` (local metres when none is)."""
     crs = info.get("crs")
@@ -231,8 +200,6 @@ def map_crs(info: Mapping[str, Any]) -> dict[str, Any]:
 
 def crs_to_latlon(crs: Mapping[str, Any], xy: np.ndarray) -> np.ndarray:
     """(lat, lon) degrees of easting/northing ``xy`` (n×2) in ``crs``; a :class:`MapError` unless it is UTM."""
-    from ..datasets.poses import utm_to_latlon
-
     if crs.get("kind") != "utm":
         raise MapError(f"the map's poses are in a local frame ({crs}); they have no latitude/longitude")
     xy = np.asarray(xy, np.float64).reshape(-1, 2)
@@ -255,15 +222,11 @@ def register_run(map_dir: str | os.PathLike, images_root: str | None, note: str)
     The record is appended atomically; returns its id, to store in the rows' ``run`` entry so
     :attr:`MapData.images` finds their files. The caller holds the map's write lock.
     """
-    from datetime import datetime, timezone
-
-    from ..io import atomic_write_json
-
     d = Path(map_dir)
-    info = read_map_info(d)
-    runs = list(info.get("runs", []))
-    run = {"run": next_run_id(runs), "images_root": None if images_root is None else str(images_root),
-           "note": str(note), "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    info["runs"] = runs + [run]
-    atomic_write_json(d / MAP_FILE, info, default=str)
-    return run["run"]
+    manifest = read_manifest(d)
+    run = RunRecord(run=next_run_id([r.to_dict() for r in manifest.runs]),
+                    images_root=None if images_root is None else str(images_root), note=str(note),
+                    started=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    manifest.runs.append(run)
+    write_manifest(d, manifest)
+    return run.run

@@ -62,6 +62,8 @@ from ..errors import ConfigError, MapError
 from ..io import atomic_write_json
 from ..options import MILVUS_LITE_INDEX_TYPES
 from .index import INDEX_BACKENDS
+from .manifest import read_json
+from .store import MapStore
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -240,8 +242,6 @@ class _MapRows:
         self.poses = np.zeros((0, 2))
         if map_dir is None:
             return
-        from .store import MapStore
-
         store = MapStore(map_dir)
         try:
             keys = store.keys()
@@ -546,8 +546,6 @@ def _as_matrix(vectors: np.ndarray) -> np.ndarray:
 
 def _read_state(map_dir: Path) -> dict[str, Any] | None:
     """``milvus.json``, or None when it is missing or unreadable (the collection is then rebuilt)."""
-    from .mapdir import read_json
-
     path = Path(map_dir) / STATE_FILE
     if not path.exists():
         return None
