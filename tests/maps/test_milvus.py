@@ -20,6 +20,8 @@ from vprkit.maps.index import FaissIndex
 from vprkit.pipeline.live import LiveMap
 from vprkit.presets import resolve
 
+from helpers import assert_loopback_only, listening_sockets
+
 DIM = 64
 N = 300
 QUERIES = 25
@@ -51,6 +53,18 @@ def test_milvus_lite_returns_the_same_top_k_as_faiss_flat(tmp_path):
         _same_ranking(index.search(q, K), FaissIndex.build(x).search(q, K))
         rows, scores = index.search(q, N + 5)  # k above the map's size: every row, like FAISS
         assert rows.shape == (QUERIES, N) and np.all(np.diff(scores, axis=1) <= 1e-6)
+    finally:
+        index.close()
+
+
+def test_milvus_lite_listens_on_loopback_only(tmp_path):
+    """Milvus Lite serves the .db file through a gRPC server in this process: a TCP port, bound to 127.0.0.1 only."""
+    before = set(listening_sockets())
+    index = mv.MilvusIndex.build(_unit(np.random.default_rng(2), 20), _lite(tmp_path))
+    try:
+        opened = set(listening_sockets()) - before
+        assert opened, "Milvus Lite opened no TCP listener (a unix socket, or none): update this test"
+        assert_loopback_only(opened)
     finally:
         index.close()
 
