@@ -25,6 +25,7 @@ import torch
 
 from common import DATA, NORDLAND_600, NORDLAND_SIZE, report, setup
 from vprkit import pipeline
+from vprkit.backbones.extract import extract
 from vprkit.config import Config
 from vprkit.datasets import load_dataset
 from vprkit.evaluation.report import PeakMemory
@@ -47,13 +48,13 @@ def throughput(config, m: pipeline.Map, repeats: int = THROUGHPUT_REPEATS) -> di
     keys = list_images(root)[:THROUGHPUT_IMAGES]
     cfg = config.replace(image=ImageSpec(THROUGHPUT_SIZE, "fixed"))
     # warm-up (allocator, oneDNN kernels)
-    for _, f in pipeline.extract(m.backbone, cfg, root, keys[:16]):
+    for _, f in extract(m.backbone, cfg, root, keys[:16]):
         m.aggregator(f)
     rates = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         n = 0
-        for batch, f in pipeline.extract(m.backbone, cfg, root, keys):
+        for batch, f in extract(m.backbone, cfg, root, keys):
             m.aggregator(f)
             n += len(batch.keys)
         rates.append(n / (time.perf_counter() - t0))

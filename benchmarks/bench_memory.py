@@ -47,6 +47,7 @@ def _config(preset: str, budget: str):
 def child_baseline(args: argparse.Namespace) -> dict:
     """Import vprkit + torch and build the backbone, nothing else; then (after measuring) probe the grid."""
     from vprkit import pipeline
+    from vprkit.backbones.extract import extract
     from vprkit.images import list_images
 
     config = _config(args.preset, NO_BUDGET)
@@ -54,7 +55,7 @@ def child_baseline(args: argparse.Namespace) -> dict:
     rss = _peak_rss_mb()
     # the real patch grid at this preset's image size (after the RSS reading, so it does not count)
     key = list_images(NORDLAND_SUMMER)[0]
-    _, feats = next(iter(pipeline.extract(backbone, config, NORDLAND_SUMMER, [key])))
+    _, feats = next(iter(extract(backbone, config, NORDLAND_SUMMER, [key])))
     h, w = feats.grid
     return {"baseline_rss_mb": rss, "grid": [h, w], "dim": feats.dim, "image_size": list(feats.image_size)}
 
@@ -64,6 +65,7 @@ def child_build(args: argparse.Namespace) -> dict:
     from vprkit import pipeline
     from vprkit.aggregation import Vocabulary
     from vprkit.backbones.extract import decode_prefetch_images
+    from vprkit.maps import VOCAB_FILE
     from vprkit.images import list_images
 
     config = _config(args.preset, args.budget)
@@ -74,7 +76,7 @@ def child_build(args: argparse.Namespace) -> dict:
         info = pipeline.build_map(NORDLAND_SUMMER, Path(tmp) / "map", config, keys=keys, progress=False, log=lambda _: None)
         wall = time.perf_counter() - t0
         peak = _peak_rss_mb()
-        meta = Vocabulary.load(Path(tmp) / "map" / pipeline.VOCAB_FILE).metadata
+        meta = Vocabulary.load(Path(tmp) / "map" / VOCAB_FILE).metadata
     plan = config.memory_plan()
     return {
         "peak_rss_mb": peak, "wall_s": wall, "images": info["counts"]["images"],

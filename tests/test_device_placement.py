@@ -28,7 +28,7 @@ def test_backbone_follows_the_device_setting(monkeypatch):
         asked.append(name)
         return torch.device("meta")
 
-    monkeypatch.setattr(pipeline, "resolve_device", fake_resolve)
+    monkeypatch.setattr(pipeline.models, "resolve_device", fake_resolve)
     backbone = pipeline.load_backbone(config.replace(device="cuda:1"))
     assert asked == ["cuda:1"] and _devices(backbone) == {"meta"}
 

@@ -18,6 +18,7 @@ from vprkit.config import (BUDGET_SHARE_DECODE_BUFFER, BUDGET_SHARE_FEATURE_CACH
                            VocabularyConfig)
 from vprkit.errors import ConfigError, MapError
 from vprkit.images import ImageSpec
+from vprkit.maps import MAP_FILE
 from vprkit.aggregation.vocabulary import build_vocabulary
 from vprkit.presets import get_preset
 
@@ -154,7 +155,7 @@ def test_a_map_resumes_under_another_budget_and_from_an_older_map_json(tmp_path,
                               log=lambda _: None)
     assert info["counts"]["images"] == 12 and info["config"]["memory_budget_mb"] == 16
     # a map.json written before budgets existed: no memory_budget_mb, the old explicit 256 MiB pool
-    path = tmp_path / "map" / pipeline.MAP_FILE
+    path = tmp_path / "map" / MAP_FILE
     old = json.loads(path.read_text())
     old["config"].pop("memory_budget_mb")
     old["config"]["vocabulary"]["max_bytes"] = DEFAULT_VOCABULARY_MAX_BYTES

@@ -3,13 +3,13 @@
 import json
 import shutil
 
-import numpy as np
 import pytest
 
 from vprkit import pipeline
 from vprkit.config import VocabularyConfig
 from vprkit.errors import ImageReadError, MapError
 from vprkit.images import ImageSpec
+from vprkit.maps import VOCAB_FILE
 from vprkit.presets import get_preset
 
 from helpers import make_images
@@ -34,7 +34,7 @@ def test_build_and_localise_finds_the_same_image(tmp_path, image_folder, small_c
 
 
 def test_resume_after_interrupt_has_no_duplicates_or_losses(tmp_path, image_folder, small_config, monkeypatch):
-    monkeypatch.setattr(pipeline, "SHARD_IMAGES", 4)
+    monkeypatch.setattr(pipeline.build, "SHARD_IMAGES", 4)
 
     def interrupt(n):
         if n == 2:
@@ -47,13 +47,13 @@ def test_resume_after_interrupt_has_no_duplicates_or_losses(tmp_path, image_fold
     partial = MapStore(tmp_path / "map").keys(include_pending=True)
     assert len(partial) == 8 and not (tmp_path / "map" / "map.json").exists()
     extracted = []
-    real_extract = pipeline.extract
+    real_extract = pipeline.build.extract
 
     def spy(backbone, config, source, keys, *a, **k):
         extracted.extend(keys)
         return real_extract(backbone, config, source, keys, *a, **k)
 
-    monkeypatch.setattr(pipeline, "extract", spy)
+    monkeypatch.setattr(pipeline.build, "extract", spy)
     info = pipeline.build_map(image_folder, tmp_path / "map", small_config, progress=False)
     assert sorted(extracted) == sorted(set(f"img{i:03d}.png" for i in range(12)) - set(partial))
     keys = MapStore(tmp_path / "map").keys()
@@ -115,7 +115,7 @@ def test_multi_vocabulary_map_builds_all_centre_sets_and_reopens(tmp_path, image
     config = small_config.replace(aggregator_options={"vocabularies": 2})  # sets come from the aggregator's need
     info = pipeline.build_map(image_folder, tmp_path / "map", config, progress=False)
     assert info["descriptor_dim"] == 2 * 8 * 112
-    voc = Vocabulary.load(tmp_path / "map" / pipeline.VOCAB_FILE)
+    voc = Vocabulary.load(tmp_path / "map" / VOCAB_FILE)
     assert voc.sets == 2 and voc.k == 8
     m = pipeline.open_map(tmp_path / "map")
     res = pipeline.localize(m, [image_folder / "img003.png"], top_k=2)

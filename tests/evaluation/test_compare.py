@@ -183,7 +183,7 @@ def test_cli_lists_after_one_option():
 def test_compare_methods_cross_bare_presets_and_keep_named_pairs():
     """``PRESET+RERANK`` is one method; a bare preset is crossed with every ``--rerank`` mode."""
     from vprkit.errors import ConfigError
-    from vprkit.pipeline import _compare_methods
+    from vprkit.pipeline.benchmarking import compare_methods as _compare_methods
 
     methods = _compare_methods(["a", "a+speed", "seg", "b+none"], [None, "storage"])
     assert methods == [("a", None), ("a", "storage"), ("a", "speed"), ("seg", None), ("seg", "storage"),

@@ -251,7 +251,7 @@ def test_a_duplicate_name_from_another_folder_is_an_error_a_new_place_or_a_repla
     out = _copy_map(built, tmp_path)
     with pytest.raises(MapError, match=r"3 image.*differ.*another folder.*--on-duplicate new-place.*'run1/<name>'"):
         pipeline.build_map(tmp_path / "b", out, config, **_quiet())
-    monkeypatch.setattr(pipeline, "SHARD_IMAGES", 2)
+    monkeypatch.setattr(pipeline.build, "SHARD_IMAGES", 2)
 
     def interrupt(n):
         raise KeyboardInterrupt

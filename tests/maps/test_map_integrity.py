@@ -96,7 +96,7 @@ def test_concurrent_builds_with_different_presets_leave_one_consistent_map(tmp_p
 def _interrupted_build(tmp_path, config, monkeypatch) -> None:
     """12 images into tmp_path/map, stopped after the first 4-image shard (as a kill would)."""
     make_images(tmp_path / "a", 12)
-    monkeypatch.setattr(pipeline, "SHARD_IMAGES", 4)
+    monkeypatch.setattr(pipeline.build, "SHARD_IMAGES", 4)
 
     def interrupt(n):
         raise KeyboardInterrupt

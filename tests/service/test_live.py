@@ -153,9 +153,9 @@ def test_a_reranker_is_built_once_and_dropped_by_a_write(map_dir, corridor_dir, 
     built: list[str] = []
     real = live_module.get_reranker
 
-    def counted(m, name, *args, **kw):
-        built.append(name)
-        return real(m, name, *args, **kw)
+    def counted(m, rerank, *args, **kw):
+        built.append(getattr(rerank, "name", rerank))  # the service resolves the name to settings once
+        return real(m, rerank, *args, **kw)
 
     monkeypatch.setattr(live_module, "get_reranker", counted)
     frame = np.asarray(Image.open(corridor_dir / "ref" / "0000005.jpg"))

@@ -47,6 +47,8 @@ def _config(preset: str | None, float16: bool = False, extensions_from_rerank: s
             vocab: str | None = None, weights: Path | None = None, memory_budget: int | None = None,
             image_size: tuple[int, int] | None = None, device: str | None = None):
     """The command's flags → :func:`vprkit.presets.resolve` (the Python API's one assembly, validated)."""
+    if extensions_from_rerank == pipeline.RERANK_OFF:
+        extensions_from_rerank = None
     return resolve(preset, float16=float16, rerank=extensions_from_rerank, vocabulary=vocab, weights=weights,
                    memory_budget_mb=memory_budget, image_size=image_size, device=device)
 
@@ -222,7 +224,9 @@ def map_set_pose(map_dir: Path, poses: Path) -> None:
 @click.option("--jsonl", "jsonl", type=click.Path(path_type=Path), default=None,
               help="Streams: also write one JSON object per frame to this file (flushed per frame).")
 @click.option("--top-k", default=10, show_default=True, type=click.IntRange(1))
-@click.option("--rerank", default=None, help="Re-rank the shortlist: performance | speed | storage.")
+@click.option("--rerank", default=None,
+              help="Re-rank the shortlist with this re-ranking preset (performance | speed | storage …), or 'none'. "
+                   "Default: the re-ranking the map was built with (--rerank on map build), if any.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (one object per query; streams: one line per frame).")
 @device_option
 def localize(map_dir: Path, queries: tuple[Path, ...], video: Path | None, camera: int | None, frames_dir: Path | None,
@@ -236,7 +240,7 @@ def localize(map_dir: Path, queries: tuple[Path, ...], video: Path | None, camer
         raise click.UsageError("--sequence-length and --jsonl apply to streams (--video, --camera, --frames)")
     if trajectory != "line" and sequence_length is None:
         raise click.UsageError("--trajectory needs --sequence-length")
-    if rerank is not None:
+    if rerank not in (None, pipeline.RERANK_OFF):
         get_rerank_config(rerank)  # an unknown name fails before the map is opened
     extra = {} if device is None else {"device": check_device(device)}
     if streams:
@@ -245,6 +249,10 @@ def localize(map_dir: Path, queries: tuple[Path, ...], video: Path | None, camer
         return
     results = pipeline.localize(map_dir, list(queries), top_k=top_k, rerank=rerank, unreadable="report", **extra)
     failed = [r for r in results if r.error is not None]
+    applied = next((r.rerank for r in results if r.error is None), None)
+    if applied is not None and rerank is None:
+        click.echo(f"re-ranked with '{applied}', the re-ranking this map was built for (--rerank none: global "
+                   f"retrieval only)", err=True)
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in results], indent=2))
     else:
@@ -315,7 +323,8 @@ def _localize_stream(map_dir: Path, video: Path | None, camera: int | None, fram
 @click.command("eval")
 @click.argument("dataset")
 @click.option("--preset", default=DEFAULT_PRESET, show_default=True)
-@click.option("--rerank", default=None, help="Re-ranking preset: performance | speed | storage.")
+@click.option("--rerank", default=None,
+              help="Re-ranking preset (performance | speed | storage …), or 'none'; the map also stores its patches.")
 @click.option("--out", type=click.Path(path_type=Path),
               help="Write the map, per-query CSVs, JSON summary, curves and an HTML report here.")
 @click.option("--data-root", type=click.Path(path_type=Path), envvar="VPRKIT_DATA",
@@ -361,7 +370,7 @@ def evaluate(dataset: str, preset: str, rerank: str | None, out: Path | None, da
     t = summary["timing"]
     size = config.image.size
     click.echo(f"{summary['dataset']}  preset {summary['preset']}" + (f" at {size[1]}×{size[0]}" if size else "")
-               + (f"  rerank {rerank}" if rerank else "")
+               + (f"  rerank {summary['rerank']}" if summary.get("rerank") else "")
                + (f"  sequence length {sequence_length}" if sequence_length is not None else ""))
     click.echo(f"  database {summary['counts']['database']}  queries {summary['counts']['queries']}  "
                f"(no-positive queries: {rec.get('n_no_positive', 0)}, policy {rec.get('no_positive_policy')})")

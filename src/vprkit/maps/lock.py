@@ -1,4 +1,4 @@
-"""One writer per map: an exclusive lock held for the whole of a build.
+"""One writer per map: an exclusive lock held for the whole of a build; and the live map's readers–writer lock.
 
 The lock is ``MAP_DIR/.lock`` locked with ``flock`` (released by the kernel when the process ends,
 so a killed build never leaves a stale lock). A second build into the same folder is refused at
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import threading
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,3 +43,44 @@ def map_write_lock(map_dir: str | os.PathLike) -> Iterator[Path]:
         yield d
     finally:
         os.close(fd)  # closing releases the lock
+
+
+class ReadWriteLock:
+    """Many readers or one writer; a waiting writer blocks new readers, so a stream of queries cannot starve it."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()

@@ -7,7 +7,7 @@ is cheap or needs one writer. :func:`build_map_ray` therefore
 1. takes the map's write lock, checks the recorded settings and writes ``build.json`` — the same
    steps, in the same order, as the single-process build;
 2. obtains the vocabulary on the driver exactly as :func:`~vprkit.pipeline.build_map` does (the
-   composer's own ``_obtain_vocabulary``: same seed, same sample, so the same centres), and fits
+   composer's own :func:`~vprkit.pipeline.vocabularies.obtain_vocabulary`: same seed, same sample, so the same centres), and fits
    the map extensions' state (re-ranking patches' NetVLAD/PCA, SegVLAD's PCA) the same way too —
    same sample of ``fit_images`` keys, same extraction — saving it in ``extensions/<group>.npz``
    (a resumed build loads it instead, as the single-process build does);
@@ -46,22 +46,24 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
-from .. import __version__
 from ..aggregation.vocabulary import make_aggregator
+from ..backbones.extract import FeatureCache
 from ..config import Config
 from ..errors import ConfigError, MapError
 from ..images import Batch, ImageSource, image_source
-from ..io import atomic_write_json, clean_orphans
-from ..maps import MAP_FILE, MapStore, read_json
-from ..maps.extensions import EXTENSIONS_DIR
+from ..device import module_device
+from ..io import atomic_write_json
+from ..maps import MAP_FILE, MapStore
 from ..maps.lock import map_write_lock
-from ..maps.mapdir import BUILD_FILE, check_build_settings, next_run_id
-from ..maps.store import PENDING_DIR
-from . import (CHANGE_POLICIES, DUPLICATE_POLICIES, SHARD_IMAGES, _check_build_policies, _fitted_extensions,
-               _make_extensions, _obtain_vocabulary, _on_cpu, _pose_rows, _record_build_vocabulary, build_map,
-               load_backbone, resolve_config)
+from ..maps.mapdir import next_run_id
+from ..maps.builds import CHANGE_POLICIES, DUPLICATE_POLICIES, check_build_policies
+from ..maps.poses import pose_rows
+from .build import SHARD_IMAGES, build_map, prepare_build, start_build, store_has_poses
+from .models import load_backbone, make_extensions, on_cpu, resolve_config
+from .open import on_device
 
 logger = logging.getLogger(__name__)
 
@@ -115,9 +117,6 @@ class _Encoder:
 
     def __init__(self, config: Config, vocabulary_ref: list, states_ref: list) -> None:
         import ray
-        import torch
-
-        from ..device import module_device
 
         # the vocabulary and the extension states come through the object store by reference (held by the
         # driver for the whole run), so a restarted replica can fetch them again; the lists keep Ray from
@@ -126,17 +125,14 @@ class _Encoder:
         states: dict[str, dict[str, np.ndarray]] = ray.get(states_ref[0])
         self.config = config
         self.backbone = load_backbone(config)
-        aggregator = make_aggregator(config, self.backbone, vocabulary)
         self.device = module_device(self.backbone)
-        self.aggregator = aggregator.to(self.device) if isinstance(aggregator, torch.nn.Module) else aggregator
-        self.extensions = _make_extensions(config, self.backbone, vocabulary)
+        self.aggregator = on_device(make_aggregator(config, self.backbone, vocabulary), self.backbone)
+        self.extensions = make_extensions(config, self.backbone, vocabulary)
         for group, ext in self.extensions.items():
             if states.get(group):
                 ext.load_state(states[group])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
         images = list(batch["pixels"])
         keys = [str(k) for k in batch["key"]]
         out: list[np.ndarray | None] = [None] * len(images)
@@ -157,7 +153,7 @@ class _Encoder:
                 part = Batch([keys[i] for i in rows], pixels, [None] * len(rows))
                 per_image: list[dict[str, Any]] = [{} for _ in rows]
                 for group, ext in self.extensions.items():
-                    for d, payload in zip(per_image, ext.encode(part, _on_cpu(feats))):
+                    for d, payload in zip(per_image, ext.encode(part, on_cpu(feats))):
                         d[group] = payload
                 for i, d in zip(rows, per_image):
                     payloads[i] = pickle.dumps(d, protocol=PAYLOAD_PROTOCOL)
@@ -258,7 +254,7 @@ def build_map_ray(
         inspect.signature(build_map).bind_partial(**build_options)
     except TypeError as exc:
         raise ConfigError(f"build_map_ray: {exc}") from None
-    _check_build_policies(build_options.get("on_change", CHANGE_POLICIES[0]),
+    check_build_policies(build_options.get("on_change", CHANGE_POLICIES[0]),
                           build_options.get("on_duplicate", DUPLICATE_POLICIES[0]))
     config = resolve_config(preset)
     source = image_source(images, keys)
@@ -291,10 +287,7 @@ def _encode_locked(ray, config: Config, source: ImageSource, keys: list[str], ou
 
     Returns (images encoded now, images found in shards of an interrupted build, encoding seconds).
     """
-    for folder in (out, out / PENDING_DIR, out / EXTENSIONS_DIR):  # we hold the lock: leftovers are a dead build's
-        clean_orphans(folder, older_than_s=0)
-    check_build_settings(out, config)
-    previous = read_json(out / MAP_FILE) if (out / MAP_FILE).exists() else {}
+    previous = start_build(out, config)
     run_id = next_run_id(previous.get("runs", []))  # the run the finishing build records
     store = MapStore(out, config.store_dtype)
     in_store = set(store.keys())
@@ -302,17 +295,12 @@ def _encode_locked(ray, config: Config, source: ImageSource, keys: list[str], ou
     resumed = len(set(stored) - in_store)
     # only names new to the map: changed or duplicate pictures are the finishing build's to judge
     todo = [(i, k) for i, k in enumerate(keys) if k not in stored]
-    has_poses = bool(len(in_store)) and bool(np.isfinite(store.read_poses()).all(axis=1).any())
-    xy, headings, stamps, _, _ = _pose_rows(poses, keys, crs, previous.get("crs"), has_poses)
-
-    backbone = load_backbone(config)
-    build_record = read_json(out / BUILD_FILE) if (out / BUILD_FILE).exists() else {}
-    atomic_write_json(out / BUILD_FILE, {**build_record, "config": config.to_dict(), "vprkit_version": __version__},
-                      default=str)
-    vocabulary = _obtain_vocabulary(config, backbone, source, out, progress, log)
-    if vocabulary is not None:  # recorded before the first shard: a resume must encode with this very vocabulary
-        _record_build_vocabulary(out / BUILD_FILE, vocabulary)
-    extensions = _fitted_extensions(config, backbone, vocabulary, source, keys, out, progress)
+    rows = pose_rows(poses, keys, crs, previous.get("crs"), store_has_poses(store))
+    xy, headings, stamps = rows.xy, rows.headings, rows.timestamps
+    # no feature cache: the encoding pass runs on the replicas
+    models = prepare_build(config, source, keys, out, progress, log, cache=FeatureCache(0))
+    vocabulary, extensions = models.vocabulary, models.extensions
+    backbone = models.backbone
     if not todo:
         return 0, resumed, 0.0
     multiple = backbone.size_multiple

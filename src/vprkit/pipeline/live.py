@@ -29,17 +29,12 @@ its ``add``/``remove`` — and adds what sharing needs:
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import io
 import logging
-import math
 import os
-import re
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -47,204 +42,25 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 from PIL import Image
 
-from ..errors import ConfigError, ImageReadError, MapError
-from ..images import MAX_PIXELS, DecodedImages, read_image
+from ..images import DecodedImages
 from ..io import atomic_path, atomic_write_json
 from ..maps import INDEX_FILE, MAP_FILE, read_map_info
 from ..maps.lock import map_write_lock
 from ..maps.store import ENTRY_FIELDS, POSE_DIMS
-from . import Map, QueryResult, get_reranker, localize, open_map, query_batches
+from ..maps.lock import ReadWriteLock
+from ..maps.places import (MapChangedError, PlaceExistsError, Pose, UnknownPlaceError, check_key,  # noqa: F401
+                            parse_pose)
+from ..maps.mapdir import register_run
+from ..uploads import DEFAULT_MAX_UPLOAD_PIXELS, FORMAT_EXTENSIONS, decode_image, kept_picture
+from .batching import DEFAULT_INFERENCE_SLOTS, RequestBatcher
+from .localization import QueryResult, RerankChoice, get_reranker, localize, query_batches, rerank_settings
+from .open import Map, open_map
 
 logger = logging.getLogger(__name__)
 
 # Where the images of places added live are kept (the map's own copy: re-ranking and explanations read them).
 LIVE_IMAGES_DIR = "live-images"
 LIVE_RUN_NOTE = "places added through the live map (vprkit serve)"
-# Keys name files under LIVE_IMAGES_DIR: relative paths of plain characters, no '.'/'..' components.
-KEY_PATTERN = re.compile(r"[\w\-.]+(/[\w\-.]+)*")
-MAX_KEY_CHARS = 200
-# One forward pass at a time: on a 2-core CPU a second concurrent pass only doubles both latencies.
-DEFAULT_INFERENCE_SLOTS = 1
-# Pixels an uploaded image may have before it is decoded (a 20 MB PNG can hold hundreds of megapixels).
-DEFAULT_MAX_UPLOAD_PIXELS = 40_000_000
-# Formats PIL decodes at a reduced scale when the target size is known (JPEG's DCT scaling): for these
-# only the library's own limit (vprkit.images.MAX_PIXELS) applies.
-DRAFT_FORMATS = ("JPEG", "MPO")
-FULL_TURN_DEG = 360.0
-# PIL format → file extension for keys generated for uploads without a name.
-FORMAT_EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif",
-                     "GIF": ".gif", "PPM": ".ppm"}
-
-
-class UnknownPlaceError(MapError):
-    """No place of the map has this key."""
-
-
-class PlaceExistsError(MapError):
-    """A place with this key is already in the map."""
-
-
-class MapChangedError(MapError):
-    """Another process changed the map on disk since it was opened (its in-memory rows would be wrong)."""
-
-
-class ReadWriteLock:
-    """Many readers or one writer; a waiting writer blocks new readers, so a stream of queries cannot starve it."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._readers = 0
-        self._writer = False
-        self._writers_waiting = 0
-
-    @contextmanager
-    def read(self) -> Iterator[None]:
-        with self._cond:
-            while self._writer or self._writers_waiting:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if self._readers == 0:
-                    self._cond.notify_all()
-
-    @contextmanager
-    def write(self) -> Iterator[None]:
-        with self._cond:
-            self._writers_waiting += 1
-            try:
-                while self._writer or self._readers:
-                    self._cond.wait()
-            finally:
-                self._writers_waiting -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
-
-
-@dataclass(frozen=True)
-class Pose:
-    """A place's pose in the map's frame: position (easting, northing in metres), heading (degrees), timestamp (s).
-
-    ``None`` means "not given": unknown for a new place, unchanged for an update.
-    """
-
-    xy: tuple[float, float] | None = None
-    heading: float | None = None
-    timestamp: float | None = None
-
-
-def _finite(pose: Mapping[str, Any], name: str) -> float | None:
-    value = pose.get(name)
-    if value is None:
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"pose field {name!r} must be a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise ConfigError(f"pose field {name!r} must be finite, got {value!r}")
-    return number
-
-
-def _utm_frame(crs: Any) -> tuple[int, bool] | None:
-    """(UTM zone, northern) of a map's CRS (:attr:`vprkit.maps.MapData.crs`), or None for a local metric frame."""
-    if isinstance(crs, Mapping) and crs.get("kind") == "utm" and crs.get("zone") is not None:
-        return int(crs["zone"]), str(crs.get("hemisphere", "N")).upper().startswith("N")
-    return None
-
-
-def parse_pose(pose: Mapping[str, Any] | None, crs: Any = None) -> Pose:
-    """A pose dict → :class:`Pose` in the map's frame.
-
-    ``{"easting", "northing"}`` (metres) or ``{"lat", "lon"}`` (WGS84 degrees, projected into the map's
-    UTM zone — a map without a geographic frame refuses them), plus optional ``heading`` (degrees,
-    normalised to [0, 360)) and ``timestamp`` (seconds). Any other field is an error, so a typo is not
-    silently ignored.
-    """
-    if not pose:
-        return Pose()
-    known = {"easting", "northing", "lat", "lon", "heading", "timestamp"}
-    unknown = sorted(set(pose) - known)
-    if unknown:
-        raise ConfigError(f"unknown pose field(s) {', '.join(unknown)}; use easting+northing or lat+lon, heading, timestamp")
-    e, n, lat, lon = (_finite(pose, k) for k in ("easting", "northing", "lat", "lon"))
-    metric, geographic = (e, n) != (None, None), (lat, lon) != (None, None)
-    if metric and geographic:
-        raise ConfigError("give a position as easting+northing or as lat+lon, not both")
-    xy: tuple[float, float] | None = None
-    if metric:
-        if e is None or n is None:
-            raise ConfigError("a metric position needs both easting and northing")
-        xy = (e, n)
-    elif geographic:
-        if lat is None or lon is None:
-            raise ConfigError("a geographic position needs both lat and lon")
-        frame = _utm_frame(crs)
-        if frame is None:
-            raise ConfigError("this map records no geographic frame (its poses are metric); give easting+northing")
-        from ..datasets.poses import latlon_to_utm
-
-        projected, _, _ = latlon_to_utm([lat], [lon], zone=frame[0], northern=frame[1])
-        xy = (float(projected[0, 0]), float(projected[0, 1]))
-    heading = _finite(pose, "heading")
-    return Pose(xy, None if heading is None else heading % FULL_TURN_DEG, _finite(pose, "timestamp"))
-
-
-def check_key(key: str) -> str:
-    """``key`` if it can name a place (and its file under ``live-images/``), else a :class:`ConfigError`."""
-    if not isinstance(key, str) or not key or len(key) > MAX_KEY_CHARS or not KEY_PATTERN.fullmatch(key) \
-            or any(part in (".", "..") for part in key.split("/")):
-        raise ConfigError(f"place id {key!r} is not usable: 1–{MAX_KEY_CHARS} characters of letters, digits, '_', '-', "
-                          f"'.', with '/' between non-empty parts (no '.' or '..' parts)")
-    return key
-
-
-def decode_image(data: bytes, name: str = "upload", max_pixels: int = DEFAULT_MAX_UPLOAD_PIXELS,
-                 size_hint: tuple[int, int] | None = None) -> Image.Image:
-    """An uploaded file's bytes → an RGB image, as :func:`vprkit.images.read_image` decodes files.
-
-    The header is checked first: more than ``max_pixels`` pixels is an :class:`ImageReadError` before any
-    pixel is decoded. ``size_hint`` (height, width) lets JPEGs decode at reduced scale (what the map's
-    backbone is fed anyway); such JPEGs are held to the library's limit only.
-    """
-    if not data:
-        raise ImageReadError(f"{name}: empty upload; send the image's bytes")
-    try:
-        with Image.open(io.BytesIO(data)) as probe:
-            width, height, fmt = probe.width, probe.height, probe.format
-    except Exception:  # noqa: BLE001 - read_image below gives the one-line reason for every decoder failure
-        width = height = 0
-        fmt = None
-    if size_hint is not None and fmt in DRAFT_FORMATS:
-        max_pixels = max(max_pixels, MAX_PIXELS)  # decoded at reduced scale: a 48 Mpx phone photo costs little
-    if width * height > max_pixels:
-        raise ImageReadError(f"{name}: {width}×{height} pixels is more than this service decodes ({max_pixels:,} pixels); "
-                             f"downscale it first")
-    return read_image(bytes(data), target_size=size_hint, name=name)
-
-
-@dataclass(eq=False)
-class _Request:
-    """One call of :meth:`LiveMap.localize`, waiting for the model or done (results or error)."""
-
-    frames: dict[str, np.ndarray | Image.Image]
-    top_k: int
-    rerank: str | None
-    results: list[QueryResult] | None = None
-    error: BaseException | None = None
-    finished: threading.Event = dataclasses.field(default_factory=threading.Event)
-
-    @property
-    def settings(self) -> tuple[int, str | None]:
-        return self.top_k, self.rerank
 
 
 class LiveMap:
@@ -252,17 +68,13 @@ class LiveMap:
 
     def __init__(self, map: Map, inference_slots: int = DEFAULT_INFERENCE_SLOTS,
                  max_upload_pixels: int = DEFAULT_MAX_UPLOAD_PIXELS):
-        if inference_slots < 1:
-            raise ConfigError(f"inference_slots must be at least 1, got {inference_slots}")
         self.map = map
         self.max_upload_pixels = max_upload_pixels
         self.lock = ReadWriteLock()
-        self._inference = threading.BoundedSemaphore(inference_slots)
-        self._queue: list[_Request] = []  # localisations waiting for the model (see _claim)
-        self._queue_lock = threading.Lock()
+        self._batcher = RequestBatcher(inference_slots, map.config.batch_size)
         self._row_of = {k: i for i, k in enumerate(map.data.keys)}
-        # Re-rankers by name, built once (their patch state, readers and caches) and dropped on a write,
-        # which changes the rows they index.
+        # Re-rankers by their settings, built once (their patch state, readers and caches) and dropped on a
+        # write, which changes the rows they index.
         self._rerankers: dict[str, Any] = {}
         self._rerankers_lock = threading.Lock()
         self._run: int | None = None
@@ -292,61 +104,17 @@ class LiveMap:
         return decode_image(data, name, self.max_upload_pixels, self.size_hint())
 
     def localize(self, frames: Mapping[str, np.ndarray | Image.Image], top_k: int = 10,
-                 rerank: str | None = None) -> list[QueryResult]:
-        """Top-``top_k`` places of each decoded frame (named by its key), optionally re-ranked.
+                 rerank: RerankChoice = None) -> list[QueryResult]:
+        """Top-``top_k`` places of each decoded frame (named by its key), re-ranked as the map was built to
+        unless ``rerank`` says otherwise (``"none"``, a preset name).
 
-        Runs beside other localisations; waits only for a write in progress.
+        Runs beside other localisations (batched with those that wait for the model); waits only for a write
+        in progress.
         """
-        request = _Request(dict(frames), top_k, rerank)
-        with self._queue_lock:
-            self._queue.append(request)
         with self.lock.read():
-            with self._inference:
-                batch = self._claim(request)
-                if batch:
-                    self._run_batch(request, batch)
-            request.finished.wait()  # at once when this call ran the batch; else until the batch that took it ends
-        if request.error is not None:
-            raise request.error
-        assert request.results is not None
-        return request.results
-
-    def _claim(self, leader: "_Request") -> list["_Request"]:
-        """``leader`` and the queued requests with its settings (up to the preset's batch size in images),
-        taken off the queue; empty when a batch already took ``leader``.
-
-        Requests that arrive while the model is busy queue up; the next one to get the model takes them
-        all, so a loaded service runs batches — less CPU per image than one image at a time — and an
-        idle one answers each request at once.
-        """
-        with self._queue_lock:
-            if leader not in self._queue:
-                return []
-            batch, budget = [], max(self.map.config.batch_size, len(leader.frames))
-            for request in [leader] + [r for r in self._queue if r is not leader]:
-                if request.settings == leader.settings and (request is leader or len(request.frames) <= budget):
-                    batch.append(request)
-                    budget -= len(request.frames)
-            self._queue = [r for r in self._queue if all(r is not b for b in batch)]
-            return batch
-
-    def _run_batch(self, leader: "_Request", batch: list["_Request"]) -> None:
-        """Localise the frames of ``batch`` in one call and hand each request its results (or the error)."""
-        named = {f"{i}/{key}": frame for i, request in enumerate(batch) for key, frame in request.frames.items()}
-        try:
-            results = localize(self.map, named, top_k=leader.top_k, rerank=self._reranker(leader.rerank),
-                               unreadable="report")
-            start = 0
-            for request in batch:
-                mine = results[start:start + len(request.frames)]
-                request.results = [dataclasses.replace(r, query=key) for r, key in zip(mine, request.frames)]
-                start += len(request.frames)
-        except BaseException as exc:  # every request of the batch gets the error (it is not about one frame)
-            for request in batch:
-                request.error = exc
-        finally:
-            for request in batch:
-                request.finished.set()
+            return self._batcher.run(frames, (top_k, rerank if rerank is None or isinstance(rerank, str) else repr(rerank)),
+                                     lambda named, _: localize(self.map, named, top_k=top_k,
+                                                               rerank=self._reranker(rerank), unreadable="report"))
 
     def place(self, key: str) -> dict[str, Any]:
         """What the map holds for ``key``: its row, position, heading and timestamp."""
@@ -383,12 +151,12 @@ class LiveMap:
         (kept as PNG). The descriptor (and the map extensions' payloads) come from the same models as
         the map's. A key already in the map is a :class:`PlaceExistsError`.
         """
-        data_bytes, picture, fmt = self._picture(image, key or "upload")
+        data_bytes, picture, fmt = kept_picture(image, key or "upload", self.decode)
         key = check_key(key) if key is not None else self._new_key(fmt)
         if key in self._row_of:  # early answer; checked again under the write lock
             raise PlaceExistsError(f"place {key!r} is already in the map; delete it or use another id")
         parsed = parse_pose(pose, self.map.data.crs)
-        with self._inference:  # the model's work, before any lock readers would wait for
+        with self._batcher.inference:  # the model's work, before any lock readers would wait for
             (qb,) = list(query_batches(self.map, DecodedImages({key: picture})))
         vector = qb.global_descriptors[:1]
         extras = None
@@ -492,24 +260,6 @@ class LiveMap:
         data.timestamps = np.append(data.timestamps, np.nan if pose.timestamp is None else pose.timestamp)
         self._row_of[key] = len(data.keys) - 1
 
-    def _picture(self, image: bytes | np.ndarray | Image.Image, name: str) -> tuple[bytes, Image.Image, str]:
-        """(bytes to keep, decoded picture, PIL format) of an added image."""
-        if isinstance(image, (bytes, bytearray, memoryview)):
-            raw = bytes(image)
-            picture = self.decode(raw, name)
-            try:
-                with Image.open(io.BytesIO(raw)) as probe:
-                    fmt = probe.format or "PNG"
-            except Exception:  # noqa: BLE001 - decoded above, so this cannot fail in practice
-                fmt = "PNG"
-            return raw, picture, fmt
-        from ..images import as_pil
-
-        picture = as_pil(image, name)
-        buffer = io.BytesIO()
-        picture.save(buffer, format="PNG")
-        return buffer.getvalue(), picture, "PNG"
-
     def _new_key(self, fmt: str) -> str:
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         return f"live-{stamp}-{os.urandom(4).hex()}{FORMAT_EXTENSIONS.get(fmt, '.img')}"
@@ -528,8 +278,6 @@ class LiveMap:
         """The run id recorded for the live images (registered on the first add, reused after a restart)."""
         run = self._live_run_id()
         if run is None:
-            from ..maps.mapdir import register_run
-
             run = int(register_run(self.dir, (self.dir / LIVE_IMAGES_DIR).resolve(), LIVE_RUN_NOTE))
             self.map.data.info = read_map_info(self.dir)  # the new run: MapData.images finds live images by it
             self._seen = self._map_file_state()
@@ -561,14 +309,17 @@ class LiveMap:
         st = (self.dir / MAP_FILE).stat()
         return st.st_ino, st.st_mtime_ns, st.st_size
 
-    def _reranker(self, name: str | None):
-        """The re-ranker ``name`` for this map, built on first use and kept until the next write."""
-        if not name:
+    def _reranker(self, rerank: RerankChoice):
+        """The re-ranker ``rerank`` asks for on this map (None: the map's own), built on first use and kept until
+        the next write."""
+        settings = rerank_settings(self.map.config, rerank)
+        if settings is None:
             return None
+        key = repr(settings)
         with self._rerankers_lock:
-            if name not in self._rerankers:
-                self._rerankers[name] = get_reranker(self.map, name)
-            return self._rerankers[name]
+            if key not in self._rerankers:
+                self._rerankers[key] = get_reranker(self.map, settings)
+            return self._rerankers[key]
 
     def _drop_rerankers(self) -> None:
         with self._rerankers_lock:

@@ -23,12 +23,17 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import numpy as np
 
 from ..config import Config
+from ..datasets.poses import read_poses
 from ..errors import ConfigError, DatasetError
 from ..evaluation import loops as loop_eval
 from ..images import ImageInput, ImageSource, image_source
 from ..io import atomic_write_json
+from ..maps import open_map_data
 from ..retrieval.sequence import (OnlineSequenceMatcher, SequenceSettings, check_route_order, sequence_scores,
                                   top_k as sequence_top_k)
+from .build import build_map
+from .localization import RERANK_OFF, QueryResult, localize, make_match, query_batches
+from .open import Map, open_map
 
 logger = logging.getLogger(__name__)
 
@@ -97,8 +102,6 @@ def _truth(ground_truth, keys: list[str], radius: float, exclude_recent: int) ->
         return loop_eval.read_truth_matrix(path, n, exclude_recent)
     if path.suffix.lower() == ".npy":
         return loop_eval.read_truth_matrix(path, n, exclude_recent)
-    from ..datasets.poses import read_poses
-
     positions = read_poses(path).lookup(keys)
     missing = ~np.isfinite(positions).all(axis=1)
     if missing.any():
@@ -121,9 +124,6 @@ def _frame_descriptors(frames, preset: str | Config | None, work: Path, progress
                        log: Callable[[str], None]) -> tuple[list[str], np.ndarray]:
     """Keys in time order and their global descriptors, through a map built of the frames themselves
     (its vocabulary comes from them too); the map in ``work`` is reused on a rerun."""
-    from ..maps import open_map_data
-    from . import build_map
-
     source = image_source(frames)
     keys = list(source.keys)
     if len(keys) < 2:
@@ -247,12 +247,10 @@ def localize_stream(
     position estimate (``estimate`` is None).
     An unreadable frame gets a result with its ``error`` and leaves the sequence as it was.
     """
-    from . import Map, QueryResult, _match, localize, open_map, query_batches
-
     settings = sequence_settings(sequence_length, sequence)
     if settings is not None and settings.length == 1:
         settings = None
-    if settings is not None and rerank:
+    if settings is not None and rerank not in (None, False, RERANK_OFF):
         raise ConfigError("re-ranking and sequence matching are not combined; choose one")
     if batch_frames < 1:
         raise ConfigError(f"batch_frames must be ≥ 1, got {batch_frames}")
@@ -277,7 +275,7 @@ def localize_stream(
             for key, g in zip(qb.keys, qb.global_descriptors):
                 cosines = map_globals @ g.astype(np.float32)
                 (rows,), (scores,) = sequence_top_k(matcher.push(cosines)[None], top_k)
-                done[key] = QueryResult(key, [_match(m, int(i), float(v), settings.score_kind, float(cosines[i]), headings)
+                done[key] = QueryResult(key, [make_match(m, int(i), float(v), settings.score_kind, float(cosines[i]), headings)
                                               for i, v in zip(rows, scores) if i >= 0], time.perf_counter() - t0)
                 t0 = time.perf_counter()
         for name in names:
