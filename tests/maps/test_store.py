@@ -16,7 +16,7 @@ def test_shards_consolidate_without_duplicates(tmp_path):
     g = s.read_global()
     assert g.dtype == np.float32 and g.shape == (3, 3) and np.allclose(g[2], 1)
     assert np.allclose(s.read_poses()[:2], [[1, 2], [3, 4]]) and np.isnan(s.read_poses()[2]).all()
-    with s.open() as r:
+    with s.open_extras() as r:
         assert np.allclose(r.extras("patches", 2)["x"], np.arange(4))
         with pytest.raises(MapError, match="no 'patches' data"):
             r.extras("patches", 0)

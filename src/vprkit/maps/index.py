@@ -19,11 +19,12 @@ import logging
 import os
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import faiss
 import numpy as np
 
+from ..config import Config
 from ..errors import ConfigError, MapError
 from ..io import atomic_path
 from ..registry import Registry
@@ -33,9 +34,6 @@ from .manifest import (INDEX_MANIFEST_FILE, MAP_FILE, VOCAB_FILE, DescriptorsRec
 from .store import STORE_FILE
 from .vectors import (DESCRIPTOR_DTYPES, DESCRIPTORS_FILE, DescriptorFile, MemoryDescriptors, chunk_rows,
                       open_descriptors, write_descriptors)
-
-if TYPE_CHECKING:
-    from ..config import Config
 
 logger = logging.getLogger(__name__)
 
@@ -87,17 +85,17 @@ class Index(Protocol):
 INDEX_BACKENDS: Registry[type] = Registry("index backend")
 
 
-def build_index(vectors: np.ndarray, config: "Config", map_dir: Path | None = None) -> Index:
+def build_index(vectors: np.ndarray, config: Config, map_dir: Path | None = None) -> Index:
     """The map's index over ``vectors`` (N×dim, the store's rows) as ``config`` asks (backend, factory, options)."""
     return INDEX_BACKENDS.get(config.index_backend).build_for_map(vectors, config, map_dir)
 
 
-def load_index(map_dir: Path, config: "Config") -> Index | None:
+def load_index(map_dir: Path, config: Config) -> Index | None:
     """The map's saved index, or None when it is missing or unreadable (it is derived data: rebuild it)."""
     return INDEX_BACKENDS.get(config.index_backend).load_for_map(Path(map_dir), config)
 
 
-def update_map_index(map_dir: Path, vectors: np.ndarray, config: "Config") -> Index:
+def update_map_index(map_dir: Path, vectors: np.ndarray, config: Config) -> Index:
     """Bring the map's saved index up to ``vectors`` (the store's rows after a build) and save it.
 
     A map whose index was compressed (``vprkit map compress``) keeps that index: when the saved
@@ -114,7 +112,7 @@ def update_map_index(map_dir: Path, vectors: np.ndarray, config: "Config") -> In
     return index
 
 
-def config_options(config: "Config") -> dict[str, Any]:
+def config_options(config: Config) -> dict[str, Any]:
     """Every FAISS option ``config`` asks for (its ``index_options`` over the defaults; seed: the vocabulary's)."""
     return faiss_options(config.index_options, seed=config.vocabulary.seed)
 
@@ -187,7 +185,7 @@ class FaissIndex:
             self.descriptors = MemoryDescriptors(np.empty((0, dim), DESCRIPTOR_DTYPES[self.options["descriptors_dtype"]]))
 
     @classmethod
-    def build_for_map(cls, vectors: np.ndarray, config: "Config", map_dir: Path | None = None) -> "FaissIndex":
+    def build_for_map(cls, vectors: np.ndarray, config: Config, map_dir: Path | None = None) -> "FaissIndex":
         """A new index over ``vectors``: the map's recorded trained structure when it has one, else ``config``'s."""
         recorded = cls._recorded(map_dir, config) if map_dir is not None else None
         if recorded is not None:
@@ -199,7 +197,7 @@ class FaissIndex:
         return cls.build(vectors, config.index, seed=config.vocabulary.seed, options=config_options(config))
 
     @classmethod
-    def update_for_map(cls, map_dir: Path, vectors: np.ndarray, config: "Config") -> "FaissIndex":
+    def update_for_map(cls, map_dir: Path, vectors: np.ndarray, config: Config) -> "FaissIndex":
         """The saved index plus the rows of ``vectors`` it lacks, or a rebuild (see :func:`update_map_index`)."""
         current = cls.load_for_map(map_dir, config)
         x = _rows_of(vectors)
@@ -223,7 +221,7 @@ class FaissIndex:
         return True
 
     @staticmethod
-    def _recorded(map_dir: Path | None, config: "Config"):
+    def _recorded(map_dir: Path | None, config: Config):
         """(factory, options, trained index, trained_on) recorded in ``map_dir``, or None."""
         if map_dir is None:
             return None
@@ -240,7 +238,7 @@ class FaissIndex:
 
     # ---- reading and writing a map's index ------------------------------------------------------
     @classmethod
-    def load_for_map(cls, map_dir: Path, config: "Config") -> "FaissIndex | None":
+    def load_for_map(cls, map_dir: Path, config: Config) -> "FaissIndex | None":
         map_dir = Path(map_dir)
         manifest = _read_manifest(map_dir)
         if manifest is None:  # a map from before manifests: one index.faiss of config.index
@@ -263,7 +261,7 @@ class FaissIndex:
             return None
 
     @classmethod
-    def _load_manifest(cls, map_dir: Path, manifest: IndexManifest, config: "Config") -> "FaissIndex":
+    def _load_manifest(cls, map_dir: Path, manifest: IndexManifest, config: Config) -> "FaissIndex":
         shards, files = [], []
         for entry in manifest.shards:
             path = map_dir / entry.file
@@ -624,7 +622,7 @@ def _top_components(x: np.ndarray, rank: int, seed: int) -> tuple[np.ndarray, np
     return vt[:rank].astype(np.float32), s[:rank]
 
 
-def _serving_options(recorded: Mapping[str, Any], config: "Config") -> dict[str, Any]:
+def _serving_options(recorded: Mapping[str, Any], config: Config) -> dict[str, Any]:
     """The options a map was compressed with; the config may change the query-time ones."""
     overrides = {k: v for k, v in dict(config.index_options).items() if k in QUERY_OPTIONS}
     return faiss_options({**recorded, **overrides}, seed=config.vocabulary.seed)

@@ -54,19 +54,17 @@ import re
 import threading
 import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..config import Config
 from ..errors import ConfigError, MapError
 from ..io import atomic_write_json
 from ..options import MILVUS_LITE_INDEX_TYPES
 from .index import INDEX_BACKENDS
 from .manifest import read_json
 from .store import MapStore
-
-if TYPE_CHECKING:
-    from ..config import Config
 
 logger = logging.getLogger(__name__)
 
@@ -324,19 +322,19 @@ class MilvusIndex:
         return index
 
     @classmethod
-    def build_for_map(cls, vectors, config: "Config", map_dir: Path | None = None) -> "MilvusIndex":
+    def build_for_map(cls, vectors, config: Config, map_dir: Path | None = None) -> "MilvusIndex":
         opts = resolve_options(config.index_options, map_dir)
         keys, runs, poses = _MapRows(map_dir).slice(0, len(_rows(vectors)))
         return cls.build(vectors, opts, keys, runs, poses)
 
     @classmethod
-    def load_for_map(cls, map_dir: Path, config: "Config") -> "MilvusIndex | None":
+    def load_for_map(cls, map_dir: Path, config: Config) -> "MilvusIndex | None":
         """The map's collection when ``milvus.json`` says it holds exactly the store's rows, else None (rebuild it)."""
         rows = _MapRows(map_dir)
         return cls._reopen(Path(map_dir), config, rows, len(rows.keys))
 
     @classmethod
-    def update_for_map(cls, map_dir: Path, vectors, config: "Config") -> "MilvusIndex":
+    def update_for_map(cls, map_dir: Path, vectors, config: Config) -> "MilvusIndex":
         """After a build: the saved collection plus the new rows when it holds a prefix of the store, else a new one.
 
         Adding to a map of millions of rows then inserts only what the build added.
@@ -355,7 +353,7 @@ class MilvusIndex:
         return index
 
     @classmethod
-    def _reopen(cls, map_dir: Path, config: "Config", rows: _MapRows, n: int) -> "MilvusIndex | None":
+    def _reopen(cls, map_dir: Path, config: Config, rows: _MapRows, n: int) -> "MilvusIndex | None":
         """The saved collection if it holds the store's first ``n`` rows with these settings, else None."""
         opts = resolve_options(config.index_options, map_dir)
         state = _read_state(map_dir)

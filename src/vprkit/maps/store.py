@@ -803,10 +803,13 @@ class MapStore:
                 add(f)
         return table
 
-    def open(self) -> "StoreReader":
+    def open_extras(self) -> "ExtrasReader":
         """A reader that keeps the files open, for reading many per-image extras (of this store's snapshot)."""
         self._require()
-        return StoreReader._over(self._current())
+        return ExtrasReader._over(self._current())
+
+    # The old name, still called by vprkit.rerank.reranker and vprkit.segments (retriever, explain).
+    open = open_extras
 
     def _require(self) -> None:
         if self._pinned is None and not self.path.exists() and not self._live_files():
@@ -912,10 +915,11 @@ def _write_extra(f: h5py.File, row: int, extra: Extras, dtype) -> None:
             g.create_dataset(name, data=arr)
 
 
-class StoreReader:
-    """Open store files for random access to per-image extras. Use as a context manager or close().
+class ExtrasReader:
+    """Open store files for random access to per-image extras (re-ranking patches, segments …) by row.
+    Use as a context manager or close(). It reads extras only: descriptors, keys and poses are :class:`MapStore`'s.
 
-    ``StoreReader(path)`` reads one file; :meth:`MapStore.open` gives one over the whole store
+    ``ExtrasReader(path)`` reads one file; :meth:`MapStore.open_extras` gives one over the whole store
     (``store.h5`` and its append files, the rows numbered as :meth:`MapStore.keys`).
     """
 
@@ -927,7 +931,7 @@ class StoreReader:
         self._snap = _Snapshot([Path(path)], [f], [0], 0)
 
     @classmethod
-    def _over(cls, snap: _Snapshot) -> "StoreReader":
+    def _over(cls, snap: _Snapshot) -> "ExtrasReader":
         reader = cls.__new__(cls)
         reader._snap = snap
         return reader
