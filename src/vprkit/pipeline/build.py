@@ -25,6 +25,7 @@ import torch
 
 from .. import __version__
 from ..aggregation import Aggregator, Vocabulary
+from ..aggregation.options import AggregationOptions
 from ..aggregation.vocabulary import make_aggregator
 from ..backbones import Backbone
 from ..backbones.extract import FeatureCache, extract, ignore_failures, memory_plan, sample_keys
@@ -33,12 +34,13 @@ from ..environment import recorded_environment
 from ..errors import MapError
 from ..images import ImageSource, image_source
 from ..io import atomic_write_json, clean_orphans
-from ..maps import FAILURES_FILE, MAP_FILE, MapStore, read_json
+from ..maps import FAILURES_FILE, MAP_FILE, MapStore, read_map_info
 from ..maps.builds import BuildPlan, check_build_policies, plan_build
 from ..maps.extensions import EXTENSIONS_DIR, MapExtension
 from ..maps.index import update_map_index
 from ..maps.lock import map_write_lock
-from ..maps.mapdir import BUILD_FILE, LOCAL_CRS, check_build_settings
+from ..maps.manifest import read_build_record, write_build_record, write_manifest
+from ..maps.mapdir import LOCAL_CRS, check_build_settings
 from ..maps.poses import PoseRows, pose_rows
 from ..maps.store import PENDING_DIR
 from .models import features_on_cpu, load_backbone, make_extensions, on_cpu, resolve_config
@@ -107,7 +109,7 @@ def build_map(
     with map_write_lock(out):
         info = _build_locked(request, _after_shard)
         info["last_build"]["seconds"] = round(time.perf_counter() - started, 3)  # the whole build, as a user waits
-        atomic_write_json(out / MAP_FILE, info, default=str)
+        write_manifest(out, info)
     return info
 
 
@@ -143,7 +145,7 @@ def start_build(out: Path, config: Config) -> dict[str, Any]:
     for folder in (out, out / PENDING_DIR, out / EXTENSIONS_DIR):  # we hold the lock: leftovers are a dead build's
         clean_orphans(folder, older_than_s=0)
     check_build_settings(out, config)
-    return read_json(out / MAP_FILE) if (out / MAP_FILE).exists() else {}
+    return read_map_info(out) if (out / MAP_FILE).exists() else {}
 
 
 def store_has_poses(store: MapStore) -> bool:
@@ -157,14 +159,14 @@ def prepare_build(config: Config, source: ImageSource, keys: list[str], out: Pat
     The vocabulary is recorded before the first shard: a resumed build must encode with this very one.
     """
     backbone = load_backbone(config)
-    record_path = out / BUILD_FILE
-    record = read_json(record_path) if record_path.exists() else {}
-    atomic_write_json(record_path, {**record, "config": config.to_dict(), "vprkit_version": __version__}, default=str)
+    record = read_build_record(out)
+    write_build_record(out, {**(record.to_dict() if record else {}), "config": config.to_dict(),
+                             "vprkit_version": __version__})
     cache = cache if cache is not None else FeatureCache(memory_plan(config, backbone).feature_cache_bytes)
     vocabulary = obtain_vocabulary(config, backbone, source, out, progress, log, cache)
     if vocabulary is not None:
-        record_build_vocabulary(record_path, vocabulary)
-    aggregator = on_device(make_aggregator(config, backbone, vocabulary), backbone)
+        record_build_vocabulary(out, vocabulary)
+    aggregator = on_device(make_aggregator(AggregationOptions.from_config(config), backbone, vocabulary), backbone)
     extensions = fitted_extensions(config, backbone, vocabulary, source, keys, out, progress)
     return BuildModels(backbone, vocabulary, aggregator, extensions, cache)
 
@@ -217,7 +219,7 @@ def _build_locked(req: BuildRequest, after_shard: Callable[[int], None] | None) 
     plan.run["new_images"] = len(plan.todo) - (len(failures) - skipped)
     info = _map_record(req, previous, runs, plan, models, rows, n, failures, index, int(vectors.shape[1]))
     info["last_build"].update(poses_updated=updated_poses, encode_seconds=round(encode_s, 3))
-    atomic_write_json(req.out / MAP_FILE, info, default=str)
+    write_manifest(req.out, info)
     for ext in models.extensions.values():
         ext.finalize(store, req.out)
     return info

@@ -49,14 +49,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..aggregation.options import AggregationOptions
 from ..aggregation.vocabulary import make_aggregator
 from ..backbones.extract import FeatureCache
 from ..config import Config
 from ..errors import ConfigError, MapError
 from ..images import Batch, ImageSource, image_source
 from ..device import module_device
-from ..io import atomic_write_json
-from ..maps import MAP_FILE, MapStore
+from ..maps import MapStore
+from ..maps.manifest import write_manifest
 from ..maps.lock import map_write_lock
 from ..maps.mapdir import next_run_id
 from ..maps.builds import CHANGE_POLICIES, DUPLICATE_POLICIES, check_build_policies
@@ -126,7 +127,8 @@ class _Encoder:
         self.config = config
         self.backbone = load_backbone(config)
         self.device = module_device(self.backbone)
-        self.aggregator = on_device(make_aggregator(config, self.backbone, vocabulary), self.backbone)
+        self.aggregator = on_device(make_aggregator(AggregationOptions.from_config(config), self.backbone, vocabulary),
+                                    self.backbone)
         self.extensions = make_extensions(config, self.backbone, vocabulary)
         for group, ext in self.extensions.items():
             if states.get(group):
@@ -386,7 +388,7 @@ def _record_distributed(out: Path, info: dict[str, Any], encoded: int, resumed: 
     if runs:
         runs[-1]["new_images"] = int(runs[-1].get("new_images", 0)) + ray_rows
     info = {**info, "last_build": last, "runs": runs}
-    atomic_write_json(out / MAP_FILE, info, default=str)
+    write_manifest(out, info)
     return info
 
 

@@ -43,8 +43,9 @@ import numpy as np
 from PIL import Image
 
 from ..images import DecodedImages
-from ..io import atomic_path, atomic_write_json
+from ..io import atomic_path
 from ..maps import INDEX_FILE, MAP_FILE, read_map_info
+from ..maps.manifest import write_manifest
 from ..maps.lock import map_write_lock
 from ..maps.store import ENTRY_FIELDS, POSE_DIMS
 from ..maps.lock import ReadWriteLock
@@ -343,7 +344,7 @@ class LiveMap:
         info.setdefault("index", {})["ntotal"] = int(self.map.index.ntotal)
         info["updated"] = now
         info["last_change"] = {"at": now, "live": change}
-        atomic_write_json(self.dir / MAP_FILE, info, default=str)
+        write_manifest(self.dir, info)
         self.map.data.info = info
         self._seen = self._map_file_state()
 

@@ -15,8 +15,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..errors import MapError
-from ..io import atomic_write_json
-from ..maps import MAP_FILE, MapStore, open_map_data, read_map_info
+from ..maps import MapStore, open_map_data, read_map_info
+from ..maps.manifest import write_manifest
 from ..maps.index import build_index, serving_footprint
 from ..maps.lock import map_write_lock
 from ..maps.mapdir import crs_to_latlon, map_crs
@@ -78,7 +78,7 @@ def record_change(map_dir: Path, **change: Any) -> dict[str, Any]:
             info["crs"] = crs
     info["updated"] = now
     info["last_change"] = {"at": now, **change}
-    atomic_write_json(map_dir / MAP_FILE, info, default=str)
+    write_manifest(map_dir, info)
     return info
 
 
