@@ -1,7 +1,8 @@
 """The map directory as data: its files, its recorded settings, and opening it for reading.
 
-``MAP_DIR/map.json`` (settings, counts, vocabulary checksum), ``vocabulary.npz``, ``store.h5``
-(descriptors, keys, poses, per-image extras), ``index.faiss`` and ``failures.json``. Opening a map
+``MAP_DIR/map.json`` (settings, counts, vocabulary checksum; read and written as the typed
+:class:`~vprkit.maps.manifest.MapManifest`), ``vocabulary.npz``, ``store.h5`` (descriptors, keys,
+poses, per-image extras), ``index.faiss`` and ``failures.json``. Opening a map
 here loads no model: :class:`MapData` is what retrieval, re-ranking and extensions read — the
 index, the store, keys, poses and where the images are — and the composer adds the models.
 
@@ -28,7 +29,7 @@ from ..errors import ImageReadError, MapError, VocabularyMismatchError
 from ..images import ImageSource, MappedFiles
 from .index import INDEX_FILE, FaissIndex, Index, build_index, load_index
 from .manifest import (BUILD_FILE, MAP_FILE, VOCAB_FILE, MapManifest, RunRecord, read_build_record, read_json,
-                       read_manifest, read_map_info, recorded_config, write_manifest)
+                       read_manifest, read_map_info, write_manifest)
 from .store import MapStore
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ logger = logging.getLogger(__name__)
 FAILURES_FILE = "failures.json"
 # Names other modules import from here (the records themselves live in vprkit.maps.manifest).
 __all__ = ["BUILD_FILE", "FAILURES_FILE", "INDEX_FILE", "LOCAL_CRS", "MAP_FILE", "VOCAB_FILE", "FaissIndex", "MapData",
-           "MapManifest", "changed_entries", "check_build_settings", "crs_to_latlon", "map_config", "map_crs",
+           "MapManifest", "changed_entries", "check_build_settings", "crs_to_latlon", "map_crs",
            "next_run_id", "open_map_data", "read_json", "read_map_info", "register_run", "settings_differences"]
 
 
@@ -68,11 +69,6 @@ def check_build_settings(map_dir: Path, config: Config) -> None:
         shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
         raise MapError(f"{map_dir} {state} with other settings ({shown}); use the same settings to add "
                        f"images, or another --out")
-
-
-def map_config(info: Mapping[str, Any], path: Path | str = MAP_FILE) -> Config:
-    """The settings recorded in a ``map.json`` dict (``info["config"]``) as a :class:`Config`."""
-    return recorded_config(info["config"], path)
 
 
 @dataclass
