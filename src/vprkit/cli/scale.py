@@ -15,6 +15,7 @@ from typing import Any, Callable
 import click
 
 from ..options import Option, schema
+from ..pipeline.scale import compress_map, describe_options
 
 
 def _option_name(name: str) -> str:
@@ -52,8 +53,6 @@ def map_compress(map_dir: Path, factory: str, as_json: bool, **options: Any) -> 
 
     An index option not given takes its default shown here (not what an earlier compress used).
     """
-    from ..pipeline.scale import compress_map, describe_options  # the composer: `vprkit --help` stays light
-
     result = compress_map(map_dir, factory, **options)
     if as_json:
         click.echo(json.dumps(result, indent=2, default=str))
