@@ -9,7 +9,7 @@ from vprkit.aggregation.domains import PCA, analyse_domains, suggest_groups
 from vprkit.aggregation.vlad import Vocabulary
 from vprkit.config import VocabularyConfig
 from vprkit.images import ImageSpec
-from vprkit.presets import get_preset
+from vprkit.presets import resolve
 
 
 def _dataset(root, n, style, seed):
@@ -27,7 +27,7 @@ def _dataset(root, n, style, seed):
 
 @pytest.fixture
 def config():
-    return get_preset("effnet-vlad").replace(image=ImageSpec((48, 64), "fixed"), vocabulary=VocabularyConfig(k=4))
+    return resolve("effnet-vlad").replace(image=ImageSpec((48, 64), "fixed"), vocabulary=VocabularyConfig(k=4))
 
 
 def test_suggest_groups_joins_overlapping_clouds():

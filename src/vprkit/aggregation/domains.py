@@ -15,24 +15,26 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
+from scipy.sparse.csgraph import connected_components
 
 from ..backbones.base import Backbone
-from ..backbones.extract import extract, ignore_failures
-from ..config import Config
+from ..backbones.extract import ExtractionOptions, extract, ignore_failures
 from ..errors import ConfigError
 from ..images import ImageSource, image_source
 from ..io import atomic_path, atomic_savez
 from ..numerics import PCA
-from .gem import gem_pool
 from .base import l2n
+from .gem import gem_pool
+from .options import VocabularyOptions
+from .vlad import IDENTITY_KEYS, Vocabulary
+from .vocabulary import build_vocabulary, descriptor_identity, domain_vocabulary_dir
 
 DOMAIN_SAMPLE_IMAGES = 200  # GeM descriptors per dataset: enough for a stable centroid and spread
 PCA_COMPONENTS = 2
 PCA_FILE = "domains-pca.npz"
 
 
-def gem_descriptors(backbone: Backbone, config: Config, images: ImageSource | str | os.PathLike,
+def gem_descriptors(backbone: Backbone, extraction: ExtractionOptions, images: ImageSource | str | os.PathLike,
                     keys: Sequence[str] | None = None, max_images: int = DOMAIN_SAMPLE_IMAGES, p: float = 3.0,
                     signed: bool = False, progress: bool | str = False) -> np.ndarray:
     """L2-normalised GeM descriptors of up to ``max_images`` evenly spread images (n×D float32)."""
@@ -41,7 +43,7 @@ def gem_descriptors(backbone: Backbone, config: Config, images: ImageSource | st
     if len(keys) > max_images:
         keys = [keys[i] for i in np.linspace(0, len(keys) - 1, max_images).round().astype(int)]
     out = [l2n(gem_pool(f.flat(), p, signed)).float().cpu().numpy()
-           for _, f in extract(backbone, config, source, keys, progress, on_failure=ignore_failures)]
+           for _, f in extract(backbone, extraction, source, keys, progress, on_failure=ignore_failures)]
     if not out:
         raise ConfigError(f"no readable images in {source.describe()}")
     return np.concatenate(out)
@@ -72,8 +74,6 @@ def suggest_groups(names: Sequence[str], clouds: Sequence[np.ndarray]) -> list[l
     spread = np.array([np.sqrt(((c - c.mean(0)) ** 2).sum(1).mean()) for c in clouds])
     dist = np.linalg.norm(cents[:, None] - cents[None], axis=-1)
     adjacent = dist < (spread[:, None] + spread[None])
-    from scipy.sparse.csgraph import connected_components
-
     n, labels = connected_components(adjacent, directed=False)
     return [[names[i] for i in np.flatnonzero(labels == g)] for g in range(n)]
 
@@ -136,8 +136,6 @@ def nearest_domain(map_descriptors: np.ndarray, vocab_folder: Path, identity: di
     with the PCA saved by ``vprkit vocab domains`` (or one fitted on the candidates' centroids).
     Returns the domain name and every candidate's distance.
     """
-    from .vlad import IDENTITY_KEYS, Vocabulary
-
     candidates: dict[str, np.ndarray] = {}
     for path in sorted(Path(vocab_folder).glob("*.npz")):
         if path.name == PCA_FILE:
@@ -167,42 +165,38 @@ def nearest_domain(map_descriptors: np.ndarray, vocab_folder: Path, identity: di
 
 # ---- the stage's entry points: domain vocabularies from image sets -----------------------------
 def build_domain_vocabulary(
-    backbone: Backbone, config: Config, datasets: dict[str, ImageSource], name: str,
+    backbone: Backbone, options: VocabularyOptions, datasets: dict[str, ImageSource], name: str,
     out: str | os.PathLike | None = None, progress: bool = True,
 ) -> Path:
     """Pool sub-sampled descriptors of several image sets (name → database images) into vocabulary ``name``.
 
     Saved as ``<vocabularies>/<name>.npz`` (or ``out``) with each set's GeM centroid, so
     :func:`nearest_domain` can later choose it for a new map. Memory is bounded by the
-    configuration's vocabulary pool whatever the datasets' sizes.
+    vocabulary pool (``options.pool_bytes``) whatever the datasets' sizes.
     """
-    from .vocabulary import build_vocabulary, domain_vocabulary_dir
-
-    voc = build_vocabulary(backbone, config, list(datasets.values()), name=f"domain:{name}", progress=progress)
+    voc = build_vocabulary(backbone, options, list(datasets.values()), name=f"domain:{name}", progress=progress)
     voc.metadata["datasets"] = list(datasets)
     voc.metadata["dataset_gem_centroids"] = {
-        label: gem_descriptors(backbone, config, src).mean(0).round(6).tolist() for label, src in datasets.items()
+        label: gem_descriptors(backbone, options.extraction, src).mean(0).round(6).tolist()
+        for label, src in datasets.items()
     }
     path = Path(out) if out else domain_vocabulary_dir() / f"{name}.npz"
     return voc.save(path)
 
 
-def analyse_dataset_domains(backbone: Backbone, config: Config, datasets: dict[str, ImageSource],
+def analyse_dataset_domains(backbone: Backbone, extraction: ExtractionOptions, datasets: dict[str, ImageSource],
                             plot: str | os.PathLike | None = None, progress: bool = True) -> DomainAnalysis:
     """GeM descriptors per image set → PCA → suggested domains (+ scatter PNG); saves the PCA for picking."""
-    from .vocabulary import descriptor_identity, domain_vocabulary_dir
-
-    descs = {label: gem_descriptors(backbone, config, src, progress=progress and label) for label, src in datasets.items()}
+    descs = {label: gem_descriptors(backbone, extraction, src, progress=progress and label)
+             for label, src in datasets.items()}
     analysis = analyse_domains(descs)
-    save_pca(analysis.pca, domain_vocabulary_dir(), descriptor_identity(config, backbone))
+    save_pca(analysis.pca, domain_vocabulary_dir(), descriptor_identity(extraction, backbone))
     if plot is not None:
         plot_domains(analysis, plot)
     return analysis
 
 
-def pick_domain(backbone: Backbone, config: Config, images: ImageSource) -> tuple[str, dict[str, float]]:
+def pick_domain(backbone: Backbone, extraction: ExtractionOptions, images: ImageSource) -> tuple[str, dict[str, float]]:
     """The domain vocabulary nearest to ``images`` (see :func:`nearest_domain`)."""
-    from .vocabulary import descriptor_identity, domain_vocabulary_dir
-
-    descs = gem_descriptors(backbone, config, images)
-    return nearest_domain(descs, domain_vocabulary_dir(), descriptor_identity(config, backbone))
+    descs = gem_descriptors(backbone, extraction, images)
+    return nearest_domain(descs, domain_vocabulary_dir(), descriptor_identity(extraction, backbone))

@@ -14,6 +14,7 @@ import torch
 from .. import rerank as _rerank_stage  # noqa: F401 - registers the "patches" map extension
 from .. import segments as _segments_stage  # noqa: F401 - registers the "segments" extension and "segvlad" retriever
 from ..aggregation import Vocabulary
+from ..aggregation.options import AggregationOptions
 from ..aggregation.vocabulary import wants_vocabulary
 from ..backbones import Backbone, DenseFeatures, build_backbone
 from ..config import Config
@@ -47,8 +48,8 @@ def make_extensions(config: Config, backbone: Backbone, vocabulary: Vocabulary |
 
 def needs_vocabulary(config: Config) -> bool:
     """Whether the aggregator or a map extension of ``config`` needs a vocabulary."""
-    return wants_vocabulary(config) or any(getattr(EXTENSIONS.get(g), "needs_vocabulary", False)
-                                           for g in config.extensions)
+    return wants_vocabulary(AggregationOptions.from_config(config)) or any(
+        getattr(EXTENSIONS.get(g), "needs_vocabulary", False) for g in config.extensions)
 
 
 def on_cpu(feats: DenseFeatures) -> DenseFeatures:

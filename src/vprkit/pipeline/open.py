@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..aggregation import Aggregator
+from ..aggregation.options import AggregationOptions
 from ..aggregation.vocabulary import make_aggregator
 from ..backbones import Backbone
 from ..device import module_device
@@ -75,7 +76,7 @@ def open_map(map_dir: str | os.PathLike, read_only: bool = False, device: str | 
         data.config = data.config.replace(device=device)
     config = data.config
     backbone = load_backbone(config)
-    aggregator = on_device(make_aggregator(config, backbone, data.vocabulary), backbone)
+    aggregator = on_device(make_aggregator(AggregationOptions.from_config(config), backbone, data.vocabulary), backbone)
     extensions = make_extensions(config, backbone, data.vocabulary)
     for ext in extensions.values():
         if ext.needs_fit and not ext.try_load_state(data.dir):
