@@ -54,11 +54,11 @@ from vprkit.datasets import load_dataset
 from vprkit.datasets.transforms import transformed_queries
 from vprkit.evaluation.metrics import recall_at_n
 from vprkit.images import ImageSpec
-from vprkit.presets import get_preset, get_rerank_config
-from vprkit.rerank import map_extensions_for
+from vprkit.presets import get_rerank_config, map_extensions_for, resolve
 from vprkit.rerank.cascade import fill_unverified, prescore, select_for_verification
 from vprkit.rerank.fusion import fuse_scales, guard_options, matched_candidates, rank_shortlist, within_global_gap
 from vprkit.rerank.places import RouteNeighbours, place_radius
+from vprkit.rerank.reranker import ScoreRecord
 from vprkit.rerank.saved import state_digest
 
 DATASETS = {"corridor": ("corridor", None), "nordland": (NORDLAND_600, NORDLAND_SIZE)}
@@ -80,29 +80,20 @@ def run_queries(m, ds, reranker, k: int, record: list | None = None) -> tuple[np
     db_index = {key: i for i, key in enumerate(ds.database_images)}
     row_to_db = np.array([db_index[key] for key in m.keys] + [-1])
     rows_all, matched = [], []
-    if reranker is not None and record is not None:
-        # the whole shortlist, every candidate verified by a cascade (so its mutual-match counts are known)
-        reranker.settings = reranker.settings.replace(global_gap=None, verify=reranker.shortlist)
-        reranker.guard = guard_options(None)
-        reranker.on_scores = lambda head, g, matched, per_scale, counts, perfect: record.append(
-            (row_to_db[head], np.asarray(g), np.asarray(matched), per_scale, counts, np.asarray(head), perfect))
+
+    def observe(r: ScoreRecord) -> None:
+        matched.append(r.n_matched)
+        if record is not None:
+            record.append((row_to_db[r.rows], np.asarray(r.global_scores), np.asarray(r.matched), r.spatial,
+                           r.match_counts, np.asarray(r.rows), r.perfect))
+
+    if reranker is not None:
+        # recording: the whole shortlist, every candidate verified by a cascade (so its mutual-match counts are known)
+        reranker.record_scores(observe, whole_shortlist=record is not None)
     for qb in pipeline.query_batches(m, ds.queries_dir, ds.query_images):
-        if reranker is not None:
-            reranker.candidate_sets = _counting(reranker.candidate_sets, matched)
         rows, _ = pipeline.search(m, qb, k, reranker)
         rows_all.append(row_to_db[rows])
     return np.concatenate(rows_all), matched
-
-
-def _counting(fn, sink: list[int]):
-    inner = getattr(fn, "__wrapped__", fn)
-
-    def wrapper(rows):
-        sink.append(len(rows))
-        return inner(rows)
-
-    wrapper.__wrapped__ = inner
-    return wrapper
 
 
 def replay_path(cache: Path, queries: str, base, rerank: str, scorer: str | None = None) -> Path:
@@ -231,6 +222,82 @@ def cached_map(ds, base, rerank: str, cache: Path) -> Path:
     return out
 
 
+def _recall_row(queries: str, method: str, rec: dict, global_r1: float | None = None, **extra) -> dict:
+    row = {"queries": queries, "method": method, **{f"R@{n}": round(rec[f"R@{n}"], 3) for n in NS}}
+    if global_r1 is not None:
+        row["dR@1"] = round(rec["R@1"] - global_r1, 3)
+    return {**row, **extra}
+
+
+def replayed_rows(args, qs, base, rerank: str, global_r1: float | None) -> tuple[list[dict], float | None]:
+    """Rows of ``rerank`` replayed from a recording of query set ``qs`` (and the global row, the first time)."""
+    settings = get_rerank_config(rerank)
+    path = replay_path(args.cache, qs.name, base, rerank)
+    if not path.exists():
+        print(f"{qs.name} {rerank}: no recording ({path}); run --record first", file=sys.stderr)
+        return [], global_r1
+    rows = []
+    if global_r1 is None:
+        rec = recall_at_n(np.load(path)["heads"][:, : max(NS)], qs.ground_truth, NS)  # recorded in global order
+        global_r1 = rec["R@1"]
+        rows.append(_recall_row(qs.name, f"global {args.preset}", rec))
+    if settings.fine_budget is not None:
+        print(f"{qs.name} {rerank}: its fine_budget is not replayed (every recorded candidate's finest "
+              "scale is used)", file=sys.stderr)
+    first = replay_path(args.cache, qs.name, base, rerank, settings.prescorer) if settings.prescorer else None
+    rec = recall_at_n(replay(path, settings, n_rows=len(qs.database_images), first_path=first), qs.ground_truth, NS)
+    rows.append(_recall_row(qs.name, f"replay {rerank}", rec, global_r1))
+    return rows, global_r1
+
+
+def live_rows(args, qs, base, rerank: str, map_dir: Path, global_r1: float | None) -> tuple[list[dict], float | None]:
+    """Rows of ``rerank`` re-ranking query set ``qs`` live (recording it with ``--record``), and the global row."""
+    settings = get_rerank_config(rerank)
+    m = pipeline.open_map(map_dir, read_only=True)
+    rows = []
+    if global_r1 is None:
+        g, _ = run_queries(m, qs, None, max(NS))
+        rec = recall_at_n(g, qs.ground_truth, NS)
+        global_r1 = rec["R@1"]
+        rows.append(_recall_row(qs.name, f"global {args.preset}", rec))
+    reranker = pipeline.get_reranker(m, rerank, log=lambda _: None)
+    assert reranker.stored, "the map should hold the preset's patches"
+    record: list | None = [] if args.record else None
+    r, matched = run_queries(m, qs, reranker, max(NS), record)
+    if record is not None:
+        path = replay_path(args.cache, qs.name, base, rerank)
+        save_record(path, record, m)
+        # the preset's ranking (its gap applied to the whole-shortlist scores); a prescorer's cascade
+        # needs that scorer's recording too, else the exact scorer's whole-shortlist ranking is shown
+        first = replay_path(args.cache, qs.name, base, rerank, settings.prescorer) if settings.prescorer else None
+        if first is not None and not first.exists():
+            print(f"{qs.name} {rerank}: no {settings.prescorer} recording yet, showing every candidate verified",
+                  file=sys.stderr)
+            settings, first = settings.replace(verify=None, prescorer=None), None
+        r = replay(path, settings, first_path=first)
+    rec = recall_at_n(r, qs.ground_truth, NS)
+    timings = reranker.timings or [0.0]
+    rows.append(_recall_row(
+        qs.name, f"{'record' if args.record else 'rerank'} {rerank}", rec, global_r1,
+        **{"s/query": round(statistics.mean(timings), 4), "s_p90": round(float(np.percentile(timings, 90)), 4),
+           "matched": round(sum(matched) / max(1, len(qs.query_images)), 1),
+           "bytes/image": int(m.store.extra_bytes().get("patches", 0.0))}))
+    reranker.close()
+    print(f"{qs.name} {rerank}: R@1 {rec['R@1']:.3f} (global {global_r1:.3f})  {statistics.mean(timings):.3f} s/q",
+          file=sys.stderr, flush=True)
+    return rows, global_r1
+
+
+def compare_with_reference(rows_out: list[dict]) -> None:
+    """Each live row's bytes and time as a fraction of ``performance-reference``'s on the same queries."""
+    ref = {(r["queries"]): r for r in rows_out if r["method"] == f"rerank {REFERENCE}"}
+    for r in rows_out:
+        base_row = ref.get(r["queries"])
+        if r.get("bytes/image") and base_row is not None and base_row["bytes/image"] and r["s/query"]:
+            r["bytes vs ref"] = f"1/{base_row['bytes/image'] / max(1, r['bytes/image']):.1f}"
+            r["time vs ref"] = f"1/{base_row['s/query'] / r['s/query']:.1f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="effnet2-vlad-ma4", help="global preset")
@@ -252,75 +319,19 @@ def main() -> None:
     for dname in args.datasets:
         spec, size = DATASETS[dname]
         ds = load_dataset(spec)
-        base = get_preset(args.preset)
+        base = resolve(args.preset)
         if size is not None:
             base = base.replace(image=ImageSpec(size, "fixed"))
         maps = {} if args.replay else {r: cached_map(ds, base, r, args.cache) for r in args.presets}
         for qs in query_sets(ds, args.transforms, args.limit, args.cache):
-            gt = qs.ground_truth
             global_r1 = None
             for rerank in args.presets:
-                settings = get_rerank_config(rerank)
                 if args.replay:
-                    path = replay_path(args.cache, qs.name, base, rerank)
-                    if not path.exists():
-                        print(f"{qs.name} {rerank}: no recording ({path}); run --record first", file=sys.stderr)
-                        continue
-                    if global_r1 is None:
-                        rec = recall_at_n(np.load(path)["heads"][:, : max(NS)], gt, NS)  # recorded in global order
-                        global_r1 = rec["R@1"]
-                        rows_out.append({"queries": qs.name, "method": f"global {args.preset}",
-                                         **{f"R@{n}": round(rec[f"R@{n}"], 3) for n in NS}})
-                    if settings.fine_budget is not None:
-                        print(f"{qs.name} {rerank}: its fine_budget is not replayed (every recorded candidate's finest "
-                              "scale is used)", file=sys.stderr)
-                    first = replay_path(args.cache, qs.name, base, rerank, settings.prescorer) if settings.prescorer else None
-                    rec = recall_at_n(replay(path, settings, n_rows=len(ds.database_images), first_path=first), gt, NS)
-                    rows_out.append({"queries": qs.name, "method": f"replay {rerank}",
-                                     **{f"R@{n}": round(rec[f"R@{n}"], 3) for n in NS},
-                                     "dR@1": round(rec["R@1"] - global_r1, 3)})
-                    continue
-                m = pipeline.open_map(maps[rerank], read_only=True)
-                if global_r1 is None:
-                    g, _ = run_queries(m, qs, None, max(NS))
-                    rec = recall_at_n(g, gt, NS)
-                    global_r1 = rec["R@1"]
-                    rows_out.append({"queries": qs.name, "method": f"global {args.preset}",
-                                     **{f"R@{n}": round(rec[f"R@{n}"], 3) for n in NS}})
-                reranker = pipeline.get_reranker(m, rerank, log=lambda _: None)
-                assert reranker.stored, "the map should hold the preset's patches"
-                record: list | None = [] if args.record else None
-                r, matched = run_queries(m, qs, reranker, max(NS), record)
-                if record is not None:
-                    path = replay_path(args.cache, qs.name, base, rerank)
-                    save_record(path, record, m)
-                    # the preset's ranking (its gap applied to the whole-shortlist scores); a prescorer's cascade
-                    # needs that scorer's recording too, else the exact scorer's whole-shortlist ranking is shown
-                    first = replay_path(args.cache, qs.name, base, rerank, settings.prescorer) if settings.prescorer else None
-                    if first is not None and not first.exists():
-                        print(f"{qs.name} {rerank}: no {settings.prescorer} recording yet, showing every candidate verified",
-                              file=sys.stderr)
-                        settings, first = settings.replace(verify=None, prescorer=None), None
-                    r = replay(path, settings, first_path=first)
-                rec = recall_at_n(r, gt, NS)
-                timings = reranker.timings or [0.0]
-                rows_out.append({
-                    "queries": qs.name, "method": f"{'record' if args.record else 'rerank'} {rerank}",
-                    **{f"R@{n}": round(rec[f"R@{n}"], 3) for n in NS},
-                    "dR@1": round(rec["R@1"] - global_r1, 3),
-                    "s/query": round(statistics.mean(timings), 4), "s_p90": round(float(np.percentile(timings, 90)), 4),
-                    "matched": round(sum(matched) / max(1, len(qs.query_images)), 1),
-                    "bytes/image": int(m.store.extra_bytes().get("patches", 0.0)),
-                })
-                reranker.close()
-                print(f"{qs.name} {rerank}: R@1 {rec['R@1']:.3f} (global {global_r1:.3f})  {statistics.mean(timings):.3f} s/q",
-                      file=sys.stderr, flush=True)
-    ref = {(r["queries"]): r for r in rows_out if r["method"] == f"rerank {REFERENCE}"}
-    for r in rows_out:
-        base_row = ref.get(r["queries"])
-        if r.get("bytes/image") and base_row is not None and base_row["bytes/image"] and r["s/query"]:
-            r["bytes vs ref"] = f"1/{base_row['bytes/image'] / max(1, r['bytes/image']):.1f}"
-            r["time vs ref"] = f"1/{base_row['s/query'] / r['s/query']:.1f}"
+                    rows, global_r1 = replayed_rows(args, qs, base, rerank, global_r1)
+                else:
+                    rows, global_r1 = live_rows(args, qs, base, rerank, maps[rerank], global_r1)
+                rows_out += rows
+    compare_with_reference(rows_out)
     cols = ["queries", "method", "R@1", "R@5", "R@10", "dR@1", "s/query", "s_p90", "matched", "bytes/image",
             "bytes vs ref", "time vs ref"]
     report(args.name, rows_out, cols, {"global_preset": args.preset, "threads": args.threads,

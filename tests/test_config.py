@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from vprkit import options as opts
-from vprkit.config import Config, ImageSpec, RerankConfig, VocabularyConfig, check_device
+from vprkit.config import Config, ImageSpec, VocabularyConfig, check_device
 from vprkit.environment import RESULT_VARIABLES, VARIABLES, recorded_environment
 from vprkit.errors import ConfigError
-from vprkit.presets import (DEFAULT_PRESET, get_preset, get_rerank_config, list_presets, list_rerank_configs,
-                            map_extensions_for, patch_options, resolve)
+from vprkit.presets import (DEFAULT_PRESET, get_rerank_config, list_presets, list_rerank_configs, map_extensions_for,
+                            patch_options, resolve)
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "vprkit"
 HEAVY = ("torch", "numpy", "faiss", "h5py", "PIL", "vprkit.backbones", "vprkit.aggregation", "vprkit.maps",
@@ -28,7 +28,7 @@ HEAVY = ("torch", "numpy", "faiss", "h5py", "PIL", "vprkit.backbones", "vprkit.a
 
 def test_resolving_a_preset_imports_no_library():
     code = ("import sys, vprkit.presets as p\n"
-            "p.resolve('effnet2-vlad-ma4'); p.get_preset('anyloc-vits14'); p.resolve('segvlad-slic', rerank='speed')\n"
+            "p.resolve('effnet2-vlad-ma4'); p.resolve('anyloc-vits14'); p.resolve('segvlad-slic', rerank='speed')\n"
             "p.get_rerank_config('performance-xfeat'); [p.resolve(c.name) for c in p.list_presets()]\n"
             f"print([m for m in {HEAVY!r} if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -196,7 +196,6 @@ def test_resolve_applies_every_setting():
     assert resolve(DEFAULT_PRESET, weights="w.pth").backbone_options == {"block": 14, "weights": "w.pth"}
     custom = Config(backbone="efficientnet-lite0", aggregator="gem")
     assert resolve(custom) is custom
-    assert get_preset("effnet-vlad", batch_size=2) == resolve("effnet-vlad", batch_size=2)
 
 
 def test_cli_assembles_through_resolve():
@@ -242,16 +241,6 @@ def test_patch_options_lend_a_netvlad_checkpoint():
     assert patch_options("speed", vgg)["checkpoint"] == "/ck/pitts.pth.tar"
     assert "checkpoint" not in patch_options("speed-xfeat", vgg)  # a local-feature backbone has its own layer
     assert patch_options(get_rerank_config("storage"))["dtype"] == "int8"
-
-
-def test_rerank_package_keeps_its_names():
-    from vprkit.rerank.presets import RerankSettings, get_rerank_settings
-    from vprkit.rerank.presets import map_extensions_for as old_map_extensions_for
-
-    assert RerankSettings is RerankConfig and get_rerank_settings("speed") is get_rerank_config("speed")
-    assert old_map_extensions_for("speed") == map_extensions_for("speed")
-    s = RerankSettings("test", "two scales", scales=((2, 1), (3, 1)), weights=(0.5, 0.5), scorer="ransac", pca_dim=0)
-    assert s.extension_options()["scales"] == [[2, 1], [3, 1]]
 
 
 # ---- device -------------------------------------------------------------------------------------------

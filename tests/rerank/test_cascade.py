@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from vprkit.config import RerankConfig
 from vprkit.errors import ConfigError
 from vprkit.numerics import zscore
-from vprkit.rerank import RerankSettings
 from vprkit.rerank.cascade import cascade_scores, fill_unverified, fine_candidates, prescore, select_for_verification
 from vprkit.rerank.matching import mutual_nn_grouped, mutual_nn_stacked
 from vprkit.rerank.reranker import PatchReranker
@@ -110,7 +110,7 @@ def test_the_reranker_runs_the_cascade_when_verify_is_set_and_the_original_other
     stub_candidates = SimpleNamespace(stored=True, close=lambda: None)
 
     def run(verify):
-        settings = RerankSettings("t", scales=((5, 1),), weights=(1.0,), shortlist=len(cands), verify=verify)
+        settings = RerankConfig("t", scales=((5, 1),), weights=(1.0,), shortlist=len(cands), verify=verify)
         rr = PatchReranker(settings, stub_ext, stub_candidates)
         rr.candidate_sets = lambda rows: {r: [cands[r]] for r in rows}
         rr.scorer = spy = SpyScorer(cands)
@@ -142,8 +142,8 @@ def test_stacked_matching_finds_the_same_pairs_as_one_by_one(max_bytes, sim_byte
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True, "10"])
 def test_verify_must_be_a_positive_count(bad):
     with pytest.raises(ConfigError, match="verify"):
-        RerankSettings("t", verify=bad)
-    assert RerankSettings("t", verify=None).verify is None and RerankSettings("t", verify=7).verify == 7
+        RerankConfig("t", verify=bad)
+    assert RerankConfig("t", verify=None).verify is None and RerankConfig("t", verify=7).verify == 7
 
 
 class FixedScorer:
@@ -179,7 +179,7 @@ def test_a_prescorer_picks_by_its_own_scores_and_the_rest_keep_them():
 ])
 def test_config_validates_the_prescorer(changes, message):
     with pytest.raises(ConfigError, match=message):
-        RerankSettings("t", **changes)
+        RerankConfig("t", **changes)
 
 
 def _two_scale_shortlist(seed: int = 5):
@@ -252,4 +252,4 @@ def test_the_budget_buys_whole_candidates_and_never_fewer_than_verify():
 ])
 def test_config_validates_the_fine_budget(changes, message):
     with pytest.raises(ConfigError, match=message):
-        RerankSettings("t", **{"scorer": "ransac", **changes})
+        RerankConfig("t", **{"scorer": "ransac", **changes})

@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from vprkit.config import RerankConfig
 from vprkit.errors import ConfigError
 from vprkit.numerics import zscore
-from vprkit.rerank import RerankSettings
 from vprkit.rerank.fusion import STATISTICS_MIN_CANDIDATES, within_global_gap
 from helpers import FixedPatchScores
 
@@ -24,7 +24,7 @@ def _scores(top: float, second: float) -> np.ndarray:
 
 
 def _rerank(gap: float | None, global_scores: np.ndarray, patch: dict[int, float]):
-    settings = RerankSettings("t", scales=((5, 1),), weights=(1.0,), shortlist=SHORTLIST, global_gap=gap)
+    settings = RerankConfig("t", scales=((5, 1),), weights=(1.0,), shortlist=SHORTLIST, global_gap=gap)
     rr = FixedPatchScores(settings, patch)
     rows = np.arange(SHORTLIST)[None]
     out_rows, out_scores = rr.rerank(SimpleNamespace(batch=None, features=None), rows, global_scores[None])
@@ -78,4 +78,4 @@ def test_the_fusion_among_kept_candidates_is_the_z_sum_with_the_global_spread():
 @pytest.mark.parametrize("bad", [0, -1.0, float("inf"), True, "1"])
 def test_a_bad_gap_is_one_clear_error(bad):
     with pytest.raises(ConfigError, match="global_gap"):
-        RerankSettings("t", global_gap=bad)
+        RerankConfig("t", global_gap=bad)

@@ -15,8 +15,8 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
+from vprkit.config import RerankConfig
 from vprkit.numerics import zscore
-from vprkit.rerank import RerankSettings
 from vprkit.rerank.fusion import (DEFAULT_OVERTURN_ALPHA, OVERTURN_ALPHA, STATISTICS_MIN_CANDIDATES, guard_options, matched_candidates,
                                   overturn_margin, rank_shortlist, within_global_gap)
 from helpers import FixedPatchScores
@@ -116,7 +116,7 @@ def test_presets_with_a_gap_are_guarded_and_the_original_is_not():
 def test_the_reranker_matches_the_statistics_candidates_and_applies_the_test(lead, winner):
     patch = _chance_patches()
     patch[0], patch[1] = CHANCE_MEAN, CHANCE_MEAN + lead * CHANCE_SPREAD
-    settings = RerankSettings("t", scales=((5, 1),), weights=WEIGHTS, shortlist=SHORTLIST, global_gap=GAP)
+    settings = RerankConfig("t", scales=((5, 1),), weights=WEIGHTS, shortlist=SHORTLIST, global_gap=GAP)
     rr = FixedPatchScores(settings, dict(enumerate(patch)))
     rr.guard = {**rr.guard, "alpha": OVERTURN_ALPHA}  # the test on (off by default, see fusion.DEFAULT_OVERTURN_ALPHA)
     rows, scores = rr.rerank(SimpleNamespace(batch=None, features=None), np.arange(SHORTLIST)[None], _shortlist()[None])

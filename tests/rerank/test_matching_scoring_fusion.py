@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from vprkit.rerank.fusion import fuse_scales, fuse_with_global, znorm
+from vprkit.numerics import zscore
+from vprkit.rerank.fusion import fuse_scales, fuse_with_global
 from vprkit.rerank.matching import Matches, mutual_nn, mutual_nn_grouped
 from vprkit.rerank.scoring import SCORERS, PatchSet, rapid_spatial_score, ransac_score, usac_score
 
@@ -93,18 +94,18 @@ def test_usac_is_a_registered_scorer_with_ransacs_score_kind():
     assert patch_score_kind("usac") == patch_score_kind("ransac") == "inlier_ratio"
 
 
-def test_znorm_and_fusion_arithmetic():
+def test_zscore_and_fusion_arithmetic():
     s = np.array([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]])
-    z = znorm(s)
+    z = zscore(s)
     np.testing.assert_allclose(z[0], [-1.224744871, 0.0, 1.224744871])
     np.testing.assert_allclose(z[1], 0.0)  # constant scores carry no information
     a, b = np.array([1.0, 2.0, 3.0]), np.array([3.0, 1.0, 2.0])
-    np.testing.assert_allclose(fuse_scales([a, b], [0.25, 0.75]), 0.25 * znorm(a) + 0.75 * znorm(b))
-    np.testing.assert_allclose(fuse_with_global(a, b, 0.0), znorm(a))
-    np.testing.assert_allclose(fuse_with_global(a, b, 1.0), znorm(b))
-    np.testing.assert_allclose(fuse_with_global(a, b, 0.4), 0.6 * znorm(a) + 0.4 * znorm(b))
+    np.testing.assert_allclose(fuse_scales([a, b], [0.25, 0.75]), 0.25 * zscore(a) + 0.75 * zscore(b))
+    np.testing.assert_allclose(fuse_with_global(a, b, 0.0), zscore(a))
+    np.testing.assert_allclose(fuse_with_global(a, b, 1.0), zscore(b))
+    np.testing.assert_allclose(fuse_with_global(a, b, 0.4), 0.6 * zscore(a) + 0.4 * zscore(b))
     # padding (invalid entries) neither shifts the statistics nor gets a score
     v = np.array([True, True, True, False])
-    np.testing.assert_allclose(znorm(np.array([1.0, 2.0, 3.0, 100.0]), v), [*znorm(a), 0.0])
+    np.testing.assert_allclose(zscore(np.array([1.0, 2.0, 3.0, 100.0]), v), [*zscore(a), 0.0])
     with pytest.raises(ValueError):
         fuse_scales([a], [0.5, 0.5])

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from vprkit.config import RerankConfig
 from vprkit.errors import ConfigError
-from vprkit.rerank import RerankSettings
 from vprkit.rerank import scoring
 from vprkit.rerank.cascade import cascade_scores
 from vprkit.rerank.matching import Matches
@@ -160,9 +160,9 @@ def test_cascade_with_the_affine_prescorer_verifies_its_best(monkeypatch):
 def test_registered_with_ransacs_score_kind_and_accepted_as_prescorers():
     assert SCORERS.get("similarity") is similarity_score and SCORERS.get("affine") is affine_score
     assert patch_score_kind("affine") == patch_score_kind("similarity") == patch_score_kind("ransac")
-    assert RerankSettings("t", prescorer="affine", verify=10).prescorer == "affine"
+    assert RerankConfig("t", prescorer="affine", verify=10).prescorer == "affine"
     with pytest.raises(ConfigError, match="unknown pre-scorer"):
-        RerankSettings("t", prescorer="afine", verify=10)
+        RerankConfig("t", prescorer="afine", verify=10)
 
 
 def test_performance_prescores_with_the_affine_fit_and_verifies_with_ransac():

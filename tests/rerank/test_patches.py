@@ -8,6 +8,7 @@ import torch
 
 from vprkit.aggregation.netvlad import NetVLADLayer
 from vprkit.errors import ConfigError
+from vprkit.numerics import RANDOMISED_PCA_MAX_FRACTION
 from vprkit.rerank.patches import (PatchProjection, PatchScale, box_sums, direct_patch_vlad, integral_map,
                                    integral_patch_vlad, patch_centres, patch_grid_positions)
 
@@ -116,13 +117,11 @@ def test_patches_extension_on_a_vit_backbone():
 def test_randomised_projection_finds_the_exact_principal_subspace():
     # a spectrum that decays like real descriptors: the randomised path (dim ≤ ¼ rank) must span
     # the same leading axes as the exact eigen-decomposition (dim > ¼ rank of the same data)
-    from vprkit.rerank import patches
-
     rng = np.random.default_rng(2)
     basis, _ = np.linalg.qr(rng.normal(size=(120, 120)))
     x = (rng.normal(size=(600, 120)) * np.geomspace(10, 0.01, 120)) @ basis.T
     dim = 12
-    assert dim <= patches.RANDOMISED_PCA_MAX_FRACTION * 119
+    assert dim <= RANDOMISED_PCA_MAX_FRACTION * 119
     fast = PatchProjection.fit(x.astype(np.float32), dim)
     exact = PatchProjection.fit(x.astype(np.float32), 119)  # exact path; its first 12 axes
     overlap = fast.components @ exact.components[:dim].T  # cosines between the two bases

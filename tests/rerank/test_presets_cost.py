@@ -11,7 +11,7 @@ import pytest
 from vprkit import pipeline
 from vprkit.config import VocabularyConfig
 from vprkit.images import ImageSpec
-from vprkit.presets import DEFAULT_PRESET, get_preset, get_rerank_config
+from vprkit.presets import DEFAULT_PRESET, get_rerank_config, resolve
 from vprkit.rerank.patches import PatchScale
 
 ITEMSIZE = {"float16": 2, "float32": 4, "int8": 1}
@@ -34,7 +34,7 @@ def _bytes_per_image(settings, grid: tuple[int, int], raw_dim: int) -> int:
 
 @pytest.mark.parametrize("hw", SIZES)
 def test_performance_stores_at_most_a_tenth_of_the_reference(hw):
-    config = get_preset(DEFAULT_PRESET)
+    config = resolve(DEFAULT_PRESET)
     from vprkit.backbones.base import build_backbone
 
     backbone = build_backbone(config.backbone, **dict(config.backbone_options))
@@ -62,7 +62,7 @@ def test_a_real_map_stores_what_the_performance_settings_say(shared_datasets, tm
         shutil.copy(p, refs / p.name)
     settings = get_rerank_config("performance")
     # 192×256: enough patches in 8 images (12×16 cells) to fit all of the 512 PCA dimensions
-    config = get_preset("effnet-vlad").replace(image=ImageSpec((192, 256), "fixed"), vocabulary=VocabularyConfig(k=8),
+    config = resolve("effnet-vlad").replace(image=ImageSpec((192, 256), "fixed"), vocabulary=VocabularyConfig(k=8),
                                                batch_size=4)
     config = config.replace(extensions={"patches": settings.extension_options()})
     pipeline.build_map(refs, tmp_path / "map", config, progress=False, log=lambda _: None)

@@ -16,15 +16,15 @@ from click.testing import CliRunner
 
 from vprkit import pipeline
 from vprkit.cli import cli
-from vprkit.config import VocabularyConfig
+from vprkit.config import RerankConfig, VocabularyConfig
 from vprkit.images import ImageSpec
-from vprkit.presets import get_preset
-from vprkit.rerank import PatchesExtension, PatchReranker, RerankSettings, ransac_score, score_pair
+from vprkit.presets import resolve
+from vprkit.rerank import PatchesExtension, PatchReranker, ransac_score, score_pair
 from vprkit.images import iter_batches
 from vprkit.pipeline import match_two
 
 CORRIDOR_IMAGES = 16
-SETTINGS = RerankSettings("test", "two scales, RANSAC", scales=((2, 1), (3, 1)), weights=(0.5, 0.5), scorer="ransac",
+SETTINGS = RerankConfig("test", "two scales, RANSAC", scales=((2, 1), (3, 1)), weights=(0.5, 0.5), scorer="ransac",
                           pca_dim=48, dtype="float32", shortlist=8)
 
 
@@ -40,7 +40,7 @@ def corridor_refs(shared_datasets, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def small_config():
-    return get_preset("effnet-vlad").replace(image=ImageSpec((128, 160), "fixed"), vocabulary=VocabularyConfig(k=8),
+    return resolve("effnet-vlad").replace(image=ImageSpec((128, 160), "fixed"), vocabulary=VocabularyConfig(k=8),
                                              batch_size=4)
 
 
@@ -116,7 +116,7 @@ def test_ransac_recovers_a_planted_homography_on_a_real_image(shared_datasets, t
     cv2.imwrite(str(tmp_path / "a.png"), img)
     cv2.imwrite(str(tmp_path / "b.png"), cv2.warpPerspective(img, h_true, (320, 240), borderMode=cv2.BORDER_REFLECT))
     cv2.imwrite(str(tmp_path / "c.png"), cv2.resize(cv2.imread(str(refs[60])), (320, 240)))
-    config = get_preset("effnet-vlad")
+    config = resolve("effnet-vlad")
     backbone = pipeline.load_backbone(config)
     settings = SETTINGS.replace(scales=((2, 1),), weights=(1.0,))
     ext = PatchesExtension({**settings.extension_options(), "pca_dim": 0, "k": 16}, backbone, None)

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from vprkit.config import RerankConfig
 from vprkit.errors import ConfigError
-from vprkit.rerank import RerankSettings
 from vprkit.rerank.fusion import global_order_within, rank_shortlist
 from vprkit.rerank.places import RouteNeighbours
 from vprkit.rerank.reranker import PatchReranker
@@ -129,11 +129,11 @@ def test_same_place_must_hold_the_top1():
 @pytest.mark.parametrize("bad", [0, -2, 1.5, True, "near"])
 def test_config_rejects_a_bad_same_place(bad):
     with pytest.raises(ConfigError, match="same_place"):
-        RerankSettings("t", same_place=bad)
+        RerankConfig("t", same_place=bad)
 
 
 def test_the_reranker_needs_the_maps_places_when_the_preset_uses_them():
-    settings = RerankSettings("t", same_place=1)
+    settings = RerankConfig("t", same_place=1)
     stub_ext = SimpleNamespace(describe_batch=lambda batch, feats: [[]])
     stub_candidates = SimpleNamespace(stored=True, close=lambda: None)
     with pytest.raises(ValueError, match="RouteNeighbours"):
@@ -190,10 +190,10 @@ def test_auto_places_use_the_maps_similarity_quantile():
     store = type("Store", (), {"read_global": staticmethod(lambda rows: desc[np.asarray(rows)]),
                                "read_poses": staticmethod(lambda: None), "__len__": lambda self: len(desc)})()
     logged = []
-    got = route_neighbours(RerankSettings("t", same_place="auto"), store, logged.append)
+    got = route_neighbours(RerankConfig("t", same_place="auto"), store, logged.append)
     pairs = (desc @ desc.T)[np.triu_indices(len(desc), 1)]
     assert got.similarity == pytest.approx(np.quantile(pairs, places_module.PLACE_SIMILARITY_QUANTILE), abs=1e-6)
     assert got.radius == places_module.MAX_PLACE_RADIUS and "cosine >" in logged[0]
     # each place is its own three views (rows 3k … 3k+2): as alike as near-duplicates, unlike the next place
     assert got.place_of(4).tolist() == [3, 4, 5]
-    assert route_neighbours(RerankSettings("t", same_place=2), store, logged.append).similarity is None
+    assert route_neighbours(RerankConfig("t", same_place=2), store, logged.append).similarity is None

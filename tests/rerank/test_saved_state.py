@@ -14,15 +14,15 @@ from click.testing import CliRunner
 
 from vprkit import pipeline
 from vprkit.cli import cli
-from vprkit.config import VocabularyConfig
+from vprkit.config import RerankConfig, VocabularyConfig
 from vprkit.images import ImageSpec
-from vprkit.presets import get_preset
-from vprkit.rerank import PatchesExtension, RerankSettings
+from vprkit.presets import resolve
+from vprkit.rerank import PatchesExtension
 from vprkit.rerank.reranker import ComputedPatches
 from vprkit.rerank.saved import STATE_FILE
 
 IMAGES = 8
-SETTINGS = RerankSettings("saved-test", "one scale, rapid", scales=((3, 1),), weights=(1.0,), scorer="rapid",
+SETTINGS = RerankConfig("saved-test", "one scale, rapid", scales=((3, 1),), weights=(1.0,), scorer="rapid",
                           pca_dim=32, dtype="float16", shortlist=6)
 
 
@@ -37,7 +37,7 @@ def refs(shared_datasets, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def built_map(refs, tmp_path_factory) -> Path:
     """A map built without re-ranking (no patches stored), built once."""
-    config = get_preset("effnet-vlad").replace(image=ImageSpec((96, 128), "fixed"), vocabulary=VocabularyConfig(k=8),
+    config = resolve("effnet-vlad").replace(image=ImageSpec((96, 128), "fixed"), vocabulary=VocabularyConfig(k=8),
                                                batch_size=4)
     out = tmp_path_factory.mktemp("saved_map") / "plain"
     pipeline.build_map(refs, out, config, progress=False, log=lambda _: None)

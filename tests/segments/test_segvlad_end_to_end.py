@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from vprkit import pipeline
-from vprkit.presets import get_preset
+from vprkit.presets import resolve
 from vprkit.retrieval import QueryBatch
 from vprkit.segments.retriever import INDEX_FILE, ROWS_FILE, SegmentIndex, SegVLADRetriever
 
@@ -102,7 +102,7 @@ def test_explain_writes_a_picture(slic_map, tmp_path):
 
 def test_grid_sap_map_without_pca(tmp_path):
     """SAP pooling (an ablation) has 112-d descriptors: no PCA fit, float32 storage."""
-    cfg = get_preset("segvlad-grid")
+    cfg = resolve("segvlad-grid")
     seg = {**cfg.extensions["segments"], "pooling": "sap", "order": 0, "storage": "float32"}
     cfg = cfg.replace(name="test-grid-sap", extensions={"segments": seg})
     pipeline.build_map(CORRIDOR / "ref", tmp_path, cfg, keys=REFS[:6], progress=False, log=lambda m: None)

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 
+from ..backbones.extract import ExtractionOptions
 from ..config import Config
 from ..errors import MapError
 from ..images import FileImages, ImageInput
@@ -33,13 +34,14 @@ def explain(map: Map | str | os.PathLike, query: ImageInput, out: str | os.PathL
     if len(res.matches) <= rank:
         raise MapError("the map returned no match for this query")
     match = res.matches[rank]
-    (qset,), (qimg,) = segment_sets(m.backbone, m.config, ext, source)
+    extraction = ExtractionOptions.from_config(m.config)
+    (qset,), (qimg,) = segment_sets(m.backbone, extraction, ext, source)
     try:
         match_path = m.data.images.path(match.key)
     except (MapError, KeyError):
         match_path = None
     if match_path is not None and match_path.is_file():
-        (mset,), (mimg,) = segment_sets(m.backbone, m.config, ext, FileImages([match_path]))
+        (mset,), (mimg,) = segment_sets(m.backbone, extraction, ext, FileImages([match_path]))
     else:  # image moved (or the map was built from frames): the stored SuperSegments on a grey canvas
         mset, mimg = stored_segment_set(m.store, match.row, m.backbone.stride), np.full_like(qimg, 128)
     exp = explain_pair(res.query, qset, match.key, match.row, match.score, mset, top)
@@ -69,13 +71,15 @@ def match_two(image_a: ImageInput, image_b: ImageInput, rerank: str = "performan
     if map_dir is not None:
         m = open_map(map_dir, read_only=True)
         reranker = get_reranker(m, rerank, log=lambda _: None)
-        tm = match_pair(image_a, image_b, settings, m.config, m.backbone, reranker.extension, out)
+        tm = match_pair(image_a, image_b, settings, ExtractionOptions.from_config(m.config), m.backbone,
+                        reranker.extension, out)
         g = np.concatenate([qb.global_descriptors for qb in query_batches(m, query_source({"a": image_a, "b": image_b},
                                                                                            check_files=False))])
         tm.cosine, tm.patch_state = float(g[0] @ g[1]), "map"
     else:
         config = resolve_config(preset)
-        tm = match_pair(image_a, image_b, settings, config, load_backbone(config), None, out)
+        tm = match_pair(image_a, image_b, settings, ExtractionOptions.from_config(config), load_backbone(config),
+                        None, out)
         tm.cosine, tm.patch_state = None, "fitted on the two images"
     tm.score_kind, tm.scale_score_kind = f"weighted_{kind}", kind
     return tm

@@ -28,7 +28,7 @@ from ..config import Config, RerankConfig
 from ..errors import ConfigError, ImageReadError, MapError
 from ..images import FileImages, ImageInput, ImageSource, image_source
 from ..presets import get_rerank_config
-from ..rerank import make_reranker
+from ..rerank import RerankOptions, make_reranker
 from ..retrieval import RETRIEVERS, QueryBatch, pad_topk
 from ..retrieval.estimate import Estimate, estimate, load_or_fit_calibration, row_cosines, score_kind, sequence_positions
 from .models import on_cpu
@@ -132,7 +132,7 @@ def get_reranker(map: Map, rerank: RerankChoice | Any, log: Callable[[str], None
             raise MapError(f"re-ranking needs the map's images or stored patches; {map.dir} was built from decoded "
                            f"frames without --rerank, so neither is available") from None
         images = None
-    return make_reranker(settings, config=map.config, backbone=map.backbone,
+    return make_reranker(RerankOptions.from_config(map.config, settings), backbone=map.backbone,
                          vocabulary=map.vocabulary, stored=map.extensions.get("patches"), store=map.store,
                          keys=map.keys, images=images, log=log, save=save)
 

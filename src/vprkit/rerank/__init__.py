@@ -4,24 +4,25 @@
 ``scoring`` (RANSAC homography, rapid spatial scoring) → ``fusion`` (per-scale z-norm, weighted
 sums, global fusion, and the global gap deciding which candidates are re-ranked at all), packaged
 as the :class:`PatchReranker` and named presets (``performance``, ``performance-reference``,
-``speed``, ``storage`` …, in :data:`vprkit.presets.RERANK_PRESETS`). The ``patches`` map extension
+``speed``, ``storage`` …, plain data in :data:`vprkit.presets.RERANK_PRESETS`; a preset on one map is a
+:class:`RerankOptions`). The ``patches`` map extension
 stores candidates' patch descriptors at build time; for a map built without them, ``saved``
 keeps the state fitted on first use (and the patches computed since) in the map.
 """
 
 from .base import Reranker
 from .extension import PatchesExtension
-from .fusion import fuse_scales, fuse_with_global, rank_shortlist, within_global_gap, znorm
+from .fusion import fuse_scales, fuse_with_global, rank_shortlist, within_global_gap
 from .matching import Matches, mutual_nn, mutual_nn_grouped
+from .options import RerankOptions
 from .patches import PatchProjection, PatchScale, direct_patch_vlad, integral_patch_vlad
-from .presets import RERANK_PRESETS, RerankSettings, get_rerank_settings, map_extensions_for
-from .reranker import PairResult, PatchReranker, make_reranker, score_pair
+from .reranker import PairResult, PatchReranker, ScoreRecord, make_reranker, score_pair
 from .saved import SavedState
 from .scoring import SCORERS, PatchSet, SpatialScore, rapid_spatial_score, ransac_score
 
 __all__ = [
-    "Reranker", "make_reranker", "PatchesExtension", "fuse_scales", "fuse_with_global", "rank_shortlist", "within_global_gap", "znorm", "Matches", "mutual_nn",
-    "mutual_nn_grouped", "PatchProjection", "PatchScale", "direct_patch_vlad", "integral_patch_vlad", "RERANK_PRESETS",
-    "RerankSettings", "get_rerank_settings", "map_extensions_for", "PairResult", "PatchReranker", "score_pair",
-    "SCORERS", "PatchSet", "SpatialScore", "rapid_spatial_score", "ransac_score", "SavedState",
+    "Reranker", "RerankOptions", "make_reranker", "PatchesExtension", "fuse_scales", "fuse_with_global",
+    "rank_shortlist", "within_global_gap", "Matches", "mutual_nn", "mutual_nn_grouped", "PatchProjection",
+    "PatchScale", "direct_patch_vlad", "integral_patch_vlad", "PairResult", "PatchReranker", "ScoreRecord",
+    "score_pair", "SCORERS", "PatchSet", "SpatialScore", "rapid_spatial_score", "ransac_score", "SavedState",
 ]

@@ -12,19 +12,19 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
-import torch
 
+from ..backbones.base import Backbone
+from ..backbones.extract import ExtractionOptions, extract
+from ..config import RerankConfig
 from ..errors import ConfigError, ImageReadError
+from ..images import ImageInput, image_source
 from ..io import atomic_path
 from .extension import PatchesExtension
 from .reranker import PairResult, score_pair
 from .scoring import SCORERS
-
-if TYPE_CHECKING:
-    from ..images import ImageInput
 
 # Centres for a map-less match need at least this many cells per cluster to be meaningful.
 MIN_CELLS_PER_CLUSTER = 4
@@ -53,19 +53,18 @@ class TwoImageMatch:
         return out
 
 
-def match_pair(image_a: "ImageInput", image_b: "ImageInput", settings, config, backbone,
-               extension: PatchesExtension | None = None, out: str | os.PathLike | None = None) -> TwoImageMatch:
+def match_pair(image_a: ImageInput, image_b: ImageInput, settings: RerankConfig, extraction: ExtractionOptions,
+               backbone: Backbone, extension: PatchesExtension | None = None,
+               out: str | os.PathLike | None = None) -> TwoImageMatch:
     """Match ``image_a`` (as query) against ``image_b`` (paths or decoded frames) with re-ranking ``settings``.
 
+    ``extraction``: how the two images are prepared (the map's or the preset's image spec).
     ``extension`` is a fitted patch extension (a map's, so the score is the one re-ranking computes);
     without one, NetVLAD centres are fitted on the two images themselves (no PCA).
     """
-    from ..backbones.extract import extract
-    from ..images import image_source
-
     source = image_source({"a": image_a, "b": image_b})
     batches, feats = [], []
-    for batch, f in extract(backbone, config, source, on_failure=_raise):
+    for batch, f in extract(backbone, extraction, source, on_failure=_raise):
         for i in range(len(batch.keys)):  # one image per entry, whatever the batching
             batches.append(type(batch)([batch.keys[i]], batch.pixels[i : i + 1], [batch.geometries[i]]))
             feats.append(f.select(i))

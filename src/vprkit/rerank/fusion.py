@@ -47,10 +47,6 @@ OVERTURN_ALPHA = 0.05
 # The default presets' test level: None = no significance test (statistics over the matched only).
 DEFAULT_OVERTURN_ALPHA: float | None = None
 
-# The former name of :func:`vprkit.numerics.zscore` (z-scores over ``valid`` entries, others → 0).
-znorm = zscore
-
-
 def fuse_scales(per_scale: Sequence[np.ndarray], weights: Sequence[float], valid: np.ndarray | None = None) -> np.ndarray:
     """``Σ_s w_s · z(score_s)`` — the original's multi-scale fusion."""
     if len(per_scale) != len(weights):

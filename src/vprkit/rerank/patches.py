@@ -23,7 +23,7 @@ import torch
 from ..aggregation.netvlad import NetVLADLayer
 from ..aggregation.vlad import vlad_normalise
 from ..errors import ConfigError
-from ..numerics import PCA, RANDOMISED_PCA_MAX_FRACTION  # noqa: F401  (the fraction is re-exported)
+from ..numerics import PCA
 
 # Residual channels processed at once when building the integral map: bounds memory to
 # (h+1)·(w+1)·CLUSTER_CHUNK·D floats per image whatever K is.

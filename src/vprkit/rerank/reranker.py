@@ -31,25 +31,25 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..backbones.extract import extract, ignore_failures, sample_keys
+from ..backbones.base import Backbone
+from ..backbones.extract import ExtractionOptions, extract, ignore_failures, sample_keys
+from ..config import RerankConfig
 from ..device import module_device
 from ..errors import MapError
+from ..images import ImageSource
 from .base import Reranker
 from .cascade import cascade_scores
 from .extension import GROUP, PatchesExtension
 from .fusion import guard_options, matched_candidates, rank_shortlist, within_global_gap
 from .matching import Matches, mutual_nn_grouped
+from .options import RerankOptions
 from .places import MAX_PLACE_RADIUS, PLACE_SIMILARITY_QUANTILE, RouteNeighbours, place_similarity
+from .saved import SavedState
 from .scoring import SCORERS, PatchSet, SpatialScore, perfect_score
 
 if TYPE_CHECKING:
-    from ..backbones.base import Backbone
-    from ..config import Config
-    from ..images import ImageSource
     from ..maps import MapStore
     from ..retrieval import QueryBatch
-    from .presets import RerankSettings
-    from .saved import SavedState
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,30 @@ CANDIDATE_CACHE_BYTES = 1024 * 2**20
 # Map images per saved shard when preparing a whole map: one shard per chunk bounds the payloads in
 # RAM (a few hundred MB at the performance preset) and what an interrupt loses.
 PREPARE_CHUNK = 128
+
+
+@dataclass(frozen=True)
+class ScoreRecord:
+    """What the re-ranker knew of one query's shortlist just before fusing it (see :meth:`PatchReranker.record_scores`).
+
+    ``rows``: the shortlist's map rows in global order; ``global_scores``: their global similarities;
+    ``matched``: which of them were patch-matched; ``spatial``: the matched candidates' spatial scores
+    (scales × matched; ``None`` when nothing was matched); ``match_counts``: the cascade's mutual-match
+    counts (scales × matched; ``None`` without a cascade); ``perfect``: each scale's perfect score.
+    Enough to fuse the shortlist again under other fusion or cascade rules without matching again.
+    """
+
+    rows: np.ndarray
+    global_scores: np.ndarray
+    matched: np.ndarray
+    spatial: np.ndarray | None
+    match_counts: np.ndarray | None
+    perfect: np.ndarray
+
+    @property
+    def n_matched(self) -> int:
+        """How many candidates were patch-matched."""
+        return 0 if self.spatial is None else int(self.matched.sum())
 
 
 @dataclass
@@ -136,9 +160,11 @@ class ComputedPatches:
 
     stored = False
 
-    def __init__(self, extension: PatchesExtension, backbone: "Backbone", config: "Config", images: "ImageSource",
-                 keys: Sequence[str], saved: "SavedState | None" = None, sha256: Sequence[bytes] | None = None):
-        self.extension, self.backbone, self.config, self.images, self.keys = extension, backbone, config, images, keys
+    def __init__(self, extension: PatchesExtension, backbone: Backbone, extraction: ExtractionOptions,
+                 images: ImageSource, keys: Sequence[str], saved: SavedState | None = None,
+                 sha256: Sequence[bytes] | None = None):
+        self.extension, self.backbone, self.extraction = extension, backbone, extraction
+        self.images, self.keys = images, keys
         self.saved = saved
         self.sha256 = list(sha256) if sha256 is not None else [b""] * len(keys)
         self._index: dict[int, tuple[Path, int]] | None = None
@@ -162,7 +188,8 @@ class ComputedPatches:
         keys = [self.keys[r] for r in rows]
         row_of = dict(zip(keys, rows))
         payloads: dict[int, dict[str, np.ndarray]] = {}
-        for batch, feats in extract(self.backbone, self.config, self.images, keys, progress, on_failure=ignore_failures):
+        for batch, feats in extract(self.backbone, self.extraction, self.images, keys, progress,
+                                   on_failure=ignore_failures):
             for key, payload in zip(batch.keys, self.extension.encode(batch, feats)):
                 payloads[row_of[key]] = payload
         lost = [self.keys[r] for r in rows if r not in payloads]
@@ -191,44 +218,41 @@ class ComputedPatches:
 
 
 def make_reranker(
-    settings: "RerankSettings", *, config: "Config", backbone: "Backbone", vocabulary, stored: PatchesExtension | None,
-    store: "MapStore", keys: Sequence[str], images: "ImageSource", log: Callable[[str], None] = logger.info,
+    options: RerankOptions, *, backbone: Backbone, vocabulary, stored: PatchesExtension | None,
+    store: "MapStore", keys: Sequence[str], images: ImageSource | None, log: Callable[[str], None] = logger.info,
     save: bool = True,
 ) -> "PatchReranker":
-    """A re-ranker for a map: its stored patches when they match ``settings``, else patches computed on the fly.
+    """A re-ranker for a map: its stored patches when they match ``options.patches``, else patches computed on the fly.
 
     On the fly, the patch state (NetVLAD centres, α, PCA) is fitted on a sample of the map's images
     the first time and saved into the map with the candidates' patches as they are computed
     (:mod:`vprkit.rerank.saved`); later calls read them back. ``save=False`` keeps everything in memory.
     """
-    from .presets import patch_options
-    from .saved import SavedState
-
-    options = patch_options(settings, config)
+    settings = options.settings
     device = module_device(backbone)  # match where the models run
     places = route_neighbours(settings, store, log)
-    if stored is not None and stored.stores_same_as(options):
+    if stored is not None and stored.stores_same_as(options.patches):
         return PatchReranker(settings, stored, StoredPatches(store, stored), device, places)
     if images is None:
         raise MapError(f"re-ranking '{settings.name}' needs the map's images or patches stored with these settings; "
                        f"{store.dir} has neither")
-    ext = PatchesExtension(options, backbone, vocabulary)
+    ext = PatchesExtension(options.patches, backbone, vocabulary)
     saved = SavedState(store.dir, ext, writable=save, log=log)
     if ext.needs_fit and not saved.load_state():
-        sample = sample_keys(keys, int(ext.options["fit_images"]), config.vocabulary.seed)
+        sample = sample_keys(keys, int(ext.options["fit_images"]), options.seed)
         log(f"re-ranking '{settings.name}': the map stores no matching patch descriptors; computing them from "
             f"{images.describe()} as needed, after fitting their state on {len(sample)} images (once: state and "
             f"patches are saved into the map; `vprkit rerank prepare` or --rerank at build time does it up front)")
-        ext.fit(extract(backbone, config, images, sample, "re-ranking fit", on_failure=ignore_failures))
+        ext.fit(extract(backbone, options.extraction, images, sample, "re-ranking fit", on_failure=ignore_failures))
         saved.save_state()
     else:
         log(f"re-ranking '{settings.name}': using the patch state saved in {saved.folder}")
     sha = store.read_entries()["content_sha256"]
-    return PatchReranker(settings, ext, ComputedPatches(ext, backbone, config, images, keys, saved, list(sha)), device,
-                         places)
+    computed = ComputedPatches(ext, backbone, options.extraction, images, keys, saved, list(sha))
+    return PatchReranker(settings, ext, computed, device, places)
 
 
-def route_neighbours(settings: "RerankSettings", store: "MapStore",
+def route_neighbours(settings: RerankConfig, store: "MapStore",
                      log: Callable[[str], None] = logger.info) -> RouteNeighbours | None:
     """The map's places for ``settings.same_place`` (``None`` when the preset does not use them);
     ``"auto"``: each top-1's own place, read off the map's descriptors around it
@@ -252,7 +276,7 @@ class PatchReranker(Reranker):
     :class:`ComputedPatches`); decoded sets are cached across queries.
     """
 
-    def __init__(self, settings: "RerankSettings", extension: PatchesExtension,
+    def __init__(self, settings: RerankConfig, extension: PatchesExtension,
                  candidates: "StoredPatches | ComputedPatches", device: "torch.device | str | None" = None,
                  places: RouteNeighbours | None = None):
         if settings.same_place is not None and places is None:
@@ -266,19 +290,28 @@ class PatchReranker(Reranker):
         self.scorer = SCORERS.get(settings.scorer)
         self.prescorer = None if settings.prescorer is None else SCORERS.get(settings.prescorer)
         self.cache = CandidateCache(CANDIDATE_CACHE_BYTES)
-        self.timings: list[float] = []
-        # the guarded fusion's constants (vprkit.rerank.fusion.guard_options); benchmarks may override
-        # them to record more candidates than the preset matches
+        self.timings: list[float] = []  # seconds per re-ranked query
+        # the guarded fusion's constants (vprkit.rerank.fusion.guard_options)
         self.guard = guard_options(settings.global_gap)
-        # called per query with (shortlist rows, their global scores, matched mask, matched spatial
-        # scores or None, the cascade's mutual-match counts or None, each scale's perfect score) before
-        # fusing: benchmarks record them to replay other fusion and cascade rules without matching again
-        self.last_match_counts: np.ndarray | None = None  # the last query's cascade counts (scales × matched)
-        self.on_scores: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray],
-                                 None] | None = None
+        self._observer: Callable[[ScoreRecord], None] | None = None
+        self._match_counts: np.ndarray | None = None  # the cascade's counts of the last patch_scores call
         self.extension = extension
         self.candidates = candidates
         self.stored = candidates.stored
+
+    def record_scores(self, observer: Callable[[ScoreRecord], None] | None, whole_shortlist: bool = False) -> None:
+        """Report every query's :class:`ScoreRecord` to ``observer`` (``None``: stop) — how benchmarks
+        record scores to replay other fusion and cascade rules without matching again.
+
+        ``whole_shortlist``: from now on also match and spatially verify every shortlist candidate (no
+        global gap; a cascade that verifies them all, so their mutual-match counts are known), whatever
+        the preset's gap and ``verify``; one recording then serves every preset with the same patches
+        and scorer. The ranking this re-ranker returns is then that of the whole shortlist.
+        """
+        self._observer = observer
+        if whole_shortlist:
+            self.settings = self.settings.replace(global_gap=None, verify=self.shortlist)
+            self.guard = guard_options(None)
 
     # ---- candidates ----------------------------------------------------------------------------
     def candidate_sets(self, rows: list[int]) -> dict[int, list[PatchSet]]:
@@ -303,11 +336,11 @@ class PatchReranker(Reranker):
         With the ``verify`` setting, only that many candidates are spatially verified (the cascade of
         :mod:`vprkit.rerank.cascade`); otherwise every candidate is, one pair at a time, as the original.
         """
-        self.last_match_counts = None
+        self._match_counts = None
         if self.settings.verify is not None:
             found = cascade_scores(query_sets, candidates, self.scorer, self.settings.weights, self.settings.verify,
                                    self.device, self.prescorer, self.settings.fine_budget)
-            self.last_match_counts = found.match_counts
+            self._match_counts = found.match_counts
             return found.scores
         out = np.zeros((len(query_sets), len(candidates)))
         for s, q in enumerate(query_sets):
@@ -350,14 +383,15 @@ class PatchReranker(Reranker):
             head_scores = scores[qi, : len(head)]
             keep = within_global_gap(head_scores, self.settings.global_gap)
             matched = matched_candidates(head_scores, keep, self.guard["minimum"])
-            per_scale = self.last_match_counts = None
+            per_scale = self._match_counts = None
             if keep.sum() >= 2:
                 picked = np.flatnonzero(matched)
                 sets = self.candidate_sets([head[i] for i in picked])
                 per_scale = self.patch_scores(qsets, [sets[head[i]] for i in picked])
             perfect = self.perfect_scores(qsets)
-            if self.on_scores is not None:
-                self.on_scores(np.asarray(head), head_scores, matched, per_scale, self.last_match_counts, perfect)
+            if self._observer is not None:
+                self._observer(ScoreRecord(np.asarray(head), head_scores, matched, per_scale, self._match_counts,
+                                           perfect))
             fused = self.fuse(per_scale, head_scores, keep, matched, np.asarray(head), perfect)
             order = np.argsort(-fused, kind="stable")
             out_rows[qi, : len(head)] = np.asarray(head)[order]
