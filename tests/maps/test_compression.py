@@ -213,7 +213,7 @@ def test_faiss_options_are_declared_once_and_checked():
     with pytest.raises(ConfigError, match="unknown option 'nprobes' \\(did you mean 'nprobe'\\?\\)"):
         FaissIndex.build(_unit(10, 4, 0), "Flat", options={"nprobes": 3})
     with pytest.raises(ConfigError, match="unknown option 'efSearch' \\(did you mean 'ef_search'\\?\\)"):
-        FaissIndex.build(_unit(10, 4, 0), "Flat", options={"efSearch": 3})  # one spelling: the old one is read, not taken
+        FaissIndex.build(_unit(10, 4, 0), "Flat", options={"efSearch": 3})  # the old spelling is read, not taken
     with pytest.raises(ConfigError, match="option 'rescore' = -1 is not allowed"):
         FaissIndex.build(_unit(10, 4, 0), "Flat", options={"rescore": -1})
 

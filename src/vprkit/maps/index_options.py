@@ -1,4 +1,4 @@
-"""The FAISS index options: one vocabulary and one spelling, from the CLI flag to ``Config.index_options`` to ``index.json``.
+"""The FAISS index options: one vocabulary and one spelling, from CLI flag to ``Config.index_options`` to index.json.
 
 Each option is declared once — name, type, default, meaning — in the table :mod:`vprkit.options`
 keeps for every component (schema ``("index", "faiss")``): config validation checks presets
