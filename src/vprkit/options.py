@@ -24,8 +24,9 @@ from typing import Any, Iterable, Mapping
 from .errors import ConfigError
 
 KINDS = ("backbone", "aggregator", "retriever", "extension", "segmenter", "index")
-# Value types an option may take ("path": a str or os.PathLike; "scales": [[size, stride], …]).
-TYPES = ("int", "float", "bool", "str", "path", "mapping", "scales")
+# Value types an option may take ("path": a str or os.PathLike; "scales": [[size, stride], …]; "pair": [a, b] of two
+# integers; "strings": a list of strings).
+TYPES = ("int", "float", "bool", "str", "path", "mapping", "scales", "pair", "strings")
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,8 @@ class Option:
                 parts.append(f"{'an integer' if t == 'int' else 'a number'} {' and '.join(p for p in (lo, hi) if p)}")
             else:
                 parts.append({"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
-                              "path": "a file path", "mapping": "a mapping", "scales": "[[size, stride], …] pairs"}[t])
+                              "path": "a file path", "mapping": "a mapping", "scales": "[[size, stride], …] pairs",
+                              "pair": "[a, b] (two integers)", "strings": "a list of strings"}[t])
         if self.nullable:
             parts.append("None")
         return " or ".join(parts)
@@ -337,6 +339,11 @@ def _type_ok(t: str, value: Any, opt: Option) -> bool:
         return (isinstance(value, (list, tuple)) and len(value) > 0 and all(
             isinstance(s, (list, tuple)) and 1 <= len(s) <= 2
             and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in s) for s in value))
+    if t == "pair":
+        return (isinstance(value, (list, tuple)) and len(value) == 2
+                and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value))
+    if t == "strings":
+        return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
     raise ValueError(f"unknown option type {t!r}")
 
 
@@ -450,3 +457,85 @@ def describe(kind: str | None = None) -> list[str]:
         for o in sch.options:
             lines.append(f"    {o.name} = {o.default!r}  ({o.allowed()}) {o.doc}")
     return lines
+
+
+# ---- tables of settings (a training recipe's sections) ------------------------------------------
+# The same Option declarations check a table a user writes by hand, e.g. a recipe's ``[train]``: an
+# unknown key is refused with the table that has it (written in the wrong one) or the closest known key,
+# a value of the wrong type or range names the field and what it takes. Nothing here is registered in SCHEMAS
+# (those are components' factory options, compared with their signatures).
+
+def _initials(name: str) -> str:
+    return "".join(w[0] for w in name.replace("-", "_").split("_") if w)
+
+
+def closest_name(given: Any, candidates: Iterable[str]) -> str | None:
+    """The candidate a misspelt ``given`` most likely meant, or None.
+
+    difflib's closest match first (``epoch`` → ``epochs``); else an abbreviation either way, because a
+    long spelling of a short key is the usual slip and difflib scores it low (``learning_rate`` → ``lr``).
+    """
+    candidates = [str(c) for c in candidates]
+    close = difflib.get_close_matches(str(given), candidates, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    given = str(given)
+    return next((c for c in candidates
+                 if ("_" in given and _initials(given) == c) or ("_" in c and _initials(c) == given)), None)
+
+
+def _value_ok(opt: Option, value: Any) -> bool:
+    """Whether ``value`` has one of ``opt``'s types and, a number, lies in its range."""
+    if value is None and opt.nullable:
+        return True
+    matched = [t for t in opt.types if _type_ok(t, value, opt)]
+    if not matched:
+        return False
+    if matched[0] in ("int", "float"):
+        if opt.low is not None and (value <= opt.low if opt.low_open else value < opt.low):
+            return False
+        if opt.high is not None and value > opt.high:
+            return False
+    return True
+
+
+def check_settings(where: str, options: Iterable[Option], values: Any,
+                   elsewhere: Mapping[str, Iterable[str]] | None = None) -> None:
+    """ConfigError (one line) unless every key of the table ``values`` is one of ``options`` with a value it takes.
+
+    ``where`` names the table in messages (``"[train]"``); ``elsewhere`` maps sibling tables' names to their
+    keys, so a key written in the wrong table is pointed to the right one (``'lr' in [optimiser]``).
+    Options whose name starts with ``_`` are accepted but not listed (internal keys).
+    """
+    options = {o.name: o for o in options}
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{where} must be a table of settings, got {values!r}")
+    for key, value in values.items():
+        opt = options.get(key)
+        if opt is None:
+            raise ConfigError(_unknown_setting(where, key, [n for n in options if not n.startswith("_")], elsewhere))
+        if not _value_ok(opt, value):
+            hint = did_you_mean(value, opt.choices) if isinstance(value, str) and opt.choices else ""
+            raise ConfigError(f"{where} {key} must be {opt.allowed()}, got {value!r}{hint}")
+        if opt.keys is not None and isinstance(value, Mapping):
+            unknown = [k for k in value if k not in opt.keys]
+            if unknown:
+                near = closest_name(unknown[0], opt.keys)
+                hint = f" (did you mean {near!r}?)" if near else ""
+                raise ConfigError(f"{where} {key} has no key {unknown[0]!r}{hint}; known: {', '.join(opt.keys)}")
+
+
+def _unknown_setting(where: str, key: Any, known: list[str], elsewhere: Mapping[str, Iterable[str]] | None) -> str:
+    """The message for an unknown key: a sibling table that has exactly this key (it was written in the wrong
+    table), else the closest key of this table, else the closest key of a sibling table."""
+    tables = {table: [k for k in keys if not k.startswith("_")] for table, keys in (elsewhere or {}).items()}
+    home = next((table for table, keys in tables.items() if key in keys), None)
+    near = None if home else closest_name(key, known)
+    if home:
+        hint = f" (did you mean {key!r} in {home}?)"
+    elif near:
+        hint = f" (did you mean {near!r}?)"
+    else:
+        hint = next((f" (did you mean {other!r} in {table}?)" for table, keys in tables.items()
+                     if (other := closest_name(key, keys))), "")
+    return f"{where} has no setting {key!r}{hint}; known: {', '.join(known)}"
