@@ -1,7 +1,7 @@
 """A trained checkpoint is a preset: ``best.ckpt`` (JSON: a Config dict) + ``best.head.pt`` (the head's state).
 
 The checkpoint's Config names the ``trained`` aggregator with ``state`` relative to the checkpoint;
-:func:`checkpoint_config` reads it (standard library only, no torch) and makes ``state`` absolute,
+:func:`checkpoint_config` reads it (the JSON alone, no model is built) and makes ``state`` absolute,
 so ``presets.resolve("./run/best.ckpt")`` can return it; :func:`register_checkpoint` registers it
 under a name. :func:`add_pca` appends a PCA / whitening projection fitted on a sample of images.
 """
@@ -13,8 +13,17 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ..aggregation.projection import Projection
+from ..aggregation.vocabulary import make_aggregator
+from ..backbones import build_backbone
+from ..backbones.extract import extract, ignore_failures, sample_keys
 from ..config import Config
 from ..errors import ConfigError
+from ..images import image_source
+from ..io import atomic_write_json
+from ..presets import register_preset
 
 CHECKPOINT_SUFFIX = ".ckpt"
 FORMAT = "vprkit-checkpoint"
@@ -46,8 +55,6 @@ def checkpoint_config(path: str | os.PathLike) -> Config:
 
 def write_checkpoint(path: str | os.PathLike, config: Config, state_file: str | os.PathLike, info: dict[str, Any]) -> Path:
     """Write ``path`` (JSON) naming ``state_file`` relative to it."""
-    from ..io import atomic_write_json
-
     p = Path(path)
     rel = os.path.relpath(Path(state_file).resolve(), p.parent.resolve())
     d = config.to_dict()
@@ -58,8 +65,6 @@ def write_checkpoint(path: str | os.PathLike, config: Config, state_file: str | 
 
 def register_checkpoint(path: str | os.PathLike, name: str | None = None) -> Config:
     """Register a checkpoint as a named preset (default name: the checkpoint's run folder + file stem)."""
-    from ..presets import register_preset
-
     config = checkpoint_config(path)
     p = Path(path).resolve()
     return register_preset(config.replace(name=name or f"{p.parent.name}/{p.stem}"))
@@ -71,14 +76,6 @@ def add_pca(checkpoint: str | os.PathLike, images, dim: int, whiten: bool = Fals
 
     Writes ``out`` (default ``<stem>-pca<dim>[w].ckpt`` beside the checkpoint) and its head state.
     """
-    import torch
-
-    from ..aggregation.projection import Projection
-    from ..aggregation.vocabulary import make_aggregator
-    from ..backbones import build_backbone
-    from ..backbones.extract import extract, ignore_failures, sample_keys
-    from ..images import image_source
-
     src = Path(checkpoint)
     config = checkpoint_config(src)
     backbone = build_backbone(config.backbone, **dict(config.backbone_options))

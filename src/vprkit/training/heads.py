@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from ..aggregation.projection import TrainedHead
+from ..aggregation.projection import Projection, TrainedHead
 from ..errors import ConfigError
 
 HEADS = ("gem", "netvlad", "mixvpr", "layout", "mean")
@@ -87,8 +87,6 @@ def build_head(name: str, backbone_dim: int, grid: tuple[int, int], options: Map
         head.fit(sample, seed=seed)
         head.requires_grad_(True)
     if projection is not None:
-        from ..aggregation.projection import Projection
-
         head.add_projection(Projection(head.dim, int(projection)))
         head.requires_grad_(True)
     return head
