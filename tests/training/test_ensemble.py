@@ -19,7 +19,7 @@ from vprkit.aggregation.ensemble import Ensemble
 from vprkit.aggregation.projection import Projection, TrainedHead
 from vprkit.backbones.base import DenseFeatures
 from vprkit.errors import ConfigError
-from vprkit.training import recipe as recipe_module
+from vprkit.training import run as run_module
 from vprkit.training.checkpoint import checkpoint_config, is_checkpoint
 from vprkit.training.ensemble import check_members, member_recipe
 from vprkit.training.recipe import run_recipe
@@ -149,19 +149,18 @@ def test_bad_members_and_weights_are_config_errors(members, weights, match):
 
 # ---- [head] members = N ------------------------------------------------------------------------------
 
-def _recipe(root: Path, out: str = "run", **head) -> dict:
-    return {
-        "name": "ens-run", "out": str(root / out), "_dir": str(root),
-        "backbone": {"preset": "effnet-gem", "image_size": [64, 64], "memory_budget_mb": 64, "cache": str(root / "cache")},
-        "data": {"root": "data", "labels": "frames", "folders": ["summer", "winter"], "frames": [0, 14],
-                 "negatives": "cross-domain"},
-        "validation": {"queries": "winter", "database": "summer", "holdout": 4, "gap": 1},
-        "monitor": {"queries": "winter", "database": "summer", "frames": [14, 18]},
-        "head": {"name": "layout", "options": {"out_channels": 3}, "members": 2, **head},
-        "loss": {"name": "infonce"}, "miner": {"name": ""},
-        "sampler": {"places": 4, "images_per_place": 2, "contiguous": 0.5}, "optimiser": {"lr": 0.005},
-        "train": {"epochs": 2, "seed": 3},
-    }
+@pytest.fixture
+def ensemble_recipe(recipe_factory):
+    """The tiny recipe (conftest) as an ensemble of two 3-channel layout heads, seeds 3 and 4, cross-season
+    negatives, half the batches consecutive frames, picked on a 4-frame holdout; ``**head`` changes ``[head]``."""
+
+    def make(root: Path, out: str = "run", **head) -> dict:
+        return recipe_factory(root, name="ens-run", out=out, data={"frames": [0, 14], "negatives": "cross-domain"},
+                              validation={"holdout": 4, "gap": 1}, monitor={"frames": [14, 18]},
+                              head={"options": {"out_channels": 3}, "members": 2, **head},
+                              sampler={"contiguous": 0.5}, train={"seed": 3})
+
+    return make
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +215,7 @@ seed = 3
 
 @pytest.fixture(scope="module")
 def trained(data):
-    """``vprkit train`` on the recipe above (the same run as ``_recipe(data)``): its summary."""
+    """``vprkit train`` on the recipe above (the same run as ``ensemble_recipe(data)``): its summary."""
     (data / "recipe.toml").write_text(RECIPE)
     r = run_cli(["train", data / "recipe.toml", "--quiet"])
     assert r.exit_code == 0, r.output
@@ -285,9 +284,9 @@ def test_cli_add_pca_projects_the_ensemble(data, trained):
     assert pipeline.open_map(data / "pca-map").aggregator.dim == 4
 
 
-def test_a_member_resumes_where_it_was_interrupted(data, trained, monkeypatch):
+def test_a_member_resumes_where_it_was_interrupted(data, trained, monkeypatch, ensemble_recipe):
     """Member 1 stopped after its first epoch (member 0 done): the rerun trains only what is left, identically."""
-    real = recipe_module.plot_curves
+    real = run_module.plot_curves
     logs: list[str] = []
 
     def interrupt(history, out, title=None):
@@ -295,13 +294,13 @@ def test_a_member_resumes_where_it_was_interrupted(data, trained, monkeypatch):
         if title == "ens-run-member1" and len(history) == 1:
             raise Interrupted("stopped after member 1's first epoch")
 
-    monkeypatch.setattr(recipe_module, "plot_curves", interrupt)
-    r = _recipe(data, out="resumed")
+    monkeypatch.setattr(run_module, "plot_curves", interrupt)
+    r = ensemble_recipe(data, out="resumed")
     with pytest.raises(Interrupted):
         run_recipe(r, progress=False, log=logs.append)
     assert (data / "resumed" / "member0" / "summary.json").is_file()
     assert not (data / "resumed" / "member1" / "summary.json").exists() and not (data / "resumed" / "best.ckpt").exists()
-    monkeypatch.setattr(recipe_module, "plot_curves", real)
+    monkeypatch.setattr(run_module, "plot_curves", real)
     logs.clear()
     s = run_recipe(r, progress=False, log=logs.append)
     steps = trained["members"][1]["history"][-1]["step"]
@@ -315,10 +314,11 @@ def test_a_member_resumes_where_it_was_interrupted(data, trained, monkeypatch):
     assert s["best"] == trained["best"]
 
 
-def test_post_pca_is_fitted_on_the_ensembles_output(data, trained):
+def test_post_pca_is_fitted_on_the_ensembles_output(data, trained, ensemble_recipe):
     from vprkit import pipeline
 
-    s = run_recipe({**_recipe(data), "post": {"pca": 5}}, progress=False, log=lambda m: None)  # resumes the members
+    # The members are resumed (done): only the ensemble and its PCA are new.
+    s = run_recipe({**ensemble_recipe(data), "post": {"pca": 5}}, progress=False, log=lambda m: None)
     assert Path(s["checkpoint"]).name == "best-post.ckpt" and Path(s["trained_checkpoint"]).name == "best.ckpt"
     config = checkpoint_config(s["checkpoint"])
     assert config.aggregator == "ensemble" and s["head_dim"] == 5
@@ -329,21 +329,21 @@ def test_post_pca_is_fitted_on_the_ensembles_output(data, trained):
 
 
 @pytest.mark.parametrize("change,match", [
-    ({"members": 0}, "whole number"),
-    ({"members": -1}, "whole number"),
-    ({"members": "2"}, "whole number"),
-    ({"members": True}, "whole number"),
-    ({"members": 1.5}, "whole number"),
+    ({"members": 0}, r"\[head\] members must be an integer ≥ 1, got 0"),
+    ({"members": -1}, r"\[head\] members must be an integer ≥ 1, got -1"),
+    ({"members": "2"}, r"\[head\] members must be an integer ≥ 1, got '2'"),
+    ({"members": True}, r"\[head\] members must be an integer ≥ 1, got True"),
+    ({"members": 1.5}, r"\[head\] members must be an integer ≥ 1, got 1.5"),
     ({"name": "mean", "options": {}}, "learns nothing"),
     ({"vlad": {"k": 4, "weight": 0.5}}, "vlad"),
     ({"_backbone": {"unfreeze": 1}}, "frozen backbone"),
     ({"_validation": {"refit": True}}, "refit"),
     ({"_post": {"centre": True}}, r"\[post\] centre"),
 ])
-def test_bad_member_combinations_fail_before_training(tmp_path, change, match):
+def test_bad_member_combinations_fail_before_training(tmp_path, change, match, ensemble_recipe):
     change = dict(change)
     sections = {k[1:]: change.pop(k) for k in list(change) if k.startswith("_")}
-    r = _recipe(tmp_path, **change)
+    r = ensemble_recipe(tmp_path, **change)
     for k, v in sections.items():
         r[k] = {**r.get(k, {}), **v}
     with pytest.raises(ConfigError, match=match):
@@ -351,8 +351,8 @@ def test_bad_member_combinations_fail_before_training(tmp_path, change, match):
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
 
 
-def test_one_member_is_a_plain_run_and_member_recipes_share_the_runs_cache(tmp_path):
-    r = _recipe(tmp_path)
+def test_one_member_is_a_plain_run_and_member_recipes_share_the_runs_cache(tmp_path, ensemble_recipe):
+    r = ensemble_recipe(tmp_path)
     assert check_members(r) == 2 and check_members({**r, "head": {"name": "layout", "members": 1}}) == 1
     assert check_members({"head": {"name": "mean", "projection": 8, "members": 3}}) == 3
     m = member_recipe({**r, "post": {"pca": 4}}, 1)
@@ -363,7 +363,7 @@ def test_one_member_is_a_plain_run_and_member_recipes_share_the_runs_cache(tmp_p
     assert member_recipe(no_cache, 0)["backbone"]["cache"] == str(tmp_path / "run" / "features")
 
 
-def test_split_members_start_on_disjoint_slices_of_the_channels(data):
+def test_split_members_start_on_disjoint_slices_of_the_channels(data, ensemble_recipe):
     from vprkit.training.heads import build_head
     from vprkit.training.recipe import prepare
 
@@ -377,14 +377,14 @@ def test_split_members_start_on_disjoint_slices_of_the_channels(data):
     centre = wrapped.head.conv.weight[:, :, 1, 1]
     assert centre.argmax(dim=1).tolist() == [3, 4, 5, 0] and centre.sum().item() == 4
     # The recipe: member i of N gets [head] start_slice = [i, N]; its prepared head starts there.
-    r = _recipe(data, member_init="split")
+    r = ensemble_recipe(data, member_init="split")
     assert check_members(r) == 2
     m = member_recipe(r, 1)
     assert m["head"]["start_slice"] == [1, 2] and "member_init" not in m["head"]
     head = prepare(m, progress=False).head.head
     c = head.conv.weight.shape[1]
     assert head.conv.weight[:, :, 1, 1].argmax(dim=1).tolist() == [c // 2 + j for j in range(3)]
-    assert "start_slice" not in member_recipe(_recipe(data), 1)["head"]
+    assert "start_slice" not in member_recipe(ensemble_recipe(data), 1)["head"]
 
 
 @pytest.mark.parametrize("head,match", [
@@ -392,9 +392,9 @@ def test_split_members_start_on_disjoint_slices_of_the_channels(data):
     ({"name": "gem", "options": {}, "member_init": "split"}, "for layout heads"),
     ({"member_init": "split", "start_slice": [0, 2]}, "one or the other"),
 ])
-def test_bad_member_inits_are_config_errors(tmp_path, head, match):
+def test_bad_member_inits_are_config_errors(tmp_path, head, match, ensemble_recipe):
     with pytest.raises(ConfigError, match=match):
-        run_recipe(_recipe(tmp_path, **head), progress=False)
+        run_recipe(ensemble_recipe(tmp_path, **head), progress=False)
     assert not (tmp_path / "cache").exists()
 
 

@@ -34,37 +34,33 @@ from ..aggregation.ensemble import Ensemble
 from ..errors import ConfigError
 from .checkpoint import checkpoint_config, write_checkpoint
 from .heads import PARAMETERLESS_HEADS, SLICED_HEADS
+from .preparation import prepare
+from .run import check_post, post_train, run_single
+from .sections import MEMBER_INITS, check_recipe, recipe_path, section
 from .trainer import MONITOR_PREFIX, validate
 
+__all__ = ["MEMBER_INITS", "MEMBER_PREFIX", "check_members", "ensemble_members", "member_init", "member_recipe",
+           "run_ensemble"]
+
 MEMBER_PREFIX = "member"
-# [head] member_init: "same" — every member starts as one head does (they differ by seed: batch order, random
-# layers); "split" — a layout member i starts as the identity on slice i of N of the backbone's channels.
-MEMBER_INITS = ("same", "split")
 
 
 def ensemble_members(recipe: Mapping[str, Any]) -> int:
-    """``[head] members`` (default 1), checked: a whole number ≥ 1."""
-    n = dict(recipe.get("head") or {}).get("members", 1)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ConfigError(f"[head] members must be a whole number ≥ 1 (heads trained with seeds seed … seed + N − 1), "
-                          f"got {n!r}")
-    return n
+    """``[head] members`` (default 1: one head), a whole number ≥ 1 as the ``[head]`` schema checks."""
+    return int(section(recipe, "head")["members"])
 
 
 def member_init(recipe: Mapping[str, Any]) -> str:
-    """``[head] member_init`` (default "same"), checked."""
-    value = dict(recipe.get("head") or {}).get("member_init", "same")
-    if value not in MEMBER_INITS:
-        raise ConfigError(f"[head] member_init must be one of {MEMBER_INITS}, got {value!r}")
-    return value
+    """``[head] member_init`` (default "same"; :data:`~vprkit.training.sections.MEMBER_INITS`), checked."""
+    return str(section(recipe, "head")["member_init"])
 
 
 def check_members(recipe: Mapping[str, Any]) -> int:
     """``[head] members`` and the options it cannot go with — checked before training, so a typo costs no run."""
     n = ensemble_members(recipe)
     init = member_init(recipe)
-    h = dict(recipe.get("head") or {})
-    name = h.get("name", "gem")
+    h = section(recipe, "head")
+    name = h["name"]
     if init == "split" and name not in SLICED_HEADS:
         raise ConfigError(f"[head] member_init = 'split' starts each member on its own slice of the backbone's "
                           f"channels: for {', '.join(SLICED_HEADS)} heads, not {name!r}")
@@ -78,23 +74,21 @@ def check_members(recipe: Mapping[str, Any]) -> int:
     if h.get("vlad"):
         raise ConfigError(f"[head] members = {n} cannot be combined with [head] vlad (each member would carry its own "
                           f"copy of the map's VLAD); ensemble the heads alone")
-    if int(dict(recipe.get("backbone") or {}).get("unfreeze", 0) or 0):
+    if section(recipe, "backbone")["unfreeze"]:
         raise ConfigError(f"[head] members = {n} needs a frozen backbone ([backbone] unfreeze = 0): a preset has one "
                           f"backbone, and each member would train its own blocks")
-    if dict(recipe.get("validation") or {}).get("refit"):
+    if section(recipe, "validation")["refit"]:
         raise ConfigError(f"[head] members = {n} cannot be combined with [validation] refit = true (the ensemble is "
                           f"measured on the held-out frames, which a refit trains on)")
-    if dict(recipe.get("post") or {}).get("centre"):
+    if section(recipe, "post")["centre"]:
         raise ConfigError(f"[head] members = {n}: [post] centre is for one head; use [post] pca = D on the ensemble")
     return n
 
 
 def member_recipe(recipe: Mapping[str, Any], i: int) -> dict[str, Any]:
     """Member ``i``'s recipe: the run's, in ``<out>/member<i>``, seed ``seed + i``, the run's cache, no ``[post]``."""
-    from .recipe import _path
-
     r = copy.deepcopy({k: v for k, v in recipe.items() if k != "post"})
-    out = _path(recipe, recipe.get("out", "run"))
+    out = recipe_path(recipe, recipe.get("out") or "run")
     h = dict(r.get("head") or {})
     n = ensemble_members(recipe)
     h.pop("members", None)
@@ -104,7 +98,7 @@ def member_recipe(recipe: Mapping[str, Any], i: int) -> dict[str, Any]:
     r["name"] = f"{recipe.get('name') or out.name}-{MEMBER_PREFIX}{i}"
     r["out"] = str(out / f"{MEMBER_PREFIX}{i}")
     b = dict(r.get("backbone") or {})
-    b["cache"] = str(_path(recipe, b["cache"])) if b.get("cache") else str(out / "features")
+    b["cache"] = str(recipe_path(recipe, b["cache"])) if b.get("cache") else str(out / "features")
     r["backbone"] = b
     train = dict(r.get("train") or {})
     train["seed"] = int(train.get("seed", 0)) + i
@@ -115,16 +109,18 @@ def member_recipe(recipe: Mapping[str, Any], i: int) -> dict[str, Any]:
 def run_ensemble(recipe: Mapping[str, Any], resume: bool = True, progress: bool = True,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train ``[head] members`` heads (each resumable, each picked on validation), then write the ensemble preset."""
-    from .recipe import _path, post_train, prepare, run_recipe
-
+    check_recipe(recipe)
+    if recipe.get("post"):  # fitted on the ensemble after its members: checked before they train
+        check_post(dict(recipe["post"]))
     n = check_members(recipe)
-    out = _path(recipe, recipe.get("out", "run"))
+    seed = int(section(recipe, "train")["seed"])
+    out = recipe_path(recipe, recipe.get("out") or "run")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     members = []
     for i in range(n):
-        log(f"ensemble member {i + 1}/{n} (seed {int(dict(recipe.get('train') or {}).get('seed', 0)) + i})")
-        members.append(run_recipe(member_recipe(recipe, i), resume=resume, progress=progress, log=log))
+        log(f"ensemble member {i + 1}/{n} (seed {seed + i})")
+        members.append(run_single(member_recipe(recipe, i), resume=resume, progress=progress, log=log))
     t1 = time.perf_counter()
     # The features (validation, monitor, training images for [post]) of the run itself: the members' shared cache.
     base = {**member_recipe(recipe, 0), "name": recipe.get("name") or out.name, "out": str(out),
@@ -150,13 +146,12 @@ def run_ensemble(recipe: Mapping[str, Any], resume: bool = True, progress: bool 
     name = recipe.get("name") or out.name
     config = first.replace(
         name=name, aggregator="ensemble", aggregator_options={"members": saved},
-        description=recipe.get("description") or f"ensemble of {n} trained {first.aggregator_options.get('head')} heads "
-                                                  f"on {first.backbone} ({ensemble.dim}-d, seeds from "
-                                                  f"{int(dict(recipe.get('train') or {}).get('seed', 0))}), "
+        description=recipe.get("description") or f"ensemble of {n} trained {first.aggregator_options.get('head')} "
+                                                  f"heads on {first.backbone} ({ensemble.dim}-d, seeds from {seed}), "
                                                   f"from `vprkit train`")
     info = {"validation": {k: v for k, v in record.items() if k.startswith("R@")}, "epoch": record["epoch"],
             "head_dim": int(ensemble.dim), "members": [{"checkpoint": str(Path(s["checkpoint"]).relative_to(out)),
-                                                       "seed": int(dict(recipe.get("train") or {}).get("seed", 0)) + i,
+                                                       "seed": seed + i,
                                                        "best": s["best"]} for i, s in enumerate(members)],
             "train": prepared.info}
     checkpoint = write_checkpoint(out / "best.ckpt", config, state, info)
@@ -170,7 +165,8 @@ def run_ensemble(recipe: Mapping[str, Any], resume: bool = True, progress: bool 
     shown = "  ".join(f"{k} {v:.3f}" for k, v in record.items() if isinstance(v, float))
     log(f"ensemble of {n}: {shown}")
     summary = {"name": name, "checkpoint": str(checkpoint), "best": record, "history": [],
-               "members": [{k: s[k] for k in ("checkpoint", "best", "history", "train_seconds", "head_dim")} for s in members],
+               "members": [{k: s[k] for k in ("checkpoint", "best", "history", "train_seconds", "head_dim")}
+                           for s in members],
                "train_seconds": round(seconds, 1), "wall_seconds": round(time.perf_counter() - t0, 1),
                "head_dim": head_dim, **extra, **prepared.info}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
