@@ -30,63 +30,28 @@ TIGHT = 1e-4
 # The pipeline folds BatchNorm into the convolutions: the same function, rounded differently.
 FOLDED = 1e-3
 
-RECIPE = """
-name = "tiny-unfrozen"
-out = "run"
-
-[backbone]
-preset = "effnet-gem"
-image_size = [64, 64]
-unfreeze = {unfreeze}
-cache_dtype = "float32"
-cache_prefix = {cache_prefix}
-
-[data]
-root = "data"
-labels = "frames"
-folders = ["summer", "winter"]
-frames = [0, 8]
-
-[validation]
-queries = "winter"
-database = "summer"
-frames = [8, 12]
-
-[head]
-name = "layout"
-options = {{ out_channels = 3 }}
-
-[loss]
-name = "infonce"
-options = {{ temperature = 0.1 }}
-
-[miner]
-name = ""
-
-[sampler]
-places = 4
-images_per_place = 2
-
-[optimiser]
-lr = 0.005
-backbone_lr = 0.001
-
-[train]
-epochs = {epochs}
-seed = 0
-"""
-
-
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
-def _recipe(tmp_path: Path, unfreeze: int = 1, cache_prefix: bool = True, epochs: int = 2, name: str = "recipe") -> Path:
-    if not (tmp_path / "data").is_dir():
-        synchronised_seasons(tmp_path / "data", 12)
-    path = tmp_path / f"{name}.toml"
-    path.write_text(RECIPE.format(unfreeze=unfreeze, cache_prefix=str(cache_prefix).lower(), epochs=epochs))
-    return path
+@pytest.fixture
+def unfrozen_recipe(recipe_factory, tmp_path):
+    """The tiny recipe (conftest) with the last ``unfreeze`` backbone blocks trained (at backbone_lr 0.001) on a float32
+    cache of the frozen prefix (``cache_prefix = false``: images re-read), validated on frames 8-11, written as
+    ``<name>.toml`` in ``tmp_path``; returns its path."""
+
+    def make(unfreeze: int = 1, cache_prefix: bool = True, epochs: int = 2, name: str = "recipe") -> Path:
+        if not (tmp_path / "data").is_dir():
+            synchronised_seasons(tmp_path / "data", 12)
+        recipe = recipe_factory(
+            tmp_path, name="tiny-unfrozen", monitor=None,
+            backbone={"unfreeze": unfreeze, "cache_dtype": "float32", "cache_prefix": cache_prefix, "cache": None,
+                      "memory_budget_mb": None},
+            data={"frames": [0, 8]}, validation={"frames": [8, 12]}, head={"options": {"out_channels": 3}},
+            loss={"options": {"temperature": 0.1}}, optimiser={"backbone_lr": 0.001}, train={"epochs": epochs})
+        return recipe_factory.write(tmp_path / f"{name}.toml", recipe)
+
+    return make
 
 
 def _trainer(recipe: dict) -> Trainer:
@@ -138,9 +103,9 @@ def test_split_refuses_what_it_cannot_do():
 
 # ---- the recipe path: same step as re-reading the images, resume, checkpoint ------------------------
 
-def test_cached_prefix_step_equals_the_image_rereading_step(tmp_path):
-    cached = _trainer(load_recipe(_recipe(tmp_path, unfreeze=2)))
-    reread = _trainer(load_recipe(_recipe(tmp_path, unfreeze=2, cache_prefix=False, name="reread")))
+def test_cached_prefix_step_equals_the_image_rereading_step(tmp_path, unfrozen_recipe):
+    cached = _trainer(load_recipe(unfrozen_recipe(unfreeze=2)))
+    reread = _trainer(load_recipe(unfrozen_recipe(unfreeze=2, cache_prefix=False, name="reread")))
     assert isinstance(cached.features, SuffixFeatures) and isinstance(reread.features, ImageFeatures)
     assert (tmp_path / "run" / f"features{PREFIX_CACHE_SUFFIX}2").is_dir()
     assert len(cached.extra_parameters) == len(reread.extra_parameters) > 0
@@ -161,8 +126,8 @@ def test_cached_prefix_step_equals_the_image_rereading_step(tmp_path):
             assert rel_err(p.grad, q.grad) < TIGHT
 
 
-def test_cached_prefix_run_resumes_with_the_same_next_step(tmp_path):
-    recipe = load_recipe(_recipe(tmp_path, unfreeze=1))
+def test_cached_prefix_run_resumes_with_the_same_next_step(tmp_path, unfrozen_recipe):
+    recipe = load_recipe(unfrozen_recipe(unfreeze=1))
     first = _trainer(recipe)
     first.train_step()
     first.save(tmp_path / "state.pt")
@@ -175,11 +140,11 @@ def test_cached_prefix_run_resumes_with_the_same_next_step(tmp_path):
         assert torch.allclose(p, q, rtol=0, atol=1e-6)
 
 
-def test_checkpoint_with_unfrozen_blocks_describes_images_as_the_trainer_validated(tmp_path):
+def test_checkpoint_with_unfrozen_blocks_describes_images_as_the_trainer_validated(tmp_path, unfrozen_recipe):
     from vprkit import pipeline
     from vprkit.aggregation.vocabulary import make_aggregator
 
-    path = _recipe(tmp_path, unfreeze=2, epochs=1)  # one epoch: the best checkpoint is the last state
+    path = unfrozen_recipe(unfreeze=2, epochs=1)  # one epoch: the best checkpoint is the last state
     s = run_recipe(path, progress=False)
     config = checkpoint_config(s["checkpoint"])
     assert Path(config.backbone_options["weights"]).is_file()
@@ -209,8 +174,8 @@ def test_checkpoint_with_unfrozen_blocks_describes_images_as_the_trainer_validat
     assert res[0].matches[0].key == "images-00010.png"
 
 
-def test_suffix_features_sample_descriptors_of_the_suffix_output(tmp_path):
-    prep = prepare(load_recipe(_recipe(tmp_path, unfreeze=1)), progress=False)
+def test_suffix_features_sample_descriptors_of_the_suffix_output(tmp_path, unfrozen_recipe):
+    prep = prepare(load_recipe(unfrozen_recipe(unfreeze=1)), progress=False)
     feats = prep.features
     assert isinstance(feats, SuffixFeatures) and isinstance(feats.cache, CachedFeatures)
     sample = feats.descriptor_sample(40, seed=0, ids=prep.train_ids)
@@ -222,10 +187,10 @@ def test_suffix_features_sample_descriptors_of_the_suffix_output(tmp_path):
     assert all(np.abs(rows - s).max(axis=1).min() < 1e-5 for s in sample)
 
 
-def test_runs_saved_before_backbone_lr_existed_still_resume(tmp_path):
+def test_runs_saved_before_backbone_lr_existed_still_resume(tmp_path, unfrozen_recipe):
     import json
 
-    recipe = load_recipe(_recipe(tmp_path, unfreeze=1))
+    recipe = load_recipe(unfrozen_recipe(unfreeze=1))
     recipe["optimiser"] = {"lr": 0.005}  # no backbone_lr: one parameter group, as before the setting existed
     first = _trainer(recipe)
     first.train_step()

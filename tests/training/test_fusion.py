@@ -132,29 +132,23 @@ def test_vlad_spec_of_one_weight_and_of_candidates():
         "k": 8, "assignments": 1, "weights": [0.1, 0.3], "chosen_on_validation": True}
 
 
-def _recipe(tmp_path: Path, vlad: dict, validation: bool = True) -> dict:
-    r = {
-        "name": "fused-run", "out": str(tmp_path / "run"), "_dir": str(tmp_path),
-        "backbone": {"preset": "effnet-gem", "image_size": [64, 64], "memory_budget_mb": 64,
-                     "cache": str(tmp_path / "cache")},
-        "data": {"root": "data", "labels": "frames", "folders": ["summer", "winter"], "frames": [0, 16]},
-        "validation": {"queries": "winter", "database": "summer", "holdout": 5, "gap": 1},
-        "head": {"name": "layout", "options": {"out_channels": 4}, "vlad": vlad},
-        "post": {"pca": 6},
-        "loss": {"name": "infonce"}, "miner": {"name": ""},
-        "sampler": {"places": 4, "images_per_place": 2}, "optimiser": {"lr": 0.005},
-        "train": {"epochs": 2, "seed": 0},
-    }
-    if not validation:
-        r.pop("validation")
-    return r
+@pytest.fixture
+def fused_recipe(recipe_factory, tmp_path):
+    """The tiny recipe (conftest) with ``[head] vlad`` and ``[post] pca = 6``, picked on a holdout
+    (``validation=False``: no validation set)."""
+
+    def make(vlad: dict, validation: bool = True) -> dict:
+        return recipe_factory(tmp_path, name="fused-run", monitor=None, head={"vlad": vlad}, post={"pca": 6},
+                              validation={"holdout": 5, "gap": 1} if validation else None)
+
+    return make
 
 
-def test_recipe_picks_the_vlad_weight_on_validation_and_the_fused_checkpoint_localises(tmp_path):
+def test_recipe_picks_the_vlad_weight_on_validation_and_the_fused_checkpoint_localises(tmp_path, fused_recipe):
     from vprkit import pipeline
 
     synchronised_seasons(tmp_path / "data", 16)
-    s = run_recipe(_recipe(tmp_path, {"k": 4, "assignments": 2, "weight": [0.2, 0.6]}), progress=False)
+    s = run_recipe(fused_recipe({"k": 4, "assignments": 2, "weight": [0.2, 0.6]}), progress=False)
     ckpt = Path(s["checkpoint"])
     assert ckpt.name == "best-post-fused.ckpt" and Path(s["unfused_checkpoint"]).name == "best-post.ckpt"
     f = s["fused_validation"]
@@ -170,10 +164,10 @@ def test_recipe_picks_the_vlad_weight_on_validation_and_the_fused_checkpoint_loc
     assert len(res) == 1 and len(res[0].matches) == 3 and res[0].error is None
 
 
-def test_a_weight_list_without_validation_is_refused_before_training(tmp_path):
+def test_a_weight_list_without_validation_is_refused_before_training(tmp_path, fused_recipe):
     synchronised_seasons(tmp_path / "data", 16)
     with pytest.raises(ConfigError, match="picked on the validation set"):
-        run_recipe(_recipe(tmp_path, {"k": 4, "weight": [0.2, 0.6]}, validation=False), progress=False)
+        run_recipe(fused_recipe({"k": 4, "weight": [0.2, 0.6]}, validation=False), progress=False)
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
@@ -191,11 +185,11 @@ def test_backbone_options_change_the_preset_backbone_and_are_validated():
         base_config({"backbone": {"preset": "effnet-gem", "options": [7]}})
 
 
-def test_a_recipe_on_another_block_trains_there_and_its_checkpoint_builds_maps_there(tmp_path):
+def test_a_recipe_on_another_block_trains_there_and_its_checkpoint_builds_maps_there(tmp_path, fused_recipe):
     from vprkit import pipeline
 
     synchronised_seasons(tmp_path / "data", 16)
-    r = _recipe(tmp_path, {})
+    r = fused_recipe({})
     r["head"].pop("vlad")
     r.pop("post")
     r["backbone"]["options"] = {"block": 7}  # EfficientNet-Lite0 block 7: 80 channels (the preset's block 10: 112)

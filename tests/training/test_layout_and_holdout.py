@@ -133,25 +133,21 @@ def _sequences(root: Path, n: int = 24) -> None:
     synchronised_seasons(root, n)
 
 
-def _recipe(tmp_path: Path, **validation) -> dict:
-    return {
-        "name": "holdout-run", "out": str(tmp_path / "run"), "_dir": str(tmp_path),
-        "backbone": {"preset": "effnet-gem", "image_size": [64, 64], "memory_budget_mb": 64,
-                     "cache": str(tmp_path / "cache")},
-        "data": {"root": "data", "labels": "frames", "folders": ["summer", "winter"], "frames": [0, 16]},
-        "validation": {"queries": "winter", "database": "summer", **validation},
-        "monitor": {"queries": "winter", "database": "summer", "frames": [16, 24]},
-        "head": {"name": "layout", "options": {"out_channels": 4}},
-        "loss": {"name": "infonce"}, "miner": {"name": ""},
-        "sampler": {"places": 4, "images_per_place": 2}, "optimiser": {"lr": 0.005},
-        "train": {"epochs": 2, "seed": 0},
-    }
+@pytest.fixture
+def holdout_recipe(recipe_factory, tmp_path):
+    """The tiny recipe (conftest) in ``tmp_path``; ``**validation`` adds to ``[validation]`` (queries winter, database
+    summer)."""
+
+    def make(**validation) -> dict:
+        return recipe_factory(tmp_path, name="holdout-run", validation=validation)
+
+    return make
 
 
-def test_validation_overlapping_training_is_refused(tmp_path):
+def test_validation_overlapping_training_is_refused(tmp_path, holdout_recipe):
     _sequences(tmp_path / "data")
     with pytest.raises(ConfigError, match="also training frames"):
-        prepare(_recipe(tmp_path, frames=[12, 20]), progress=False)
+        prepare(holdout_recipe(frames=[12, 20]), progress=False)
 
 
 def test_the_monitor_is_recorded_but_never_picks_the_checkpoint():
@@ -185,10 +181,10 @@ def test_the_monitor_is_recorded_but_never_picks_the_checkpoint():
     assert tr.best["epoch"] == 1 + int(np.argmax([h["R@1"] for h in hist]))
 
 
-def test_holdout_run_splits_trains_monitors_and_picks_on_the_holdout(tmp_path):
+def test_holdout_run_splits_trains_monitors_and_picks_on_the_holdout(tmp_path, holdout_recipe):
     """One recipe run: the split (training / held-out validation / monitored evaluation never meet), the run, the cache."""
     _sequences(tmp_path / "data")
-    r = _recipe(tmp_path, holdout=4, gap=2)
+    r = holdout_recipe(holdout=4, gap=2)
     data, val = split_holdout(r, r["data"], r["validation"])
     assert data["frames"] == [0, 10] and val["frames"] == [12, 16] and "holdout" not in val
     with pytest.raises(ConfigError, match="no training frame"):
@@ -211,7 +207,7 @@ def test_holdout_run_splits_trains_monitors_and_picks_on_the_holdout(tmp_path):
     valid = {frame(i) for i in np.r_[prep.validation.query_ids, prep.validation.database_ids]}
     monitored = {frame(i) for i in np.r_[prep.monitor.query_ids, prep.monitor.database_ids]}
     assert train == set(range(10)) and valid == set(range(12, 16)) and monitored == set(range(16, 24))
-    sub = _recipe(tmp_path, holdout=2)
+    sub = holdout_recipe(holdout=2)
     sub["data"]["frames"] = [0, 10]
     sub_prep = prepare(sub, progress=False)
     assert (tmp_path / "cache" / "features.npy").stat().st_mtime_ns == mtime

@@ -20,20 +20,16 @@ from vprkit.training.recipe import (prepare, refit_recipe, refit_run, run_recipe
 from vprkit.training.trainer import MONITOR_PREFIX, Trainer
 
 
-def _recipe(tmp_path: Path, out: str = "run", epochs: int = 3, **validation) -> dict:
-    return {
-        "name": "refit-run", "out": str(tmp_path / out), "_dir": str(tmp_path),
-        "backbone": {"preset": "effnet-gem", "image_size": [64, 64], "memory_budget_mb": 64,
-                     "cache": str(tmp_path / "cache")},
-        "data": {"root": "data", "labels": "frames", "folders": ["summer", "winter"], "frames": [0, 16]},
-        "validation": {"queries": "winter", "database": "summer", "holdout": 4, "gap": 2, "refit": True,
-                       **validation},
-        "monitor": {"queries": "winter", "database": "summer", "frames": [16, 24]},
-        "head": {"name": "layout", "options": {"out_channels": 4}},
-        "loss": {"name": "infonce"}, "miner": {"name": ""},
-        "sampler": {"places": 4, "images_per_place": 2}, "optimiser": {"lr": 0.005},
-        "train": {"epochs": epochs, "seed": 0},
-    }
+@pytest.fixture
+def refit_recipe_of(recipe_factory):
+    """The tiny recipe (conftest) picked on a 4-frame holdout (gap 2) and refitted, ``epochs`` long;
+    ``**validation`` changes ``[validation]``."""
+
+    def make(root: Path, out: str = "run", epochs: int = 3, **validation) -> dict:
+        return recipe_factory(root, name="refit-run", out=out, train={"epochs": epochs},
+                              validation={"holdout": 4, "gap": 2, "refit": True, **validation})
+
+    return make
 
 
 def _frame(key: str) -> int:
@@ -46,10 +42,10 @@ def data(tmp_path):
     return tmp_path
 
 
-def test_refit_trains_on_the_whole_range_for_the_picked_epochs_and_is_the_preset(data):
+def test_refit_trains_on_the_whole_range_for_the_picked_epochs_and_is_the_preset(data, refit_recipe_of):
     from vprkit import pipeline
 
-    r = _recipe(data)
+    r = refit_recipe_of(data)
     s = run_recipe(r, progress=False)
     run = data / "run"
     picked = s["best"]["epoch"]
@@ -84,16 +80,16 @@ def test_refit_trains_on_the_whole_range_for_the_picked_epochs_and_is_the_preset
     again = run_recipe(r, progress=False)
     assert again["refit"]["history"] == s["refit"]["history"] and again["checkpoint"] == s["checkpoint"]
     # Deterministic: a fresh run elsewhere gives the same refitted head, bit for bit.
-    other = run_recipe(_recipe(data, out="run2"), progress=False)
+    other = run_recipe(refit_recipe_of(data, out="run2"), progress=False)
     a = torch.load(run / "refit.head.pt", weights_only=True)
     b = torch.load(data / "run2" / "refit.head.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert other["refit"]["history"][-1]["loss"] == s["refit"]["history"][-1]["loss"]
 
 
-def test_refit_runs_the_given_epochs_on_the_recipes_schedule(data):
+def test_refit_runs_the_given_epochs_on_the_recipes_schedule(data, refit_recipe_of):
     """Stopped after the picked epoch, on the full schedule: the refit's lr is where the picked run's was."""
-    r = _recipe(data, epochs=3)
+    r = refit_recipe_of(data, epochs=3)
     settings = settings_from(r)
     out = data / "run"
     out.mkdir()
@@ -115,28 +111,28 @@ def test_refit_runs_the_given_epochs_on_the_recipes_schedule(data):
     ({"head": {"name": "layout", "options": {"out_channels": 4}, "vlad": {"k": 4, "weight": 0.5}}}, "vlad"),
     ({"validation": {"holdout": 4, "refit": "yes"}}, "true or false"),
 ])
-def test_refit_option_errors_come_before_training(tmp_path, change, match):
-    r = {**_recipe(tmp_path), **change}
+def test_refit_option_errors_come_before_training(tmp_path, change, match, refit_recipe_of):
+    r = {**refit_recipe_of(tmp_path), **change}
     with pytest.raises(ConfigError, match=match):
         run_recipe(r, progress=False)
     assert not (tmp_path / "run" / "last.pt").exists() and not (tmp_path / "cache").exists()
 
 
-def test_refit_leaves_the_split_unchanged_and_is_off_by_default(data):
-    r = _recipe(data)
+def test_refit_leaves_the_split_unchanged_and_is_off_by_default(data, refit_recipe_of):
+    r = refit_recipe_of(data)
     train, val = split_holdout(r, r["data"], r["validation"])
     assert train["frames"] == [0, 10] and val["frames"] == [12, 16] and "refit" not in val
     union = refit_recipe(r)
     assert "validation" not in union and union["data"] == r["data"] and union["monitor"] == r["monitor"]
     assert "validation" in r  # the recipe itself is not changed
-    plain = _recipe(data)
+    plain = refit_recipe_of(data)
     del plain["validation"]["refit"]
     assert not wants_refit(plain) and wants_refit(r) and not wants_refit({})
 
 
-def test_refit_with_unfrozen_blocks_writes_its_own_backbone_weights(tmp_path):
+def test_refit_with_unfrozen_blocks_writes_its_own_backbone_weights(tmp_path, refit_recipe_of):
     synchronised_seasons(tmp_path / "data", 12)
-    r = _recipe(tmp_path, epochs=2, holdout=2, gap=1)
+    r = refit_recipe_of(tmp_path, epochs=2, holdout=2, gap=1)
     r["backbone"] = {**r["backbone"], "unfreeze": 1}
     r["data"] = {**r["data"], "frames": [0, 12]}
     r["head"] = {"name": "gem"}
