@@ -2,8 +2,11 @@
 
 import csv
 import json
+import os
 
+import numpy as np
 import pytest
+from PIL import Image
 from click.testing import CliRunner
 
 from helpers import run_cli
@@ -28,6 +31,27 @@ def test_eval_corridor_end_to_end(tmp_path, shared_datasets, monkeypatch):
     rows = list(csv.DictReader(open(tmp_path / "run" / "per_query.csv")))
     assert len(rows) == 111
     assert "R@1" in r.output and "ms/query" in r.output
+
+
+def _positional_set(folder) -> None:
+    """A tiny dataset of the positional layout (``@easting@northing@`` names): three places, one query at 14 m."""
+    for role, names in (("database", ["@0@0@.png", "@15@0@.png", "@100@0@.png"]), ("queries", ["@14@0@.png"])):
+        (folder / role).mkdir(parents=True)
+        for i, name in enumerate(names):
+            Image.fromarray(np.full((32, 32, 3), 60 * i + 20, np.uint8)).save(folder / role / name)
+
+
+def test_data_root_reaches_the_library_as_an_argument_not_through_the_environment(tmp_path, monkeypatch):
+    """`eval` and `compare` find a named dataset under --data-root and leave os.environ as it was."""
+    _positional_set(tmp_path / "root" / "tiny")
+    monkeypatch.setenv("VPRKIT_DATA", str(tmp_path / "elsewhere"))  # not where the dataset is
+    small = ["--image-size", "64x64", "--quiet"]
+    for args in (["eval", "tiny", "--preset", "effnet-gem", *small],
+                 ["compare", "tiny", "--presets", "effnet-gem", *small]):
+        before = dict(os.environ)
+        r = run([*args, "--data-root", tmp_path / "root"])
+        assert r.exit_code == 0 and "R@1" in r.output, r.output
+        assert dict(os.environ) == before, args[0]
 
 
 def test_map_build_info_localize(tmp_path, image_folder):

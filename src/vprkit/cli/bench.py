@@ -43,10 +43,6 @@ def compare(ctx: click.Context, datasets: tuple[str, ...], presets: tuple[str, .
     Example: vprkit compare corridor nordland-64x32:600 --presets effnet2-vlad-ma4 effnet-vlad
     --rerank none speed --out cmp/
     """
-    import os
-
-    if data_root is not None:
-        os.environ["VPRKIT_DATA"] = str(data_root)
     # `--presets a b` and `--rerank none speed`: click gives options one value; the rest arrive as
     # arguments. Names of presets / re-ranking modes among the arguments move to their option.
     datasets, presets, reranks = _split_lists(datasets, presets, reranks)
@@ -54,7 +50,7 @@ def compare(ctx: click.Context, datasets: tuple[str, ...], presets: tuple[str, .
                                  "memory_budget_mb": memory_budget}.items() if v}
     result = pipeline.compare(list(datasets), list(presets), list(reranks) or [None], out=out, baseline=baseline,
                               n=n, no_positive=no_positive, resolve_options=options, save_predictions=save_predictions,
-                              progress=not quiet, log=click.echo if not quiet else (lambda _: None))
+                              progress=not quiet, log=click.echo if not quiet else (lambda _: None), data_root=data_root)
     click.echo(result["markdown"])
     if result["files"]:
         click.echo("wrote " + ", ".join(result["files"]) + " (the queries each method fixes and breaks: changes.csv)")

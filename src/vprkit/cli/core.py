@@ -9,6 +9,7 @@ import click
 
 from .. import pipeline
 from ..config import check_device
+from ..datasets import load_dataset
 from ..presets import DEFAULT_PRESET, get_rerank_config, list_presets, list_rerank_configs, resolve
 
 # Shared by `map build`, `eval` and `vocab build`: the one RAM setting (Config.memory_budget_mb).
@@ -353,16 +354,10 @@ def evaluate(dataset: str, preset: str, rerank: str | None, out: Path | None, da
              vocab: str | None, weights: Path | None, memory_budget: int | None, image_size: tuple[int, int] | None,
              device: str | None, save_predictions: int, sequence_length: int | None, quiet: bool) -> None:
     """Build a map of DATASET's database, localise its queries and print Recall@1/5/10/20."""
-    import os
-
-    from ..datasets import load_dataset
-
-    if data_root is not None:
-        os.environ["VPRKIT_DATA"] = str(data_root)
     config = _config(preset, float16, rerank, vocab, weights, memory_budget, image_size, device)  # validate before touching data
     options = {k: v for k, v in {"queries": queries_sub, "database": database_sub,
                                  "positive_dist_threshold": positive_dist_threshold}.items() if v}
-    ds = load_dataset(dataset, **options)
+    ds = load_dataset(dataset, data_root=data_root, **options)
     summary = pipeline.evaluate(ds, config, out=out, rerank=rerank, no_positive=no_positive,
                                 progress=not quiet, log=click.echo, save_predictions=save_predictions,
                                 **({"sequence_length": sequence_length} if sequence_length is not None else {}))

@@ -301,8 +301,9 @@ def data_root() -> Path:
     return Path(os.environ.get(DATA_ROOT_ENV) or DEFAULT_DATA_ROOT)
 
 
-def _resolve(spec: str | os.PathLike) -> tuple[Path, str, int | None]:
-    """(folder, display name, places from a ':P' suffix)."""
+def _resolve(spec: str | os.PathLike, root_dir: str | os.PathLike | None = None) -> tuple[Path, str, int | None]:
+    """(folder, display name, places from a ':P' suffix); names are looked up under ``root_dir`` if given."""
+    root = Path(root_dir) if root_dir is not None else data_root()
     direct = Path(spec)
     if direct.is_dir():
         return direct, direct.resolve().name, None
@@ -313,10 +314,9 @@ def _resolve(spec: str | os.PathLike) -> tuple[Path, str, int | None]:
         head, _, tail = text.rpartition(":")
         if tail.isdigit():
             base, places = head, int(tail)
-    for candidate in (Path(base), data_root() / base):
+    for candidate in (Path(base), root / base):
         if candidate.is_dir():
             return candidate, candidate.resolve().name, places
-    root = data_root()
     available = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     hint = f"available under {root}: {', '.join(available)}" if available else (
         f"the data root {root.resolve()} {'is empty' if root.is_dir() else 'does not exist'}"
@@ -342,15 +342,18 @@ def detect_layout(path: str | os.PathLike) -> DatasetAdapter:
     raise DatasetError(f"{path}: unrecognised dataset layout. Expected one of:\n{describe_adapters()}")
 
 
-def load_dataset(spec: str | os.PathLike, **options: Any) -> Dataset:
+def load_dataset(spec: str | os.PathLike, *, data_root: str | os.PathLike | None = None, **options: Any) -> Dataset:
     """Load a dataset by path or by name under the data root, detecting its layout.
+
+    ``data_root``: the folder names are looked up in (default: ``$VPRKIT_DATA``, else ``./datasets``);
+    a caller passes its own (``vprkit eval --data-root``) instead of setting the environment variable.
 
     Options: ``adapter`` (force a layout by name), ``every``/``limit`` (subset, see
     :meth:`Dataset.subset`), ``places`` (every :data:`PLACES_STEP`-th file, first ``places``;
     same as a ``name:places`` suffix), ``name`` (display name), plus the layout's own options
     (``radius`` metres; ``queries``, ``database``, ``tolerance`` for sequences).
     """
-    path, name, suffix_places = _resolve(spec)
+    path, name, suffix_places = _resolve(spec, data_root)
     opts = dict(options)
     adapter = DATASET_ADAPTERS.get(opts.pop("adapter")) if opts.get("adapter") else detect_layout(path)
     opts.pop("adapter", None)

@@ -49,10 +49,12 @@ def evaluate(
     log: Callable[[str], None] = logger.info,
     save_predictions: int = 0,
     sequence_length: int | None = None,
+    data_root: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Build a map of ``dataset``'s database, localise every query, and measure Recall@N.
 
-    ``dataset`` is a :class:`vprkit.datasets.Dataset` or a spec for :func:`vprkit.datasets.load_dataset`.
+    ``dataset`` is a :class:`vprkit.datasets.Dataset` or a spec for :func:`vprkit.datasets.load_dataset`
+    (a name is looked up under ``data_root``, default ``$VPRKIT_DATA``, else ``./datasets``).
     With ``out``, the map lives in ``out/map`` (reused if it exists with the same settings) and the
     per-query CSV, the JSON summary and the resolved config are written there; otherwise a
     temporary map is used. Queries without any positive count as failures (``no_positive="fail"``,
@@ -63,7 +65,7 @@ def evaluate(
     (:mod:`vprkit.retrieval.sequence`, straight lines at 1–3 rows per query) — for sequential datasets
     only, whose queries and database are both traversals in route order; re-ranking is then not applied.
     """
-    ds = load_dataset(dataset) if isinstance(dataset, (str, os.PathLike)) else dataset
+    ds = load_dataset(dataset, data_root=data_root) if isinstance(dataset, (str, os.PathLike)) else dataset
     if ds.ground_truth is None:
         raise ConfigError(f"dataset {ds.name} has no ground truth; use `vprkit map build` and `vprkit localize` instead")
     config = resolve_config(preset)
@@ -182,6 +184,7 @@ def compare(
     save_predictions: int = 0,
     progress: bool = True,
     log: Callable[[str], None] = logger.info,
+    data_root: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Evaluate every preset × re-ranking mode on every dataset; one table and per-query fixes/breaks.
 
@@ -190,7 +193,8 @@ def compare(
     :mod:`vprkit.evaluation.compare` writes ``comparison.{md,csv,html,json}`` and ``changes.csv`` to
     ``out``: Recall@N, bytes per place, time per query, and which queries each method fixes or breaks
     within the top ``n`` against ``baseline`` (a method label, default the first). ``resolve_options``
-    go to :func:`vprkit.presets.resolve` for every preset (``image_size``, ``float16``, …).
+    go to :func:`vprkit.presets.resolve` for every preset (``image_size``, ``float16``, …). Dataset names are
+    looked up under ``data_root`` (default ``$VPRKIT_DATA``, else ``./datasets``).
     Returns ``{"rows", "changes", "runs" (folders), "files"}``.
     """
     if not datasets or not presets:
@@ -202,7 +206,7 @@ def compare(
     try:
         records = []
         for spec in datasets:
-            ds = load_dataset(spec) if isinstance(spec, (str, os.PathLike)) else spec
+            ds = load_dataset(spec, data_root=data_root) if isinstance(spec, (str, os.PathLike)) else spec
             for preset, mode in methods:
                 config = resolve(preset, rerank=mode, **dict(resolve_options or {}))
                 label = config.name + (f"+{mode}" if mode else "")
