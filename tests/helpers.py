@@ -6,15 +6,18 @@ Kept out of conftest.py: several conftest modules exist, and only one can be imp
 from __future__ import annotations
 
 import ipaddress
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Iterable, NamedTuple
 
 import numpy as np
 import psutil
+import torch
 from PIL import Image
 
 from vprkit.rerank.reranker import PatchReranker
+from vprkit.rerank.scoring import PatchSet
 
 
 def make_images(folder: Path, n: int, size=(48, 64), seed: int = 0, ext: str = "png") -> list[str]:
@@ -131,3 +134,27 @@ class FixedPatchScores(PatchReranker):
 
     def perfect_scores(self, query_sets):
         return np.array([self.perfect])
+
+
+def grid_patch_set(rows: int, cols: int, step: float = 16.0, offset: float = 1.0,
+                   descriptors: torch.Tensor | None = None) -> PatchSet:
+    """A ``rows × cols`` grid of patches ``step`` pixels apart, centred at ``(cell + offset) · step``
+    (``offset`` 1: vprkit's keypoints; 0.5: cell centres), with zero 1-d descriptors unless given."""
+    ys, xs = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    pos = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.float32)
+    desc = torch.zeros(rows * cols, 1) if descriptors is None else descriptors
+    return PatchSet(desc, (pos + offset) * step, pos, (rows, cols), step)
+
+
+def tiny_image(path: Path, value: int = 0, size: tuple[int, int] = (8, 6)) -> None:
+    """A uniform grey ``size`` (width, height) image at ``path`` (folders created): dataset layouts need files."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (value, value, value)).save(path)
+
+
+def copy_first_images(src: Path, dst: Path, n: int) -> Path:
+    """The first ``n`` files of ``src`` (sorted) copied into ``dst``: a small real image folder, never in the repo."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for p in sorted(src.iterdir())[:n]:
+        shutil.copy(p, dst / p.name)
+    return dst

@@ -6,28 +6,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from vprkit.datasets import DATASET_ADAPTERS, describe, detect_layout, load_dataset
 from vprkit.datasets.adapters import PLACES_STEP
 from vprkit.errors import ConfigError, DatasetError
+from helpers import tiny_image
 
 # The shared data sits beside the repository (../shared/datasets), also in CI's fresh clone.
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "datasets"
 NORDLAND_FILES = 3576
 CORRIDOR_IMAGES = 111
-TINY_SIZE = (8, 6)
 
 
 @pytest.fixture
 def shared_root(monkeypatch):
     monkeypatch.setenv("VPRKIT_DATA", str(SHARED))
     return SHARED
-
-
-def _image(path: Path, value: int = 0) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", TINY_SIZE, (value, value, value)).save(path)
 
 
 def test_corridor_by_name_uses_the_csv(shared_root):
@@ -79,8 +73,8 @@ def test_unknown_name_and_options(shared_root, tmp_path):
 def test_utm_filename_layout(tmp_path):
     root = tmp_path / "street"
     for i, (e, n) in enumerate([(500000.0, 4000000.0), (500010.0, 4000000.0), (500100.0, 4000000.0)]):
-        _image(root / "database" / f"@{e:.2f}@{n:.2f}@33@T@@@@@@@@@@@{i}.jpg", i)
-    _image(root / "queries" / "@500005.00@4000000.00@33@T@@@@@@@@@@@q.jpg")
+        tiny_image(root / "database" / f"@{e:.2f}@{n:.2f}@33@T@@@@@@@@@@@{i}.jpg", i)
+    tiny_image(root / "queries" / "@500005.00@4000000.00@33@T@@@@@@@@@@@q.jpg")
     assert detect_layout(root).name == "utm-filenames"
     ds = load_dataset(root)
     assert ds.ground_truth.positives[0].tolist() == [0, 1]
@@ -88,7 +82,7 @@ def test_utm_filename_layout(tmp_path):
     narrow = load_dataset(root, radius=4.0)
     assert narrow.ground_truth.positives[0].tolist() == []
     # Mixed names (some with coordinates, some without) are an error, not a silent half-labelling.
-    _image(root / "database" / "plain.jpg")
+    tiny_image(root / "database" / "plain.jpg")
     with pytest.raises(DatasetError, match="lack @east@north@"):
         load_dataset(root)
 
@@ -96,8 +90,8 @@ def test_utm_filename_layout(tmp_path):
 def test_explicit_layout_with_poses_and_list(tmp_path):
     root = tmp_path / "explicit"
     for name in ("d0.png", "d1.png", "d2.png"):
-        _image(root / "database" / name)
-    _image(root / "queries" / "q0.png")
+        tiny_image(root / "database" / name)
+    tiny_image(root / "queries" / "q0.png")
     (root / "poses.csv").write_text(
         "image,easting,northing\ndatabase/d0.png,0,0\ndatabase/d1.png,100,0\ndatabase/d2.png,20,0\nqueries/q0.png,1,0\n"
     )
@@ -111,8 +105,8 @@ def test_explicit_layout_with_poses_and_list(tmp_path):
 
 def test_explicit_layout_missing_pose(tmp_path):
     root = tmp_path / "explicit"
-    _image(root / "database" / "d0.png")
-    _image(root / "queries" / "q0.png")
+    tiny_image(root / "database" / "d0.png")
+    tiny_image(root / "queries" / "q0.png")
     (root / "poses.csv").write_text("image,easting,northing\ndatabase/d0.png,0,0\n")
     with pytest.raises(DatasetError, match="no pose for queries/q0.png"):
         load_dataset(root)
@@ -122,7 +116,7 @@ def test_sequences_layout_generic(tmp_path):
     root = tmp_path / "seq"
     for season in ("autumn", "spring"):
         for i in range(5):
-            _image(root / season / f"{i:04d}.png")
+            tiny_image(root / season / f"{i:04d}.png")
     assert detect_layout(root).name == "sequences"
     ds = load_dataset(root, tolerance=0)
     assert ds.database_dir.name == "autumn" and ds.queries_dir.name == "spring"
@@ -131,8 +125,8 @@ def test_sequences_layout_generic(tmp_path):
 
 def test_vpr_bench_pickle_only_is_refused(tmp_path):
     root = tmp_path / "bench"
-    _image(root / "ref" / "0.jpg")
-    _image(root / "query" / "0.jpg")
+    tiny_image(root / "ref" / "0.jpg")
+    tiny_image(root / "query" / "0.jpg")
     (root / "ground_truth_new.npy").write_bytes(b"\x93NUMPY not really")
     with pytest.raises(DatasetError, match="pickle"):
         load_dataset(root)
@@ -145,7 +139,7 @@ def test_folder_errors(tmp_path):
     with pytest.raises(DatasetError, match="no images found"):
         load_dataset(tmp_path / "empty")
     root = tmp_path / "noq"
-    _image(root / "database" / "d.jpg")
+    tiny_image(root / "database" / "d.jpg")
     (root / "queries").mkdir()
     with pytest.raises(DatasetError, match=r"no images found in .*queries"):
         load_dataset(root)

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 from scipy.io import loadmat, savemat
 
 from vprkit.datasets import DATASET_ADAPTERS, describe_adapters, detect_layout, load_dataset
@@ -14,14 +13,9 @@ from vprkit.datasets.formats.baidu import read_camera_file
 from vprkit.datasets.formats.msls import POST_COLUMNS, RAW_COLUMNS, SEQ_COLUMNS
 from vprkit.datasets.formats.netvlad_mat import read_dbstruct
 from vprkit.errors import ConfigError, DatasetError
+from helpers import tiny_image
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "datasets"
-TINY = (8, 6)
-
-
-def _image(path: Path, value: int = 0) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", TINY, (value, value, value)).save(path)
 
 
 def _cell(names):
@@ -60,9 +54,9 @@ PITTS_UTM_Q = [(585008.0, 4477010.0), (585290.0, 4477000.0)]
 
 def _pitts(root: Path, where: str = "datasets") -> Path:
     for i, n in enumerate(PITTS_DB):
-        _image(root / "images" / n, i)
+        tiny_image(root / "images" / n, i)
     for n in PITTS_Q:
-        _image(root / "queries" / n)
+        tiny_image(root / "queries" / n)
     mat = root / where / "pitts30k_test.mat" if where else root / "pitts30k_test.mat"
     _write_dbstruct(mat, PITTS_DB, PITTS_UTM_DB, PITTS_Q, PITTS_UTM_Q)
     return mat
@@ -121,8 +115,8 @@ def test_tokyo247_mat(tmp_path):
     db = ["03814/381433.jpg", "03814/381434.jpg"]
     q = ["247query_subset_v2/00001.jpg"]
     for n in db:
-        _image(root / "images" / n)
-    _image(root / "query" / q[0])
+        tiny_image(root / "images" / n)
+    tiny_image(root / "query" / q[0])
     _write_dbstruct(root / "tokyo247.mat", db, [(0, 0), (100, 0)], q, [(3, 4)],
                     extra={"dbTimeStamp": np.array([[1.0, 2.0]]), "qTimeStamp": np.array([[3.0]])})
     ds = load_dataset(root)
@@ -137,7 +131,7 @@ def test_tokyo247_mat(tmp_path):
 def _msls_side(folder: Path, rows, labelled=True):
     """rows: (key, seq, frame, easting, northing, pano, night, view)."""
     for r in rows:
-        _image(folder / "images" / f"{r[0]}.jpg")
+        tiny_image(folder / "images" / f"{r[0]}.jpg")
     lines = [",".join(("",) + SEQ_COLUMNS)] + [f"{i},{r[0]},{r[1]},{r[2]}" for i, r in enumerate(rows)]
     (folder / "seq_info.csv").write_text("\n".join(lines) + "\n")
     sub = [",all,s2w,w2s,o2n,n2o,d2n,n2d"] + [f"{i},True,{i % 2 == 0},False,False,False,False,False" for i, _ in enumerate(rows)]
@@ -222,9 +216,9 @@ def test_msls_wrong_columns(tmp_path):
 def test_vg_split_layout(tmp_path):
     root = tmp_path / "st_lucia"
     base = root / "images" / "test"
-    _image(base / "database" / "@500000.00@6960000.00@56@J@@@@@@@@@@db0.jpg")
-    _image(base / "database" / "@500100.00@6960000.00@56@J@@@@@@@@@@db1.jpg")
-    _image(base / "queries" / "@500010.00@6960000.00@56@J@@@@@@@@@@q0.jpg")
+    tiny_image(base / "database" / "@500000.00@6960000.00@56@J@@@@@@@@@@db0.jpg")
+    tiny_image(base / "database" / "@500100.00@6960000.00@56@J@@@@@@@@@@db1.jpg")
+    tiny_image(base / "queries" / "@500010.00@6960000.00@56@J@@@@@@@@@@q0.jpg")
     assert detect_layout(root).name == "vg-split"
     ds = load_dataset(root)
     assert ds.database_dir == base / "database"
@@ -250,9 +244,9 @@ def test_baidu_mall(tmp_path):
     root = tmp_path / "baidu_mall"
     db = [((0, 0, 0), 0.0), ((5, 0, 0), 90.0), ((30, 0, 0), 0.0)]
     for i, (xyz, yaw) in enumerate(db):
-        _image(root / "training_images_undistort" / f"{i}.jpg")
+        tiny_image(root / "training_images_undistort" / f"{i}.jpg")
         _camera(root / "training_gt" / f"{i}.camera", xyz, yaw)
-    _image(root / "query_images_undistort" / "q0.jpg")
+    tiny_image(root / "query_images_undistort" / "q0.jpg")
     _camera(root / "query_gt" / "q0.camera", (2, 0, 0), 10.0)
     centre, euler = read_camera_file(root / "training_gt" / "1.camera")
     np.testing.assert_allclose(centre, [5, 0, 0])
@@ -274,9 +268,9 @@ def test_baidu_mall(tmp_path):
 def test_hawkins_pose_rows(tmp_path):
     root = tmp_path / "hawkins"
     for i in range(76):
-        _image(root / "db_images" / f"{i}.png")
+        tiny_image(root / "db_images" / f"{i}.png")
     for i in range(75):
-        _image(root / "q_images" / f"{i}.png")
+        tiny_image(root / "q_images" / f"{i}.png")
     poses = np.zeros((151, 3))
     poses[:76, 0] = np.arange(76) * 10.0  # database every 10 m along x
     poses[76:, 0] = np.arange(75) * 10.0 + 3.0
@@ -292,9 +286,9 @@ def test_hawkins_pose_rows(tmp_path):
 def test_unstructured_rows_options_list_and_pickle(tmp_path):
     root = tmp_path / "laurel_like"
     for i in range(3):
-        _image(root / "db_images" / f"img{i}.png")
+        tiny_image(root / "db_images" / f"img{i}.png")
     for i in range(2):
-        _image(root / "q_images" / f"img{i}.png")
+        tiny_image(root / "q_images" / f"img{i}.png")
     poses = np.array([[0, 0], [20, 0], [40, 0], [99, 99], [1, 0], [39, 0]], dtype=float)
     np.save(root / "pose_topic_list.npy", poses)
     with pytest.raises(DatasetError, match="do not match"):
@@ -304,8 +298,8 @@ def test_unstructured_rows_options_list_and_pickle(tmp_path):
     (root / "ground_truth.csv").write_text("query,positives\nq_images/img0.png,db_images/img1.png\n")
     assert load_dataset(root).ground_truth.positives[0].tolist() == [1]
     mar = tmp_path / "mid_atlantic_ridge"
-    _image(mar / "db_images" / "0.png")
-    _image(mar / "q_images" / "0.png")
+    tiny_image(mar / "db_images" / "0.png")
+    tiny_image(mar / "q_images" / "0.png")
     np.save(mar / "eiffel_gt.npy", np.array([[0, [0]]], dtype=object), allow_pickle=True)
     with pytest.raises(DatasetError, match="pickle"):
         load_dataset(mar)
@@ -314,9 +308,9 @@ def test_unstructured_rows_options_list_and_pickle(tmp_path):
 def test_vp_air(tmp_path):
     root = tmp_path / "vpair"
     for i in range(1, 4):
-        _image(root / "queries" / f"{i:05d}.png")
-        _image(root / "reference_views" / f"{i:05d}.png")
-    _image(root / "distractors" / "00001.png")
+        tiny_image(root / "queries" / f"{i:05d}.png")
+        tiny_image(root / "reference_views" / f"{i:05d}.png")
+    tiny_image(root / "distractors" / "00001.png")
     assert detect_layout(root).name == "vp-air"
     ds = load_dataset(root)
     assert ds.database_images == ["reference_views/00001.png", "reference_views/00002.png", "reference_views/00003.png"]
@@ -332,9 +326,9 @@ def test_vp_air(tmp_path):
 def test_amstertime(tmp_path):
     root = tmp_path / "amstertime"
     for i in range(3):
-        _image(root / "old" / f"{i:04d}.jpg")
-        _image(root / "new" / f"{i:04d}.png")
-    _image(root / "new" / "extra.png")
+        tiny_image(root / "old" / f"{i:04d}.jpg")
+        tiny_image(root / "new" / f"{i:04d}.png")
+    tiny_image(root / "new" / "extra.png")
     assert detect_layout(root).name == "amstertime"
     ds = load_dataset(root)
     assert ds.queries_dir == root / "old"
@@ -358,7 +352,7 @@ def _traversal(folder: Path, t0: int, offsets_m) -> None:
     (folder / "gps").mkdir(parents=True, exist_ok=True)
     (folder / "gps" / "ins.csv").write_text("\n".join(rows) + "\n")
     for off in offsets_m:
-        _image(folder / "stereo" / "centre" / f"{t0 + int(off / 10 * 1_000_000)}.png")
+        tiny_image(folder / "stereo" / "centre" / f"{t0 + int(off / 10 * 1_000_000)}.png")
 
 
 def test_robotcar_csv(tmp_path):
@@ -382,8 +376,8 @@ def test_vpr_bench_pickle_with_tolerance_and_17places_default(tmp_path):
     for name in ("SPED", "17places"):
         root = tmp_path / name
         for i in range(40):
-            _image(root / "ref" / f"{i:07d}.jpg")
-            _image(root / "query" / f"{i:07d}.jpg")
+            tiny_image(root / "ref" / f"{i:07d}.jpg")
+            tiny_image(root / "query" / f"{i:07d}.jpg")
         (root / "ground_truth_new.npy").write_bytes(b"\x93NUMPY pickled")
     with pytest.raises(DatasetError, match="tolerance=N"):
         load_dataset(tmp_path / "SPED")
@@ -400,7 +394,7 @@ def test_nordland_partition_folders_and_frame_list(tmp_path):
     for season in ("nordland_spring_images", "nordland_summer_images", "nordland_winter_images"):
         for section in ("section1", "section2"):
             for i in range(3):
-                _image(root / season / section / f"images-{(1 if section == 'section1' else 5) * 1000 + i:05d}.png")
+                tiny_image(root / season / section / f"images-{(1 if section == 'section1' else 5) * 1000 + i:05d}.png")
     ds = load_dataset(root)
     assert ds.queries_dir.name == "nordland_winter_images" and ds.database_dir.name == "nordland_summer_images"
     assert ds.query_images[0] == "section1/images-01000.png"
@@ -418,7 +412,7 @@ def test_gardens_point_protocol(tmp_path):
     root = tmp_path / "gardens"
     for side in ("day_left", "day_right", "night_right"):
         for i in range(4):
-            _image(root / side / f"Image{i:03d}.jpg")
+            tiny_image(root / side / f"Image{i:03d}.jpg")
     ds = load_dataset(root)
     assert ds.queries_dir.name == "night_right" and ds.database_dir.name == "day_right"
     assert ds.ground_truth.positives[0].tolist() == [0, 1]
@@ -449,8 +443,8 @@ def test_describe_adapters_names_every_format():
 
 def test_positive_dist_threshold_and_radius_alias(tmp_path):
     root = tmp_path / "street"
-    _image(root / "database" / "@0.00@0.00@33@T@@@@@@@@@@@d.jpg")
-    _image(root / "queries" / "@12.00@0.00@33@T@@@@@@@@@@@q.jpg")
+    tiny_image(root / "database" / "@0.00@0.00@33@T@@@@@@@@@@@d.jpg")
+    tiny_image(root / "queries" / "@12.00@0.00@33@T@@@@@@@@@@@q.jpg")
     assert load_dataset(root, positive_dist_threshold=10).ground_truth.positives[0].tolist() == []
     assert load_dataset(root, radius=15).ground_truth.positives[0].tolist() == [0]
     with pytest.raises(ConfigError, match="disagree"):
@@ -464,7 +458,7 @@ def test_nordland_partition_selected_by_parent_name(tmp_path):
     root = tmp_path / "nordland" / "test"
     for season in ("fall", "spring", "summer", "winter"):
         for i in range(3):
-            _image(root / f"{season}_images_test" / "section1" / f"{i}.png")
+            tiny_image(root / f"{season}_images_test" / "section1" / f"{i}.png")
     ds = load_dataset(root)
     assert ds.queries_dir.name == "winter_images_test" and ds.database_dir.name == "summer_images_test"
     assert ds.ground_truth.positives[1].tolist() == [0, 1, 2]
@@ -483,7 +477,7 @@ def test_anyloc_oxford_cell_dbstruct(tmp_path):
     root = tmp_path / "Oxford_Robotcar"
     db, q = ["db/0001.jpg", "db/0002.jpg"], ["q/0001.jpg"]
     for n in db + q:
-        _image(root / "oxDataPart" / n)
+        tiny_image(root / "oxDataPart" / n)
     cell = np.empty((1, 8), dtype=object)
     cell[0, 0] = np.array([n.ljust(14) for n in db])
     cell[0, 1] = np.array([[0.0, 0.0], [50.0, 0.0]])
@@ -502,9 +496,9 @@ def test_anyloc_oxford_cell_dbstruct(tmp_path):
 def test_anyloc_aerial(tmp_path):
     root = tmp_path / "test_40_midref_rot0"
     for i in range(12):
-        _image(root / "reference_images" / f"{i}.png")
+        tiny_image(root / "reference_images" / f"{i}.png")
     for i in range(2):
-        _image(root / "query_images" / f"{i}.png")
+        tiny_image(root / "query_images" / f"{i}.png")
     (root / "gt_matches.csv").write_text(
         "query_ind,top_1_ref_ind,top_2_ref_ind,top_3_ref_ind,top_4_ref_ind,top_5_ref_ind\n"
         "0,10,11,9,8,7\n1,2,3,1,0,4\n"
@@ -524,7 +518,7 @@ def test_nordland_tolerance_follows_the_frame_step(tmp_path):
     root = tmp_path / "nordland"
     for season in ("summer", "winter"):
         for i in range(30):
-            _image(root / season / f"images-{202 + i:05d}.png")
+            tiny_image(root / season / f"images-{202 + i:05d}.png")
     ds = load_dataset(root)
     assert ds.ground_truth_rule["tolerance"] == 10
     assert ds.ground_truth.positives[15].tolist() == list(range(5, 26))
@@ -534,9 +528,9 @@ def test_nordland_tolerance_follows_the_frame_step(tmp_path):
 def test_openibl_style_mat_beside_image_root(tmp_path):
     root = tmp_path / "raw"
     for i, n in enumerate(PITTS_DB):
-        _image(root / "Pittsburgh" / "images" / n, i)
+        tiny_image(root / "Pittsburgh" / "images" / n, i)
     for n in PITTS_Q:
-        _image(root / "Pittsburgh" / "queries" / n)
+        tiny_image(root / "Pittsburgh" / "queries" / n)
     _write_dbstruct(root / "pitts250k_test.mat", PITTS_DB, PITTS_UTM_DB, PITTS_Q, PITTS_UTM_Q)
     ds = load_dataset(root)
     assert ds.database_dir == root / "Pittsburgh" / "images" and ds.queries_dir == root / "Pittsburgh" / "queries"

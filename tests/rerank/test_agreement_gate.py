@@ -13,23 +13,16 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 
 from vprkit.config import RerankConfig
 from vprkit.errors import ConfigError
 from vprkit.presets import RERANK_STORAGE_MIN_AGREEMENT, get_rerank_config
 from vprkit.rerank.fusion import best_agreement, rank_shortlist, within_global_gap
 from vprkit.rerank.matching import Matches
-from vprkit.rerank.scoring import PERFECT_SCORES, SCORERS, PatchSet, perfect_score
-from helpers import FixedPatchScores
+from vprkit.rerank.scoring import PERFECT_SCORES, SCORERS, perfect_score
+from helpers import FixedPatchScores, grid_patch_set as grid_set
 
 SHORTLIST = 12
-
-
-def grid_set(rows: int, cols: int, step: float = 16.0) -> PatchSet:
-    ys, xs = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
-    pos = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.float32)
-    return PatchSet(torch.zeros(rows * cols, 1), (pos + 1) * step, pos, (rows, cols), step)
 
 
 @pytest.mark.parametrize("scorer", sorted(SCORERS.names()))

@@ -23,17 +23,16 @@ import pytest
 import torch
 
 from vprkit.rerank.matching import Matches, mutual_nn
-from vprkit.rerank.scoring import PatchSet, rapid_spatial_score, ransac_score
+from vprkit.rerank.scoring import rapid_spatial_score, ransac_score
+from helpers import grid_patch_set
 
 STEP = 16.0
 THRESHOLD = 16 * 1 * 1.5  # the reference's ransacReprojThreshold at patch stride 1
 
 
 def grid_set(rows, cols, step=STEP, descriptors=None):
-    ys, xs = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
-    pos = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.float32)
-    desc = torch.zeros(rows * cols, 1) if descriptors is None else descriptors
-    return PatchSet(desc, (pos + 0.5) * step, pos, (rows, cols), step)
+    """Patch-NetVLAD's keypoints: cell centres."""
+    return grid_patch_set(rows, cols, step, offset=0.5, descriptors=descriptors)
 
 
 def idx(col, row, cols):

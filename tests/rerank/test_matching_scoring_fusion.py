@@ -9,7 +9,8 @@ import torch
 from vprkit.numerics import zscore
 from vprkit.rerank.fusion import fuse_scales, fuse_with_global
 from vprkit.rerank.matching import Matches, mutual_nn, mutual_nn_grouped
-from vprkit.rerank.scoring import SCORERS, PatchSet, rapid_spatial_score, ransac_score, usac_score
+from vprkit.rerank.scoring import SCORERS, rapid_spatial_score, ransac_score, usac_score
+from helpers import grid_patch_set as grid_set
 
 
 def unit(*rows):
@@ -38,12 +39,6 @@ def test_grouped_matching_equals_one_by_one():
             continue
         single = mutual_nn(q, c)[0]
         assert g.query.tolist() == single.query.tolist() and g.candidate.tolist() == single.candidate.tolist()
-
-
-def grid_set(rows, cols, step=16.0):
-    ys, xs = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
-    pos = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.float32)
-    return PatchSet(torch.zeros(rows * cols, 1), (pos + 1) * step, pos, (rows, cols), step)
 
 
 def test_rapid_scoring_ranks_a_consistent_shift_above_random_matches():

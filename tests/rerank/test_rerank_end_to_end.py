@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import cv2
@@ -19,9 +18,10 @@ from vprkit.cli import cli
 from vprkit.config import RerankConfig, VocabularyConfig
 from vprkit.images import ImageSpec
 from vprkit.presets import resolve
-from vprkit.rerank import PatchesExtension, PatchReranker, ransac_score, score_pair
 from vprkit.images import iter_batches
 from vprkit.pipeline import match_two
+from vprkit.rerank import PatchesExtension, ransac_score, score_pair
+from helpers import copy_first_images
 
 CORRIDOR_IMAGES = 16
 SETTINGS = RerankConfig("test", "two scales, RANSAC", scales=((2, 1), (3, 1)), weights=(0.5, 0.5), scorer="ransac",
@@ -31,11 +31,8 @@ SETTINGS = RerankConfig("test", "two scales, RANSAC", scales=((2, 1), (3, 1)), w
 @pytest.fixture(scope="module")
 def corridor_refs(shared_datasets, tmp_path_factory) -> Path:
     """A few real Corridor reference images (copied to a temporary folder, never into the repo)."""
-    src = shared_datasets / "corridor" / "ref"
-    dst = tmp_path_factory.mktemp("corridor_refs")
-    for p in sorted(src.iterdir())[:CORRIDOR_IMAGES]:
-        shutil.copy(p, dst / p.name)
-    return dst
+    return copy_first_images(shared_datasets / "corridor" / "ref", tmp_path_factory.mktemp("corridor_refs"),
+                             CORRIDOR_IMAGES)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from vprkit.presets import resolve
 from vprkit.rerank import PatchesExtension
 from vprkit.rerank.reranker import ComputedPatches
 from vprkit.rerank.saved import STATE_FILE
+from helpers import copy_first_images
 
 IMAGES = 8
 SETTINGS = RerankConfig("saved-test", "one scale, rapid", scales=((3, 1),), weights=(1.0,), scorer="rapid",
@@ -28,10 +29,7 @@ SETTINGS = RerankConfig("saved-test", "one scale, rapid", scales=((3, 1),), weig
 
 @pytest.fixture(scope="module")
 def refs(shared_datasets, tmp_path_factory) -> Path:
-    dst = tmp_path_factory.mktemp("saved_refs")
-    for p in sorted((shared_datasets / "corridor" / "ref").iterdir())[:IMAGES]:
-        shutil.copy(p, dst / p.name)
-    return dst
+    return copy_first_images(shared_datasets / "corridor" / "ref", tmp_path_factory.mktemp("saved_refs"), IMAGES)
 
 
 @pytest.fixture(scope="module")
