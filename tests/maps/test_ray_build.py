@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +11,10 @@ from vprkit import pipeline
 from vprkit.errors import ConfigError
 from vprkit.images import FolderImages
 from vprkit.maps import MAP_FILE, MapStore, read_json
-from vprkit.pipeline.distributed import build_map_ray
+from vprkit.pipeline.distributed import build_map_ray, start_local_ray
 from vprkit.presets import resolve
+
+from helpers import assert_loopback_only, listening_sockets
 
 IMAGES = 16
 SHARD = 8  # images per shard: the interrupted build stops after the first of two
@@ -37,7 +38,7 @@ class Stop(Exception):
 def ray_local():
     import ray
 
-    ray.init(num_cpus=RAY_CPUS, include_dashboard=False, logging_level=logging.WARNING)
+    start_local_ray(RAY_CPUS)  # as `map build --ray` starts one: loopback only
     yield ray
     ray.shutdown()
 
@@ -62,6 +63,18 @@ def _assert_same_map(a: Path, b: Path, images: int = IMAGES) -> None:
     np.testing.assert_allclose(sb.read_global(), sa.read_global(), atol=1e-5)
     np.testing.assert_array_equal(sb.read_poses(), sa.read_poses())
     assert read_json(a / MAP_FILE)["vocabulary"] == read_json(b / MAP_FILE)["vocabulary"]  # same seed and sample
+
+
+def test_the_local_instance_listens_on_loopback_only(ray_local):
+    """GCS, raylet, runtime-env agent, a worker and this driver (all in this process's tree): loopback only."""
+
+    @ray_local.remote
+    def one() -> int:
+        return 1
+
+    assert ray_local.get(one.remote()) == 1  # a worker runs, with its own server
+    listeners = assert_loopback_only(listening_sockets())
+    assert {"gcs_server", "raylet"} <= {s.process for s in listeners}, listeners
 
 
 def test_a_ray_build_equals_the_single_process_build(ray_local, corridor, single, tmp_path):

@@ -78,6 +78,9 @@ PREFETCH_BATCHES = 2  # result batches Ray Data prepares ahead of the driver's s
 RAY_DATA_LOGGER = "ray.data"
 # Ray's token authentication settings (its environment variables), named in the error of a failed join
 AUTH_MODE_ENV, AUTH_TOKEN_ENV, AUTH_TOKEN_PATH_ENV = "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
+# Ray's cluster-mode switch (in ray_constants; environment variable RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER): off, a
+# node's address stays loopback. See start_local_ray.
+RAY_CLUSTER_MODE_FLAG = "ENABLE_RAY_CLUSTER"
 # Extension payloads travel from the replicas to the driver as one pickled blob per image: Ray Data
 # would otherwise try to turn each image's dict of ragged arrays into an Arrow struct column.
 PAYLOAD_PROTOCOL = pickle.HIGHEST_PROTOCOL
@@ -164,6 +167,27 @@ class _Encoder:
 
 
 # ---- the driver ----------------------------------------------------------------------------------
+def start_local_ray(num_cpus: int | None = None) -> None:
+    """``ray.init`` of a local instance that listens on loopback only (its GCS, raylet, workers and this driver).
+
+    A local instance serves this machine alone, yet Ray replaces a loopback node address with the machine's
+    external one and its servers then listen on every interface. Its single-machine mode (the default on macOS
+    and Windows; ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``) keeps the node address 127.0.0.1. Ray reads that
+    mode once, when it is imported, so it is switched on here for the start alone: the node keeps the address
+    it started with. A Ray without the switch starts as it would otherwise.
+    """
+    ray = _ray()
+    constants = getattr(getattr(ray, "_private", None), "ray_constants", None)
+    cluster_mode = getattr(constants, RAY_CLUSTER_MODE_FLAG, None)
+    if cluster_mode is not None:
+        setattr(constants, RAY_CLUSTER_MODE_FLAG, False)
+    try:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
+    finally:
+        if cluster_mode is not None:
+            setattr(constants, RAY_CLUSTER_MODE_FLAG, cluster_mode)
+
+
 class _RaySession:
     """``ray.init`` for a local instance (address None) or a cluster, undone on exit if this started it."""
 
@@ -177,7 +201,7 @@ class _RaySession:
         if ray.is_initialized():  # a caller (or a test) already connected: use that instance as it is
             return ray
         if self.address is None:
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
+            start_local_ray(os.cpu_count())
             self.log(f"started a local Ray instance ({os.cpu_count()} CPUs)")
         else:
             try:
