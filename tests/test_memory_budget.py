@@ -19,8 +19,9 @@ from vprkit.config import (BUDGET_SHARE_DECODE_BUFFER, BUDGET_SHARE_FEATURE_CACH
 from vprkit.errors import ConfigError, MapError
 from vprkit.images import ImageSpec
 from vprkit.maps import MAP_FILE
+from vprkit.aggregation.options import VocabularyOptions
 from vprkit.aggregation.vocabulary import build_vocabulary
-from vprkit.presets import get_preset
+from vprkit.presets import resolve
 
 from helpers import make_images
 
@@ -39,8 +40,8 @@ def images(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tight_config():
     """The smallest budget allowed: its descriptor pool is smaller than all patch descriptors of ``images``."""
-    return get_preset("effnet-vlad").replace(memory_budget_mb=MIN_MEMORY_BUDGET_MB, batch_size=BATCH,
-                                             vocabulary=VocabularyConfig(k=8))
+    return resolve("effnet-vlad").replace(memory_budget_mb=MIN_MEMORY_BUDGET_MB, batch_size=BATCH,
+                                         vocabulary=VocabularyConfig(k=8))
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +89,7 @@ def test_a_budget_below_the_floor_names_the_minimum():
 
 
 def test_a_budget_too_small_for_one_batch_names_the_minimum():
-    config = get_preset("effnet-vlad").replace(memory_budget_mb=5, batch_size=8)
+    config = resolve("effnet-vlad").replace(memory_budget_mb=5, batch_size=8)
     fake_backbone = SimpleNamespace(dim=112, stride=16)  # memory_plan only needs the grid and the dimension
     batch_bytes = 8 * IMAGE_SIZE[0] * IMAGE_SIZE[1] * 3
     minimum = math.ceil(batch_bytes / BUDGET_SHARE_DECODE_BUFFER / MIB)
@@ -116,7 +117,7 @@ def test_vocabulary_pool_holds_at_most_the_budget_share(images, tight_config, ba
     all_patches = N_IMAGES * (IMAGE_SIZE[0] // backbone.stride) * (IMAGE_SIZE[1] // backbone.stride)
     assert capacity < all_patches  # otherwise this test could not notice an ignored cap
 
-    voc = build_vocabulary(backbone, tight_config, [(root, keys)])
+    voc = build_vocabulary(backbone, VocabularyOptions.from_config(tight_config, backbone), [(root, keys)])
     meta = voc.metadata
     assert meta["descriptors_seen"] == all_patches
     assert meta["pooled_descriptors"] == capacity == meta["n_descriptors"]
@@ -125,7 +126,8 @@ def test_vocabulary_pool_holds_at_most_the_budget_share(images, tight_config, ba
 
 def test_without_the_budget_the_same_images_pool_every_descriptor(images, tight_config, backbone):
     root, keys = images
-    voc = build_vocabulary(backbone, tight_config.replace(memory_budget_mb=None), [(root, keys)])
+    unbounded = tight_config.replace(memory_budget_mb=None)
+    voc = build_vocabulary(backbone, VocabularyOptions.from_config(unbounded, backbone), [(root, keys)])
     assert voc.metadata["pooled_descriptors"] == voc.metadata["descriptors_seen"]
 
 
@@ -147,7 +149,7 @@ def test_images_decoded_ahead_stay_within_the_decode_share(images, tight_config,
 
 
 def test_a_map_resumes_under_another_budget_and_from_an_older_map_json(tmp_path, image_folder):
-    config = get_preset("effnet-vlad").replace(image=ImageSpec((64, 64), "fixed"), vocabulary=VocabularyConfig(k=8),
+    config = resolve("effnet-vlad").replace(image=ImageSpec((64, 64), "fixed"), vocabulary=VocabularyConfig(k=8),
                                                batch_size=BATCH)
     pipeline.build_map(image_folder, tmp_path / "map", config, progress=False, log=lambda _: None)
     # a smaller machine: same map, another budget (the vocabulary already exists, results do not change)
