@@ -30,7 +30,7 @@ from vprkit.config import Config
 from vprkit.datasets import load_dataset
 from vprkit.evaluation.report import PeakMemory
 from vprkit.images import ImageSpec, list_images
-from vprkit.presets import DEFAULT_PRESET, get_preset
+from vprkit.presets import DEFAULT_PRESET, resolve
 
 THROUGHPUT_SIZE = (240, 320)
 THROUGHPUT_IMAGES = 320
@@ -94,7 +94,7 @@ def main() -> None:
     setup()
     rows = []
     for preset in args.presets:
-        base = get_preset(preset)
+        base = resolve(preset)
         for spec, config in (("corridor", base), (NORDLAND_600, base.replace(image=ImageSpec(NORDLAND_SIZE, "fixed")))):
             ds = load_dataset(spec)
             config = with_seed(config, 0)

@@ -38,9 +38,9 @@ def _peak_rss_mb() -> float:
 
 
 def _config(preset: str, budget: str):
-    from vprkit.presets import get_preset
+    from vprkit.presets import resolve
 
-    config = get_preset(preset)
+    config = resolve(preset)
     return config if budget == NO_BUDGET else config.replace(memory_budget_mb=int(budget))
 
 
