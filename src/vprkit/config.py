@@ -464,7 +464,3 @@ class Config:
         for key in RUNTIME_VOCABULARY_SETTINGS:
             d.get("vocabulary", {}).pop(key, None)
         return d
-
-    def descriptor_identity(self) -> dict[str, Any]:
-        """The image side of a descriptor's identity (the backbone adds its own)."""
-        return {"image": self.image.to_dict()}

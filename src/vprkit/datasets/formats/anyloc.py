@@ -38,7 +38,7 @@ import numpy as np
 from ...errors import ConfigError, DatasetError
 from ..base import GROUND_TRUTH_CSV, RADIUS_OPTIONS, Dataset, radius_option, register_adapter
 from ..ground_truth import GroundTruth
-from .common import images_natural, natural_key
+from .common import column, images_natural, natural_key, read_csv
 
 DB, Q = "db_images", "q_images"
 POSE_FILE = "pose_topic_list.npy"
@@ -196,8 +196,6 @@ def _vpair():
     "the 5 references listed per query in gt_matches.csv",
 )
 def _aerial():
-    from .common import column, read_csv
-
     def detect(path: Path) -> bool:
         return (path / AERIAL_DB).is_dir() and (path / AERIAL_Q).is_dir()
 

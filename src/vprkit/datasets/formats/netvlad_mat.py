@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy.io import loadmat, whosmat
 
 from ...errors import DatasetError
 from ..base import RADIUS_OPTIONS, Dataset, radius_option, register_adapter
@@ -85,8 +86,6 @@ def _utm(value, n: int, name: str, path: Path) -> np.ndarray:
 
 def read_dbstruct(mat_path: str | os.PathLike) -> DbStruct:
     """Read a NetVLAD ``dbStruct`` .mat file (MATLAB v5; v7.3 files are refused with a hint)."""
-    from scipy.io import loadmat
-
     path = Path(mat_path)
     try:
         mat = loadmat(path, squeeze_me=True, struct_as_record=False)
@@ -130,8 +129,6 @@ def _from_cell(path: Path, cells: np.ndarray) -> DbStruct:
 
 
 def _mat_files(root: Path) -> list[Path]:
-    from scipy.io import whosmat
-
     found = []
     for sub in MAT_FOLDERS:
         folder = root / sub if sub else root
