@@ -216,6 +216,8 @@ def test_faiss_options_are_declared_once_and_checked():
         FaissIndex.build(_unit(10, 4, 0), "Flat", options={"efSearch": 3})  # the old spelling is read, not taken
     with pytest.raises(ConfigError, match="option 'rescore' = -1 is not allowed"):
         FaissIndex.build(_unit(10, 4, 0), "Flat", options={"rescore": -1})
+    with pytest.raises(ConfigError, match="option 'nprobe' = 0 is not allowed.*≥ 1"):  # FAISS would fail at search
+        FaissIndex.build(_unit(10, 4, 0), "Flat", options={"nprobe": 0})
 
 
 def test_ef_search_reaches_faiss_under_its_own_name(tmp_path):

@@ -46,7 +46,7 @@ def _append(s: MapStore, keys: list[str], first: float) -> None:
 
 
 def _extra(s: MapStore, row: int) -> float:
-    with s.open() as r:
+    with s.open_extras() as r:
         return float(r.extras("p", row)["x"][0])
 
 

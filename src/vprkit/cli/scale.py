@@ -1,31 +1,27 @@
 """``vprkit map compress``: replace a map's index with a compressed one (parsing and printing only).
 
-Its index flags are made from the option table (:mod:`vprkit.options`, schema ``("index", "faiss")``):
-one flag per option, spelled as the option with dashes (``ef_search`` → ``--ef-search``), its help
-the option's meaning and default — so the flag, ``Config.index_options`` and ``index.json`` say the same.
+Its index flags are made from the option table (:mod:`vprkit.options`, schema ``("index", "faiss")``, as
+:mod:`vprkit.maps.index_options` reads it): one flag per option, spelled as the option with dashes
+(``ef_search`` → ``--ef-search``), its help the option's meaning and default — so the flag,
+``Config.index_options`` and ``index.json`` say the same.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any, Callable
 
 import click
 
-from ..options import Option, schema
+from ..maps.index_options import FAISS_OPTIONS
+from ..options import Option
 from ..pipeline.scale import compress_map, describe_options
-
-
-def _option_name(name: str) -> str:
-    """The snake_case name of a table option (the table's names already are; camelCase would read as snake_case)."""
-    return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", name).lower()
 
 
 def _index_flag(opt: Option) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """The click option of one FAISS index option: type and range from the table, no default (not given = None)."""
-    name = _option_name(opt.name)
+    name = opt.name
     if opt.choices:
         kind: Any = click.Choice([str(c) for c in opt.choices])
     elif "int" in opt.types and (opt.low is not None or opt.high is not None):
@@ -37,7 +33,7 @@ def _index_flag(opt: Option) -> Callable[[Callable[..., Any]], Callable[..., Any
 
 
 def _index_flags(command: Callable[..., Any]) -> Callable[..., Any]:
-    for opt in reversed(schema("index", "faiss").options):
+    for opt in reversed(list(FAISS_OPTIONS.values())):
         command = _index_flag(opt)(command)
     return command
 

@@ -33,8 +33,20 @@ def canonical_name(name: str) -> str:
     return OLD_SPELLINGS.get(name, name)
 
 
-FAISS_OPTIONS: dict[str, Option] = {
-    canonical_name(o.name): dataclasses.replace(o, name=canonical_name(o.name)) for o in FAISS_SCHEMA.options}
+# FAISS refuses to search with nprobe 0 (IndexIVF::search: 'cur_nprobe > 0') and an HNSW search with efSearch 0
+# finds one row: both take at least 1 here, whatever lower bound the table states.
+SEARCH_BREADTH_MIN = {"nprobe": 1, "ef_search": 1}
+
+
+def _as_declared(opt: Option) -> Option:
+    """A table option under its one spelling, with FAISS's own lower bound where the table's is lower."""
+    name = canonical_name(opt.name)
+    floor = SEARCH_BREADTH_MIN.get(name)
+    low = opt.low if floor is None or (opt.low is not None and opt.low >= floor) else floor
+    return dataclasses.replace(opt, name=name, low=low)
+
+
+FAISS_OPTIONS: dict[str, Option] = {canonical_name(o.name): _as_declared(o) for o in FAISS_SCHEMA.options}
 DEFAULT_FAISS_OPTIONS: dict[str, Any] = {name: o.default for name, o in FAISS_OPTIONS.items()}
 # The dtypes the full-precision copy kept for re-scoring may have.
 DESCRIPTOR_DTYPE_NAMES: tuple[str, ...] = tuple(FAISS_OPTIONS["descriptors_dtype"].choices or ())
