@@ -61,7 +61,7 @@ SYNTHETIC_TYPES: dict[str, tuple[str, int, dict[str, Any]]] = {
     "flat-subset": ("Flat", 0, {}),
     "pca1024-flat": ("Flat", PCA_DIMS, {}),
     "pca1024-sq8": ("SQ8", PCA_DIMS, {}),
-    "pca256-hnsw32": ("HNSW32", 256, {"efSearch": 128}),
+    "pca256-hnsw32": ("HNSW32", 256, {"ef_search": 128}),
     "pca1024-ivfpq64": ("IVF1024,PQ64", PCA_DIMS, {"nprobe": 32}),
     "pca1024-ivfpq64-rescore": ("IVF1024,PQ64", PCA_DIMS, {"nprobe": 32, "rescore": 100}),
     "pca1024-opq64-ivfpq64": ("OPQ64,IVF1024,PQ64", PCA_DIMS, {"nprobe": 32}),
@@ -190,6 +190,7 @@ def run_synthetic(args: argparse.Namespace, dim: int) -> list[dict]:
     from tqdm import tqdm
 
     from vprkit.maps.index import TRAIN_SAMPLE_MAX_BYTES, FaissIndex, _top_components
+    from vprkit.maps.index_options import canonical_options
     from vprkit.maps.vectors import DescriptorFile, RowSource, write_descriptors
 
     n = args.places
@@ -262,7 +263,7 @@ def run_synthetic(args: argparse.Namespace, dim: int) -> list[dict]:
         meta_path = index_path.with_suffix(".json")
         if index_path.exists() and meta_path.exists():
             meta = json.loads(meta_path.read_text())
-            loaded = FaissIndex(faiss.read_index(str(index_path)), meta["factory"], meta["options"])
+            loaded = FaissIndex(faiss.read_index(str(index_path)), meta["factory"], canonical_options(meta["options"]))
             print(f"{name}: reusing the cached index ({meta['build_s']:.0f} s when built)")
             return loaded, float(meta["build_s"])
         t = time.perf_counter()

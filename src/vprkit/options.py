@@ -292,11 +292,11 @@ register_schema(Schema("segmenter", "sam", (
 MILVUS_METRICS = ("IP", "COSINE")
 # What Milvus Lite (3.x, milvus_lite/index/factory.py) builds; a Milvus server offers more (IVF_PQ, DISKANN, …).
 MILVUS_LITE_INDEX_TYPES = ("FLAT", "BRUTE_FORCE", "AUTOINDEX", "IVF_FLAT", "IVF_SQ8", "HNSW", "HNSW_SQ")
-register_schema(Schema("index", "faiss", (  # mirrors vprkit.maps.index.DEFAULT_FAISS_OPTIONS (tested)
-    Option("train_sample", "int", 65536, "rows drawn (seeded) to train a compressed index", low=0),
+register_schema(Schema("index", "faiss", (  # the one declaration of the FAISS index options (vprkit.maps.index_options reads it; map compress makes its flags from it)
+    Option("train_sample", "int", 65536, "rows drawn (seeded) to train a compressed index (0 = every row)", low=0),
     Option("seed", "int", None, "training sample / k-means seed (default: the vocabulary seed)", nullable=True),
-    Option("nprobe", "int", 16, "IVF lists visited per query", low=0),
-    Option("efSearch", "int", 64, "HNSW candidates per query", low=0),
+    Option("nprobe", "int", 16, "IVF lists visited per query", low=1),
+    Option("ef_search", "int", 64, "HNSW candidates per query", low=1),
     Option("rescore", "int", 0, "shortlist re-scored from full-precision descriptors on disk (0 = off)", low=0),
     Option("shard_rows", "int", 0, "rows per index shard file (0 = one file)", low=0),
     Option("descriptors_dtype", "str", "float16", "dtype of the full-precision copy kept for re-scoring",

@@ -92,7 +92,7 @@ def test_storage_dtypes_and_bytes_per_image(corridor_refs, small_config, tmp_pat
         pipeline.build_map(corridor_refs, out, _with(small_config, base.replace(dtype=dtype)), progress=False, log=lambda _: None)
         m = pipeline.open_map(out)
         sizes[dtype] = m.store.extra_bytes()["patches"]
-        with m.store.open() as r:
+        with m.store.open_extras() as r:
             decoded[dtype] = m.extensions["patches"].decode(r.extras("patches", 0))[0].descriptors
     # 8×10 grid, 3×3 patches → 6×8 = 48 patches × 32 dims (+ the 2-int grid)
     assert sizes["float32"] == pytest.approx(48 * 32 * 4 + 8)

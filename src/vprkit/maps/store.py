@@ -808,9 +808,6 @@ class MapStore:
         self._require()
         return ExtrasReader._over(self._current())
 
-    # The old name, still called by vprkit.rerank.reranker and vprkit.segments (retriever, explain).
-    open = open_extras
-
     def _require(self) -> None:
         if self._pinned is None and not self.path.exists() and not self._live_files():
             raise MapError(f"{self.dir} has no {STORE_FILE}: build the map first (vprkit map build)")

@@ -140,7 +140,7 @@ class StoredPatches:
 
     def __call__(self, rows: list[int]) -> dict[int, list[PatchSet]]:
         if self._reader is None:
-            self._reader = self.store.open()
+            self._reader = self.store.open_extras()
         return {r: self.extension.decode(self._reader.extras(GROUP, r)) for r in rows}
 
     def close(self) -> None:

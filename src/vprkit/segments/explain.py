@@ -87,7 +87,7 @@ def segment_sets(backbone: Backbone, extraction: ExtractionOptions, extension: S
 
 def stored_segment_set(store: "MapStore", row: int, stride: int):
     """A map image's SuperSegments as stored (when its image file is gone), for drawing on a grey canvas."""
-    with store.open() as reader:
+    with store.open_extras() as reader:
         payload = reader.extras(GROUP, row)
     desc, members = SegmentsExtension.read_payload(payload)
     return _stored_set(desc, members, payload, stride)

@@ -285,7 +285,7 @@ class SegmentIndex:
     @classmethod
     def build(cls, store: "MapStore", n_images: int) -> "SegmentIndex":
         vecs, image, local = [], [], []
-        with store.open() as reader:
+        with store.open_extras() as reader:
             if not reader.has_group(GROUP):
                 raise MapError(f"{store.dir} has no SuperSegments: rebuild it with a segvlad preset")
             for row in range(n_images):
