@@ -120,7 +120,7 @@ def test_a_ray_build_with_re_ranking_patches_equals_the_single_process_build(ray
     assert sorted(state_a.files) == sorted(state_b.files) and "pca_components" in state_a.files
     for name in state_a.files:  # fitted on the driver by the single-process build's own steps: identical
         np.testing.assert_array_equal(state_b[name], state_a[name], err_msg=name)
-    with MapStore(single).open() as ra, MapStore(ray_map).open() as rb:
+    with MapStore(single).open_extras() as ra, MapStore(ray_map).open_extras() as rb:
         for row in range(RERANK_IMAGES):
             pa, pb = ra.extras("patches", row), rb.extras("patches", row)
             assert sorted(pa) == sorted(pb) and len(pa) > 1, row
@@ -152,7 +152,7 @@ def test_a_ray_build_with_segvlad_segments_equals_the_single_process_build(ray_l
     assert sorted(state_a.files) == sorted(state_b.files)
     for name in state_a.files:
         np.testing.assert_array_equal(state_b[name], state_a[name], err_msg=name)
-    with MapStore(single).open() as ra, MapStore(ray_map).open() as rb:
+    with MapStore(single).open_extras() as ra, MapStore(ray_map).open_extras() as rb:
         for row in range(IMAGES):
             pa, pb = ra.extras("segments", row), rb.extras("segments", row)
             assert sorted(pa) == sorted(pb), row
