@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import click
 
-from ..maps.index_options import FAISS_OPTIONS
+from ..maps import FAISS_OPTIONS
 from ..options import Option
 from ..pipeline.scale import compress_map, describe_options
 

@@ -34,15 +34,9 @@ from ..environment import recorded_environment
 from ..errors import MapError
 from ..images import ImageSource, image_source
 from ..io import atomic_write_json, clean_orphans
-from ..maps import FAILURES_FILE, MAP_FILE, MapStore, read_map_info
-from ..maps.builds import BuildPlan, check_build_policies, plan_build
-from ..maps.extensions import EXTENSIONS_DIR, MapExtension
-from ..maps.index import update_map_index
-from ..maps.lock import map_write_lock
-from ..maps.manifest import read_build_record, write_build_record, write_manifest
-from ..maps.mapdir import LOCAL_CRS, check_build_settings
-from ..maps.poses import PoseRows, pose_rows
-from ..maps.store import PENDING_DIR
+from ..maps import (EXTENSIONS_DIR, FAILURES_FILE, LOCAL_CRS, MAP_FILE, PENDING_DIR, BuildPlan, check_build_policies,
+                    check_build_settings, map_write_lock, MapExtension, MapStore, plan_build, pose_rows, PoseRows,
+                    read_build_record, read_map_info, update_map_index, write_build_record, write_manifest)
 from .models import features_on_cpu, load_backbone, make_extensions, on_cpu, resolve_config
 from .open import on_device
 from .vocabularies import obtain_vocabulary, record_build_vocabulary

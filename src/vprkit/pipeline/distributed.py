@@ -56,12 +56,8 @@ from ..config import Config
 from ..errors import ConfigError, MapError
 from ..images import Batch, ImageSource, image_source
 from ..device import module_device
-from ..maps import MapStore
-from ..maps.manifest import write_manifest
-from ..maps.lock import map_write_lock
-from ..maps.mapdir import next_run_id
-from ..maps.builds import CHANGE_POLICIES, DUPLICATE_POLICIES, check_build_policies
-from ..maps.poses import pose_rows
+from ..maps import (CHANGE_POLICIES, DUPLICATE_POLICIES, check_build_policies, map_write_lock, MapStore, next_run_id,
+                    pose_rows, write_manifest)
 from .ray_cluster import LOCAL, RaySession, check_resources, start_local_ray  # noqa: F401 - start_local_ray: public here too
 from .build import SHARD_IMAGES, build_map, prepare_build, start_build, store_has_poses
 from .models import load_backbone, make_extensions, on_cpu, resolve_config

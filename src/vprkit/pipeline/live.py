@@ -44,14 +44,9 @@ from PIL import Image
 
 from ..images import DecodedImages
 from ..io import atomic_path
-from ..maps import INDEX_FILE, MAP_FILE, read_map_info
-from ..maps.manifest import write_manifest
-from ..maps.lock import map_write_lock
-from ..maps.store import ENTRY_FIELDS, POSE_DIMS
-from ..maps.lock import ReadWriteLock
-from ..maps.places import (MapChangedError, PlaceExistsError, Pose, UnknownPlaceError, check_key,  # noqa: F401
-                            parse_pose)
-from ..maps.mapdir import register_run
+from ..maps import (ENTRY_FIELDS, INDEX_FILE, MAP_FILE, POSE_DIMS, check_key, map_write_lock, MapChangedError,
+                    parse_pose, PlaceExistsError, Pose, read_map_info, ReadWriteLock, register_run,
+                    UnknownPlaceError, write_manifest)
 from ..uploads import DEFAULT_MAX_UPLOAD_PIXELS, FORMAT_EXTENSIONS, decode_image, kept_picture
 from .batching import DEFAULT_INFERENCE_SLOTS, RequestBatcher
 from .localization import QueryResult, RerankChoice, get_reranker, localize, query_batches, rerank_settings

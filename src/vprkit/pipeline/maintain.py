@@ -15,12 +15,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..errors import MapError
-from ..maps import MapStore, open_map_data, read_map_info
-from ..maps.manifest import write_manifest
-from ..maps.index import build_index, serving_footprint
-from ..maps.lock import map_write_lock
-from ..maps.mapdir import crs_to_latlon, map_crs
-from ..maps.poses import pose_rows, pose_updates
+from ..maps import (build_index, crs_to_latlon, map_crs, map_write_lock, MapStore, open_map_data, pose_rows,
+                    pose_updates, read_map_info, serving_footprint, write_manifest)
 from .models import load_backbone, make_extensions
 
 logger = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from ..backbones import Backbone, DenseFeatures, build_backbone
 from ..config import Config
 from ..device import resolve_device
 from ..images import Batch
-from ..maps.extensions import EXTENSIONS, MapExtension
+from ..maps import EXTENSIONS, MapExtension
 from ..presets import resolve
 
 

@@ -18,8 +18,7 @@ from ..aggregation.vocabulary import make_aggregator
 from ..backbones import Backbone
 from ..device import module_device
 from ..errors import MapError
-from ..maps import MapData, open_map_data
-from ..maps.extensions import MapExtension
+from ..maps import MapData, MapExtension, open_map_data
 from ..retrieval import RETRIEVERS, Retriever, SearchSpace
 from ..retrieval.estimate import Calibration, load_or_fit_calibration
 from .models import load_backbone, make_extensions

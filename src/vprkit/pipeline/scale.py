@@ -15,12 +15,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ConfigError, MapError
-from ..maps.index import FaissIndex, serving_footprint
-from ..maps.index_options import check_index_option, describe_options, faiss_options
-from ..maps.lock import map_write_lock
-from ..maps.manifest import MAP_FILE, IndexSection, read_manifest, write_manifest
-from ..maps.store import MapStore
-from ..maps.vectors import RowSource
+from ..maps import (MAP_FILE, check_index_option, describe_options, faiss_options, FaissIndex, IndexSection,
+                    map_write_lock, MapStore, read_manifest, RowSource, serving_footprint, write_manifest)
 
 logger = logging.getLogger(__name__)
 

@@ -22,8 +22,7 @@ from ..config import Config
 from ..datasets import load_dataset
 from ..errors import VocabularyMismatchError
 from ..images import FolderImages, ImageSource, image_source
-from ..maps import VOCAB_FILE
-from ..maps.manifest import read_build_record, write_build_record
+from ..maps import VOCAB_FILE, read_build_record, write_build_record
 from .models import load_backbone, needs_vocabulary, resolve_config
 
 
