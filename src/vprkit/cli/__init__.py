@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+import traceback
 
 import click
 
@@ -69,8 +70,6 @@ def main() -> None:
         click.echo(f"error: {exc.strerror or exc}{where}", err=True)
         sys.exit(2)
     except Exception:  # a bug: show where, and ask for a report
-        import traceback
-
         traceback.print_exc()
         click.echo("internal error: this is a bug in vprkit, not in your input; please report it with the command "
                    "you ran and the traceback above", err=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from .. import pipeline
+from ..presets import list_presets, list_rerank_configs
 from .core import _parse_image_size, memory_budget_option
 
 
@@ -57,8 +58,6 @@ def compare(ctx: click.Context, datasets: tuple[str, ...], presets: tuple[str, .
 
 
 def _split_lists(datasets, presets, reranks):
-    from ..presets import list_presets, list_rerank_configs
-
     preset_names = {c.name for c in list_presets()}
     rerank_names = {s.name for s in list_rerank_configs()} | {"none"}
     ds, ps, rs = [], list(presets), list(reranks)

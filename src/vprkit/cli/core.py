@@ -10,7 +10,12 @@ import click
 from .. import pipeline
 from ..config import check_device
 from ..datasets import load_dataset
+from ..environment import describe as describe_environment
+from ..options import describe as describe_options
+from ..pipeline import distributed
+from ..pipeline.sequences import DEFAULT_STREAM_BATCH, FILE_STREAM_BATCH, localize_stream
 from ..presets import DEFAULT_PRESET, get_rerank_config, list_presets, list_rerank_configs, resolve
+from ..streams import CameraFrames, FolderFrames, VideoFrames
 
 # Shared by `map build`, `eval` and `vocab build`: the one RAM setting (Config.memory_budget_mb).
 memory_budget_option = click.option(
@@ -113,10 +118,8 @@ def map_build(images_dir: Path, out: Path, poses: Path | None, preset: str, floa
     config = _config(preset, float16, rerank, vocab, weights, memory_budget, image_size, device)
     config = _with_index(config, index_backend, index_option)
     if ray_address is not None:
-        from ..pipeline.distributed import build_map_ray
-
-        info = build_map_ray(images_dir, out, config, address=ray_address, replicas=replicas, poses=poses,
-                             progress=not quiet, on_change=on_change, on_duplicate=on_duplicate, crs=crs)
+        info = distributed.build_map_ray(images_dir, out, config, address=ray_address, replicas=replicas, poses=poses,
+                                         progress=not quiet, on_change=on_change, on_duplicate=on_duplicate, crs=crs)
     else:
         info = pipeline.build_map(images_dir, out, config, poses=poses, progress=not quiet, on_change=on_change,
                                   on_duplicate=on_duplicate, crs=crs)
@@ -282,9 +285,6 @@ def _localize_stream(map_dir: Path, video: Path | None, camera: int | None, fram
                      max_frames: int | None, sequence_length: int | None, trajectory: str, jsonl: Path | None,
                      top_k: int, rerank: str | None, as_json: bool, extra: dict) -> None:
     """``localize --video/--camera/--frames``: results printed (or JSON lines) as frames are localised."""
-    from ..pipeline.sequences import DEFAULT_STREAM_BATCH, FILE_STREAM_BATCH, localize_stream
-    from ..streams import CameraFrames, FolderFrames, VideoFrames
-
     if video is not None:
         frames = VideoFrames(video, every, max_frames)
     elif camera is not None:
@@ -387,14 +387,10 @@ def presets(show_options: bool, show_environment: bool) -> None:
     for s in list_rerank_configs():
         click.echo(f"{s.name:<24} {s.description}")
     if show_options:
-        from ..options import describe
-
         click.echo("\ncomponent options (backbone_options, aggregator_options, …):")
-        for line in describe():
+        for line in describe_options():
             click.echo(line)
     if show_environment:
-        from ..environment import describe as describe_environment
-
         click.echo("\nenvironment variables:")
         for line in describe_environment():
             click.echo(line)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from ..presets import DEFAULT_PRESET
+from ..pipeline.sequences import detect_loops
+from ..presets import DEFAULT_PRESET, resolve
 from .core import device_option, image_size_option, memory_budget_option
 
 # Candidates shown on the terminal (all of them go to loops.csv with --out).
@@ -40,9 +41,6 @@ def loops(sequence_dir: Path, exclude_recent: int, sequence_length: int | None, 
           ground_truth: Path | None, radius: float, out: Path | None, preset: str, memory_budget: int | None,
           image_size: tuple[int, int] | None, device: str | None, as_json: bool, quiet: bool) -> None:
     """Match each frame of SEQUENCE_DIR (sorted names = time order) against all earlier frames outside a window."""
-    from ..pipeline.sequences import detect_loops
-    from ..presets import resolve
-
     if (contrast_window is not None or trajectory != "line") and sequence_length is None:
         raise click.UsageError("--contrast-window and --trajectory need --sequence-length")
     config = resolve(preset, memory_budget_mb=memory_budget, image_size=image_size, device=device)

@@ -7,6 +7,10 @@ from pathlib import Path
 
 import click
 
+from .. import pipeline
+from ..errors import MapError
+from ..presets import get_rerank_config
+
 
 @click.command("match-two")
 @click.argument("image_a", type=click.Path(exists=True, dir_okay=False, path_type=Path))
@@ -20,9 +24,7 @@ import click
               help="Use this map's backbone and fitted patch state, so the score is the one re-ranking computes.")
 def match_two_cmd(image_a: Path, image_b: Path, out: Path, rerank: str, preset: str | None, map_dir: Path | None) -> None:
     """Match IMAGE_A against IMAGE_B with patch descriptors, print the score and draw the matches."""
-    from ..pipeline import match_two
-
-    tm = match_two(image_a, image_b, rerank=rerank, preset=preset, map_dir=map_dir, out=out)
+    tm = pipeline.match_two(image_a, image_b, rerank=rerank, preset=preset, map_dir=map_dir, out=out)
     kind = getattr(tm, "score_kind", "score")
     cos = getattr(tm, "cosine", None)
     click.echo(f"{tm.image_a} ↔ {tm.image_b}  preset {tm.preset}  {kind} {tm.score:.4f}"
@@ -50,9 +52,6 @@ def prepare_cmd(map_dir: Path, rerank: str) -> None:
     Afterwards `localize --rerank NAME` reads them as from a map built with --rerank NAME. A map
     that already stores them is left as it is.
     """
-    from .. import pipeline
-    from ..presets import get_rerank_config
-
     get_rerank_config(rerank)  # an unknown name fails before the map is opened
     m = pipeline.open_map(map_dir, read_only=True)
     reranker = pipeline.get_reranker(m, rerank)
@@ -64,8 +63,6 @@ def prepare_cmd(map_dir: Path, rerank: str) -> None:
         click.echo(f"{map_dir} already stores the patches of '{rerank}'")
         return
     if computed and not reranker.candidates.saved.saves:
-        from ..errors import MapError
-
         raise MapError(f"could not save into {map_dir} (see the message above): nothing was prepared")
     click.echo(f"'{rerank}' prepared in {map_dir}: {computed} images' patches computed and saved")
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from .. import pipeline
+
 
 @click.command("explain")
 @click.argument("map_dir", type=click.Path(exists=True, file_okay=False))
@@ -14,9 +16,7 @@ import click
 @click.option("--rank", default=1, show_default=True, type=click.IntRange(1, 100), help="Explain the N-th match (1 = best).")
 def explain_cmd(map_dir: str, query: str, out: str, top: int, rank: int) -> None:
     """Draw QUERY beside its best match in MAP_DIR with the strongest matched SuperSegments."""
-    from ..pipeline import explain
-
-    exp = explain(map_dir, query, out=out, top=top, rank=rank - 1)
+    exp = pipeline.explain(map_dir, query, out=out, top=top, rank=rank - 1)
     for line in exp.lines():
         click.echo(line)
     click.echo(f"wrote {out}")
