@@ -33,10 +33,22 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+import faiss
 import numpy as np
-from common import DATA, NORDLAND_600, NORDLAND_SIZE, RESULTS, THREADS, setup
+from common import DATA, NORDLAND_600, NORDLAND_SIZE, RESULTS, THREADS, report, setup
+from tqdm import tqdm
+
+from vprkit import pipeline
+from vprkit.datasets import load_dataset
+from vprkit.errors import ConfigError, MapError
+from vprkit.images import FolderImages
+from vprkit.maps.index import TRAIN_SAMPLE_MAX_BYTES, FaissIndex, _top_components
+from vprkit.maps.index_options import canonical_options
+from vprkit.maps.vectors import DescriptorFile, RowSource, write_descriptors
+from vprkit.presets import resolve
 
 CACHE = RESULTS / "cache"
 SEED = 0
@@ -140,8 +152,6 @@ def synthetic_queries(n: int, dim: int, count: int, latent_noise: float = QUERY_
 
 def exact_topk(desc, q: np.ndarray, k: int, limit: int | None = None) -> np.ndarray:
     """Exact top-k rows of every query over the first ``limit`` rows, chunk by chunk."""
-    from tqdm import tqdm
-
     n = len(desc) if limit is None else limit
     best_s = np.full((len(q), k), -np.inf, np.float32)
     best_r = np.full((len(q), k), -1, np.int64)
@@ -180,22 +190,29 @@ def recall_vs_exact(rows: np.ndarray, exact: np.ndarray) -> tuple[float, float]:
 
 
 def index_bytes(index) -> int:
-    import faiss
-
     return int(len(faiss.serialize_index(index)))
 
 
-def run_synthetic(args: argparse.Namespace, dim: int) -> list[dict]:
-    import faiss
-    from tqdm import tqdm
+@dataclass
+class SyntheticMap:
+    """The synthetic map of one run: its float16 descriptors, both query sets with their exact answers, and
+    the PCA passes made so far (shared by every index type of that width)."""
 
-    from vprkit.maps.index import TRAIN_SAMPLE_MAX_BYTES, FaissIndex, _top_components
-    from vprkit.maps.index_options import canonical_options
-    from vprkit.maps.vectors import DescriptorFile, RowSource, write_descriptors
+    n: int
+    dim: int
+    train_sample: int
+    desc: DescriptorFile
+    q: np.ndarray
+    hard_q: np.ndarray
+    hard_places: np.ndarray
+    exact: np.ndarray
+    hard_exact: np.ndarray
+    pca_cache: dict[int, tuple[Any, np.ndarray, float]] = field(default_factory=dict)
 
+
+def synthetic_map(args: argparse.Namespace, dim: int) -> SyntheticMap:
+    """Generate (or read back from ``CACHE``) the descriptors, queries and exact top-k of ``--places`` rows."""
     n = args.places
-    faiss.omp_set_num_threads(THREADS)
-    CACHE.mkdir(parents=True, exist_ok=True)
     path = CACHE / f"synthetic-{n}x{dim}-seed{SEED}.npy"
     if not path.exists():
         t = time.perf_counter()
@@ -215,116 +232,141 @@ def run_synthetic(args: argparse.Namespace, dim: int) -> list[dict]:
     exact_place_r1, exact_place_r10 = place_recall(hard_exact, hard_places)
     print(f"exact search over all {n:,} rows, hard queries: place Recall@1 {exact_place_r1:.3f}, "
           f"Recall@10 {exact_place_r10:.3f}")
+    return SyntheticMap(n, dim, args.train_sample, desc, q, hard_q, hard_places, exact, hard_exact)
 
+
+def projected(s: SyntheticMap, dims: int) -> tuple[Any, np.ndarray, float]:
+    """(PCA transform, N×dims projected rows as a memmap, seconds to fit and project) — shared by types."""
+    n, dim = s.n, s.dim
+    if dims in s.pca_cache:
+        return s.pca_cache[dims]
+    if dims < PCA_DIMS and (CACHE / f"synthetic-{n}-pca{PCA_DIMS}-fit.npz").exists():
+        projected(s, PCA_DIMS)  # a cached larger PCA: its leading components are this PCA
+    if PCA_DIMS in s.pca_cache and dims < PCA_DIMS:  # leading components of the larger PCA are this PCA
+        big, big_rows, big_s = s.pca_cache[PCA_DIMS]
+        a = faiss.vector_to_array(big.A).reshape(PCA_DIMS, dim)[:dims]
+        b = faiss.vector_to_array(big.b)[:dims]
+        pca = _pca_transform(dim, dims, a, b, faiss.vector_to_array(big.mean))
+        s.pca_cache[dims] = (pca, big_rows[:, :dims], big_s)
+        return s.pca_cache[dims]
+    rows_path = CACHE / f"synthetic-{n}-pca{dims}.npy"
+    fit_path = CACHE / f"synthetic-{n}-pca{dims}-fit.npz"  # written last: its presence marks a complete pass
+    if fit_path.exists() and rows_path.exists():
+        z = np.load(fit_path)
+        pca = _pca_transform(dim, dims, z["a"], z["b"], z["mean"])
+        s.pca_cache[dims] = (pca, np.load(rows_path, mmap_mode="r"), float(z["seconds"]))
+        print(f"PCA{dims}: reusing the cached fit and projection ({s.pca_cache[dims][2]:.0f} s when made)")
+        return s.pca_cache[dims]
+    t = time.perf_counter()
+    rng = np.random.default_rng([SEED, 6])
+    size = min(n, s.train_sample, TRAIN_SAMPLE_MAX_BYTES // (dim * FLOAT32_BYTES))  # as map compress bounds it
+    sample = s.desc.rows(np.sort(rng.choice(n, size=size, replace=False)))
+    mean = sample.mean(0)
+    comps, _ = _top_components(sample - mean, dims, SEED)
+    pca = _pca_transform(dim, dims, comps, -(comps @ mean), mean)
+    out = np.lib.format.open_memmap(rows_path, mode="w+", dtype=np.float32, shape=(n, dims))
+    for start in tqdm(range(0, n, GT_CHUNK), desc=f"PCA{dims} projection", leave=False):
+        out[start:start + GT_CHUNK] = pca.apply(np.asarray(s.desc.array[start:start + GT_CHUNK], np.float32))
+    out.flush()
+    seconds = time.perf_counter() - t
+    np.savez(fit_path, a=comps, b=-(comps @ mean), mean=mean, seconds=seconds)
+    s.pca_cache[dims] = (pca, out, seconds)
+    print(f"PCA{dims}: fitted and projected {n:,} rows in {seconds:.0f} s")
+    return s.pca_cache[dims]
+
+
+def cached_index(n: int, name: str, build: Callable[[], FaissIndex]) -> tuple[FaissIndex, float]:
+    """(built index, build seconds): built once per type and size, then read back (for idle re-timing)."""
+    index_path = CACHE / f"synthetic-{n}-{name}.faiss"
+    meta_path = index_path.with_suffix(".json")
+    if index_path.exists() and meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        loaded = FaissIndex(faiss.read_index(str(index_path)), meta["factory"], canonical_options(meta["options"]))
+        print(f"{name}: reusing the cached index ({meta['build_s']:.0f} s when built)")
+        return loaded, float(meta["build_s"])
+    t = time.perf_counter()
+    built = build()
+    seconds = time.perf_counter() - t
+    faiss.write_index(built.index, str(index_path))
+    meta_path.write_text(json.dumps({"factory": built.factory, "options": built.options, "build_s": seconds}))
+    return built, seconds
+
+
+@dataclass
+class ServedIndex:
+    """One index type as served: the index, how many rows it holds, their exact answers, its build time and RAM."""
+
+    index: FaissIndex
+    places: int
+    exact: np.ndarray
+    hard_exact: np.ndarray
+    build_s: float
+    ram: int
+
+
+def serve(s: SyntheticMap, name: str, flat_subset: int) -> ServedIndex:
+    """Build (or read back) index type ``name`` over the synthetic map."""
+    factory, dims, options = SYNTHETIC_TYPES[name]
+    t0 = time.perf_counter()
+    if dims == 0:  # exact search over a subset: the reference a compressed index is compared with
+        limit = min(s.n, flat_subset)
+        sub = FaissIndex.build(RowSource(lambda r: s.desc.rows(r), limit, s.dim), factory)
+        build_s = time.perf_counter() - t0
+        both = exact_topk(s.desc, np.concatenate([s.q, s.hard_q]), TOP, limit)
+        return ServedIndex(sub, limit, both[:len(s.q)], both[len(s.q):], build_s, index_bytes(sub.index))
+    pca, reduced, pca_s = projected(s, dims)
+    # Built without re-scoring (which would keep its own copy of the reduced rows); the served index
+    # re-scores from the full-dimension float16 file, as a compressed map does.
+    build_options = {k: v for k, v in options.items() if k != "rescore"}
+    sub, sub_build_s = cached_index(s.n, f"pca{dims}-{factory.replace(',', '-')}", lambda: FaissIndex.build(
+        reduced, factory, seed=SEED, options={**build_options, "train_sample": s.train_sample}))
+    whole = faiss.IndexPreTransform(pca, sub.index)  # the index "PCA{dims},{factory}" would build
+    served = FaissIndex(whole, f"PCA{dims},{factory}", {**sub.options, **options},
+                        descriptors=s.desc if options.get("rescore") else None)
+    ram = index_bytes(sub.index) + index_bytes(faiss.IndexPreTransform(pca, faiss.IndexFlatIP(dims)))
+    # the shared PCA pass counts for every type
+    return ServedIndex(served, s.n, s.exact, s.hard_exact, sub_build_s + pca_s, ram)
+
+
+def measure(s: SyntheticMap, name: str, served: ServedIndex) -> dict:
+    """Bytes, latency and both recall views of one served index type."""
+    index, places = served.index, served.places
+    empty = faiss.clone_index(index._template())
+    codes = (index_bytes(index.index) - index_bytes(empty)) / places
+    found, _ = index.search(s.q, TOP)
+    r1, r10 = recall_vs_exact(found, served.exact)
+    hard_found, _ = index.search(s.hard_q, TOP)
+    # Place recall of exact search over the same rows (the subset's own for "Flat" on a subset).
+    base_r1, base_r10 = place_recall(served.hard_exact, s.hard_places)
+    place_r1, place_r10 = place_recall(hard_found, s.hard_places)
+    if places < s.n:  # most hard queries' places lie outside a subset: no place-recall view there
+        place_r1 = place_r10 = base_r1 = base_r10 = None
+    p50, p99 = latency_ms(lambda x: index.search(x, TOP), s.hard_q)
+    return {"index": name, "factory": index.factory, "places": places, "pca_dims": SYNTHETIC_TYPES[name][1],
+            "bytes_per_place": round(served.ram / places, 1), "code_bytes_per_place": round(codes, 1),
+            "float32_bytes_per_place": s.dim * FLOAT32_BYTES, "build_s": round(served.build_s, 1),
+            "ram_mb": round(served.ram / MIB, 1), "p50_ms": round(p50, 2), "p99_ms": round(p99, 2),
+            "recall@1_vs_exact": round(r1, 3), "recall@10_vs_exact": round(r10, 3),
+            "place_r1": None if place_r1 is None else round(place_r1, 3),
+            "place_r10": None if place_r10 is None else round(place_r10, 3),
+            "exact_place_r10": None if base_r10 is None else round(base_r10, 3),
+            "place_r10_vs_exact": round(place_r10 / base_r10, 3) if base_r10 else None,
+            "place_r1_vs_exact": round(place_r1 / base_r1, 3) if base_r1 else None,
+            "rescore": index.options["rescore"]}
+
+
+def run_synthetic(args: argparse.Namespace, dim: int) -> list[dict]:
+    faiss.omp_set_num_threads(THREADS)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    s = synthetic_map(args, dim)
     rows_out: list[dict] = []
-    pca_cache: dict[int, tuple[Any, np.ndarray, float]] = {}
-
-    def projected(dims: int):
-        """(PCA transform, N×dims projected rows as a memmap, seconds to fit and project) — shared by types."""
-        if dims in pca_cache:
-            return pca_cache[dims]
-        if dims < PCA_DIMS and (CACHE / f"synthetic-{n}-pca{PCA_DIMS}-fit.npz").exists():
-            projected(PCA_DIMS)  # a cached larger PCA: its leading components are this PCA
-        if PCA_DIMS in pca_cache and dims < PCA_DIMS:  # leading components of the larger PCA are this PCA
-            big, big_rows, big_s = pca_cache[PCA_DIMS]
-            a = faiss.vector_to_array(big.A).reshape(PCA_DIMS, dim)[:dims]
-            b = faiss.vector_to_array(big.b)[:dims]
-            pca = _pca_transform(dim, dims, a, b, faiss.vector_to_array(big.mean))
-            pca_cache[dims] = (pca, big_rows[:, :dims], big_s)
-            return pca_cache[dims]
-        rows_path = CACHE / f"synthetic-{n}-pca{dims}.npy"
-        fit_path = CACHE / f"synthetic-{n}-pca{dims}-fit.npz"  # written last: its presence marks a complete pass
-        if fit_path.exists() and rows_path.exists():
-            z = np.load(fit_path)
-            pca = _pca_transform(dim, dims, z["a"], z["b"], z["mean"])
-            pca_cache[dims] = (pca, np.load(rows_path, mmap_mode="r"), float(z["seconds"]))
-            print(f"PCA{dims}: reusing the cached fit and projection ({pca_cache[dims][2]:.0f} s when made)")
-            return pca_cache[dims]
-        t = time.perf_counter()
-        rng = np.random.default_rng([SEED, 6])
-        size = min(n, args.train_sample, TRAIN_SAMPLE_MAX_BYTES // (dim * FLOAT32_BYTES))  # as map compress bounds it
-        sample = desc.rows(np.sort(rng.choice(n, size=size, replace=False)))
-        mean = sample.mean(0)
-        comps, _ = _top_components(sample - mean, dims, SEED)
-        pca = _pca_transform(dim, dims, comps, -(comps @ mean), mean)
-        out = np.lib.format.open_memmap(rows_path, mode="w+", dtype=np.float32, shape=(n, dims))
-        for start in tqdm(range(0, n, GT_CHUNK), desc=f"PCA{dims} projection", leave=False):
-            out[start:start + GT_CHUNK] = pca.apply(np.asarray(desc.array[start:start + GT_CHUNK], np.float32))
-        out.flush()
-        seconds = time.perf_counter() - t
-        np.savez(fit_path, a=comps, b=-(comps @ mean), mean=mean, seconds=seconds)
-        pca_cache[dims] = (pca, out, seconds)
-        print(f"PCA{dims}: fitted and projected {n:,} rows in {seconds:.0f} s")
-        return pca_cache[dims]
-
-    def cached_index(name: str, build: Callable[[], Any]) -> tuple[Any, float]:
-        """(built index, build seconds): built once per type and size, then read back (for idle re-timing)."""
-        index_path = CACHE / f"synthetic-{n}-{name}.faiss"
-        meta_path = index_path.with_suffix(".json")
-        if index_path.exists() and meta_path.exists():
-            meta = json.loads(meta_path.read_text())
-            loaded = FaissIndex(faiss.read_index(str(index_path)), meta["factory"], canonical_options(meta["options"]))
-            print(f"{name}: reusing the cached index ({meta['build_s']:.0f} s when built)")
-            return loaded, float(meta["build_s"])
-        t = time.perf_counter()
-        built = build()
-        seconds = time.perf_counter() - t
-        faiss.write_index(built.index, str(index_path))
-        meta_path.write_text(json.dumps({"factory": built.factory, "options": built.options, "build_s": seconds}))
-        return built, seconds
-
     for name in args.types:
-        factory, dims, options = SYNTHETIC_TYPES[name]
-        t0 = time.perf_counter()
-        if dims == 0:  # exact search over a subset: the reference a compressed index is compared with
-            limit = min(n, args.flat_subset)
-            sub = FaissIndex.build(RowSource(lambda r: desc.rows(r), limit, dim), factory)
-            build_s = time.perf_counter() - t0
-            both = exact_topk(desc, np.concatenate([q, hard_q]), TOP, limit)
-            served, places, subset_exact, subset_hard = sub, limit, both[:len(q)], both[len(q):]
-            ram = index_bytes(sub.index)
-        else:
-            pca, reduced, pca_s = projected(dims)
-            # Built without re-scoring (which would keep its own copy of the reduced rows); the served index
-            # re-scores from the full-dimension float16 file, as a compressed map does.
-            build_options = {k: v for k, v in options.items() if k != "rescore"}
-            sub, sub_build_s = cached_index(f"pca{dims}-{factory.replace(',', '-')}", lambda: FaissIndex.build(
-                reduced, factory, seed=SEED, options={**build_options, "train_sample": args.train_sample}))
-            whole = faiss.IndexPreTransform(pca, sub.index)  # the index "PCA{dims},{factory}" would build
-            served = FaissIndex(whole, f"PCA{dims},{factory}", {**sub.options, **options},
-                                descriptors=desc if options.get("rescore") else None)
-            build_s = sub_build_s + pca_s  # the shared PCA pass counts for every type
-            places, subset_exact, subset_hard = n, exact, hard_exact
-            ram = index_bytes(sub.index) + index_bytes(faiss.IndexPreTransform(pca, faiss.IndexFlatIP(dims)))
-        empty = faiss.clone_index(served._template())
-        codes = (index_bytes(served.index) - index_bytes(empty)) / places
-        found, _ = served.search(q, TOP)
-        r1, r10 = recall_vs_exact(found, subset_exact)
-        hard_found, _ = served.search(hard_q, TOP)
-        # Place recall of exact search over the same rows (the subset's own for "Flat" on a subset).
-        base_r1, base_r10 = place_recall(subset_hard, hard_places)
-        place_r1, place_r10 = place_recall(hard_found, hard_places)
-        if places < n:  # most hard queries' places lie outside a subset: no place-recall view there
-            place_r1 = place_r10 = base_r1 = base_r10 = None
-        p50, p99 = latency_ms(lambda x: served.search(x, TOP), hard_q)
-        rows_out.append({"index": name, "factory": served.factory, "places": places, "pca_dims": dims,
-                         "bytes_per_place": round(ram / places, 1), "code_bytes_per_place": round(codes, 1),
-                         "float32_bytes_per_place": dim * FLOAT32_BYTES, "build_s": round(build_s, 1),
-                         "ram_mb": round(ram / MIB, 1), "p50_ms": round(p50, 2), "p99_ms": round(p99, 2),
-                         "recall@1_vs_exact": round(r1, 3), "recall@10_vs_exact": round(r10, 3),
-                         "place_r1": None if place_r1 is None else round(place_r1, 3),
-                         "place_r10": None if place_r10 is None else round(place_r10, 3),
-                         "exact_place_r10": None if base_r10 is None else round(base_r10, 3),
-                         "place_r10_vs_exact": round(place_r10 / base_r10, 3) if base_r10 else None,
-                         "place_r1_vs_exact": round(place_r1 / base_r1, 3) if base_r1 else None,
-                         "rescore": served.options["rescore"]})
+        rows_out.append(measure(s, name, serve(s, name, args.flat_subset)))
         print(json.dumps(rows_out[-1]), flush=True)
     return rows_out
 
 
 def _pca_transform(d_in: int, d_out: int, a: np.ndarray, b: np.ndarray, mean: np.ndarray):
-    import faiss
-
     pca = faiss.PCAMatrix(d_in, d_out)
     faiss.copy_array_to_vector(np.ascontiguousarray(a, np.float32).ravel(), pca.A)
     faiss.copy_array_to_vector(np.ascontiguousarray(b, np.float32), pca.b)
@@ -336,11 +378,6 @@ def _pca_transform(d_in: int, d_out: int, a: np.ndarray, b: np.ndarray, mean: np
 # ---- real maps --------------------------------------------------------------------------------------
 def real_map(name: str, dataset: str, image_size) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """(map descriptors, query descriptors, positives) of a default-preset map, built once and cached."""
-    from vprkit import pipeline
-    from vprkit.datasets import load_dataset
-    from vprkit.images import FolderImages
-    from vprkit.presets import resolve
-
     ds = load_dataset(dataset)
     cached = CACHE / f"{name}-default.npz"
     if not cached.exists():
@@ -358,11 +395,6 @@ def real_map(name: str, dataset: str, image_size) -> tuple[np.ndarray, np.ndarra
 
 
 def run_real(dims_out: list[int]) -> list[dict]:
-    import faiss
-
-    from vprkit.errors import ConfigError, MapError
-    from vprkit.maps.index import FaissIndex
-
     rows = []
     for name, dataset, size in (("corridor", str(DATA / "corridor"), None), ("nordland600", NORDLAND_600, NORDLAND_SIZE)):
         db, q, positives = real_map(name, dataset, size)
@@ -404,16 +436,11 @@ def main() -> None:
     parser.add_argument("--name", default="scale")
     args = parser.parse_args()
     setup()
-    from common import report
-
     dims: list[int] = []
     real = [] if args.no_real else run_real(dims)
     if dims:
         dim = dims[0]
     else:
-        from vprkit import pipeline
-        from vprkit.presets import resolve
-
         config = resolve(None)
         dim = pipeline.load_backbone(config).dim * config.vocabulary.k
     synthetic = [] if args.no_synthetic else run_synthetic(args, dim)
