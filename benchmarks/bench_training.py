@@ -23,18 +23,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
 
 from common import DATA, RESULTS, report, setup
 from vprkit import pipeline
 from vprkit.aggregation import VLAD, fit_vocabulary
+from vprkit.datasets import Dataset, GroundTruth
 from vprkit.evaluation.report import write_json
+from vprkit.images import list_images
 from vprkit.presets import DEFAULT_PRESET, resolve
 from vprkit.training.checkpoint import checkpoint_config
 from vprkit.training.recipe import prepare, run_recipe
@@ -256,10 +256,6 @@ def corridor(config) -> float:
 
 def nordland_unseen():
     """The evaluation half as a Dataset: winter queries, summer references, frames 1788–3575 every 4th, exact frame."""
-    from vprkit.datasets import GroundTruth
-    from vprkit.datasets import Dataset
-    from vprkit.images import list_images
-
     names = sorted(set(list_images(NORDLAND / "summer")) & set(list_images(NORDLAND / "winter")))[1788:3576:4]
     return Dataset("nordland-unseen-half", NORDLAND / "summer", names, NORDLAND / "winter", names,
                    GroundTruth.from_frames(names, names, tolerance=0))
@@ -309,11 +305,74 @@ def plot_monitored(runs: dict[str, list[dict]], baseline: float | None, out: Pat
     return out
 
 
+def baseline_row(base: dict, seeds: int) -> dict:
+    """The untrained default's row: Corridor and Nordland through the pipeline, its monitored R@1 over seeds."""
+    cor_default = corridor(resolve(DEFAULT_PRESET))
+    nord_default = nordland(resolve(DEFAULT_PRESET))
+    return {"method": f"{DEFAULT_PRESET} (untrained)", "loss": "-", "dim": base["dim"],
+            "nordland_R@1": f"{nord_default:.3f}", "picked_on_holdout": "-",
+            "monitored_R@1": f"{base['R@1']:.3f} (seeds 0-{seeds - 1}: {base['range'][0]:.3f}-{base['range'][1]:.3f})",
+            "corridor_R@1": f"{cor_default:.3f} at 320x240", "train_s": "-"}
+
+
+def _ensemble_notes(name: str, s: dict, r: dict, curves: dict[str, list[dict]]) -> tuple[str, str]:
+    """(picked, monitored) of a ``[head] members`` run: each member picked on the holdout, then the ensemble."""
+    ms, best = s["members"], s["best"]
+    picked = ("members: " + ", ".join(f"epoch {m['best']['epoch']}/{len(m['history'])} (holdout R@1 "
+                                      f"{m['best']['R@1']:.3f})" for m in ms)
+              + f"; ensemble holdout R@1 {best['R@1']:.3f}")
+    monitored = "; ".join(f"member {i}: " + " ".join(f"{h['monitor R@1']:.3f}" for h in m["history"])
+                          for i, m in enumerate(ms)) + f"; ensemble {best['monitor R@1']:.3f}"
+    for i, m in enumerate(ms):
+        curves[f"{name} member {i}"] = m["history"]
+    curves.pop(name)
+    if s.get("trained_checkpoint"):  # [post]: the ensemble before its PCA, through the pipeline too
+        whole = nordland(checkpoint_config(s["trained_checkpoint"]), tuple(r["backbone"]["image_size"]))
+        picked += f"; before [post] {whole:.3f} on the unseen half ({sum(int(m['head_dim']) for m in ms)} floats)"
+    return picked, monitored
+
+
+def head_row(name: str, args: argparse.Namespace, curves: dict[str, list[dict]]) -> dict:
+    """Train head ``name`` (or reuse its run folder) and measure it; its monitored curves go into ``curves``."""
+    r = recipe_for(name, args.epochs, args.seed)
+    out = Path(r["out"])
+    if args.fresh and out.exists():
+        shutil.rmtree(out)
+    s = run_recipe(r, progress=True, log=lambda m: print(m, file=sys.stderr))  # [post] fitted by the recipe
+    ckpt = checkpoint_config(s["checkpoint"])
+    cor = corridor_for(r, ckpt)
+    nord = nordland(ckpt, tuple(r["backbone"]["image_size"]))
+    vlad = r["head"].get("vlad")
+    dim = s["head_dim"] + (int(vlad["k"]) * backbone_dim() if vlad else 0)
+    best, hist = s["best"], s["history"]
+    curves[name] = hist
+    fused = s.get("fused_validation")  # the fused descriptor on the holdout (the weight picked there, for a list)
+    picked = f"epoch {best['epoch']}/{len(hist)} (holdout R@1 {best['R@1']:.3f})"
+    refit = s.get("refit")
+    monitored = " ".join(f"{h['monitor R@1']:.3f}" for h in hist)
+    if s.get("members"):
+        picked, monitored = _ensemble_notes(name, s, r, curves)
+    if refit:  # the evaluated checkpoint is the refit's: the picked epoch count on frames 0-1787
+        picked += (f"; refitted on frames 0-1787 ({refit['train_places']} places) for {refit['epochs']} epochs, "
+                   f"{refit['train_seconds']:.0f} s")
+        monitored = f"picked run: {monitored}; refit: " + " ".join(f"{h['monitor R@1']:.3f}" for h in refit["history"])
+    if fused:
+        picked += f"; fused holdout R@1 {fused['R@1']:.3f}" + (
+            " (weights " + ", ".join(f"{w}: {v['R@1']:.3f}" for w, v in fused["weights"].items()) + ")"
+            if "weights" in fused else "")
+    weight = fused["weight"] if fused else (vlad or {}).get("weight")
+    assert dim <= DEFAULT_FLOATS, f"{name}: {dim} floats per place, over the default's {DEFAULT_FLOATS}"
+    return {"method": f"{name}" + (f" (+ map VLAD K={vlad['k']}, weight {weight})" if vlad else ""),
+            "loss": r.get("loss", BASE["loss"])["name"], "dim": dim, "nordland_R@1": f"{nord:.3f}",
+            "picked_on_holdout": picked, "monitored_R@1": monitored, "corridor_R@1": cor,
+            "train_s": f"{s['train_seconds']:.0f}"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--heads", nargs="+", choices=sorted(HEADS),
-                    default=["layout-xd-wide", "layout-xd", "layout", "fused-layout", "mixvpr-triplet", "mixvpr", "netvlad-triplet", "gem", "fused",
-                             "netvlad", "layout-ms"])
+                    default=["layout-xd-wide", "layout-xd", "layout", "fused-layout", "mixvpr-triplet", "mixvpr",
+                             "netvlad-triplet", "gem", "fused", "netvlad", "layout-ms"])
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--seeds", type=int, default=4, help="vocabulary seeds of the untrained default")
@@ -323,65 +382,13 @@ def main() -> None:
     args = ap.parse_args()
     setup()
     WORK.mkdir(parents=True, exist_ok=True)
-    rows = []
     t0 = time.perf_counter()
     base = None if args.no_baseline else default_untrained(args.seeds)
     cache_s = round(time.perf_counter() - t0, 1)
-    if base is not None:
-        cor_default = corridor(resolve(DEFAULT_PRESET))
-        nord_default = nordland(resolve(DEFAULT_PRESET))
-        rows.append({"method": f"{DEFAULT_PRESET} (untrained)", "loss": "-", "dim": base["dim"],
-                     "nordland_R@1": f"{nord_default:.3f}", "picked_on_holdout": "-",
-                     "monitored_R@1": f"{base['R@1']:.3f} (seeds 0-{args.seeds - 1}: {base['range'][0]:.3f}-{base['range'][1]:.3f})",
-                     "corridor_R@1": f"{cor_default:.3f} at 320x240", "train_s": "-"})
+    rows = [] if base is None else [baseline_row(base, args.seeds)]
     curves: dict[str, list[dict]] = {}
     for name in args.heads:
-        r = recipe_for(name, args.epochs, args.seed)
-        out = Path(r["out"])
-        if args.fresh and out.exists():
-            import shutil
-
-            shutil.rmtree(out)
-        s = run_recipe(r, progress=True, log=lambda m: print(m, file=sys.stderr))  # [post] fitted by the recipe
-        ckpt = checkpoint_config(s["checkpoint"])
-        cor = corridor_for(r, ckpt)
-        nord = nordland(ckpt, tuple(r["backbone"]["image_size"]))
-        vlad = r["head"].get("vlad")
-        dim = s["head_dim"] + (int(vlad["k"]) * backbone_dim() if vlad else 0)
-        best, hist = s["best"], s["history"]
-        curves[name] = hist
-        fused = s.get("fused_validation")  # the fused descriptor on the holdout (the weight picked there, for a list)
-        picked = f"epoch {best['epoch']}/{len(hist)} (holdout R@1 {best['R@1']:.3f})"
-        refit = s.get("refit")
-        monitored = " ".join(f"{h['monitor R@1']:.3f}" for h in hist)
-        if s.get("members"):  # [head] members: each member picked on the holdout, then the ensemble measured there
-            ms = s["members"]
-            picked = ("members: " + ", ".join(f"epoch {m['best']['epoch']}/{len(m['history'])} (holdout R@1 "
-                                              f"{m['best']['R@1']:.3f})" for m in ms)
-                      + f"; ensemble holdout R@1 {best['R@1']:.3f}")
-            monitored = "; ".join(f"member {i}: " + " ".join(f"{h['monitor R@1']:.3f}" for h in m["history"])
-                                  for i, m in enumerate(ms)) + f"; ensemble {best['monitor R@1']:.3f}"
-            for i, m in enumerate(ms):
-                curves[f"{name} member {i}"] = m["history"]
-            curves.pop(name)
-            if s.get("trained_checkpoint"):  # [post]: the ensemble before its PCA, through the pipeline too
-                whole = nordland(checkpoint_config(s["trained_checkpoint"]), tuple(r["backbone"]["image_size"]))
-                picked += f"; before [post] {whole:.3f} on the unseen half ({sum(int(m['head_dim']) for m in ms)} floats)"
-        if refit:  # the evaluated checkpoint is the refit's: the picked epoch count on frames 0-1787
-            picked += (f"; refitted on frames 0-1787 ({refit['train_places']} places) for {refit['epochs']} epochs, "
-                       f"{refit['train_seconds']:.0f} s")
-            monitored = f"picked run: {monitored}; refit: " + " ".join(f"{h['monitor R@1']:.3f}" for h in refit["history"])
-        if fused:
-            picked += f"; fused holdout R@1 {fused['R@1']:.3f}" + (
-                " (weights " + ", ".join(f"{w}: {v['R@1']:.3f}" for w, v in fused["weights"].items()) + ")"
-                if "weights" in fused else "")
-        weight = fused["weight"] if fused else (vlad or {}).get("weight")
-        rows.append({"method": f"{name}" + (f" (+ map VLAD K={vlad['k']}, weight {weight})" if vlad else ""),
-                     "loss": r.get("loss", BASE["loss"])["name"], "dim": dim, "nordland_R@1": f"{nord:.3f}",
-                     "picked_on_holdout": picked,
-                     "monitored_R@1": monitored,
-                     "corridor_R@1": cor, "train_s": f"{s['train_seconds']:.0f}"})
-        assert dim <= DEFAULT_FLOATS, f"{name}: {dim} floats per place, over the default's {DEFAULT_FLOATS}"
+        rows.append(head_row(name, args, curves))
         # Each finished head is kept at once, so an interrupted benchmark still leaves what it measured.
         write_json({"rows": rows, "partial": True}, RESULTS / "bench_training.partial.json")
     png = plot_monitored(curves, None if base is None else base["R@1"], RESULTS / "bench_training_curves.png")
