@@ -11,15 +11,7 @@ import pytest
 from PIL import Image
 
 from vprkit import pipeline
-from vprkit.config import VocabularyConfig
 from vprkit.images import DecodedImages, FolderImages, ImageSpec, as_pil, iter_batches
-from vprkit.presets import get_preset
-
-
-@pytest.fixture(scope="module")
-def small_config():
-    return get_preset("effnet-vlad").replace(image=ImageSpec((64, 64), "fixed"), vocabulary=VocabularyConfig(k=8),
-                                             batch_size=4)
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,7 @@ from helpers import run_cli
 from vprkit import pipeline
 from vprkit.cli import main
 from vprkit.errors import ConfigError, ImageReadError
-from vprkit.images import FolderImages
 from vprkit.pipeline.sequences import localize_stream
-from vprkit.presets import resolve
 from vprkit.streams import CameraFrames, FolderFrames, VideoFrames
 
 MAP_FRAMES = 16  # Corridor reference frames in the test map
@@ -39,14 +37,10 @@ def _write_video(path: Path, frames: list[Path]) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def corridor_map(tmp_path_factory, shared_datasets) -> Path:
-    """A small map of Corridor's first reference frames (GeM: no vocabulary, fast)."""
-    out = tmp_path_factory.mktemp("stream") / "map"
-    keys = [p.name for p in _corridor_frames(shared_datasets, 0, MAP_FRAMES)]
-    config = resolve("effnet-gem", image_size=MAP_IMAGE_SIZE)
-    pipeline.build_map(FolderImages(shared_datasets / "corridor" / "ref", keys), out, config, progress=False)
-    return out
+@pytest.fixture
+def stream_map(corridor_map) -> Path:
+    """A small map of Corridor's first reference frames (GeM: no vocabulary, fast), from conftest's corridor_map."""
+    return corridor_map("effnet-gem", image_size=MAP_IMAGE_SIZE, count=MAP_FRAMES)
 
 
 def test_video_file_gives_rgb_frames_in_order(tmp_path, shared_datasets):
@@ -75,19 +69,19 @@ def test_unopenable_video_and_bad_arguments_are_clear_errors(tmp_path):
         VideoFrames(bad, every=0)
 
 
-def test_unopenable_video_on_the_command_line_is_one_error_line(tmp_path, corridor_map, capsys, monkeypatch):
+def test_unopenable_video_on_the_command_line_is_one_error_line(tmp_path, stream_map, capsys, monkeypatch):
     bad = tmp_path / "broken.avi"
     bad.write_bytes(b"\x00" * 64)
-    monkeypatch.setattr("sys.argv", ["vprkit", "localize", str(corridor_map), "--video", str(bad)])
+    monkeypatch.setattr("sys.argv", ["vprkit", "localize", str(stream_map), "--video", str(bad)])
     with pytest.raises(SystemExit) as exc:
         main()
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("error:") and "broken.avi" in err[0]
 
 
-def test_localize_video_prints_json_lines_and_writes_jsonl(tmp_path, shared_datasets, corridor_map):
+def test_localize_video_prints_json_lines_and_writes_jsonl(tmp_path, shared_datasets, stream_map):
     video = _write_video(tmp_path / "drive.avi", _corridor_frames(shared_datasets, 4, 4))
-    r = run_cli(["localize", corridor_map, "--video", video, "--top-k", "3", "--json", "--jsonl", tmp_path / "out.jsonl"])
+    r = run_cli(["localize", stream_map, "--video", video, "--top-k", "3", "--json", "--jsonl", tmp_path / "out.jsonl"])
     assert r.exit_code == 0, r.output
     lines = [json.loads(x) for x in r.output.strip().splitlines()]
     assert [x["query"] for x in lines] == [f"drive#{i:06d}" for i in range(4)]
@@ -96,12 +90,12 @@ def test_localize_video_prints_json_lines_and_writes_jsonl(tmp_path, shared_data
     assert [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()] == lines
 
 
-def test_localize_frames_folder_with_a_sequence(tmp_path, shared_datasets, corridor_map):
+def test_localize_frames_folder_with_a_sequence(tmp_path, shared_datasets, stream_map):
     folder = tmp_path / "frames"
     folder.mkdir()
     for i, src in enumerate(_corridor_frames(shared_datasets, 2, 6)):
         (folder / f"{i:04d}.jpg").write_bytes(src.read_bytes())
-    r = run_cli(["localize", corridor_map, "--frames", folder, "--sequence-length", "3", "--top-k", "2", "--json"])
+    r = run_cli(["localize", stream_map, "--frames", folder, "--sequence-length", "3", "--top-k", "2", "--json"])
     assert r.exit_code == 0, r.output
     lines = [json.loads(x) for x in r.output.strip().splitlines()]
     assert [x["query"] for x in lines] == [f"{i:04d}.jpg" for i in range(6)]
@@ -110,16 +104,16 @@ def test_localize_frames_folder_with_a_sequence(tmp_path, shared_datasets, corri
     assert [x["sequence_frames"] for x in lines] == [1, 2, 3, 3, 3, 3]
     assert lines[-1]["matches"][0]["score_kind"] == "sequence_mean_cosine"
     assert -1 <= lines[-1]["matches"][0]["cosine"] <= 1
-    r = run_cli(["localize", corridor_map, "--frames", folder, "--video", folder / "x.avi"])
+    r = run_cli(["localize", stream_map, "--frames", folder, "--video", folder / "x.avi"])
     assert r.exit_code != 0 and "exactly one" in r.output
 
 
-def test_python_stream_api_takes_decoded_frames_and_reports_bad_ones(shared_datasets, corridor_map):
+def test_python_stream_api_takes_decoded_frames_and_reports_bad_ones(shared_datasets, stream_map):
     from PIL import Image
 
     frames = [np.asarray(Image.open(p).convert("RGB")) for p in _corridor_frames(shared_datasets, 6, 3)]
     stream = [("a", frames[0]), ("broken", np.zeros((2, 2, 7), np.uint8)), ("b", frames[1]), ("c", frames[2])]
-    m = pipeline.open_map(corridor_map, read_only=True)
+    m = pipeline.open_map(stream_map, read_only=True)
     results = list(localize_stream(m, stream, top_k=1, sequence_length=2, batch_frames=2))
     assert [r.query for r in results] == ["a", "broken", "b", "c"]
     assert results[1].error and not results[1].matches
