@@ -28,7 +28,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from common import DATA, RESULTS, report, setup
 from vprkit import pipeline
 from vprkit.aggregation import VLAD, fit_vocabulary

@@ -23,6 +23,7 @@ import torch
 from ..aggregation.vlad import assign, hard_vlad, residual_sums, vlad_normalise
 from ..errors import ConfigError
 from ..numerics import NORM_FLOOR, PCA as _PCA, l2_normalise
+from ..options import did_you_mean
 
 POOLINGS = ("vlad", "sap")
 SELECTIONS = ("distinct", "area")
@@ -112,6 +113,19 @@ class PCA(_PCA):
         return super().from_state(state, prefix)
 
 
+def _distinct_key(descriptors: np.ndarray, areas: np.ndarray) -> np.ndarray:
+    d = np.asarray(descriptors, np.float32)
+    return d @ l2_normalise(d.mean(0))
+
+
+def _area_key(descriptors: np.ndarray, areas: np.ndarray) -> np.ndarray:
+    return -np.asarray(areas, np.float64)
+
+
+# Selection rule → sort key (ascending: the first ``cap`` are kept).
+SELECTION_KEYS = {"distinct": _distinct_key, "area": _area_key}
+
+
 def select_distinctive(descriptors: np.ndarray, areas: np.ndarray, cap: int, rule: str = "distinct") -> np.ndarray:
     """Indices (ascending) of at most ``cap`` SuperSegments to keep.
 
@@ -119,14 +133,11 @@ def select_distinctive(descriptors: np.ndarray, areas: np.ndarray, cap: int, rul
     the image unlike its own average: the regions carrying place-specific content); ``area``: largest
     patch count. ``cap ≤ 0`` keeps everything.
     """
+    if rule not in SELECTION_KEYS:
+        raise ConfigError(f"segment selection must be one of {', '.join(SELECTIONS)}, got {rule!r}"
+                          f"{did_you_mean(rule, SELECTIONS)}")
     n = len(descriptors)
     if cap <= 0 or n <= cap:
         return np.arange(n)
-    if rule == "area":
-        key = -np.asarray(areas, np.float64)
-    elif rule == "distinct":
-        d = np.asarray(descriptors, np.float32)
-        key = d @ l2_normalise(d.mean(0))
-    else:
-        raise ConfigError(f"segment selection must be one of {SELECTIONS}, got {rule!r}")
+    key = SELECTION_KEYS[rule](descriptors, areas)
     return np.sort(np.argsort(key, kind="stable")[:cap])
