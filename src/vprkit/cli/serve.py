@@ -52,7 +52,8 @@ def serve(map_dir: Path, host: str, port: int, api_key_env: str | None, api_key_
 
     The model and the map are loaded once; added places are on disk before the answer.
     """
-    from .. import service
+    # FastAPI and uvicorn are the optional [service] extra, and 0.4 s that `vprkit --help` need not load.
+    from ..service import serve as serve_map
 
     key = _api_key(api_key_env, api_key_file)
     if key is None and host not in LOOPBACK_HOSTS:
@@ -61,8 +62,8 @@ def serve(map_dir: Path, host: str, port: int, api_key_env: str | None, api_key_
     def ready(url: str) -> None:
         click.echo(f"serving {map_dir} at {url}  (API docs: {url}/docs; writes {'need X-API-Key' if key else 'open'})")
 
-    service.serve(map_dir, host=host, port=port, api_key=key, max_upload_bytes=int(max_upload_mb * BYTES_PER_MB),
-                  device=device, access_log=not no_access_log, on_ready=ready)
+    serve_map(map_dir, host=host, port=port, api_key=key, max_upload_bytes=int(max_upload_mb * BYTES_PER_MB),
+              device=device, access_log=not no_access_log, on_ready=ready)
 
 
 def register(group: click.Group) -> None:
