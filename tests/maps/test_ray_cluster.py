@@ -131,7 +131,8 @@ def ray_head(monkeypatch):
     temp = Path(tempfile.mkdtemp(prefix="vr", dir="/tmp"))  # short: Ray's socket paths must stay under 108 bytes
     log_path = temp / "ray-start.log"
     cmd = [str(RAY_BIN), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", f"--num-cpus={HEAD_CPUS}",
-           "--include-dashboard=false", "--dashboard-host=127.0.0.1", "--disable-usage-stats", f"--temp-dir={temp}", "--block",
+           "--include-dashboard=false", "--dashboard-host=127.0.0.1", "--disable-usage-stats", f"--temp-dir={temp}",
+           "--block",
            *(f"--{name}={p}" for name, p in zip(EXTRA_PORTS, extra))]
     with open(log_path, "wb") as log:
         head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=dict(os.environ))

@@ -51,7 +51,8 @@ def compare(ctx: click.Context, datasets: tuple[str, ...], presets: tuple[str, .
                                  "memory_budget_mb": memory_budget}.items() if v}
     result = pipeline.compare(list(datasets), list(presets), list(reranks) or [None], out=out, baseline=baseline,
                               n=n, no_positive=no_positive, resolve_options=options, save_predictions=save_predictions,
-                              progress=not quiet, log=click.echo if not quiet else (lambda _: None), data_root=data_root)
+                              progress=not quiet, log=click.echo if not quiet else (lambda _: None),
+                              data_root=data_root)
     click.echo(result["markdown"])
     if result["files"]:
         click.echo("wrote " + ", ".join(result["files"]) + " (the queries each method fixes and breaks: changes.csv)")

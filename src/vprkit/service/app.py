@@ -281,8 +281,9 @@ def _add_localize_route(app: FastAPI, live: LiveMap, max_upload_bytes: int) -> N
               summary="Localise one image: the top-K places and the position estimate")
     async def localize(request: Request,
                        top_k: int = Query(DEFAULT_TOP_K, ge=1, le=MAX_TOP_K, description="places to return"),
-                       rerank: str | None = Query(None, description=f"re-ranking preset: {known}, or none; default: "
-                                                                    f"the re-ranking the map was built for")) -> JSONResponse:
+                       rerank: str | None = Query(None, description=f"re-ranking preset: {known}, or none; "
+                                                                    f"default: the re-ranking the map was built for")
+                       ) -> JSONResponse:
         if rerank is not None and rerank != "none" and rerank not in rerank_names:
             raise HTTPException(422, f"unknown re-ranking preset {rerank!r}; known: {known}")
         data, name, _ = await read_upload(request, max_upload_bytes)
