@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from vprkit import pipeline
 from vprkit.cli import cli
-from vprkit.config import RerankConfig, VocabularyConfig
+from vprkit.config import RerankConfig
 from vprkit.images import ImageSpec
 from vprkit.presets import resolve
 from vprkit.images import iter_batches
@@ -36,9 +36,9 @@ def corridor_refs(shared_datasets, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def small_config():
-    return resolve("effnet-vlad").replace(image=ImageSpec((128, 160), "fixed"), vocabulary=VocabularyConfig(k=8),
-                                             batch_size=4)
+def rerank_config(small_config):
+    """The session's small configuration at 160×128: patch sizes 2 and 3 need a feature grid of several cells."""
+    return small_config.replace(image=ImageSpec((128, 160), "fixed"))
 
 
 def _with(config, settings):
@@ -46,9 +46,9 @@ def _with(config, settings):
 
 
 @pytest.fixture(scope="module")
-def stored_map(corridor_refs, small_config, tmp_path_factory):
+def stored_map(corridor_refs, rerank_config, tmp_path_factory):
     out = tmp_path_factory.mktemp("rr") / "map"
-    pipeline.build_map(corridor_refs, out, _with(small_config, SETTINGS), progress=False, log=lambda _: None)
+    pipeline.build_map(corridor_refs, out, _with(rerank_config, SETTINGS), progress=False, log=lambda _: None)
     return out
 
 
@@ -64,10 +64,10 @@ def test_reranking_keeps_the_exact_match_first_and_orders_scores(stored_map, cor
     assert len(rr.timings) == 2
 
 
-def test_stored_and_on_the_fly_patches_give_the_same_ranking(stored_map, corridor_refs, small_config, tmp_path):
+def test_stored_and_on_the_fly_patches_give_the_same_ranking(stored_map, corridor_refs, rerank_config, tmp_path):
     plain = tmp_path / "plain"
-    same_vocabulary = dataclasses.replace(small_config.vocabulary, source=str(stored_map / "vocabulary.npz"))
-    pipeline.build_map(corridor_refs, plain, small_config.replace(vocabulary=same_vocabulary), progress=False, log=lambda _: None)
+    same_vocabulary = dataclasses.replace(rerank_config.vocabulary, source=str(stored_map / "vocabulary.npz"))
+    pipeline.build_map(corridor_refs, plain, rerank_config.replace(vocabulary=same_vocabulary), progress=False, log=lambda _: None)
     m_stored, m_plain = pipeline.open_map(stored_map), pipeline.open_map(plain)
     settings = SETTINGS
     a = pipeline.get_reranker(m_stored, settings, log=lambda _: None)
@@ -84,12 +84,12 @@ def test_stored_and_on_the_fly_patches_give_the_same_ranking(stored_map, corrido
     np.testing.assert_allclose(sa, sb, atol=1e-6)
 
 
-def test_storage_dtypes_and_bytes_per_image(corridor_refs, small_config, tmp_path):
+def test_storage_dtypes_and_bytes_per_image(corridor_refs, rerank_config, tmp_path):
     base = SETTINGS.replace(scales=((3, 1),), weights=(1.0,), scorer="rapid", pca_dim=32)
     sizes, decoded = {}, {}
     for dtype in ("float32", "float16", "int8"):
         out = tmp_path / dtype
-        pipeline.build_map(corridor_refs, out, _with(small_config, base.replace(dtype=dtype)), progress=False, log=lambda _: None)
+        pipeline.build_map(corridor_refs, out, _with(rerank_config, base.replace(dtype=dtype)), progress=False, log=lambda _: None)
         m = pipeline.open_map(out)
         sizes[dtype] = m.store.extra_bytes()["patches"]
         with m.store.open_extras() as r:

@@ -4,6 +4,7 @@ and the end-to-end behaviour on real data (Nordland frames against a Corridor ma
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -155,24 +156,20 @@ NORDLAND_FRAMES = 6
 
 
 @pytest.fixture(scope="module")
-def corridor_map(shared_datasets, tmp_path_factory) -> Path:
-    from vprkit.images import FolderImages
-
-    ref = shared_datasets / "corridor" / "ref"
-    out = tmp_path_factory.mktemp("estimate") / "map"
-    keys = sorted(p.name for p in ref.iterdir())[:REFS]
-    pipeline.build_map(FolderImages(ref, keys), out, progress=False, log=lambda _: None)
-    return out
+def estimate_map(corridor_map, tmp_path_factory) -> Path:
+    """The session's map of the first REFS Corridor references (default preset), copied: a writable open below
+    saves a calibration into it."""
+    return Path(shutil.copytree(corridor_map(count=REFS), tmp_path_factory.mktemp("estimate") / "map"))
 
 
-def test_real_nordland_frames_are_unknown_in_a_corridor_map(corridor_map, shared_datasets):
-    m = pipeline.open_map(corridor_map, read_only=True)
-    assert not (corridor_map / CALIBRATION_FILE).exists()  # a reader writes nothing
+def test_real_nordland_frames_are_unknown_in_a_corridor_map(estimate_map, shared_datasets):
+    m = pipeline.open_map(estimate_map, read_only=True)
+    assert not (estimate_map / CALIBRATION_FILE).exists()  # a reader writes nothing
     q = shared_datasets / "corridor" / "query"
     corridor = [q / f"{i:07d}.jpg" for i in CORRIDOR_QUERIES]
     winter = sorted((shared_datasets / "nordland-64x32" / "winter").iterdir())[::400][:NORDLAND_FRAMES]
     results = pipeline.localize(m, corridor + winter, top_k=5)
-    assert not (corridor_map / CALIBRATION_FILE).exists()
+    assert not (estimate_map / CALIBRATION_FILE).exists()
     inside, outside = results[: len(corridor)], results[len(corridor):]
     assert all(r.estimate.unknown for r in outside), [r.estimate.confidence for r in outside]
     assert np.mean([not r.estimate.unknown for r in inside]) >= 0.75, [r.estimate.confidence for r in inside]
@@ -181,8 +178,8 @@ def test_real_nordland_frames_are_unknown_in_a_corridor_map(corridor_map, shared
     assert d["matches"][0]["score_kind"] == "cosine" and d["matches"][0]["cosine"] == pytest.approx(d["matches"][0]["score"])
     assert set(d["estimate"]) >= {"position", "heading_deg", "spread_rows", "confidence", "unknown", "evidence"}
     json.dumps(d)  # JSON-ready
-    writable = pipeline.open_map(corridor_map)  # the first writable open persists the calibration
-    assert (corridor_map / CALIBRATION_FILE).exists() and writable.calibration.rows == REFS
+    writable = pipeline.open_map(estimate_map)  # the first writable open persists the calibration
+    assert (estimate_map / CALIBRATION_FILE).exists() and writable.calibration.rows == REFS
 
 
 class _ReversingReranker(Reranker):
@@ -195,9 +192,9 @@ class _ReversingReranker(Reranker):
         return rows, np.tile(np.linspace(1.5, -1.5, rows.shape[1]), (len(rows), 1))
 
 
-def test_confidence_is_the_same_after_re_ranking_and_scores_say_what_they_are(corridor_map, shared_datasets,
+def test_confidence_is_the_same_after_re_ranking_and_scores_say_what_they_are(estimate_map, shared_datasets,
                                                                               monkeypatch):
-    m = pipeline.open_map(corridor_map, read_only=True)
+    m = pipeline.open_map(estimate_map, read_only=True)
     queries = [shared_datasets / "corridor" / "query" / f"{i:07d}.jpg" for i in (5, 15)]
     plain = pipeline.localize(m, queries, top_k=5)
     monkeypatch.setattr(pipeline.localization, "get_reranker", lambda *a, **kw: _ReversingReranker())
