@@ -4,15 +4,13 @@ a tenth of ``performance-reference`` (the paper's 4096-d float16); the presets t
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
 from vprkit import pipeline
-from vprkit.config import VocabularyConfig
 from vprkit.images import ImageSpec
 from vprkit.presets import DEFAULT_PRESET, get_rerank_config, resolve
 from vprkit.rerank.patches import PatchScale
+from helpers import copy_first_images
 
 ITEMSIZE = {"float16": 2, "float32": 4, "int8": 1}
 GRID_BYTES = 2 * 4  # the stored feature grid (two int32)
@@ -55,16 +53,12 @@ def test_every_fused_preset_guards_the_global_top1():
         assert settings.global_gap is None and settings.same_place is None  # the original's behaviour, for fidelity
 
 
-def test_a_real_map_stores_what_the_performance_settings_say(shared_datasets, tmp_path):
-    refs = tmp_path / "refs"
-    refs.mkdir()
-    for p in sorted((shared_datasets / "corridor" / "ref").iterdir())[:8]:
-        shutil.copy(p, refs / p.name)
+def test_a_real_map_stores_what_the_performance_settings_say(shared_datasets, small_config, tmp_path):
+    refs = copy_first_images(shared_datasets / "corridor" / "ref", tmp_path / "refs", 8)
     settings = get_rerank_config("performance")
     # 192×256: enough patches in 8 images (12×16 cells) to fit all of the 512 PCA dimensions
-    config = resolve("effnet-vlad").replace(image=ImageSpec((192, 256), "fixed"), vocabulary=VocabularyConfig(k=8),
-                                               batch_size=4)
-    config = config.replace(extensions={"patches": settings.extension_options()})
+    config = small_config.replace(image=ImageSpec((192, 256), "fixed"),
+                                  extensions={"patches": settings.extension_options()})
     pipeline.build_map(refs, tmp_path / "map", config, progress=False, log=lambda _: None)
     m = pipeline.open_map(tmp_path / "map")
     ext = m.extensions["patches"]

@@ -14,9 +14,8 @@ from click.testing import CliRunner
 
 from vprkit import pipeline
 from vprkit.cli import cli
-from vprkit.config import RerankConfig, VocabularyConfig
+from vprkit.config import RerankConfig
 from vprkit.images import ImageSpec
-from vprkit.presets import resolve
 from vprkit.rerank import PatchesExtension
 from vprkit.rerank.reranker import ComputedPatches
 from vprkit.rerank.saved import STATE_FILE
@@ -33,10 +32,9 @@ def refs(shared_datasets, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def built_map(refs, tmp_path_factory) -> Path:
+def built_map(refs, small_config, tmp_path_factory) -> Path:
     """A map built without re-ranking (no patches stored), built once."""
-    config = resolve("effnet-vlad").replace(image=ImageSpec((96, 128), "fixed"), vocabulary=VocabularyConfig(k=8),
-                                               batch_size=4)
+    config = small_config.replace(image=ImageSpec((96, 128), "fixed"))
     out = tmp_path_factory.mktemp("saved_map") / "plain"
     pipeline.build_map(refs, out, config, progress=False, log=lambda _: None)
     return out
