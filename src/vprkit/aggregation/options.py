@@ -56,7 +56,7 @@ class VocabularyOptions:
 
     @classmethod
     def from_config(cls, config: Config, backbone: Backbone) -> "VocabularyOptions":
-        """The vocabulary pass of ``config`` on ``backbone`` (whose feature size the memory budget is checked against)."""
+        """The vocabulary pass of ``config`` on ``backbone`` (the memory budget is checked against its feature size)."""
         vc = config.vocabulary
         aggregator = dict(config.aggregator_options)
         return cls(vc, ExtractionOptions.from_config(config), memory_plan(config, backbone).vocabulary_pool_bytes,

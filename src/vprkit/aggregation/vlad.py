@@ -264,7 +264,8 @@ def fit_vocabulary(
     return Vocabulary(first, meta, alternates)
 
 
-def assignment_margin(descriptors: np.ndarray | torch.Tensor, centres: np.ndarray | torch.Tensor, chunk: int = 65536) -> float:
+def assignment_margin(descriptors: np.ndarray | torch.Tensor, centres: np.ndarray | torch.Tensor,
+                      chunk: int = 65536) -> float:
     """Mean gap between the best and second-best centre cosine of L2-normalised ``descriptors``.
 
     Recorded in every vocabulary's metadata: NetVLAD's α is set from it

@@ -19,8 +19,8 @@ Layouts (highest priority first):
 Standard benchmark formats (Pittsburgh/Tokyo ``.mat``, MSLS, Baidu Mall, AnyLoc's sets, VP-Air,
 AmsterTime, RobotCar-style CSVs, VPR-datasets-downloader splits) live in :mod:`.formats`, one module
 per format, and register themselves in :data:`~.base.DATASET_ADAPTERS` like the layouts here;
-:func:`describe_adapters` lists every layout with what it expects on disk and its default ground truth. Radius-based layouts take ``positive_dist_threshold``
-(metres; ``radius`` is the older name). Every loaded :class:`Dataset` records its ground-truth rule
+:func:`describe_adapters` lists every layout with what it expects on disk and its default ground truth.
+Radius-based layouts take ``positive_dist_threshold`` (metres; ``radius`` is the older name). Every loaded :class:`Dataset` records its ground-truth rule
 machine-readably in ``ground_truth_rule`` (``{"kind": "radius", "meters": 25.0}``, ``{"kind":
 "frames", "tolerance": 1, "match": "name"}``, ``{"kind": "list", "file": …}``, ``{"kind": "none"}`` …).
 
