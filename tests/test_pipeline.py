@@ -6,18 +6,10 @@ import shutil
 import pytest
 
 from vprkit import pipeline
-from vprkit.config import VocabularyConfig
 from vprkit.errors import ImageReadError, MapError
-from vprkit.images import ImageSpec
 from vprkit.maps import VOCAB_FILE
-from vprkit.presets import resolve
 
 from helpers import make_images
-
-
-@pytest.fixture(scope="module")
-def small_config():
-    return resolve("effnet-vlad").replace(image=ImageSpec((64, 64), "fixed"), vocabulary=VocabularyConfig(k=8), batch_size=4)
 
 
 def test_build_and_localise_finds_the_same_image(tmp_path, image_folder, small_config):

@@ -39,17 +39,14 @@ MIN_RECALL10_VS_EXACT = 0.75
 
 
 @pytest.fixture(scope="module")
-def corridor_map(tmp_path_factory, shared_datasets) -> tuple[Path, np.ndarray]:
-    """(map dir, query descriptors) of a small real Corridor map built once for this module."""
-    root = tmp_path_factory.mktemp("corridor")
-    refs = sorted(p.name for p in (shared_datasets / "corridor" / "ref").glob("*.jpg"))[::2]
+def small_map(corridor_map, shared_datasets) -> tuple[Path, np.ndarray]:
+    """(map dir, query descriptors) of the session's small real Corridor map (every 2nd reference, SMALL_SIZE)."""
+    map_dir = corridor_map(PRESET, image_size=SMALL_SIZE, every=2)
     queries = sorted(p.name for p in (shared_datasets / "corridor" / "query").glob("*.jpg"))[::4]
-    config = resolve(PRESET, image_size=SMALL_SIZE)
-    pipeline.build_map(shared_datasets / "corridor" / "ref", root / "map", config, keys=refs, progress=False)
-    m = pipeline.open_map(root / "map", read_only=True)
+    m = pipeline.open_map(map_dir, read_only=True)
     q = np.concatenate([b.global_descriptors for b in
                         pipeline.query_batches(m, shared_datasets / "corridor" / "query", keys=queries)])
-    return root / "map", q
+    return map_dir, q
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -63,8 +60,8 @@ def _exact(db: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarra
     return rows, np.take_along_axis(sims, rows, 1)
 
 
-def test_compressed_recall_against_exact_search_on_a_real_map(corridor_map, tmp_path):
-    src, q = corridor_map
+def test_compressed_recall_against_exact_search_on_a_real_map(small_map, tmp_path):
+    src, q = small_map
     d = _copy(src, tmp_path / "map")
     db = open_map_data(d).store.read_global()
     exact_rows, exact_scores = _exact(db, q, TOP)
@@ -145,8 +142,8 @@ def test_shards_are_written_only_when_they_change(tmp_path):
     assert not (tmp_path / INDEX_FILE).exists()
 
 
-def test_compress_command_swaps_the_index_and_a_failed_training_keeps_the_old_one(corridor_map, tmp_path):
-    d = _copy(corridor_map[0], tmp_path / "map")
+def test_compress_command_swaps_the_index_and_a_failed_training_keeps_the_old_one(small_map, tmp_path):
+    d = _copy(small_map[0], tmp_path / "map")
     before = (d / INDEX_FILE).read_bytes()
     with pytest.raises(ConfigError, match="PCA to 4096 dims"):  # more dims than the map has places
         compress_map(d, "PCA4096,PQ16")
@@ -168,8 +165,8 @@ def test_compress_command_swaps_the_index_and_a_failed_training_keeps_the_old_on
     assert serving["places"] == 56 and serving["ram_bytes"]["index"] == (d / INDEX_FILE).stat().st_size
 
 
-def test_a_later_build_keeps_the_compressed_index_and_adds_the_new_images(corridor_map, shared_datasets, tmp_path):
-    d = _copy(corridor_map[0], tmp_path / "map")
+def test_a_later_build_keeps_the_compressed_index_and_adds_the_new_images(small_map, shared_datasets, tmp_path):
+    d = _copy(small_map[0], tmp_path / "map")
     compress_map(d, FACTORY, rescore=10, nprobe=4)
     trained = (d / TRAINED_FILE).read_bytes()
     sample = read_index_manifest(d).trained_on["sample_sha256"]
@@ -235,8 +232,8 @@ def test_ef_search_reaches_faiss_under_its_own_name(tmp_path):
     assert loaded.options["ef_search"] == 40 and faiss.downcast_index(loaded.index).hnsw.efSearch == 40
 
 
-def test_compress_without_a_flag_takes_the_documented_default_and_says_so(corridor_map, tmp_path):
-    d = _copy(corridor_map[0], tmp_path / "map")
+def test_compress_without_a_flag_takes_the_documented_default_and_says_so(small_map, tmp_path):
+    d = _copy(small_map[0], tmp_path / "map")
     r = run_cli(["map", "compress", d, "--index", "PCA32,SQ8", "--rescore", 100, "--nprobe", 4])
     assert r.exit_code == 0, r.output
     assert "index options: " in r.output and " rescore=100 " in r.output and " nprobe=4 " in r.output
@@ -260,8 +257,6 @@ def test_compress_without_a_flag_takes_the_documented_default_and_says_so(corrid
     np.testing.assert_array_equal(scores, codes_scores)
 
 
-@pytest.mark.skipif("efSearch" in {o.name for o in SCHEMAS[("index", "faiss")].options},
-                    reason="the option table (vprkit/options.py) still spells ef_search as efSearch: reported edit")
 def test_config_validation_map_build_and_compress_share_the_one_spelling(tmp_path):
     assert resolve(PRESET, index_options={"ef_search": 32, "nprobe": 8}).index_options["ef_search"] == 32
     with pytest.raises(ConfigError, match="unknown option 'efSearch' \\(did you mean 'ef_search'\\?\\)"):
