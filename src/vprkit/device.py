@@ -3,27 +3,23 @@
 ``resolve_device("auto")`` picks CUDA when available, then Apple MPS, then the CPU; explicit names
 (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``) are checked, so a configuration asking for a GPU
 that is not there fails with a :class:`~vprkit.errors.ConfigError` rather than deep inside torch.
-
-torch is imported inside the functions: importing this module (e.g. to validate a config) is free.
+Validating a device name without torch (a configuration) is :func:`vprkit.config.check_device`.
 """
 
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
 
 from .errors import ConfigError
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
 
 DEVICE_NAMES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 _PATTERN = re.compile(r"(auto|cpu|mps|cuda)(?::(\d+))?")
 
 
 def _mps_available() -> bool:
-    import torch
-
     mps = getattr(torch.backends, "mps", None)
     try:
         return bool(mps is not None and mps.is_available())
@@ -37,8 +33,6 @@ def resolve_device(name: "str | torch.device | None" = "auto") -> "torch.device"
     Raises :class:`ConfigError` for a malformed name (``"gpu"``, ``"cuda:x"``) or a device this
     machine does not have (``"cuda"`` without CUDA, ``"cuda:3"`` with two GPUs, ``"mps"`` off macOS).
     """
-    import torch
-
     if isinstance(name, torch.device):
         name = str(name)
     text = "auto" if name is None else str(name).strip().lower()
@@ -77,8 +71,6 @@ def autocast_dtype(device: "str | torch.device") -> "torch.dtype | None":
     CUDA: bfloat16 where supported (no overflow), else float16; MPS: float16; CPU and others:
     ``None`` (CPU autocast is slower than float32 without AMX / AVX512-BF16, and changes results).
     """
-    import torch
-
     kind = torch.device(device).type
     if kind == "cuda":
         try:
@@ -92,8 +84,6 @@ def autocast_dtype(device: "str | torch.device") -> "torch.dtype | None":
 
 def module_device(module: "torch.nn.Module") -> "torch.device":
     """Device of a module's first parameter or buffer (CPU for a module without tensors)."""
-    import torch
-
     for t in _tensors(module):
         return t.device
     return torch.device("cpu")
@@ -101,8 +91,6 @@ def module_device(module: "torch.nn.Module") -> "torch.device":
 
 def module_dtype(module: "torch.nn.Module") -> "torch.dtype":
     """Floating dtype of a module's first floating parameter or buffer (float32 without any)."""
-    import torch
-
     for t in _tensors(module):
         if t.is_floating_point():
             return t.dtype
