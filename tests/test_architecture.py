@@ -211,6 +211,8 @@ LAZY_VPRKIT = {
     ("pipeline/recipes.py", "vprkit.training.recipe"):
         "import vprkit.pipeline (and so every CLI command, --help included) does not load the training stage",
     ("pipeline/recipes.py", "vprkit.training.checkpoint"): "as above",
+    ("presets.py", "vprkit.checkpoints"):
+        "reading a checkpoint needs torch; resolving a preset imports no library (test_config, vprkit --help)",
     ("cli/serve.py", "vprkit.service"):
         "the service needs the [service] extra (FastAPI, uvicorn); every other command works without it",
 }

@@ -12,7 +12,7 @@ from helpers import run_cli
 from vprkit import pipeline
 from vprkit.datasets import load_dataset
 from vprkit.images import ImageSpec
-from vprkit.presets import DEFAULT_PRESET, get_preset
+from vprkit.presets import DEFAULT_PRESET, resolve
 
 CORRIDOR_R1_TARGET = 0.94
 NORDLAND_600_R1_FLOOR = 0.30
@@ -34,6 +34,6 @@ def test_default_preset_on_nordland_600_winter_vs_summer(shared_datasets, monkey
     monkeypatch.setenv("VPRKIT_DATA", str(shared_datasets))
     ds = load_dataset("nordland-64x32:600")
     assert len(ds.query_images) == 600 and ds.queries_dir.name == "winter"
-    config = get_preset(DEFAULT_PRESET).replace(image=ImageSpec(NORDLAND_SIZE, "fixed"))
+    config = resolve(DEFAULT_PRESET).replace(image=ImageSpec(NORDLAND_SIZE, "fixed"))
     summary = pipeline.evaluate(ds, config, progress=False, log=lambda _: None)
     assert summary["recall"]["R@1"] >= NORDLAND_600_R1_FLOOR, summary["recall"]

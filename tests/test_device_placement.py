@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from vprkit import pipeline
+from vprkit.aggregation.options import AggregationOptions
 from vprkit.aggregation.vlad import fit_vocabulary
 from vprkit.aggregation.vocabulary import make_aggregator
-from vprkit.presets import get_preset
+from vprkit.presets import resolve
 
 
 def _devices(module: torch.nn.Module) -> set[str]:
@@ -20,7 +21,7 @@ def _devices(module: torch.nn.Module) -> set[str]:
 
 
 def test_backbone_follows_the_device_setting(monkeypatch):
-    config = get_preset("effnet-vlad").replace(device="cpu")
+    config = resolve("effnet-vlad").replace(device="cpu")
     assert _devices(pipeline.load_backbone(config)) == {"cpu"}
     asked = []
 
@@ -34,11 +35,11 @@ def test_backbone_follows_the_device_setting(monkeypatch):
 
 
 def test_aggregator_is_moved_to_the_backbone_device():
-    config = get_preset("effnet-vlad")
+    config = resolve("effnet-vlad")
     backbone = pipeline.load_backbone(config.replace(device="cpu"))
     voc = fit_vocabulary(torch.randn(200, backbone.dim).numpy(), k=config.vocabulary.k,
                          metadata={"identity": {}}, centres=config.vocabulary.centres)
-    aggregator = make_aggregator(config, backbone, voc)
+    aggregator = make_aggregator(AggregationOptions.from_config(config), backbone, voc)
     assert isinstance(aggregator, torch.nn.Module) and _devices(aggregator) == {"cpu"}
     assert _devices(aggregator.to(torch.device("meta"))) == {"meta"}  # its centres move with it
 

@@ -427,13 +427,6 @@ def _replace(obj: Any, changes: Mapping[str, Any]) -> Any:
         raise ConfigError(f"invalid setting for {type(obj).__name__}: {exc}") from None
 
 
-def get_preset(name: str, **overrides: Any) -> Config:
-    """The preset ``name``, with top-level fields replaced by ``overrides`` (validated).
-
-    Kept for compatibility; :func:`resolve` does the same and more.
-    """
-    return resolve(name, **overrides)
-
 
 CHECKPOINT_FORMAT = "vprkit-checkpoint"  # written by vprkit.training.checkpoint.write_checkpoint
 

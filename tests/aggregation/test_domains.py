@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from vprkit import pipeline
-from vprkit.aggregation.domains import PCA, analyse_domains, suggest_groups
+from vprkit.aggregation.domains import PCA, suggest_groups
 from vprkit.aggregation.vlad import Vocabulary
 from vprkit.config import VocabularyConfig
 from vprkit.images import ImageSpec
@@ -49,7 +49,7 @@ def test_domain_vocabulary_build_analyse_and_pick(tmp_path, monkeypatch, config)
     stripes2 = _dataset(tmp_path / "stripes2", 6, "stripes", 1)
     blocks = _dataset(tmp_path / "blocks", 6, "blocks", 2)
     p1 = pipeline.build_domain_vocabulary("striped", [stripes1, stripes2], config, progress=False)
-    p2 = pipeline.build_domain_vocabulary("blocky", [blocks], config, progress=False)
+    pipeline.build_domain_vocabulary("blocky", [blocks], config, progress=False)
     voc = Vocabulary.load(p1)
     assert voc.k == 4 and voc.metadata["datasets"] == ["stripes1", "stripes2"]
     assert set(voc.metadata["dataset_gem_centroids"]) == {"stripes1", "stripes2"}

@@ -128,7 +128,7 @@ def test_report_files_and_table(tmp_path):
     assert not [p for p in tmp_path.rglob("*.tmp")]  # atomic writes leave no temporaries
     table = format_table([{"method": "vlad", "recall@1": 0.9412}, {"method": "gem", "recall@1": 0.67}], ["method", "recall@1"])
     lines = table.splitlines()
-    assert lines[0].startswith("method") and "0.941" in lines[2] and len({len(l) for l in lines[2:]}) == 1
+    assert lines[0].startswith("method") and "0.941" in lines[2] and len({len(line) for line in lines[2:]}) == 1
 
 
 def test_plot_pr_curve(tmp_path):

@@ -22,7 +22,7 @@ from vprkit.errors import DatasetError, MapError
 from vprkit.images import ImageSpec
 from vprkit.maps import MapStore, open_map_data, register_run
 from vprkit.maps.store import LIVE_DIR, STORE_FILE
-from vprkit.presets import get_preset
+from vprkit.presets import resolve
 
 DIM = 6
 MICRO_DEGREE = 1e-6
@@ -148,7 +148,7 @@ def test_a_crash_between_the_temporary_write_and_the_rename_leaves_the_store_as_
 
 def test_register_run_appends_a_record_and_images_follow_it(tmp_path):
     _store(tmp_path, 2)
-    (tmp_path / "map.json").write_text(json.dumps({"config": get_preset("effnet-gem").to_dict(),
+    (tmp_path / "map.json").write_text(json.dumps({"config": resolve("effnet-gem").to_dict(),
                                                    "runs": [{"run": 0, "images_root": "/data/a"}]}))
     live = tmp_path / "live-images"
     assert register_run(tmp_path, str(live), "live additions") == 1
@@ -184,7 +184,7 @@ def test_timestamps_are_epoch_seconds_from_numbers_or_iso_8601():
 
 @pytest.fixture(scope="module")
 def config():
-    return get_preset("effnet-gem").replace(image=ImageSpec((64, 64), "fixed"), batch_size=8)
+    return resolve("effnet-gem").replace(image=ImageSpec((64, 64), "fixed"), batch_size=8)
 
 
 def _quiet(**kw):

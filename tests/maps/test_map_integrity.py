@@ -18,14 +18,14 @@ from vprkit.errors import MapError, VocabularyMismatchError
 from vprkit.images import ImageSpec
 from vprkit.maps import MapStore
 from vprkit.maps.lock import map_write_lock
-from vprkit.presets import get_preset
+from vprkit.presets import resolve
 
 from helpers import make_images
 
 
 @pytest.fixture(scope="module")
 def config():
-    return get_preset("effnet-vlad").replace(image=ImageSpec((64, 64), "fixed"), vocabulary=VocabularyConfig(k=8),
+    return resolve("effnet-vlad").replace(image=ImageSpec((64, 64), "fixed"), vocabulary=VocabularyConfig(k=8),
                                              batch_size=4)
 
 

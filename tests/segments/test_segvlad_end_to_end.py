@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 
 import h5py
 import numpy as np
@@ -11,7 +10,6 @@ from click.testing import CliRunner
 
 from vprkit import pipeline
 from vprkit.presets import resolve
-from vprkit.retrieval import QueryBatch
 from vprkit.segments.retriever import INDEX_FILE, ROWS_FILE, SegmentIndex, SegVLADRetriever
 
 import os
@@ -22,11 +20,6 @@ DATASETS = Path(os.environ.get("VPRKIT_DATA", Path(__file__).resolve().parents[2
 CORRIDOR = DATASETS / "corridor"
 REFS = [f"{i:07d}.jpg" for i in range(0, 48, 3)]  # 16 map images, every 3rd frame
 QUERIES = [f"{i:07d}.jpg" for i in (6, 21, 39)]
-
-
-def _positives():
-    with open(CORRIDOR / "ground_truth.csv") as f:
-        return {r["query"].split("/")[-1]: {p.split("/")[-1] for p in r["positives"].split()} for r in csv.DictReader(f)}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +48,6 @@ def test_map_files_and_float16_payload(slic_map):
 
 def test_localize_finds_the_right_places(slic_map):
     m = pipeline.open_map(slic_map)
-    pos = _positives()
     results = pipeline.localize(m, [CORRIDOR / "query" / q for q in QUERIES], top_k=3)
     assert len(results) == len(QUERIES)
     hits = 0

@@ -19,7 +19,9 @@ def test_minmax_over_whole_table():
 
 
 def test_weighted_voting_sums_normalised_similarities():
-    f = lambda s: (s - 0.3) / 0.65
+    def f(s):
+        return (s - 0.3) / 0.65
+
     expected = np.array([f(0.9) + f(0.5) + f(0.6), f(0.8) + f(0.95) + f(0.4), f(0.7) + f(0.3), 0.0])
     np.testing.assert_allclose(weighted(IMAGES, SIMS, 4), expected)
 

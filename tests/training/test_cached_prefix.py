@@ -142,6 +142,7 @@ def test_cached_prefix_run_resumes_with_the_same_next_step(tmp_path, unfrozen_re
 
 def test_checkpoint_with_unfrozen_blocks_describes_images_as_the_trainer_validated(tmp_path, unfrozen_recipe):
     from vprkit import pipeline
+    from vprkit.aggregation.options import AggregationOptions
     from vprkit.aggregation.vocabulary import make_aggregator
 
     path = unfrozen_recipe(unfreeze=2, epochs=1)  # one epoch: the best checkpoint is the last state
@@ -156,7 +157,7 @@ def test_checkpoint_with_unfrozen_blocks_describes_images_as_the_trainer_validat
     trained = describe(trainer.head, val.features, ids)
     # The pipeline's side: the checkpoint as a preset (folded backbone with the trained blocks), images read.
     backbone = pipeline.load_backbone(config)
-    head = make_aggregator(config, backbone, None)
+    head = make_aggregator(AggregationOptions.from_config(config), backbone, None)
     keys = [val.features.keys[i] for i in ids]
     with torch.no_grad():
         piped = torch.cat([head(f).float() for _, f in extract(backbone, config, FolderImages(tmp_path / "data", keys), keys)])

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from helpers import synchronised_seasons
 from vprkit.aggregation import AGGREGATORS

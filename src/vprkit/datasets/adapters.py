@@ -49,7 +49,6 @@ from ..images import list_images
 from . import formats  # noqa: F401  (the standard benchmark formats register their layouts on import)
 from .base import (DATASET_ADAPTERS, GROUND_TRUTH_CSV, POSES_CSV, RADIUS_OPTIONS, Dataset, DatasetAdapter, image_keys,
                    load_utm_folders, ordered_adapters, radius_option, register_adapter)
-from .base import format_rule  # noqa: F401  (vprkit.evaluation.run imports it from here; to switch to .base)
 from .ground_truth import DEFAULT_FRAME_TOLERANCE, GroundTruth
 from .poses import match_poses, read_poses
 

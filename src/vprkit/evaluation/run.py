@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..datasets.adapters import format_rule
+from ..datasets import format_rule
 from ..datasets.ground_truth import GroundTruth
 from ..io import atomic_write_text
 from .gallery import DEFAULT_BEST, DEFAULT_WORST, build_galleries, gallery_order, write_galleries

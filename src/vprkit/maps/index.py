@@ -425,10 +425,10 @@ class FaissIndex:
             lists = faiss.downcast_InvertedLists(ivf.invlists)
             if isinstance(lists, faiss.ArrayInvertedLists):
                 shard.remove_ids(faiss.IDSelectorBatch(local))
-                for l in range(ivf.nlist):
-                    size = lists.list_size(l)
+                for list_no in range(ivf.nlist):
+                    size = lists.list_size(list_no)
                     if size:
-                        ids = faiss.rev_swig_ptr(lists.get_ids(l), size)
+                        ids = faiss.rev_swig_ptr(lists.get_ids(list_no), size)
                         ids -= np.searchsorted(local, ids).astype(ids.dtype)  # ids after a removed one move down
                 return
         kept = np.setdiff1d(np.arange(shard.ntotal, dtype=np.int64), local)

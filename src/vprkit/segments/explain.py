@@ -68,7 +68,8 @@ def greedy_pairs(sim: np.ndarray, top: int) -> list[tuple[int, int, float]]:
         r, c = np.unravel_index(flat, sim.shape)
         if r in used_r or c in used_c:
             continue
-        used_r.add(int(r)); used_c.add(int(c))
+        used_r.add(int(r))
+        used_c.add(int(c))
         out.append((int(r), int(c), float(sim[r, c])))
         if len(out) >= top:
             break

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..aggregation.options import AggregationOptions
 from ..aggregation.projection import Projection
 from ..aggregation.vocabulary import make_aggregator
 from ..backbones import build_backbone
@@ -79,7 +80,7 @@ def add_pca(checkpoint: str | os.PathLike, images, dim: int, whiten: bool = Fals
     src = Path(checkpoint)
     config = checkpoint_config(src)
     backbone = build_backbone(config.backbone, **dict(config.backbone_options))
-    head = make_aggregator(config, backbone, None)
+    head = make_aggregator(AggregationOptions.from_config(config), backbone, None)
     source = image_source(images)
     keys = sample_keys(list(source.keys), sample, seed)
     descs = []

@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..aggregation.options import VocabularyOptions
 from ..aggregation.projection import TrainedHead
 from ..aggregation.vlad import Vocabulary, fit_vocabulary
 from ..aggregation.vocabulary import vocabulary_sample
@@ -68,7 +69,7 @@ def database_vocabulary(validation: Validation, config: Config, k: int) -> Vocab
     L2-normalised, spherical k-means with the preset's vocabulary seed and centre kind.
     """
     vc = dataclasses.replace(config.vocabulary, k=int(k))
-    ids, step = vocabulary_sample(list(np.asarray(validation.database_ids).tolist()), config.replace(vocabulary=vc))
+    ids, step = vocabulary_sample(list(np.asarray(validation.database_ids).tolist()), VocabularyOptions(vc))
     ids = np.asarray(ids, dtype=np.int64)
     parts = []
     with torch.no_grad():  # unfrozen blocks (SuffixFeatures) run here too, without building a graph
