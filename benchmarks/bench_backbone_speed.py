@@ -67,9 +67,16 @@ def time_model(model: torch.nn.Module, pixels: torch.Tensor, passes: int) -> lis
 
 def git_revision() -> str:
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src/vprkit/backbones"], cwd=REPO,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "src/vprkit/backbones"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         return rev + ("+edits" if dirty else "")
     except Exception:  # noqa: BLE001 - informational only
         return "unknown"
@@ -97,18 +104,31 @@ def main() -> None:
             model = optimise()
         times = time_model(model, pixels, args.passes)
         med = statistics.median(times)
-        rows.append({
-            "model": name, "block": block, "img_per_s": round(len(pixels) / med, 1),
-            "best_img_per_s": round(len(pixels) / min(times), 1), "ms_per_batch": round(1000 * med * BATCH / len(pixels), 1),
-            "passes_s": [round(t, 3) for t in times],
-        })
+        rows.append(
+            {
+                "model": name,
+                "block": block,
+                "img_per_s": round(len(pixels) / med, 1),
+                "best_img_per_s": round(len(pixels) / min(times), 1),
+                "ms_per_batch": round(1000 * med * BATCH / len(pixels), 1),
+                "passes_s": [round(t, 3) for t in times],
+            }
+        )
 
     stored = json.loads(results.read_text()) if results.is_file() else {}
     stored.setdefault("runs", {})[args.label] = {
-        "rows": rows, "revision": git_revision(), "images": len(pixels), "source": source,
-        "size": f"{WIDTH}x{HEIGHT}", "batch": BATCH, "threads": args.threads, "passes": args.passes,
-        "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-        "loadavg_1min": round(os.getloadavg()[0], 2), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "rows": rows,
+        "revision": git_revision(),
+        "images": len(pixels),
+        "source": source,
+        "size": f"{WIDTH}x{HEIGHT}",
+        "batch": BATCH,
+        "threads": args.threads,
+        "passes": args.passes,
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "loadavg_1min": round(os.getloadavg()[0], 2),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps(stored, indent=2) + "\n")
@@ -118,7 +138,9 @@ def main() -> None:
     header = f"{'model':<20} {'block':>5} " + " ".join(f"{lab + ' img/s':>14}" for lab in labels)
     if len(labels) > 1:
         header += f" {'change':>8}"
-    print(f"backbone forward only: {WIDTH}x{HEIGHT}, batch {BATCH}, {args.threads} threads, median of {args.passes} passes over {len(pixels)} images ({source})")
+    print(
+        f"backbone forward only: {WIDTH}x{HEIGHT}, batch {BATCH}, {args.threads} threads, median of {args.passes} passes over {len(pixels)} images ({source})"
+    )
     print(header)
     for name, block in MODELS:
         vals = []

@@ -58,8 +58,12 @@ def throughput(config, m: pipeline.Map, repeats: int = THROUGHPUT_REPEATS) -> di
             m.aggregator(f)
             n += len(batch.keys)
         rates.append(n / (time.perf_counter() - t0))
-    return {"images_per_s": round(statistics.median(rates), 1), "passes": [round(r, 1) for r in rates], "images": n,
-            "size": f"{THROUGHPUT_SIZE[1]}x{THROUGHPUT_SIZE[0]}"}
+    return {
+        "images_per_s": round(statistics.median(rates), 1),
+        "passes": [round(r, 1) for r in rates],
+        "images": n,
+        "size": f"{THROUGHPUT_SIZE[1]}x{THROUGHPUT_SIZE[0]}",
+    }
 
 
 def latency(m: pipeline.Map, queries: list[Path]) -> dict:
@@ -82,8 +86,10 @@ def seed_spread(ds, config: Config, seeds: int) -> dict:
     """R@1 over vocabulary seeds 1 … seeds−1 (seed 0 is the main run)."""
     if seeds <= 1 or not pipeline.needs_vocabulary(config):
         return {}
-    return {seed: pipeline.evaluate(ds, with_seed(config, seed), progress=False, log=lambda _: None)["recall"]["R@1"]
-            for seed in range(1, seeds)}
+    return {
+        seed: pipeline.evaluate(ds, with_seed(config, seed), progress=False, log=lambda _: None)["recall"]["R@1"]
+        for seed in range(1, seeds)
+    }
 
 
 def main() -> None:
@@ -100,8 +106,13 @@ def main() -> None:
             config = with_seed(config, 0)
             with tempfile.TemporaryDirectory() as tmp, PeakMemory() as mem:
                 s = pipeline.evaluate(ds, config, out=tmp, progress=False, log=lambda _: None)
-                row = {"preset": preset, "dataset": ds.name, **{k: s["recall"][k] for k in ("R@1", "R@5", "R@10")},
-                       "map_img_per_s": s["timing"]["map_images_per_s"], "batch_ms_per_query": s["timing"]["ms_per_query"]}
+                row = {
+                    "preset": preset,
+                    "dataset": ds.name,
+                    **{k: s["recall"][k] for k in ("R@1", "R@5", "R@10")},
+                    "map_img_per_s": s["timing"]["map_images_per_s"],
+                    "batch_ms_per_query": s["timing"]["ms_per_query"],
+                }
                 m = pipeline.open_map(Path(tmp) / "map")  # once: latency and throughput share it
                 row["bytes_per_place"] = int(m.aggregator.dim * np.dtype(config.store_dtype).itemsize)
                 queries = [ds.queries_dir / k for k in ds.query_images]
@@ -113,14 +124,34 @@ def main() -> None:
             others = seed_spread(ds, config, args.seeds)
             if others:
                 r1 = [row["R@1"], *others.values()]
-                row.update({"seeds": len(r1), "R@1_mean": round(float(np.mean(r1)), 3), "R@1_min": min(r1),
-                            "R@1_max": max(r1), "R@1_by_seed": r1})
+                row.update(
+                    {
+                        "seeds": len(r1),
+                        "R@1_mean": round(float(np.mean(r1)), 3),
+                        "R@1_min": min(r1),
+                        "R@1_max": max(r1),
+                        "R@1_by_seed": r1,
+                    }
+                )
             rows.append(row)
-            print(f"{preset} {ds.name}: R@1 {row['R@1']:.3f}" + (f" (seeds: {row['R@1_by_seed']})" if others else ""),
-                  flush=True)
-    cols = ["preset", "dataset", "R@1", "R@5", "R@10", *(["R@1_mean", "R@1_min", "R@1_max"] if args.seeds > 1 else []),
-            "map_img_per_s", "extract_img_per_s_320x240", "batch_ms_per_query", "query_latency_ms", "bytes_per_place",
-            "peak_rss_mb"]
+            print(
+                f"{preset} {ds.name}: R@1 {row['R@1']:.3f}" + (f" (seeds: {row['R@1_by_seed']})" if others else ""),
+                flush=True,
+            )
+    cols = [
+        "preset",
+        "dataset",
+        "R@1",
+        "R@5",
+        "R@10",
+        *(["R@1_mean", "R@1_min", "R@1_max"] if args.seeds > 1 else []),
+        "map_img_per_s",
+        "extract_img_per_s_320x240",
+        "batch_ms_per_query",
+        "query_latency_ms",
+        "bytes_per_place",
+        "peak_rss_mb",
+    ]
     report("core", rows, cols, {"threads": torch.get_num_threads(), "seeds": args.seeds})
 
 

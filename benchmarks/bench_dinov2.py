@@ -67,7 +67,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = dv2.model_config(MODEL)
-    models = {name: build_backbone(MODEL, pretrained=False, **kw) for name, kw in variants(cfg.depth, cfg.default_layer).items()}
+    models = {
+        name: build_backbone(MODEL, pretrained=False, **kw)
+        for name, kw in variants(cfg.depth, cfg.default_layer).items()
+    }
     onednn_available = dv2._onednn_linear_works()
     paths = {"oneDNN": True, "portable": False} if onednn_available else {"portable": False}
     load_before = os.getloadavg()
@@ -78,9 +81,20 @@ def main() -> None:
             for path, flag in paths.items():
                 dv2._ONEDNN = flag
                 median, best = throughput(model, batch, args.seconds)
-                rows.append(dict(size=size, variant=name, path=path, images_per_s=round(median, 2),
-                                 best_images_per_s=round(best, 2), ms_per_image=round(1000 / median, 1)))
-                print(f"{size:>4}×{size:<4} {name:<28} {path:<9} {median:7.2f} img/s  (best {best:6.2f}, {1000 / median:6.1f} ms/img)", flush=True)
+                rows.append(
+                    dict(
+                        size=size,
+                        variant=name,
+                        path=path,
+                        images_per_s=round(median, 2),
+                        best_images_per_s=round(best, 2),
+                        ms_per_image=round(1000 / median, 1),
+                    )
+                )
+                print(
+                    f"{size:>4}×{size:<4} {name:<28} {path:<9} {median:7.2f} img/s  (best {best:6.2f}, {1000 / median:6.1f} ms/img)",
+                    flush=True,
+                )
     dv2._ONEDNN = None  # back to auto-detection
 
     print(f"\n{MODEL}, batch {args.batch}, {args.threads} threads, float32, random weights")
@@ -88,18 +102,33 @@ def main() -> None:
     print(header + "\n" + "-" * len(header))
     for size in args.sizes:
         for name in models:
-            cells = [next(r for r in rows if r["size"] == size and r["variant"] == name and r["path"] == p) for p in paths]
+            cells = [
+                next(r for r in rows if r["size"] == size and r["variant"] == name and r["path"] == p) for p in paths
+            ]
             print(f"{size:>4}×{size:<4}  {name:<28}" + "".join(f"{c['images_per_s']:>8.2f} i/s" for c in cells))
     load_after = os.getloadavg()
     print(f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} (on {os.cpu_count()} CPUs)")
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "model": MODEL, "batch": args.batch, "threads": args.threads, "dtype": "float32", "weights": "random",
-        "torch": torch.__version__, "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-        "onednn_available": onednn_available, "load_average_before": load_before, "load_average_after": load_after,
-        "results": rows,
-    }, indent=2))
+    args.out.write_text(
+        json.dumps(
+            {
+                "model": MODEL,
+                "batch": args.batch,
+                "threads": args.threads,
+                "dtype": "float32",
+                "weights": "random",
+                "torch": torch.__version__,
+                "cpu": platform.processor() or platform.machine(),
+                "cpus": os.cpu_count(),
+                "onednn_available": onednn_available,
+                "load_average_before": load_before,
+                "load_average_after": load_after,
+                "results": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {args.out}")
 
 

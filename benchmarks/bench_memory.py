@@ -73,16 +73,23 @@ def child_build(args: argparse.Namespace) -> dict:
     keys = keys[: args.limit] if args.limit else keys
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         t0 = time.perf_counter()
-        info = pipeline.build_map(NORDLAND_SUMMER, Path(tmp) / "map", config, keys=keys, progress=False, log=lambda _: None)
+        info = pipeline.build_map(
+            NORDLAND_SUMMER, Path(tmp) / "map", config, keys=keys, progress=False, log=lambda _: None
+        )
         wall = time.perf_counter() - t0
         peak = _peak_rss_mb()
         meta = Vocabulary.load(Path(tmp) / "map" / VOCAB_FILE).metadata
     plan = config.memory_plan()
     return {
-        "peak_rss_mb": peak, "wall_s": wall, "images": info["counts"]["images"],
-        "pool_bytes": meta["sample_bytes"], "pooled_descriptors": meta["pooled_descriptors"],
-        "descriptors_seen": meta["descriptors_seen"], "vocabulary_images": meta["n_images"],
-        "plan": plan.to_dict(), "decode_prefetch_images": decode_prefetch_images(config, plan),
+        "peak_rss_mb": peak,
+        "wall_s": wall,
+        "images": info["counts"]["images"],
+        "pool_bytes": meta["sample_bytes"],
+        "pooled_descriptors": meta["pooled_descriptors"],
+        "descriptors_seen": meta["descriptors_seen"],
+        "vocabulary_images": meta["n_images"],
+        "plan": plan.to_dict(),
+        "decode_prefetch_images": decode_prefetch_images(config, plan),
         "map_descriptor_bytes": info["counts"]["images"] * info["descriptor_dim"] * FLOAT32_BYTES,
     }
 
@@ -114,38 +121,65 @@ def main() -> None:
         return
 
     base = run_child("baseline", args)
-    print(f"baseline (import + backbone): {base['baseline_rss_mb']:.0f} MB; grid {base['grid']} × {base['dim']}-d "
-          f"at {base['image_size']}", file=sys.stderr, flush=True)
+    print(
+        f"baseline (import + backbone): {base['baseline_rss_mb']:.0f} MB; grid {base['grid']} × {base['dim']}-d "
+        f"at {base['image_size']}",
+        file=sys.stderr,
+        flush=True,
+    )
     patches = base["grid"][0] * base["grid"][1]
     rows = []
     for budget in args.budgets:
         r = run_child("build", args, budget)
         keep_all = r["images"] * patches * base["dim"] * FLOAT32_BYTES
         plan = r["plan"]
-        rows.append({
-            "budget_mb": budget,
-            "images": r["images"],
-            "peak_rss_mb": round(r["peak_rss_mb"]),
-            "baseline_rss_mb": round(base["baseline_rss_mb"]),
-            "above_baseline_mb": round(r["peak_rss_mb"] - base["baseline_rss_mb"]),
-            "pool_held_mb": round(r["pool_bytes"] / MB, 1),
-            "pool_cap_mb": round(plan["vocabulary_pool_bytes"] / MB, 1),
-            "cache_cap_mb": round(plan["feature_cache_bytes"] / MB, 1),
-            "decode_ahead_imgs": r["decode_prefetch_images"] or "all",
-            "map_vectors_mb": round(r["map_descriptor_bytes"] / MB, 1),
-            "anyloc_keep_all_mb": round(keep_all / MB, 1),
-            "wall_s": round(r["wall_s"], 1),
-            "pooled_descriptors": r["pooled_descriptors"],
-            "descriptors_seen": r["descriptors_seen"],
-            "vocabulary_images": r["vocabulary_images"],
-        })
+        rows.append(
+            {
+                "budget_mb": budget,
+                "images": r["images"],
+                "peak_rss_mb": round(r["peak_rss_mb"]),
+                "baseline_rss_mb": round(base["baseline_rss_mb"]),
+                "above_baseline_mb": round(r["peak_rss_mb"] - base["baseline_rss_mb"]),
+                "pool_held_mb": round(r["pool_bytes"] / MB, 1),
+                "pool_cap_mb": round(plan["vocabulary_pool_bytes"] / MB, 1),
+                "cache_cap_mb": round(plan["feature_cache_bytes"] / MB, 1),
+                "decode_ahead_imgs": r["decode_prefetch_images"] or "all",
+                "map_vectors_mb": round(r["map_descriptor_bytes"] / MB, 1),
+                "anyloc_keep_all_mb": round(keep_all / MB, 1),
+                "wall_s": round(r["wall_s"], 1),
+                "pooled_descriptors": r["pooled_descriptors"],
+                "descriptors_seen": r["descriptors_seen"],
+                "vocabulary_images": r["vocabulary_images"],
+            }
+        )
         print(f"budget {budget}: peak RSS {r['peak_rss_mb']:.0f} MB, {r['wall_s']:.0f} s", file=sys.stderr, flush=True)
-    cols = ["budget_mb", "images", "peak_rss_mb", "baseline_rss_mb", "above_baseline_mb", "pool_held_mb", "pool_cap_mb",
-            "cache_cap_mb", "decode_ahead_imgs", "map_vectors_mb", "anyloc_keep_all_mb", "wall_s"]
+    cols = [
+        "budget_mb",
+        "images",
+        "peak_rss_mb",
+        "baseline_rss_mb",
+        "above_baseline_mb",
+        "pool_held_mb",
+        "pool_cap_mb",
+        "cache_cap_mb",
+        "decode_ahead_imgs",
+        "map_vectors_mb",
+        "anyloc_keep_all_mb",
+        "wall_s",
+    ]
     from common import report
 
-    report(args.name, rows, cols, {"preset": args.preset, "dataset": str(NORDLAND_SUMMER), "baseline": base,
-                                  "keep_all_formula": "images × grid_h × grid_w × dim × 4 bytes"})
+    report(
+        args.name,
+        rows,
+        cols,
+        {
+            "preset": args.preset,
+            "dataset": str(NORDLAND_SUMMER),
+            "baseline": base,
+            "keep_all_formula": "images × grid_h × grid_w × dim × 4 bytes",
+        },
+    )
 
 
 if __name__ == "__main__":

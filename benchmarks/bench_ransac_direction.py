@@ -42,8 +42,13 @@ from vprkit.backbones import build_backbone
 from vprkit.images import Batch, ImageSpec, load_prepared
 from vprkit.rerank.extension import PatchesExtension
 from vprkit.rerank.matching import mutual_nn
-from vprkit.rerank.scoring import (HOMOGRAPHY_MIN_MATCHES, RANSAC_CONFIDENCE, RANSAC_MAX_ITERS, RANSAC_THRESHOLD_STEPS,
-                                   ransac_score)
+from vprkit.rerank.scoring import (
+    HOMOGRAPHY_MIN_MATCHES,
+    RANSAC_CONFIDENCE,
+    RANSAC_MAX_ITERS,
+    RANSAC_THRESHOLD_STEPS,
+    ransac_score,
+)
 
 SCALES = [[2, 1], [5, 1], [8, 1]]
 FIT_IMAGES = 30
@@ -67,8 +72,14 @@ def load(paths, spec, multiple, backbone):
 def inliers(src, dst, threshold):
     if len(src) < HOMOGRAPHY_MIN_MATCHES:
         return 0
-    _, mask = cv2.findHomography(src.astype(np.float32), dst.astype(np.float32), cv2.RANSAC, threshold,
-                                 maxIters=RANSAC_MAX_ITERS, confidence=RANSAC_CONFIDENCE)
+    _, mask = cv2.findHomography(
+        src.astype(np.float32),
+        dst.astype(np.float32),
+        cv2.RANSAC,
+        threshold,
+        maxIters=RANSAC_MAX_ITERS,
+        confidence=RANSAC_CONFIDENCE,
+    )
     return 0 if mask is None else int(mask.sum())
 
 
@@ -81,8 +92,14 @@ def variants(q, c, m):
     qc, cc = q.centres[m.query], c.centres[m.candidate]
     # the scorer itself must agree with an explicit call in the reference's argument order
     assert n_ref == inliers(cc[by_c], qc[by_c], thr), "ransac_score is not the reference's call"
-    return {"ref": n_ref, "old": inliers(qc[by_q], cc[by_q], thr), "dir": inliers(qc[by_c], cc[by_c], thr),
-            "ord": inliers(cc[by_q], qc[by_q], thr), "matches": len(m), "n_query": len(q)}
+    return {
+        "ref": n_ref,
+        "old": inliers(qc[by_q], cc[by_q], thr),
+        "dir": inliers(qc[by_c], cc[by_c], thr),
+        "ord": inliers(cc[by_q], qc[by_q], thr),
+        "matches": len(m),
+        "n_query": len(q),
+    }
 
 
 def main() -> None:
@@ -107,8 +124,9 @@ def main() -> None:
 
     backbone = build_backbone("efficientnet-lite0", block=10).eval()
     spec = ImageSpec(size=tuple(args.size), resize="fixed")
-    ext = PatchesExtension({"scales": SCALES, "pca_dim": PCA_DIM, "k": 32, "fit_images": FIT_IMAGES, "fit_patches": 5000},
-                           backbone, None)
+    ext = PatchesExtension(
+        {"scales": SCALES, "pca_dim": PCA_DIM, "k": 32, "fit_images": FIT_IMAGES, "fit_patches": 5000}, backbone, None
+    )
     fit_refs = [root / "ref" / r for r in refs[:: max(1, len(refs) // FIT_IMAGES)]][:FIT_IMAGES]
     ext.fit(load(fit_refs, spec, backbone.size_multiple, backbone))
     print(f"fitted NetVLAD + PCA on {len(fit_refs)} images: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
@@ -132,8 +150,13 @@ def main() -> None:
         for kind in ("true", "wrong", "all"):
             recs = counts[("true", sc[0])] + counts[("wrong", sc[0])] if kind == "all" else counts[(kind, sc[0])]
             ok = [r for r in recs if r["ref"] > 0]
-            row = {"patch": sc[0], "pairs": kind, "n": len(recs), "matches": float(np.mean([r["matches"] for r in recs])),
-                   "inliers_ref": float(np.mean([r["ref"] for r in recs]))}
+            row = {
+                "patch": sc[0],
+                "pairs": kind,
+                "n": len(recs),
+                "matches": float(np.mean([r["matches"] for r in recs])),
+                "inliers_ref": float(np.mean([r["ref"] for r in recs])),
+            }
             for v in VARIANTS:
                 rel = np.array([abs(r[v] - r["ref"]) / r["ref"] for r in ok])
                 row[f"{v}_mean_rel"] = float(rel.mean()) if len(rel) else 0.0
@@ -144,18 +167,44 @@ def main() -> None:
         t, w = counts[("true", sc[0])], counts[("wrong", sc[0])]
         flips = sum((a["ref"] > b["ref"]) != (a["old"] > b["old"]) for a, b in zip(t, w))
         rows[-1]["true_vs_wrong_swaps_old"] = int(flips)
-    columns = ["patch", "pairs", "n", "matches", "inliers_ref", "old_mean_rel", "old_max_rel", "old_changed",
-               "dir_mean_rel", "dir_max_rel", "ord_mean_rel", "ord_max_rel", "true_vs_wrong_swaps_old"]
+    columns = [
+        "patch",
+        "pairs",
+        "n",
+        "matches",
+        "inliers_ref",
+        "old_mean_rel",
+        "old_max_rel",
+        "old_changed",
+        "dir_mean_rel",
+        "dir_max_rel",
+        "ord_mean_rel",
+        "ord_max_rel",
+        "true_vs_wrong_swaps_old",
+    ]
     elapsed = time.perf_counter() - t0
-    report(args.name, rows, columns, {
-        "dataset": "corridor", "image_size": list(args.size), "backbone": "efficientnet-lite0 block 10",
-        "patch_descriptors": f"NetVLAD K=32 and PCA {PCA_DIM} fitted on {len(fit_refs)} reference images", "scales": SCALES,
-        "threshold_px": RANSAC_THRESHOLD_STEPS * backbone.stride, "queries": len(pairs),
-        "variants": {"ref": "candidate→query, candidate order (reference; vprkit ransac_score)",
-                     "old": "query→candidate, query order (vprkit before)", "dir": "query→candidate, candidate order",
-                     "ord": "candidate→query, query order"},
-        "relative_difference": "|n_variant - n_ref| / n_ref over pairs with n_ref > 0; *_changed = share of pairs whose count differs",
-        "seconds": round(elapsed, 1)})
+    report(
+        args.name,
+        rows,
+        columns,
+        {
+            "dataset": "corridor",
+            "image_size": list(args.size),
+            "backbone": "efficientnet-lite0 block 10",
+            "patch_descriptors": f"NetVLAD K=32 and PCA {PCA_DIM} fitted on {len(fit_refs)} reference images",
+            "scales": SCALES,
+            "threshold_px": RANSAC_THRESHOLD_STEPS * backbone.stride,
+            "queries": len(pairs),
+            "variants": {
+                "ref": "candidate→query, candidate order (reference; vprkit ransac_score)",
+                "old": "query→candidate, query order (vprkit before)",
+                "dir": "query→candidate, candidate order",
+                "ord": "candidate→query, query order",
+            },
+            "relative_difference": "|n_variant - n_ref| / n_ref over pairs with n_ref > 0; *_changed = share of pairs whose count differs",
+            "seconds": round(elapsed, 1),
+        },
+    )
     print(f"{elapsed:.0f} s")
 
 

@@ -84,8 +84,17 @@ def run_queries(m, ds, reranker, k: int, record: list | None = None) -> tuple[np
     def observe(r: ScoreRecord) -> None:
         matched.append(r.n_matched)
         if record is not None:
-            record.append((row_to_db[r.rows], np.asarray(r.global_scores), np.asarray(r.matched), r.spatial,
-                           r.match_counts, np.asarray(r.rows), r.perfect))
+            record.append(
+                (
+                    row_to_db[r.rows],
+                    np.asarray(r.global_scores),
+                    np.asarray(r.matched),
+                    r.spatial,
+                    r.match_counts,
+                    np.asarray(r.rows),
+                    r.perfect,
+                )
+            )
 
     if reranker is not None:
         # recording: the whole shortlist, every candidate verified by a cascade (so its mutual-match counts are known)
@@ -124,13 +133,23 @@ def save_record(path: Path, record: list, m) -> None:
             spatial[i, :, np.flatnonzero(matched)] = p.T
             counts[i, :, np.flatnonzero(matched)] = c.T
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, heads=heads, rows=rows, global_scores=glob, spatial=spatial, counts=counts, perfect=perfect,
-                        n_rows=len(m.store), poses=m.store.read_poses(),
-                        place_radius=place_radius(lambda r: m.store.read_global(r), len(m.store)))
+    np.savez_compressed(
+        path,
+        heads=heads,
+        rows=rows,
+        global_scores=glob,
+        spatial=spatial,
+        counts=counts,
+        perfect=perfect,
+        n_rows=len(m.store),
+        poses=m.store.read_poses(),
+        place_radius=place_radius(lambda r: m.store.read_global(r), len(m.store)),
+    )
 
 
-def replay(path: Path, settings, guard: dict | None = None, n_rows: int | None = None,
-           first_path: Path | None = None) -> np.ndarray:
+def replay(
+    path: Path, settings, guard: dict | None = None, n_rows: int | None = None, first_path: Path | None = None
+) -> np.ndarray:
     """Ranked dataset indices per query from a whole-shortlist recording, as ``settings`` rank live:
     the candidates its gap keeps plus those its guard matches for statistics; with ``verify``, the
     cascade's choice by mutual-match counts among them, the rest at the lowest verified score; with
@@ -148,8 +167,10 @@ def replay(path: Path, settings, guard: dict | None = None, n_rows: int | None =
     first = None
     if settings.verify is not None and settings.prescorer is not None:
         if first_path is None or not first_path.exists():
-            raise ValueError(f"replaying {settings.name} needs a recording by its prescorer {settings.prescorer!r} "
-                             f"({first_path}); record a preset with scorer = {settings.prescorer!r} and the same patches")
+            raise ValueError(
+                f"replaying {settings.name} needs a recording by its prescorer {settings.prescorer!r} "
+                f"({first_path}); record a preset with scorer = {settings.prescorer!r} and the same patches"
+            )
         first = np.load(first_path)
         if not np.array_equal(first["heads"], data["heads"]):
             raise ValueError(f"{first_path.name} and {path.name} recorded different shortlists")
@@ -157,8 +178,10 @@ def replay(path: Path, settings, guard: dict | None = None, n_rows: int | None =
     if "counts" not in data:
         raise ValueError(f"{path.name} is an older partial recording; run --record again")
     if settings.min_agreement is not None and "perfect" not in data:
-        raise ValueError(f"{path.name} was recorded before perfect scores were kept, which {settings.name}'s "
-                         "min_agreement needs; run --record again")
+        raise ValueError(
+            f"{path.name} was recorded before perfect scores were kept, which {settings.name}'s "
+            "min_agreement needs; run --record again"
+        )
     perfects = data["perfect"] if "perfect" in data else [None] * len(data["heads"])
     guard = guard or guard_options(settings.global_gap)
     places = None
@@ -177,8 +200,9 @@ def replay(path: Path, settings, guard: dict | None = None, n_rows: int | None =
     all_rows = data["rows"] if "rows" in data else data["heads"]
     out = []
     firsts = first if first is not None else [None] * len(data["heads"])
-    for heads, rows, g, spatial, counts, pre, perfect in zip(data["heads"], all_rows, data["global_scores"],
-                                                             data["spatial"], data["counts"], firsts, perfects):
+    for heads, rows, g, spatial, counts, pre, perfect in zip(
+        data["heads"], all_rows, data["global_scores"], data["spatial"], data["counts"], firsts, perfects
+    ):
         valid = heads >= 0
         heads, rows, g, spatial, counts = heads[valid], rows[valid], g[valid], spatial[:, valid], counts[:, valid]
         keep = within_global_gap(g, settings.global_gap)
@@ -192,8 +216,18 @@ def replay(path: Path, settings, guard: dict | None = None, n_rows: int | None =
             chosen = select_for_verification(prescore(counts[:, matched], settings.weights), settings.verify)
             per_scale = fill_unverified(per_scale, chosen)
         same_place = None if places is None else places.mask(rows)
-        fused = rank_shortlist(per_scale, g, keep, settings.weights, settings.global_weight, matched, guard["alpha"],
-                               same_place, perfect, settings.min_agreement)
+        fused = rank_shortlist(
+            per_scale,
+            g,
+            keep,
+            settings.weights,
+            settings.global_weight,
+            matched,
+            guard["alpha"],
+            same_place,
+            perfect,
+            settings.min_agreement,
+        )
         out.append(heads[np.argsort(-fused, kind="stable")][: max(NS)])
     return np.stack(out)
 
@@ -216,8 +250,15 @@ def cached_map(ds, base, rerank: str, cache: Path) -> Path:
     out = cache / "maps" / f"{ds.name.replace(':', '_')}-{base.name}-{digest}"
     if not (out / "map.json").exists():
         t0 = time.perf_counter()
-        pipeline.build_map(ds.database_dir, out, cfg, poses=ds.database_poses, keys=ds.database_images, progress=False,
-                           log=lambda _: None)
+        pipeline.build_map(
+            ds.database_dir,
+            out,
+            cfg,
+            poses=ds.database_poses,
+            keys=ds.database_images,
+            progress=False,
+            log=lambda _: None,
+        )
         print(f"built {out.name} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     return out
 
@@ -242,8 +283,10 @@ def replayed_rows(args, qs, base, rerank: str, global_r1: float | None) -> tuple
         global_r1 = rec["R@1"]
         rows.append(_recall_row(qs.name, f"global {args.preset}", rec))
     if settings.fine_budget is not None:
-        print(f"{qs.name} {rerank}: its fine_budget is not replayed (every recorded candidate's finest "
-              "scale is used)", file=sys.stderr)
+        print(
+            f"{qs.name} {rerank}: its fine_budget is not replayed (every recorded candidate's finest scale is used)",
+            file=sys.stderr,
+        )
     first = replay_path(args.cache, qs.name, base, rerank, settings.prescorer) if settings.prescorer else None
     rec = recall_at_n(replay(path, settings, n_rows=len(qs.database_images), first_path=first), qs.ground_truth, NS)
     rows.append(_recall_row(qs.name, f"replay {rerank}", rec, global_r1))
@@ -271,20 +314,34 @@ def live_rows(args, qs, base, rerank: str, map_dir: Path, global_r1: float | Non
         # needs that scorer's recording too, else the exact scorer's whole-shortlist ranking is shown
         first = replay_path(args.cache, qs.name, base, rerank, settings.prescorer) if settings.prescorer else None
         if first is not None and not first.exists():
-            print(f"{qs.name} {rerank}: no {settings.prescorer} recording yet, showing every candidate verified",
-                  file=sys.stderr)
+            print(
+                f"{qs.name} {rerank}: no {settings.prescorer} recording yet, showing every candidate verified",
+                file=sys.stderr,
+            )
             settings, first = settings.replace(verify=None, prescorer=None), None
         r = replay(path, settings, first_path=first)
     rec = recall_at_n(r, qs.ground_truth, NS)
     timings = reranker.timings or [0.0]
-    rows.append(_recall_row(
-        qs.name, f"{'record' if args.record else 'rerank'} {rerank}", rec, global_r1,
-        **{"s/query": round(statistics.mean(timings), 4), "s_p90": round(float(np.percentile(timings, 90)), 4),
-           "matched": round(sum(matched) / max(1, len(qs.query_images)), 1),
-           "bytes/image": int(m.store.extra_bytes().get("patches", 0.0))}))
+    rows.append(
+        _recall_row(
+            qs.name,
+            f"{'record' if args.record else 'rerank'} {rerank}",
+            rec,
+            global_r1,
+            **{
+                "s/query": round(statistics.mean(timings), 4),
+                "s_p90": round(float(np.percentile(timings, 90)), 4),
+                "matched": round(sum(matched) / max(1, len(qs.query_images)), 1),
+                "bytes/image": int(m.store.extra_bytes().get("patches", 0.0)),
+            },
+        )
+    )
     reranker.close()
-    print(f"{qs.name} {rerank}: R@1 {rec['R@1']:.3f} (global {global_r1:.3f})  {statistics.mean(timings):.3f} s/q",
-          file=sys.stderr, flush=True)
+    print(
+        f"{qs.name} {rerank}: R@1 {rec['R@1']:.3f} (global {global_r1:.3f})  {statistics.mean(timings):.3f} s/q",
+        file=sys.stderr,
+        flush=True,
+    )
     return rows, global_r1
 
 
@@ -303,13 +360,19 @@ def main() -> None:
     ap.add_argument("--preset", default="effnet2-vlad-ma4", help="global preset")
     ap.add_argument("--presets", nargs="+", default=RERANKS, help="re-ranking presets")
     ap.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
-    ap.add_argument("--transforms", nargs="+", default=TRANSFORMS, help="query sets: none, KIND:AMOUNT (rotate, zoom, crop)")
+    ap.add_argument(
+        "--transforms", nargs="+", default=TRANSFORMS, help="query sets: none, KIND:AMOUNT (rotate, zoom, crop)"
+    )
     ap.add_argument("--limit", type=int, default=None, help="only the first N queries of the transformed sets")
     ap.add_argument("--cache", type=Path, default=CACHE, help="maps and transformed queries, reused by later runs")
     ap.add_argument("--name", default="rerank")
-    ap.add_argument("--threads", type=int, default=THREADS,
-                    help="torch threads; on a machine shared with other jobs use 1 (two threads that wait for "
-                         "each other's core made the small matching products 20× slower under load)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=THREADS,
+        help="torch threads; on a machine shared with other jobs use 1 (two threads that wait for "
+        "each other's core made the small matching products 20× slower under load)",
+    )
     ap.add_argument("--record", action="store_true", help="match whole shortlists and save the scores for --replay")
     ap.add_argument("--replay", action="store_true", help="re-fuse recorded scores instead of matching (no times)")
     args = ap.parse_args()
@@ -332,11 +395,31 @@ def main() -> None:
                     rows, global_r1 = live_rows(args, qs, base, rerank, maps[rerank], global_r1)
                 rows_out += rows
     compare_with_reference(rows_out)
-    cols = ["queries", "method", "R@1", "R@5", "R@10", "dR@1", "s/query", "s_p90", "matched", "bytes/image",
-            "bytes vs ref", "time vs ref"]
-    report(args.name, rows_out, cols, {"global_preset": args.preset, "threads": args.threads,
-                                       "load_average": os.getloadavg(),
-                                       "presets": {p: get_rerank_config(p).to_dict() for p in args.presets}})
+    cols = [
+        "queries",
+        "method",
+        "R@1",
+        "R@5",
+        "R@10",
+        "dR@1",
+        "s/query",
+        "s_p90",
+        "matched",
+        "bytes/image",
+        "bytes vs ref",
+        "time vs ref",
+    ]
+    report(
+        args.name,
+        rows_out,
+        cols,
+        {
+            "global_preset": args.preset,
+            "threads": args.threads,
+            "load_average": os.getloadavg(),
+            "presets": {p: get_rerank_config(p).to_dict() for p in args.presets},
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -57,10 +57,10 @@ FLOAT32_BYTES = 4
 # Synthetic structure: places lie along routes in a low-rank scene space; a query is its place seen again.
 LATENT_RANK = 128
 ROUTE_COUNT = 2000
-ROUTE_SPREAD = 0.6          # spread of places around their route centre (latent units)
-NOISE_SHARE = 0.35          # norm of the isotropic part relative to the scene part
-QUERY_LATENT_NOISE = 0.15   # a query's scene differs a little from its place's ...
-QUERY_NOISE_SHARE = 0.35    # ... and its isotropic part is drawn again
+ROUTE_SPREAD = 0.6  # spread of places around their route centre (latent units)
+NOISE_SHARE = 0.35  # norm of the isotropic part relative to the scene part
+QUERY_LATENT_NOISE = 0.15  # a query's scene differs a little from its place's ...
+QUERY_NOISE_SHARE = 0.35  # ... and its isotropic part is drawn again
 # A hard query's scene moved this far (latent units; a route's places spread 0.6): exact search at 1M
 # then ranks the place first for ~0.65 of queries and within the top 10 for ~0.9 (measured on 2,000 rows
 # of 4 routes, 500 places each as at 1M: 1.5 → 0.91 / 1.00, 2.0 → 0.65 / 0.90, 2.5 → 0.33 / 0.68).
@@ -139,13 +139,20 @@ def synthetic_chunks(n: int, dim: int) -> Iterator[np.ndarray]:
         yield _render(_place_latents(start, stop), basis, np.random.default_rng([SEED, 4, start]), NOISE_SHARE)
 
 
-def synthetic_queries(n: int, dim: int, count: int, latent_noise: float = QUERY_LATENT_NOISE,
-                      stream: int = 5) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_queries(
+    n: int, dim: int, count: int, latent_noise: float = QUERY_LATENT_NOISE, stream: int = 5
+) -> tuple[np.ndarray, np.ndarray]:
     """(queries, the database row each one shows again): ``latent_noise`` sets how much its scene changed."""
     rng = np.random.default_rng([SEED, stream])
     rows = np.sort(rng.choice(n, size=count, replace=False))
-    latents = np.concatenate([_place_latents(r // GEN_CHUNK * GEN_CHUNK, min(n, r // GEN_CHUNK * GEN_CHUNK + GEN_CHUNK))
-                              [r % GEN_CHUNK][None] for r in rows])
+    latents = np.concatenate(
+        [
+            _place_latents(r // GEN_CHUNK * GEN_CHUNK, min(n, r // GEN_CHUNK * GEN_CHUNK + GEN_CHUNK))[r % GEN_CHUNK][
+                None
+            ]
+            for r in rows
+        ]
+    )
     latents += latent_noise * rng.standard_normal(latents.shape).astype(np.float32)
     return _render(latents, _basis(dim), rng, QUERY_NOISE_SHARE), rows
 
@@ -156,7 +163,7 @@ def exact_topk(desc, q: np.ndarray, k: int, limit: int | None = None) -> np.ndar
     best_s = np.full((len(q), k), -np.inf, np.float32)
     best_r = np.full((len(q), k), -1, np.int64)
     for start in tqdm(range(0, n, GT_CHUNK), desc="exact top-k", leave=False):
-        block = np.asarray(desc.array[start:min(n, start + GT_CHUNK)], dtype=np.float32)
+        block = np.asarray(desc.array[start : min(n, start + GT_CHUNK)], dtype=np.float32)
         s = q @ block.T
         r = np.broadcast_to(np.arange(start, start + len(block)), s.shape)
         all_s, all_r = np.concatenate([best_s, s], 1), np.concatenate([best_r, r], 1)
@@ -169,11 +176,11 @@ def exact_topk(desc, q: np.ndarray, k: int, limit: int | None = None) -> np.ndar
 # ---- measuring an index ---------------------------------------------------------------------------
 def latency_ms(search: Callable[[np.ndarray], Any], q: np.ndarray) -> tuple[float, float]:
     for i in range(min(LATENCY_WARMUP, len(q))):
-        search(q[i:i + 1])
+        search(q[i : i + 1])
     times = []
     for i in range(len(q)):
         t = time.perf_counter()
-        search(q[i:i + 1])
+        search(q[i : i + 1])
         times.append((time.perf_counter() - t) * 1e3)
     return float(np.percentile(times, 50)), float(np.percentile(times, 99))
 
@@ -227,11 +234,13 @@ def synthetic_map(args: argparse.Namespace, dim: int) -> SyntheticMap:
         exact, hard_exact = z["rows"], z["hard_rows"]
     else:  # one pass over the N rows for both query sets
         both = exact_topk(desc, np.concatenate([q, hard_q]), TOP)
-        exact, hard_exact = both[:len(q)], both[len(q):]
+        exact, hard_exact = both[: len(q)], both[len(q) :]
         np.savez(gt_path, rows=exact, hard_rows=hard_exact)
     exact_place_r1, exact_place_r10 = place_recall(hard_exact, hard_places)
-    print(f"exact search over all {n:,} rows, hard queries: place Recall@1 {exact_place_r1:.3f}, "
-          f"Recall@10 {exact_place_r10:.3f}")
+    print(
+        f"exact search over all {n:,} rows, hard queries: place Recall@1 {exact_place_r1:.3f}, "
+        f"Recall@10 {exact_place_r10:.3f}"
+    )
     return SyntheticMap(n, dim, args.train_sample, desc, q, hard_q, hard_places, exact, hard_exact)
 
 
@@ -266,7 +275,7 @@ def projected(s: SyntheticMap, dims: int) -> tuple[Any, np.ndarray, float]:
     pca = _pca_transform(dim, dims, comps, -(comps @ mean), mean)
     out = np.lib.format.open_memmap(rows_path, mode="w+", dtype=np.float32, shape=(n, dims))
     for start in tqdm(range(0, n, GT_CHUNK), desc=f"PCA{dims} projection", leave=False):
-        out[start:start + GT_CHUNK] = pca.apply(np.asarray(s.desc.array[start:start + GT_CHUNK], np.float32))
+        out[start : start + GT_CHUNK] = pca.apply(np.asarray(s.desc.array[start : start + GT_CHUNK], np.float32))
     out.flush()
     seconds = time.perf_counter() - t
     np.savez(fit_path, a=comps, b=-(comps @ mean), mean=mean, seconds=seconds)
@@ -313,16 +322,25 @@ def serve(s: SyntheticMap, name: str, flat_subset: int) -> ServedIndex:
         sub = FaissIndex.build(RowSource(lambda r: s.desc.rows(r), limit, s.dim), factory)
         build_s = time.perf_counter() - t0
         both = exact_topk(s.desc, np.concatenate([s.q, s.hard_q]), TOP, limit)
-        return ServedIndex(sub, limit, both[:len(s.q)], both[len(s.q):], build_s, index_bytes(sub.index))
+        return ServedIndex(sub, limit, both[: len(s.q)], both[len(s.q) :], build_s, index_bytes(sub.index))
     pca, reduced, pca_s = projected(s, dims)
     # Built without re-scoring (which would keep its own copy of the reduced rows); the served index
     # re-scores from the full-dimension float16 file, as a compressed map does.
     build_options = {k: v for k, v in options.items() if k != "rescore"}
-    sub, sub_build_s = cached_index(s.n, f"pca{dims}-{factory.replace(',', '-')}", lambda: FaissIndex.build(
-        reduced, factory, seed=SEED, options={**build_options, "train_sample": s.train_sample}))
+    sub, sub_build_s = cached_index(
+        s.n,
+        f"pca{dims}-{factory.replace(',', '-')}",
+        lambda: FaissIndex.build(
+            reduced, factory, seed=SEED, options={**build_options, "train_sample": s.train_sample}
+        ),
+    )
     whole = faiss.IndexPreTransform(pca, sub.index)  # the index "PCA{dims},{factory}" would build
-    served = FaissIndex(whole, f"PCA{dims},{factory}", {**sub.options, **options},
-                        descriptors=s.desc if options.get("rescore") else None)
+    served = FaissIndex(
+        whole,
+        f"PCA{dims},{factory}",
+        {**sub.options, **options},
+        descriptors=s.desc if options.get("rescore") else None,
+    )
     ram = index_bytes(sub.index) + index_bytes(faiss.IndexPreTransform(pca, faiss.IndexFlatIP(dims)))
     # the shared PCA pass counts for every type
     return ServedIndex(served, s.n, s.exact, s.hard_exact, sub_build_s + pca_s, ram)
@@ -342,17 +360,27 @@ def measure(s: SyntheticMap, name: str, served: ServedIndex) -> dict:
     if places < s.n:  # most hard queries' places lie outside a subset: no place-recall view there
         place_r1 = place_r10 = base_r1 = base_r10 = None
     p50, p99 = latency_ms(lambda x: index.search(x, TOP), s.hard_q)
-    return {"index": name, "factory": index.factory, "places": places, "pca_dims": SYNTHETIC_TYPES[name][1],
-            "bytes_per_place": round(served.ram / places, 1), "code_bytes_per_place": round(codes, 1),
-            "float32_bytes_per_place": s.dim * FLOAT32_BYTES, "build_s": round(served.build_s, 1),
-            "ram_mb": round(served.ram / MIB, 1), "p50_ms": round(p50, 2), "p99_ms": round(p99, 2),
-            "recall@1_vs_exact": round(r1, 3), "recall@10_vs_exact": round(r10, 3),
-            "place_r1": None if place_r1 is None else round(place_r1, 3),
-            "place_r10": None if place_r10 is None else round(place_r10, 3),
-            "exact_place_r10": None if base_r10 is None else round(base_r10, 3),
-            "place_r10_vs_exact": round(place_r10 / base_r10, 3) if base_r10 else None,
-            "place_r1_vs_exact": round(place_r1 / base_r1, 3) if base_r1 else None,
-            "rescore": index.options["rescore"]}
+    return {
+        "index": name,
+        "factory": index.factory,
+        "places": places,
+        "pca_dims": SYNTHETIC_TYPES[name][1],
+        "bytes_per_place": round(served.ram / places, 1),
+        "code_bytes_per_place": round(codes, 1),
+        "float32_bytes_per_place": s.dim * FLOAT32_BYTES,
+        "build_s": round(served.build_s, 1),
+        "ram_mb": round(served.ram / MIB, 1),
+        "p50_ms": round(p50, 2),
+        "p99_ms": round(p99, 2),
+        "recall@1_vs_exact": round(r1, 3),
+        "recall@10_vs_exact": round(r10, 3),
+        "place_r1": None if place_r1 is None else round(place_r1, 3),
+        "place_r10": None if place_r10 is None else round(place_r10, 3),
+        "exact_place_r10": None if base_r10 is None else round(base_r10, 3),
+        "place_r10_vs_exact": round(place_r10 / base_r10, 3) if base_r10 else None,
+        "place_r1_vs_exact": round(place_r1 / base_r1, 3) if base_r1 else None,
+        "rescore": index.options["rescore"],
+    }
 
 
 def run_synthetic(args: argparse.Namespace, dim: int) -> list[dict]:
@@ -383,8 +411,9 @@ def real_map(name: str, dataset: str, image_size) -> tuple[np.ndarray, np.ndarra
     if not cached.exists():
         map_dir = CACHE / "maps" / name
         if not (map_dir / "map.json").exists():
-            pipeline.build_map(ds.database_dir, map_dir, resolve(None, image_size=image_size),
-                               keys=ds.database_images, progress=True)
+            pipeline.build_map(
+                ds.database_dir, map_dir, resolve(None, image_size=image_size), keys=ds.database_images, progress=True
+            )
         m = pipeline.open_map(map_dir, read_only=True)
         by_key = {}
         for qb in pipeline.query_batches(m, FolderImages(ds.queries_dir), ds.query_images, progress=True):
@@ -396,7 +425,10 @@ def real_map(name: str, dataset: str, image_size) -> tuple[np.ndarray, np.ndarra
 
 def run_real(dims_out: list[int]) -> list[dict]:
     rows = []
-    for name, dataset, size in (("corridor", str(DATA / "corridor"), None), ("nordland600", NORDLAND_600, NORDLAND_SIZE)):
+    for name, dataset, size in (
+        ("corridor", str(DATA / "corridor"), None),
+        ("nordland600", NORDLAND_600, NORDLAND_SIZE),
+    ):
         db, q, positives = real_map(name, dataset, size)
         dims_out.append(db.shape[1])
         base = None
@@ -416,10 +448,20 @@ def run_real(dims_out: list[int]) -> list[dict]:
             codes = (index_bytes(index.index) - index_bytes(empty)) / len(db)
             whole = index_bytes(index.index) / len(db)
             float32 = db.shape[1] * FLOAT32_BYTES
-            rows.append({"map": name, "places": len(db), "index": label, "code_bytes_per_place": round(codes, 1),
-                         "index_bytes_per_place": round(whole, 1), "vs_float32": f"1/{float32 / max(codes, 1e-9):.0f}",
-                         "recall@1": round(recall1, 3), "vs_uncompressed": round(recall1 / base, 3) if base else None,
-                         "rescore": index.options["rescore"], "build_s": round(build_s, 2)})
+            rows.append(
+                {
+                    "map": name,
+                    "places": len(db),
+                    "index": label,
+                    "code_bytes_per_place": round(codes, 1),
+                    "index_bytes_per_place": round(whole, 1),
+                    "vs_float32": f"1/{float32 / max(codes, 1e-9):.0f}",
+                    "recall@1": round(recall1, 3),
+                    "vs_uncompressed": round(recall1 / base, 3) if base else None,
+                    "rescore": index.options["rescore"],
+                    "build_s": round(build_s, 2),
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -446,13 +488,45 @@ def main() -> None:
     synthetic = [] if args.no_synthetic else run_synthetic(args, dim)
     extra = {"places": args.places, "queries": args.queries, "dim": dim, "threads": THREADS, "real": real}
     if real:
-        report(f"{args.name}-real", real, ["map", "places", "index", "code_bytes_per_place", "index_bytes_per_place",
-                                            "vs_float32", "recall@1", "vs_uncompressed", "rescore", "build_s", "error"])
+        report(
+            f"{args.name}-real",
+            real,
+            [
+                "map",
+                "places",
+                "index",
+                "code_bytes_per_place",
+                "index_bytes_per_place",
+                "vs_float32",
+                "recall@1",
+                "vs_uncompressed",
+                "rescore",
+                "build_s",
+                "error",
+            ],
+        )
     if synthetic:
         print()
-        report(args.name, synthetic, ["index", "places", "bytes_per_place", "code_bytes_per_place", "build_s", "ram_mb",
-                                      "p50_ms", "p99_ms", "recall@1_vs_exact", "recall@10_vs_exact", "place_r1",
-                                      "place_r10", "place_r10_vs_exact"], extra)
+        report(
+            args.name,
+            synthetic,
+            [
+                "index",
+                "places",
+                "bytes_per_place",
+                "code_bytes_per_place",
+                "build_s",
+                "ram_mb",
+                "p50_ms",
+                "p99_ms",
+                "recall@1_vs_exact",
+                "recall@10_vs_exact",
+                "place_r1",
+                "place_r10",
+                "place_r10_vs_exact",
+            ],
+            extra,
+        )
 
 
 if __name__ == "__main__":

@@ -67,16 +67,30 @@ def corridor():
     with open(root / "ground_truth.csv") as f:
         for r in csv.DictReader(f):
             pos[r["query"].split("/")[-1]] = {ref_idx[p.split("/")[-1]] for p in r["positives"].split()}
-    return dict(name="corridor", ref_root=root / "ref", query_root=root / "query", refs=refs, queries=queries,
-                positives=[pos.get(q, set()) for q in queries], spec=ImageSpec((240, 320), "fixed"))
+    return dict(
+        name="corridor",
+        ref_root=root / "ref",
+        query_root=root / "query",
+        refs=refs,
+        queries=queries,
+        positives=[pos.get(q, set()) for q in queries],
+        spec=ImageSpec((240, 320), "fixed"),
+    )
 
 
 def nordland(n=600, step=4):
     root = DATA / "nordland-64x32"
     names = sorted(p.name for p in (root / "summer").glob("*.png"))[::step][:n]
     names = [k for k in names if (root / "winter" / k).exists()]
-    return dict(name="nordland-600", ref_root=root / "summer", query_root=root / "winter", refs=names, queries=names,
-                positives=[{i} for i in range(len(names))], spec=ImageSpec((112, 224), "fixed"))
+    return dict(
+        name="nordland-600",
+        ref_root=root / "summer",
+        query_root=root / "winter",
+        refs=names,
+        queries=names,
+        positives=[{i} for i in range(len(names))],
+        spec=ImageSpec((112, 224), "fixed"),
+    )
 
 
 def recall(ranked: list[np.ndarray], positives: list[set], ns=(1, 5)) -> dict[str, float]:
@@ -152,8 +166,14 @@ def evaluate_segments(ds, ref_sets, query_sets, g_ref, g_query, votings=("weight
             order, _ = rank_candidates(vote(img, sims, n, v), gs, fuse)
             ranked[v].append(order[:5])
         t_search.append((time.perf_counter() - t0) / len(votings))
-    bytes_per_image = float(np.mean([d.shape[0] * d.shape[1] * 2 + m.shape[0] * ((m.shape[1] + 7) // 8) + 4 * d.shape[0] + 8
-                                     for d, m in ref_sets]))
+    bytes_per_image = float(
+        np.mean(
+            [
+                d.shape[0] * d.shape[1] * 2 + m.shape[0] * ((m.shape[1] + 7) // 8) + 4 * d.shape[0] + 8
+                for d, m in ref_sets
+            ]
+        )
+    )
     segs = float(np.mean([len(d) for d, _ in ref_sets]))
     return {v: recall(r, ds["positives"]) for v, r in ranked.items()}, float(np.mean(t_search)), bytes_per_image, segs
 
@@ -170,8 +190,12 @@ def run_dataset(ds, backbone, quick=False, log=print):
 
     def gvlad(f):
         with torch.inference_mode():
-            return torch.cat([hard_vlad(torch.from_numpy(f[i:i + 32].reshape(len(f[i:i + 32]), -1, f.shape[-1])), ct)
-                              for i in range(0, len(f), 32)]).numpy()
+            return torch.cat(
+                [
+                    hard_vlad(torch.from_numpy(f[i : i + 32].reshape(len(f[i : i + 32]), -1, f.shape[-1])), ct)
+                    for i in range(0, len(f), 32)
+                ]
+            ).numpy()
 
     t1 = time.perf_counter()
     g_ref, g_q = gvlad(ref_f), gvlad(q_f)
@@ -179,9 +203,17 @@ def run_dataset(ds, backbone, quick=False, log=print):
     t1 = time.perf_counter()
     g_rank = [np.argsort(-s, kind="stable")[:5] for s in g_q @ g_ref.T]
     t_gs = (time.perf_counter() - t1) / len(q_f)
-    base = {"method": "global VLAD", "segmenter": "-", "order": None, "pooling": "vlad", "voting": "-",
-            **recall(g_rank, ds["positives"]), "s_per_query": t_bb_q + t_g + t_gs, "bytes_per_image": g_ref.shape[1] * 4,
-            "segments_per_image": 0}
+    base = {
+        "method": "global VLAD",
+        "segmenter": "-",
+        "order": None,
+        "pooling": "vlad",
+        "voting": "-",
+        **recall(g_rank, ds["positives"]),
+        "s_per_query": t_bb_q + t_g + t_gs,
+        "bytes_per_image": g_ref.shape[1] * 4,
+        "segments_per_image": 0,
+    }
     res["rows"].append(base)
     log(f"[{ds['name']}] global VLAD R@1 {base['R@1']:.3f} R@5 {base['R@5']:.3f}")
 
@@ -195,7 +227,7 @@ def run_dataset(ds, backbone, quick=False, log=print):
         n_seg = float(np.mean([n for _, _, n in ref_g]))
         log(f"[{ds['name']}] {name}: {n_seg:.1f} segments/image, {np.mean(t_seg_q) * 1000:.0f} ms/image")
         for order in orders:
-            for pooling in (["vlad", "sap"] if order == 1 else ["vlad"]):
+            for pooling in ["vlad", "sap"] if order == 1 else ["vlad"]:
                 ref_d, _ = describe_all(ref_g, ref_f, centres, order, pooling)
                 q_d, t_desc = describe_all(q_g, q_f, centres, order, pooling)
                 pca = None
@@ -209,15 +241,30 @@ def run_dataset(ds, backbone, quick=False, log=print):
                 recs, t_search, bpi, segs = evaluate_segments(ds, ref_s, q_s, g_ref, g_q)
                 spq = t_bb_q + float(np.mean(t_seg_q) + np.mean(t_desc) + np.mean(t_proj)) + t_search
                 for v, r in recs.items():
-                    row = {"method": "SegVLAD", "segmenter": name, "order": order, "pooling": pooling, "voting": v, **r,
-                           "s_per_query": spq, "bytes_per_image": bpi, "segments_per_image": segs}
+                    row = {
+                        "method": "SegVLAD",
+                        "segmenter": name,
+                        "order": order,
+                        "pooling": pooling,
+                        "voting": v,
+                        **r,
+                        "s_per_query": spq,
+                        "bytes_per_image": bpi,
+                        "segments_per_image": segs,
+                    }
                     res["rows"].append(row)
-                    if v == "weighted" and pooling == "vlad" and (best is None or (r["R@1"], r["R@5"]) > (best[0]["R@1"], best[0]["R@5"])):
+                    if (
+                        v == "weighted"
+                        and pooling == "vlad"
+                        and (best is None or (r["R@1"], r["R@5"]) > (best[0]["R@1"], best[0]["R@5"]))
+                    ):
                         best = (row, ref_d, q_d, ref_s, q_s)
                 w = recs["weighted"]
-                log(f"[{ds['name']}] {name} o={order} {pooling}: weighted R@1 {w['R@1']:.3f} R@5 {w['R@5']:.3f} | "
+                log(
+                    f"[{ds['name']}] {name} o={order} {pooling}: weighted R@1 {w['R@1']:.3f} R@5 {w['R@5']:.3f} | "
                     f"maxseg {recs['maxseg']['R@1']:.3f} | maxsim {recs['maxsim']['R@1']:.3f} | {segs:.1f} seg/img "
-                    f"{bpi / 1024:.1f} KiB/img {spq * 1000:.0f} ms/q  ({time.perf_counter() - t1:.0f}s)")
+                    f"{bpi / 1024:.1f} KiB/img {spq * 1000:.0f} ms/q  ({time.perf_counter() - t1:.0f}s)"
+                )
     # ablations on the best weights-free configuration: whitening and fusion with the global score
     row, ref_d, q_d, ref_s, q_s = best
     pool = np.concatenate([d for d, _ in ref_d])
@@ -231,7 +278,9 @@ def run_dataset(ds, backbone, quick=False, log=print):
     for fuse in (0.5, 1.0):
         recs, *_ = evaluate_segments(ds, ref_s, q_s, g_ref, g_q, votings=("weighted",), fuse=fuse)
         res["rows"].append({**row, "method": f"SegVLAD fused (w={fuse})", **recs["weighted"]})
-        log(f"[{ds['name']}] best fused with global (w={fuse}): R@1 {recs['weighted']['R@1']:.3f} R@5 {recs['weighted']['R@5']:.3f}")
+        log(
+            f"[{ds['name']}] best fused with global (w={fuse}): R@1 {recs['weighted']['R@1']:.3f} R@5 {recs['weighted']['R@5']:.3f}"
+        )
     res["best_segvlad"] = {k: row[k] for k in ("segmenter", "order", "pooling", "voting", "R@1", "R@5")}
     res["global_vlad"] = {k: base[k] for k in ("R@1", "R@5")}
     res["seconds"] = time.perf_counter() - t0
@@ -263,21 +312,33 @@ def pipeline_run(log=print):
         exp = explain(m, ds["query_root"] / "0000050.jpg", out=out, top=5)
         for line in exp.lines():
             log(line)
-    row = {"preset": "segvlad-slic", **rec, "s_per_query": spq, "build_seconds": build_s,
-           "bytes_per_image": extra, "segments_per_image": idx.ntotal / idx.n_images}
-    log(f"[pipeline] segvlad-slic on Corridor: R@1 {rec['R@1']:.3f} R@5 {rec['R@5']:.3f}, {spq:.3f} s/query, "
-        f"{row['segments_per_image']:.1f} segments/image, bytes/image {extra}")
+    row = {
+        "preset": "segvlad-slic",
+        **rec,
+        "s_per_query": spq,
+        "build_seconds": build_s,
+        "bytes_per_image": extra,
+        "segments_per_image": idx.ntotal / idx.n_images,
+    }
+    log(
+        f"[pipeline] segvlad-slic on Corridor: R@1 {rec['R@1']:.3f} R@5 {rec['R@5']:.3f}, {spq:.3f} s/query, "
+        f"{row['segments_per_image']:.1f} segments/image, bytes/image {extra}"
+    )
     return row
 
 
 def print_table(results):
-    print(f"\n{'dataset':<13}{'method':<41}{'seg':<13}{'o':>2} {'pool':<5}{'voting':<9}{'R@1':>6}{'R@5':>6}{'ms/q':>7}{'KiB/img':>9}{'seg/img':>8}")
+    print(
+        f"\n{'dataset':<13}{'method':<41}{'seg':<13}{'o':>2} {'pool':<5}{'voting':<9}{'R@1':>6}{'R@5':>6}{'ms/q':>7}{'KiB/img':>9}{'seg/img':>8}"
+    )
     for res in results:
         for r in res["rows"]:
             o = "-" if r["order"] is None else str(r["order"])
-            print(f"{res['dataset']:<13}{r['method']:<41}{r['segmenter']:<13}{o:>2} {r['pooling']:<5}{r['voting']:<9}"
-                  f"{r['R@1']:>6.3f}{r['R@5']:>6.3f}{r['s_per_query'] * 1000:>7.0f}{r['bytes_per_image'] / 1024:>9.1f}"
-                  f"{r['segments_per_image']:>8.1f}")
+            print(
+                f"{res['dataset']:<13}{r['method']:<41}{r['segmenter']:<13}{o:>2} {r['pooling']:<5}{r['voting']:<9}"
+                f"{r['R@1']:>6.3f}{r['R@5']:>6.3f}{r['s_per_query'] * 1000:>7.0f}{r['bytes_per_image'] / 1024:>9.1f}"
+                f"{r['segments_per_image']:>8.1f}"
+            )
 
 
 def main(argv=None):
@@ -294,13 +355,23 @@ def main(argv=None):
     print_table(results)
     for res in results:
         b, g = res["best_segvlad"], res["global_vlad"]
-        print(f"{res['dataset']}: best SegVLAD ({b['segmenter']}, o={b['order']}) R@1 {b['R@1']:.3f} vs global VLAD {g['R@1']:.3f}")
+        print(
+            f"{res['dataset']}: best SegVLAD ({b['segmenter']}, o={b['order']}) R@1 {b['R@1']:.3f} vs global VLAD {g['R@1']:.3f}"
+        )
     total = time.perf_counter() - t0
     print(f"total {total:.0f}s")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = {"protocol": __doc__, "datasets": results, "pipeline": pipe, "total_seconds": total,
-           "backbone": "efficientnet-lite0 block 10", "k_prime": K_PRIME, "pca_dim": PCA_DIM, "max_segments": MAX_SEGMENTS,
-           "recall_convention": "queries without positives count as failures (none here)"}
+    out = {
+        "protocol": __doc__,
+        "datasets": results,
+        "pipeline": pipe,
+        "total_seconds": total,
+        "backbone": "efficientnet-lite0 block 10",
+        "k_prime": K_PRIME,
+        "pca_dim": PCA_DIM,
+        "max_segments": MAX_SEGMENTS,
+        "recall_convention": "queries without positives count as failures (none here)",
+    }
     Path(args.out).write_text(json.dumps(out, indent=1, default=float))
     print(f"wrote {args.out}")
 

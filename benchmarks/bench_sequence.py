@@ -31,8 +31,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA, NORDLAND_600, NORDLAND_SIZE, RESULTS, report, setup  # noqa: E402
 
-from vprkit.retrieval.sequence import (OnlineSequenceMatcher, SequenceSettings,  # noqa: E402
-                                       sequence_scores)
+from vprkit.retrieval.sequence import (
+    OnlineSequenceMatcher,
+    SequenceSettings,  # noqa: E402
+    sequence_scores,
+)
 
 CACHE = RESULTS / "cache" / "sequence"
 LENGTHS = (1, 3, 5, 8, 10)
@@ -55,8 +58,12 @@ def _descriptors(name: str, precomputed: Path | None) -> dict[str, np.ndarray]:
     if not path.exists():
         _compute(name, path)
     z = np.load(path)
-    return {"map": z["map"], "query": z["query"], "map_keys": z["map_keys"],
-            "positives": [np.array([int(x) for x in s.split(",") if x], np.int64) for s in z["positives"]]}
+    return {
+        "map": z["map"],
+        "query": z["query"],
+        "map_keys": z["map_keys"],
+        "positives": [np.array([int(x) for x in s.split(",") if x], np.int64) for s in z["positives"]],
+    }
 
 
 def _compute(name: str, path: Path) -> None:
@@ -67,8 +74,11 @@ def _compute(name: str, path: Path) -> None:
     from vprkit.io import atomic_savez
     from vprkit.presets import resolve
 
-    specs = {"corridor": (str(DATA / "corridor"), None), "nordland600": (NORDLAND_600, NORDLAND_SIZE),
-             "nordland": (str(DATA / "nordland-64x32"), NORDLAND_SIZE)}
+    specs = {
+        "corridor": (str(DATA / "corridor"), None),
+        "nordland600": (NORDLAND_600, NORDLAND_SIZE),
+        "nordland": (str(DATA / "nordland-64x32"), NORDLAND_SIZE),
+    }
     spec, size = specs[name]
     ds = load_dataset(spec)
     config = resolve(None, image_size=size)
@@ -81,9 +91,13 @@ def _compute(name: str, path: Path) -> None:
     row = {k: i for i, k in enumerate(m.keys)}
     order = [row[k] for k in ds.database_images]  # ground truth refers to the dataset's database order
     gt = ds.ground_truth
-    atomic_savez(path, map=m.store.read_global().astype(np.float32)[order], map_keys=np.array(ds.database_images),
-                 query=np.stack([got[k] for k in ds.query_images]),
-                 positives=np.array([",".join(map(str, gt.positives[i])) for i in range(len(ds.query_images))]))
+    atomic_savez(
+        path,
+        map=m.store.read_global().astype(np.float32)[order],
+        map_keys=np.array(ds.database_images),
+        query=np.stack([got[k] for k in ds.query_images]),
+        positives=np.array([",".join(map(str, gt.positives[i])) for i in range(len(ds.query_images))]),
+    )
 
 
 def _recall(scores: np.ndarray, positives: list[np.ndarray], n: int) -> float:
@@ -94,13 +108,19 @@ def _recall(scores: np.ndarray, positives: list[np.ndarray], n: int) -> float:
 def _row(data: str, method: str, settings: SequenceSettings | None, sim: np.ndarray, positives) -> dict:
     scores = sim if settings is None else sequence_scores(sim, settings)
     v = "-" if settings is None else ",".join(f"{x:g}" for x in settings.velocities)
-    return {"data": data, "method": method, "anchor": "-" if settings is None else settings.anchor,
-            "L": 1 if settings is None else settings.length,
-            "contrast": "-" if settings is None or not settings.contrast_window else f"R={settings.contrast_window}",
-            "hub": "-" if settings is None else ("on" if settings.hub_correction else "off"),
-            "velocities": v if settings is None or settings.trajectory == "line"
-            else f"steps {int(settings.min_velocity)}-{int(settings.max_velocity)}, turn {settings.turn_penalty:g}",
-            "R@1": round(_recall(scores, positives, 1), 3), "R@5": round(_recall(scores, positives, 5), 3)}
+    return {
+        "data": data,
+        "method": method,
+        "anchor": "-" if settings is None else settings.anchor,
+        "L": 1 if settings is None else settings.length,
+        "contrast": "-" if settings is None or not settings.contrast_window else f"R={settings.contrast_window}",
+        "hub": "-" if settings is None else ("on" if settings.hub_correction else "off"),
+        "velocities": v
+        if settings is None or settings.trajectory == "line"
+        else f"steps {int(settings.min_velocity)}-{int(settings.max_velocity)}, turn {settings.turn_penalty:g}",
+        "R@1": round(_recall(scores, positives, 1), 3),
+        "R@5": round(_recall(scores, positives, 5), 3),
+    }
 
 
 def nordland_rows(d: dict) -> list[dict]:
@@ -111,19 +131,53 @@ def nordland_rows(d: dict) -> list[dict]:
         for contrast in (None, SEQSLAM_R):
             for L in LENGTHS[1:]:
                 for hub in (True, False):
-                    rows.append(_row("nordland-600", "line", SequenceSettings(length=L, contrast_window=contrast, anchor=anchor,
-                                                                              hub_correction=hub), sim, pos))
+                    rows.append(
+                        _row(
+                            "nordland-600",
+                            "line",
+                            SequenceSettings(length=L, contrast_window=contrast, anchor=anchor, hub_correction=hub),
+                            sim,
+                            pos,
+                        )
+                    )
     for anchor in ANCHORS:
         for L in (5, 10):
-            rows.append(_row("nordland-600", "line, true velocity only",
-                             SequenceSettings(length=L, min_velocity=1, max_velocity=1, anchor=anchor), sim, pos))
-            rows.append(_row("nordland-600", "line, fractional velocities",
-                             SequenceSettings(length=L, min_velocity=0.5, max_velocity=3, velocity_step=0.5, anchor=anchor),
-                             sim, pos))
-            rows.append(_row("nordland-600", "flexible", SequenceSettings(length=L, trajectory="flexible", anchor=anchor),
-                             sim, pos))
-            rows.append(_row("nordland-600", "flexible", SequenceSettings(length=L, trajectory="flexible", anchor=anchor,
-                                                                          turn_penalty=TURN), sim, pos))
+            rows.append(
+                _row(
+                    "nordland-600",
+                    "line, true velocity only",
+                    SequenceSettings(length=L, min_velocity=1, max_velocity=1, anchor=anchor),
+                    sim,
+                    pos,
+                )
+            )
+            rows.append(
+                _row(
+                    "nordland-600",
+                    "line, fractional velocities",
+                    SequenceSettings(length=L, min_velocity=0.5, max_velocity=3, velocity_step=0.5, anchor=anchor),
+                    sim,
+                    pos,
+                )
+            )
+            rows.append(
+                _row(
+                    "nordland-600",
+                    "flexible",
+                    SequenceSettings(length=L, trajectory="flexible", anchor=anchor),
+                    sim,
+                    pos,
+                )
+            )
+            rows.append(
+                _row(
+                    "nordland-600",
+                    "flexible",
+                    SequenceSettings(length=L, trajectory="flexible", anchor=anchor, turn_penalty=TURN),
+                    sim,
+                    pos,
+                )
+            )
     return rows
 
 
@@ -133,10 +187,12 @@ def variable_speed_rows(d: dict, seeds: int) -> list[dict]:
     methods = [("single image", None)]
     for anchor in ANCHORS:
         for L in (5, 10):
-            methods += [("line", SequenceSettings(length=L, anchor=anchor)),
-                        ("flexible", SequenceSettings(length=L, trajectory="flexible", anchor=anchor)),
-                        ("flexible", SequenceSettings(length=L, trajectory="flexible", anchor=anchor, hub_correction=False)),
-                        ("flexible", SequenceSettings(length=L, trajectory="flexible", turn_penalty=TURN, anchor=anchor))]
+            methods += [
+                ("line", SequenceSettings(length=L, anchor=anchor)),
+                ("flexible", SequenceSettings(length=L, trajectory="flexible", anchor=anchor)),
+                ("flexible", SequenceSettings(length=L, trajectory="flexible", anchor=anchor, hub_correction=False)),
+                ("flexible", SequenceSettings(length=L, trajectory="flexible", turn_penalty=TURN, anchor=anchor)),
+            ]
     for name, settings in methods:
         per_seed = []
         for seed in range(seeds):
@@ -144,7 +200,9 @@ def variable_speed_rows(d: dict, seeds: int) -> list[dict]:
             steps = 1 + rng.integers(0, DROP_MAX + 1, size=len(sim_all))
             idx = np.concatenate([[0], np.cumsum(steps)])
             idx = idx[idx < len(sim_all)]
-            per_seed.append(_row("nordland-600 variable speed", name, settings, sim_all[idx], [d["positives"][i] for i in idx]))
+            per_seed.append(
+                _row("nordland-600 variable speed", name, settings, sim_all[idx], [d["positives"][i] for i in idx])
+            )
         row = dict(per_seed[0])
         for key in ("R@1", "R@5"):
             row[key] = round(float(np.mean([r[key] for r in per_seed])), 3)
@@ -159,8 +217,15 @@ def corridor_rows(d: dict) -> list[dict]:
     for anchor in ANCHORS:
         for L in (3, 5, 10):
             for hub in (True, False):
-                rows.append(_row("corridor", "line", SequenceSettings(length=L, anchor=anchor, hub_correction=hub), sim,
-                                 d["positives"]))
+                rows.append(
+                    _row(
+                        "corridor",
+                        "line",
+                        SequenceSettings(length=L, anchor=anchor, hub_correction=hub),
+                        sim,
+                        d["positives"],
+                    )
+                )
     return rows
 
 
@@ -175,29 +240,45 @@ def timing_rows(d: dict, n_queries: int) -> list[dict]:
         t = time.perf_counter()
         sims.append(m @ g)
         t_sim.append(time.perf_counter() - t)
-    for name, settings in (("line", SequenceSettings(length=10)), ("line + contrast", SequenceSettings(length=10, contrast_window=SEQSLAM_R)),
-                           ("flexible", SequenceSettings(length=10, trajectory="flexible"))):
+    for name, settings in (
+        ("line", SequenceSettings(length=10)),
+        ("line + contrast", SequenceSettings(length=10, contrast_window=SEQSLAM_R)),
+        ("flexible", SequenceSettings(length=10, trajectory="flexible")),
+    ):
         online = OnlineSequenceMatcher(settings)
         times = []
         for s in sims:
             t = time.perf_counter()
             online.push(s)
             times.append(time.perf_counter() - t)
-        rows.append({"map rows": len(m), "method": name, "L": 10, "sequence step ms/query (median)": round(1000 * float(np.median(times)), 3),
-                     "similarity row ms/query (median)": round(1000 * float(np.median(t_sim)), 3)})
+        rows.append(
+            {
+                "map rows": len(m),
+                "method": name,
+                "L": 10,
+                "sequence step ms/query (median)": round(1000 * float(np.median(times)), 3),
+                "similarity row ms/query (median)": round(1000 * float(np.median(t_sim)), 3),
+            }
+        )
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--precomputed", type=Path, default=None, help="Folder with {corridor,nordland600,nordland}-default.npz")
+    ap.add_argument(
+        "--precomputed", type=Path, default=None, help="Folder with {corridor,nordland600,nordland}-default.npz"
+    )
     ap.add_argument("--seeds", type=int, default=3, help="Seeds of the variable-speed query sequence.")
     ap.add_argument("--timing-queries", type=int, default=200, help="Queries timed on the full Nordland map.")
     args = ap.parse_args()
     setup()
     CACHE.mkdir(parents=True, exist_ok=True)
     n600 = _descriptors("nordland600", args.precomputed)
-    rows = nordland_rows(n600) + variable_speed_rows(n600, args.seeds) + corridor_rows(_descriptors("corridor", args.precomputed))
+    rows = (
+        nordland_rows(n600)
+        + variable_speed_rows(n600, args.seeds)
+        + corridor_rows(_descriptors("corridor", args.precomputed))
+    )
     report("sequence", rows, COLUMNS, extra={"targets": TARGETS})
     timing = timing_rows(_descriptors("nordland", args.precomputed), args.timing_queries)
     print()

@@ -85,9 +85,14 @@ def in_process(live: LiveMap, pictures: list) -> dict:
         total.append(t1 - t0)
         describe.append(t2 - t1)
         search.append(t3 - t2)
-    return {"frames": len(pictures), "cpu_ms_per_frame": round(statistics.median(cpu) * MS, 1), "localize_ms": round(statistics.median(total) * MS, 1),
-            "localize_p90_ms": round(float(np.percentile(total, 90)) * MS, 1),
-            "descriptor_ms": round(statistics.median(describe) * MS, 1), "search_ms": round(statistics.median(search) * MS, 2)}
+    return {
+        "frames": len(pictures),
+        "cpu_ms_per_frame": round(statistics.median(cpu) * MS, 1),
+        "localize_ms": round(statistics.median(total) * MS, 1),
+        "localize_p90_ms": round(float(np.percentile(total, 90)) * MS, 1),
+        "descriptor_ms": round(statistics.median(describe) * MS, 1),
+        "search_ms": round(statistics.median(search) * MS, 2),
+    }
 
 
 def in_process_both(map_dir: Path, frames: int) -> dict:
@@ -124,8 +129,12 @@ def start_server(map_dir: Path) -> tuple[subprocess.Popen, str]:
     """``vprkit serve MAP`` in its own process on a free loopback port; returns once /health answers."""
     port = free_port()
     vprkit = Path(sys.executable).with_name("vprkit")
-    proc = subprocess.Popen([str(vprkit), "serve", str(map_dir), "--port", str(port), "--no-access-log"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "VPRKIT_OFFLINE": "1"})
+    proc = subprocess.Popen(
+        [str(vprkit), "serve", str(map_dir), "--port", str(port), "--no-access-log"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "VPRKIT_OFFLINE": "1"},
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -182,11 +191,18 @@ def load(url: str, pid: int, images: list[bytes], clients: int, max_requests: in
     lat = np.asarray(latencies) * MS
     p50, p99 = (round(float(np.percentile(lat, p)), 1) if len(lat) else None for p in PERCENTILES)
     rps = round(len(latencies) / wall, 1)
-    return {"clients": clients, "requests": len(latencies), "errors": len(errors), "seconds": round(wall, 1),
-            "requests_per_s": rps, "p50_ms": p50, "p99_ms": p99,
-            "server_cpu_ms_per_request": round(cpu / max(1, len(latencies) + len(errors)) * MS, 1),
-            "target_met": bool(rps >= TARGET_RPS and p99 is not None and p99 < TARGET_P99_MS and not errors),
-            **({"first_error": errors[0]} if errors else {})}
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "errors": len(errors),
+        "seconds": round(wall, 1),
+        "requests_per_s": rps,
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "server_cpu_ms_per_request": round(cpu / max(1, len(latencies) + len(errors)) * MS, 1),
+        "target_met": bool(rps >= TARGET_RPS and p99 is not None and p99 < TARGET_P99_MS and not errors),
+        **({"first_error": errors[0]} if errors else {}),
+    }
 
 
 def main() -> None:
@@ -207,17 +223,39 @@ def main() -> None:
         proc.terminate()
         proc.wait(10)
     inproc["target_met"] = inproc["localize_ms"] <= TARGET_INPROCESS_MS
-    report("service", rows, ["clients", "requests", "errors", "seconds", "requests_per_s", "p50_ms", "p99_ms",
-                             "server_cpu_ms_per_request", "target_met"],
-           extra={"in_process": inproc, "map": str(map_dir), "preset": DEFAULT_PRESET, "top_k": TOP_K,
-                  "targets": {"requests_per_s": TARGET_RPS, "p99_ms": TARGET_P99_MS, "in_process_ms": TARGET_INPROCESS_MS},
-                  "load": os.getloadavg()})
-    print(f"\nin-process LiveMap.localize, one decoded frame, from a worker thread as the service calls it (median of "
-          f"{inproc['frames']}): {inproc['localize_ms']} ms (p90 {inproc['localize_p90_ms']} ms; descriptor "
-          f"{inproc['descriptor_ms']} ms, search {inproc['search_ms']} ms; {inproc['cpu_ms_per_frame']} CPU-ms per frame) "
-          f"— target ≤ {TARGET_INPROCESS_MS:.0f} ms: {'met' if inproc['target_met'] else 'MISSED'}; "
-          f"from the main thread: {inproc['main_thread_localize_ms']} ms")
-    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (2 cores; > 2 means contended timings)")
+    report(
+        "service",
+        rows,
+        [
+            "clients",
+            "requests",
+            "errors",
+            "seconds",
+            "requests_per_s",
+            "p50_ms",
+            "p99_ms",
+            "server_cpu_ms_per_request",
+            "target_met",
+        ],
+        extra={
+            "in_process": inproc,
+            "map": str(map_dir),
+            "preset": DEFAULT_PRESET,
+            "top_k": TOP_K,
+            "targets": {"requests_per_s": TARGET_RPS, "p99_ms": TARGET_P99_MS, "in_process_ms": TARGET_INPROCESS_MS},
+            "load": os.getloadavg(),
+        },
+    )
+    print(
+        f"\nin-process LiveMap.localize, one decoded frame, from a worker thread as the service calls it (median of "
+        f"{inproc['frames']}): {inproc['localize_ms']} ms (p90 {inproc['localize_p90_ms']} ms; descriptor "
+        f"{inproc['descriptor_ms']} ms, search {inproc['search_ms']} ms; {inproc['cpu_ms_per_frame']} CPU-ms per frame) "
+        f"— target ≤ {TARGET_INPROCESS_MS:.0f} ms: {'met' if inproc['target_met'] else 'MISSED'}; "
+        f"from the main thread: {inproc['main_thread_localize_ms']} ms"
+    )
+    print(
+        f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (2 cores; > 2 means contended timings)"
+    )
 
 
 if __name__ == "__main__":

@@ -105,8 +105,12 @@ def main() -> None:
                 t = time.time()
                 db = extract(backbone, ds.database_dir, ds.database_images, size)
                 q = extract(backbone, ds.queries_dir, ds.query_images, size)
-                print(f"[{time.time() - t0:6.1f}s] {preset} {ds_name}: features db {tuple(db.shape)} q {tuple(q.shape)} "
-                      f"in {time.time() - t:.1f}s", file=sys.stderr, flush=True)
+                print(
+                    f"[{time.time() - t0:6.1f}s] {preset} {ds_name}: features db {tuple(db.shape)} q {tuple(q.shape)} "
+                    f"in {time.time() - t:.1f}s",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 sampler = DescriptorSampler(backbone.dim, max_bytes=db.numel() * 4 + 4 * backbone.dim)
                 sampler.add(DenseFeatures(db, backbone.stride, size))
                 per_kind: dict[str, list[dict]] = {"unit": [], "raw": []}
@@ -114,32 +118,64 @@ def main() -> None:
                     for kind in ("unit", "raw"):
                         voc = fit_vocabulary(sampler.pool, k, seed=seed, centres=kind)
                         agg = VLAD(backbone.dim, voc, assignments=m)
-                        r = recall(encode(agg, db, backbone.stride, size), encode(agg, q, backbone.stride, size), ds.ground_truth)
+                        r = recall(
+                            encode(agg, db, backbone.stride, size),
+                            encode(agg, q, backbone.stride, size),
+                            ds.ground_truth,
+                        )
                         norms = np.linalg.norm(voc.centres, axis=1)
-                        run = {"preset": preset, "dataset": ds_name, "seed": seed, "centres": kind, **r,
-                               "centre_norm_mean": float(norms.mean()), "centre_norm_min": float(norms.min()),
-                               "empty_clusters": int((norms == 0).sum())}
+                        run = {
+                            "preset": preset,
+                            "dataset": ds_name,
+                            "seed": seed,
+                            "centres": kind,
+                            **r,
+                            "centre_norm_mean": float(norms.mean()),
+                            "centre_norm_min": float(norms.min()),
+                            "empty_clusters": int((norms == 0).sum()),
+                        }
                         runs.append(run)
                         per_kind[kind].append(r)
-                        print(f"[{time.time() - t0:6.1f}s]   seed {seed} {kind:4s}: R@1 {r['R@1']:.3f} R@5 {r['R@5']:.3f} "
-                              f"(|c| mean {norms.mean():.3f})", file=sys.stderr, flush=True)
+                        print(
+                            f"[{time.time() - t0:6.1f}s]   seed {seed} {kind:4s}: R@1 {r['R@1']:.3f} R@5 {r['R@5']:.3f} "
+                            f"(|c| mean {norms.mean():.3f})",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                 for kind, rs in per_kind.items():
                     r1 = [x["R@1"] for x in rs]
-                    rows.append({"preset": preset, "dataset": ds_name, "centres": kind,
-                                 "R@1 mean": round(statistics.mean(r1), 4), "R@1 min": round(min(r1), 4),
-                                 "R@1 max": round(max(r1), 4), "R@5 mean": round(statistics.mean(x["R@5"] for x in rs), 4),
-                                 "R@1 per seed": " ".join(f"{v:.3f}" for v in r1)})
+                    rows.append(
+                        {
+                            "preset": preset,
+                            "dataset": ds_name,
+                            "centres": kind,
+                            "R@1 mean": round(statistics.mean(r1), 4),
+                            "R@1 min": round(min(r1), 4),
+                            "R@1 max": round(max(r1), 4),
+                            "R@5 mean": round(statistics.mean(x["R@5"] for x in rs), 4),
+                            "R@1 per seed": " ".join(f"{v:.3f}" for v in r1),
+                        }
+                    )
     cols = ["preset", "dataset", "centres", "R@1 mean", "R@1 min", "R@1 max", "R@5 mean", "R@1 per seed"]
     widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
     for r in rows:
         print("  ".join(str(r[c]).ljust(w) for c, w in zip(cols, widths)))
     out = RESULTS / f"{args.out}.json"
-    out.write_text(json.dumps({"rows": rows, "runs": runs, "seeds": seeds, "threads": THREADS,
-                               "seconds": round(time.time() - t0, 1),
-                               "protocol": "map vocabulary from all database patches; cosine ranking; "
-                                           "Corridor 320×240 ground_truth.csv; Nordland-600 224×112 exact frame"},
-                              indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "rows": rows,
+                "runs": runs,
+                "seeds": seeds,
+                "threads": THREADS,
+                "seconds": round(time.time() - t0, 1),
+                "protocol": "map vocabulary from all database patches; cosine ranking; "
+                "Corridor 320×240 ground_truth.csv; Nordland-600 224×112 exact frame",
+            },
+            indent=2,
+        )
+    )
     print(f"\nwrote {out} ({time.time() - t0:.0f} s)", file=sys.stderr)
 
 

@@ -29,8 +29,18 @@ import tempfile
 from html.parser import HTMLParser
 from pathlib import Path
 
-EXPECTED_SECTIONS = ("results", "recall-curve", "pr-curve", "galleries", "per-query", "ground-truth", "timing",
-                     "settings", "environment", "software")
+EXPECTED_SECTIONS = (
+    "results",
+    "recall-curve",
+    "pr-curve",
+    "galleries",
+    "per-query",
+    "ground-truth",
+    "timing",
+    "settings",
+    "environment",
+    "software",
+)
 MIN_FIGURE_SIDE = 50
 MIN_DISTINCT_COLOURS = 64
 MIN_INK_FRACTION = 0.02
@@ -69,8 +79,16 @@ def find_chromium() -> str | None:
 
 def screenshot(html: Path, out: Path, width: int, height: int, chromium: str) -> None:
     with tempfile.TemporaryDirectory(prefix="vprkit-chromium-") as profile:
-        cmd = [chromium, "--headless", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={profile}",
-               f"--screenshot={out}", f"--window-size={width},{height}", "--default-background-color=ffffffff"]
+        cmd = [
+            chromium,
+            "--headless",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--user-data-dir={profile}",
+            f"--screenshot={out}",
+            f"--window-size={width},{height}",
+            "--default-background-color=ffffffff",
+        ]
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             cmd.append("--no-sandbox")
         cmd.append(html.resolve().as_uri())
@@ -114,8 +132,12 @@ def main(argv: list[str] | None = None) -> int:
             sizes.append(im.size)
         except Exception as exc:  # noqa: BLE001 - report every undecodable image
             check(False, f"image {img.get('alt', '?')!r} decodes ({exc})")
-    check(bool(sizes) and len(sizes) == len(page.images), f"{len(sizes)} embedded PNGs decode: "
-          + ", ".join(f"{w}×{h}" for w, h in sizes[:6]) + (" …" if len(sizes) > 6 else ""))
+    check(
+        bool(sizes) and len(sizes) == len(page.images),
+        f"{len(sizes)} embedded PNGs decode: "
+        + ", ".join(f"{w}×{h}" for w, h in sizes[:6])
+        + (" …" if len(sizes) > 6 else ""),
+    )
     small = [s for s in sizes if min(s) < MIN_FIGURE_SIDE]
     check(not small, f"no image smaller than {MIN_FIGURE_SIDE} px" + (f"; {small}" if small else ""))
     check(len(text) < 50_000_000, f"report size {len(text) / 1e6:.1f} MB")
@@ -134,8 +156,10 @@ def main(argv: list[str] | None = None) -> int:
                 shot = np.asarray(Image.open(args.out).convert("RGB"))
                 ink = float((shot.min(axis=-1) < 240).mean())
                 colours = len(np.unique(shot.reshape(-1, 3)[:: max(1, shot.size // 3 // 200_000)], axis=0))
-                check(shot.shape[0] >= args.height // 2 and shot.shape[1] >= args.width // 2,
-                      f"screenshot {args.out} is {shot.shape[1]}×{shot.shape[0]}")
+                check(
+                    shot.shape[0] >= args.height // 2 and shot.shape[1] >= args.width // 2,
+                    f"screenshot {args.out} is {shot.shape[1]}×{shot.shape[0]}",
+                )
                 check(ink >= MIN_INK_FRACTION, f"screenshot not blank: {100 * ink:.1f} % non-white pixels")
                 check(colours >= MIN_DISTINCT_COLOURS, f"screenshot has {colours} distinct colours (figures, photos)")
     print("PASS" if not failures else f"FAILED: {len(failures)} check(s)")

@@ -47,9 +47,35 @@ ATHERIS_RSS_LIMIT_MB = 4096
 ATHERIS_INPUT_TIMEOUT_S = 30
 MAX_INPUT_BYTES = 256 * 1024  # a small map's store.h5 is ~40 KB
 # Tokens that matter to the CSV grammars and image headers, spliced in by the mutation loop.
-TOKENS = [b",", b";", b"\t", b'"', b"\r\n", b"\n", b" ", b"nan", b"inf", b"1e999", b"-", b".", b"./", b"\\",
-          b"\x00", b"\xff", b"\xef\xbb\xbf", b"query", b"positives", b"image", b"lat", b"lon", b"easting",
-          b"\xff\xff\xff\xff", b"\x00\x00\x00\x00", b"\x7f\xff", b"\x80\x00\x00\x00"]
+TOKENS = [
+    b",",
+    b";",
+    b"\t",
+    b'"',
+    b"\r\n",
+    b"\n",
+    b" ",
+    b"nan",
+    b"inf",
+    b"1e999",
+    b"-",
+    b".",
+    b"./",
+    b"\\",
+    b"\x00",
+    b"\xff",
+    b"\xef\xbb\xbf",
+    b"query",
+    b"positives",
+    b"image",
+    b"lat",
+    b"lon",
+    b"easting",
+    b"\xff\xff\xff\xff",
+    b"\x00\x00\x00\x00",
+    b"\x7f\xff",
+    b"\x80\x00\x00\x00",
+]
 QUERY_KEYS = ["a.jpg", "b.jpg", "query/c.jpg"]
 DB_KEYS = ["r0.jpg", "r1.jpg", "ref/r2.jpg"]
 
@@ -116,8 +142,12 @@ def _template_map(folder: Path) -> Path:
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((8, 16)).astype(np.float32)
     store = MapStore(d)
-    store.write_shard([f"img{i}.jpg" for i in range(8)], vectors, rng.random((8, 2)) * 100,
-                      entries={"content_sha256": np.array([b"a" * 64] * 8), "run": np.zeros(8)})
+    store.write_shard(
+        [f"img{i}.jpg" for i in range(8)],
+        vectors,
+        rng.random((8, 2)) * 100,
+        entries={"content_sha256": np.array([b"a" * 64] * 8), "run": np.zeros(8)},
+    )
     store.consolidate()
     FaissIndex.build(vectors).save(d / "index.faiss")
     fit_vocabulary(rng.standard_normal((64, 16)).astype(np.float32), k=4).save(d / "vocabulary.npz")
@@ -194,7 +224,9 @@ class Harness:
         saved = ""
         if self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
-            saved = str(self.out / f"{target.replace(' ', '_')}-{type(exc).__name__}-{hashlib.sha1(data).hexdigest()[:10]}.bin")
+            saved = str(
+                self.out / f"{target.replace(' ', '_')}-{type(exc).__name__}-{hashlib.sha1(data).hexdigest()[:10]}.bin"
+            )
             Path(saved).write_bytes(data)
         self.findings[key] = {"count": 1, "message": str(exc)[:200], "saved": saved}
 
@@ -208,7 +240,10 @@ class Harness:
             return 0
         print(f"{len(self.findings)} distinct finding(s) (not a VPRKitError):")
         for (target, name, where), info in sorted(self.findings.items()):
-            print(f"  [{target}] {name} at {where} ×{info['count']}: {info['message']}" + (f" — input {info['saved']}" if info["saved"] else ""))
+            print(
+                f"  [{target}] {name} at {where} ×{info['count']}: {info['message']}"
+                + (f" — input {info['saved']}" if info["saved"] else "")
+            )
         return 1
 
 
@@ -224,22 +259,22 @@ def _mutate(rng: random.Random, data: bytes, seeds: list[bytes]) -> bytes:
             i = rng.randrange(1, len(buf)) if len(buf) > 1 else 0
             buf[i] = rng.choice([0, 1, 0x7F, 0x80, 0xFF, rng.randrange(256)])
         elif op == 2:  # insert a token
-            buf[max(pos, 1):max(pos, 1)] = rng.choice(TOKENS)
+            buf[max(pos, 1) : max(pos, 1)] = rng.choice(TOKENS)
         elif op == 3 and len(buf) > 2:  # delete a range
             j = min(len(buf), pos + rng.randint(1, 64))
-            del buf[max(pos, 1):j]
+            del buf[max(pos, 1) : j]
         elif op == 4 and len(buf) > 2:  # truncate
-            del buf[rng.randrange(1, len(buf)):]
+            del buf[rng.randrange(1, len(buf)) :]
         elif op == 5 and len(buf) > 2:  # duplicate a chunk
             i = rng.randrange(1, len(buf))
-            chunk = buf[i:i + rng.randint(1, 128)]
+            chunk = buf[i : i + rng.randint(1, 128)]
             buf[pos:pos] = chunk
         elif op == 6:  # splice the tail of another seed
             other = rng.choice(seeds)
-            buf[max(pos, 1):] = other[rng.randrange(1, len(other)):]
+            buf[max(pos, 1) :] = other[rng.randrange(1, len(other)) :]
         elif op == 7 and buf:  # overwrite with random bytes
             n = rng.randint(1, 16)
-            buf[max(pos, 1):max(pos, 1) + n] = bytes(rng.randrange(256) for _ in range(n))
+            buf[max(pos, 1) : max(pos, 1) + n] = bytes(rng.randrange(256) for _ in range(n))
     return bytes(buf[:MAX_INPUT_BYTES])
 
 
@@ -283,9 +318,16 @@ def run_atheris(harness_factory, seconds: float, seed: int, out: Path | None) ->
     atheris_dirs.append(corpus)
     for i, s in enumerate(_seed_inputs()):
         (corpus / f"seed-{i:03d}").write_bytes(s)
-    args = [sys.argv[0], f"-seed={seed or 1}", f"-rss_limit_mb={ATHERIS_RSS_LIMIT_MB}",
-            f"-timeout={ATHERIS_INPUT_TIMEOUT_S}", f"-max_len={MAX_INPUT_BYTES}", f"-max_total_time={int(seconds) + 60}",
-            "-print_final_stats=0", str(corpus)]
+    args = [
+        sys.argv[0],
+        f"-seed={seed or 1}",
+        f"-rss_limit_mb={ATHERIS_RSS_LIMIT_MB}",
+        f"-timeout={ATHERIS_INPUT_TIMEOUT_S}",
+        f"-max_len={MAX_INPUT_BYTES}",
+        f"-max_total_time={int(seconds) + 60}",
+        "-print_final_stats=0",
+        str(corpus),
+    ]
     atheris.Setup(args, one_input)
     atheris.Fuzz()
 

@@ -37,15 +37,17 @@ def corridor_map(tmp_path_factory, shared_datasets: Path) -> Callable[..., Path]
     """
     built: dict[tuple, Path] = {}
 
-    def build(preset: str | None = None, image_size: tuple[int, int] | None = None, every: int = 1,
-              count: int | None = None) -> Path:
+    def build(
+        preset: str | None = None, image_size: tuple[int, int] | None = None, every: int = 1, count: int | None = None
+    ) -> Path:
         settings = (preset, image_size, every, count)
         if settings not in built:
             ref = shared_datasets / "corridor" / "ref"
             keys = sorted(p.name for p in ref.glob("*.jpg"))[::every][:count]
             out = tmp_path_factory.mktemp("corridor-map") / "map"
-            pipeline.build_map(FolderImages(ref, keys), out, resolve(preset, image_size=image_size), progress=False,
-                               log=lambda _: None)
+            pipeline.build_map(
+                FolderImages(ref, keys), out, resolve(preset, image_size=image_size), progress=False, log=lambda _: None
+            )
             built[settings] = out
         return built[settings]
 
@@ -55,8 +57,9 @@ def corridor_map(tmp_path_factory, shared_datasets: Path) -> Callable[..., Path]
 @pytest.fixture(scope="session")
 def small_config():
     """effnet-vlad at 64×64 with 8 VLAD clusters and batches of 4: a real map of a dozen images in seconds."""
-    return resolve("effnet-vlad").replace(image=ImageSpec((64, 64), "fixed"), vocabulary=VocabularyConfig(k=8),
-                                          batch_size=4)
+    return resolve("effnet-vlad").replace(
+        image=ImageSpec((64, 64), "fixed"), vocabulary=VocabularyConfig(k=8), batch_size=4
+    )
 
 
 @pytest.fixture

@@ -109,10 +109,13 @@ def assert_loopback_only(listeners: Iterable[Listener]) -> list[Listener]:
     """Fail, naming them, if any of ``listeners`` binds another address than loopback; returns them all."""
     listeners = list(listeners)
     exposed = [s for s in listeners if not is_loopback(s.ip)]
-    assert not exposed, ("listening beyond loopback: " + ", ".join(map(str, exposed))
-                         + "; all listeners: " + ", ".join(map(str, listeners)))
+    assert not exposed, (
+        "listening beyond loopback: "
+        + ", ".join(map(str, exposed))
+        + "; all listeners: "
+        + ", ".join(map(str, listeners))
+    )
     return listeners
-
 
 
 class FixedPatchScores(PatchReranker):
@@ -136,8 +139,9 @@ class FixedPatchScores(PatchReranker):
         return np.array([self.perfect])
 
 
-def grid_patch_set(rows: int, cols: int, step: float = 16.0, offset: float = 1.0,
-                   descriptors: torch.Tensor | None = None) -> PatchSet:
+def grid_patch_set(
+    rows: int, cols: int, step: float = 16.0, offset: float = 1.0, descriptors: torch.Tensor | None = None
+) -> PatchSet:
     """A ``rows × cols`` grid of patches ``step`` pixels apart, centred at ``(cell + offset) · step``
     (``offset`` 1: vprkit's keypoints; 0.5: cell centres), with zero 1-d descriptors unless given."""
     ys, xs = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")

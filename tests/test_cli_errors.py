@@ -65,18 +65,31 @@ def test_truncated_index_is_rebuilt_with_a_warning(small_map, tmp_path, monkeypa
 def test_unwritable_out_and_absurd_image_size_are_refused_before_work(tmp_path, monkeypatch, capsys):
     make_images(tmp_path / "images", 3)
     (tmp_path / "file").write_text("x")
-    code, _, err = run(monkeypatch, capsys, "map", "build", tmp_path / "images", "--out", tmp_path / "file" / "m", *SMALL)
+    code, _, err = run(
+        monkeypatch, capsys, "map", "build", tmp_path / "images", "--out", tmp_path / "file" / "m", *SMALL
+    )
     one_line_error(code, err, "cannot write to")
-    code, _, err = run(monkeypatch, capsys, "map", "build", tmp_path / "images", "--out", tmp_path / "m",
-                       "--image-size", "1x100000")
+    code, _, err = run(
+        monkeypatch, capsys, "map", "build", tmp_path / "images", "--out", tmp_path / "m", "--image-size", "1x100000"
+    )
     one_line_error(code, err, "aspect ratio")
 
 
 def test_a_pickle_as_weights_and_a_crafted_vocabulary_are_refused(tmp_path, monkeypatch, capsys):
     make_images(tmp_path / "images", 3)
     (tmp_path / "w.pth").write_bytes(pickle.dumps({"not": "weights"}))
-    code, _, err = run(monkeypatch, capsys, "map", "build", tmp_path / "images", "--out", tmp_path / "m1", *SMALL,
-                       "--weights", tmp_path / "w.pth")
+    code, _, err = run(
+        monkeypatch,
+        capsys,
+        "map",
+        "build",
+        tmp_path / "images",
+        "--out",
+        tmp_path / "m1",
+        *SMALL,
+        "--weights",
+        tmp_path / "w.pth",
+    )
     one_line_error(code, err, "w.pth")
     import zipfile
 
@@ -92,14 +105,31 @@ def test_a_pickle_as_weights_and_a_crafted_vocabulary_are_refused(tmp_path, monk
     with zipfile.ZipFile(tmp_path / "v.npz") as src, zipfile.ZipFile(tmp_path / "bad.npz", "w") as dst:
         for item in src.infolist():
             dst.writestr(item.filename, crafted if item.filename == "centres.npy" else src.read(item))
-    code, _, err = run(monkeypatch, capsys, "map", "build", tmp_path / "images", "--out", tmp_path / "m2",
-                       "--preset", "effnet-vlad", "--image-size", "64x64", "--quiet", "--vocab", tmp_path / "bad.npz")
+    code, _, err = run(
+        monkeypatch,
+        capsys,
+        "map",
+        "build",
+        tmp_path / "images",
+        "--out",
+        tmp_path / "m2",
+        "--preset",
+        "effnet-vlad",
+        "--image-size",
+        "64x64",
+        "--quiet",
+        "--vocab",
+        tmp_path / "bad.npz",
+    )
     one_line_error(code, err, "bad.npz", "claims")
 
 
 def test_json_output_is_json_and_good_queries_are_answered(small_map, tmp_path, monkeypatch, capsys):
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
-    queries = [tmp_path / "images" / f"img00{i}.png" for i in range(3)] + [tmp_path / "broken.jpg", tmp_path / "gone.png"]
+    queries = [tmp_path / "images" / f"img00{i}.png" for i in range(3)] + [
+        tmp_path / "broken.jpg",
+        tmp_path / "gone.png",
+    ]
     code, out, err = run(monkeypatch, capsys, "localize", small_map, *queries, "--json", "--top-k", "1")
     results = json.loads(out)  # nothing but JSON on stdout
     assert code == 1 and [r["query"] for r in results] == [str(q) for q in queries]
@@ -138,15 +168,34 @@ def test_weights_never_run_code_even_when_torch_is_told_to_allow_it(tmp_path, mo
     marker = tmp_path / "code-ran"
     torch.save({"_conv_stem.weight": _Trap(marker)}, tmp_path / "evil.pth")
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-    code, _, err = run(monkeypatch, capsys, "map", "build", tmp_path / "images", "--out", tmp_path / "m", *SMALL,
-                       "--weights", tmp_path / "evil.pth")
+    code, _, err = run(
+        monkeypatch,
+        capsys,
+        "map",
+        "build",
+        tmp_path / "images",
+        "--out",
+        tmp_path / "m",
+        *SMALL,
+        "--weights",
+        tmp_path / "evil.pth",
+    )
     one_line_error(code, err, "evil.pth", "never runs code")
     assert not marker.exists()
 
 
 def test_a_radius_for_a_list_ground_truth_is_one_line(monkeypatch, capsys, shared_datasets):
-    code, _, err = run(monkeypatch, capsys, "eval", "corridor", "--data-root", shared_datasets,
-                       "--positive-dist-threshold", "10", *SMALL)
+    code, _, err = run(
+        monkeypatch,
+        capsys,
+        "eval",
+        "corridor",
+        "--data-root",
+        shared_datasets,
+        "--positive-dist-threshold",
+        "10",
+        *SMALL,
+    )
     one_line_error(code, err, "positive_dist_threshold", "vpr-bench")
 
 
@@ -161,6 +210,7 @@ def test_the_radius_reaches_a_positional_layout(tmp_path, monkeypatch, capsys):
 
     near = load_dataset(tmp_path / "set", positive_dist_threshold=5)
     wide = load_dataset(tmp_path / "set", positive_dist_threshold=20)
+
     def names(ds):
         return sorted(ds.database_images[i] for i in ds.ground_truth.positives[0])
 

@@ -16,63 +16,125 @@ from vprkit import options as opts
 from vprkit.config import Config, ImageSpec, VocabularyConfig, check_device
 from vprkit.environment import RESULT_VARIABLES, VARIABLES, recorded_environment
 from vprkit.errors import ConfigError
-from vprkit.presets import (DEFAULT_PRESET, get_rerank_config, list_presets, list_rerank_configs, map_extensions_for,
-                            patch_options, resolve)
+from vprkit.presets import (
+    DEFAULT_PRESET,
+    get_rerank_config,
+    list_presets,
+    list_rerank_configs,
+    map_extensions_for,
+    patch_options,
+    resolve,
+)
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "vprkit"
-HEAVY = ("torch", "numpy", "faiss", "h5py", "PIL", "vprkit.backbones", "vprkit.aggregation", "vprkit.maps",
-         "vprkit.rerank", "vprkit.segments", "vprkit.images", "vprkit.pipeline", "vprkit.retrieval")
+HEAVY = (
+    "torch",
+    "numpy",
+    "faiss",
+    "h5py",
+    "PIL",
+    "vprkit.backbones",
+    "vprkit.aggregation",
+    "vprkit.maps",
+    "vprkit.rerank",
+    "vprkit.segments",
+    "vprkit.images",
+    "vprkit.pipeline",
+    "vprkit.retrieval",
+)
 
 
 # ---- resolving is light ---------------------------------------------------------------------------
 
+
 def test_resolving_a_preset_imports_no_library():
-    code = ("import sys, vprkit.presets as p\n"
-            "p.resolve('effnet2-vlad-ma4'); p.resolve('anyloc-vits14'); p.resolve('segvlad-slic', rerank='speed')\n"
-            "p.get_rerank_config('performance-xfeat'); [p.resolve(c.name) for c in p.list_presets()]\n"
-            f"print([m for m in {HEAVY!r} if m in sys.modules])")
+    code = (
+        "import sys, vprkit.presets as p\n"
+        "p.resolve('effnet2-vlad-ma4'); p.resolve('anyloc-vits14'); p.resolve('segvlad-slic', rerank='speed')\n"
+        "p.get_rerank_config('performance-xfeat'); [p.resolve(c.name) for c in p.list_presets()]\n"
+        f"print([m for m in {HEAVY!r} if m in sys.modules])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
 
 def test_every_preset_validates_and_roundtrips():
     names = {c.name for c in list_presets()}
-    assert {"effnet-vlad", "effnet2-vlad-ma4", "netvlad-vgg16", "anyloc-vits14", "anyloc-gem-vitb14", "dinov2-cls-vitg14",
-            "segvlad-slic", "segvlad-sam", "effnet2-vlad-x3"} <= names
+    assert {
+        "effnet-vlad",
+        "effnet2-vlad-ma4",
+        "netvlad-vgg16",
+        "anyloc-vits14",
+        "anyloc-gem-vitb14",
+        "dinov2-cls-vitg14",
+        "segvlad-slic",
+        "segvlad-sam",
+        "effnet2-vlad-x3",
+    } <= names
     assert DEFAULT_PRESET in names
     for c in list_presets():
         assert resolve(c.name) == c
         assert Config.from_dict(json.loads(json.dumps(c.to_dict()))) == c
     assert {r.name for r in list_rerank_configs()} == {
-        "performance", "performance-reference", "speed", "storage", "performance-patch-only", "speed-patch-only", "storage-patch-only",
-        "performance-xfeat", "speed-xfeat", "performance-disk", "speed-disk"}
+        "performance",
+        "performance-reference",
+        "speed",
+        "storage",
+        "performance-patch-only",
+        "speed-patch-only",
+        "storage-patch-only",
+        "performance-xfeat",
+        "speed-xfeat",
+        "performance-disk",
+        "speed-disk",
+    }
 
 
 # ---- typed options --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("change, message", [
-    (dict(backbone_options={"blok": 10}), r"backbone 'efficientnet-lite2': unknown option 'blok' \(did you mean 'block'\?\)"),
-    (dict(backbone_options={"block": "10"}), r"option 'block' = '10' is not allowed; allowed: an integer ≥ 0 and ≤ 20 or None"),
-    (dict(backbone_options={"block": 21}), r"'block' = 21 is not allowed \(out of range\)"),
-    (dict(backbone="efficientnet-lite3"), r"unknown backbone 'efficientnet-lite3' \(did you mean"),
-    (dict(aggregator="vald"), r"unknown aggregator 'vald' \(did you mean 'vlad'\?\)"),
-    (dict(aggregator_options={"assignments": 0}), r"aggregator 'vlad': option 'assignments' = 0"),
-    (dict(aggregator_options={"assignments": 97}), r"'assignments' = 97 is more than the vocabulary's K = 96"),
-    (dict(aggregator_options={"centres": "rwa"}), r"'centres' = 'rwa' \(did you mean 'raw'\?\).*allowed: one of 'unit', 'raw'"),
-    (dict(aggregator_options={"k": 32}), r"'k' = 32 differs from the vocabulary's K = 96"),
-    (dict(aggregator="cls", aggregator_options={}), r"aggregator 'cls' needs a backbone with a global token"),
-    (dict(retriever="segvlad"), r"retriever 'segvlad' needs the 'segments' extension"),
-    (dict(retriever_options={"k_prime": 5}), r"retriever 'global': unknown option 'k_prime'; allowed: \(none"),
-    (dict(extensions={"patchs": {}}), r"unknown extension 'patchs' \(did you mean 'patches'\?\)"),
-    (dict(extensions={"patches": {"dtype": "int4"}}), r"extension 'patches': option 'dtype' = 'int4'"),
-    (dict(extensions={"patches": {"scales": [[0, 1]]}}), r"option 'scales'"),
-    (dict(extensions={"patches": {"backbone": "xfeat", "backbone_options": {"weight": "x"}}}),
-     r"patch backbone 'xfeat': unknown option 'weight' \(did you mean 'weights'\?\)"),
-    (dict(extensions={"segments": {"segmenter": "slic", "segmenter_options": {"n_segment": 5}}}),
-     r"segmenter 'slic': unknown option 'n_segment' \(did you mean 'n_segments'\?\)"),
-    (dict(extensions={"segments": {"segmenter": "slci"}}), r"unknown segmenter 'slci' \(did you mean 'slic'\?\)"),
-    (dict(extensions={"segments": {"whiten": "sometimes"}}), r"option 'whiten' = 'sometimes'.*true or false or one of 'auto'"),
-])
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            dict(backbone_options={"blok": 10}),
+            r"backbone 'efficientnet-lite2': unknown option 'blok' \(did you mean 'block'\?\)",
+        ),
+        (
+            dict(backbone_options={"block": "10"}),
+            r"option 'block' = '10' is not allowed; allowed: an integer ≥ 0 and ≤ 20 or None",
+        ),
+        (dict(backbone_options={"block": 21}), r"'block' = 21 is not allowed \(out of range\)"),
+        (dict(backbone="efficientnet-lite3"), r"unknown backbone 'efficientnet-lite3' \(did you mean"),
+        (dict(aggregator="vald"), r"unknown aggregator 'vald' \(did you mean 'vlad'\?\)"),
+        (dict(aggregator_options={"assignments": 0}), r"aggregator 'vlad': option 'assignments' = 0"),
+        (dict(aggregator_options={"assignments": 97}), r"'assignments' = 97 is more than the vocabulary's K = 96"),
+        (
+            dict(aggregator_options={"centres": "rwa"}),
+            r"'centres' = 'rwa' \(did you mean 'raw'\?\).*allowed: one of 'unit', 'raw'",
+        ),
+        (dict(aggregator_options={"k": 32}), r"'k' = 32 differs from the vocabulary's K = 96"),
+        (dict(aggregator="cls", aggregator_options={}), r"aggregator 'cls' needs a backbone with a global token"),
+        (dict(retriever="segvlad"), r"retriever 'segvlad' needs the 'segments' extension"),
+        (dict(retriever_options={"k_prime": 5}), r"retriever 'global': unknown option 'k_prime'; allowed: \(none"),
+        (dict(extensions={"patchs": {}}), r"unknown extension 'patchs' \(did you mean 'patches'\?\)"),
+        (dict(extensions={"patches": {"dtype": "int4"}}), r"extension 'patches': option 'dtype' = 'int4'"),
+        (dict(extensions={"patches": {"scales": [[0, 1]]}}), r"option 'scales'"),
+        (
+            dict(extensions={"patches": {"backbone": "xfeat", "backbone_options": {"weight": "x"}}}),
+            r"patch backbone 'xfeat': unknown option 'weight' \(did you mean 'weights'\?\)",
+        ),
+        (
+            dict(extensions={"segments": {"segmenter": "slic", "segmenter_options": {"n_segment": 5}}}),
+            r"segmenter 'slic': unknown option 'n_segment' \(did you mean 'n_segments'\?\)",
+        ),
+        (dict(extensions={"segments": {"segmenter": "slci"}}), r"unknown segmenter 'slci' \(did you mean 'slic'\?\)"),
+        (
+            dict(extensions={"segments": {"whiten": "sometimes"}}),
+            r"option 'whiten' = 'sometimes'.*true or false or one of 'auto'",
+        ),
+    ],
+)
 def test_bad_options_are_named_with_what_is_allowed(change, message):
     with pytest.raises(ConfigError, match=message):
         resolve(DEFAULT_PRESET, **change)
@@ -87,8 +149,15 @@ def test_dinov2_options_and_their_combinations():
         resolve("anyloc-vits14", backbone_options={"layer": 3, "final_norm": True})
     with pytest.raises(ConfigError, match=r"unknown keys \['dept'\] \(did you mean 'depth'\?\)"):
         resolve("anyloc-vits14", backbone_options={"config": {"dept": 3}})
-    tiny = resolve("anyloc-vits14", backbone_options={"layer": 1, "pretrained": False, "weights": Path("w.pth"),
-                                                      "config": {"embed_dim": 32, "depth": 3, "num_heads": 2}})
+    tiny = resolve(
+        "anyloc-vits14",
+        backbone_options={
+            "layer": 1,
+            "pretrained": False,
+            "weights": Path("w.pth"),
+            "config": {"embed_dim": 32, "depth": 3, "num_heads": 2},
+        },
+    )
     assert tiny.backbone_options["layer"] == 1
     with pytest.raises(ConfigError, match="allowed: 0..2"):
         resolve("anyloc-vits14", backbone_options={"layer": 3, "config": {"depth": 3}})
@@ -113,9 +182,13 @@ def test_every_schema_default_is_valid():
 
 # ---- schemas cannot drift from the factories --------------------------------------------------------
 
+
 def _parameters(factory, injected=()) -> dict[str, object]:
-    return {p.name: p.default for p in inspect.signature(factory).parameters.values()
-            if p.name not in ("self", *injected) and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return {
+        p.name: p.default
+        for p in inspect.signature(factory).parameters.values()
+        if p.name not in ("self", *injected) and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    }
 
 
 def _assert_matches(kind: str, name: str, params: dict[str, object]) -> None:
@@ -123,9 +196,13 @@ def _assert_matches(kind: str, name: str, params: dict[str, object]) -> None:
     declared = sch.defaults()
     for key in set(declared) - set(params):
         assert (kind, name, key) in opts.PENDING, f"{kind} {name}: schema option {key!r} is not a factory parameter"
-    assert set(params) <= set(declared), f"{kind} {name}: factory options {sorted(set(params) - set(declared))} lack a schema"
+    assert set(params) <= set(declared), (
+        f"{kind} {name}: factory options {sorted(set(params) - set(declared))} lack a schema"
+    )
     for key, default in params.items():
-        assert declared[key] == default, f"{kind} {name}: option {key!r} defaults to {default!r}, schema says {declared[key]!r}"
+        assert declared[key] == default, (
+            f"{kind} {name}: option {key!r} defaults to {default!r}, schema says {declared[key]!r}"
+        )
 
 
 def test_schemas_match_the_factories_signatures():
@@ -182,12 +259,26 @@ def test_model_tables_match_the_backbones():
 
 # ---- resolve(): the one assembly ---------------------------------------------------------------------
 
+
 def test_resolve_applies_every_setting():
-    c = resolve("anyloc-vits14", image_size=(112, 224), memory_budget_mb=64, float16=True, vocabulary="domain:indoor",
-                rerank="speed", device="cuda:1", batch_size=1)
+    c = resolve(
+        "anyloc-vits14",
+        image_size=(112, 224),
+        memory_budget_mb=64,
+        float16=True,
+        vocabulary="domain:indoor",
+        rerank="speed",
+        device="cuda:1",
+        batch_size=1,
+    )
     assert c.image == ImageSpec((112, 224), "resize_crop")  # the preset's resize mode is kept
     assert (c.memory_budget_mb, c.store_dtype, c.vocabulary.source, c.device, c.batch_size) == (
-        64, "float16", "domain:indoor", "cuda:1", 1)
+        64,
+        "float16",
+        "domain:indoor",
+        "cuda:1",
+        1,
+    )
     assert c.rerank == get_rerank_config("speed")
     assert c.extensions["patches"] == map_extensions_for("speed", c)["patches"]
     assert "patches" not in resolve(DEFAULT_PRESET, rerank="speed", store_rerank=False).extensions
@@ -202,11 +293,19 @@ def test_cli_assembles_through_resolve():
     from vprkit.cli.core import _config
 
     flags = _config("effnet-vlad", True, "storage", "domain:x", None, 32, (120, 160), "cpu")
-    assert flags == resolve("effnet-vlad", float16=True, rerank="storage", vocabulary="domain:x",
-                            memory_budget_mb=32, image_size=(120, 160), device="cpu")
+    assert flags == resolve(
+        "effnet-vlad",
+        float16=True,
+        rerank="storage",
+        vocabulary="domain:x",
+        memory_budget_mb=32,
+        image_size=(120, 160),
+        device="cpu",
+    )
 
 
 # ---- re-ranking is configuration ---------------------------------------------------------------------
+
 
 def test_rerank_config_roundtrips_with_the_config():
     c = resolve(DEFAULT_PRESET, rerank="performance-xfeat")
@@ -245,6 +344,7 @@ def test_patch_options_lend_a_netvlad_checkpoint():
 
 # ---- device -------------------------------------------------------------------------------------------
 
+
 def test_device_is_checked_without_torch_and_does_not_change_the_map():
     for ok in ("auto", "cpu", "cuda", "cuda:0", "cuda:12", "mps"):
         assert check_device(ok) == ok
@@ -273,6 +373,7 @@ def test_config_keeps_its_behaviour():
 
 # ---- environment ----------------------------------------------------------------------------------------
 
+
 def test_every_environment_variable_read_is_documented():
     read = set()
     for path in SRC.rglob("*.py"):
@@ -284,7 +385,13 @@ def test_every_environment_variable_read_is_documented():
 
 
 def test_recorded_environment_keeps_the_result_changing_ones():
-    env = {"VPRKIT_CACHE": "/c", "VPRKIT_OFFLINE": "1", "TORCH_HOME": "/t", "VPRKIT_ONEDNN": "0", "HOME": "/h",
-           "VPRKIT_DATA": ""}
+    env = {
+        "VPRKIT_CACHE": "/c",
+        "VPRKIT_OFFLINE": "1",
+        "TORCH_HOME": "/t",
+        "VPRKIT_ONEDNN": "0",
+        "HOME": "/h",
+        "VPRKIT_DATA": "",
+    }
     assert recorded_environment(env) == {"TORCH_HOME": "/t", "VPRKIT_CACHE": "/c", "VPRKIT_ONEDNN": "0"}
     assert "VPRKIT_OFFLINE" not in RESULT_VARIABLES and "VPRKIT_SAM_CHECKPOINT" in RESULT_VARIABLES

@@ -44,7 +44,9 @@ def test_localize_accepts_arrays_and_pil_images_with_the_same_result(folder_map)
     by_path = pipeline.localize(m, paths, top_k=4)
     frames = _frames(folder, ["img003.png", "img008.png"])
     by_array = pipeline.localize(m, list(frames.values()), top_k=4)
-    by_pil = pipeline.localize(m, {"left": Image.fromarray(frames["img003.png"]), "right": frames["img008.png"]}, top_k=4)
+    by_pil = pipeline.localize(
+        m, {"left": Image.fromarray(frames["img003.png"]), "right": frames["img008.png"]}, top_k=4
+    )
     assert [r.query for r in by_array] == ["frame-000000", "frame-000001"]
     assert [r.query for r in by_pil] == ["left", "right"]
     for a, b, c in zip(by_path, by_array, by_pil):
@@ -63,9 +65,14 @@ def test_a_map_can_be_built_from_decoded_frames(folder_map, small_config, tmp_pa
 
 
 def test_decoded_frame_formats():
-    gray16 = (np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000)
+    gray16 = np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000
     rgb = np.asarray(as_pil(gray16))
-    assert rgb.shape == (3, 4, 3) and rgb.dtype == np.uint8 and rgb[0, 0, 0] == 0 and rgb[-1, -1, 0] == round(55000 / 65535 * 255)
+    assert (
+        rgb.shape == (3, 4, 3)
+        and rgb.dtype == np.uint8
+        and rgb[0, 0, 0] == 0
+        and rgb[-1, -1, 0] == round(55000 / 65535 * 255)
+    )
     assert np.asarray(as_pil(np.full((2, 2, 3), 0.5, np.float32)))[0, 0, 0] == 128
     from vprkit.errors import ImageReadError
 

@@ -37,8 +37,12 @@ def test_backbone_follows_the_device_setting(monkeypatch):
 def test_aggregator_is_moved_to_the_backbone_device():
     config = resolve("effnet-vlad")
     backbone = pipeline.load_backbone(config.replace(device="cpu"))
-    voc = fit_vocabulary(torch.randn(200, backbone.dim).numpy(), k=config.vocabulary.k,
-                         metadata={"identity": {}}, centres=config.vocabulary.centres)
+    voc = fit_vocabulary(
+        torch.randn(200, backbone.dim).numpy(),
+        k=config.vocabulary.k,
+        metadata={"identity": {}},
+        centres=config.vocabulary.centres,
+    )
     aggregator = make_aggregator(AggregationOptions.from_config(config), backbone, voc)
     assert isinstance(aggregator, torch.nn.Module) and _devices(aggregator) == {"cpu"}
     assert _devices(aggregator.to(torch.device("meta"))) == {"meta"}  # its centres move with it

@@ -46,6 +46,7 @@ def _rgb(data: bytes, **kw) -> tuple[np.ndarray, list[DecodeNote]]:
 
 # --- decoding ------------------------------------------------------------------------------------
 
+
 def test_sixteen_bit_png_is_scaled_by_its_range(tmp_path):
     # A 12-bit camera frame in a 16-bit PNG: PIL's convert("RGB") clips at 255 (99.7 % white).
     ramp = (np.arange(64 * 64).reshape(64, 64) % 4000).astype(np.uint16)
@@ -138,7 +139,10 @@ def test_huge_images_and_bombs_are_one_clear_error(tmp_path):
         read_image(bomb, name="bomb.png")
     big = tmp_path / "big.png"
     big.write_bytes(_png_claiming(12_100, 12_000))  # under PIL's limit, over MAX_PIXELS
-    with pytest.warns(Image.DecompressionBombWarning), pytest.raises(ImageReadError, match=r"12100×12000 pixels is larger than vprkit decodes"):
+    with (
+        pytest.warns(Image.DecompressionBombWarning),
+        pytest.raises(ImageReadError, match=r"12100×12000 pixels is larger than vprkit decodes"),
+    ):
         read_image(big)
     (tmp_path / "bomb.png").write_bytes(bomb)
     with pytest.raises(ImageReadError, match="decompression bomb"):
@@ -185,6 +189,7 @@ def test_truncated_jpeg_is_an_image_read_error(tmp_path):
 
 # --- property-based: random and truncated inputs -------------------------------------------------
 
+
 def _valid_images() -> list[bytes]:
     rng = np.random.default_rng(0)
     base = Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8))
@@ -214,7 +219,12 @@ def test_random_bytes_give_an_image_or_image_read_error(data):
 
 
 @FAST
-@given(st.sampled_from(range(len(VALID))), st.integers(min_value=0, max_value=4000), st.binary(max_size=8), st.integers(0, 4000))
+@given(
+    st.sampled_from(range(len(VALID))),
+    st.integers(min_value=0, max_value=4000),
+    st.binary(max_size=8),
+    st.integers(0, 4000),
+)
 def test_truncated_and_corrupted_images_give_an_image_or_image_read_error(which, cut, patch, where):
     data = bytearray(VALID[which][: max(cut, 1)])
     if patch and data:
@@ -224,6 +234,7 @@ def test_truncated_and_corrupted_images_give_an_image_or_image_read_error(which,
 
 
 # --- listing folders ---------------------------------------------------------------------------
+
 
 def _touch_image(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,15 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
-from vprkit.io import (atomic_path, atomic_savez, atomic_write_json, atomic_write_text, clean_orphans,
-                       current_umask, is_orphan_name)
+from vprkit.io import (
+    atomic_path,
+    atomic_savez,
+    atomic_write_json,
+    atomic_write_text,
+    clean_orphans,
+    current_umask,
+    is_orphan_name,
+)
 
 
 @contextmanager
@@ -62,7 +69,11 @@ def test_helpers_write_what_they_are_given(tmp_path):
     atomic_write_text(tmp_path / "b.csv", "a,b\r\n1,2\n")
     assert (tmp_path / "b.csv").read_bytes() == b"a,b\r\n1,2\n"  # no newline translation
     path = atomic_savez(tmp_path / "state.npz", x=np.arange(3), y=np.eye(2))
-    assert path == tmp_path / "state.npz" and sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.csv", "state.npz"]
+    assert path == tmp_path / "state.npz" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.json",
+        "b.csv",
+        "state.npz",
+    ]
     with np.load(path) as z:
         np.testing.assert_array_equal(z["x"], np.arange(3))
     # also at a name without .npz: nothing appended
@@ -99,7 +110,8 @@ def test_clean_orphans_removes_only_old_temporaries(tmp_path):
     removed = clean_orphans(tmp_path, older_than_s=3600)
     assert sorted(p.name for p in removed) == [".index.faiss.zz9yx8wv.tmp", ".store.h5.abcd_123.tmp"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [".store.h5.k2j3h4g5.tmp", ".hidden.tmp", "store.h5", "notes.tmp", ".dir.abcdefgh.tmp"])
+        [".store.h5.k2j3h4g5.tmp", ".hidden.tmp", "store.h5", "notes.tmp", ".dir.abcdefgh.tmp"]
+    )
     assert [p.name for p in clean_orphans(tmp_path, older_than_s=0)] == [".store.h5.k2j3h4g5.tmp"]
     assert clean_orphans(tmp_path / "missing") == []
 

@@ -13,9 +13,17 @@ from click.testing import CliRunner
 from vprkit import pipeline
 from vprkit.backbones import extract as extraction
 from vprkit.cli import cli
-from vprkit.config import (BUDGET_SHARE_DECODE_BUFFER, BUDGET_SHARE_FEATURE_CACHE, BUDGET_SHARE_VOCABULARY_POOL,
-                           DEFAULT_FEATURE_CACHE_BYTES, DEFAULT_VOCABULARY_MAX_BYTES, MIB, MIN_MEMORY_BUDGET_MB, Config,
-                           VocabularyConfig)
+from vprkit.config import (
+    BUDGET_SHARE_DECODE_BUFFER,
+    BUDGET_SHARE_FEATURE_CACHE,
+    BUDGET_SHARE_VOCABULARY_POOL,
+    DEFAULT_FEATURE_CACHE_BYTES,
+    DEFAULT_VOCABULARY_MAX_BYTES,
+    MIB,
+    MIN_MEMORY_BUDGET_MB,
+    Config,
+    VocabularyConfig,
+)
 from vprkit.errors import ConfigError, MapError
 from vprkit.images import ImageSpec
 from vprkit.maps import MAP_FILE
@@ -40,8 +48,9 @@ def images(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tight_config():
     """The smallest budget allowed: its descriptor pool is smaller than all patch descriptors of ``images``."""
-    return resolve("effnet-vlad").replace(memory_budget_mb=MIN_MEMORY_BUDGET_MB, batch_size=BATCH,
-                                         vocabulary=VocabularyConfig(k=8))
+    return resolve("effnet-vlad").replace(
+        memory_budget_mb=MIN_MEMORY_BUDGET_MB, batch_size=BATCH, vocabulary=VocabularyConfig(k=8)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -149,12 +158,14 @@ def test_images_decoded_ahead_stay_within_the_decode_share(images, tight_config,
 
 
 def test_a_map_resumes_under_another_budget_and_from_an_older_map_json(tmp_path, image_folder):
-    config = resolve("effnet-vlad").replace(image=ImageSpec((64, 64), "fixed"), vocabulary=VocabularyConfig(k=8),
-                                               batch_size=BATCH)
+    config = resolve("effnet-vlad").replace(
+        image=ImageSpec((64, 64), "fixed"), vocabulary=VocabularyConfig(k=8), batch_size=BATCH
+    )
     pipeline.build_map(image_folder, tmp_path / "map", config, progress=False, log=lambda _: None)
     # a smaller machine: same map, another budget (the vocabulary already exists, results do not change)
-    info = pipeline.build_map(image_folder, tmp_path / "map", config.replace(memory_budget_mb=16), progress=False,
-                              log=lambda _: None)
+    info = pipeline.build_map(
+        image_folder, tmp_path / "map", config.replace(memory_budget_mb=16), progress=False, log=lambda _: None
+    )
     assert info["counts"]["images"] == 12 and info["config"]["memory_budget_mb"] == 16
     # a map.json written before budgets existed: no memory_budget_mb, the old explicit 256 MiB pool
     path = tmp_path / "map" / MAP_FILE
@@ -162,11 +173,21 @@ def test_a_map_resumes_under_another_budget_and_from_an_older_map_json(tmp_path,
     old["config"].pop("memory_budget_mb")
     old["config"]["vocabulary"]["max_bytes"] = DEFAULT_VOCABULARY_MAX_BYTES
     path.write_text(json.dumps(old))
-    assert pipeline.build_map(image_folder, tmp_path / "map", config, progress=False, log=lambda _: None)["counts"]["images"] == 12
+    assert (
+        pipeline.build_map(image_folder, tmp_path / "map", config, progress=False, log=lambda _: None)["counts"][
+            "images"
+        ]
+        == 12
+    )
     # other settings still refuse
     with pytest.raises(MapError, match="other settings"):
-        pipeline.build_map(image_folder, tmp_path / "map", config.replace(vocabulary=dataclasses.replace(config.vocabulary, k=4)),
-                           progress=False, log=lambda _: None)
+        pipeline.build_map(
+            image_folder,
+            tmp_path / "map",
+            config.replace(vocabulary=dataclasses.replace(config.vocabulary, k=4)),
+            progress=False,
+            log=lambda _: None,
+        )
 
 
 # ---- the command line ----------------------------------------------------------------------------
@@ -180,11 +201,14 @@ def _capture(*args, **kwargs):
     raise _Captured(config)
 
 
-@pytest.mark.parametrize("command, target", [
-    (["map", "build", "IMAGES", "--out", "MAP"], "build_map"),
-    (["eval", "corridor"], "evaluate"),
-    (["vocab", "build", "--domain", "d", "corridor"], "build_domain_vocabulary"),
-])
+@pytest.mark.parametrize(
+    "command, target",
+    [
+        (["map", "build", "IMAGES", "--out", "MAP"], "build_map"),
+        (["eval", "corridor"], "evaluate"),
+        (["vocab", "build", "--domain", "d", "corridor"], "build_domain_vocabulary"),
+    ],
+)
 def test_cli_memory_budget_reaches_the_config(command, target, monkeypatch, shared_datasets):
     monkeypatch.setenv("VPRKIT_DATA", str(shared_datasets))
     monkeypatch.setattr(pipeline, target, _capture)
@@ -196,5 +220,8 @@ def test_cli_memory_budget_reaches_the_config(command, target, monkeypatch, shar
 
 def test_cli_too_small_budget_is_a_clear_error(tmp_path, image_folder):
     with pytest.raises(ConfigError, match=f"minimum is {MIN_MEMORY_BUDGET_MB} MB"):
-        CliRunner().invoke(cli, ["map", "build", str(image_folder), "--out", str(tmp_path / "m"), "--memory-budget", "1"],
-                           catch_exceptions=False)
+        CliRunner().invoke(
+            cli,
+            ["map", "build", str(image_folder), "--out", str(tmp_path / "m"), "--memory-budget", "1"],
+            catch_exceptions=False,
+        )

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from vprkit.errors import ConfigError
-from vprkit.numerics import (NORM_FLOOR, PCA, RANDOMISED_PCA_MAX_FRACTION, ReservoirSampler, l2_normalise,
-                             zscore)
+from vprkit.numerics import NORM_FLOOR, PCA, RANDOMISED_PCA_MAX_FRACTION, ReservoirSampler, l2_normalise, zscore
 
 
 # ---- l2_normalise ------------------------------------------------------------------------------
@@ -57,8 +56,13 @@ def test_zscore_non_finite_entries():
     # default: non-finite entries are invalid → 0 and excluded from the statistics
     np.testing.assert_allclose(zscore(s), [-1.0, 0.0, 1.0, 0.0])
     # "min": they take the row's worst finite value and count (the SegVLAD fusion semantics)
-    for x in (s, np.array([0.2, 0.7, 0.1, 0.4]), np.array([np.nan, np.nan]), np.array([2.0, 2.0, np.inf]),
-              np.random.default_rng(0).normal(size=50)):
+    for x in (
+        s,
+        np.array([0.2, 0.7, 0.1, 0.4]),
+        np.array([np.nan, np.nan]),
+        np.array([2.0, 2.0, np.inf]),
+        np.random.default_rng(0).normal(size=50),
+    ):
         np.testing.assert_allclose(zscore(x, nonfinite="min", flat_std=0.0), _old_segments_z(x), rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError):
         zscore(s, nonfinite="drop")
@@ -97,7 +101,7 @@ def test_reservoir_sample_is_uniform_over_the_stream():
     chi2 = float(((counts - expected) ** 2 / expected).sum())
     dof = n - 1
     assert chi2 < dof + 5 * np.sqrt(2 * dof), chi2  # ≈ 5 σ of a chi-square with n − 1 dof
-    assert counts[: cap].mean() < 1.2 * expected and counts[-cap:].mean() > 0.8 * expected  # no early/late bias
+    assert counts[:cap].mean() < 1.2 * expected and counts[-cap:].mean() > 0.8 * expected  # no early/late bias
 
 
 # ---- PCA ---------------------------------------------------------------------------------------

@@ -79,7 +79,12 @@ def test_clear_errors(tmp_path, image_folder, small_config):
         pipeline.build_map(tmp_path / "empty", tmp_path / "map", small_config)
     pipeline.build_map(image_folder, tmp_path / "map", small_config, progress=False)
     with pytest.raises(MapError, match="other settings"):
-        pipeline.build_map(image_folder, tmp_path / "map", small_config.replace(aggregator="gem", aggregator_options={}), progress=False)
+        pipeline.build_map(
+            image_folder,
+            tmp_path / "map",
+            small_config.replace(aggregator="gem", aggregator_options={}),
+            progress=False,
+        )
     with pytest.raises(MapError, match="not a vprkit map"):
         pipeline.open_map(tmp_path)
     with pytest.raises(ImageReadError, match="not found"):

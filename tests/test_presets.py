@@ -13,8 +13,15 @@ TINY_VIT = {"embed_dim": 32, "depth": 3, "num_heads": 2, "default_layer": 1}
 
 def test_all_presets_resolve_and_roundtrip():
     names = [c.name for c in list_presets()]
-    for expected in ("effnet-vlad", "effnet-gem", "anyloc-vits14", "anyloc-vitb14", "anyloc-vitg14",
-                     "anyloc-gem-vits14", "dinov2-cls-vits14"):
+    for expected in (
+        "effnet-vlad",
+        "effnet-gem",
+        "anyloc-vits14",
+        "anyloc-vitb14",
+        "anyloc-vitg14",
+        "anyloc-gem-vits14",
+        "dinov2-cls-vits14",
+    ):
         assert expected in names
     for c in list_presets():
         assert c.description, c.name
@@ -27,7 +34,14 @@ def test_every_family_is_declared_in_presets_py():
     import vprkit
 
     names = {c.name for c in list_presets()}
-    assert {"segvlad-slic", "segvlad-grid", "segvlad-sam", "netvlad-vgg16", "effnet2-vlad-x3", "dinov2-cls-vitl14"} <= names
+    assert {
+        "segvlad-slic",
+        "segvlad-grid",
+        "segvlad-sam",
+        "netvlad-vgg16",
+        "effnet2-vlad-x3",
+        "dinov2-cls-vitl14",
+    } <= names
     for old in ("presets_anyloc.py", "segments/presets.py"):  # folded into vprkit/presets.py
         assert not (Path(vprkit.__file__).parent / old).exists()
     seg = resolve("segvlad-sam").extensions["segments"]
@@ -54,8 +68,9 @@ def test_anyloc_presets_end_to_end_with_random_tiny_vit(preset, tmp_path, image_
     opts = {**base.backbone_options, "pretrained": False, "config": TINY_VIT, "layer": TINY_VIT["default_layer"]}
     if preset.startswith("dinov2-cls"):
         opts["layer"] = TINY_VIT["depth"] - 1
-    config = base.replace(backbone_options=opts, image=ImageSpec((56, 70), "resize_crop"),
-                          vocabulary=VocabularyConfig(k=4))
+    config = base.replace(
+        backbone_options=opts, image=ImageSpec((56, 70), "resize_crop"), vocabulary=VocabularyConfig(k=4)
+    )
     info = pipeline.build_map(image_folder, tmp_path / "map", config, progress=False, log=lambda s: None)
     expected_dim = {"anyloc-vits14": 4 * 32}.get(preset, 32)
     assert info["descriptor_dim"] == expected_dim

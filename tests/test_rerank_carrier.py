@@ -47,8 +47,21 @@ def _config(rerank):
 def speed_map(corridor_set, tmp_path_factory) -> Path:
     """A map built with ``vprkit map build --rerank speed``."""
     out = tmp_path_factory.mktemp("speed") / "map"
-    result = run_cli(["map", "build", corridor_set / "ref", "--out", out, "--preset", "effnet-vlad",
-                      "--rerank", "speed", "--image-size", "160x120"])
+    result = run_cli(
+        [
+            "map",
+            "build",
+            corridor_set / "ref",
+            "--out",
+            out,
+            "--preset",
+            "effnet-vlad",
+            "--rerank",
+            "speed",
+            "--image-size",
+            "160x120",
+        ]
+    )
     assert result.exit_code == 0, result.output
     return out
 
@@ -77,8 +90,9 @@ def test_the_cli_says_which_reranking_it_applied_and_none_switches_it_off(speed_
 
 
 def test_evaluate_with_an_unnamed_reranking_config_completes(corridor_set, tmp_path):
-    summary = pipeline.evaluate(corridor_set, _config(UNNAMED), out=tmp_path / "run", progress=False,
-                                log=lambda _: None)
+    summary = pipeline.evaluate(
+        corridor_set, _config(UNNAMED), out=tmp_path / "run", progress=False, log=lambda _: None
+    )
     assert summary["rerank"] == UNNAMED.name == "custom"
     assert summary["rerank_settings"]["pca_dim"] == UNNAMED.pca_dim
     assert summary["recall"]["R@1"] == 1.0  # each query is one of the map's own images

@@ -52,7 +52,7 @@ def _unwrap_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in state.items():
         for p in WRAPPER_PREFIXES:
-            key = key[len(p):] if key.startswith(p) else key
+            key = key[len(p) :] if key.startswith(p) else key
         out[key] = value
     return out
 
@@ -71,12 +71,13 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def encoder_state(state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """The VGG16 conv layers' tensors of either layout, keyed as torchvision's ``vgg16().features`` (``"N.weight"``)."""
     for prefix in ENCODER_PREFIXES:
-        found = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        found = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if found:
             return found
     raise WeightsNotFoundError(
         f"{source} has no VGG16 encoder weights (expected keys starting with {' or '.join(ENCODER_PREFIXES)}); "
-        f"its first keys are {sorted(state)[:5]}")
+        f"its first keys are {sorted(state)[:5]}"
+    )
 
 
 @dataclass
@@ -109,7 +110,8 @@ def read_netvlad_checkpoint(path: str | os.PathLike) -> NetVLADCheckpoint:
     if "pool.centroids" not in state or "pool.conv.weight" not in state:
         raise WeightsNotFoundError(
             f"{path} is not a NetVLAD checkpoint: it lacks pool.centroids / pool.conv.weight "
-            f"(an ImageNet VGG16 file goes to the backbone's weights= option instead)")
+            f"(an ImageNet VGG16 file goes to the backbone's weights= option instead)"
+        )
     centroids = state["pool.centroids"].float()
     k, d = centroids.shape
     assign = state["pool.conv.weight"].float().reshape(state["pool.conv.weight"].shape[0], -1)
@@ -123,9 +125,13 @@ def read_netvlad_checkpoint(path: str | os.PathLike) -> NetVLADCheckpoint:
         if wpca_w.shape[1] != k * d:
             raise WeightsNotFoundError(f"{path}: WPCA expects {wpca_w.shape[1]}-d input, NetVLAD gives {k * d}-d")
     return NetVLADCheckpoint(
-        encoder_state=encoder_state(state, str(path)), centroids=centroids, assign_weight=assign,
-        assign_bias=None if bias is None else bias.float(), wpca_weight=wpca_w,
-        wpca_bias=None if wpca_b is None else wpca_b.float())
+        encoder_state=encoder_state(state, str(path)),
+        centroids=centroids,
+        assign_weight=assign,
+        assign_bias=None if bias is None else bias.float(),
+        wpca_weight=wpca_w,
+        wpca_bias=None if wpca_b is None else wpca_b.float(),
+    )
 
 
 def is_netvlad_checkpoint(path: str | os.PathLike) -> bool:

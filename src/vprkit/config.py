@@ -88,8 +88,11 @@ class ImageSpec:
         if self.resize not in RESIZE_MODES:
             raise ConfigError(f"resize mode {self.resize!r} is not one of {RESIZE_MODES}")
         if self.size is not None:
-            if (not isinstance(self.size, (tuple, list)) or len(self.size) != 2
-                    or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in self.size)):
+            if (
+                not isinstance(self.size, (tuple, list))
+                or len(self.size) != 2
+                or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in self.size)
+            ):
                 raise ConfigError(f"image size must be (height, width) in pixels, got {self.size!r}")
             object.__setattr__(self, "size", tuple(int(v) for v in self.size))
         if self.resize != "none" and (self.size is None or min(self.size) <= 0):
@@ -97,11 +100,15 @@ class ImageSpec:
         if self.size is not None and self.resize in ("fixed", "resize_crop"):  # keep_aspect: checked per image
             h, w = self.size
             if h * w > MAX_PREPARED_PIXELS:
-                raise ConfigError(f"image size {w}×{h} is {h * w:,} pixels, more than vprkit feeds a backbone "
-                                  f"({MAX_PREPARED_PIXELS:,})")
+                raise ConfigError(
+                    f"image size {w}×{h} is {h * w:,} pixels, more than vprkit feeds a backbone "
+                    f"({MAX_PREPARED_PIXELS:,})"
+                )
             if max(h, w) > MAX_ASPECT_RATIO * min(h, w):
-                raise ConfigError(f"image size {w}×{h} has an aspect ratio above {MAX_ASPECT_RATIO}:1; "
-                                  f"give WIDTHxHEIGHT, e.g. 320x240")
+                raise ConfigError(
+                    f"image size {w}×{h} has an aspect ratio above {MAX_ASPECT_RATIO}:1; "
+                    f"give WIDTHxHEIGHT, e.g. 320x240"
+                )
 
     def to_dict(self) -> dict:
         return {"size": list(self.size) if self.size else None, "resize": self.resize}
@@ -177,22 +184,38 @@ class RerankConfig:
 
     def __post_init__(self):
         where = f"re-ranking preset {self.name!r}"
-        if self.same_place is not None and self.same_place != "auto" and (
-                isinstance(self.same_place, bool) or not isinstance(self.same_place, int) or self.same_place < 1):
-            raise ConfigError(f"{where}: same_place must be a number of neighbouring map rows ≥ 1, \"auto\" (read off "
-                              f"the map) or None (off), got {self.same_place!r}")
-        if self.verify is not None and (isinstance(self.verify, bool) or not isinstance(self.verify, int) or self.verify < 1):
-            raise ConfigError(f"{where}: verify must be a number of candidates ≥ 1 (or None for all), got {self.verify!r}")
-        if self.global_gap is not None and (isinstance(self.global_gap, bool) or not isinstance(self.global_gap, (int, float))
-                                            or not 0 < float(self.global_gap) < float("inf")):
-            raise ConfigError(f"{where}: global_gap must be a positive number of standard deviations (or None), "
-                              f"got {self.global_gap!r}")
+        if (
+            self.same_place is not None
+            and self.same_place != "auto"
+            and (isinstance(self.same_place, bool) or not isinstance(self.same_place, int) or self.same_place < 1)
+        ):
+            raise ConfigError(
+                f'{where}: same_place must be a number of neighbouring map rows ≥ 1, "auto" (read off '
+                f"the map) or None (off), got {self.same_place!r}"
+            )
+        if self.verify is not None and (
+            isinstance(self.verify, bool) or not isinstance(self.verify, int) or self.verify < 1
+        ):
+            raise ConfigError(
+                f"{where}: verify must be a number of candidates ≥ 1 (or None for all), got {self.verify!r}"
+            )
+        if self.global_gap is not None and (
+            isinstance(self.global_gap, bool)
+            or not isinstance(self.global_gap, (int, float))
+            or not 0 < float(self.global_gap) < float("inf")
+        ):
+            raise ConfigError(
+                f"{where}: global_gap must be a positive number of standard deviations (or None), "
+                f"got {self.global_gap!r}"
+            )
         try:
             scales = tuple((int(s[0]), int(s[1]) if len(s) > 1 else 1) for s in self.scales)
             weights = tuple(float(w) for w in self.weights)
         except (TypeError, ValueError, IndexError):
-            raise ConfigError(f"{where}: scales must be (patch size, stride) pairs and weights numbers; "
-                              f"got scales={self.scales!r}, weights={self.weights!r}") from None
+            raise ConfigError(
+                f"{where}: scales must be (patch size, stride) pairs and weights numbers; "
+                f"got scales={self.scales!r}, weights={self.weights!r}"
+            ) from None
         object.__setattr__(self, "scales", scales)
         object.__setattr__(self, "weights", weights)
         if not scales:
@@ -200,38 +223,58 @@ class RerankConfig:
         if any(size < 1 or stride < 1 for size, stride in scales):
             raise ConfigError(f"{where}: patch sizes and strides must be ≥ 1, got {[list(s) for s in scales]}")
         if len(scales) != len(weights):
-            raise ConfigError(f"{where}: {len(scales)} patch scales but {len(weights)} weights "
-                              f"(one weight per scale: scales={[list(s) for s in scales]}, weights={list(weights)})")
+            raise ConfigError(
+                f"{where}: {len(scales)} patch scales but {len(weights)} weights "
+                f"(one weight per scale: scales={[list(s) for s in scales]}, weights={list(weights)})"
+            )
         if any(w < 0 for w in weights):
             raise ConfigError(f"{where}: scale weights must be ≥ 0, got {list(weights)}")
         if self.prescorer is not None:
             if self.prescorer not in RERANK_SCORERS:
-                raise ConfigError(f"{where}: unknown pre-scorer {self.prescorer!r}"
-                                  f"{did_you_mean(self.prescorer, RERANK_SCORERS)}; allowed: {', '.join(RERANK_SCORERS)}")
+                raise ConfigError(
+                    f"{where}: unknown pre-scorer {self.prescorer!r}"
+                    f"{did_you_mean(self.prescorer, RERANK_SCORERS)}; allowed: {', '.join(RERANK_SCORERS)}"
+                )
             if self.verify is None:
-                raise ConfigError(f"{where}: prescorer {self.prescorer!r} picks the candidates to verify; set verify "
-                                  "(how many the exact scorer re-scores) or drop the prescorer")
+                raise ConfigError(
+                    f"{where}: prescorer {self.prescorer!r} picks the candidates to verify; set verify "
+                    "(how many the exact scorer re-scores) or drop the prescorer"
+                )
             if self.prescorer == self.scorer:
-                raise ConfigError(f"{where}: prescorer and scorer are both {self.scorer!r}; a pre-pass with the same "
-                                  "scorer only repeats it (drop prescorer, or verify every candidate)")
+                raise ConfigError(
+                    f"{where}: prescorer and scorer are both {self.scorer!r}; a pre-pass with the same "
+                    "scorer only repeats it (drop prescorer, or verify every candidate)"
+                )
         if self.fine_budget is not None:
             if isinstance(self.fine_budget, bool) or not isinstance(self.fine_budget, int) or self.fine_budget < 1:
-                raise ConfigError(f"{where}: fine_budget must be a number of patch similarities ≥ 1 (or None for no "
-                                  f"limit), got {self.fine_budget!r}")
+                raise ConfigError(
+                    f"{where}: fine_budget must be a number of patch similarities ≥ 1 (or None for no "
+                    f"limit), got {self.fine_budget!r}"
+                )
             if self.prescorer is None:
-                raise ConfigError(f"{where}: fine_budget picks candidates by the coarser scales' first pass; set "
-                                  "prescorer (and verify), or drop fine_budget")
+                raise ConfigError(
+                    f"{where}: fine_budget picks candidates by the coarser scales' first pass; set "
+                    "prescorer (and verify), or drop fine_budget"
+                )
             if len(scales) < 2:
-                raise ConfigError(f"{where}: fine_budget needs at least two patch scales (a coarser one to pick "
-                                  f"by), got {[list(x) for x in scales]}")
+                raise ConfigError(
+                    f"{where}: fine_budget needs at least two patch scales (a coarser one to pick "
+                    f"by), got {[list(x) for x in scales]}"
+                )
         if self.min_agreement is not None and (
-                isinstance(self.min_agreement, bool) or not isinstance(self.min_agreement, (int, float))
-                or not 0.0 < float(self.min_agreement) <= 1.0):
-            raise ConfigError(f"{where}: min_agreement must be a share of a perfect alignment in (0, 1] (or None "
-                              f"for no check), got {self.min_agreement!r}")
+            isinstance(self.min_agreement, bool)
+            or not isinstance(self.min_agreement, (int, float))
+            or not 0.0 < float(self.min_agreement) <= 1.0
+        ):
+            raise ConfigError(
+                f"{where}: min_agreement must be a share of a perfect alignment in (0, 1] (or None "
+                f"for no check), got {self.min_agreement!r}"
+            )
         if self.scorer not in RERANK_SCORERS:
-            raise ConfigError(f"{where}: unknown spatial scorer {self.scorer!r}"
-                              f"{did_you_mean(self.scorer, RERANK_SCORERS)}; allowed: {', '.join(RERANK_SCORERS)}")
+            raise ConfigError(
+                f"{where}: unknown spatial scorer {self.scorer!r}"
+                f"{did_you_mean(self.scorer, RERANK_SCORERS)}; allowed: {', '.join(RERANK_SCORERS)}"
+            )
         if self.dtype not in RERANK_DTYPES:
             raise ConfigError(f"{where}: patch dtype {self.dtype!r} is not one of {', '.join(RERANK_DTYPES)}")
         if not isinstance(self.pca_dim, int) or isinstance(self.pca_dim, bool) or self.pca_dim < 0:
@@ -245,13 +288,21 @@ class RerankConfig:
         if self.backbone is not None:
             validate_options("backbone", self.backbone, self.backbone_options, where=f"{where}: patch backbone")
         elif self.backbone_options:
-            raise ConfigError(f"{where}: backbone_options {dict(self.backbone_options)} need a patch backbone "
-                              "(backbone=None uses the map's own backbone and options)")
+            raise ConfigError(
+                f"{where}: backbone_options {dict(self.backbone_options)} need a patch backbone "
+                "(backbone=None uses the map's own backbone and options)"
+            )
 
     def extension_options(self) -> dict[str, Any]:
         """What the map must store for these settings (the ``patches`` extension's options)."""
-        return {"scales": [list(s) for s in self.scales], "pca_dim": self.pca_dim, "whiten": self.whiten,
-                "dtype": self.dtype, "backbone": self.backbone, "backbone_options": dict(self.backbone_options)}
+        return {
+            "scales": [list(s) for s in self.scales],
+            "pca_dim": self.pca_dim,
+            "whiten": self.whiten,
+            "dtype": self.dtype,
+            "backbone": self.backbone,
+            "backbone_options": dict(self.backbone_options),
+        }
 
     def replace(self, **changes: Any) -> "RerankConfig":
         return dataclasses.replace(self, **changes)
@@ -276,8 +327,11 @@ def _jsonable(value: Any) -> Any:
 def check_device(device: Any) -> str:
     """``device`` if it names a device vprkit can run on (syntax only: no torch import), else ConfigError."""
     if not isinstance(device, str) or not DEVICE_PATTERN.fullmatch(device):
-        hint = " (did you mean 'cuda'?)" if str(device).lower() in ("gpu", "cuda0", "nvidia") else \
-            did_you_mean(str(device).lower(), ('auto', 'cpu', 'cuda', 'mps'))
+        hint = (
+            " (did you mean 'cuda'?)"
+            if str(device).lower() in ("gpu", "cuda0", "nvidia")
+            else did_you_mean(str(device).lower(), ("auto", "cpu", "cuda", "mps"))
+        )
         raise ConfigError(f"device {device!r} is not one of {DEVICE_CHOICES}{hint}")
     return device
 
@@ -389,7 +443,9 @@ class Config:
     def __post_init__(self):
         check_device(self.device)
         if self.rerank is not None and not isinstance(self.rerank, RerankConfig):
-            raise ConfigError(f"Config.rerank must be a RerankConfig (see vprkit.presets.get_rerank_config), got {self.rerank!r}")
+            raise ConfigError(
+                f"Config.rerank must be a RerankConfig (see vprkit.presets.get_rerank_config), got {self.rerank!r}"
+            )
         if self.store_dtype not in STORE_DTYPES:
             raise ConfigError(f"store_dtype must be one of {STORE_DTYPES}, got {self.store_dtype!r}")
         if self.batch_size < 1 or self.workers < 1 or self.threads < 1:
@@ -419,7 +475,9 @@ class Config:
         budget = int(self.memory_budget_mb * MIB)
         return MemoryPlan(
             budget_bytes=budget,
-            vocabulary_pool_bytes=explicit_pool if explicit_pool is not None else int(budget * BUDGET_SHARE_VOCABULARY_POOL),
+            vocabulary_pool_bytes=explicit_pool
+            if explicit_pool is not None
+            else int(budget * BUDGET_SHARE_VOCABULARY_POOL),
             feature_cache_bytes=int(budget * BUDGET_SHARE_FEATURE_CACHE),
             decode_buffer_bytes=int(budget * BUDGET_SHARE_DECODE_BUFFER),
         )

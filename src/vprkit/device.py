@@ -54,14 +54,18 @@ def resolve_device(name: "str | torch.device | None" = "auto") -> "torch.device"
         if index is not None:
             count = torch.cuda.device_count()
             if int(index) >= count:
-                raise ConfigError(f"device {name!r} asked for, but this machine has {count} CUDA device(s) (0..{count - 1})")
+                raise ConfigError(
+                    f"device {name!r} asked for, but this machine has {count} CUDA device(s) (0..{count - 1})"
+                )
             return torch.device("cuda", int(index))
         return torch.device("cuda")
     # mps
     if index is not None and int(index) != 0:
         raise ConfigError(f"device {name!r}: there is only one MPS device (use 'mps')")
     if not _mps_available():
-        raise ConfigError(f"device {name!r} asked for, but Apple MPS is not available here (use device='cpu' or 'auto')")
+        raise ConfigError(
+            f"device {name!r} asked for, but Apple MPS is not available here (use device='cpu' or 'auto')"
+        )
     return torch.device("mps")
 
 

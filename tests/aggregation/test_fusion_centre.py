@@ -41,7 +41,7 @@ def _layout() -> TrainedHead:
 
 def _batches(feats: DenseFeatures, size: int):
     for i in range(0, len(feats.patches), size):
-        yield DenseFeatures(feats.patches[i:i + size], STRIDE, feats.image_size)
+        yield DenseFeatures(feats.patches[i : i + size], STRIDE, feats.image_size)
 
 
 def test_the_centre_is_the_mean_uncentred_output_and_outputs_stay_unit_norm():
@@ -74,8 +74,9 @@ def test_a_centred_state_round_trips_and_marks_its_identity(tmp_path):
     assert CENTRE_KEY not in plain and "centred" not in head.identity()  # uncentred heads are unchanged
     path = add_centre(head, [feats], tmp_path / "centred.head.pt")
     assert CENTRE_KEY in read_state(path)
-    again = TrainedHead(D, head="layout", head_options={"height": H, "width": W, "out_channels": OUT},
-                        state=str(path)).eval()
+    again = TrainedHead(
+        D, head="layout", head_options={"height": H, "width": W, "out_channels": OUT}, state=str(path)
+    ).eval()
     other = _features(4, seed=1)
     with torch.no_grad():
         assert torch.allclose(again(other), head(other), atol=TOL)
@@ -85,15 +86,20 @@ def test_a_centred_state_round_trips_and_marks_its_identity(tmp_path):
 def test_the_fused_cosine_mixes_vlad_with_the_centred_head_by_the_weight():
     feats = _features(PLACES, seed=0)
     vocabulary = fit_vocabulary(feats.patches.reshape(-1, D).numpy(), VLAD_K, seed=0)
-    fused = TrainedHead(D, head="layout", head_options={"height": H, "width": W, "out_channels": OUT},
-                        vlad={"k": VLAD_K, "assignments": 1, "weight": WEIGHT}, vocabulary=vocabulary).eval()
+    fused = TrainedHead(
+        D,
+        head="layout",
+        head_options={"height": H, "width": W, "out_channels": OUT},
+        vlad={"k": VLAD_K, "assignments": 1, "weight": WEIGHT},
+        vocabulary=vocabulary,
+    ).eval()
     fused.fit_centre([feats])
     with torch.no_grad():
         x = fused(feats)
         v, h = fused.vlad(feats), fused.head_forward(feats)
     assert x.shape[1] == fused.dim == fused.vlad.dim + H * W * OUT
     assert torch.allclose(x @ x.T, WEIGHT * v @ v.T + (1 - WEIGHT) * h @ h.T, atol=TOL)
-    assert torch.allclose(x[:, :fused.vlad.dim], math.sqrt(WEIGHT) * v, atol=TOL)
+    assert torch.allclose(x[:, : fused.vlad.dim], math.sqrt(WEIGHT) * v, atol=TOL)
 
 
 def test_projections_after_a_centre_and_wrong_centres_are_refused():

@@ -29,7 +29,7 @@ class TinyBackbone(Backbone):
 
     def extract(self, x: torch.Tensor) -> DenseFeatures:
         pooled = torch.nn.functional.avg_pool2d(x, 8)  # B×3×h×w
-        f = torch.cat([pooled, pooled ** 2, pooled[:, :2] - 0.5], 1).permute(0, 2, 3, 1).contiguous()
+        f = torch.cat([pooled, pooled**2, pooled[:, :2] - 0.5], 1).permute(0, 2, 3, 1).contiguous()
         return DenseFeatures(f, self.stride, tuple(x.shape[-2:]))
 
 
@@ -40,14 +40,20 @@ def test_aggregation_options_are_the_three_fields_the_stage_reads():
     assert wants_vocabulary(opts) and not wants_vocabulary(AggregationOptions("gem", {"p": 3.0}))
     assert not wants_vocabulary(AggregationOptions("netvlad", {"checkpoint": "/ck.pth"}))
     backbone = TinyBackbone()
-    assert descriptor_identity(opts, backbone) == {**backbone.identity(), "image": {"size": [64, 96], "resize": "fixed"}}
+    assert descriptor_identity(opts, backbone) == {
+        **backbone.identity(),
+        "image": {"size": [64, 96], "resize": "fixed"},
+    }
 
 
 def test_make_aggregator_checks_the_vocabulary_against_the_options():
     backbone = TinyBackbone()
     opts = AggregationOptions("vlad", {"assignments": 2}, ImageSpec((64, 64), "fixed"))
-    voc = fit_vocabulary(np.random.default_rng(0).normal(size=(200, DIM)).astype(np.float32), 4,
-                         {"identity": descriptor_identity(opts, backbone)})
+    voc = fit_vocabulary(
+        np.random.default_rng(0).normal(size=(200, DIM)).astype(np.float32),
+        4,
+        {"identity": descriptor_identity(opts, backbone)},
+    )
     agg = make_aggregator(opts, backbone, voc)
     assert isinstance(agg, VLAD) and agg.dim == 4 * DIM
     with pytest.raises(ConfigError, match="needs a vocabulary"):
@@ -58,9 +64,14 @@ def test_make_aggregator_checks_the_vocabulary_against_the_options():
 
 
 def test_vocabulary_options_take_the_aggregators_requirements_and_the_memory_plan():
-    config = Config(aggregator="vlad", aggregator_options={"vocabularies": 3, "centres": "raw"},
-                    vocabulary=VocabularyConfig(k=4, sets=1, centres="unit"), memory_budget_mb=64,
-                    image=ImageSpec((32, 32), "fixed"), batch_size=2)
+    config = Config(
+        aggregator="vlad",
+        aggregator_options={"vocabularies": 3, "centres": "raw"},
+        vocabulary=VocabularyConfig(k=4, sets=1, centres="unit"),
+        memory_budget_mb=64,
+        image=ImageSpec((32, 32), "fixed"),
+        batch_size=2,
+    )
     opts = VocabularyOptions.from_config(config, TinyBackbone())
     assert (opts.sets, opts.centres) == (3, "raw")
     assert opts.pool_bytes == config.memory_plan().vocabulary_pool_bytes == 32 * MIB
@@ -72,8 +83,13 @@ def test_vocabulary_options_take_the_aggregators_requirements_and_the_memory_pla
 
 def test_build_vocabulary_runs_on_its_options_alone(tmp_path):
     keys = make_images(tmp_path, 6, size=(32, 32))
-    opts = VocabularyOptions(VocabularyConfig(k=4, seed=3), ExtractionOptions(ImageSpec((32, 32), "fixed"), 2, 1),
-                             pool_bytes=MIB, sets=2, centres="raw")
+    opts = VocabularyOptions(
+        VocabularyConfig(k=4, seed=3),
+        ExtractionOptions(ImageSpec((32, 32), "fixed"), 2, 1),
+        pool_bytes=MIB,
+        sets=2,
+        centres="raw",
+    )
     voc = build_vocabulary(TinyBackbone(), opts, [(tmp_path, keys)], name="t")
     assert voc.k == 4 and voc.metadata["sets"] == 2 and voc.metadata["centres"] == "raw"
     assert voc.metadata["n_images"] == 6 and voc.metadata["pool_max_bytes"] == MIB

@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from vprkit.aggregation.vlad import VLAD, DescriptorSampler, Vocabulary, fit_vocabulary, hard_vlad, residual_sums, assign
+from vprkit.aggregation.vlad import (
+    VLAD,
+    DescriptorSampler,
+    Vocabulary,
+    fit_vocabulary,
+    hard_vlad,
+    residual_sums,
+    assign,
+)
 from vprkit.backbones.base import DenseFeatures
 from vprkit.errors import ConfigError, VocabularyMismatchError
 
@@ -150,7 +158,9 @@ def test_multiple_assignment_hand_computed():
     expected = torch.cat([r / r.norm() for r in blocks]) / math.sqrt(3)
     torch.testing.assert_close(hard_vlad(x, c, assignments=2)[0], expected)
     # m = 1 leaves the middle cluster empty: AnyLoc's hard VLAD
-    hard = torch.cat([(xa - c[0]) / (xa - c[0]).norm(), torch.zeros(2), (xb - c[2]) / (xb - c[2]).norm()]) / math.sqrt(2)
+    hard = torch.cat([(xa - c[0]) / (xa - c[0]).norm(), torch.zeros(2), (xb - c[2]) / (xb - c[2]).norm()]) / math.sqrt(
+        2
+    )
     torch.testing.assert_close(hard_vlad(x, c, assignments=1)[0], hard)
 
 

@@ -89,7 +89,9 @@ def test_multiple_assignment_with_raw_centres_matches_per_descriptor_reference()
     c = raw_centres(rng, 8, 5)
     x = rng.normal(size=(2, 25, 5)).astype(np.float32)
     for m in (1, 2, 3):
-        out = VLAD(5, Vocabulary(c, {"centres": "raw"}), assignments=m)(DenseFeatures(torch.from_numpy(x).reshape(2, 5, 5, 5), 16, (80, 80)))
+        out = VLAD(5, Vocabulary(c, {"centres": "raw"}), assignments=m)(
+            DenseFeatures(torch.from_numpy(x).reshape(2, 5, 5, 5), 16, (80, 80))
+        )
         for b in range(2):
             xn = x[b] / np.linalg.norm(x[b], axis=1, keepdims=True)
             cs = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)

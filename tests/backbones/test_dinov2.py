@@ -61,21 +61,39 @@ def official_state_dict(cfg: dict, registers: int, seed: int = 0) -> dict[str, t
         sd["register_tokens"] = rnd(1, registers, d, std=0.5)
     for i in range(depth):
         p = f"blocks.{i}."
-        sd.update({
-            p + "norm1.weight": rnd(d, std=0.2, mean=1.0), p + "norm1.bias": rnd(d, std=0.1),
-            p + "attn.qkv.weight": rnd(3 * d, d, std=0.15), p + "attn.qkv.bias": rnd(3 * d, std=0.1),
-            p + "attn.proj.weight": rnd(d, d, std=0.1), p + "attn.proj.bias": rnd(d),
-            p + "ls1.gamma": rnd(d, std=0.3, mean=0.5),
-            p + "norm2.weight": rnd(d, std=0.2, mean=1.0), p + "norm2.bias": rnd(d, std=0.1),
-            p + "ls2.gamma": rnd(d, std=0.3, mean=0.5),
-        })
+        sd.update(
+            {
+                p + "norm1.weight": rnd(d, std=0.2, mean=1.0),
+                p + "norm1.bias": rnd(d, std=0.1),
+                p + "attn.qkv.weight": rnd(3 * d, d, std=0.15),
+                p + "attn.qkv.bias": rnd(3 * d, std=0.1),
+                p + "attn.proj.weight": rnd(d, d, std=0.1),
+                p + "attn.proj.bias": rnd(d),
+                p + "ls1.gamma": rnd(d, std=0.3, mean=0.5),
+                p + "norm2.weight": rnd(d, std=0.2, mean=1.0),
+                p + "norm2.bias": rnd(d, std=0.1),
+                p + "ls2.gamma": rnd(d, std=0.3, mean=0.5),
+            }
+        )
         if cfg.get("ffn") == "swiglu":
             h = swiglu_hidden(d)
-            sd.update({p + "mlp.w12.weight": rnd(2 * h, d, std=0.1), p + "mlp.w12.bias": rnd(2 * h),
-                       p + "mlp.w3.weight": rnd(d, h, std=0.1), p + "mlp.w3.bias": rnd(d)})
+            sd.update(
+                {
+                    p + "mlp.w12.weight": rnd(2 * h, d, std=0.1),
+                    p + "mlp.w12.bias": rnd(2 * h),
+                    p + "mlp.w3.weight": rnd(d, h, std=0.1),
+                    p + "mlp.w3.bias": rnd(d),
+                }
+            )
         else:
-            sd.update({p + "mlp.fc1.weight": rnd(4 * d, d, std=0.1), p + "mlp.fc1.bias": rnd(4 * d),
-                       p + "mlp.fc2.weight": rnd(d, 4 * d, std=0.1), p + "mlp.fc2.bias": rnd(d)})
+            sd.update(
+                {
+                    p + "mlp.fc1.weight": rnd(4 * d, d, std=0.1),
+                    p + "mlp.fc1.bias": rnd(4 * d),
+                    p + "mlp.fc2.weight": rnd(d, 4 * d, std=0.1),
+                    p + "mlp.fc2.bias": rnd(d),
+                }
+            )
     return sd
 
 
@@ -201,9 +219,15 @@ def pixels(b: int, h: int, w: int, seed: int = 1) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("facet", FACETS)
-@pytest.mark.parametrize("name,config", [
-    ("dinov2_vits14", TINY), ("dinov2_vits14_reg", TINY), ("dinov2_vitg14", TINY_G), ("dinov2_vitg14_reg", TINY_G),
-])
+@pytest.mark.parametrize(
+    "name,config",
+    [
+        ("dinov2_vits14", TINY),
+        ("dinov2_vits14_reg", TINY),
+        ("dinov2_vitg14", TINY_G),
+        ("dinov2_vitg14_reg", TINY_G),
+    ],
+)
 def test_facets_match_reference_at_native_grid(name, config, facet):
     regs = dv2.NUM_REGISTERS if name.endswith("_reg") else 0
     sd = official_state_dict(config, regs)
@@ -239,7 +263,9 @@ def test_position_interpolation_matches_official_formula(name):
     got = dv2.interpolate_pos_embed(model.pos_embed, (3, 6), model.cfg)
     assert torch.equal(got, ref_pos_embed(sd["pos_embed"], 3, 6, regs))
     # the plain and register models really do differ (offset+scale vs size+antialias)
-    flipped = dataclasses.replace(model.cfg, interpolate_offset=0.0 if not regs else 0.1, interpolate_antialias=not regs)
+    flipped = dataclasses.replace(
+        model.cfg, interpolate_offset=0.0 if not regs else 0.1, interpolate_antialias=not regs
+    )
     other = dv2.interpolate_pos_embed(model.pos_embed, (3, 6), flipped)
     assert not torch.allclose(got, other)
     x = pixels(1, h, w)
@@ -308,16 +334,30 @@ def test_hub_and_hugging_face_layouts_give_the_same_features(tmp_path, name, con
     folder = tmp_path / "hf"
     folder.mkdir()
     torch.save(hf, folder / "pytorch_model.bin")
-    (folder / "config.json").write_text(json.dumps({
-        "model_type": "dinov2_with_registers" if regs else "dinov2", "hidden_size": config["embed_dim"],
-        "num_hidden_layers": config["depth"], "num_attention_heads": config["num_heads"], "patch_size": PATCH,
-        "use_swiglu_ffn": config.get("ffn") == "swiglu", **({"num_register_tokens": regs} if regs else {}),
-    }))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "dinov2_with_registers" if regs else "dinov2",
+                "hidden_size": config["embed_dim"],
+                "num_hidden_layers": config["depth"],
+                "num_attention_heads": config["num_heads"],
+                "patch_size": PATCH,
+                "use_swiglu_ffn": config.get("ffn") == "swiglu",
+                **({"num_register_tokens": regs} if regs else {}),
+            }
+        )
+    )
     x = pixels(2, NATIVE, 2 * NATIVE)
     for facet in ("value", "token"):
         kw = dict(layer=config["depth"] - 1, facet=facet, config=config)
         ref = build_backbone(name, weights=hub_file, **kw)(x)
-        for source in (tmp_path, tmp_path / "chunked.pth", tmp_path / "legacy.pth", tmp_path / "hf_classifier.bin", folder):
+        for source in (
+            tmp_path,
+            tmp_path / "chunked.pth",
+            tmp_path / "legacy.pth",
+            tmp_path / "hf_classifier.bin",
+            folder,
+        ):
             got = build_backbone(name, weights=source, **kw)(x)
             assert rel_err(got.patches, ref.patches) <= REL_TOL, source
             assert rel_err(got.global_token, ref.global_token) <= REL_TOL, source
@@ -362,8 +402,13 @@ def test_safetensors_without_the_package_names_it(tmp_path):
 
 @pytest.fixture
 def empty_caches(tmp_path, monkeypatch):
-    for var, sub in (("VPRKIT_CACHE", "vprkit"), ("TORCH_HOME", "torch"), ("HF_HOME", "hf"),
-                     ("HF_HUB_CACHE", "hf/hub"), ("XDG_CACHE_HOME", "xdg")):
+    for var, sub in (
+        ("VPRKIT_CACHE", "vprkit"),
+        ("TORCH_HOME", "torch"),
+        ("HF_HOME", "hf"),
+        ("HF_HUB_CACHE", "hf/hub"),
+        ("XDG_CACHE_HOME", "xdg"),
+    ):
         monkeypatch.setenv(var, str(tmp_path / sub))
     monkeypatch.setenv("VPRKIT_OFFLINE", "1")
     return tmp_path
@@ -377,7 +422,10 @@ def test_missing_weights_error_names_the_file(empty_caches, name):
     assert dv2.checkpoint_filename(name) in msg
     assert dv2.checkpoint_url(name) in msg and dv2.hf_repo_id(name) in msg
     assert dv2.checkpoint_filename("dinov2_vitg14_reg") == "dinov2_vitg14_reg4_pretrain.pth"
-    assert dv2.checkpoint_url("dinov2_vitg14_reg") == "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitg14/dinov2_vitg14_reg4_pretrain.pth"
+    assert (
+        dv2.checkpoint_url("dinov2_vitg14_reg")
+        == "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitg14/dinov2_vitg14_reg4_pretrain.pth"
+    )
 
 
 def test_weights_found_in_torch_hub_and_hugging_face_caches(empty_caches):
@@ -444,7 +492,12 @@ def test_input_size_must_be_a_multiple_of_the_patch_size():
 
 
 def test_registry_defaults_and_identity():
-    expected = {"dinov2_vits14": (384, 10), "dinov2_vitb14": (768, 10), "dinov2_vitl14": (1024, 20), "dinov2_vitg14": (1536, 31)}
+    expected = {
+        "dinov2_vits14": (384, 10),
+        "dinov2_vitb14": (768, 10),
+        "dinov2_vitl14": (1024, 20),
+        "dinov2_vitg14": (1536, 31),
+    }
     for name, (dim, layer) in expected.items():
         for variant in (name, name + "_reg"):
             assert variant in BACKBONES

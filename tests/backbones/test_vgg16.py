@@ -91,7 +91,9 @@ def test_torchvision_layout_loads(tmp_path):
     net = build_backbone("vgg16-conv5", weights=str(tmp_path))  # a folder holding the file works too
     torch.testing.assert_close(net.features[28].weight, enc["28.weight"])
     pixels = torch.rand(1, 3, 32, 48)
-    torch.testing.assert_close(net(pixels).patches, _reference_conv5(pixels, enc).permute(0, 2, 3, 1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        net(pixels).patches, _reference_conv5(pixels, enc).permute(0, 2, 3, 1), rtol=1e-4, atol=1e-4
+    )
     assert not is_netvlad_checkpoint(path)
     encoder_only = with_weights(resolve("netvlad-vgg16"), str(path))
     assert "checkpoint" not in encoder_only.aggregator_options and pipeline.needs_vocabulary(encoder_only)

@@ -37,6 +37,7 @@ def _gt(path: Path, q=QUERIES, db=DATABASE, **kw) -> list[list[int]]:
 
 # --- ground truth -----------------------------------------------------------------------------
 
+
 def test_comma_separated_positives_are_all_kept(tmp_path):
     # Used to keep only r0.jpg (csv split the positives into fields, only field 2 was read).
     f = _write(tmp_path / "gt.csv", "query,positives\nquery/a.jpg,ref/r0.jpg,ref/r1.jpg,ref/r2.jpg\n")
@@ -76,8 +77,14 @@ def test_corridor_with_comma_separated_positives_equals_the_original(tmp_path):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("query,positives\na.jpg;r0.jpg\n", r"line 2: the query field 'a.jpg;r0.jpg' contains ';' but the header separates columns with ','"),
-        ("query,positives\na.jpg r0.jpg r1.jpg\n", r"line 2: the query field 'a.jpg r0.jpg r1.jpg' contains whitespace"),
+        (
+            "query,positives\na.jpg;r0.jpg\n",
+            r"line 2: the query field 'a.jpg;r0.jpg' contains ';' but the header separates columns with ','",
+        ),
+        (
+            "query,positives\na.jpg r0.jpg r1.jpg\n",
+            r"line 2: the query field 'a.jpg r0.jpg r1.jpg' contains whitespace",
+        ),
         ("query;positives\na.jpg,r0.jpg\n", r"line 2: .*contains ',' but the header separates columns with ';'"),
         ("query,positives;\na.jpg,r0.jpg\n", r"line 1: the header mixes separators"),
         ("query positives\na.jpg r0.jpg\n", r"line 1: the header 'query positives' has a single column"),
@@ -99,13 +106,16 @@ def test_ground_truth_errors(tmp_path, text, message):
 
 def test_ground_truth_encoding_errors(tmp_path):
     with pytest.raises(DatasetError, match=r"line 2: not valid UTF-8"):
-        GroundTruth.from_list(_write(tmp_path / "l1.csv", "query,positives\na.jpg,r\xe9.jpg\n", "latin-1"), QUERIES, DATABASE)
+        GroundTruth.from_list(
+            _write(tmp_path / "l1.csv", "query,positives\na.jpg,r\xe9.jpg\n", "latin-1"), QUERIES, DATABASE
+        )
     (tmp_path / "nul.csv").write_bytes(b"query,positives\na.jpg,r0\x00.jpg\n")
     with pytest.raises(DatasetError, match=r"line 2: contains a NUL byte"):
         GroundTruth.from_list(tmp_path / "nul.csv", QUERIES, DATABASE)
 
 
 # --- poses -----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     "text",
@@ -125,7 +135,10 @@ def test_pose_separators_and_spellings(tmp_path, text):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("image,easting,northing\na.jpg,1,2\n\n\nb.jpg,1,abc\n", r"line 5: column 'northing' has 'abc', which is not a number"),
+        (
+            "image,easting,northing\na.jpg,1,2\n\n\nb.jpg,1,abc\n",
+            r"line 5: column 'northing' has 'abc', which is not a number",
+        ),
         ("image,easting,northing\na.jpg,1,nan\n", r"line 2: column 'northing' has 'nan', not finite"),
         ("image,easting,northing\na.jpg,inf,2\n", r"line 2: column 'easting' has 'inf', not finite"),
         ("image,easting,northing\na.jpg,1,1e999\n", r"line 2: column 'northing' is '1e999', which overflows"),
@@ -134,7 +147,10 @@ def test_pose_separators_and_spellings(tmp_path, text):
         ("image,easting,northing\na.jpg,1_000,2\n", r"line 2: column 'easting' has '1_000'"),
         ("image;easting;northing\na.jpg;12,5;3\n", r"line 2: column 'easting' has '12,5', a decimal comma"),
         ("image,easting,northing\na.jpg,1,2,3\n", r"line 2: 4 field\(s\), expected 3"),
-        ("image,easting,northing\na.jpg;1;2\n", r"line 2: 1 field\(s\), expected 3 .*contains ';' but the header separates columns with ','"),
+        (
+            "image,easting,northing\na.jpg;1;2\n",
+            r"line 2: 1 field\(s\), expected 3 .*contains ';' but the header separates columns with ','",
+        ),
         ("image,easting,northing\na.jpg,1;2,3\n", r"line 2: column 'easting' has '1;2'.*mixed separators"),
         ("image,easting;northing\na.jpg,1,2\n", r"line 1: the header mixes separators"),
         ("image easting northing\na.jpg 1 2\n", r"line 1: .*single column"),
@@ -165,6 +181,7 @@ def test_unknown_pose_columns_are_ignored_and_logged(tmp_path, caplog):
 
 # --- matching poses to images ------------------------------------------------------------------
 
+
 def _poses(names, source="poses.csv") -> Poses:
     return Poses(list(names), np.arange(2 * len(names), dtype=float).reshape(-1, 2), source=source)
 
@@ -172,7 +189,9 @@ def _poses(names, source="poses.csv") -> Poses:
 def test_pose_rows_with_a_folder_prefix_match_nothing_and_say_why():
     keys = [f"img{i:03d}.jpg" for i in range(20)]
     poses = _poses([f"db/{k}" for k in keys])
-    with pytest.raises(DatasetError, match=r"0 of 20 image\(s\) have a pose.*20 of 20 pose row\(s\) match no image.*prefix 'db/'") as info:
+    with pytest.raises(
+        DatasetError, match=r"0 of 20 image\(s\) have a pose.*20 of 20 pose row\(s\) match no image.*prefix 'db/'"
+    ) as info:
         match_poses(poses, keys)
     assert "'db/img000.jpg'" in str(info.value) and "prefix='db'" in str(info.value)
     matched, report = match_poses(poses, keys, allow_no_match=True)
@@ -247,7 +266,9 @@ def pose_files(draw):
     else:
         values = [(draw(NUMBER), draw(NUMBER)) for _ in names]
     headings = [draw(st.one_of(st.none(), NUMBER)) for _ in names]
-    header = ["image", *(("lat", "lon") if geographic else ("easting", "northing"))] + (["heading"] if with_heading else [])
+    header = ["image", *(("lat", "lon") if geographic else ("easting", "northing"))] + (
+        ["heading"] if with_heading else []
+    )
     lines = [sep.join(header)]
     for name, (a, b), h in zip(names, values, headings):
         fields = [name, repr(a), repr(b)] + ([("" if h is None else repr(h))] if with_heading else [])
@@ -351,9 +372,11 @@ def test_malformed_ground_truth_raises_dataset_error(tmp_path, generated, how):
     sep = next(s for s in (",", ";", "\t") if s in lines[0])
     if how == "unknown":
         lines.append(f"{queries[0]}{sep}missing_image.jpg")
-        lines = [ln for ln in lines if not ln.startswith(queries[0] + sep)][:1] + lines[-1:] + [
-            ln for ln in lines[1:-1] if not ln.startswith(queries[0] + sep)
-        ]
+        lines = (
+            [ln for ln in lines if not ln.startswith(queries[0] + sep)][:1]
+            + lines[-1:]
+            + [ln for ln in lines[1:-1] if not ln.startswith(queries[0] + sep)]
+        )
     elif how == "mixed":
         other = ";" if sep != ";" else ","
         lines.append(f"{queries[0]}{other}{database[0]}")
@@ -365,7 +388,6 @@ def test_malformed_ground_truth_raises_dataset_error(tmp_path, generated, how):
         lines.append(f'{queries[0]}{sep}"{database[0]}')
     with pytest.raises(DatasetError):
         GroundTruth.from_list(_write(tmp_path / "gt.csv", "\n".join(lines) + "\n"), queries, database)
-
 
 
 @pytest.mark.parametrize("data", [b";", b",", b"\x0c,", b",,\n,\n"])

@@ -28,6 +28,7 @@ def _cell(names):
 
 # --- Pittsburgh / Tokyo dbStruct ---------------------------------------------------------------
 
+
 def _write_dbstruct(path: Path, db, utm_db, q, utm_q, which="test", thr=25.0, extra=None):
     st = {
         "whichSet": which,
@@ -89,7 +90,9 @@ def test_pittsburgh_mat(tmp_path):
     assert [p.tolist() for p in narrow.ground_truth.positives] == [[1], [2]]
     assert narrow.ground_truth_rule["meters"] == 11.0
     # A second spec: the *_test one is the default, split= picks another.
-    _write_dbstruct(root / "datasets" / "pitts30k_val.mat", PITTS_DB[:1], PITTS_UTM_DB[:1], PITTS_Q[:1], PITTS_UTM_Q[:1], "val")
+    _write_dbstruct(
+        root / "datasets" / "pitts30k_val.mat", PITTS_DB[:1], PITTS_UTM_DB[:1], PITTS_Q[:1], PITTS_UTM_Q[:1], "val"
+    )
     assert len(load_dataset(root).query_images) == 2
     val = load_dataset(root, split="pitts30k_val")
     assert len(val.database_images) == 1 and "whichSet val" in val.description
@@ -117,8 +120,14 @@ def test_tokyo247_mat(tmp_path):
     for n in db:
         tiny_image(root / "images" / n)
     tiny_image(root / "query" / q[0])
-    _write_dbstruct(root / "tokyo247.mat", db, [(0, 0), (100, 0)], q, [(3, 4)],
-                    extra={"dbTimeStamp": np.array([[1.0, 2.0]]), "qTimeStamp": np.array([[3.0]])})
+    _write_dbstruct(
+        root / "tokyo247.mat",
+        db,
+        [(0, 0), (100, 0)],
+        q,
+        [(3, 4)],
+        extra={"dbTimeStamp": np.array([[1.0, 2.0]]), "qTimeStamp": np.array([[3.0]])},
+    )
     ds = load_dataset(root)
     assert ds.queries_dir == root / "query"
     assert ds.ground_truth.positives[0].tolist() == [0]
@@ -128,35 +137,46 @@ def test_tokyo247_mat(tmp_path):
 
 # --- MSLS --------------------------------------------------------------------------------------
 
+
 def _msls_side(folder: Path, rows, labelled=True):
     """rows: (key, seq, frame, easting, northing, pano, night, view)."""
     for r in rows:
         tiny_image(folder / "images" / f"{r[0]}.jpg")
     lines = [",".join(("",) + SEQ_COLUMNS)] + [f"{i},{r[0]},{r[1]},{r[2]}" for i, r in enumerate(rows)]
     (folder / "seq_info.csv").write_text("\n".join(lines) + "\n")
-    sub = [",all,s2w,w2s,o2n,n2o,d2n,n2d"] + [f"{i},True,{i % 2 == 0},False,False,False,False,False" for i, _ in enumerate(rows)]
+    sub = [",all,s2w,w2s,o2n,n2o,d2n,n2d"] + [
+        f"{i},True,{i % 2 == 0},False,False,False,False,False" for i, _ in enumerate(rows)
+    ]
     (folder / "subtask_index.csv").write_text("\n".join(sub) + "\n")
     if not labelled:
         return
     raw = [",".join(("",) + RAW_COLUMNS)] + [
-        f"{i},{r[0]},12.5,55.6,90.0,2016-06-0{1 + i % 8} 10:00:00,{r[5]}" for i, r in enumerate(rows)]
+        f"{i},{r[0]},12.5,55.6,90.0,2016-06-0{1 + i % 8} 10:00:00,{r[5]}" for i, r in enumerate(rows)
+    ]
     (folder / "raw.csv").write_text("\n".join(raw) + "\n")
     post = [",".join(("",) + POST_COLUMNS)] + [
-        f"{i},{r[0]},{r[3]},{r[4]},{i},False,{r[6]},{r[7]}" for i, r in enumerate(rows)]
+        f"{i},{r[0]},{r[3]},{r[4]},{i},False,{r[6]},{r[7]}" for i, r in enumerate(rows)
+    ]
     (folder / "postprocessed.csv").write_text("\n".join(post) + "\n")
 
 
 def _msls(root: Path):
     cph = root / "train_val" / "cph"
-    _msls_side(cph / "database", [
-        ("cdb0", "s1", 0, 1000.0, 2000.0, False, False, "Forward"),
-        ("cdb1", "s1", 1, 1010.0, 2000.0, True, False, "Forward"),   # panorama
-        ("cdb2", "s1", 2, 1500.0, 2000.0, False, False, "Sideways"),
-    ])
-    _msls_side(cph / "query", [
-        ("cq0", "s2", 0, 1005.0, 2000.0, False, True, "Forward"),
-        ("cq1", "s2", 1, 1495.0, 2000.0, False, False, "Backward"),
-    ])
+    _msls_side(
+        cph / "database",
+        [
+            ("cdb0", "s1", 0, 1000.0, 2000.0, False, False, "Forward"),
+            ("cdb1", "s1", 1, 1010.0, 2000.0, True, False, "Forward"),  # panorama
+            ("cdb2", "s1", 2, 1500.0, 2000.0, False, False, "Sideways"),
+        ],
+    )
+    _msls_side(
+        cph / "query",
+        [
+            ("cq0", "s2", 0, 1005.0, 2000.0, False, True, "Forward"),
+            ("cq1", "s2", 1, 1495.0, 2000.0, False, False, "Backward"),
+        ],
+    )
     sf = root / "train_val" / "sf"
     # sf's UTM numbers overlap cph's on purpose: positives must stay within a city.
     _msls_side(sf / "database", [("sdb0", "t1", 0, 1000.0, 2001.0, False, False, "Forward")])
@@ -171,8 +191,11 @@ def test_msls_val_cities(tmp_path):
     _msls(root)
     assert detect_layout(root).name == "msls"
     ds = load_dataset(root)  # default: the val cities cph, sf
-    assert ds.database_images == ["train_val/cph/database/images/cdb0.jpg", "train_val/cph/database/images/cdb2.jpg",
-                                  "train_val/sf/database/images/sdb0.jpg"]
+    assert ds.database_images == [
+        "train_val/cph/database/images/cdb0.jpg",
+        "train_val/cph/database/images/cdb2.jpg",
+        "train_val/sf/database/images/sdb0.jpg",
+    ]
     assert ds.query_images[0] == "train_val/cph/query/images/cq0.jpg" and len(ds.query_images) == 3
     assert (root / ds.query_images[0]).is_file() and ds.queries_dir == root
     assert [p.tolist() for p in ds.ground_truth.positives] == [[0], [1], []]  # sq0 is far from sdb0; never cph's
@@ -213,6 +236,7 @@ def test_msls_wrong_columns(tmp_path):
 
 # --- VPR-datasets-downloader split layout (St Lucia …) ----------------------------------------
 
+
 def test_vg_split_layout(tmp_path):
     root = tmp_path / "st_lucia"
     base = root / "images" / "test"
@@ -230,6 +254,7 @@ def test_vg_split_layout(tmp_path):
 
 
 # --- Baidu Mall --------------------------------------------------------------------------------
+
 
 def _camera(path: Path, xyz, yaw_deg: float) -> None:
     c, s = np.cos(np.radians(yaw_deg)), np.sin(np.radians(yaw_deg))
@@ -257,13 +282,18 @@ def test_baidu_mall(tmp_path):
     assert ds.ground_truth.positives[0].tolist() == [0]
     assert ds.ground_truth_rule["meters"] == 10.0 and ds.ground_truth_rule["max_angle_diff_deg"] == 20.0
     assert load_dataset(root, max_angle_diff=None).ground_truth.positives[0].tolist() == [0, 1]
-    assert load_dataset(root, positive_dist_threshold=40, max_angle_diff=None).ground_truth.positives[0].tolist() == [0, 1, 2]
+    assert load_dataset(root, positive_dist_threshold=40, max_angle_diff=None).ground_truth.positives[0].tolist() == [
+        0,
+        1,
+        2,
+    ]
     (root / "query_gt" / "q0.camera").write_text("not a camera\n")
     with pytest.raises(DatasetError, match="camera file"):
         load_dataset(root)
 
 
 # --- AnyLoc unstructured sets and VP-Air ------------------------------------------------------
+
 
 def test_hawkins_pose_rows(tmp_path):
     root = tmp_path / "hawkins"
@@ -323,6 +353,7 @@ def test_vp_air(tmp_path):
 
 # --- AmsterTime --------------------------------------------------------------------------------
 
+
 def test_amstertime(tmp_path):
     root = tmp_path / "amstertime"
     for i in range(3):
@@ -340,8 +371,10 @@ def test_amstertime(tmp_path):
 
 # --- RobotCar-style CSV ------------------------------------------------------------------------
 
-INS_HEADER = ("timestamp,ins_status,latitude,longitude,altitude,northing,easting,down,utm_zone,"
-              "velocity_north,velocity_east,velocity_down,roll,pitch,yaw")
+INS_HEADER = (
+    "timestamp,ins_status,latitude,longitude,altitude,northing,easting,down,utm_zone,"
+    "velocity_north,velocity_east,velocity_down,roll,pitch,yaw"
+)
 
 
 def _traversal(folder: Path, t0: int, offsets_m) -> None:
@@ -371,6 +404,7 @@ def test_robotcar_csv(tmp_path):
 
 
 # --- VPR-Bench index-aligned sets, Nordland partitions, Gardens Point ------------------------
+
 
 def test_vpr_bench_pickle_with_tolerance_and_17places_default(tmp_path):
     for name in ("SPED", "17places"):
@@ -420,6 +454,7 @@ def test_gardens_point_protocol(tmp_path):
 
 # --- the shared data still detects as before; rules are recorded; describe lists everything ---
 
+
 def test_shared_datasets_keep_their_layouts_and_record_rules(monkeypatch):
     monkeypatch.setenv("VPRKIT_DATA", str(SHARED))
     corridor = load_dataset("corridor")
@@ -435,8 +470,21 @@ def test_shared_datasets_keep_their_layouts_and_record_rules(monkeypatch):
 
 def test_describe_adapters_names_every_format():
     text = describe_adapters()
-    for name in ("netvlad-mat", "msls", "baidu-mall", "anyloc-unstructured", "vp-air", "vpr-bench", "amstertime",
-                 "explicit", "vg-split", "utm-filenames", "robotcar-csv", "sequences", "anyloc-aerial"):
+    for name in (
+        "netvlad-mat",
+        "msls",
+        "baidu-mall",
+        "anyloc-unstructured",
+        "vp-air",
+        "vpr-bench",
+        "amstertime",
+        "explicit",
+        "vg-split",
+        "utm-filenames",
+        "robotcar-csv",
+        "sequences",
+        "anyloc-aerial",
+    ):
         assert name in DATASET_ADAPTERS.names() and f"  {name}:" in text
     assert "ground truth:" in text
 
@@ -468,7 +516,9 @@ def test_format_rule_and_describe():
     from vprkit.datasets import format_rule
 
     assert format_rule({"kind": "radius", "meters": 25.0}) == "radius 25 m"
-    assert format_rule({"kind": "frames", "tolerance": 15, "match": "index", "protocol": "x"}).startswith("frame number ±15")
+    assert format_rule({"kind": "frames", "tolerance": 15, "match": "index", "protocol": "x"}).startswith(
+        "frame number ±15"
+    )
     assert "heading ≤ 20°" in format_rule({"kind": "radius", "meters": 10.0, "max_heading_diff_deg": 20.0})
 
 
@@ -500,15 +550,16 @@ def test_anyloc_aerial(tmp_path):
     for i in range(2):
         tiny_image(root / "query_images" / f"{i}.png")
     (root / "gt_matches.csv").write_text(
-        "query_ind,top_1_ref_ind,top_2_ref_ind,top_3_ref_ind,top_4_ref_ind,top_5_ref_ind\n"
-        "0,10,11,9,8,7\n1,2,3,1,0,4\n"
+        "query_ind,top_1_ref_ind,top_2_ref_ind,top_3_ref_ind,top_4_ref_ind,top_5_ref_ind\n0,10,11,9,8,7\n1,2,3,1,0,4\n"
     )
     assert detect_layout(root).name == "anyloc-aerial"
     ds = load_dataset(root)
     assert ds.database_images[10] == "10.png"  # natural order: the indices refer to it
     assert ds.ground_truth.positives[0].tolist() == [7, 8, 9, 10, 11]
     assert ds.ground_truth_rule["kind"] == "list"
-    (root / "gt_matches.csv").write_text("query_ind,top_1_ref_ind,top_2_ref_ind,top_3_ref_ind,top_4_ref_ind,top_5_ref_ind\n0,1,2,3,4,99\n")
+    (root / "gt_matches.csv").write_text(
+        "query_ind,top_1_ref_ind,top_2_ref_ind,top_3_ref_ind,top_4_ref_ind,top_5_ref_ind\n0,1,2,3,4,99\n"
+    )
     with pytest.raises(DatasetError, match="out of range"):
         load_dataset(root)
 

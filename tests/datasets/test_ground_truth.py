@@ -101,8 +101,12 @@ def test_from_radius_metric_and_soft():
 def test_from_radius_heading_filter():
     db = np.zeros((3, 2))
     gt = GroundTruth.from_radius(
-        np.zeros((1, 2)), db, radius=10.0,
-        query_headings=np.array([350.0]), db_headings=np.array([5.0, 40.0, np.nan]), max_heading_diff=20.0,
+        np.zeros((1, 2)),
+        db,
+        radius=10.0,
+        query_headings=np.array([350.0]),
+        db_headings=np.array([5.0, 40.0, np.nan]),
+        max_heading_diff=20.0,
     )
     assert gt.positives[0].tolist() == [0]  # 15° across north counts; 50° and unknown do not
 

@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 
 from vprkit.errors import ConfigError, DatasetError
-from vprkit.evaluation.loops import (best_earlier_matches, earlier_mask, loop_precision_recall, read_truth_matrix,
-                                     truth_from_positions, without_recent, write_candidates_csv, write_pr_plot)
+from vprkit.evaluation.loops import (
+    best_earlier_matches,
+    earlier_mask,
+    loop_precision_recall,
+    read_truth_matrix,
+    truth_from_positions,
+    without_recent,
+    write_candidates_csv,
+    write_pr_plot,
+)
 from vprkit.evaluation.plots import PNG_SIGNATURE
 
 
@@ -99,13 +107,26 @@ def test_vprkit_loops_on_a_corridor_sequence_driven_twice(tmp_path, shared_datas
     n = LOOP_FRAMES
     for i in range(n):
         (frames / f"{i:04d}.jpg").write_bytes((shared_datasets / "corridor" / "ref" / f"{i:07d}.jpg").read_bytes())
-        (frames / f"{n + i:04d}.jpg").write_bytes((shared_datasets / "corridor" / "query" / f"{i:07d}.jpg").read_bytes())
+        (frames / f"{n + i:04d}.jpg").write_bytes(
+            (shared_datasets / "corridor" / "query" / f"{i:07d}.jpg").read_bytes()
+        )
     truth = np.zeros((2 * n, 2 * n), bool)
     for i in range(n):
-        truth[n + i, max(0, i - LOOP_TOLERANCE): i + LOOP_TOLERANCE + 1] = True
+        truth[n + i, max(0, i - LOOP_TOLERANCE) : i + LOOP_TOLERANCE + 1] = True
     np.save(tmp_path / "gt.npy", truth)
-    common = ["loops", frames, "--exclude-recent", "25", "--ground-truth", tmp_path / "gt.npy", "--preset", "effnet-gem",
-              "--image-size", "160x120", "--quiet"]
+    common = [
+        "loops",
+        frames,
+        "--exclude-recent",
+        "25",
+        "--ground-truth",
+        tmp_path / "gt.npy",
+        "--preset",
+        "effnet-gem",
+        "--image-size",
+        "160x120",
+        "--quiet",
+    ]
     out = tmp_path / "out"
     single = run_cli(common + ["--out", out])
     assert single.exit_code == 0, single.output
@@ -138,8 +159,19 @@ def test_eval_sequence_length_on_a_nordland_slice_and_refusal_elsewhere(tmp_path
         (root / season).mkdir(parents=True)
         for name in names:
             (root / season / name).write_bytes((shared_datasets / "nordland-64x32" / season / name).read_bytes())
-    common = ["eval", root, "--queries", "winter", "--database", "summer", "--preset", "effnet-gem",
-              "--image-size", "128x64", "--quiet"]
+    common = [
+        "eval",
+        root,
+        "--queries",
+        "winter",
+        "--database",
+        "summer",
+        "--preset",
+        "effnet-gem",
+        "--image-size",
+        "128x64",
+        "--quiet",
+    ]
     seq = run_cli(common + ["--sequence-length", "8"])
     assert seq.exit_code == 0, seq.output
     assert "sequence length 8" in seq.output

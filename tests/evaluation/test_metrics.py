@@ -105,8 +105,14 @@ def test_precision_recall_hand_made():
 
 def test_query_records():
     recs = query_records(["a", "b", "c", "d"], [f"db{i}" for i in range(6)], RANKED, RANKED * 0.1, GT)
-    assert recs[0] == {"query": "a", "top1": "db3", "score": pytest.approx(0.3), "correct": True,
-                       "first_positive_rank": 1, "n_positives": 1}
+    assert recs[0] == {
+        "query": "a",
+        "top1": "db3",
+        "score": pytest.approx(0.3),
+        "correct": True,
+        "first_positive_rank": 1,
+        "n_positives": 1,
+    }
     assert recs[1]["first_positive_rank"] == 3 and recs[1]["correct"] is False
     assert recs[2]["first_positive_rank"] is None and recs[2]["n_positives"] == 0
     unl = query_records(["a"], ["x"], np.array([[0]]), None, None)
@@ -126,7 +132,9 @@ def test_report_files_and_table(tmp_path):
     rows = list(csv.DictReader(path.open()))
     assert rows[0]["top1"] == "db3" and rows[2]["first_positive_rank"] == ""
     assert not [p for p in tmp_path.rglob("*.tmp")]  # atomic writes leave no temporaries
-    table = format_table([{"method": "vlad", "recall@1": 0.9412}, {"method": "gem", "recall@1": 0.67}], ["method", "recall@1"])
+    table = format_table(
+        [{"method": "vlad", "recall@1": 0.9412}, {"method": "gem", "recall@1": 0.67}], ["method", "recall@1"]
+    )
     lines = table.splitlines()
     assert lines[0].startswith("method") and "0.941" in lines[2] and len({len(line) for line in lines[2:]}) == 1
 
@@ -145,8 +153,11 @@ def test_report_files_follow_the_umask_and_leave_the_backend_alone(tmp_path):
     backend = sys.modules["matplotlib"].get_backend() if "matplotlib" in sys.modules else None
     old = os.umask(0o022)
     try:
-        written = [write_json({"a": 1}, tmp_path / "s.json"), write_csv([{"a": 1}], tmp_path / "q.csv"),
-                   plot_pr_curve(precision_recall(np.array([0.9, 0.1]), np.array([True, False])), tmp_path / "pr.png")]
+        written = [
+            write_json({"a": 1}, tmp_path / "s.json"),
+            write_csv([{"a": 1}], tmp_path / "q.csv"),
+            plot_pr_curve(precision_recall(np.array([0.9, 0.1]), np.array([True, False])), tmp_path / "pr.png"),
+        ]
     finally:
         os.umask(old)
     assert [stat.S_IMODE(p.stat().st_mode) for p in written] == [0o644] * 3

@@ -20,8 +20,7 @@ from PIL import Image
 from vprkit.datasets import GroundTruth
 from vprkit.evaluation.gallery import build_galleries, gallery_order
 from vprkit.evaluation.html import SECTION_IDS
-from vprkit.evaluation.metrics import (first_positive_rank, hit_matrix, recall_at_n, recall_curve,
-                                       top1_precision_recall)
+from vprkit.evaluation.metrics import first_positive_rank, hit_matrix, recall_at_n, recall_curve, top1_precision_recall
 from vprkit.evaluation.report import software_versions
 from vprkit.evaluation.run import Rankings, write_run
 
@@ -77,23 +76,46 @@ def _dataset(tmp_path: Path, n_db: int = 8, n_q: int = 6):
         Image.new("RGB", (40, 30), tuple(int(c) for c in colours[i])).save(db_dir / k)
     for i, k in enumerate(q_keys):
         Image.new("RGB", (40, 30), tuple(int(c) for c in colours[i])).save(q_dir / k)
-    return SimpleNamespace(database_dir=db_dir, queries_dir=q_dir, database_images=db_keys, query_images=q_keys,
-                           ground_truth_rule="query q matches database q ± 1 (synthetic)"), db_keys, q_keys
+    return (
+        SimpleNamespace(
+            database_dir=db_dir,
+            queries_dir=q_dir,
+            database_images=db_keys,
+            query_images=q_keys,
+            ground_truth_rule="query q matches database q ± 1 (synthetic)",
+        ),
+        db_keys,
+        q_keys,
+    )
 
 
 # 6 queries, 8 database images; positives of q are {q, q+1}; query 5 has no positive.
-GT = GroundTruth([np.array([0, 1]), np.array([1, 2]), np.array([2, 3]), np.array([3, 4]), np.array([4, 5]),
-                  np.array([], int)], n_database=8, source="frames ±1")
-RANKED = np.array([
-    [0, 7, 6, 5],   # right at 1
-    [7, 6, 2, 5],   # first positive at 3
-    [7, 6, 5, 0],   # none
-    [3, 0, 1, 2],   # right at 1
-    [6, 7, 0, 1],   # none
-    [0, 1, 2, 3],   # no positive exists
-])
-SCORES = np.array([[0.9, .5, .4, .3], [0.8, .7, .6, .5], [0.95, .5, .4, .3], [0.7, .6, .5, .4],
-                   [0.6, .5, .4, .3], [0.85, .5, .4, .3]], np.float32)
+GT = GroundTruth(
+    [np.array([0, 1]), np.array([1, 2]), np.array([2, 3]), np.array([3, 4]), np.array([4, 5]), np.array([], int)],
+    n_database=8,
+    source="frames ±1",
+)
+RANKED = np.array(
+    [
+        [0, 7, 6, 5],  # right at 1
+        [7, 6, 2, 5],  # first positive at 3
+        [7, 6, 5, 0],  # none
+        [3, 0, 1, 2],  # right at 1
+        [6, 7, 0, 1],  # none
+        [0, 1, 2, 3],  # no positive exists
+    ]
+)
+SCORES = np.array(
+    [
+        [0.9, 0.5, 0.4, 0.3],
+        [0.8, 0.7, 0.6, 0.5],
+        [0.95, 0.5, 0.4, 0.3],
+        [0.7, 0.6, 0.5, 0.4],
+        [0.6, 0.5, 0.4, 0.3],
+        [0.85, 0.5, 0.4, 0.3],
+    ],
+    np.float32,
+)
 
 
 def _rankings(q_keys, db_keys):
@@ -143,8 +165,19 @@ def test_gallery_order_worst_and_best():
 
 def test_galleries_draw_frames(tmp_path):
     ds, db_keys, q_keys = _dataset(tmp_path)
-    entries = build_galleries(q_keys, db_keys, RANKED, SCORES, first_positive_rank(RANKED, GT),
-                              hit_matrix(RANKED, GT), ds.queries_dir, ds.database_dir, 3, n_worst=2, n_best=1)
+    entries = build_galleries(
+        q_keys,
+        db_keys,
+        RANKED,
+        SCORES,
+        first_positive_rank(RANKED, GT),
+        hit_matrix(RANKED, GT),
+        ds.queries_dir,
+        ds.database_dir,
+        3,
+        n_worst=2,
+        n_best=1,
+    )
     assert [(e.kind, e.query_index) for e in entries] == [("worst", 2), ("worst", 5), ("best", 0)]
     im = Image.open(io.BytesIO(entries[2].png)).convert("RGB")
     px = np.asarray(im)
@@ -156,9 +189,20 @@ def test_galleries_draw_frames(tmp_path):
     worst = np.asarray(Image.open(io.BytesIO(entries[0].png)).convert("RGB"))
     assert np.all(worst == (26, 152, 80), axis=-1).sum() == 0  # nothing correct in query 2's list
     assert np.all(worst == (118, 42, 131), axis=-1).sum() == 0  # no true-match tile unless positives are given
-    with_truth = build_galleries(q_keys, db_keys, RANKED, SCORES, first_positive_rank(RANKED, GT),
-                                 hit_matrix(RANKED, GT), ds.queries_dir, ds.database_dir, 3, n_worst=2, n_best=1,
-                                 positives=GT.positives)
+    with_truth = build_galleries(
+        q_keys,
+        db_keys,
+        RANKED,
+        SCORES,
+        first_positive_rank(RANKED, GT),
+        hit_matrix(RANKED, GT),
+        ds.queries_dir,
+        ds.database_dir,
+        3,
+        n_worst=2,
+        n_best=1,
+        positives=GT.positives,
+    )
     px = [np.asarray(Image.open(io.BytesIO(e.png)).convert("RGB")) for e in with_truth]
     purple = [int(np.all(p == (118, 42, 131), axis=-1).sum()) for p in px]
     # query 2 (no positive retrieved) shows a true match; query 5 has no positive at all; the best row needs none
@@ -169,22 +213,45 @@ def test_galleries_draw_frames(tmp_path):
 def test_write_run_files_summary_and_html(tmp_path):
     ds, db_keys, q_keys = _dataset(tmp_path)
     rankings = _rankings(q_keys, db_keys)
-    summary = {"dataset": "synthetic", "preset": "test", "rerank": None,
-               "recall": rankings.recall(GT, ns=(1, 2, 4)), "timing": {"ms_per_query": 1.5},
-               "counts": {"database": 8, "queries": 6, "queries_unreadable": 0},
-               "config": {"name": "test", "image": {"size": [30, 40]}}, "environment": {"VPRKIT_DATA": "/data"}}
+    summary = {
+        "dataset": "synthetic",
+        "preset": "test",
+        "rerank": None,
+        "recall": rankings.recall(GT, ns=(1, 2, 4)),
+        "timing": {"ms_per_query": 1.5},
+        "counts": {"database": 8, "queries": 6, "queries_unreadable": 0},
+        "config": {"name": "test", "image": {"size": [30, 40]}},
+        "environment": {"VPRKIT_DATA": "/data"},
+    }
     out = tmp_path / "run"
     write_run(out, summary, rankings, GT, dataset=ds, save_predictions=3)
     names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
-    assert {"summary.json", "per_query.csv", "topn.csv", "recall_curve.png", "pr_curve.png", "report.html",
-            "predictions/index.csv"} <= names
+    assert {
+        "summary.json",
+        "per_query.csv",
+        "topn.csv",
+        "recall_curve.png",
+        "pr_curve.png",
+        "report.html",
+        "predictions/index.csv",
+    } <= names
     assert sorted(n for n in names if n.startswith("predictions/") and n.endswith(".png")) == [
-        "predictions/best-001_sub_q00.png", "predictions/best-002_sub_q03.png", "predictions/worst-001_sub_q02.png",
-        "predictions/worst-002_sub_q05.png", "predictions/worst-003_sub_q04.png", "predictions/worst-004_sub_q01.png"]
+        "predictions/best-001_sub_q00.png",
+        "predictions/best-002_sub_q03.png",
+        "predictions/worst-001_sub_q02.png",
+        "predictions/worst-002_sub_q05.png",
+        "predictions/worst-003_sub_q04.png",
+        "predictions/worst-004_sub_q01.png",
+    ]
     index = list(csv.DictReader((out / "predictions" / "index.csv").open()))
     assert [(r["kind"], r["position"], r["query"], r["first_positive_rank"]) for r in index] == [
-        ("worst", "1", "sub/q02.png", ""), ("worst", "2", "sub/q05.png", ""), ("worst", "3", "sub/q04.png", ""),
-        ("worst", "4", "sub/q01.png", "3"), ("best", "1", "sub/q00.png", "1"), ("best", "2", "sub/q03.png", "1")]
+        ("worst", "1", "sub/q02.png", ""),
+        ("worst", "2", "sub/q05.png", ""),
+        ("worst", "3", "sub/q04.png", ""),
+        ("worst", "4", "sub/q01.png", "3"),
+        ("best", "1", "sub/q00.png", "1"),
+        ("best", "2", "sub/q03.png", "1"),
+    ]
     assert not [n for n in names if n.endswith(".tmp")]
 
     s = json.loads((out / "summary.json").read_text())
@@ -212,8 +279,14 @@ def test_write_run_files_summary_and_html(tmp_path):
     decoded = [_decode(img["src"]) for img in page.images]
     assert len(decoded) == 2 + 6  # recall curve, PR curve, 4 worst + 2 best rows
     assert all(im.width > 50 and im.height > 50 for im in decoded)
-    assert page.gallery_rows == [("worst", "sub/q02.png"), ("worst", "sub/q05.png"), ("worst", "sub/q04.png"),
-                                 ("worst", "sub/q01.png"), ("best", "sub/q00.png"), ("best", "sub/q03.png")]
+    assert page.gallery_rows == [
+        ("worst", "sub/q02.png"),
+        ("worst", "sub/q05.png"),
+        ("worst", "sub/q04.png"),
+        ("worst", "sub/q01.png"),
+        ("best", "sub/q00.png"),
+        ("best", "sub/q03.png"),
+    ]
     assert "query q matches database q ± 1" in text and "VPRKIT_DATA" in text
 
 
@@ -250,17 +323,28 @@ def test_the_report_renders_in_headless_chromium_with_its_figures_and_tables(tmp
     import subprocess
     import sys
 
-    chromium = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+    chromium = next(
+        (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None
+    )
     assert chromium, "this test needs headless Chromium: apt-get install -y chromium (scripts/setup.sh does, as root)"
     ds, db_keys, q_keys = _dataset(tmp_path)
     rankings = _rankings(q_keys, db_keys)
-    summary = {"dataset": "synthetic", "preset": "test", "recall": rankings.recall(GT, ns=(1, 2, 4)),
-               "timing": {"ms_per_query": 1.5}, "config": {"name": "test"}}
+    summary = {
+        "dataset": "synthetic",
+        "preset": "test",
+        "recall": rankings.recall(GT, ns=(1, 2, 4)),
+        "timing": {"ms_per_query": 1.5},
+        "config": {"name": "test"},
+    }
     out = tmp_path / "run"
     write_run(out, summary, rankings, GT, dataset=ds, save_predictions=3)
     shot = tmp_path / "shot.png"
-    done = subprocess.run([sys.executable, str(RENDER_SCRIPT), str(out / "report.html"), "--out", str(shot),
-                           "--height", "3000"], capture_output=True, text=True, timeout=180)
+    done = subprocess.run(
+        [sys.executable, str(RENDER_SCRIPT), str(out / "report.html"), "--out", str(shot), "--height", "3000"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert done.returncode == 0 and done.stdout.rstrip().endswith("PASS"), done.stdout + done.stderr
     assert "8 embedded PNGs decode" in done.stdout  # 2 curves + 6 gallery rows, as the HTML test counts
     image = np.asarray(Image.open(shot).convert("RGB"))
@@ -278,8 +362,12 @@ def test_the_render_check_fails_on_a_report_without_its_figures(tmp_path):
     import sys
 
     page = tmp_path / "report.html"
-    page.write_text("<html><body>" + "".join(f'<section id="{s}"><table></table></section>' for s in SECTION_IDS)
-                    + '<script src="http://example.com/x.js"></script></body></html>')
-    done = subprocess.run([sys.executable, str(RENDER_SCRIPT), str(page), "--no-browser"], capture_output=True,
-                          text=True, timeout=60)
+    page.write_text(
+        "<html><body>"
+        + "".join(f'<section id="{s}"><table></table></section>' for s in SECTION_IDS)
+        + '<script src="http://example.com/x.js"></script></body></html>'
+    )
+    done = subprocess.run(
+        [sys.executable, str(RENDER_SCRIPT), str(page), "--no-browser"], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 1 and "FAIL  self-contained" in done.stdout and "FAIL  0 embedded PNGs" in done.stdout

@@ -44,8 +44,9 @@ def small_map(corridor_map, shared_datasets) -> tuple[Path, np.ndarray]:
     map_dir = corridor_map(PRESET, image_size=SMALL_SIZE, every=2)
     queries = sorted(p.name for p in (shared_datasets / "corridor" / "query").glob("*.jpg"))[::4]
     m = pipeline.open_map(map_dir, read_only=True)
-    q = np.concatenate([b.global_descriptors for b in
-                        pipeline.query_batches(m, shared_datasets / "corridor" / "query", keys=queries)])
+    q = np.concatenate(
+        [b.global_descriptors for b in pipeline.query_batches(m, shared_datasets / "corridor" / "query", keys=queries)]
+    )
     return map_dir, q
 
 
@@ -80,7 +81,9 @@ def test_compressed_recall_against_exact_search_on_a_real_map(small_map, tmp_pat
     rows, scores = index.search(q, 5)
     np.testing.assert_array_equal(rows, exact_rows[:, :5])
     stored = np.load(d / DESCRIPTORS_FILE)  # float16 copy: cosines exact up to its rounding
-    np.testing.assert_allclose(scores, np.einsum("qkd,qd->qk", stored[rows].astype(np.float32), q), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        scores, np.einsum("qkd,qd->qk", stored[rows].astype(np.float32), q), rtol=1e-5, atol=1e-5
+    )
     np.testing.assert_allclose(scores, exact_scores[:, :5], atol=2e-3)
     fp = serving_footprint(d)
     assert fp["places"] == len(db) and fp["disk_bytes_per_place"]["index_codes"] < db.shape[1] * 4 / 50
@@ -91,14 +94,17 @@ def _unit(n: int, dim: int, seed: int) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-@pytest.mark.parametrize("factory,options", [
-    ("Flat", {}),
-    ("IVF8,PQ8", {"nprobe": 8}),
-    ("IVF8,PQ8", {"nprobe": 8, "rescore": 30, "descriptors_dtype": "float32"}),
-    ("IVF8,PQ8", {"nprobe": 8, "shard_rows": 300}),
-    ("Flat", {"shard_rows": 250}),
-    ("PCA16,SQ8", {"shard_rows": 400}),
-])
+@pytest.mark.parametrize(
+    "factory,options",
+    [
+        ("Flat", {}),
+        ("IVF8,PQ8", {"nprobe": 8}),
+        ("IVF8,PQ8", {"nprobe": 8, "rescore": 30, "descriptors_dtype": "float32"}),
+        ("IVF8,PQ8", {"nprobe": 8, "shard_rows": 300}),
+        ("Flat", {"shard_rows": 250}),
+        ("PCA16,SQ8", {"shard_rows": 400}),
+    ],
+)
 def test_add_and_remove_match_a_rebuild_from_the_remaining_vectors(factory, options, tmp_path):
     x = _unit(1000, 32, 0)
     extra = _unit(120, 32, 1)
@@ -148,8 +154,24 @@ def test_compress_command_swaps_the_index_and_a_failed_training_keeps_the_old_on
     with pytest.raises(ConfigError, match="PCA to 4096 dims"):  # more dims than the map has places
         compress_map(d, "PCA4096,PQ16")
     assert (d / INDEX_FILE).read_bytes() == before and read_index_manifest(d).factory == "Flat"
-    r = run_cli(["map", "compress", d, "--index", FACTORY, "--train-sample", 50, "--seed", 3, "--rescore", 10,
-                 "--nprobe", 2, "--json"])
+    r = run_cli(
+        [
+            "map",
+            "compress",
+            d,
+            "--index",
+            FACTORY,
+            "--train-sample",
+            50,
+            "--seed",
+            3,
+            "--rescore",
+            10,
+            "--nprobe",
+            2,
+            "--json",
+        ]
+    )
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
     assert out["trained_on"]["sample"] == 50 and out["trained_on"]["seed"] == 3 and out["options"]["nprobe"] == 2
@@ -172,8 +194,9 @@ def test_a_later_build_keeps_the_compressed_index_and_adds_the_new_images(small_
     sample = read_index_manifest(d).trained_on["sample_sha256"]
     new = sorted(p.name for p in (shared_datasets / "corridor" / "ref").glob("*.jpg"))[1::16]
     # the build's settings say index "Flat": a serving setting, so the build is not refused over it
-    pipeline.build_map(shared_datasets / "corridor" / "ref", d, resolve(PRESET, image_size=SMALL_SIZE), keys=new,
-                       progress=False)
+    pipeline.build_map(
+        shared_datasets / "corridor" / "ref", d, resolve(PRESET, image_size=SMALL_SIZE), keys=new, progress=False
+    )
     manifest = read_index_manifest(d)
     n = len(open_map_data(d).keys)
     assert manifest.factory == FACTORY and manifest.ntotal == n
@@ -181,7 +204,7 @@ def test_a_later_build_keeps_the_compressed_index_and_adds_the_new_images(small_
     assert len(open_descriptors(d)) == n
     m = open_map_data(d)
     db = m.store.read_global()
-    rows, scores = m.index.search(db[-len(new):], 1)  # the added places find themselves
+    rows, scores = m.index.search(db[-len(new) :], 1)  # the added places find themselves
     np.testing.assert_array_equal(rows[:, 0], np.arange(n - len(new), n))
     assert json.loads((d / "map.json").read_text())["index"]["factory"] == FACTORY
 
@@ -196,8 +219,9 @@ def test_memory_mapped_descriptors_round_trip(tmp_path):
     held = reader.array  # a reader's mapping survives the writer's rewrite
     f.remove([0, 10, 49])
     np.testing.assert_array_equal(np.asarray(held), x)
-    np.testing.assert_array_equal(DescriptorFile(tmp_path / DESCRIPTORS_FILE).rows(np.array([[0, 1]])),
-                                  np.delete(x, [0, 10, 49], 0)[None, :2])
+    np.testing.assert_array_equal(
+        DescriptorFile(tmp_path / DESCRIPTORS_FILE).rows(np.array([[0, 1]])), np.delete(x, [0, 10, 49], 0)[None, :2]
+    )
     half = write_descriptors(tmp_path / "h.npy", [x], 24, "float16")
     np.testing.assert_allclose(half.rows(np.arange(50)), x, atol=1e-3)
     (tmp_path / "bad.npy").write_bytes(b"not a descriptor file")

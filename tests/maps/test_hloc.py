@@ -17,14 +17,25 @@ import torch
 
 from vprkit.errors import MapError
 from vprkit.maps import FaissIndex, MapStore
-from vprkit.maps.hloc import (DESCRIPTOR, export_map, import_features, list_global_names, read_global_features,
-                              read_pairs, retrieval_pairs, retrieve, write_global_features, write_pairs)
+from vprkit.maps.hloc import (
+    DESCRIPTOR,
+    export_map,
+    import_features,
+    list_global_names,
+    read_global_features,
+    read_pairs,
+    retrieval_pairs,
+    retrieve,
+    write_global_features,
+    write_pairs,
+)
 
 
 # ---- hloc's readers, as its code has them ----------------------------------------------------
 def hloc_list_h5_names(path):
     names = []
     with h5py.File(str(path), "r", libver="latest") as fd:
+
         def visit_fn(_, obj):
             if isinstance(obj, h5py.Dataset):
                 names.append(obj.parent.name.strip("/"))
@@ -73,8 +84,15 @@ def _small_map(tmp_path, keys, vectors, images_root=None):
     store.write_shard(keys, vectors)
     store.consolidate()
     FaissIndex.build(store.read_global()).save(d / "index.faiss")
-    (d / "map.json").write_text(json.dumps({"config": {"name": "test", "store_dtype": "float32"},
-                                            "images_root": images_root, "descriptor_dim": vectors.shape[1]}))
+    (d / "map.json").write_text(
+        json.dumps(
+            {
+                "config": {"name": "test", "store_dtype": "float32"},
+                "images_root": images_root,
+                "descriptor_dim": vectors.shape[1],
+            }
+        )
+    )
     return d
 
 
@@ -204,7 +222,9 @@ def test_opening_an_imported_map_with_models_says_how_to_query_it(tmp_path):
 
     with h5py.File(tmp_path / "feats.h5", "w") as f:
         for i in range(3):
-            f.create_dataset(f"db/img{i}.jpg/global_descriptor", data=np.random.default_rng(i).random(8).astype("float32"))
+            f.create_dataset(
+                f"db/img{i}.jpg/global_descriptor", data=np.random.default_rng(i).random(8).astype("float32")
+            )
     hloc.import_features(tmp_path / "feats.h5", tmp_path / "map")
     with pytest.raises(MapError, match="query it with descriptors of that model"):
         pipeline.open_map(tmp_path / "map")

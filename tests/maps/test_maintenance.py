@@ -31,18 +31,27 @@ MICRO_DEGREE = 1e-6
 def _store(tmp_path: Path, n: int = 4) -> MapStore:
     """A consolidated store of ``n`` rows k0…, descriptor row i = i, pose (i, 10 i), extras x = [i]."""
     s = MapStore(tmp_path)
-    s.write_shard([f"k{i}" for i in range(n)], np.arange(n)[:, None] * np.ones((n, DIM)),
-                  np.stack([np.arange(n), 10 * np.arange(n)], 1).astype(float),
-                  extras=[{"p": {"x": np.array([float(i)])}} for i in range(n)])
+    s.write_shard(
+        [f"k{i}" for i in range(n)],
+        np.arange(n)[:, None] * np.ones((n, DIM)),
+        np.stack([np.arange(n), 10 * np.arange(n)], 1).astype(float),
+        extras=[{"p": {"x": np.array([float(i)])}} for i in range(n)],
+    )
     s.consolidate()
     return s
 
 
 def _append(s: MapStore, keys: list[str], first: float) -> None:
     n = len(keys)
-    s.append(keys, (first + np.arange(n))[:, None] * np.ones((n, DIM)), np.full((n, 2), first),
-             np.full(n, 90.0), np.full(n, 1.7e9), {"run": np.full(n, 7)},
-             [{"p": {"x": np.array([first + i])}} for i in range(n)])
+    s.append(
+        keys,
+        (first + np.arange(n))[:, None] * np.ones((n, DIM)),
+        np.full((n, 2), first),
+        np.full(n, 90.0),
+        np.full(n, 1.7e9),
+        {"run": np.full(n, 7)},
+        [{"p": {"x": np.array([first + i])}} for i in range(n)],
+    )
 
 
 def _extra(s: MapStore, row: int) -> float:
@@ -58,10 +67,15 @@ def test_append_is_durable_at_the_end_and_earlier_readers_keep_their_snapshot(tm
     fresh = MapStore(tmp_path)
     for view in (s, fresh):
         assert view.keys() == ["k0", "k1", "k2", "k3", "new0", "new1"] and len(view) == 6
-        assert np.allclose(view.read_global()[4:, 0], [100, 101]) and np.allclose(view.read_global([5, 0])[:, 0], [101, 0])
+        assert np.allclose(view.read_global()[4:, 0], [100, 101]) and np.allclose(
+            view.read_global([5, 0])[:, 0], [101, 0]
+        )
         assert np.allclose(view.read_poses()[4], [100, 100])
         assert np.isnan(view.read_headings()[:4]).all() and np.allclose(view.read_headings()[4:], 90)
-        assert np.allclose(view.read_timestamps()[4:], 1.7e9) and view.read_entries()["run"].tolist() == [-1] * 4 + [7, 7]
+        assert np.allclose(view.read_timestamps()[4:], 1.7e9) and view.read_entries()["run"].tolist() == [-1] * 4 + [
+            7,
+            7,
+        ]
         assert _extra(view, 5) == 101.0 and _extra(view, 2) == 2.0
     assert before.keys() == ["k0", "k1", "k2", "k3"] and before.read_global().shape == (4, DIM)
     assert not before.is_current() and s.pin().is_current()
@@ -135,8 +149,12 @@ CRASH = textwrap.dedent("""
 def test_a_crash_between_the_temporary_write_and_the_rename_leaves_the_store_as_it_was(tmp_path, op):
     s = _store(tmp_path)
     _append(s, ["a"], 100.0)
-    proc = subprocess.run([sys.executable, "-c", CRASH, str(tmp_path), op], capture_output=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    proc = subprocess.run(
+        [sys.executable, "-c", CRASH, str(tmp_path), op],
+        capture_output=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     assert any(p.name.endswith(".tmp") for p in [*tmp_path.iterdir(), *(tmp_path / LIVE_DIR).iterdir()])
     fresh = MapStore(tmp_path)
@@ -148,8 +166,9 @@ def test_a_crash_between_the_temporary_write_and_the_rename_leaves_the_store_as_
 
 def test_register_run_appends_a_record_and_images_follow_it(tmp_path):
     _store(tmp_path, 2)
-    (tmp_path / "map.json").write_text(json.dumps({"config": resolve("effnet-gem").to_dict(),
-                                                   "runs": [{"run": 0, "images_root": "/data/a"}]}))
+    (tmp_path / "map.json").write_text(
+        json.dumps({"config": resolve("effnet-gem").to_dict(), "runs": [{"run": 0, "images_root": "/data/a"}]})
+    )
     live = tmp_path / "live-images"
     assert register_run(tmp_path, str(live), "live additions") == 1
     assert register_run(tmp_path, None, "decoded") == 2
@@ -193,7 +212,9 @@ def _quiet(**kw):
 
 def _latlon_csv(path: Path, names: list[str], lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
     rows = ["image,lat,lon,heading,timestamp"]
-    rows += [f"{n},{a:.9f},{b:.9f},{10 * i},2024-05-01T12:30:0{i % 10}Z" for i, (n, a, b) in enumerate(zip(names, lat, lon))]
+    rows += [
+        f"{n},{a:.9f},{b:.9f},{10 * i},2024-05-01T12:30:0{i % 10}Z" for i, (n, a, b) in enumerate(zip(names, lat, lon))
+    ]
     path.write_text("\n".join(rows) + "\n")
     return np.stack([lat, lon], 1)
 
@@ -244,8 +265,9 @@ def test_a_second_run_in_another_zone_is_projected_into_the_maps_zone_or_refused
         pipeline.build_map(pd, out, config, poses=tmp_path / "local.csv", crs="local", **_quiet())
 
 
-def test_a_duplicate_name_from_another_folder_is_an_error_a_new_place_or_a_replacement(built, config, tmp_path,
-                                                                                       monkeypatch):
+def test_a_duplicate_name_from_another_folder_is_an_error_a_new_place_or_a_replacement(
+    built, config, tmp_path, monkeypatch
+):
     root, names, _ = built
     make_images(tmp_path / "b", 3, seed=9)  # img000…img002 again, other pictures
     out = _copy_map(built, tmp_path)
@@ -316,7 +338,9 @@ def test_removed_places_are_never_returned_and_the_cli_maintains_the_map(built, 
     returned = {m.key for q in res for m in q.matches}
     assert returned == {"img000.png", "img002.png", "img004.png", "img005.png"}
     assert res[4].matches[0].key == "img004.png" and res[4].matches[0].score == pytest.approx(1.0, abs=1e-3)
-    (tmp_path / "e.csv").write_text("image,easting,northing,heading\nimg004.png,500000,6650000,12.5\nnothere.png,1,1,1\n")
+    (tmp_path / "e.csv").write_text(
+        "image,easting,northing,heading\nimg004.png,500000,6650000,12.5\nnothere.png,1,1,1\n"
+    )
     r = run_cli(["map", "set-pose", out, "--poses", tmp_path / "e.csv"])
     assert r.exit_code == 0 and "1 pose(s) changed (1 of 2 row(s) matched" in r.output
     info = json.loads(run_cli(["map", "info", out, "--json"]).output)

@@ -12,9 +12,21 @@ import pytest
 from vprkit import pipeline
 from vprkit.errors import MapError
 from vprkit.maps import open_map_data
-from vprkit.maps.manifest import (BUILD_FILE, INDEX_MANIFEST_FILE, MAP_FILE, BuildRecord, IndexManifest, MapManifest,
-                                  read_build_record, read_index_manifest, read_manifest, read_map_info,
-                                  write_build_record, write_index_manifest, write_manifest)
+from vprkit.maps.manifest import (
+    BUILD_FILE,
+    INDEX_MANIFEST_FILE,
+    MAP_FILE,
+    BuildRecord,
+    IndexManifest,
+    MapManifest,
+    read_build_record,
+    read_index_manifest,
+    read_manifest,
+    read_map_info,
+    write_build_record,
+    write_index_manifest,
+    write_manifest,
+)
 from vprkit.presets import resolve
 
 SMALL_SIZE = (60, 80)
@@ -51,18 +63,33 @@ def test_a_real_maps_records_round_trip(real_map, tmp_path):
 
 
 def test_an_index_manifest_round_trips_and_reads_the_old_spelling(tmp_path):
-    old = {"backend": "faiss", "factory": "IVF4,PQ4", "ntotal": 10, "generation": 2, "saved": "2024-01-01T00:00:00",
-           "options": {"train_sample": 100, "seed": 3, "nprobe": 4, "efSearch": 32, "rescore": 0, "shard_rows": 0,
-                       "descriptors_dtype": "float16"},
-           "trained_on": {"factory": "IVF4,PQ4", "sample": 10, "seed": 3, "rows": 10},
-           "shards": [{"file": "index.faiss", "rows": 10}], "descriptors": None}
+    old = {
+        "backend": "faiss",
+        "factory": "IVF4,PQ4",
+        "ntotal": 10,
+        "generation": 2,
+        "saved": "2024-01-01T00:00:00",
+        "options": {
+            "train_sample": 100,
+            "seed": 3,
+            "nprobe": 4,
+            "efSearch": 32,
+            "rescore": 0,
+            "shard_rows": 0,
+            "descriptors_dtype": "float16",
+        },
+        "trained_on": {"factory": "IVF4,PQ4", "sample": 10, "seed": 3, "rows": 10},
+        "shards": [{"file": "index.faiss", "rows": 10}],
+        "descriptors": None,
+    }
     (tmp_path / INDEX_MANIFEST_FILE).write_text(json.dumps(old))
     manifest = read_index_manifest(tmp_path)
     assert manifest.options["ef_search"] == 32 and "efSearch" not in manifest.options
     assert manifest.shards[0].file == "index.faiss" and manifest.shards[0].rows == 10
     written = manifest.to_dict()
     assert written["options"]["ef_search"] == 32 and {k: v for k, v in written.items() if k != "options"} == {
-        k: v for k, v in old.items() if k != "options"}
+        k: v for k, v in old.items() if k != "options"
+    }
     write_index_manifest(tmp_path, written)  # a dict is checked, then written
     assert IndexManifest.from_dict(_json(tmp_path / INDEX_MANIFEST_FILE), "x").to_dict() == written
 
@@ -78,8 +105,9 @@ def test_old_layout_files_read_with_defaults(tmp_path):
     written = manifest.to_dict()
     assert written["images_root"] is None and written["index"] == {"factory": "Flat", "ntotal": 8}
     # unknown fields (a newer vprkit's) are kept as they were
-    kept = MapManifest.from_dict({**raw, "future": {"a": 1}, "runs": [{"run": 0, "images_root": "/x", "later": 2}]},
-                                 MAP_FILE).to_dict()
+    kept = MapManifest.from_dict(
+        {**raw, "future": {"a": 1}, "runs": [{"run": 0, "images_root": "/x", "later": 2}]}, MAP_FILE
+    ).to_dict()
     assert kept["future"] == {"a": 1} and kept["runs"][0]["later"] == 2
     # build.json before the vocabulary was recorded
     assert BuildRecord.from_dict({"config": config}, BUILD_FILE).vocabulary is None
@@ -136,16 +164,25 @@ def test_missing_config_and_non_objects_are_named(tmp_path):
     assert read_build_record(tmp_path) is None and read_index_manifest(tmp_path) is None
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"backend": "annoy"}, "field 'backend' must be one of 'faiss', got 'annoy'"),
-    ({"shards": [{"file": "../../etc/passwd", "rows": 1}]}, "field 'shards[0].file' must be a file name inside"),
-    ({"shards": [{"file": "/tmp/x.faiss", "rows": 1}]}, "field 'shards[0].file' must be a file name inside"),
-    ({"shards": [{"file": "index.faiss", "rows": "1"}]}, "field 'shards[0].rows' must be an integer ≥ 0"),
-    ({"descriptors": {"file": "descriptors.npy", "dtype": "int8", "rows": 1}}, "'descriptors.dtype' must be one of"),
-    ({"options": {"descriptors_dtype": "float64"}}, "field 'options.descriptors_dtype' is not a valid index option"),
-    ({"options": {"ef_search": "wide"}}, "field 'options.ef_search' is not a valid index option"),
-    ({"generation": -2}, "field 'generation' must be an integer ≥ 0"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"backend": "annoy"}, "field 'backend' must be one of 'faiss', got 'annoy'"),
+        ({"shards": [{"file": "../../etc/passwd", "rows": 1}]}, "field 'shards[0].file' must be a file name inside"),
+        ({"shards": [{"file": "/tmp/x.faiss", "rows": 1}]}, "field 'shards[0].file' must be a file name inside"),
+        ({"shards": [{"file": "index.faiss", "rows": "1"}]}, "field 'shards[0].rows' must be an integer ≥ 0"),
+        (
+            {"descriptors": {"file": "descriptors.npy", "dtype": "int8", "rows": 1}},
+            "'descriptors.dtype' must be one of",
+        ),
+        (
+            {"options": {"descriptors_dtype": "float64"}},
+            "field 'options.descriptors_dtype' is not a valid index option",
+        ),
+        ({"options": {"ef_search": "wide"}}, "field 'options.ef_search' is not a valid index option"),
+        ({"generation": -2}, "field 'generation' must be an integer ≥ 0"),
+    ],
+)
 def test_each_kind_of_bad_index_field_is_named(change, message):
     raw = {"factory": "Flat", "shards": [{"file": "index.faiss", "rows": 1}], **change}
     with pytest.raises(MapError) as err:

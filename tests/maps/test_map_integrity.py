@@ -25,8 +25,9 @@ from helpers import make_images
 
 @pytest.fixture(scope="module")
 def config():
-    return resolve("effnet-vlad").replace(image=ImageSpec((64, 64), "fixed"), vocabulary=VocabularyConfig(k=8),
-                                             batch_size=4)
+    return resolve("effnet-vlad").replace(
+        image=ImageSpec((64, 64), "fixed"), vocabulary=VocabularyConfig(k=8), batch_size=4
+    )
 
 
 def _quiet(**kw):
@@ -109,14 +110,18 @@ def test_resuming_an_interrupted_build_with_other_settings_is_refused_naming_the
     _interrupted_build(tmp_path, config, monkeypatch)
     assert not (tmp_path / "map" / "map.json").exists() and (tmp_path / "map" / "build.json").exists()
     with pytest.raises(MapError, match=r"interrupted build with other settings \(vocabulary\.k: 8 → 16"):
-        pipeline.build_map(tmp_path / "a", tmp_path / "map", config.replace(vocabulary=VocabularyConfig(k=16)), **_quiet())
+        pipeline.build_map(
+            tmp_path / "a", tmp_path / "map", config.replace(vocabulary=VocabularyConfig(k=16)), **_quiet()
+        )
     info = pipeline.build_map(tmp_path / "a", tmp_path / "map", config, **_quiet())  # the same settings resume
     assert info["counts"]["images"] == 12
 
 
 def test_a_vocabulary_of_another_k_in_the_map_folder_is_refused(tmp_path, config):
     make_images(tmp_path / "a", 8)
-    pipeline.build_map(tmp_path / "a", tmp_path / "other", config.replace(vocabulary=VocabularyConfig(k=16)), **_quiet())
+    pipeline.build_map(
+        tmp_path / "a", tmp_path / "other", config.replace(vocabulary=VocabularyConfig(k=16)), **_quiet()
+    )
     (tmp_path / "map").mkdir()
     shutil.copy(tmp_path / "other" / "vocabulary.npz", tmp_path / "map" / "vocabulary.npz")
     with pytest.raises(VocabularyMismatchError, match="K=16.*K=8"):
@@ -147,8 +152,9 @@ def test_decoded_frames_record_their_pixels_hash(tmp_path, config):
     from vprkit.images import DecodedImages, frame_fingerprint
 
     frames = {f"f{i}": np.full((32, 32, 3), 40 * i, np.uint8) for i in range(3)}
-    pipeline.build_map(DecodedImages(frames), tmp_path / "map", config.replace(aggregator="gem", aggregator_options={}),
-                       **_quiet())
+    pipeline.build_map(
+        DecodedImages(frames), tmp_path / "map", config.replace(aggregator="gem", aggregator_options={}), **_quiet()
+    )
     entries = MapStore(tmp_path / "map").read_entries()
     assert entries["content_sha256"][1].decode() == frame_fingerprint(frames["f1"]).sha256
     assert entries["file_size"].tolist() == [-1, -1, -1]

@@ -108,7 +108,8 @@ def test_a_saved_collection_reopens_with_its_rows_and_a_stale_one_is_refused(tmp
     # the entity fields carry what the store says of each row
     got = built.client.query(built.collection, filter="id < 3", output_fields=["image", "easting", "northing"])
     assert sorted((r["image"], r["easting"], r["northing"]) for r in got) == [
-        (keys[i], float(i), -float(i)) for i in range(3)]
+        (keys[i], float(i), -float(i)) for i in range(3)
+    ]
     built.close()
     assert mv.MilvusIndex.load_for_map(tmp_path, config) is None  # the store still holds row 3: stale
     built = mv.MilvusIndex.build_for_map(x, config, tmp_path)
@@ -120,7 +121,9 @@ def test_a_saved_collection_reopens_with_its_rows_and_a_stale_one_is_refused(tmp
     reopened.remove([3])
     _same_ranking(reopened.search(q, K), expected)
     reopened.close()
-    other = resolve(None, index_backend="milvus", index_options={"index_type": "IVF_FLAT", "index_params": {"nlist": 4}})
+    other = resolve(
+        None, index_backend="milvus", index_options={"index_type": "IVF_FLAT", "index_params": {"nlist": 4}}
+    )
     assert mv.MilvusIndex.load_for_map(tmp_path, other) is None  # other index settings: rebuild
 
 
@@ -243,7 +246,7 @@ def test_live_adds_pose_updates_and_removes_keep_the_entity_fields(tmp_path, sha
         held = _assert_fields_follow_the_store(live.map.index, out)
         assert keys[1] not in held and len(held) == len(keys) + 1
         rows, _ = live.map.index.search(live.map.store.read_global(), 1)  # rows still map to the right entities
-        np.testing.assert_array_equal(rows[:, 0][:len(keys) - 1], np.arange(len(keys) - 1))
+        np.testing.assert_array_equal(rows[:, 0][: len(keys) - 1], np.arange(len(keys) - 1))
     finally:
         live.map.index.close()
     pipeline.update_place_poses(out, {keys[3]: (100.0, 200.0)})  # `map set-pose`: the collection is closed

@@ -94,8 +94,11 @@ def test_an_interrupted_ray_build_continues_where_it_stopped(ray_local, corridor
     assert len(MapStore(out).keys(include_pending=True)) == SHARD and not (out / MAP_FILE).exists()
     info = build_map_ray(corridor, out, replicas=1, shard_images=SHARD, poses=POSES, progress=False)
     _assert_same_map(single, out)
-    assert info["last_build"]["distributed"] == {**info["last_build"]["distributed"], "images": IMAGES - SHARD,
-                                                 "resumed_from_shards": SHARD}
+    assert info["last_build"]["distributed"] == {
+        **info["last_build"]["distributed"],
+        "images": IMAGES - SHARD,
+        "resumed_from_shards": SHARD,
+    }
 
 
 def test_bad_settings_are_refused_before_any_work(ray_local, corridor, tmp_path):
@@ -158,9 +161,11 @@ def test_a_ray_build_with_segvlad_segments_equals_the_single_process_build(ray_l
             assert sorted(pa) == sorted(pb), row
             for name in set(pa) - {"desc_f16"}:  # segments, SuperSegments and their grid: identical
                 np.testing.assert_array_equal(pb[name], pa[name], err_msg=f"row {row} {name}")
-            np.testing.assert_allclose(pb["desc_f16"].astype(np.uint16).view(np.float16).astype(np.float32),
-                                       pa["desc_f16"].astype(np.uint16).view(np.float16).astype(np.float32),
-                                       atol=PATCH_ATOL)
+            np.testing.assert_allclose(
+                pb["desc_f16"].astype(np.uint16).view(np.float16).astype(np.float32),
+                pa["desc_f16"].astype(np.uint16).view(np.float16).astype(np.float32),
+                atol=PATCH_ATOL,
+            )
     rows_a, rows_b = np.load(single / "segments.npz"), np.load(ray_map / "segments.npz")  # the finishing build's index
     for name in ("image", "local", "n_images"):
         np.testing.assert_array_equal(rows_b[name], rows_a[name], err_msg=name)
@@ -184,9 +189,25 @@ def test_the_cli_builds_on_ray_into_a_milvus_index(ray_local, corridor, tmp_path
         (images / key).symlink_to(corridor.path(key))
     (images / "broken.jpg").write_bytes(b"not a picture")  # skipped by the Ray pass, reported by the build
     out = tmp_path / "map"
-    r = run_cli(["map", "build", images, "--out", out, "--ray", "--replicas", "1", "--index-backend", "milvus",
-                 "--index-option", "index_type=HNSW", "--index-option", 'index_params={"M": 8, "efConstruction": 64}',
-                 "--quiet"])
+    r = run_cli(
+        [
+            "map",
+            "build",
+            images,
+            "--out",
+            out,
+            "--ray",
+            "--replicas",
+            "1",
+            "--index-backend",
+            "milvus",
+            "--index-option",
+            "index_type=HNSW",
+            "--index-option",
+            'index_params={"M": 8, "efConstruction": 64}',
+            "--quiet",
+        ]
+    )
     assert r.exit_code == 0 and f"{CLI_IMAGES} images ({CLI_IMAGES} new" in r.output, r.output
     assert "1 unreadable" in r.output and "broken.jpg" in read_json(out / "failures.json")
     data = open_map_data(out)

@@ -61,8 +61,15 @@ RAY_BIN = Path(sys.executable).with_name("ray")
 VPRKIT_BIN = Path(sys.executable).with_name("vprkit")
 # ``ray start`` opens these besides the GCS port; each gets a free port so the head cannot collide
 # with another Ray instance on the machine (a local one of another test run, say).
-EXTRA_PORTS = ("ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-               "runtime-env-agent-port", "metrics-export-port", "node-manager-port", "object-manager-port")
+EXTRA_PORTS = (
+    "ray-client-server-port",
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "runtime-env-agent-port",
+    "metrics-export-port",
+    "node-manager-port",
+    "object-manager-port",
+)
 STARTED = "Ray runtime started"
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
 SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": node address and listeners on loopback
@@ -130,17 +137,29 @@ def ray_head(monkeypatch):
     port, *extra = _free_ports(1 + len(EXTRA_PORTS))
     temp = Path(tempfile.mkdtemp(prefix="vr", dir="/tmp"))  # short: Ray's socket paths must stay under 108 bytes
     log_path = temp / "ray-start.log"
-    cmd = [str(RAY_BIN), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", f"--num-cpus={HEAD_CPUS}",
-           "--include-dashboard=false", "--dashboard-host=127.0.0.1", "--disable-usage-stats", f"--temp-dir={temp}",
-           "--block",
-           *(f"--{name}={p}" for name, p in zip(EXTRA_PORTS, extra))]
+    cmd = [
+        str(RAY_BIN),
+        "start",
+        "--head",
+        f"--port={port}",
+        "--node-ip-address=127.0.0.1",
+        f"--num-cpus={HEAD_CPUS}",
+        "--include-dashboard=false",
+        "--dashboard-host=127.0.0.1",
+        "--disable-usage-stats",
+        f"--temp-dir={temp}",
+        "--block",
+        *(f"--{name}={p}" for name, p in zip(EXTRA_PORTS, extra)),
+    ]
     with open(log_path, "wb") as log:
         head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=dict(os.environ))
     try:
         deadline = time.monotonic() + HEAD_START_TIMEOUT_S
         while STARTED not in log_path.read_text(errors="replace"):
             if head.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the Ray head did not start (exit {head.poll()}):\n{log_path.read_text(errors='replace')[-3000:]}")
+                pytest.fail(
+                    f"the Ray head did not start (exit {head.poll()}):\n{log_path.read_text(errors='replace')[-3000:]}"
+                )
             time.sleep(0.5)
         yield Head(f"127.0.0.1:{port}", head.pid)
     finally:
@@ -151,8 +170,9 @@ def ray_head(monkeypatch):
         assert not left, f"processes of the Ray head outlived the test: {left}"
 
 
-def _run_watching_listeners(cmd: list[str], head: Head,
-                            timeout: float) -> tuple[subprocess.CompletedProcess, set[Listener]]:
+def _run_watching_listeners(
+    cmd: list[str], head: Head, timeout: float
+) -> tuple[subprocess.CompletedProcess, set[Listener]]:
     """Run ``cmd`` to its end, reading the listening sockets of the head's processes and of the command's own
     process tree as it runs (Ray starts workers, each with servers of its own, while the build goes on)."""
     seen: dict[tuple[int, str, int], Listener] = {}  # a worker's name changes with its task: one entry per socket
@@ -187,17 +207,39 @@ def test_the_cli_builds_on_a_ray_cluster_by_address_as_the_single_process_build(
     single, cluster = tmp_path / "single" / "map", tmp_path / "cluster" / "map"  # one name: the vocabulary records it
     pipeline.build_map(images, single, resolve(None, image_size=SMALL_SIZE), poses=poses, progress=False)
     done, listeners = _run_watching_listeners(
-        [str(VPRKIT_BIN), "map", "build", str(images), "--out", str(cluster), "--poses", str(poses),
-         "--image-size", f"{SMALL_SIZE[1]}x{SMALL_SIZE[0]}", "--ray", ray_head.address, "--replicas", "1", "--quiet"],
-        ray_head, CLI_TIMEOUT_S)
+        [
+            str(VPRKIT_BIN),
+            "map",
+            "build",
+            str(images),
+            "--out",
+            str(cluster),
+            "--poses",
+            str(poses),
+            "--image-size",
+            f"{SMALL_SIZE[1]}x{SMALL_SIZE[0]}",
+            "--ray",
+            ray_head.address,
+            "--replicas",
+            "1",
+            "--quiet",
+        ],
+        ray_head,
+        CLI_TIMEOUT_S,
+    )
     assert done.returncode == 0 and f"{IMAGES} images ({IMAGES} new" in done.stdout, done.stdout + done.stderr[-3000:]
     assert_loopback_only(listeners)
     gcs_port = int(ray_head.address.rsplit(":", 1)[1])
     assert gcs_port in {s.port for s in listeners}, listeners  # the watch saw the head's servers
 
     distributed = read_json(cluster / MAP_FILE)["last_build"]["distributed"]
-    assert distributed == {**distributed, "engine": "ray", "address": ray_head.address, "images": IMAGES,
-                           "resumed_from_shards": 0}
+    assert distributed == {
+        **distributed,
+        "engine": "ray",
+        "address": ray_head.address,
+        "images": IMAGES,
+        "resumed_from_shards": 0,
+    }
     sa, sb = MapStore(single), MapStore(cluster)
     assert sb.keys() == sa.keys() == keys
     np.testing.assert_allclose(sb.read_global(), sa.read_global(), atol=1e-5)
@@ -222,7 +264,10 @@ def test_a_cluster_that_cannot_be_joined_is_one_error_naming_the_address_and_aut
     images = tmp_path / "images"
     images.mkdir()
     (images / "a.jpg").write_bytes(b"")  # never read: the join fails first
-    with pytest.raises(ConfigError, match=r"cannot join the Ray cluster at 127\.0\.0\.1:1: Failed to connect.*"
-                                          r"RAY_AUTH_MODE=token.*RAY_AUTH_TOKEN"):
+    with pytest.raises(
+        ConfigError,
+        match=r"cannot join the Ray cluster at 127\.0\.0\.1:1: Failed to connect.*"
+        r"RAY_AUTH_MODE=token.*RAY_AUTH_TOKEN",
+    ):
         build_map_ray(images, tmp_path / "map", address="127.0.0.1:1", progress=False)
     assert not (tmp_path / "map").exists()

@@ -99,10 +99,12 @@ def test_live_appends_are_folded_into_the_store_once_there_are_many(tmp_path, mo
         s.append([f"live{i}"], np.full((1, 2), i), np.array([[i, i]]), np.array([i * 10.0]))
     live = sorted(p.name for p in (tmp_path / "live").iterdir())
     assert len(live) < 3  # folded when the third arrived; numbering continues, never reused
-    assert s.keys() == ["a"] + [f"live{i}" for i in range(5)] and np.allclose(s.read_headings()[1:], [0, 10, 20, 30, 40])
+    assert s.keys() == ["a"] + [f"live{i}" for i in range(5)] and np.allclose(
+        s.read_headings()[1:], [0, 10, 20, 30, 40]
+    )
     with h5py.File(tmp_path / "store.h5") as f:
         assert int(f.attrs["live_absorbed"]) == 3
-    assert all(int(name[len("append-"):-len(".h5")]) > 3 for name in live)
+    assert all(int(name[len("append-") : -len(".h5")]) > 3 for name in live)
 
 
 def test_append_files_already_folded_are_ignored_after_a_crash(tmp_path):

@@ -46,8 +46,12 @@ def test_rapid_scorings_perfect_score_grows_with_the_grid_and_inlier_ratios_do_n
 
 
 def test_best_agreement_reads_each_scale_against_its_own_perfect_score():
-    per_scale = np.array([[10.0, 40.0, 20.0],    # rapid-like, perfect 80
-                          [0.50, 0.10, 0.25]])   # inlier ratios, perfect 1
+    per_scale = np.array(
+        [
+            [10.0, 40.0, 20.0],  # rapid-like, perfect 80
+            [0.50, 0.10, 0.25],
+        ]
+    )  # inlier ratios, perfect 1
     perfect = [80.0, 1.0]
     # candidate agreements: 0.25·0.125 + 0.75·0.5 = 0.40625; 0.25·0.5 + 0.75·0.1 = 0.2; 0.25·0.25 + 0.75·0.25
     assert best_agreement(per_scale, perfect, (0.25, 0.75)) == pytest.approx(0.40625)

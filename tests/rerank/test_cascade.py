@@ -95,8 +95,10 @@ def test_cascade_verifies_the_candidates_with_most_mutual_matches_only():
     assert sorted(set(spy.seen)) == [2, 4]  # the two candidates sharing 25 and 18 patches, not the global top-2
     np.testing.assert_array_equal(chosen, [False, False, True, False, True, False])
     verified = {2: counts[2] / N_PATCHES, 4: counts[4] / N_PATCHES}
-    np.testing.assert_allclose(scores[0], [min(verified.values())] * 2 + [verified[2], min(verified.values()),
-                                                                          verified[4], min(verified.values())])
+    np.testing.assert_allclose(
+        scores[0],
+        [min(verified.values())] * 2 + [verified[2], min(verified.values()), verified[4], min(verified.values())],
+    )
     # verifying all is the original: every candidate scored, each by its own matches
     spy_all = SpyScorer(cands)
     all_scores, all_chosen, _ = cascade_scores([query], [[c] for c in cands], spy_all, (1.0,), verify=None)
@@ -114,8 +116,11 @@ def test_the_reranker_runs_the_cascade_when_verify_is_set_and_the_original_other
         rr = PatchReranker(settings, stub_ext, stub_candidates)
         rr.candidate_sets = lambda rows: {r: [cands[r]] for r in rows}
         rr.scorer = spy = SpyScorer(cands)
-        rows, _ = rr.rerank(SimpleNamespace(batch=None, features=None), np.arange(len(cands))[None],
-                            np.linspace(0.9, 0.8, len(cands))[None])
+        rows, _ = rr.rerank(
+            SimpleNamespace(batch=None, features=None),
+            np.arange(len(cands))[None],
+            np.linspace(0.9, 0.8, len(cands))[None],
+        )
         return rows[0], spy.seen
 
     rows, seen = run(verify=2)
@@ -172,11 +177,14 @@ def test_a_prescorer_picks_by_its_own_scores_and_the_rest_keep_them():
     assert found.match_counts.shape == (1, len(cands))
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"prescorer": "usac"}, "set verify"),
-    ({"prescorer": "nope", "verify": 5}, "unknown pre-scorer"),
-    ({"prescorer": "ransac", "scorer": "ransac", "verify": 5}, "both"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"prescorer": "usac"}, "set verify"),
+        ({"prescorer": "nope", "verify": 5}, "unknown pre-scorer"),
+        ({"prescorer": "ransac", "scorer": "ransac", "verify": 5}, "both"),
+    ],
+)
 def test_config_validates_the_prescorer(changes, message):
     with pytest.raises(ConfigError, match=message):
         RerankConfig("t", **changes)
@@ -192,10 +200,17 @@ def _two_scale_shortlist(seed: int = 5):
         pos = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.float32)
         return PatchSet(d, (pos + 1) * 32.0, pos, coarse_grid, 32.0)
 
-    query = [coarse_set(_unit(torch.randn(12, DIM, generator=g))), _patch_set(_unit(torch.randn(N_PATCHES, DIM, generator=g)))]
-    cands = [[coarse_set(torch.cat([query[0].descriptors[:6], _unit(torch.randn(6, DIM, generator=g))])),
-              _patch_set(torch.cat([query[1].descriptors[:10], _unit(torch.randn(N_PATCHES - 10, DIM, generator=g))]))]
-             for _ in range(6)]
+    query = [
+        coarse_set(_unit(torch.randn(12, DIM, generator=g))),
+        _patch_set(_unit(torch.randn(N_PATCHES, DIM, generator=g))),
+    ]
+    cands = [
+        [
+            coarse_set(torch.cat([query[0].descriptors[:6], _unit(torch.randn(6, DIM, generator=g))])),
+            _patch_set(torch.cat([query[1].descriptors[:10], _unit(torch.randn(N_PATCHES - 10, DIM, generator=g))])),
+        ]
+        for _ in range(6)
+    ]
     return query, cands
 
 
@@ -205,8 +220,9 @@ def test_the_finest_scale_is_matched_only_for_the_candidates_the_coarser_scales_
     fine_fast = [0.90, 0.20, 0.60, 0.90, 0.10, 0.90]  # 0, 3 and 5 would shine at the fine scale: never asked
     fast = FixedScorer([c[0] for c in cands] + [c[1] for c in cands], coarse_fast + fine_fast)
     exact = FixedScorer([c[0] for c in cands] + [c[1] for c in cands], [0.7] * 12)
-    found = cascade_scores(query, cands, exact, (0.5, 0.5), verify=2, prescorer=fast,
-                           fine_budget=3 * N_PATCHES * N_PATCHES)  # room for 3 fine-scale candidates
+    found = cascade_scores(
+        query, cands, exact, (0.5, 0.5), verify=2, prescorer=fast, fine_budget=3 * N_PATCHES * N_PATCHES
+    )  # room for 3 fine-scale candidates
     coarse_seen, fine_seen = sorted(i for i in fast.seen if i < 6), sorted(i - 6 for i in fast.seen if i >= 6)
     assert coarse_seen == list(range(6)) and fine_seen == [1, 2, 4]
     np.testing.assert_allclose(found.scores[1, [0, 3, 5]], 0.10)  # the fine scale's lowest first-pass score
@@ -223,8 +239,15 @@ def test_a_budget_covering_the_shortlist_changes_nothing():
     def run(fine):
         fast = FixedScorer([c[0] for c in cands] + [c[1] for c in cands], values)
         exact = FixedScorer([c[0] for c in cands] + [c[1] for c in cands], [0.7] * 12)
-        return cascade_scores(query, cands, exact, (0.5, 0.5), verify=2, prescorer=fast,
-                              fine_budget=None if fine is None else fine * N_PATCHES * N_PATCHES)
+        return cascade_scores(
+            query,
+            cands,
+            exact,
+            (0.5, 0.5),
+            verify=2,
+            prescorer=fast,
+            fine_budget=None if fine is None else fine * N_PATCHES * N_PATCHES,
+        )
 
     full, covered = run(None), run(6)
     np.testing.assert_array_equal(full.scores, covered.scores)
@@ -242,14 +265,27 @@ def test_the_budget_buys_whole_candidates_and_never_fewer_than_verify():
     assert fine_candidates(query[1], fine, 1) == 1 and fine_candidates(query[1], [], 10**9) == 0
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"fine_budget": 30, "scales": ((2, 1), (5, 1)), "weights": (0.5, 0.5)}, "set prescorer"),
-    ({"fine_budget": 30, "prescorer": "affine", "verify": 8}, "at least two patch scales"),
-    ({"fine_budget": 0, "prescorer": "affine", "verify": 8, "scales": ((2, 1), (5, 1)), "weights": (0.5, 0.5)},
-     "≥ 1"),
-    ({"fine_budget": True, "prescorer": "affine", "verify": 8, "scales": ((2, 1), (5, 1)), "weights": (0.5, 0.5)},
-     "≥ 1"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"fine_budget": 30, "scales": ((2, 1), (5, 1)), "weights": (0.5, 0.5)}, "set prescorer"),
+        ({"fine_budget": 30, "prescorer": "affine", "verify": 8}, "at least two patch scales"),
+        (
+            {"fine_budget": 0, "prescorer": "affine", "verify": 8, "scales": ((2, 1), (5, 1)), "weights": (0.5, 0.5)},
+            "≥ 1",
+        ),
+        (
+            {
+                "fine_budget": True,
+                "prescorer": "affine",
+                "verify": 8,
+                "scales": ((2, 1), (5, 1)),
+                "weights": (0.5, 0.5),
+            },
+            "≥ 1",
+        ),
+    ],
+)
 def test_config_validates_the_fine_budget(changes, message):
     with pytest.raises(ConfigError, match=message):
         RerankConfig("t", **{"scorer": "ransac", **changes})

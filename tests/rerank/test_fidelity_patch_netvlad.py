@@ -46,6 +46,7 @@ def matches(pairs):
 
 # ---- rapid spatial scoring ----------------------------------------------------------------------
 
+
 def test_rapid_scoring_hand_computed_example():
     # Query and candidate grids of 3 rows × 4 cols: n_q = 12, x_max = cols − 1 = 3, y_max = rows − 1 = 2.
     # Matches as (col, row) → (col, row):
@@ -77,8 +78,14 @@ def test_rapid_scoring_anchor_decides_between_two_candidates():
     #   reference anchor (3, 2):  A = 4·[(3−1)² + (2−1)²] = 20,  B = 2·(3² + 2²) = 26  → B first
     #   grid-size anchor (4, 3):  A = 4·[(4−1)² + (3−1)²] = 52,  B = 2·(4² + 3²) = 50  → A first
     q, c = grid_set(3, 4), grid_set(3, 4)
-    a = matches([(idx(0, 0, 4), idx(1, 1, 4)), (idx(3, 2, 4), idx(2, 1, 4)),
-                 (idx(2, 2, 4), idx(3, 1, 4)), (idx(1, 0, 4), idx(0, 1, 4))])
+    a = matches(
+        [
+            (idx(0, 0, 4), idx(1, 1, 4)),
+            (idx(3, 2, 4), idx(2, 1, 4)),
+            (idx(2, 2, 4), idx(3, 1, 4)),
+            (idx(1, 0, 4), idx(0, 1, 4)),
+        ]
+    )
     b = matches([(idx(0, 0, 4), idx(0, 0, 4)), (idx(1, 1, 4), idx(1, 1, 4))])
     sa, sb = rapid_spatial_score(q, c, a), rapid_spatial_score(q, c, b)
     assert sa.value == pytest.approx(20 / 12) and sb.value == pytest.approx(26 / 12)
@@ -105,6 +112,7 @@ def test_rapid_scoring_equals_the_reference_formula_on_random_matches():
 
 
 # ---- RANSAC: direction, order, threshold ---------------------------------------------------------
+
 
 def apply(h, xy):
     p = np.c_[xy, np.ones(len(xy))] @ h.T
@@ -159,8 +167,12 @@ def reference_ransac(q, c, m):
     """The reference's call: candidate → query, matches sorted by candidate patch index."""
     o = np.argsort(m.candidate)
     cv2.setRNGSeed(12345)  # OpenCV's RANSAC seeds its own generator per call; set anyway
-    h, mask = cv2.findHomography(c.centres[m.candidate[o]].astype(np.float32), q.centres[m.query[o]].astype(np.float32),
-                                 cv2.RANSAC, ransacReprojThreshold=THRESHOLD)
+    h, mask = cv2.findHomography(
+        c.centres[m.candidate[o]].astype(np.float32),
+        q.centres[m.query[o]].astype(np.float32),
+        cv2.RANSAC,
+        ransacReprojThreshold=THRESHOLD,
+    )
     inl = np.zeros(len(m), bool)
     inl[o] = mask.ravel() == 1
     return inl, h
@@ -169,8 +181,12 @@ def reference_ransac(q, c, m):
 def reversed_ransac(q, c, m):
     """vprkit's former call: query → candidate, matches in query order."""
     o = np.argsort(m.query)
-    _, mask = cv2.findHomography(q.centres[m.query[o]].astype(np.float32), c.centres[m.candidate[o]].astype(np.float32),
-                                 cv2.RANSAC, ransacReprojThreshold=THRESHOLD)
+    _, mask = cv2.findHomography(
+        q.centres[m.query[o]].astype(np.float32),
+        c.centres[m.candidate[o]].astype(np.float32),
+        cv2.RANSAC,
+        ransacReprojThreshold=THRESHOLD,
+    )
     return int(mask.sum())
 
 
@@ -217,6 +233,7 @@ def test_ransac_needs_four_matches():
 
 # ---- mutual nearest neighbours --------------------------------------------------------------------
 
+
 def reference_mutual(qd, cd):
     """The reference's mutual matching: distances sqrt(2 − 2·dot), pairs listed by candidate index."""
     dist = np.sqrt(2 - 2 * (qd @ cd.T) + 1e-9)  # n_q × n_c
@@ -250,6 +267,7 @@ def test_mutual_nn_and_scores_equal_the_reference_pipeline_on_random_descriptors
 
 
 # ---- patch centres ------------------------------------------------------------------------------
+
 
 def reference_vgg_keypoints(rows, cols, p):
     """The reference's RANSAC keypoints for VGG16 conv5_3 (receptive field 196, stride 16, padding 90):

@@ -17,8 +17,16 @@ import pytest
 
 from vprkit.config import RerankConfig
 from vprkit.numerics import zscore
-from vprkit.rerank.fusion import (DEFAULT_OVERTURN_ALPHA, OVERTURN_ALPHA, STATISTICS_MIN_CANDIDATES, guard_options, matched_candidates,
-                                  overturn_margin, rank_shortlist, within_global_gap)
+from vprkit.rerank.fusion import (
+    DEFAULT_OVERTURN_ALPHA,
+    OVERTURN_ALPHA,
+    STATISTICS_MIN_CANDIDATES,
+    guard_options,
+    matched_candidates,
+    overturn_margin,
+    rank_shortlist,
+    within_global_gap,
+)
 from helpers import FixedPatchScores
 
 SHORTLIST = 30

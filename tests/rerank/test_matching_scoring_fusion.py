@@ -71,6 +71,7 @@ def test_ransac_recovers_a_planted_homography_on_synthetic_points(scorer):
     s = scorer(q, d, Matches(qi, di, np.ones(len(qi))))
     moved = di != qi
     assert s.inliers[~moved].all() and s.inliers[moved].mean() < 0.2
+
     def project(m, xy):
         p = np.c_[xy, np.ones(len(xy))] @ m.T
         return p[:, :2] / p[:, 2:]

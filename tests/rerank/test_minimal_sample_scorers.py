@@ -18,8 +18,16 @@ from vprkit.errors import ConfigError
 from vprkit.rerank import scoring
 from vprkit.rerank.cascade import cascade_scores
 from vprkit.rerank.matching import Matches
-from vprkit.rerank.scoring import (SCORERS, PatchSet, affine_score, affine_scores, ransac_score, score_candidates,
-                                   similarity_score, similarity_scores)
+from vprkit.rerank.scoring import (
+    SCORERS,
+    PatchSet,
+    affine_score,
+    affine_scores,
+    ransac_score,
+    score_candidates,
+    similarity_score,
+    similarity_scores,
+)
 from vprkit.retrieval.estimate import patch_score_kind
 
 STEP = 16.0
@@ -84,17 +92,21 @@ def test_an_exact_affine_scores_as_ransac_does():
 
 
 def test_batched_equals_pair_by_pair_and_ignores_the_rest_of_the_batch():
-    pairs = [_pair(_rotation(d, z), np.array([d, -d]), n_in, n_out, seed=s)
-             for s, (d, z, n_in, n_out) in enumerate([(5, 1.0, 12, 6), (40, 1.2, 5, 20), (0, 1.0, 2, 0),
-                                                     (-20, 0.9, 30, 3), (0, 1.0, 0, 1), (70, 1.0, 7, 7)])]
+    pairs = [
+        _pair(_rotation(d, z), np.array([d, -d]), n_in, n_out, seed=s)
+        for s, (d, z, n_in, n_out) in enumerate(
+            [(5, 1.0, 12, 6), (40, 1.2, 5, 20), (0, 1.0, 2, 0), (-20, 0.9, 30, 3), (0, 1.0, 0, 1), (70, 1.0, 7, 7)]
+        )
+    ]
     query = pairs[0][0]
     cands, matches = [p[1] for p in pairs], [p[2] for p in pairs]
     for batched, single in ((similarity_scores, similarity_score), (affine_scores, affine_score)):
         together = batched(query, cands, matches)
         np.testing.assert_allclose(together, [single(query, c, m).value for c, m in zip(cands, matches)])
         order = [3, 0, 5, 1, 4, 2]
-        np.testing.assert_allclose(batched(query, [cands[i] for i in order], [matches[i] for i in order]),
-                                   together[order])
+        np.testing.assert_allclose(
+            batched(query, [cands[i] for i in order], [matches[i] for i in order]), together[order]
+        )
         np.testing.assert_allclose(batched(query, cands[1:2], matches[1:2]), together[1:2])
         np.testing.assert_array_equal(batched(query, cands, matches), together)  # deterministic
 
@@ -124,8 +136,9 @@ def test_the_cascade_prescores_through_the_batched_form(monkeypatch):
     pairs = [_pair(_rotation(d), np.zeros(2), n, 4, seed=n) for d, n in ((0, 20), (10, 6), (5, 14), (0, 3))]
     query, cands, matches = pairs[0][0], [p[1] for p in pairs], [p[2] for p in pairs]
     calls = []
-    monkeypatch.setitem(scoring.BATCHED_SCORERS, affine_score,
-                        lambda q, c, m: calls.append(len(c)) or affine_scores(q, c, m))
+    monkeypatch.setitem(
+        scoring.BATCHED_SCORERS, affine_score, lambda q, c, m: calls.append(len(c)) or affine_scores(q, c, m)
+    )
     values = score_candidates(affine_score, query, cands, matches)
     assert calls == [len(cands)]  # one call for the whole shortlist
     np.testing.assert_allclose(values, [affine_score(query, c, m).value for c, m in zip(cands, matches)])

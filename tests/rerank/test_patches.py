@@ -9,8 +9,16 @@ import torch
 from vprkit.aggregation.netvlad import NetVLADLayer
 from vprkit.errors import ConfigError
 from vprkit.numerics import RANDOMISED_PCA_MAX_FRACTION
-from vprkit.rerank.patches import (PatchProjection, PatchScale, box_sums, direct_patch_vlad, integral_map,
-                                   integral_patch_vlad, patch_centres, patch_grid_positions)
+from vprkit.rerank.patches import (
+    PatchProjection,
+    PatchScale,
+    box_sums,
+    direct_patch_vlad,
+    integral_map,
+    integral_patch_vlad,
+    patch_centres,
+    patch_grid_positions,
+)
 
 
 def _layer(k=8, d=6, alpha=12.0, seed=0):
@@ -70,7 +78,9 @@ def test_projection_is_orthonormal_pca_and_outputs_unit_vectors():
     assert y.shape == (500, 5) and torch.allclose(y.norm(dim=1), torch.ones(500), atol=1e-5)
     # whitening: projected (before normalisation) coordinates have unit variance
     w = PatchProjection.fit(x, 5, whiten=True)
-    raw = (torch.from_numpy(x) - torch.from_numpy(w.mean)) @ torch.from_numpy(w.components).T * torch.from_numpy(w.scale)
+    raw = (
+        (torch.from_numpy(x) - torch.from_numpy(w.mean)) @ torch.from_numpy(w.components).T * torch.from_numpy(w.scale)
+    )
     np.testing.assert_allclose(raw.var(0, unbiased=True).numpy(), np.ones(5), rtol=1e-3)
     # state round trip
     q = PatchProjection.from_state(w.state("pca_"), "pca_")
@@ -95,8 +105,13 @@ def test_patches_extension_on_a_vit_backbone():
     from vprkit.backbones import build_backbone
     from vprkit.rerank import PatchesExtension
 
-    vit = build_backbone("dinov2_vits14", pretrained=False, layer=1, facet="value",
-                         config=dict(embed_dim=48, depth=3, num_heads=4, pos_grid=4))
+    vit = build_backbone(
+        "dinov2_vits14",
+        pretrained=False,
+        layer=1,
+        facet="value",
+        config=dict(embed_dim=48, depth=3, num_heads=4, pos_grid=4),
+    )
 
     class Batch:
         pixels = np.random.default_rng(0).random((2, 3, 112, 140)).astype(np.float32)

@@ -57,8 +57,9 @@ def test_a_real_map_stores_what_the_performance_settings_say(shared_datasets, sm
     refs = copy_first_images(shared_datasets / "corridor" / "ref", tmp_path / "refs", 8)
     settings = get_rerank_config("performance")
     # 192×256: enough patches in 8 images (12×16 cells) to fit all of the 512 PCA dimensions
-    config = small_config.replace(image=ImageSpec((192, 256), "fixed"),
-                                  extensions={"patches": settings.extension_options()})
+    config = small_config.replace(
+        image=ImageSpec((192, 256), "fixed"), extensions={"patches": settings.extension_options()}
+    )
     pipeline.build_map(refs, tmp_path / "map", config, progress=False, log=lambda _: None)
     m = pipeline.open_map(tmp_path / "map")
     ext = m.extensions["patches"]

@@ -24,15 +24,24 @@ from vprkit.rerank import PatchesExtension, ransac_score, score_pair
 from helpers import copy_first_images
 
 CORRIDOR_IMAGES = 16
-SETTINGS = RerankConfig("test", "two scales, RANSAC", scales=((2, 1), (3, 1)), weights=(0.5, 0.5), scorer="ransac",
-                          pca_dim=48, dtype="float32", shortlist=8)
+SETTINGS = RerankConfig(
+    "test",
+    "two scales, RANSAC",
+    scales=((2, 1), (3, 1)),
+    weights=(0.5, 0.5),
+    scorer="ransac",
+    pca_dim=48,
+    dtype="float32",
+    shortlist=8,
+)
 
 
 @pytest.fixture(scope="module")
 def corridor_refs(shared_datasets, tmp_path_factory) -> Path:
     """A few real Corridor reference images (copied to a temporary folder, never into the repo)."""
-    return copy_first_images(shared_datasets / "corridor" / "ref", tmp_path_factory.mktemp("corridor_refs"),
-                             CORRIDOR_IMAGES)
+    return copy_first_images(
+        shared_datasets / "corridor" / "ref", tmp_path_factory.mktemp("corridor_refs"), CORRIDOR_IMAGES
+    )
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +76,9 @@ def test_reranking_keeps_the_exact_match_first_and_orders_scores(stored_map, cor
 def test_stored_and_on_the_fly_patches_give_the_same_ranking(stored_map, corridor_refs, rerank_config, tmp_path):
     plain = tmp_path / "plain"
     same_vocabulary = dataclasses.replace(rerank_config.vocabulary, source=str(stored_map / "vocabulary.npz"))
-    pipeline.build_map(corridor_refs, plain, rerank_config.replace(vocabulary=same_vocabulary), progress=False, log=lambda _: None)
+    pipeline.build_map(
+        corridor_refs, plain, rerank_config.replace(vocabulary=same_vocabulary), progress=False, log=lambda _: None
+    )
     m_stored, m_plain = pipeline.open_map(stored_map), pipeline.open_map(plain)
     settings = SETTINGS
     a = pipeline.get_reranker(m_stored, settings, log=lambda _: None)
@@ -89,7 +100,9 @@ def test_storage_dtypes_and_bytes_per_image(corridor_refs, rerank_config, tmp_pa
     sizes, decoded = {}, {}
     for dtype in ("float32", "float16", "int8"):
         out = tmp_path / dtype
-        pipeline.build_map(corridor_refs, out, _with(rerank_config, base.replace(dtype=dtype)), progress=False, log=lambda _: None)
+        pipeline.build_map(
+            corridor_refs, out, _with(rerank_config, base.replace(dtype=dtype)), progress=False, log=lambda _: None
+        )
         m = pipeline.open_map(out)
         sizes[dtype] = m.store.extra_bytes()["patches"]
         with m.store.open_extras() as r:
@@ -117,7 +130,10 @@ def test_ransac_recovers_a_planted_homography_on_a_real_image(shared_datasets, t
     backbone = pipeline.load_backbone(config)
     settings = SETTINGS.replace(scales=((2, 1),), weights=(1.0,))
     ext = PatchesExtension({**settings.extension_options(), "pca_dim": 0, "k": 16}, backbone, None)
-    batches = [next(iter_batches(tmp_path, [n], config.image, backbone.size_multiple, 1, 1)) for n in ("a.png", "b.png", "c.png")]
+    batches = [
+        next(iter_batches(tmp_path, [n], config.image, backbone.size_multiple, 1, 1))
+        for n in ("a.png", "b.png", "c.png")
+    ]
     with torch.inference_mode():
         feats = [backbone(torch.from_numpy(b.pixels)) for b in batches]
     ext.fit(zip(batches, feats))
@@ -145,13 +161,25 @@ def test_cli_build_info_localize_and_match_two(corridor_refs, tmp_path):
     r = runner.invoke(cli, ["map", "info", str(out)])
     assert "patches" in r.output, r.output
     keys = sorted(p.name for p in corridor_refs.iterdir())
-    r = runner.invoke(cli, ["localize", str(out), str(corridor_refs / keys[5]), "--rerank", "storage", "--json", "--top-k", "3"])
+    r = runner.invoke(
+        cli, ["localize", str(out), str(corridor_refs / keys[5]), "--rerank", "storage", "--json", "--top-k", "3"]
+    )
     assert r.exit_code == 0, r.output
-    res = json.loads(r.output[r.output.index("["):])
+    res = json.loads(r.output[r.output.index("[") :])
     assert res[0]["matches"][0]["image"] == keys[5]
     png = tmp_path / "match.png"
-    r = runner.invoke(cli, ["match-two", str(corridor_refs / keys[5]), str(corridor_refs / keys[6]), "--out", str(png),
-                            "--rerank", "speed"])
+    r = runner.invoke(
+        cli,
+        [
+            "match-two",
+            str(corridor_refs / keys[5]),
+            str(corridor_refs / keys[6]),
+            "--out",
+            str(png),
+            "--rerank",
+            "speed",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert png.stat().st_size > 1000 and "score" in r.output and "mutual matches" in r.output
     r = runner.invoke(cli, ["presets"])
@@ -160,7 +188,9 @@ def test_cli_build_info_localize_and_match_two(corridor_refs, tmp_path):
 
 def test_match_two_with_a_map_uses_its_fitted_state(stored_map, corridor_refs, tmp_path):
     keys = sorted(p.name for p in corridor_refs.iterdir())
-    tm = match_two(corridor_refs / keys[2], corridor_refs / keys[2], rerank="speed", map_dir=stored_map, out=tmp_path / "m.png")
+    tm = match_two(
+        corridor_refs / keys[2], corridor_refs / keys[2], rerank="speed", map_dir=stored_map, out=tmp_path / "m.png"
+    )
     # an image against itself: every patch is its own mutual nearest neighbour, all consistent
     s = tm.result
     assert len(s.matches[0]) == len(s.query_sets[0]) and s.scores[0].inliers.all()

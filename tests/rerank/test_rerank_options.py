@@ -16,8 +16,12 @@ SHORTLIST = 12
 
 
 def test_options_hold_what_reranking_reads_of_the_config():
-    vgg = resolve("netvlad-vgg16", aggregator_options={"checkpoint": "/ck/pitts.pth.tar"},
-                  vocabulary=VocabularyConfig(k=64, seed=7), memory_budget_mb=64)
+    vgg = resolve(
+        "netvlad-vgg16",
+        aggregator_options={"checkpoint": "/ck/pitts.pth.tar"},
+        vocabulary=VocabularyConfig(k=64, seed=7),
+        memory_budget_mb=64,
+    )
     opts = RerankOptions.from_config(vgg, "speed")
     assert opts.settings == get_rerank_config("speed")
     assert dict(opts.patches) == patch_options("speed", vgg) and opts.patches["checkpoint"] == "/ck/pitts.pth.tar"

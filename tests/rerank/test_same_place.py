@@ -116,8 +116,16 @@ def test_a_neighbour_of_the_top1_cannot_overturn_it_but_another_place_can():
     assert int(np.argmax(_fuse(np.array([True, True, False])))) == 0  # same place: global order stands
     # another place with the same patch lead does overturn it
     per_scale = np.array([[0.2, 0.1, 0.9, 0.1]])
-    fused = rank_shortlist(per_scale, np.array([0.80, 0.79, 0.79, 0.50]), np.ones(4, bool), (1.0,), 0.5, None, None,
-                           np.array([True, True, False, False]))
+    fused = rank_shortlist(
+        per_scale,
+        np.array([0.80, 0.79, 0.79, 0.50]),
+        np.ones(4, bool),
+        (1.0,),
+        0.5,
+        None,
+        None,
+        np.array([True, True, False, False]),
+    )
     assert int(np.argmax(fused)) == 2
 
 
@@ -142,6 +150,7 @@ def test_the_reranker_needs_the_maps_places_when_the_preset_uses_them():
 
 
 # ---- "auto": a place as far as the neighbours look alike -------------------------------------------
+
 
 def _stretch_route() -> np.ndarray:
     """20 rows of unrelated views, except rows 8-13: one spot filmed six times (the robot slowed down),
@@ -187,8 +196,15 @@ def test_auto_places_use_the_maps_similarity_quantile():
     from vprkit.rerank.reranker import route_neighbours
 
     desc = _route(40, 3, noise=0.3)
-    store = type("Store", (), {"read_global": staticmethod(lambda rows: desc[np.asarray(rows)]),
-                               "read_poses": staticmethod(lambda: None), "__len__": lambda self: len(desc)})()
+    store = type(
+        "Store",
+        (),
+        {
+            "read_global": staticmethod(lambda rows: desc[np.asarray(rows)]),
+            "read_poses": staticmethod(lambda: None),
+            "__len__": lambda self: len(desc),
+        },
+    )()
     logged = []
     got = route_neighbours(RerankConfig("t", same_place="auto"), store, logged.append)
     pairs = (desc @ desc.T)[np.triu_indices(len(desc), 1)]

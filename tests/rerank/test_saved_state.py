@@ -22,8 +22,16 @@ from vprkit.rerank.saved import STATE_FILE
 from helpers import copy_first_images
 
 IMAGES = 8
-SETTINGS = RerankConfig("saved-test", "one scale, rapid", scales=((3, 1),), weights=(1.0,), scorer="rapid",
-                          pca_dim=32, dtype="float16", shortlist=6)
+SETTINGS = RerankConfig(
+    "saved-test",
+    "one scale, rapid",
+    scales=((3, 1),),
+    weights=(1.0,),
+    scorer="rapid",
+    pca_dim=32,
+    dtype="float16",
+    shortlist=6,
+)
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +142,7 @@ def test_cli_prepare_and_second_localize_do_not_refit(plain_map, refs):
     second = runner.invoke(cli, ["localize", str(plain_map), query, "--rerank", "storage", "--json", "--top-k", "3"])
     assert second.exit_code == 0, second.output
     assert "re-ranking fit" not in second.output
-    a, b = (json.loads(r.output[r.output.index("[\n"):].rsplit("]", 1)[0] + "]") for r in (first, second))
+    a, b = (json.loads(r.output[r.output.index("[\n") :].rsplit("]", 1)[0] + "]") for r in (first, second))
     assert [m["image"] for m in a[0]["matches"]] == [m["image"] for m in b[0]["matches"]]
     r = runner.invoke(cli, ["rerank", "prepare", str(plain_map), "--rerank", "storage"])
     assert r.exit_code == 0, r.output

@@ -14,19 +14,28 @@ from scipy.stats import norm
 from vprkit import pipeline
 from vprkit.rerank.base import Reranker
 from vprkit.retrieval import estimate as est
-from vprkit.retrieval.estimate import (CALIBRATION_FILE, Calibration, circular_mean_deg, estimate, fit_calibration,
-                                       load_or_fit_calibration, sequence_positions)
+from vprkit.retrieval.estimate import (
+    CALIBRATION_FILE,
+    Calibration,
+    circular_mean_deg,
+    estimate,
+    fit_calibration,
+    load_or_fit_calibration,
+    sequence_positions,
+)
 
 DIM = 64
 
 
 def _brute_search(matrix: np.ndarray):
     """An exact inner-product index over ``matrix`` (what the map's flat FAISS index answers)."""
+
     def search(q: np.ndarray, k: int):
         s = q @ matrix.T
         k = min(k, matrix.shape[0])
         rows = np.argsort(-s, axis=1, kind="stable")[:, :k]
         return rows, np.take_along_axis(s, rows, 1)
+
     return search
 
 
@@ -77,8 +86,9 @@ def test_sequence_order_is_natural_name_order_not_row_order():
 
 
 def _cal(**kw) -> Calibration:
-    values = dict(impostor=np.linspace(0.5, 0.7, 21), bandwidth=0.01, k=3, window=2, radius_m=25.0, rows=100,
-                  fingerprint="x")
+    values = dict(
+        impostor=np.linspace(0.5, 0.7, 21), bandwidth=0.01, k=3, window=2, radius_m=25.0, rows=100, fingerprint="x"
+    )
     values.update(kw)
     return Calibration(**values)
 
@@ -90,7 +100,7 @@ def test_position_is_the_weighted_mean_of_agreeing_matches_and_spread_covers_all
     e = estimate(rows, cos, poses, None, _cal())
     w = cos[:3]
     assert e.position == pytest.approx(((w * [0, 10, 20]).sum() / w.sum(), 0.0))
-    d2 = ((poses[rows, 0] - e.position[0]) ** 2)
+    d2 = (poses[rows, 0] - e.position[0]) ** 2
     assert e.spread == pytest.approx(np.sqrt((cos * d2).sum() / cos.sum())) and e.spread_unit == "m"
     assert e.evidence["agreeing"] == 3 and e.evidence["agreement"] == pytest.approx(w.sum() / cos.sum(), abs=1e-4)
 
@@ -170,12 +180,14 @@ def test_real_nordland_frames_are_unknown_in_a_corridor_map(estimate_map, shared
     winter = sorted((shared_datasets / "nordland-64x32" / "winter").iterdir())[::400][:NORDLAND_FRAMES]
     results = pipeline.localize(m, corridor + winter, top_k=5)
     assert not (estimate_map / CALIBRATION_FILE).exists()
-    inside, outside = results[: len(corridor)], results[len(corridor):]
+    inside, outside = results[: len(corridor)], results[len(corridor) :]
     assert all(r.estimate.unknown for r in outside), [r.estimate.confidence for r in outside]
     assert np.mean([not r.estimate.unknown for r in inside]) >= 0.75, [r.estimate.confidence for r in inside]
     assert max(r.estimate.confidence for r in outside) < min(r.estimate.confidence for r in inside)
     d = inside[0].to_dict()
-    assert d["matches"][0]["score_kind"] == "cosine" and d["matches"][0]["cosine"] == pytest.approx(d["matches"][0]["score"])
+    assert d["matches"][0]["score_kind"] == "cosine" and d["matches"][0]["cosine"] == pytest.approx(
+        d["matches"][0]["score"]
+    )
     assert set(d["estimate"]) >= {"position", "heading_deg", "spread_rows", "confidence", "unknown", "evidence"}
     json.dumps(d)  # JSON-ready
     writable = pipeline.open_map(estimate_map)  # the first writable open persists the calibration
@@ -192,8 +204,9 @@ class _ReversingReranker(Reranker):
         return rows, np.tile(np.linspace(1.5, -1.5, rows.shape[1]), (len(rows), 1))
 
 
-def test_confidence_is_the_same_after_re_ranking_and_scores_say_what_they_are(estimate_map, shared_datasets,
-                                                                              monkeypatch):
+def test_confidence_is_the_same_after_re_ranking_and_scores_say_what_they_are(
+    estimate_map, shared_datasets, monkeypatch
+):
     m = pipeline.open_map(estimate_map, read_only=True)
     queries = [shared_datasets / "corridor" / "query" / f"{i:07d}.jpg" for i in (5, 15)]
     plain = pipeline.localize(m, queries, top_k=5)

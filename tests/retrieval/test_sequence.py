@@ -6,8 +6,16 @@ import numpy as np
 import pytest
 
 from vprkit.errors import ConfigError
-from vprkit.retrieval.sequence import (CONTRAST_SCORE_KIND, SCORE_KIND, OnlineSequenceMatcher, SequenceSettings,
-                                       check_route_order, contrast_normalise, sequence_scores, top_k)
+from vprkit.retrieval.sequence import (
+    CONTRAST_SCORE_KIND,
+    SCORE_KIND,
+    OnlineSequenceMatcher,
+    SequenceSettings,
+    check_route_order,
+    contrast_normalise,
+    sequence_scores,
+    top_k,
+)
 
 
 # ---- reference formulations: plain loops over queries, rows, velocities and steps ----------------------
@@ -17,7 +25,7 @@ def reference_contrast(s: np.ndarray, window: int) -> np.ndarray:
     q, n = s.shape
     for t in range(q):
         for j in range(n):
-            v = s[t, max(0, j - window // 2): min(n, j + window // 2 + 1)].astype(np.float64)
+            v = s[t, max(0, j - window // 2) : min(n, j + window // 2 + 1)].astype(np.float64)
             out[t, j] = (s[t, j] - v.mean()) / max(v.std(ddof=1), 1e-6)
     return out
 
@@ -78,16 +86,19 @@ def small_matrix() -> np.ndarray:
 def test_line_scores_match_the_reference_loops(small_matrix):
     # The references are SeqSLAM's formulation on raw similarities: the hub correction is off here
     # (it is a preprocessing of the matrix, pinned by its own test below).
-    for settings in (SequenceSettings(length=4, min_velocity=0.5, max_velocity=2.5, velocity_step=0.5, hub_correction=False),
-                     SequenceSettings(length=3, both_directions=True, hub_correction=False),
-                     SequenceSettings(length=5, contrast_window=4, hub_correction=False)):
+    for settings in (
+        SequenceSettings(length=4, min_velocity=0.5, max_velocity=2.5, velocity_step=0.5, hub_correction=False),
+        SequenceSettings(length=3, both_directions=True, hub_correction=False),
+        SequenceSettings(length=5, contrast_window=4, hub_correction=False),
+    ):
         got = sequence_scores(small_matrix, settings)
         np.testing.assert_allclose(got, reference_line(small_matrix, settings), rtol=1e-4, atol=1e-4)
 
 
 def test_flexible_scores_match_exhaustive_search_on_the_map_interior(small_matrix):
-    settings = SequenceSettings(length=3, trajectory="flexible", min_velocity=1, max_velocity=2, turn_penalty=0.05,
-                                hub_correction=False)
+    settings = SequenceSettings(
+        length=3, trajectory="flexible", min_velocity=1, max_velocity=2, turn_penalty=0.05, hub_correction=False
+    )
     got = sequence_scores(small_matrix, settings)
     ref = reference_flexible(small_matrix, settings)
     inner = np.isfinite(ref)  # every path to these cells stays on the map and after the first query
@@ -98,13 +109,16 @@ def test_flexible_scores_match_exhaustive_search_on_the_map_interior(small_matri
 
 
 def test_contrast_normalisation_is_seqslams(small_matrix):
-    np.testing.assert_allclose(contrast_normalise(small_matrix, 6), reference_contrast(small_matrix, 6), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        contrast_normalise(small_matrix, 6), reference_contrast(small_matrix, 6), rtol=1e-4, atol=1e-4
+    )
     assert SequenceSettings(contrast_window=10).score_kind == CONTRAST_SCORE_KIND
     assert SequenceSettings().score_kind == SCORE_KIND
 
 
-def _diagonal(queries: int, rows: int, velocity: int, start: int, noise: float, seed: int = 0,
-              boost: float = 1.5) -> np.ndarray:
+def _diagonal(
+    queries: int, rows: int, velocity: int, start: int, noise: float, seed: int = 0, boost: float = 1.5
+) -> np.ndarray:
     """Noise plus a weak true trajectory (velocity rows per query) that a single frame cannot pick out."""
     rng = np.random.default_rng(seed)
     s = rng.normal(0.3, noise, size=(queries, rows)).astype(np.float32)
@@ -145,9 +159,12 @@ def test_flexible_trajectory_follows_a_variable_speed():
 
 
 def test_online_matches_offline_row_by_row(small_matrix):
-    for settings in (SequenceSettings(length=4), SequenceSettings(length=3, contrast_window=4),
-                     SequenceSettings(length=3, trajectory="flexible"),
-                     SequenceSettings(length=3, trajectory="flexible", turn_penalty=0.03)):
+    for settings in (
+        SequenceSettings(length=4),
+        SequenceSettings(length=3, contrast_window=4),
+        SequenceSettings(length=3, trajectory="flexible"),
+        SequenceSettings(length=3, trajectory="flexible", turn_penalty=0.03),
+    ):
         online = OnlineSequenceMatcher(settings)
         rows = [online.push(r) for r in small_matrix]
         np.testing.assert_allclose(np.stack(rows), sequence_scores(small_matrix, settings), rtol=1e-6, atol=1e-6)
@@ -162,10 +179,17 @@ def test_hub_correction_centres_each_map_row_on_the_running_query_mean(small_mat
 
     s = small_matrix.astype(np.float64)
     centred = (s - np.cumsum(s, 0) / (np.arange(1, len(s) + 1)[:, None] + HUB_PRIOR_QUERIES)).astype(np.float32)
-    for settings in (SequenceSettings(length=4), SequenceSettings(length=3, trajectory="flexible"),
-                     SequenceSettings(length=5, anchor="centre")):
-        raw = SequenceSettings(**{**{f: getattr(settings, f) for f in settings.__dataclass_fields__}, "hub_correction": False})
-        np.testing.assert_allclose(sequence_scores(small_matrix, settings), sequence_scores(centred, raw), rtol=1e-5, atol=1e-5)
+    for settings in (
+        SequenceSettings(length=4),
+        SequenceSettings(length=3, trajectory="flexible"),
+        SequenceSettings(length=5, anchor="centre"),
+    ):
+        raw = SequenceSettings(
+            **{**{f: getattr(settings, f) for f in settings.__dataclass_fields__}, "hub_correction": False}
+        )
+        np.testing.assert_allclose(
+            sequence_scores(small_matrix, settings), sequence_scores(centred, raw), rtol=1e-5, atol=1e-5
+        )
     # A "hub" column, high for every query, wins uncorrected and no longer after the correction.
     hub = np.full((12, 6), 0.2, np.float32)
     hub[:, 5] = 0.6

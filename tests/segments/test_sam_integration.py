@@ -41,9 +41,18 @@ def test_random_sam_masks_feed_supersegments(image):
     from vprkit.segments.retriever import segment_graph
     from vprkit.segments.supersegments import supersegment_vlad
 
-    seg = build_segmenter("sam", checkpoint=None, allow_random=True, model_type="vit_b", points_per_side=4,
-                          points_per_batch=16, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0,
-                          scale=0.5)
+    seg = build_segmenter(
+        "sam",
+        checkpoint=None,
+        allow_random=True,
+        model_type="vit_b",
+        points_per_side=4,
+        points_per_batch=16,
+        pred_iou_thresh=0.0,
+        stability_score_thresh=0.0,
+        box_nms_thresh=1.0,
+        scale=0.5,
+    )
     assert seg.generator_options["points_per_side"] == 4
     masks = seg(image)
     # masks come back at the prepared-image size although SAM ran at half resolution

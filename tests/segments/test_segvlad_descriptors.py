@@ -3,8 +3,14 @@ import pytest
 import torch
 
 from vprkit.errors import ConfigError
-from vprkit.segments.supersegments import (PCA, describe, select_distinctive, supersegment_sap, supersegment_vlad,
-                                           supersegment_vlad_loop)
+from vprkit.segments.supersegments import (
+    PCA,
+    describe,
+    select_distinctive,
+    supersegment_sap,
+    supersegment_vlad,
+    supersegment_vlad_loop,
+)
 
 
 def _data(seed=0, n=60, d=12, k=5, s=9):
@@ -33,7 +39,9 @@ def test_whole_image_supersegment_equals_global_vlad():
     from vprkit.aggregation.vlad import hard_vlad
 
     x, c, m = _data(1)
-    np.testing.assert_allclose(supersegment_vlad(x, m, c)[1], hard_vlad(torch.from_numpy(x)[None], torch.from_numpy(c))[0].numpy(), atol=1e-5)
+    np.testing.assert_allclose(
+        supersegment_vlad(x, m, c)[1], hard_vlad(torch.from_numpy(x)[None], torch.from_numpy(c))[0].numpy(), atol=1e-5
+    )
 
 
 def test_sap_is_mean_of_normalised_descriptors():

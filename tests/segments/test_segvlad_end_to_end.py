@@ -86,8 +86,18 @@ def test_explain_writes_a_picture(slic_map, tmp_path):
     assert 1 <= len(exp.pairs) <= 3
     sims = [p.similarity for p in exp.pairs]
     assert sims == sorted(sims, reverse=True)
-    res = CliRunner().invoke(cli, ["explain", str(slic_map), str(CORRIDOR / "query" / QUERIES[1]),
-                                   "--out", str(tmp_path / "cli.png"), "--top", "2"])
+    res = CliRunner().invoke(
+        cli,
+        [
+            "explain",
+            str(slic_map),
+            str(CORRIDOR / "query" / QUERIES[1]),
+            "--out",
+            str(tmp_path / "cli.png"),
+            "--top",
+            "2",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "similarity" in res.output and (tmp_path / "cli.png").exists()
 
@@ -103,7 +113,10 @@ def test_grid_sap_map_without_pca(tmp_path):
     res = pipeline.localize(m, [CORRIDOR / "query" / QUERIES[0]], top_k=2)
     assert len(res[0].matches) == 2
     with h5py.File(tmp_path / "store.h5", "r") as f:
-        assert f["extras/segments/0/desc"].shape == (30, 112)  # 6×5 grid cells of 54 px at 320×240 (last row: the 24-px remainder)
+        assert f["extras/segments/0/desc"].shape == (
+            30,
+            112,
+        )  # 6×5 grid cells of 54 px at 320×240 (last row: the 24-px remainder)
 
 
 def test_cli_map_build_and_localize_with_a_segvlad_preset(tmp_path):
@@ -116,9 +129,13 @@ def test_cli_map_build_and_localize_with_a_segvlad_preset(tmp_path):
     for k in REFS[:6]:
         shutil.copy(CORRIDOR / "ref" / k, images / k)
     runner = CliRunner()
-    res = runner.invoke(cli, ["map", "build", str(images), "--out", str(tmp_path / "map"), "--preset", "segvlad-grid", "--quiet"])
+    res = runner.invoke(
+        cli, ["map", "build", str(images), "--out", str(tmp_path / "map"), "--preset", "segvlad-grid", "--quiet"]
+    )
     assert res.exit_code == 0, res.output
     assert (tmp_path / "map" / INDEX_FILE).exists()
-    res = runner.invoke(cli, ["localize", str(tmp_path / "map"), str(CORRIDOR / "query" / QUERIES[0]), "--top-k", "2", "--json"])
+    res = runner.invoke(
+        cli, ["localize", str(tmp_path / "map"), str(CORRIDOR / "query" / QUERIES[0]), "--top-k", "2", "--json"]
+    )
     assert res.exit_code == 0, res.output
     assert REFS[0][:4] in res.output  # a map image name is printed

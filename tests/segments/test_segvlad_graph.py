@@ -5,8 +5,7 @@ from vprkit.segments.base import mask_centroids, masks_to_patches
 from vprkit.segments.graph import adjacency, expand, supersegments
 
 T0, T1, T2, B0, B1, B2, B3 = range(7)
-EDGES = [(T0, T1), (T1, T2), (B0, B1), (B1, B2), (B2, B3),
-         (B0, T0), (T0, B1), (B1, T1), (T1, B2), (B2, T2), (T2, B3)]
+EDGES = [(T0, T1), (T1, T2), (B0, B1), (B1, B2), (B2, B3), (B0, T0), (T0, B1), (B1, T1), (T1, B2), (B2, T2), (T2, B3)]
 
 
 def expected_adjacency():
@@ -29,12 +28,15 @@ def test_delaunay_adjacency_of_hand_made_layout(brick_layout):
     assert (a == a.T).all() and a.diagonal().all()
 
 
-@pytest.mark.parametrize("order,expected", [
-    (0, {B0}),
-    (1, {B0, T0, B1}),
-    (2, {B0, T0, B1, T1, B2}),
-    (3, {B0, T0, B1, T1, B2, T2, B3}),
-])
+@pytest.mark.parametrize(
+    "order,expected",
+    [
+        (0, {B0}),
+        (1, {B0, T0, B1}),
+        (2, {B0, T0, B1, T1, B2}),
+        (3, {B0, T0, B1, T1, B2, T2, B3}),
+    ],
+)
 def test_expansion_orders_from_b0(order, expected):
     reach = expand(expected_adjacency(), order)
     assert set(np.flatnonzero(reach[B0])) == expected

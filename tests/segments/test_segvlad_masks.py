@@ -87,7 +87,9 @@ def _image(h=96, w=128, seed=0):
     return np.clip(img + rng.integers(0, 10, img.shape), 0, 255).astype(np.uint8)
 
 
-@pytest.mark.parametrize("name,opts", [("slic", {"n_segments": 12}), ("felzenszwalb", {}), ("grid", {"cells_across": 4})])
+@pytest.mark.parametrize(
+    "name,opts", [("slic", {"n_segments": 12}), ("felzenszwalb", {}), ("grid", {"cells_across": 4})]
+)
 def test_weights_free_segmenters_return_masks_in_prepared_pixels(name, opts):
     img = _image()
     masks = build_segmenter(name, **opts)(img)

@@ -33,10 +33,13 @@ def built_map(tmp_path_factory, corridor_dir: Path) -> Path:
     """The default preset over Corridor references 0…19, with poses (i m east, 0 m north)."""
     root = tmp_path_factory.mktemp("service-map")
     poses = root / "poses.csv"
-    poses.write_text("image,easting,northing\n" + "".join(f"{corridor_key(i)},{i * SPACING_M},0\n" for i in range(MAP_IMAGES)))
+    poses.write_text(
+        "image,easting,northing\n" + "".join(f"{corridor_key(i)},{i * SPACING_M},0\n" for i in range(MAP_IMAGES))
+    )
     out = root / "map"
-    pipeline.build_map(corridor_dir / "ref", out, keys=[corridor_key(i) for i in range(MAP_IMAGES)], poses=poses,
-                       progress=False)
+    pipeline.build_map(
+        corridor_dir / "ref", out, keys=[corridor_key(i) for i in range(MAP_IMAGES)], poses=poses, progress=False
+    )
     return out
 
 
@@ -51,7 +54,9 @@ class Running:
 
     def __init__(self, map_dir: Path, api_key: str | None = API_KEY, max_upload_bytes: int = MAX_UPLOAD_BYTES):
         self.live = LiveMap.open(map_dir)
-        self.server = BackgroundServer(create_app(self.live, api_key=api_key, max_upload_bytes=max_upload_bytes)).start()
+        self.server = BackgroundServer(
+            create_app(self.live, api_key=api_key, max_upload_bytes=max_upload_bytes)
+        ).start()
         self.client = httpx.Client(base_url=self.server.url, timeout=60.0)
         self.headers = {"X-API-Key": api_key} if api_key else {}
 

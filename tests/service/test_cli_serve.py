@@ -19,10 +19,11 @@ def _invoke(args, monkeypatch, env=None):
 
 def test_key_from_a_file_or_a_variable_and_the_upload_limit(tmp_path, monkeypatch):
     (tmp_path / "key.txt").write_text("  s3cret\n")
-    result, calls = _invoke([tmp_path, "--api-key-file", tmp_path / "key.txt", "--max-upload-mb", "1.5", "--port", "9001"],
-                            monkeypatch)
+    result, calls = _invoke(
+        [tmp_path, "--api-key-file", tmp_path / "key.txt", "--max-upload-mb", "1.5", "--port", "9001"], monkeypatch
+    )
     assert result.exit_code == 0, result.output
-    (_, kw), = calls
+    ((_, kw),) = calls
     assert kw["api_key"] == "s3cret" and kw["max_upload_bytes"] == int(1.5 * MB) and kw["port"] == 9001
     assert kw["host"] == "127.0.0.1"
     result, calls = _invoke([tmp_path, "--api-key-env", "VPRKIT_TEST_KEY"], monkeypatch, env={"VPRKIT_TEST_KEY": "k2"})

@@ -25,13 +25,22 @@ TOLERANCE_M = 0.01
 
 def test_metric_and_geographic_poses():
     assert parse_pose({"easting": 3, "northing": "4", "heading": 725, "timestamp": 12}).__dict__ == {
-        "xy": (3.0, 4.0), "heading": 5.0, "timestamp": 12.0}
+        "xy": (3.0, 4.0),
+        "heading": 5.0,
+        "timestamp": 12.0,
+    }
     assert parse_pose(None).xy is None and parse_pose({"heading": -90}).heading == 270.0
     for (lat, lon), expected in (((0.0, 9.0), EQUATOR_ON_MERIDIAN), ((45.0, 9.0), LAT45_ON_MERIDIAN)):
         xy = parse_pose({"lat": lat, "lon": lon}, UTM32N).xy
         assert np.allclose(xy, expected, atol=TOLERANCE_M)
-    bad = [{"easting": 1}, {"lat": 1}, {"easting": 1, "northing": 2, "lat": 3, "lon": 4}, {"easting": "x", "northing": 1},
-           {"easting": float("nan"), "northing": 1}, {"x": 1, "y": 2}]
+    bad = [
+        {"easting": 1},
+        {"lat": 1},
+        {"easting": 1, "northing": 2, "lat": 3, "lon": 4},
+        {"easting": "x", "northing": 1},
+        {"easting": float("nan"), "northing": 1},
+        {"x": 1, "y": 2},
+    ]
     for pose in bad:
         with pytest.raises(ConfigError):
             parse_pose(pose, UTM32N)
@@ -42,7 +51,18 @@ def test_metric_and_geographic_poses():
 def test_place_ids():
     for good in ("a.jpg", "walk/2024/img_01.png", "x-y.z"):
         assert check_key(good) == good
-    for bad in ("", "/abs.jpg", "../up.jpg", "a/../b.jpg", "a//b.jpg", "./a.jpg", "a\\b.jpg", "a b.jpg", "x" * 201, "a/"):
+    for bad in (
+        "",
+        "/abs.jpg",
+        "../up.jpg",
+        "a/../b.jpg",
+        "a//b.jpg",
+        "./a.jpg",
+        "a\\b.jpg",
+        "a b.jpg",
+        "x" * 201,
+        "a/",
+    ):
         with pytest.raises(ConfigError):
             check_key(bad)
 
@@ -51,7 +71,6 @@ def _encoded(width: int, height: int, fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (width, height), (10, 20, 30)).save(buf, format=fmt)
     return buf.getvalue()
-
 
 
 def test_uploads_are_checked_before_decoding():
@@ -107,11 +126,18 @@ def test_lat_lon_places_land_in_the_maps_utm_frame(map_dir, corridor_dir):
     (map_dir / "map.json").write_text(json.dumps({**info, "crs": UTM32N}))  # as a map built from lat/lon poses records
     live = LiveMap.open(map_dir)
     place = live.add_place((corridor_dir / "query" / "0000030.jpg").read_bytes(), "geo.jpg", {"lat": 45.0, "lon": 9.0})
-    assert np.allclose([place["position"]["easting"], place["position"]["northing"]], LAT45_ON_MERIDIAN, atol=TOLERANCE_M)
+    assert np.allclose(
+        [place["position"]["easting"], place["position"]["northing"]], LAT45_ON_MERIDIAN, atol=TOLERANCE_M
+    )
     frame = np.asarray(Image.open(corridor_dir / "query" / "0000030.jpg"))
     generated = live.add_place(frame, None, None)["id"]
-    assert generated.endswith(".png") and (map_dir / "live-images" / generated).is_file()  # a decoded frame is kept as PNG
-    assert {m.key for m in live.localize({"q": frame}, top_k=2)[0].matches} == {"geo.jpg", generated}  # the same picture twice
+    assert (
+        generated.endswith(".png") and (map_dir / "live-images" / generated).is_file()
+    )  # a decoded frame is kept as PNG
+    assert {m.key for m in live.localize({"q": frame}, top_k=2)[0].matches} == {
+        "geo.jpg",
+        generated,
+    }  # the same picture twice
 
 
 def test_concurrent_localisations_share_batches_and_equal_one_at_a_time(map_dir, corridor_dir, monkeypatch):

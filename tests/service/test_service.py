@@ -81,14 +81,25 @@ def test_bad_input_is_4xx_and_the_server_lives_on(map_dir, serve, corridor_dir):
         "truncated": s.client.post("/localize", content=own[: len(own) // 3], headers={"content-type": "image/jpeg"}),
         "empty": s.client.post("/localize", content=b""),
         "oversize": s.client.post("/localize", content=os.urandom(65 * 1024)),
-        "oversize streamed": s.client.post("/localize", content=iter([os.urandom(16 * 1024)] * 5)),  # chunked, no length
+        "oversize streamed": s.client.post(
+            "/localize", content=iter([os.urandom(16 * 1024)] * 5)
+        ),  # chunked, no length
         "json": s.client.post("/localize", json={"image": "x"}),
         "no image field": s.client.post("/localize", files={"photo": ("a.jpg", own, "image/jpeg")}),
         "top_k 0": s.client.post("/localize", content=own, params={"top_k": 0}),
         "unknown rerank": s.client.post("/localize", content=own, params={"rerank": "no-such-preset"}),
     }
-    expected = {"garbage": 422, "truncated": 422, "empty": 422, "oversize": 413, "oversize streamed": 413, "json": 415,
-                "no image field": 422, "top_k 0": 422, "unknown rerank": 422}
+    expected = {
+        "garbage": 422,
+        "truncated": 422,
+        "empty": 422,
+        "oversize": 413,
+        "oversize streamed": 413,
+        "json": 415,
+        "no image field": 422,
+        "top_k 0": 422,
+        "unknown rerank": 422,
+    }
     assert {k: r.status_code for k, r in cases.items()} == expected
     assert "not an image" in cases["garbage"].json()["detail"]
     assert "larger than" in cases["oversize"].json()["detail"]
@@ -107,7 +118,9 @@ def test_writes_need_the_key(map_dir, serve, corridor_dir):
     img = jpeg(corridor_dir / "query" / key(0))
     for headers in ({}, {"X-API-Key": "wrong"}):
         assert s.client.post("/places", content=img, headers=headers).status_code == 401
-        assert s.client.patch(f"/places/{key(1)}", json={"easting": 1, "northing": 1}, headers=headers).status_code == 401
+        assert (
+            s.client.patch(f"/places/{key(1)}", json={"easting": 1, "northing": 1}, headers=headers).status_code == 401
+        )
         assert s.client.delete(f"/places/{key(1)}", headers=headers).status_code == 401
     assert s.client.get("/health").json()["places"] == MAP_IMAGES  # nothing changed
     assert s.client.post("/localize", content=img).status_code == 200  # reads are open
@@ -116,25 +129,39 @@ def test_writes_need_the_key(map_dir, serve, corridor_dir):
 def test_add_update_delete_survive_a_restart(map_dir, serve, corridor_dir):
     s = serve(map_dir)
     new = jpeg(corridor_dir / "query" / key(60))  # a place beyond the map (references 0…19)
-    added = s.client.post("/places", files={"image": ("q.jpg", new, "image/jpeg")},
-                          data={"key": "walk/q60.jpg", "easting": "60", "northing": "1.5", "heading": "-90"},
-                          headers=s.headers)
+    added = s.client.post(
+        "/places",
+        files={"image": ("q.jpg", new, "image/jpeg")},
+        data={"key": "walk/q60.jpg", "easting": "60", "northing": "1.5", "heading": "-90"},
+        headers=s.headers,
+    )
     assert added.status_code == 201, added.text
-    assert added.json() == {"id": "walk/q60.jpg", "row": MAP_IMAGES, "position": {"easting": 60.0, "northing": 1.5},
-                            "heading": 270.0, "timestamp": None}
+    assert added.json() == {
+        "id": "walk/q60.jpg",
+        "row": MAP_IMAGES,
+        "position": {"easting": 60.0, "northing": 1.5},
+        "heading": 270.0,
+        "timestamp": None,
+    }
     assert ids(s.client.post("/localize", content=new))[0] == "walk/q60.jpg"  # localisable at once
     assert s.client.post("/places", content=new, params={"key": "walk/q60.jpg"}, headers=s.headers).status_code == 409
     assert s.client.post("/places", content=new, params={"key": "../x.jpg"}, headers=s.headers).status_code == 422
 
-    moved = s.client.patch("/places/walk/q60.jpg", json={"easting": 61, "northing": 2, "timestamp": 1.7e9}, headers=s.headers)
+    moved = s.client.patch(
+        "/places/walk/q60.jpg", json={"easting": 61, "northing": 2, "timestamp": 1.7e9}, headers=s.headers
+    )
     assert moved.status_code == 200 and moved.json()["position"] == {"easting": 61.0, "northing": 2.0}
     assert moved.json()["heading"] == 270.0 and moved.json()["timestamp"] == 1.7e9  # fields left out stay
-    assert s.client.patch("/places/nowhere.jpg", json={"easting": 1, "northing": 1}, headers=s.headers).status_code == 404
+    assert (
+        s.client.patch("/places/nowhere.jpg", json={"easting": 1, "northing": 1}, headers=s.headers).status_code == 404
+    )
 
     gone = s.client.delete(f"/places/{key(5)}", headers=s.headers)
     assert gone.status_code == 200 and gone.json()["places"] == MAP_IMAGES
     assert s.client.delete(f"/places/{key(5)}", headers=s.headers).status_code == 404
-    assert key(5) not in ids(s.client.post("/localize", content=jpeg(corridor_dir / "ref" / key(5)), params={"top_k": 30}))
+    assert key(5) not in ids(
+        s.client.post("/localize", content=jpeg(corridor_dir / "ref" / key(5)), params={"top_k": 30})
+    )
     # rows after the deleted one moved down, and still answer with their own image
     assert s.client.get("/places/walk/q60.jpg").json()["row"] == MAP_IMAGES - 1
     assert ids(s.client.post("/localize", content=jpeg(corridor_dir / "ref" / key(12))))[0] == key(12)
@@ -145,7 +172,9 @@ def test_add_update_delete_survive_a_restart(map_dir, serve, corridor_dir):
     place = again.client.get("/places/walk/q60.jpg").json()
     assert place["position"] == {"easting": 61.0, "northing": 2.0} and place["heading"] == 270.0
     assert ids(again.client.post("/localize", content=new))[0] == "walk/q60.jpg"
-    assert key(5) not in ids(again.client.post("/localize", content=jpeg(corridor_dir / "ref" / key(5)), params={"top_k": 30}))
+    assert key(5) not in ids(
+        again.client.post("/localize", content=jpeg(corridor_dir / "ref" / key(5)), params={"top_k": 30})
+    )
     assert (map_dir / LIVE_IMAGES_DIR / "walk" / "q60.jpg").read_bytes() == new  # the map keeps the uploaded file
 
 
@@ -168,8 +197,12 @@ def test_concurrent_localise_and_add_lose_nothing(map_dir, serve, corridor_dir):
     def writer() -> None:
         with httpx.Client(base_url=s.server.url, timeout=60.0) as c:
             for i, img in enumerate(adds):
-                r = c.post("/places", content=img, params={"key": f"added/{i}.jpg", "easting": 40 + i, "northing": 0},
-                           headers=s.headers)
+                r = c.post(
+                    "/places",
+                    content=img,
+                    params={"key": f"added/{i}.jpg", "easting": 40 + i, "northing": 0},
+                    headers=s.headers,
+                )
                 if r.status_code != 201:
                     errors.append(f"add {r.status_code} {r.text[:200]}")
 
@@ -189,7 +222,9 @@ def test_concurrent_localise_and_add_lose_nothing(map_dir, serve, corridor_dir):
     s.stop()
     reopened = LiveMap.open(map_dir)
     assert len(reopened) == MAP_IMAGES + len(adds)
-    assert [reopened.place(f"added/{i}.jpg")["position"]["easting"] for i in range(len(adds))] == [40.0 + i for i in range(len(adds))]
+    assert [reopened.place(f"added/{i}.jpg")["position"]["easting"] for i in range(len(adds))] == [
+        40.0 + i for i in range(len(adds))
+    ]
 
 
 def _free_port() -> int:
@@ -205,9 +240,12 @@ def test_kill_right_after_the_answer_loses_nothing(map_dir, corridor_dir, tmp_pa
     keyfile.write_text("secret\n")
     vprkit = Path(sys.executable).with_name("vprkit")  # the console script installed beside this interpreter
     log = (tmp_path / "serve.log").open("wb")  # a file, not a pipe: a full pipe would stall the server
-    proc = subprocess.Popen([str(vprkit), "serve", str(map_dir), "--port", str(port),
-                             "--api-key-file", str(keyfile), "--no-access-log"],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VPRKIT_OFFLINE": "1"})
+    proc = subprocess.Popen(
+        [str(vprkit), "serve", str(map_dir), "--port", str(port), "--api-key-file", str(keyfile), "--no-access-log"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "VPRKIT_OFFLINE": "1"},
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -225,8 +263,13 @@ def test_kill_right_after_the_answer_loses_nothing(map_dir, corridor_dir, tmp_pa
         frame = np.asarray(Image.open(corridor_dir / "query" / key(70)))
         buf = io.BytesIO()
         Image.fromarray(frame).save(buf, format="PNG")
-        r = httpx.post(f"{url}/places", content=buf.getvalue(), params={"key": "killed.png", "easting": 70, "northing": 0},
-                       headers={"X-API-Key": "secret", "content-type": "image/png"}, timeout=60.0)
+        r = httpx.post(
+            f"{url}/places",
+            content=buf.getvalue(),
+            params={"key": "killed.png", "easting": 70, "northing": 0},
+            headers={"X-API-Key": "secret", "content-type": "image/png"},
+            timeout=60.0,
+        )
         proc.send_signal(signal.SIGKILL)
         assert r.status_code == 201, r.text
     finally:
@@ -245,12 +288,17 @@ def test_writes_stop_once_another_process_changed_the_map(map_dir, serve, corrid
 
     s = serve(map_dir)
     pipeline.remove_places(map_dir, [key(2)])
-    refused = s.client.post("/places", content=jpeg(corridor_dir / "query" / key(80)), params={"key": "late.jpg"},
-                            headers=s.headers)
+    refused = s.client.post(
+        "/places", content=jpeg(corridor_dir / "query" / key(80)), params={"key": "late.jpg"}, headers=s.headers
+    )
     assert refused.status_code == 409 and "restart" in refused.json()["detail"]
     assert ids(s.client.post("/localize", content=jpeg(corridor_dir / "ref" / key(4))))[0] == key(4)
     s.stop()
     again = serve(map_dir)  # a restart serves the map as it now is, and takes writes again
     assert again.client.get("/health").json()["places"] == MAP_IMAGES - 1
-    assert again.client.post("/places", content=jpeg(corridor_dir / "query" / key(80)), params={"key": "late.jpg"},
-                             headers=again.headers).status_code == 201
+    assert (
+        again.client.post(
+            "/places", content=jpeg(corridor_dir / "query" / key(80)), params={"key": "late.jpg"}, headers=again.headers
+        ).status_code
+        == 201
+    )

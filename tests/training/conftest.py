@@ -60,10 +60,16 @@ class RecipeFactory:
     @staticmethod
     def write(path: Path, recipe: Mapping[str, Any]) -> Path:
         """``recipe`` as a TOML file (what ``load_recipe`` reads; ``_dir`` and None settings left out)."""
-        top = [f"{k} = {_toml_value(v)}" for k, v in recipe.items()
-               if not isinstance(v, Mapping) and v is not None and k != "_dir"]
-        tables = [f"\n[{k}]\n" + "".join(f"{s} = {_toml_value(x)}\n" for s, x in v.items() if x is not None)
-                  for k, v in recipe.items() if isinstance(v, Mapping)]
+        top = [
+            f"{k} = {_toml_value(v)}"
+            for k, v in recipe.items()
+            if not isinstance(v, Mapping) and v is not None and k != "_dir"
+        ]
+        tables = [
+            f"\n[{k}]\n" + "".join(f"{s} = {_toml_value(x)}\n" for s, x in v.items() if x is not None)
+            for k, v in recipe.items()
+            if isinstance(v, Mapping)
+        ]
         path.write_text("\n".join(top) + "\n" + "".join(tables))
         return path
 

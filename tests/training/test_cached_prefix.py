@@ -30,6 +30,7 @@ TIGHT = 1e-4
 # The pipeline folds BatchNorm into the convolutions: the same function, rounded differently.
 FOLDED = 1e-3
 
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
@@ -44,11 +45,23 @@ def unfrozen_recipe(recipe_factory, tmp_path):
         if not (tmp_path / "data").is_dir():
             synchronised_seasons(tmp_path / "data", 12)
         recipe = recipe_factory(
-            tmp_path, name="tiny-unfrozen", monitor=None,
-            backbone={"unfreeze": unfreeze, "cache_dtype": "float32", "cache_prefix": cache_prefix, "cache": None,
-                      "memory_budget_mb": None},
-            data={"frames": [0, 8]}, validation={"frames": [8, 12]}, head={"options": {"out_channels": 3}},
-            loss={"options": {"temperature": 0.1}}, optimiser={"backbone_lr": 0.001}, train={"epochs": epochs})
+            tmp_path,
+            name="tiny-unfrozen",
+            monitor=None,
+            backbone={
+                "unfreeze": unfreeze,
+                "cache_dtype": "float32",
+                "cache_prefix": cache_prefix,
+                "cache": None,
+                "memory_budget_mb": None,
+            },
+            data={"frames": [0, 8]},
+            validation={"frames": [8, 12]},
+            head={"options": {"out_channels": 3}},
+            loss={"options": {"temperature": 0.1}},
+            optimiser={"backbone_lr": 0.001},
+            train={"epochs": epochs},
+        )
         return recipe_factory.write(tmp_path / f"{name}.toml", recipe)
 
     return make
@@ -56,11 +69,21 @@ def unfrozen_recipe(recipe_factory, tmp_path):
 
 def _trainer(recipe: dict) -> Trainer:
     prep = prepare(recipe, progress=False)
-    return Trainer(prep.head, prep.features, prep.places, settings_from(recipe), prep.validation, prep.train_ids,
-                   prep.extra_parameters, progress=False, monitor=prep.monitor)
+    return Trainer(
+        prep.head,
+        prep.features,
+        prep.places,
+        settings_from(recipe),
+        prep.validation,
+        prep.train_ids,
+        prep.extra_parameters,
+        progress=False,
+        monitor=prep.monitor,
+    )
 
 
 # ---- Backbone.split ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("last_blocks", [1, 3, 10])
 def test_prefix_then_suffix_is_the_whole_backbone(last_blocks):
@@ -102,6 +125,7 @@ def test_split_refuses_what_it_cannot_do():
 
 
 # ---- the recipe path: same step as re-reading the images, resume, checkpoint ------------------------
+
 
 def test_cached_prefix_step_equals_the_image_rereading_step(tmp_path, unfrozen_recipe):
     cached = _trainer(load_recipe(unfrozen_recipe(unfreeze=2)))
@@ -160,13 +184,18 @@ def test_checkpoint_with_unfrozen_blocks_describes_images_as_the_trainer_validat
     head = make_aggregator(AggregationOptions.from_config(config), backbone, None)
     keys = [val.features.keys[i] for i in ids]
     with torch.no_grad():
-        piped = torch.cat([head(f).float() for _, f in extract(backbone, config, FolderImages(tmp_path / "data", keys), keys)])
+        piped = torch.cat(
+            [head(f).float() for _, f in extract(backbone, config, FolderImages(tmp_path / "data", keys), keys)]
+        )
     assert rel_err(piped, trained) < FOLDED
     # The untrained blocks describe differently: the checkpoint really carries the trained ones.
-    plain = pipeline.load_backbone(config.replace(backbone_options={k: v for k, v in config.backbone_options.items()
-                                                                    if k != "weights"}))
+    plain = pipeline.load_backbone(
+        config.replace(backbone_options={k: v for k, v in config.backbone_options.items() if k != "weights"})
+    )
     with torch.no_grad():
-        untrained = torch.cat([head(f).float() for _, f in extract(plain, config, FolderImages(tmp_path / "data", keys), keys)])
+        untrained = torch.cat(
+            [head(f).float() for _, f in extract(plain, config, FolderImages(tmp_path / "data", keys), keys)]
+        )
     assert rel_err(untrained, trained) > 10 * FOLDED
     # And the checkpoint builds a map and localises through the pipeline.
     info = pipeline.build_map(tmp_path / "data" / "summer", tmp_path / "map", config, progress=False)

@@ -81,8 +81,9 @@ def test_restrict_tuples_filters_pairs_and_triplets():
 def _emb() -> torch.Tensor:
     # Summer images cluster together, winter images cluster together: every same-season
     # pair is closer than any cross-season pair, so an unrestricted miner mines same-season negatives.
-    base = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.1, 0.0], [1.0, 0.0, 0.1],
-                         [0.0, 1.0, 0.0], [0.0, 1.0, 0.1], [0.1, 1.0, 0.0]])
+    base = torch.tensor(
+        [[1.0, 0.0, 0.0], [1.0, 0.1, 0.0], [1.0, 0.0, 0.1], [0.0, 1.0, 0.0], [0.0, 1.0, 0.1], [0.1, 1.0, 0.0]]
+    )
     return torch.nn.functional.normalize(base, dim=1)
 
 
@@ -128,9 +129,13 @@ class _Feats:
 
 def test_trainer_restricts_class_miner_tuples_to_cross_season_negatives():
     head = build_head("gem", 3, (1, 1))
-    tr = Trainer(head, _Feats(_emb()), _cross(), TrainSettings(epochs=1, places_per_batch=3, images_per_place=2,
-                                                                  loss="multi-similarity", miner="batch-all"),
-                 progress=False)
+    tr = Trainer(
+        head,
+        _Feats(_emb()),
+        _cross(),
+        TrainSettings(epochs=1, places_per_batch=3, images_per_place=2, loss="multi-similarity", miner="batch-all"),
+        progress=False,
+    )
     assert isinstance(tr.miner, BatchAllMiner)
     ids = tr.sampler.batch(0, 0)
     emb = head(tr.features.batch(ids))
@@ -147,13 +152,28 @@ def test_recipe_negatives_cross_domain_makes_each_folder_a_domain(tmp_path):
     """``[data] negatives = "cross-domain"``: folders are domains, kept through the cache relabelling."""
     synchronised_seasons(tmp_path / "data", 12)
     recipe = {
-        "name": "xd", "out": str(tmp_path / "run"), "_dir": str(tmp_path),
-        "backbone": {"preset": "effnet-gem", "image_size": [64, 64], "memory_budget_mb": 64, "cache": str(tmp_path / "cache")},
-        "data": {"root": "data", "labels": "frames", "folders": ["summer", "winter"], "frames": [0, 12],
-                 "negatives": "cross-domain"},
+        "name": "xd",
+        "out": str(tmp_path / "run"),
+        "_dir": str(tmp_path),
+        "backbone": {
+            "preset": "effnet-gem",
+            "image_size": [64, 64],
+            "memory_budget_mb": 64,
+            "cache": str(tmp_path / "cache"),
+        },
+        "data": {
+            "root": "data",
+            "labels": "frames",
+            "folders": ["summer", "winter"],
+            "frames": [0, 12],
+            "negatives": "cross-domain",
+        },
         "validation": {"queries": "winter", "database": "summer", "holdout": 3, "gap": 1},
-        "head": {"name": "gem"}, "loss": {"name": "infonce"}, "miner": {"name": ""},
-        "sampler": {"places": 4, "images_per_place": 2}, "train": {"epochs": 1, "seed": 0},
+        "head": {"name": "gem"},
+        "loss": {"name": "infonce"},
+        "miner": {"name": ""},
+        "sampler": {"places": 4, "images_per_place": 2},
+        "train": {"epochs": 1, "seed": 0},
     }
     prep = prepare(recipe, progress=False)
     keys = prep.features.keys
@@ -170,5 +190,7 @@ def test_recipe_negatives_cross_domain_makes_each_folder_a_domain(tmp_path):
     with pytest.raises(ConfigError, match="negatives must be"):
         prepare({**recipe, "data": {**recipe["data"], "negatives": "sideways"}}, progress=False)
     with pytest.raises(ConfigError, match="needs frame labels"):
-        prepare({**recipe, "data": {"root": "data", "labels": "poses", "poses": "p.csv", "negatives": "cross-domain"}},
-                progress=False)
+        prepare(
+            {**recipe, "data": {"root": "data", "labels": "poses", "poses": "p.csv", "negatives": "cross-domain"}},
+            progress=False,
+        )

@@ -45,8 +45,10 @@ def _randomised(module: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 
 def _layout(out_channels: int = 3) -> dict:
-    return {"aggregator": "trained", "options": {"head": "layout",
-                                                "head_options": {"height": H, "width": W, "out_channels": out_channels}}}
+    return {
+        "aggregator": "trained",
+        "options": {"head": "layout", "head_options": {"height": H, "width": W, "out_channels": out_channels}},
+    }
 
 
 def _members() -> dict:
@@ -54,6 +56,7 @@ def _members() -> dict:
 
 
 # ---- the aggregator ----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("weights", [None, {"a": 1.0, "b": 2.0, "c": 5.0}])
 def test_the_ensembles_cosine_is_the_mean_of_its_members_cosines(weights):
@@ -121,8 +124,13 @@ def test_members_that_need_a_vocabulary_get_the_maps_and_sample_fits_reach_them(
     sample = _features(20, 6).flat().reshape(-1, C).numpy()
     ens = Ensemble(C, members=members, vocabulary=fit_vocabulary(sample, 4, seed=0))
     assert ens.dim == 4 * C + C and ens.is_fitted
-    nv = Ensemble(C, members={"n0": {"aggregator": "netvlad", "options": {"k": 3}},
-                              "n1": {"aggregator": "netvlad", "options": {"k": 3}}})
+    nv = Ensemble(
+        C,
+        members={
+            "n0": {"aggregator": "netvlad", "options": {"k": 3}},
+            "n1": {"aggregator": "netvlad", "options": {"k": 3}},
+        },
+    )
     assert not nv.is_fitted and nv.learns_from_sample
     nv.fit(sample, seed=0)  # member i with seed + i: two different k-means initialisations
     assert nv.is_fitted
@@ -130,18 +138,21 @@ def test_members_that_need_a_vocabulary_get_the_maps_and_sample_fits_reach_them(
     assert not torch.allclose(c0, c1)
 
 
-@pytest.mark.parametrize("members,weights,match", [
-    (None, None, "at least one"),
-    ({}, None, "at least one"),
-    ({"a": {"options": {}}}, None, "aggregator = NAME"),
-    ({"a": {"aggregator": "nope"}}, None, "unknown aggregator 'nope'"),
-    ({"a": {"aggregator": "ensemble", "options": {"members": {"b": _layout()}}}}, None, "cannot be a member"),
-    ({"a": {"aggregator": "gem", "options": {"q": 1}}}, None, "unknown option 'q'"),
-    ({"a": {"aggregator": "gem", "extra": 1}}, None, "unknown keys"),
-    ({"a.b": {"aggregator": "gem"}}, None, "contain no"),
-    ({"a": {"aggregator": "gem"}, "b": {"aggregator": "mean"}}, {"a": 1.0}, "every member"),
-    ({"a": {"aggregator": "gem"}, "b": {"aggregator": "mean"}}, {"a": 1.0, "b": -1}, "positive"),
-])
+@pytest.mark.parametrize(
+    "members,weights,match",
+    [
+        (None, None, "at least one"),
+        ({}, None, "at least one"),
+        ({"a": {"options": {}}}, None, "aggregator = NAME"),
+        ({"a": {"aggregator": "nope"}}, None, "unknown aggregator 'nope'"),
+        ({"a": {"aggregator": "ensemble", "options": {"members": {"b": _layout()}}}}, None, "cannot be a member"),
+        ({"a": {"aggregator": "gem", "options": {"q": 1}}}, None, "unknown option 'q'"),
+        ({"a": {"aggregator": "gem", "extra": 1}}, None, "unknown keys"),
+        ({"a.b": {"aggregator": "gem"}}, None, "contain no"),
+        ({"a": {"aggregator": "gem"}, "b": {"aggregator": "mean"}}, {"a": 1.0}, "every member"),
+        ({"a": {"aggregator": "gem"}, "b": {"aggregator": "mean"}}, {"a": 1.0, "b": -1}, "positive"),
+    ],
+)
 def test_bad_members_and_weights_are_config_errors(members, weights, match):
     with pytest.raises(ConfigError, match=match):
         Ensemble(C, members=members, weights=weights)
@@ -149,16 +160,24 @@ def test_bad_members_and_weights_are_config_errors(members, weights, match):
 
 # ---- [head] members = N ------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def ensemble_recipe(recipe_factory):
     """The tiny recipe (conftest) as an ensemble of two 3-channel layout heads, seeds 3 and 4, cross-season
     negatives, half the batches consecutive frames, picked on a 4-frame holdout; ``**head`` changes ``[head]``."""
 
     def make(root: Path, out: str = "run", **head) -> dict:
-        return recipe_factory(root, name="ens-run", out=out, data={"frames": [0, 14], "negatives": "cross-domain"},
-                              validation={"holdout": 4, "gap": 1}, monitor={"frames": [14, 18]},
-                              head={"options": {"out_channels": 3}, "members": 2, **head},
-                              sampler={"contiguous": 0.5}, train={"seed": 3})
+        return recipe_factory(
+            root,
+            name="ens-run",
+            out=out,
+            data={"frames": [0, 14], "negatives": "cross-domain"},
+            validation={"holdout": 4, "gap": 1},
+            monitor={"frames": [14, 18]},
+            head={"options": {"out_channels": 3}, "members": 2, **head},
+            sampler={"contiguous": 0.5},
+            train={"seed": 3},
+        )
 
     return make
 
@@ -299,7 +318,9 @@ def test_a_member_resumes_where_it_was_interrupted(data, trained, monkeypatch, e
     with pytest.raises(Interrupted):
         run_recipe(r, progress=False, log=logs.append)
     assert (data / "resumed" / "member0" / "summary.json").is_file()
-    assert not (data / "resumed" / "member1" / "summary.json").exists() and not (data / "resumed" / "best.ckpt").exists()
+    assert (
+        not (data / "resumed" / "member1" / "summary.json").exists() and not (data / "resumed" / "best.ckpt").exists()
+    )
     monkeypatch.setattr(run_module, "plot_curves", real)
     logs.clear()
     s = run_recipe(r, progress=False, log=logs.append)
@@ -309,8 +330,9 @@ def test_a_member_resumes_where_it_was_interrupted(data, trained, monkeypatch, e
     a = torch.load(data / "resumed" / "best.head.pt", weights_only=True)
     b = torch.load(data / "run" / "best.head.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert [_without_seconds(m["history"]) for m in s["members"]] == \
-        [_without_seconds(m["history"]) for m in trained["members"]]
+    assert [_without_seconds(m["history"]) for m in s["members"]] == [
+        _without_seconds(m["history"]) for m in trained["members"]
+    ]
     assert s["best"] == trained["best"]
 
 
@@ -322,24 +344,28 @@ def test_post_pca_is_fitted_on_the_ensembles_output(data, trained, ensemble_reci
     assert Path(s["checkpoint"]).name == "best-post.ckpt" and Path(s["trained_checkpoint"]).name == "best.ckpt"
     config = checkpoint_config(s["checkpoint"])
     assert config.aggregator == "ensemble" and s["head_dim"] == 5
-    assert [_without_seconds(m["history"]) for m in s["members"]] == \
-        [_without_seconds(m["history"]) for m in trained["members"]]
+    assert [_without_seconds(m["history"]) for m in s["members"]] == [
+        _without_seconds(m["history"]) for m in trained["members"]
+    ]
     built = pipeline.build_map(data / "data" / "summer", data / "post-map", config, progress=False)
     assert built["descriptor_dim"] == 5
 
 
-@pytest.mark.parametrize("change,match", [
-    ({"members": 0}, r"\[head\] members must be an integer ≥ 1, got 0"),
-    ({"members": -1}, r"\[head\] members must be an integer ≥ 1, got -1"),
-    ({"members": "2"}, r"\[head\] members must be an integer ≥ 1, got '2'"),
-    ({"members": True}, r"\[head\] members must be an integer ≥ 1, got True"),
-    ({"members": 1.5}, r"\[head\] members must be an integer ≥ 1, got 1.5"),
-    ({"name": "mean", "options": {}}, "learns nothing"),
-    ({"vlad": {"k": 4, "weight": 0.5}}, "vlad"),
-    ({"_backbone": {"unfreeze": 1}}, "frozen backbone"),
-    ({"_validation": {"refit": True}}, "refit"),
-    ({"_post": {"centre": True}}, r"\[post\] centre"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"members": 0}, r"\[head\] members must be an integer ≥ 1, got 0"),
+        ({"members": -1}, r"\[head\] members must be an integer ≥ 1, got -1"),
+        ({"members": "2"}, r"\[head\] members must be an integer ≥ 1, got '2'"),
+        ({"members": True}, r"\[head\] members must be an integer ≥ 1, got True"),
+        ({"members": 1.5}, r"\[head\] members must be an integer ≥ 1, got 1.5"),
+        ({"name": "mean", "options": {}}, "learns nothing"),
+        ({"vlad": {"k": 4, "weight": 0.5}}, "vlad"),
+        ({"_backbone": {"unfreeze": 1}}, "frozen backbone"),
+        ({"_validation": {"refit": True}}, "refit"),
+        ({"_post": {"centre": True}}, r"\[post\] centre"),
+    ],
+)
 def test_bad_member_combinations_fail_before_training(tmp_path, change, match, ensemble_recipe):
     change = dict(change)
     sections = {k[1:]: change.pop(k) for k in list(change) if k.startswith("_")}
@@ -372,7 +398,9 @@ def test_split_members_start_on_disjoint_slices_of_the_channels(data, ensemble_r
     for i, channels in ((0, [0, 1, 2]), (1, [3, 4, 5])):
         head = build_head("layout", C, (H, W), {"out_channels": 3}, slice_of=(i, 2))
         with torch.no_grad():
-            assert torch.allclose(head(x), torch.nn.functional.normalize(flat[:, channels].flatten(1), dim=1), atol=1e-6)
+            assert torch.allclose(
+                head(x), torch.nn.functional.normalize(flat[:, channels].flatten(1), dim=1), atol=1e-6
+            )
     wrapped = build_head("layout", C, (H, W), {"out_channels": 4}, slice_of=(1, 2))  # 2 × 4 > 6: wraps round
     centre = wrapped.head.conv.weight[:, :, 1, 1]
     assert centre.argmax(dim=1).tolist() == [3, 4, 5, 0] and centre.sum().item() == 4
@@ -387,23 +415,29 @@ def test_split_members_start_on_disjoint_slices_of_the_channels(data, ensemble_r
     assert "start_slice" not in member_recipe(ensemble_recipe(data), 1)["head"]
 
 
-@pytest.mark.parametrize("head,match", [
-    ({"member_init": "random"}, "member_init must be one of"),
-    ({"name": "gem", "options": {}, "member_init": "split"}, "for layout heads"),
-    ({"member_init": "split", "start_slice": [0, 2]}, "one or the other"),
-])
+@pytest.mark.parametrize(
+    "head,match",
+    [
+        ({"member_init": "random"}, "member_init must be one of"),
+        ({"name": "gem", "options": {}, "member_init": "split"}, "for layout heads"),
+        ({"member_init": "split", "start_slice": [0, 2]}, "one or the other"),
+    ],
+)
 def test_bad_member_inits_are_config_errors(tmp_path, head, match, ensemble_recipe):
     with pytest.raises(ConfigError, match=match):
         run_recipe(ensemble_recipe(tmp_path, **head), progress=False)
     assert not (tmp_path / "cache").exists()
 
 
-@pytest.mark.parametrize("value,name,match", [
-    ([2, 2], "layout", r"0 ≤ i < n"),
-    ([0], "layout", r"\[i, n\]"),
-    ([True, 2], "layout", r"\[i, n\]"),
-    ([0, 2], "gem", "not 'gem'"),
-])
+@pytest.mark.parametrize(
+    "value,name,match",
+    [
+        ([2, 2], "layout", r"0 ≤ i < n"),
+        ([0], "layout", r"\[i, n\]"),
+        ([True, 2], "layout", r"\[i, n\]"),
+        ([0, 2], "gem", "not 'gem'"),
+    ],
+)
 def test_bad_start_slices_are_config_errors(value, name, match):
     from vprkit.training.heads import start_slice
 

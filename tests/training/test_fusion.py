@@ -65,8 +65,10 @@ def _layout_checkpoint(tmp_path: Path) -> Path:
     head = build_head("layout", D, (H, W), {"out_channels": D})  # the identity start: the flattened map
     torch.save(head.state_dict(), tmp_path / "h.pt")
     config = resolve("effnet-gem").replace(
-        name="t", aggregator="trained",
-        aggregator_options={"head": "layout", "head_options": {"height": H, "width": W, "out_channels": D}})
+        name="t",
+        aggregator="trained",
+        aggregator_options={"head": "layout", "head_options": {"height": H, "width": W, "out_channels": D}},
+    )
     return write_checkpoint(tmp_path / "best.ckpt", config, tmp_path / "h.pt", {"epoch": 1})
 
 
@@ -93,7 +95,8 @@ def test_fused_validation_measures_the_weighted_cosine_and_the_weight_is_picked_
     with torch.no_grad():
         vq, vd = vlad(feats.batch(val.query_ids)), vlad(feats.batch(val.database_ids))
     flat = lambda ids: torch.nn.functional.normalize(  # noqa: E731
-        feats.batch(ids).patches.permute(0, 3, 1, 2).flatten(1), dim=1)
+        feats.batch(ids).patches.permute(0, 3, 1, 2).flatten(1), dim=1
+    )
     hq, hd = flat(val.query_ids), flat(val.database_ids)
     for w in weights:
         s = w * vq @ vd.T + (1 - w) * hq @ hd.T
@@ -117,19 +120,35 @@ def test_pick_weight_breaks_ties_by_recall_at_5_then_the_smaller_vlad_weight():
     assert pick_weight({0.3: {"R@1": 0.6, "R@5": 0.8}, 0.2: {"R@1": 0.6, "R@5": 0.8}}) == 0.2
 
 
-@pytest.mark.parametrize("vlad,match", [({"k": 4, "weight": [0.2, 1.0]}, "in \\(0, 1\\)"), ({"k": 0, "weight": 0.2}, "k must"),
-                                        ({"k": 4, "weight": []}, "non-empty"), ({"k": 4, "weight": [0.2, 0.2]}, "repeat"),
-                                        ({"k": 4, "weights": [0.2]}, "unknown keys"),
-                                        ({"k": 4, "assignments": 1.5, "weight": 0.2}, "assignments must")])
+@pytest.mark.parametrize(
+    "vlad,match",
+    [
+        ({"k": 4, "weight": [0.2, 1.0]}, "in \\(0, 1\\)"),
+        ({"k": 0, "weight": 0.2}, "k must"),
+        ({"k": 4, "weight": []}, "non-empty"),
+        ({"k": 4, "weight": [0.2, 0.2]}, "repeat"),
+        ({"k": 4, "weights": [0.2]}, "unknown keys"),
+        ({"k": 4, "assignments": 1.5, "weight": 0.2}, "assignments must"),
+    ],
+)
 def test_vlad_spec_errors(vlad, match):
     with pytest.raises(ConfigError, match=match):
         vlad_spec(vlad)
 
 
 def test_vlad_spec_of_one_weight_and_of_candidates():
-    assert vlad_spec({"weight": 0.85}) == {"k": None, "assignments": 4, "weights": [0.85], "chosen_on_validation": False}
+    assert vlad_spec({"weight": 0.85}) == {
+        "k": None,
+        "assignments": 4,
+        "weights": [0.85],
+        "chosen_on_validation": False,
+    }
     assert vlad_spec({"k": 8, "assignments": 1, "weight": [0.1, 0.3]}) == {
-        "k": 8, "assignments": 1, "weights": [0.1, 0.3], "chosen_on_validation": True}
+        "k": 8,
+        "assignments": 1,
+        "weights": [0.1, 0.3],
+        "chosen_on_validation": True,
+    }
 
 
 @pytest.fixture
@@ -138,8 +157,14 @@ def fused_recipe(recipe_factory, tmp_path):
     (``validation=False``: no validation set)."""
 
     def make(vlad: dict, validation: bool = True) -> dict:
-        return recipe_factory(tmp_path, name="fused-run", monitor=None, head={"vlad": vlad}, post={"pca": 6},
-                              validation={"holdout": 5, "gap": 1} if validation else None)
+        return recipe_factory(
+            tmp_path,
+            name="fused-run",
+            monitor=None,
+            head={"vlad": vlad},
+            post={"pca": 6},
+            validation={"holdout": 5, "gap": 1} if validation else None,
+        )
 
     return make
 
@@ -172,6 +197,7 @@ def test_a_weight_list_without_validation_is_refused_before_training(tmp_path, f
 
 
 # ---- [backbone] options: another block of the preset's backbone -------------------------------------
+
 
 def test_backbone_options_change_the_preset_backbone_and_are_validated():
     from vprkit.training.recipe import base_config

@@ -44,8 +44,12 @@ class RandomFeatures:
     def __init__(self, places: int = 20, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
         base = torch.rand(places, H, W, D, generator=g)
-        self.x = torch.cat([base + 0.2 * torch.rand(places, H, W, D, generator=g),
-                            base + 0.2 * torch.rand(places, H, W, D, generator=g)])
+        self.x = torch.cat(
+            [
+                base + 0.2 * torch.rand(places, H, W, D, generator=g),
+                base + 0.2 * torch.rand(places, H, W, D, generator=g),
+            ]
+        )
         self.grid = (H, W)
 
     def __len__(self):
@@ -61,9 +65,16 @@ def _labels(n: int = 20) -> PlaceLabels:
 
 # ---- heads ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,options,dim", [("gem", {}, D), ("netvlad", {"k": 4}, 4 * D),
-                                              ("mixvpr", {"out_rows": 3}, D * 3),
-                                              ("mixvpr", {"out_channels": 5, "out_rows": 2}, 10)])
+
+@pytest.mark.parametrize(
+    "name,options,dim",
+    [
+        ("gem", {}, D),
+        ("netvlad", {"k": 4}, 4 * D),
+        ("mixvpr", {"out_rows": 3}, D * 3),
+        ("mixvpr", {"out_channels": 5, "out_rows": 2}, 10),
+    ],
+)
 def test_heads_shapes_norms_and_gradients(name, options, dim):
     torch.manual_seed(0)
     head = build_head(name, D, (H, W), options, sample=_feats(20).flat().reshape(-1, D).numpy())
@@ -101,7 +112,9 @@ def test_feature_mixer_is_residual_mlp_over_space():
     m = MixVPR(D, height=H, width=W, depth=1)
     blk = m.mixers[0]
     x = torch.rand(2, D, H * W)
-    expected = x + blk.fc2(torch.relu(blk.fc1(torch.nn.functional.layer_norm(x, (H * W,), blk.norm.weight, blk.norm.bias))))
+    expected = x + blk.fc2(
+        torch.relu(blk.fc1(torch.nn.functional.layer_norm(x, (H * W,), blk.norm.weight, blk.norm.bias)))
+    )
     assert torch.allclose(blk(x), expected)
 
 
@@ -132,6 +145,7 @@ def test_trained_head_roundtrips_through_a_state_file(tmp_path):
 
 
 # ---- feature cache -------------------------------------------------------------------------------
+
 
 class TinyBackbone(torch.nn.Module):
     """A stand-in backbone: 4×4 average pooling of the pixels, 3-d features, stride 4."""
@@ -175,6 +189,7 @@ def test_feature_cache_round_trip_and_memory_bound(tmp_path, image_folder):
 
 # ---- trainer ---------------------------------------------------------------------------------------
 
+
 def test_sampler_is_places_times_images_and_deterministic():
     groups = place_groups(_labels())
     assert len(groups) == 20 and all(len(g) == 2 for g in groups)
@@ -189,13 +204,17 @@ def _trainer(settings: TrainSettings, validation: bool = False) -> Trainer:
     feats = RandomFeatures()
     torch.manual_seed(settings.seed)
     head = build_head("mixvpr", D, (H, W), {"out_rows": 2})
-    val = Validation(feats, np.arange(20, 40), np.arange(20), GroundTruth.from_frames(np.arange(20), np.arange(20), 0)) \
-        if validation else None
+    val = (
+        Validation(feats, np.arange(20, 40), np.arange(20), GroundTruth.from_frames(np.arange(20), np.arange(20), 0))
+        if validation
+        else None
+    )
     return Trainer(head, feats, _labels(), settings, val, progress=False)
 
 
-@pytest.mark.parametrize("loss,miner", [("multi-similarity", "multi-similarity"), ("triplet", "gps"),
-                                        ("cosface", None)])
+@pytest.mark.parametrize(
+    "loss,miner", [("multi-similarity", "multi-similarity"), ("triplet", "gps"), ("cosface", None)]
+)
 def test_resume_takes_the_same_next_step(tmp_path, loss, miner):
     settings = TrainSettings(epochs=3, places_per_batch=5, loss=loss, miner=miner, lr=1e-2, seed=1)
     full = _trainer(settings)
@@ -234,6 +253,7 @@ def test_resume_refuses_other_settings(tmp_path):
 
 
 # ---- recipe → checkpoint → preset → map ------------------------------------------------------------
+
 
 def _sequences(root: Path, n: int = 16) -> None:
     synchronised_seasons(root, n)
@@ -313,8 +333,9 @@ def test_recipe_trains_and_its_checkpoint_builds_a_map_and_localises(tiny_run):
     assert info["descriptor_dim"] == 8
 
 
-@pytest.mark.parametrize("head,options", [("netvlad", "{ k = 4 }"), ("mixvpr", "{ out_rows = 2 }"),
-                                          ("layout", "{ out_channels = 3 }")])
+@pytest.mark.parametrize(
+    "head,options", [("netvlad", "{ k = 4 }"), ("mixvpr", "{ out_rows = 2 }"), ("layout", "{ out_channels = 3 }")]
+)
 def test_recipe_heads_netvlad_mixvpr_and_layout(tmp_path, head, options):
     from vprkit import pipeline
 
@@ -378,9 +399,15 @@ def test_recipe_post_pca_is_fitted_on_the_training_features_and_is_the_preset(tm
     assert torch.allclose(got * signs, ref, atol=1e-3)
 
 
-@pytest.mark.parametrize("post,match", [("pca = 4\ncentre = true", "not both"),
-                                        ("whiten = true", r"\[post\] has no setting 'whiten'"),
-                                        ("pca = 0", "needs pca"), ("pca = 1.5", r"\[post\] pca must be an integer")])
+@pytest.mark.parametrize(
+    "post,match",
+    [
+        ("pca = 4\ncentre = true", "not both"),
+        ("whiten = true", r"\[post\] has no setting 'whiten'"),
+        ("pca = 0", "needs pca"),
+        ("pca = 1.5", r"\[post\] pca must be an integer"),
+    ],
+)
 def test_recipe_post_errors_come_before_training(tmp_path, post, match):
     _sequences(tmp_path / "data")
     text = RECIPE.replace("{head}", "gem").replace("{options}", "{}")
@@ -391,12 +418,13 @@ def test_recipe_post_errors_come_before_training(tmp_path, post, match):
 
 
 def test_recipe_errors_are_clear(tmp_path):
-    (tmp_path / "r.toml").write_text('bogus = 1\n')
+    (tmp_path / "r.toml").write_text("bogus = 1\n")
     with pytest.raises(ConfigError, match="the recipe has no setting 'bogus'"):
         run_recipe(tmp_path / "r.toml", progress=False)
 
 
 # ---- the CLI ---------------------------------------------------------------------------------------
+
 
 def test_cli_train_then_map_build_with_the_checkpoint(tiny_run, monkeypatch):
     from helpers import run_cli
@@ -407,10 +435,22 @@ def test_cli_train_then_map_build_with_the_checkpoint(tiny_run, monkeypatch):
         from vprkit.training.checkpoint import add_pca as _add_pca
         from vprkit.training.recipe import run_recipe as _run
 
-        monkeypatch.setattr(pipeline, "train", lambda recipe, resume=True, progress=True, log=print:
-                            _run(recipe, resume=resume, progress=progress, log=log), raising=False)
-        monkeypatch.setattr(pipeline, "add_pca", lambda c, i, dim, whiten=False, sample=2000, out=None, progress=True:
-                            _add_pca(c, i, dim, whiten=whiten, sample=sample, out=out, progress=progress), raising=False)
+        monkeypatch.setattr(
+            pipeline,
+            "train",
+            lambda recipe, resume=True, progress=True, log=print: _run(
+                recipe, resume=resume, progress=progress, log=log
+            ),
+            raising=False,
+        )
+        monkeypatch.setattr(
+            pipeline,
+            "add_pca",
+            lambda c, i, dim, whiten=False, sample=2000, out=None, progress=True: _add_pca(
+                c, i, dim, whiten=whiten, sample=sample, out=out, progress=progress
+            ),
+            raising=False,
+        )
     r = run_cli(["train", tiny_run / "recipe.toml", "--quiet"])
     assert r.exit_code == 0, r.output
     ckpt = tiny_run / "run" / "best.ckpt"
@@ -422,7 +462,9 @@ def test_cli_train_then_map_build_with_the_checkpoint(tiny_run, monkeypatch):
         preset = register_checkpoint(ckpt, name="tiny-trained-cli").name
     r = run_cli(["map", "build", tiny_run / "data" / "summer", "--out", tiny_run / "map", "--preset", preset])
     assert r.exit_code == 0, r.output
-    r = run_cli(["localize", tiny_run / "map", tiny_run / "data" / "summer" / "images-00013.png", "--top-k", "2", "--json"])
+    r = run_cli(
+        ["localize", tiny_run / "map", tiny_run / "data" / "summer" / "images-00013.png", "--top-k", "2", "--json"]
+    )
     assert r.exit_code == 0 and "images-00013.png" in r.output
     r = run_cli(["add-pca", ckpt, tiny_run / "data" / "summer", "--dim", "4"])
     assert r.exit_code == 0 and "4-d PCA" in r.output
@@ -433,8 +475,10 @@ def test_fused_head_uses_the_maps_vocabulary_and_adapts_its_grid(tmp_path):
 
     _sequences(tmp_path / "data")
     text = RECIPE.replace("{head}", "mixvpr").replace("{options}", "{ out_rows = 2, adapt_grid = true }")
-    text = text.replace('options = { out_rows = 2, adapt_grid = true }',
-                        'options = { out_rows = 2, adapt_grid = true }\nvlad = { k = 4, assignments = 2, weight = 0.7 }')
+    text = text.replace(
+        "options = { out_rows = 2, adapt_grid = true }",
+        "options = { out_rows = 2, adapt_grid = true }\nvlad = { k = 4, assignments = 2, weight = 0.7 }",
+    )
     (tmp_path / "recipe.toml").write_text(text)
     s = run_recipe(tmp_path / "recipe.toml", progress=False)
     config = checkpoint_config(s["checkpoint"])

@@ -42,7 +42,7 @@ def _reference_layout(head: SpatialLayout, x: torch.Tensor) -> torch.Tensor:
     k, r = head.kernel, head.kernel // 2
     wt, bias = head.conv.weight.detach().double(), head.conv.bias.detach().double()
     pad = torch.zeros(b, h + 2 * r, w + 2 * r, c, dtype=torch.float64)
-    pad[:, r:r + h, r:r + w] = x.double()
+    pad[:, r : r + h, r : r + w] = x.double()
     out = torch.zeros(b, head.out_channels, h, w, dtype=torch.float64)
     for i in range(h):
         for j in range(w):
@@ -56,6 +56,7 @@ def _reference_layout(head: SpatialLayout, x: torch.Tensor) -> torch.Tensor:
 
 
 # ---- the layout head ---------------------------------------------------------------------------------
+
 
 def test_layout_head_starts_as_the_flattened_map():
     f = _feats()
@@ -119,7 +120,9 @@ def test_layout_head_is_registered_and_round_trips_as_a_trained_head(tmp_path):
         head.head.conv.weight.add_(0.1)
         head.head.log_weight.add_(0.3)
     torch.save(head.state_dict(), tmp_path / "h.pt")
-    back = TrainedHead(D, head="layout", head_options={"height": H, "width": W, "out_channels": 5}, state=tmp_path / "h.pt")
+    back = TrainedHead(
+        D, head="layout", head_options={"height": H, "width": W, "out_channels": 5}, state=tmp_path / "h.pt"
+    )
     f = _feats()
     assert torch.allclose(back(f), head(f))
     with pytest.raises(ConfigError, match="grid"):
@@ -127,6 +130,7 @@ def test_layout_head_is_registered_and_round_trips_as_a_trained_head(tmp_path):
 
 
 # ---- the validation protocol ------------------------------------------------------------------------
+
 
 def _sequences(root: Path, n: int = 24) -> None:
     synchronised_seasons(root, n)
@@ -152,7 +156,9 @@ def test_validation_overlapping_training_is_refused(tmp_path, holdout_recipe):
 def test_the_monitor_is_recorded_but_never_picks_the_checkpoint():
     g = torch.Generator().manual_seed(0)
     base = torch.rand(20, H, W, D, generator=g)
-    x = torch.cat([base + 0.3 * torch.rand(20, H, W, D, generator=g), base + 0.3 * torch.rand(20, H, W, D, generator=g)])
+    x = torch.cat(
+        [base + 0.3 * torch.rand(20, H, W, D, generator=g), base + 0.3 * torch.rand(20, H, W, D, generator=g)]
+    )
 
     class Feats:
         grid = (H, W)
@@ -168,12 +174,24 @@ def test_the_monitor_is_recorded_but_never_picks_the_checkpoint():
     gt = GroundTruth.from_frames(np.arange(10), np.arange(10), 0)
     val = Validation(feats, np.arange(20, 30), np.arange(10), gt)
     # A monitor whose ground truth is shuffled: its recall moves unlike the validation's.
-    mon = Validation(feats, np.arange(30, 40), np.arange(10, 20),
-                     GroundTruth.from_frames(np.arange(10), np.random.default_rng(1).permutation(10), 0))
+    mon = Validation(
+        feats,
+        np.arange(30, 40),
+        np.arange(10, 20),
+        GroundTruth.from_frames(np.arange(10), np.random.default_rng(1).permutation(10), 0),
+    )
     torch.manual_seed(0)
     head = build_head("layout", D, (H, W), {"out_channels": 3})
-    tr = Trainer(head, feats, labels, TrainSettings(epochs=3, places_per_batch=5, lr=5e-2, loss="infonce", miner=None),
-                 val, train_ids=np.r_[np.arange(20, 30), np.arange(10)], progress=False, monitor=mon)
+    tr = Trainer(
+        head,
+        feats,
+        labels,
+        TrainSettings(epochs=3, places_per_batch=5, lr=5e-2, loss="infonce", miner=None),
+        val,
+        train_ids=np.r_[np.arange(20, 30), np.arange(10)],
+        progress=False,
+        monitor=mon,
+    )
     hist = tr.fit()
     assert all(f"{MONITOR_PREFIX}R@1" in h and "R@1" in h for h in hist)
     assert tr.best["R@1"] == max(h["R@1"] for h in hist)

@@ -29,7 +29,11 @@ from vprkit.training.losses import CLASSIFIER_LOSSES
 TOL = dict(rtol=1e-6, atol=1e-8)
 DISTANCES = {
     "l2": (lambda: LpDistance(), lambda x, y: torch.linalg.norm(x / x.norm() - y / y.norm()), False),
-    "l2-squared": (lambda: LpDistance(power=2), lambda x, y: torch.linalg.norm(x / x.norm() - y / y.norm()) ** 2, False),
+    "l2-squared": (
+        lambda: LpDistance(power=2),
+        lambda x, y: torch.linalg.norm(x / x.norm() - y / y.norm()) ** 2,
+        False,
+    ),
     "cosine": (lambda: CosineSimilarity(), lambda x, y: torch.dot(x / x.norm(), y / y.norm()), True),
 }
 
@@ -152,8 +156,16 @@ def test_quadruplet_options():
 
 # --- the registry -------------------------------------------------------------------------------------
 REQUIRED = {
-    "contrastive", "triplet", "quadruplet", "proxy-nca", "proxy-anchor", "infonce", "nt-xent",
-    "cosface", "arcface", "multi-similarity",
+    "contrastive",
+    "triplet",
+    "quadruplet",
+    "proxy-nca",
+    "proxy-anchor",
+    "infonce",
+    "nt-xent",
+    "cosface",
+    "arcface",
+    "multi-similarity",
 }
 
 
@@ -228,8 +240,11 @@ def test_geo_masked_triplet_equals_explicit_triplets():
     places = PlaceLabels.from_poses(SOFT_LINE)
     emb = torch.randn(5, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     dist = np.linalg.norm(SOFT_LINE[:, None] - SOFT_LINE[None], axis=2)
-    trip = [(a, p, n) for a, p, n in itertools.product(range(5), repeat=3)
-            if a != p and dist[a, p] <= 10 and dist[a, n] > 25]
+    trip = [
+        (a, p, n)
+        for a, p, n in itertools.product(range(5), repeat=3)
+        if a != p and dist[a, p] <= 10 and dist[a, n] > 25
+    ]
     explicit = LOSSES.get("triplet")()(emb, indices_tuple=tuple(torch.tensor(c) for c in zip(*trip)))
     for tuples in ("pairs", "triplets"):
         geo = GeoMaskedLoss(LOSSES.get("triplet")(), places, tuples=tuples)(emb, torch.arange(5))
@@ -245,7 +260,9 @@ def test_geo_masked_loss_with_reference_set_and_given_tuple():
     assert loss > 0 and torch.all(ref.grad[2] == 0)
     given = (torch.tensor([0]), torch.tensor([1]), torch.tensor([3]))
     direct = make_loss("triplet")(emb, indices_tuple=given, ref_emb=ref)
-    torch.testing.assert_close(make_loss("triplet", places=places)(emb, torch.arange(2), given, ref, torch.arange(5)), direct)
+    torch.testing.assert_close(
+        make_loss("triplet", places=places)(emb, torch.arange(2), given, ref, torch.arange(5)), direct
+    )
     with pytest.raises(ValueError):
         make_loss("triplet", places=places)(emb, torch.arange(2), ref_emb=ref)  # reference ids missing
 
@@ -274,15 +291,21 @@ def test_geo_masked_quadruplet_equals_loop_over_masks():
     is_neg = lambda i, j: dist[i, j] > 25  # noqa: E731
     trip = [(a, p, n) for a, p, n in itertools.product(range(7), repeat=3) if is_pos(a, p) and is_neg(a, n)]
     terms = [torch.relu(d(emb[a], emb[p]) - d(emb[a], emb[n]) + 0.1) for a, p, n in trip]
-    terms += [torch.relu(d(emb[a], emb[p]) - d(emb[n], emb[k]) + 0.05)
-              for a, p, n in trip for k in range(7) if is_neg(a, k) and is_neg(n, k)]
+    terms += [
+        torch.relu(d(emb[a], emb[p]) - d(emb[n], emb[k]) + 0.05)
+        for a, p, n in trip
+        for k in range(7)
+        if is_neg(a, k) and is_neg(n, k)
+    ]
     t = torch.stack(terms)
     got = make_loss("quadruplet", places=places)(emb, torch.arange(7))
     torch.testing.assert_close(got, t[t > 0].mean(), **TOL)
     # With two places only there is no n2: the first term alone remains.
     lone = QuadrupletIndices(torch.tensor([0]), torch.tensor([1]), torch.tensor([3]), torch.tensor([-1]))
     want = torch.relu(d(emb[0], emb[1]) - d(emb[0], emb[3]) + 0.1)
-    torch.testing.assert_close(QuadrupletLoss()(emb, indices_tuple=lone), want if want > 0 else torch.zeros((), dtype=torch.float64))
+    torch.testing.assert_close(
+        QuadrupletLoss()(emb, indices_tuple=lone), want if want > 0 else torch.zeros((), dtype=torch.float64)
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -103,8 +103,17 @@ def test_batch_hard_matches_loop(seed):
 def test_batch_easy_hard_and_registry_names():
     out = BatchEasyHardMiner(pos_strategy="easy", neg_strategy="hard")(LINE_EMB, LINE_LABELS)
     assert len(out) == 4
-    for name in ("triplet-easy", "triplet-semihard", "triplet-hard", "triplet-all", "batch-all", "batch-hard",
-                 "batch-easy-hard", "multi-similarity", "gps"):
+    for name in (
+        "triplet-easy",
+        "triplet-semihard",
+        "triplet-hard",
+        "triplet-all",
+        "batch-all",
+        "batch-hard",
+        "batch-easy-hard",
+        "multi-similarity",
+        "gps",
+    ):
         assert name in MINERS
     assert MINERS.get("triplet-hard")().type_of_triplets == "hard"
     assert MINERS.get("multi-similarity")().epsilon == pytest.approx(0.1)
@@ -208,7 +217,8 @@ def test_geo_miner_with_reference_set_feeds_a_loss():
     out = miner(GEO_EMB[:1], torch.tensor([0]), ref, torch.arange(5))
     assert _triplets(out) == {(0, 1, 3)}  # reference 1 is the image at 8 m, reference 3 the one at 40 m
     loss = make_loss("triplet", places=places, distance=_raw_l2(), margin=0.2)(
-        GEO_EMB[:1], torch.tensor([0]), out, ref, torch.arange(5))
+        GEO_EMB[:1], torch.tensor([0]), out, ref, torch.arange(5)
+    )
     assert loss.item() == pytest.approx(0.2 - 0.3 + 0.2, abs=1e-6)
     loss.backward()
     assert torch.all(ref.grad[2] == 0) and ref.grad[1].abs().sum() > 0
@@ -239,7 +249,9 @@ def _line_places(n=120, step=3.0):
 def test_offline_miner_returns_the_hardest_pool_negatives():
     places, dist = _line_places()
     model = Model(120)
-    miner = OfflineHardNegativeMiner(places, model, pool_size=10_000, negatives_per_query=10, refresh_every=1000, seed=0)
+    miner = OfflineHardNegativeMiner(
+        places, model, pool_size=10_000, negatives_per_query=10, refresh_every=1000, seed=0
+    )
     queries = torch.tensor([0, 17, 60, 119])
     mined = miner.mine(queries)
     x = model.table / model.table.norm(dim=1, keepdim=True)
@@ -254,8 +266,11 @@ def test_offline_miner_returns_the_hardest_pool_negatives():
     small = OfflineHardNegativeMiner(places, model, pool_size=10_000, negatives_per_query=10, max_block=20, seed=0)
     again = small.mine(queries)
     assert torch.equal(again.negatives, mined.negatives) and torch.equal(again.positives, mined.positives)
-    margins = [float(d[q, n] - d[q, p]) for q, p, ns in zip(queries.tolist(), mined.positives.tolist(),
-                                                             mined.negatives.tolist()) for n in ns]
+    margins = [
+        float(d[q, n] - d[q, p])
+        for q, p, ns in zip(queries.tolist(), mined.positives.tolist(), mined.negatives.tolist())
+        for n in ns
+    ]
     assert miner.last_stats["mean_margin"] == pytest.approx(np.mean(margins), abs=1e-5)
 
 
@@ -306,8 +321,12 @@ def test_offline_miner_memory_bound_and_batch():
     image_ids, (a, p, n) = mined.batch()
     assert torch.equal(image_ids, torch.unique(image_ids))
     got = set(zip(image_ids[a].tolist(), image_ids[p].tolist(), image_ids[n].tolist()))
-    want = {(q, pp, nn) for q, pp, ns in zip(mined.queries.tolist(), mined.positives.tolist(), mined.negatives.tolist())
-            for nn in ns if pp >= 0 and nn >= 0}
+    want = {
+        (q, pp, nn)
+        for q, pp, ns in zip(mined.queries.tolist(), mined.positives.tolist(), mined.negatives.tolist())
+        for nn in ns
+        if pp >= 0 and nn >= 0
+    }
     assert got == want
     with pytest.raises(ConfigError):
         OfflineHardNegativeMiner(places, model, max_cache_bytes=10).refresh()

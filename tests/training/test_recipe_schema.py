@@ -68,27 +68,32 @@ def test_an_unknown_section_is_refused(recipe_factory, tmp_path, untouched):
 
 def test_an_unknown_top_level_key_is_refused(recipe_factory, tmp_path, untouched):
     recipe = recipe_factory(tmp_path)
-    for key, value, expected in (("nmae", "x", " (did you mean 'name'?)"),
-                                 ("epochs", 3, " (did you mean 'epochs' in [train]?)"),
-                                 ("bogus", 1, "; known: name, description, out, backbone, ")):
+    for key, value, expected in (
+        ("nmae", "x", " (did you mean 'name'?)"),
+        ("epochs", 3, " (did you mean 'epochs' in [train]?)"),
+        ("bogus", 1, "; known: name, description, out, backbone, "),
+    ):
         path = recipe_factory.write(tmp_path / "recipe.toml", {**recipe, key: value})
         with pytest.raises(ConfigError, match=re.escape(f"{path}: the recipe has no setting {key!r}{expected}")):
             run_recipe(path, progress=False)
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("sections,message", [
-    ({"train": {"epochs": "ten"}}, "[train] epochs must be an integer ≥ 1, got 'ten'"),
-    ({"train": {"epochs": 0}}, "[train] epochs must be an integer ≥ 1, got 0"),
-    ({"optimiser": {"lr": "fast"}}, "[optimiser] lr must be a number > 0, got 'fast'"),
-    ({"sampler": {"contiguous": 1.5}}, "[sampler] contiguous must be a number ≥ 0 and ≤ 1, got 1.5"),
-    ({"data": {"folders": "summer"}}, "[data] folders must be a list of strings or None, got 'summer'"),
-    ({"backbone": {"image_size": [64]}}, "[backbone] image_size must be [a, b] (two integers) or None, got [64]"),
-    ({"backbone": {"cache_prefix": "yes"}}, "[backbone] cache_prefix must be true or false, got 'yes'"),
-    ({"loss": {"name": "infonse"}}, "[loss] name must be one of "),
-    ({"head": {"vlad": {"weights": 0.5}}}, "[head] vlad has no key 'weights' (did you mean 'weight'?)"),
-    ({"head": {"options": {"out_chanels": 3}}}, "unknown option 'out_chanels' (did you mean 'out_channels'?)"),
-])
+@pytest.mark.parametrize(
+    "sections,message",
+    [
+        ({"train": {"epochs": "ten"}}, "[train] epochs must be an integer ≥ 1, got 'ten'"),
+        ({"train": {"epochs": 0}}, "[train] epochs must be an integer ≥ 1, got 0"),
+        ({"optimiser": {"lr": "fast"}}, "[optimiser] lr must be a number > 0, got 'fast'"),
+        ({"sampler": {"contiguous": 1.5}}, "[sampler] contiguous must be a number ≥ 0 and ≤ 1, got 1.5"),
+        ({"data": {"folders": "summer"}}, "[data] folders must be a list of strings or None, got 'summer'"),
+        ({"backbone": {"image_size": [64]}}, "[backbone] image_size must be [a, b] (two integers) or None, got [64]"),
+        ({"backbone": {"cache_prefix": "yes"}}, "[backbone] cache_prefix must be true or false, got 'yes'"),
+        ({"loss": {"name": "infonse"}}, "[loss] name must be one of "),
+        ({"head": {"vlad": {"weights": 0.5}}}, "[head] vlad has no key 'weights' (did you mean 'weight'?)"),
+        ({"head": {"options": {"out_chanels": 3}}}, "unknown option 'out_chanels' (did you mean 'out_channels'?)"),
+    ],
+)
 def test_a_wrong_type_or_value_names_the_field(recipe_factory, tmp_path, untouched, sections, message):
     msg = _refused(recipe_factory, tmp_path, **sections)
     assert message in msg
@@ -118,8 +123,9 @@ def test_yaml_recipes_are_checked_the_same_way(tmp_path):
     pytest.importorskip("yaml")
     path = tmp_path / "recipe.yaml"
     path.write_text("name: y\nhead:\n  name: layout\noptimiser:\n  learning_rate: 0.01\n")
-    with pytest.raises(ConfigError, match=re.escape(f"{path}: [optimiser] has no setting 'learning_rate' "
-                                                    "(did you mean 'lr'?)")):
+    with pytest.raises(
+        ConfigError, match=re.escape(f"{path}: [optimiser] has no setting 'learning_rate' (did you mean 'lr'?)")
+    ):
         load_recipe(path)
 
 
@@ -131,7 +137,7 @@ def test_the_documented_recipes_pass_the_schema():
     from vprkit.training import recipe as recipe_module
 
     lines = recipe_module.__doc__.split("::\n", 1)[1].splitlines()
-    example = [line[4:] for line in lines[:next(i for i, x in enumerate(lines) if x and not x.startswith("    "))]]
+    example = [line[4:] for line in lines[: next(i for i, x in enumerate(lines) if x and not x.startswith("    "))]]
     parsed = tomllib.loads("\n".join(example))
     assert set(parsed) == {"name", "out", *SECTIONS}  # the docstring shows every section
     check_recipe(parsed)

@@ -15,8 +15,15 @@ import torch
 from helpers import synchronised_seasons
 from vprkit.errors import ConfigError
 from vprkit.training.checkpoint import checkpoint_config, is_checkpoint
-from vprkit.training.recipe import (prepare, refit_recipe, refit_run, run_recipe, settings_from, split_holdout,
-                                    wants_refit)
+from vprkit.training.recipe import (
+    prepare,
+    refit_recipe,
+    refit_run,
+    run_recipe,
+    settings_from,
+    split_holdout,
+    wants_refit,
+)
 from vprkit.training.trainer import MONITOR_PREFIX, Trainer
 
 
@@ -26,8 +33,13 @@ def refit_recipe_of(recipe_factory):
     ``**validation`` changes ``[validation]``."""
 
     def make(root: Path, out: str = "run", epochs: int = 3, **validation) -> dict:
-        return recipe_factory(root, name="refit-run", out=out, train={"epochs": epochs},
-                              validation={"holdout": 4, "gap": 2, "refit": True, **validation})
+        return recipe_factory(
+            root,
+            name="refit-run",
+            out=out,
+            train={"epochs": epochs},
+            validation={"holdout": 4, "gap": 2, "refit": True, **validation},
+        )
 
     return make
 
@@ -93,8 +105,9 @@ def test_refit_runs_the_given_epochs_on_the_recipes_schedule(data, refit_recipe_
     settings = settings_from(r)
     out = data / "run"
     out.mkdir()
-    res = refit_run(r, 2, {"R@1": 0.5, "epoch": 2, "monitor R@1": 0.1}, settings, out, progress=False,
-                    log=lambda m: None)
+    res = refit_run(
+        r, 2, {"R@1": 0.5, "epoch": 2, "monitor R@1": 0.1}, settings, out, progress=False, log=lambda m: None
+    )
     assert res["epochs"] == 2 and res["steps"] == 8 and len(res["history"]) == 2
     union = prepare(refit_recipe(r), progress=False)
     ref = Trainer(union.head, union.features, union.places, settings, train_ids=union.train_ids, progress=False)
@@ -105,12 +118,18 @@ def test_refit_runs_the_given_epochs_on_the_recipes_schedule(data, refit_recipe_
         refit_run(r, 4, {}, settings, out, progress=False)
 
 
-@pytest.mark.parametrize("change,match", [
-    ({"validation": {"queries": "winter", "database": "summer", "frames": [16, 20], "refit": True}}, "needs holdout"),
-    ({"post": {"pca": 4}}, r"\[post\]"),
-    ({"head": {"name": "layout", "options": {"out_channels": 4}, "vlad": {"k": 4, "weight": 0.5}}}, "vlad"),
-    ({"validation": {"holdout": 4, "refit": "yes"}}, "true or false"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (
+            {"validation": {"queries": "winter", "database": "summer", "frames": [16, 20], "refit": True}},
+            "needs holdout",
+        ),
+        ({"post": {"pca": 4}}, r"\[post\]"),
+        ({"head": {"name": "layout", "options": {"out_channels": 4}, "vlad": {"k": 4, "weight": 0.5}}}, "vlad"),
+        ({"validation": {"holdout": 4, "refit": "yes"}}, "true or false"),
+    ],
+)
 def test_refit_option_errors_come_before_training(tmp_path, change, match, refit_recipe_of):
     r = {**refit_recipe_of(tmp_path), **change}
     with pytest.raises(ConfigError, match=match):

@@ -11,5 +11,21 @@ from .netvlad import NetVLAD, NetVLADLayer
 from . import ensemble, layout, mixvpr, projection  # noqa: F401  (register ensemble, layout, mixvpr, trained)
 from .vlad import CENTRE_KINDS, VLAD, DescriptorSampler, Vocabulary, fit_vocabulary, hard_vlad
 
-__all__ = ["AGGREGATORS", "NORM_FLOOR", "Aggregator", "l2n", "GeM", "Mean", "GlobalToken", "gem_pool", "NetVLAD",
-           "NetVLADLayer", "VLAD", "CENTRE_KINDS", "Vocabulary", "fit_vocabulary", "hard_vlad", "DescriptorSampler"]
+__all__ = [
+    "AGGREGATORS",
+    "NORM_FLOOR",
+    "Aggregator",
+    "l2n",
+    "GeM",
+    "Mean",
+    "GlobalToken",
+    "gem_pool",
+    "NetVLAD",
+    "NetVLADLayer",
+    "VLAD",
+    "CENTRE_KINDS",
+    "Vocabulary",
+    "fit_vocabulary",
+    "hard_vlad",
+    "DescriptorSampler",
+]

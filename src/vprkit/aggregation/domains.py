@@ -34,16 +34,25 @@ PCA_COMPONENTS = 2
 PCA_FILE = "domains-pca.npz"
 
 
-def gem_descriptors(backbone: Backbone, extraction: ExtractionOptions, images: ImageSource | str | os.PathLike,
-                    keys: Sequence[str] | None = None, max_images: int = DOMAIN_SAMPLE_IMAGES, p: float = 3.0,
-                    signed: bool = False, progress: bool | str = False) -> np.ndarray:
+def gem_descriptors(
+    backbone: Backbone,
+    extraction: ExtractionOptions,
+    images: ImageSource | str | os.PathLike,
+    keys: Sequence[str] | None = None,
+    max_images: int = DOMAIN_SAMPLE_IMAGES,
+    p: float = 3.0,
+    signed: bool = False,
+    progress: bool | str = False,
+) -> np.ndarray:
     """L2-normalised GeM descriptors of up to ``max_images`` evenly spread images (n×D float32)."""
     source = image_source(images, keys)
     keys = source.keys
     if len(keys) > max_images:
         keys = [keys[i] for i in np.linspace(0, len(keys) - 1, max_images).round().astype(int)]
-    out = [l2n(gem_pool(f.flat(), p, signed)).float().cpu().numpy()
-           for _, f in extract(backbone, extraction, source, keys, progress, on_failure=ignore_failures)]
+    out = [
+        l2n(gem_pool(f.flat(), p, signed)).float().cpu().numpy()
+        for _, f in extract(backbone, extraction, source, keys, progress, on_failure=ignore_failures)
+    ]
     if not out:
         raise ConfigError(f"no readable images in {source.describe()}")
     return np.concatenate(out)
@@ -60,8 +69,11 @@ class DomainAnalysis:
         return np.stack([p.mean(0) for p in self.projected])
 
     def to_dict(self) -> dict[str, Any]:
-        return {"datasets": self.names, "centroids": self.centroids().round(4).tolist(),
-                "suggested_domains": self.groups}
+        return {
+            "datasets": self.names,
+            "centroids": self.centroids().round(4).tolist(),
+            "suggested_domains": self.groups,
+        }
 
 
 def suggest_groups(names: Sequence[str], clouds: Sequence[np.ndarray]) -> list[list[str]]:
@@ -124,11 +136,15 @@ def _fit_pca(x: np.ndarray, n_components: int) -> PCA:
 
 def save_pca(pca: PCA, folder: Path, identity: dict[str, Any]) -> Path:
     path = folder / PCA_FILE
-    atomic_savez(path, mean=pca.mean, components=pca.components, identity=json.dumps(identity, sort_keys=True, default=str))
+    atomic_savez(
+        path, mean=pca.mean, components=pca.components, identity=json.dumps(identity, sort_keys=True, default=str)
+    )
     return path
 
 
-def nearest_domain(map_descriptors: np.ndarray, vocab_folder: Path, identity: dict[str, Any]) -> tuple[str, dict[str, float]]:
+def nearest_domain(
+    map_descriptors: np.ndarray, vocab_folder: Path, identity: dict[str, Any]
+) -> tuple[str, dict[str, float]]:
     """The domain vocabulary whose datasets lie nearest the new map's images in the domain PCA space.
 
     Candidates are the vocabularies in ``vocab_folder`` built for the same descriptors
@@ -148,7 +164,9 @@ def nearest_domain(map_descriptors: np.ndarray, vocab_folder: Path, identity: di
         if cents:
             candidates[path.stem] = np.asarray(list(cents.values()), np.float32)
     if not candidates:
-        raise ConfigError(f"no domain vocabulary in {vocab_folder} matches these descriptors; build one with `vprkit vocab build --domain NAME …`")
+        raise ConfigError(
+            f"no domain vocabulary in {vocab_folder} matches these descriptors; build one with `vprkit vocab build --domain NAME …`"
+        )
     pca_path = Path(vocab_folder) / PCA_FILE
     pca = None
     if pca_path.exists():
@@ -165,8 +183,12 @@ def nearest_domain(map_descriptors: np.ndarray, vocab_folder: Path, identity: di
 
 # ---- the stage's entry points: domain vocabularies from image sets -----------------------------
 def build_domain_vocabulary(
-    backbone: Backbone, options: VocabularyOptions, datasets: dict[str, ImageSource], name: str,
-    out: str | os.PathLike | None = None, progress: bool = True,
+    backbone: Backbone,
+    options: VocabularyOptions,
+    datasets: dict[str, ImageSource],
+    name: str,
+    out: str | os.PathLike | None = None,
+    progress: bool = True,
 ) -> Path:
     """Pool sub-sampled descriptors of several image sets (name → database images) into vocabulary ``name``.
 
@@ -184,11 +206,18 @@ def build_domain_vocabulary(
     return voc.save(path)
 
 
-def analyse_dataset_domains(backbone: Backbone, extraction: ExtractionOptions, datasets: dict[str, ImageSource],
-                            plot: str | os.PathLike | None = None, progress: bool = True) -> DomainAnalysis:
+def analyse_dataset_domains(
+    backbone: Backbone,
+    extraction: ExtractionOptions,
+    datasets: dict[str, ImageSource],
+    plot: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> DomainAnalysis:
     """GeM descriptors per image set → PCA → suggested domains (+ scatter PNG); saves the PCA for picking."""
-    descs = {label: gem_descriptors(backbone, extraction, src, progress=progress and label)
-             for label, src in datasets.items()}
+    descs = {
+        label: gem_descriptors(backbone, extraction, src, progress=progress and label)
+        for label, src in datasets.items()
+    }
     analysis = analyse_domains(descs)
     save_pca(analysis.pca, domain_vocabulary_dir(), descriptor_identity(extraction, backbone))
     if plot is not None:

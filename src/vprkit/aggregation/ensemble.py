@@ -61,8 +61,10 @@ def member_specs(members: Any) -> dict[str, tuple[str, dict[str, Any]]]:
         if name == Ensemble.name:
             raise ConfigError(f"ensemble member {key!r}: an ensemble cannot be a member (list its members instead)")
         if name not in AGGREGATORS:
-            raise ConfigError(f"ensemble member {key!r}: unknown aggregator {name!r}; choose one of "
-                              f"{', '.join(n for n in AGGREGATORS.names() if n != Ensemble.name)}")
+            raise ConfigError(
+                f"ensemble member {key!r}: unknown aggregator {name!r}; choose one of "
+                f"{', '.join(n for n in AGGREGATORS.names() if n != Ensemble.name)}"
+            )
         options = dict(spec.get("options") or {})
         options.pop("trainable", None)  # the ensemble's own switch decides
         validate_options("aggregator", name, options, where=f"ensemble member {key!r}:")
@@ -75,9 +77,15 @@ class Ensemble(Aggregator):
 
     name = "ensemble"
 
-    def __init__(self, backbone_dim: int, members: Mapping[str, Mapping[str, Any]] | None = None,
-                 weights: Mapping[str, float] | None = None, state: str | os.PathLike | None = None,
-                 vocabulary=None, trainable: bool = False):
+    def __init__(
+        self,
+        backbone_dim: int,
+        members: Mapping[str, Mapping[str, Any]] | None = None,
+        weights: Mapping[str, float] | None = None,
+        state: str | os.PathLike | None = None,
+        vocabulary=None,
+        trainable: bool = False,
+    ):
         super().__init__(backbone_dim)
         specs = member_specs(members)
         self.weights = self._weights(specs, weights)
@@ -87,8 +95,9 @@ class Ensemble(Aggregator):
             opts = dict(options)
             if _wants_vocabulary(name, options):
                 if vocabulary is None:
-                    raise ConfigError(f"ensemble member {key!r} ({name}) needs the map's vocabulary "
-                                      f"(the map build provides it)")
+                    raise ConfigError(
+                        f"ensemble member {key!r} ({name}) needs the map's vocabulary (the map build provides it)"
+                    )
                 opts["vocabulary"] = vocabulary
             if _accepts(factory, "trainable"):
                 opts["trainable"] = bool(trainable)
@@ -105,10 +114,14 @@ class Ensemble(Aggregator):
         if weights is None:
             return [1.0 / len(specs)] * len(specs)
         if not isinstance(weights, Mapping) or set(map(str, weights)) != set(specs):
-            raise ConfigError(f"ensemble: weights must give every member ({', '.join(specs)}) its share, got {weights!r}")
+            raise ConfigError(
+                f"ensemble: weights must give every member ({', '.join(specs)}) its share, got {weights!r}"
+            )
         w = {str(k): v for k, v in weights.items()}
-        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v)
-               for v in w.values()):
+        if any(
+            isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v)
+            for v in w.values()
+        ):
             raise ConfigError(f"ensemble: member weights must be positive numbers, got {weights!r}")
         total = float(sum(w.values()))
         return [float(w[k]) / total for k in specs]
@@ -144,8 +157,10 @@ class Ensemble(Aggregator):
         missing, unexpected = self.load_state_dict(loaded, strict=False)
         missing = [k for k in missing if not any(k.startswith(p) for p in fused)]
         if missing or unexpected:
-            raise ConfigError(f"ensemble state {self.state} does not fit members {list(self.members)}: "
-                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise ConfigError(
+                f"ensemble state {self.state} does not fit members {list(self.members)}: "
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
 
     @classmethod
     def wants_vocabulary(cls, options: dict[str, Any]) -> bool:
@@ -197,18 +212,44 @@ class Ensemble(Aggregator):
         return x
 
     def identity(self) -> dict[str, Any]:
-        return {**super().identity(), "members": {k: m.identity() for k, m in self.members.items()},
-                "weights": [round(w, 6) for w in self.weights], "projections": [p.out_features for p in self.projections],
-                "state": Path(self.state).name if self.state else None}
+        return {
+            **super().identity(),
+            "members": {k: m.identity() for k, m in self.members.items()},
+            "weights": [round(w, 6) for w in self.weights],
+            "projections": [p.out_features for p in self.projections],
+            "state": Path(self.state).name if self.state else None,
+        }
 
 
 AGGREGATORS.register("ensemble", Ensemble)
-register_schema(Schema("aggregator", "ensemble", (
-    Option("members", "mapping", None, "name → {aggregator, options}: the members, concatenated in this order "
-           "(required)", nullable=True),
-    Option("weights", "mapping", None, "name → share of the similarity (normalised to sum 1; default equal)",
-           nullable=True),
-    Option("state", "path", None, "the ensemble's state dict (members' trained state and projections)",
-           nullable=True),
-    Option("trainable", "bool", False, "learn the members when training")),
-    doc="an ensemble: members' normalised outputs concatenated (cosine = mean of the members' cosines)"))
+register_schema(
+    Schema(
+        "aggregator",
+        "ensemble",
+        (
+            Option(
+                "members",
+                "mapping",
+                None,
+                "name → {aggregator, options}: the members, concatenated in this order (required)",
+                nullable=True,
+            ),
+            Option(
+                "weights",
+                "mapping",
+                None,
+                "name → share of the similarity (normalised to sum 1; default equal)",
+                nullable=True,
+            ),
+            Option(
+                "state",
+                "path",
+                None,
+                "the ensemble's state dict (members' trained state and projections)",
+                nullable=True,
+            ),
+            Option("trainable", "bool", False, "learn the members when training"),
+        ),
+        doc="an ensemble: members' normalised outputs concatenated (cosine = mean of the members' cosines)",
+    )
+)

@@ -71,7 +71,9 @@ class GlobalToken(Aggregator):
 
     def forward(self, features: DenseFeatures) -> torch.Tensor:
         if features.global_token is None:
-            raise ConfigError("the 'cls' aggregator needs a backbone with a global token (e.g. DINOv2); this backbone has none")
+            raise ConfigError(
+                "the 'cls' aggregator needs a backbone with a global token (e.g. DINOv2); this backbone has none"
+            )
         return l2n(features.global_token)
 
 

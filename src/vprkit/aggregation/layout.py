@@ -41,12 +41,21 @@ class SpatialLayout(Aggregator):
 
     name = "layout"
 
-    def __init__(self, backbone_dim: int, height: int | None = None, width: int | None = None,
-                 out_channels: int | None = None, kernel: int = LAYOUT_KERNEL, adapt_grid: bool = False,
-                 trainable: bool = False):
+    def __init__(
+        self,
+        backbone_dim: int,
+        height: int | None = None,
+        width: int | None = None,
+        out_channels: int | None = None,
+        kernel: int = LAYOUT_KERNEL,
+        adapt_grid: bool = False,
+        trainable: bool = False,
+    ):
         super().__init__(backbone_dim)
         if height is None or width is None:
-            raise ConfigError("layout: give the feature grid (height, width); the trainer fills it in from its features")
+            raise ConfigError(
+                "layout: give the feature grid (height, width); the trainer fills it in from its features"
+            )
         if int(kernel) < 1 or int(kernel) % 2 == 0:
             raise ConfigError(f"layout: kernel must be a positive odd number, got {kernel}")
         self.height, self.width, self.kernel = int(height), int(width), int(kernel)
@@ -69,24 +78,47 @@ class SpatialLayout(Aggregator):
         x = features.patches.permute(0, 3, 1, 2).to(self.conv.weight.dtype)  # B × C × h × w (float16 caches too)
         if features.grid != (self.height, self.width):
             if not self.adapt_grid:
-                raise ConfigError(f"this layout head was built for a {self.height}×{self.width} feature grid, got "
-                                  f"{features.grid[0]}×{features.grid[1]}: use the image size it was trained at")
+                raise ConfigError(
+                    f"this layout head was built for a {self.height}×{self.width} feature grid, got "
+                    f"{features.grid[0]}×{features.grid[1]}: use the image size it was trained at"
+                )
             x = F.adaptive_avg_pool2d(x, (self.height, self.width))
         x = self.conv(x) * torch.exp(self.log_weight)[None, None]
         return l2n(x.flatten(1))
 
     def identity(self) -> dict[str, Any]:
-        return {**super().identity(), "grid": [self.height, self.width], "kernel": self.kernel,
-                "out_channels": self.out_channels}
+        return {
+            **super().identity(),
+            "grid": [self.height, self.width],
+            "kernel": self.kernel,
+            "out_channels": self.out_channels,
+        }
 
 
 AGGREGATORS.register("layout", SpatialLayout)
-register_schema(Schema("aggregator", "layout", (
-    Option("height", "int", None, "feature-map rows at the preset's image size (required)", low=1, nullable=True),
-    Option("width", "int", None, "feature-map columns at the preset's image size (required)", low=1, nullable=True),
-    Option("out_channels", "int", None, "channels kept per cell (default: the backbone's dim); dim = h·w·out_channels",
-           low=1, nullable=True),
-    Option("kernel", "int", LAYOUT_KERNEL, "neighbourhood each cell's projection sees (odd)", low=1),
-    Option("adapt_grid", "bool", False, "average-pool another grid to height×width instead of refusing it"),
-    Option("trainable", "bool", False, "learn the head when training")),
-    doc="spatial-layout head: every cell projected and kept in place (trainable)"))
+register_schema(
+    Schema(
+        "aggregator",
+        "layout",
+        (
+            Option(
+                "height", "int", None, "feature-map rows at the preset's image size (required)", low=1, nullable=True
+            ),
+            Option(
+                "width", "int", None, "feature-map columns at the preset's image size (required)", low=1, nullable=True
+            ),
+            Option(
+                "out_channels",
+                "int",
+                None,
+                "channels kept per cell (default: the backbone's dim); dim = h·w·out_channels",
+                low=1,
+                nullable=True,
+            ),
+            Option("kernel", "int", LAYOUT_KERNEL, "neighbourhood each cell's projection sees (odd)", low=1),
+            Option("adapt_grid", "bool", False, "average-pool another grid to height×width instead of refusing it"),
+            Option("trainable", "bool", False, "learn the head when training"),
+        ),
+        doc="spatial-layout head: every cell projected and kept in place (trainable)",
+    )
+)

@@ -54,16 +54,29 @@ class MixVPR(Aggregator):
 
     name = "mixvpr"
 
-    def __init__(self, backbone_dim: int, height: int | None = None, width: int | None = None,
-                 depth: int = MIXVPR_DEPTH, mlp_ratio: float = MIXVPR_MLP_RATIO, out_channels: int | None = None,
-                 out_rows: int = MIXVPR_OUT_ROWS, adapt_grid: bool = False, trainable: bool = False):
+    def __init__(
+        self,
+        backbone_dim: int,
+        height: int | None = None,
+        width: int | None = None,
+        depth: int = MIXVPR_DEPTH,
+        mlp_ratio: float = MIXVPR_MLP_RATIO,
+        out_channels: int | None = None,
+        out_rows: int = MIXVPR_OUT_ROWS,
+        adapt_grid: bool = False,
+        trainable: bool = False,
+    ):
         super().__init__(backbone_dim)
         if height is None or width is None:
-            raise ConfigError("the mixvpr aggregator needs the backbone's grid: height=… and width=… (feature-map "
-                              "cells at the preset's image size; `vprkit train` fills them in)")
+            raise ConfigError(
+                "the mixvpr aggregator needs the backbone's grid: height=… and width=… (feature-map "
+                "cells at the preset's image size; `vprkit train` fills them in)"
+            )
         if min(height, width, depth + 1, out_rows) < 1 or mlp_ratio <= 0:
-            raise ConfigError(f"mixvpr: invalid sizes height={height} width={width} depth={depth} out_rows={out_rows} "
-                              f"mlp_ratio={mlp_ratio}")
+            raise ConfigError(
+                f"mixvpr: invalid sizes height={height} width={width} depth={depth} out_rows={out_rows} "
+                f"mlp_ratio={mlp_ratio}"
+            )
         self.height, self.width = int(height), int(width)
         self.adapt_grid = bool(adapt_grid)
         n = self.height * self.width
@@ -81,19 +94,28 @@ class MixVPR(Aggregator):
     def forward(self, features: DenseFeatures) -> torch.Tensor:
         patches = features.patches
         if features.grid != (self.height, self.width) and self.adapt_grid:
-            patches = F.adaptive_avg_pool2d(patches.permute(0, 3, 1, 2).float(), (self.height, self.width)).permute(0, 2, 3, 1)
+            patches = F.adaptive_avg_pool2d(patches.permute(0, 3, 1, 2).float(), (self.height, self.width)).permute(
+                0, 2, 3, 1
+            )
         elif features.grid != (self.height, self.width):
-            raise ConfigError(f"this mixvpr head was built for a {self.height}×{self.width} feature grid, got "
-                              f"{features.grid[0]}×{features.grid[1]}: use the image size it was trained at")
+            raise ConfigError(
+                f"this mixvpr head was built for a {self.height}×{self.width} feature grid, got "
+                f"{features.grid[0]}×{features.grid[1]}: use the image size it was trained at"
+            )
         x = patches.reshape(len(patches), -1, patches.shape[-1]).float().transpose(1, 2)  # B × C × hw
         x = self.mixers(x)
-        x = self.channel_proj(x.transpose(1, 2))               # B × hw × C′
-        x = self.row_proj(x.transpose(1, 2))                   # B × C′ × R
+        x = self.channel_proj(x.transpose(1, 2))  # B × hw × C′
+        x = self.row_proj(x.transpose(1, 2))  # B × C′ × R
         return l2n(x.flatten(1))
 
     def identity(self):
-        return {**super().identity(), "grid": [self.height, self.width], "depth": len(self.mixers),
-                "out_channels": self.out_channels, "out_rows": self.out_rows}
+        return {
+            **super().identity(),
+            "grid": [self.height, self.width],
+            "depth": len(self.mixers),
+            "out_channels": self.out_channels,
+            "out_rows": self.out_rows,
+        }
 
 
 AGGREGATORS.register("mixvpr", MixVPR)

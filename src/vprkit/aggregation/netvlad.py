@@ -53,7 +53,9 @@ class NetVLADLayer(nn.Module):
         self.centroids = nn.Parameter(torch.zeros(num_clusters, dim))
 
     @classmethod
-    def from_centres(cls, centres: np.ndarray | torch.Tensor, alpha: float, variant: str = "released") -> "NetVLADLayer":
+    def from_centres(
+        cls, centres: np.ndarray | torch.Tensor, alpha: float, variant: str = "released"
+    ) -> "NetVLADLayer":
         """The usual α-initialisation from k-means centres (see the module docstring)."""
         if variant not in ALPHA_VARIANTS:
             raise ConfigError(f"unknown NetVLAD initialisation {variant!r}; choose one of {ALPHA_VARIANTS}")
@@ -68,12 +70,15 @@ class NetVLADLayer(nn.Module):
                 layer.assign.bias.copy_(-alpha * (c * c).sum(1))
         return layer
 
-    def load_weights(self, centroids: torch.Tensor, assign_weight: torch.Tensor, assign_bias: torch.Tensor | None = None) -> None:
+    def load_weights(
+        self, centroids: torch.Tensor, assign_weight: torch.Tensor, assign_bias: torch.Tensor | None = None
+    ) -> None:
         """Load trained parameters (e.g. from :func:`vprkit.checkpoints.read_netvlad_checkpoint`)."""
         w = assign_weight.reshape(assign_weight.shape[0], -1)
         if tuple(centroids.shape) != (self.num_clusters, self.dim) or tuple(w.shape) != (self.num_clusters, self.dim):
             raise VocabularyMismatchError(
-                f"NetVLAD weights are {tuple(centroids.shape)} / {tuple(w.shape)}, the layer is {self.num_clusters}×{self.dim}")
+                f"NetVLAD weights are {tuple(centroids.shape)} / {tuple(w.shape)}, the layer is {self.num_clusters}×{self.dim}"
+            )
         with torch.no_grad():
             self.centroids.copy_(centroids)
             self.assign.weight.copy_(w)
@@ -115,9 +120,18 @@ class NetVLAD(Aggregator):
     needs_vocabulary = True
     learns_from_sample = True
 
-    def __init__(self, backbone_dim: int, vocabulary: Vocabulary | None = None, alpha: float | None = None,
-                 variant: str = "released", checkpoint: str | None = None, wpca: bool = True, chunk: int = 16,
-                 k: int | None = None, trainable: bool = False):
+    def __init__(
+        self,
+        backbone_dim: int,
+        vocabulary: Vocabulary | None = None,
+        alpha: float | None = None,
+        variant: str = "released",
+        checkpoint: str | None = None,
+        wpca: bool = True,
+        chunk: int = 16,
+        k: int | None = None,
+        trainable: bool = False,
+    ):
         super().__init__(backbone_dim)
         self.chunk = chunk
         self.checkpoint = checkpoint
@@ -130,7 +144,9 @@ class NetVLAD(Aggregator):
         if checkpoint is not None:
             ck = read_netvlad_checkpoint(checkpoint)
             if ck.dim != backbone_dim:
-                raise VocabularyMismatchError(f"{checkpoint}: NetVLAD is {ck.dim}-d, the backbone gives {backbone_dim}-d")
+                raise VocabularyMismatchError(
+                    f"{checkpoint}: NetVLAD is {ck.dim}-d, the backbone gives {backbone_dim}-d"
+                )
             self.layer = NetVLADLayer(ck.num_clusters, ck.dim, bias=ck.assign_bias is not None)
             self.layer.load_weights(ck.centroids, ck.assign_weight, ck.assign_bias)
             if wpca and ck.wpca_weight is not None:
@@ -147,27 +163,33 @@ class NetVLAD(Aggregator):
             self.layer = NetVLADLayer(int(k), backbone_dim, bias=variant == "v2")
             self._fitted = False
         else:
-            raise ConfigError("the netvlad aggregator needs a vocabulary (or checkpoint=PATH of a trained NetVLAD, "
-                              "or k=K to fit one with .fit(descriptors))")
+            raise ConfigError(
+                "the netvlad aggregator needs a vocabulary (or checkpoint=PATH of a trained NetVLAD, "
+                "or k=K to fit one with .fit(descriptors))"
+            )
         self.requires_grad_(self.trainable)
 
     def _init_from_vocabulary(self, vocabulary: Vocabulary, alpha: float | None) -> None:
         if vocabulary.dim != self.backbone_dim:
-            raise VocabularyMismatchError(f"vocabulary has {vocabulary.dim}-d centres but the backbone gives {self.backbone_dim}-d")
+            raise VocabularyMismatchError(
+                f"vocabulary has {vocabulary.dim}-d centres but the backbone gives {self.backbone_dim}-d"
+            )
         if alpha is None:
             margin = vocabulary.metadata.get("assignment_margin")
             if margin is None:
                 raise ConfigError(
                     f"vocabulary {vocabulary.metadata.get('name', vocabulary.checksum)} records no assignment margin; "
-                    "rebuild it with this vprkit version or pass alpha=… to the netvlad aggregator")
+                    "rebuild it with this vprkit version or pass alpha=… to the netvlad aggregator"
+                )
             alpha = alpha_from_margin(float(margin))
         self.alpha = float(alpha)
         self.vocabulary = vocabulary
         self.layer = NetVLADLayer.from_centres(vocabulary.centres, self.alpha, self.variant).eval()
         self._fitted = True
 
-    def fit(self, descriptors: np.ndarray | torch.Tensor, seed: int = 0, metadata: dict[str, Any] | None = None,
-            **_: Any) -> None:
+    def fit(
+        self, descriptors: np.ndarray | torch.Tensor, seed: int = 0, metadata: dict[str, Any] | None = None, **_: Any
+    ) -> None:
         """k-means centres (K = the layer's clusters) and α from the sample's assignment margin (unless ``alpha`` was given)."""
         if self.checkpoint is not None:
             raise ConfigError("this netvlad aggregator was loaded from a trained checkpoint; fitting would discard it")
@@ -205,7 +227,11 @@ class NetVLAD(Aggregator):
         return out if self.wpca is None else l2n(self.wpca(out))
 
     def identity(self) -> dict[str, Any]:
-        source = Path(self.checkpoint).name if self.checkpoint else (self.vocabulary.checksum if self.vocabulary is not None else None)
+        source = (
+            Path(self.checkpoint).name
+            if self.checkpoint
+            else (self.vocabulary.checksum if self.vocabulary is not None else None)
+        )
         return {**super().identity(), "k": self.layer.num_clusters, "netvlad": source, "wpca": self.wpca is not None}
 
 

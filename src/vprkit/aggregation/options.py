@@ -59,6 +59,10 @@ class VocabularyOptions:
         """The vocabulary pass of ``config`` on ``backbone`` (the memory budget is checked against its feature size)."""
         vc = config.vocabulary
         aggregator = dict(config.aggregator_options)
-        return cls(vc, ExtractionOptions.from_config(config), memory_plan(config, backbone).vocabulary_pool_bytes,
-                   sets=max(vc.sets, int(aggregator.get("vocabularies", 1))),
-                   centres=aggregator.get("centres") or vc.centres)
+        return cls(
+            vc,
+            ExtractionOptions.from_config(config),
+            memory_plan(config, backbone).vocabulary_pool_bytes,
+            sets=max(vc.sets, int(aggregator.get("vocabularies", 1))),
+            centres=aggregator.get("centres") or vc.centres,
+        )

@@ -52,10 +52,15 @@ class Projection(nn.Linear):
         return l2n(super().forward(x))
 
     @classmethod
-    def from_pca(cls, descriptors: np.ndarray | torch.Tensor, dim: int, whiten: bool = False,
-                 whiten_reg: float = 0.0) -> "Projection":
+    def from_pca(
+        cls, descriptors: np.ndarray | torch.Tensor, dim: int, whiten: bool = False, whiten_reg: float = 0.0
+    ) -> "Projection":
         """PCA (``whiten``: whitened PCA, regularised by ``whiten_reg``) of an ``N×D`` descriptor sample."""
-        x = descriptors.detach().cpu().float().numpy() if isinstance(descriptors, torch.Tensor) else np.asarray(descriptors, np.float32)
+        x = (
+            descriptors.detach().cpu().float().numpy()
+            if isinstance(descriptors, torch.Tensor)
+            else np.asarray(descriptors, np.float32)
+        )
         pca = PCA.fit(x, dim, whiten=whiten, whiten_reg=whiten_reg)
         w = pca.components * pca.scales[:, None]
         b = -(w @ pca.mean)
@@ -88,18 +93,28 @@ class TrainedHead(Aggregator):
 
     name = "trained"
 
-    def __init__(self, backbone_dim: int, head: str = "gem", head_options: Mapping[str, Any] | None = None,
-                 state: str | os.PathLike | None = None, projection: int | None = None,
-                 vlad: Mapping[str, Any] | None = None, vocabulary=None, trainable: bool = False):
+    def __init__(
+        self,
+        backbone_dim: int,
+        head: str = "gem",
+        head_options: Mapping[str, Any] | None = None,
+        state: str | os.PathLike | None = None,
+        projection: int | None = None,
+        vlad: Mapping[str, Any] | None = None,
+        vocabulary=None,
+        trainable: bool = False,
+    ):
         super().__init__(backbone_dim)
         if head == self.name or head not in AGGREGATORS:
             raise ConfigError(f"trained: unknown head {head!r}; choose a registered aggregator other than 'trained'")
         factory = AGGREGATORS.get(head)
         options = dict(head_options or {})
         wants = getattr(factory, "wants_vocabulary", None)
-        if (wants(options) if wants is not None else getattr(factory, "needs_vocabulary", False)):
-            raise ConfigError(f"trained: head {head!r} with {options} needs a vocabulary; give it its size instead "
-                              f"(netvlad: k=K) so the trained state replaces the vocabulary")
+        if wants(options) if wants is not None else getattr(factory, "needs_vocabulary", False):
+            raise ConfigError(
+                f"trained: head {head!r} with {options} needs a vocabulary; give it its size instead "
+                f"(netvlad: k=K) so the trained state replaces the vocabulary"
+            )
         if _accepts(factory, "trainable"):
             options["trainable"] = bool(trainable)
         self.head_name = head
@@ -122,10 +137,16 @@ class TrainedHead(Aggregator):
             self.set_centre(loaded[CENTRE_KEY])
         if loaded is not None:
             missing, unexpected = self.load_state_dict(loaded, strict=False)
-            missing = [k for k in missing if not k.startswith(f"projections.{len(self.projections) - (projection is not None)}")]
+            missing = [
+                k
+                for k in missing
+                if not k.startswith(f"projections.{len(self.projections) - (projection is not None)}")
+            ]
             if missing or unexpected:
-                raise ConfigError(f"trained head state {state} does not fit head {head!r} {dict(head_options or {})}: "
-                                  f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+                raise ConfigError(
+                    f"trained head state {state} does not fit head {head!r} {dict(head_options or {})}: "
+                    f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+                )
         self.vlad = None
         self.vlad_weight = 0.0
         if vlad:
@@ -144,15 +165,21 @@ class TrainedHead(Aggregator):
 
     def add_projection(self, layer: Projection) -> None:
         if self.head_centre is not None:
-            raise ConfigError("this head is centred (its centre belongs to its current output): add projections "
-                              "before fitting the centre")
+            raise ConfigError(
+                "this head is centred (its centre belongs to its current output): add projections "
+                "before fitting the centre"
+            )
         if layer.in_features != self.head_dim:
             raise ConfigError(f"a projection from {layer.in_features}-d cannot follow this {self.dim}-d head")
         self.projections.append(layer)
 
     def set_centre(self, centre: torch.Tensor | np.ndarray) -> None:
         """Subtract ``centre`` (a ``head_dim`` vector) from the head's output, then L2-normalise it again."""
-        c = torch.as_tensor(np.asarray(centre, np.float32) if isinstance(centre, np.ndarray) else centre).float().flatten()
+        c = (
+            torch.as_tensor(np.asarray(centre, np.float32) if isinstance(centre, np.ndarray) else centre)
+            .float()
+            .flatten()
+        )
         if c.numel() != self.head_dim:
             raise ConfigError(f"a head centre must have the head's {self.head_dim} dims, got {c.numel()}")
         if not bool(torch.isfinite(c).all()):
@@ -205,9 +232,12 @@ class TrainedHead(Aggregator):
         return x
 
     def identity(self) -> dict[str, Any]:
-        ident = {**super().identity(), "head": self.head.identity(),
-                 "projections": [p.out_features for p in self.projections],
-                 "state": Path(self.state).name if self.state else None}
+        ident = {
+            **super().identity(),
+            "head": self.head.identity(),
+            "projections": [p.out_features for p in self.projections],
+            "state": Path(self.state).name if self.state else None,
+        }
         if self.head_centre is not None:  # only then: maps of uncentred heads keep their identity
             ident["centred"] = True
         return ident

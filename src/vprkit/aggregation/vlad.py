@@ -60,8 +60,10 @@ _ANYLOC_DIR = re.compile(r"^l(?P<layer>\d+)_(?P<facet>[a-z]+)_c(?P<k>\d+)$")
 
 def _check_kind(kind: str, what: str = "centres") -> str:
     if kind not in CENTRE_KINDS:
-        raise ConfigError(f"{what}={kind!r} is not a centre kind; choose one of {CENTRE_KINDS} "
-                          "('unit': spherical k-means unit vectors, 'raw': AnyLoc's plain cluster means)")
+        raise ConfigError(
+            f"{what}={kind!r} is not a centre kind; choose one of {CENTRE_KINDS} "
+            "('unit': spherical k-means unit vectors, 'raw': AnyLoc's plain cluster means)"
+        )
     return kind
 
 
@@ -106,7 +108,8 @@ class Vocabulary:
         if n > self.sets:
             raise VocabularyMismatchError(
                 f"multi-vocabulary VLAD wants {n} centre sets but vocabulary {self.metadata.get('name', self.checksum)} "
-                f"has {self.sets}; rebuild it with vocabulary sets ≥ {n}")
+                f"has {self.sets}; rebuild it with vocabulary sets ≥ {n}"
+            )
         return [self.centres] + ([] if n == 1 else list(self.alternates[: n - 1]))
 
     @property
@@ -146,8 +149,9 @@ class Vocabulary:
         """Write atomically as ``.npz`` (centres + JSON metadata + checksum)."""
         path = Path(path)
         extra = {} if self.alternates is None else {"alternates": self.alternates}
-        atomic_savez(path, centres=self.centres, metadata=json.dumps(self.metadata, default=str), checksum=self.checksum,
-                     **extra)
+        atomic_savez(
+            path, centres=self.centres, metadata=json.dumps(self.metadata, default=str), checksum=self.checksum, **extra
+        )
         return path
 
     @classmethod
@@ -162,7 +166,9 @@ class Vocabulary:
         except (KeyError, ValueError, OSError) as exc:
             raise ConfigError(f"{path} is not a vprkit vocabulary ({exc})") from None
         if stored != voc.checksum:
-            raise VocabularyMismatchError(f"{path}: checksum mismatch (stored {stored}, computed {voc.checksum}); the file is corrupt")
+            raise VocabularyMismatchError(
+                f"{path}: checksum mismatch (stored {stored}, computed {voc.checksum}); the file is corrupt"
+            )
         return voc
 
     @classmethod
@@ -181,7 +187,9 @@ class Vocabulary:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - torch raises several types for foreign files
-            raise ConfigError(f"{path} is not a torch-saved tensor of AnyLoc centres ({type(exc).__name__}: {exc})") from None
+            raise ConfigError(
+                f"{path} is not a torch-saved tensor of AnyLoc centres ({type(exc).__name__}: {exc})"
+            ) from None
         if not isinstance(obj, torch.Tensor) or obj.ndim != 2 or not obj.is_floating_point() or min(obj.shape) < 1:
             what = f"a {tuple(obj.shape)} {obj.dtype} tensor" if isinstance(obj, torch.Tensor) else type(obj).__name__
             raise ConfigError(f"{path}: AnyLoc's c_centers.pt holds a K×D float tensor, this file holds {what}")
@@ -189,20 +197,37 @@ class Vocabulary:
         if not np.isfinite(centres).all():
             raise ConfigError(f"{path}: the centres contain NaN or infinite values")
         k, d = centres.shape
-        meta: dict[str, Any] = {"name": f"anyloc:{path.parent.name}", "source": "anyloc", "file": path.name,
-                                "centres": "raw", "k": int(k), "dim": int(d)}
+        meta: dict[str, Any] = {
+            "name": f"anyloc:{path.parent.name}",
+            "source": "anyloc",
+            "file": path.name,
+            "centres": "raw",
+            "k": int(k),
+            "dim": int(d),
+        }
         m = _ANYLOC_DIR.match(path.parent.parent.name)
         if m and int(m["k"]) == k:
             meta["domain"] = path.parent.name
-            meta["identity"] = {"backbone": path.parent.parent.parent.name, "layer": int(m["layer"]),
-                                "facet": m["facet"], "dim": int(d)}
+            meta["identity"] = {
+                "backbone": path.parent.parent.parent.name,
+                "layer": int(m["layer"]),
+                "facet": m["facet"],
+                "dim": int(d),
+            }
         meta.update(metadata or {})
         return cls(centres, meta)
 
 
 def _spherical_kmeans(x: np.ndarray, k: int, niter: int, seed: int) -> np.ndarray:
-    km = faiss.Kmeans(x.shape[1], k, niter=niter, spherical=True, seed=seed, verbose=False,
-                      max_points_per_centroid=max(256, len(x) // k + 1))
+    km = faiss.Kmeans(
+        x.shape[1],
+        k,
+        niter=niter,
+        spherical=True,
+        seed=seed,
+        verbose=False,
+        max_points_per_centroid=max(256, len(x) // k + 1),
+    )
     km.train(x)
     return l2n_np(km.centroids)
 
@@ -227,8 +252,13 @@ def cluster_means(x: np.ndarray, centres: np.ndarray, chunk: int = 65536) -> np.
 
 
 def fit_vocabulary(
-    descriptors: np.ndarray | torch.Tensor, k: int = 32, metadata: dict[str, Any] | None = None,
-    niter: int = KMEANS_ITERATIONS, seed: int = 0, sets: int = 1, centres: str = DEFAULT_CENTRES,
+    descriptors: np.ndarray | torch.Tensor,
+    k: int = 32,
+    metadata: dict[str, Any] | None = None,
+    niter: int = KMEANS_ITERATIONS,
+    seed: int = 0,
+    sets: int = 1,
+    centres: str = DEFAULT_CENTRES,
 ) -> Vocabulary:
     """Spherical k-means (FAISS, cosine) on L2-normalised descriptors → :class:`Vocabulary`.
 
@@ -257,15 +287,25 @@ def fit_vocabulary(
     first = one(seed)
     alternates = np.stack([one(seed + i) for i in range(1, sets)]) if sets > 1 else None
     meta = dict(metadata or {})
-    meta.update({"k": k, "dim": int(x.shape[1]), "n_descriptors": int(len(x)), "niter": niter, "seed": seed,
-                 "sets": sets, "centres": centres})
+    meta.update(
+        {
+            "k": k,
+            "dim": int(x.shape[1]),
+            "n_descriptors": int(len(x)),
+            "niter": niter,
+            "seed": seed,
+            "sets": sets,
+            "centres": centres,
+        }
+    )
     # NetVLAD's α-initialisation needs how decisively descriptors pick their nearest centre
     meta["assignment_margin"] = round(assignment_margin(x, first), 6)
     return Vocabulary(first, meta, alternates)
 
 
-def assignment_margin(descriptors: np.ndarray | torch.Tensor, centres: np.ndarray | torch.Tensor,
-                      chunk: int = 65536) -> float:
+def assignment_margin(
+    descriptors: np.ndarray | torch.Tensor, centres: np.ndarray | torch.Tensor, chunk: int = 65536
+) -> float:
     """Mean gap between the best and second-best centre cosine of L2-normalised ``descriptors``.
 
     Recorded in every vocabulary's metadata: NetVLAD's α is set from it
@@ -329,7 +369,9 @@ def assignment_matrix(labels: torch.Tensor, k: int, dtype: torch.dtype) -> torch
     return weights.scatter_(-1, idx, 1.0)
 
 
-def residual_sums(x: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor, membership: torch.Tensor | None = None) -> torch.Tensor:
+def residual_sums(
+    x: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor, membership: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-cluster residual sums for hard (or multiple) assignment, vectorised.
 
     ``x`` is ``B×N×D`` (already normalised), ``labels`` ``B×N`` (or ``B×N×m`` for multiple
@@ -392,8 +434,16 @@ class VLAD(Aggregator):
     needs_vocabulary = True
     learns_from_sample = True
 
-    def __init__(self, backbone_dim: int, vocabulary: Vocabulary | None = None, vocabularies: int = 1,
-                 assignments: int = 1, chunk: int = 16, k: int | None = None, centres: str | None = None):
+    def __init__(
+        self,
+        backbone_dim: int,
+        vocabulary: Vocabulary | None = None,
+        vocabularies: int = 1,
+        assignments: int = 1,
+        chunk: int = 16,
+        k: int | None = None,
+        centres: str | None = None,
+    ):
         super().__init__(backbone_dim)
         if vocabularies < 1:
             raise ConfigError(f"vlad needs vocabularies ≥ 1, got {vocabularies}")
@@ -406,7 +456,8 @@ class VLAD(Aggregator):
         if not 1 <= int(assignments) <= self.k:
             raise ConfigError(
                 f"vlad assignments={assignments} must be between 1 and the vocabulary's K={self.k} "
-                "(the number of nearest centres each descriptor is added to)")
+                "(the number of nearest centres each descriptor is added to)"
+            )
         self.vocabularies = int(vocabularies)
         self.assignments = int(assignments)
         self.chunk = int(chunk)
@@ -427,17 +478,33 @@ class VLAD(Aggregator):
         if self.centres_kind is not None and vocabulary.kind != self.centres_kind:
             raise VocabularyMismatchError(
                 f"vlad wants {self.centres_kind} centres but vocabulary {vocabulary.metadata.get('name', vocabulary.checksum)} "
-                f"holds {vocabulary.kind} centres; rebuild it with centres={self.centres_kind!r}")
+                f"holds {vocabulary.kind} centres; rebuild it with centres={self.centres_kind!r}"
+            )
         sets = np.stack(vocabulary.centre_sets(self.vocabularies))
         with torch.no_grad():
             self.centre_sets.copy_(torch.from_numpy(sets))
         self.vocabulary = vocabulary
 
-    def fit(self, descriptors: np.ndarray | torch.Tensor, seed: int = 0, niter: int = KMEANS_ITERATIONS,
-            metadata: dict[str, Any] | None = None, **_: Any) -> None:
+    def fit(
+        self,
+        descriptors: np.ndarray | torch.Tensor,
+        seed: int = 0,
+        niter: int = KMEANS_ITERATIONS,
+        metadata: dict[str, Any] | None = None,
+        **_: Any,
+    ) -> None:
         """k-means vocabulary (``self.vocabularies`` sets, this aggregator's centre kind) from an N×D sample."""
-        self.set_vocabulary(fit_vocabulary(descriptors, self.k, metadata, niter=niter, seed=seed, sets=self.vocabularies,
-                                           centres=self.centres_kind or DEFAULT_CENTRES))
+        self.set_vocabulary(
+            fit_vocabulary(
+                descriptors,
+                self.k,
+                metadata,
+                niter=niter,
+                seed=seed,
+                sets=self.vocabularies,
+                centres=self.centres_kind or DEFAULT_CENTRES,
+            )
+        )
 
     @property
     def is_fitted(self) -> bool:
@@ -455,7 +522,9 @@ class VLAD(Aggregator):
         sets = self.centre_sets.detach().cpu().numpy()  # already loaded (buffers before extra state)
         voc = Vocabulary(sets[0], meta, sets[1:] if len(sets) > 1 else None)
         if self.centres_kind is not None and voc.kind != self.centres_kind:
-            raise VocabularyMismatchError(f"the state holds {voc.kind} centres, this vlad aggregator wants {self.centres_kind}")
+            raise VocabularyMismatchError(
+                f"the state holds {voc.kind} centres, this vlad aggregator wants {self.centres_kind}"
+            )
         self.vocabulary = voc
 
     # -- encoding ------------------------------------------------------------------------------
@@ -471,20 +540,28 @@ class VLAD(Aggregator):
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         if self.vocabularies == 1:
             return hard_vlad(x, self.centre_sets[0], self.assignments)
-        return torch.cat([hard_vlad(x, c, self.assignments) for c in self.centre_sets], dim=1) / math.sqrt(self.vocabularies)
+        return torch.cat([hard_vlad(x, c, self.assignments) for c in self.centre_sets], dim=1) / math.sqrt(
+            self.vocabularies
+        )
 
     def forward(self, features: DenseFeatures) -> torch.Tensor:
         if self.vocabulary is None:
-            raise ConfigError("this vlad aggregator has no vocabulary yet: call .fit(descriptors) or load_state_dict(...)")
+            raise ConfigError(
+                "this vlad aggregator has no vocabulary yet: call .fit(descriptors) or load_state_dict(...)"
+            )
         flat = features.flat()
         return torch.cat([self._encode(flat[i : i + self.chunk]) for i in range(0, len(flat), self.chunk)])
 
     def identity(self):
         voc = self.vocabulary
-        return {**super().identity(), "k": self.k, "vocabulary": None if voc is None else voc.checksum,
-                **({"centres": voc.kind} if voc is not None and voc.kind != DEFAULT_CENTRES else {}),
-                **({"vocabularies": self.vocabularies} if self.vocabularies > 1 else {}),
-                **({"assignments": self.assignments} if self.assignments > 1 else {})}
+        return {
+            **super().identity(),
+            "k": self.k,
+            "vocabulary": None if voc is None else voc.checksum,
+            **({"centres": voc.kind} if voc is not None and voc.kind != DEFAULT_CENTRES else {}),
+            **({"vocabularies": self.vocabularies} if self.vocabularies > 1 else {}),
+            **({"assignments": self.assignments} if self.assignments > 1 else {}),
+        }
 
 
 AGGREGATORS.register("vlad", VLAD)

@@ -28,7 +28,8 @@ VOCABULARIES_ENV = "VPRKIT_VOCABULARIES"
 
 
 def descriptor_identity(
-    options: AggregationOptions | VocabularyOptions | ExtractionOptions, backbone: Backbone,
+    options: AggregationOptions | VocabularyOptions | ExtractionOptions,
+    backbone: Backbone,
 ) -> dict[str, Any]:
     """What a descriptor depends on (backbone, layer/facet, dim, stride, image spec): vocabularies record it.
 
@@ -49,9 +50,12 @@ def vocabulary_sample(keys: Sequence[str], options: VocabularyOptions) -> tuple[
 
 
 def build_vocabulary(
-    backbone: Backbone, options: VocabularyOptions,
+    backbone: Backbone,
+    options: VocabularyOptions,
     sources: Iterable[ImageSource | tuple[str | os.PathLike, Sequence[str]]],
-    name: str = "map", progress: bool = False, cache: FeatureCache | None = None,
+    name: str = "map",
+    progress: bool = False,
+    cache: FeatureCache | None = None,
 ) -> Vocabulary:
     """Spherical k-means over a bounded sample of local descriptors from one or more image sets.
 
@@ -75,9 +79,15 @@ def build_vocabulary(
                 cache.add(batch, feats)
     if len(sampler.pool) < vc.k:
         raise ConfigError(f"only {len(sampler.pool)} descriptors from {n_images} images: too few for K={vc.k}")
-    meta = {"name": name, "identity": descriptor_identity(options, backbone), "n_images": n_images,
-            "sample_bytes": sampler.nbytes, "descriptors_seen": sampler.seen,
-            "pooled_descriptors": int(len(sampler.pool)), "pool_max_bytes": options.pool_bytes}
+    meta = {
+        "name": name,
+        "identity": descriptor_identity(options, backbone),
+        "n_images": n_images,
+        "sample_bytes": sampler.nbytes,
+        "descriptors_seen": sampler.seen,
+        "pooled_descriptors": int(len(sampler.pool)),
+        "pool_max_bytes": options.pool_bytes,
+    }
     return fit_vocabulary(sampler.pool, vc.k, meta, seed=vc.seed, sets=options.sets, centres=options.centres)
 
 
@@ -96,7 +106,9 @@ def resolve_vocabulary_source(source: str) -> Path | None:
     if source.startswith("domain:"):
         path = domain_vocabulary_dir() / f"{source.split(':', 1)[1]}.npz"
         if not path.exists():
-            raise ConfigError(f"domain vocabulary {source!r} not found at {path}; build it with `vprkit vocab build --domain NAME DATASET…`")
+            raise ConfigError(
+                f"domain vocabulary {source!r} not found at {path}; build it with `vprkit vocab build --domain NAME DATASET…`"
+            )
         return path
     return Path(source)
 

@@ -158,14 +158,17 @@ class Backbone(nn.Module):
         if self.inference_optimised:
             raise ConfigError(
                 f"{self.name} was optimised for inference (BatchNorm folded, parameters frozen); "
-                f"build it with build_backbone(..., trainable=True) to train it")
+                f"build it with build_backbone(..., trainable=True) to train it"
+            )
         units = self._trainable_units()
         if last_blocks is None:
             last_blocks = len(units)
         if not 0 <= int(last_blocks) <= len(units):
-            raise ConfigError(f"{self.name} has {len(units)} trainable blocks; last_blocks={last_blocks} is out of range")
+            raise ConfigError(
+                f"{self.name} has {len(units)} trainable blocks; last_blocks={last_blocks} is out of range"
+            )
         self.requires_grad_(False)
-        for unit in units[len(units) - int(last_blocks):]:
+        for unit in units[len(units) - int(last_blocks) :]:
             for p in unit:
                 p.requires_grad_(True)
         return self
@@ -193,8 +196,10 @@ class Backbone(nn.Module):
 
     def _split(self, last_blocks: int) -> tuple["Backbone", nn.Module]:
         """Subclass hook for :meth:`split` (families without it cannot train from a cached prefix)."""
-        raise ConfigError(f"{self.name} cannot be split into a cached prefix and trainable blocks; "
-                          "train its unfrozen blocks on re-read images instead")
+        raise ConfigError(
+            f"{self.name} cannot be split into a cached prefix and trainable blocks; "
+            "train its unfrozen blocks on re-read images instead"
+        )
 
 
 def unit_parameters(*parts: nn.Module | nn.Parameter | None) -> list[nn.Parameter]:

@@ -178,7 +178,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gel
     """``F.linear`` (optionally followed by exact-erf GELU) on ``…×in`` inputs."""
     if _use_onednn(x, weight):
         flat = x.reshape(-1, x.shape[-1])
-        out = torch.ops.mkldnn._linear_pointwise.default(flat, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
+        out = torch.ops.mkldnn._linear_pointwise.default(
+            flat, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else ""
+        )
         return out.view(*x.shape[:-1], weight.shape[0])
     out = F.linear(x, weight, bias)
     return F.gelu(out) if gelu else out
@@ -463,7 +465,9 @@ def _check_hf_config(folder: Path, cfg: ViTConfig, name: str) -> None:
         raise ConfigError(f"{folder} holds another model than {name}: " + ", ".join(diffs))
 
 
-def read_checkpoint(path: str | os.PathLike, cfg: ViTConfig | None = None, name: str = "dinov2") -> dict[str, torch.Tensor]:
+def read_checkpoint(
+    path: str | os.PathLike, cfg: ViTConfig | None = None, name: str = "dinov2"
+) -> dict[str, torch.Tensor]:
     """Read a hub ``.pth``, an HF ``.bin``/``.safetensors`` file, or an HF model folder → hub layout."""
     p = Path(path).expanduser()
     if p.is_dir():
@@ -647,7 +651,11 @@ class DINOv2(Backbone):
                 f"{self.weights_path or 'checkpoint'} is not a {self.name} checkpoint: {len(missing)} tensors are missing "
                 f"(e.g. {', '.join(missing[:3])})"
             )
-        bad = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if state_dict[k].shape != v.shape]
+        bad = [
+            f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
+            for k, v in own.items()
+            if state_dict[k].shape != v.shape
+        ]
         if bad:
             raise ConfigError(f"{self.weights_path or 'checkpoint'} does not fit {self.name}: " + "; ".join(bad[:3]))
         # Built on the meta device (no storage) the module adopts the tensors; they are copied first so
@@ -719,7 +727,9 @@ def _factory(name: str):
         final_norm: bool = False,
         config: Mapping[str, Any] | None = None,
     ) -> DINOv2:
-        return DINOv2(name, layer=layer, facet=facet, pretrained=pretrained, weights=weights, final_norm=final_norm, config=config)
+        return DINOv2(
+            name, layer=layer, facet=facet, pretrained=pretrained, weights=weights, final_norm=final_norm, config=config
+        )
 
     cfg = model_config(name)
     build.__name__ = name
@@ -734,7 +744,18 @@ for _name in MODEL_NAMES:
     BACKBONES.register(_name, _factory(_name))
 
 __all__ = [
-    "ARCHS", "DINOv2", "FACETS", "MODEL_NAMES", "ViTConfig", "checkpoint_filename", "checkpoint_url",
-    "find_weights", "hf_repo_id", "hf_to_hub", "interpolate_pos_embed", "model_config", "normalise_state_dict",
+    "ARCHS",
+    "DINOv2",
+    "FACETS",
+    "MODEL_NAMES",
+    "ViTConfig",
+    "checkpoint_filename",
+    "checkpoint_url",
+    "find_weights",
+    "hf_repo_id",
+    "hf_to_hub",
+    "interpolate_pos_embed",
+    "model_config",
+    "normalise_state_dict",
     "read_checkpoint",
 ]

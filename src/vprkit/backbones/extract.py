@@ -20,8 +20,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ..device import module_device
-from ..config import (BUDGET_SHARE_DECODE_BUFFER, BUDGET_SHARE_VOCABULARY_POOL, MIB, MIN_MEMORY_BUDGET_MB, Config,
-                      MemoryPlan)
+from ..config import (
+    BUDGET_SHARE_DECODE_BUFFER,
+    BUDGET_SHARE_VOCABULARY_POOL,
+    MIB,
+    MIN_MEMORY_BUDGET_MB,
+    Config,
+    MemoryPlan,
+)
 from ..errors import ConfigError, ImageReadError
 from ..images import Batch, ImageSource, ImageSpec, image_source, iter_batches
 from .base import Backbone, DenseFeatures
@@ -89,7 +95,9 @@ def memory_plan(config: Config, backbone: Backbone) -> MemoryPlan:
     plan = config.memory_plan()
     if plan.budget_bytes is None:
         return plan
-    needs = {"one batch of decoded images": config.batch_size * decoded_image_bytes(config) / BUDGET_SHARE_DECODE_BUFFER}
+    needs = {
+        "one batch of decoded images": config.batch_size * decoded_image_bytes(config) / BUDGET_SHARE_DECODE_BUFFER
+    }
     if config.vocabulary.max_bytes is None:
         needs["one image's patch descriptors"] = image_feature_bytes(config, backbone) / BUDGET_SHARE_VOCABULARY_POOL
     minimum_mb = max(MIN_MEMORY_BUDGET_MB, *(math.ceil(b / MIB) for b in needs.values()))
@@ -117,8 +125,12 @@ def _prefetch_images(options: ExtractionOptions | Config, decode_buffer_bytes: i
 
 # ---- the loop ----------------------------------------------------------------------------------
 def extract(
-    backbone: Backbone, options: ExtractionOptions | Config, images: ImageSource | str | os.PathLike,
-    keys: Sequence[str] | None = None, progress: bool | str = False, on_failure: FailureHandler | None = None,
+    backbone: Backbone,
+    options: ExtractionOptions | Config,
+    images: ImageSource | str | os.PathLike,
+    keys: Sequence[str] | None = None,
+    progress: bool | str = False,
+    on_failure: FailureHandler | None = None,
 ) -> Iterator[tuple[Batch, DenseFeatures]]:
     """Dense features of ``keys`` of ``images`` (a source, or a folder the keys are relative to), batch by batch.
 
@@ -133,12 +145,18 @@ def extract(
         options = ExtractionOptions.from_config(options)
     source = image_source(images, keys)
     keys = source.keys
-    bar = tqdm(total=len(keys), desc=progress if isinstance(progress, str) else "extract", unit="img",
-               disable=not progress, leave=False)
+    bar = tqdm(
+        total=len(keys),
+        desc=progress if isinstance(progress, str) else "extract",
+        unit="img",
+        disable=not progress,
+        leave=False,
+    )
     chunk = _prefetch_images(options, options.decode_buffer_bytes) or max(1, len(keys))
     batches = itertools.chain.from_iterable(
-        iter_batches(source, keys[i : i + chunk], options.image, backbone.size_multiple, options.batch_size,
-                     options.workers)
+        iter_batches(
+            source, keys[i : i + chunk], options.image, backbone.size_multiple, options.batch_size, options.workers
+        )
         for i in range(0, len(keys), chunk)
     )
     device = module_device(backbone)
@@ -175,8 +193,12 @@ class FeatureCache:
         size = feats.patches.numel() * feats.patches.element_size() + pixels.nbytes
         if self.nbytes + size <= self.max_bytes:
             g = None if feats.global_token is None else feats.global_token.cpu()
-            self.batches.append((Batch(batch.keys, pixels, batch.geometries),
-                                 DenseFeatures(feats.patches.cpu(), feats.stride, feats.image_size, g)))
+            self.batches.append(
+                (
+                    Batch(batch.keys, pixels, batch.geometries),
+                    DenseFeatures(feats.patches.cpu(), feats.stride, feats.image_size, g),
+                )
+            )
             self.nbytes += size
 
     def keys(self) -> set[str]:

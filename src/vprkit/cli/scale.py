@@ -40,8 +40,13 @@ def _index_flags(command: Callable[..., Any]) -> Callable[..., Any]:
 
 @click.command("compress")
 @click.argument("map_dir", type=click.Path(path_type=Path))
-@click.option("--index", "factory", required=True, metavar="FACTORY",
-              help='FAISS index factory string, e.g. "PCA1024,OPQ64,IVF1024,PQ64", "PCA256,HNSW32", "PCA512,SQ8".')
+@click.option(
+    "--index",
+    "factory",
+    required=True,
+    metavar="FACTORY",
+    help='FAISS index factory string, e.g. "PCA1024,OPQ64,IVF1024,PQ64", "PCA256,HNSW32", "PCA512,SQ8".',
+)
 @_index_flags
 @click.option("--json", "as_json", is_flag=True, help="Print the index record and footprint as JSON.")
 def map_compress(map_dir: Path, factory: str, as_json: bool, **options: Any) -> None:
@@ -56,13 +61,17 @@ def map_compress(map_dir: Path, factory: str, as_json: bool, **options: Any) -> 
     fp = result["footprint"]
     per = fp["disk_bytes_per_place"]
     trained = result["trained_on"]
-    click.echo(f"map {map_dir}: index {factory} over {result['ntotal']} places "
-               f"(trained on {trained.get('sample', 0)} rows, seed {trained.get('seed', '-')}) "
-               f"in {result['build_seconds']:.1f} s")
+    click.echo(
+        f"map {map_dir}: index {factory} over {result['ntotal']} places "
+        f"(trained on {trained.get('sample', 0)} rows, seed {trained.get('seed', '-')}) "
+        f"in {result['build_seconds']:.1f} s"
+    )
     click.echo(f"  {describe_options(result['options'])}")
-    click.echo(f"  index: {per['index']} bytes/place ({per['index_codes']} of codes), {fp['shards']} file(s); "
-               f"re-score shortlist: {result['options']['rescore'] or 'off'}"
-               + (f" from {per['descriptors']} bytes/place on disk" if per["descriptors"] else ""))
+    click.echo(
+        f"  index: {per['index']} bytes/place ({per['index_codes']} of codes), {fp['shards']} file(s); "
+        f"re-score shortlist: {result['options']['rescore'] or 'off'}"
+        + (f" from {per['descriptors']} bytes/place on disk" if per["descriptors"] else "")
+    )
     click.echo(f"  RAM to serve: {fp['ram_bytes']['total'] / 2**20:.1f} MiB")
 
 

@@ -38,16 +38,41 @@ def _api_key(env: str | None, file: Path | None) -> str | None:
 @click.argument("map_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
-@click.option("--api-key-env", "api_key_env", default=None, metavar="VAR",
-              help="Require the key in environment variable VAR (header X-API-Key) for adding, moving and deleting places.")
-@click.option("--api-key-file", "api_key_file", default=None, metavar="FILE",
-              type=click.Path(exists=True, dir_okay=False, path_type=Path), help="The same, with the key read from FILE.")
-@click.option("--max-upload-mb", "max_upload_mb", default=DEFAULT_MAX_UPLOAD_MB, show_default=True,
-              type=click.FloatRange(min=0, min_open=True), help="Largest request body accepted (larger: 413).")
+@click.option(
+    "--api-key-env",
+    "api_key_env",
+    default=None,
+    metavar="VAR",
+    help="Require the key in environment variable VAR (header X-API-Key) for adding, moving and deleting places.",
+)
+@click.option(
+    "--api-key-file",
+    "api_key_file",
+    default=None,
+    metavar="FILE",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The same, with the key read from FILE.",
+)
+@click.option(
+    "--max-upload-mb",
+    "max_upload_mb",
+    default=DEFAULT_MAX_UPLOAD_MB,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Largest request body accepted (larger: 413).",
+)
 @device_option
 @click.option("--no-access-log", "no_access_log", is_flag=True, help="Do not log every request.")
-def serve(map_dir: Path, host: str, port: int, api_key_env: str | None, api_key_file: Path | None,
-          max_upload_mb: float, device: str | None, no_access_log: bool) -> None:
+def serve(
+    map_dir: Path,
+    host: str,
+    port: int,
+    api_key_env: str | None,
+    api_key_file: Path | None,
+    max_upload_mb: float,
+    device: str | None,
+    no_access_log: bool,
+) -> None:
     """Serve MAP_DIR over HTTP: POST /localize, POST/PATCH/DELETE /places, GET /health, GET /map (docs at /docs).
 
     The model and the map are loaded once; added places are on disk before the answer.
@@ -62,8 +87,16 @@ def serve(map_dir: Path, host: str, port: int, api_key_env: str | None, api_key_
     def ready(url: str) -> None:
         click.echo(f"serving {map_dir} at {url}  (API docs: {url}/docs; writes {'need X-API-Key' if key else 'open'})")
 
-    serve_map(map_dir, host=host, port=port, api_key=key, max_upload_bytes=int(max_upload_mb * BYTES_PER_MB),
-              device=device, access_log=not no_access_log, on_ready=ready)
+    serve_map(
+        map_dir,
+        host=host,
+        port=port,
+        api_key=key,
+        max_upload_bytes=int(max_upload_mb * BYTES_PER_MB),
+        device=device,
+        access_log=not no_access_log,
+        on_ready=ready,
+    )
 
 
 def register(group: click.Group) -> None:

@@ -33,14 +33,22 @@ def train(recipe: Path, fresh: bool, quiet: bool) -> None:
 @click.argument("images", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--dim", type=click.IntRange(1), required=True, help="Output dimension.")
 @click.option("--whiten", is_flag=True, help="Whitened PCA.")
-@click.option("--sample", type=click.IntRange(2), default=2000, show_default=True, help="Images the PCA is fitted on (at most).")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="New checkpoint (default: <stem>-pca<D>[w].ckpt beside CHECKPOINT).")
+@click.option(
+    "--sample", type=click.IntRange(2), default=2000, show_default=True, help="Images the PCA is fitted on (at most)."
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="New checkpoint (default: <stem>-pca<D>[w].ckpt beside CHECKPOINT).",
+)
 def add_pca(checkpoint: Path, images: Path, dim: int, whiten: bool, sample: int, out: Path | None) -> None:
     """Append a PCA / whitening layer fitted on a sample of IMAGES to a trained CHECKPOINT (Patch-NetVLAD's add_pca)."""
     path = pipeline.add_pca(checkpoint, images, dim=dim, whiten=whiten, sample=sample, out=out)
     info = json.loads(Path(path).read_text())
-    click.echo(f"{info['pca']['dim']}-d {'whitened ' if whiten else ''}PCA fitted on {info['pca']['fitted_on']} images → {path}")
+    click.echo(
+        f"{info['pca']['dim']}-d {'whitened ' if whiten else ''}PCA fitted on {info['pca']['fitted_on']} images → {path}"
+    )
 
 
 def register(group: click.Group) -> None:

@@ -21,12 +21,25 @@ def vocab() -> None:
 @click.argument("datasets", nargs=-1, required=True)
 @click.option("--preset", default=DEFAULT_PRESET, show_default=True)
 @click.option("--k", type=click.IntRange(1), default=None, help="Clusters (default: the preset's).")
-@click.option("--max-mb", type=click.IntRange(1), default=None,
-              help="RAM cap for the descriptor sample alone (wins over its --memory-budget share).")
+@click.option(
+    "--max-mb",
+    type=click.IntRange(1),
+    default=None,
+    help="RAM cap for the descriptor sample alone (wins over its --memory-budget share).",
+)
 @memory_budget_option
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write here instead of the vocabularies folder.")
-def build(domain: str, datasets: tuple[str, ...], preset: str, k: int | None, max_mb: int | None,
-          memory_budget: int | None, out: Path | None) -> None:
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=None, help="Write here instead of the vocabularies folder."
+)
+def build(
+    domain: str,
+    datasets: tuple[str, ...],
+    preset: str,
+    k: int | None,
+    max_mb: int | None,
+    memory_budget: int | None,
+    out: Path | None,
+) -> None:
     """Pool sub-sampled database descriptors of DATASETS into one vocabulary."""
     changes = {}
     if k:
@@ -42,8 +55,13 @@ def build(domain: str, datasets: tuple[str, ...], preset: str, k: int | None, ma
 @vocab.command("domains")
 @click.argument("datasets", nargs=-1, required=True)
 @click.option("--preset", default=DEFAULT_PRESET, show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), default=Path("domains.png"), show_default=True,
-              help="Scatter plot PNG (one colour per dataset).")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("domains.png"),
+    show_default=True,
+    help="Scatter plot PNG (one colour per dataset).",
+)
 def domains(datasets: tuple[str, ...], preset: str, out: Path) -> None:
     """Project per-image GeM descriptors with PCA and show how DATASETS cluster into domains."""
     analysis = pipeline.analyse_dataset_domains(list(datasets), preset, plot=out)

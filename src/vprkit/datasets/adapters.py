@@ -47,8 +47,19 @@ import numpy as np
 from ..errors import ConfigError, DatasetError
 from ..images import list_images
 from . import formats  # noqa: F401  (the standard benchmark formats register their layouts on import)
-from .base import (DATASET_ADAPTERS, GROUND_TRUTH_CSV, POSES_CSV, RADIUS_OPTIONS, Dataset, DatasetAdapter, image_keys,
-                   load_utm_folders, ordered_adapters, radius_option, register_adapter)
+from .base import (
+    DATASET_ADAPTERS,
+    GROUND_TRUTH_CSV,
+    POSES_CSV,
+    RADIUS_OPTIONS,
+    Dataset,
+    DatasetAdapter,
+    image_keys,
+    load_utm_folders,
+    ordered_adapters,
+    radius_option,
+    register_adapter,
+)
 from .ground_truth import DEFAULT_FRAME_TOLERANCE, GroundTruth
 from .poses import match_poses, read_poses
 
@@ -103,6 +114,7 @@ COMMON_OPTIONS = ("adapter", "every", "limit", "places", "name")
 
 # --- the built-in layouts -----------------------------------------------------------------------
 
+
 def _unpickled_npy_error(path: Path) -> DatasetError:
     return DatasetError(
         f"{path.parent} has only {VPR_BENCH_PICKLE}, VPR-Bench's pickled ground truth, which vprkit does not "
@@ -114,7 +126,9 @@ def _unpickled_npy_error(path: Path) -> DatasetError:
 
 
 @register_adapter(
-    "vpr-bench", 10, ("tolerance",),
+    "vpr-bench",
+    10,
+    ("tolerance",),
     "ref/ + query/ + ground_truth.csv (VPR-Bench: Corridor, SPED, 17 Places, Gardens Point, St Lucia …); "
     "with only the pickled ground_truth_new.npy, tolerance=N pairs the i-th query with the i-th reference ±N",
     "the CSV list; else frame index ±tolerance (17places: ±15 by default)",
@@ -151,8 +165,13 @@ def _vpr_bench():
     return detect, load
 
 
-@register_adapter("explicit", 20, RADIUS_OPTIONS, "database/ + queries/ + ground_truth.csv or poses.csv",
-                  "the CSV list, else radius 25 m from poses.csv")
+@register_adapter(
+    "explicit",
+    20,
+    RADIUS_OPTIONS,
+    "database/ + queries/ + ground_truth.csv or poses.csv",
+    "the CSV list, else radius 25 m from poses.csv",
+)
 def _explicit():
     def detect(path: Path) -> bool:
         return (
@@ -184,22 +203,34 @@ def _explicit():
                 log.warning("%s", report.message())
                 description = f"{report.n_unmatched_poses} pose row(s) match no image"
             xy = matched.lookup(names)
-            db_xy, q_xy = xy[: len(db)], xy[len(db):]
+            db_xy, q_xy = xy[: len(db)], xy[len(db) :]
         if (path / GROUND_TRUTH_CSV).is_file():
             gt = GroundTruth.from_list(path / GROUND_TRUTH_CSV, q, db, query_prefix="queries", db_prefix="database")
         else:
             gt = GroundTruth.from_radius(q_xy, db_xy, radius)
         return Dataset(
-            path.name, path / "database", db, path / "queries", q, gt, db_xy, q_xy,
-            description=description, layout="explicit",
+            path.name,
+            path / "database",
+            db,
+            path / "queries",
+            q,
+            gt,
+            db_xy,
+            q_xy,
+            description=description,
+            layout="explicit",
         )
 
     return detect, load
 
 
-@register_adapter("utm-filenames", 30, RADIUS_OPTIONS,
-                  "database/ + queries/ with @east@north@…@.jpg names (VPR-methods-evaluation; or none: unlabelled)",
-                  "radius 25 m")
+@register_adapter(
+    "utm-filenames",
+    30,
+    RADIUS_OPTIONS,
+    "database/ + queries/ with @east@north@…@.jpg names (VPR-methods-evaluation; or none: unlabelled)",
+    "radius 25 m",
+)
 def _utm_filenames():
     def detect(path: Path) -> bool:
         return (path / "database").is_dir() and (path / "queries").is_dir()
@@ -231,7 +262,9 @@ def _sequence_folders(path: Path) -> list[Path]:
 
 
 @register_adapter(
-    "sequences", 40, ("queries", "database", "tolerance", "frame_list"),
+    "sequences",
+    40,
+    ("queries", "database", "tolerance", "frame_list"),
     "sub-folders of identically named frames (Nordland full or a partition: spring/summer/fall/winter, "
     "sections as sub-folders; Gardens Point day_left/day_right/night_right); frame_list=FILE keeps the "
     "frames named in FILE (e.g. Patch-NetVLAD's nordland_imageNames_index.txt: the test section)",
@@ -257,9 +290,7 @@ def _sequences():
         names = [f.name for f in _sequence_folders(path)]
         if queries is None or database is None:
             if len(names) != 2:
-                raise ConfigError(
-                    f"{path} has sequences {', '.join(names)}; choose with queries=… and database=…"
-                )
+                raise ConfigError(f"{path} has sequences {', '.join(names)}; choose with queries=… and database=…")
             # Two folders and nothing said: first (alphabetical) is the map, second the queries;
             # with one side given, the other folder is the other side.
             if queries is None and database is None:
@@ -288,12 +319,15 @@ def _sequences():
                 )
             description += f"; {len(q)} frames listed in {Path(frame_list).name}"
         gt = GroundTruth.from_frames(q, db, tolerance=tolerance)
-        return Dataset(path.name, path / database, db, path / queries, q, gt, description=description, layout="sequences")
+        return Dataset(
+            path.name, path / database, db, path / queries, q, gt, description=description, layout="sequences"
+        )
 
     return detect, load
 
 
 # --- entry point ---------------------------------------------------------------------------------
+
 
 def data_root() -> Path:
     """Folder that dataset names are looked up in: ``$VPRKIT_DATA`` or ``./datasets``."""
@@ -317,8 +351,10 @@ def _resolve(spec: str | os.PathLike, root_dir: str | os.PathLike | None = None)
         if candidate.is_dir():
             return candidate, candidate.resolve().name, places
     available = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-    hint = f"available under {root}: {', '.join(available)}" if available else (
-        f"the data root {root.resolve()} {'is empty' if root.is_dir() else 'does not exist'}"
+    hint = (
+        f"available under {root}: {', '.join(available)}"
+        if available
+        else (f"the data root {root.resolve()} {'is empty' if root.is_dir() else 'does not exist'}")
     )
     raise DatasetError(
         f"dataset {text!r} not found: not a folder, and no folder {base!r} under the data root "

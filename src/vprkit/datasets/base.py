@@ -82,7 +82,9 @@ class Dataset:
             query_metadata={k: _take(v, qi) for k, v in self.query_metadata.items()},
             database_metadata={k: _take(v, di) for k, v in self.database_metadata.items()},
             ground_truth_rule=dict(self.ground_truth_rule),
-            description=(self.description + f"; subset every {every}" + (f", first {limit}" if limit else "")).lstrip("; "),
+            description=(self.description + f"; subset every {every}" + (f", first {limit}" if limit else "")).lstrip(
+                "; "
+            ),
             options=dict(self.options),
         )
 
@@ -125,7 +127,11 @@ def format_rule(rule: dict[str, Any]) -> str:
         text = f"list {rule.get('file', '')}".strip()
     else:
         text = kind
-    extra = {k: v for k, v in rule.items() if k not in ("kind", "meters", "max_heading_diff_deg", "tolerance", "match", "file")}
+    extra = {
+        k: v
+        for k, v in rule.items()
+        if k not in ("kind", "meters", "max_heading_diff_deg", "tolerance", "match", "file")
+    }
     return text + (f" ({', '.join(f'{k}: {v}' for k, v in extra.items())})" if extra else "")
 
 
@@ -160,8 +166,9 @@ def register_adapter(name: str, priority: int, options: tuple[str, ...], summary
     return wrap
 
 
-
-def radius_option(positive_dist_threshold: float | None, radius: float | None, default: float = DEFAULT_RADIUS_M) -> float:
+def radius_option(
+    positive_dist_threshold: float | None, radius: float | None, default: float = DEFAULT_RADIUS_M
+) -> float:
     """The positive radius in metres: ``positive_dist_threshold`` (or its older name ``radius``), else ``default``."""
     if positive_dist_threshold is not None and radius is not None and float(positive_dist_threshold) != float(radius):
         raise ConfigError(f"positive_dist_threshold={positive_dist_threshold} and radius={radius} disagree; give one")
@@ -170,7 +177,6 @@ def radius_option(positive_dist_threshold: float | None, radius: float | None, d
     if not value > 0:
         raise ConfigError(f"positive_dist_threshold must be > 0 metres, got {value}")
     return value
-
 
 
 def ordered_adapters() -> list[DatasetAdapter]:
@@ -196,8 +202,14 @@ def load_utm_folders(path: Path, db_dir: Path, q_dir: Path, radius: float, layou
     have = np.concatenate([np.isfinite(db_xy[:, 0]), np.isfinite(q_xy[:, 0])])
     if not have.any():
         return Dataset(
-            path.name, db_dir, db, q_dir, q, None,
-            description="file names carry no coordinates: unlabelled", layout=layout,
+            path.name,
+            db_dir,
+            db,
+            q_dir,
+            q,
+            None,
+            description="file names carry no coordinates: unlabelled",
+            layout=layout,
         )
     if not have.all():
         names = [k for k, ok in zip(db + q, have) if not ok]

@@ -102,7 +102,9 @@ class GroundTruth:
                 raise DatasetError("soft_positives must have one entry per query")
         indptr, indices = self.csr()
         if indices.size and (indices.min() < 0 or indices.max() >= self.n_database):
-            raise DatasetError(f"positive indices must lie in [0, {self.n_database}); got {indices.min()}…{indices.max()}")
+            raise DatasetError(
+                f"positive indices must lie in [0, {self.n_database}); got {indices.min()}…{indices.max()}"
+            )
 
     # --- views --------------------------------------------------------------------------------
     @property
@@ -140,7 +142,9 @@ class GroundTruth:
         m[rows, indices] = True
         return m
 
-    def subset(self, query_indices: Sequence[int] | np.ndarray, db_indices: Sequence[int] | np.ndarray) -> "GroundTruth":
+    def subset(
+        self, query_indices: Sequence[int] | np.ndarray, db_indices: Sequence[int] | np.ndarray
+    ) -> "GroundTruth":
         """Ground truth restricted to some queries and database images, renumbered to the subset.
 
         A positive survives only if its database image is kept, so positives keep their original
@@ -159,8 +163,13 @@ class GroundTruth:
             return out
 
         soft = restrict(self.soft_positives) if self.soft_positives is not None else None
-        return GroundTruth(restrict(self.positives), int(d.size), soft, source=self.source,
-                           rule=dict(self.rule) if self.rule is not None else None)
+        return GroundTruth(
+            restrict(self.positives),
+            int(d.size),
+            soft,
+            source=self.source,
+            rule=dict(self.rule) if self.rule is not None else None,
+        )
 
     def summary(self) -> dict:
         """Counts for reports."""
@@ -184,8 +193,7 @@ class GroundTruth:
         rows, cols = np.nonzero(m.astype(bool))  # row-major, so cols are sorted within each row
         indptr = np.zeros(m.shape[0] + 1, dtype=np.int64)
         np.cumsum(np.bincount(rows, minlength=m.shape[0]), out=indptr[1:])
-        return cls(_split_csr(indptr, cols.astype(np.int64)), int(m.shape[1]), source=source,
-                   rule={"kind": "matrix"})
+        return cls(_split_csr(indptr, cols.astype(np.int64)), int(m.shape[1]), source=source, rule={"kind": "matrix"})
 
     @classmethod
     def from_radius(
@@ -253,7 +261,7 @@ class GroundTruth:
         d = np.asarray(db_latlon, dtype=np.float64).reshape(-1, 2)
         both = np.concatenate([d, q])
         xy, _, _ = latlon_to_utm(both[:, 0], both[:, 1])
-        return cls.from_radius(xy[len(d):], xy[: len(d)], radius, **kwargs)
+        return cls.from_radius(xy[len(d) :], xy[: len(d)], radius, **kwargs)
 
     @classmethod
     def from_frames(
@@ -284,8 +292,12 @@ class GroundTruth:
             np.cumsum(counts, out=indptr[1:])
             # Flat positions lo[q] … hi[q]-1 for every query, without a Python loop.
             flat = np.arange(indptr[-1]) - np.repeat(indptr[:-1] - lo, counts)
-            return cls(_split_csr(indptr, order[flat]), int(d.size), source=f"frame number ±{tolerance}",
-                       rule={"kind": "frames", "tolerance": int(tolerance), "match": "number"})
+            return cls(
+                _split_csr(indptr, order[flat]),
+                int(d.size),
+                source=f"frame number ±{tolerance}",
+                rule={"kind": "frames", "tolerance": int(tolerance), "match": "number"},
+            )
         q_names = [str(x) for x in q.tolist()]
         d_names = [str(x) for x in d.tolist()]
         order = np.argsort(np.asarray(d_names, dtype=object), kind="stable") if d_names else _EMPTY
@@ -298,8 +310,12 @@ class GroundTruth:
         cand = pos[:, None] + offsets[None, :]
         valid = (pos[:, None] >= 0) & (cand >= 0) & (cand < len(d_names))
         positives = [np.sort(order[c[v]]) for c, v in zip(cand, valid)]
-        return cls(positives, len(d_names), source=f"same file name ±{tolerance} file(s)",
-                   rule={"kind": "frames", "tolerance": int(tolerance), "match": "name"})
+        return cls(
+            positives,
+            len(d_names),
+            source=f"same file name ±{tolerance} file(s)",
+            rule={"kind": "frames", "tolerance": int(tolerance), "match": "name"},
+        )
 
     @classmethod
     def from_list(
@@ -344,7 +360,11 @@ class GroundTruth:
         if unknown_q or unknown_d:
             parts = []
             if unknown_q:
-                example = f"{query_prefix}/{query_keys[0]}" if query_prefix and query_keys else (query_keys[0] if query_keys else "")
+                example = (
+                    f"{query_prefix}/{query_keys[0]}"
+                    if query_prefix and query_keys
+                    else (query_keys[0] if query_keys else "")
+                )
                 parts.append(f"unknown query image(s) {_names_for_error(unknown_q)} (names look like {example!r})")
             if unknown_d:
                 example = f"{db_prefix}/{db_keys[0]}" if db_prefix and db_keys else (db_keys[0] if db_keys else "")
@@ -393,7 +413,9 @@ def read_ground_truth_csv(csv_path: str | os.PathLike) -> list[GroundTruthRow]:
             others = [s for s in ",;\t" if s != sep and s in row[0]]
             why = (
                 f"contains {', '.join(_SEPARATOR_WORDS[s] for s in others)} but the header separates columns with "
-                f"{_SEPARATOR_WORDS[sep]} (mixed separators?)" if others else "contains whitespace"
+                f"{_SEPARATOR_WORDS[sep]} (mixed separators?)"
+                if others
+                else "contains whitespace"
             )
             raise DatasetError(
                 f"{path}, line {line}: the query field {row[0].strip()!r} {why}; image names may not contain "

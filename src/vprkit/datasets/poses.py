@@ -102,6 +102,7 @@ FILENAME_HEADING_FIELD = 9
 
 # --- lat/lon → UTM ------------------------------------------------------------------------------
 
+
 def _kruger_alpha(n: float) -> np.ndarray:
     """Krüger's forward-series coefficients α1…α6 for third flattening ``n`` (Karney 2011, eq. 35)."""
     n2, n3, n4, n5, n6 = n**2, n**3, n**4, n**5, n**6
@@ -249,7 +250,8 @@ def utm_to_latlon(xy: np.ndarray, zone: int, northern: bool = True) -> tuple[np.
         sigma = np.sinh(_E * np.arctanh(_E * tau / np.sqrt(1.0 + tau * tau)))
         tau_i = tau * np.sqrt(1.0 + sigma * sigma) - sigma * np.sqrt(1.0 + tau * tau)
         tau = tau + (tau_p - tau_i) / np.sqrt(1.0 + tau_i * tau_i) * (1.0 + (1.0 - e2) * tau * tau) / (
-            (1.0 - e2) * np.sqrt(1.0 + tau * tau))
+            (1.0 - e2) * np.sqrt(1.0 + tau * tau)
+        )
     lat = np.degrees(np.arctan(tau))
     lon = (np.degrees(lam) + central_meridian(zone) + 180.0) % 360.0 - 180.0
     return lat, lon
@@ -262,8 +264,12 @@ EPSG_UTM_SOUTH = 32700
 
 def utm_crs(zone: int, northern: bool) -> dict:
     """The ``map.json`` record of a UTM frame: ``{"kind": "utm", "zone", "hemisphere", "epsg"}``."""
-    return {"kind": "utm", "zone": int(zone), "hemisphere": "N" if northern else "S",
-            "epsg": (EPSG_UTM_NORTH if northern else EPSG_UTM_SOUTH) + int(zone)}
+    return {
+        "kind": "utm",
+        "zone": int(zone),
+        "hemisphere": "N" if northern else "S",
+        "epsg": (EPSG_UTM_NORTH if northern else EPSG_UTM_SOUTH) + int(zone),
+    }
 
 
 LOCAL_CRS = {"kind": "local", "unit": "m"}
@@ -271,8 +277,9 @@ _UTM_SPEC = re.compile(r"utm:?\s*(\d{1,2})\s*([ns])", re.IGNORECASE)
 _EPSG_SPEC = re.compile(r"epsg:\s*(\d+)", re.IGNORECASE)
 
 
-def project_pose(pose: "dict | Sequence[float]", crs: dict | None, allow_local_latlon: bool = False
-                 ) -> tuple[np.ndarray | None, float | None, float | None, dict]:
+def project_pose(
+    pose: "dict | Sequence[float]", crs: dict | None, allow_local_latlon: bool = False
+) -> tuple[np.ndarray | None, float | None, float | None, dict]:
     """One pose in a map's frame: ``(xy or None, heading or None, timestamp or None, frame)``.
 
     ``pose`` is ``(easting, northing)`` or a dict with ``easting``/``northing`` (metres in the map's
@@ -290,7 +297,9 @@ def project_pose(pose: "dict | Sequence[float]", crs: dict | None, allow_local_l
         pose = {"easting": values[0], "northing": values[1]}
     unknown = set(pose) - {"easting", "northing", "lat", "lon", "heading", "timestamp"}
     if unknown:
-        raise DatasetError(f"unknown pose field(s) {sorted(unknown)}; use easting,northing or lat,lon, heading, timestamp")
+        raise DatasetError(
+            f"unknown pose field(s) {sorted(unknown)}; use easting,northing or lat,lon, heading, timestamp"
+        )
     xy = None
     try:
         if ("easting" in pose) != ("northing" in pose) or ("lat" in pose) != ("lon" in pose):
@@ -302,14 +311,23 @@ def project_pose(pose: "dict | Sequence[float]", crs: dict | None, allow_local_l
         elif "lat" in pose:
             utm = frame.get("kind") == "utm"
             if not utm and not allow_local_latlon:
-                raise DatasetError("the map's poses are in local metres: give easting,northing in that frame, not lat/lon")
-            projected, zone, northern = latlon_to_utm([float(pose["lat"])], [float(pose["lon"])],
-                                                      frame["zone"] if utm else None,
-                                                      frame.get("hemisphere", "N") == "N" if utm else None)
+                raise DatasetError(
+                    "the map's poses are in local metres: give easting,northing in that frame, not lat/lon"
+                )
+            projected, zone, northern = latlon_to_utm(
+                [float(pose["lat"])],
+                [float(pose["lon"])],
+                frame["zone"] if utm else None,
+                frame.get("hemisphere", "N") == "N" if utm else None,
+            )
             xy, frame = projected[0], utm_crs(zone, northern)
         heading = None if pose.get("heading") is None else float(pose["heading"])
         stamp = pose.get("timestamp")
-        stamp = None if stamp is None else (float(stamp) if isinstance(stamp, (int, float)) else parse_timestamp(str(stamp)))
+        stamp = (
+            None
+            if stamp is None
+            else (float(stamp) if isinstance(stamp, (int, float)) else parse_timestamp(str(stamp)))
+        )
     except (TypeError, ValueError) as exc:
         raise DatasetError(f"pose {pose!r}: {exc}") from None
     if xy is not None and not np.isfinite(xy).all():
@@ -344,6 +362,7 @@ def parse_crs(spec: str | dict | None) -> dict | None:
 
 
 # --- Poses ---------------------------------------------------------------------------------------
+
 
 @dataclass
 class Poses:
@@ -413,6 +432,7 @@ class Poses:
 
 
 # --- strict CSV reading (shared with ground_truth.py) -------------------------------------------
+
 
 @dataclass(frozen=True)
 class CsvTable:
@@ -519,9 +539,7 @@ def _parse_float(text: str, path: Path, line: int, column: str, allow_empty: boo
             why = "a decimal comma; write a decimal point (12.5, not 12,5)"
         elif text.lower().lstrip("+-") in ("nan", "inf", "infinity"):
             why = "not finite; every value must be a finite number" + ("" if not allow_empty else " or left empty")
-        raise DatasetError(
-            f"{path}, line {line}: column {column!r} has {text!r}, {why}{hint}; fix or remove the row"
-        )
+        raise DatasetError(f"{path}, line {line}: column {column!r} has {text!r}, {why}{hint}; fix or remove the row")
     value = float(text)
     if not math.isfinite(value):
         raise DatasetError(f"{path}, line {line}: column {column!r} is {text!r}, which overflows a 64-bit float")
@@ -625,9 +643,14 @@ def _read_pose_rows(table: CsvTable, cols: dict[str, int | None], metric: bool) 
     xcol, ycol = (cols["easting"], cols["northing"]) if metric else (cols["lat"], cols["lon"])
     xname, yname = ("easting", "northing") if metric else ("lat", "lon")
     n = len(table.rows)
-    rows = _PoseRows([], np.empty(n, dtype=np.int64), np.empty(n), np.empty(n),
-                     np.full(n, np.nan) if cols["heading"] is not None else None,
-                     np.full(n, np.nan) if cols["timestamp"] is not None else None)
+    rows = _PoseRows(
+        [],
+        np.empty(n, dtype=np.int64),
+        np.empty(n),
+        np.empty(n),
+        np.full(n, np.nan) if cols["heading"] is not None else None,
+        np.full(n, np.nan) if cols["timestamp"] is not None else None,
+    )
     first_line: dict[str, int] = {}
     needed = max(c for c in (cols["image"], xcol, ycol) if c is not None) + 1
     for i, (line, row) in enumerate(table.rows):
@@ -635,7 +658,8 @@ def _read_pose_rows(table: CsvTable, cols: dict[str, int | None], metric: bool) 
         hint = (
             f" (the line contains {', '.join(_separator_name(s) for s in others)} but the header separates "
             f"columns with {_separator_name(sep)}: mixed separators?)"
-            if others else ""
+            if others
+            else ""
         )
         if len(row) < needed or len(row) > len(header):
             raise DatasetError(
@@ -693,6 +717,7 @@ def _project_latlon(rows: _PoseRows, path: Path, zone: int | None, northern: boo
 
 
 # --- matching a pose table to image keys ---------------------------------------------------------
+
 
 @dataclass
 class PoseMatchReport:
@@ -811,7 +836,7 @@ def match_poses(
     for row, name in enumerate(poses.keys):
         key = name
         if key not in key_set and prefix and name.startswith(prefix + "/"):
-            key = name[len(prefix) + 1:]
+            key = name[len(prefix) + 1 :]
         if key not in key_set:
             unmatched.append(name)
             continue
@@ -835,7 +860,9 @@ def match_poses(
         hint=_mismatch_hint(unmatched, without, prefix),
     )
     if not matched_keys and keys and len(poses) and not allow_no_match:
-        raise DatasetError(report.message() + ("" if report.hint else ". Check that names are relative to the image folder"))
+        raise DatasetError(
+            report.message() + ("" if report.hint else ". Check that names are relative to the image folder")
+        )
     if not report.complete and log_warnings:
         log.warning("%s", report.message())
     matched = Poses(
@@ -851,6 +878,7 @@ def match_poses(
 
 
 # --- coordinates in file names -------------------------------------------------------------------
+
 
 def parse_utm_filename(name: str) -> tuple[float, float] | None:
     """(easting, northing) from a VPR-methods-evaluation name ``@east@north@…@.jpg``, else None.

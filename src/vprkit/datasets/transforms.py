@@ -94,8 +94,9 @@ def transformed_name(dataset: Dataset, kind: str, amount: float) -> str:
     return f"{dataset.name}+{kind}{amount:g}"
 
 
-def transformed_queries(dataset: Dataset, kind: str, amount: float, out_dir: str | os.PathLike,
-                        progress: bool = False) -> Dataset:
+def transformed_queries(
+    dataset: Dataset, kind: str, amount: float, out_dir: str | os.PathLike, progress: bool = False
+) -> Dataset:
     """``dataset`` with every query transformed by ``kind``/``amount`` (see module docs).
 
     Images are written once into ``out_dir/<name>-v<version>/`` (PNG, atomically) and reused on later
@@ -104,13 +105,16 @@ def transformed_queries(dataset: Dataset, kind: str, amount: float, out_dir: str
     if kind not in QUERY_TRANSFORMS:
         raise ConfigError(f"unknown query transform {kind!r}; available: {', '.join(QUERY_TRANSFORMS.names())}")
     if dataset.ground_truth is None:
-        raise ConfigError(f"{dataset.name}: transformed query sets need a labelled dataset (its ground truth is reused)")
+        raise ConfigError(
+            f"{dataset.name}: transformed query sets need a labelled dataset (its ground truth is reused)"
+        )
     fn = QUERY_TRANSFORMS.get(kind)
     name = transformed_name(dataset, kind, amount)
     folder = Path(out_dir) / f"{name.replace(':', '_').replace('/', '_')}-v{TRANSFORM_VERSION}"
     keys = [str(Path(k).with_suffix(".png")) for k in dataset.query_images]
-    for i, (src, dst) in enumerate(tqdm(list(zip(dataset.query_images, keys)), desc=f"queries {name}",
-                                        disable=not progress, unit="img")):
+    for i, (src, dst) in enumerate(
+        tqdm(list(zip(dataset.query_images, keys)), desc=f"queries {name}", disable=not progress, unit="img")
+    ):
         target = folder / dst
         if target.exists():
             continue
@@ -121,7 +125,10 @@ def transformed_queries(dataset: Dataset, kind: str, amount: float, out_dir: str
             raise OSError(f"could not encode {target}")
         atomic_write_bytes(target, png.tobytes())
     return dataclasses.replace(
-        dataset, name=name, queries_dir=folder, query_images=keys,
+        dataset,
+        name=name,
+        queries_dir=folder,
+        query_images=keys,
         description=(dataset.description + f"; queries {kind} {amount:g}").lstrip("; "),
         options={**dataset.options, "query_transform": {"kind": kind, "amount": float(amount)}},
     )

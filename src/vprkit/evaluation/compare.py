@@ -61,17 +61,27 @@ def _rank(value: Any) -> int | None:
         return None
 
 
-def record_from_summary(summary: Mapping[str, Any], per_query: Sequence[Mapping[str, Any]],
-                        bytes_per_image: Mapping[str, float] | None = None, folder: str | None = None) -> RunRecord:
+def record_from_summary(
+    summary: Mapping[str, Any],
+    per_query: Sequence[Mapping[str, Any]],
+    bytes_per_image: Mapping[str, float] | None = None,
+    folder: str | None = None,
+) -> RunRecord:
     """A :class:`RunRecord` from an evaluation summary and its per-query records (or CSV rows)."""
     timing = summary.get("timing", {})
     b = dict(bytes_per_image or summary.get("bytes_per_image") or {})
     return RunRecord(
-        dataset=str(summary.get("dataset", "?")), preset=str(summary.get("preset", "?")), rerank=summary.get("rerank"),
-        recall=dict(summary.get("recall", {})), ms_per_query=timing.get("ms_per_query"),
+        dataset=str(summary.get("dataset", "?")),
+        preset=str(summary.get("preset", "?")),
+        rerank=summary.get("rerank"),
+        recall=dict(summary.get("recall", {})),
+        ms_per_query=timing.get("ms_per_query"),
         search_ms_per_query=timing.get("search_ms_per_query"),
-        bytes_per_place=b.get("global"), bytes_per_place_total=sum(b.values()) if b else None,
-        first_positive={str(r["query"]): _rank(r.get("first_positive_rank")) for r in per_query}, folder=folder)
+        bytes_per_place=b.get("global"),
+        bytes_per_place_total=sum(b.values()) if b else None,
+        first_positive={str(r["query"]): _rank(r.get("first_positive_rank")) for r in per_query},
+        folder=folder,
+    )
 
 
 def load_run(folder: str | os.PathLike, bytes_per_image: Mapping[str, float] | None = None) -> RunRecord:
@@ -129,8 +139,18 @@ def query_changes(a: RunRecord, b: RunRecord, n: int = 1) -> dict[str, Any]:
             both_right += 1
         else:
             both_wrong += 1
-    return {"dataset": a.dataset, "a": a.label, "b": b.label, "n": n, "common": len(common), "fixed": fixed,
-            "broken": broken, "both_right": both_right, "both_wrong": both_wrong, "net": len(fixed) - len(broken)}
+    return {
+        "dataset": a.dataset,
+        "a": a.label,
+        "b": b.label,
+        "n": n,
+        "common": len(common),
+        "fixed": fixed,
+        "broken": broken,
+        "both_right": both_right,
+        "both_wrong": both_wrong,
+        "net": len(fixed) - len(broken),
+    }
 
 
 def pairwise_changes(runs: Sequence[RunRecord], baseline: str | None = None, n: int = 1) -> list[dict[str, Any]]:
@@ -146,8 +166,9 @@ def pairwise_changes(runs: Sequence[RunRecord], baseline: str | None = None, n: 
     for dataset, rs in by_dataset.items():
         base = next((r for r in rs if r.label == baseline), None) if baseline else rs[0]
         if base is None:
-            raise ConfigError(f"baseline {baseline!r} is not among the methods run on {dataset}: "
-                              f"{[r.label for r in rs]}")
+            raise ConfigError(
+                f"baseline {baseline!r} is not among the methods run on {dataset}: {[r.label for r in rs]}"
+            )
         out += [query_changes(base, r, n) for r in rs if r is not base]
     return out
 
@@ -167,35 +188,62 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | N
     if columns is None:
         columns = list(dict.fromkeys(k for r in rows for k in r))
     esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
-    lines = ["| " + " | ".join(esc(c) for c in columns) + " |",
-             "|" + "|".join("---:" if any(isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool)
-                                          for r in rows) else "---" for c in columns) + "|"]
+    lines = [
+        "| " + " | ".join(esc(c) for c in columns) + " |",
+        "|"
+        + "|".join(
+            "---:"
+            if any(isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool) for r in rows)
+            else "---"
+            for c in columns
+        )
+        + "|",
+    ]
     lines += ["| " + " | ".join(esc(_fmt(r.get(c))) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
 def changes_summary_rows(changes: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    return [{"dataset": c["dataset"], "A": c["a"], "B": c["b"], "N": c["n"], "fixed by B": len(c["fixed"]),
-             "broken by B": len(c["broken"]), "net": c["net"], "both right": c["both_right"],
-             "both wrong": c["both_wrong"]} for c in changes]
+    return [
+        {
+            "dataset": c["dataset"],
+            "A": c["a"],
+            "B": c["b"],
+            "N": c["n"],
+            "fixed by B": len(c["fixed"]),
+            "broken by B": len(c["broken"]),
+            "net": c["net"],
+            "both right": c["both_right"],
+            "both wrong": c["both_wrong"],
+        }
+        for c in changes
+    ]
 
 
 def _changes_markdown(changes: Sequence[Mapping[str, Any]]) -> str:
     parts = []
     for c in changes:
         parts.append(f"### {c['dataset']}: {c['b']} vs {c['a']} (R@{c['n']})\n")
-        parts.append(f"{len(c['fixed'])} fixed, {len(c['broken'])} broken, net {c['net']:+d} of {c['common']} queries.\n")
+        parts.append(
+            f"{len(c['fixed'])} fixed, {len(c['broken'])} broken, net {c['net']:+d} of {c['common']} queries.\n"
+        )
         for kind in ("fixed", "broken"):
             items = c[kind][:MAX_LISTED_CHANGES]
             if items:
-                listed = ", ".join(f"`{i['query']}` ({_fmt(i['rank_a']) or '–'}→{_fmt(i['rank_b']) or '–'})" for i in items)
+                listed = ", ".join(
+                    f"`{i['query']}` ({_fmt(i['rank_a']) or '–'}→{_fmt(i['rank_b']) or '–'})" for i in items
+                )
                 more = f" … and {len(c[kind]) - len(items)} more" if len(c[kind]) > len(items) else ""
                 parts.append(f"- **{kind}** (first positive rank A→B): {listed}{more}\n")
     return "\n".join(parts)
 
 
-def render_markdown(runs: Sequence[RunRecord], changes: Sequence[Mapping[str, Any]], ns: Sequence[int] = COMPARE_NS,
-                    list_queries: bool = True) -> str:
+def render_markdown(
+    runs: Sequence[RunRecord],
+    changes: Sequence[Mapping[str, Any]],
+    ns: Sequence[int] = COMPARE_NS,
+    list_queries: bool = True,
+) -> str:
     """The table, the fixes/breaks counts and (``list_queries``) the queries fixed and broken, as Markdown."""
     text = ["# vprkit comparison\n", markdown_table(comparison_rows(runs, ns)), ""]
     if changes:
@@ -207,10 +255,13 @@ def render_markdown(runs: Sequence[RunRecord], changes: Sequence[Mapping[str, An
 
 def render_html(runs: Sequence[RunRecord], changes: Sequence[Mapping[str, Any]], ns: Sequence[int] = COMPARE_NS) -> str:
     """The comparison as one self-contained HTML page (inline CSS, no scripts or external files)."""
-    parts = ['<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>vprkit comparison</title>'
-             f"<style>{_CSS}</style></head><body><h1>vprkit comparison</h1>",
-             '<section id="table"><h2>Recall@N, bytes per place, time per query</h2>'
-             + table(comparison_rows(runs, ns)) + "</section>"]
+    parts = [
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>vprkit comparison</title>'
+        f"<style>{_CSS}</style></head><body><h1>vprkit comparison</h1>",
+        '<section id="table"><h2>Recall@N, bytes per place, time per query</h2>'
+        + table(comparison_rows(runs, ns))
+        + "</section>",
+    ]
     if changes:
         body = [table(changes_summary_rows(changes))]
         for c in changes:
@@ -219,26 +270,36 @@ def render_html(runs: Sequence[RunRecord], changes: Sequence[Mapping[str, Any]],
                 items = c[kind][:MAX_LISTED_CHANGES]
                 if items:
                     more = f" (first {len(items)} of {len(c[kind])})" if len(c[kind]) > len(items) else ""
-                    body.append(f"<p><b>{kind} by B</b>{_esc(more)}</p>"
-                                + table(items, ["query", "rank_a", "rank_b"]))
-        parts.append('<section id="changes"><h2>Per-query changes against the baseline</h2>' + "".join(body)
-                     + "</section>")
+                    body.append(f"<p><b>{kind} by B</b>{_esc(more)}</p>" + table(items, ["query", "rank_a", "rank_b"]))
+        parts.append(
+            '<section id="changes"><h2>Per-query changes against the baseline</h2>' + "".join(body) + "</section>"
+        )
     parts.append("</body></html>\n")
     return "\n".join(parts)
 
 
-def write_comparison(out: str | os.PathLike, runs: Sequence[RunRecord], changes: Sequence[Mapping[str, Any]],
-                     ns: Sequence[int] = COMPARE_NS) -> list[Path]:
+def write_comparison(
+    out: str | os.PathLike,
+    runs: Sequence[RunRecord],
+    changes: Sequence[Mapping[str, Any]],
+    ns: Sequence[int] = COMPARE_NS,
+) -> list[Path]:
     """``comparison.{md,csv,html,json}`` and ``changes.csv`` (one row per changed query) in ``out``, atomically."""
     out = Path(out)
     rows = comparison_rows(runs, ns)
-    change_rows = [{"dataset": c["dataset"], "a": c["a"], "b": c["b"], "n": c["n"], "change": kind, **item}
-                   for c in changes for kind in ("fixed", "broken") for item in c[kind]]
+    change_rows = [
+        {"dataset": c["dataset"], "a": c["a"], "b": c["b"], "n": c["n"], "change": kind, **item}
+        for c in changes
+        for kind in ("fixed", "broken")
+        for item in c[kind]
+    ]
     return [
         atomic_write_text(out / TABLE_MD, render_markdown(runs, changes, ns)),
         write_csv(rows, out / TABLE_CSV),
         atomic_write_text(out / TABLE_HTML, render_html(runs, changes, ns)),
         write_csv(change_rows, out / CHANGES_CSV, ["dataset", "a", "b", "n", "change", "query", "rank_a", "rank_b"]),
-        write_json({"runs": [dict(r, folder=run.folder) for r, run in zip(rows, runs)], "changes": list(changes)},
-                   out / COMPARISON_JSON),
+        write_json(
+            {"runs": [dict(r, folder=run.folder) for r, run in zip(rows, runs)], "changes": list(changes)},
+            out / COMPARISON_JSON,
+        ),
     ]

@@ -36,8 +36,13 @@ TITLE_H = 20
 FONT_SIZE = 11
 TITLE_FONT_SIZE = 13
 BACKGROUND = (255, 255, 255)
-COLOURS = {"query": (49, 104, 181), "truth": (118, 42, 131), True: (26, 152, 80), False: (215, 48, 39),
-           None: (150, 150, 150)}
+COLOURS = {
+    "query": (49, 104, 181),
+    "truth": (118, 42, 131),
+    True: (26, 152, 80),
+    False: (215, 48, 39),
+    None: (150, 150, 150),
+}
 DEFAULT_WORST = 20
 DEFAULT_BEST = 10
 GALLERY_DIR = "predictions"
@@ -58,8 +63,13 @@ class GalleryEntry:
     file: str = ""  # relative to the run folder, once written
 
 
-def gallery_order(first_rank: np.ndarray, top1_score: np.ndarray, n_worst: int = DEFAULT_WORST,
-                  n_best: int = DEFAULT_BEST, evaluated: np.ndarray | None = None) -> tuple[list[int], list[int]]:
+def gallery_order(
+    first_rank: np.ndarray,
+    top1_score: np.ndarray,
+    n_worst: int = DEFAULT_WORST,
+    n_best: int = DEFAULT_BEST,
+    evaluated: np.ndarray | None = None,
+) -> tuple[list[int], list[int]]:
     """Query indices of the worst and of the best queries, in display order.
 
     ``first_rank``: 0-based rank of each query's first positive, −1 when none is in the list.
@@ -151,15 +161,23 @@ def draw_prediction_row(
         img, readable = _load(path, thumb)
         canvas.paste(img, (x0 + BORDER + (tw - img.width) // 2, y0 + BORDER + (th - img.height) // 2))
         if not readable:
-            draw.text((x0 + BORDER + 4, y0 + BORDER + 4), "unreadable" if path is not None else "no image",
-                      fill=(60, 60, 60), font=font)
+            draw.text(
+                (x0 + BORDER + 4, y0 + BORDER + 4),
+                "unreadable" if path is not None else "no image",
+                fill=(60, 60, 60),
+                font=font,
+            )
         lines = caption.split("\n")
         if status not in ("query", "truth"):
             verdict = {True: "correct", False: "wrong", None: "unlabelled"}[status]
             lines = [f"{lines[0]}  {verdict}"] + lines[1:]
         for j, line in enumerate(lines[:CAPTION_LINES]):
-            draw.text((x0, y0 + tile_h + 2 + j * LINE_H), _fit(line, draw, font, tile_w),
-                      fill=colour if (j == 0 and status != "query") else (40, 40, 40), font=font)
+            draw.text(
+                (x0, y0 + tile_h + 2 + j * LINE_H),
+                _fit(line, draw, font, tile_w),
+                fill=colour if (j == 0 and status != "query") else (40, 40, 40),
+                font=font,
+            )
     return canvas
 
 
@@ -209,7 +227,9 @@ def build_galleries(
         for pos, q in enumerate(order, 1):
             fr = int(first_rank[q])
             found = f"first positive at rank {fr + 1}" if fr >= 0 else f"no positive in the top {ranked.shape[1]}"
-            title = f"{kind} {pos}/{len(order)}: query {query_keys[q]} - {found}"  # ASCII: the default font has no dashes
+            title = (
+                f"{kind} {pos}/{len(order)}: query {query_keys[q]} - {found}"  # ASCII: the default font has no dashes
+            )
             preds = []
             for k in range(n_predictions):
                 row = int(ranked[q, k])
@@ -217,17 +237,24 @@ def build_galleries(
                     preds.append((None, f"#{k + 1}\n(empty)", None))
                     continue
                 ok = None if correct is None else bool(correct[q, k])
-                preds.append((ddir / database_keys[row] if ddir else None,
-                              f"#{k + 1}  {scores[q, k]:.3f}\n{database_keys[row]}", ok))
+                preds.append(
+                    (
+                        ddir / database_keys[row] if ddir else None,
+                        f"#{k + 1}  {scores[q, k]:.3f}\n{database_keys[row]}",
+                        ok,
+                    )
+                )
             truth = None
             if positives is not None and not (0 <= fr < n_predictions) and len(positives[q]):
                 row = int(ranked[q, fr]) if fr >= 0 else int(positives[q][len(positives[q]) // 2])
                 where = f"true match (#{fr + 1})" if fr >= 0 else "true match"
                 truth = (ddir / database_keys[row] if ddir else None, f"{where}\n{database_keys[row]}")
-            image = draw_prediction_row(qdir / query_keys[q] if qdir else None, f"query\n{query_keys[q]}", preds,
-                                        title, thumb, truth)
-            entries.append(GalleryEntry(kind, pos, q, query_keys[q], fr + 1 if fr >= 0 else None,
-                                        float(top1[q]), _png(image)))
+            image = draw_prediction_row(
+                qdir / query_keys[q] if qdir else None, f"query\n{query_keys[q]}", preds, title, thumb, truth
+            )
+            entries.append(
+                GalleryEntry(kind, pos, q, query_keys[q], fr + 1 if fr >= 0 else None, float(top1[q]), _png(image))
+            )
     return entries
 
 
@@ -245,8 +272,18 @@ def write_galleries(out: str | os.PathLike, entries: Sequence[GalleryEntry]) -> 
             fh.write(e.png)
         e.file = path.relative_to(out).as_posix()
         written.append(path)
-    rows = [{"kind": e.kind, "position": e.position, "query": e.query, "first_positive_rank": e.first_positive_rank,
-             "top1_score": e.top1_score, "file": e.file} for e in entries]
-    written.append(write_csv(rows, folder / INDEX_FILE,
-                             ["kind", "position", "query", "first_positive_rank", "top1_score", "file"]))
+    rows = [
+        {
+            "kind": e.kind,
+            "position": e.position,
+            "query": e.query,
+            "first_positive_rank": e.first_positive_rank,
+            "top1_score": e.top1_score,
+            "file": e.file,
+        }
+        for e in entries
+    ]
+    written.append(
+        write_csv(rows, folder / INDEX_FILE, ["kind", "position", "query", "first_positive_rank", "top1_score", "file"])
+    )
     return written

@@ -16,8 +16,18 @@ import math
 from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping, Sequence
 
-SECTION_IDS = ("results", "recall-curve", "pr-curve", "galleries", "per-query", "ground-truth", "timing",
-               "settings", "environment", "software")
+SECTION_IDS = (
+    "results",
+    "recall-curve",
+    "pr-curve",
+    "galleries",
+    "per-query",
+    "ground-truth",
+    "timing",
+    "settings",
+    "environment",
+    "software",
+)
 MAX_PER_QUERY_ROWS = 500
 MAX_HTML_GALLERY = {"worst": 10, "best": 5}
 
@@ -61,8 +71,9 @@ def _is_num(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None,
-          row_class: Sequence[str] | None = None) -> str:
+def table(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, row_class: Sequence[str] | None = None
+) -> str:
     """An HTML table (escaped) from dict rows; numbers right-aligned."""
     if columns is None:
         seen: dict[str, None] = {}
@@ -75,7 +86,8 @@ def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = Non
         cls = f' class="{_esc(row_class[i])}"' if row_class and row_class[i] else ""
         cells = "".join(
             f'<td class="num">{_esc(_fmt(r.get(c)))}</td>' if _is_num(r.get(c)) else f"<td>{_esc(_fmt(r.get(c)))}</td>"
-            for c in columns)
+            for c in columns
+        )
         body.append(f"<tr{cls}>{cells}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
@@ -134,12 +146,14 @@ def _head(summary: Mapping[str, Any]) -> list[str]:
     title = f"vprkit evaluation — {summary.get('dataset', '?')} · {summary.get('preset', '?')}"
     if summary.get("rerank"):
         title += f" + rerank {summary['rerank']}"
-    return [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-            f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>",
-            f"<h1>{_esc(title)}</h1>",
-            f"<p class=\"muted\">generated {datetime.now(timezone.utc).isoformat(timespec='seconds')} by vprkit "
-            f"{_esc(summary.get('software', {}).get('vprkit', ''))}</p>"]
+    return [
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{_esc(title)}</h1>",
+        f'<p class="muted">generated {datetime.now(timezone.utc).isoformat(timespec="seconds")} by vprkit '
+        f"{_esc(summary.get('software', {}).get('vprkit', ''))}</p>",
+    ]
 
 
 def _results_section(summary: Mapping[str, Any]) -> str:
@@ -149,40 +163,61 @@ def _results_section(summary: Mapping[str, Any]) -> str:
     recall_row = {f"R@{n}": rec.get(f"R@{n}") for n in ns}
     counts = summary.get("counts", {})
     pr = summary.get("precision_recall") or {}
-    body = ['<p class="big">' + " &nbsp; ".join(f"R@{n} {_esc(_fmt(rec.get(f'R@{n}')))}" for n in ns) + "</p>",
-            table([recall_row], [f"R@{n}" for n in ns])]
-    info = {"queries": counts.get("queries"), "database images": counts.get("database"),
-            "queries evaluated": rec.get("n_evaluated"), "queries without positive": rec.get("n_no_positive"),
-            "no-positive policy": rec.get("no_positive_policy"), "unreadable queries": counts.get("queries_unreadable"),
-            "ranking length K": rec.get("k")}
+    body = [
+        '<p class="big">' + " &nbsp; ".join(f"R@{n} {_esc(_fmt(rec.get(f'R@{n}')))}" for n in ns) + "</p>",
+        table([recall_row], [f"R@{n}" for n in ns]),
+    ]
+    info = {
+        "queries": counts.get("queries"),
+        "database images": counts.get("database"),
+        "queries evaluated": rec.get("n_evaluated"),
+        "queries without positive": rec.get("n_no_positive"),
+        "no-positive policy": rec.get("no_positive_policy"),
+        "unreadable queries": counts.get("queries_unreadable"),
+        "ranking length K": rec.get("k"),
+    }
     if pr:
         info["precision–recall AUC (top-1)"] = pr.get("auc")
         info["recall at 100 % precision"] = pr.get("recall_at_100_precision")
     body.append(key_value(info, "what", "value"))
     if rec.get("truncated_ns"):
-        body.append(f"<p class=\"muted\">N larger than the ranking length: {_esc(rec['truncated_ns'])}</p>")
+        body.append(f'<p class="muted">N larger than the ranking length: {_esc(rec["truncated_ns"])}</p>')
     return _section("results", "Results", "\n".join(body))
 
 
 def _curve_sections(recall_png: bytes | None, pr_png: bytes | None) -> list[str]:
     """``recall-curve`` and ``pr-curve``: the figures, or why there is none."""
-    return [_section("recall-curve", "Recall@N curve",
-                     figure(recall_png, "Recall@N curve", "Recall@N for N = 1 … K") if recall_png
-                     else "<p>not available</p>"),
-            _section("pr-curve", "Precision–recall (top-1 acceptance by score)",
-                     figure(pr_png, "precision–recall curve",
-                            "accept a query's top-1 when its score passes a threshold; sweep the threshold")
-                     if pr_png else "<p>not applicable to this run (no finite top-1 scores)</p>")]
+    return [
+        _section(
+            "recall-curve",
+            "Recall@N curve",
+            figure(recall_png, "Recall@N curve", "Recall@N for N = 1 … K") if recall_png else "<p>not available</p>",
+        ),
+        _section(
+            "pr-curve",
+            "Precision–recall (top-1 acceptance by score)",
+            figure(
+                pr_png,
+                "precision–recall curve",
+                "accept a query's top-1 when its score passes a threshold; sweep the threshold",
+            )
+            if pr_png
+            else "<p>not applicable to this run (no finite top-1 scores)</p>",
+        ),
+    ]
 
 
 def _galleries_section(entries: Sequence[Any]) -> str:
     """``galleries``: the worst, then the best queries (capped by :data:`MAX_HTML_GALLERY`), or how to draw them."""
     if not entries:
-        return _section("galleries", "Prediction galleries",
-                        "<p>not drawn (run with <code>--save-predictions N</code>)</p>")
-    gbody = ['<p class="muted">each row: the query (blue frame), then its top predictions — '
-             'green frame = correct, red = wrong; after a gap, purple: a true match the query should have found. '
-             'Worst queries first.</p>']
+        return _section(
+            "galleries", "Prediction galleries", "<p>not drawn (run with <code>--save-predictions N</code>)</p>"
+        )
+    gbody = [
+        '<p class="muted">each row: the query (blue frame), then its top predictions — '
+        "green frame = correct, red = wrong; after a gap, purple: a true match the query should have found. "
+        "Worst queries first.</p>"
+    ]
     for kind, heading in (("worst", "Worst queries"), ("best", "Best queries")):
         chosen = [e for e in entries if e.kind == kind][: MAX_HTML_GALLERY[kind]]
         total = sum(e.kind == kind for e in entries)
@@ -190,8 +225,12 @@ def _galleries_section(entries: Sequence[Any]) -> str:
             continue
         more = f" (first {len(chosen)} of {total}; all in predictions/)" if total > len(chosen) else ""
         gbody.append(f'<h3 id="gallery-{kind}">{_esc(heading)}{_esc(more)}</h3>')
-        gbody += [f'<div class="gallery-row" data-kind="{kind}" data-query="{_esc(e.query)}">'
-                  + figure(e.png, f"{kind} {e.position}: {e.query}") + "</div>" for e in chosen]
+        gbody += [
+            f'<div class="gallery-row" data-kind="{kind}" data-query="{_esc(e.query)}">'
+            + figure(e.png, f"{kind} {e.position}: {e.query}")
+            + "</div>"
+            for e in chosen
+        ]
     return _section("galleries", "Prediction galleries", "\n".join(gbody))
 
 
@@ -199,8 +238,10 @@ def _per_query_section(per_query: Sequence[Mapping[str, Any]], columns: Sequence
     """``per-query``: the first :data:`MAX_PER_QUERY_ROWS` rows (worst first), right and wrong ones marked."""
     shown = list(per_query)[:MAX_PER_QUERY_ROWS]
     classes = ["right" if r.get("correct") else ("wrong" if r.get("correct") is False else "") for r in shown]
-    note = (f'<p class="muted">{len(shown)} of {len(per_query)} queries, worst first; all in per_query.csv '
-            f'and top-N in topn.csv</p>')
+    note = (
+        f'<p class="muted">{len(shown)} of {len(per_query)} queries, worst first; all in per_query.csv '
+        f"and top-N in topn.csv</p>"
+    )
     return _section("per-query", "Per-query results", note + table(shown, columns, classes))
 
 
@@ -210,14 +251,26 @@ def _run_sections(summary: Mapping[str, Any]) -> list[str]:
     timing = dict(summary.get("timing", {}))
     if "peak_rss_mb" in summary:
         timing["peak_rss_mb"] = summary["peak_rss_mb"]
-    settings = {"dataset": summary.get("dataset"), "preset": summary.get("preset"), "rerank": summary.get("rerank"),
-                "save_predictions": summary.get("save_predictions")}
+    settings = {
+        "dataset": summary.get("dataset"),
+        "preset": summary.get("preset"),
+        "rerank": summary.get("rerank"),
+        "save_predictions": summary.get("save_predictions"),
+    }
     env = summary.get("environment") or {}
-    return [_section("ground-truth", "Ground truth", key_value(gt, "what", "value") if gt else "<p>unknown</p>"),
-            _section("timing", "Timing and memory", key_value(timing, "measure", "value")),
-            _section("settings", "Settings",
-                     key_value(settings, "setting", "value")
-                     + table(flatten(summary.get("config", {}), "config."), ["setting", "value"])),
-            _section("environment", "Environment variables that change results",
-                     key_value(env, "variable", "value") if env else "<p>none set</p>"),
-            _section("software", "Software", key_value(summary.get("software", {}), "package", "version"))]
+    return [
+        _section("ground-truth", "Ground truth", key_value(gt, "what", "value") if gt else "<p>unknown</p>"),
+        _section("timing", "Timing and memory", key_value(timing, "measure", "value")),
+        _section(
+            "settings",
+            "Settings",
+            key_value(settings, "setting", "value")
+            + table(flatten(summary.get("config", {}), "config."), ["setting", "value"]),
+        ),
+        _section(
+            "environment",
+            "Environment variables that change results",
+            key_value(env, "variable", "value") if env else "<p>none set</p>",
+        ),
+        _section("software", "Software", key_value(summary.get("software", {}), "package", "version")),
+    ]

@@ -45,8 +45,9 @@ def earlier_mask(n: int, exclude_recent: int) -> np.ndarray:
     return i[None, :] < (i[:, None] - int(exclude_recent))
 
 
-def truth_from_positions(positions: np.ndarray, radius: float = DEFAULT_LOOP_RADIUS_M,
-                         exclude_recent: int = 0) -> np.ndarray:
+def truth_from_positions(
+    positions: np.ndarray, radius: float = DEFAULT_LOOP_RADIUS_M, exclude_recent: int = 0
+) -> np.ndarray:
     """n×n boolean: earlier frames outside the window within ``radius`` metres (KD-tree, sparse)."""
     p = np.asarray(positions, dtype=np.float64)
     if p.ndim != 2 or p.shape[1] != 2:
@@ -83,8 +84,10 @@ def read_truth_matrix(path: str | os.PathLike, n: int, exclude_recent: int = 0) 
     except ValueError as exc:
         raise DatasetError(f"{path}: not a numeric matrix ({exc})") from None
     if m.shape != (n, n):
-        raise DatasetError(f"{path}: ground-truth matrix is {m.shape[0]}×{m.shape[1] if m.ndim > 1 else 1}, "
-                           f"the sequence has {n} frames")
+        raise DatasetError(
+            f"{path}: ground-truth matrix is {m.shape[0]}×{m.shape[1] if m.ndim > 1 else 1}, "
+            f"the sequence has {n} frames"
+        )
     b = np.asarray(m) != 0
     return (b | b.T) & earlier_mask(n, exclude_recent)
 
@@ -144,14 +147,21 @@ def loop_precision_recall(candidates: LoopCandidates, truth: np.ndarray) -> dict
     if n_with_loop == 0:
         raise DatasetError("the ground truth has no loop (no frame revisits an earlier place outside the window)")
     if not has.any():
-        return {**result, "precision": np.zeros(0), "recall": np.zeros(0), "thresholds": np.zeros(0),
-                "auc": 0.0, "recall_at_100_precision": 0.0}
+        return {
+            **result,
+            "precision": np.zeros(0),
+            "recall": np.zeros(0),
+            "thresholds": np.zeros(0),
+            "auc": 0.0,
+            "recall_at_100_precision": 0.0,
+        }
     pr = precision_recall(candidates.score[has], correct[has], n_relevant=n_with_loop)
     return {**pr, **result}
 
 
-def write_candidates_csv(path: str | os.PathLike, keys: Sequence[str], candidates: LoopCandidates,
-                         correct: np.ndarray | None = None) -> Path:
+def write_candidates_csv(
+    path: str | os.PathLike, keys: Sequence[str], candidates: LoopCandidates, correct: np.ndarray | None = None
+) -> Path:
     """``loops.csv``: one row per frame with a candidate, best score first (atomic)."""
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -177,7 +187,9 @@ def summary_dict(pr: dict[str, Any]) -> dict[str, Any]:
         "n_frames": int(pr["n_frames"]),
         "n_with_loop": int(pr["n_with_loop"]),
         "n_correct_top1": int(np.asarray(pr["correct"]).sum()),
-        "curve": {"precision": np.round(np.asarray(pr["precision"], float), 6).tolist(),
-                  "recall": np.round(np.asarray(pr["recall"], float), 6).tolist(),
-                  "thresholds": np.round(np.asarray(pr["thresholds"], float), 6).tolist()},
+        "curve": {
+            "precision": np.round(np.asarray(pr["precision"], float), 6).tolist(),
+            "recall": np.round(np.asarray(pr["recall"], float), 6).tolist(),
+            "thresholds": np.round(np.asarray(pr["thresholds"], float), 6).tolist(),
+        },
     }

@@ -181,7 +181,11 @@ def query_records(
     if len(query_keys) != r.shape[0]:
         raise ConfigError(f"{len(query_keys)} query keys but {r.shape[0]} rankings")
     top1 = r[:, 0] if r.shape[1] else np.full(r.shape[0], EMPTY_SLOT)
-    sc = np.full(r.shape[0], np.nan) if scores is None else np.asarray(scores, dtype=np.float64).reshape(r.shape[0], -1)[:, 0]
+    sc = (
+        np.full(r.shape[0], np.nan)
+        if scores is None
+        else np.asarray(scores, dtype=np.float64).reshape(r.shape[0], -1)[:, 0]
+    )
     if gt is not None:
         first = first_positive_rank(r, gt)
         n_pos = gt.n_positives

@@ -43,8 +43,11 @@ def save_png(data: bytes, path: str | os.PathLike) -> Path:
     return atomic_write_bytes(path, data)
 
 
-def recall_curve_png(curves: Mapping[str, Sequence[float]] | Sequence[float], title: str = "Recall@N",
-                     marks: Sequence[int] = (1, 5, 10, 20)) -> bytes:
+def recall_curve_png(
+    curves: Mapping[str, Sequence[float]] | Sequence[float],
+    title: str = "Recall@N",
+    marks: Sequence[int] = (1, 5, 10, 20),
+) -> bytes:
     """Recall@N against N = 1 … K for one curve (a sequence) or several (``{label: curve}``).
 
     ``marks`` are the N whose values are annotated on the first curve.
@@ -62,8 +65,14 @@ def recall_curve_png(curves: Mapping[str, Sequence[float]] | Sequence[float], ti
         if i == 0:
             for n in marks:
                 if 1 <= n <= len(y):
-                    ax.annotate(f"{y[n - 1]:.3f}", (n, y[n - 1]), textcoords="offset points", xytext=(0, -12),
-                                ha="center", fontsize=8)
+                    ax.annotate(
+                        f"{y[n - 1]:.3f}",
+                        (n, y[n - 1]),
+                        textcoords="offset points",
+                        xytext=(0, -12),
+                        ha="center",
+                        fontsize=8,
+                    )
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -87,8 +96,11 @@ def pr_curve_png(curves: Mapping[str, Mapping[str, Any]] | Mapping[str, Any], ti
     ax = fig.add_subplot(1, 1, 1)
     for label, res in curves.items():
         auc = res.get("auc")
-        name = f"{label} (AUC {auc:.3f})" if label and auc is not None else (
-            f"AUC {auc:.3f}" if auc is not None else (label or None))
+        name = (
+            f"{label} (AUC {auc:.3f})"
+            if label and auc is not None
+            else (f"AUC {auc:.3f}" if auc is not None else (label or None))
+        )
         recall = np.r_[0.0, np.asarray(res["recall"], dtype=float)]
         precision = np.r_[1.0, np.asarray(res["precision"], dtype=float)]
         ax.step(recall, precision, where="post", label=name)

@@ -138,7 +138,9 @@ def write_json(summary: Mapping[str, Any], path: str | os.PathLike) -> Path:
     return atomic_write_text(path, json.dumps(_jsonable(summary), indent=2, ensure_ascii=False) + "\n")
 
 
-def write_csv(records: Sequence[Mapping[str, Any]], path: str | os.PathLike, columns: Sequence[str] | None = None) -> Path:
+def write_csv(
+    records: Sequence[Mapping[str, Any]], path: str | os.PathLike, columns: Sequence[str] | None = None
+) -> Path:
     """Write rows as CSV, atomically. Columns: ``columns`` or every key in order of first appearance.
 
     None and NaN become empty cells.
@@ -182,14 +184,16 @@ def format_table(
     cells = [[_cell(r.get(c), float_format) for c in columns] for r in rows]
     widths = [max([len(str(c))] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
     numeric = [
-        all(isinstance(r.get(c), (int, float, np.number)) and not isinstance(r.get(c), bool) for r in rows if r.get(c) is not None)
+        all(
+            isinstance(r.get(c), (int, float, np.number)) and not isinstance(r.get(c), bool)
+            for r in rows
+            if r.get(c) is not None
+        )
         for c in columns
     ]
 
     def line(values: Iterable[str], header: bool = False) -> str:
-        parts = [
-            v.rjust(w) if (num and not header) else v.ljust(w) for v, w, num in zip(values, widths, numeric)
-        ]
+        parts = [v.rjust(w) if (num and not header) else v.ljust(w) for v, w, num in zip(values, widths, numeric)]
         return "  ".join(parts).rstrip()
 
     out = [line([str(c) for c in columns], header=True), "  ".join("-" * w for w in widths)]

@@ -66,7 +66,9 @@ class Rankings:
     def fail(self, key: str, message: str) -> None:
         self.failed[key] = message
 
-    def recall(self, ground_truth: GroundTruth, ns: Sequence[int] = RECALL_NS, no_positive: str = "fail") -> dict[str, Any]:
+    def recall(
+        self, ground_truth: GroundTruth, ns: Sequence[int] = RECALL_NS, no_positive: str = "fail"
+    ) -> dict[str, Any]:
         return recall_at_n(self.ranked, ground_truth, ns=ns, no_positive=no_positive)
 
     def records(self, ground_truth: GroundTruth) -> list[dict[str, Any]]:
@@ -85,8 +87,15 @@ class Rankings:
                 d = int(self.ranked[q, r])
                 if d < 0:
                     continue
-                rows.append({"query": key, "rank": r + 1, "database": self.database_keys[d],
-                             "score": float(self.scores[q, r]), "correct": None if hits is None else bool(hits[q, r])})
+                rows.append(
+                    {
+                        "query": key,
+                        "rank": r + 1,
+                        "database": self.database_keys[d],
+                        "score": float(self.scores[q, r]),
+                        "correct": None if hits is None else bool(hits[q, r]),
+                    }
+                )
         return rows
 
 
@@ -110,8 +119,13 @@ def _rule_text(rule: Any) -> str:
     return str(rule)
 
 
-def describe_run(summary: dict[str, Any], rankings: Rankings, ground_truth: GroundTruth, dataset: Any = None,
-                 save_predictions: int = 0) -> dict[str, Any]:
+def describe_run(
+    summary: dict[str, Any],
+    rankings: Rankings,
+    ground_truth: GroundTruth,
+    dataset: Any = None,
+    save_predictions: int = 0,
+) -> dict[str, Any]:
     """What ``write_run`` adds to the composer's summary: software versions, the ground-truth rule and
     counts, the Recall@N curve (N = 1 … K) and the precision–recall summary of the top-1 matches."""
     policy = summary.get("recall", {}).get("no_positive_policy", "fail")
@@ -122,10 +136,15 @@ def describe_run(summary: dict[str, Any], rankings: Rankings, ground_truth: Grou
         "software": software_versions(),
         "ground_truth": {**ground_truth.summary(), "rule": rule, "rule_text": _rule_text(rule)},
         "recall_curve": [round(float(v), 6) for v in curve],
-        "precision_recall": None if pr is None else {
-            "auc": pr["auc"], "recall_at_100_precision": pr["recall_at_100_precision"],
-            "n_queries_scored": pr["n_queries"], "n_relevant": pr["n_relevant"],
-            "acceptance": "top-1 accepted when its score passes a threshold"},
+        "precision_recall": None
+        if pr is None
+        else {
+            "auc": pr["auc"],
+            "recall_at_100_precision": pr["recall_at_100_precision"],
+            "n_queries_scored": pr["n_queries"],
+            "n_relevant": pr["n_relevant"],
+            "acceptance": "top-1 accepted when its score passes a threshold",
+        },
         "save_predictions": int(save_predictions),
     }
     if dataset is not None:
@@ -143,9 +162,17 @@ def _display_order(rankings: Rankings, ground_truth: GroundTruth, policy: str) -
     return worst + best[::-1] + [i for i in range(n) if i not in seen]
 
 
-def write_run(out: str | os.PathLike, summary: dict[str, Any], rankings: Rankings, ground_truth: GroundTruth, *,
-              dataset: Any = None, save_predictions: int = 0, report: bool = True,
-              log: Any = None) -> list[Path]:
+def write_run(
+    out: str | os.PathLike,
+    summary: dict[str, Any],
+    rankings: Rankings,
+    ground_truth: GroundTruth,
+    *,
+    dataset: Any = None,
+    save_predictions: int = 0,
+    report: bool = True,
+    log: Any = None,
+) -> list[Path]:
     """Write the files of ``eval --out`` (see the module docstring) into ``out``; returns their paths.
 
     ``summary`` is completed in place with :func:`describe_run`'s fields and the list of files.
@@ -157,11 +184,14 @@ def write_run(out: str | os.PathLike, summary: dict[str, Any], rankings: Ranking
     summary.update(describe_run(summary, rankings, ground_truth, dataset, save_predictions))
     policy = summary.get("recall", {}).get("no_positive_policy", "fail")
     records = rankings.records(ground_truth)
-    written = [write_csv(records, out / PER_QUERY_FILE), write_csv(rankings.topn_records(ground_truth), out / TOPN_FILE,
-                                                                     TOPN_COLUMNS)]
+    written = [
+        write_csv(records, out / PER_QUERY_FILE),
+        write_csv(rankings.topn_records(ground_truth), out / TOPN_FILE, TOPN_COLUMNS),
+    ]
     if report:
         label = f"{summary.get('dataset', '')} · {summary.get('preset', '')}" + (
-            f" + {summary['rerank']}" if summary.get("rerank") else "")
+            f" + {summary['rerank']}" if summary.get("rerank") else ""
+        )
         recall_png = recall_curve_png(summary["recall_curve"], title=f"Recall@N — {label}")
         written.append(save_png(recall_png, out / RECALL_CURVE_FILE))
         pr_png = None
@@ -176,17 +206,28 @@ def write_run(out: str | os.PathLike, summary: dict[str, Any], rankings: Ranking
                 log(f"galleries show the top {n} (the ranking length), not {save_predictions}")
             evaluated = ground_truth.n_positives > 0 if policy == "skip" else None
             entries = build_galleries(
-                rankings.query_keys, rankings.database_keys, rankings.ranked, rankings.scores,
-                first_positive_rank(rankings.ranked, ground_truth), hit_matrix(rankings.ranked, ground_truth),
-                getattr(dataset, "queries_dir", None), getattr(dataset, "database_dir", None), n,
-                DEFAULT_WORST, DEFAULT_BEST, evaluated, positives=ground_truth.positives)
+                rankings.query_keys,
+                rankings.database_keys,
+                rankings.ranked,
+                rankings.scores,
+                first_positive_rank(rankings.ranked, ground_truth),
+                hit_matrix(rankings.ranked, ground_truth),
+                getattr(dataset, "queries_dir", None),
+                getattr(dataset, "database_dir", None),
+                n,
+                DEFAULT_WORST,
+                DEFAULT_BEST,
+                evaluated,
+                positives=ground_truth.positives,
+            )
             written += write_galleries(out, entries)
         order = _display_order(rankings, ground_truth, policy)
         files = [p.relative_to(out).as_posix() for p in written if p.parent == out]
         files += (["predictions/"] if entries else []) + [REPORT_FILE, SUMMARY_FILE]
         summary["files"] = files
-        page = render_report(summary, recall_png, pr_png, entries, [records[i] for i in order], PER_QUERY_COLUMNS,
-                             files)
+        page = render_report(
+            summary, recall_png, pr_png, entries, [records[i] for i in order], PER_QUERY_COLUMNS, files
+        )
         written.append(atomic_write_text(out / REPORT_FILE, page))
     else:
         summary["files"] = [p.relative_to(out).as_posix() for p in written] + [SUMMARY_FILE]

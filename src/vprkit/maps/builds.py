@@ -38,8 +38,11 @@ def check_build_policies(on_change: str, on_duplicate: str) -> None:
 def new_run(runs: Sequence[Mapping[str, Any]], source: ImageSource) -> dict[str, Any]:
     """The record of the run a build adds: its id, the folder its images come from (None: decoded frames), when."""
     root = str(source.root.resolve()) if isinstance(source, FolderImages) else None
-    return {"run": next_run_id(runs), "images_root": root,
-            "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "run": next_run_id(runs),
+        "images_root": root,
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 @dataclass
@@ -68,9 +71,17 @@ class _Comparison:
     copies: list[str]  # the same content, stored from another folder
 
 
-def plan_build(source: ImageSource, keys: Sequence[str], stored: Mapping[str, StoredEntry],
-               runs: Sequence[Mapping[str, Any]], previous_root: str | None, on_change: str, on_duplicate: str,
-               out: object, log: Callable[[str], None]) -> BuildPlan:
+def plan_build(
+    source: ImageSource,
+    keys: Sequence[str],
+    stored: Mapping[str, StoredEntry],
+    runs: Sequence[Mapping[str, Any]],
+    previous_root: str | None,
+    on_change: str,
+    on_duplicate: str,
+    out: object,
+    log: Callable[[str], None],
+) -> BuildPlan:
     """Decide, for every image of ``source``, whether it is encoded, skipped, re-encoded or kept as a new place.
 
     ``stored``: the map's entries (:meth:`MapStore.entry_table`, pending shards included); ``runs``: the
@@ -79,8 +90,10 @@ def plan_build(source: ImageSource, keys: Sequence[str], stored: Mapping[str, St
     """
     run = new_run(runs, source)
     root = run["images_root"]
-    prefix = next((r["key_prefix"] for r in runs if r.get("images_root") == root and r.get("key_prefix")),
-                  NEW_PLACE_PREFIX.format(run=run["run"]))
+    prefix = next(
+        (r["key_prefix"] for r in runs if r.get("images_root") == root and r.get("key_prefix")),
+        NEW_PLACE_PREFIX.format(run=run["run"]),
+    )
     target = {k: (prefix + k if on_duplicate == "new-place" and prefix + k in stored else k) for k in keys}
     seen = _compare(source, keys, stored, target, runs, run, previous_root, log)
     _refuse_changes(seen, on_change, on_duplicate, prefix, source, out)
@@ -89,8 +102,10 @@ def plan_build(source: ImageSource, keys: Sequence[str], stored: Mapping[str, St
     for k in new_places:
         target[k] = prefix + k
     if new_places:
-        log(f"keeping {len(new_places)} image(s) whose names are in the map as new places '{prefix}<name>' "
-            f"(e.g. {', '.join(new_places[:3])})")
+        log(
+            f"keeping {len(new_places)} image(s) whose names are in the map as new places '{prefix}<name>' "
+            f"(e.g. {', '.join(new_places[:3])})"
+        )
     if any(target[k] != k for k in keys):
         run["key_prefix"] = prefix
     todo = [(i, k) for i, k in enumerate(keys) if target[k] not in stored or k in reencode]
@@ -100,9 +115,16 @@ def plan_build(source: ImageSource, keys: Sequence[str], stored: Mapping[str, St
     return BuildPlan(run, target, todo, reencoded, seen.copies, list(new_places))
 
 
-def _compare(source: ImageSource, keys: Sequence[str], stored: Mapping[str, StoredEntry], target: Mapping[str, str],
-             runs: Sequence[Mapping[str, Any]], run: Mapping[str, Any], previous_root: str | None,
-             log: Callable[[str], None]) -> _Comparison:
+def _compare(
+    source: ImageSource,
+    keys: Sequence[str],
+    stored: Mapping[str, StoredEntry],
+    target: Mapping[str, str],
+    runs: Sequence[Mapping[str, Any]],
+    run: Mapping[str, Any],
+    previous_root: str | None,
+    log: Callable[[str], None],
+) -> _Comparison:
     """Sort the images already in the map by content (changed or not) and by the folder their entry came from."""
     root = run["images_root"]
     in_map = [k for k in keys if target[k] in stored]
@@ -124,11 +146,13 @@ def _compare(source: ImageSource, keys: Sequence[str], stored: Mapping[str, Stor
     )
 
 
-def _refuse_changes(seen: _Comparison, on_change: str, on_duplicate: str, prefix: str, source: ImageSource,
-                    out: object) -> None:
+def _refuse_changes(
+    seen: _Comparison, on_change: str, on_duplicate: str, prefix: str, source: ImageSource, out: object
+) -> None:
     """One error naming the images whose content differs from the map's, when the policies keep the map's."""
     refused = (seen.same_folder_changed if on_change == "refuse" else []) + (
-        seen.foreign if on_duplicate == "error" and on_change == "refuse" else [])
+        seen.foreign if on_duplicate == "error" and on_change == "refuse" else []
+    )
     if not refused:
         return
     foreign = set(seen.foreign)
@@ -136,7 +160,12 @@ def _refuse_changes(seen: _Comparison, on_change: str, on_duplicate: str, prefix
     raise MapError(
         f"{len(refused)} image(s) in {source.describe()} differ from what {out} holds under the same name "
         f"(e.g. {', '.join(refused[:3])})"
-        + (f"; {len(dup)} of them come from another folder than the map's images of those names "
-           f"(e.g. {', '.join(dup[:3])}): keep both with --on-duplicate new-place (stored as "
-           f"'{prefix}<name>'), or replace the map's with --on-duplicate replace" if dup else "")
-        + "; build into another --out, or re-encode them with --on-change reencode")
+        + (
+            f"; {len(dup)} of them come from another folder than the map's images of those names "
+            f"(e.g. {', '.join(dup[:3])}): keep both with --on-duplicate new-place (stored as "
+            f"'{prefix}<name>'), or replace the map's with --on-duplicate replace"
+            if dup
+            else ""
+        )
+        + "; build into another --out, or re-encode them with --on-change reencode"
+    )

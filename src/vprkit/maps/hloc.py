@@ -51,9 +51,14 @@ def _check_name(name: str) -> str:
     return n
 
 
-def write_global_features(path: str | os.PathLike, names: Sequence[str], descriptors: np.ndarray,
-                          image_sizes: Mapping[str, tuple[int, int]] | None = None, append: bool = False,
-                          as_half: bool = False) -> Path:
+def write_global_features(
+    path: str | os.PathLike,
+    names: Sequence[str],
+    descriptors: np.ndarray,
+    image_sizes: Mapping[str, tuple[int, int]] | None = None,
+    append: bool = False,
+    as_half: bool = False,
+) -> Path:
     """Write hloc global features: ``/<name>/global_descriptor`` (float32, or float16 with ``as_half``).
 
     ``image_sizes``: optional ``name → (width, height)`` written as ``/<name>/image_size`` as hloc does.
@@ -92,6 +97,7 @@ def list_global_names(path: str | os.PathLike) -> list[str]:
     """Names of the images with a ``global_descriptor`` in an hloc features file, sorted."""
     names: list[str] = []
     with h5py.File(Path(path), "r") as f:
+
         def visit(name: str, obj) -> None:
             if isinstance(obj, h5py.Dataset) and name.rsplit("/", 1)[-1] == DESCRIPTOR:
                 names.append(obj.parent.name.strip("/"))
@@ -107,8 +113,10 @@ def read_global_features(path: str | os.PathLike, names: Sequence[str] | None = 
         raise MapError(f"{path}: no such hloc features file")
     names = list_global_names(path) if names is None else [_check_name(n) for n in names]
     if not names:
-        raise MapError(f"{path} holds no '{DESCRIPTOR}' datasets: not an hloc global-features file "
-                       f"(local features hold keypoints/descriptors instead)")
+        raise MapError(
+            f"{path} holds no '{DESCRIPTOR}' datasets: not an hloc global-features file "
+            f"(local features hold keypoints/descriptors instead)"
+        )
     rows = []
     with h5py.File(path, "r") as f:
         for n in names:
@@ -135,8 +143,9 @@ def _image_sizes(root: Path | None, keys: Sequence[str]) -> dict[str, tuple[int,
     return sizes
 
 
-def export_map(map_dir: str | os.PathLike, out: str | os.PathLike, prefix: str = "",
-               image_size: bool = True, as_half: bool = False) -> dict[str, Any]:
+def export_map(
+    map_dir: str | os.PathLike, out: str | os.PathLike, prefix: str = "", image_size: bool = True, as_half: bool = False
+) -> dict[str, Any]:
     """A map's global descriptors as hloc global features, named ``prefix + key``.
 
     Keys are the map's image paths relative to its image folder, which is what hloc names images by
@@ -158,9 +167,15 @@ def export_map(map_dir: str | os.PathLike, out: str | os.PathLike, prefix: str =
     return {"path": str(path), "images": len(keys), "dim": int(vectors.shape[1])}
 
 
-def retrieval_pairs(query_names: Sequence[str], query_descriptors: np.ndarray, db_names: Sequence[str],
-                    db_descriptors: np.ndarray, top_k: int, min_score: float | None = None,
-                    exclude_self: bool = True) -> list[tuple[str, str, float]]:
+def retrieval_pairs(
+    query_names: Sequence[str],
+    query_descriptors: np.ndarray,
+    db_names: Sequence[str],
+    db_descriptors: np.ndarray,
+    top_k: int,
+    min_score: float | None = None,
+    exclude_self: bool = True,
+) -> list[tuple[str, str, float]]:
     """``(query, db, score)`` for each query's top ``top_k`` database images by inner product.
 
     hloc's ``pairs_from_retrieval`` does the same: inner products, a query never paired with an image
@@ -176,7 +191,7 @@ def retrieval_pairs(query_names: Sequence[str], query_descriptors: np.ndarray, d
     db_index = {n: i for i, n in enumerate(db_names)}
     pairs: list[tuple[str, str, float]] = []
     for start in range(0, len(q), 1024):
-        sim = q[start:start + 1024] @ db.T
+        sim = q[start : start + 1024] @ db.T
         for i, row in enumerate(sim, start):
             if exclude_self and query_names[i] in db_index:
                 row[db_index[query_names[i]]] = -np.inf
@@ -209,10 +224,16 @@ def read_pairs(path: str | os.PathLike) -> dict[str, list[str]]:
     return out
 
 
-def import_features(features: str | os.PathLike, out: str | os.PathLike, config: Mapping[str, Any] | None = None,
-                    names: Sequence[str] | None = None, prefix: str | Sequence[str] | None = None,
-                    normalize: bool = False,
-                    index_factory: str = "Flat", store_dtype: str = "float32") -> dict[str, Any]:
+def import_features(
+    features: str | os.PathLike,
+    out: str | os.PathLike,
+    config: Mapping[str, Any] | None = None,
+    names: Sequence[str] | None = None,
+    prefix: str | Sequence[str] | None = None,
+    normalize: bool = False,
+    index_factory: str = "Flat",
+    store_dtype: str = "float32",
+) -> dict[str, Any]:
     """Make a vprkit map from an hloc global-features file: store (keys + descriptors), index, ``map.json``.
 
     ``config``: the resolved settings of the vprkit preset that produced the descriptors, if one did
@@ -242,26 +263,43 @@ def import_features(features: str | os.PathLike, out: str | os.PathLike, config:
     if store.keys(include_pending=True):
         raise MapError(f"{out} already holds a descriptor store; import into a new folder")
     for start in range(0, len(names), IMPORT_SHARD_ROWS):
-        store.write_shard(names[start:start + IMPORT_SHARD_ROWS], vectors[start:start + IMPORT_SHARD_ROWS])
+        store.write_shard(names[start : start + IMPORT_SHARD_ROWS], vectors[start : start + IMPORT_SHARD_ROWS])
     n = store.consolidate()
     index = FaissIndex.build(store.read_global(), index_factory)
     index.save(out / INDEX_FILE)
-    manifest = _imported_manifest(src, config, index_factory, store_dtype, index.ntotal, n, vectors.shape[1],
-                                  prefix, normalize, norms)
+    manifest = _imported_manifest(
+        src, config, index_factory, store_dtype, index.ntotal, n, vectors.shape[1], prefix, normalize, norms
+    )
     write_manifest(out, manifest)
     return manifest.to_dict()
 
 
-def _imported_manifest(src: Path, config: Mapping[str, Any] | None, index_factory: str, store_dtype: str,
-                       ntotal: int, n: int, dim: int, prefix: str | Sequence[str] | None, normalize: bool,
-                       norms: np.ndarray) -> MapManifest:
+def _imported_manifest(
+    src: Path,
+    config: Mapping[str, Any] | None,
+    index_factory: str,
+    store_dtype: str,
+    ntotal: int,
+    n: int,
+    dim: int,
+    prefix: str | Sequence[str] | None,
+    normalize: bool,
+    norms: np.ndarray,
+) -> MapManifest:
     """``map.json`` of a map imported from hloc: the settings (a preset's, or a placeholder) and where it came from."""
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     if config is None:
-        config = {"name": "hloc-import", "backbone": IMPORTED_BACKBONE, "aggregator": "none",
-                  "description": "descriptors imported from hloc; no vprkit model computes queries for this map",
-                  "index": index_factory, "store_dtype": store_dtype}
-        queries = "by descriptor only: vprkit.maps.hloc.retrieve(map, query_descriptors) with the same model's descriptors"
+        config = {
+            "name": "hloc-import",
+            "backbone": IMPORTED_BACKBONE,
+            "aggregator": "none",
+            "description": "descriptors imported from hloc; no vprkit model computes queries for this map",
+            "index": index_factory,
+            "store_dtype": store_dtype,
+        }
+        queries = (
+            "by descriptor only: vprkit.maps.hloc.retrieve(map, query_descriptors) with the same model's descriptors"
+        )
     else:
         queries = f"images through preset {config.get('name')!r} (vprkit localize), or descriptors via retrieve()"
     imported = {
@@ -274,14 +312,24 @@ def _imported_manifest(src: Path, config: Mapping[str, Any] | None, index_factor
         "queries": queries,
         "imported_at": now,
     }
-    return MapManifest(vprkit_version=__version__, config=dict(config), images_root=None, descriptor_dim=int(dim),
-                       vocabulary=None, counts=Counts(images=n, failed=0),
-                       index=IndexSection(factory=index_factory, ntotal=ntotal), extensions=[], imported=imported,
-                       created=now, updated=now)
+    return MapManifest(
+        vprkit_version=__version__,
+        config=dict(config),
+        images_root=None,
+        descriptor_dim=int(dim),
+        vocabulary=None,
+        counts=Counts(images=n, failed=0),
+        index=IndexSection(factory=index_factory, ntotal=ntotal),
+        extensions=[],
+        imported=imported,
+        created=now,
+        updated=now,
+    )
 
 
-def retrieve(map_dir: str | os.PathLike, query_descriptors: np.ndarray, top_k: int = 10
-             ) -> list[list[tuple[str, float]]]:
+def retrieve(
+    map_dir: str | os.PathLike, query_descriptors: np.ndarray, top_k: int = 10
+) -> list[list[tuple[str, float]]]:
     """Top ``top_k`` (key, score) per query descriptor, from any map (imported or built) — no model loaded.
 
     Scores are inner products (cosines for unit vectors), higher is better.

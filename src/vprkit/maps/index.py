@@ -29,17 +29,33 @@ from ..errors import ConfigError, MapError
 from ..io import atomic_path
 from ..registry import Registry
 from .index_options import QUERY_OPTIONS, faiss_options, faiss_parameters
-from .manifest import (INDEX_MANIFEST_FILE, MAP_FILE, VOCAB_FILE, DescriptorsRecord, IndexManifest, IndexShard,
-                       read_index_manifest, read_manifest, write_index_manifest)
+from .manifest import (
+    INDEX_MANIFEST_FILE,
+    MAP_FILE,
+    VOCAB_FILE,
+    DescriptorsRecord,
+    IndexManifest,
+    IndexShard,
+    read_index_manifest,
+    read_manifest,
+    write_index_manifest,
+)
 from .store import STORE_FILE
-from .vectors import (DESCRIPTOR_DTYPES, DESCRIPTORS_FILE, DescriptorFile, MemoryDescriptors, chunk_rows,
-                      open_descriptors, write_descriptors)
+from .vectors import (
+    DESCRIPTOR_DTYPES,
+    DESCRIPTORS_FILE,
+    DescriptorFile,
+    MemoryDescriptors,
+    chunk_rows,
+    open_descriptors,
+    write_descriptors,
+)
 
 logger = logging.getLogger(__name__)
 
-INDEX_FILE = "index.faiss"              # a one-shard index (every map before sharding, and most maps)
-MANIFEST_FILE = INDEX_MANIFEST_FILE     # what the index is and what it was trained on (maps.manifest.IndexManifest)
-TRAINED_FILE = "index.trained.faiss"    # the trained, empty index: adding or rebuilding never retrains
+INDEX_FILE = "index.faiss"  # a one-shard index (every map before sharding, and most maps)
+MANIFEST_FILE = INDEX_MANIFEST_FILE  # what the index is and what it was trained on (maps.manifest.IndexManifest)
+TRAINED_FILE = "index.trained.faiss"  # the trained, empty index: adding or rebuilding never retrains
 SHARD_DIR = "index-shards"
 # Enough training vectors per IVF list / PQ centroid that FAISS does not warn or degrade.
 TRAIN_VECTORS_PER_CENTROID = 39
@@ -68,8 +84,13 @@ class Index(Protocol):
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
 
-    def add(self, vectors: np.ndarray, keys: Sequence[str] | None = None, runs: np.ndarray | None = None,
-            poses: np.ndarray | None = None) -> None:
+    def add(
+        self,
+        vectors: np.ndarray,
+        keys: Sequence[str] | None = None,
+        runs: np.ndarray | None = None,
+        poses: np.ndarray | None = None,
+    ) -> None:
         """Append rows; ``keys``, ``runs`` and N×2 ``poses`` are what the store holds for them (a backend
         that keeps them beside the vectors, as Milvus does, stores them; FAISS ignores them)."""
 
@@ -143,14 +164,22 @@ class FaissIndex:
     ``descriptors``: full-precision rows for exact re-scoring (a memory-mapped file or an array).
     """
 
-    def __init__(self, index, factory: str = "Flat", options: Mapping[str, Any] | None = None, *,
-                 shards: Sequence[Any] | None = None, descriptors: DescriptorFile | MemoryDescriptors | None = None,
-                 trained: Any = None, trained_on: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        index,
+        factory: str = "Flat",
+        options: Mapping[str, Any] | None = None,
+        *,
+        shards: Sequence[Any] | None = None,
+        descriptors: DescriptorFile | MemoryDescriptors | None = None,
+        trained: Any = None,
+        trained_on: Mapping[str, Any] | None = None,
+    ):
         self.shards = list(shards) if shards is not None else [index]
         self.factory = factory
         self.options = faiss_options(options)
         self.descriptors = descriptors
-        self.trained = trained            # the trained empty index (None: not yet known; Flat needs none)
+        self.trained = trained  # the trained empty index (None: not yet known; Flat needs none)
         self.trained_on = dict(trained_on or {})
         self._files: list[str | None] = [None] * len(self.shards)  # saved file of each shard (None: changed)
         self._generation = 0
@@ -159,8 +188,9 @@ class FaissIndex:
 
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
-    def build(cls, vectors: np.ndarray, factory: str = "Flat", seed: int = 0,
-              options: Mapping[str, Any] | None = None) -> "FaissIndex":
+    def build(
+        cls, vectors: np.ndarray, factory: str = "Flat", seed: int = 0, options: Mapping[str, Any] | None = None
+    ) -> "FaissIndex":
         """Train ``factory`` on a seeded sample of ``vectors`` (when it needs training) and add every row.
 
         ``vectors`` is an array or any row source with ``shape`` and row indexing (a memory map,
@@ -182,7 +212,9 @@ class FaissIndex:
     def _start_descriptors(self, dim: int) -> None:
         """Keep a full-precision copy for re-scoring when the index is approximate and asked to re-score."""
         if self.options["rescore"] and not _is_exact(self._template()):
-            self.descriptors = MemoryDescriptors(np.empty((0, dim), DESCRIPTOR_DTYPES[self.options["descriptors_dtype"]]))
+            self.descriptors = MemoryDescriptors(
+                np.empty((0, dim), DESCRIPTOR_DTYPES[self.options["descriptors_dtype"]])
+            )
 
     @classmethod
     def build_for_map(cls, vectors: np.ndarray, config: Config, map_dir: Path | None = None) -> "FaissIndex":
@@ -281,11 +313,22 @@ class FaissIndex:
         descriptors = open_descriptors(map_dir) if manifest.descriptors is not None else None
         total = sum(s.ntotal for s in shards)
         if descriptors is not None and len(descriptors) != total:
-            logger.warning("%s holds %d rows, the index %d: exact re-scoring is off until the index is saved again",
-                           descriptors.path, len(descriptors), total)
+            logger.warning(
+                "%s holds %d rows, the index %d: exact re-scoring is off until the index is saved again",
+                descriptors.path,
+                len(descriptors),
+                total,
+            )
             descriptors = None
-        out = cls(None, manifest.factory or "?", options, shards=shards, descriptors=descriptors,
-                  trained=trained, trained_on=manifest.trained_on)
+        out = cls(
+            None,
+            manifest.factory or "?",
+            options,
+            shards=shards,
+            descriptors=descriptors,
+            trained=trained,
+            trained_on=manifest.trained_on,
+        )
         out._files = files
         out._generation = manifest.generation
         out._trained_dirty = trained is None
@@ -297,7 +340,11 @@ class FaissIndex:
         generation = self._generation + 1
         sharded = len(self.shards) > 1 or self.options["shard_rows"] > 0
         for i, shard in enumerate(self.shards):
-            if self._files[i] is not None and (map_dir / self._files[i]).exists() and (sharded or self._files[i] == INDEX_FILE):
+            if (
+                self._files[i] is not None
+                and (map_dir / self._files[i]).exists()
+                and (sharded or self._files[i] == INDEX_FILE)
+            ):
                 continue
             name = f"{SHARD_DIR}/shard-{i:04d}.g{generation}.faiss" if sharded else INDEX_FILE
             with atomic_path(map_dir / name) as tmp:
@@ -311,18 +358,32 @@ class FaissIndex:
         if self.descriptors is not None:
             target = map_dir / DESCRIPTORS_FILE
             if not isinstance(self.descriptors, DescriptorFile) or self.descriptors.path != target:
-                self.descriptors = write_descriptors(target, self.descriptors.iter_chunks(), self.descriptors.dim,
-                                                     self.options["descriptors_dtype"])
+                self.descriptors = write_descriptors(
+                    target, self.descriptors.iter_chunks(), self.descriptors.dim, self.options["descriptors_dtype"]
+                )
         manifest = IndexManifest(
-            factory=self.factory, options=dict(self.options), ntotal=self.ntotal, trained_on=dict(self.trained_on),
-            generation=generation, saved=_now(),
+            factory=self.factory,
+            options=dict(self.options),
+            ntotal=self.ntotal,
+            trained_on=dict(self.trained_on),
+            generation=generation,
+            saved=_now(),
             shards=[IndexShard(file=f, rows=int(s.ntotal)) for f, s in zip(self._files, self.shards)],
-            descriptors=None if self.descriptors is None else DescriptorsRecord(
-                file=DESCRIPTORS_FILE, dtype=str(self.descriptors.dtype), rows=len(self.descriptors)))
+            descriptors=None
+            if self.descriptors is None
+            else DescriptorsRecord(
+                file=DESCRIPTORS_FILE, dtype=str(self.descriptors.dtype), rows=len(self.descriptors)
+            ),
+        )
         write_index_manifest(map_dir, manifest)
         self._generation = generation
-        _remove_unlisted(map_dir, set(self._files), keep_single=not sharded, keep_descriptors=self.descriptors is not None,
-                         keep_trained=keeps_training)
+        _remove_unlisted(
+            map_dir,
+            set(self._files),
+            keep_single=not sharded,
+            keep_descriptors=self.descriptors is not None,
+            keep_trained=keeps_training,
+        )
 
     # ---- the Index protocol ---------------------------------------------------------------------
     @property
@@ -352,8 +413,13 @@ class FaissIndex:
         self._set_query_options(shard)
         return shard
 
-    def add(self, vectors: np.ndarray, keys: Sequence[str] | None = None, runs: np.ndarray | None = None,
-            poses: np.ndarray | None = None) -> None:
+    def add(
+        self,
+        vectors: np.ndarray,
+        keys: Sequence[str] | None = None,
+        runs: np.ndarray | None = None,
+        poses: np.ndarray | None = None,
+    ) -> None:
         """Append rows ``ntotal …``: to the last shard, opening new ones every ``shard_rows`` rows.
 
         Rows are read and encoded chunk by chunk (``vectors`` may be a memory map or a row source).
@@ -438,7 +504,9 @@ class FaissIndex:
             try:
                 vectors = shard.reconstruct_batch(kept) if len(kept) else np.zeros((0, shard.d), np.float32)
             except RuntimeError as exc:
-                raise MapError(f"index {self.factory!r} cannot remove rows in place ({exc}); rebuild it from the store") from None
+                raise MapError(
+                    f"index {self.factory!r} cannot remove rows in place ({exc}); rebuild it from the store"
+                ) from None
         fresh = self._new_shard()
         if len(vectors):
             fresh.add(np.ascontiguousarray(vectors, dtype=np.float32))
@@ -481,11 +549,11 @@ class FaissIndex:
         block = max(1, RESCORE_BLOCK_BYTES // max(1, wide * q.shape[1] * 4))
         out_scores = np.full((nq, wide), MISSING_SCORE, np.float32)
         for start in range(0, nq, block):
-            r = rows[start:start + block]
+            r = rows[start : start + block]
             valid = r >= 0
             vecs = self.descriptors.rows(np.where(valid, r, 0))
-            exact = np.einsum("qkd,qd->qk", vecs, q[start:start + block])
-            out_scores[start:start + block] = np.where(valid, exact, MISSING_SCORE)
+            exact = np.einsum("qkd,qd->qk", vecs, q[start : start + block])
+            out_scores[start : start + block] = np.where(valid, exact, MISSING_SCORE)
         order = np.argsort(-out_scores, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(out_scores, order, 1), np.take_along_axis(rows, order, 1)
 
@@ -555,10 +623,18 @@ def train_index(vectors: np.ndarray, factory: str, options: Mapping[str, Any]):
         index.train(sample)
     except RuntimeError as exc:
         reason = str(exc).strip().splitlines()[-1]
-        raise ConfigError(f"cannot train index {factory!r} on {len(sample)} vectors of {x.shape[1]} dims: {reason} "
-                          f"(fewer lists, centroids or PCA dims, or a larger map/sample)") from None
-    return index, {"factory": factory, "sample": int(len(sample)), "seed": seed, "rows": int(len(x)),
-                   "sample_sha256": hashlib.sha256(sample.tobytes()).hexdigest(), "date": _now()}
+        raise ConfigError(
+            f"cannot train index {factory!r} on {len(sample)} vectors of {x.shape[1]} dims: {reason} "
+            f"(fewer lists, centroids or PCA dims, or a larger map/sample)"
+        ) from None
+    return index, {
+        "factory": factory,
+        "sample": int(len(sample)),
+        "seed": seed,
+        "rows": int(len(x)),
+        "sample_sha256": hashlib.sha256(sample.tobytes()).hexdigest(),
+        "date": _now(),
+    }
 
 
 def _fit_pca(index, sample: np.ndarray, seed: int) -> None:
@@ -583,8 +659,10 @@ def _fit_pca(index, sample: np.ndarray, seed: int) -> None:
             return  # FAISS trains this one and what follows
         d_out, n = vt.d_out, len(x)
         if d_out > min(n, vt.d_in):
-            raise ConfigError(f"PCA to {d_out} dims needs at least {d_out} training rows of ≥ {d_out} dims "
-                              f"(has {n} rows of {vt.d_in}); lower the PCA dimension or train on more rows")
+            raise ConfigError(
+                f"PCA to {d_out} dims needs at least {d_out} training rows of ≥ {d_out} dims "
+                f"(has {n} rows of {vt.d_in}); lower the PCA dimension or train on more rows"
+            )
         mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
         centred = x - mean
         components, singular = _top_components(centred, d_out, seed)
@@ -637,8 +715,9 @@ def _read_manifest(map_dir: Path) -> IndexManifest | None:
         return None
 
 
-def _remove_unlisted(map_dir: Path, listed: set[str | None], keep_single: bool, keep_descriptors: bool,
-                     keep_trained: bool) -> None:
+def _remove_unlisted(
+    map_dir: Path, listed: set[str | None], keep_single: bool, keep_descriptors: bool, keep_trained: bool
+) -> None:
     """Delete index files the new manifest no longer lists (a reader that opened them keeps its copy)."""
     shard_dir = map_dir / SHARD_DIR
     if shard_dir.is_dir():
@@ -680,8 +759,12 @@ def serving_footprint(map_dir: str | os.PathLike) -> dict[str, Any]:
         "factory": None if manifest is None else manifest.factory,
         "shards": len(index_files),
         "disk_bytes": {"store": store_bytes, "index": index_bytes + trained_bytes, "descriptors": desc_bytes},
-        "disk_bytes_per_place": {"store": per(store_bytes), "index": per(index_bytes), "index_codes": per(code_bytes),
-                                 "descriptors": per(desc_bytes)},
+        "disk_bytes_per_place": {
+            "store": per(store_bytes),
+            "index": per(index_bytes),
+            "index_codes": per(code_bytes),
+            "descriptors": per(desc_bytes),
+        },
         "ram_bytes": {"index": index_bytes, "vocabulary": vocab_bytes, "model": model_bytes, "total": ram},
     }
 

@@ -64,8 +64,10 @@ def check_index_option(name: str, value: Any) -> Any:
     """``value`` if option ``name`` takes it (ints as int), else one ConfigError naming it, with a did-you-mean."""
     opt = FAISS_OPTIONS.get(name)
     if opt is None:
-        raise ConfigError(f"index 'faiss': unknown option {name!r}{did_you_mean(name, FAISS_OPTIONS)}; "
-                          f"allowed: {', '.join(FAISS_OPTIONS)}")
+        raise ConfigError(
+            f"index 'faiss': unknown option {name!r}{did_you_mean(name, FAISS_OPTIONS)}; "
+            f"allowed: {', '.join(FAISS_OPTIONS)}"
+        )
     check_option("index 'faiss'", opt, value)
     return int(value) if value is not None and "int" in opt.types else value
 

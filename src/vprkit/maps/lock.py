@@ -37,7 +37,9 @@ def map_write_lock(map_dir: str | os.PathLike) -> Iterator[Path]:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-            raise MapError(f"{d} is being built by {holder}; wait for it to finish or build into another --out") from None
+            raise MapError(
+                f"{d} is being built by {holder}; wait for it to finish or build into another --out"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"process {os.getpid()}".encode(), 0)
         yield d

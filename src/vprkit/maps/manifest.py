@@ -52,8 +52,10 @@ class Check:
         if value is None and self.nullable:
             return None
         if not self.test(value):
-            raise MapError(f"{source}: field '{path}' must be {self.what}{' or null' if self.nullable else ''}, "
-                           f"got {_shown(value)}")
+            raise MapError(
+                f"{source}: field '{path}' must be {self.what}{' or null' if self.nullable else ''}, "
+                f"got {_shown(value)}"
+            )
         return value
 
     def or_null(self) -> "Check":
@@ -93,8 +95,9 @@ TEXT_LIST = Check("a list of strings", lambda v: isinstance(v, list) and all(isi
 MAP_FILE_NAME = Check("a file name inside the map folder", _relative_file)
 
 
-def checked(check: Check, default: Any = None, *, key: str | None = None, required: bool = False,
-            always: bool = False) -> Any:
+def checked(
+    check: Check, default: Any = None, *, key: str | None = None, required: bool = False, always: bool = False
+) -> Any:
     """A record field read with ``check``. ``required``: a file without it is damaged; ``always``: written even when
     null (as vprkit has always written it); ``key``: its JSON name when it differs from the attribute's."""
     meta = {"check": check, "key": key, "required": required, "always": always}

@@ -28,17 +28,45 @@ from ..datasets.poses import LOCAL_CRS, utm_to_latlon
 from ..errors import ImageReadError, MapError, VocabularyMismatchError
 from ..images import ImageSource, MappedFiles
 from .index import INDEX_FILE, FaissIndex, Index, build_index, load_index
-from .manifest import (BUILD_FILE, MAP_FILE, VOCAB_FILE, MapManifest, RunRecord, read_build_record, read_json,
-                       read_manifest, read_map_info, write_manifest)
+from .manifest import (
+    BUILD_FILE,
+    MAP_FILE,
+    VOCAB_FILE,
+    MapManifest,
+    RunRecord,
+    read_build_record,
+    read_json,
+    read_manifest,
+    read_map_info,
+    write_manifest,
+)
 from .store import MapStore
 
 logger = logging.getLogger(__name__)
 
 FAILURES_FILE = "failures.json"
 # Names other modules import from here (the records themselves live in vprkit.maps.manifest).
-__all__ = ["BUILD_FILE", "FAILURES_FILE", "INDEX_FILE", "LOCAL_CRS", "MAP_FILE", "VOCAB_FILE", "FaissIndex", "MapData",
-           "MapManifest", "changed_entries", "check_build_settings", "crs_to_latlon", "map_crs",
-           "next_run_id", "open_map_data", "read_json", "read_map_info", "register_run", "settings_differences"]
+__all__ = [
+    "BUILD_FILE",
+    "FAILURES_FILE",
+    "INDEX_FILE",
+    "LOCAL_CRS",
+    "MAP_FILE",
+    "VOCAB_FILE",
+    "FaissIndex",
+    "MapData",
+    "MapManifest",
+    "changed_entries",
+    "check_build_settings",
+    "crs_to_latlon",
+    "map_crs",
+    "next_run_id",
+    "open_map_data",
+    "read_json",
+    "read_map_info",
+    "register_run",
+    "settings_differences",
+]
 
 
 def settings_differences(old: Any, new: Any, path: str = "") -> list[str]:
@@ -67,8 +95,9 @@ def check_build_settings(map_dir: Path, config: Config) -> None:
     diffs = settings_differences(recorded.settings(path).map_settings(), config.map_settings())
     if diffs:
         shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
-        raise MapError(f"{map_dir} {state} with other settings ({shown}); use the same settings to add "
-                       f"images, or another --out")
+        raise MapError(
+            f"{map_dir} {state} with other settings ({shown}); use the same settings to add images, or another --out"
+        )
 
 
 @dataclass
@@ -118,7 +147,9 @@ class MapData:
     def images(self) -> MappedFiles:
         """The map's own images (for re-ranking on the fly and explanations), each in the folder of the run that added it."""
         records = {r.get("run"): r for r in self.info.get("runs", [])}
-        if self.dir is not None and (self.dir / MAP_FILE).exists():  # runs registered since it was opened (live additions)
+        if (
+            self.dir is not None and (self.dir / MAP_FILE).exists()
+        ):  # runs registered since it was opened (live additions)
             try:
                 records.update({r.run: r.to_dict() for r in read_manifest(self.dir).runs if r.run not in records})
             except MapError:
@@ -130,7 +161,7 @@ class MapData:
             root = record.get("images_root") or (self.info.get("images_root") if int(run) < 0 else None)
             if root is not None:
                 prefix = record.get("key_prefix") or ""  # a duplicate name kept as a new place: "runN/<name>"
-                paths[key] = Path(root) / (key[len(prefix):] if prefix and key.startswith(prefix) else key)
+                paths[key] = Path(root) / (key[len(prefix) :] if prefix and key.startswith(prefix) else key)
         if not paths:
             raise MapError(f"{self.dir} was built from decoded frames: its images are not on disk")
         return MappedFiles(paths)
@@ -155,12 +186,29 @@ def open_map_data(map_dir: str | os.PathLike, read_only: bool = True) -> MapData
         index = build_index(store.read_global(), config, d)
         if not read_only:
             index.save_to_map(d)
-    return MapData(d, info, config, vocabulary, store, index, keys, store.read_poses(), read_only,
-                   store.read_headings(), store.read_timestamps())
+    return MapData(
+        d,
+        info,
+        config,
+        vocabulary,
+        store,
+        index,
+        keys,
+        store.read_poses(),
+        read_only,
+        store.read_headings(),
+        store.read_timestamps(),
+    )
 
 
-def changed_entries(source: ImageSource, keys: Sequence[str], stored: Mapping[str, tuple[str, int, float, int]],
-                    runs: Sequence[Mapping[str, Any]], root: str | None, log: Callable[[str], None]) -> list[str]:
+def changed_entries(
+    source: ImageSource,
+    keys: Sequence[str],
+    stored: Mapping[str, tuple[str, int, float, int]],
+    runs: Sequence[Mapping[str, Any]],
+    root: str | None,
+    log: Callable[[str], None],
+) -> list[str]:
     """Keys whose image differs from the stored entry's content.
 
     An image from the same folder with the same size and time as recorded is taken as unchanged
@@ -183,7 +231,9 @@ def changed_entries(source: ImageSource, keys: Sequence[str], stored: Mapping[st
         except ImageReadError:
             continue  # unreadable now: the build reports it when it reads the image
     if unknown:
-        log(f"{unknown} image(s) of the map were stored without a content record (an older vprkit); not checked for changes")
+        log(
+            f"{unknown} image(s) of the map were stored without a content record (an older vprkit); not checked for changes"
+        )
     return changed
 
 
@@ -220,9 +270,12 @@ def register_run(map_dir: str | os.PathLike, images_root: str | None, note: str)
     """
     d = Path(map_dir)
     manifest = read_manifest(d)
-    run = RunRecord(run=next_run_id([r.to_dict() for r in manifest.runs]),
-                    images_root=None if images_root is None else str(images_root), note=str(note),
-                    started=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    run = RunRecord(
+        run=next_run_id([r.to_dict() for r in manifest.runs]),
+        images_root=None if images_root is None else str(images_root),
+        note=str(note),
+        started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
     manifest.runs.append(run)
     write_manifest(d, manifest)
     return run.run

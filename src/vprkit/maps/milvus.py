@@ -85,8 +85,16 @@ COLLECTION_PREFIX = "vprkit"
 MAX_COLLECTION_NAME = 255
 METRICS = ("IP", "COSINE")
 LITE_INDEX_TYPES = MILVUS_LITE_INDEX_TYPES
-DEFAULTS: dict[str, Any] = {"uri": None, "token_env": None, "collection": None, "index_type": "FLAT",
-                            "index_params": {}, "search_params": {}, "metric": "IP", "insert_mb": DEFAULT_INSERT_MB}
+DEFAULTS: dict[str, Any] = {
+    "uri": None,
+    "token_env": None,
+    "collection": None,
+    "index_type": "FLAT",
+    "index_params": {},
+    "search_params": {},
+    "metric": "IP",
+    "insert_mb": DEFAULT_INSERT_MB,
+}
 
 F_ID, F_IMAGE, F_RUN, F_EAST, F_NORTH, F_VECTOR = "id", "image", "run", "easting", "northing", "vector"
 
@@ -142,7 +150,9 @@ def _connect(uri: str, token_env: str | None):
             raise ConfigError(f"index option token_env names ${token_env}, which is not set")
     if _is_lite(uri):
         if not uri.endswith(".db"):
-            raise ConfigError(f"Milvus Lite needs a path ending in .db, got {uri!r} (or give a server uri http://host:19530)")
+            raise ConfigError(
+                f"Milvus Lite needs a path ending in .db, got {uri!r} (or give a server uri http://host:19530)"
+            )
         Path(uri).parent.mkdir(parents=True, exist_ok=True)
         with _lite_lock:
             _lite_users[uri] = _lite_users.get(uri, 0) + 1
@@ -157,8 +167,14 @@ def _connect(uri: str, token_env: str | None):
             with _lite_lock:
                 _lite_users[uri] -= 1
         reason = getattr(exc, "message", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        hint = (" (is another process holding it? Milvus Lite serves one process; share a map between processes "
-                "through a Milvus server: index option uri=http://host:19530)") if _is_lite(uri) else ""
+        hint = (
+            (
+                " (is another process holding it? Milvus Lite serves one process; share a map between processes "
+                "through a Milvus server: index option uri=http://host:19530)"
+            )
+            if _is_lite(uri)
+            else ""
+        )
         raise MapError(f"cannot open Milvus at {uri}: {reason}{hint}") from None
     finally:
         lite_log.setLevel(level)
@@ -204,8 +220,10 @@ def resolve_options(options: Mapping[str, Any], map_dir: Path | None) -> dict[st
     opts["index_type"] = str(opts["index_type"]).upper()
     if _is_lite(opts["uri"]) and opts["index_type"] not in LITE_INDEX_TYPES:
         # Milvus Lite accepts any name at creation, then fails in a background thread and searches exhaustively
-        raise ConfigError(f"index 'milvus': Milvus Lite indexes with {', '.join(LITE_INDEX_TYPES)}, not "
-                          f"{opts['index_type']!r}; other index types need a Milvus server (uri=http://host:19530)")
+        raise ConfigError(
+            f"index 'milvus': Milvus Lite indexes with {', '.join(LITE_INDEX_TYPES)}, not "
+            f"{opts['index_type']!r}; other index types need a Milvus server (uri=http://host:19530)"
+        )
     return opts
 
 
@@ -292,8 +310,14 @@ class MilvusIndex:
 
     # -- building and reopening --
     @classmethod
-    def build(cls, vectors, options: Mapping[str, Any], keys: Sequence[str] | None = None,
-              runs: np.ndarray | None = None, poses: np.ndarray | None = None) -> "MilvusIndex":
+    def build(
+        cls,
+        vectors,
+        options: Mapping[str, Any],
+        keys: Sequence[str] | None = None,
+        runs: np.ndarray | None = None,
+        poses: np.ndarray | None = None,
+    ) -> "MilvusIndex":
         """A fresh collection (any old one of the same name is dropped) holding ``vectors`` as rows 0…N-1.
 
         ``vectors`` may be a row source larger than RAM: it is read and inserted chunk by chunk.
@@ -301,8 +325,10 @@ class MilvusIndex:
         rows = _rows(vectors)
         dim = int(rows.shape[1])
         if not 0 < dim <= MAX_DIM:
-            raise ConfigError(f"Milvus holds vectors of 1..{MAX_DIM} dimensions; the map's descriptors have {dim} "
-                              f"(use a preset with PCA, or the faiss backend)")
+            raise ConfigError(
+                f"Milvus holds vectors of 1..{MAX_DIM} dimensions; the map's descriptors have {dim} "
+                f"(use a preset with PCA, or the faiss backend)"
+            )
         client = _connect(options["uri"], options.get("token_env"))
         try:
             name = options["collection"]
@@ -359,13 +385,22 @@ class MilvusIndex:
         state = _read_state(map_dir)
         if state is None:
             return None
-        expected = {"uri": opts["uri"], "collection": opts["collection"], "index_type": opts["index_type"],
-                    "index_params": opts["index_params"], "metric": opts["metric"], "ntotal": n,
-                    "rows_sha256": rows.digest(n)}
+        expected = {
+            "uri": opts["uri"],
+            "collection": opts["collection"],
+            "index_type": opts["index_type"],
+            "index_params": opts["index_params"],
+            "metric": opts["metric"],
+            "ntotal": n,
+            "rows_sha256": rows.digest(n),
+        }
         changed = [k for k, v in expected.items() if state.get(k) != v]
         if changed:
-            logger.info("the Milvus collection of %s is stale (%s differ); rebuilding it from the store",
-                        map_dir, ", ".join(changed))
+            logger.info(
+                "the Milvus collection of %s is stale (%s differ); rebuilding it from the store",
+                map_dir,
+                ", ".join(changed),
+            )
             return None
         client = _connect(opts["uri"], opts.get("token_env"))
         try:
@@ -377,13 +412,17 @@ class MilvusIndex:
             ids = _read_ids(client, opts["collection"], int(state.get("next_id", 0)))
         except Exception as exc:  # noqa: BLE001
             _release(opts["uri"], client)
-            logger.warning("Milvus collection %s is unreadable (%s); rebuilding it from the store", opts["collection"],
-                           getattr(exc, "message", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+            logger.warning(
+                "Milvus collection %s is unreadable (%s); rebuilding it from the store",
+                opts["collection"],
+                getattr(exc, "message", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[0],
+            )
             return None
         if len(ids) != n:
             _release(opts["uri"], client)
-            logger.warning("Milvus collection %s holds %d rows, the store %d; rebuilding it", opts["collection"],
-                           len(ids), n)
+            logger.warning(
+                "Milvus collection %s holds %d rows, the store %d; rebuilding it", opts["collection"], len(ids), n
+            )
             return None
         index = cls(client, opts, int(state.get("dim", 0)), ids, int(state.get("next_id", 0)))
         if n and state.get("poses_sha256") != rows.poses_digest(n):  # poses set while the collection was closed
@@ -399,12 +438,21 @@ class MilvusIndex:
         """Flush the collection and record in ``milvus.json`` what it holds (so a reopen can tell it is current)."""
         self.client.flush(self.collection)
         rows = _MapRows(map_dir)
-        atomic_write_json(Path(map_dir) / STATE_FILE, {
-            "uri": self.options["uri"], "collection": self.collection, "index_type": self.options["index_type"],
-            "index_params": self.options["index_params"], "metric": self.options["metric"], "dim": self.dim,
-            "ntotal": self.ntotal, "next_id": self.next_id,
-            "rows_sha256": rows.digest() if len(rows.keys) == self.ntotal else None,
-            "poses_sha256": rows.poses_digest() if len(rows.keys) == self.ntotal else None})
+        atomic_write_json(
+            Path(map_dir) / STATE_FILE,
+            {
+                "uri": self.options["uri"],
+                "collection": self.collection,
+                "index_type": self.options["index_type"],
+                "index_params": self.options["index_params"],
+                "metric": self.options["metric"],
+                "dim": self.dim,
+                "ntotal": self.ntotal,
+                "next_id": self.next_id,
+                "rows_sha256": rows.digest() if len(rows.keys) == self.ntotal else None,
+                "poses_sha256": rows.poses_digest() if len(rows.keys) == self.ntotal else None,
+            },
+        )
 
     def close(self) -> None:
         """Close the connection (and stop Milvus Lite's server when no other index uses it)."""
@@ -415,8 +463,13 @@ class MilvusIndex:
     def ntotal(self) -> int:
         return int(len(self.ids))
 
-    def add(self, vectors: np.ndarray, keys: Sequence[str] | None = None, runs: np.ndarray | None = None,
-            poses: np.ndarray | None = None) -> None:
+    def add(
+        self,
+        vectors: np.ndarray,
+        keys: Sequence[str] | None = None,
+        runs: np.ndarray | None = None,
+        poses: np.ndarray | None = None,
+    ) -> None:
         """Append rows ``ntotal …`` (with their keys, runs and poses when given)."""
         rows = _rows(vectors)
         if rows.shape[1] != self.dim:
@@ -442,14 +495,19 @@ class MilvusIndex:
         for start, stop in _chunks(len(ids), self._rows_per_request()):
             wanted = ids[start:stop]
             try:
-                found = self.client.query(self.collection, filter=f"{F_ID} in {wanted.tolist()}", output_fields=fields,
-                                          limit=len(wanted))
+                found = self.client.query(
+                    self.collection, filter=f"{F_ID} in {wanted.tolist()}", output_fields=fields, limit=len(wanted)
+                )
                 by_id = {int(r[F_ID]): r for r in found}
                 missing = [int(i) for i in wanted if int(i) not in by_id]
                 if missing:
-                    raise MapError(f"Milvus collection {self.collection!r} lacks the entities {missing[:5]} of the map's rows")
-                entities = [{**{f: by_id[int(i)][f] for f in fields}, F_EAST: float(p[0]), F_NORTH: float(p[1])}
-                            for i, p in zip(wanted, xy[start:stop])]
+                    raise MapError(
+                        f"Milvus collection {self.collection!r} lacks the entities {missing[:5]} of the map's rows"
+                    )
+                entities = [
+                    {**{f: by_id[int(i)][f] for f in fields}, F_EAST: float(p[0]), F_NORTH: float(p[1])}
+                    for i, p in zip(wanted, xy[start:stop])
+                ]
                 self.client.upsert(self.collection, entities)
             except MapError:
                 raise
@@ -463,8 +521,11 @@ class MilvusIndex:
         same = (held == want) | (np.isnan(held) & np.isnan(want))
         changed = np.flatnonzero(~same.all(axis=1))
         if len(changed):
-            logger.info("rewriting the pose fields of %d row(s) of Milvus collection %s (set while it was closed)",
-                        len(changed), self.collection)
+            logger.info(
+                "rewriting the pose fields of %d row(s) of Milvus collection %s (set while it was closed)",
+                len(changed),
+                self.collection,
+            )
             self.set_poses(changed, want[changed])
 
     def remove(self, rows: Sequence[int]) -> None:
@@ -477,7 +538,7 @@ class MilvusIndex:
         gone = self.ids[drop]
         step = MAX_QUERIES_PER_REQUEST
         for start in range(0, len(gone), step):
-            self.client.delete(self.collection, ids=gone[start:start + step].tolist())
+            self.client.delete(self.collection, ids=gone[start : start + step].tolist())
         self.ids = np.delete(self.ids, drop)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -491,8 +552,14 @@ class MilvusIndex:
         scores = np.full((len(q), k), -np.inf, np.float32)
         params = {"metric_type": self.options["metric"], "params": dict(self.options["search_params"])}
         for start, stop in _chunks(len(q), self._rows_per_request()):
-            hits = self.client.search(self.collection, data=q[start:stop].tolist(), limit=k, anns_field=F_VECTOR,
-                                      search_params=params, output_fields=[])
+            hits = self.client.search(
+                self.collection,
+                data=q[start:stop].tolist(),
+                limit=k,
+                anns_field=F_VECTOR,
+                search_params=params,
+                output_fields=[],
+            )
             for i, found in enumerate(hits):
                 if not found:
                     continue
@@ -501,8 +568,8 @@ class MilvusIndex:
                 pos = np.searchsorted(self.ids, ids)
                 ok = (pos < len(self.ids)) & (self.ids[np.minimum(pos, len(self.ids) - 1)] == ids)
                 pos, sims = pos[ok], sims[ok]
-                rows[start + i, :len(pos)] = pos
-                scores[start + i, :len(pos)] = sims
+                rows[start + i, : len(pos)] = pos
+                scores[start + i, : len(pos)] = sims
         return rows, scores
 
     # -- helpers --
@@ -524,9 +591,17 @@ class MilvusIndex:
         new_ids = np.arange(self.next_id, self.next_id + n, dtype=np.int64)
         for start, stop in _chunks(n, self._rows_per_request()):
             chunk = np.asarray(x[start:stop], dtype=np.float32)
-            rows = [{F_ID: int(new_ids[i]), F_IMAGE: keys[i][:MAX_KEY_CHARS], F_RUN: int(runs[i]),
-                     F_EAST: float(poses[i, 0]), F_NORTH: float(poses[i, 1]), F_VECTOR: v.tolist()}
-                    for i, v in zip(range(start, stop), chunk)]
+            rows = [
+                {
+                    F_ID: int(new_ids[i]),
+                    F_IMAGE: keys[i][:MAX_KEY_CHARS],
+                    F_RUN: int(runs[i]),
+                    F_EAST: float(poses[i, 0]),
+                    F_NORTH: float(poses[i, 1]),
+                    F_VECTOR: v.tolist(),
+                }
+                for i, v in zip(range(start, stop), chunk)
+            ]
             try:
                 self.client.insert(self.collection, rows)
             except Exception as exc:  # noqa: BLE001
@@ -561,8 +636,9 @@ def _chunks(n: int, size: int):
 
 def _schema(dim: int):
     pymilvus = _pymilvus()
-    schema = pymilvus.MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False,
-                                                 description="vprkit map: one entity per map row")
+    schema = pymilvus.MilvusClient.create_schema(
+        auto_id=False, enable_dynamic_field=False, description="vprkit map: one entity per map row"
+    )
     schema.add_field(F_ID, pymilvus.DataType.INT64, is_primary=True)
     schema.add_field(F_IMAGE, pymilvus.DataType.VARCHAR, max_length=MAX_KEY_CHARS)
     schema.add_field(F_RUN, pymilvus.DataType.INT64)
@@ -574,8 +650,12 @@ def _schema(dim: int):
 
 def _index_params(client, options: Mapping[str, Any]):
     params = client.prepare_index_params()
-    params.add_index(field_name=F_VECTOR, index_type=options["index_type"], metric_type=options["metric"],
-                     params=dict(options["index_params"]))
+    params.add_index(
+        field_name=F_VECTOR,
+        index_type=options["index_type"],
+        metric_type=options["metric"],
+        params=dict(options["index_params"]),
+    )
     return params
 
 
@@ -588,8 +668,9 @@ def _read_ids(client, collection: str, next_id: int) -> np.ndarray:
     """
     ids: list[np.ndarray] = []
     for lo in range(0, max(0, int(next_id)), ID_PAGE):
-        page = client.query(collection, filter=f"{F_ID} >= {lo} and {F_ID} < {lo + ID_PAGE}", output_fields=[F_ID],
-                            limit=ID_PAGE)
+        page = client.query(
+            collection, filter=f"{F_ID} >= {lo} and {F_ID} < {lo + ID_PAGE}", output_fields=[F_ID], limit=ID_PAGE
+        )
         ids.append(np.fromiter((int(r[F_ID]) for r in page), np.int64, len(page)))
     return np.unique(np.concatenate(ids)) if ids else np.zeros(0, np.int64)
 
@@ -601,8 +682,12 @@ def _read_poses(client, collection: str, next_id: int, ids: np.ndarray) -> np.nd
     """
     out = np.full((len(ids), 2), np.nan)
     for lo in range(0, max(0, int(next_id)), ID_PAGE):
-        page = client.query(collection, filter=f"{F_ID} >= {lo} and {F_ID} < {lo + ID_PAGE}",
-                            output_fields=[F_ID, F_EAST, F_NORTH], limit=ID_PAGE)
+        page = client.query(
+            collection,
+            filter=f"{F_ID} >= {lo} and {F_ID} < {lo + ID_PAGE}",
+            output_fields=[F_ID, F_EAST, F_NORTH],
+            limit=ID_PAGE,
+        )
         if not page:
             continue
         got = np.fromiter((int(r[F_ID]) for r in page), np.int64, len(page))
@@ -621,5 +706,13 @@ def _milvus_error(what: str, exc: Exception) -> MapError | ConfigError:
     return MapError(f"{what}: {reason}")
 
 
-__all__ = ["MilvusIndex", "BACKEND_NAME", "LITE_DB", "STATE_FILE", "collection_name", "poses_digest", "resolve_options",
-           "rows_digest"]
+__all__ = [
+    "MilvusIndex",
+    "BACKEND_NAME",
+    "LITE_DB",
+    "STATE_FILE",
+    "collection_name",
+    "poses_digest",
+    "resolve_options",
+    "rows_digest",
+]

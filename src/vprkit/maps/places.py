@@ -78,7 +78,9 @@ def parse_pose(pose: Mapping[str, Any] | None, crs: Any = None) -> Pose:
     known = {"easting", "northing", "lat", "lon", "heading", "timestamp"}
     unknown = sorted(set(pose) - known)
     if unknown:
-        raise ConfigError(f"unknown pose field(s) {', '.join(unknown)}; use easting+northing or lat+lon, heading, timestamp")
+        raise ConfigError(
+            f"unknown pose field(s) {', '.join(unknown)}; use easting+northing or lat+lon, heading, timestamp"
+        )
     e, n, lat, lon = (_finite(pose, k) for k in ("easting", "northing", "lat", "lon"))
     metric, geographic = (e, n) != (None, None), (lat, lon) != (None, None)
     if metric and geographic:
@@ -102,8 +104,15 @@ def parse_pose(pose: Mapping[str, Any] | None, crs: Any = None) -> Pose:
 
 def check_key(key: str) -> str:
     """``key`` if it can name a place (and its file under ``live-images/``), else a :class:`ConfigError`."""
-    if not isinstance(key, str) or not key or len(key) > MAX_KEY_CHARS or not KEY_PATTERN.fullmatch(key) \
-            or any(part in (".", "..") for part in key.split("/")):
-        raise ConfigError(f"place id {key!r} is not usable: 1–{MAX_KEY_CHARS} characters of letters, digits, '_', '-', "
-                          f"'.', with '/' between non-empty parts (no '.' or '..' parts)")
+    if (
+        not isinstance(key, str)
+        or not key
+        or len(key) > MAX_KEY_CHARS
+        or not KEY_PATTERN.fullmatch(key)
+        or any(part in (".", "..") for part in key.split("/"))
+    ):
+        raise ConfigError(
+            f"place id {key!r} is not usable: 1–{MAX_KEY_CHARS} characters of letters, digits, '_', '-', "
+            f"'.', with '/' between non-empty parts (no '.' or '..' parts)"
+        )
     return key

@@ -43,8 +43,13 @@ def describe_crs(crs: Mapping[str, Any]) -> str:
     return f"local {crs.get('unit', 'm')}"
 
 
-def pose_rows(poses: str | os.PathLike | np.ndarray | None, keys: Sequence[str], crs: str | dict | None = None,
-              previous_crs: dict | None = None, has_poses: bool = False) -> PoseRows:
+def pose_rows(
+    poses: str | os.PathLike | np.ndarray | None,
+    keys: Sequence[str],
+    crs: str | dict | None = None,
+    previous_crs: dict | None = None,
+    has_poses: bool = False,
+) -> PoseRows:
     """The poses of ``keys`` (NaN where unknown), their frame, and what a CSV matched.
 
     The frame is the one stated (``crs``), else the CSV's (UTM of its lat/lon, local metres for
@@ -61,8 +66,10 @@ def pose_rows(poses: str | os.PathLike | np.ndarray | None, keys: Sequence[str],
     else:
         rows = _csv_rows(poses, keys, stated, previous)
     if previous and has_poses and rows.frame and rows.frame != previous:
-        raise MapError(f"the map's poses are in {describe_crs(previous)} but these are in {describe_crs(rows.frame)}; "
-                       f"give poses in the map's frame (or build another map)")
+        raise MapError(
+            f"the map's poses are in {describe_crs(previous)} but these are in {describe_crs(rows.frame)}; "
+            f"give poses in the map's frame (or build another map)"
+        )
     return rows
 
 
@@ -73,21 +80,34 @@ def _checked_array(poses: np.ndarray, n: int) -> np.ndarray:
 
 
 def _csv_rows(path: str | os.PathLike, keys: Sequence[str], stated: dict | None, previous: dict | None) -> PoseRows:
-    target = stated if stated and stated["kind"] == "utm" else (previous if previous and previous["kind"] == "utm" else None)
-    table = read_poses(path, zone=target["zone"] if target else None,
-                       northern=target["hemisphere"] == "N" if target else None)
+    target = (
+        stated if stated and stated["kind"] == "utm" else (previous if previous and previous["kind"] == "utm" else None)
+    )
+    table = read_poses(
+        path, zone=target["zone"] if target else None, northern=target["hemisphere"] == "N" if target else None
+    )
     if table.utm_zone is None:  # easting/northing: the frame stated, or the map's, or local metres
         frame = stated or previous or dict(LOCAL_CRS)
     else:
         frame = table.crs
         if stated and stated["kind"] == "local":
-            raise MapError(f"{path} gives lat/lon but the stated frame is local metres; drop --crs or give easting,northing")
+            raise MapError(
+                f"{path} gives lat/lon but the stated frame is local metres; drop --crs or give easting,northing"
+            )
     names = list(keys)
     matched, match_report = match_poses(table, names)
-    report = {**match_report.to_dict(), "has_headings": table.headings is not None,
-              "has_timestamps": table.timestamps is not None}
-    return PoseRows(matched.lookup(names), matched.lookup_column("headings", names),
-                    matched.lookup_column("timestamps", names), frame, report)
+    report = {
+        **match_report.to_dict(),
+        "has_headings": table.headings is not None,
+        "has_timestamps": table.timestamps is not None,
+    }
+    return PoseRows(
+        matched.lookup(names),
+        matched.lookup_column("headings", names),
+        matched.lookup_column("timestamps", names),
+        frame,
+        report,
+    )
 
 
 @dataclass
@@ -101,8 +121,14 @@ class PoseUpdate:
     frame: dict[str, Any]
 
 
-def pose_updates(poses: Mapping[str, Any], keys: list[str], current_xy: np.ndarray, current_h: np.ndarray,
-                 current_t: np.ndarray, crs: dict) -> PoseUpdate:
+def pose_updates(
+    poses: Mapping[str, Any],
+    keys: list[str],
+    current_xy: np.ndarray,
+    current_h: np.ndarray,
+    current_t: np.ndarray,
+    crs: dict,
+) -> PoseUpdate:
     """Rows for :meth:`MapStore.update_poses` from ``key → (easting, northing)`` or ``key → {easting, northing |
     lat, lon, heading, timestamp}`` (see :func:`vprkit.datasets.poses.project_pose`); values not given keep the
     map's. The frame is the map's; UTM once lat/lon land in a map without poses."""

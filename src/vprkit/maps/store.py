@@ -200,8 +200,11 @@ def _check_layout(f: h5py.File, path: Path) -> None:
         if name not in f or not isinstance(f[name], h5py.Dataset):
             raise ValueError(f"no /{name} dataset")
     n = f["keys"].shape[0] if f["keys"].ndim == 1 else -1
-    datasets = ([f["keys"], f["global"], f["poses"]] + [f[c] for c in ROW_COLUMNS if c in f]
-                + [f[f"entries/{k}"] for k in ENTRY_FIELDS if f"entries/{k}" in f])
+    datasets = (
+        [f["keys"], f["global"], f["poses"]]
+        + [f[c] for c in ROW_COLUMNS if c in f]
+        + [f[f"entries/{k}"] for k in ENTRY_FIELDS if f"entries/{k}" in f]
+    )
     for ds in datasets:
         if ds.ndim < 1 or ds.shape[0] != n:
             raise ValueError(f"/{ds.name.lstrip('/')} has shape {ds.shape}, the store {n} rows")
@@ -246,12 +249,21 @@ def _checked_column(values: np.ndarray | None, n: int, what: str) -> np.ndarray:
     return values
 
 
-def _write_rows(f: h5py.File, keys: list[str], vectors: np.ndarray, poses: np.ndarray, dtype,
-                headings: np.ndarray | None = None, timestamps: np.ndarray | None = None) -> None:
+def _write_rows(
+    f: h5py.File,
+    keys: list[str],
+    vectors: np.ndarray,
+    poses: np.ndarray,
+    dtype,
+    headings: np.ndarray | None = None,
+    timestamps: np.ndarray | None = None,
+) -> None:
     n = len(keys)
     f.create_dataset("keys", data=_key_array(keys))
     chunk_rows = max(1, min(n, 1024))
-    f.create_dataset("global", data=vectors.astype(dtype), chunks=(chunk_rows, vectors.shape[1]) if n and vectors.shape[1] else None)
+    f.create_dataset(
+        "global", data=vectors.astype(dtype), chunks=(chunk_rows, vectors.shape[1]) if n and vectors.shape[1] else None
+    )
     f.create_dataset("poses", data=poses.astype(np.float64))
     f.create_dataset("headings", data=_checked_column(headings, n, "headings"))
     f.create_dataset("timestamps", data=_checked_column(timestamps, n, "timestamps"))
@@ -344,7 +356,7 @@ class MapStore:
             return []
         out = []
         for p in self.live.glob(f"{LIVE_PREFIX}*{LIVE_SUFFIX}"):
-            digits = p.name[len(LIVE_PREFIX):-len(LIVE_SUFFIX)]
+            digits = p.name[len(LIVE_PREFIX) : -len(LIVE_SUFFIX)]
             if digits.isdigit():
                 out.append((int(digits), p))
         return sorted(out)
@@ -487,7 +499,9 @@ class MapStore:
         vectors = np.asarray(vectors)
         if vectors.ndim != 2 or vectors.shape[0] != n:
             raise MapError(f"{n} keys need {n}×dim descriptors, got {vectors.shape}")
-        poses = np.full((n, POSE_DIMS), np.nan) if poses is None else np.asarray(poses, np.float64).reshape(-1, POSE_DIMS)
+        poses = (
+            np.full((n, POSE_DIMS), np.nan) if poses is None else np.asarray(poses, np.float64).reshape(-1, POSE_DIMS)
+        )
         if poses.shape != (n, POSE_DIMS):
             raise MapError(f"{n} keys need {n}×{POSE_DIMS} poses, got {poses.shape}")
         if extras is not None and len(extras) != n:
@@ -511,8 +525,10 @@ class MapStore:
             snap.release()
         clash = [k for k in keys if k in present]
         if clash:
-            raise MapError(f"{len(clash)} key(s) already in the map ({', '.join(repr(k) for k in clash[:5])}); "
-                           f"remove them first or choose other names")
+            raise MapError(
+                f"{len(clash)} key(s) already in the map ({', '.join(repr(k) for k in clash[:5])}); "
+                f"remove them first or choose other names"
+            )
         if dim is not None and snap.n and vectors.shape[1] != dim:
             raise MapError(f"descriptors are {vectors.shape[1]}-d, the map's {dim}-d")
         self.live.mkdir(parents=True, exist_ok=True)
@@ -560,7 +576,9 @@ class MapStore:
         snap = self._open_snapshot()
         try:
             live_seq = max([snap.absorbed, *(s for s, _ in self._live_files())])
-            sources: list[tuple[Path, h5py.File, int]] = [(p, f, int(o)) for p, f, o in zip(snap.paths, snap.files, snap.offsets)]
+            sources: list[tuple[Path, h5py.File, int]] = [
+                (p, f, int(o)) for p, f, o in zip(snap.paths, snap.files, snap.offsets)
+            ]
             opened = []
             try:
                 for s in shards:
@@ -589,8 +607,10 @@ class MapStore:
         if not wanted:
             return np.zeros(0, np.int64)
         if self.shards():
-            raise MapError(f"{self.dir} holds an interrupted build ({PENDING_DIR}/); finish it (re-run the same "
-                           f"`vprkit map build`) before removing places")
+            raise MapError(
+                f"{self.dir} holds an interrupted build ({PENDING_DIR}/); finish it (re-run the same "
+                f"`vprkit map build`) before removing places"
+            )
         snap = self._open_snapshot()
         try:
             row_of: dict[str, int] = {}
@@ -617,8 +637,9 @@ class MapStore:
             self._fold(include_pending=False, drop=frozenset(int(r) for r in rows))
         return rows
 
-    def set_pose(self, key: str, xy: tuple[float, float] | None, heading: float | None = None,
-                 timestamp: float | None = None) -> int:
+    def set_pose(
+        self, key: str, xy: tuple[float, float] | None, heading: float | None = None, timestamp: float | None = None
+    ) -> int:
         """Set one row's pose, atomically and durably; returns its row.
 
         ``xy`` (easting, northing) metres in the map's CRS, ``heading`` degrees, ``timestamp`` epoch
@@ -653,8 +674,14 @@ class MapStore:
         self._after_write()
         return off + local
 
-    def update_poses(self, keys: Sequence[str], xy: np.ndarray, skip: Iterable[str] = (),
-                     headings: np.ndarray | None = None, timestamps: np.ndarray | None = None) -> int:
+    def update_poses(
+        self,
+        keys: Sequence[str],
+        xy: np.ndarray,
+        skip: Iterable[str] = (),
+        headings: np.ndarray | None = None,
+        timestamps: np.ndarray | None = None,
+    ) -> int:
         """Set the poses (and headings/timestamps, when given) of the stored rows among ``keys``, except ``skip``.
 
         ``xy`` (and the optional columns) are aligned with ``keys``. Returns how many rows changed.
@@ -669,7 +696,10 @@ class MapStore:
         new = current.copy()
         new[has] = np.asarray(xy, np.float64)[pick[has]]
         cols = {}
-        for name, given, read in (("headings", headings, self.read_headings), ("timestamps", timestamps, self.read_timestamps)):
+        for name, given, read in (
+            ("headings", headings, self.read_headings),
+            ("timestamps", timestamps, self.read_timestamps),
+        ):
             if given is None:
                 continue
             now = read()
@@ -700,15 +730,15 @@ class MapStore:
         finally:
             snap.release()
         for path, off, count in parts:
-            if not changed[off:off + count].any():
+            if not changed[off : off + count].any():
                 continue
             with _edited_copy(path) as f:
-                f["poses"][...] = poses[off:off + count]
+                f["poses"][...] = poses[off : off + count]
                 for name, values in columns.items():
                     if name in f:
-                        f[name][...] = values[off:off + count]
+                        f[name][...] = values[off : off + count]
                     else:
-                        f.create_dataset(name, data=values[off:off + count])
+                        f.create_dataset(name, data=values[off : off + count])
         self._after_write()
 
     # ---- reading -------------------------------------------------------------------------
@@ -774,8 +804,10 @@ class MapStore:
         self._require()
         with self._reading() as snap:
             parts = [_entries_of(f, c) for f, c in zip(snap.files, snap.counts)]
-        return {name: np.concatenate([p[name] for p in parts]) if parts else unknown_entries(0)[name]
-                for name in ENTRY_FIELDS}
+        return {
+            name: np.concatenate([p[name] for p in parts]) if parts else unknown_entries(0)[name]
+            for name in ENTRY_FIELDS
+        }
 
     def entry_table(self, include_pending: bool = True) -> dict[str, "StoredEntry"]:
         """key → :class:`StoredEntry` (content SHA-256 hex, file size, file time, run) of every stored row (and pending shard rows).
@@ -788,8 +820,12 @@ class MapStore:
             keys = _decode_keys(f["keys"][()])
             cols = _entries_of(f, len(keys))
             for i, key in enumerate(keys):
-                table[key] = StoredEntry(cols["content_sha256"][i].decode(), int(cols["file_size"][i]),
-                                         float(cols["file_mtime"][i]), int(cols["run"][i]))
+                table[key] = StoredEntry(
+                    cols["content_sha256"][i].decode(),
+                    int(cols["file_size"][i]),
+                    float(cols["file_mtime"][i]),
+                    int(cols["run"][i]),
+                )
 
         if self.path.exists() or self._live_files():
             snap = self._open_snapshot()
@@ -868,19 +904,24 @@ def _rewrite(dest: Path, sources: list[tuple[Path, h5py.File, int]], dtype, drop
         dim = dims[0] if dims else 0
     with _atomic_h5(dest) as out:
         out.attrs[ABSORBED_ATTR] = int(absorbed)
-        gds = out.create_dataset("global", shape=(total, dim), dtype=dtype,
-                                 chunks=(max(1, min(total, 1024)), dim) if total and dim else None)
+        gds = out.create_dataset(
+            "global", shape=(total, dim), dtype=dtype, chunks=(max(1, min(total, 1024)), dim) if total and dim else None
+        )
         pds = out.create_dataset("poses", shape=(total, POSE_DIMS), dtype=np.float64)
-        cds = {name: out.create_dataset(name, shape=(total,), dtype=np.float64, fillvalue=np.nan) for name in ROW_COLUMNS}
-        eds = {name: out.create_dataset(f"entries/{name}", shape=(total,), dtype=edtype, fillvalue=fill)
-               for name, (edtype, fill) in ENTRY_FIELDS.items()}
+        cds = {
+            name: out.create_dataset(name, shape=(total,), dtype=np.float64, fillvalue=np.nan) for name in ROW_COLUMNS
+        }
+        eds = {
+            name: out.create_dataset(f"entries/{name}", shape=(total,), dtype=edtype, fillvalue=fill)
+            for name, (edtype, fill) in ENTRY_FIELDS.items()
+        }
         all_keys: list[str] = []
         row = 0
         for f, take, keys in plans:
             if not take.size:
                 continue
             for start in range(0, take.size, COPY_CHUNK_ROWS):
-                idx = take[start:start + COPY_CHUNK_ROWS]
+                idx = take[start : start + COPY_CHUNK_ROWS]
                 at = slice(row + start, row + start + idx.size)
                 gds[at] = f["global"][idx].astype(dtype)
                 pds[at] = f["poses"][idx]

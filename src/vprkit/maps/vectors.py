@@ -42,8 +42,13 @@ NPY_PREAMBLE = len(NPY_MAGIC) + 2  # magic, version, little-endian uint16 header
 
 def _header(shape: tuple[int, int], dtype: np.dtype) -> bytes:
     """A version-1.0 ``.npy`` header of exactly :data:`HEADER_BYTES` bytes for a C-ordered array."""
-    text = repr({"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
-                 "shape": tuple(int(s) for s in shape)})
+    text = repr(
+        {
+            "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+            "fortran_order": False,
+            "shape": tuple(int(s) for s in shape),
+        }
+    )
     body_len = HEADER_BYTES - NPY_PREAMBLE
     if len(text) + 1 > body_len:
         raise MapError(f"descriptor file header for shape {shape} does not fit {HEADER_BYTES} bytes")
@@ -64,7 +69,9 @@ def _read_header(path: Path) -> tuple[tuple[int, int], np.dtype]:
         raise MapError(f"{path} has an unexpected layout (shape {shape}); it is rebuilt from the store")
     size = path.stat().st_size
     if size < offset + int(np.prod(shape)) * dtype.itemsize:
-        raise MapError(f"{path} is shorter than its header says ({size:,} bytes for {shape}); it is rebuilt from the store")
+        raise MapError(
+            f"{path} is shorter than its header says ({size:,} bytes for {shape}); it is rebuilt from the store"
+        )
     return (int(shape[0]), int(shape[1])), dtype
 
 
@@ -73,8 +80,9 @@ def chunk_rows(dim: int, itemsize: int = 4) -> int:
     return max(1, COPY_CHUNK_BYTES // max(1, dim * itemsize))
 
 
-def write_descriptors(path: str | os.PathLike, chunks: Iterable[np.ndarray], dim: int,
-                      dtype: str = "float32") -> "DescriptorFile":
+def write_descriptors(
+    path: str | os.PathLike, chunks: Iterable[np.ndarray], dim: int, dtype: str = "float32"
+) -> "DescriptorFile":
     """Write the row blocks of ``chunks`` (each n×dim) as a new descriptor file, atomically."""
     path = Path(path)
     np_dtype = np.dtype(DESCRIPTOR_DTYPES[dtype])
@@ -134,10 +142,10 @@ class DescriptorFile:
         step = chunk_rows(self.dim, self.dtype.itemsize)
         if keep is None:
             for start in range(0, len(self), step):
-                yield np.asarray(self.array[start:start + step])
+                yield np.asarray(self.array[start : start + step])
         else:
             for start in range(0, len(keep), step):
-                yield np.asarray(self.array[keep[start:start + step]])
+                yield np.asarray(self.array[keep[start : start + step]])
 
     def append(self, vectors: np.ndarray) -> None:
         """Add rows at the end: data first (flushed), then the header's row count (see the module doc)."""
@@ -179,8 +187,6 @@ def open_descriptors(map_dir: str | os.PathLike) -> DescriptorFile | None:
         return None
 
 
-
-
 class MemoryDescriptors:
     """Full-precision rows held in RAM, with the interface of :class:`DescriptorFile`.
 
@@ -218,7 +224,7 @@ class MemoryDescriptors:
         src = self._array if keep is None else self._array[keep]
         step = chunk_rows(self.dim, self.dtype.itemsize)
         for start in range(0, len(src), step):
-            yield src[start:start + step]
+            yield src[start : start + step]
 
     def append(self, vectors: np.ndarray) -> None:
         x = np.asarray(vectors, dtype=self.dtype)
@@ -228,7 +234,6 @@ class MemoryDescriptors:
 
     def remove(self, rows: Sequence[int]) -> None:
         self._array = np.delete(self._array, np.unique(np.asarray(list(rows), dtype=np.int64)), axis=0)
-
 
 
 class RowSource:
@@ -253,4 +258,12 @@ class RowSource:
         return np.asarray(self._read(rows), dtype=np.float32)
 
 
-__all__ = ["RowSource", "DESCRIPTORS_FILE", "DescriptorFile", "MemoryDescriptors", "write_descriptors", "open_descriptors", "chunk_rows"]
+__all__ = [
+    "RowSource",
+    "DESCRIPTORS_FILE",
+    "DescriptorFile",
+    "MemoryDescriptors",
+    "write_descriptors",
+    "open_descriptors",
+    "chunk_rows",
+]

@@ -28,8 +28,18 @@ from .build import build_map
 from .benchmarking import compare, evaluate
 from .inspection import explain, match_two
 from .interop import export_hloc, import_hloc
-from .localization import (RERANK_OFF, Match, QueryImages, QueryResult, get_reranker, localize, query_batches, query_source,
-                       rerank_settings, search)
+from .localization import (
+    RERANK_OFF,
+    Match,
+    QueryImages,
+    QueryResult,
+    get_reranker,
+    localize,
+    query_batches,
+    query_source,
+    rerank_settings,
+    search,
+)
 from .maintain import map_info, remove_places, update_place_poses
 from .models import load_backbone, needs_vocabulary, resolve_config
 from .open import Map, open_map
@@ -37,9 +47,35 @@ from .recipes import add_pca, train
 from .vocabularies import analyse_dataset_domains, build_domain_vocabulary, pick_domain
 
 __all__ = [
-    "Map", "Match", "QueryImages", "QueryResult", "RECALL_NS", "RERANK_OFF", "add_pca", "analyse_dataset_domains",
-    "build_domain_vocabulary", "build_map", "compare", "evaluate", "explain", "export_hloc", "get_reranker",
-    "import_hloc", "load_backbone", "localize", "map_info", "match_two", "needs_vocabulary", "open_map", "pick_domain",
-    "query_batches", "query_source", "remove_places", "rerank_settings", "resolve_config", "search", "train",
+    "Map",
+    "Match",
+    "QueryImages",
+    "QueryResult",
+    "RECALL_NS",
+    "RERANK_OFF",
+    "add_pca",
+    "analyse_dataset_domains",
+    "build_domain_vocabulary",
+    "build_map",
+    "compare",
+    "evaluate",
+    "explain",
+    "export_hloc",
+    "get_reranker",
+    "import_hloc",
+    "load_backbone",
+    "localize",
+    "map_info",
+    "match_two",
+    "needs_vocabulary",
+    "open_map",
+    "pick_domain",
+    "query_batches",
+    "query_source",
+    "remove_places",
+    "rerank_settings",
+    "resolve_config",
+    "search",
+    "train",
     "update_place_poses",
 ]

@@ -83,7 +83,7 @@ class RequestBatcher:
             results = runner(named, batch[0].settings)
             start = 0
             for request in batch:
-                mine = results[start:start + len(request.frames)]
+                mine = results[start : start + len(request.frames)]
                 request.results = [dataclasses.replace(r, query=key) for r, key in zip(mine, request.frames)]
                 start += len(request.frames)
         except BaseException as exc:  # every request of the batch gets the error (it is not about one frame)

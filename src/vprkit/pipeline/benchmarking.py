@@ -67,7 +67,9 @@ def evaluate(
     """
     ds = load_dataset(dataset, data_root=data_root) if isinstance(dataset, (str, os.PathLike)) else dataset
     if ds.ground_truth is None:
-        raise ConfigError(f"dataset {ds.name} has no ground truth; use `vprkit map build` and `vprkit localize` instead")
+        raise ConfigError(
+            f"dataset {ds.name} has no ground truth; use `vprkit map build` and `vprkit localize` instead"
+        )
     config = resolve_config(preset)
     settings = rerank_settings(config, rerank)
     seq = sequences.sequence_settings(sequence_length, defaults=sequences.OFFLINE_DEFAULTS)
@@ -81,8 +83,14 @@ def evaluate(
     try:
         with PeakMemory() as mem:
             t0 = time.perf_counter()
-            build_map(FolderImages(ds.database_dir, ds.database_images), run_dir / "map", config,
-                      poses=ds.database_poses, progress=progress, log=log)
+            build_map(
+                FolderImages(ds.database_dir, ds.database_images),
+                run_dir / "map",
+                config,
+                poses=ds.database_poses,
+                progress=progress,
+                log=log,
+            )
             build_s = time.perf_counter() - t0
             m = open_map(run_dir / "map")
             reranker = get_reranker(m, settings if settings is not None else RERANK_OFF, log)
@@ -92,8 +100,15 @@ def evaluate(
             log(f"query not evaluated (counts as a failure): {msg}")
         summary = _summary(ds, config, settings, seq, queries, ns, no_positive, build_s, mem.peak_mb)
         if out is not None:
-            write_run(run_dir, summary, queries.rankings, ds.ground_truth, dataset=ds,
-                      save_predictions=save_predictions, log=log)
+            write_run(
+                run_dir,
+                summary,
+                queries.rankings,
+                ds.ground_truth,
+                dataset=ds,
+                save_predictions=save_predictions,
+                log=log,
+            )
         if reranker is not None:
             reranker.close()
         return summary
@@ -118,8 +133,9 @@ class _QueryRun:
     def run(self, reranker, seq: SequenceSettings | None, progress: bool) -> None:
         ds, t0 = self.dataset, time.perf_counter()
         described: dict[str, np.ndarray] = {}
-        for qb in query_batches(self.map, FolderImages(ds.queries_dir, ds.query_images), progress=progress,
-                                on_failure=self.rankings.fail):
+        for qb in query_batches(
+            self.map, FolderImages(ds.queries_dir, ds.query_images), progress=progress, on_failure=self.rankings.fail
+        ):
             if seq is not None:  # scored as a sequence once every query is described
                 described.update(zip(qb.keys, qb.global_descriptors))
                 continue
@@ -135,22 +151,35 @@ class _QueryRun:
         sequences.check_sequential_dataset(self.dataset, list(self.map.keys))
         ts = time.perf_counter()
         in_order = [k for k in self.dataset.query_images if k in described]  # unreadable ones stay failures
-        rows, scores = sequences.sequence_rankings(self.map.store.read_global(),
-                                                   np.stack([described[k] for k in in_order]), seq, self.rankings.k)
+        rows, scores = sequences.sequence_rankings(
+            self.map.store.read_global(), np.stack([described[k] for k in in_order]), seq, self.rankings.k
+        )
         self.search_seconds += time.perf_counter() - ts
         self.rankings.add(in_order, rows, scores)
 
 
-def _summary(ds: Dataset, config: Config, settings: RerankConfig | None, seq: SequenceSettings | None,
-             queries: _QueryRun, ns: Sequence[int], no_positive: str, build_s: float, peak_mb: float) -> dict[str, Any]:
+def _summary(
+    ds: Dataset,
+    config: Config,
+    settings: RerankConfig | None,
+    seq: SequenceSettings | None,
+    queries: _QueryRun,
+    ns: Sequence[int],
+    no_positive: str,
+    build_s: float,
+    peak_mb: float,
+) -> dict[str, Any]:
     n_db, n_q = len(queries.map.keys), len(ds.query_images)
     return {
         "dataset": ds.name,
         "preset": config.name,
         "rerank": None if settings is None else settings.name,
         **({"rerank_settings": settings.to_dict()} if settings is not None else {}),
-        **({"sequence": {f: getattr(seq, f) for f in seq.__dataclass_fields__},
-            "score_kind": seq.score_kind} if seq is not None else {}),
+        **(
+            {"sequence": {f: getattr(seq, f) for f in seq.__dataclass_fields__}, "score_kind": seq.score_kind}
+            if seq is not None
+            else {}
+        ),
         "recall": queries.rankings.recall(ds.ground_truth, ns, no_positive),
         "timing": {
             "map_build_s": round(build_s, 3),
@@ -212,14 +241,27 @@ def compare(
                 label = config.name + (f"+{mode}" if mode else "")
                 run_dir = root / _run_folder_name(ds.name) / _run_folder_name(label)
                 log(f"compare: {ds.name} · {config.name}" + (f" + {mode}" if mode else "") + f" → {run_dir}")
-                evaluate(ds, config, out=run_dir, rerank=mode, ns=ns, no_positive=no_positive,
-                         progress=progress, log=log, save_predictions=save_predictions)
+                evaluate(
+                    ds,
+                    config,
+                    out=run_dir,
+                    rerank=mode,
+                    ns=ns,
+                    no_positive=no_positive,
+                    progress=progress,
+                    log=log,
+                    save_predictions=save_predictions,
+                )
                 records.append(cmp.load_run(run_dir, map_info(run_dir / "map")["bytes_per_image"]))
         changes = cmp.pairwise_changes(records, baseline, n)
         files = [] if tmp is not None else [str(p) for p in cmp.write_comparison(root, records, changes, ns)]
-        return {"rows": cmp.comparison_rows(records, ns), "changes": changes,
-                "runs": [r.folder for r in records] if tmp is None else [], "files": files,
-                "markdown": cmp.render_markdown(records, changes, ns, list_queries=False)}
+        return {
+            "rows": cmp.comparison_rows(records, ns),
+            "changes": changes,
+            "runs": [r.folder for r in records] if tmp is None else [],
+            "files": files,
+            "markdown": cmp.render_markdown(records, changes, ns, list_queries=False),
+        }
     finally:
         if tmp is not None:
             tmp.cleanup()

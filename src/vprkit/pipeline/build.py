@@ -34,9 +34,27 @@ from ..environment import recorded_environment
 from ..errors import MapError
 from ..images import ImageSource, image_source
 from ..io import atomic_write_json, clean_orphans
-from ..maps import (EXTENSIONS_DIR, FAILURES_FILE, LOCAL_CRS, MAP_FILE, PENDING_DIR, BuildPlan, check_build_policies,
-                    check_build_settings, map_write_lock, MapExtension, MapStore, plan_build, pose_rows, PoseRows,
-                    read_build_record, read_map_info, update_map_index, write_build_record, write_manifest)
+from ..maps import (
+    EXTENSIONS_DIR,
+    FAILURES_FILE,
+    LOCAL_CRS,
+    MAP_FILE,
+    PENDING_DIR,
+    BuildPlan,
+    check_build_policies,
+    check_build_settings,
+    map_write_lock,
+    MapExtension,
+    MapStore,
+    plan_build,
+    pose_rows,
+    PoseRows,
+    read_build_record,
+    read_map_info,
+    update_map_index,
+    write_build_record,
+    write_manifest,
+)
 from .models import features_on_cpu, load_backbone, make_extensions, on_cpu, resolve_config
 from .open import on_device
 from .vocabularies import obtain_vocabulary, record_build_vocabulary
@@ -146,16 +164,24 @@ def store_has_poses(store: MapStore) -> bool:
     return bool(len(store)) and bool(np.isfinite(store.read_poses()).all(axis=1).any())
 
 
-def prepare_build(config: Config, source: ImageSource, keys: list[str], out: Path, progress: bool,
-                  log: Callable[[str], None], cache: FeatureCache | None = None) -> BuildModels:
+def prepare_build(
+    config: Config,
+    source: ImageSource,
+    keys: list[str],
+    out: Path,
+    progress: bool,
+    log: Callable[[str], None],
+    cache: FeatureCache | None = None,
+) -> BuildModels:
     """Record the settings (``build.json``), then obtain the vocabulary and fit the map extensions.
 
     The vocabulary is recorded before the first shard: a resumed build must encode with this very one.
     """
     backbone = load_backbone(config)
     record = read_build_record(out)
-    write_build_record(out, {**(record.to_dict() if record else {}), "config": config.to_dict(),
-                             "vprkit_version": __version__})
+    write_build_record(
+        out, {**(record.to_dict() if record else {}), "config": config.to_dict(), "vprkit_version": __version__}
+    )
     cache = cache if cache is not None else FeatureCache(memory_plan(config, backbone).feature_cache_bytes)
     vocabulary = obtain_vocabulary(config, backbone, source, out, progress, log, cache)
     if vocabulary is not None:
@@ -165,8 +191,15 @@ def prepare_build(config: Config, source: ImageSource, keys: list[str], out: Pat
     return BuildModels(backbone, vocabulary, aggregator, extensions, cache)
 
 
-def fitted_extensions(config: Config, backbone: Backbone, vocabulary: Vocabulary | None, source: ImageSource,
-                      keys: list[str], out: Path, progress: bool) -> dict[str, MapExtension]:
+def fitted_extensions(
+    config: Config,
+    backbone: Backbone,
+    vocabulary: Vocabulary | None,
+    source: ImageSource,
+    keys: list[str],
+    out: Path,
+    progress: bool,
+) -> dict[str, MapExtension]:
     """The map's extensions with their state: loaded when the map has it (an interrupted build's), else
     fitted on the seeded sample of ``fit_images`` of the build's keys and saved into ``extensions/<group>.npz``.
 
@@ -176,8 +209,13 @@ def fitted_extensions(config: Config, backbone: Backbone, vocabulary: Vocabulary
     for ext in extensions.values():
         if ext.needs_fit and not ext.try_load_state(out):
             fit_keys = sample_keys(keys, int(ext.options.get("fit_images", DEFAULT_FIT_IMAGES)), config.vocabulary.seed)
-            ext.fit(features_on_cpu(extract(backbone, config, source, fit_keys, progress and f"fit {ext.group}",
-                                            on_failure=ignore_failures)))
+            ext.fit(
+                features_on_cpu(
+                    extract(
+                        backbone, config, source, fit_keys, progress and f"fit {ext.group}", on_failure=ignore_failures
+                    )
+                )
+            )
             ext.save_state(out)
     return extensions
 
@@ -187,12 +225,23 @@ def _build_locked(req: BuildRequest, after_shard: Callable[[int], None] | None) 
     runs = list(previous.get("runs", []))
     store = MapStore(req.out, req.config.store_dtype)
     rows = pose_rows(req.poses, req.keys, req.crs, previous.get("crs"), store_has_poses(store))
-    plan = plan_build(req.source, req.keys, store.entry_table(include_pending=True), runs,
-                      previous.get("images_root"), req.on_change, req.on_duplicate, req.out, req.log)
+    plan = plan_build(
+        req.source,
+        req.keys,
+        store.entry_table(include_pending=True),
+        runs,
+        previous.get("images_root"),
+        req.on_change,
+        req.on_duplicate,
+        req.out,
+        req.log,
+    )
     if plan.copies:
-        req.log(f"{len(plan.copies)} image(s) are identical copies of map images stored from another folder "
-                f"(e.g. {', '.join(plan.copies[:3])}): kept as they are"
-                + ("; their poses are updated" if req.poses is not None else ""))
+        req.log(
+            f"{len(plan.copies)} image(s) are identical copies of map images stored from another folder "
+            f"(e.g. {', '.join(plan.copies[:3])}): kept as they are"
+            + ("; their poses are updated" if req.poses is not None else "")
+        )
     models = prepare_build(req.config, req.source, req.keys, req.out, req.progress, req.log)
     listing = getattr(req.source, "listing", None)
     # skipped entries and unreadable folders of the image folder: recorded, not lost
@@ -202,8 +251,9 @@ def _build_locked(req: BuildRequest, after_shard: Callable[[int], None] | None) 
     encode_s = time.perf_counter() - t0
     n = store.consolidate()
     if n == 0:
-        raise MapError(f"none of the {len(req.keys)} images in {req.source.describe()} could be read; "
-                       f"see the messages above")
+        raise MapError(
+            f"none of the {len(req.keys)} images in {req.source.describe()} could be read; see the messages above"
+        )
     updated_poses = _update_known_poses(req, plan, store, rows)
     vectors = store.read_global()
     index = update_map_index(req.out, vectors, req.config)  # keeps a compressed index (trained once), adds new rows
@@ -222,8 +272,15 @@ def _build_locked(req: BuildRequest, after_shard: Callable[[int], None] | None) 
 class _ShardWriter:
     """Collects encoded batches and writes them as atomic shards of about ``SHARD_IMAGES`` images."""
 
-    def __init__(self, req: BuildRequest, plan: BuildPlan, store: MapStore, rows: PoseRows, has_extras: bool,
-                 after_shard: Callable[[int], None] | None) -> None:
+    def __init__(
+        self,
+        req: BuildRequest,
+        plan: BuildPlan,
+        store: MapStore,
+        rows: PoseRows,
+        has_extras: bool,
+        after_shard: Callable[[int], None] | None,
+    ) -> None:
         self.req, self.plan, self.store, self.rows = req, plan, store, rows
         self.has_extras, self.after_shard = has_extras, after_shard
         self.row_of = {k: i for i, k in plan.todo}
@@ -242,21 +299,37 @@ class _ShardWriter:
         vec = np.concatenate([p[1] for p in self.pending])
         extras = [e for p in self.pending for e in p[2]]
         prints = [self.req.source.fingerprint(k) for k in ks]
-        entries = {"content_sha256": np.array([f.sha256.encode() for f in prints]),
-                   "file_size": np.array([f.size for f in prints]), "file_mtime": np.array([f.mtime for f in prints]),
-                   "run": np.full(len(ks), self.plan.run["run"])}
+        entries = {
+            "content_sha256": np.array([f.sha256.encode() for f in prints]),
+            "file_size": np.array([f.size for f in prints]),
+            "file_mtime": np.array([f.mtime for f in prints]),
+            "run": np.full(len(ks), self.plan.run["run"]),
+        }
         at = [self.row_of[k] for k in ks]
-        self.store.write_shard([self.plan.target[k] for k in ks], vec, self.rows.xy[at],
-                               extras if self.has_extras else None, entries,
-                               headings=self.rows.headings[at], timestamps=self.rows.timestamps[at])
+        self.store.write_shard(
+            [self.plan.target[k] for k in ks],
+            vec,
+            self.rows.xy[at],
+            extras if self.has_extras else None,
+            entries,
+            headings=self.rows.headings[at],
+            timestamps=self.rows.timestamps[at],
+        )
         self.pending = []
         self.shards += 1
         if self.after_shard is not None:
             self.after_shard(self.shards)
 
 
-def _encode(req: BuildRequest, plan: BuildPlan, models: BuildModels, store: MapStore, rows: PoseRows,
-            failures: dict[str, str], after_shard: Callable[[int], None] | None) -> None:
+def _encode(
+    req: BuildRequest,
+    plan: BuildPlan,
+    models: BuildModels,
+    store: MapStore,
+    rows: PoseRows,
+    failures: dict[str, str],
+    after_shard: Callable[[int], None] | None,
+) -> None:
     """Encode the planned images (features cached by the vocabulary pass first) into shards."""
     writer = _ShardWriter(req, plan, store, rows, bool(models.extensions), after_shard)
 
@@ -268,8 +341,14 @@ def _encode(req: BuildRequest, plan: BuildPlan, models: BuildModels, store: MapS
     cached = models.cache.keys() & todo_keys
     encoded = itertools.chain(
         models.cache.take(todo_keys),
-        extract(models.backbone, req.config, req.source, [k for _, k in plan.todo if k not in cached],
-                req.progress and "map", on_failure),
+        extract(
+            models.backbone,
+            req.config,
+            req.source,
+            [k for _, k in plan.todo if k not in cached],
+            req.progress and "map",
+            on_failure,
+        ),
     )
     for batch, feats in encoded:
         with torch.inference_mode():
@@ -288,7 +367,9 @@ def _update_known_poses(req: BuildRequest, plan: BuildPlan, store: MapStore, row
         return 0
     given = np.isfinite(rows.xy).all(axis=1)
     updated = store.update_poses(
-        [plan.target[k] for k, g in zip(req.keys, given) if g], rows.xy[given], skip={plan.target[k] for k in plan.todo_keys},
+        [plan.target[k] for k, g in zip(req.keys, given) if g],
+        rows.xy[given],
+        skip={plan.target[k] for k in plan.todo_keys},
         headings=rows.headings[given] if rows.has_headings else None,
         timestamps=rows.timestamps[given] if rows.has_timestamps else None,
     )
@@ -297,8 +378,18 @@ def _update_known_poses(req: BuildRequest, plan: BuildPlan, store: MapStore, row
     return updated
 
 
-def _map_record(req: BuildRequest, previous: dict[str, Any], runs: list[dict], plan: BuildPlan, models: BuildModels,
-                rows: PoseRows, n: int, failures: dict[str, str], index, dim: int) -> dict[str, Any]:
+def _map_record(
+    req: BuildRequest,
+    previous: dict[str, Any],
+    runs: list[dict],
+    plan: BuildPlan,
+    models: BuildModels,
+    rows: PoseRows,
+    n: int,
+    failures: dict[str, str],
+    index,
+    dim: int,
+) -> dict[str, Any]:
     """The ``map.json`` content after a build."""
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     listing = getattr(req.source, "listing", None)
@@ -312,16 +403,24 @@ def _map_record(req: BuildRequest, previous: dict[str, Any], runs: list[dict], p
         "backbone": models.backbone.identity(),
         "aggregator": models.aggregator.identity(),
         "descriptor_dim": dim,
-        "vocabulary": None if vocabulary is None else {
-            "checksum": vocabulary.checksum, "source": req.config.vocabulary.source, "k": vocabulary.k},
-        "counts": {"images": n, "failed": len(failures),
-                   **({"ignored_files_by_extension": listing.ignored} if listing is not None and listing.ignored else {})},
+        "vocabulary": None
+        if vocabulary is None
+        else {"checksum": vocabulary.checksum, "source": req.config.vocabulary.source, "k": vocabulary.k},
+        "counts": {
+            "images": n,
+            "failed": len(failures),
+            **({"ignored_files_by_extension": listing.ignored} if listing is not None and listing.ignored else {}),
+        },
         "index": {"factory": index.factory, "ntotal": index.ntotal},
         "extensions": sorted(models.extensions),
         "environment": recorded_environment(),
         "created": previous.get("created") or now,
         "updated": now,
-        "last_build": {"new_images": plan.run["new_images"], "reencoded": len(plan.reencoded),
-                       "copies": len(plan.copies), "new_places": len(plan.new_places),
-                       **({"poses": rows.report} if rows.report is not None else {})},
+        "last_build": {
+            "new_images": plan.run["new_images"],
+            "reencoded": len(plan.reencoded),
+            "copies": len(plan.copies),
+            "new_places": len(plan.new_places),
+            **({"poses": rows.report} if rows.report is not None else {}),
+        },
     }

@@ -56,8 +56,16 @@ from ..config import Config
 from ..errors import ConfigError, MapError
 from ..images import Batch, ImageSource, image_source
 from ..device import module_device
-from ..maps import (CHANGE_POLICIES, DUPLICATE_POLICIES, check_build_policies, map_write_lock, MapStore, next_run_id,
-                    pose_rows, write_manifest)
+from ..maps import (
+    CHANGE_POLICIES,
+    DUPLICATE_POLICIES,
+    check_build_policies,
+    map_write_lock,
+    MapStore,
+    next_run_id,
+    pose_rows,
+    write_manifest,
+)
 from .ray_cluster import LOCAL, RaySession, check_resources, start_local_ray  # noqa: F401 - start_local_ray: public here too
 from .build import SHARD_IMAGES, build_map, prepare_build, start_build, store_has_poses
 from .models import load_backbone, make_extensions, on_cpu, resolve_config
@@ -86,8 +94,15 @@ def _read_image(row: dict[str, Any], source: ImageSource, config: Config, multip
         print_ = source.fingerprint(key)
     except Exception:  # noqa: BLE001 - reported by the finishing pass, which reads the image again
         return []
-    return [{"key": key, "pixels": np.ascontiguousarray(pixels, np.uint8), "sha256": print_.sha256,
-             "size": int(print_.size), "mtime": float(print_.mtime)}]
+    return [
+        {
+            "key": key,
+            "pixels": np.ascontiguousarray(pixels, np.uint8),
+            "sha256": print_.sha256,
+            "size": int(print_.size),
+            "mtime": float(print_.mtime),
+        }
+    ]
 
 
 class _Encoder:
@@ -108,8 +123,9 @@ class _Encoder:
         self.config = config
         self.backbone = load_backbone(config)
         self.device = module_device(self.backbone)
-        self.aggregator = on_device(make_aggregator(AggregationOptions.from_config(config), self.backbone, vocabulary),
-                                    self.backbone)
+        self.aggregator = on_device(
+            make_aggregator(AggregationOptions.from_config(config), self.backbone, vocabulary), self.backbone
+        )
         self.extensions = make_extensions(config, self.backbone, vocabulary)
         for group, ext in self.extensions.items():
             if states.get(group):
@@ -140,8 +156,14 @@ class _Encoder:
                         d[group] = payload
                 for i, d in zip(rows, per_image):
                     payloads[i] = pickle.dumps(d, protocol=PAYLOAD_PROTOCOL)
-        return {"key": batch["key"], "vector": np.stack(out), "sha256": batch["sha256"], "size": batch["size"],
-                "mtime": batch["mtime"], "extras": np.array(payloads, dtype=object)}
+        return {
+            "key": batch["key"],
+            "vector": np.stack(out),
+            "sha256": batch["sha256"],
+            "size": batch["size"],
+            "mtime": batch["mtime"],
+            "extras": np.array(payloads, dtype=object),
+        }
 
 
 # ---- the driver ----------------------------------------------------------------------------------
@@ -182,8 +204,9 @@ def build_map_ray(
         inspect.signature(build_map).bind_partial(**build_options)
     except TypeError as exc:
         raise ConfigError(f"build_map_ray: {exc}") from None
-    check_build_policies(build_options.get("on_change", CHANGE_POLICIES[0]),
-                          build_options.get("on_duplicate", DUPLICATE_POLICIES[0]))
+    check_build_policies(
+        build_options.get("on_change", CHANGE_POLICIES[0]), build_options.get("on_duplicate", DUPLICATE_POLICIES[0])
+    )
     config = resolve_config(preset)
     source = image_source(images, keys)
     all_keys = list(source.keys)
@@ -191,26 +214,68 @@ def build_map_ray(
         raise MapError(f"no images found in {source.describe()}")
     out = Path(out)
     with RaySession(address, log) as ray:
-        check_resources(ray, replicas, cpus_per_replica, gpus_per_replica,  # before any work: refused at once
-                         fixed=address in (None, "", LOCAL), log=log)
+        check_resources(
+            ray,
+            replicas,
+            cpus_per_replica,
+            gpus_per_replica,  # before any work: refused at once
+            fixed=address in (None, "", LOCAL),
+            log=log,
+        )
         with map_write_lock(out):
             encoded, resumed, encode_s = _encode_locked(
-                ray, config, source, all_keys, out, poses, crs, replicas, batch_size or config.batch_size,
-                cpus_per_replica, gpus_per_replica, shard_images, progress, log, _after_shard)
+                ray,
+                config,
+                source,
+                all_keys,
+                out,
+                poses,
+                crs,
+                replicas,
+                batch_size or config.batch_size,
+                cpus_per_replica,
+                gpus_per_replica,
+                shard_images,
+                progress,
+                log,
+                _after_shard,
+            )
     # the single-process build finishes: everything encoded is in the shards, so it consolidates,
     # sets poses, indexes and writes map.json (and reads and reports the images Ray could not read)
-    info = build_map(source, out, config, poses=poses, progress=progress, log=log,
-                     **({"crs": crs} if crs is not None else {}), **build_options)
+    info = build_map(
+        source,
+        out,
+        config,
+        poses=poses,
+        progress=progress,
+        log=log,
+        **({"crs": crs} if crs is not None else {}),
+        **build_options,
+    )
     with map_write_lock(out):
-        info = _record_distributed(out, info, encoded, resumed, encode_s, address, replicas,
-                                   time.perf_counter() - started)
+        info = _record_distributed(
+            out, info, encoded, resumed, encode_s, address, replicas, time.perf_counter() - started
+        )
     return info
 
 
-def _encode_locked(ray, config: Config, source: ImageSource, keys: list[str], out: Path, poses, crs,
-                   replicas: int, batch_size: int, cpus_per_replica: float, gpus_per_replica: float,
-                   shard_images: int, progress: bool, log: Callable[[str], None],
-                   _after_shard) -> tuple[int, int, float]:
+def _encode_locked(
+    ray,
+    config: Config,
+    source: ImageSource,
+    keys: list[str],
+    out: Path,
+    poses,
+    crs,
+    replicas: int,
+    batch_size: int,
+    cpus_per_replica: float,
+    gpus_per_replica: float,
+    shard_images: int,
+    progress: bool,
+    log: Callable[[str], None],
+    _after_shard,
+) -> tuple[int, int, float]:
     """The Ray pass under the map's lock: settings, vocabulary, then shards of the images new to the map.
 
     Returns (images encoded now, images found in shards of an interrupted build, encoding seconds).
@@ -246,9 +311,12 @@ def _encode_locked(ray, config: Config, source: ImageSource, keys: list[str], ou
         part = {name: np.concatenate([p[name] for p in pending]) for name in pending[0]}
         ks = [str(k) for k in part["key"]]
         at = [row_of[k] for k in ks]
-        entries = {"content_sha256": np.array([s.encode() for s in part["sha256"]]),
-                   "file_size": part["size"].astype(np.int64), "file_mtime": part["mtime"].astype(np.float64),
-                   "run": np.full(len(ks), run_id)}
+        entries = {
+            "content_sha256": np.array([s.encode() for s in part["sha256"]]),
+            "file_size": part["size"].astype(np.int64),
+            "file_mtime": part["mtime"].astype(np.float64),
+            "run": np.full(len(ks), run_id),
+        }
         extras = [pickle.loads(blob) for blob in part["extras"]] if extensions else None
         store.write_shard(ks, part["vector"], xy[at], extras, entries, headings=headings[at], timestamps=stamps[at])
         pending = []
@@ -260,8 +328,19 @@ def _encode_locked(ray, config: Config, source: ImageSource, keys: list[str], ou
     bar = tqdm(total=len(todo), desc="map (ray)", unit="img", disable=not progress, leave=False)
     try:
         states = {group: ext.state() for group, ext in extensions.items()}
-        for batch in _encoded_batches(ray, source, config, vocabulary, states, [k for _, k in todo], multiple,
-                                      replicas, batch_size, cpus_per_replica, gpus_per_replica):
+        for batch in _encoded_batches(
+            ray,
+            source,
+            config,
+            vocabulary,
+            states,
+            [k for _, k in todo],
+            multiple,
+            replicas,
+            batch_size,
+            cpus_per_replica,
+            gpus_per_replica,
+        ):
             pending.append(batch)
             bar.update(len(batch["key"]))
             if sum(len(p["key"]) for p in pending) >= shard_images:
@@ -274,9 +353,19 @@ def _encode_locked(ray, config: Config, source: ImageSource, keys: list[str], ou
     return written, resumed, seconds
 
 
-def _encoded_batches(ray, source: ImageSource, config: Config, vocabulary, states: dict[str, dict[str, np.ndarray]],
-                     keys: list[str], multiple: int, replicas: int, batch_size: int, cpus_per_replica: float,
-                     gpus_per_replica: float) -> Iterator[dict[str, np.ndarray]]:
+def _encoded_batches(
+    ray,
+    source: ImageSource,
+    config: Config,
+    vocabulary,
+    states: dict[str, dict[str, np.ndarray]],
+    keys: list[str],
+    multiple: int,
+    replicas: int,
+    batch_size: int,
+    cpus_per_replica: float,
+    gpus_per_replica: float,
+) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data: keys → images read in parallel tasks → descriptors and extension payloads from the replica pool,
     in key order."""
     ctx = ray.data.DataContext.get_current()
@@ -290,26 +379,45 @@ def _encoded_batches(ray, source: ImageSource, config: Config, vocabulary, state
         ds = ray.data.from_items([{"key": k} for k in keys])
         ds = ds.flat_map(_read_image, fn_kwargs={"source": source, "config": config, "multiple": multiple})
         vocabulary_ref, states_ref = ray.put(vocabulary), ray.put(states)
-        ds = ds.map_batches(_Encoder, fn_constructor_kwargs={"config": config, "vocabulary_ref": [vocabulary_ref],
-                                                             "states_ref": [states_ref]},
-                            batch_size=batch_size, batch_format="numpy", num_cpus=cpus_per_replica,
-                            num_gpus=gpus_per_replica or None, compute=ray.data.ActorPoolStrategy(size=replicas))
+        ds = ds.map_batches(
+            _Encoder,
+            fn_constructor_kwargs={"config": config, "vocabulary_ref": [vocabulary_ref], "states_ref": [states_ref]},
+            batch_size=batch_size,
+            batch_format="numpy",
+            num_cpus=cpus_per_replica,
+            num_gpus=gpus_per_replica or None,
+            compute=ray.data.ActorPoolStrategy(size=replicas),
+        )
         yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=PREFETCH_BATCHES)
     finally:  # the caller's own datasets keep the settings they had
         ctx.execution_options.preserve_order, ctx.enable_progress_bars = before
         data_log.setLevel(level)
 
 
-def _record_distributed(out: Path, info: dict[str, Any], encoded: int, resumed: int, encode_s: float,
-                        address: str | None, replicas: int, seconds: float) -> dict[str, Any]:
+def _record_distributed(
+    out: Path,
+    info: dict[str, Any],
+    encoded: int,
+    resumed: int,
+    encode_s: float,
+    address: str | None,
+    replicas: int,
+    seconds: float,
+) -> dict[str, Any]:
     """Say in ``map.json`` what the Ray pass did (the finishing build saw those images as already stored)."""
     last = dict(info.get("last_build", {}))
     ray_rows = encoded + resumed
     last["new_images"] = int(last.get("new_images", 0)) + ray_rows
     last["encode_seconds"] = round(float(last.get("encode_seconds", 0.0)) + encode_s, 3)
     last["seconds"] = round(seconds, 3)
-    last["distributed"] = {"engine": "ray", "address": address or LOCAL, "replicas": replicas,
-                           "images": encoded, "resumed_from_shards": resumed, "encode_seconds": round(encode_s, 3)}
+    last["distributed"] = {
+        "engine": "ray",
+        "address": address or LOCAL,
+        "replicas": replicas,
+        "images": encoded,
+        "resumed_from_shards": resumed,
+        "encode_seconds": round(encode_s, 3),
+    }
     runs = [dict(r) for r in info.get("runs", [])]
     if runs:
         runs[-1]["new_images"] = int(runs[-1].get("new_images", 0)) + ray_rows

@@ -19,8 +19,9 @@ from .models import load_backbone, resolve_config
 from .open import Map, open_map
 
 
-def explain(map: Map | str | os.PathLike, query: ImageInput, out: str | os.PathLike | None = None,
-            top: int = 5, rank: int = 0):
+def explain(
+    map: Map | str | os.PathLike, query: ImageInput, out: str | os.PathLike | None = None, top: int = 5, rank: int = 0
+):
     """Why ``query`` (a path or a decoded frame) matched its ``rank``-th map image (0 = best): SuperSegment pairs.
 
     Draws the pairs to ``out`` (PNG) if given. The map must store SuperSegments (a ``segvlad-*`` preset).
@@ -51,9 +52,14 @@ def explain(map: Map | str | os.PathLike, query: ImageInput, out: str | os.PathL
     return exp
 
 
-def match_two(image_a: ImageInput, image_b: ImageInput, rerank: str = "performance",
-              preset: str | Config | None = None, map_dir: str | os.PathLike | None = None,
-              out: str | os.PathLike | None = None):
+def match_two(
+    image_a: ImageInput,
+    image_b: ImageInput,
+    rerank: str = "performance",
+    preset: str | Config | None = None,
+    map_dir: str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+):
     """Match ``image_a`` (as query) against ``image_b`` with re-ranking preset ``rerank``; draw to ``out``.
 
     With ``map_dir`` the map's backbone, image size and fitted patch state are used, so the score is
@@ -71,15 +77,21 @@ def match_two(image_a: ImageInput, image_b: ImageInput, rerank: str = "performan
     if map_dir is not None:
         m = open_map(map_dir, read_only=True)
         reranker = get_reranker(m, rerank, log=lambda _: None)
-        tm = match_pair(image_a, image_b, settings, ExtractionOptions.from_config(m.config), m.backbone,
-                        reranker.extension, out)
-        g = np.concatenate([qb.global_descriptors for qb in query_batches(m, query_source({"a": image_a, "b": image_b},
-                                                                                           check_files=False))])
+        tm = match_pair(
+            image_a, image_b, settings, ExtractionOptions.from_config(m.config), m.backbone, reranker.extension, out
+        )
+        g = np.concatenate(
+            [
+                qb.global_descriptors
+                for qb in query_batches(m, query_source({"a": image_a, "b": image_b}, check_files=False))
+            ]
+        )
         tm.cosine, tm.patch_state = float(g[0] @ g[1]), "map"
     else:
         config = resolve_config(preset)
-        tm = match_pair(image_a, image_b, settings, ExtractionOptions.from_config(config), load_backbone(config),
-                        None, out)
+        tm = match_pair(
+            image_a, image_b, settings, ExtractionOptions.from_config(config), load_backbone(config), None, out
+        )
         tm.cosine, tm.patch_state = None, "fitted on the two images"
     tm.score_kind, tm.scale_score_kind = f"weighted_{kind}", kind
     return tm

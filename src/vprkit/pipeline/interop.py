@@ -17,9 +17,16 @@ from .models import resolve_config
 from .open import open_map
 
 
-def export_hloc(map_dir: str | os.PathLike, out: str | os.PathLike, pairs: str | os.PathLike | None = None,
-                queries: str | os.PathLike | None = None, top_k: int = 20, db_prefix: str = "",
-                query_prefix: str = "", progress: bool = False) -> dict[str, Any]:
+def export_hloc(
+    map_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    pairs: str | os.PathLike | None = None,
+    queries: str | os.PathLike | None = None,
+    top_k: int = 20,
+    db_prefix: str = "",
+    query_prefix: str = "",
+    progress: bool = False,
+) -> dict[str, Any]:
     """A map's global descriptors as hloc ``global-feats`` HDF5, plus (with ``pairs`` and ``queries``) retrieval pairs.
 
     ``queries`` is a folder of query images: their descriptors (the map's own model) are added to the
@@ -43,8 +50,10 @@ def export_hloc(map_dir: str | os.PathLike, out: str | os.PathLike, pairs: str |
     db_names = [db_prefix + k for k in m.keys]
     clash = set(names) & set(db_names)
     if clash:
-        raise ConfigError(f"{len(clash)} query names are also database names (e.g. {sorted(clash)[0]!r}); "
-                          f"give --query-prefix or --db-prefix")
+        raise ConfigError(
+            f"{len(clash)} query names are also database names (e.g. {sorted(clash)[0]!r}); "
+            f"give --query-prefix or --db-prefix"
+        )
     q = np.concatenate(descs)
     hloc.write_global_features(out, names, q, append=True)
     pair_list = hloc.retrieval_pairs(names, q, db_names, m.store.read_global(), top_k)
@@ -53,8 +62,13 @@ def export_hloc(map_dir: str | os.PathLike, out: str | os.PathLike, pairs: str |
     return result
 
 
-def import_hloc(features: str | os.PathLike, out: str | os.PathLike, preset: str | Config | None = None,
-                normalize: bool = False, prefix: str | Sequence[str] | None = None) -> dict[str, Any]:
+def import_hloc(
+    features: str | os.PathLike,
+    out: str | os.PathLike,
+    preset: str | Config | None = None,
+    normalize: bool = False,
+    prefix: str | Sequence[str] | None = None,
+) -> dict[str, Any]:
     """A vprkit map from an hloc global-features HDF5 (keys and descriptors; ``map.json`` records the source).
 
     Without ``preset`` the map is for retrieval by descriptors given as arrays

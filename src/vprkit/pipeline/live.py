@@ -44,9 +44,23 @@ from PIL import Image
 
 from ..images import DecodedImages
 from ..io import atomic_path
-from ..maps import (ENTRY_FIELDS, INDEX_FILE, MAP_FILE, POSE_DIMS, check_key, map_write_lock, MapChangedError,
-                    parse_pose, PlaceExistsError, Pose, read_map_info, ReadWriteLock, register_run,
-                    UnknownPlaceError, write_manifest)
+from ..maps import (
+    ENTRY_FIELDS,
+    INDEX_FILE,
+    MAP_FILE,
+    POSE_DIMS,
+    check_key,
+    map_write_lock,
+    MapChangedError,
+    parse_pose,
+    PlaceExistsError,
+    Pose,
+    read_map_info,
+    ReadWriteLock,
+    register_run,
+    UnknownPlaceError,
+    write_manifest,
+)
 from ..uploads import DEFAULT_MAX_UPLOAD_PIXELS, FORMAT_EXTENSIONS, decode_image, kept_picture
 from .batching import DEFAULT_INFERENCE_SLOTS, RequestBatcher
 from .localization import QueryResult, RerankChoice, get_reranker, localize, query_batches, rerank_settings
@@ -62,8 +76,12 @@ LIVE_RUN_NOTE = "places added through the live map (vprkit serve)"
 class LiveMap:
     """One opened map with its models, shared by readers and writers (see the module docstring)."""
 
-    def __init__(self, map: Map, inference_slots: int = DEFAULT_INFERENCE_SLOTS,
-                 max_upload_pixels: int = DEFAULT_MAX_UPLOAD_PIXELS):
+    def __init__(
+        self,
+        map: Map,
+        inference_slots: int = DEFAULT_INFERENCE_SLOTS,
+        max_upload_pixels: int = DEFAULT_MAX_UPLOAD_PIXELS,
+    ):
         self.map = map
         self.max_upload_pixels = max_upload_pixels
         self.lock = ReadWriteLock()
@@ -99,8 +117,9 @@ class LiveMap:
         """Uploaded bytes → an image this map can localise or store (see :func:`decode_image`)."""
         return decode_image(data, name, self.max_upload_pixels, self.size_hint())
 
-    def localize(self, frames: Mapping[str, np.ndarray | Image.Image], top_k: int = 10,
-                 rerank: RerankChoice = None) -> list[QueryResult]:
+    def localize(
+        self, frames: Mapping[str, np.ndarray | Image.Image], top_k: int = 10, rerank: RerankChoice = None
+    ) -> list[QueryResult]:
         """Top-``top_k`` places of each decoded frame (named by its key), re-ranked as the map was built to
         unless ``rerank`` says otherwise (``"none"``, a preset name).
 
@@ -108,9 +127,13 @@ class LiveMap:
         in progress.
         """
         with self.lock.read():
-            return self._batcher.run(frames, (top_k, rerank if rerank is None or isinstance(rerank, str) else repr(rerank)),
-                                     lambda named, _: localize(self.map, named, top_k=top_k,
-                                                               rerank=self._reranker(rerank), unreadable="report"))
+            return self._batcher.run(
+                frames,
+                (top_k, rerank if rerank is None or isinstance(rerank, str) else repr(rerank)),
+                lambda named, _: localize(
+                    self.map, named, top_k=top_k, rerank=self._reranker(rerank), unreadable="report"
+                ),
+            )
 
     def place(self, key: str) -> dict[str, Any]:
         """What the map holds for ``key``: its row, position, heading and timestamp."""
@@ -139,8 +162,9 @@ class LiveMap:
             }
 
     # ---- writing ------------------------------------------------------------------------------
-    def add_place(self, image: bytes | np.ndarray | Image.Image, key: str | None = None,
-                  pose: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def add_place(
+        self, image: bytes | np.ndarray | Image.Image, key: str | None = None, pose: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Add one image as a new place (``key`` or a generated one); durable when this returns.
 
         ``image`` is a file's bytes (kept as they are under ``live-images/<key>``) or a decoded frame
@@ -169,9 +193,12 @@ class LiveMap:
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp:
                 Path(tmp).write_bytes(data_bytes)
-            entries = {"content_sha256": np.array([hashlib.sha256(data_bytes).hexdigest().encode()]),
-                       "file_size": np.array([len(data_bytes)]), "file_mtime": np.array([path.stat().st_mtime]),
-                       "run": np.array([run])}
+            entries = {
+                "content_sha256": np.array([hashlib.sha256(data_bytes).hexdigest().encode()]),
+                "file_size": np.array([len(data_bytes)]),
+                "file_mtime": np.array([path.stat().st_mtime]),
+                "run": np.array([run]),
+            }
             entries = {k: np.asarray(v, ENTRY_FIELDS[k][0]) for k, v in entries.items()}
             xy = np.array([parsed.xy if parsed.xy is not None else (np.nan, np.nan)], np.float64).reshape(1, POSE_DIMS)
             headings = None if parsed.heading is None else np.array([parsed.heading])
@@ -203,7 +230,9 @@ class LiveMap:
             data.poses = data.poses[keep]
             data.headings, data.timestamps = data.headings[keep], data.timestamps[keep]
             self._row_of = {k: i for i, k in enumerate(data.keys)}
-            (self.dir / LIVE_IMAGES_DIR / key).unlink(missing_ok=True)  # after the store: a crash leaves a stray file, never a lost place
+            (self.dir / LIVE_IMAGES_DIR / key).unlink(
+                missing_ok=True
+            )  # after the store: a crash leaves a stray file, never a lost place
             self._after_write({"removed": key})
             return before
 
@@ -212,8 +241,14 @@ class LiveMap:
         parsed = parse_pose(pose, self.map.data.crs)
         with self._writing():
             self._row(key)
-            row = int(self.map.store.set_pose(key, None if parsed.xy is None else np.asarray(parsed.xy, np.float64),
-                                              heading=parsed.heading, timestamp=parsed.timestamp))
+            row = int(
+                self.map.store.set_pose(
+                    key,
+                    None if parsed.xy is None else np.asarray(parsed.xy, np.float64),
+                    heading=parsed.heading,
+                    timestamp=parsed.timestamp,
+                )
+            )
             data = self.map.data
             if parsed.xy is not None:
                 data.poses[row] = parsed.xy
@@ -239,9 +274,13 @@ class LiveMap:
         pos = data.poses[row]
         heading = self._optional("headings", row)
         stamp = self._optional("timestamps", row)
-        return {"id": key, "row": row,
-                "position": None if np.isnan(pos).any() else {"easting": float(pos[0]), "northing": float(pos[1])},
-                "heading": heading, "timestamp": stamp}
+        return {
+            "id": key,
+            "row": row,
+            "position": None if np.isnan(pos).any() else {"easting": float(pos[0]), "northing": float(pos[1])},
+            "heading": heading,
+            "timestamp": stamp,
+        }
 
     def _optional(self, name: str, row: int) -> float | None:
         value = float(getattr(self.map.data, name)[row])
@@ -296,8 +335,10 @@ class LiveMap:
         """This process's write lock and the map directory's, refusing a map another process changed meanwhile."""
         with self.lock.write(), map_write_lock(self.dir):
             if self._map_file_state() != self._seen:
-                raise MapChangedError(f"{self.dir} was changed by another process (a `vprkit map build`, `map remove` …) "
-                                      f"since this service opened it; restart the service to serve the map as it is now")
+                raise MapChangedError(
+                    f"{self.dir} was changed by another process (a `vprkit map build`, `map remove` …) "
+                    f"since this service opened it; restart the service to serve the map as it is now"
+                )
             yield
 
     def _map_file_state(self) -> tuple[int, int, int]:
@@ -344,5 +385,15 @@ class LiveMap:
         self._seen = self._map_file_state()
 
 
-__all__ = ["LIVE_IMAGES_DIR", "LiveMap", "MapChangedError", "PlaceExistsError", "Pose", "ReadWriteLock", "UnknownPlaceError",
-           "check_key", "decode_image", "parse_pose"]
+__all__ = [
+    "LIVE_IMAGES_DIR",
+    "LiveMap",
+    "MapChangedError",
+    "PlaceExistsError",
+    "Pose",
+    "ReadWriteLock",
+    "UnknownPlaceError",
+    "check_key",
+    "decode_image",
+    "parse_pose",
+]

@@ -30,7 +30,14 @@ from ..images import FileImages, ImageInput, ImageSource, image_source
 from ..presets import get_rerank_config
 from ..rerank import RerankOptions, make_reranker
 from ..retrieval import RETRIEVERS, QueryBatch, pad_topk
-from ..retrieval.estimate import Estimate, estimate, load_or_fit_calibration, row_cosines, score_kind, sequence_positions
+from ..retrieval.estimate import (
+    Estimate,
+    estimate,
+    load_or_fit_calibration,
+    row_cosines,
+    score_kind,
+    sequence_positions,
+)
 from .models import on_cpu
 from .open import Map, open_map
 
@@ -81,18 +88,35 @@ class QueryResult:
     rerank: str | None = None  # the re-ranking applied (its name), None for global retrieval only
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"query": self.query, "seconds": round(self.seconds, 4), "rerank": self.rerank,
-               "matches": [{"image": m.key, "row": m.row, "score": round(m.score, 6), "score_kind": m.score_kind,
-                            "cosine": None if m.cosine is None else round(m.cosine, 6), "position": m.position,
-                            "heading_deg": m.heading}
-                           for m in self.matches]}
+        out = {
+            "query": self.query,
+            "seconds": round(self.seconds, 4),
+            "rerank": self.rerank,
+            "matches": [
+                {
+                    "image": m.key,
+                    "row": m.row,
+                    "score": round(m.score, 6),
+                    "score_kind": m.score_kind,
+                    "cosine": None if m.cosine is None else round(m.cosine, 6),
+                    "position": m.position,
+                    "heading_deg": m.heading,
+                }
+                for m in self.matches
+            ],
+        }
         if self.estimate is not None:
             out["estimate"] = self.estimate.to_dict()
         return out if self.error is None else {**out, "error": self.error}
 
 
-def query_batches(map: Map, images: ImageSource | str | os.PathLike, keys: Sequence[str] | None = None,
-                  progress: bool = False, on_failure: Callable[[str, str], None] | None = None) -> Iterator[QueryBatch]:
+def query_batches(
+    map: Map,
+    images: ImageSource | str | os.PathLike,
+    keys: Sequence[str] | None = None,
+    progress: bool = False,
+    on_failure: Callable[[str, str], None] | None = None,
+) -> Iterator[QueryBatch]:
     """Queries of ``images`` through the map's backbone and aggregator, batch by batch."""
     for batch, feats in extract(map.backbone, map.config, images, keys, progress and "queries", on_failure):
         with torch.inference_mode():
@@ -129,12 +153,22 @@ def get_reranker(map: Map, rerank: RerankChoice | Any, log: Callable[[str], None
         images = map.data.images
     except MapError:
         if "patches" not in map.extensions:
-            raise MapError(f"re-ranking needs the map's images or stored patches; {map.dir} was built from decoded "
-                           f"frames without --rerank, so neither is available") from None
+            raise MapError(
+                f"re-ranking needs the map's images or stored patches; {map.dir} was built from decoded "
+                f"frames without --rerank, so neither is available"
+            ) from None
         images = None
-    return make_reranker(RerankOptions.from_config(map.config, settings), backbone=map.backbone,
-                         vocabulary=map.vocabulary, stored=map.extensions.get("patches"), store=map.store,
-                         keys=map.keys, images=images, log=log, save=save)
+    return make_reranker(
+        RerankOptions.from_config(map.config, settings),
+        backbone=map.backbone,
+        vocabulary=map.vocabulary,
+        stored=map.extensions.get("patches"),
+        store=map.store,
+        keys=map.keys,
+        images=images,
+        log=log,
+        save=save,
+    )
 
 
 def query_source(queries: QueryImages, check_files: bool = True) -> ImageSource:
@@ -151,8 +185,13 @@ def query_source(queries: QueryImages, check_files: bool = True) -> ImageSource:
 
 
 def localize(
-    map: Map | str | os.PathLike, queries: QueryImages, top_k: int = 10,
-    rerank: RerankChoice = None, progress: bool = False, device: str | None = None, unreadable: str = "raise",
+    map: Map | str | os.PathLike,
+    queries: QueryImages,
+    top_k: int = 10,
+    rerank: RerankChoice = None,
+    progress: bool = False,
+    device: str | None = None,
+    unreadable: str = "raise",
 ) -> list[QueryResult]:
     """Top-``top_k`` places for each query: image paths, decoded frames (arrays / PIL images), or both.
 
@@ -173,7 +212,9 @@ def localize(
     source = query_source(queries, check_files=unreadable == "raise")
     reranker = get_reranker(m, rerank)
     failed: dict[str, str] = {}
-    done = _localize_batches(m, source, top_k, reranker, progress, None if unreadable == "raise" else failed.__setitem__)
+    done = _localize_batches(
+        m, source, top_k, reranker, progress, None if unreadable == "raise" else failed.__setitem__
+    )
     if reranker is not None and not isinstance(map, Map):
         reranker.close()
     return [done[k] if k in done else QueryResult(k, [], 0.0, failed.get(k, "not localised")) for k in source.keys]
@@ -184,15 +225,22 @@ def _calibration(m: Map):
     cal = m.calibration
     if cal is None or not cal.covers(len(m.keys)):
         cal = m.calibration = load_or_fit_calibration(
-            m.data.dir, m.index.search, m.store.read_global, m.keys, m.poses, write=not m.data.read_only,
-            seed=m.config.vocabulary.seed)
+            m.data.dir,
+            m.index.search,
+            m.store.read_global,
+            m.keys,
+            m.poses,
+            write=not m.data.read_only,
+            seed=m.config.vocabulary.seed,
+        )
     elif cal.sequence is None or len(cal.sequence) != len(m.keys):  # a few places added or removed live
         cal.sequence = sequence_positions(m.keys)
     return cal
 
 
-def _localize_batches(m: Map, source: ImageSource, top_k: int, reranker, progress: bool,
-                      on_failure: Callable[[str, str], None] | None) -> dict[str, QueryResult]:
+def _localize_batches(
+    m: Map, source: ImageSource, top_k: int, reranker, progress: bool, on_failure: Callable[[str, str], None] | None
+) -> dict[str, QueryResult]:
     cal = _calibration(m)
     kind = score_kind(RETRIEVERS.get(m.config.retriever), reranker)
     rerank_name = None if reranker is None else getattr(getattr(reranker, "settings", None), "name", "custom")
@@ -207,8 +255,11 @@ def _localize_batches(m: Map, source: ImageSource, top_k: int, reranker, progres
         evidence = cos if kind == "cosine" and rows.shape[1] >= cal.k else m.index.search(q, cal.k)[1]
         for i, key in enumerate(qb.keys):
             est = estimate(rows[i], cos[i], m.poses, headings, cal, evidence=evidence[i], sequence=cal.sequence)
-            matches = [make_match(m, int(r), float(v), kind, float(c), headings)
-                       for r, v, c in zip(rows[i], scores[i], cos[i]) if r >= 0]
+            matches = [
+                make_match(m, int(r), float(v), kind, float(c), headings)
+                for r, v, c in zip(rows[i], scores[i], cos[i])
+                if r >= 0
+            ]
             done[key] = QueryResult(key, matches, 0.0, estimate=est, rerank=rerank_name)
         dt = (time.perf_counter() - t0) / len(qb.keys)  # extraction + search + estimate, per query
         for key in qb.keys:
@@ -217,10 +268,23 @@ def _localize_batches(m: Map, source: ImageSource, top_k: int, reranker, progres
     return done
 
 
-def make_match(m: Map, row: int, score: float, kind: str = "cosine", cosine: float | None = None,
-               headings: np.ndarray | None = None) -> Match:
+def make_match(
+    m: Map,
+    row: int,
+    score: float,
+    kind: str = "cosine",
+    cosine: float | None = None,
+    headings: np.ndarray | None = None,
+) -> Match:
     """The :class:`Match` of map row ``row``: its key, position and heading from the map."""
     pos = m.poses[row]
     heading = None if headings is None or not np.isfinite(headings[row]) else float(headings[row])
-    return Match(m.keys[row], row, score, None if np.isnan(pos).any() else (float(pos[0]), float(pos[1])), heading,
-                 kind, score if cosine is None and kind == "cosine" else cosine)
+    return Match(
+        m.keys[row],
+        row,
+        score,
+        None if np.isnan(pos).any() else (float(pos[0]), float(pos[1])),
+        heading,
+        kind,
+        score if cosine is None and kind == "cosine" else cosine,
+    )

@@ -15,8 +15,19 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..errors import MapError
-from ..maps import (build_index, crs_to_latlon, map_crs, map_write_lock, MapStore, open_map_data, pose_rows,
-                    pose_updates, read_map_info, serving_footprint, write_manifest)
+from ..maps import (
+    build_index,
+    crs_to_latlon,
+    map_crs,
+    map_write_lock,
+    MapStore,
+    open_map_data,
+    pose_rows,
+    pose_updates,
+    read_map_info,
+    serving_footprint,
+    write_manifest,
+)
 from .models import load_backbone, make_extensions
 
 logger = logging.getLogger(__name__)
@@ -34,9 +45,16 @@ def map_info(map_dir: str | os.PathLike) -> dict[str, Any]:
     crs = map_crs(info)
     xy = store.read_poses() if n else np.zeros((0, 2))
     known = np.isfinite(xy).all(axis=1)
-    poses: dict[str, Any] = {"images": n, "with_pose": int(known.sum()), "crs": crs,
-                             "with_heading": int(np.isfinite(store.read_headings()).sum()) if n else 0,
-                             "with_timestamp": 0, "extent": None, "extent_latlon": None, "time_range": None}
+    poses: dict[str, Any] = {
+        "images": n,
+        "with_pose": int(known.sum()),
+        "crs": crs,
+        "with_heading": int(np.isfinite(store.read_headings()).sum()) if n else 0,
+        "with_timestamp": 0,
+        "extent": None,
+        "extent_latlon": None,
+        "time_range": None,
+    }
     stamps = store.read_timestamps() if n else np.zeros(0)
     poses["with_timestamp"] = int(np.isfinite(stamps).sum())
     if known.any():
@@ -44,12 +62,15 @@ def map_info(map_dir: str | os.PathLike) -> dict[str, Any]:
         poses["extent"] = {"easting": [float(lo[0]), float(hi[0])], "northing": [float(lo[1]), float(hi[1])]}
         if crs.get("kind") == "utm":
             ll = crs_to_latlon(crs, xy[known])
-            poses["extent_latlon"] = {"lat": [float(ll[:, 0].min()), float(ll[:, 0].max())],
-                                      "lon": [float(ll[:, 1].min()), float(ll[:, 1].max())]}
+            poses["extent_latlon"] = {
+                "lat": [float(ll[:, 0].min()), float(ll[:, 0].max())],
+                "lon": [float(ll[:, 1].min()), float(ll[:, 1].max())],
+            }
     if poses["with_timestamp"]:
         t = stamps[np.isfinite(stamps)]
-        poses["time_range"] = [datetime.fromtimestamp(float(v), timezone.utc).isoformat(timespec="seconds")
-                               for v in (t.min(), t.max())]
+        poses["time_range"] = [
+            datetime.fromtimestamp(float(v), timezone.utc).isoformat(timespec="seconds") for v in (t.min(), t.max())
+        ]
     info["poses"] = poses
     rows_of_run = np.unique(store.read_entries()["run"], return_counts=True) if n else ([], [])
     counts = {int(r): int(c) for r, c in zip(*rows_of_run)}
@@ -135,17 +156,23 @@ def update_place_poses(map_dir: str | os.PathLike, poses: str | os.PathLike | Ma
         report = None
         if isinstance(poses, Mapping):
             update = pose_updates(poses, keys, xy_now, store.read_headings(), store.read_timestamps(), crs)
-            updated = store.update_poses(update.keys, update.xy, headings=update.headings,
-                                         timestamps=update.timestamps)
+            updated = store.update_poses(update.keys, update.xy, headings=update.headings, timestamps=update.timestamps)
             frame = update.frame
         else:
             rows = pose_rows(poses, keys, None, info.get("crs"), has_poses)
             matched = np.isfinite(rows.xy).all(axis=1)
             names = [k for k, m in zip(keys, matched) if m]
             updated = store.update_poses(
-                names, rows.xy[matched], headings=rows.headings[matched] if rows.has_headings else None,
-                timestamps=rows.timestamps[matched] if rows.has_timestamps else None)
+                names,
+                rows.xy[matched],
+                headings=rows.headings[matched] if rows.has_headings else None,
+                timestamps=rows.timestamps[matched] if rows.has_timestamps else None,
+            )
             frame, report = rows.frame, rows.report
-        record_change(d, poses_updated=updated, crs=frame if frame != crs else None,
-                       **({"poses": report} if report is not None else {}))
+        record_change(
+            d,
+            poses_updated=updated,
+            crs=frame if frame != crs else None,
+            **({"poses": report} if report is not None else {}),
+        )
     return {"updated": updated, "crs": frame, "report": report}

@@ -49,7 +49,8 @@ def make_extensions(config: Config, backbone: Backbone, vocabulary: Vocabulary |
 def needs_vocabulary(config: Config) -> bool:
     """Whether the aggregator or a map extension of ``config`` needs a vocabulary."""
     return wants_vocabulary(AggregationOptions.from_config(config)) or any(
-        getattr(EXTENSIONS.get(g), "needs_vocabulary", False) for g in config.extensions)
+        getattr(EXTENSIONS.get(g), "needs_vocabulary", False) for g in config.extensions
+    )
 
 
 def on_cpu(feats: DenseFeatures) -> DenseFeatures:

@@ -47,8 +47,13 @@ class Map:
     images_root = property(lambda self: self.data.images_root)
 
     def search_space(self) -> SearchSpace:
-        return SearchSpace(self.data.index, len(self.data.keys), self.data.store, self.extensions,
-                           None if self.data.read_only else self.data.dir)
+        return SearchSpace(
+            self.data.index,
+            len(self.data.keys),
+            self.data.store,
+            self.extensions,
+            None if self.data.read_only else self.data.dir,
+        )
 
     def retriever(self) -> Retriever:
         return RETRIEVERS.get(self.config.retriever)(self.search_space(), self.config.retriever_options)
@@ -68,9 +73,11 @@ def open_map(map_dir: str | os.PathLike, read_only: bool = False, device: str | 
     """
     data = open_map_data(map_dir, read_only=read_only)
     if data.info.get("imported") and data.config.backbone == "hloc-import":
-        raise MapError(f"{data.dir} holds descriptors imported from {data.info['imported'].get('from')} by a model vprkit "
-                       f"does not run; query it with descriptors of that model (vprkit.maps.hloc.retrieve), or "
-                       f"re-import it with --preset NAME if a vprkit preset produced them")
+        raise MapError(
+            f"{data.dir} holds descriptors imported from {data.info['imported'].get('from')} by a model vprkit "
+            f"does not run; query it with descriptors of that model (vprkit.maps.hloc.retrieve), or "
+            f"re-import it with --preset NAME if a vprkit preset produced them"
+        )
     if device is not None:
         data.config = data.config.replace(device=device)
     config = data.config
@@ -82,6 +89,14 @@ def open_map(map_dir: str | os.PathLike, read_only: bool = False, device: str | 
             raise MapError(f"{data.dir} lacks the fitted state of '{ext.group}'; rebuild the map")
     # The confidence's calibration: read when fresh; a writable open fits and persists it (calibration.json),
     # a read-only one leaves it to the first localisation (fitted in memory, nothing written).
-    calibration = load_or_fit_calibration(data.dir, data.index.search, data.store.read_global, data.keys, data.poses,
-                                          write=not data.read_only, fit=not data.read_only, seed=config.vocabulary.seed)
+    calibration = load_or_fit_calibration(
+        data.dir,
+        data.index.search,
+        data.store.read_global,
+        data.keys,
+        data.poses,
+        write=not data.read_only,
+        fit=not data.read_only,
+        seed=config.vocabulary.seed,
+    )
     return Map(data, backbone, aggregator, extensions, calibration)

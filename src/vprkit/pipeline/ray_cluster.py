@@ -77,7 +77,8 @@ class RaySession:
                     f"cannot join the Ray cluster at {self.address}: {exc}. Is its head running and reachable from "
                     f"here? A cluster with token authentication (Ray turns it on for `ray start` when it finds a "
                     f"token) also needs {AUTH_MODE_ENV}=token and the cluster's token in {AUTH_TOKEN_ENV} or "
-                    f"{AUTH_TOKEN_PATH_ENV} in this process's environment") from None
+                    f"{AUTH_TOKEN_PATH_ENV} in this process's environment"
+                ) from None
             self.log(f"connected to the Ray cluster at {self.address}")
         self.started = True
         return ray
@@ -87,8 +88,9 @@ class RaySession:
             ray_module().shutdown()
 
 
-def check_resources(ray, replicas: int, cpus_per_replica: float, gpus_per_replica: float, fixed: bool,
-                     log: Callable[[str], None]) -> None:
+def check_resources(
+    ray, replicas: int, cpus_per_replica: float, gpus_per_replica: float, fixed: bool, log: Callable[[str], None]
+) -> None:
     """Refuse a pool that would leave no CPU for reading images (Ray Data would wait for one forever).
 
     ``fixed``: the instance cannot grow (a local one). A cluster may autoscale, so there a pool
@@ -99,8 +101,10 @@ def check_resources(ray, replicas: int, cpus_per_replica: float, gpus_per_replic
     problems = []
     if replicas * cpus_per_replica > cpus - CPUS_LEFT_FOR_READING:
         most = int((cpus - CPUS_LEFT_FOR_READING) // cpus_per_replica) if cpus_per_replica else 0
-        problems.append(f"{replicas} replica(s) × {cpus_per_replica:g} CPU leave no CPU for reading images on a "
-                        f"Ray cluster of {cpus:g} CPUs; use --replicas {max(1, most)} or fewer")
+        problems.append(
+            f"{replicas} replica(s) × {cpus_per_replica:g} CPU leave no CPU for reading images on a "
+            f"Ray cluster of {cpus:g} CPUs; use --replicas {max(1, most)} or fewer"
+        )
     if replicas * gpus_per_replica > gpus:
         problems.append(f"{replicas} replica(s) × {gpus_per_replica:g} GPU need more than the cluster's {gpus:g} GPUs")
     if problems and fixed:

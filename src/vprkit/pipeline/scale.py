@@ -15,16 +15,29 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ConfigError, MapError
-from ..maps import (MAP_FILE, check_index_option, describe_options, faiss_options, FaissIndex, IndexSection,
-                    map_write_lock, MapStore, read_manifest, RowSource, serving_footprint, write_manifest)
+from ..maps import (
+    MAP_FILE,
+    check_index_option,
+    describe_options,
+    faiss_options,
+    FaissIndex,
+    IndexSection,
+    map_write_lock,
+    MapStore,
+    read_manifest,
+    RowSource,
+    serving_footprint,
+    write_manifest,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["compress_map", "describe_options"]
 
 
-def compress_map(map_dir: str | os.PathLike, factory: str, *, log: Callable[[str], None] = logger.info,
-                 **options: Any) -> dict[str, Any]:
+def compress_map(
+    map_dir: str | os.PathLike, factory: str, *, log: Callable[[str], None] = logger.info, **options: Any
+) -> dict[str, Any]:
     """Train ``factory`` (e.g. ``"PCA1024,OPQ64,IVF1024,PQ64"``) on the map's descriptors and swap it in.
 
     ``options`` are FAISS index options by their one name (:mod:`vprkit.maps.index_options`:
@@ -40,8 +53,10 @@ def compress_map(map_dir: str | os.PathLike, factory: str, *, log: Callable[[str
         manifest = read_manifest(d)
         config = manifest.settings(d / MAP_FILE)
         if config.index_backend != "faiss":
-            raise ConfigError(f"{d} is served by the {config.index_backend!r} backend; `map compress` trains FAISS "
-                              f"indexes (set the backend's own index options instead)")
+            raise ConfigError(
+                f"{d} is served by the {config.index_backend!r} backend; `map compress` trains FAISS "
+                f"indexes (set the backend's own index options instead)"
+            )
         applied = faiss_options(given, seed=config.vocabulary.seed)
         log(describe_options(applied))
         store = MapStore(d, config.store_dtype)
@@ -53,11 +68,18 @@ def compress_map(map_dir: str | os.PathLike, factory: str, *, log: Callable[[str
         index = FaissIndex.build(RowSource(store.read_global, n, dim), factory, seed=applied["seed"], options=applied)
         built_s = time.perf_counter() - started
         index.save_to_map(d)  # new files first, the manifest last: the swap
-        manifest.index = IndexSection(factory=factory, ntotal=index.ntotal, options=dict(index.options),
-                                      trained_on=dict(index.trained_on), build_seconds=round(built_s, 3))
+        manifest.index = IndexSection(
+            factory=factory,
+            ntotal=index.ntotal,
+            options=dict(index.options),
+            trained_on=dict(index.trained_on),
+            build_seconds=round(built_s, 3),
+        )
         manifest.config = {**manifest.config, "index": factory, "index_options": dict(index.options)}
         write_manifest(d, manifest)
         footprint = serving_footprint(d)
-        log(f"{d}: index {factory} over {n} places in {built_s:.1f} s; "
-            f"{footprint['disk_bytes_per_place']['index_codes']} bytes per place in the index")
+        log(
+            f"{d}: index {factory} over {n} places in {built_s:.1f} s; "
+            f"{footprint['disk_bytes_per_place']['index_codes']} bytes per place in the index"
+        )
         return {**manifest.index.to_dict(), "footprint": footprint}

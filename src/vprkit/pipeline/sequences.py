@@ -29,8 +29,13 @@ from ..evaluation import loops as loop_eval
 from ..images import ImageInput, ImageSource, image_source
 from ..io import atomic_write_json
 from ..maps import open_map_data
-from ..retrieval.sequence import (OnlineSequenceMatcher, SequenceSettings, check_route_order, sequence_scores,
-                                  top_k as sequence_top_k)
+from ..retrieval.sequence import (
+    OnlineSequenceMatcher,
+    SequenceSettings,
+    check_route_order,
+    sequence_scores,
+    top_k as sequence_top_k,
+)
 from .build import build_map
 from .localization import RERANK_OFF, QueryResult, localize, make_match, query_batches
 from .open import Map, open_map
@@ -51,8 +56,11 @@ SINGLE_SCORE_KIND = "cosine"
 OFFLINE_DEFAULTS = {"anchor": "centre"}
 
 
-def sequence_settings(sequence_length: int | None = None, settings: SequenceSettings | Mapping[str, Any] | None = None,
-                      defaults: Mapping[str, Any] | None = None) -> SequenceSettings | None:
+def sequence_settings(
+    sequence_length: int | None = None,
+    settings: SequenceSettings | Mapping[str, Any] | None = None,
+    defaults: Mapping[str, Any] | None = None,
+) -> SequenceSettings | None:
     """``settings`` (a :class:`SequenceSettings`, or its fields as a mapping over ``defaults``) with
     ``sequence_length`` applied; None when neither asks for sequence matching."""
     if settings is None and sequence_length is None:
@@ -70,8 +78,9 @@ def sequence_settings(sequence_length: int | None = None, settings: SequenceSett
 
 
 # ---- sequential evaluation (used by pipeline.evaluate) ----------------------------------------------
-def sequence_rankings(map_globals: np.ndarray, query_globals: np.ndarray, settings: SequenceSettings, k: int,
-                      progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def sequence_rankings(
+    map_globals: np.ndarray, query_globals: np.ndarray, settings: SequenceSettings, k: int, progress: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` map rows and sequence scores for time-ordered queries against a route-ordered map."""
     similarity = np.asarray(query_globals, np.float32) @ np.asarray(map_globals, np.float32).T
     return sequence_top_k(sequence_scores(similarity, settings, progress=progress), k)
@@ -80,8 +89,10 @@ def sequence_rankings(map_globals: np.ndarray, query_globals: np.ndarray, settin
 def check_sequential_dataset(dataset: Any, map_keys: list[str]) -> None:
     """Sequence matching needs queries and database that are both traversals in order; refuse otherwise."""
     if getattr(dataset, "layout", "") != "sequences":
-        raise ConfigError(f"--sequence-length needs a sequential dataset (queries and database both traversals in "
-                          f"route order, e.g. nordland-64x32); {dataset.name} has the {dataset.layout or 'unknown'!r} layout")
+        raise ConfigError(
+            f"--sequence-length needs a sequential dataset (queries and database both traversals in "
+            f"route order, e.g. nordland-64x32); {dataset.name} has the {dataset.layout or 'unknown'!r} layout"
+        )
     check_route_order(dataset.query_images, what=f"{dataset.name} queries")
     check_route_order(map_keys, what=f"{dataset.name} map")
 
@@ -120,8 +131,9 @@ def _numeric_first_line(path: Path) -> bool:
     return bool(first)
 
 
-def _frame_descriptors(frames, preset: str | Config | None, work: Path, progress: bool,
-                       log: Callable[[str], None]) -> tuple[list[str], np.ndarray]:
+def _frame_descriptors(
+    frames, preset: str | Config | None, work: Path, progress: bool, log: Callable[[str], None]
+) -> tuple[list[str], np.ndarray]:
     """Keys in time order and their global descriptors, through a map built of the frames themselves
     (its vocabulary comes from them too); the map in ``work`` is reused on a rerun."""
     source = image_source(frames)
@@ -180,7 +192,9 @@ def detect_loops(
         candidates = loop_eval.best_earlier_matches(scores, exclude_recent, kind)
         match_s = time.perf_counter() - t1
         summary: dict[str, Any] = {
-            "frames": len(keys), "exclude_recent": int(exclude_recent), "score_kind": kind,
+            "frames": len(keys),
+            "exclude_recent": int(exclude_recent),
+            "score_kind": kind,
             "sequence": None if settings is None else {f: getattr(settings, f) for f in settings.__dataclass_fields__},
             "n_candidates": int(candidates.has_match.sum()),
             "timing": {"descriptors_s": round(describe_s, 3), "matching_s": round(match_s, 3)},
@@ -275,8 +289,15 @@ def localize_stream(
             for key, g in zip(qb.keys, qb.global_descriptors):
                 cosines = map_globals @ g.astype(np.float32)
                 (rows,), (scores,) = sequence_top_k(matcher.push(cosines)[None], top_k)
-                done[key] = QueryResult(key, [make_match(m, int(i), float(v), settings.score_kind, float(cosines[i]), headings)
-                                              for i, v in zip(rows, scores) if i >= 0], time.perf_counter() - t0)
+                done[key] = QueryResult(
+                    key,
+                    [
+                        make_match(m, int(i), float(v), settings.score_kind, float(cosines[i]), headings)
+                        for i, v in zip(rows, scores)
+                        if i >= 0
+                    ],
+                    time.perf_counter() - t0,
+                )
                 t0 = time.perf_counter()
         for name in names:
             yield done.get(name) or QueryResult(name, [], 0.0, failed.get(name, "not localised"))

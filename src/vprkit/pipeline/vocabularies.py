@@ -26,8 +26,15 @@ from ..maps import VOCAB_FILE, read_build_record, write_build_record
 from .models import load_backbone, needs_vocabulary, resolve_config
 
 
-def obtain_vocabulary(config: Config, backbone: Backbone, source: ImageSource, out: Path, progress: bool,
-                      log: Callable[[str], None], cache: FeatureCache | None = None) -> Vocabulary | None:
+def obtain_vocabulary(
+    config: Config,
+    backbone: Backbone,
+    source: ImageSource,
+    out: Path,
+    progress: bool,
+    log: Callable[[str], None],
+    cache: FeatureCache | None = None,
+) -> Vocabulary | None:
     """The map's vocabulary: the one already in ``out``, a domain/file vocabulary, or one built from ``source``."""
     if not needs_vocabulary(config):
         return None
@@ -39,14 +46,24 @@ def obtain_vocabulary(config: Config, backbone: Backbone, source: ImageSource, o
     spec = config.vocabulary.source
     if spec == "auto":
         domain, dists = domains.pick_domain(backbone, ExtractionOptions.from_config(config), source)
-        log(f"vocabulary: nearest domain is {domain!r} (distances {', '.join(f'{k} {v:.3f}' for k, v in dists.items())})")
+        log(
+            f"vocabulary: nearest domain is {domain!r} (distances {', '.join(f'{k} {v:.3f}' for k, v in dists.items())})"
+        )
         spec = f"domain:{domain}"
     src = resolve_vocabulary_source(spec)
     if src is None:
-        log(f"building vocabulary (K={config.vocabulary.k}) from "
-            f"{min(len(source.keys), config.vocabulary.large_map_images)}+ images of the map")
-        voc = build_vocabulary(backbone, VocabularyOptions.from_config(config, backbone), [source],
-                               name=f"map:{out.name}", progress=progress, cache=cache)
+        log(
+            f"building vocabulary (K={config.vocabulary.k}) from "
+            f"{min(len(source.keys), config.vocabulary.large_map_images)}+ images of the map"
+        )
+        voc = build_vocabulary(
+            backbone,
+            VocabularyOptions.from_config(config, backbone),
+            [source],
+            name=f"map:{out.name}",
+            progress=progress,
+            cache=cache,
+        )
     else:
         voc = Vocabulary.load(src)
     check_vocabulary(voc, config, backbone, src or "built from the map")
@@ -64,15 +81,17 @@ def record_build_vocabulary(map_dir: Path, vocabulary: Vocabulary) -> None:
         raise VocabularyMismatchError(
             f"{map_dir} was being built with vocabulary {before.get('checksum')} (K={before.get('k')}) but now "
             f"holds {now['checksum']} (K={now['k']}); the shards already written used the other one — build into "
-            f"another --out")
+            f"another --out"
+        )
     if before != now:
         write_build_record(map_dir, {**record, "vocabulary": now})
 
 
 def check_vocabulary(voc: Vocabulary, config: Config, backbone: Backbone, where) -> None:
     """The vocabulary encodes these descriptors (backbone, layer, size) with the preset's K and centre kind."""
-    voc.check_compatible(descriptor_identity(AggregationOptions.from_config(config), backbone),
-                         source=f"preset {config.name}")
+    voc.check_compatible(
+        descriptor_identity(AggregationOptions.from_config(config), backbone), source=f"preset {config.name}"
+    )
     if voc.k != config.vocabulary.k:
         raise VocabularyMismatchError(f"vocabulary {where} has K={voc.k}, the preset asks for K={config.vocabulary.k}")
 
@@ -84,27 +103,35 @@ def _database_sources(datasets: Sequence) -> dict[str, ImageSource]:
 
 
 def build_domain_vocabulary(
-    name: str, datasets: Sequence, preset: str | Config | None = None, out: str | os.PathLike | None = None,
+    name: str,
+    datasets: Sequence,
+    preset: str | Config | None = None,
+    out: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> Path:
     """Pool sub-sampled database descriptors of several datasets into one vocabulary ``name``."""
     config = resolve_config(preset)
     backbone = load_backbone(config)
-    return domains.build_domain_vocabulary(backbone, VocabularyOptions.from_config(config, backbone),
-                                           _database_sources(datasets), name, out, progress)
+    return domains.build_domain_vocabulary(
+        backbone, VocabularyOptions.from_config(config, backbone), _database_sources(datasets), name, out, progress
+    )
 
 
-def analyse_dataset_domains(datasets: Sequence, preset: str | Config | None = None,
-                            plot: str | os.PathLike | None = None, progress: bool = True):
+def analyse_dataset_domains(
+    datasets: Sequence, preset: str | Config | None = None, plot: str | os.PathLike | None = None, progress: bool = True
+):
     """GeM descriptors per dataset → PCA → suggested domains (+ scatter PNG). Saves the PCA for picking."""
     config = resolve_config(preset)
-    return domains.analyse_dataset_domains(load_backbone(config), ExtractionOptions.from_config(config),
-                                           _database_sources(datasets), plot, progress)
+    return domains.analyse_dataset_domains(
+        load_backbone(config), ExtractionOptions.from_config(config), _database_sources(datasets), plot, progress
+    )
 
 
-def pick_domain(images_dir: str | os.PathLike, preset: str | Config | None = None,
-                keys: Sequence[str] | None = None) -> tuple[str, dict[str, float]]:
+def pick_domain(
+    images_dir: str | os.PathLike, preset: str | Config | None = None, keys: Sequence[str] | None = None
+) -> tuple[str, dict[str, float]]:
     """The domain vocabulary nearest to the images of a new map."""
     config = resolve_config(preset)
-    return domains.pick_domain(load_backbone(config), ExtractionOptions.from_config(config),
-                               image_source(images_dir, keys))
+    return domains.pick_domain(
+        load_backbone(config), ExtractionOptions.from_config(config), image_source(images_dir, keys)
+    )

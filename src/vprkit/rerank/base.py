@@ -16,7 +16,9 @@ class Reranker:
     name = "reranker"
     shortlist: int = 100
 
-    def rerank(self, query: "QueryBatch", rows: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
+    def rerank(
+        self, query: "QueryBatch", rows: np.ndarray, scores: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
         """Return ``(rows, scores)`` of the same shape, re-ordered best first (higher is better)."""
         raise NotImplementedError
 

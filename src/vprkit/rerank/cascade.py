@@ -118,11 +118,16 @@ def fine_candidates(query: PatchSet, candidates: Sequence[PatchSet], budget: int
     return int(min(len(candidates), max(verify or 1, int(budget // per_candidate))))
 
 
-def cascade_scores(query_sets: list[PatchSet], candidates: list[list[PatchSet]],
-                   scorer: Callable[[PatchSet, PatchSet, Matches], SpatialScore], weights: Sequence[float],
-                   verify: int | None, device=None,
-                   prescorer: Callable[[PatchSet, PatchSet, Matches], SpatialScore] | None = None,
-                   fine_budget: int | None = None) -> CascadeScores:
+def cascade_scores(
+    query_sets: list[PatchSet],
+    candidates: list[list[PatchSet]],
+    scorer: Callable[[PatchSet, PatchSet, Matches], SpatialScore],
+    weights: Sequence[float],
+    verify: int | None,
+    device=None,
+    prescorer: Callable[[PatchSet, PatchSet, Matches], SpatialScore] | None = None,
+    fine_budget: int | None = None,
+) -> CascadeScores:
     """``scales × candidates`` spatial scores of one query against its candidates (in global order),
     with ``scorer`` run only on the candidates :func:`select_for_verification` picks; that mask; the counts.
 
@@ -144,8 +149,11 @@ def cascade_scores(query_sets: list[PatchSet], candidates: list[list[PatchSet]],
     if fine_budget is not None and prescorer is None:
         raise ValueError("fine_budget picks by the coarser scales' first pass: pass a prescorer")
     fine = finest_scale(query_sets) if fine_budget is not None and n_scales > 1 else None
-    n_fine = n_cand if fine is None else fine_candidates(query_sets[fine], [c[fine] for c in candidates], fine_budget,
-                                                        verify)
+    n_fine = (
+        n_cand
+        if fine is None
+        else fine_candidates(query_sets[fine], [c[fine] for c in candidates], fine_budget, verify)
+    )
     order = [s for s in range(n_scales) if s != fine] + ([fine] if fine is not None else [])
     matches: list[list[Matches]] = [[] for _ in range(n_scales)]
     counts = np.zeros((n_scales, n_cand))
@@ -155,8 +163,9 @@ def cascade_scores(query_sets: list[PatchSet], candidates: list[list[PatchSet]],
         q = query_sets[s]
         if s == fine and n_fine < n_cand:
             coarse = [c for c in range(n_scales) if c != fine]
-            fine_mask = select_for_verification(fuse_scales([scores[c] for c in coarse], [weights[c] for c in coarse]),
-                                                n_fine)
+            fine_mask = select_for_verification(
+                fuse_scales([scores[c] for c in coarse], [weights[c] for c in coarse]), n_fine
+            )
         picked = np.flatnonzero(fine_mask) if s == fine else np.arange(n_cand)
         found = mutual_nn_stacked(q.descriptors, [candidates[c][s].descriptors for c in picked], device)
         per_scale = [Matches(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))] * n_cand

@@ -48,14 +48,22 @@ class TwoImageMatch:
     def lines(self) -> list[str]:
         out = [f"{self.image_a} ↔ {self.image_b}  preset {self.preset}  score {self.score:.4f}"]
         for q, m, s in zip(self.result.query_sets, self.result.matches, self.result.scores):
-            out.append(f"  patches on a {q.grid[0]}×{q.grid[1]} grid: {len(q)} query patches, {len(m)} mutual matches, "
-                       f"{int(s.inliers.sum())} inliers, score {s.value:.4f}")
+            out.append(
+                f"  patches on a {q.grid[0]}×{q.grid[1]} grid: {len(q)} query patches, {len(m)} mutual matches, "
+                f"{int(s.inliers.sum())} inliers, score {s.value:.4f}"
+            )
         return out
 
 
-def match_pair(image_a: ImageInput, image_b: ImageInput, settings: RerankConfig, extraction: ExtractionOptions,
-               backbone: Backbone, extension: PatchesExtension | None = None,
-               out: str | os.PathLike | None = None) -> TwoImageMatch:
+def match_pair(
+    image_a: ImageInput,
+    image_b: ImageInput,
+    settings: RerankConfig,
+    extraction: ExtractionOptions,
+    backbone: Backbone,
+    extension: PatchesExtension | None = None,
+    out: str | os.PathLike | None = None,
+) -> TwoImageMatch:
     """Match ``image_a`` (as query) against ``image_b`` (paths or decoded frames) with re-ranking ``settings``.
 
     ``extraction``: how the two images are prepared (the map's or the preset's image spec).
@@ -76,8 +84,14 @@ def match_pair(image_a: ImageInput, image_b: ImageInput, settings: RerankConfig,
         extension.fit(zip(batches, feats))
     sets = [extension.describe_batch(b, f)[0] for b, f in zip(batches, feats)]
     result = score_pair(sets[0], sets[1], SCORERS.get(settings.scorer))
-    tm = TwoImageMatch(_name(image_a, "a"), _name(image_b, "b"), settings.name, result, settings.weights,
-                       (batches[0].pixels[0], batches[1].pixels[0]))
+    tm = TwoImageMatch(
+        _name(image_a, "a"),
+        _name(image_b, "b"),
+        settings.name,
+        result,
+        settings.weights,
+        (batches[0].pixels[0], batches[1].pixels[0]),
+    )
     if out is not None:
         tm.figure_path = str(draw_matches(tm, out))
     return tm
@@ -105,7 +119,7 @@ def draw_matches(tm: TwoImageMatch, out: str | os.PathLike, scales: Sequence[int
     h = max(a.shape[0], b.shape[0])
     canvas = np.ones((h, a.shape[1] + b.shape[1], 3), np.float32)
     canvas[: a.shape[0], : a.shape[1]] = a
-    canvas[: b.shape[0], a.shape[1]:] = b
+    canvas[: b.shape[0], a.shape[1] :] = b
     fig = Figure(figsize=(canvas.shape[1] / 50, canvas.shape[0] / 50 + 0.6), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
@@ -125,8 +139,11 @@ def draw_matches(tm: TwoImageMatch, out: str | os.PathLike, scales: Sequence[int
             else:
                 ax.plot([p0[0], p1[0]], [p0[1], p1[1]], "-", lw=0.4, color="grey", alpha=0.25)
     inl = ", ".join(f"{int(s.inliers.sum())}/{len(m)}" for s, m in zip(tm.result.scores, tm.result.matches))
-    ax.set_title(f"{Path(tm.image_a).name} ↔ {Path(tm.image_b).name}  [{tm.preset}]  score {tm.score:.3f}  "
-                 f"inliers/matches per scale: {inl}", fontsize=8)
+    ax.set_title(
+        f"{Path(tm.image_a).name} ↔ {Path(tm.image_b).name}  [{tm.preset}]  score {tm.score:.3f}  "
+        f"inliers/matches per scale: {inl}",
+        fontsize=8,
+    )
     ax.axis("off")
     out = Path(out)
     with atomic_path(out) as tmp, open(tmp, "wb") as fh:

@@ -81,7 +81,9 @@ class PatchesExtension(MapExtension):
             raise ConfigError("re-ranking needs at least one patch scale")
         if o["dtype"] not in STORAGE_DTYPES:
             raise ConfigError(f"patch storage dtype must be one of {STORAGE_DTYPES}, got {o['dtype']!r}")
-        self.feature_backbone = backbone if o["backbone"] is None else build_backbone(o["backbone"], **dict(o["backbone_options"]))
+        self.feature_backbone = (
+            backbone if o["backbone"] is None else build_backbone(o["backbone"], **dict(o["backbone_options"]))
+        )
         self.own_vocabulary = o["backbone"] is not None or vocabulary is None
         self.layer: NetVLADLayer | None = None
         self.projection: PatchProjection | None = None
@@ -92,14 +94,18 @@ class PatchesExtension(MapExtension):
         """Trained NetVLAD (+ WPCA) from a checkpoint: nothing left to fit."""
         ck = read_netvlad_checkpoint(path)
         if ck.dim != self.feature_backbone.dim:
-            raise ConfigError(f"{path}: NetVLAD expects {ck.dim}-d features, backbone {self.feature_backbone.name} gives "
-                              f"{self.feature_backbone.dim}-d (use the checkpoint's VGG16 backbone, vgg16-conv5)")
+            raise ConfigError(
+                f"{path}: NetVLAD expects {ck.dim}-d features, backbone {self.feature_backbone.name} gives "
+                f"{self.feature_backbone.dim}-d (use the checkpoint's VGG16 backbone, vgg16-conv5)"
+            )
         self.layer = NetVLADLayer(ck.num_clusters, ck.dim, bias=ck.assign_bias is not None)
         self.layer.load_weights(ck.centroids, ck.assign_weight, ck.assign_bias)
         self.layer.eval()
         self.alpha = float("nan")  # trained weights: α no longer describes them
         if ck.wpca_weight is not None and int(self.options["pca_dim"]) > 0:
-            self.projection = PatchProjection.from_linear(ck.wpca_weight.numpy(), None if ck.wpca_bias is None else ck.wpca_bias.numpy())
+            self.projection = PatchProjection.from_linear(
+                ck.wpca_weight.numpy(), None if ck.wpca_bias is None else ck.wpca_bias.numpy()
+            )
         self.needs_fit = False
 
     def stores_same_as(self, options: Mapping[str, Any]) -> bool:
@@ -147,8 +153,13 @@ class PatchesExtension(MapExtension):
     @staticmethod
     def patch_set(desc: torch.Tensor, scale: PatchScale, grid: tuple[int, int], stride: int) -> PatchSet:
         _, rows, cols = scale.effective(grid)
-        return PatchSet(desc, patch_centres(scale, grid, stride), patch_grid_positions(scale, grid), (rows, cols),
-                        float(stride * scale.stride))
+        return PatchSet(
+            desc,
+            patch_centres(scale, grid, stride),
+            patch_grid_positions(scale, grid),
+            (rows, cols),
+            float(stride * scale.stride),
+        )
 
     def describe_batch(self, batch: "Batch", features: DenseFeatures) -> list[list[PatchSet]]:
         feats = self.features(batch.pixels, features)
@@ -241,7 +252,11 @@ class PatchesExtension(MapExtension):
     def bytes_per_image(self, grid: tuple[int, int]) -> int:
         """Stored bytes of one image with a ``grid`` feature map (for reports)."""
         per = {"float16": 2, "float32": 4, "int8": 1}[self.options["dtype"]]
-        dim = self.projection.dim if self.projection is not None else self._require_fitted().num_clusters * self._require_fitted().dim
+        dim = (
+            self.projection.dim
+            if self.projection is not None
+            else self._require_fitted().num_clusters * self._require_fitted().dim
+        )
         n = 0
         for s in self.scales:
             _, r, c = s.effective(grid)

@@ -47,14 +47,19 @@ OVERTURN_ALPHA = 0.05
 # The default presets' test level: None = no significance test (statistics over the matched only).
 DEFAULT_OVERTURN_ALPHA: float | None = None
 
-def fuse_scales(per_scale: Sequence[np.ndarray], weights: Sequence[float], valid: np.ndarray | None = None) -> np.ndarray:
+
+def fuse_scales(
+    per_scale: Sequence[np.ndarray], weights: Sequence[float], valid: np.ndarray | None = None
+) -> np.ndarray:
     """``Σ_s w_s · z(score_s)`` — the original's multi-scale fusion."""
     if len(per_scale) != len(weights):
         raise ValueError(f"{len(per_scale)} scales but {len(weights)} weights")
     return sum(w * zscore(s, valid) for s, w in zip(per_scale, weights))
 
 
-def fuse_with_global(patch: np.ndarray, global_scores: np.ndarray, global_weight: float, valid: np.ndarray | None = None) -> np.ndarray:
+def fuse_with_global(
+    patch: np.ndarray, global_scores: np.ndarray, global_weight: float, valid: np.ndarray | None = None
+) -> np.ndarray:
     """``(1 − g)·z(patch) + g·z(global)``; ``g = 0`` ranks by patches alone, as the original does."""
     return (1.0 - global_weight) * zscore(patch, valid) + global_weight * zscore(global_scores, valid)
 
@@ -125,8 +130,10 @@ def best_agreement(per_scale: np.ndarray, perfect: Sequence[float], weights: Seq
     perfect = np.asarray(perfect, np.float64)
     w = np.asarray(weights, np.float64)
     if per_scale.ndim != 2 or per_scale.shape[0] != len(perfect) or len(w) != len(perfect):
-        raise ValueError(f"scores of shape {per_scale.shape} need one perfect score and one weight per scale, "
-                         f"got {len(perfect)} and {len(w)}")
+        raise ValueError(
+            f"scores of shape {per_scale.shape} need one perfect score and one weight per scale, "
+            f"got {len(perfect)} and {len(w)}"
+        )
     if per_scale.shape[1] == 0 or w.sum() <= 0:
         return 0.0
     share = per_scale / np.where(perfect > 0, perfect, np.inf)[:, None]
@@ -143,10 +150,18 @@ def global_order_within(fused: np.ndarray, place: np.ndarray) -> np.ndarray:
     return fused
 
 
-def rank_shortlist(per_scale: np.ndarray | None, head_scores: np.ndarray, keep: np.ndarray,
-                   weights: Sequence[float], global_weight: float, matched: np.ndarray | None = None,
-                   alpha: float | None = None, same_place: np.ndarray | None = None,
-                   perfect: Sequence[float] | None = None, min_agreement: float | None = None) -> np.ndarray:
+def rank_shortlist(
+    per_scale: np.ndarray | None,
+    head_scores: np.ndarray,
+    keep: np.ndarray,
+    weights: Sequence[float],
+    global_weight: float,
+    matched: np.ndarray | None = None,
+    alpha: float | None = None,
+    same_place: np.ndarray | None = None,
+    perfect: Sequence[float] | None = None,
+    min_agreement: float | None = None,
+) -> np.ndarray:
     """Final scores of one query's shortlist (higher is better; sort descending, stably, for the order).
 
     ``head_scores``: the shortlist's global similarities in global order; ``keep``: which of them may

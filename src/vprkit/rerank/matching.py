@@ -51,8 +51,9 @@ def _mutual_one(query: torch.Tensor, candidate: torch.Tensor) -> Matches:
     return Matches(qi.cpu().numpy(), best_d[qi].cpu().numpy(), best_d_sim[qi].float().cpu().numpy())
 
 
-def mutual_nn_grouped(query: torch.Tensor, candidates: list[torch.Tensor],
-                      device: torch.device | str | None = None) -> list[Matches]:
+def mutual_nn_grouped(
+    query: torch.Tensor, candidates: list[torch.Tensor], device: torch.device | str | None = None
+) -> list[Matches]:
     """Like :func:`mutual_nn` for a list of candidates of any patch counts.
 
     One matrix product per candidate: stacking a shortlist of large patch sets into one batch
@@ -62,8 +63,10 @@ def mutual_nn_grouped(query: torch.Tensor, candidates: list[torch.Tensor],
     empty = Matches(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
     if device is not None:
         query = query.to(device)
-    return [empty if len(c) == 0 or len(query) == 0 else _mutual_one(query, c if device is None else c.to(device))
-            for c in candidates]
+    return [
+        empty if len(c) == 0 or len(query) == 0 else _mutual_one(query, c if device is None else c.to(device))
+        for c in candidates
+    ]
 
 
 # Upper bound on one stacked block of candidate patches in :func:`mutual_nn_stacked` (bytes of the
@@ -80,8 +83,13 @@ STACK_MAX_BYTES = 64 * 2**20
 SIM_BLOCK_BYTES = 1 * 2**20
 
 
-def mutual_nn_stacked(query: torch.Tensor, candidates: list[torch.Tensor], device: torch.device | str | None = None,
-                      max_bytes: int = STACK_MAX_BYTES, sim_bytes: int = SIM_BLOCK_BYTES) -> list[Matches]:
+def mutual_nn_stacked(
+    query: torch.Tensor,
+    candidates: list[torch.Tensor],
+    device: torch.device | str | None = None,
+    max_bytes: int = STACK_MAX_BYTES,
+    sim_bytes: int = SIM_BLOCK_BYTES,
+) -> list[Matches]:
     """Like :func:`mutual_nn_grouped`, with candidates of equal patch count matched in one batched product.
 
     Why: with the compact presets' patch sets (tens of patches of 256 dimensions) one pair's matrix

@@ -35,5 +35,6 @@ class RerankOptions:
     def from_config(cls, config: Config, settings: RerankConfig | str) -> "RerankOptions":
         """Re-ranking preset ``settings`` (a name or a :class:`RerankConfig`) on a map built with ``config``."""
         settings = get_rerank_config(settings)
-        return cls(settings, patch_options(settings, config), ExtractionOptions.from_config(config),
-                   config.vocabulary.seed)
+        return cls(
+            settings, patch_options(settings, config), ExtractionOptions.from_config(config), config.vocabulary.seed
+        )

@@ -107,8 +107,11 @@ def direct_patch_vlad(cells: torch.Tensor, layer: NetVLADLayer, scale: PatchScal
     """Reference: NetVLAD of each patch computed separately (slow; for tests and checks)."""
     h, w, d = cells.shape
     p, rows, cols = scale.effective((h, w))
-    patches = [cells[i * scale.stride : i * scale.stride + p, j * scale.stride : j * scale.stride + p].reshape(-1, d)
-               for i in range(rows) for j in range(cols)]
+    patches = [
+        cells[i * scale.stride : i * scale.stride + p, j * scale.stride : j * scale.stride + p].reshape(-1, d)
+        for i in range(rows)
+        for j in range(cols)
+    ]
     return torch.cat([layer(q.unsqueeze(0).float()) for q in patches])
 
 

@@ -51,8 +51,13 @@ PLACE_SAMPLE_PAIRS = 50000
 PLACE_SAMPLE_WINDOWS = 1000
 
 
-def place_radius(read_rows: Callable[[np.ndarray], np.ndarray], n_rows: int, seed: int = 0,
-                 quantile: float = PLACE_SIMILARITY_QUANTILE, max_radius: int = MAX_PLACE_RADIUS) -> int:
+def place_radius(
+    read_rows: Callable[[np.ndarray], np.ndarray],
+    n_rows: int,
+    seed: int = 0,
+    quantile: float = PLACE_SIMILARITY_QUANTILE,
+    max_radius: int = MAX_PLACE_RADIUS,
+) -> int:
     """How many rows on each side share a row's place: the largest ``r ≤ max_radius`` such that rows
     1, 2 … r apart have a mean cosine above the ``quantile`` of all pairs' cosines (see the module docs).
 
@@ -72,8 +77,12 @@ def place_radius(read_rows: Callable[[np.ndarray], np.ndarray], n_rows: int, see
     return radius
 
 
-def place_similarity(read_rows: Callable[[np.ndarray], np.ndarray], n_rows: int, seed: int = 0,
-                     quantile: float = PLACE_SIMILARITY_QUANTILE) -> float:
+def place_similarity(
+    read_rows: Callable[[np.ndarray], np.ndarray],
+    n_rows: int,
+    seed: int = 0,
+    quantile: float = PLACE_SIMILARITY_QUANTILE,
+) -> float:
     """The cosine above which two map images count as views of one place: the ``quantile`` of all
     pairs' cosines (sampled above :data:`PLACE_EXACT_ROWS` rows, as :func:`place_radius`)."""
     if n_rows < 2:
@@ -81,8 +90,9 @@ def place_similarity(read_rows: Callable[[np.ndarray], np.ndarray], n_rows: int,
     return _similarity_profile(read_rows, n_rows, seed, quantile, 1)[0]
 
 
-def _similarity_profile(read_rows: Callable[[np.ndarray], np.ndarray], n_rows: int, seed: int, quantile: float,
-                        max_radius: int) -> tuple[float, list[float]]:
+def _similarity_profile(
+    read_rows: Callable[[np.ndarray], np.ndarray], n_rows: int, seed: int, quantile: float, max_radius: int
+) -> tuple[float, list[float]]:
     """The similarity ``quantile`` over all pairs, and the mean cosine of rows 1 … ``max_radius`` apart."""
     span = min(max_radius, n_rows - 1)
     if n_rows <= PLACE_EXACT_ROWS:
@@ -118,8 +128,15 @@ class RouteNeighbours:
     adjacent); ``radius``: neighbours on each side (0: every row is its own place).
     """
 
-    def __init__(self, n_rows: int, radius: int, poses: np.ndarray | None = None, *,
-                 read_rows: Callable[[np.ndarray], np.ndarray] | None = None, similarity: float | None = None):
+    def __init__(
+        self,
+        n_rows: int,
+        radius: int,
+        poses: np.ndarray | None = None,
+        *,
+        read_rows: Callable[[np.ndarray], np.ndarray] | None = None,
+        similarity: float | None = None,
+    ):
         if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 0:
             raise ValueError(f"a place's radius must be a number of neighbouring rows ≥ 0, got {radius!r}")
         if (read_rows is None) != (similarity is None):

@@ -160,9 +160,16 @@ class ComputedPatches:
 
     stored = False
 
-    def __init__(self, extension: PatchesExtension, backbone: Backbone, extraction: ExtractionOptions,
-                 images: ImageSource, keys: Sequence[str], saved: SavedState | None = None,
-                 sha256: Sequence[bytes] | None = None):
+    def __init__(
+        self,
+        extension: PatchesExtension,
+        backbone: Backbone,
+        extraction: ExtractionOptions,
+        images: ImageSource,
+        keys: Sequence[str],
+        saved: SavedState | None = None,
+        sha256: Sequence[bytes] | None = None,
+    ):
         self.extension, self.backbone, self.extraction = extension, backbone, extraction
         self.images, self.keys = images, keys
         self.saved = saved
@@ -188,8 +195,9 @@ class ComputedPatches:
         keys = [self.keys[r] for r in rows]
         row_of = dict(zip(keys, rows))
         payloads: dict[int, dict[str, np.ndarray]] = {}
-        for batch, feats in extract(self.backbone, self.extraction, self.images, keys, progress,
-                                   on_failure=ignore_failures):
+        for batch, feats in extract(
+            self.backbone, self.extraction, self.images, keys, progress, on_failure=ignore_failures
+        ):
             for key, payload in zip(batch.keys, self.extension.encode(batch, feats)):
                 payloads[row_of[key]] = payload
         lost = [self.keys[r] for r in rows if r not in payloads]
@@ -197,8 +205,9 @@ class ComputedPatches:
             raise MapError(f"cannot re-rank: map images {lost[:3]} are no longer readable in {self.images.describe()}")
         if self.saved is not None:
             done = list(payloads)
-            shard = self.saved.save_rows([self.keys[r] for r in done], [self.sha256[r] for r in done],
-                                         [payloads[r] for r in done])
+            shard = self.saved.save_rows(
+                [self.keys[r] for r in done], [self.sha256[r] for r in done], [payloads[r] for r in done]
+            )
             if shard is not None:
                 self._saved_index().update({r: (shard, i) for i, r in enumerate(done)})
         return payloads
@@ -218,8 +227,15 @@ class ComputedPatches:
 
 
 def make_reranker(
-    options: RerankOptions, *, backbone: Backbone, vocabulary, stored: PatchesExtension | None,
-    store: "MapStore", keys: Sequence[str], images: ImageSource | None, log: Callable[[str], None] = logger.info,
+    options: RerankOptions,
+    *,
+    backbone: Backbone,
+    vocabulary,
+    stored: PatchesExtension | None,
+    store: "MapStore",
+    keys: Sequence[str],
+    images: ImageSource | None,
+    log: Callable[[str], None] = logger.info,
     save: bool = True,
 ) -> "PatchReranker":
     """A re-ranker for a map: its stored patches when they match ``options.patches``, else patches computed on the fly.
@@ -234,15 +250,19 @@ def make_reranker(
     if stored is not None and stored.stores_same_as(options.patches):
         return PatchReranker(settings, stored, StoredPatches(store, stored), device, places)
     if images is None:
-        raise MapError(f"re-ranking '{settings.name}' needs the map's images or patches stored with these settings; "
-                       f"{store.dir} has neither")
+        raise MapError(
+            f"re-ranking '{settings.name}' needs the map's images or patches stored with these settings; "
+            f"{store.dir} has neither"
+        )
     ext = PatchesExtension(options.patches, backbone, vocabulary)
     saved = SavedState(store.dir, ext, writable=save, log=log)
     if ext.needs_fit and not saved.load_state():
         sample = sample_keys(keys, int(ext.options["fit_images"]), options.seed)
-        log(f"re-ranking '{settings.name}': the map stores no matching patch descriptors; computing them from "
+        log(
+            f"re-ranking '{settings.name}': the map stores no matching patch descriptors; computing them from "
             f"{images.describe()} as needed, after fitting their state on {len(sample)} images (once: state and "
-            f"patches are saved into the map; `vprkit rerank prepare` or --rerank at build time does it up front)")
+            f"patches are saved into the map; `vprkit rerank prepare` or --rerank at build time does it up front)"
+        )
         ext.fit(extract(backbone, options.extraction, images, sample, "re-ranking fit", on_failure=ignore_failures))
         saved.save_state()
     else:
@@ -252,8 +272,9 @@ def make_reranker(
     return PatchReranker(settings, ext, computed, device, places)
 
 
-def route_neighbours(settings: RerankConfig, store: "MapStore",
-                     log: Callable[[str], None] = logger.info) -> RouteNeighbours | None:
+def route_neighbours(
+    settings: RerankConfig, store: "MapStore", log: Callable[[str], None] = logger.info
+) -> RouteNeighbours | None:
     """The map's places for ``settings.same_place`` (``None`` when the preset does not use them);
     ``"auto"``: each top-1's own place, read off the map's descriptors around it
     (:func:`~vprkit.rerank.places.place_similarity`, :class:`~vprkit.rerank.places.RouteNeighbours`)."""
@@ -262,9 +283,11 @@ def route_neighbours(settings: RerankConfig, store: "MapStore",
     if settings.same_place == "auto":
         read = lambda rows: store.read_global(rows)  # noqa: E731
         similarity = place_similarity(read, len(store))
-        log(f"re-ranking '{settings.name}': the global top-1's place is its route neighbours, outward while they are "
+        log(
+            f"re-ranking '{settings.name}': the global top-1's place is its route neighbours, outward while they are "
             f"as alike as the map's top {1 - PLACE_SIMILARITY_QUANTILE:.0%} of image pairs (cosine > {similarity:.3f}, "
-            f"at most ±{MAX_PLACE_RADIUS} rows); within it the global order stands")
+            f"at most ±{MAX_PLACE_RADIUS} rows); within it the global order stands"
+        )
         return RouteNeighbours(len(store), MAX_PLACE_RADIUS, store.read_poses(), read_rows=read, similarity=similarity)
     return RouteNeighbours(len(store), settings.same_place, store.read_poses())
 
@@ -276,12 +299,19 @@ class PatchReranker(Reranker):
     :class:`ComputedPatches`); decoded sets are cached across queries.
     """
 
-    def __init__(self, settings: RerankConfig, extension: PatchesExtension,
-                 candidates: "StoredPatches | ComputedPatches", device: "torch.device | str | None" = None,
-                 places: RouteNeighbours | None = None):
+    def __init__(
+        self,
+        settings: RerankConfig,
+        extension: PatchesExtension,
+        candidates: "StoredPatches | ComputedPatches",
+        device: "torch.device | str | None" = None,
+        places: RouteNeighbours | None = None,
+    ):
         if settings.same_place is not None and places is None:
-            raise ValueError(f"re-ranking preset {settings.name!r} uses same_place = {settings.same_place}: "
-                             "pass the map's RouteNeighbours (make_reranker does)")
+            raise ValueError(
+                f"re-ranking preset {settings.name!r} uses same_place = {settings.same_place}: "
+                "pass the map's RouteNeighbours (make_reranker does)"
+            )
         self.settings = settings
         self.places = places if settings.same_place is not None else None
         self.device = device  # where patch matching runs (None: where the descriptors are, the CPU)
@@ -338,8 +368,16 @@ class PatchReranker(Reranker):
         """
         self._match_counts = None
         if self.settings.verify is not None:
-            found = cascade_scores(query_sets, candidates, self.scorer, self.settings.weights, self.settings.verify,
-                                   self.device, self.prescorer, self.settings.fine_budget)
+            found = cascade_scores(
+                query_sets,
+                candidates,
+                self.scorer,
+                self.settings.weights,
+                self.settings.verify,
+                self.device,
+                self.prescorer,
+                self.settings.fine_budget,
+            )
             self._match_counts = found.match_counts
             return found.scores
         out = np.zeros((len(query_sets), len(candidates)))
@@ -353,9 +391,15 @@ class PatchReranker(Reranker):
         """Each scale's perfect spatial score for this query (:func:`vprkit.rerank.scoring.perfect_score`)."""
         return np.array([perfect_score(self.settings.scorer, q) for q in query_sets])
 
-    def fuse(self, per_scale: np.ndarray | None, head_scores: np.ndarray, keep: np.ndarray,
-             matched: np.ndarray | None = None, head: np.ndarray | None = None,
-             perfect: np.ndarray | None = None) -> np.ndarray:
+    def fuse(
+        self,
+        per_scale: np.ndarray | None,
+        head_scores: np.ndarray,
+        keep: np.ndarray,
+        matched: np.ndarray | None = None,
+        head: np.ndarray | None = None,
+        perfect: np.ndarray | None = None,
+    ) -> np.ndarray:
         """Final scores of one query's shortlist from its matched candidates' spatial scores
         (:func:`vprkit.rerank.fusion.rank_shortlist`; ``per_scale`` is ``None`` when nothing was matched;
         ``head``: the shortlist's map rows, which the preset's ``same_place`` needs; ``perfect``: each
@@ -363,10 +407,22 @@ class PatchReranker(Reranker):
         same_place = None
         if self.places is not None:
             if head is None:
-                raise ValueError(f"re-ranking preset {self.name!r} needs the shortlist's map rows to find the top-1's place")
+                raise ValueError(
+                    f"re-ranking preset {self.name!r} needs the shortlist's map rows to find the top-1's place"
+                )
             same_place = self.places.mask(np.asarray(head))
-        return rank_shortlist(per_scale, head_scores, keep, self.settings.weights, self.settings.global_weight,
-                              matched, self.guard["alpha"], same_place, perfect, self.settings.min_agreement)
+        return rank_shortlist(
+            per_scale,
+            head_scores,
+            keep,
+            self.settings.weights,
+            self.settings.global_weight,
+            matched,
+            self.guard["alpha"],
+            same_place,
+            perfect,
+            self.settings.min_agreement,
+        )
 
     def rerank(self, query: "QueryBatch", rows: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rows, scores = np.array(rows), np.array(scores, np.float64)
@@ -390,14 +446,17 @@ class PatchReranker(Reranker):
                 per_scale = self.patch_scores(qsets, [sets[head[i]] for i in picked])
             perfect = self.perfect_scores(qsets)
             if self._observer is not None:
-                self._observer(ScoreRecord(np.asarray(head), head_scores, matched, per_scale, self._match_counts,
-                                           perfect))
+                self._observer(
+                    ScoreRecord(np.asarray(head), head_scores, matched, per_scale, self._match_counts, perfect)
+                )
             fused = self.fuse(per_scale, head_scores, keep, matched, np.asarray(head), perfect)
             order = np.argsort(-fused, kind="stable")
             out_rows[qi, : len(head)] = np.asarray(head)[order]
             out_scores[qi, : len(head)] = fused[order]
             tail = slice(len(head), rows.shape[1])  # beyond the shortlist: global order, below it
-            out_scores[qi, tail] = np.where(rows[qi, tail] >= 0, fused.min() - 1.0 - np.arange(rows.shape[1] - len(head)), -np.inf)
+            out_scores[qi, tail] = np.where(
+                rows[qi, tail] >= 0, fused.min() - 1.0 - np.arange(rows.shape[1] - len(head)), -np.inf
+            )
             self.timings.append(time.perf_counter() - t0)
         return out_rows, out_scores
 
@@ -416,4 +475,3 @@ class PatchReranker(Reranker):
             self.close()
         except Exception:  # interpreter shutdown
             pass
-

@@ -67,8 +67,13 @@ class SavedState:
     ``writable=False`` never writes (nor takes the lock): what is computed stays in memory.
     """
 
-    def __init__(self, map_dir: str | Path, extension: PatchesExtension, writable: bool = True,
-                 log: Callable[[str], None] = logger.info):
+    def __init__(
+        self,
+        map_dir: str | Path,
+        extension: PatchesExtension,
+        writable: bool = True,
+        log: Callable[[str], None] = logger.info,
+    ):
         self.map_dir = Path(map_dir)
         self.extension = extension
         self.digest = state_digest(extension.options)
@@ -128,13 +133,18 @@ class SavedState:
         """The payload of ``item`` in ``shard`` (as :meth:`PatchesExtension.encode` made it)."""
         prefix = f"{item}/"
         with np.load(shard, allow_pickle=False) as z:
-            return {n[len(prefix):]: z[n] for n in z.files if n.startswith(prefix)}
+            return {n[len(prefix) :]: z[n] for n in z.files if n.startswith(prefix)}
 
-    def save_rows(self, keys: Sequence[str], sha256: Sequence[bytes], payloads: Sequence[Mapping[str, np.ndarray]]) -> Path | None:
+    def save_rows(
+        self, keys: Sequence[str], sha256: Sequence[bytes], payloads: Sequence[Mapping[str, np.ndarray]]
+    ) -> Path | None:
         """Save newly computed payloads as one shard; its path, or ``None`` if not saved."""
         if not payloads:
             return None
-        arrays: dict[str, np.ndarray] = {"keys": np.asarray([k.encode() for k in keys]), "sha256": np.asarray(list(sha256))}
+        arrays: dict[str, np.ndarray] = {
+            "keys": np.asarray([k.encode() for k in keys]),
+            "sha256": np.asarray(list(sha256)),
+        }
         for i, p in enumerate(payloads):
             arrays.update({f"{i}/{name}": np.asarray(a) for name, a in p.items()})
         existing = self.shards()
@@ -163,5 +173,7 @@ class SavedState:
     def _say_unsaved(self, why: str) -> None:
         if not self._warned:
             self._warned = True
-            self.log(f"re-ranking state kept in memory only ({why}); save it once with "
-                     f"`vprkit rerank prepare {self.map_dir} --rerank NAME` or build the map with --rerank NAME")
+            self.log(
+                f"re-ranking state kept in memory only ({why}); save it once with "
+                f"`vprkit rerank prepare {self.map_dir} --rerank NAME` or build the map with --rerank NAME"
+            )

@@ -101,8 +101,9 @@ def _homography_score(query: PatchSet, candidate: PatchSet, matches: Matches, me
     src = candidate.centres[np.asarray(matches.candidate)[order]].astype(np.float32)
     dst = query.centres[np.asarray(matches.query)[order]].astype(np.float32)
     threshold = RANSAC_THRESHOLD_STEPS * query.step_px
-    h, mask = cv2.findHomography(src, dst, getattr(cv2, method), threshold, maxIters=RANSAC_MAX_ITERS,
-                                 confidence=RANSAC_CONFIDENCE)
+    h, mask = cv2.findHomography(
+        src, dst, getattr(cv2, method), threshold, maxIters=RANSAC_MAX_ITERS, confidence=RANSAC_CONFIDENCE
+    )
     if mask is None or h is None:
         return _empty(matches)
     inliers = np.zeros(len(matches), bool)
@@ -175,8 +176,8 @@ def _distinct_samples(draws: torch.Tensor, n: torch.Tensor) -> list[torch.Tensor
 def _fit_similarity(src: list[torch.Tensor], dst: list[torch.Tensor]):
     """z ↦ a·z + b through two matches (complex centres): a = (d₂ − d₁)/(s₂ − s₁), b = d₁ − a·s₁."""
     span, lift = src[1] - src[0], dst[1] - dst[0]
-    span_sq = (span ** 2).sum(-1)
-    ok = span_sq > DEGENERATE_SPAN_PX ** 2
+    span_sq = (span**2).sum(-1)
+    ok = span_sq > DEGENERATE_SPAN_PX**2
     safe = torch.where(ok, span_sq, torch.ones_like(span_sq))
     a_re = (lift[..., 0] * span[..., 0] + lift[..., 1] * span[..., 1]) / safe
     a_im = (lift[..., 1] * span[..., 0] - lift[..., 0] * span[..., 1]) / safe
@@ -190,9 +191,11 @@ def _fit_affine(src: list[torch.Tensor], dst: list[torch.Tensor]):
     p = torch.stack([src[1] - src[0], src[2] - src[0]], -1)  # columns
     q = torch.stack([dst[1] - dst[0], dst[2] - dst[0]], -1)
     det = p[..., 0, 0] * p[..., 1, 1] - p[..., 0, 1] * p[..., 1, 0]
-    ok = det.abs() > DEGENERATE_SPAN_PX ** 2
+    ok = det.abs() > DEGENERATE_SPAN_PX**2
     safe = torch.where(ok, det, torch.ones_like(det))
-    inv = torch.stack([torch.stack([p[..., 1, 1], -p[..., 0, 1]], -1), torch.stack([-p[..., 1, 0], p[..., 0, 0]], -1)], -2)
+    inv = torch.stack(
+        [torch.stack([p[..., 1, 1], -p[..., 0, 1]], -1), torch.stack([-p[..., 1, 0], p[..., 0, 0]], -1)], -2
+    )
     linear = q @ (inv / safe[..., None, None])
     shift = dst[0] - (linear @ src[0][..., None])[..., 0]
     return linear, shift, ok
@@ -202,9 +205,15 @@ MOTION_FITS = {"similarity": _fit_similarity, "affine": _fit_affine}
 MOTION_SAMPLE_SIZE = {"similarity": 2, "affine": 3}
 
 
-
-def motion_scores(query: PatchSet, candidates: Sequence[PatchSet], matches: Sequence[Matches], motion: str = "affine",
-                  hypotheses: int = MOTION_HYPOTHESES, seed: int = MOTION_SEED, return_best: bool = False):
+def motion_scores(
+    query: PatchSet,
+    candidates: Sequence[PatchSet],
+    matches: Sequence[Matches],
+    motion: str = "affine",
+    hypotheses: int = MOTION_HYPOTHESES,
+    seed: int = MOTION_SEED,
+    return_best: bool = False,
+):
     """:func:`ransac_score`'s inlier ratio for an affine map or a similarity instead of a homography,
     for all of one query's candidates at one scale at once, with no OpenCV call.
 
@@ -242,9 +251,10 @@ def motion_scores(query: PatchSet, candidates: Sequence[PatchSet], matches: Sequ
     usable = usable[np.argsort(lengths[usable], kind="stable")]
     start = 0
     while start < len(usable):
-        fits = np.flatnonzero(np.arange(1, len(usable) - start + 1) * hypotheses * lengths[usable[start:]]
-                              <= MOTION_CHUNK_ELEMENTS)
-        rows = usable[start:start + (int(fits[-1]) + 1 if len(fits) else 1)]
+        fits = np.flatnonzero(
+            np.arange(1, len(usable) - start + 1) * hypotheses * lengths[usable[start:]] <= MOTION_CHUNK_ELEMENTS
+        )
+        rows = usable[start : start + (int(fits[-1]) + 1 if len(fits) else 1)]
         start += len(rows)
         n_np = lengths[rows]
         width = int(n_np.max())
@@ -295,7 +305,9 @@ def _one_pair(motion: str, query: PatchSet, candidate: PatchSet, matches: Matche
         return SpatialScore(float(values[0]), masks[0])
 
 
-def similarity_scores(query: PatchSet, candidates: Sequence[PatchSet], matches: Sequence[Matches], **options) -> np.ndarray:
+def similarity_scores(
+    query: PatchSet, candidates: Sequence[PatchSet], matches: Sequence[Matches], **options
+) -> np.ndarray:
     """:func:`motion_scores` for a similarity (2-match samples): rotation, one scale, translation."""
     return motion_scores(query, candidates, matches, "similarity", **options)
 
@@ -321,7 +333,6 @@ SCORERS.register("usac", usac_score)
 SCORERS.register("rapid", rapid_spatial_score)
 SCORERS.register("similarity", similarity_score)
 SCORERS.register("affine", affine_score)
-
 
 
 def _inlier_ratio_perfect(query: PatchSet) -> float:
@@ -351,11 +362,17 @@ def perfect_score(scorer: str, query: PatchSet) -> float:
 
 # Scorers with a form that scores all of a query's candidates at one scale in one call.
 BATCHED_SCORERS: dict[Callable, Callable[[PatchSet, Sequence[PatchSet], Sequence[Matches]], np.ndarray]] = {
-    similarity_score: similarity_scores, affine_score: affine_scores}
+    similarity_score: similarity_scores,
+    affine_score: affine_scores,
+}
 
 
-def score_candidates(scorer: Callable[[PatchSet, PatchSet, Matches], SpatialScore], query: PatchSet,
-                     candidates: Sequence[PatchSet], matches: Sequence[Matches]) -> np.ndarray:
+def score_candidates(
+    scorer: Callable[[PatchSet, PatchSet, Matches], SpatialScore],
+    query: PatchSet,
+    candidates: Sequence[PatchSet],
+    matches: Sequence[Matches],
+) -> np.ndarray:
     """``scorer``'s value for each candidate of one query at one scale: in one call where the scorer
     has a batched form (:data:`BATCHED_SCORERS`), else pair by pair."""
     batched = BATCHED_SCORERS.get(scorer)

@@ -84,8 +84,13 @@ RERANKER_SCORE_KIND = "fused_zscore"  # Patch-NetVLAD fuses z-normalised patch (
 
 # What one scale's spatial score of two images is, by scorer (``match-two``): RANSAC counts inliers per
 # query patch (in [0, 1]); rapid spatial scoring sums squared displacement agreement (grows with the grid).
-PATCH_SCORE_KINDS: dict[str, str] = {"ransac": "inlier_ratio", "usac": "inlier_ratio", "similarity": "inlier_ratio",
-                                     "affine": "inlier_ratio", "rapid": "rapid_spatial_score"}
+PATCH_SCORE_KINDS: dict[str, str] = {
+    "ransac": "inlier_ratio",
+    "usac": "inlier_ratio",
+    "similarity": "inlier_ratio",
+    "affine": "inlier_ratio",
+    "rapid": "rapid_spatial_score",
+}
 
 
 def patch_score_kind(scorer: str) -> str:
@@ -123,8 +128,9 @@ def sequence_positions(keys: Sequence[str]) -> np.ndarray:
     return seq
 
 
-def same_place(anchor: int, rows: np.ndarray, sequence: np.ndarray, poses: np.ndarray | None,
-               window: int, radius_m: float) -> np.ndarray:
+def same_place(
+    anchor: int, rows: np.ndarray, sequence: np.ndarray, poses: np.ndarray | None, window: int, radius_m: float
+) -> np.ndarray:
     """Which of ``rows`` are the place of ``anchor``: within ``radius_m`` where both poses are known, else within ±``window`` rows."""
     rows = np.asarray(rows, np.int64)
     near = np.abs(sequence[rows] - sequence[anchor]) <= window
@@ -140,8 +146,9 @@ def effective_window(n: int, window: int = DEFAULT_WINDOW) -> int:
     return max(1, min(window, (n - 1) // WINDOW_FRACTION))
 
 
-def map_fingerprint(keys: Sequence[str], read_rows: Callable[[np.ndarray], np.ndarray], token: str = "",
-                    poses: np.ndarray | None = None) -> str:
+def map_fingerprint(
+    keys: Sequence[str], read_rows: Callable[[np.ndarray], np.ndarray], token: str = "", poses: np.ndarray | None = None
+) -> str:
     """SHA-256 of the row count, the keys, the poses, a probe of rows' descriptors and ``token``.
 
     What changes the calibration: rows added or removed, poses set (they decide "same place"), and
@@ -196,8 +203,8 @@ class Calibration:
             return np.full(e.shape, np.nan)
         out = np.empty(e.shape)
         for lo in range(0, e.size, SEARCH_CHUNK):  # Q × sample at a time, bounded
-            block = e[lo: lo + SEARCH_CHUNK]
-            out[lo: lo + SEARCH_CHUNK] = ndtr((block[:, None] - self.impostor[None, :]) / self.bandwidth).mean(1)
+            block = e[lo : lo + SEARCH_CHUNK]
+            out[lo : lo + SEARCH_CHUNK] = ndtr((block[:, None] - self.impostor[None, :]) / self.bandwidth).mean(1)
         return np.where(np.isfinite(e), out, 0.0)
 
     def is_stale(self, rows: int, fingerprint: str) -> bool:
@@ -208,28 +215,56 @@ class Calibration:
         return abs(rows - self.rows) < max(1.0, REFIT_FRACTION * self.rows)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": CALIBRATION_VERSION, "statistic": self.statistic, "k": self.k, "window": self.window,
-                "radius_m": self.radius_m, "rows": self.rows, "fingerprint": self.fingerprint,
-                "threshold": self.threshold, "seed": self.seed, "bandwidth": self.bandwidth,
-                "impostor": [round(float(v), 7) for v in self.impostor], "extra": self.extra}
+        return {
+            "version": CALIBRATION_VERSION,
+            "statistic": self.statistic,
+            "k": self.k,
+            "window": self.window,
+            "radius_m": self.radius_m,
+            "rows": self.rows,
+            "fingerprint": self.fingerprint,
+            "threshold": self.threshold,
+            "seed": self.seed,
+            "bandwidth": self.bandwidth,
+            "impostor": [round(float(v), 7) for v in self.impostor],
+            "extra": self.extra,
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Calibration":
         if d.get("version") != CALIBRATION_VERSION or d.get("statistic") != STATISTIC:
-            raise MapError(f"calibration version {d.get('version')} / statistic {d.get('statistic')!r} is not this vprkit's")
+            raise MapError(
+                f"calibration version {d.get('version')} / statistic {d.get('statistic')!r} is not this vprkit's"
+            )
         try:
-            return cls(np.sort(np.asarray(d["impostor"], np.float64)), float(d["bandwidth"]), int(d["k"]),
-                       int(d["window"]), float(d["radius_m"]), int(d["rows"]), str(d["fingerprint"]),
-                       float(d.get("threshold", DEFAULT_UNKNOWN_BELOW)), int(d.get("seed", 0)), STATISTIC,
-                       dict(d.get("extra", {})))
+            return cls(
+                np.sort(np.asarray(d["impostor"], np.float64)),
+                float(d["bandwidth"]),
+                int(d["k"]),
+                int(d["window"]),
+                float(d["radius_m"]),
+                int(d["rows"]),
+                str(d["fingerprint"]),
+                float(d.get("threshold", DEFAULT_UNKNOWN_BELOW)),
+                int(d.get("seed", 0)),
+                STATISTIC,
+                dict(d.get("extra", {})),
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise MapError(f"calibration is damaged ({exc!r})") from None
 
     def summary(self) -> dict[str, Any]:
         """A few numbers for the estimate's evidence (the full sample stays in the map's calibration file)."""
         q = np.percentile(self.impostor, [5, 50, 95]) if self.usable else [np.nan] * 3
-        return {"k": self.k, "window_rows": self.window, "radius_m": self.radius_m, "sample": int(self.impostor.size),
-                "impostor_p05": _r(q[0]), "impostor_median": _r(q[1]), "impostor_p95": _r(q[2])}
+        return {
+            "k": self.k,
+            "window_rows": self.window,
+            "radius_m": self.radius_m,
+            "sample": int(self.impostor.size),
+            "impostor_p05": _r(q[0]),
+            "impostor_median": _r(q[1]),
+            "impostor_p95": _r(q[2]),
+        }
 
 
 def _r(v: float) -> float | None:
@@ -242,7 +277,7 @@ def _bandwidth(x: np.ndarray) -> float:
         return MIN_BANDWIDTH
     iqr = float(np.subtract(*np.percentile(x, [75, 25])))
     sigma = min(float(x.std()), iqr / IQR_TO_SIGMA) or float(x.std())
-    return max(MIN_BANDWIDTH, SILVERMAN * sigma * x.size ** -0.2)
+    return max(MIN_BANDWIDTH, SILVERMAN * sigma * x.size**-0.2)
 
 
 def fit_calibration(
@@ -281,7 +316,7 @@ def fit_calibration(
     if progress:
         chunks = tqdm(chunks, desc="calibrate", unit="chunk")
     for lo in chunks:
-        rows = chosen[lo: lo + SEARCH_CHUNK]
+        rows = chosen[lo : lo + SEARCH_CHUNK]
         if n <= 2 * w + 1:
             break
         found, cos = search(np.ascontiguousarray(read_rows(rows), np.float32), want)
@@ -295,13 +330,22 @@ def fit_calibration(
     imp = np.sort(np.asarray(values, np.float64))
     if imp.size == 0:
         logger.info("map of %d image(s) is too small to calibrate a confidence (no other places)", n)
-    return Calibration(imp, _bandwidth(imp), k_eff, w, radius_m, n, fingerprint, threshold, seed,
-                       extra={"has_poses": has_poses})
+    return Calibration(
+        imp, _bandwidth(imp), k_eff, w, radius_m, n, fingerprint, threshold, seed, extra={"has_poses": has_poses}
+    )
 
 
 def load_or_fit_calibration(
-    map_dir: Path | None, search, read_rows, keys: Sequence[str], poses: np.ndarray | None, token: str = "",
-    write: bool = False, fit: bool = True, progress: bool = False, **options,
+    map_dir: Path | None,
+    search,
+    read_rows,
+    keys: Sequence[str],
+    poses: np.ndarray | None,
+    token: str = "",
+    write: bool = False,
+    fit: bool = True,
+    progress: bool = False,
+    **options,
 ) -> Calibration | None:
     """The map's calibration: ``map_dir/calibration.json`` when it is fresh, else fitted (and written atomically when ``write``).
 
@@ -366,12 +410,15 @@ class Estimate:
     route_position: float | None = None  # weighted mean route index (natural name order) of the agreeing matches
 
     def to_dict(self) -> dict[str, Any]:
-        return {"position": None if self.position is None else [round(v, 3) for v in self.position],
-                "route_position": None if self.route_position is None else round(self.route_position, 2),
-                "heading_deg": None if self.heading is None else round(self.heading, 2),
-                f"spread_{self.spread_unit}": None if self.spread is None else round(self.spread, 3),
-                "confidence": None if self.confidence is None else round(self.confidence, 4),
-                "unknown": self.unknown, "evidence": self.evidence}
+        return {
+            "position": None if self.position is None else [round(v, 3) for v in self.position],
+            "route_position": None if self.route_position is None else round(self.route_position, 2),
+            "heading_deg": None if self.heading is None else round(self.heading, 2),
+            f"spread_{self.spread_unit}": None if self.spread is None else round(self.spread, 3),
+            "confidence": None if self.confidence is None else round(self.confidence, 4),
+            "unknown": self.unknown,
+            "evidence": self.evidence,
+        }
 
     def line(self) -> str:
         """One human-readable line."""
@@ -401,8 +448,13 @@ def circular_mean_deg(angles: np.ndarray, weights: np.ndarray | None = None) -> 
 
 
 def estimate(
-    rows: np.ndarray, cosines: np.ndarray, poses: np.ndarray | None, headings: np.ndarray | None,
-    calibration: Calibration, evidence: np.ndarray | None = None, sequence: np.ndarray | None = None,
+    rows: np.ndarray,
+    cosines: np.ndarray,
+    poses: np.ndarray | None,
+    headings: np.ndarray | None,
+    calibration: Calibration,
+    evidence: np.ndarray | None = None,
+    sequence: np.ndarray | None = None,
     threshold: float | None = None,
 ) -> Estimate:
     """The estimate of one query from its ranked matches.
@@ -420,8 +472,12 @@ def estimate(
     ev = calibration.evidence(cos if evidence is None else evidence)[0]
     conf_arr = calibration.confidence(ev)
     conf = None if not np.isfinite(conf_arr[0]) else float(np.clip(conf_arr[0], 0.0, 1.0))
-    info: dict[str, Any] = {"statistic": f"mean_top{calibration.k}_cosine", "value": _r(ev), "threshold": thr,
-                            "calibration": calibration.summary()}
+    info: dict[str, Any] = {
+        "statistic": f"mean_top{calibration.k}_cosine",
+        "value": _r(ev),
+        "threshold": thr,
+        "calibration": calibration.summary(),
+    }
     if rows.size == 0:
         return Estimate(None, None, None, "rows", 0.0 if conf is None else conf, True, {**info, "matches": 0})
     n_map = int(max(rows.max() + 1, 0 if sequence is None else len(sequence)))
@@ -446,8 +502,12 @@ def estimate(
     heading = None
     if headings is not None:
         heading = circular_mean_deg(np.asarray(headings, np.float64)[rows[agree]], w[agree])
-    info.update(top1_cosine=_r(float(cos[0])), agreement=round(float(w[agree].sum() / w.sum()), 4),
-                agreeing=int(agree.sum()), matches=int(rows.size))
+    info.update(
+        top1_cosine=_r(float(cos[0])),
+        agreement=round(float(w[agree].sum() / w.sum()), 4),
+        agreeing=int(agree.sum()),
+        matches=int(rows.size),
+    )
     unknown = False if conf is None else conf < thr  # uncalibrated: neither claim can be made
     if conf is None:
         info["note"] = "map too small to calibrate a confidence"

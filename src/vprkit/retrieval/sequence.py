@@ -115,13 +115,17 @@ class SequenceSettings:
         if int(self.length) != self.length or self.length < 1:
             raise ConfigError(f"sequence length must be a whole number ≥ 1, got {self.length!r}")
         if not (0 <= self.min_velocity <= self.max_velocity) or not np.isfinite(self.max_velocity):
-            raise ConfigError(f"velocities must satisfy 0 ≤ min ≤ max (rows per query), got "
-                              f"{self.min_velocity}…{self.max_velocity}")
+            raise ConfigError(
+                f"velocities must satisfy 0 ≤ min ≤ max (rows per query), got {self.min_velocity}…{self.max_velocity}"
+            )
         if self.velocity_step <= 0:
             raise ConfigError(f"velocity_step must be > 0, got {self.velocity_step}")
-        if self.contrast_window is not None and (int(self.contrast_window) != self.contrast_window
-                                                 or self.contrast_window < 2):
-            raise ConfigError(f"contrast_window must be a whole number ≥ 2 (map rows) or None, got {self.contrast_window!r}")
+        if self.contrast_window is not None and (
+            int(self.contrast_window) != self.contrast_window or self.contrast_window < 2
+        ):
+            raise ConfigError(
+                f"contrast_window must be a whole number ≥ 2 (map rows) or None, got {self.contrast_window!r}"
+            )
         if self.turn_penalty < 0:
             raise ConfigError(f"turn_penalty must be ≥ 0, got {self.turn_penalty}")
         TRAJECTORIES.get(self.trajectory)  # an unknown name is a ConfigError listing the known ones
@@ -247,8 +251,9 @@ class RunningColumnMean:
         return (s - csum / (count[:, None] + HUB_PRIOR_QUERIES)).astype(np.float32)
 
 
-def _prepare(similarity: np.ndarray, settings: SequenceSettings,
-             running: RunningColumnMean | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _prepare(
+    similarity: np.ndarray, settings: SequenceSettings, running: RunningColumnMean | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     s = np.asarray(similarity, dtype=np.float32)
     if s.ndim != 2:
         raise ConfigError(f"a similarity matrix must be queries × map rows, got shape {s.shape}")
@@ -261,8 +266,9 @@ def _prepare(similarity: np.ndarray, settings: SequenceSettings,
     return s, s.mean(axis=1)
 
 
-def sequence_scores(similarity: np.ndarray, settings: SequenceSettings | None = None,
-                    progress: bool = False) -> np.ndarray:
+def sequence_scores(
+    similarity: np.ndarray, settings: SequenceSettings | None = None, progress: bool = False
+) -> np.ndarray:
     """Sequence scores for every query of a time-ordered Q×N similarity matrix (same shape).
 
     ``anchor="end"``: row t uses queries ``t − length + 1 … t`` (fewer at the start: missing queries
@@ -284,8 +290,9 @@ def sequence_scores(similarity: np.ndarray, settings: SequenceSettings | None = 
     return ((before + after * np.float32(future + 1) - s) / np.float32(settings.length)).astype(np.float32)
 
 
-def _ending_at(s: np.ndarray, neutral: np.ndarray, settings: SequenceSettings, length: int,
-               progress: bool) -> np.ndarray:
+def _ending_at(
+    s: np.ndarray, neutral: np.ndarray, settings: SequenceSettings, length: int, progress: bool
+) -> np.ndarray:
     """Best trajectories over ``length`` queries ending at each (query, row), in chunks of queries."""
     q, n = s.shape
     lanes = max(len(settings.velocities), len(_whole_steps(settings)) if settings.trajectory == "flexible" else 1)
@@ -384,15 +391,19 @@ def check_route_order(keys: Sequence[str] | None = None, poses: np.ndarray | Non
         if p.ndim == 2 and len(p) > 3 and np.isfinite(p).all():
             step = float(np.median(np.linalg.norm(np.diff(p, axis=0), axis=1)))
             half = len(p) // 2
-            apart = float(np.median(np.linalg.norm(p[half:2 * half] - p[:half], axis=1)))
+            apart = float(np.median(np.linalg.norm(p[half : 2 * half] - p[:half], axis=1)))
             if apart > 0 and step > ROUTE_STEP_SHARE * apart:
-                raise ConfigError(f"{what} rows are not in route order: consecutive rows are {step:.2f} m apart (median), "
-                                  f"rows half the map apart {apart:.2f} m; sequence matching needs the map built from "
-                                  f"one traversal, in order")
+                raise ConfigError(
+                    f"{what} rows are not in route order: consecutive rows are {step:.2f} m apart (median), "
+                    f"rows half the map apart {apart:.2f} m; sequence matching needs the map built from "
+                    f"one traversal, in order"
+                )
             return
     if keys is not None:
         keys = list(keys)
         if keys != sorted(keys):
             first = next(i for i in range(1, len(keys)) if keys[i] < keys[i - 1])
-            raise ConfigError(f"{what} keys are not in sorted (route) order ({keys[first - 1]!r} before {keys[first]!r}); "
-                              f"sequence matching needs rows in the order of the traversal")
+            raise ConfigError(
+                f"{what} keys are not in sorted (route) order ({keys[first - 1]!r} before {keys[first]!r}); "
+                f"sequence matching needs rows in the order of the traversal"
+            )

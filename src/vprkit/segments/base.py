@@ -43,7 +43,9 @@ class Segmenter:
     name: str = "segmenter"
     needs_features: bool = False
 
-    def segment(self, image: np.ndarray, features: np.ndarray | None = None, stride: int | None = None) -> np.ndarray:  # pragma: no cover
+    def segment(
+        self, image: np.ndarray, features: np.ndarray | None = None, stride: int | None = None
+    ) -> np.ndarray:  # pragma: no cover
         raise NotImplementedError
 
     def __call__(self, image: np.ndarray, features: np.ndarray | None = None, stride: int | None = None) -> np.ndarray:

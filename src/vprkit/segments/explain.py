@@ -52,8 +52,10 @@ class Explanation:
     def lines(self) -> list[str]:
         out = [f"query {self.query} → {self.match} (row {self.match_row}, score {self.score:.4f})"]
         for i, p in enumerate(self.pairs):
-            out.append(f"  #{i + 1}: query SuperSegment {p.query_segment} ↔ map SuperSegment {p.map_segment}  "
-                       f"similarity {p.similarity:.3f}")
+            out.append(
+                f"  #{i + 1}: query SuperSegment {p.query_segment} ↔ map SuperSegment {p.map_segment}  "
+                f"similarity {p.similarity:.3f}"
+            )
         return out
 
 
@@ -76,8 +78,9 @@ def greedy_pairs(sim: np.ndarray, top: int) -> list[tuple[int, int, float]]:
     return out
 
 
-def segment_sets(backbone: Backbone, extraction: ExtractionOptions, extension: SegmentsExtension,
-                 images: ImageSource) -> tuple[list[SegmentSet], list[np.ndarray]]:
+def segment_sets(
+    backbone: Backbone, extraction: ExtractionOptions, extension: SegmentsExtension, images: ImageSource
+) -> tuple[list[SegmentSet], list[np.ndarray]]:
     """SuperSegments (and prepared pixels) of every image of ``images``, as the map's extension makes them."""
     sets, pictures = [], []
     for batch, feats in extract(backbone, extraction, images):
@@ -97,16 +100,26 @@ def stored_segment_set(store: "MapStore", row: int, stride: int):
 def explain_pair(query: str, qset, match: str, row: int, score: float, mset, top: int = 5) -> Explanation:
     """Pair the query's SuperSegments with the match's (greedy one-to-one by similarity)."""
     sim = qset.descriptors @ mset.descriptors.T
-    pairs = [SegmentPair(r, c, s, tuple(map_centroid(qset, r)), tuple(map_centroid(mset, c)))
-             for r, c, s in greedy_pairs(sim, top)]
+    pairs = [
+        SegmentPair(r, c, s, tuple(map_centroid(qset, r)), tuple(map_centroid(mset, c)))
+        for r, c, s in greedy_pairs(sim, top)
+    ]
     return Explanation(query, match, row, score, pairs)
 
 
 def _stored_set(desc, members, payload, stride):
     grid = tuple(int(v) for v in payload["grid"])
     n = len(desc)
-    return SegmentSet(np.zeros((0, grid[0] * stride, grid[1] * stride), bool), members, np.zeros((n, 2)), members,
-                      desc, np.arange(n), grid, stride)
+    return SegmentSet(
+        np.zeros((0, grid[0] * stride, grid[1] * stride), bool),
+        members,
+        np.zeros((n, 2)),
+        members,
+        desc,
+        np.arange(n),
+        grid,
+        stride,
+    )
 
 
 def map_centroid(s, i: int) -> np.ndarray:
@@ -127,8 +140,10 @@ def draw(exp: Explanation, qimg: np.ndarray, qset, mimg: np.ndarray, mset, out: 
     fig = Figure(figsize=(10, 4.2), dpi=120)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2)
-    for ax, img, title in ((axes[0], qimg, f"query: {Path(exp.query).name}"),
-                           (axes[1], mimg, f"best match: {exp.match}  (score {exp.score:.3f})")):
+    for ax, img, title in (
+        (axes[0], qimg, f"query: {Path(exp.query).name}"),
+        (axes[1], mimg, f"best match: {exp.match}  (score {exp.score:.3f})"),
+    ):
         ax.imshow(img)
         ax.set_title(title, fontsize=9)
         ax.axis("off")
@@ -143,13 +158,33 @@ def draw(exp: Explanation, qimg: np.ndarray, qset, mimg: np.ndarray, mset, out: 
             edge = find_boundaries(sup, mode="inner")
             overlay[edge] = [*col, 1.0]
             ax.imshow(overlay)
-        con = ConnectionPatch(xyA=p.query_centroid, coordsA=axes[0].transData, xyB=p.map_centroid,
-                              coordsB=axes[1].transData, color=col, linewidth=1.5)
+        con = ConnectionPatch(
+            xyA=p.query_centroid,
+            coordsA=axes[0].transData,
+            xyB=p.map_centroid,
+            coordsB=axes[1].transData,
+            color=col,
+            linewidth=1.5,
+        )
         fig.add_artist(con)
-        axes[0].text(*p.query_centroid, str(k + 1), color="white", fontsize=8, ha="center", va="center",
-                     bbox=dict(boxstyle="circle,pad=0.15", fc=col, ec="none"))
-        axes[1].text(*p.map_centroid, str(k + 1), color="white", fontsize=8, ha="center", va="center",
-                     bbox=dict(boxstyle="circle,pad=0.15", fc=col, ec="none"))
+        axes[0].text(
+            *p.query_centroid,
+            str(k + 1),
+            color="white",
+            fontsize=8,
+            ha="center",
+            va="center",
+            bbox=dict(boxstyle="circle,pad=0.15", fc=col, ec="none"),
+        )
+        axes[1].text(
+            *p.map_centroid,
+            str(k + 1),
+            color="white",
+            fontsize=8,
+            ha="center",
+            va="center",
+            bbox=dict(boxstyle="circle,pad=0.15", fc=col, ec="none"),
+        )
     legend = "   ".join(f"#{k + 1}: {p.similarity:.3f}" for k, p in enumerate(exp.pairs))
     fig.text(0.5, 0.02, f"matched SuperSegments (cosine): {legend}", ha="center", fontsize=8)
     fig.tight_layout(rect=(0, 0.05, 1, 1))

@@ -84,7 +84,9 @@ class SegmentSet:
         s = int(self.kept[i])
         if s < len(self.masks):
             return self.masks[s]
-        return patches_to_pixels(self.seg_patch[s], self.grid, self.stride, self.masks.shape[1:] if len(self.masks) else None)
+        return patches_to_pixels(
+            self.seg_patch[s], self.grid, self.stride, self.masks.shape[1:] if len(self.masks) else None
+        )
 
     def super_mask(self, i: int, size: tuple[int, int]) -> np.ndarray:
         return patches_to_pixels(self.members[i], self.grid, self.stride, size)
@@ -114,7 +116,7 @@ def segment_graph(masks: np.ndarray, grid: tuple[int, int], stride: int, uncover
     cents = mask_centroids(masks) if len(masks) and len(sp) >= len(masks) else np.zeros((0, 2))
     cents = cents[: len(sp)]
     if len(sp) > len(cents):
-        cents = np.concatenate([cents, patch_centroids(sp[len(cents):], grid, stride)])
+        cents = np.concatenate([cents, patch_centroids(sp[len(cents) :], grid, stride)])
     return sp, cents, adjacency(cents)
 
 
@@ -180,7 +182,9 @@ class SegmentsExtension(MapExtension):
             masks, sp, cents, members, raw = self.raw_segments(img, f, features.stride)
             desc = self.pca.transform(raw) if self.pca is not None else raw.astype(np.float32)
             keep = select_distinctive(desc, members.sum(1), int(self.options["max_segments"]), self.options["select"])
-            out.append(SegmentSet(masks, sp, cents, members[keep], desc[keep], keep, tuple(f.shape[:2]), features.stride))
+            out.append(
+                SegmentSet(masks, sp, cents, members[keep], desc[keep], keep, tuple(f.shape[:2]), features.stride)
+            )
         return out
 
     # ---- MapExtension -------------------------------------------------------------------
@@ -195,7 +199,9 @@ class SegmentsExtension(MapExtension):
         if pool is None or len(pool) < 2:
             raise MapError("too few SuperSegments to fit the segment PCA")
         dim = int(self.options["pca_dim"])
-        self.pca = PCA.fit(pool, dim, whiten_decision(self.options["whiten"], len(pool), dim), float(self.options["whiten_reg"]))
+        self.pca = PCA.fit(
+            pool, dim, whiten_decision(self.options["whiten"], len(pool), dim), float(self.options["whiten_reg"])
+        )
         self.fit_count = len(pool)
 
     def state(self) -> dict[str, np.ndarray]:
@@ -211,8 +217,14 @@ class SegmentsExtension(MapExtension):
                 desc = {"desc_f16": s.descriptors.astype(np.float16).view(np.uint16)}
             else:
                 desc = {"desc": s.descriptors.astype(np.float32)}
-            out.append({**desc, "members": np.packbits(s.members, axis=1), "grid": np.asarray(s.grid, np.int32),
-                        "centre": s.kept.astype(np.int32)})
+            out.append(
+                {
+                    **desc,
+                    "members": np.packbits(s.members, axis=1),
+                    "grid": np.asarray(s.grid, np.int32),
+                    "centre": s.kept.astype(np.int32),
+                }
+            )
         return out
 
     @staticmethod
@@ -224,7 +236,11 @@ class SegmentsExtension(MapExtension):
             desc = np.asarray(payload["desc"], np.float32)
         grid = tuple(int(v) for v in payload["grid"])
         n = grid[0] * grid[1]
-        members = np.unpackbits(np.asarray(payload["members"], np.uint8), axis=1, count=n).astype(bool) if len(desc) else np.zeros((0, n), bool)
+        members = (
+            np.unpackbits(np.asarray(payload["members"], np.uint8), axis=1, count=n).astype(bool)
+            if len(desc)
+            else np.zeros((0, n), bool)
+        )
         return desc.reshape(len(desc), -1), members
 
     def finalize(self, store: "MapStore", map_dir: Path) -> None:
@@ -272,7 +288,7 @@ class SegmentIndex:
         rows = rows[(rows >= 0) & (rows < self.n_images)]
         if not len(rows):
             return np.zeros(0, np.int64)
-        return np.concatenate([self._by_image[self._offsets[r]: self._offsets[r + 1]] for r in rows])
+        return np.concatenate([self._by_image[self._offsets[r] : self._offsets[r + 1]] for r in rows])
 
     @classmethod
     def from_vectors(cls, vectors: np.ndarray, image: np.ndarray, local: np.ndarray, n_images: int) -> "SegmentIndex":
@@ -295,14 +311,20 @@ class SegmentIndex:
                 local.append(np.arange(len(desc)))
         dim = next((v.shape[1] for v in vecs if v.ndim == 2 and v.shape[1]), 1)
         v = np.concatenate([x.reshape(-1, dim) for x in vecs]) if vecs else np.zeros((0, dim), np.float32)
-        return cls.from_vectors(v, np.concatenate(image) if image else [], np.concatenate(local) if local else [], n_images)
+        return cls.from_vectors(
+            v, np.concatenate(image) if image else [], np.concatenate(local) if local else [], n_images
+        )
 
     def save(self, map_dir: Path) -> None:
         map_dir = Path(map_dir)
         with atomic_path(map_dir / INDEX_FILE) as tmp:
             faiss.write_index(self.index, str(tmp))
-        atomic_savez(map_dir / ROWS_FILE, image=self.image.astype(np.int32), local=self.local.astype(np.int32),
-                     n_images=np.int64(self.n_images))
+        atomic_savez(
+            map_dir / ROWS_FILE,
+            image=self.image.astype(np.int32),
+            local=self.local.astype(np.int32),
+            n_images=np.int64(self.n_images),
+        )
 
     @classmethod
     def load(cls, map_dir: Path) -> "SegmentIndex | None":
@@ -339,7 +361,9 @@ def _z(x: np.ndarray) -> np.ndarray:
     return zscore(x, nonfinite="min", flat_std=0.0)
 
 
-def rank_candidates(seg_scores: np.ndarray, global_scores: np.ndarray, fuse: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+def rank_candidates(
+    seg_scores: np.ndarray, global_scores: np.ndarray, fuse: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Order candidates by segment score (ties → global score), or by the fused z-scores when ``fuse > 0``.
 
     Returns (order, final scores) over the candidate axis.

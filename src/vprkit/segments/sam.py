@@ -58,7 +58,9 @@ class SAMSegmenter(Segmenter):
                 f"or the {CHECKPOINT_ENV} environment variable"
             )
         if checkpoint is not None and not Path(checkpoint).is_file():
-            raise WeightsNotFoundError(f"SAM checkpoint {checkpoint} not found; download it from the segment-anything release page")
+            raise WeightsNotFoundError(
+                f"SAM checkpoint {checkpoint} not found; download it from the segment-anything release page"
+            )
         if not 0 < scale <= 1:
             raise ConfigError(f"SAM scale must be in (0, 1], got {scale}")
         self.checkpoint = checkpoint
@@ -66,9 +68,12 @@ class SAMSegmenter(Segmenter):
         self.scale = float(scale)
         self.device = device
         self.generator_options = dict(
-            points_per_side=int(points_per_side), points_per_batch=int(points_per_batch),
-            pred_iou_thresh=float(pred_iou_thresh), stability_score_thresh=float(stability_score_thresh),
-            stability_score_offset=float(stability_score_offset), box_nms_thresh=float(box_nms_thresh),
+            points_per_side=int(points_per_side),
+            points_per_batch=int(points_per_batch),
+            pred_iou_thresh=float(pred_iou_thresh),
+            stability_score_thresh=float(stability_score_thresh),
+            stability_score_offset=float(stability_score_offset),
+            box_nms_thresh=float(box_nms_thresh),
             min_mask_region_area=int(min_mask_region_area),
         )
         self._generator = None
@@ -107,5 +112,10 @@ class SAMSegmenter(Segmenter):
         return masks[:, ys][:, :, xs]
 
     def identity(self):
-        return {"segmenter": self.name, "model_type": self.model_type, "checkpoint": None if self.checkpoint is None else Path(self.checkpoint).name,
-                "scale": self.scale, **self.generator_options}
+        return {
+            "segmenter": self.name,
+            "model_type": self.model_type,
+            "checkpoint": None if self.checkpoint is None else Path(self.checkpoint).name,
+            "scale": self.scale,
+            **self.generator_options,
+        }

@@ -19,12 +19,23 @@ class SLICSegmenter(Segmenter):
         self.sigma = float(sigma)
 
     def segment(self, image, features=None, stride=None):
-        labels = slic(image, n_segments=self.n_segments, compactness=self.compactness, sigma=self.sigma,
-                      start_label=0, enforce_connectivity=True)
+        labels = slic(
+            image,
+            n_segments=self.n_segments,
+            compactness=self.compactness,
+            sigma=self.sigma,
+            start_label=0,
+            enforce_connectivity=True,
+        )
         return labels_to_masks(labels)
 
     def identity(self):
-        return {"segmenter": self.name, "n_segments": self.n_segments, "compactness": self.compactness, "sigma": self.sigma}
+        return {
+            "segmenter": self.name,
+            "n_segments": self.n_segments,
+            "compactness": self.compactness,
+            "sigma": self.sigma,
+        }
 
 
 @SEGMENTERS.register("felzenszwalb")
@@ -36,7 +47,13 @@ class FelzenszwalbSegmenter(Segmenter):
 
     name = "felzenszwalb"
 
-    def __init__(self, scale: float | None = None, sigma: float = 0.8, min_fraction: float = 0.005, scale_per_pixel: float = 0.003):
+    def __init__(
+        self,
+        scale: float | None = None,
+        sigma: float = 0.8,
+        min_fraction: float = 0.005,
+        scale_per_pixel: float = 0.003,
+    ):
         self.scale = scale
         self.sigma = float(sigma)
         self.min_fraction = float(min_fraction)
@@ -49,5 +66,10 @@ class FelzenszwalbSegmenter(Segmenter):
         return labels_to_masks(labels)
 
     def identity(self):
-        return {"segmenter": self.name, "scale": self.scale, "sigma": self.sigma, "min_fraction": self.min_fraction,
-                "scale_per_pixel": self.scale_per_pixel}
+        return {
+            "segmenter": self.name,
+            "scale": self.scale,
+            "sigma": self.sigma,
+            "min_fraction": self.min_fraction,
+            "scale_per_pixel": self.scale_per_pixel,
+        }

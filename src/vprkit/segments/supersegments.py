@@ -134,8 +134,9 @@ def select_distinctive(descriptors: np.ndarray, areas: np.ndarray, cap: int, rul
     patch count. ``cap ≤ 0`` keeps everything.
     """
     if rule not in SELECTION_KEYS:
-        raise ConfigError(f"segment selection must be one of {', '.join(SELECTIONS)}, got {rule!r}"
-                          f"{did_you_mean(rule, SELECTIONS)}")
+        raise ConfigError(
+            f"segment selection must be one of {', '.join(SELECTIONS)}, got {rule!r}{did_you_mean(rule, SELECTIONS)}"
+        )
     n = len(descriptors)
     if cap <= 0 or n <= cap:
         return np.arange(n)

@@ -143,10 +143,15 @@ _UPLOAD_BODY = {
     "requestBody": {
         "required": True,
         "description": "The image as a multipart file field `image`, or its raw bytes as the body (image/*, "
-                       "application/octet-stream).",
+        "application/octet-stream).",
         "content": {
-            MULTIPART: {"schema": {"type": "object", "required": [IMAGE_FIELD],
-                                   "properties": {IMAGE_FIELD: {"type": "string", "format": "binary"}}}},
+            MULTIPART: {
+                "schema": {
+                    "type": "object",
+                    "required": [IMAGE_FIELD],
+                    "properties": {IMAGE_FIELD: {"type": "string", "format": "binary"}},
+                }
+            },
             "image/*": {"schema": {"type": "string", "format": "binary"}},
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
         },
@@ -156,12 +161,20 @@ _PLACE_BODY = {
     "requestBody": {
         "required": True,
         "description": "The image as a multipart file field `image` with optional form fields `key`, "
-                       "`easting`+`northing` or `lat`+`lon`, `heading`, `timestamp`; or the raw bytes as the body "
-                       "with those fields as query parameters.",
+        "`easting`+`northing` or `lat`+`lon`, `heading`, `timestamp`; or the raw bytes as the body "
+        "with those fields as query parameters.",
         "content": {
-            MULTIPART: {"schema": {"type": "object", "required": [IMAGE_FIELD], "properties": {
-                IMAGE_FIELD: {"type": "string", "format": "binary"}, "key": {"type": "string"},
-                **{f: {"type": "number"} for f in POSE_FIELDS}}}},
+            MULTIPART: {
+                "schema": {
+                    "type": "object",
+                    "required": [IMAGE_FIELD],
+                    "properties": {
+                        IMAGE_FIELD: {"type": "string", "format": "binary"},
+                        "key": {"type": "string"},
+                        **{f: {"type": "number"} for f in POSE_FIELDS},
+                    },
+                }
+            },
             "image/*": {"schema": {"type": "string", "format": "binary"}},
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
         },
@@ -174,7 +187,9 @@ async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it exceeds ``limit`` bytes (declared or streamed)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, f"upload of {int(declared):,} bytes is larger than this service accepts ({limit:,} bytes)")
+        raise HTTPException(
+            413, f"upload of {int(declared):,} bytes is larger than this service accepts ({limit:,} bytes)"
+        )
     chunks, total = [], 0
     async for chunk in request.stream():
         total += len(chunk)
@@ -188,10 +203,14 @@ async def read_upload(request: Request, limit: int) -> tuple[bytes, str, dict[st
     """(image bytes, its name, form fields) of a multipart or raw upload, read within ``limit`` bytes."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype and ctype != MULTIPART and not ctype.startswith(RAW_IMAGE_TYPES):
-        raise HTTPException(415, f"send the image as {MULTIPART} (field '{IMAGE_FIELD}') or as raw bytes "
-                                 f"(image/*, application/octet-stream), not {ctype}")
+        raise HTTPException(
+            415,
+            f"send the image as {MULTIPART} (field '{IMAGE_FIELD}') or as raw bytes "
+            f"(image/*, application/octet-stream), not {ctype}",
+        )
     body = await read_body(request, limit)
     if ctype == MULTIPART:
+
         async def replay() -> dict[str, Any]:
             return {"type": "http.request", "body": body, "more_body": False}
 
@@ -224,15 +243,22 @@ def _form_pose(fields: dict[str, str]) -> dict[str, float]:
     return pose
 
 
-def create_app(live: LiveMap, api_key: str | None = None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-               title: str = "vprkit live localiser") -> FastAPI:
+def create_app(
+    live: LiveMap,
+    api_key: str | None = None,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    title: str = "vprkit live localiser",
+) -> FastAPI:
     """The FastAPI app serving ``live`` (one loaded model and map). ``api_key``: required for writes when given."""
     if max_upload_bytes < 1:
         raise ConfigError(f"max_upload_bytes must be positive, got {max_upload_bytes}")
     if api_key is not None and not api_key:
         raise ConfigError("the API key is empty; give a non-empty key or none")
-    app = FastAPI(title=title, version=__version__,
-                  description="Visual place recognition over a live map: localise images, add, move and remove places.")
+    app = FastAPI(
+        title=title,
+        version=__version__,
+        description="Visual place recognition over a live map: localise images, add, move and remove places.",
+    )
 
     @app.exception_handler(VPRKitError)
     async def _library_error(_: Request, exc: VPRKitError) -> JSONResponse:
@@ -246,15 +272,21 @@ def create_app(live: LiveMap, api_key: str | None = None, max_upload_bytes: int 
 
 def _key_check(api_key: str | None) -> Callable[..., None]:
     """The dependency that guards writes: 401 unless the request carries ``api_key`` (nothing to check without one)."""
-    key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False,
-                              description="required for POST/PATCH/DELETE /places when the service has a key")
+    key_header = APIKeyHeader(
+        name=API_KEY_HEADER,
+        auto_error=False,
+        description="required for POST/PATCH/DELETE /places when the service has a key",
+    )
 
     def require_key(given: str | None = Depends(key_header)) -> None:
         if api_key is None:
             return
         if given is None or not hmac.compare_digest(given.encode(), api_key.encode()):
-            raise HTTPException(401, f"this service needs its API key for writes (header {API_KEY_HEADER})",
-                                headers={"WWW-Authenticate": API_KEY_HEADER})
+            raise HTTPException(
+                401,
+                f"this service needs its API key for writes (header {API_KEY_HEADER})",
+                headers={"WWW-Authenticate": API_KEY_HEADER},
+            )
 
     return require_key
 
@@ -264,8 +296,9 @@ def _add_status_routes(app: FastAPI, live: LiveMap, started: float) -> None:
 
     @app.get("/health", response_model=HealthOut, summary="Liveness and the number of places")
     def health() -> HealthOut:
-        return HealthOut(status="ok", places=len(live), uptime_seconds=round(time.time() - started, 3),
-                         version=__version__)
+        return HealthOut(
+            status="ok", places=len(live), uptime_seconds=round(time.time() - started, 3), version=__version__
+        )
 
     @app.get("/map", summary="The served map: settings, counts, index, frame")
     def map_info() -> dict[str, Any]:
@@ -277,13 +310,20 @@ def _add_localize_route(app: FastAPI, live: LiveMap, max_upload_bytes: int) -> N
     rerank_names = {c.name for c in list_rerank_configs()}
     known = ", ".join(sorted(rerank_names))
 
-    @app.post("/localize", response_model=LocalizeOut, responses=_ERRORS, openapi_extra=_UPLOAD_BODY,
-              summary="Localise one image: the top-K places and the position estimate")
-    async def localize(request: Request,
-                       top_k: int = Query(DEFAULT_TOP_K, ge=1, le=MAX_TOP_K, description="places to return"),
-                       rerank: str | None = Query(None, description=f"re-ranking preset: {known}, or none; "
-                                                                    f"default: the re-ranking the map was built for")
-                       ) -> JSONResponse:
+    @app.post(
+        "/localize",
+        response_model=LocalizeOut,
+        responses=_ERRORS,
+        openapi_extra=_UPLOAD_BODY,
+        summary="Localise one image: the top-K places and the position estimate",
+    )
+    async def localize(
+        request: Request,
+        top_k: int = Query(DEFAULT_TOP_K, ge=1, le=MAX_TOP_K, description="places to return"),
+        rerank: str | None = Query(
+            None, description=f"re-ranking preset: {known}, or none; default: the re-ranking the map was built for"
+        ),
+    ) -> JSONResponse:
         if rerank is not None and rerank != "none" and rerank not in rerank_names:
             raise HTTPException(422, f"unknown re-ranking preset {rerank!r}; known: {known}")
         data, name, _ = await read_upload(request, max_upload_bytes)
@@ -304,17 +344,34 @@ def _add_localize_route(app: FastAPI, live: LiveMap, max_upload_bytes: int) -> N
 def _add_place_routes(app: FastAPI, live: LiveMap, max_upload_bytes: int, require_key: Callable[..., None]) -> None:
     """``POST /places``, ``GET``/``PATCH``/``DELETE /places/{id}``: writes need ``require_key``, durable on answer."""
 
-    @app.post("/places", response_model=PlaceOut, status_code=201, responses=_ERRORS, openapi_extra=_PLACE_BODY,
-              dependencies=[Depends(require_key)],
-              summary="Add an image and its pose as a new place (durable on answer)")
-    async def add_place(request: Request,
-                        key: str | None = Query(None, description="the new place's id (default: generated)"),
-                        easting: float | None = Query(None), northing: float | None = Query(None),
-                        lat: float | None = Query(None), lon: float | None = Query(None),
-                        heading: float | None = Query(None), timestamp: float | None = Query(None)) -> JSONResponse:
+    @app.post(
+        "/places",
+        response_model=PlaceOut,
+        status_code=201,
+        responses=_ERRORS,
+        openapi_extra=_PLACE_BODY,
+        dependencies=[Depends(require_key)],
+        summary="Add an image and its pose as a new place (durable on answer)",
+    )
+    async def add_place(
+        request: Request,
+        key: str | None = Query(None, description="the new place's id (default: generated)"),
+        easting: float | None = Query(None),
+        northing: float | None = Query(None),
+        lat: float | None = Query(None),
+        lon: float | None = Query(None),
+        heading: float | None = Query(None),
+        timestamp: float | None = Query(None),
+    ) -> JSONResponse:
         data, _, fields = await read_upload(request, max_upload_bytes)
-        given = {"easting": easting, "northing": northing, "lat": lat, "lon": lon, "heading": heading,
-                 "timestamp": timestamp}
+        given = {
+            "easting": easting,
+            "northing": northing,
+            "lat": lat,
+            "lon": lon,
+            "heading": heading,
+            "timestamp": timestamp,
+        }
         pose = {**{k: v for k, v in given.items() if v is not None}, **_form_pose(fields)}
         place_key = fields.get("key") or key
         place = await run_in_threadpool(live.add_place, data, place_key, pose)
@@ -324,13 +381,23 @@ def _add_place_routes(app: FastAPI, live: LiveMap, max_upload_bytes: int, requir
     def get_place(key: str) -> dict[str, Any]:
         return live.place(key)
 
-    @app.patch("/places/{key:path}", response_model=PlaceOut, responses=_ERRORS, dependencies=[Depends(require_key)],
-               summary="Change a place's pose (fields left out stay as they are; durable on answer)")
+    @app.patch(
+        "/places/{key:path}",
+        response_model=PlaceOut,
+        responses=_ERRORS,
+        dependencies=[Depends(require_key)],
+        summary="Change a place's pose (fields left out stay as they are; durable on answer)",
+    )
     def update_place(key: str, pose: PoseIn) -> dict[str, Any]:
         return live.update_pose(key, pose.model_dump(exclude_none=True))
 
-    @app.delete("/places/{key:path}", response_model=DeletedOut, responses=_ERRORS, dependencies=[Depends(require_key)],
-                summary="Remove a place (durable on answer)")
+    @app.delete(
+        "/places/{key:path}",
+        response_model=DeletedOut,
+        responses=_ERRORS,
+        dependencies=[Depends(require_key)],
+        summary="Remove a place (durable on answer)",
+    )
     def delete_place(key: str) -> dict[str, Any]:
         deleted = live.remove_place(key)
         return {"deleted": deleted, "places": len(live)}

@@ -31,16 +31,31 @@ def base_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def serve(map_dir: str | os.PathLike, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api_key: str | None = None,
-          max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, device: str | None = None, access_log: bool = True,
-          concurrency_limit: int = DEFAULT_CONCURRENCY_LIMIT, on_ready: Callable[[str], None] | None = None) -> None:
+def serve(
+    map_dir: str | os.PathLike,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    api_key: str | None = None,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    device: str | None = None,
+    access_log: bool = True,
+    concurrency_limit: int = DEFAULT_CONCURRENCY_LIMIT,
+    on_ready: Callable[[str], None] | None = None,
+) -> None:
     """Serve ``map_dir`` over HTTP until interrupted. ``on_ready(url)`` is called once the map and models are loaded."""
     live = LiveMap.open(map_dir, device=device)
     app = create_app(live, api_key=api_key, max_upload_bytes=max_upload_bytes)
     if on_ready is not None:
         on_ready(base_url(host, port))
-    uvicorn.run(app, host=host, port=port, workers=1, access_log=access_log, limit_concurrency=concurrency_limit,
-                log_level="info")
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        workers=1,
+        access_log=access_log,
+        limit_concurrency=concurrency_limit,
+        log_level="info",
+    )
 
 
 class BackgroundServer:
@@ -49,10 +64,23 @@ class BackgroundServer:
     Use as a context manager; ``url`` is set once it listens. ``stop()`` ends it (requests in flight finish).
     """
 
-    def __init__(self, app: FastAPI, host: str = DEFAULT_HOST, port: int = 0, access_log: bool = False,
-                 concurrency_limit: int = DEFAULT_CONCURRENCY_LIMIT):
-        config = uvicorn.Config(app, host=host, port=port, access_log=access_log, log_level="warning",
-                                limit_concurrency=concurrency_limit, lifespan="off")
+    def __init__(
+        self,
+        app: FastAPI,
+        host: str = DEFAULT_HOST,
+        port: int = 0,
+        access_log: bool = False,
+        concurrency_limit: int = DEFAULT_CONCURRENCY_LIMIT,
+    ):
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            access_log=access_log,
+            log_level="warning",
+            limit_concurrency=concurrency_limit,
+            lifespan="off",
+        )
         self.server = uvicorn.Server(config)
         self.host = host
         self.url = ""

@@ -54,7 +54,9 @@ def checkpoint_config(path: str | os.PathLike) -> Config:
     return Config.from_dict(d)
 
 
-def write_checkpoint(path: str | os.PathLike, config: Config, state_file: str | os.PathLike, info: dict[str, Any]) -> Path:
+def write_checkpoint(
+    path: str | os.PathLike, config: Config, state_file: str | os.PathLike, info: dict[str, Any]
+) -> Path:
     """Write ``path`` (JSON) naming ``state_file`` relative to it."""
     p = Path(path)
     rel = os.path.relpath(Path(state_file).resolve(), p.parent.resolve())
@@ -71,8 +73,17 @@ def register_checkpoint(path: str | os.PathLike, name: str | None = None) -> Con
     return register_preset(config.replace(name=name or f"{p.parent.name}/{p.stem}"))
 
 
-def add_pca(checkpoint: str | os.PathLike, images, dim: int, whiten: bool = False, out: str | os.PathLike | None = None,
-            sample: int = 2000, whiten_reg: float = 0.0, seed: int = 0, progress: bool = True) -> Path:
+def add_pca(
+    checkpoint: str | os.PathLike,
+    images,
+    dim: int,
+    whiten: bool = False,
+    out: str | os.PathLike | None = None,
+    sample: int = 2000,
+    whiten_reg: float = 0.0,
+    seed: int = 0,
+    progress: bool = True,
+) -> Path:
     """Append a PCA (``whiten``: whitened) projection to ``dim`` dims fitted on ≤ ``sample`` of ``images``.
 
     Writes ``out`` (default ``<stem>-pca<dim>[w].ckpt`` beside the checkpoint) and its head state.
@@ -96,5 +107,11 @@ def add_pca(checkpoint: str | os.PathLike, images, dim: int, whiten: bool = Fals
     info = {k: v for k, v in json.loads(src.read_text()).items() if k not in ("format", "config")}
     info["pca"] = {"dim": head.dim, "whiten": whiten, "fitted_on": len(x), "from": src.name}
     name = config.name + suffix
-    return write_checkpoint(out, config.replace(name=name, description=config.description + f"; PCA {head.dim}"
-                                                + (" whitened" if whiten else "")), state_file, info)
+    return write_checkpoint(
+        out,
+        config.replace(
+            name=name, description=config.description + f"; PCA {head.dim}" + (" whitened" if whiten else "")
+        ),
+        state_file,
+        info,
+    )

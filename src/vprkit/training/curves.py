@@ -21,8 +21,11 @@ def plot_curves(history: Sequence[dict], out: str | os.PathLike, title: str = ""
     ax.set_ylabel("loss", color="tab:red")
     if any("R@1" in h for h in history):
         ax2 = ax.twinx()
-        for n, style, label in (("R@1", "s-", "validation R@1"), ("R@5", "^--", "validation R@5"),
-                                ("monitor R@1", "d:", "monitored R@1 (not used to pick)")):
+        for n, style, label in (
+            ("R@1", "s-", "validation R@1"),
+            ("R@5", "^--", "validation R@5"),
+            ("monitor R@1", "d:", "monitored R@1 (not used to pick)"),
+        ):
             if any(n in h for h in history):
                 ax2.plot(epochs, [h.get(n) for h in history], style, label=label)
         ax2.set_ylabel("validation recall")

@@ -39,8 +39,15 @@ from .run import check_post, post_train, run_single
 from .sections import MEMBER_INITS, check_recipe, recipe_path, section
 from .trainer import MONITOR_PREFIX, validate
 
-__all__ = ["MEMBER_INITS", "MEMBER_PREFIX", "check_members", "ensemble_members", "member_init", "member_recipe",
-           "run_ensemble"]
+__all__ = [
+    "MEMBER_INITS",
+    "MEMBER_PREFIX",
+    "check_members",
+    "ensemble_members",
+    "member_init",
+    "member_recipe",
+    "run_ensemble",
+]
 
 MEMBER_PREFIX = "member"
 
@@ -62,24 +69,34 @@ def check_members(recipe: Mapping[str, Any]) -> int:
     h = section(recipe, "head")
     name = h["name"]
     if init == "split" and name not in SLICED_HEADS:
-        raise ConfigError(f"[head] member_init = 'split' starts each member on its own slice of the backbone's "
-                          f"channels: for {', '.join(SLICED_HEADS)} heads, not {name!r}")
+        raise ConfigError(
+            f"[head] member_init = 'split' starts each member on its own slice of the backbone's "
+            f"channels: for {', '.join(SLICED_HEADS)} heads, not {name!r}"
+        )
     if init == "split" and h.get("start_slice") is not None:
         raise ConfigError("[head] member_init = 'split' gives each member its start_slice: give one or the other")
     if n == 1:
         return n
     if name in PARAMETERLESS_HEADS and not h.get("projection"):
-        raise ConfigError(f"[head] members = {n} with head {name!r}: it learns nothing, so its members would be "
-                          f"identical; give it a projection or train one head")
+        raise ConfigError(
+            f"[head] members = {n} with head {name!r}: it learns nothing, so its members would be "
+            f"identical; give it a projection or train one head"
+        )
     if h.get("vlad"):
-        raise ConfigError(f"[head] members = {n} cannot be combined with [head] vlad (each member would carry its own "
-                          f"copy of the map's VLAD); ensemble the heads alone")
+        raise ConfigError(
+            f"[head] members = {n} cannot be combined with [head] vlad (each member would carry its own "
+            f"copy of the map's VLAD); ensemble the heads alone"
+        )
     if section(recipe, "backbone")["unfreeze"]:
-        raise ConfigError(f"[head] members = {n} needs a frozen backbone ([backbone] unfreeze = 0): a preset has one "
-                          f"backbone, and each member would train its own blocks")
+        raise ConfigError(
+            f"[head] members = {n} needs a frozen backbone ([backbone] unfreeze = 0): a preset has one "
+            f"backbone, and each member would train its own blocks"
+        )
     if section(recipe, "validation")["refit"]:
-        raise ConfigError(f"[head] members = {n} cannot be combined with [validation] refit = true (the ensemble is "
-                          f"measured on the held-out frames, which a refit trains on)")
+        raise ConfigError(
+            f"[head] members = {n} cannot be combined with [validation] refit = true (the ensemble is "
+            f"measured on the held-out frames, which a refit trains on)"
+        )
     if section(recipe, "post")["centre"]:
         raise ConfigError(f"[head] members = {n}: [post] centre is for one head; use [post] pca = D on the ensemble")
     return n
@@ -106,8 +123,9 @@ def member_recipe(recipe: Mapping[str, Any], i: int) -> dict[str, Any]:
     return r
 
 
-def run_ensemble(recipe: Mapping[str, Any], resume: bool = True, progress: bool = True,
-                 log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_ensemble(
+    recipe: Mapping[str, Any], resume: bool = True, progress: bool = True, log: Callable[[str], None] = print
+) -> dict[str, Any]:
     """Train ``[head] members`` heads (each resumable, each picked on validation), then write the ensemble preset."""
     check_recipe(recipe)
     if recipe.get("post"):  # fitted on the ensemble after its members: checked before they train
@@ -123,12 +141,18 @@ def run_ensemble(recipe: Mapping[str, Any], resume: bool = True, progress: bool 
         members.append(run_single(member_recipe(recipe, i), resume=resume, progress=progress, log=log))
     t1 = time.perf_counter()
     # The features (validation, monitor, training images for [post]) of the run itself: the members' shared cache.
-    base = {**member_recipe(recipe, 0), "name": recipe.get("name") or out.name, "out": str(out),
-            "train": dict(recipe.get("train") or {})}
+    base = {
+        **member_recipe(recipe, 0),
+        "name": recipe.get("name") or out.name,
+        "out": str(out),
+        "train": dict(recipe.get("train") or {}),
+    }
     prepared = prepare(base, progress=progress, log=log, with_head=False)
     configs = [checkpoint_config(s["checkpoint"]) for s in members]
-    specs = {f"{MEMBER_PREFIX}{i}": {"aggregator": c.aggregator, "options": dict(c.aggregator_options)}
-             for i, c in enumerate(configs)}
+    specs = {
+        f"{MEMBER_PREFIX}{i}": {"aggregator": c.aggregator, "options": dict(c.aggregator_options)}
+        for i, c in enumerate(configs)
+    }
     ensemble = Ensemble(prepared.features.dim, members=specs).eval()
     state = out / "best.head.pt"
     torch.save(ensemble.state_dict(), state)
@@ -140,20 +164,31 @@ def run_ensemble(recipe: Mapping[str, Any], resume: bool = True, progress: bool 
         rec = validate(ensemble, prepared.monitor)
         record.update({f"{MONITOR_PREFIX}R@{k}": rec[f"R@{k}"] for k in prepared.monitor.ns})
     # The members' checkpoints hold their states; the ensemble's holds them all (its members name none).
-    saved = {k: {"aggregator": v["aggregator"], "options": {o: x for o, x in v["options"].items() if o != "state"}}
-             for k, v in specs.items()}
+    saved = {
+        k: {"aggregator": v["aggregator"], "options": {o: x for o, x in v["options"].items() if o != "state"}}
+        for k, v in specs.items()
+    }
     first = configs[0]
     name = recipe.get("name") or out.name
     config = first.replace(
-        name=name, aggregator="ensemble", aggregator_options={"members": saved},
-        description=recipe.get("description") or f"ensemble of {n} trained {first.aggregator_options.get('head')} "
-                                                  f"heads on {first.backbone} ({ensemble.dim}-d, seeds from {seed}), "
-                                                  f"from `vprkit train`")
-    info = {"validation": {k: v for k, v in record.items() if k.startswith("R@")}, "epoch": record["epoch"],
-            "head_dim": int(ensemble.dim), "members": [{"checkpoint": str(Path(s["checkpoint"]).relative_to(out)),
-                                                       "seed": seed + i,
-                                                       "best": s["best"]} for i, s in enumerate(members)],
-            "train": prepared.info}
+        name=name,
+        aggregator="ensemble",
+        aggregator_options={"members": saved},
+        description=recipe.get("description")
+        or f"ensemble of {n} trained {first.aggregator_options.get('head')} "
+        f"heads on {first.backbone} ({ensemble.dim}-d, seeds from {seed}), "
+        f"from `vprkit train`",
+    )
+    info = {
+        "validation": {k: v for k, v in record.items() if k.startswith("R@")},
+        "epoch": record["epoch"],
+        "head_dim": int(ensemble.dim),
+        "members": [
+            {"checkpoint": str(Path(s["checkpoint"]).relative_to(out)), "seed": seed + i, "best": s["best"]}
+            for i, s in enumerate(members)
+        ],
+        "train": prepared.info,
+    }
     checkpoint = write_checkpoint(out / "best.ckpt", config, state, info)
     head_dim = int(ensemble.dim)
     extra: dict[str, Any] = {}
@@ -164,10 +199,17 @@ def run_ensemble(recipe: Mapping[str, Any], resume: bool = True, progress: bool 
     seconds = sum(float(s["train_seconds"]) for s in members) + (time.perf_counter() - t1)
     shown = "  ".join(f"{k} {v:.3f}" for k, v in record.items() if isinstance(v, float))
     log(f"ensemble of {n}: {shown}")
-    summary = {"name": name, "checkpoint": str(checkpoint), "best": record, "history": [],
-               "members": [{k: s[k] for k in ("checkpoint", "best", "history", "train_seconds", "head_dim")}
-                           for s in members],
-               "train_seconds": round(seconds, 1), "wall_seconds": round(time.perf_counter() - t0, 1),
-               "head_dim": head_dim, **extra, **prepared.info}
+    summary = {
+        "name": name,
+        "checkpoint": str(checkpoint),
+        "best": record,
+        "history": [],
+        "members": [{k: s[k] for k in ("checkpoint", "best", "history", "train_seconds", "head_dim")} for s in members],
+        "train_seconds": round(seconds, 1),
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+        "head_dim": head_dim,
+        **extra,
+        **prepared.info,
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary

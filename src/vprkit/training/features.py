@@ -93,13 +93,22 @@ class CachedFeatures:
 
     def descriptor_sample(self, n: int, seed: int = 0, ids: Sequence[int] | None = None) -> np.ndarray:
         """``≤ n`` local descriptors (float32, ``n×D``) drawn uniformly from the cached maps of ``ids``."""
-        return sample_descriptors(lambda chunk: np.asarray(self.array[chunk], np.float32), len(self), self.grid,
-                                  n, seed, ids)
+        return sample_descriptors(
+            lambda chunk: np.asarray(self.array[chunk], np.float32), len(self), self.grid, n, seed, ids
+        )
 
     @classmethod
-    def build(cls, backbone: Backbone, config: Config, images: ImageSource, out: str | os.PathLike,
-              keys: Sequence[str] | None = None, dtype: str = "float16", progress: bool | str = True,
-              max_ram_bytes: int | None = None) -> "CachedFeatures":
+    def build(
+        cls,
+        backbone: Backbone,
+        config: Config,
+        images: ImageSource,
+        out: str | os.PathLike,
+        keys: Sequence[str] | None = None,
+        dtype: str = "float16",
+        progress: bool | str = True,
+        max_ram_bytes: int | None = None,
+    ) -> "CachedFeatures":
         """Run ``backbone`` once over ``keys`` of ``images`` and write the cache to ``out`` (reused if complete)."""
         if dtype not in CACHE_DTYPES:
             raise ConfigError(f"feature cache dtype must be one of {CACHE_DTYPES}, got {dtype!r}")
@@ -111,7 +120,11 @@ class CachedFeatures:
             old = json.loads(meta_path.read_text())
             # A complete cache of the same backbone and image spec holding every asked key is reused
             # (rows are found by key), so runs over sub-ranges of one sequence share one cache.
-            if old.get("complete") and old.get("identity") == ident and set(keys) <= set(json.loads((out / KEYS_FILE).read_text())):
+            if (
+                old.get("complete")
+                and old.get("identity") == ident
+                and set(keys) <= set(json.loads((out / KEYS_FILE).read_text()))
+            ):
                 return cls(out, max_ram_bytes)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(meta_path, {"complete": False, "identity": ident})
@@ -119,13 +132,19 @@ class CachedFeatures:
         row = {k: i for i, k in enumerate(keys)}
         arr = None
         stride = backbone.stride
-        for batch, feats in extract(backbone, config, images, keys, progress and (progress if isinstance(progress, str) else "cache")):
+        for batch, feats in extract(
+            backbone, config, images, keys, progress and (progress if isinstance(progress, str) else "cache")
+        ):
             p = feats.patches.float().cpu().numpy()
             if arr is None:
-                arr = np.lib.format.open_memmap(out / FEATURES_FILE, mode="w+", dtype=dtype, shape=(len(keys), *p.shape[1:]))
+                arr = np.lib.format.open_memmap(
+                    out / FEATURES_FILE, mode="w+", dtype=dtype, shape=(len(keys), *p.shape[1:])
+                )
             if p.shape[1:] != arr.shape[1:]:
-                raise ConfigError(f"images give feature grids of different sizes ({p.shape[1:3]} vs {arr.shape[1:3]}); "
-                                  "use a fixed image size to cache features")
+                raise ConfigError(
+                    f"images give feature grids of different sizes ({p.shape[1:3]} vs {arr.shape[1:3]}); "
+                    "use a fixed image size to cache features"
+                )
             arr[[row[k] for k in batch.keys]] = p.astype(dtype)
         if arr is None:
             raise ConfigError(f"no image of {images.describe()} could be read")
@@ -147,7 +166,9 @@ class ImageFeatures:
     def batch(self, ids: Sequence[int] | np.ndarray) -> DenseFeatures:
         keys = [self.keys[int(i)] for i in ids]
         pixels = []
-        for b in iter_batches(self.images, keys, self.config.image, self.backbone.size_multiple, len(keys), self.config.workers):
+        for b in iter_batches(
+            self.images, keys, self.config.image, self.backbone.size_multiple, len(keys), self.config.workers
+        ):
             if b.failures:
                 raise ConfigError(f"cannot read {b.failures[0][0]}: {b.failures[0][1]}")
             pixels.append(torch.from_numpy(b.pixels))
@@ -198,6 +219,7 @@ class SuffixFeatures:
 
     def descriptor_sample(self, n: int, seed: int = 0, ids: Sequence[int] | None = None) -> np.ndarray:
         """``≤ n`` local descriptors of the suffix's output (initial weights), drawn like :meth:`CachedFeatures.descriptor_sample`."""
+
         def maps(chunk: np.ndarray) -> np.ndarray:
             with torch.no_grad():
                 return self.batch(chunk).patches.float().numpy()
@@ -205,8 +227,14 @@ class SuffixFeatures:
         return sample_descriptors(maps, len(self), self.grid, n, seed, ids)
 
 
-def sample_descriptors(maps: Callable[[np.ndarray], np.ndarray], count: int, grid: tuple[int, int], n: int,
-                       seed: int = 0, ids: Sequence[int] | None = None) -> np.ndarray:
+def sample_descriptors(
+    maps: Callable[[np.ndarray], np.ndarray],
+    count: int,
+    grid: tuple[int, int],
+    n: int,
+    seed: int = 0,
+    ids: Sequence[int] | None = None,
+) -> np.ndarray:
     """``≤ n`` local descriptors (float32, ``n×D``): ``⌈n / images⌉`` random cells from each of up to ``n``
     random images among ``ids`` (default all ``count``); ``maps(sorted ids)`` gives their ``B×h×w×D``
     maps, asked for :data:`SAMPLE_CHUNK` images at a time so the sample never holds every map."""
@@ -217,7 +245,7 @@ def sample_descriptors(maps: Callable[[np.ndarray], np.ndarray], count: int, gri
     take = np.sort(rng.choice(pool, size=min(len(pool), max(1, n // per)), replace=False))
     out = []
     for start in range(0, len(take), SAMPLE_CHUNK):
-        chunk = take[start:start + SAMPLE_CHUNK]
+        chunk = take[start : start + SAMPLE_CHUNK]
         for m in maps(chunk).reshape(len(chunk), h * w, -1):
             cells = rng.choice(h * w, size=min(per, h * w), replace=False)
             out.append(m[cells].astype(np.float32))

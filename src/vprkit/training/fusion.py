@@ -57,8 +57,12 @@ def vlad_spec(vlad: Mapping[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"[head] vlad weight must be in (0, 1), got {x!r}")
     if len(set(float(x) for x in weights)) != len(weights):
         raise ConfigError(f"[head] vlad weight candidates repeat: {weights}")
-    return {"k": None if k is None else int(k), "assignments": int(m), "weights": [float(x) for x in weights],
-            "chosen_on_validation": isinstance(w, (list, tuple))}
+    return {
+        "k": None if k is None else int(k),
+        "assignments": int(m),
+        "weights": [float(x) for x in weights],
+        "chosen_on_validation": isinstance(w, (list, tuple)),
+    }
 
 
 def database_vocabulary(validation: Validation, config: Config, k: int) -> Vocabulary:
@@ -74,27 +78,32 @@ def database_vocabulary(validation: Validation, config: Config, k: int) -> Vocab
     parts = []
     with torch.no_grad():  # unfrozen blocks (SuffixFeatures) run here too, without building a graph
         for i in range(0, len(ids), VOCABULARY_CHUNK):
-            p = validation.features.batch(ids[i:i + VOCABULARY_CHUNK]).patches[:, ::step, ::step]
+            p = validation.features.batch(ids[i : i + VOCABULARY_CHUNK]).patches[:, ::step, ::step]
             parts.append(p.reshape(-1, p.shape[-1]).float().cpu().numpy())
     sample = np.concatenate(parts)
-    return fit_vocabulary(sample, vc.k, {"name": "validation-database", "n_images": int(len(ids))},
-                          seed=vc.seed, centres=vc.centres)
+    return fit_vocabulary(
+        sample, vc.k, {"name": "validation-database", "n_images": int(len(ids))}, seed=vc.seed, centres=vc.centres
+    )
 
 
-def fused_head(config: Config, backbone_dim: int, vocabulary: Vocabulary, k: int, assignments: int,
-               weight: float) -> TrainedHead:
+def fused_head(
+    config: Config, backbone_dim: int, vocabulary: Vocabulary, k: int, assignments: int, weight: float
+) -> TrainedHead:
     """The module a checkpoint of ``config`` fused with map VLAD at ``weight`` resolves to (on ``vocabulary``)."""
     options = {key: v for key, v in config.aggregator_options.items() if key != "vlad"}
-    return TrainedHead(backbone_dim, **options, vlad={"k": k, "assignments": assignments, "weight": weight},
-                       vocabulary=vocabulary).eval()
+    return TrainedHead(
+        backbone_dim, **options, vlad={"k": k, "assignments": assignments, "weight": weight}, vocabulary=vocabulary
+    ).eval()
 
 
-def fused_validation(config: Config, backbone_dim: int, validation: Validation, k: int, assignments: int,
-                     weights: Sequence[float]) -> dict[float, dict[str, float]]:
+def fused_validation(
+    config: Config, backbone_dim: int, validation: Validation, k: int, assignments: int, weights: Sequence[float]
+) -> dict[float, dict[str, float]]:
     """Recall@N on ``validation`` of the checkpoint ``config``'s head fused with map VLAD, for each weight."""
     vocabulary = database_vocabulary(validation, config, k)
-    return {float(w): validate(fused_head(config, backbone_dim, vocabulary, k, assignments, w), validation)
-            for w in weights}
+    return {
+        float(w): validate(fused_head(config, backbone_dim, vocabulary, k, assignments, w), validation) for w in weights
+    }
 
 
 def pick_weight(recalls: Mapping[float, Mapping[str, float]]) -> float:
@@ -102,8 +111,9 @@ def pick_weight(recalls: Mapping[float, Mapping[str, float]]) -> float:
     return min(recalls, key=lambda w: (-recalls[w]["R@1"], -recalls[w].get("R@5", 0.0), w))
 
 
-def fuse_checkpoint(checkpoint: str | os.PathLike, backbone_dim: int, validation: Validation,
-                    vlad: Mapping[str, Any]) -> tuple[Path, dict[str, Any]]:
+def fuse_checkpoint(
+    checkpoint: str | os.PathLike, backbone_dim: int, validation: Validation, vlad: Mapping[str, Any]
+) -> tuple[Path, dict[str, Any]]:
     """Validate ``checkpoint`` fused with map VLAD at each candidate weight; write ``<stem>-fused.ckpt`` at the best.
 
     The new checkpoint shares the head state; its config gains ``vlad`` (the picked weight) and the
@@ -119,14 +129,22 @@ def fuse_checkpoint(checkpoint: str | os.PathLike, backbone_dim: int, validation
     v = {"k": spec["k"], "assignments": spec["assignments"], "weight": w}
     agg = {**config.aggregator_options, "vlad": v}
     fused = config.replace(
-        name=config.name + "-fused", aggregator_options=agg,
+        name=config.name + "-fused",
+        aggregator_options=agg,
         vocabulary=dataclasses.replace(config.vocabulary, k=spec["k"]),
         description=config.description + f" + VLAD K={spec['k']} ×{spec['assignments']} over the map's vocabulary "
-                                         f"(weight {w}, picked on validation)")
-    measured = {"weights": {str(k): {n: round(float(r), 6) for n, r in rec.items() if n.startswith("R@")}
-                            for k, rec in recalls.items()},
-                "weight": w, "R@1": float(recalls[w]["R@1"]), "k": spec["k"], "assignments": spec["assignments"],
-                "vocabulary": "validation database (as a map build)"}
+        f"(weight {w}, picked on validation)",
+    )
+    measured = {
+        "weights": {
+            str(k): {n: round(float(r), 6) for n, r in rec.items() if n.startswith("R@")} for k, rec in recalls.items()
+        },
+        "weight": w,
+        "R@1": float(recalls[w]["R@1"]),
+        "k": spec["k"],
+        "assignments": spec["assignments"],
+        "vocabulary": "validation database (as a map build)",
+    }
     info = {k: v for k, v in json.loads(src.read_text()).items() if k not in ("format", "config")}
     info["fused"] = {**measured, "from": src.name}
     state = config.aggregator_options["state"]

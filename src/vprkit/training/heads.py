@@ -34,7 +34,9 @@ def head_options(name: str, options: Mapping[str, Any] | None, grid: tuple[int, 
         opts.setdefault("height", int(grid[0]))
         opts.setdefault("width", int(grid[1]))
         if (opts["height"], opts["width"]) != tuple(grid):
-            raise ConfigError(f"{name} height×width {opts['height']}×{opts['width']} differs from the features' grid {grid}")
+            raise ConfigError(
+                f"{name} height×width {opts['height']}×{opts['width']} differs from the features' grid {grid}"
+            )
     if name == "netvlad":
         opts.setdefault("k", DEFAULT_NETVLAD_K)
     return opts
@@ -44,12 +46,18 @@ def start_slice(value: Any, name: str) -> tuple[int, int] | None:
     """``[head] start_slice = [i, n]`` checked: a layout head's identity start on slice ``i`` of ``n`` (None: slice 0)."""
     if value is None:
         return None
-    if (not isinstance(value, (list, tuple)) or len(value) != 2
-            or any(isinstance(v, bool) or not isinstance(v, int) for v in value) or not 0 <= value[0] < value[1]):
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != 2
+        or any(isinstance(v, bool) or not isinstance(v, int) for v in value)
+        or not 0 <= value[0] < value[1]
+    ):
         raise ConfigError(f"[head] start_slice must be [i, n] with 0 ≤ i < n, got {value!r}")
     if name not in SLICED_HEADS:
-        raise ConfigError(f"[head] start_slice is for heads that start as an identity on the backbone's channels "
-                          f"({', '.join(SLICED_HEADS)}), not {name!r}")
+        raise ConfigError(
+            f"[head] start_slice is for heads that start as an identity on the backbone's channels "
+            f"({', '.join(SLICED_HEADS)}), not {name!r}"
+        )
     return int(value[0]), int(value[1])
 
 
@@ -71,9 +79,16 @@ def start_on_slice(head: TrainedHead, i: int, n: int) -> None:
         conv.weight[torch.arange(out_c), (offset + torch.arange(out_c)) % in_c, c, c] = 1.0
 
 
-def build_head(name: str, backbone_dim: int, grid: tuple[int, int], options: Mapping[str, Any] | None = None,
-               projection: int | None = None, sample: np.ndarray | None = None, seed: int = 0,
-               slice_of: tuple[int, int] | None = None) -> TrainedHead:
+def build_head(
+    name: str,
+    backbone_dim: int,
+    grid: tuple[int, int],
+    options: Mapping[str, Any] | None = None,
+    projection: int | None = None,
+    sample: np.ndarray | None = None,
+    seed: int = 0,
+    slice_of: tuple[int, int] | None = None,
+) -> TrainedHead:
     """A trainable head. ``sample``: local descriptors NetVLAD's k-means initialisation needs; ``slice_of = (i, n)``:
     a layout head's identity start on slice ``i`` of ``n`` of the backbone's channels (:func:`start_on_slice`)."""
     opts = head_options(name, options, grid)

@@ -110,7 +110,7 @@ class SparseRelation:
         return int(self.indices.size)
 
     def row(self, i: int) -> np.ndarray:
-        return self.indices[self.indptr[i]: self.indptr[i + 1]]
+        return self.indices[self.indptr[i] : self.indptr[i + 1]]
 
     def to_lists(self) -> list[np.ndarray]:
         return [a.copy() for a in np.split(self.indices, self.indptr[1:-1])] if self.n_rows else []
@@ -176,13 +176,17 @@ class PlaceLabels:
         if positives is None and (self.classes is None or self.ref_classes is None):
             raise ConfigError("PlaceLabels needs a positive relation or class labels for both sides")
         if valid is None:
-            valid = self.classes >= 0 if (positives is None and self.classes is not None) else np.ones(self.n_rows, bool)
+            valid = (
+                self.classes >= 0 if (positives is None and self.classes is not None) else np.ones(self.n_rows, bool)
+            )
         self.valid = np.asarray(valid, dtype=bool).ravel()
         if self.square:
             ref_valid = self.valid
         elif ref_valid is None:
             ref_valid = (
-                self.ref_classes >= 0 if (positives is None and self.ref_classes is not None) else np.ones(self.n_cols, bool)
+                self.ref_classes >= 0
+                if (positives is None and self.ref_classes is not None)
+                else np.ones(self.n_cols, bool)
             )
         self.ref_valid = np.asarray(ref_valid, dtype=bool).ravel()
         if negatives not in NEGATIVE_RULES:
@@ -410,7 +414,7 @@ class PlaceLabels:
         if q_ok.size and d_ok.size:
             tree = cKDTree(dxy[d_ok])
             for start in range(0, q_ok.size, max(1, int(chunk_size))):
-                chunk = q_ok[start: start + chunk_size]
+                chunk = q_ok[start : start + chunk_size]
                 found = cKDTree(qxy[chunk]).sparse_distance_matrix(tree, soft_r, output_type="ndarray")
                 i = chunk[found["i"].astype(np.int64)]
                 j = d_ok[found["j"].astype(np.int64)]
@@ -470,7 +474,7 @@ class PlaceLabels:
         soft = positives if soft_tol == tolerance else _interval_relation(q_num, d_num, soft_tol, square)
         # One class per distinct frame, shared by both sides.
         _, inverse = np.unique(np.concatenate([q_num, d_num]), return_inverse=True)
-        classes, ref_classes = inverse[: q_num.size], inverse[q_num.size:]
+        classes, ref_classes = inverse[: q_num.size], inverse[q_num.size :]
         source = f"frames ±{tolerance}" + (f", soft ±{soft_tol}" if soft_tol != tolerance else "")
         return cls(
             q_num.size,
@@ -518,7 +522,7 @@ def _frame_numbers(frames, ref_frames) -> tuple[np.ndarray, np.ndarray]:
     names = np.concatenate([q.astype(str).ravel(), d.astype(str).ravel()])
     _, inverse = np.unique(names, return_inverse=True)
     inverse = inverse.astype(np.int64)
-    return inverse[: q.size], inverse[q.size:]
+    return inverse[: q.size], inverse[q.size :]
 
 
 def _interval_relation(q: np.ndarray, d: np.ndarray, tol: int, square: bool) -> SparseRelation:
@@ -632,7 +636,9 @@ def cosplace_classes(
     cells = np.zeros((p.shape[0], 3), dtype=np.int64)
     cells[ok, :2] = np.floor(p[ok] / cell_m).astype(np.int64)
     if use_heading:
-        cells[ok, 2] = np.floor((h[ok] % 360.0) / heading_bin_deg).astype(np.int64) % int(round(360.0 / heading_bin_deg))
+        cells[ok, 2] = np.floor((h[ok] % 360.0) / heading_bin_deg).astype(np.int64) % int(
+            round(360.0 / heading_bin_deg)
+        )
     n_l = l if use_heading else 1
     labels = np.full(p.shape[0], -1, dtype=np.int64)
     groups = np.full(p.shape[0], -1, dtype=np.int64)
@@ -643,4 +649,6 @@ def cosplace_classes(
         uniq = np.zeros((0, 3), dtype=np.int64)
     class_groups = (np.mod(uniq[:, 0], n) * n + np.mod(uniq[:, 1], n)) * n_l + np.mod(uniq[:, 2], n_l)
     groups[ok] = class_groups[labels[ok]]
-    return CellClasses(labels, groups, uniq, class_groups, n * n * n_l, float(cell_m), heading_bin_deg if use_heading else None)
+    return CellClasses(
+        labels, groups, uniq, class_groups, n * n * n_l, float(cell_m), heading_bin_deg if use_heading else None
+    )

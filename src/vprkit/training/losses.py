@@ -69,8 +69,9 @@ def quadruplets_from_masks(pos: torch.Tensor, neg: torch.Tensor, ref_neg: torch.
     t, n2 = torch.where(ok)
     lone = torch.where(~ok.any(dim=1))[0]
     minus = torch.full_like(lone, -1)
-    return QuadrupletIndices(torch.cat([a[t], a[lone]]), torch.cat([p[t], p[lone]]), torch.cat([n1[t], n1[lone]]),
-                             torch.cat([n2, minus]))
+    return QuadrupletIndices(
+        torch.cat([a[t], a[lone]]), torch.cat([p[t], p[lone]]), torch.cat([n1[t], n1[lone]]), torch.cat([n2, minus])
+    )
 
 
 class QuadrupletLoss(BaseMetricLossFunction):
@@ -94,8 +95,13 @@ class QuadrupletLoss(BaseMetricLossFunction):
     per quadruplet; the default reducer averages the non-zero terms of both (like PML's triplet loss).
     """
 
-    def __init__(self, margin: float = QUADRUPLET_MARGINS[0], second_margin: float = QUADRUPLET_MARGINS[1],
-                 second_negatives: str = "all", **kwargs):
+    def __init__(
+        self,
+        margin: float = QUADRUPLET_MARGINS[0],
+        second_margin: float = QUADRUPLET_MARGINS[1],
+        second_negatives: str = "all",
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if second_negatives not in ("all", "hardest"):
             raise ConfigError(f"second_negatives must be 'all' or 'hardest', got {second_negatives!r}")
@@ -132,7 +138,9 @@ class QuadrupletLoss(BaseMetricLossFunction):
         }
 
     def _second_negatives(self, a, p, n1, labels, ref_labels, ref_mat):
-        valid = (ref_labels.unsqueeze(0) != labels[a].unsqueeze(1)) & (ref_labels.unsqueeze(0) != ref_labels[n1].unsqueeze(1))
+        valid = (ref_labels.unsqueeze(0) != labels[a].unsqueeze(1)) & (
+            ref_labels.unsqueeze(0) != ref_labels[n1].unsqueeze(1)
+        )
         if self.second_negatives == "all":
             t, n2 = torch.where(valid)
             return a[t], p[t], n1[t], n2
@@ -174,7 +182,9 @@ class GeoMaskedLoss(torch.nn.Module):
         if tuples not in ("pairs", "triplets"):
             raise ConfigError(f"tuples must be 'pairs' or 'triplets', got {tuples!r}")
         if isinstance(loss, _CLASSIFIER_TYPES) and not places.has_classes:
-            raise ConfigError(f"{type(loss).__name__} needs class labels; these place labels ({places.source}) have none")
+            raise ConfigError(
+                f"{type(loss).__name__} needs class labels; these place labels ({places.source}) have none"
+            )
         self.loss = loss
         self.places = places
         self.tuples = tuples
@@ -235,10 +245,16 @@ def proxy_nca(num_classes: int, embedding_size: int, **kwargs):
 
 
 @LOSSES.register("proxy-anchor")
-def proxy_anchor(num_classes: int, embedding_size: int, margin: float = PROXY_ANCHOR_MARGIN,
-                 alpha: float = PROXY_ANCHOR_ALPHA, **kwargs):
-    return pml_losses.ProxyAnchorLoss(num_classes=num_classes, embedding_size=embedding_size, margin=margin,
-                                      alpha=alpha, **kwargs)
+def proxy_anchor(
+    num_classes: int,
+    embedding_size: int,
+    margin: float = PROXY_ANCHOR_MARGIN,
+    alpha: float = PROXY_ANCHOR_ALPHA,
+    **kwargs,
+):
+    return pml_losses.ProxyAnchorLoss(
+        num_classes=num_classes, embedding_size=embedding_size, margin=margin, alpha=alpha, **kwargs
+    )
 
 
 def _ntxent(temperature: float = NTXENT_TEMPERATURE, **kwargs):
@@ -250,16 +266,21 @@ LOSSES.register("nt-xent", _ntxent)
 
 
 @LOSSES.register("cosface")
-def cosface(num_classes: int, embedding_size: int, scale: float = COSFACE_SCALE, margin: float = COSFACE_MARGIN, **kwargs):
-    return pml_losses.CosFaceLoss(num_classes=num_classes, embedding_size=embedding_size, margin=margin,
-                                  scale=scale, **kwargs)
+def cosface(
+    num_classes: int, embedding_size: int, scale: float = COSFACE_SCALE, margin: float = COSFACE_MARGIN, **kwargs
+):
+    return pml_losses.CosFaceLoss(
+        num_classes=num_classes, embedding_size=embedding_size, margin=margin, scale=scale, **kwargs
+    )
 
 
 @LOSSES.register("arcface")
-def arcface(num_classes: int, embedding_size: int, scale: float = ARCFACE_SCALE,
-            margin: float = ARCFACE_MARGIN_DEG, **kwargs):
-    return pml_losses.ArcFaceLoss(num_classes=num_classes, embedding_size=embedding_size, margin=margin,
-                                  scale=scale, **kwargs)
+def arcface(
+    num_classes: int, embedding_size: int, scale: float = ARCFACE_SCALE, margin: float = ARCFACE_MARGIN_DEG, **kwargs
+):
+    return pml_losses.ArcFaceLoss(
+        num_classes=num_classes, embedding_size=embedding_size, margin=margin, scale=scale, **kwargs
+    )
 
 
 @LOSSES.register("multi-similarity")

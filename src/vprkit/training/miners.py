@@ -65,7 +65,12 @@ def tuple_stats(distance, embeddings: torch.Tensor, ref_emb: torch.Tensor, tuple
             return {"tuples": count, "mean_margin": float(margin.mean())}
         a1, p, a2, n = tuples
         margin = distance.margin(mat[a2, n].mean(), mat[a1, p].mean())
-        return {"tuples": count, "mean_margin": float(margin), "positive_pairs": int(len(a1)), "negative_pairs": int(len(a2))}
+        return {
+            "tuples": count,
+            "mean_margin": float(margin),
+            "positive_pairs": int(len(a1)),
+            "negative_pairs": int(len(a2)),
+        }
 
 
 class _StatsMixin:
@@ -77,8 +82,12 @@ class _StatsMixin:
         out = super().forward(embeddings, labels, ref_emb, ref_labels)
         ref = embeddings if ref_emb is None else ref_emb
         self.last_stats = tuple_stats(self.distance, embeddings.detach(), ref.detach(), out)
-        log.debug("%s mined %d tuples, mean margin %.4f", type(self).__name__, self.last_stats["tuples"],
-                  self.last_stats["mean_margin"])
+        log.debug(
+            "%s mined %d tuples, mean margin %.4f",
+            type(self).__name__,
+            self.last_stats["tuples"],
+            self.last_stats["mean_margin"],
+        )
         return out
 
 
@@ -145,8 +154,15 @@ class GeoMiner(BaseMiner):
     Returns ``(a, p, n)``; anchors without a positive or a suitable negative give no triplet.
     """
 
-    def __init__(self, places: PlaceLabels | None = None, positive: str = "easiest", negative: str = "hardest",
-                 negatives_per_anchor: int = 1, margin: float = TRIPLET_MARGIN, **kwargs):
+    def __init__(
+        self,
+        places: PlaceLabels | None = None,
+        positive: str = "easiest",
+        negative: str = "hardest",
+        negatives_per_anchor: int = 1,
+        margin: float = TRIPLET_MARGIN,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if positive not in ("easiest", "hardest"):
             raise ConfigError(f"positive must be 'easiest' or 'hardest', got {positive!r}")
@@ -170,7 +186,9 @@ class GeoMiner(BaseMiner):
         """Triplets from explicit masks (rows = ``embeddings``, columns = ``ref_emb`` or ``embeddings``)."""
         ref = embeddings if ref_emb is None else ref_emb
         with torch.no_grad():
-            out = self._mine(embeddings, ref, pos_mask.to(embeddings.device).bool(), neg_mask.to(embeddings.device).bool())
+            out = self._mine(
+                embeddings, ref, pos_mask.to(embeddings.device).bool(), neg_mask.to(embeddings.device).bool()
+            )
         self.output_assertion(out)
         return out
 
@@ -203,7 +221,9 @@ class GeoMiner(BaseMiner):
             n = idx[ok]
         out = (a, p[a], n)
         self.last_stats = tuple_stats(self.distance, embeddings, ref_emb, out)
-        log.debug("GeoMiner mined %d triplets, mean margin %.4f", self.last_stats["tuples"], self.last_stats["mean_margin"])
+        log.debug(
+            "GeoMiner mined %d triplets, mean margin %.4f", self.last_stats["tuples"], self.last_stats["mean_margin"]
+        )
         return out
 
 
@@ -229,7 +249,7 @@ class MinedTuples:
         ids = torch.cat([q, pz, negs[valid]])
         image_ids, inverse = torch.unique(ids, return_inverse=True)
         nq = q.numel()
-        qa, pa, na = inverse[:nq], inverse[nq: 2 * nq], inverse[2 * nq:]
+        qa, pa, na = inverse[:nq], inverse[nq : 2 * nq], inverse[2 * nq :]
         return image_ids, (qa[rows], pa[rows], na)
 
 
@@ -253,17 +273,30 @@ class OfflineHardNegativeMiner:
     their mean margin ``d(q,n) − d(q,p)`` on the descriptors used.
     """
 
-    def __init__(self, places: PlaceLabels, describe: Callable[[torch.Tensor], torch.Tensor], *,
-                 pool_ids=None, pool_size: int = NETVLAD_POOL_SIZE, negatives_per_query: int = NETVLAD_NEGATIVES,
-                 refresh_every: int = NETVLAD_REFRESH_STEPS, chunk_size: int = 64,
-                 max_cache_bytes: int = DEFAULT_CACHE_BYTES, max_block: int = DEFAULT_MAX_BLOCK, distance=None,
-                 seed: int | None = None):
+    def __init__(
+        self,
+        places: PlaceLabels,
+        describe: Callable[[torch.Tensor], torch.Tensor],
+        *,
+        pool_ids=None,
+        pool_size: int = NETVLAD_POOL_SIZE,
+        negatives_per_query: int = NETVLAD_NEGATIVES,
+        refresh_every: int = NETVLAD_REFRESH_STEPS,
+        chunk_size: int = 64,
+        max_cache_bytes: int = DEFAULT_CACHE_BYTES,
+        max_block: int = DEFAULT_MAX_BLOCK,
+        distance=None,
+        seed: int | None = None,
+    ):
         if pool_size < 1 or negatives_per_query < 1 or refresh_every < 1:
             raise ConfigError("pool_size, negatives_per_query and refresh_every must be ≥ 1")
         self.places = places
         self.describe = describe
-        self.pool_ids = (torch.arange(places.n_cols) if pool_ids is None
-                         else torch.as_tensor(pool_ids, dtype=torch.long).ravel().unique())  # sorted
+        self.pool_ids = (
+            torch.arange(places.n_cols)
+            if pool_ids is None
+            else torch.as_tensor(pool_ids, dtype=torch.long).ravel().unique()
+        )  # sorted
         self.pool_size = int(pool_size)
         self.negatives_per_query = int(negatives_per_query)
         self.refresh_every = int(refresh_every)
@@ -294,8 +327,12 @@ class OfflineHardNegativeMiner:
         if ids.numel() > fit:
             keep = torch.randperm(ids.numel(), generator=self.generator)[:fit].sort().values
             ids = ids[keep]
-            log.info("descriptor cache: %d of %d pool images fit in %d bytes; caching a random subset",
-                     fit, self.pool_ids.numel(), self.max_cache_bytes)
+            log.info(
+                "descriptor cache: %d of %d pool images fit in %d bytes; caching a random subset",
+                fit,
+                self.pool_ids.numel(),
+                self.max_cache_bytes,
+            )
             first = None
         cache = torch.empty((ids.numel(), dim), dtype=dtype)
         start = 0
@@ -303,7 +340,7 @@ class OfflineHardNegativeMiner:
             cache[: first.shape[0]] = first.to(dtype)
             start = first.shape[0]
         for s in range(start, ids.numel(), self.chunk_size):
-            cache[s: s + self.chunk_size] = self.describe(ids[s: s + self.chunk_size]).detach().to("cpu", dtype)
+            cache[s : s + self.chunk_size] = self.describe(ids[s : s + self.chunk_size]).detach().to("cpu", dtype)
         self.cache, self.cache_ids = cache, ids
         self.refreshes += 1
         log.debug("descriptor cache refreshed (%d images, %s) at step %d", ids.numel(), dtype, self.step)
@@ -333,7 +370,9 @@ class OfflineHardNegativeMiner:
             sl = slice(s, s + rows_per_block)
             qb = q_np[sl]
             # Column chunks keep the float32 copy of a float16 cache small as well.
-            dist = torch.cat([self.distance(qd[sl], self.cache[c: c + cols].float()) for c in range(0, m, cols)], dim=1)
+            dist = torch.cat(
+                [self.distance(qd[sl], self.cache[c : c + cols].float()) for c in range(0, m, cols)], dim=1
+            )
             d = -dist if self.distance.is_inverted else dist
             is_pos = torch.from_numpy(self.places.is_positive(qb[:, None], c_np[None, :]))
             is_neg = torch.from_numpy(self.places.is_negative(qb[:, None], c_np[None, :]))
@@ -366,9 +405,16 @@ class OfflineHardNegativeMiner:
         self._last_hard_ids[q_ids] = negatives
         valid = (positives >= 0).unsqueeze(1) & (negatives >= 0)
         margins = (d_neg - d_pos.unsqueeze(1))[valid]
-        self.last_stats = {"tuples": int(valid.sum()), "mean_margin": float(margins.mean()) if margins.numel() else math.nan}
-        log.debug("offline miner (step %d) mined %d tuples, mean margin %.4f", self.step,
-                  self.last_stats["tuples"], self.last_stats["mean_margin"])
+        self.last_stats = {
+            "tuples": int(valid.sum()),
+            "mean_margin": float(margins.mean()) if margins.numel() else math.nan,
+        }
+        log.debug(
+            "offline miner (step %d) mined %d tuples, mean margin %.4f",
+            self.step,
+            self.last_stats["tuples"],
+            self.last_stats["mean_margin"],
+        )
         return MinedTuples(q_ids, positives, negatives)
 
 

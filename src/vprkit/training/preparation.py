@@ -38,21 +38,33 @@ PREFIX_CACHE_SUFFIX = "-before-last"
 def settings_from(recipe: Mapping[str, Any]) -> TrainSettings:
     """The trainer's settings: ``[sampler]``, ``[loss]``, ``[miner]``, ``[optimiser]``, ``[schedule]``, ``[train]``."""
     check_recipe(recipe)
-    s, o, sch, tr, loss, miner = (section(recipe, k) for k in ("sampler", "optimiser", "schedule", "train", "loss",
-                                                              "miner"))
+    s, o, sch, tr, loss, miner = (
+        section(recipe, k) for k in ("sampler", "optimiser", "schedule", "train", "loss", "miner")
+    )
     return TrainSettings(
-        epochs=int(tr["epochs"]), steps_per_epoch=tr["steps_per_epoch"] or None,
-        places_per_batch=int(s["places"]), images_per_place=int(s["images_per_place"]),
+        epochs=int(tr["epochs"]),
+        steps_per_epoch=tr["steps_per_epoch"] or None,
+        places_per_batch=int(s["places"]),
+        images_per_place=int(s["images_per_place"]),
         contiguous_batches=float(s["contiguous"]),
-        loss=loss["name"], loss_options=dict(loss["options"] or {}),
-        miner=miner["name"], miner_options=dict(miner["options"] or {}),
-        optimiser=o["name"], lr=float(o["lr"]), weight_decay=float(o["weight_decay"]),
-        momentum=float(o["momentum"]), loss_lr=o["loss_lr"],
+        loss=loss["name"],
+        loss_options=dict(loss["options"] or {}),
+        miner=miner["name"],
+        miner_options=dict(miner["options"] or {}),
+        optimiser=o["name"],
+        lr=float(o["lr"]),
+        weight_decay=float(o["weight_decay"]),
+        momentum=float(o["momentum"]),
+        loss_lr=o["loss_lr"],
         backbone_lr=None if o["backbone_lr"] is None else float(o["backbone_lr"]),
-        schedule=sch["name"], warmup_steps=int(sch["warmup_steps"]),
-        step_every=int(sch["step_every"]), step_gamma=float(sch["step_gamma"]),
-        seed=int(tr["seed"]), grad_clip=tr["grad_clip"],
-        feature_dropout=float(tr["feature_dropout"]), feature_shift=int(tr["feature_shift"]),
+        schedule=sch["name"],
+        warmup_steps=int(sch["warmup_steps"]),
+        step_every=int(sch["step_every"]),
+        step_gamma=float(sch["step_gamma"]),
+        seed=int(tr["seed"]),
+        grad_clip=tr["grad_clip"],
+        feature_dropout=float(tr["feature_dropout"]),
+        feature_shift=int(tr["feature_shift"]),
         device=str(tr["device"]),
     )
 
@@ -61,8 +73,11 @@ def base_config(recipe: Mapping[str, Any]) -> Config:
     """The preset the run starts from: ``[backbone] preset`` at ``image_size`` with ``options`` changed."""
     b = dict(recipe.get("backbone") or {})
     size = b.get("image_size")
-    config = resolve(b.get("preset"), image_size=None if size is None else (int(size[1]), int(size[0])),
-                     memory_budget_mb=b.get("memory_budget_mb"))
+    config = resolve(
+        b.get("preset"),
+        image_size=None if size is None else (int(size[1]), int(size[0])),
+        memory_budget_mb=b.get("memory_budget_mb"),
+    )
     options = b.get("options")
     if options:  # e.g. another block of the preset's backbone; validated as any preset's options are
         if not isinstance(options, Mapping):
@@ -117,13 +132,15 @@ def _training_keys(recipe, data) -> tuple[Path, list[str], PlaceLabels]:
         folders = data.get("folders")
         if not folders:
             raise ConfigError("[data] labels = 'frames' needs folders = [...] (synchronised sequences)")
-        names = _frame_range(sorted(set.intersection(*(set(frame_keys(list_images(root / f))) for f in folders))),
-                             data.get("frames"))
+        names = _frame_range(
+            sorted(set.intersection(*(set(frame_keys(list_images(root / f))) for f in folders))), data.get("frames")
+        )
         if data.get("every"):
             names = names[:: int(data["every"])]
         keys = [f"{f}/{n}" for f in folders for n in names]
-        places = PlaceLabels.from_frames(frame_keys(keys), tolerance=int(data.get("tolerance", 0)),
-                                         soft_tolerance=data.get("soft_tolerance"))
+        places = PlaceLabels.from_frames(
+            frame_keys(keys), tolerance=int(data.get("tolerance", 0)), soft_tolerance=data.get("soft_tolerance")
+        )
         if negatives != "any":  # each folder (season) is a domain
             places = places.with_domains(np.repeat(np.arange(len(folders)), len(names)), negatives=negatives)
         return root, keys, places
@@ -135,8 +152,9 @@ def _training_keys(recipe, data) -> tuple[Path, list[str], PlaceLabels]:
         poses = read_poses(recipe_path(recipe, data["poses"]))
         rel = list_images(images)
         xy = poses.lookup(rel)
-        places = PlaceLabels.from_poses(xy, radius=float(data.get("radius", 10.0)),
-                                        soft_radius=data.get("soft_radius", 25.0))
+        places = PlaceLabels.from_poses(
+            xy, radius=float(data.get("radius", 10.0)), soft_radius=data.get("soft_radius", 25.0)
+        )
         return root, keys, places
     raise ConfigError(f"[data] labels must be 'frames' or 'poses', got {kind!r}")
 
@@ -196,8 +214,10 @@ def _check_disjoint(train_keys: list[str], val_keys: list[str]) -> None:
     """Validation places must not be training places (the same frame in another season is the same place)."""
     shared = sorted(set(frame_keys(train_keys)) & set(frame_keys(val_keys)))
     if shared:
-        raise ConfigError(f"{len(shared)} validation frames are also training frames (e.g. {shared[0]}); "
-                          "hold them out ([validation] holdout = N) or move [data] frames")
+        raise ConfigError(
+            f"{len(shared)} validation frames are also training frames (e.g. {shared[0]}); "
+            "hold them out ([validation] holdout = N) or move [data] frames"
+        )
 
 
 def wants_refit(recipe: Mapping[str, Any]) -> bool:
@@ -266,12 +286,20 @@ def image_features(backbone, config: Config, sets: ImageSets) -> FeatureSources:
     def own(s: EvalSet | None) -> ImageFeatures | None:
         return None if s is None else ImageFeatures(backbone, config, FolderImages(s.root, s.names), s.names)
 
-    return FeatureSources(features, np.arange(len(sets.keys)), own(sets.validation), own(sets.monitor),
-                          features.batch([0]).grid, None)
+    return FeatureSources(
+        features, np.arange(len(sets.keys)), own(sets.validation), own(sets.monitor), features.batch([0]).grid, None
+    )
 
 
-def cached_features(recipe: Mapping[str, Any], backbone, config: Config, sets: ImageSets, unfreeze: int,
-                    progress: bool, info: dict[str, Any]) -> FeatureSources:
+def cached_features(
+    recipe: Mapping[str, Any],
+    backbone,
+    config: Config,
+    sets: ImageSets,
+    unfreeze: int,
+    progress: bool,
+    info: dict[str, Any],
+) -> FeatureSources:
     """The backbone's output cached once (``unfreeze = N``: the frozen prefix's, the last N blocks run on it).
 
     The validation and monitored sets under the training root share the training cache; others get
@@ -291,8 +319,16 @@ def cached_features(recipe: Mapping[str, Any], backbone, config: Config, sets: I
     shared = [s for s in (sets.validation, sets.monitor) if s is not None and sets.shares_root(s)]
     all_keys = list(dict.fromkeys(sets.keys + sets.refit_keys + [k for s in shared for k in s.names]))
     t0 = time.perf_counter()
-    features = CachedFeatures.build(cached, config, FolderImages(sets.root, all_keys), cache_dir, all_keys,
-                                    dtype=b["cache_dtype"], progress=progress and "cache features", max_ram_bytes=ram)
+    features = CachedFeatures.build(
+        cached,
+        config,
+        FolderImages(sets.root, all_keys),
+        cache_dir,
+        all_keys,
+        dtype=b["cache_dtype"],
+        progress=progress and "cache features",
+        max_ram_bytes=ram,
+    )
     info["cache_seconds"] = round(time.perf_counter() - t0, 1)
     train_ids = features.ids(sets.keys)
 
@@ -302,9 +338,16 @@ def cached_features(recipe: Mapping[str, Any], backbone, config: Config, sets: I
             return None
         if sets.shares_root(s):
             return features
-        return CachedFeatures.build(cached, config, FolderImages(s.root, s.names), Path(f"{cache_dir}-{role}"),
-                                    s.names, dtype=b["cache_dtype"], progress=progress and f"cache {role}",
-                                    max_ram_bytes=ram)
+        return CachedFeatures.build(
+            cached,
+            config,
+            FolderImages(s.root, s.names),
+            Path(f"{cache_dir}-{role}"),
+            s.names,
+            dtype=b["cache_dtype"],
+            progress=progress and f"cache {role}",
+            max_ram_bytes=ram,
+        )
 
     vfeat, mfeat = evaluation_features(sets.validation, "validation"), evaluation_features(sets.monitor, "monitor")
     if suffix is not None:  # every feature source runs the (shared) unfrozen blocks on its prefix cache
@@ -330,17 +373,27 @@ def _head(recipe: Mapping[str, Any], backbone, sources: FeatureSources, seed: in
     sample = None
     if name == "netvlad":
         if sources.sample is None:
-            raise ConfigError("a netvlad head with unfrozen blocks: train it frozen first "
-                              "(k-means needs cached features)")
+            raise ConfigError(
+                "a netvlad head with unfrozen blocks: train it frozen first (k-means needs cached features)"
+            )
         sample = sources.sample.descriptor_sample(int(h["kmeans_sample"]), seed, sources.train_ids)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return build_head(name, backbone.dim, sources.grid, h["options"], h["projection"] or None, sample, seed,
-                          start_slice(h["start_slice"], name))
+        return build_head(
+            name,
+            backbone.dim,
+            sources.grid,
+            h["options"],
+            h["projection"] or None,
+            sample,
+            seed,
+            start_slice(h["start_slice"], name),
+        )
 
 
-def prepare(recipe: Mapping[str, Any], progress: bool = True, log: Callable[[str], None] = print,
-            with_head: bool = True) -> Prepared:
+def prepare(
+    recipe: Mapping[str, Any], progress: bool = True, log: Callable[[str], None] = print, with_head: bool = True
+) -> Prepared:
     """Labels, features, head, validation and monitor of a recipe (``with_head=False``: no head, ``head`` is None).
 
     Features: frozen (``unfreeze = 0``) — the backbone's output, cached; ``unfreeze = N`` — the output
@@ -356,9 +409,12 @@ def prepare(recipe: Mapping[str, Any], progress: bool = True, log: Callable[[str
     unfreeze = int(b["unfreeze"])
     backbone = build_backbone(config.backbone, trainable=unfreeze > 0, **dict(config.backbone_options))
     places = sets.places
-    info: dict[str, Any] = {"train_images": len(sets.keys),
-                            "train_places": len(set(places.class_labels(np.arange(len(sets.keys))).tolist()))
-                            if places.has_classes else None}
+    info: dict[str, Any] = {
+        "train_images": len(sets.keys),
+        "train_places": len(set(places.class_labels(np.arange(len(sets.keys))).tolist()))
+        if places.has_classes
+        else None,
+    }
     extra = _unfrozen_parameters(backbone, unfreeze)
     if unfreeze > 0 and not b["cache_prefix"]:
         sources = image_features(backbone, config, sets)
@@ -404,14 +460,21 @@ def trained_config(recipe: Mapping[str, Any], prepared: Prepared) -> Config:
     # A list of VLAD weights is picked on the validation set after training (training.fusion): until then the
     # checkpoint is the head alone.
     if h["vlad"] and not isinstance(h["vlad"].get("weight"), (list, tuple)):
-        v = {"k": int(h["vlad"].get("k", vocabulary.k)), "assignments": int(h["vlad"].get("assignments", 4)),
-             "weight": float(h["vlad"].get("weight", 0.5))}
+        v = {
+            "k": int(h["vlad"].get("k", vocabulary.k)),
+            "assignments": int(h["vlad"].get("assignments", 4)),
+            "weight": float(h["vlad"].get("weight", 0.5)),
+        }
         agg["vlad"] = v
         vocabulary = dataclasses.replace(vocabulary, k=v["k"])
         fused = f" + VLAD K={v['k']} ×{v['assignments']} over the map's vocabulary (weight {v['weight']})"
     return prepared.config.replace(
         name=run_name,
-        description=recipe.get("description") or f"trained {name} head on {prepared.config.backbone} "
-                                                   f"({prepared.head.dim}-d){fused}, from `vprkit train`",
-        aggregator="trained", aggregator_options=agg, vocabulary=vocabulary, extensions={}, rerank=None,
+        description=recipe.get("description")
+        or f"trained {name} head on {prepared.config.backbone} ({prepared.head.dim}-d){fused}, from `vprkit train`",
+        aggregator="trained",
+        aggregator_options=agg,
+        vocabulary=vocabulary,
+        extensions={},
+        rerank=None,
     )

@@ -94,14 +94,41 @@ from typing import Any, Callable, Mapping
 
 from ..errors import ConfigError
 from .ensemble import check_members, run_ensemble
-from .preparation import (PREFIX_CACHE_SUFFIX, Prepared, base_config, prepare, settings_from, split_holdout,
-                          trained_config, wants_refit)
+from .preparation import (
+    PREFIX_CACHE_SUFFIX,
+    Prepared,
+    base_config,
+    prepare,
+    settings_from,
+    split_holdout,
+    trained_config,
+    wants_refit,
+)
 from .run import POST_BATCH, check_post, check_refit, post_train, refit_recipe, refit_run, run_single
 from .sections import RECIPE_DIR, SECTIONS, TOP_LEVEL, check_recipe, recipe_path, section
 
-__all__ = ["POST_BATCH", "PREFIX_CACHE_SUFFIX", "SECTIONS", "TOP_LEVEL", "Prepared", "base_config", "check_post",
-           "check_recipe", "check_refit", "load_recipe", "post_train", "prepare", "recipe_path", "refit_recipe",
-           "refit_run", "run_recipe", "settings_from", "split_holdout", "trained_config", "wants_refit"]
+__all__ = [
+    "POST_BATCH",
+    "PREFIX_CACHE_SUFFIX",
+    "SECTIONS",
+    "TOP_LEVEL",
+    "Prepared",
+    "base_config",
+    "check_post",
+    "check_recipe",
+    "check_refit",
+    "load_recipe",
+    "post_train",
+    "prepare",
+    "recipe_path",
+    "refit_recipe",
+    "refit_run",
+    "run_recipe",
+    "settings_from",
+    "split_holdout",
+    "trained_config",
+    "wants_refit",
+]
 
 
 def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
@@ -125,8 +152,12 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     return recipe
 
 
-def run_recipe(path: str | os.PathLike | Mapping[str, Any], resume: bool = True, progress: bool = True,
-               log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_recipe(
+    path: str | os.PathLike | Mapping[str, Any],
+    resume: bool = True,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Train what the recipe says: ``best.ckpt`` (+ ``best.head.pt``), ``last.pt``, ``history.json``, ``curves.png``.
 
     The whole recipe is checked first (schema, ``[post]``, ``[head] members`` and what they cannot go

@@ -39,12 +39,16 @@ def _save_backbone(prepared: Prepared, out: Path, name: str = "best.backbone.pth
     if not config.backbone.startswith("efficientnet"):
         raise ConfigError("saving an unfrozen backbone is implemented for EfficientNet-Lite only")
     _, package, filename = VARIANTS[config.backbone]
-    src = resolve_weights(config.backbone, filename, dict(config.backbone_options).get("weights"),
-                          search_dirs=package_data_dirs(package, "models"))
+    src = resolve_weights(
+        config.backbone,
+        filename,
+        dict(config.backbone_options).get("weights"),
+        search_dirs=package_data_dirs(package, "models"),
+    )
     full = torch.load(src, map_location="cpu", weights_only=True)
     for k, v in prepared.backbone.state_dict().items():
         k2 = k.replace("stem.0.", "_conv_stem.", 1).replace("stem.1.", "_bn0.", 1)
-        k2 = "_blocks." + k2[len("blocks."):] if k2.startswith("blocks.") else k2
+        k2 = "_blocks." + k2[len("blocks.") :] if k2.startswith("blocks.") else k2
         if k2 in full:
             full[k2] = v.detach().clone()
     path = out / name
@@ -63,8 +67,15 @@ def check_run(recipe: Mapping[str, Any]) -> bool:
     return check_refit(recipe)
 
 
-def _train(prepared: Prepared, settings: TrainSettings, config: Config, out: Path, resume: bool, progress: bool,
-           log: Callable[[str], None]) -> Trainer:
+def _train(
+    prepared: Prepared,
+    settings: TrainSettings,
+    config: Config,
+    out: Path,
+    resume: bool,
+    progress: bool,
+    log: Callable[[str], None],
+) -> Trainer:
     """Train the prepared head: ``best.ckpt`` (+ ``best.head.pt``) at every new best, ``last.pt``, history and curves
     every epoch; resumed from ``last.pt`` when it exists (and ``resume``)."""
 
@@ -73,18 +84,38 @@ def _train(prepared: Prepared, settings: TrainSettings, config: Config, out: Pat
         if prepared.extra_parameters:
             cfg = cfg.replace(backbone_options={**cfg.backbone_options, "weights": _save_backbone(prepared, out)})
         torch.save(trainer.head.state_dict(), out / "best.head.pt")
-        write_checkpoint(out / "best.ckpt", cfg, out / "best.head.pt",
-                         {"validation": {k: v for k, v in record.items() if k.startswith("R@")},
-                          "epoch": record["epoch"], "step": record["step"], "head_dim": int(trainer.head.dim),
-                          "settings": settings.to_dict(), "train": prepared.info})
+        write_checkpoint(
+            out / "best.ckpt",
+            cfg,
+            out / "best.head.pt",
+            {
+                "validation": {k: v for k, v in record.items() if k.startswith("R@")},
+                "epoch": record["epoch"],
+                "step": record["step"],
+                "head_dim": int(trainer.head.dim),
+                "settings": settings.to_dict(),
+                "train": prepared.info,
+            },
+        )
 
     def on_epoch(trainer: Trainer, record: dict) -> None:
         trainer.save(out / "last.pt")
         (out / "history.json").write_text(json.dumps(trainer.history, indent=2) + "\n")
         plot_curves(trainer.history, out / "curves.png", title=config.name)
 
-    trainer = Trainer(prepared.head, prepared.features, prepared.places, settings, prepared.validation,
-                      prepared.train_ids, prepared.extra_parameters, progress, on_best, on_epoch, prepared.monitor)
+    trainer = Trainer(
+        prepared.head,
+        prepared.features,
+        prepared.places,
+        settings,
+        prepared.validation,
+        prepared.train_ids,
+        prepared.extra_parameters,
+        progress,
+        on_best,
+        on_epoch,
+        prepared.monitor,
+    )
     if resume and (out / "last.pt").exists():
         trainer.load(out / "last.pt")
         log(f"resuming {out} at step {trainer.step}/{trainer.total_steps}")
@@ -92,8 +123,9 @@ def _train(prepared: Prepared, settings: TrainSettings, config: Config, out: Pat
     return trainer
 
 
-def _fuse(prepared: Prepared, checkpoint: Path, vlad: Mapping[str, Any], extra: dict[str, Any],
-          log: Callable[[str], None]) -> Path:
+def _fuse(
+    prepared: Prepared, checkpoint: Path, vlad: Mapping[str, Any], extra: dict[str, Any], log: Callable[[str], None]
+) -> Path:
     """The map VLAD's weight (or weights to pick from) measured on the validation set, the fused descriptor whole.
 
     Candidates: the best one's fused checkpoint is returned (``extra``: the unfused one and what was measured);
@@ -102,20 +134,25 @@ def _fuse(prepared: Prepared, checkpoint: Path, vlad: Mapping[str, Any], extra: 
     spec = vlad_spec(vlad)
     if spec["chosen_on_validation"]:
         extra["unfused_checkpoint"] = str(checkpoint)
-        checkpoint, extra["fused_validation"] = fuse_checkpoint(checkpoint, prepared.backbone.dim,
-                                                                prepared.validation, vlad)
-        log(f"map VLAD weight {extra['fused_validation']['weight']} picked on validation: "
-            + ", ".join(f"{w}: R@1 {r['R@1']:.3f}" for w, r in extra["fused_validation"]["weights"].items()))
+        checkpoint, extra["fused_validation"] = fuse_checkpoint(
+            checkpoint, prepared.backbone.dim, prepared.validation, vlad
+        )
+        log(
+            f"map VLAD weight {extra['fused_validation']['weight']} picked on validation: "
+            + ", ".join(f"{w}: R@1 {r['R@1']:.3f}" for w, r in extra["fused_validation"]["weights"].items())
+        )
         return checkpoint
     fused = checkpoint_config(checkpoint)  # its VLAD's K is the checkpoint vocabulary's
-    rec = fused_validation(fused, prepared.backbone.dim, prepared.validation, fused.vocabulary.k, spec["assignments"],
-                           spec["weights"])
+    rec = fused_validation(
+        fused, prepared.backbone.dim, prepared.validation, fused.vocabulary.k, spec["assignments"], spec["weights"]
+    )
     extra["fused_validation"] = {"weight": spec["weights"][0], "R@1": float(rec[spec["weights"][0]]["R@1"])}
     return checkpoint
 
 
-def run_single(recipe: Mapping[str, Any], resume: bool = True, progress: bool = True,
-               log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_single(
+    recipe: Mapping[str, Any], resume: bool = True, progress: bool = True, log: Callable[[str], None] = print
+) -> dict[str, Any]:
     """Train one head as the recipe says; write ``best.ckpt`` (+ ``best.head.pt``), ``last.pt``, ``history.json``,
     ``curves.png`` and ``summary.json`` in ``out``.
 
@@ -146,12 +183,21 @@ def run_single(recipe: Mapping[str, Any], resume: bool = True, progress: bool = 
     if refit:
         # The epoch count picked on the holdout, retrained on the whole training range: that model is the run's.
         extra["picked_checkpoint"] = str(checkpoint)
-        extra["refit"] = refit_run(recipe, int(trainer.best["epoch"]), trainer.best, settings, out, resume, progress,
-                                   log)
+        extra["refit"] = refit_run(
+            recipe, int(trainer.best["epoch"]), trainer.best, settings, out, resume, progress, log
+        )
         checkpoint = Path(extra["refit"]["checkpoint"])
         seconds += extra["refit"]["train_seconds"]
-    summary = {"name": config.name, "checkpoint": str(checkpoint), "best": trainer.best, "history": trainer.history,
-               "train_seconds": round(seconds, 1), "head_dim": head_dim, **extra, **prepared.info}
+    summary = {
+        "name": config.name,
+        "checkpoint": str(checkpoint),
+        "best": trainer.best,
+        "history": trainer.history,
+        "train_seconds": round(seconds, 1),
+        "head_dim": head_dim,
+        **extra,
+        **prepared.info,
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
 
@@ -161,14 +207,20 @@ def check_refit(recipe: Mapping[str, Any]) -> bool:
     if not wants_refit(recipe):
         return False
     if not section(recipe, "validation")["holdout"]:
-        raise ConfigError("[validation] refit = true needs holdout = N: the refit returns the held-out frames (and the "
-                          "gap) to training, which an explicit frame range or another dataset cannot be")
+        raise ConfigError(
+            "[validation] refit = true needs holdout = N: the refit returns the held-out frames (and the "
+            "gap) to training, which an explicit frame range or another dataset cannot be"
+        )
     if recipe.get("post"):
-        raise ConfigError("[validation] refit = true cannot be combined with [post] (fitted on the picked run's "
-                          "training images); fit it on the refitted checkpoint with `vprkit add-pca`")
+        raise ConfigError(
+            "[validation] refit = true cannot be combined with [post] (fitted on the picked run's "
+            "training images); fit it on the refitted checkpoint with `vprkit add-pca`"
+        )
     if section(recipe, "head")["vlad"]:
-        raise ConfigError("[validation] refit = true cannot be combined with [head] vlad (the fusion weight is "
-                          "measured on the held-out frames, which the refit trains on)")
+        raise ConfigError(
+            "[validation] refit = true cannot be combined with [head] vlad (the fusion weight is "
+            "measured on the held-out frames, which the refit trains on)"
+        )
     return True
 
 
@@ -179,8 +231,16 @@ def refit_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
     return r
 
 
-def refit_run(recipe: Mapping[str, Any], epochs: int, picked: Mapping[str, Any], settings: TrainSettings, out: Path,
-              resume: bool = True, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+def refit_run(
+    recipe: Mapping[str, Any],
+    epochs: int,
+    picked: Mapping[str, Any],
+    settings: TrainSettings,
+    out: Path,
+    resume: bool = True,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Retrain from scratch on the union of training, gap and held-out frames for the ``epochs`` picked on the holdout.
 
     Same seed, same settings and the same schedule (the recipe's ``epochs`` long, over the union's steps per
@@ -195,8 +255,10 @@ def refit_run(recipe: Mapping[str, Any], epochs: int, picked: Mapping[str, Any],
     log(f"refit: {epochs} epochs (picked on the holdout) on the whole training range {union['data'].get('frames')}")
     prepared = prepare(union, progress, log)
     config = trained_config(union, prepared)
-    config = config.replace(description=config.description + f"; refitted on the whole training range for {epochs} "
-                                                             f"epochs (picked on the holdout)")
+    config = config.replace(
+        description=config.description + f"; refitted on the whole training range for {epochs} "
+        f"epochs (picked on the holdout)"
+    )
     t0 = time.perf_counter()
 
     def on_epoch(trainer: Trainer, record: dict) -> None:
@@ -205,27 +267,57 @@ def refit_run(recipe: Mapping[str, Any], epochs: int, picked: Mapping[str, Any],
         (out / "refit.history.json").write_text(json.dumps(trainer.history, indent=2) + "\n")
         plot_curves(trainer.history, out / "refit.curves.png", title=config.name)
 
-    trainer = Trainer(prepared.head, prepared.features, prepared.places, settings, None, prepared.train_ids,
-                      prepared.extra_parameters, progress, None, on_epoch, prepared.monitor)
+    trainer = Trainer(
+        prepared.head,
+        prepared.features,
+        prepared.places,
+        settings,
+        None,
+        prepared.train_ids,
+        prepared.extra_parameters,
+        progress,
+        None,
+        on_epoch,
+        prepared.monitor,
+    )
     if resume and (out / "refit.last.pt").exists():
         trainer.load(out / "refit.last.pt")
         log(f"resuming the refit at step {trainer.step}/{epochs * trainer.steps_per_epoch}")
     trainer.fit(max_steps=epochs * trainer.steps_per_epoch)
     seconds = time.perf_counter() - t0
     if len(trainer.history) != epochs:
-        raise ConfigError(f"the refit ran {len(trainer.history)} epochs instead of {epochs} "
-                          f"({out / 'refit.last.pt'} is from another run: delete it)")
+        raise ConfigError(
+            f"the refit ran {len(trainer.history)} epochs instead of {epochs} "
+            f"({out / 'refit.last.pt'} is from another run: delete it)"
+        )
     if prepared.extra_parameters:
-        config = config.replace(backbone_options={**config.backbone_options,
-                                                  "weights": _save_backbone(prepared, out, "refit.backbone.pth")})
+        config = config.replace(
+            backbone_options={**config.backbone_options, "weights": _save_backbone(prepared, out, "refit.backbone.pth")}
+        )
     torch.save(trainer.head.state_dict(), out / "refit.head.pt")
-    info = {"refit": {"epochs": epochs, "schedule_epochs": settings.epochs, "picked_on_validation":
-                      {k: v for k, v in picked.items() if k.startswith("R@")}, "frames": union["data"].get("frames")},
-            "epoch": epochs, "step": trainer.step, "head_dim": int(trainer.head.dim), "settings": settings.to_dict(),
-            "train": prepared.info}
+    info = {
+        "refit": {
+            "epochs": epochs,
+            "schedule_epochs": settings.epochs,
+            "picked_on_validation": {k: v for k, v in picked.items() if k.startswith("R@")},
+            "frames": union["data"].get("frames"),
+        },
+        "epoch": epochs,
+        "step": trainer.step,
+        "head_dim": int(trainer.head.dim),
+        "settings": settings.to_dict(),
+        "train": prepared.info,
+    }
     checkpoint = write_checkpoint(out / "refit.ckpt", config, out / "refit.head.pt", info)
-    return {"checkpoint": str(checkpoint), "picked_epoch": epochs, "epochs": len(trainer.history),
-            "steps": trainer.step, "history": trainer.history, "train_seconds": round(seconds, 1), **prepared.info}
+    return {
+        "checkpoint": str(checkpoint),
+        "picked_epoch": epochs,
+        "epochs": len(trainer.history),
+        "steps": trainer.step,
+        "history": trainer.history,
+        "train_seconds": round(seconds, 1),
+        **prepared.info,
+    }
 
 
 def check_post(post: Mapping[str, Any], unfreeze: int = 0) -> None:
@@ -237,8 +329,10 @@ def check_post(post: Mapping[str, Any], unfreeze: int = 0) -> None:
     if not pca and not centre:
         raise ConfigError("[post] needs pca = D (a positive number of dims) or centre = true")
     if unfreeze:
-        raise ConfigError("[post] is fitted on cached features of a frozen backbone; with [backbone] unfreeze > 0 "
-                          "fit it afterwards with `vprkit add-pca CHECKPOINT IMAGES --dim D`")
+        raise ConfigError(
+            "[post] is fitted on cached features of a frozen backbone; with [backbone] unfreeze > 0 "
+            "fit it afterwards with `vprkit add-pca CHECKPOINT IMAGES --dim D`"
+        )
 
 
 def post_train(prepared: Prepared, checkpoint: str | os.PathLike, post: Mapping[str, Any]) -> tuple[Path, int]:
@@ -260,7 +354,7 @@ def post_train(prepared: Prepared, checkpoint: str | os.PathLike, post: Mapping[
     if post.get("centre") and not isinstance(head, TrainedHead):
         raise ConfigError(f"[post] centre is for one trained head, not a {config.aggregator!r} checkpoint")
     ids = prepared.train_ids
-    batches = [ids[i:i + POST_BATCH] for i in range(0, len(ids), POST_BATCH)]
+    batches = [ids[i : i + POST_BATCH] for i in range(0, len(ids), POST_BATCH)]
     state = src.with_name("best-post.head.pt")
     if post.get("pca"):
         with torch.no_grad():

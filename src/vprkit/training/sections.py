@@ -28,8 +28,20 @@ from .losses import LOSSES
 from .miners import MINERS
 from .trainer import OPTIMISERS, SCHEDULES
 
-SECTIONS = ("backbone", "data", "validation", "monitor", "head", "post", "loss", "miner", "sampler", "optimiser",
-            "schedule", "train")
+SECTIONS = (
+    "backbone",
+    "data",
+    "validation",
+    "monitor",
+    "head",
+    "post",
+    "loss",
+    "miner",
+    "sampler",
+    "optimiser",
+    "schedule",
+    "train",
+)
 TOP_LEVEL = ("name", "description", "out", *SECTIONS)
 # Where a recipe's relative paths start: the recipe file's folder (load_recipe sets it; dict recipes may give it).
 RECIPE_DIR = "_dir"
@@ -47,7 +59,8 @@ TOP: tuple[Option, ...] = (
     Option("description", "str", None, "the checkpoint preset's description", nullable=True),
     Option("out", "path", "run", "run folder: best.ckpt, last.pt, history.json, curves.png"),
     Option(RECIPE_DIR, "path", None, "internal: the folder relative paths start from", nullable=True),
-    *(Option(name, "mapping", None, f"the [{name}] section", nullable=True) for name in SECTIONS))
+    *(Option(name, "mapping", None, f"the [{name}] section", nullable=True) for name in SECTIONS),
+)
 BACKBONE: tuple[Option, ...] = (
     Option("preset", "path", None, "preset (or checkpoint) giving backbone, options and image spec", nullable=True),
     Option("image_size", "pair", None, "W×H replacing the preset's", nullable=True),
@@ -56,8 +69,10 @@ BACKBONE: tuple[Option, ...] = (
     Option("cache_prefix", "bool", True, "unfreeze > 0: cache the frozen prefix's output (false: re-read images)"),
     Option("cache", "path", None, "feature cache folder (default: <out>/features)", nullable=True),
     Option("cache_dtype", "str", "float16", "dtype of the feature cache", choices=CACHE_DTYPES),
-    Option("memory_budget_mb", "int", None, "RAM budget; the cache is loaded when it fits a quarter", low=1,
-           nullable=True))
+    Option(
+        "memory_budget_mb", "int", None, "RAM budget; the cache is loaded when it fits a quarter", low=1, nullable=True
+    ),
+)
 DATA: tuple[Option, ...] = (
     Option("root", "path", ".", "folder of the training images"),
     Option("labels", "str", "frames", "how images are grouped into places", choices=LABEL_KINDS),
@@ -70,7 +85,8 @@ DATA: tuple[Option, ...] = (
     Option("images", "path", None, "poses: the image folder under root", nullable=True),
     Option("poses", "path", None, "poses: the poses file", nullable=True),
     Option("radius", "float", 10.0, "poses: metres within which images are one place", low=0, low_open=True),
-    Option("soft_radius", "float", 25.0, "poses: metres of soft positives", low=0, nullable=True))
+    Option("soft_radius", "float", 25.0, "poses: metres of soft positives", low=0, nullable=True),
+)
 # A set of queries → database frames, or a dataset: [validation] picks the epoch, [monitor] is only recorded.
 EVALUATION_SET: tuple[Option, ...] = (
     Option("queries", "str", "winter", "folder of the query images (under root)"),
@@ -79,64 +95,110 @@ EVALUATION_SET: tuple[Option, ...] = (
     Option("every", "int", 1, "every n-th frame", low=1),
     Option("tolerance", "int", 0, "frames apart still counted as the same place", low=0),
     Option("dataset", "str", None, "any `vprkit eval` dataset (name or folder) instead of frames", nullable=True),
-    Option("root", "path", None, "folder holding queries and database (default: [data] root)", nullable=True))
+    Option("root", "path", None, "folder holding queries and database (default: [data] root)", nullable=True),
+)
 VALIDATION: tuple[Option, ...] = (
     *EVALUATION_SET,
     Option("holdout", "int", 0, "the last N [data] frames become the validation set", low=0),
     Option("gap", "int", 0, "frames dropped before the holdout", low=0),
-    Option("refit", "bool", False, "retrain on the whole [data] range for the picked epochs"))
+    Option("refit", "bool", False, "retrain on the whole [data] range for the picked epochs"),
+)
 HEAD: tuple[Option, ...] = (
     Option("name", "str", "gem", "the trained head", choices=HEADS),
     Option("options", "mapping", None, "the head's options (its aggregator's)", nullable=True),
-    Option("projection", "int", None, "a trainable linear projection to this many dims (0: none)", low=0,
-           nullable=True),
+    Option(
+        "projection", "int", None, "a trainable linear projection to this many dims (0: none)", low=0, nullable=True
+    ),
     Option("members", "int", 1, "an ensemble of this many heads, seeds seed … seed + N − 1", low=1),
     Option("member_init", "str", "same", "where ensemble members start", choices=MEMBER_INITS),
     Option("start_slice", "pair", None, "layout: start on slice i of n of the channels", nullable=True),
     Option("vlad", "mapping", None, "fuse with VLAD over the map's vocabulary", nullable=True, keys=VLAD_KEYS),
-    Option("kmeans_sample", "int", KMEANS_SAMPLE, "netvlad: descriptors sampled for k-means", low=1))
+    Option("kmeans_sample", "int", KMEANS_SAMPLE, "netvlad: descriptors sampled for k-means", low=1),
+)
 POST: tuple[Option, ...] = (
     Option("pca", "int", None, "a PCA of the head's output to this many dims (0: none)", low=0, nullable=True),
-    Option("centre", "bool", False, "centre the head on its mean training output"))
+    Option("centre", "bool", False, "centre the head on its mean training output"),
+)
 SAMPLER: tuple[Option, ...] = (
     Option("places", "int", 32, "places per batch", low=2),
     Option("images_per_place", "int", 2, "images of each place per batch", low=1),
-    Option("contiguous", "float", 0.0, "share of batches that are windows of consecutive places", low=0, high=1))
+    Option("contiguous", "float", 0.0, "share of batches that are windows of consecutive places", low=0, high=1),
+)
 OPTIMISER: tuple[Option, ...] = (
     Option("name", "str", "adam", "the optimiser", choices=OPTIMISERS),
     Option("lr", "float", 1e-3, "the head's learning rate", low=0, low_open=True),
     Option("weight_decay", "float", 0.0, "weight decay", low=0),
     Option("momentum", "float", 0.9, "sgd momentum", low=0),
-    Option("loss_lr", "float", None, "classifier losses' weights' learning rate (default: lr)", low=0, low_open=True,
-           nullable=True),
-    Option("backbone_lr", "float", None, "the unfrozen backbone blocks' learning rate (default: lr)", low=0,
-           low_open=True, nullable=True))
+    Option(
+        "loss_lr",
+        "float",
+        None,
+        "classifier losses' weights' learning rate (default: lr)",
+        low=0,
+        low_open=True,
+        nullable=True,
+    ),
+    Option(
+        "backbone_lr",
+        "float",
+        None,
+        "the unfrozen backbone blocks' learning rate (default: lr)",
+        low=0,
+        low_open=True,
+        nullable=True,
+    ),
+)
 SCHEDULE: tuple[Option, ...] = (
     Option("name", "str", "cosine", "the learning-rate schedule", choices=SCHEDULES),
     Option("warmup_steps", "int", 0, "steps of linear warm-up", low=0),
     Option("step_every", "int", 1, "step schedule: epochs between decays", low=1),
-    Option("step_gamma", "float", 0.5, "step schedule: the decay factor", low=0, low_open=True))
+    Option("step_gamma", "float", 0.5, "step schedule: the decay factor", low=0, low_open=True),
+)
 TRAIN: tuple[Option, ...] = (
     Option("epochs", "int", 10, "epochs of training", low=1),
-    Option("steps_per_epoch", "int", None, "steps per epoch (0 or None: one pass over the places)", low=0,
-           nullable=True),
+    Option(
+        "steps_per_epoch", "int", None, "steps per epoch (0 or None: one pass over the places)", low=0, nullable=True
+    ),
     Option("seed", "int", 0, "the run's seed (batches, random layers)"),
     Option("grad_clip", "float", None, "clip the gradient norm to this (0 or None: no clipping)", low=0, nullable=True),
     Option("feature_dropout", "float", 0.0, "probability of dropping a whole cell of a training batch", low=0, high=1),
     Option("feature_shift", "int", 0, "shift training batches' grid by up to this many cells", low=0),
-    Option("device", "str", "auto", "where the head trains: auto, cpu, cuda, cuda:N or mps"))
+    Option("device", "str", "auto", "where the head trains: auto, cpu, cuda, cuda:N or mps"),
+)
 
 
 def recipe_schema() -> dict[str, tuple[Option, ...]]:
     """Every section's settings (``""``: the top level). Built per call: a plugin may register losses or miners."""
-    loss = (Option("name", "str", "multi-similarity", "any of vprkit.training.LOSSES", choices=tuple(LOSSES.names())),
-            Option("options", "mapping", None, "the loss's keyword arguments", nullable=True))
-    miner = (Option("name", "str", "multi-similarity", "any of vprkit.training.MINERS, or \"\" for none",
-                    choices=("", *MINERS.names()), nullable=True),
-             Option("options", "mapping", None, "the miner's keyword arguments", nullable=True))
-    return {"": TOP, "backbone": BACKBONE, "data": DATA, "validation": VALIDATION, "monitor": EVALUATION_SET,
-            "head": HEAD, "post": POST, "loss": loss, "miner": miner, "sampler": SAMPLER, "optimiser": OPTIMISER,
-            "schedule": SCHEDULE, "train": TRAIN}
+    loss = (
+        Option("name", "str", "multi-similarity", "any of vprkit.training.LOSSES", choices=tuple(LOSSES.names())),
+        Option("options", "mapping", None, "the loss's keyword arguments", nullable=True),
+    )
+    miner = (
+        Option(
+            "name",
+            "str",
+            "multi-similarity",
+            'any of vprkit.training.MINERS, or "" for none',
+            choices=("", *MINERS.names()),
+            nullable=True,
+        ),
+        Option("options", "mapping", None, "the miner's keyword arguments", nullable=True),
+    )
+    return {
+        "": TOP,
+        "backbone": BACKBONE,
+        "data": DATA,
+        "validation": VALIDATION,
+        "monitor": EVALUATION_SET,
+        "head": HEAD,
+        "post": POST,
+        "loss": loss,
+        "miner": miner,
+        "sampler": SAMPLER,
+        "optimiser": OPTIMISER,
+        "schedule": SCHEDULE,
+        "train": TRAIN,
+    }
 
 
 def check_recipe(recipe: Mapping[str, Any], source: str | os.PathLike | None = None) -> None:
@@ -161,8 +223,10 @@ def _check(recipe: Mapping[str, Any]) -> None:
     for key, value in recipe.items():
         if key not in (RECIPE_DIR, *TOP_LEVEL) and isinstance(value, Mapping):
             near = closest_name(key, SECTIONS) or next((s for s in SECTIONS if key in _names(schema[s])), None)
-            raise ConfigError(f"the recipe has no section [{key}]{f' (did you mean [{near}]?)' if near else ''}; "
-                              f"sections: {', '.join(SECTIONS)}")
+            raise ConfigError(
+                f"the recipe has no section [{key}]{f' (did you mean [{near}]?)' if near else ''}; "
+                f"sections: {', '.join(SECTIONS)}"
+            )
     for name in SECTIONS:  # first: a section that is not a table is named as a section
         if recipe.get(name) is not None:
             others = {f"[{s}]": _names(schema[s]) for s in SECTIONS if s != name}

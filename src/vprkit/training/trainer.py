@@ -118,8 +118,14 @@ class PlaceSampler:
     batches exactly as without it.
     """
 
-    def __init__(self, groups: list[np.ndarray], places_per_batch: int, images_per_place: int, seed: int = 0,
-                 contiguous: float = 0.0):
+    def __init__(
+        self,
+        groups: list[np.ndarray],
+        places_per_batch: int,
+        images_per_place: int,
+        seed: int = 0,
+        contiguous: float = 0.0,
+    ):
         self.groups = [np.asarray(g, dtype=np.int64) for g in groups if len(g) >= 1]
         if len(self.groups) < places_per_batch:
             raise ConfigError(f"only {len(self.groups)} places for batches of {places_per_batch} places")
@@ -168,7 +174,9 @@ def on_device(feats: DenseFeatures, device: torch.device) -> DenseFeatures:
     return DenseFeatures(feats.patches.to(device), feats.stride, feats.image_size, g)
 
 
-def describe(head: torch.nn.Module, features: FeatureSource, ids: np.ndarray, chunk: int = VALIDATION_CHUNK) -> torch.Tensor:
+def describe(
+    head: torch.nn.Module, features: FeatureSource, ids: np.ndarray, chunk: int = VALIDATION_CHUNK
+) -> torch.Tensor:
     """The head's descriptors of ``ids`` (eval mode, no gradients), on the CPU."""
     was = head.training
     head.eval()
@@ -198,19 +206,33 @@ class Trainer:
     ``validation`` picks the best epoch; ``monitor`` is only recorded (see the module docstring).
     """
 
-    def __init__(self, head: torch.nn.Module, features: FeatureSource, places: PlaceLabels, settings: TrainSettings,
-                 validation: Validation | None = None, train_ids: np.ndarray | None = None,
-                 extra_parameters: Sequence[torch.nn.Parameter] = (), progress: bool = True,
-                 on_best: Callable[["Trainer", dict], None] | None = None,
-                 on_epoch: Callable[["Trainer", dict], None] | None = None, monitor: Validation | None = None):
+    def __init__(
+        self,
+        head: torch.nn.Module,
+        features: FeatureSource,
+        places: PlaceLabels,
+        settings: TrainSettings,
+        validation: Validation | None = None,
+        train_ids: np.ndarray | None = None,
+        extra_parameters: Sequence[torch.nn.Parameter] = (),
+        progress: bool = True,
+        on_best: Callable[["Trainer", dict], None] | None = None,
+        on_epoch: Callable[["Trainer", dict], None] | None = None,
+        monitor: Validation | None = None,
+    ):
         if not places.square:
             raise ConfigError("training needs square place labels (one image set)")
         self.device = resolve_device(settings.device)
         self.head, self.features, self.places, self.s = head.to(self.device), features, places, settings
         self.validation, self.progress, self.on_best, self.on_epoch = validation, progress, on_best, on_epoch
         self.monitor = monitor
-        self.sampler = PlaceSampler(place_groups(places, train_ids), settings.places_per_batch,
-                                    settings.images_per_place, settings.seed, settings.contiguous_batches)
+        self.sampler = PlaceSampler(
+            place_groups(places, train_ids),
+            settings.places_per_batch,
+            settings.images_per_place,
+            settings.seed,
+            settings.contiguous_batches,
+        )
         self.steps_per_epoch = settings.steps_per_epoch or self.sampler.steps_per_epoch
         self.total_steps = self.steps_per_epoch * settings.epochs
         dim = int(head.dim)
@@ -237,7 +259,9 @@ class Trainer:
         if loss_params:
             groups.append({"params": loss_params, "lr": settings.loss_lr or settings.lr})
         if settings.optimiser == "sgd":
-            self.optimiser = torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+            self.optimiser = torch.optim.SGD(
+                groups, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+            )
         else:
             cls = torch.optim.Adam if settings.optimiser == "adam" else torch.optim.AdamW
             self.optimiser = cls(groups, lr=settings.lr, weight_decay=settings.weight_decay)
@@ -283,7 +307,9 @@ class Trainer:
         if loss.requires_grad:
             loss.backward()
             if self.s.grad_clip:
-                torch.nn.utils.clip_grad_norm_([p for g in self.optimiser.param_groups for p in g["params"]], self.s.grad_clip)
+                torch.nn.utils.clip_grad_norm_(
+                    [p for g in self.optimiser.param_groups for p in g["params"]], self.s.grad_clip
+                )
             self.optimiser.step()
         self.scheduler.step()
         self.step += 1
@@ -309,8 +335,14 @@ class Trainer:
         while self.step < stop:
             epoch = self.epoch
             end = min(stop, (epoch + 1) * self.steps_per_epoch)
-            bar = tqdm(total=self.steps_per_epoch, initial=self.step % self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.s.epochs}",
-                       disable=not self.progress, leave=False, unit="step")
+            bar = tqdm(
+                total=self.steps_per_epoch,
+                initial=self.step % self.steps_per_epoch,
+                desc=f"epoch {epoch + 1}/{self.s.epochs}",
+                disable=not self.progress,
+                leave=False,
+                unit="step",
+            )
             losses, t0 = [], time.perf_counter()
             r1 = self.history[-1].get("R@1") if self.history else None  # the current validation recall
             while self.step < end:
@@ -324,8 +356,13 @@ class Trainer:
         return self.history
 
     def _end_epoch(self, epoch: int, losses: list[float], seconds: float) -> None:
-        record: dict[str, Any] = {"epoch": epoch + 1, "step": self.step, "loss": float(np.mean(losses)) if losses else None,
-                                  "seconds": round(seconds, 2), "lr": self.scheduler.get_last_lr()[0]}
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "step": self.step,
+            "loss": float(np.mean(losses)) if losses else None,
+            "seconds": round(seconds, 2),
+            "lr": self.scheduler.get_last_lr()[0],
+        }
         if self.validation is not None:
             rec = validate(self.head, self.validation)
             record.update({f"R@{n}": rec[f"R@{n}"] for n in self.validation.ns})
@@ -337,8 +374,11 @@ class Trainer:
             shown = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
             tqdm.write(shown)
         key = "R@1" if "R@1" in record else None
-        better = self.best is None or (key is not None and record[key] > self.best[key]) or \
-            (key is None and record["loss"] is not None and record["loss"] < self.best["loss"])
+        better = (
+            self.best is None
+            or (key is not None and record[key] > self.best[key])
+            or (key is None and record["loss"] is not None and record["loss"] < self.best["loss"])
+        )
         if better:
             self.best = dict(record)
             if self.on_best is not None:
@@ -348,10 +388,17 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "head": self.head.state_dict(), "loss": self.loss.state_dict(),
-                "optimiser": self.optimiser.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "extra": [p.detach().clone() for p in self.extra_parameters],
-                "history": json.dumps(self.history), "best": json.dumps(self.best), "settings": json.dumps(self.s.to_dict())}
+        return {
+            "step": self.step,
+            "head": self.head.state_dict(),
+            "loss": self.loss.state_dict(),
+            "optimiser": self.optimiser.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "extra": [p.detach().clone() for p in self.extra_parameters],
+            "history": json.dumps(self.history),
+            "best": json.dumps(self.best),
+            "settings": json.dumps(self.s.to_dict()),
+        }
 
     def save(self, path: str | Path) -> Path:
         """The full training state (to resume from); written atomically."""

@@ -21,7 +21,9 @@ OLD, NEW = "old", "new"
 
 
 @register_adapter(
-    "amstertime", 12, ("queries",),
+    "amstertime",
+    12,
+    ("queries",),
     "AmsterTime: old/ (archival, queries) + new/ (street view, database), pairs share a file stem",
     "the paired image (same stem)",
 )
@@ -41,13 +43,23 @@ def _amstertime():
             if stem in index:
                 raise DatasetError(f"{path / database}: two images share the stem {stem!r}; pairs must be unique")
             index[stem] = i
-        positives = [np.asarray([index[k.rsplit('.', 1)[0]]] if k.rsplit(".", 1)[0] in index else [], dtype=np.int64)
-                     for k in q]
+        positives = [
+            np.asarray([index[k.rsplit(".", 1)[0]]] if k.rsplit(".", 1)[0] in index else [], dtype=np.int64) for k in q
+        ]
         if not any(p.size for p in positives):
             raise DatasetError(f"{path}: no image of {queries}/ has a partner with the same name in {database}/")
         rule = {"kind": "pairs", "match": "file stem", "source": "AmsterTime old/new pairs"}
         gt = GroundTruth(positives, len(db), source="paired image (same file stem)", rule=dict(rule))
-        return Dataset(path.name, path / database, db, path / queries, q, gt, layout="amstertime",
-                       ground_truth_rule=rule, description=f"queries {queries}/, database {database}/")
+        return Dataset(
+            path.name,
+            path / database,
+            db,
+            path / queries,
+            q,
+            gt,
+            layout="amstertime",
+            ground_truth_rule=rule,
+            description=f"queries {queries}/, database {database}/",
+        )
 
     return detect, load

@@ -69,8 +69,10 @@ def load_pose_rows(path: Path) -> np.ndarray:
     try:
         arr = np.load(path, allow_pickle=False)
     except ValueError as e:
-        raise DatasetError(f"{path} holds Python objects (a pickle), which vprkit does not load; save the poses "
-                           f"as a numeric array, or give {GROUND_TRUTH_CSV}") from e
+        raise DatasetError(
+            f"{path} holds Python objects (a pickle), which vprkit does not load; save the poses "
+            f"as a numeric array, or give {GROUND_TRUTH_CSV}"
+        ) from e
     except OSError as e:
         raise DatasetError(f"cannot read {path}: {e}") from e
     arr = np.asarray(arr, dtype=np.float64)
@@ -88,7 +90,9 @@ def _pickle_refusal(path: Path, found: Path) -> DatasetError:
 
 
 @register_adapter(
-    "anyloc-unstructured", 8, ("db_rows", "query_rows") + RADIUS_OPTIONS,
+    "anyloc-unstructured",
+    8,
+    ("db_rows", "query_rows") + RADIUS_OPTIONS,
     "AnyLoc unstructured sets (Hawkins, Laurel Caverns, Mid-Atlantic Ridge): db_images/ + q_images/ with "
     "pose_topic_list.npy (rows sliced as AnyLoc does, or db_rows=a:b, query_rows=a:b) or ground_truth.csv",
     "ground_truth.csv if present, else radius 8 m on pose_topic_list.npy x, y (AnyLoc)",
@@ -97,8 +101,13 @@ def _unstructured():
     def detect(path: Path) -> bool:
         return (path / DB).is_dir() and (path / Q).is_dir()
 
-    def load(path: Path, db_rows=None, query_rows=None, positive_dist_threshold: float | None = None,
-             radius: float | None = None) -> Dataset:
+    def load(
+        path: Path,
+        db_rows=None,
+        query_rows=None,
+        positive_dist_threshold: float | None = None,
+        radius: float | None = None,
+    ) -> Dataset:
         db = images_natural(path / DB, "database")
         q = images_natural(path / Q, "query")
         if (path / GROUND_TRUTH_CSV).is_file():
@@ -110,8 +119,16 @@ def _unstructured():
             for name in PICKLED_GT:
                 if (path / name).is_file():
                     raise _pickle_refusal(path, path / name)
-            return Dataset(path.name, path / DB, db, path / Q, q, None,
-                           description=f"no {POSE_FILE} or {GROUND_TRUTH_CSV}: unlabelled", layout="anyloc-unstructured")
+            return Dataset(
+                path.name,
+                path / DB,
+                db,
+                path / Q,
+                q,
+                None,
+                description=f"no {POSE_FILE} or {GROUND_TRUTH_CSV}: unlabelled",
+                layout="anyloc-unstructured",
+            )
         r = radius_option(positive_dist_threshold, radius, DEFAULT_RADIUS_M)
         poses = load_pose_rows(path / POSE_FILE)
         known = next((rows for key, rows in KNOWN_ROWS.items() if path.name.lower().startswith(key)), None)
@@ -131,20 +148,35 @@ def _unstructured():
                     f"{path / POSE_FILE}: {role} rows {a}:{b} ({how}) do not match the {n} {role} images "
                     f"({len(poses)} rows in the file); give db_rows=a:b and query_rows=a:b"
                 )
-        d_xy = poses[d_rows[0]:d_rows[1], :2]
-        q_xy = poses[q_rows[0]:q_rows[1], :2]
+        d_xy = poses[d_rows[0] : d_rows[1], :2]
+        q_xy = poses[q_rows[0] : q_rows[1], :2]
         gt = GroundTruth.from_radius(q_xy, d_xy, r)
-        rule = dict(gt.rule, source="AnyLoc dist_thresh" if positive_dist_threshold is None and radius is None else "option",
-                    pose_rows={"database": list(d_rows), "queries": list(q_rows)})
-        return Dataset(path.name, path / DB, db, path / Q, q, gt, d_xy, q_xy,
-                       description=f"poses from {POSE_FILE} ({how})", layout="anyloc-unstructured",
-                       ground_truth_rule=rule)
+        rule = dict(
+            gt.rule,
+            source="AnyLoc dist_thresh" if positive_dist_threshold is None and radius is None else "option",
+            pose_rows={"database": list(d_rows), "queries": list(q_rows)},
+        )
+        return Dataset(
+            path.name,
+            path / DB,
+            db,
+            path / Q,
+            q,
+            gt,
+            d_xy,
+            q_xy,
+            description=f"poses from {POSE_FILE} ({how})",
+            layout="anyloc-unstructured",
+            ground_truth_rule=rule,
+        )
 
     return detect, load
 
 
 @register_adapter(
-    "vp-air", 9, ("include_distractors", "tolerance"),
+    "vp-air",
+    9,
+    ("include_distractors", "tolerance"),
     "VP-Air: queries/ + reference_views/ (same file names) [+ distractors/] [+ ground_truth.csv]",
     "the reference view of the same name ±tolerance (0), or ground_truth.csv",
 )
@@ -179,18 +211,35 @@ def _vpair():
                     positives.append(np.zeros(0, dtype=np.int64))
                     continue
                 r0 = rank[i]
-                positives.append(np.asarray(order[max(0, r0 - tolerance): r0 + tolerance + 1], dtype=np.int64))
-            rule = {"kind": "frames", "match": "name", "tolerance": int(tolerance),
-                    "source": "VP-Air: reference view rendered at the query's pose"}
-            gt = GroundTruth(positives, len(db), source=f"reference view of the same name ±{tolerance}", rule=dict(rule))
-        return Dataset(path.name, path, db, path / VPAIR_Q, q, gt, layout="vp-air", ground_truth_rule=rule,
-                       description="with distractors" if include_distractors else "")
+                positives.append(np.asarray(order[max(0, r0 - tolerance) : r0 + tolerance + 1], dtype=np.int64))
+            rule = {
+                "kind": "frames",
+                "match": "name",
+                "tolerance": int(tolerance),
+                "source": "VP-Air: reference view rendered at the query's pose",
+            }
+            gt = GroundTruth(
+                positives, len(db), source=f"reference view of the same name ±{tolerance}", rule=dict(rule)
+            )
+        return Dataset(
+            path.name,
+            path,
+            db,
+            path / VPAIR_Q,
+            q,
+            gt,
+            layout="vp-air",
+            ground_truth_rule=rule,
+            description="with distractors" if include_distractors else "",
+        )
 
     return detect, load
 
 
 @register_adapter(
-    "anyloc-aerial", 9, (),
+    "anyloc-aerial",
+    9,
+    (),
     "AnyLoc aerial (Tartan GNSS) sets: reference_images/ + query_images/ + gt_matches.csv "
     "(query_ind, top_1_ref_ind … top_5_ref_ind; indices in natural sort order)",
     "the 5 references listed per query in gt_matches.csv",
@@ -204,8 +253,16 @@ def _aerial():
         q = images_natural(path / AERIAL_Q, "query")
         gt_path = path / AERIAL_GT
         if not gt_path.is_file():
-            return Dataset(path.name, path / AERIAL_DB, db, path / AERIAL_Q, q, None,
-                           description=f"no {AERIAL_GT}: unlabelled", layout="anyloc-aerial")
+            return Dataset(
+                path.name,
+                path / AERIAL_DB,
+                db,
+                path / AERIAL_Q,
+                q,
+                None,
+                description=f"no {AERIAL_GT}: unlabelled",
+                layout="anyloc-aerial",
+            )
         cols = ["query_ind"] + [f"top_{k}_ref_ind" for k in range(1, AERIAL_TOP + 1)]
         header, rows = read_csv(gt_path, cols, "ground-truth file")
         positives = [np.zeros(0, dtype=np.int64)] * len(q)
@@ -217,11 +274,14 @@ def _aerial():
         for row, i in enumerate(qi):
             hits = [r[row] for r in refs]
             if not 0 <= i < len(q) or not all(0 <= h < len(db) for h in hits):
-                raise DatasetError(f"{gt_path}, line {row + 2}: index out of range ({len(q)} queries, {len(db)} references)")
+                raise DatasetError(
+                    f"{gt_path}, line {row + 2}: index out of range ({len(q)} queries, {len(db)} references)"
+                )
             positives[i] = np.asarray(hits, dtype=np.int64)
         rule = {"kind": "list", "file": AERIAL_GT, "source": "AnyLoc aerial_dataloader (top-5 references)"}
         gt = GroundTruth(positives, len(db), source=f"list {AERIAL_GT}", rule=dict(rule))
-        return Dataset(path.name, path / AERIAL_DB, db, path / AERIAL_Q, q, gt, layout="anyloc-aerial",
-                       ground_truth_rule=rule)
+        return Dataset(
+            path.name, path / AERIAL_DB, db, path / AERIAL_Q, q, gt, layout="anyloc-aerial", ground_truth_rule=rule
+        )
 
     return detect, load

@@ -53,7 +53,9 @@ def read_camera_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _poses(images: list[str], gt_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    files = sorted((p for p in gt_dir.iterdir() if p.is_file() and p.suffix == ".camera"), key=lambda p: natural_key(p.name))
+    files = sorted(
+        (p for p in gt_dir.iterdir() if p.is_file() and p.suffix == ".camera"), key=lambda p: natural_key(p.name)
+    )
     by_stem = {p.stem: p for p in files}
     stems = [Path(k).stem for k in images]
     if all(s in by_stem for s in stems):
@@ -67,7 +69,9 @@ def _poses(images: list[str], gt_dir: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 @register_adapter(
-    "baidu-mall", 7, ("max_angle_diff",) + RADIUS_OPTIONS,
+    "baidu-mall",
+    7,
+    ("max_angle_diff",) + RADIUS_OPTIONS,
     "Baidu Mall: training_images_undistort/ + training_gt/*.camera (database), query_images_undistort/ + "
     "query_gt/*.camera (queries)",
     "camera centres within 10 m and mean |Δ Euler ZYX| < 20° (AnyLoc baidu_dataloader)",
@@ -76,8 +80,12 @@ def _baidu():
     def detect(path: Path) -> bool:
         return all((path / d).is_dir() for d in (DB_IMAGES, DB_GT, Q_IMAGES, Q_GT))
 
-    def load(path: Path, max_angle_diff: float | None = DEFAULT_ANGLE_DEG, positive_dist_threshold: float | None = None,
-             radius: float | None = None) -> Dataset:
+    def load(
+        path: Path,
+        max_angle_diff: float | None = DEFAULT_ANGLE_DEG,
+        positive_dist_threshold: float | None = None,
+        radius: float | None = None,
+    ) -> Dataset:
         r = radius_option(positive_dist_threshold, radius, DEFAULT_RADIUS_M)
         db = images_natural(path / DB_IMAGES, "database")
         q = images_natural(path / Q_IMAGES, "query")
@@ -98,8 +106,18 @@ def _baidu():
             rule["angle"] = "mean |Δ Euler ZYX|"
             source += f", mean Euler difference < {float(max_angle_diff):g}°"
         gt = GroundTruth(positives, len(db), source=source, rule=dict(rule))
-        ds = Dataset(path.name, path / DB_IMAGES, db, path / Q_IMAGES, q, gt, d_xyz[:, :2], q_xyz[:, :2],
-                     layout="baidu-mall", ground_truth_rule=rule)
+        ds = Dataset(
+            path.name,
+            path / DB_IMAGES,
+            db,
+            path / Q_IMAGES,
+            q,
+            gt,
+            d_xyz[:, :2],
+            q_xyz[:, :2],
+            layout="baidu-mall",
+            ground_truth_rule=rule,
+        )
         ds.database_metadata["xyz"], ds.query_metadata["xyz"] = d_xyz, q_xyz
         ds.database_metadata["euler_zyx_deg"], ds.query_metadata["euler_zyx_deg"] = d_eul, q_eul
         return ds

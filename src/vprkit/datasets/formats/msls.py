@@ -30,9 +30,30 @@ from ..ground_truth import GroundTruth
 from .common import column, floats, read_csv, require_files, truthy
 
 CITIES = {
-    "train": ("trondheim", "london", "boston", "melbourne", "amsterdam", "helsinki", "tokyo", "toronto", "saopaulo",
-              "moscow", "zurich", "paris", "bangkok", "budapest", "austin", "berlin", "ottawa", "phoenix", "goa",
-              "amman", "nairobi", "manila"),
+    "train": (
+        "trondheim",
+        "london",
+        "boston",
+        "melbourne",
+        "amsterdam",
+        "helsinki",
+        "tokyo",
+        "toronto",
+        "saopaulo",
+        "moscow",
+        "zurich",
+        "paris",
+        "bangkok",
+        "budapest",
+        "austin",
+        "berlin",
+        "ottawa",
+        "phoenix",
+        "goa",
+        "amman",
+        "nairobi",
+        "manila",
+    ),
     "val": ("cph", "sf"),
     "test": ("miami", "athens", "buenosaires", "stockholm", "bengaluru", "kampala"),
 }
@@ -86,8 +107,10 @@ def read_side(folder: Path, subtask: str | None, include_panoramas: bool) -> dic
     seq = column(header, rows, "sequence_key")
     frame = column(header, rows, "frame_number")
     keep = np.ones(len(keys), dtype=bool)
-    meta: dict[str, np.ndarray] = {"sequence_key": np.asarray(seq, dtype=object),
-                                   "frame_number": np.asarray(floats(frame, seq_path, "frame_number")).astype(np.int64)}
+    meta: dict[str, np.ndarray] = {
+        "sequence_key": np.asarray(seq, dtype=object),
+        "frame_number": np.asarray(floats(frame, seq_path, "frame_number")).astype(np.int64),
+    }
     if subtask is not None and (folder / SUBTASKS).is_file():
         sh, srows = read_csv(folder / SUBTASKS, (subtask,), "MSLS file")
         if len(srows) != len(keys):
@@ -104,8 +127,13 @@ def read_side(folder: Path, subtask: str | None, include_panoramas: bool) -> dic
     if (folder / POSTPROCESSED).is_file():
         ph, prows = _by_key(folder / POSTPROCESSED, POST_COLUMNS, keys)
         path = folder / POSTPROCESSED
-        xy = np.stack([floats(column(ph, prows, "easting"), path, "easting"),
-                       floats(column(ph, prows, "northing"), path, "northing")], axis=1)
+        xy = np.stack(
+            [
+                floats(column(ph, prows, "easting"), path, "easting"),
+                floats(column(ph, prows, "northing"), path, "northing"),
+            ],
+            axis=1,
+        )
         meta["night"] = np.asarray(truthy(column(ph, prows, "night")))
         meta["view_direction"] = np.asarray(column(ph, prows, "view_direction"), dtype=object)
         meta["unique_cluster"] = np.asarray(column(ph, prows, "unique_cluster"), dtype=object)
@@ -138,7 +166,9 @@ def _parse_cities(cities, found: dict[str, Path]) -> list[str]:
 
 
 @register_adapter(
-    "msls", 6, ("cities", "subtask", "include_panoramas") + RADIUS_OPTIONS,
+    "msls",
+    6,
+    ("cities", "subtask", "include_panoramas") + RADIUS_OPTIONS,
     "Mapillary SLS: train_val/<city>/ and test/<city>/, each with query/ and database/ holding images/<key>.jpg, "
     "seq_info.csv, raw.csv, postprocessed.csv (train/val) and subtask_index.csv; cities=cph,sf (default: val "
     "cities found) or train/val/test; panoramas excluded unless include_panoramas=True",
@@ -148,8 +178,14 @@ def _msls():
     def detect(path: Path) -> bool:
         return bool(find_cities(path))
 
-    def load(path: Path, cities=None, subtask: str | None = "all", include_panoramas: bool = False,
-             positive_dist_threshold: float | None = None, radius: float | None = None) -> Dataset:
+    def load(
+        path: Path,
+        cities=None,
+        subtask: str | None = "all",
+        include_panoramas: bool = False,
+        positive_dist_threshold: float | None = None,
+        radius: float | None = None,
+    ) -> Dataset:
         r = radius_option(positive_dist_threshold, radius, DEFAULT_RADIUS_M)
         if isinstance(include_panoramas, str):
             include_panoramas = include_panoramas.strip().lower() in ("1", "true", "yes")
@@ -195,11 +231,18 @@ def _msls():
         if gt is not None:
             gt.rule = dict(rule)
         ds = Dataset(
-            path.name, path, d_keys, path, q_keys, gt,
-            np.concatenate(d_xy) if gt is not None else None, np.concatenate(q_xy) if gt is not None else None,
+            path.name,
+            path,
+            d_keys,
+            path,
+            q_keys,
+            gt,
+            np.concatenate(d_xy) if gt is not None else None,
+            np.concatenate(q_xy) if gt is not None else None,
             description=f"MSLS cities {', '.join(chosen)}; subtask {subtask}; panoramas "
-                        f"{'kept' if include_panoramas else 'excluded'}",
-            layout="msls", ground_truth_rule=rule,
+            f"{'kept' if include_panoramas else 'excluded'}",
+            layout="msls",
+            ground_truth_rule=rule,
         )
 
         def merge(meta: dict[str, list], n: int) -> dict:

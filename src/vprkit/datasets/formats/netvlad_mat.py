@@ -90,7 +90,9 @@ def read_dbstruct(mat_path: str | os.PathLike) -> DbStruct:
     try:
         mat = loadmat(path, squeeze_me=True, struct_as_record=False)
     except NotImplementedError as e:  # MATLAB v7.3 (HDF5)
-        raise DatasetError(f"{path} is a MATLAB v7.3 file; re-save it with save(..., '-v7') to read it here ({e})") from e
+        raise DatasetError(
+            f"{path} is a MATLAB v7.3 file; re-save it with save(..., '-v7') to read it here ({e})"
+        ) from e
     except Exception as e:  # scipy raises ValueError/TypeError/MatReadError on damaged files
         raise DatasetError(f"cannot read {path} as a MATLAB .mat file: {e}") from e
     if STRUCT_NAME not in mat:
@@ -105,7 +107,11 @@ def read_dbstruct(mat_path: str | os.PathLike) -> DbStruct:
         raise DatasetError(f"{path}: {STRUCT_NAME} lacks field(s) {', '.join(missing)} (has {', '.join(fields)})")
     db = _strings(st.dbImageFns)
     q = _strings(st.qImageFns)
-    thr = float(np.asarray(st.posDistThr).ravel()[0]) if "posDistThr" in fields and np.asarray(st.posDistThr).size else None
+    thr = (
+        float(np.asarray(st.posDistThr).ravel()[0])
+        if "posDistThr" in fields and np.asarray(st.posDistThr).size
+        else None
+    )
     which = str(st.whichSet) if "whichSet" in fields else ""
 
     def stamps(name: str, n: int):
@@ -115,8 +121,16 @@ def read_dbstruct(mat_path: str | os.PathLike) -> DbStruct:
         return a if a.size == n else None
 
     return DbStruct(
-        path, which, db, _utm(st.utmDb, len(db), "utmDb", path), q, _utm(st.utmQ, len(q), "utmQ", path), thr, fields,
-        stamps("dbTimeStamp", len(db)), stamps("qTimeStamp", len(q)),
+        path,
+        which,
+        db,
+        _utm(st.utmDb, len(db), "utmDb", path),
+        q,
+        _utm(st.utmQ, len(q), "utmQ", path),
+        thr,
+        fields,
+        stamps("dbTimeStamp", len(db)),
+        stamps("qTimeStamp", len(q)),
     )
 
 
@@ -124,8 +138,16 @@ def _from_cell(path: Path, cells: np.ndarray) -> DbStruct:
     db = [n.replace(" ", "") for n in _strings(cells[0])]
     q = [n.replace(" ", "") for n in _strings(cells[2])]
     thr = np.asarray(cells[6], dtype=np.float64).ravel()
-    return DbStruct(path, "", db, _utm(cells[1], len(db), "locDb", path), q, _utm(cells[3], len(q), "locQ", path),
-                    float(thr[0]) if thr.size else None, CELL_FIELDS)
+    return DbStruct(
+        path,
+        "",
+        db,
+        _utm(cells[1], len(db), "locDb", path),
+        q,
+        _utm(cells[3], len(q), "locQ", path),
+        float(thr[0]) if thr.size else None,
+        CELL_FIELDS,
+    )
 
 
 def _mat_files(root: Path) -> list[Path]:
@@ -151,21 +173,29 @@ def _choose_mat(root: Path, split: str | None) -> Path:
             return direct
         hits = [p for p in files if p.stem == split or p.name == split]
         if not hits:
-            raise DatasetError(f"{root}: no {STRUCT_NAME} file named {split!r}; available: {', '.join(p.stem for p in files) or 'none'}")
+            raise DatasetError(
+                f"{root}: no {STRUCT_NAME} file named {split!r}; available: {', '.join(p.stem for p in files) or 'none'}"
+            )
         return hits[0]
     if not files:
-        raise DatasetError(f"{root}: no .mat file with a {STRUCT_NAME} in it (looked in {root} and {root / 'datasets'})")
+        raise DatasetError(
+            f"{root}: no .mat file with a {STRUCT_NAME} in it (looked in {root} and {root / 'datasets'})"
+        )
     if len(files) == 1:
         return files[0]
     tests = [p for p in files if p.stem.endswith("_test") or p.stem == "tokyo247"]
     if len(tests) == 1:
         return tests[0]
-    raise DatasetError(f"{root} has several dataset specs ({', '.join(p.stem for p in files)}); choose one with split=NAME")
+    raise DatasetError(
+        f"{root} has several dataset specs ({', '.join(p.stem for p in files)}); choose one with split=NAME"
+    )
 
 
 def _image_folder(root: Path, candidates: tuple[str, ...], names: list[str], role: str, mat: Path) -> Path:
     # The images sit beside the .mat, or one level down (OpenIBL's raw/Pittsburgh/images, raw/tokyo247/query).
-    bases = [root] + sorted(d for d in root.iterdir() if d.is_dir() and d.name not in MAT_FOLDERS and not d.name.startswith("."))
+    bases = [root] + sorted(
+        d for d in root.iterdir() if d.is_dir() and d.name not in MAT_FOLDERS and not d.name.startswith(".")
+    )
     for base in bases:
         for sub in candidates:
             folder = base / sub if sub else base
@@ -180,7 +210,9 @@ def _image_folder(root: Path, candidates: tuple[str, ...], names: list[str], rol
 
 
 @register_adapter(
-    "netvlad-mat", 5, ("split",) + RADIUS_OPTIONS,
+    "netvlad-mat",
+    5,
+    ("split",) + RADIUS_OPTIONS,
     "NetVLAD dbStruct .mat (Pittsburgh 30k/250k, Tokyo 24/7, Tokyo TM; AnyLoc's Oxford oxdatapart.mat): "
     "<name>.mat in the folder or datasets/, database images under images/ (or database/, oxDataPart/, the folder), "
     "queries under queries/, query/, queries_real/ or oxDataPart/; split=pitts30k_test picks the .mat",
@@ -188,12 +220,13 @@ def _image_folder(root: Path, candidates: tuple[str, ...], names: list[str], rol
 )
 def _netvlad_mat():
     def detect(path: Path) -> bool:
-        return any(p.suffix == ".mat" for sub in MAT_FOLDERS for p in ((path / sub) if sub else path).glob("*.mat")) and bool(
-            _mat_files(path)
-        )
+        return any(
+            p.suffix == ".mat" for sub in MAT_FOLDERS for p in ((path / sub) if sub else path).glob("*.mat")
+        ) and bool(_mat_files(path))
 
-    def load(path: Path, split: str | None = None, positive_dist_threshold: float | None = None,
-             radius: float | None = None) -> Dataset:
+    def load(
+        path: Path, split: str | None = None, positive_dist_threshold: float | None = None, radius: float | None = None
+    ) -> Dataset:
         mat = _choose_mat(path, split)
         st = read_dbstruct(mat)
         file_default = st.pos_dist_thr if st.pos_dist_thr and st.pos_dist_thr > 0 else 25.0
@@ -202,12 +235,27 @@ def _netvlad_mat():
         q_dir = _image_folder(path, QUERY_FOLDERS, st.q_images, "query", mat)
         gt = GroundTruth.from_radius(st.q_utm, st.db_utm, r)
         rule = dict(gt.rule)
-        rule["source"] = f"{mat.name} posDistThr" if positive_dist_threshold is None and radius is None and st.pos_dist_thr else "option"
+        rule["source"] = (
+            f"{mat.name} posDistThr"
+            if positive_dist_threshold is None and radius is None and st.pos_dist_thr
+            else "option"
+        )
         description = f"{mat.name} (whichSet {st.which_set or '?'})"
         if mat.stem.lower().startswith("tokyo247"):
             description += "; " + NMS_NOTE
-        ds = Dataset(path.name, db_dir, st.db_images, q_dir, st.q_images, gt, st.db_utm, st.q_utm,
-                     description=description, layout="netvlad-mat", ground_truth_rule=rule)
+        ds = Dataset(
+            path.name,
+            db_dir,
+            st.db_images,
+            q_dir,
+            st.q_images,
+            gt,
+            st.db_utm,
+            st.q_utm,
+            description=description,
+            layout="netvlad-mat",
+            ground_truth_rule=rule,
+        )
         if st.db_timestamps is not None:
             ds.database_metadata["timestamp"] = st.db_timestamps
         if st.q_timestamps is not None:

@@ -85,7 +85,9 @@ def read_traversal(folder: Path, csv_path: Path, max_gap_s: float) -> tuple[list
 
 
 @register_adapter(
-    "robotcar-csv", 35, ("queries", "database", "max_time_gap") + RADIUS_OPTIONS,
+    "robotcar-csv",
+    35,
+    ("queries", "database", "max_time_gap") + RADIUS_OPTIONS,
     "Oxford RobotCar-style traversals: one folder per traversal with gps/ins.csv (timestamp,northing,easting …) "
     "and images named <timestamp>.png anywhere below it; queries=/database= name the traversals",
     "radius 25 m on positions interpolated at the image timestamps",
@@ -94,9 +96,14 @@ def _robotcar():
     def detect(path: Path) -> bool:
         return len(_traversals(path)) >= 2
 
-    def load(path: Path, queries: str | None = None, database: str | None = None,
-             max_time_gap: float = DEFAULT_MAX_GAP_S, positive_dist_threshold: float | None = None,
-             radius: float | None = None) -> Dataset:
+    def load(
+        path: Path,
+        queries: str | None = None,
+        database: str | None = None,
+        max_time_gap: float = DEFAULT_MAX_GAP_S,
+        positive_dist_threshold: float | None = None,
+        radius: float | None = None,
+    ) -> Dataset:
         r = radius_option(positive_dist_threshold, radius)
         found = _traversals(path)
         names = list(found)
@@ -109,16 +116,28 @@ def _robotcar():
                 queries = next(n for n in names if n != database)
         for role, n in (("queries", queries), ("database", database)):
             if n not in found:
-                raise DatasetError(f"{path}: no traversal {n!r} with a pose CSV for {role}; available: {', '.join(names)}")
+                raise DatasetError(
+                    f"{path}: no traversal {n!r} with a pose CSV for {role}; available: {', '.join(names)}"
+                )
         if queries == database:
             raise ConfigError(f"queries and database are the same traversal {queries!r}")
         db, d_xy, d_t = read_traversal(path / database, found[database], float(max_time_gap))
         q, q_xy, q_t = read_traversal(path / queries, found[queries], float(max_time_gap))
         gt = GroundTruth.from_radius(q_xy, d_xy, r)
         n_missing = int(np.isnan(q_xy[:, 0]).sum() + np.isnan(d_xy[:, 0]).sum())
-        ds = Dataset(path.name, path / database, db, path / queries, q, gt, d_xy, q_xy, layout="robotcar-csv",
-                     description=f"queries {queries}, database {database}"
-                     + (f"; {n_missing} image(s) beyond {max_time_gap:g} s of any pose row (no position)" if n_missing else ""))
+        ds = Dataset(
+            path.name,
+            path / database,
+            db,
+            path / queries,
+            q,
+            gt,
+            d_xy,
+            q_xy,
+            layout="robotcar-csv",
+            description=f"queries {queries}, database {database}"
+            + (f"; {n_missing} image(s) beyond {max_time_gap:g} s of any pose row (no position)" if n_missing else ""),
+        )
         ds.database_metadata["timestamp"], ds.query_metadata["timestamp"] = d_t, q_t
         return ds
 

@@ -22,7 +22,9 @@ def _splits(path: Path) -> list[str]:
 
 
 @register_adapter(
-    "vg-split", 25, ("split",) + RADIUS_OPTIONS,
+    "vg-split",
+    25,
+    ("split",) + RADIUS_OPTIONS,
     "images/{test,val,train}/database/ + queries/ with @east@north@…@.jpg names (VPR-datasets-downloader: "
     "St Lucia, Pitts30k, Tokyo 24/7, SF-XL …); split=test by default",
     "radius 25 m",
@@ -31,8 +33,9 @@ def _vg_split():
     def detect(path: Path) -> bool:
         return bool(_splits(path))
 
-    def load(path: Path, split: str | None = None, positive_dist_threshold: float | None = None,
-             radius: float | None = None) -> Dataset:
+    def load(
+        path: Path, split: str | None = None, positive_dist_threshold: float | None = None, radius: float | None = None
+    ) -> Dataset:
         r = radius_option(positive_dist_threshold, radius)
         available = _splits(path)
         split = split or ("test" if "test" in available else available[0])
