@@ -184,6 +184,13 @@ class RerankConfig:
 
     def __post_init__(self):
         where = f"re-ranking preset {self.name!r}"
+        self._check_shortlist_rules(where)
+        self._check_scales(where)
+        self._check_cascade(where)
+        self._check_patches(where)
+
+    def _check_shortlist_rules(self, where: str) -> None:
+        """same_place, verify and global_gap: which candidates are re-ranked at all."""
         if (
             self.same_place is not None
             and self.same_place != "auto"
@@ -208,6 +215,9 @@ class RerankConfig:
                 f"{where}: global_gap must be a positive number of standard deviations (or None), "
                 f"got {self.global_gap!r}"
             )
+
+    def _check_scales(self, where: str) -> None:
+        """Scales as (patch size, stride) pairs of ints, one non-negative weight each (normalised in place)."""
         try:
             scales = tuple((int(s[0]), int(s[1]) if len(s) > 1 else 1) for s in self.scales)
             weights = tuple(float(w) for w in self.weights)
@@ -229,6 +239,10 @@ class RerankConfig:
             )
         if any(w < 0 for w in weights):
             raise ConfigError(f"{where}: scale weights must be ≥ 0, got {list(weights)}")
+
+    def _check_cascade(self, where: str) -> None:
+        """prescorer, fine_budget and min_agreement: the cascade's rules and what they need."""
+        scales = self.scales
         if self.prescorer is not None:
             if self.prescorer not in RERANK_SCORERS:
                 raise ConfigError(
@@ -270,6 +284,9 @@ class RerankConfig:
                 f"{where}: min_agreement must be a share of a perfect alignment in (0, 1] (or None "
                 f"for no check), got {self.min_agreement!r}"
             )
+
+    def _check_patches(self, where: str) -> None:
+        """The spatial scorer and what the patches are stored as (dtype, PCA, whitening, backbone)."""
         if self.scorer not in RERANK_SCORERS:
             raise ConfigError(
                 f"{where}: unknown spatial scorer {self.scorer!r}"

@@ -358,6 +358,27 @@ def _emit(notes: list[DecodeNote], sink: list[DecodeNote] | None) -> None:
         (log.warning if note.warning else log.debug)("%s", note)
 
 
+def _first_frame(img: Image.Image, label: str, found: list[DecodeNote]) -> None:
+    """Seek an animated or multi-page image (GIF, APNG, WebP, TIFF, MPO) to its first frame, noting what was dropped."""
+    try:
+        frames = getattr(img, "n_frames", 1)  # scans the frames
+    except DECODER_ERRORS as exc:  # a corrupt later frame must not lose the first one
+        frames = 0
+        reason = f"{exc.__class__.__name__}: {exc}"
+        found.append(
+            DecodeNote(
+                label,
+                "animated",
+                f"{img.format}: frames after the first unreadable ({reason}); the first frame is used",
+                True,
+            )
+        )
+    if frames != 1:
+        img.seek(0)
+    if frames > 1:
+        found.append(DecodeNote(label, "animated", f"{img.format} with {frames} frames: the first frame is used", True))
+
+
 def read_image(
     path: str | os.PathLike | bytes,
     target_size: tuple[int, int] | None = None,
@@ -403,25 +424,7 @@ def read_image(
                     f"{label}: {img.width}×{img.height} pixels is larger than vprkit decodes "
                     f"({MAX_PIXELS} pixels); downscale it first"
                 )
-            try:
-                frames = getattr(img, "n_frames", 1)  # GIF/APNG/WebP/TIFF/MPO: scans the frames
-            except DECODER_ERRORS as exc:  # a corrupt later frame must not lose the first one
-                frames = 0
-                found.append(
-                    DecodeNote(
-                        label,
-                        "animated",
-                        f"{img.format}: frames after the first unreadable "
-                        f"({exc.__class__.__name__}: {exc}); the first frame is used",
-                        True,
-                    )
-                )
-            if frames != 1:
-                img.seek(0)
-            if frames > 1:
-                found.append(
-                    DecodeNote(label, "animated", f"{img.format} with {frames} frames: the first frame is used", True)
-                )
+            _first_frame(img, label, found)
             ImageFile.LOAD_TRUNCATED_IMAGES = False
             img.load()
             rgb = _to_rgb(img, label, found)

@@ -475,6 +475,35 @@ def with_weights(config: Config, path: str | os.PathLike) -> Config:
     return config
 
 
+def _named_or_given(preset: str | Config | None) -> Config:
+    """The preset named (a registered name, or a trained ``.ckpt``), or the Config given."""
+    if isinstance(preset, Config):
+        return preset
+    if preset is not None and not isinstance(preset, str):
+        raise ConfigError(f"a preset is a name or a Config, got {preset!r}")
+    name = preset or DEFAULT_PRESET
+    if name not in PRESETS and name.endswith(".ckpt"):
+        return checkpoint_preset(name)
+    if name not in PRESETS:
+        raise _unknown("preset", name, PRESETS)
+    return PRESETS.get(name)
+
+
+def _with_vocabulary(config: Config, vocabulary: str | Mapping[str, Any] | VocabularyConfig) -> Config:
+    """``config`` with its vocabulary's source (a string) or the given fields changed; unknown fields refused."""
+    if isinstance(vocabulary, VocabularyConfig):
+        changes = dataclasses.asdict(vocabulary)
+    else:
+        changes = {"source": vocabulary} if isinstance(vocabulary, str) else dict(vocabulary)
+    fields = {f.name for f in dataclasses.fields(VocabularyConfig)}
+    bad = sorted(set(changes) - fields)
+    if bad:
+        raise ConfigError(
+            f"unknown vocabulary setting {bad[0]!r}{did_you_mean(bad[0], fields)}; settings: {', '.join(sorted(fields))}"
+        )
+    return config.replace(vocabulary=_replace(config.vocabulary, changes)) if changes else config
+
+
 def resolve(
     preset: str | Config | None = None,
     *,
@@ -506,18 +535,7 @@ def resolve(
     Every component option is checked (:meth:`Config.validate`) before anything is read; an
     unknown preset, option or value is a :class:`ConfigError` with what is allowed.
     """
-    if preset is None or isinstance(preset, str):
-        name = preset or DEFAULT_PRESET
-        if name not in PRESETS and name.endswith(".ckpt"):
-            config = checkpoint_preset(name)
-        elif name not in PRESETS:
-            raise _unknown("preset", name, PRESETS)
-        else:
-            config = PRESETS.get(name)
-    elif isinstance(preset, Config):
-        config = preset
-    else:
-        raise ConfigError(f"a preset is a name or a Config, got {preset!r}")
+    config = _named_or_given(preset)
     if overrides:
         known = {f.name for f in dataclasses.fields(Config)}
         unknown = sorted(set(overrides) - known)
@@ -536,19 +554,7 @@ def resolve(
     if store_dtype is not None:
         config = config.replace(store_dtype=store_dtype)
     if vocabulary is not None:
-        if isinstance(vocabulary, VocabularyConfig):
-            changes = dataclasses.asdict(vocabulary)
-        else:
-            changes = {"source": vocabulary} if isinstance(vocabulary, str) else dict(vocabulary)
-        fields = {f.name for f in dataclasses.fields(VocabularyConfig)}
-        bad = sorted(set(changes) - fields)
-        if bad:
-            raise ConfigError(
-                f"unknown vocabulary setting {bad[0]!r}{did_you_mean(bad[0], fields)}; "
-                f"settings: {', '.join(sorted(fields))}"
-            )
-        if changes:
-            config = config.replace(vocabulary=_replace(config.vocabulary, changes))
+        config = _with_vocabulary(config, vocabulary)
     if weights is not None:
         config = with_weights(config, weights)
     if device is not None:

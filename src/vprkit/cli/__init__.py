@@ -1,12 +1,11 @@
 """The ``vprkit`` command: argument parsing and printing only; the work is done by :mod:`vprkit.pipeline`.
 
-Each topic module (``core``, ``vocab``, ``rerank``, ``segments``) defines click commands and a
-``register(group)`` function; adding a topic is a new module plus one entry in ``_TOPICS``.
+Each topic module (``core``, ``vocab``, ``rerank``, ``segments`` …) defines click commands and a
+``register(group)`` function; adding a topic is a new module plus one entry in ``TOPICS``.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import sys
 import traceback
@@ -14,8 +13,9 @@ import traceback
 import click
 
 from ..errors import VPRKitError
+from . import bench, core, loops, rerank, scale, segments, serve, train, vocab
 
-_TOPICS = ("core", "vocab", "rerank", "segments", "bench", "train", "serve", "loops", "scale")
+TOPICS = (core, vocab, rerank, segments, bench, train, serve, loops, scale)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -24,8 +24,8 @@ def cli() -> None:
     """vprkit: visual place recognition — build maps of geotagged images, localise queries, evaluate."""
 
 
-for _topic in _TOPICS:
-    importlib.import_module(f"{__name__}.{_topic}").register(cli)
+for _topic in TOPICS:
+    _topic.register(cli)
 
 
 class _MessageOnly(logging.Formatter):

@@ -15,7 +15,6 @@ import itertools
 import logging
 import os
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -24,47 +23,33 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..aggregation import Aggregator, Vocabulary
-from ..aggregation.options import AggregationOptions
-from ..aggregation.vocabulary import make_aggregator
-from ..backbones import Backbone
-from ..backbones.extract import FeatureCache, extract, ignore_failures, memory_plan, sample_keys
+from ..backbones.extract import extract
 from ..config import Config
 from ..environment import recorded_environment
 from ..errors import MapError
 from ..images import ImageSource, image_source
-from ..io import atomic_write_json, clean_orphans
+from ..io import atomic_write_json
 from ..maps import (
-    EXTENSIONS_DIR,
     FAILURES_FILE,
     LOCAL_CRS,
-    MAP_FILE,
-    PENDING_DIR,
     BuildPlan,
     check_build_policies,
-    check_build_settings,
     map_write_lock,
-    MapExtension,
     MapStore,
     plan_build,
     pose_rows,
     PoseRows,
-    read_build_record,
-    read_map_info,
     update_map_index,
-    write_build_record,
     write_manifest,
 )
-from .models import features_on_cpu, load_backbone, make_extensions, on_cpu, resolve_config
-from .open import on_device
-from .vocabularies import obtain_vocabulary, record_build_vocabulary
+from .preparation import BuildModels, BuildRequest, prepare_build, start_build, store_has_poses
+from .models import on_cpu, resolve_config
 
 logger = logging.getLogger(__name__)
 
 # Images per shard: big enough that a 100k-image map is a few hundred files, small enough that an
 # interrupt loses at most a minute of work.
 SHARD_IMAGES = 128
-DEFAULT_FIT_IMAGES = 500
 
 
 def build_map(
@@ -123,101 +108,6 @@ def build_map(
         info["last_build"]["seconds"] = round(time.perf_counter() - started, 3)  # the whole build, as a user waits
         write_manifest(out, info)
     return info
-
-
-@dataclass
-class BuildRequest:
-    """What a build was asked to do: settings, images, destination, poses and policies."""
-
-    config: Config
-    source: ImageSource
-    keys: list[str]
-    out: Path
-    poses: str | os.PathLike | np.ndarray | None
-    crs: str | dict | None
-    on_change: str
-    on_duplicate: str
-    progress: bool
-    log: Callable[[str], None]
-
-
-@dataclass
-class BuildModels:
-    """The models a build encodes with: backbone, vocabulary, aggregator and fitted map extensions."""
-
-    backbone: Backbone
-    vocabulary: Vocabulary | None
-    aggregator: Aggregator
-    extensions: dict[str, MapExtension]
-    cache: FeatureCache  # features of the vocabulary pass, kept for the encoding pass
-
-
-def start_build(out: Path, config: Config) -> dict[str, Any]:
-    """Under the map's lock: remove a dead build's leftovers, check the recorded settings; the previous ``map.json``."""
-    for folder in (out, out / PENDING_DIR, out / EXTENSIONS_DIR):  # we hold the lock: leftovers are a dead build's
-        clean_orphans(folder, older_than_s=0)
-    check_build_settings(out, config)
-    return read_map_info(out) if (out / MAP_FILE).exists() else {}
-
-
-def store_has_poses(store: MapStore) -> bool:
-    return bool(len(store)) and bool(np.isfinite(store.read_poses()).all(axis=1).any())
-
-
-def prepare_build(
-    config: Config,
-    source: ImageSource,
-    keys: list[str],
-    out: Path,
-    progress: bool,
-    log: Callable[[str], None],
-    cache: FeatureCache | None = None,
-) -> BuildModels:
-    """Record the settings (``build.json``), then obtain the vocabulary and fit the map extensions.
-
-    The vocabulary is recorded before the first shard: a resumed build must encode with this very one.
-    """
-    backbone = load_backbone(config)
-    record = read_build_record(out)
-    write_build_record(
-        out, {**(record.to_dict() if record else {}), "config": config.to_dict(), "vprkit_version": __version__}
-    )
-    cache = cache if cache is not None else FeatureCache(memory_plan(config, backbone).feature_cache_bytes)
-    vocabulary = obtain_vocabulary(config, backbone, source, out, progress, log, cache)
-    if vocabulary is not None:
-        record_build_vocabulary(out, vocabulary)
-    aggregator = on_device(make_aggregator(AggregationOptions.from_config(config), backbone, vocabulary), backbone)
-    extensions = fitted_extensions(config, backbone, vocabulary, source, keys, out, progress)
-    return BuildModels(backbone, vocabulary, aggregator, extensions, cache)
-
-
-def fitted_extensions(
-    config: Config,
-    backbone: Backbone,
-    vocabulary: Vocabulary | None,
-    source: ImageSource,
-    keys: list[str],
-    out: Path,
-    progress: bool,
-) -> dict[str, MapExtension]:
-    """The map's extensions with their state: loaded when the map has it (an interrupted build's), else
-    fitted on the seeded sample of ``fit_images`` of the build's keys and saved into ``extensions/<group>.npz``.
-
-    Shared by the single-process and the Ray build, so both encode with the very same state.
-    """
-    extensions = make_extensions(config, backbone, vocabulary)
-    for ext in extensions.values():
-        if ext.needs_fit and not ext.try_load_state(out):
-            fit_keys = sample_keys(keys, int(ext.options.get("fit_images", DEFAULT_FIT_IMAGES)), config.vocabulary.seed)
-            ext.fit(
-                features_on_cpu(
-                    extract(
-                        backbone, config, source, fit_keys, progress and f"fit {ext.group}", on_failure=ignore_failures
-                    )
-                )
-            )
-            ext.save_state(out)
-    return extensions
 
 
 def _build_locked(req: BuildRequest, after_shard: Callable[[int], None] | None) -> dict[str, Any]:

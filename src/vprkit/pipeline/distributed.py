@@ -13,7 +13,7 @@ is cheap or needs one writer. :func:`build_map_ray` therefore
    (a resumed build loads it instead, as the single-process build does);
 3. runs Ray Data over the images not yet in the map (nor in shards of an interrupted build):
    ``from_items(keys)`` → images read, decoded and fingerprinted in parallel tasks →
-   ``map_batches(_Encoder)`` on a pool of ``replicas`` actors, each loading the backbone, the
+   ``map_batches(ray_workers.Encoder)`` on a pool of ``replicas`` actors, each loading the backbone, the
    aggregator and the map extensions once from the resolved :class:`~vprkit.config.Config`, the
    vocabulary and the extensions' fitted state (shipped through Ray's object store, so workers on
    other machines need no shared map folder) and encoding each image's global descriptor *and*
@@ -43,22 +43,20 @@ import os
 import pickle
 import time
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
-from ..aggregation.options import AggregationOptions
-from ..aggregation.vocabulary import make_aggregator
 from ..backbones.extract import FeatureCache
 from ..config import Config
 from ..errors import ConfigError, MapError
-from ..images import Batch, ImageSource, image_source
-from ..device import module_device
+from ..images import ImageSource, image_source
 from ..maps import (
     CHANGE_POLICIES,
     DUPLICATE_POLICIES,
+    PoseRows,
     check_build_policies,
     map_write_lock,
     MapStore,
@@ -67,106 +65,29 @@ from ..maps import (
     write_manifest,
 )
 from .ray_cluster import LOCAL, RaySession, check_resources, start_local_ray  # noqa: F401 - start_local_ray: public here too
-from .build import SHARD_IMAGES, build_map, prepare_build, start_build, store_has_poses
-from .models import load_backbone, make_extensions, on_cpu, resolve_config
-from .open import on_device
+from .build import SHARD_IMAGES, build_map
+from .ray_workers import Encoder, read_image_row
+from .preparation import BuildRequest, prepare_build, start_build, store_has_poses
+from .models import resolve_config
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CPUS_PER_REPLICA = 1.0
 PREFETCH_BATCHES = 2  # result batches Ray Data prepares ahead of the driver's shard writer
 RAY_DATA_LOGGER = "ray.data"
-# Extension payloads travel from the replicas to the driver as one pickled blob per image: Ray Data
-# would otherwise try to turn each image's dict of ragged arrays into an Arrow struct column.
-PAYLOAD_PROTOCOL = pickle.HIGHEST_PROTOCOL
-
-
-# ---- what runs on the workers --------------------------------------------------------------------
-def _read_image(row: dict[str, Any], source: ImageSource, config: Config, multiple: int) -> list[dict[str, Any]]:
-    """One image, decoded and prepared as the single-process build prepares it, with its fingerprint.
-
-    An unreadable image yields nothing: the finishing single-process pass reads it again and
-    reports it (by name, in ``failures.json``), so the Ray pass needs no failure channel.
-    """
-    key = str(row["key"])
-    try:
-        pixels, _ = source.prepare(key, config.image, multiple)
-        print_ = source.fingerprint(key)
-    except Exception:  # noqa: BLE001 - reported by the finishing pass, which reads the image again
-        return []
-    return [
-        {
-            "key": key,
-            "pixels": np.ascontiguousarray(pixels, np.uint8),
-            "sha256": print_.sha256,
-            "size": int(print_.size),
-            "mtime": float(print_.mtime),
-        }
-    ]
-
-
-class _Encoder:
-    """One model replica: the backbone, the aggregator and the map extensions, loaded once per Ray actor.
-
-    Built from the resolved :class:`Config`, the map's vocabulary and the extensions' fitted state
-    (all pickled by Ray), so an actor on any machine encodes exactly as the driver would.
-    """
-
-    def __init__(self, config: Config, vocabulary_ref: list, states_ref: list) -> None:
-        import ray
-
-        # the vocabulary and the extension states come through the object store by reference (held by the
-        # driver for the whole run), so a restarted replica can fetch them again; the lists keep Ray from
-        # resolving them early
-        vocabulary = ray.get(vocabulary_ref[0])
-        states: dict[str, dict[str, np.ndarray]] = ray.get(states_ref[0])
-        self.config = config
-        self.backbone = load_backbone(config)
-        self.device = module_device(self.backbone)
-        self.aggregator = on_device(
-            make_aggregator(AggregationOptions.from_config(config), self.backbone, vocabulary), self.backbone
-        )
-        self.extensions = make_extensions(config, self.backbone, vocabulary)
-        for group, ext in self.extensions.items():
-            if states.get(group):
-                ext.load_state(states[group])
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = list(batch["pixels"])
-        keys = [str(k) for k in batch["key"]]
-        out: list[np.ndarray | None] = [None] * len(images)
-        payloads: list[bytes] = [b""] * len(images)
-        by_shape: dict[tuple[int, ...], list[int]] = {}
-        for i, img in enumerate(images):  # resize modes that keep the aspect give images of several sizes
-            by_shape.setdefault(tuple(np.shape(img)), []).append(i)
-        for rows in by_shape.values():
-            # the same conversion as vprkit.images.iter_batches: uint8 HWC → float32 CHW in [0, 1]
-            pixels = np.stack([images[i] for i in rows]).astype(np.float32).transpose(0, 3, 1, 2) / 255.0
-            with torch.inference_mode():
-                feats = self.backbone(torch.from_numpy(pixels).to(self.device))
-                vectors = self.aggregator(feats).float().cpu().numpy()
-            for i, v in zip(rows, vectors):
-                out[i] = v
-            if self.extensions:  # the same per-image payloads, from the same features, as the single-process build
-                # extensions read pixels and features only (no geometry: it is not shipped from the readers)
-                part = Batch([keys[i] for i in rows], pixels, [None] * len(rows))
-                per_image: list[dict[str, Any]] = [{} for _ in rows]
-                for group, ext in self.extensions.items():
-                    for d, payload in zip(per_image, ext.encode(part, on_cpu(feats))):
-                        d[group] = payload
-                for i, d in zip(rows, per_image):
-                    payloads[i] = pickle.dumps(d, protocol=PAYLOAD_PROTOCOL)
-        return {
-            "key": batch["key"],
-            "vector": np.stack(out),
-            "sha256": batch["sha256"],
-            "size": batch["size"],
-            "mtime": batch["mtime"],
-            "extras": np.array(payloads, dtype=object),
-        }
 
 
 # ---- the driver ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RayPool:
+    """The model replicas a Ray build encodes with: how many, images per call, Ray resources each reserves."""
+
+    replicas: int = 1
+    batch_size: int = 1
+    cpus_per_replica: float = DEFAULT_CPUS_PER_REPLICA
+    gpus_per_replica: float = 0.0
+
+
 def build_map_ray(
     images: ImageSource | str | os.PathLike,
     out: str | os.PathLike,
@@ -198,159 +119,128 @@ def build_map_ray(
     ``last_build.distributed`` says what Ray encoded.
     """
     started = time.perf_counter()
-    if replicas < 1 or (batch_size is not None and batch_size < 1) or shard_images < 1:
-        raise ConfigError("replicas, batch_size and shard_images must be ≥ 1")
-    try:  # the finishing build's options are checked now, not after the encoding
-        inspect.signature(build_map).bind_partial(**build_options)
-    except TypeError as exc:
-        raise ConfigError(f"build_map_ray: {exc}") from None
-    check_build_policies(
-        build_options.get("on_change", CHANGE_POLICIES[0]), build_options.get("on_duplicate", DUPLICATE_POLICIES[0])
-    )
+    _check_ray_build(replicas, batch_size, shard_images, build_options)
     config = resolve_config(preset)
+    pool = RayPool(replicas, batch_size or config.batch_size, cpus_per_replica, gpus_per_replica)
     source = image_source(images, keys)
-    all_keys = list(source.keys)
-    if not all_keys:
+    if not source.keys:
         raise MapError(f"no images found in {source.describe()}")
     out = Path(out)
+    request = BuildRequest(
+        config, source, list(source.keys), out, poses, crs, CHANGE_POLICIES[0], DUPLICATE_POLICIES[0], progress, log
+    )
     with RaySession(address, log) as ray:
-        check_resources(
-            ray,
-            replicas,
-            cpus_per_replica,
-            gpus_per_replica,  # before any work: refused at once
-            fixed=address in (None, "", LOCAL),
-            log=log,
-        )
+        # before any work: refused at once
+        check_resources(ray, replicas, cpus_per_replica, gpus_per_replica, fixed=address in (None, "", LOCAL), log=log)
         with map_write_lock(out):
-            encoded, resumed, encode_s = _encode_locked(
-                ray,
-                config,
-                source,
-                all_keys,
-                out,
-                poses,
-                crs,
-                replicas,
-                batch_size or config.batch_size,
-                cpus_per_replica,
-                gpus_per_replica,
-                shard_images,
-                progress,
-                log,
-                _after_shard,
-            )
+            encoded, resumed, encode_s = _encode_locked(ray, request, pool, shard_images, _after_shard)
     # the single-process build finishes: everything encoded is in the shards, so it consolidates,
     # sets poses, indexes and writes map.json (and reads and reports the images Ray could not read)
-    info = build_map(
-        source,
-        out,
-        config,
-        poses=poses,
-        progress=progress,
-        log=log,
-        **({"crs": crs} if crs is not None else {}),
-        **build_options,
-    )
+    crs_option = {"crs": crs} if crs is not None else {}
+    info = build_map(source, out, config, poses=poses, progress=progress, log=log, **crs_option, **build_options)
     with map_write_lock(out):
-        info = _record_distributed(
-            out, info, encoded, resumed, encode_s, address, replicas, time.perf_counter() - started
-        )
+        seconds = time.perf_counter() - started
+        info = _record_distributed(out, info, encoded, resumed, encode_s, address, replicas, seconds)
     return info
 
 
+def _check_ray_build(replicas: int, batch_size: int | None, shard_images: int, build_options: dict) -> None:
+    """Refuse bad pool sizes and the finishing build's bad options now, not after the encoding."""
+    if replicas < 1 or (batch_size is not None and batch_size < 1) or shard_images < 1:
+        raise ConfigError("replicas, batch_size and shard_images must be ≥ 1")
+    try:
+        inspect.signature(build_map).bind_partial(**build_options)
+    except TypeError as exc:
+        raise ConfigError(f"build_map_ray: {exc}") from None
+    on_change = build_options.get("on_change", CHANGE_POLICIES[0])
+    check_build_policies(on_change, build_options.get("on_duplicate", DUPLICATE_POLICIES[0]))
+
+
+class _RayShardWriter:
+    """Writes the replicas' encoded batches as the usual atomic shards of ``shard_images`` images."""
+
+    def __init__(
+        self,
+        store: MapStore,
+        rows: PoseRows,
+        row_of: dict[str, int],
+        run_id: int,
+        has_extras: bool,
+        shard_images: int,
+        after_shard: Callable[[int], None] | None,
+    ) -> None:
+        self.store, self.rows, self.row_of, self.run_id = store, rows, row_of, run_id
+        self.has_extras, self.shard_images, self.after_shard = has_extras, shard_images, after_shard
+        self.pending: list[dict[str, np.ndarray]] = []
+        self.written = self.shards = 0
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        self.pending.append(batch)
+        if sum(len(p["key"]) for p in self.pending) >= self.shard_images:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        part = {name: np.concatenate([p[name] for p in self.pending]) for name in self.pending[0]}
+        ks = [str(k) for k in part["key"]]
+        at = [self.row_of[k] for k in ks]
+        entries = {
+            "content_sha256": np.array([s.encode() for s in part["sha256"]]),
+            "file_size": part["size"].astype(np.int64),
+            "file_mtime": part["mtime"].astype(np.float64),
+            "run": np.full(len(ks), self.run_id),
+        }
+        extras = [pickle.loads(blob) for blob in part["extras"]] if self.has_extras else None
+        rows = self.rows
+        self.store.write_shard(
+            ks, part["vector"], rows.xy[at], extras, entries, headings=rows.headings[at], timestamps=rows.timestamps[at]
+        )
+        self.pending = []
+        self.written += len(ks)
+        self.shards += 1
+        if self.after_shard is not None:
+            self.after_shard(self.shards)
+
+
 def _encode_locked(
-    ray,
-    config: Config,
-    source: ImageSource,
-    keys: list[str],
-    out: Path,
-    poses,
-    crs,
-    replicas: int,
-    batch_size: int,
-    cpus_per_replica: float,
-    gpus_per_replica: float,
-    shard_images: int,
-    progress: bool,
-    log: Callable[[str], None],
-    _after_shard,
+    ray, req: BuildRequest, pool: RayPool, shard_images: int, after_shard: Callable[[int], None] | None
 ) -> tuple[int, int, float]:
     """The Ray pass under the map's lock: settings, vocabulary, then shards of the images new to the map.
 
     Returns (images encoded now, images found in shards of an interrupted build, encoding seconds).
     """
-    previous = start_build(out, config)
-    run_id = next_run_id(previous.get("runs", []))  # the run the finishing build records
-    store = MapStore(out, config.store_dtype)
+    previous = start_build(req.out, req.config)
+    store = MapStore(req.out, req.config.store_dtype)
     in_store = set(store.keys())
     stored = store.entry_table(include_pending=True)
     resumed = len(set(stored) - in_store)
     # only names new to the map: changed or duplicate pictures are the finishing build's to judge
-    todo = [(i, k) for i, k in enumerate(keys) if k not in stored]
-    rows = pose_rows(poses, keys, crs, previous.get("crs"), store_has_poses(store))
-    xy, headings, stamps = rows.xy, rows.headings, rows.timestamps
+    todo = [(i, k) for i, k in enumerate(req.keys) if k not in stored]
+    rows = pose_rows(req.poses, req.keys, req.crs, previous.get("crs"), store_has_poses(store))
     # no feature cache: the encoding pass runs on the replicas
-    models = prepare_build(config, source, keys, out, progress, log, cache=FeatureCache(0))
-    vocabulary, extensions = models.vocabulary, models.extensions
-    backbone = models.backbone
+    models = prepare_build(req.config, req.source, req.keys, req.out, req.progress, req.log, cache=FeatureCache(0))
     if not todo:
         return 0, resumed, 0.0
-    multiple = backbone.size_multiple
-    del backbone  # the replicas hold their own
-
+    multiple = models.backbone.size_multiple  # the replicas hold their own backbone
+    run_id = next_run_id(previous.get("runs", []))  # the run the finishing build records
+    writer = _RayShardWriter(
+        store, rows, {k: i for i, k in todo}, run_id, bool(models.extensions), shard_images, after_shard
+    )
     t0 = time.perf_counter()
-    row_of = {k: i for i, k in todo}
-    written = shards = 0
-    pending: list[dict[str, np.ndarray]] = []
-
-    def flush() -> None:
-        nonlocal pending, written, shards
-        if not pending:
-            return
-        part = {name: np.concatenate([p[name] for p in pending]) for name in pending[0]}
-        ks = [str(k) for k in part["key"]]
-        at = [row_of[k] for k in ks]
-        entries = {
-            "content_sha256": np.array([s.encode() for s in part["sha256"]]),
-            "file_size": part["size"].astype(np.int64),
-            "file_mtime": part["mtime"].astype(np.float64),
-            "run": np.full(len(ks), run_id),
-        }
-        extras = [pickle.loads(blob) for blob in part["extras"]] if extensions else None
-        store.write_shard(ks, part["vector"], xy[at], extras, entries, headings=headings[at], timestamps=stamps[at])
-        pending = []
-        written += len(ks)
-        shards += 1
-        if _after_shard is not None:
-            _after_shard(shards)
-
-    bar = tqdm(total=len(todo), desc="map (ray)", unit="img", disable=not progress, leave=False)
+    bar = tqdm(total=len(todo), desc="map (ray)", unit="img", disable=not req.progress, leave=False)
     try:
-        states = {group: ext.state() for group, ext in extensions.items()}
-        for batch in _encoded_batches(
-            ray,
-            source,
-            config,
-            vocabulary,
-            states,
-            [k for _, k in todo],
-            multiple,
-            replicas,
-            batch_size,
-            cpus_per_replica,
-            gpus_per_replica,
-        ):
-            pending.append(batch)
+        states = {group: ext.state() for group, ext in models.extensions.items()}
+        keys = [k for _, k in todo]
+        for batch in _encoded_batches(ray, req.source, req.config, models.vocabulary, states, keys, multiple, pool):
+            writer.add(batch)
             bar.update(len(batch["key"]))
-            if sum(len(p["key"]) for p in pending) >= shard_images:
-                flush()
-        flush()
+        writer.flush()
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
-    log(f"Ray encoded {written} image(s) with {replicas} replica(s) in {seconds:.1f} s")
-    return written, resumed, seconds
+    req.log(f"Ray encoded {writer.written} image(s) with {pool.replicas} replica(s) in {seconds:.1f} s")
+    return writer.written, resumed, seconds
 
 
 def _encoded_batches(
@@ -361,10 +251,7 @@ def _encoded_batches(
     states: dict[str, dict[str, np.ndarray]],
     keys: list[str],
     multiple: int,
-    replicas: int,
-    batch_size: int,
-    cpus_per_replica: float,
-    gpus_per_replica: float,
+    pool: RayPool,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data: keys → images read in parallel tasks → descriptors and extension payloads from the replica pool,
     in key order."""
@@ -377,16 +264,16 @@ def _encoded_batches(
     data_log.setLevel(logging.ERROR)
     try:
         ds = ray.data.from_items([{"key": k} for k in keys])
-        ds = ds.flat_map(_read_image, fn_kwargs={"source": source, "config": config, "multiple": multiple})
+        ds = ds.flat_map(read_image_row, fn_kwargs={"source": source, "config": config, "multiple": multiple})
         vocabulary_ref, states_ref = ray.put(vocabulary), ray.put(states)
         ds = ds.map_batches(
-            _Encoder,
+            Encoder,
             fn_constructor_kwargs={"config": config, "vocabulary_ref": [vocabulary_ref], "states_ref": [states_ref]},
-            batch_size=batch_size,
+            batch_size=pool.batch_size,
             batch_format="numpy",
-            num_cpus=cpus_per_replica,
-            num_gpus=gpus_per_replica or None,
-            compute=ray.data.ActorPoolStrategy(size=replicas),
+            num_cpus=pool.cpus_per_replica,
+            num_gpus=pool.gpus_per_replica or None,
+            compute=ray.data.ActorPoolStrategy(size=pool.replicas),
         )
         yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=PREFETCH_BATCHES)
     finally:  # the caller's own datasets keep the settings they had

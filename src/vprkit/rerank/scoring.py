@@ -205,6 +205,20 @@ MOTION_FITS = {"similarity": _fit_similarity, "affine": _fit_affine}
 MOTION_SAMPLE_SIZE = {"similarity": 2, "affine": 3}
 
 
+def _padded_centres(
+    query: PatchSet, candidates: Sequence[PatchSet], matches: Sequence[Matches], rows: np.ndarray, n_np: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Matched patch centres of the pairs ``rows``, padded to the widest pair: candidate (x, y) and query (x, y)."""
+    width = int(n_np.max())
+    row_of = np.repeat(np.arange(len(rows)), n_np)
+    slot = np.arange(len(row_of)) - np.repeat(np.cumsum(n_np) - n_np, n_np)
+    src = np.zeros((len(rows), width, 2))
+    dst = np.zeros((len(rows), width, 2))
+    src[row_of, slot] = np.concatenate([candidates[c].centres[np.asarray(matches[c].candidate)] for c in rows])
+    dst[row_of, slot] = query.centres[np.concatenate([np.asarray(matches[c].query) for c in rows])]
+    return torch.from_numpy(src), torch.from_numpy(dst)
+
+
 def motion_scores(
     query: PatchSet,
     candidates: Sequence[PatchSet],
@@ -259,14 +273,7 @@ def motion_scores(
         n_np = lengths[rows]
         width = int(n_np.max())
         n = torch.from_numpy(n_np)
-        # matched centres, padded to the widest pair: src = candidate (x, y), dst = query (x, y)
-        row_of = np.repeat(np.arange(len(rows)), n_np)
-        slot = np.arange(len(row_of)) - np.repeat(np.cumsum(n_np) - n_np, n_np)
-        src = np.zeros((len(rows), width, 2))
-        dst = np.zeros((len(rows), width, 2))
-        src[row_of, slot] = np.concatenate([candidates[c].centres[np.asarray(matches[c].candidate)] for c in rows])
-        dst[row_of, slot] = query.centres[np.concatenate([np.asarray(matches[c].query) for c in rows])]
-        src_t, dst_t = torch.from_numpy(src), torch.from_numpy(dst)
+        src_t, dst_t = _padded_centres(query, candidates, matches, rows, n_np)
         valid = torch.arange(width)[None, :] < n[:, None]  # rows × width
         picks = _distinct_samples(draws, n)  # one rows × hypotheses index tensor per sample point
         gather = lambda t, k: torch.gather(t, 1, k[:, :, None].expand(-1, -1, 2))  # noqa: E731

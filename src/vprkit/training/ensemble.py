@@ -123,6 +123,17 @@ def member_recipe(recipe: Mapping[str, Any], i: int) -> dict[str, Any]:
     return r
 
 
+def _ensemble_config(recipe: Mapping[str, Any], name: str, first, saved: dict, n: int, dim: int, seed: int):
+    """The ensemble's preset: the first member's settings with the ``ensemble`` aggregator over all members."""
+    description = recipe.get("description") or (
+        f"ensemble of {n} trained {first.aggregator_options.get('head')} heads on {first.backbone} "
+        f"({dim}-d, seeds from {seed}), from `vprkit train`"
+    )
+    return first.replace(
+        name=name, aggregator="ensemble", aggregator_options={"members": saved}, description=description
+    )
+
+
 def run_ensemble(
     recipe: Mapping[str, Any], resume: bool = True, progress: bool = True, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
@@ -168,17 +179,8 @@ def run_ensemble(
         k: {"aggregator": v["aggregator"], "options": {o: x for o, x in v["options"].items() if o != "state"}}
         for k, v in specs.items()
     }
-    first = configs[0]
     name = recipe.get("name") or out.name
-    config = first.replace(
-        name=name,
-        aggregator="ensemble",
-        aggregator_options={"members": saved},
-        description=recipe.get("description")
-        or f"ensemble of {n} trained {first.aggregator_options.get('head')} "
-        f"heads on {first.backbone} ({ensemble.dim}-d, seeds from {seed}), "
-        f"from `vprkit train`",
-    )
+    config = _ensemble_config(recipe, name, configs[0], saved, n, int(ensemble.dim), seed)
     info = {
         "validation": {k: v for k, v in record.items() if k.startswith("R@")},
         "epoch": record["epoch"],
@@ -197,8 +199,7 @@ def run_ensemble(
         extra["trained_checkpoint"] = str(checkpoint)
         checkpoint, head_dim = post_train(prepared, checkpoint, post)
     seconds = sum(float(s["train_seconds"]) for s in members) + (time.perf_counter() - t1)
-    shown = "  ".join(f"{k} {v:.3f}" for k, v in record.items() if isinstance(v, float))
-    log(f"ensemble of {n}: {shown}")
+    log(f"ensemble of {n}: " + "  ".join(f"{k} {v:.3f}" for k, v in record.items() if isinstance(v, float)))
     summary = {
         "name": name,
         "checkpoint": str(checkpoint),

@@ -231,6 +231,37 @@ def refit_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
     return r
 
 
+def _write_refit(
+    out: Path,
+    config,
+    prepared,
+    trainer: Trainer,
+    settings: TrainSettings,
+    picked: Mapping[str, Any],
+    union: Mapping[str, Any],
+    epochs: int,
+) -> Path:
+    """``refit.ckpt`` (a preset) with the refitted head (and unfrozen backbone blocks) and what the refit was."""
+    if prepared.extra_parameters:
+        weights = _save_backbone(prepared, out, "refit.backbone.pth")
+        config = config.replace(backbone_options={**config.backbone_options, "weights": weights})
+    torch.save(trainer.head.state_dict(), out / "refit.head.pt")
+    info = {
+        "refit": {
+            "epochs": epochs,
+            "schedule_epochs": settings.epochs,
+            "picked_on_validation": {k: v for k, v in picked.items() if k.startswith("R@")},
+            "frames": union["data"].get("frames"),
+        },
+        "epoch": epochs,
+        "step": trainer.step,
+        "head_dim": int(trainer.head.dim),
+        "settings": settings.to_dict(),
+        "train": prepared.info,
+    }
+    return write_checkpoint(out / "refit.ckpt", config, out / "refit.head.pt", info)
+
+
 def refit_run(
     recipe: Mapping[str, Any],
     epochs: int,
@@ -290,25 +321,7 @@ def refit_run(
             f"the refit ran {len(trainer.history)} epochs instead of {epochs} "
             f"({out / 'refit.last.pt'} is from another run: delete it)"
         )
-    if prepared.extra_parameters:
-        config = config.replace(
-            backbone_options={**config.backbone_options, "weights": _save_backbone(prepared, out, "refit.backbone.pth")}
-        )
-    torch.save(trainer.head.state_dict(), out / "refit.head.pt")
-    info = {
-        "refit": {
-            "epochs": epochs,
-            "schedule_epochs": settings.epochs,
-            "picked_on_validation": {k: v for k, v in picked.items() if k.startswith("R@")},
-            "frames": union["data"].get("frames"),
-        },
-        "epoch": epochs,
-        "step": trainer.step,
-        "head_dim": int(trainer.head.dim),
-        "settings": settings.to_dict(),
-        "train": prepared.info,
-    }
-    checkpoint = write_checkpoint(out / "refit.ckpt", config, out / "refit.head.pt", info)
+    checkpoint = _write_refit(out, config, prepared, trainer, settings, picked, union, epochs)
     return {
         "checkpoint": str(checkpoint),
         "picked_epoch": epochs,
