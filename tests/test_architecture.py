@@ -25,128 +25,48 @@ def _unit(module: str) -> str | None:
     return parts[1] if len(parts) > 1 and parts[0] == "vprkit" else None
 
 
-def import_edges(src: Path = SRC) -> dict[tuple[str, str], str]:
-    """(importing unit, imported unit) → first place it happens (``file:line``)."""
-    edges: dict[tuple[str, str], str] = {}
-    for path in sorted(src.rglob("*.py")):
-        rel = path.relative_to(src.parent).with_suffix("")
-        is_init = rel.name == "__init__"
-        module = ".".join(rel.parts[:-1] if is_init else rel.parts)
-        me = _unit(module)
-        if me is None:
-            continue
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    package = module.split(".")[: len(module.split(".")) - node.level + (1 if is_init else 0)]
-                    base = ".".join(package + ([node.module] if node.module else []))
-                else:
-                    base = node.module or ""
-                targets = [base] + [f"{base}.{a.name}" for a in node.names]
-            else:
-                continue
-            for target in targets:
-                unit = _unit(target)
-                if unit and unit != me:
-                    edges.setdefault((me, unit), f"{path.relative_to(src.parent)}:{node.lineno}")
-    return edges
-
-
-def _cycles(edges) -> list[list[str]]:
-    graph = defaultdict(set)
-    for a, b in edges:
-        if a not in TOP_FLOORS and b not in TOP_FLOORS:
-            graph[a].add(b)
-    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
-
-    def visit(v):
-        index[v] = low[v] = counter[0]
-        counter[0] += 1
-        stack.append(v)
-        on.add(v)
-        for w in graph[v]:
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in on:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            comp = []
-            while True:
-                w = stack.pop()
-                on.discard(w)
-                comp.append(w)
-                if w == v:
-                    break
-            if len(comp) > 1:
-                out.append(sorted(comp))
-
-    for v in list(graph):
-        if v not in index:
-            visit(v)
-    return out
-
-
-def test_no_stage_imports_the_composer_or_a_face():
-    upward = {
-        f"{a} imports {b} ({where})"
-        for (a, b), where in import_edges().items()
-        if b in TOP_FLOORS and a not in TOP_FLOORS
-    }
-    assert not upward, sorted(upward)
-
-
-def test_top_level_packages_form_no_import_cycle():
-    assert _cycles(import_edges()) == []
-
-
-def test_the_checker_sees_function_local_and_relative_imports(tmp_path):
-    pkg = tmp_path / "vprkit"
-    (pkg / "rerank").mkdir(parents=True)
-    (pkg / "__init__.py").write_text("")
-    (pkg / "rerank" / "__init__.py").write_text("")
-    (pkg / "rerank" / "x.py").write_text("def f():\n    from ..pipeline import Map\n    from .. import retrieval\n")
-    (pkg / "retrieval.py").write_text("from .rerank import x\n")
-    edges = import_edges(pkg)
-    assert ("rerank", "pipeline") in edges and ("rerank", "retrieval") in edges and ("retrieval", "rerank") in edges
-    assert _cycles(edges) == [["rerank", "retrieval"]]
-
-
-# ---- modules: no cycle inside a package either -----------------------------------------------------
 def _module_name(path: Path, src: Path) -> str:
     rel = path.relative_to(src.parent).with_suffix("")
     return ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
 
 
-def module_edges(src: Path = SRC) -> dict[tuple[str, str], str]:
-    """(importing module, imported module) → first place (``file:line``), between modules of ``src``.
+def _imports(src: Path):
+    """Every import of every module under ``src``: (module, path, node, base module, imported names, in a function).
 
-    ``from package import name`` counts as an import of ``package.name`` when that is a module, else of
-    ``package`` (its ``__init__``); function-local imports count too.
+    Relative imports are made absolute; ``base`` is the module imported from (``from base import names``),
+    or the module imported itself (``import base``, names empty).
     """
-    files = {_module_name(p, src): p for p in sorted(src.rglob("*.py"))}
-    edges: dict[tuple[str, str], str] = {}
-    for module, path in files.items():
+    for path in sorted(src.rglob("*.py")):
+        module = _module_name(path, src)
         is_init = path.name == "__init__.py"
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        tree = ast.parse(path.read_text(), str(path))
+        functions = [f for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))]
+        local = {id(n) for f in functions for n in ast.walk(f)}
+        for node in ast.walk(tree):
             if isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
+                for alias in node.names:
+                    yield module, path, node, alias.name, [], id(node) in local
             elif isinstance(node, ast.ImportFrom):
                 parts = module.split(".")
                 package = parts[: len(parts) - node.level + (1 if is_init else 0)] if node.level else []
-                base = ".".join(package + ([node.module] if node.module else [])) if node.level else (node.module or "")
-                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names]
-            else:
-                continue
-            for target in targets:
-                if target in files and target != module:
-                    edges.setdefault((module, target), f"{path.relative_to(src.parent)}:{node.lineno}")
+                base = ".".join(package + ([node.module] if node.module else [])) if node.level else node.module or ""
+                yield module, path, node, base, [a.name for a in node.names], id(node) in local
+
+
+def import_edges(src: Path = SRC) -> dict[tuple[str, str], str]:
+    """(importing unit, imported unit) → first place it happens (``file:line``)."""
+    edges: dict[tuple[str, str], str] = {}
+    for module, path, node, base, names, _ in _imports(src):
+        me = _unit(module)
+        for target in [base] + [f"{base}.{n}" for n in names]:
+            unit = _unit(target)
+            if me and unit and unit != me:
+                edges.setdefault((me, unit), f"{path.relative_to(src.parent)}:{node.lineno}")
     return edges
 
 
 def _strongly_connected(edges) -> list[list[str]]:
+    """The cycles of a directed graph given as (from, to) pairs: its strongly connected components of 2+ nodes."""
     graph = defaultdict(set)
     for a, b in edges:
         graph[a].add(b)
@@ -178,6 +98,53 @@ def _strongly_connected(edges) -> list[list[str]]:
         if v not in index:
             visit(v)
     return out
+
+
+def _cycles(edges) -> list[list[str]]:
+    """Cycles between the stage and ground units (the composer and faces may import anything)."""
+    return _strongly_connected([(a, b) for a, b in edges if a not in TOP_FLOORS and b not in TOP_FLOORS])
+
+
+def test_no_stage_imports_the_composer_or_a_face():
+    upward = {
+        f"{a} imports {b} ({where})"
+        for (a, b), where in import_edges().items()
+        if b in TOP_FLOORS and a not in TOP_FLOORS
+    }
+    assert not upward, sorted(upward)
+
+
+def test_top_level_packages_form_no_import_cycle():
+    assert _cycles(import_edges()) == []
+
+
+def test_the_checker_sees_function_local_and_relative_imports(tmp_path):
+    pkg = tmp_path / "vprkit"
+    (pkg / "rerank").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "rerank" / "__init__.py").write_text("")
+    (pkg / "rerank" / "x.py").write_text("def f():\n    from ..pipeline import Map\n    from .. import retrieval\n")
+    (pkg / "retrieval.py").write_text("from .rerank import x\n")
+    edges = import_edges(pkg)
+    assert ("rerank", "pipeline") in edges and ("rerank", "retrieval") in edges and ("retrieval", "rerank") in edges
+    assert _cycles(edges) == [["rerank", "retrieval"]]
+
+
+# ---- modules: no cycle inside a package either -----------------------------------------------------
+def module_edges(src: Path = SRC) -> dict[tuple[str, str], str]:
+    """(importing module, imported module) → first place (``file:line``), between modules of ``src``.
+
+    ``from package import name`` counts as an import of ``package.name`` when that is a module, else of
+    ``package`` (its ``__init__``); function-local imports count too.
+    """
+    files = {_module_name(p, src) for p in src.rglob("*.py")}
+    edges: dict[tuple[str, str], str] = {}
+    for module, path, node, base, names, _ in _imports(src):
+        targets = [f"{base}.{n}" if f"{base}.{n}" in files else base for n in names] or [base]
+        for target in targets:
+            if target in files and target != module:
+                edges.setdefault((module, target), f"{path.relative_to(src.parent)}:{node.lineno}")
+    return edges
 
 
 def test_no_module_level_import_cycle_anywhere():
@@ -241,27 +208,10 @@ LAZY_VPRKIT = {
 
 def function_local_imports(src: Path = SRC) -> list[tuple[str, str, int]]:
     """(file relative to the package, imported module, line) of every import inside a function."""
-    found = []
-    for path in sorted(src.rglob("*.py")):
-        module = _module_name(path, src)
-        is_init = path.name == "__init__.py"
-        for fn in ast.walk(ast.parse(path.read_text(), str(path))):
-            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                continue
-            for node in ast.walk(fn):
-                if isinstance(node, ast.Import):
-                    names = [a.name for a in node.names]
-                elif isinstance(node, ast.ImportFrom):
-                    parts = module.split(".")
-                    package = parts[: len(parts) - node.level + (1 if is_init else 0)] if node.level else []
-                    names = [
-                        ".".join(package + ([node.module] if node.module else [])) if node.level else node.module or ""
-                    ]
-                else:
-                    continue
-                rel = str(path.relative_to(src))
-                found += [(rel, name, node.lineno) for name in names]
-    return sorted(set(found))
+    found = {
+        (str(path.relative_to(src)), base, node.lineno) for _, path, node, base, _, local in _imports(src) if local
+    }
+    return sorted(found)
 
 
 def test_imports_are_at_module_top_except_the_listed_lazy_ones():
@@ -298,3 +248,13 @@ def test_no_function_is_longer_than_80_lines():
 def test_no_composer_module_is_longer_than_400_lines():
     long = {p.name: n for p in (SRC / "pipeline").glob("*.py") if (n := len(p.read_text().splitlines())) > 400}
     assert not long, long
+
+
+def test_the_checkers_see_a_function_local_import_and_a_long_function(tmp_path):
+    pkg = tmp_path / "vprkit"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    (pkg / "long.py").write_text(f"import os\n\n\ndef f():\n    import numpy\n    from . import other\n{body}\n")
+    assert function_local_imports(pkg) == [("long.py", "numpy", 5), ("long.py", "vprkit", 6)]
+    assert long_functions(pkg) == {"long.py:f": MAX_FUNCTION_LINES + 3}
