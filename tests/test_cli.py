@@ -116,3 +116,22 @@ def test_image_size_option_overrides_the_preset_size(tmp_path, image_folder):
             cli, ["map", "build", str(image_folder), "--out", str(tmp_path / "m2"), "--image-size", bad]
         )
         assert r.exit_code == 2 and "--image-size" in r.output
+
+
+def test_library_logs_follow_the_current_stderr(monkeypatch):
+    """A command run in-process may replace stderr (click's runner, a notebook): the CLI's log handler writes to
+    the stderr of the moment, never to a stream closed since it was set up."""
+    import io
+    import logging
+    import sys
+
+    from vprkit.cli import show_library_logs
+
+    show_library_logs()
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    logging.getLogger("vprkit.test").info("to the first")
+    first.close()
+    monkeypatch.setattr(sys, "stderr", second)
+    logging.getLogger("vprkit.test").info("to the second")
+    assert second.getvalue() == "to the second\n"

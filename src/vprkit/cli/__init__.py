@@ -36,9 +36,25 @@ class _MessageOnly(logging.Formatter):
         return msg if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {msg}"
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a message is logged, not to the stream of the moment it was made:
+    a command run in-process (a notebook, click's test runner) may replace stderr and close the old one."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:  # StreamHandler assigns it; the current sys.stderr is always used
+        pass
+
+
 def show_library_logs(level: int = logging.INFO) -> None:
     """The library logs through ``logging``; the CLI shows its messages on stderr (stdout stays for results)."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _CurrentStderr()
     handler.setFormatter(_MessageOnly())
     root = logging.getLogger("vprkit")
     root.handlers[:] = [handler]

@@ -14,7 +14,7 @@ from ..environment import describe as describe_environment
 from ..options import describe as describe_options
 from ..pipeline import distributed
 from ..pipeline.sequences import DEFAULT_STREAM_BATCH, FILE_STREAM_BATCH, localize_stream
-from ..presets import DEFAULT_PRESET, get_rerank_config, list_presets, list_rerank_configs, resolve
+from ..presets import DEFAULT_PRESET, list_presets, list_rerank_configs, resolve
 from ..streams import CameraFrames, FolderFrames, VideoFrames
 
 # Shared by `map build`, `eval` and `vocab build`: the one RAM setting (Config.memory_budget_mb).
@@ -418,8 +418,6 @@ def localize(
         raise click.UsageError("--sequence-length and --jsonl apply to streams (--video, --camera, --frames)")
     if trajectory != "line" and sequence_length is None:
         raise click.UsageError("--trajectory needs --sequence-length")
-    if rerank not in (None, pipeline.RERANK_OFF):
-        get_rerank_config(rerank)  # an unknown name fails before the map is opened
     extra = {} if device is None else {"device": check_device(device)}
     if streams:
         _localize_stream(

@@ -80,9 +80,9 @@ def prepare_cmd(map_dir: Path, rerank: str) -> None:
     Afterwards `localize --rerank NAME` reads them as from a map built with --rerank NAME. A map
     that already stores them is left as it is.
     """
-    get_rerank_config(rerank)  # an unknown name fails before the map is opened
+    settings = get_rerank_config(rerank)  # an unknown name fails before the map is opened
     m = pipeline.open_map(map_dir, read_only=True)
-    reranker = pipeline.get_reranker(m, rerank)
+    reranker = pipeline.get_reranker(m, settings)
     try:
         computed = reranker.prepare(progress=True)
     finally:

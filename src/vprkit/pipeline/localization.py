@@ -62,6 +62,14 @@ def rerank_settings(config: Config, rerank: RerankChoice) -> RerankConfig | None
     return get_rerank_config(rerank)
 
 
+def checked_choice(rerank: RerankChoice | Any) -> RerankChoice | Any:
+    """A call's re-ranking choice with any preset name looked up now (an unknown name fails before a map is
+    opened): None (the map's own) and a re-ranker stay as they are, off becomes :data:`RERANK_OFF`."""
+    if rerank is None or (hasattr(rerank, "rerank") and hasattr(rerank, "shortlist")):
+        return rerank
+    return rerank_settings(Config(), rerank) or RERANK_OFF
+
+
 @dataclass
 class Match:
     """One ranked map image. ``score`` ranks (its meaning is ``score_kind``: ``cosine`` for global retrieval,
@@ -208,6 +216,7 @@ def localize(
     """
     if unreadable not in ("raise", "report"):
         raise ConfigError(f"unreadable must be 'raise' or 'report', got {unreadable!r}")
+    rerank = checked_choice(rerank)
     m = map if isinstance(map, Map) else open_map(map, read_only=True, device=device)
     source = query_source(queries, check_files=unreadable == "raise")
     reranker = get_reranker(m, rerank)

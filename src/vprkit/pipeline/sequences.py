@@ -37,7 +37,7 @@ from ..retrieval.sequence import (
     top_k as sequence_top_k,
 )
 from .build import build_map
-from .localization import RERANK_OFF, QueryResult, localize, make_match, query_batches
+from .localization import RERANK_OFF, QueryResult, checked_choice, localize, make_match, query_batches
 from .open import Map, open_map
 
 logger = logging.getLogger(__name__)
@@ -264,7 +264,8 @@ def localize_stream(
     settings = sequence_settings(sequence_length, sequence)
     if settings is not None and settings.length == 1:
         settings = None
-    if settings is not None and rerank not in (None, False, RERANK_OFF):
+    rerank = checked_choice(rerank)
+    if settings is not None and rerank not in (None, RERANK_OFF):
         raise ConfigError("re-ranking and sequence matching are not combined; choose one")
     if batch_frames < 1:
         raise ConfigError(f"batch_frames must be ≥ 1, got {batch_frames}")
