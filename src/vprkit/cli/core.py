@@ -53,6 +53,16 @@ image_size_option = click.option(
 )
 
 
+# Shared by `localize` and `loops`: the shape of a sequence's trajectory (with --sequence-length).
+trajectory_option = click.option(
+    "--trajectory",
+    type=click.Choice(["line", "flexible"]),
+    default="line",
+    show_default=True,
+    help="With --sequence-length: straight lines (steady speed) or paths whose speed may change every frame.",
+)
+
+
 # Shared by `map build`, `localize` and `eval`: where the networks run (Config.device).
 device_option = click.option(
     "--device",
@@ -369,13 +379,7 @@ def map_set_pose(map_dir: Path, poses: Path) -> None:
     metavar="L",
     help="Streams: score each frame with the L−1 frames before it (sequence matching; map in route order).",
 )
-@click.option(
-    "--trajectory",
-    type=click.Choice(["line", "flexible"]),
-    default="line",
-    show_default=True,
-    help="With --sequence-length: straight lines (steady speed) or paths whose speed may change every frame.",
-)
+@trajectory_option
 @click.option(
     "--jsonl",
     "jsonl",

@@ -9,7 +9,7 @@ import click
 
 from ..pipeline.sequences import detect_loops
 from ..presets import DEFAULT_PRESET, resolve
-from .core import device_option, image_size_option, memory_budget_option
+from .core import device_option, image_size_option, memory_budget_option, trajectory_option
 
 # Candidates shown on the terminal (all of them go to loops.csv with --out).
 SHOWN_CANDIDATES = 10
@@ -34,13 +34,7 @@ SHOWN_CANDIDATES = 10
     metavar="L",
     help="Score candidates as sequences of L frames (SeqSLAM-style); default: single frames.",
 )
-@click.option(
-    "--trajectory",
-    type=click.Choice(["line", "flexible"]),
-    default="line",
-    show_default=True,
-    help="With --sequence-length: straight lines (steady speed) or paths whose speed may change every frame.",
-)
+@trajectory_option
 @click.option(
     "--contrast-window",
     "contrast_window",

@@ -53,8 +53,11 @@ RerankChoice = str | RerankConfig | bool | None
 def rerank_settings(config: Config, rerank: RerankChoice) -> RerankConfig | None:
     """The re-ranking a call applies: ``None`` → the one the map was built for (``config.rerank``, maybe none);
     ``"none"`` or ``False`` → none; a preset name → that preset; a :class:`RerankConfig` (named or not) → itself."""
-    if rerank is None:
-        return config.rerank
+    return config.rerank if rerank is None else _explicit_settings(rerank)
+
+
+def _explicit_settings(rerank: RerankChoice) -> RerankConfig | None:
+    """What an explicit choice (not None) asks for: None when it switches re-ranking off."""
     if rerank is False or (isinstance(rerank, str) and rerank.lower() in (RERANK_OFF, "")):
         return None
     if rerank is True:
@@ -65,9 +68,14 @@ def rerank_settings(config: Config, rerank: RerankChoice) -> RerankConfig | None
 def checked_choice(rerank: RerankChoice | Any) -> RerankChoice | Any:
     """A call's re-ranking choice with any preset name looked up now (an unknown name fails before a map is
     opened): None (the map's own) and a re-ranker stay as they are, off becomes :data:`RERANK_OFF`."""
-    if rerank is None or (hasattr(rerank, "rerank") and hasattr(rerank, "shortlist")):
+    if rerank is None or _is_reranker(rerank):
         return rerank
-    return rerank_settings(Config(), rerank) or RERANK_OFF
+    return _explicit_settings(rerank) or RERANK_OFF
+
+
+def _is_reranker(value: Any) -> bool:
+    """A re-ranker already built (a service keeps one per setting), not a choice to resolve."""
+    return hasattr(value, "rerank") and hasattr(value, "shortlist")
 
 
 @dataclass
@@ -152,7 +160,7 @@ def get_reranker(map: Map, rerank: RerankChoice | Any, log: Callable[[str], None
     open, so readers sharing the map never refit; ``save=False`` writes nothing, see
     :mod:`vprkit.rerank.saved`). A re-ranker already built (kept by a service) is returned as is.
     """
-    if hasattr(rerank, "rerank") and hasattr(rerank, "shortlist"):
+    if _is_reranker(rerank):
         return rerank
     settings = rerank_settings(map.config, rerank)
     if settings is None:
