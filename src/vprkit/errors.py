@@ -27,3 +27,19 @@ class DatasetError(VPRKitError):
 
 class MapError(VPRKitError):
     """A map directory is missing, incomplete or inconsistent."""
+
+
+class MapDamagedError(MapError):
+    """A map's file is damaged or does not belong to it (another map's, another preset's, edited by hand)."""
+
+
+class StorageFullError(MapError):
+    """A write ran out of disk space (or quota): nothing of it was kept."""
+
+
+class ReadOnlyMapError(MapError):
+    """The map (or a folder it writes to) cannot be written: it is served or opened read-only."""
+
+
+class StateNotPreparedError(MapError):
+    """Work that needs saved state the map does not have (e.g. re-ranking patches): prepare it first."""
