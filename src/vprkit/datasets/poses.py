@@ -28,7 +28,9 @@ and line):
   extra fields). Numbers use a decimal point (``12.5``; exponent allowed; no ``12,5``, no
   thousands separators, no ``nan``/``inf``). Positions are required; ``heading``/``timestamp`` may
   be empty (NaN). ``lat`` must lie in −80…84 (UTM's range) and ``lon`` in −180…180, all points
-  within 9° of longitude of the first row's zone.
+  within 9° of longitude of the first row's zone. Easting/northing lie within ±100,000 km (local
+  metres) or a UTM frame's range, timestamps within 1900-01-01 … 2100-01-01: the ranges of
+  :mod:`vprkit.datasets.pose_values`, whose message names the line, the field, the value and the range.
 - ``image`` is the path relative to the image folder, ``/`` or ``\\`` separated (a leading ``./``
   is dropped); each image appears once.
 
@@ -52,6 +54,16 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import DatasetError
+from .pose_values import (
+    UTM_MAX_LAT,
+    UTM_MIN_LAT,
+    check_latlon,
+    check_positions,
+    check_timestamp,
+    check_timestamps,
+    check_utm_zone,
+    normalise_heading,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +74,8 @@ UTM_K0 = 0.9996  # scale on the central meridian
 UTM_FALSE_EASTING = 500_000.0
 UTM_FALSE_NORTHING_SOUTH = 10_000_000.0
 UTM_ZONE_WIDTH_DEG = 6.0
-UTM_MAX_LAT = 84.0  # UTM is defined up to 84°N / 80°S; beyond it the error is still small but
-UTM_MIN_LAT = -80.0  # the zones are not standard (UPS is used there), so we refuse.
+# UTM_MIN_LAT / UTM_MAX_LAT (80°S … 84°N; UPS beyond, which is refused) and every other valid range of a pose
+# value are defined once, in :mod:`vprkit.datasets.pose_values`.
 
 # Points further than this from the chosen zone's central meridian make the projection's scale
 # error grow past ~0.1 % (≈ 2.5 cm per 25 m): fine for one neighbouring zone (3° + 6° = 9°), not for
@@ -186,6 +198,7 @@ def latlon_to_utm(
         )
     if zone is None:
         zone = utm_zone(float(lat[0]), float(lon[0]))
+    zone = check_utm_zone(zone)[0]
     if northern is None:
         northern = bool(lat[0] >= 0.0)
     far = _far_from_central_meridian(lon, zone)
@@ -236,6 +249,7 @@ def utm_to_latlon(xy: np.ndarray, zone: int, northern: bool = True) -> tuple[np.
     """WGS84 (lat, lon) degrees of UTM ``xy`` (n×2 easting, northing) in ``zone`` — the inverse of
     :func:`latlon_to_utm` (Krüger's inverse series, Karney 2011), exact to well under a micro-degree
     within the extended zone."""
+    zone = check_utm_zone(zone)[0]
     xy = np.asarray(xy, np.float64).reshape(-1, 2)
     xi = (xy[:, 1] - (0.0 if northern else UTM_FALSE_NORTHING_SOUTH)) / (UTM_K0 * _RECTIFYING_RADIUS)
     eta = (xy[:, 0] - UTM_FALSE_EASTING) / (UTM_K0 * _RECTIFYING_RADIUS)
@@ -263,7 +277,8 @@ EPSG_UTM_SOUTH = 32700
 
 
 def utm_crs(zone: int, northern: bool) -> dict:
-    """The ``map.json`` record of a UTM frame: ``{"kind": "utm", "zone", "hemisphere", "epsg"}``."""
+    """The ``map.json`` record of a UTM frame: ``{"kind": "utm", "zone", "hemisphere", "epsg"}`` (zones 1 … 60)."""
+    zone = check_utm_zone(zone)[0]
     return {
         "kind": "utm",
         "zone": int(zone),
@@ -285,13 +300,16 @@ def project_pose(
     ``pose`` is ``(easting, northing)`` or a dict with ``easting``/``northing`` (metres in the map's
     frame) or ``lat``/``lon`` (WGS84, projected into the map's UTM zone; for a map without a UTM frame
     into the point's own zone — only when ``allow_local_latlon``, i.e. the map has no poses yet),
-    plus optional ``heading`` (degrees) and ``timestamp`` (epoch seconds or ISO-8601). Values not
-    given are None (leave as they are). ``frame`` is the CRS the position is in. Bad input is one
-    :class:`DatasetError`.
+    plus optional ``heading`` (degrees, returned in [0, 360)) and ``timestamp`` (epoch seconds or ISO-8601).
+    Values not given are None (leave as they are). ``frame`` is the CRS the position is in. Bad input is one
+    :class:`DatasetError`; a value outside its range (:mod:`vprkit.datasets.pose_values`) names the field.
     """
-    frame = dict(crs) if crs else dict(LOCAL_CRS)
+    frame = parse_crs(crs) if crs else dict(LOCAL_CRS)
     if not isinstance(pose, dict):
-        values = [float(v) for v in pose]
+        try:
+            values = [float(v) for v in pose]
+        except (TypeError, ValueError):
+            raise DatasetError(f"a pose is (easting, northing) or a dict of pose fields, got {pose!r}") from None
         if len(values) != 2:
             raise DatasetError(f"a pose is (easting, northing), got {pose!r}")
         pose = {"easting": values[0], "northing": values[1]}
@@ -300,39 +318,50 @@ def project_pose(
         raise DatasetError(
             f"unknown pose field(s) {sorted(unknown)}; use easting,northing or lat,lon, heading, timestamp"
         )
-    xy = None
     try:
-        if ("easting" in pose) != ("northing" in pose) or ("lat" in pose) != ("lon" in pose):
-            raise DatasetError("a position needs both easting and northing, or both lat and lon")
-        if "easting" in pose and "lat" in pose:
-            raise DatasetError("give easting,northing or lat,lon, not both")
-        if "easting" in pose:
-            xy = np.array([float(pose["easting"]), float(pose["northing"])])
-        elif "lat" in pose:
-            utm = frame.get("kind") == "utm"
-            if not utm and not allow_local_latlon:
-                raise DatasetError(
-                    "the map's poses are in local metres: give easting,northing in that frame, not lat/lon"
-                )
-            projected, zone, northern = latlon_to_utm(
-                [float(pose["lat"])],
-                [float(pose["lon"])],
-                frame["zone"] if utm else None,
-                frame.get("hemisphere", "N") == "N" if utm else None,
-            )
-            xy, frame = projected[0], utm_crs(zone, northern)
-        heading = None if pose.get("heading") is None else float(pose["heading"])
+        xy, frame = _projected_position(pose, frame, allow_local_latlon)
+        heading = None if pose.get("heading") is None else _finite_number(pose, "heading")
         stamp = pose.get("timestamp")
-        stamp = (
-            None
-            if stamp is None
-            else (float(stamp) if isinstance(stamp, (int, float)) else parse_timestamp(str(stamp)))
-        )
+        if stamp is not None:
+            stamp = _finite_number(pose, "timestamp") if not isinstance(stamp, str) else parse_timestamp(stamp)
     except (TypeError, ValueError) as exc:
         raise DatasetError(f"pose {pose!r}: {exc}") from None
-    if xy is not None and not np.isfinite(xy).all():
-        raise DatasetError(f"pose {pose!r} is not finite")
+    if xy is not None:
+        xy = check_positions(xy, frame)[0]
+    heading = None if heading is None else normalise_heading(heading)
+    stamp = None if stamp is None else check_timestamp(stamp)
     return xy, heading, stamp, frame
+
+
+def _finite_number(pose: dict, name: str) -> float:
+    """``pose[name]`` as a finite float (a bool is not a number here), else one :class:`DatasetError` naming it."""
+    value = pose[name]
+    if isinstance(value, bool):
+        raise DatasetError(f"pose field {name!r} must be a number, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise DatasetError(f"pose field {name!r} must be a finite number, got {value!r}")
+    return number
+
+
+def _projected_position(pose: dict, frame: dict, allow_local_latlon: bool) -> tuple[np.ndarray | None, dict]:
+    """A pose dict's position in ``frame`` (None when it gives none) and the frame it is in (UTM for lat/lon)."""
+    if ("easting" in pose) != ("northing" in pose) or ("lat" in pose) != ("lon" in pose):
+        raise DatasetError("a position needs both easting and northing, or both lat and lon")
+    if "easting" in pose and "lat" in pose:
+        raise DatasetError("give easting,northing or lat,lon, not both")
+    if "easting" in pose:
+        return np.array([_finite_number(pose, "easting"), _finite_number(pose, "northing")]), frame
+    if "lat" not in pose:
+        return None, frame
+    utm = frame.get("kind") == "utm"
+    if not utm and not allow_local_latlon:
+        raise DatasetError("the map's poses are in local metres: give easting,northing in that frame, not lat/lon")
+    lat, lon = check_latlon(_finite_number(pose, "lat"), _finite_number(pose, "lon"))
+    projected, zone, northern = latlon_to_utm(
+        lat, lon, frame["zone"] if utm else None, frame.get("hemisphere", "N") == "N" if utm else None
+    )
+    return projected[0], utm_crs(zone, northern)
 
 
 def parse_crs(spec: str | dict | None) -> dict | None:
@@ -342,7 +371,7 @@ def parse_crs(spec: str | dict | None) -> dict | None:
         return None
     if isinstance(spec, dict):
         if spec.get("kind") == "utm":
-            return utm_crs(int(spec["zone"]), str(spec.get("hemisphere", "N")).upper() == "N")
+            return utm_crs(*check_utm_zone(spec.get("zone"), spec.get("hemisphere", "N")))
         if spec.get("kind") == "local":
             return dict(LOCAL_CRS)
         raise DatasetError(f"unknown CRS record {spec!r}; expected kind 'utm' or 'local'")
@@ -576,21 +605,33 @@ def normalise_image_name(name: str) -> str:
     return name
 
 
-def read_poses(csv_path: str | os.PathLike, zone: int | None = None, northern: bool | None = None) -> Poses:
+def read_poses(
+    csv_path: str | os.PathLike, zone: int | None = None, northern: bool | None = None, frame: dict | None = None
+) -> Poses:
     """Read a pose CSV (grammar in the module docstring) into :class:`Poses`.
 
     ``image,easting,northing`` (metres) or ``image,lat,lon`` (WGS84 degrees), optional ``heading``
     (degrees) and ``timestamp`` (epoch seconds or ISO-8601, see :func:`parse_timestamp`) columns.
     Lat/lon are projected to the UTM zone of the first row (see :func:`latlon_to_utm`), or into
     ``zone``/``northern`` when given (a map's frame, so a second run lands in the same metres; points
-    too far from that zone's meridian are refused). Every malformed input raises one
-    :class:`DatasetError` naming the file and the line. Match the table to image keys with :func:`match_poses`.
+    too far from that zone's meridian are refused). Easting/northing must lie in ``frame``'s valid range
+    (the frame they are stated in; None: local metres' bound) and timestamps in the documented range
+    (:mod:`vprkit.datasets.pose_values`); headings are kept as written (a map stores them in [0, 360)).
+    Every malformed input raises one :class:`DatasetError` naming the file and the line. Match the table
+    to image keys with :func:`match_poses`.
     """
     table = read_csv_table(csv_path, "pose file", POSES_EXPECTED)
     cols, metric = _pose_columns(table)
     rows = _read_pose_rows(table, cols, metric)
+
+    def at_line(i: int) -> str:  # the prefix of row i's error
+        return f"{table.path}, line {rows.lines[i]}: "
+
+    if rows.stamps is not None:
+        check_timestamps(rows.stamps, at_line)
     if metric:
-        return Poses(rows.keys, np.stack([rows.a, rows.b], 1), rows.headings, rows.stamps, source=str(table.path))
+        xy = check_positions(np.stack([rows.a, rows.b], 1), frame if frame and frame.get("kind") else None, at_line)
+        return Poses(rows.keys, xy, rows.headings, rows.stamps, source=str(table.path))
     return _project_latlon(rows, table.path, zone, northern)
 
 

@@ -12,13 +12,13 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from ..datasets.pose_values import check_latlon, check_positions, check_timestamp, normalise_heading, utm_frame
 from ..datasets.poses import latlon_to_utm
 from ..errors import ConfigError, MapError
 
 # Keys name files under the live images folder: relative paths of plain characters, no '.'/'..' components.
 KEY_PATTERN = re.compile(r"[\w\-.]+(/[\w\-.]+)*")
 MAX_KEY_CHARS = 200
-FULL_TURN_DEG = 360.0
 
 
 class UnknownPlaceError(MapError):
@@ -49,20 +49,15 @@ def _finite(pose: Mapping[str, Any], name: str) -> float | None:
     value = pose.get(name)
     if value is None:
         return None
+    if isinstance(value, bool):
+        raise ConfigError(f"pose field {name!r} must be a number, got {value!r}")
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"pose field {name!r} must be a number, got {value!r}") from None
     if not math.isfinite(number):
         raise ConfigError(f"pose field {name!r} must be finite, got {value!r}")
     return number
-
-
-def _utm_frame(crs: Any) -> tuple[int, bool] | None:
-    """(UTM zone, northern) of a map's CRS (:attr:`vprkit.maps.MapData.crs`), or None for a local metric frame."""
-    if isinstance(crs, Mapping) and crs.get("kind") == "utm" and crs.get("zone") is not None:
-        return int(crs["zone"]), str(crs.get("hemisphere", "N")).upper().startswith("N")
-    return None
 
 
 def parse_pose(pose: Mapping[str, Any] | None, crs: Any = None) -> Pose:
@@ -71,7 +66,9 @@ def parse_pose(pose: Mapping[str, Any] | None, crs: Any = None) -> Pose:
     ``{"easting", "northing"}`` (metres) or ``{"lat", "lon"}`` (WGS84 degrees, projected into the map's
     UTM zone — a map without a geographic frame refuses them), plus optional ``heading`` (degrees,
     normalised to [0, 360)) and ``timestamp`` (seconds). Any other field is an error, so a typo is not
-    silently ignored.
+    silently ignored. Every value must lie in its valid range (:mod:`vprkit.datasets.pose_values`: the map
+    frame's easting/northing, lat/lon on the globe and in UTM's latitudes, timestamps 1900 … 2100); one out of
+    range is a :class:`ConfigError` naming the field, the value and the range.
     """
     if not pose:
         return Pose()
@@ -85,21 +82,28 @@ def parse_pose(pose: Mapping[str, Any] | None, crs: Any = None) -> Pose:
     metric, geographic = (e, n) != (None, None), (lat, lon) != (None, None)
     if metric and geographic:
         raise ConfigError("give a position as easting+northing or as lat+lon, not both")
+    frame = crs if isinstance(crs, Mapping) else None
     xy: tuple[float, float] | None = None
     if metric:
         if e is None or n is None:
             raise ConfigError("a metric position needs both easting and northing")
-        xy = (e, n)
+        checked = check_positions([(e, n)], frame)[0]
+        xy = (float(checked[0]), float(checked[1]))
     elif geographic:
         if lat is None or lon is None:
             raise ConfigError("a geographic position needs both lat and lon")
-        frame = _utm_frame(crs)
-        if frame is None:
+        utm = utm_frame(frame)
+        if utm is None:
             raise ConfigError("this map records no geographic frame (its poses are metric); give easting+northing")
-        projected, _, _ = latlon_to_utm([lat], [lon], zone=frame[0], northern=frame[1])
+        check_latlon(lat, lon)
+        projected, _, _ = latlon_to_utm([lat], [lon], zone=utm[0], northern=utm[1])
         xy = (float(projected[0, 0]), float(projected[0, 1]))
-    heading = _finite(pose, "heading")
-    return Pose(xy, None if heading is None else heading % FULL_TURN_DEG, _finite(pose, "timestamp"))
+    heading, stamp = _finite(pose, "heading"), _finite(pose, "timestamp")
+    return Pose(
+        xy,
+        None if heading is None else normalise_heading(heading),
+        None if stamp is None else check_timestamp(stamp),
+    )
 
 
 def check_key(key: str) -> str:

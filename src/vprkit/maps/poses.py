@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..datasets.pose_values import check_positions, normalise_headings
 from ..datasets.poses import LOCAL_CRS, match_poses, parse_crs, project_pose, read_poses
 from ..errors import MapError
 
@@ -61,7 +62,7 @@ def pose_rows(
     stated = parse_crs(crs)
     previous = parse_crs(previous_crs) if previous_crs else None
     if poses is None or isinstance(poses, np.ndarray):
-        xy = np.full((n, 2), np.nan) if poses is None else _checked_array(poses, n)
+        xy = np.full((n, 2), np.nan) if poses is None else _checked_array(poses, keys, stated or previous)
         rows = PoseRows(xy, np.full(n, np.nan), np.full(n, np.nan), stated, None)
     else:
         rows = _csv_rows(poses, keys, stated, previous)
@@ -73,10 +74,12 @@ def pose_rows(
     return rows
 
 
-def _checked_array(poses: np.ndarray, n: int) -> np.ndarray:
+def _checked_array(poses: np.ndarray, keys: Sequence[str], frame: dict | None) -> np.ndarray:
+    """An N×2 array of positions in ``frame`` (NaN rows: unknown), each in the frame's valid range."""
+    n = len(keys)
     if poses.shape != (n, 2):
         raise MapError(f"poses array must be {n}×2, got {poses.shape}")
-    return poses.astype(np.float64)
+    return check_positions(poses, frame, lambda i: f"poses row {i} ({keys[i]!r}): ")
 
 
 def _csv_rows(path: str | os.PathLike, keys: Sequence[str], stated: dict | None, previous: dict | None) -> PoseRows:
@@ -84,7 +87,10 @@ def _csv_rows(path: str | os.PathLike, keys: Sequence[str], stated: dict | None,
         stated if stated and stated["kind"] == "utm" else (previous if previous and previous["kind"] == "utm" else None)
     )
     table = read_poses(
-        path, zone=target["zone"] if target else None, northern=target["hemisphere"] == "N" if target else None
+        path,
+        zone=target["zone"] if target else None,
+        northern=target["hemisphere"] == "N" if target else None,
+        frame=stated or previous,
     )
     if table.utm_zone is None:  # easting/northing: the frame stated, or the map's, or local metres
         frame = stated or previous or dict(LOCAL_CRS)
@@ -103,7 +109,7 @@ def _csv_rows(path: str | os.PathLike, keys: Sequence[str], stated: dict | None,
     }
     return PoseRows(
         matched.lookup(names),
-        matched.lookup_column("headings", names),
+        normalise_headings(matched.lookup_column("headings", names)),  # stored in [0, 360)
         matched.lookup_column("timestamps", names),
         frame,
         report,

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..datasets.pose_values import FULL_TURN_DEG, valid_positions, valid_timestamps
 from ..errors import MapError
 from ..maps import (
     build_index,
@@ -36,49 +37,84 @@ logger = logging.getLogger(__name__)
 def map_info(map_dir: str | os.PathLike) -> dict[str, Any]:
     """``map.json`` plus bytes per image of the global descriptor and of each stored extra, a summary of the
     poses (``poses``: how many rows have one, extent in metres and — UTM maps — degrees, CRS, how many
-    have a heading / timestamp) and each run's image count (``runs[i]["images"]``: rows stored from it)."""
+    have a heading / timestamp) and each run's image count (``runs[i]["images"]``: rows stored from it).
+
+    Counts come from the map's files, not from ``map.json``'s counters, which a kill during its write (or a
+    failed write) can leave behind: ``counts.images`` is the store's row count and ``index.ntotal`` the
+    index's own; when ``map.json`` recorded others, ``stale_counts`` says what it recorded. Stored values
+    outside their valid range (written before they were checked) are counted in ``poses.out_of_range``, left
+    out of the extent and time range, and never crash this (unknown is None, never NaN)."""
     d = Path(map_dir)
     info = read_map_info(d)
     store = MapStore(d, info["config"].get("store_dtype", "float32"))
     info["bytes_per_image"] = store.extra_bytes()
     n = len(store)
-    crs = map_crs(info)
-    xy = store.read_poses() if n else np.zeros((0, 2))
-    known = np.isfinite(xy).all(axis=1)
-    poses: dict[str, Any] = {
-        "images": n,
-        "with_pose": int(known.sum()),
-        "crs": crs,
-        "with_heading": int(np.isfinite(store.read_headings()).sum()) if n else 0,
-        "with_timestamp": 0,
-        "extent": None,
-        "extent_latlon": None,
-        "time_range": None,
-    }
-    stamps = store.read_timestamps() if n else np.zeros(0)
-    poses["with_timestamp"] = int(np.isfinite(stamps).sum())
-    if known.any():
-        lo, hi = xy[known].min(axis=0), xy[known].max(axis=0)
-        poses["extent"] = {"easting": [float(lo[0]), float(hi[0])], "northing": [float(lo[1]), float(hi[1])]}
-        if crs.get("kind") == "utm":
-            ll = crs_to_latlon(crs, xy[known])
-            poses["extent_latlon"] = {
-                "lat": [float(ll[:, 0].min()), float(ll[:, 0].max())],
-                "lon": [float(ll[:, 1].min()), float(ll[:, 1].max())],
-            }
-    if poses["with_timestamp"]:
-        t = stamps[np.isfinite(stamps)]
-        poses["time_range"] = [
-            datetime.fromtimestamp(float(v), timezone.utc).isoformat(timespec="seconds") for v in (t.min(), t.max())
-        ]
-    info["poses"] = poses
+    info["poses"] = _poses_summary(store, map_crs(info))
     rows_of_run = np.unique(store.read_entries()["run"], return_counts=True) if n else ([], [])
     counts = {int(r): int(c) for r, c in zip(*rows_of_run)}
     info["runs"] = [{**r, "images": counts.get(int(r.get("run", -1)), 0)} for r in info.get("runs", [])]
     if counts.get(-1):
         info["runs_unrecorded_images"] = counts[-1]  # rows of maps built before runs were recorded
     info["serving"] = serving_footprint(d)  # bytes per place on disk and the RAM to serve the map
+    _counts_from_files(info, n, info["serving"]["places"])
     return info
+
+
+def _counts_from_files(info: dict[str, Any], images: int, indexed: int) -> None:
+    """Set ``info``'s image count (the store's rows) and index size (the index's own record) from the files; what
+    ``map.json`` recorded instead, when it differs, goes to ``info["stale_counts"]``."""
+    recorded = {"images": info.get("counts", {}).get("images"), "ntotal": info.get("index", {}).get("ntotal")}
+    stale = {k: v for k, v in recorded.items() if v is not None and v != {"images": images, "ntotal": indexed}[k]}
+    info.setdefault("counts", {})["images"] = images
+    info.setdefault("index", {})["ntotal"] = indexed
+    if stale:
+        info["stale_counts"] = stale
+
+
+def _poses_summary(store: MapStore, crs: dict[str, Any]) -> dict[str, Any]:
+    """How many rows have a pose, heading and timestamp, the extent (metres; degrees for UTM) and time range of
+    the values in their valid range, and how many stored values are outside it (``out_of_range``)."""
+    n = len(store)
+    xy = store.read_poses() if n else np.zeros((0, 2))
+    headings = store.read_headings() if n else np.zeros(0)
+    stamps = store.read_timestamps() if n else np.zeros(0)
+    stored = ~np.isnan(xy).any(axis=1)  # NaN is "unknown"; anything else was stored as a pose, valid or not
+    usable = valid_positions(xy, crs)
+    timed = valid_timestamps(stamps)
+    poses: dict[str, Any] = {
+        "images": n,
+        "with_pose": int(stored.sum()),
+        "crs": crs,
+        "with_heading": int((~np.isnan(headings)).sum()),
+        "with_timestamp": int((~np.isnan(stamps)).sum()),
+        "extent": None,
+        "extent_latlon": None,
+        "time_range": None,
+    }
+    if usable.any():
+        lo, hi = xy[usable].min(axis=0), xy[usable].max(axis=0)
+        poses["extent"] = {"easting": [float(lo[0]), float(hi[0])], "northing": [float(lo[1]), float(hi[1])]}
+        if crs.get("kind") == "utm":
+            ll = crs_to_latlon(crs, xy[usable])
+            ll = ll[np.isfinite(ll).all(axis=1)]
+            if len(ll):
+                poses["extent_latlon"] = {
+                    "lat": [float(ll[:, 0].min()), float(ll[:, 0].max())],
+                    "lon": [float(ll[:, 1].min()), float(ll[:, 1].max())],
+                }
+    if timed.any():
+        t = stamps[timed]
+        poses["time_range"] = [
+            datetime.fromtimestamp(float(v), timezone.utc).isoformat(timespec="seconds") for v in (t.min(), t.max())
+        ]
+    outside = {
+        "positions": int((stored & ~usable).sum()),
+        "headings": int((~np.isnan(headings) & ~((headings >= 0) & (headings < FULL_TURN_DEG))).sum()),
+        "timestamps": int((~np.isnan(stamps) & ~timed).sum()),
+    }
+    if any(outside.values()):
+        poses["out_of_range"] = outside
+    return poses
 
 
 def record_change(map_dir: Path, **change: Any) -> dict[str, Any]:
