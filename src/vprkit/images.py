@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import hashlib
+import math
 import os
 import struct
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence, Union
 
 import numpy as np
-from PIL import Image, ImageCms, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageFile, ImageMode, UnidentifiedImageError
 
 # ImageSpec (how images are resized) is configuration: it lives in the pure-data config module so
 # resolving a preset does not import PIL or numpy; images are prepared to it here.
@@ -42,6 +43,28 @@ ALPHA_BACKGROUND = (255, 255, 255)
 # Single-channel modes with more than 8 bits: scaled to 0…255 by the image's own min…max.
 HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 EXIF_ORIENTATION_TAG = 0x0112
+# Pixels of a 16-bit or float image converted to float64 at once when it is scaled to 8 bits (8 MB).
+SCALE_STRIP_PIXELS = 1 << 20
+# Formats whose decoder itself decodes at a reduced scale (JPEG's DCT scaling, PIL's draft mode).
+DRAFT_FORMATS = ("JPEG", "MPO")
+# Bytes PIL holds per pixel of a multi-band mode (RGB, RGBA, LA, CMYK … are stored 4 bytes a pixel).
+MULTI_BAND_BYTES_PER_PIXEL = 4
+# Modes whose values cannot be averaged as they are (palette indices, 1-bit, colours under straight
+# alpha): converted, in this order, to modes that can before an image is reduced — full-size copies,
+# counted by decoded_size. Premultiplied alpha is averaged so hidden colours do not bleed, then undone.
+_REDUCE_VIA = {"1": ("L",), "P": ("RGB",), "PA": ("RGBa",), "RGBA": ("RGBa",), "LA": ("La",)}
+_REDUCE_VIA_TRANSPARENT = {"P": ("RGBA", "RGBa")}
+_UNPREMULTIPLIED = {"RGBa": "RGBA", "La": "LA"}
+# Bytes per pixel the conversion to RGB holds at full size when an image is not reduced (beyond the
+# decoded pixels): alpha is composited through an RGBA copy, a white background and the composite;
+# 16-bit and float images through an 8-bit array and its RGB copy; everything else through one RGB copy.
+_ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
+ALPHA_CONVERSION_BYTES_PER_PIXEL = 3 * MULTI_BAND_BYTES_PER_PIXEL
+HIGH_BIT_DEPTH_CONVERSION_BYTES_PER_PIXEL = 1 + MULTI_BAND_BYTES_PER_PIXEL
+# PNG colour type → samples per pixel (grey, RGB, palette index, grey + alpha, RGBA).
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_TIFF_BITS_PER_SAMPLE, _TIFF_SAMPLES_PER_PIXEL = 258, 277
 # EXIF orientation → transpose that shows the image upright (as PIL.ImageOps.exif_transpose).
 _ORIENTATION_TRANSPOSE = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
@@ -257,7 +280,8 @@ def check_image_size(size: Sequence[int] | None, multiple: int = 1) -> None:
 class DecodeNote:
     """Something :func:`read_image` did that changes pixels compared with a naive decode.
 
-    ``kind``: ``animated`` (first of ``n`` frames used), ``bit_depth`` (16-bit/float scaled by its
+    ``kind``: ``animated`` (first of ``n`` frames used), ``reduced`` (reduced right after decoding, see
+    :func:`read_image`'s ``reduce_to``), ``bit_depth`` (16-bit/float scaled by its
     real range), ``alpha`` (transparency composited on :data:`ALPHA_BACKGROUND`), ``orientation``
     (EXIF rotation applied), ``exif`` (EXIF unreadable, used as stored), ``colour`` (CMYK conversion).
     ``warning`` is True when information was dropped or guessed (animated, exif).
@@ -287,18 +311,43 @@ def _exif_orientation(img: Image.Image) -> int:
     return value if isinstance(value, int) and value in _ORIENTATION_TRANSPOSE else 1
 
 
-def _scaled_to_8bit(img: Image.Image, name: str, notes: list[DecodeNote]) -> Image.Image:
-    arr = np.asarray(img, dtype=np.float64)
+def _strips(img: Image.Image) -> list[tuple[int, int]]:
+    """Row ranges of about :data:`SCALE_STRIP_PIXELS` pixels: a 16-bit or float image is scaled strip by strip."""
+    rows = max(1, SCALE_STRIP_PIXELS // max(1, img.width))
+    return [(top, min(top + rows, img.height)) for top in range(0, img.height, rows)]
+
+
+def _strip_values(img: Image.Image, rows: tuple[int, int], name: str) -> np.ndarray:
+    """The pixels of rows ``rows`` as float64 (exact for 16-bit, 32-bit integer and float32 pixels)."""
+    arr = np.asarray(img.crop((0, rows[0], img.width, rows[1])), dtype=np.float64)
     if arr.ndim != 2:
         raise ImageReadError(f"{name}: unexpected {img.mode} image of shape {arr.shape}")
-    finite = np.isfinite(arr)
-    if finite.any():
-        lo, hi = float(arr[finite].min()), float(arr[finite].max())
-    else:
+    return arr
+
+
+def _scaled_to_8bit(img: Image.Image, name: str, notes: list[DecodeNote]) -> Image.Image:
+    """A 16-bit, 32-bit or float single-band image scaled by its own finite min…max to 0…255, as RGB.
+
+    Worked through in strips so that no full-size float64 copy (8 bytes a pixel, four times a 16-bit
+    image's own size) is ever made: a 6300×6300 16-bit PNG used to cost a gigabyte here. The pixels are
+    the same as scaling the whole array at once (the same float64 operations, element by element).
+    """
+    strips = _strips(img)
+    lo, hi = np.inf, -np.inf
+    for rows in strips:
+        arr = _strip_values(img, rows, name)
+        finite = arr[np.isfinite(arr)]
+        if finite.size:
+            lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
+    if lo > hi:  # no finite pixel at all
         lo = hi = 0.0
-    out = np.zeros(arr.shape, dtype=np.uint8)
+    out = np.zeros((img.height, img.width), dtype=np.uint8)
     if hi > lo:
-        out[finite] = np.round((arr[finite] - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+        scale = 255.0 / (hi - lo)
+        for top, bottom in strips:
+            arr = _strip_values(img, (top, bottom), name)
+            finite = np.isfinite(arr)
+            out[top:bottom][finite] = np.round((arr[finite] - lo) * scale).astype(np.uint8)
     notes.append(DecodeNote(name, "bit_depth", f"{img.mode} image scaled from its range {lo:g}…{hi:g} to 0…255"))
     return Image.fromarray(out, "L").convert("RGB")
 
@@ -379,11 +428,219 @@ def _first_frame(img: Image.Image, label: str, found: list[DecodeNote]) -> None:
         found.append(DecodeNote(label, "animated", f"{img.format} with {frames} frames: the first frame is used", True))
 
 
+@dataclass(frozen=True)
+class DecodedSize:
+    """What decoding an image holds in memory, read from its header alone (no pixel decoded).
+
+    ``width``×``height`` is what the decoder produces (a JPEG's reduced scale when a target size lets it
+    draft), before EXIF orientation; ``mode`` is PIL's mode for it. ``channels`` × ``bits_per_sample`` is
+    how the file stores a pixel (a 16-bit RGB PNG: 3 × 16), ``memory_bytes_per_pixel`` what PIL holds
+    for one (an 8-bit RGB pixel takes 4 bytes, a 16-bit grey one 2). ``reduce_factor`` > 1: the image is
+    reduced by it right after decoding (see :func:`read_image`'s ``reduce_to``);
+    ``conversion_bytes_per_pixel`` counts the full-size copies made before that reduction or, when the
+    image is not reduced, the conversion to RGB.
+    """
+
+    width: int
+    height: int
+    format: str
+    mode: str
+    channels: int
+    bits_per_sample: int
+    memory_bytes_per_pixel: int
+    reduce_factor: int = 1
+    conversion_bytes_per_pixel: float = 0.0
+    file_size: tuple[int, int] = (0, 0)  # (width, height) the header announces, before drafting
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes decoding holds at once: the decoded pixels — the larger of the file's samples (bit depth ×
+        channels) and PIL's copy of them — plus the full-size conversions (see the class docstring)."""
+        file_bytes = self.channels * self.bits_per_sample / 8
+        per_pixel = max(file_bytes, self.memory_bytes_per_pixel) + self.conversion_bytes_per_pixel
+        return math.ceil(self.pixels * per_pixel)
+
+    def describe(self) -> str:
+        """E.g. ``6300×6300 PNG of 3 × 16-bit samples``."""
+        return f"{self.width}×{self.height} {self.format} of {self.channels} × {self.bits_per_sample}-bit samples"
+
+
+def memory_bytes_per_pixel(mode: str) -> int:
+    """Bytes PIL stores per pixel of ``mode``: one for 8-bit single-band modes (L, P, 1), the sample's size
+    for other single-band modes (I;16: 2, I and F: 4), four for every multi-band mode."""
+    try:
+        info = ImageMode.getmode(mode)
+    except KeyError:
+        return MULTI_BAND_BYTES_PER_PIXEL
+    return int(info.typestr[-1]) if len(info.bands) == 1 else MULTI_BAND_BYTES_PER_PIXEL
+
+
+def _png_samples(img: Image.Image) -> tuple[int, int] | None:
+    """(channels, bits per sample) from a PNG's IHDR chunk (PIL's mode hides 16-bit RGB: it decodes it to 8)."""
+    position = img.fp.tell()
+    try:
+        img.fp.seek(0)
+        head = img.fp.read(len(_PNG_SIGNATURE) + 18)
+    finally:
+        img.fp.seek(position)
+    if not head.startswith(_PNG_SIGNATURE) or head[12:16] != b"IHDR" or len(head) < 26:
+        return None
+    bits, colour_type = head[24], head[25]
+    return (_PNG_CHANNELS[colour_type], bits) if colour_type in _PNG_CHANNELS else None
+
+
+def _tiff_samples(img: Image.Image) -> tuple[int, int] | None:
+    """(channels, bits per sample) from a TIFF's tags."""
+    tags = getattr(img, "tag_v2", {})
+    bits = tags.get(_TIFF_BITS_PER_SAMPLE)
+    channels = int(tags.get(_TIFF_SAMPLES_PER_PIXEL, 1))
+    if bits is None:
+        return None
+    bits = max(bits) if isinstance(bits, tuple) else bits
+    return max(1, channels), int(bits)
+
+
+# Formats whose header tells the stored samples better than PIL's mode does.
+_FILE_SAMPLES = {"PNG": _png_samples, "TIFF": _tiff_samples}
+
+
+def _mode_samples(mode: str) -> tuple[int, int]:
+    """(channels, bits per sample) of PIL's ``mode`` (for formats stored as they decode)."""
+    if mode == "1":
+        return 1, 1
+    try:
+        info = ImageMode.getmode(mode)
+    except KeyError:
+        return MULTI_BAND_BYTES_PER_PIXEL, 8
+    return len(info.bands), 8 * int(info.typestr[-1])
+
+
+def _reduce_modes(img: Image.Image) -> tuple[str, ...]:
+    """The modes an image is converted through before it can be reduced by averaging (see :data:`_REDUCE_VIA`)."""
+    via = _REDUCE_VIA_TRANSPARENT if "transparency" in img.info else {}
+    return via.get(img.mode) or _REDUCE_VIA.get(img.mode, ())
+
+
+def _reduce_factor(width: int, height: int, reduce_to: tuple[int, int] | None, swap: bool) -> int:
+    """The largest integer factor that keeps a ``width``×``height`` image at least ``reduce_to`` (height, width
+    after orientation) in both directions — as JPEG's draft mode chooses its scale; 1 when none does."""
+    if reduce_to is None:
+        return 1
+    th, tw = reduce_to
+    if swap:
+        th, tw = tw, th
+    return max(1, min(width // max(1, tw), height // max(1, th)))
+
+
+def _conversion_bytes(img: Image.Image, factor: int) -> float:
+    """Bytes per (decoded) pixel of the copies :func:`read_image` makes beside the decoded pixels."""
+    if factor > 1:
+        via = _reduce_modes(img)
+        averaged = memory_bytes_per_pixel(via[-1] if via else img.mode)
+        return sum(memory_bytes_per_pixel(mode) for mode in via) + averaged / factor**2
+    transparent = img.mode in _ALPHA_MODES or (img.mode == "P" and "transparency" in img.info)
+    if transparent:
+        return ALPHA_CONVERSION_BYTES_PER_PIXEL
+    if img.mode in HIGH_BIT_DEPTH_MODES or img.mode.startswith(("I;", "F;")):
+        return HIGH_BIT_DEPTH_CONVERSION_BYTES_PER_PIXEL
+    return 0 if img.mode == "RGB" else MULTI_BAND_BYTES_PER_PIXEL
+
+
+def _header_orientation(img: Image.Image) -> int:
+    """EXIF orientation as far as the header tells: PIL's PNG reader decodes the whole image to look for an
+    eXIf chunk after the pixels, so a PNG without one before them counts as upright here."""
+    if img.format == "PNG" and "exif" not in img.info:
+        return 1
+    return _exif_orientation(img)
+
+
+def decoded_size(
+    path: str | os.PathLike | bytes,
+    target_size: tuple[int, int] | None = None,
+    reduce_to: tuple[int, int] | None = None,
+    name: str | None = None,
+) -> DecodedSize:
+    """What :func:`read_image` with the same arguments will hold in memory, from the header alone.
+
+    Nothing is decoded: a service refuses or queues an upload by this before allocating its pixels.
+    An unreadable header is the same :class:`ImageReadError` as :func:`read_image` gives.
+    """
+    label = name or ("<bytes>" if isinstance(path, (bytes, bytearray)) else str(path))
+    try:
+        source = io.BytesIO(path) if isinstance(path, (bytes, bytearray)) else Path(path)
+        with Image.open(source, formats=_formats()) as img:
+            try:
+                swap = _header_orientation(img) in _ORIENTATION_SWAPS_AXES
+            except Exception:  # read_image uses such a file unrotated
+                swap = False
+            file_size = img.size
+            drafted = target_size is not None and img.format in DRAFT_FORMATS
+            if drafted:
+                th, tw = target_size
+                img.draft("RGB", (th, tw) if swap else (tw, th))
+            samples = _FILE_SAMPLES.get(img.format, lambda _: None)(img) or _mode_samples(img.mode)
+            factor = 1 if drafted else _reduce_factor(img.width, img.height, reduce_to, swap)
+            return DecodedSize(
+                img.width,
+                img.height,
+                str(img.format),
+                img.mode,
+                *samples,
+                memory_bytes_per_pixel(img.mode),
+                factor,
+                _conversion_bytes(img, factor),
+                file_size,
+            )
+    except (
+        FileNotFoundError,
+        IsADirectoryError,
+        Image.DecompressionBombError,
+        UnidentifiedImageError,
+        *DECODER_ERRORS,
+    ) as exc:
+        raise _decode_error(label, exc) from None
+
+
+def _reduced(img: Image.Image, factor: int, name: str, notes: list[DecodeNote]) -> Image.Image:
+    """``img`` reduced by ``factor`` (box average), freeing the full-size pixels as soon as they are not needed.
+
+    Palette and 1-bit images are averaged as colours and grey, alpha images premultiplied (see
+    :data:`_REDUCE_VIA`); 16-bit grey, which ``Image.reduce`` does not take, through the same box filter.
+    """
+    full_size = (img.width, img.height)
+    current = img
+    for mode in _reduce_modes(img):
+        converted = current.convert(mode)
+        current.close()  # frees the full-size pixels of the previous mode
+        current = converted
+    try:
+        small = current.reduce(factor)
+    except ValueError:  # a mode reduce does not average (I;16 …)
+        small = current.resize((-(-current.width // factor), -(-current.height // factor)), Image.BOX)
+    current.close()
+    if small.mode in _UNPREMULTIPLIED:
+        small = small.convert(_UNPREMULTIPLIED[small.mode])
+    notes.append(
+        DecodeNote(
+            name,
+            "reduced",
+            f"decoded {full_size[0]}×{full_size[1]} reduced by {factor} to {small.width}×{small.height} "
+            "right after decoding (the size the map needs)",
+        )
+    )
+    return small
+
+
 def read_image(
     path: str | os.PathLike | bytes,
     target_size: tuple[int, int] | None = None,
     notes: list[DecodeNote] | None = None,
     name: str | None = None,
+    reduce_to: tuple[int, int] | None = None,
 ) -> Image.Image:
     """Decode an image as a viewer shows it, as RGB, with one clear error for every way it can fail.
 
@@ -400,6 +657,12 @@ def read_image(
     ``target_size`` (height, width, after orientation) lets JPEGs decode at a reduced scale (draft
     mode), which is faster and bounds memory. ``path`` may also be the file's bytes (then ``name``
     is used in messages). Every failure is an :class:`ImageReadError`.
+
+    ``reduce_to`` (height, width, after orientation) does for every other format what drafting does for
+    JPEGs: an image at least twice that size in both directions is reduced right after decoding by the
+    largest integer factor that keeps it at least that large (a box average), before any conversion, so
+    no full-size copy of a 16-bit, palette or alpha image is made. Smaller images decode exactly as
+    without it. :func:`decoded_size` tells from the header what this holds in memory.
     """
     label = name or ("<bytes>" if isinstance(path, (bytes, bytearray)) else str(path))
     found: list[DecodeNote] = []
@@ -416,7 +679,8 @@ def read_image(
                     )
                 )
             swap = orientation in _ORIENTATION_SWAPS_AXES
-            if target_size is not None and img.format in ("JPEG", "MPO"):
+            drafted = target_size is not None and img.format in DRAFT_FORMATS
+            if drafted:
                 th, tw = target_size
                 img.draft("RGB", (th, tw) if swap else (tw, th))
             if img.width * img.height > MAX_PIXELS:
@@ -427,7 +691,8 @@ def read_image(
             _first_frame(img, label, found)
             ImageFile.LOAD_TRUNCATED_IMAGES = False
             img.load()
-            rgb = _to_rgb(img, label, found)
+            factor = 1 if drafted else _reduce_factor(img.width, img.height, reduce_to, swap)
+            rgb = _to_rgb(_reduced(img, factor, label, found) if factor > 1 else img, label, found)
             if orientation in _ORIENTATION_TRANSPOSE:
                 rgb = rgb.transpose(_ORIENTATION_TRANSPOSE[orientation])
                 found.append(DecodeNote(label, "orientation", f"EXIF orientation {orientation} applied"))
