@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -10,6 +9,7 @@ import click
 from .. import pipeline
 from ..presets import list_presets, list_rerank_configs
 from .core import _parse_image_size, memory_budget_option
+from .output import echo_json
 
 
 @click.command("compare")
@@ -190,7 +190,7 @@ def hloc_import(
     """Make a map from an hloc global-features FEATURES file (for retrieval by descriptor)."""
     info = pipeline.import_hloc(features, out, preset=preset, normalize=normalize, prefix=list(prefixes) or None)
     if as_json:
-        click.echo(json.dumps(info, indent=2))
+        echo_json(info)
         return
     click.echo(f"map {out}: {info['counts']['images']} images, {info['descriptor_dim']}-d descriptors from {features}")
     click.echo(f"  queries: {info['imported']['queries']}")

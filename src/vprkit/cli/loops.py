@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -10,6 +9,7 @@ import click
 from ..pipeline.sequences import detect_loops
 from ..presets import DEFAULT_PRESET, resolve
 from .core import device_option, image_size_option, memory_budget_option, trajectory_option
+from .output import echo_json
 
 # Candidates shown on the terminal (all of them go to loops.csv with --out).
 SHOWN_CANDIDATES = 10
@@ -105,7 +105,7 @@ def loops(
     candidates, keys = summary.pop("candidates"), summary.pop("keys")
     if as_json:
         summary.pop("curve", None)
-        click.echo(json.dumps(summary, indent=2, default=str))
+        echo_json(summary)
         return
     click.echo(
         f"{summary['frames']} frames, {summary['n_candidates']} with an earlier frame outside the last "

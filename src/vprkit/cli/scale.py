@@ -8,7 +8,6 @@ Its index flags are made from the option table (:mod:`vprkit.options`, schema ``
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,6 +16,7 @@ import click
 from ..maps import FAISS_OPTIONS
 from ..options import Option
 from ..pipeline.scale import compress_map, describe_options
+from .output import echo_json
 
 
 def _index_flag(opt: Option) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -56,7 +56,7 @@ def map_compress(map_dir: Path, factory: str, as_json: bool, **options: Any) -> 
     """
     result = compress_map(map_dir, factory, **options)
     if as_json:
-        click.echo(json.dumps(result, indent=2, default=str))
+        echo_json(result)
         return
     fp = result["footprint"]
     per = fp["disk_bytes_per_place"]
