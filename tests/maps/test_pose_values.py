@@ -26,6 +26,7 @@ from vprkit.datasets.pose_values import (
     PoseValueError,
     check_utm_zone,
     normalise_headings,
+    usable_pose_columns,
 )
 from vprkit.datasets.poses import (
     MAX_DEGREES_FROM_CENTRAL_MERIDIAN,
@@ -168,6 +169,21 @@ def test_utm_bounds_hold_every_point_this_project_projects_and_little_more():
     # squares and means of local metres stay finite at the bound
     spread = np.array([LOCAL_COORDINATE.low, LOCAL_COORDINATE.high])
     assert np.isfinite(((spread - spread.mean()) ** 2).sum()) and np.isfinite(np.hypot(*spread))
+
+
+def test_stored_values_out_of_range_are_used_as_unknown(caplog):
+    """What a map opened from older files may use: a 1e160 easting or a 1e308 timestamp is unknown, not a number
+    that overflows every distance; headings stored as 360.0 are 0.0."""
+    xy = np.array([[1e160, 5e6], [5e5, 5e6], [np.inf, 0.0], [np.nan, np.nan]])
+    heads = np.array([360.0, -1e-20, np.inf, np.nan])
+    stamps = np.array([1e308, 1.7e9, -1e12, np.nan])
+    with caplog.at_level("WARNING"):
+        got_xy, got_h, got_t = usable_pose_columns(xy, heads, stamps, UTM32N, "map M")
+    assert np.isnan(got_xy[[0, 2, 3]]).all() and got_xy[1].tolist() == [5e5, 5e6]
+    assert got_h[:2].tolist() == [0.0, 0.0] and np.isnan(got_h[2:]).all()
+    assert np.isnan(got_t[[0, 2, 3]]).all() and got_t[1] == 1.7e9
+    assert "map M" in caplog.text and "2 position(s), 2 timestamp(s), 1 heading(s)" in caplog.text
+    assert xy[0, 0] == 1e160  # the caller's arrays are left as they were
 
 
 # ---- the CSV paths ----------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ The ranges (inclusive) and why:
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -36,6 +37,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from ..errors import ConfigError, DatasetError
+
+logger = logging.getLogger(__name__)
 
 UTM_MIN_LAT = -80.0  # UTM is defined from 80°S …
 UTM_MAX_LAT = 84.0  # … to 84°N; beyond it UPS is used, so latitudes there are refused.
@@ -210,3 +213,34 @@ def valid_timestamps(values: Any) -> np.ndarray:
     """Which stored timestamps are known and in :data:`TIMESTAMP` (others are unknown or damaged)."""
     v = np.asarray(values, np.float64)
     return np.isfinite(v) & inside(v, TIMESTAMP)
+
+
+def usable_pose_columns(
+    xy: Any, headings: Any, timestamps: Any, crs: Mapping[str, Any] | None, source: str = "the map"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stored pose columns as a map may use them, whatever an older vprkit (or a hand edit) left in them.
+
+    Positions outside the frame's range and timestamps outside :data:`TIMESTAMP` become unknown (NaN) — an
+    easting of 1e160 would otherwise overflow every distance and mean computed from it; headings are normalised
+    into [0, 360) (non-finite ones: unknown). One warning counts what was set aside and names the fix.
+    """
+    arr = np.array(xy, np.float64).reshape(-1, 2)
+    heads = np.array(headings, np.float64).reshape(-1)
+    stamps = np.array(timestamps, np.float64).reshape(-1)
+    bad_xy = ~np.isnan(arr).any(axis=1) & ~valid_positions(arr, crs)
+    bad_t = ~np.isnan(stamps) & ~valid_timestamps(stamps)
+    bad_h = np.isinf(heads)
+    arr[bad_xy] = np.nan
+    stamps[bad_t] = np.nan
+    heads[bad_h] = np.nan
+    heads = normalise_headings(heads)
+    if bad_xy.any() or bad_t.any() or bad_h.any():
+        logger.warning(
+            "%s holds pose values outside their valid range, used as unknown: %d position(s), %d timestamp(s), "
+            "%d heading(s); set them again with `vprkit map set-pose`",
+            source,
+            int(bad_xy.sum()),
+            int(bad_t.sum()),
+            int(bad_h.sum()),
+        )
+    return arr, heads, stamps
