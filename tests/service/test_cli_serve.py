@@ -43,3 +43,47 @@ def test_key_mistakes_are_usage_errors(tmp_path, monkeypatch):
     for args, message in cases:
         result, calls = _invoke(args, monkeypatch, env={"VPRKIT_TEST_UNSET": ""})
         assert result.exit_code == 2 and message in result.output and not calls, result.output
+
+
+def test_limits_are_options_with_the_library_defaults(tmp_path, monkeypatch):
+    from vprkit.service import ServiceLimits
+
+    result, calls = _invoke([tmp_path], monkeypatch)
+    assert result.exit_code == 0 and calls[0][1]["limits"] == ServiceLimits()  # the CLI's defaults are the library's
+    args = ["--max-model-requests", "4", "--header-timeout", "2.5", "--max-connections-per-client", "0"]
+    result, calls = _invoke([tmp_path, *args, "--body-timeout", "3", "--keep-alive-timeout", "1"], monkeypatch)
+    assert result.exit_code == 0, result.output
+    assert calls[0][1]["limits"] == ServiceLimits(
+        max_model_requests=4,
+        header_timeout_s=2.5,
+        max_connections_per_client=0,
+        body_timeout_s=3.0,
+        keep_alive_timeout_s=1.0,
+    )
+    for bad in (["--max-model-requests", "0"], ["--header-timeout", "0"], ["--max-connections", "-1"]):
+        result, calls = _invoke([tmp_path, *bad], monkeypatch)
+        assert result.exit_code == 2 and bad[0] in result.output and not calls, result.output
+
+
+def test_a_map_that_does_not_open_is_one_line_and_exit_2(map_dir, monkeypatch, capsys):
+    """`vprkit serve` on a damaged map: one line on stderr, exit 2, nothing listening (the real entry point)."""
+    import sys
+
+    import uvicorn
+
+    from vprkit.cli import main
+
+    started = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, *a, **k: started.append(self))
+    (map_dir / "store.h5").write_bytes(b"not hdf5 at all")
+    monkeypatch.setattr(sys, "argv", ["vprkit", "serve", str(map_dir), "--port", "0"])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and not started, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in err, err
+    assert "store.h5" in err

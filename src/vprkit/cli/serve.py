@@ -12,6 +12,24 @@ from .core import device_option
 BYTES_PER_MB = 1024 * 1024
 DEFAULT_MAX_UPLOAD_MB = 20.0
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+# Option (parameter) name → ServiceLimits field. The defaults are vprkit.service.limits' (repeated here so
+# that `vprkit --help` does not import the [service] extra; tests/service/test_cli_serve.py keeps them equal).
+LIMIT_OPTIONS = {
+    "max_model_requests": "max_model_requests",
+    "max_connections": "max_connections",
+    "max_connections_per_client": "max_connections_per_client",
+    "header_timeout": "header_timeout_s",
+    "body_timeout": "body_timeout_s",
+    "keep_alive_timeout": "keep_alive_timeout_s",
+}
+DEFAULTS = {
+    "max_model_requests": 16,
+    "max_connections": 256,
+    "max_connections_per_client": 16,
+    "header_timeout_s": 10.0,
+    "body_timeout_s": 15.0,
+    "keep_alive_timeout_s": 5.0,
+}
 
 
 def _api_key(env: str | None, file: Path | None) -> str | None:
@@ -61,6 +79,48 @@ def _api_key(env: str | None, file: Path | None) -> str | None:
     type=click.FloatRange(min=0, min_open=True),
     help="Largest request body accepted (larger: 413).",
 )
+@click.option(
+    "--max-model-requests",
+    default=DEFAULTS["max_model_requests"],
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Model and write requests handled at once (more: 503 with Retry-After); /health never waits for them.",
+)
+@click.option(
+    "--max-connections",
+    default=DEFAULTS["max_connections"],
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Open connections in all; when full, the longest-idle one makes room (0: no cap).",
+)
+@click.option(
+    "--max-connections-per-client",
+    default=DEFAULTS["max_connections_per_client"],
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Open connections per client address (0: no cap; behind a reverse proxy, raise it or use 0).",
+)
+@click.option(
+    "--header-timeout",
+    default=DEFAULTS["header_timeout_s"],
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds a client has to send a complete request head.",
+)
+@click.option(
+    "--body-timeout",
+    default=DEFAULTS["body_timeout_s"],
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Longest silence in seconds while a request body arrives (longer: 408).",
+)
+@click.option(
+    "--keep-alive-timeout",
+    default=DEFAULTS["keep_alive_timeout_s"],
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds an idle connection is kept open between requests.",
+)
 @device_option
 @click.option("--no-access-log", "no_access_log", is_flag=True, help="Do not log every request.")
 def serve(
@@ -72,13 +132,18 @@ def serve(
     max_upload_mb: float,
     device: str | None,
     no_access_log: bool,
+    **limit_options: float,
 ) -> None:
     """Serve MAP_DIR over HTTP: POST /localize, POST/PATCH/DELETE /places, GET /health, GET /map (docs at /docs).
 
-    The model and the map are loaded once; added places are on disk before the answer.
+    The model and the map are loaded once; added places are on disk before the answer. Slow, idle and
+    greedy clients are bounded by the limits below (see vprkit.service.limits for why each default).
     """
     # FastAPI and uvicorn are the optional [service] extra, and 0.4 s that `vprkit --help` need not load.
+    from ..service import ServiceLimits
     from ..service import serve as serve_map
+
+    limits = ServiceLimits(**{LIMIT_OPTIONS[name]: value for name, value in limit_options.items()})
 
     key = _api_key(api_key_env, api_key_file)
     if key is None and host not in LOOPBACK_HOSTS:
@@ -95,6 +160,7 @@ def serve(
         max_upload_bytes=int(max_upload_mb * BYTES_PER_MB),
         device=device,
         access_log=not no_access_log,
+        limits=limits,
         on_ready=ready,
     )
 

@@ -8,15 +8,22 @@ Routes (the OpenAPI schema at ``/openapi.json``, interactive docs at ``/docs``):
 - ``GET /places/{id}``, ``PATCH /places/{id}`` (pose), ``DELETE /places/{id}``.
 - ``GET /health``, ``GET /map``.
 
-Bad input is a 4xx with ``{"detail": "..."}``, never a 500: the body is read with a size limit (413),
-images are decoded by the library (422 with the reason), unknown ids are 404, a taken id 409, a map
-being built by another process 409, writes without the API key 401. CPU work runs in the threadpool,
-so the event loop keeps answering ``/health`` while models run.
+Bad input is a 4xx with ``{"detail": "..."}``, never a 500: the key is checked and every body
+bounded before it is read (:mod:`.guard`: 401, 413), images are decoded by the library (422 with the
+reason), unknown fields and parameters are 422, unknown ids 404, a taken id 409, a map being built
+by another process 409, a damaged map 503, a full disk 507. An unexpected failure is a one-line 500
+(the traceback goes to the server log, never to the client). Parsing, decoding and the model run in
+the threadpool, so the event loop keeps answering ``/health`` while models run. ``/map`` shows
+filesystem paths only to requests carrying the key.
 """
 
 from __future__ import annotations
 
+import errno
 import hmac
+import logging
+import os
+import re
 import time
 from typing import Any, Callable
 
@@ -25,14 +32,27 @@ from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
 
 from .. import __version__
-from ..errors import ConfigError, DatasetError, ImageReadError, MapError, VPRKitError
+from ..errors import (
+    ConfigError,
+    DatasetError,
+    ImageReadError,
+    MapDamagedError,
+    MapError,
+    ReadOnlyMapError,
+    StateNotPreparedError,
+    StorageFullError,
+    VPRKitError,
+)
 from ..pipeline.live import LiveMap, PlaceExistsError, UnknownPlaceError
 from ..presets import list_rerank_configs
+from .forms import FormError, parse_multipart
+from .guard import API_KEY_HEADER, RequestGuard
+from .limits import DEFAULT_LIMITS, ServiceLimits
 
-API_KEY_HEADER = "X-API-Key"
+logger = logging.getLogger(__name__)
+
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 DEFAULT_TOP_K = 10
 MAX_TOP_K = 100
@@ -41,11 +61,22 @@ MULTIPART = "multipart/form-data"
 RAW_IMAGE_TYPES = ("image/", "application/octet-stream")
 # Form / query fields of a pose (POST /places).
 POSE_FIELDS = ("easting", "northing", "lat", "lon", "heading", "timestamp")
+KEY_FIELD = "key"
+# What each upload route accepts; anything else is a 422 naming it (a typo must not pass silently).
+LOCALIZE_PARAMS = frozenset({"top_k", "rerank"})
+PLACE_FIELDS = frozenset({KEY_FIELD, *POSE_FIELDS})
+# /map without the key: no filesystem paths (these fields, and any string that is an absolute path).
+PATH_FIELDS = frozenset({"map_dir", "images_root", "path", "root"})
+WINDOWS_ABSOLUTE = re.compile(r"^[A-Za-z]:[\\/]")
 
 # The most specific class wins (walked along the exception's MRO): the status of each library error.
 ERROR_STATUS: dict[type[VPRKitError], int] = {
     UnknownPlaceError: 404,
     PlaceExistsError: 409,
+    MapDamagedError: 503,  # a map file damaged or not belonging: nothing trustworthy to answer from
+    StorageFullError: 507,  # disk full or quota: nothing was kept
+    ReadOnlyMapError: 409,  # the map (or one of its folders) cannot be written
+    StateNotPreparedError: 409,  # e.g. re-ranking state not prepared: the message names the command
     MapError: 409,  # e.g. the map is being built by another process right now
     ImageReadError: 422,
     ConfigError: 422,
@@ -60,6 +91,51 @@ def error_status(exc: VPRKitError) -> int:
         if cls in ERROR_STATUS:
             return ERROR_STATUS[cls]
     return 400
+
+
+# An OSError escaping the library: the status by errno, and what the client is told (never the path).
+OSERROR_STATUS: dict[int, tuple[int, str]] = {
+    errno.ENOSPC: (507, "the map's disk is full: nothing was kept"),
+    errno.EDQUOT: (507, "the map's disk quota is exhausted: nothing was kept"),
+    errno.EFBIG: (507, "a map file reached the file size limit: nothing was kept"),
+    errno.ENAMETOOLONG: (422, "the place's key makes a file name longer than the file system allows"),
+    errno.EROFS: (409, "the map is on a read-only file system"),
+    errno.EACCES: (409, "the map cannot be written (permission denied)"),
+    errno.EPERM: (409, "the map cannot be written (operation not permitted)"),
+    errno.EEXIST: (409, "the place's key conflicts with an existing file or folder of the map"),
+    errno.ENOTDIR: (409, "the place's key conflicts with an existing file of the map"),
+    errno.EISDIR: (409, "the place's key conflicts with an existing folder of the map"),
+}
+OSERROR_DEFAULT = (409, "the map could not be read or written")
+
+
+def oserror_answer(exc: OSError) -> tuple[int, str]:
+    """(status, one-line detail) of an OSError from the map's files: 507 when storage ran out, else 409/422."""
+    status, detail = OSERROR_STATUS.get(exc.errno or 0, OSERROR_DEFAULT)
+    reason = exc.strerror or type(exc).__name__
+    return status, detail if reason.lower() in detail.lower() else f"{detail} ({reason})"
+
+
+def without_paths(value: Any) -> Any:
+    """``value`` (a JSON-like summary) without filesystem paths: :data:`PATH_FIELDS` and absolute path strings."""
+    if isinstance(value, dict):
+        return {k: without_paths(v) for k, v in value.items() if k not in PATH_FIELDS and not _is_path(v)}
+    if isinstance(value, list):
+        return [without_paths(v) for v in value if not _is_path(v)]
+    return value
+
+
+def _is_path(value: Any) -> bool:
+    return isinstance(value, str) and (
+        os.path.isabs(value) or value.startswith("~") or bool(WINDOWS_ABSOLUTE.match(value))
+    )
+
+
+def _unknown(names, known: frozenset[str], what: str) -> None:
+    """422 naming the first of ``names`` not in ``known``."""
+    for name in names:
+        if name not in known:
+            raise HTTPException(422, f"unknown {what} {name!r}; known: {', '.join(sorted(known))}")
 
 
 # ---- response models (documentation of the answers; /openapi.json shows them) -------------------
@@ -199,8 +275,8 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def read_upload(request: Request, limit: int) -> tuple[bytes, str, dict[str, str]]:
-    """(image bytes, its name, form fields) of a multipart or raw upload, read within ``limit`` bytes."""
+async def read_upload(request: Request, limit: int) -> bytes:
+    """The body of a multipart or raw image upload, read within ``limit`` bytes (see :func:`unpack_upload`)."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype and ctype != MULTIPART and not ctype.startswith(RAW_IMAGE_TYPES):
         raise HTTPException(
@@ -208,26 +284,34 @@ async def read_upload(request: Request, limit: int) -> tuple[bytes, str, dict[st
             f"send the image as {MULTIPART} (field '{IMAGE_FIELD}') or as raw bytes "
             f"(image/*, application/octet-stream), not {ctype}",
         )
-    body = await read_body(request, limit)
-    if ctype == MULTIPART:
+    return await read_body(request, limit)
 
-        async def replay() -> dict[str, Any]:
-            return {"type": "http.request", "body": body, "more_body": False}
 
-        try:
-            form = await Request(request.scope, replay).form(max_files=1, max_part_size=limit)
-        except Exception as exc:  # noqa: BLE001 - the multipart parser's errors are the client's malformed body
-            raise HTTPException(422, f"unreadable multipart body ({getattr(exc, 'detail', exc)})") from None
-        upload = form.get(IMAGE_FIELD)
-        if not isinstance(upload, UploadFile):
-            raise HTTPException(422, f"multipart upload needs a file field named '{IMAGE_FIELD}'")
-        data = await upload.read()
-        fields = {k: v for k, v in form.items() if isinstance(v, str)}
-        await form.close()
-        return data, upload.filename or IMAGE_FIELD, fields
-    if not body:
-        raise HTTPException(422, "no image in the request body")
-    return body, "upload", {}
+def unpack_upload(body: bytes, content_type: str, known_fields: frozenset[str]) -> tuple[bytes, str, dict[str, str]]:
+    """(image bytes, its name, form fields) of an upload body; CPU work, so called in the threadpool.
+
+    A multipart form must hold one file field ``image`` and only fields of ``known_fields`` (422 otherwise).
+    """
+    if content_type.split(";")[0].strip().lower() != MULTIPART:
+        if not body:
+            raise HTTPException(422, "no image in the request body")
+        return body, "upload", {}
+    try:
+        parts = parse_multipart(body, content_type)
+    except FormError as exc:
+        raise HTTPException(422, f"unreadable multipart body ({exc})") from None
+    _unknown((p.name for p in parts), known_fields | {IMAGE_FIELD}, "form field")
+    files = [p for p in parts if p.name == IMAGE_FIELD and p.filename is not None]
+    if len(files) != 1 or any(p.name == IMAGE_FIELD and p.filename is None for p in parts):
+        raise HTTPException(422, f"a multipart upload needs exactly one file field named '{IMAGE_FIELD}'")
+    fields: dict[str, str] = {}
+    for part in parts:
+        if part.filename is None:
+            try:
+                fields[part.name] = part.data.decode("utf-8")
+            except UnicodeDecodeError:
+                raise HTTPException(422, f"form field {part.name!r} is not UTF-8 text") from None
+    return files[0].data, files[0].filename or IMAGE_FIELD, fields
 
 
 def _form_pose(fields: dict[str, str]) -> dict[str, float]:
@@ -248,8 +332,10 @@ def create_app(
     api_key: str | None = None,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     title: str = "vprkit live localiser",
+    limits: ServiceLimits = DEFAULT_LIMITS,
 ) -> FastAPI:
-    """The FastAPI app serving ``live`` (one loaded model and map). ``api_key``: required for writes when given."""
+    """The FastAPI app serving ``live`` (one loaded model and map). ``api_key``: required for writes when given;
+    ``limits``: the request limits of :mod:`.limits` (the connection limits are the server's, see :mod:`.server`)."""
     if max_upload_bytes < 1:
         raise ConfigError(f"max_upload_bytes must be positive, got {max_upload_bytes}")
     if api_key is not None and not api_key:
@@ -259,19 +345,37 @@ def create_app(
         version=__version__,
         description="Visual place recognition over a live map: localise images, add, move and remove places.",
     )
-
-    @app.exception_handler(VPRKitError)
-    async def _library_error(_: Request, exc: VPRKitError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=error_status(exc))
-
-    _add_status_routes(app, live, started=time.time())
+    _add_error_handlers(app)
+    # Outside the routes (and inside Starlette's last-resort error handler): the key and body limits are
+    # checked before any body is read, and model requests take a slot.
+    app.add_middleware(RequestGuard, api_key=api_key, limits=limits, max_upload_bytes=max_upload_bytes)
+    _add_status_routes(app, live, api_key, started=time.time())
     _add_localize_route(app, live, max_upload_bytes)
     _add_place_routes(app, live, max_upload_bytes, _key_check(api_key))
     return app
 
 
+def _add_error_handlers(app: FastAPI) -> None:
+    """Library errors by :data:`ERROR_STATUS`, OSErrors by :data:`OSERROR_STATUS` (anything else: the guard's
+    one-line 500, see :mod:`.guard`)."""
+
+    @app.exception_handler(VPRKitError)
+    async def _library_error(_: Request, exc: VPRKitError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=error_status(exc))
+
+    @app.exception_handler(OSError)
+    async def _os_error(request: Request, exc: OSError) -> JSONResponse:
+        status, detail = oserror_answer(exc)
+        logger.warning("%s %s: %s (%s)", request.method, request.url.path, detail, exc)
+        return JSONResponse({"detail": detail}, status_code=status)
+
+
 def _key_check(api_key: str | None) -> Callable[..., None]:
-    """The dependency that guards writes: 401 unless the request carries ``api_key`` (nothing to check without one)."""
+    """The dependency that guards writes: 401 unless the request carries ``api_key`` (nothing to check without one).
+
+    :class:`.guard.RequestGuard` has already refused such requests before their body was read; this
+    second check documents the header in the OpenAPI schema and holds if the app runs without the guard.
+    """
     key_header = APIKeyHeader(
         name=API_KEY_HEADER,
         auto_error=False,
@@ -281,7 +385,7 @@ def _key_check(api_key: str | None) -> Callable[..., None]:
     def require_key(given: str | None = Depends(key_header)) -> None:
         if api_key is None:
             return
-        if given is None or not hmac.compare_digest(given.encode(), api_key.encode()):
+        if not _is_key(given, api_key):
             raise HTTPException(
                 401,
                 f"this service needs its API key for writes (header {API_KEY_HEADER})",
@@ -291,29 +395,36 @@ def _key_check(api_key: str | None) -> Callable[..., None]:
     return require_key
 
 
-def _add_status_routes(app: FastAPI, live: LiveMap, started: float) -> None:
-    """``GET /health`` (uptime counted from ``started``) and ``GET /map``."""
+def _is_key(given: str | None, api_key: str | None) -> bool:
+    """Whether ``given`` is the service's key (constant time); never true for a service without a key."""
+    return given is not None and api_key is not None and hmac.compare_digest(given.encode(), api_key.encode())
+
+
+def _add_status_routes(app: FastAPI, live: LiveMap, api_key: str | None, started: float) -> None:
+    """``GET /health`` (uptime counted from ``started``) and ``GET /map`` (paths only for the key's holder)."""
 
     @app.get("/health", response_model=HealthOut, summary="Liveness and the number of places")
-    def health() -> HealthOut:
+    async def health() -> HealthOut:
+        # On the event loop itself: no lock, no threadpool, so it answers while every worker thread is busy.
         return HealthOut(
             status="ok", places=len(live), uptime_seconds=round(time.time() - started, 3), version=__version__
         )
 
-    @app.get("/map", summary="The served map: settings, counts, index, frame")
-    def map_info() -> dict[str, Any]:
-        return live.info()
+    @app.get("/map", summary="The served map: settings, counts, index, frame (filesystem paths only with the key)")
+    def map_info(request: Request) -> dict[str, Any]:
+        info = live.info()
+        return info if _is_key(request.headers.get(API_KEY_HEADER), api_key) else without_paths(info)
 
 
 def _add_localize_route(app: FastAPI, live: LiveMap, max_upload_bytes: int) -> None:
-    """``POST /localize``: the upload is read on the event loop, decoding and search run in the threadpool."""
+    """``POST /localize``: the upload is read on the event loop, parsing, decoding and search run in the threadpool."""
     rerank_names = {c.name for c in list_rerank_configs()}
     known = ", ".join(sorted(rerank_names))
 
     @app.post(
         "/localize",
         response_model=LocalizeOut,
-        responses=_ERRORS,
+        responses={**_ERRORS, 503: {"model": ErrorOut}},
         openapi_extra=_UPLOAD_BODY,
         summary="Localise one image: the top-K places and the position estimate",
     )
@@ -324,11 +435,14 @@ def _add_localize_route(app: FastAPI, live: LiveMap, max_upload_bytes: int) -> N
             None, description=f"re-ranking preset: {known}, or none; default: the re-ranking the map was built for"
         ),
     ) -> JSONResponse:
+        _unknown(request.query_params.keys(), LOCALIZE_PARAMS, "query parameter")
         if rerank is not None and rerank != "none" and rerank not in rerank_names:
             raise HTTPException(422, f"unknown re-ranking preset {rerank!r}; known: {known}")
-        data, name, _ = await read_upload(request, max_upload_bytes)
+        body = await read_upload(request, max_upload_bytes)
+        content_type = request.headers.get("content-type", "")
 
         def work() -> dict[str, Any]:
+            data, name, _ = unpack_upload(body, content_type, frozenset())
             picture = live.decode(data, name)
             result = live.localize({name: picture}, top_k=top_k, rerank=rerank)[0]
             if result.error is not None:
@@ -348,7 +462,7 @@ def _add_place_routes(app: FastAPI, live: LiveMap, max_upload_bytes: int, requir
         "/places",
         response_model=PlaceOut,
         status_code=201,
-        responses=_ERRORS,
+        responses={**_ERRORS, 503: {"model": ErrorOut}, 507: {"model": ErrorOut}},
         openapi_extra=_PLACE_BODY,
         dependencies=[Depends(require_key)],
         summary="Add an image and its pose as a new place (durable on answer)",
@@ -363,19 +477,17 @@ def _add_place_routes(app: FastAPI, live: LiveMap, max_upload_bytes: int, requir
         heading: float | None = Query(None),
         timestamp: float | None = Query(None),
     ) -> JSONResponse:
-        data, _, fields = await read_upload(request, max_upload_bytes)
-        given = {
-            "easting": easting,
-            "northing": northing,
-            "lat": lat,
-            "lon": lon,
-            "heading": heading,
-            "timestamp": timestamp,
-        }
-        pose = {**{k: v for k, v in given.items() if v is not None}, **_form_pose(fields)}
-        place_key = fields.get("key") or key
-        place = await run_in_threadpool(live.add_place, data, place_key, pose)
-        return JSONResponse(place, status_code=201)
+        _unknown(request.query_params.keys(), PLACE_FIELDS, "query parameter")
+        body = await read_upload(request, max_upload_bytes)
+        content_type = request.headers.get("content-type", "")
+        given = dict(easting=easting, northing=northing, lat=lat, lon=lon, heading=heading, timestamp=timestamp)
+
+        def work() -> dict[str, Any]:
+            data, _, fields = unpack_upload(body, content_type, PLACE_FIELDS)
+            pose = {**{k: v for k, v in given.items() if v is not None}, **_form_pose(fields)}
+            return live.add_place(data, fields.get(KEY_FIELD) or key, pose)
+
+        return JSONResponse(await run_in_threadpool(work), status_code=201)
 
     @app.get("/places/{key:path}", response_model=PlaceOut, responses=_ERRORS, summary="One place")
     def get_place(key: str) -> dict[str, Any]:
@@ -384,7 +496,7 @@ def _add_place_routes(app: FastAPI, live: LiveMap, max_upload_bytes: int, requir
     @app.patch(
         "/places/{key:path}",
         response_model=PlaceOut,
-        responses=_ERRORS,
+        responses={**_ERRORS, 503: {"model": ErrorOut}, 507: {"model": ErrorOut}},
         dependencies=[Depends(require_key)],
         summary="Change a place's pose (fields left out stay as they are; durable on answer)",
     )
@@ -394,7 +506,7 @@ def _add_place_routes(app: FastAPI, live: LiveMap, max_upload_bytes: int, requir
     @app.delete(
         "/places/{key:path}",
         response_model=DeletedOut,
-        responses=_ERRORS,
+        responses={**_ERRORS, 503: {"model": ErrorOut}, 507: {"model": ErrorOut}},
         dependencies=[Depends(require_key)],
         summary="Remove a place (durable on answer)",
     )

@@ -2,6 +2,12 @@
 
 One uvicorn worker: the map and its models are loaded once, in this process, and shared by every
 request (a second worker would load a second copy and could not see the first one's writes).
+
+Both run uvicorn with :func:`server_config`: the h11 protocol of :mod:`.protocol` (head and body
+timeouts, connection caps by :class:`~.limits.ServiceLimits`), uvicorn's keep-alive timeout and
+head-size limit from the same limits, and no ``limit_concurrency`` (it counts connections, so idle
+sockets turned every request into a 503; the model queue is bounded per request by :mod:`.guard`).
+The access log redacts credentials in query strings (:class:`~.guard.RedactCredentials`).
 """
 
 from __future__ import annotations
@@ -17,11 +23,12 @@ from fastapi import FastAPI
 from ..errors import VPRKitError
 from ..pipeline.live import LiveMap
 from .app import DEFAULT_MAX_UPLOAD_BYTES, create_app
+from .guard import install_access_log_redaction
+from .limits import DEFAULT_LIMITS, ServiceLimits
+from .protocol import guarded_protocol
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
-# Requests handled at once before uvicorn answers 503: bounds the memory of uploads held in flight.
-DEFAULT_CONCURRENCY_LIMIT = 32
 STARTUP_TIMEOUT_S = 30.0
 POLL_S = 0.01
 
@@ -29,6 +36,33 @@ POLL_S = 0.01
 def base_url(host: str, port: int) -> str:
     """``http://host:port`` (IPv6 hosts in brackets)."""
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def server_config(
+    app: FastAPI,
+    host: str,
+    port: int,
+    limits: ServiceLimits = DEFAULT_LIMITS,
+    access_log: bool = True,
+    log_level: str = "info",
+    lifespan: str = "auto",
+) -> uvicorn.Config:
+    """uvicorn's configuration for ``app`` with the connection ``limits`` (see the module docstring)."""
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        workers=1,
+        http=guarded_protocol(limits),
+        timeout_keep_alive=limits.keep_alive_timeout_s,  # type: ignore[arg-type]  # a float works (call_later)
+        h11_max_incomplete_event_size=limits.max_header_bytes,
+        limit_concurrency=None,
+        access_log=access_log,
+        log_level=log_level,
+        lifespan=lifespan,
+    )
+    install_access_log_redaction()  # after uvicorn's logging setup, which the config has just run
+    return config
 
 
 def serve(
@@ -39,29 +73,25 @@ def serve(
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     device: str | None = None,
     access_log: bool = True,
-    concurrency_limit: int = DEFAULT_CONCURRENCY_LIMIT,
+    limits: ServiceLimits = DEFAULT_LIMITS,
     on_ready: Callable[[str], None] | None = None,
 ) -> None:
-    """Serve ``map_dir`` over HTTP until interrupted. ``on_ready(url)`` is called once the map and models are loaded."""
+    """Serve ``map_dir`` over HTTP until interrupted. ``on_ready(url)`` is called once the map and models are loaded.
+
+    A map that cannot be opened (damaged, of another preset, unreadable) raises before anything listens.
+    """
     live = LiveMap.open(map_dir, device=device)
-    app = create_app(live, api_key=api_key, max_upload_bytes=max_upload_bytes)
+    app = create_app(live, api_key=api_key, max_upload_bytes=max_upload_bytes, limits=limits)
     if on_ready is not None:
         on_ready(base_url(host, port))
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        workers=1,
-        access_log=access_log,
-        limit_concurrency=concurrency_limit,
-        log_level="info",
-    )
+    uvicorn.Server(server_config(app, host, port, limits, access_log=access_log)).run()
 
 
 class BackgroundServer:
     """A uvicorn server for ``app`` in a thread of this process, on a free port of ``host`` (loopback by default).
 
     Use as a context manager; ``url`` is set once it listens. ``stop()`` ends it (requests in flight finish).
+    ``limits``: the connection limits (the request limits are the app's, given to :func:`create_app`).
     """
 
     def __init__(
@@ -70,17 +100,10 @@ class BackgroundServer:
         host: str = DEFAULT_HOST,
         port: int = 0,
         access_log: bool = False,
-        concurrency_limit: int = DEFAULT_CONCURRENCY_LIMIT,
+        limits: ServiceLimits = DEFAULT_LIMITS,
+        log_level: str = "warning",
     ):
-        config = uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            access_log=access_log,
-            log_level="warning",
-            limit_concurrency=concurrency_limit,
-            lifespan="off",
-        )
+        config = server_config(app, host, port, limits, access_log=access_log, log_level=log_level, lifespan="off")
         self.server = uvicorn.Server(config)
         self.host = host
         self.url = ""
