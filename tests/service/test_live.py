@@ -169,27 +169,3 @@ def test_concurrent_localisations_share_batches_and_equal_one_at_a_time(map_dir,
     for a, b in zip(alone, together):
         assert b.query == "q" and [m.key for m in a.matches] == [m.key for m in b.matches]
         assert np.allclose([m.score for m in a.matches], [m.score for m in b.matches], atol=1e-4)
-
-
-def test_a_reranker_is_built_once_and_dropped_by_a_write(map_dir, corridor_dir, monkeypatch):
-    """The service re-ranks without rebuilding its re-ranker per request; a write (rows change) rebuilds it."""
-    import vprkit.pipeline.live as live_module
-
-    live = LiveMap.open(map_dir)
-    built: list[str] = []
-    real = live_module.get_reranker
-
-    def counted(m, rerank, *args, **kw):
-        built.append(getattr(rerank, "name", rerank))  # the service resolves the name to settings once
-        return real(m, rerank, *args, **kw)
-
-    monkeypatch.setattr(live_module, "get_reranker", counted)
-    frame = np.asarray(Image.open(corridor_dir / "ref" / "0000005.jpg"))
-    first = live.localize({"q": frame}, top_k=3, rerank="storage")[0]
-    second = live.localize({"q": frame}, top_k=3, rerank="storage")[0]
-    assert built == ["storage"]
-    assert first.matches[0].key == second.matches[0].key == "0000005.jpg"
-    assert first.matches[0].score_kind == "fused_zscore"
-    live.add_place(np.asarray(Image.open(corridor_dir / "query" / "0000040.jpg")), "added.jpg", None)
-    third = live.localize({"q": frame}, top_k=3, rerank="storage")[0]
-    assert built == ["storage", "storage"] and third.matches[0].key == "0000005.jpg"

@@ -6,14 +6,24 @@ query. It composes the stages exactly as a build and a query do — descriptors 
 :func:`vprkit.pipeline.query_batches`, rows through :class:`~vprkit.maps.MapStore`, the index through
 its ``add``/``remove`` — and adds what sharing needs:
 
-- **Readers–writer lock.** Any number of localisations run together; a write (add, move, remove)
-  waits for them and excludes them for its short store-and-index update. The descriptor of an added
-  image is computed *before* the write lock is taken, so readers wait only for the disk writes.
-- **Durable before the answer.** A write returns after the store (and, for an added place, its image
-  under ``MAP_DIR/live-images/``) is on disk: a crash right after loses nothing, and a restart serves
-  every acknowledged place. The index is derived data: its file is removed before the store changes
-  and saved after, so a crash in between makes the next open rebuild it from the store, never trust
-  a stale one.
+- **Readers–writer lock, fair both ways.** Any number of localisations run together; a write (add,
+  move, remove) waits for them and excludes them for its short store-and-index update. A waiting
+  writer holds back new readers, and the readers waiting when a write ends go before the next one
+  (:class:`~vprkit.maps.lock.ReadWriteLock`). A localisation holds the read lock only while its batch
+  runs, not while it queues for the model; the descriptor (and payloads) of an added image are
+  computed *before* the write lock is taken, so readers wait only for the disk writes.
+- **All or nothing, durable before the answer.** A write returns after the store (and, for an added
+  place, its image under ``MAP_DIR/live-images/``) is on disk: a crash right after loses nothing,
+  and a restart serves every acknowledged place. A write that fails leaves nothing behind
+  (:mod:`vprkit.pipeline.live_writes`); a full disk is a :class:`StorageFullError`, a read-only
+  folder a :class:`ReadOnlyMapError`. The index is derived data: a count that differs from the
+  store's makes the next open rebuild it.
+- **Read-only when it must.** A map on a read-only folder or a full disk is served for localisation,
+  with one warning; writes are refused with the reason. ``map.json``'s counts follow the store.
+- **No request builds expensive state.** Re-ranking reads the map's stored patches or a state saved
+  by ``vprkit rerank prepare`` (``prepare_rerank`` loads named ones at start-up); a missing one is a
+  :class:`StateNotPreparedError` naming that command. Kept re-rankers follow writes (an added place's
+  payload is saved with it) instead of being built again.
 - **One writer per map.** Writes also take :func:`vprkit.maps.lock.map_write_lock`, so a
   ``vprkit map build`` into the same folder cannot interleave with them (whichever comes second is
   refused with a clear message). Once another process has changed the map (``map.json`` replaced),
@@ -29,7 +39,6 @@ its ``add``/``remove`` — and adds what sharing needs:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -37,18 +46,15 @@ import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 from PIL import Image
 
+from ..errors import MapError, ReadOnlyMapError, StorageFullError
 from ..images import DecodedImages
-from ..io import atomic_path
 from ..maps import (
-    ENTRY_FIELDS,
-    INDEX_FILE,
     MAP_FILE,
-    POSE_DIMS,
     check_key,
     map_write_lock,
     MapChangedError,
@@ -62,43 +68,67 @@ from ..maps import (
     write_manifest,
 )
 from ..uploads import DEFAULT_MAX_UPLOAD_PIXELS, FORMAT_EXTENSIONS, decode_image, kept_picture
+from . import live_writes
 from .batching import DEFAULT_INFERENCE_SLOTS, RequestBatcher
+from .live_writes import LIVE_IMAGES_DIR, PreparedPlace, Undo, storage_errors
 from .localization import QueryResult, RerankChoice, get_reranker, localize, query_batches, rerank_settings
 from .open import Map, open_map
 
 logger = logging.getLogger(__name__)
 
-# Where the images of places added live are kept (the map's own copy: re-ranking and explanations read them).
-LIVE_IMAGES_DIR = "live-images"
 LIVE_RUN_NOTE = "places added through the live map (vprkit serve)"
+STORE_APPEND_DIR = "live"  # the store's append files (vprkit.maps.store)
 
 
 class LiveMap:
-    """One opened map with its models, shared by readers and writers (see the module docstring)."""
+    """One opened map with its models, shared by readers and writers (see the module docstring).
+
+    ``refuse_writes``: why writes are refused (a map served read-only), or None.
+    """
 
     def __init__(
         self,
         map: Map,
         inference_slots: int = DEFAULT_INFERENCE_SLOTS,
         max_upload_pixels: int = DEFAULT_MAX_UPLOAD_PIXELS,
+        prepare_rerank: Iterable[str] = (),
+        refuse_writes: MapError | None = None,
     ):
         self.map = map
         self.max_upload_pixels = max_upload_pixels
         self.lock = ReadWriteLock()
         self._batcher = RequestBatcher(inference_slots, map.config.batch_size)
         self._row_of = {k: i for i, k in enumerate(map.data.keys)}
-        # Re-rankers by their settings, built once (their patch state, readers and caches) and dropped on a
-        # write, which changes the rows they index.
+        # Re-rankers by their settings, built once from stored or prepared state and kept across writes.
         self._rerankers: dict[str, Any] = {}
         self._rerankers_lock = threading.Lock()
         self._run: int | None = None
+        self.refuse_writes = refuse_writes or (
+            ReadOnlyMapError(f"{map.dir} is opened read-only") if map.data.read_only else None
+        )
         self._seen = self._map_file_state()
         self.opened = time.time()
+        for name in prepare_rerank:
+            self._reranker(name)  # a missing state fails at start-up (StateNotPreparedError), not at a request
+        if self.refuse_writes is None:
+            self._tidy()
 
     @classmethod
     def open(cls, map_dir: str | os.PathLike, device: str | None = None, **options: Any) -> "LiveMap":
-        """Open ``map_dir`` for reading and writing and load its models once."""
-        return cls(open_map(map_dir, read_only=False, device=device), **options)
+        """Open ``map_dir`` for reading and writing and load its models once.
+
+        On a read-only folder or a full disk the map is opened read-only with one warning: localisation works,
+        writes raise :class:`ReadOnlyMapError` / :class:`StorageFullError`."""
+        d = Path(map_dir)
+        refused = live_writes.probe_writable([d, d / LIVE_IMAGES_DIR, d / STORE_APPEND_DIR])
+        if refused is None:
+            try:
+                with storage_errors(f"opening {d.name} for writing"):
+                    return cls(open_map(d, read_only=False, device=device), **options)
+            except (StorageFullError, ReadOnlyMapError) as exc:
+                refused = exc
+        logger.warning("serving %s read-only: %s; places cannot be added, moved or removed", d, refused)
+        return cls(open_map(d, read_only=True, device=device), refuse_writes=refused, **options)
 
     # ---- reading ------------------------------------------------------------------------------
     @property
@@ -121,19 +151,19 @@ class LiveMap:
         self, frames: Mapping[str, np.ndarray | Image.Image], top_k: int = 10, rerank: RerankChoice = None
     ) -> list[QueryResult]:
         """Top-``top_k`` places of each decoded frame (named by its key), re-ranked as the map was built to
-        unless ``rerank`` says otherwise (``"none"``, a preset name).
+        unless ``rerank`` says otherwise (``"none"``, a preset name whose state is stored or prepared).
 
-        Runs beside other localisations (batched with those that wait for the model); waits only for a write
-        in progress.
+        Runs beside other localisations (batched with those that wait for the model); holds the read lock
+        only while its batch runs, so a write waits for the batches running, not for the queue.
         """
-        with self.lock.read():
-            return self._batcher.run(
-                frames,
-                (top_k, rerank if rerank is None or isinstance(rerank, str) else repr(rerank)),
-                lambda named, _: localize(
-                    self.map, named, top_k=top_k, rerank=self._reranker(rerank), unreadable="report"
-                ),
-            )
+
+        def run_batch(named: dict[str, Any], _: Any) -> list[QueryResult]:
+            with self.lock.read():
+                reranker = self._reranker(rerank)
+                return localize(self.map, named, top_k=top_k, rerank=reranker, unreadable="report")
+
+        settings = (top_k, rerank if rerank is None or isinstance(rerank, str) else repr(rerank))
+        return self._batcher.run(frames, settings, run_batch)
 
     def place(self, key: str) -> dict[str, Any]:
         """What the map holds for ``key``: its row, position, heading and timestamp."""
@@ -165,12 +195,15 @@ class LiveMap:
     def add_place(
         self, image: bytes | np.ndarray | Image.Image, key: str | None = None, pose: Mapping[str, Any] | None = None
     ) -> dict[str, Any]:
-        """Add one image as a new place (``key`` or a generated one); durable when this returns.
+        """Add one image as a new place (``key`` or a generated one); durable when this returns, nothing kept if
+        it raises.
 
         ``image`` is a file's bytes (kept as they are under ``live-images/<key>``) or a decoded frame
-        (kept as PNG). The descriptor (and the map extensions' payloads) come from the same models as
-        the map's. A key already in the map is a :class:`PlaceExistsError`.
+        (kept as PNG). The descriptor (and the map extensions' and kept re-rankers' payloads) come from the
+        same models as the map's. A key already in the map, or clashing with a file there, is a
+        :class:`PlaceExistsError`.
         """
+        self._check_writable()
         data_bytes, picture, fmt = kept_picture(image, key or "upload", self.decode)
         key = check_key(key) if key is not None else self._new_key(fmt)
         if key in self._row_of:  # early answer; checked again under the write lock
@@ -178,87 +211,30 @@ class LiveMap:
         parsed = parse_pose(pose, self.map.data.crs)
         with self._batcher.inference:  # the model's work, before any lock readers would wait for
             (qb,) = list(query_batches(self.map, DecodedImages({key: picture})))
-        vector = qb.global_descriptors[:1]
-        extras = None
-        if self.map.extensions:
-            per_image: dict[str, Any] = {}
-            for group, ext in self.map.extensions.items():
-                per_image[group] = ext.encode(qb.batch, qb.features)[0]
-            extras = [per_image]
+            place = PreparedPlace(key, data_bytes, qb.global_descriptors[:1], parsed, qb)
+            if self.map.extensions:
+                place.extras = [{g: ext.encode(qb.batch, qb.features)[0] for g, ext in self.map.extensions.items()}]
+            for reranker in self._kept_rerankers():
+                if not getattr(reranker.candidates, "stored", True):
+                    place.rerank_payloads[id(reranker)] = reranker.candidates.encode_place(qb.batch, qb.features)
         with self._writing():
-            if key in self._row_of:
-                raise PlaceExistsError(f"place {key!r} is already in the map; delete it or use another id")
-            run = self._live_run()
-            path = self.dir / LIVE_IMAGES_DIR / key
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(path) as tmp:
-                Path(tmp).write_bytes(data_bytes)
-            entries = {
-                "content_sha256": np.array([hashlib.sha256(data_bytes).hexdigest().encode()]),
-                "file_size": np.array([len(data_bytes)]),
-                "file_mtime": np.array([path.stat().st_mtime]),
-                "run": np.array([run]),
-            }
-            entries = {k: np.asarray(v, ENTRY_FIELDS[k][0]) for k, v in entries.items()}
-            xy = np.array([parsed.xy if parsed.xy is not None else (np.nan, np.nan)], np.float64).reshape(1, POSE_DIMS)
-            headings = None if parsed.heading is None else np.array([parsed.heading])
-            stamps = None if parsed.timestamp is None else np.array([parsed.timestamp])
-            try:
-                with self._store_change():
-                    self.map.store.append([key], vector, xy, headings, stamps, entries, extras)
-            except BaseException:
-                path.unlink(missing_ok=True)  # the place was not added: its image goes too
-                raise
-            # the row's key, run and pose too: an index that keeps them beside the vector (Milvus) stores them
-            self.map.index.add(vector, [key], entries["run"], xy)
-            self._remember(key, xy[0], parsed)
-            self._after_write({"added": key})
+            live_writes.commit_add(self, place)
             return self._place(key)
 
     def remove_place(self, key: str) -> dict[str, Any]:
         """Remove ``key`` from the map (its live image too); durable when this returns. Returns what it held."""
+        self._check_writable()
         with self._writing():
             before = self._place(key)
-            with self._store_change():
-                rows = np.asarray(self.map.store.remove([key]), np.int64)
-            if len(rows):
-                self.map.index.remove(rows)
-            data = self.map.data
-            keep = np.ones(len(data.keys), bool)
-            keep[rows] = False
-            data.keys = [k for k, kept in zip(data.keys, keep) if kept]
-            data.poses = data.poses[keep]
-            data.headings, data.timestamps = data.headings[keep], data.timestamps[keep]
-            self._row_of = {k: i for i, k in enumerate(data.keys)}
-            (self.dir / LIVE_IMAGES_DIR / key).unlink(
-                missing_ok=True
-            )  # after the store: a crash leaves a stray file, never a lost place
-            self._after_write({"removed": key})
+            live_writes.commit_remove(self, key)
             return before
 
     def update_pose(self, key: str, pose: Mapping[str, Any]) -> dict[str, Any]:
         """Set the position / heading / timestamp of ``key`` (fields not given stay as they are); durable on return."""
+        self._check_writable()
         parsed = parse_pose(pose, self.map.data.crs)
         with self._writing():
-            self._row(key)
-            row = int(
-                self.map.store.set_pose(
-                    key,
-                    None if parsed.xy is None else np.asarray(parsed.xy, np.float64),
-                    heading=parsed.heading,
-                    timestamp=parsed.timestamp,
-                )
-            )
-            data = self.map.data
-            if parsed.xy is not None:
-                data.poses[row] = parsed.xy
-                # an index that keeps poses beside the vectors (Milvus) follows the store
-                self.map.index.set_poses([row], np.asarray(parsed.xy, np.float64).reshape(1, POSE_DIMS))
-            if parsed.heading is not None:
-                data.headings[row] = parsed.heading
-            if parsed.timestamp is not None:
-                data.timestamps[row] = parsed.timestamp
-            self._record({"pose": key})
+            live_writes.commit_pose(self, key, self._row(key), parsed)
             return self._place(key)
 
     # ---- helpers (callers hold the lock) ------------------------------------------------------
@@ -272,28 +248,17 @@ class LiveMap:
         row = self._row(key)
         data = self.map.data
         pos = data.poses[row]
-        heading = self._optional("headings", row)
-        stamp = self._optional("timestamps", row)
         return {
             "id": key,
             "row": row,
             "position": None if np.isnan(pos).any() else {"easting": float(pos[0]), "northing": float(pos[1])},
-            "heading": heading,
-            "timestamp": stamp,
+            "heading": self._optional("headings", row),
+            "timestamp": self._optional("timestamps", row),
         }
 
     def _optional(self, name: str, row: int) -> float | None:
         value = float(getattr(self.map.data, name)[row])
         return value if np.isfinite(value) else None
-
-    def _remember(self, key: str, xy: np.ndarray, pose: Pose) -> None:
-        """The in-memory view of a row appended at the end (the store appends there too)."""
-        data = self.map.data
-        data.keys.append(key)
-        data.poses = np.vstack([data.poses.reshape(-1, POSE_DIMS), xy.reshape(1, POSE_DIMS)])
-        data.headings = np.append(data.headings, np.nan if pose.heading is None else pose.heading)
-        data.timestamps = np.append(data.timestamps, np.nan if pose.timestamp is None else pose.timestamp)
-        self._row_of[key] = len(data.keys) - 1
 
     def _new_key(self, fmt: str) -> str:
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
@@ -309,31 +274,31 @@ class LiveMap:
                 self._run = int(run["run"])
         return self._run
 
-    def _live_run(self) -> int:
+    def _live_run(self, undo: Undo) -> int:
         """The run id recorded for the live images (registered on the first add, reused after a restart)."""
         run = self._live_run_id()
         if run is None:
             run = int(register_run(self.dir, (self.dir / LIVE_IMAGES_DIR).resolve(), LIVE_RUN_NOTE))
+            undo.push("the live images' run", lambda: self._forget_run(run))
             self.map.data.info = read_map_info(self.dir)  # the new run: MapData.images finds live images by it
             self._seen = self._map_file_state()
             self._run = run
         return run
 
-    @contextmanager
-    def _store_change(self) -> Iterator[None]:
-        """Remove the saved index while the store's rows change, so a crash before :meth:`_after_write` saves
-        it again makes the next open rebuild it from the store; if the change fails (nothing changed), put it back."""
-        (self.dir / INDEX_FILE).unlink(missing_ok=True)
-        try:
-            yield
-        except BaseException:
-            self.map.index.save_to_map(self.dir)
-            raise
+    def _forget_run(self, run: int) -> None:
+        live_writes.unregister_run(self.dir, run)
+        self.map.data.info = read_map_info(self.dir)
+        self._seen = self._map_file_state()
+        self._run = None
+
+    def _check_writable(self) -> None:
+        if self.refuse_writes is not None:
+            raise type(self.refuse_writes)(f"{self.refuse_writes}; the map is served read-only")
 
     @contextmanager
     def _writing(self) -> Iterator[None]:
         """This process's write lock and the map directory's, refusing a map another process changed meanwhile."""
-        with self.lock.write(), map_write_lock(self.dir):
+        with self.lock.write(), map_write_lock(self.dir, reentrant=True):
             if self._map_file_state() != self._seen:
                 raise MapChangedError(
                     f"{self.dir} was changed by another process (a `vprkit map build`, `map remove` …) "
@@ -347,36 +312,42 @@ class LiveMap:
         return st.st_ino, st.st_mtime_ns, st.st_size
 
     def _reranker(self, rerank: RerankChoice):
-        """The re-ranker ``rerank`` asks for on this map (None: the map's own), built on first use and kept until
-        the next write."""
+        """The re-ranker ``rerank`` asks for on this map (None: the map's own), built on first use from the map's
+        stored or prepared state (never computed here: a missing state is a StateNotPreparedError) and kept."""
         settings = rerank_settings(self.map.config, rerank)
         if settings is None:
             return None
         key = repr(settings)
         with self._rerankers_lock:
             if key not in self._rerankers:
-                self._rerankers[key] = get_reranker(self.map, settings)
+                save = self.refuse_writes is None
+                self._rerankers[key] = get_reranker(self.map, settings, save=save, compute=False)
             return self._rerankers[key]
 
-    def _drop_rerankers(self) -> None:
+    def _kept_rerankers(self) -> list[Any]:
         with self._rerankers_lock:
-            rerankers, self._rerankers = self._rerankers, {}
-        for reranker in rerankers.values():
-            reranker.close()
+            return list(self._rerankers.values())
 
-    def _after_write(self, change: dict[str, str]) -> None:
-        """Save the index that matches the store, let extensions refresh what they derive from it, record the change."""
-        self._drop_rerankers()
-        self.map.index.save_to_map(self.dir)
-        for ext in self.map.extensions.values():
-            ext.finalize(self.map.store, self.dir)
-        self._record(change)
+    def _tidy(self) -> None:
+        """At start-up: remove temporary files interrupted writes left in ``live-images/``, and make ``map.json``'s
+        counts the store's (a write killed before recording itself). Skipped while another process writes."""
+        try:
+            with map_write_lock(self.dir), storage_errors("tidying the map at start-up"):
+                live_writes.clean_live_images(self.dir / LIVE_IMAGES_DIR)
+                counts = self.map.data.info.get("counts", {})
+                index = self.map.data.info.get("index", {})
+                n = len(self.map.data.keys)
+                if counts.get("images") != n or index.get("ntotal") != int(self.map.index.ntotal):
+                    self._record({"recounted": str(n)}, n)
+        except MapError as exc:
+            logger.warning("%s: not tidied at start-up (%s)", self.dir, exc)
 
-    def _record(self, change: dict[str, str]) -> None:
-        """Note a live change in ``map.json`` (counts, index size, time, what changed), as map maintenance does."""
+    def _record(self, change: dict[str, str], count: int) -> None:
+        """Note a live change in ``map.json`` (``count`` places, index size, time, what changed), as map maintenance
+        does."""
         info = read_map_info(self.dir)
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        info.setdefault("counts", {})["images"] = len(self.map.data.keys)
+        info.setdefault("counts", {})["images"] = count
         info.setdefault("index", {})["ntotal"] = int(self.map.index.ntotal)
         info["updated"] = now
         info["last_change"] = {"at": now, "live": change}

@@ -151,7 +151,13 @@ def search(map: Map, query: QueryBatch, top_k: int, reranker=None) -> tuple[np.n
     return pad_topk(rows, scores, top_k)
 
 
-def get_reranker(map: Map, rerank: RerankChoice | Any, log: Callable[[str], None] = logger.info, save: bool = True):
+def get_reranker(
+    map: Map,
+    rerank: RerankChoice | Any,
+    log: Callable[[str], None] = logger.info,
+    save: bool = True,
+    compute: bool = True,
+):
     """The re-ranker for ``map`` that ``rerank`` asks for (see :func:`rerank_settings`), or None.
 
     It reads the map's stored patches when they match the settings, else computes them on the fly:
@@ -159,21 +165,25 @@ def get_reranker(map: Map, rerank: RerankChoice | Any, log: Callable[[str], None
     patches (new files only, under the map's write lock, renamed into place — even on a read-only
     open, so readers sharing the map never refit; ``save=False`` writes nothing, see
     :mod:`vprkit.rerank.saved`). A re-ranker already built (kept by a service) is returned as is.
+    ``compute=False`` (a service answering a request) never fits nor runs the backbone on the map's
+    images: a state that is neither stored nor prepared is a :class:`~vprkit.errors.StateNotPreparedError`
+    naming ``vprkit rerank prepare``.
     """
     if _is_reranker(rerank):
         return rerank
     settings = rerank_settings(map.config, rerank)
     if settings is None:
         return None
-    try:
-        images = map.data.images
-    except MapError:
-        if "patches" not in map.extensions:
-            raise MapError(
-                f"re-ranking needs the map's images or stored patches; {map.dir} was built from decoded "
-                f"frames without --rerank, so neither is available"
-            ) from None
-        images = None
+    images = None
+    if compute:
+        try:
+            images = map.data.images
+        except MapError:
+            if "patches" not in map.extensions:
+                raise MapError(
+                    f"re-ranking needs the map's images or stored patches; {map.dir} was built from decoded "
+                    f"frames without --rerank, so neither is available"
+                ) from None
     return make_reranker(
         RerankOptions.from_config(map.config, settings),
         backbone=map.backbone,
@@ -184,6 +194,7 @@ def get_reranker(map: Map, rerank: RerankChoice | Any, log: Callable[[str], None
         images=images,
         log=log,
         save=save,
+        compute=compute,
     )
 
 

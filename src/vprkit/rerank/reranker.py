@@ -25,7 +25,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ from ..backbones.base import Backbone
 from ..backbones.extract import ExtractionOptions, extract, ignore_failures, sample_keys
 from ..config import RerankConfig
 from ..device import module_device
-from ..errors import MapError
+from ..errors import MapError, StateNotPreparedError
 from ..images import ImageSource
 from .base import Reranker
 from .cascade import cascade_scores
@@ -111,6 +111,20 @@ class CandidateCache:
         self.items.move_to_end(row)
         return hit[0]
 
+    def renumber(self, removed: np.ndarray) -> None:
+        """Drop the rows ``removed`` from the map and renumber the later ones (they move down)."""
+        if not self.items:
+            return
+        removed = np.sort(np.asarray(removed, np.int64))
+        gone = set(removed.tolist())
+        items: OrderedDict[int, tuple[list[PatchSet], int]] = OrderedDict()
+        for row, (sets, size) in self.items.items():
+            if row in gone:
+                self.nbytes -= size
+            else:
+                items[row - int(np.searchsorted(removed, row))] = (sets, size)
+        self.items = items
+
     def put(self, row: int, sets: list[PatchSet]) -> None:
         size = sum(s.descriptors.numel() * s.descriptors.element_size() for s in sets)
         if size > self.max_bytes:
@@ -143,10 +157,23 @@ class StoredPatches:
             self._reader = self.store.open_extras()
         return {r: self.extension.decode(self._reader.extras(GROUP, r)) for r in rows}
 
+    def rows_changed(self, removed: np.ndarray | None = None) -> None:
+        """The store's rows changed (a place added or removed): read them from its current files from now on."""
+        self.close()
+
     def close(self) -> None:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+
+
+def not_prepared(name: str, map_dir: Path, why: str) -> StateNotPreparedError:
+    """The error of a re-ranking whose saved state is missing: names the command that prepares it."""
+    return StateNotPreparedError(
+        f"re-ranking '{name}' is not prepared for the map {Path(map_dir).name!r} ({why}); prepare it once with "
+        f"`vprkit rerank prepare MAP --rerank {name}` (or build the map with --rerank {name}): it is never "
+        f"computed while answering a request"
+    )
 
 
 class ComputedPatches:
@@ -156,6 +183,9 @@ class ComputedPatches:
     into the map and read back by later calls instead of running the backbone again. Payloads go
     through the extension's storage format (``encode`` → ``decode``) whether saved or not, so the
     scores are those a map built with the same re-ranking settings gives, on the first call and after.
+    ``compute=False`` (a service) never runs the backbone: a row without a saved payload is a
+    :class:`StateNotPreparedError`. A live map keeps the rows in step with :meth:`row_added` and
+    :meth:`rows_changed` instead of building the re-ranker again.
     """
 
     stored = False
@@ -169,22 +199,36 @@ class ComputedPatches:
         keys: Sequence[str],
         saved: SavedState | None = None,
         sha256: Sequence[bytes] | None = None,
+        compute: bool = True,
+        name: str = "custom",
     ):
+        self.name = name  # the re-ranking preset, for messages
         self.extension, self.backbone, self.extraction = extension, backbone, extraction
-        self.images, self.keys = images, keys
+        self.images, self.keys = images, list(keys)
         self.saved = saved
         self.sha256 = list(sha256) if sha256 is not None else [b""] * len(keys)
+        self.compute_missing = compute
         self._index: dict[int, tuple[Path, int]] | None = None
+        self._held: dict[int, dict[str, np.ndarray]] = {}  # payloads of rows added live that could not be saved
 
     def _saved_index(self) -> dict[int, tuple[Path, int]]:
         if self._index is None:
             self._index = {} if self.saved is None else self.saved.index(self.keys, self.sha256)
         return self._index
 
+    def missing_rows(self) -> list[int]:
+        """Map rows with no saved (or held) payload."""
+        index = self._saved_index()
+        return [r for r in range(len(self.keys)) if r not in index and r not in self._held]
+
     def __call__(self, rows: list[int]) -> dict[int, list[PatchSet]]:
         index = self._saved_index()
         out = {r: self.extension.decode(self.saved.read(*index[r])) for r in rows if r in index}
-        todo = [r for r in rows if r not in index]
+        out.update({r: self.extension.decode(self._held[r]) for r in rows if r in self._held and r not in out})
+        todo = [r for r in rows if r not in out]
+        if todo and not self.compute_missing:
+            assert self.saved is not None  # compute=False is only made with a saved state (make_reranker)
+            raise not_prepared(self.name, self.saved.map_dir, f"{len(todo)} map image(s) lack patches")
         if todo:
             for r, payload in self.compute(todo).items():
                 out[r] = self.extension.decode(payload)
@@ -222,8 +266,48 @@ class ComputedPatches:
         bar.close()
         return len(todo)
 
+    def encode_place(self, batch, features) -> dict[str, np.ndarray]:
+        """The payload of a place being added (its image's batch and dense features, from the map's models)."""
+        return self.extension.encode(batch, features)[0]
+
+    def save_place(self, key: str, sha256: bytes, payload: Mapping[str, np.ndarray]) -> Path | None:
+        """Save an added place's payload as a new shard (``None``: not saved, e.g. a map opened without saving).
+
+        Done before the place is written to the map (a shard naming a key the map lacks is never read), so the
+        caller removes the shard again if the place is not added.
+        """
+        return None if self.saved is None else self.saved.save_rows([key], [sha256], [payload])
+
+    def row_added(self, key: str, sha256: bytes, payload: dict[str, np.ndarray], shard: Path | None) -> None:
+        """A place appended at the end of the map (its payload saved in ``shard``, or held in memory)."""
+        row = len(self.keys)
+        self.keys.append(key)
+        self.sha256.append(bytes(sha256))
+        if shard is not None:
+            self._saved_index()[row] = (shard, 0)
+        else:
+            self._held[row] = payload
+
+    def rows_changed(self, removed: np.ndarray | None = None) -> None:
+        """Rows ``removed`` from the map: later rows move down, as in the store."""
+        if removed is None or not len(removed):
+            return
+        index, held = self._saved_index(), self._held
+        shift = _row_shift(len(self.keys), removed)
+        gone = set(int(r) for r in removed)
+        self.keys = [k for r, k in enumerate(self.keys) if r not in gone]
+        self.sha256 = [h for r, h in enumerate(self.sha256) if r not in gone]
+        self._index = {int(shift[r]): at for r, at in index.items() if r not in gone}
+        self._held = {int(shift[r]): p for r, p in held.items() if r not in gone}
+
     def close(self) -> None:
         pass
+
+
+def _row_shift(n_rows: int, removed: np.ndarray) -> np.ndarray:
+    """Each old row's new number once ``removed`` rows are deleted (later rows move down)."""
+    rows = np.arange(n_rows)
+    return rows - np.searchsorted(np.sort(np.asarray(removed, np.int64)), rows, side="left")
 
 
 def make_reranker(
@@ -237,18 +321,26 @@ def make_reranker(
     images: ImageSource | None,
     log: Callable[[str], None] = logger.info,
     save: bool = True,
+    compute: bool = True,
 ) -> "PatchReranker":
     """A re-ranker for a map: its stored patches when they match ``options.patches``, else patches computed on the fly.
 
     On the fly, the patch state (NetVLAD centres, α, PCA) is fitted on a sample of the map's images
     the first time and saved into the map with the candidates' patches as they are computed
     (:mod:`vprkit.rerank.saved`); later calls read them back. ``save=False`` keeps everything in memory.
+    ``compute=False`` (what a service asks) neither fits nor runs the backbone on the map's images: the
+    patches must be stored or prepared (saved state covering every row), else :class:`StateNotPreparedError`.
     """
     settings = options.settings
     device = module_device(backbone)  # match where the models run
-    places = route_neighbours(settings, store, log)
     if stored is not None and stored.stores_same_as(options.patches):
-        return PatchReranker(settings, stored, StoredPatches(store, stored), device, places)
+        return PatchReranker(
+            settings, stored, StoredPatches(store, stored), device, route_neighbours(settings, store, log)
+        )
+    if not compute:
+        computed = prepared_patches(options, backbone, vocabulary, store, keys, save, log)
+        return PatchReranker(settings, computed.extension, computed, device, route_neighbours(settings, store, log))
+    places = route_neighbours(settings, store, log)
     if images is None:
         raise MapError(
             f"re-ranking '{settings.name}' needs the map's images or patches stored with these settings; "
@@ -268,8 +360,35 @@ def make_reranker(
     else:
         log(f"re-ranking '{settings.name}': using the patch state saved in {saved.folder}")
     sha = store.read_entries()["content_sha256"]
-    computed = ComputedPatches(ext, backbone, options.extraction, images, keys, saved, list(sha))
+    computed = ComputedPatches(ext, backbone, options.extraction, images, keys, saved, list(sha), name=settings.name)
     return PatchReranker(settings, ext, computed, device, places)
+
+
+def prepared_patches(
+    options: RerankOptions,
+    backbone: Backbone,
+    vocabulary,
+    store: "MapStore",
+    keys: Sequence[str],
+    save: bool,
+    log: Callable[[str], None] = logger.info,
+) -> ComputedPatches:
+    """The saved patch state and payloads of every map row (``vprkit rerank prepare``), read without computing any;
+    a :class:`StateNotPreparedError` naming the command when the state or any row's payload is missing."""
+    name = options.settings.name
+    ext = PatchesExtension(options.patches, backbone, vocabulary)
+    saved = SavedState(store.dir, ext, writable=save, log=log)
+    if ext.needs_fit and not saved.load_state():
+        raise not_prepared(name, store.dir, "no saved patch state")
+    sha = store.read_entries()["content_sha256"]
+    computed = ComputedPatches(
+        ext, backbone, options.extraction, None, keys, saved, list(sha), compute=False, name=name
+    )
+    missing = computed.missing_rows()
+    if missing:
+        raise not_prepared(name, store.dir, f"{len(missing)} of {len(keys)} map images lack saved patches")
+    log(f"re-ranking '{name}': using the patch state and patches saved in {saved.folder}")
+    return computed
 
 
 def route_neighbours(
@@ -466,6 +585,19 @@ class PatchReranker(Reranker):
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "stored": self.stored, **self.settings.to_dict()}
+
+    # ---- a live map's writes ---------------------------------------------------------------------
+    def rows_changed(self, poses: np.ndarray, removed: np.ndarray | None = None) -> None:
+        """Follow a write to the map (rows ``removed``, or one added at the end) without building anything again:
+        cached candidates are renumbered, the candidates' source reads the new rows, the route places the new poses."""
+        if removed is not None and len(removed):
+            self.cache.renumber(removed)
+        self.candidates.rows_changed(removed)
+        if self.places is not None:
+            old = self.places
+            self.places = RouteNeighbours(
+                len(poses), old.radius, poses, read_rows=old.read_rows, similarity=old.similarity
+            )
 
     def close(self) -> None:
         self.candidates.close()
