@@ -429,3 +429,20 @@ def test_strip_by_strip_scaling_gives_the_same_pixels(mode, monkeypatch):
     assert img.mode == mode
     scaled = images_module._scaled_to_8bit(img, "strips", [])
     assert np.array_equal(np.asarray(scaled)[..., 0], _scaled_all_at_once(img))
+
+
+@pytest.mark.parametrize(("name", "data"), _normal_uploads()[:4], ids=lambda v: v if isinstance(v, str) else "")
+def test_damaged_uploads_are_an_image_or_one_read_error(name, data):
+    rng = np.random.default_rng(len(data))
+    damaged = [data[:cut] for cut in (8, 16, 24, 33, 60, len(data) // 2)]
+    for _ in range(20):
+        flipped = bytearray(data)
+        flipped[int(rng.integers(8, min(len(data), 200)))] ^= int(rng.integers(1, 256))
+        damaged.append(bytes(flipped))
+    budget = DecodeBudget(DEFAULT_DECODE_BUDGET_BYTES, wait_s=0)
+    for variant in damaged:
+        try:
+            decode_image(variant, name, size_hint=DEFAULT_SIZE_HINT, budget=budget)
+        except ImageReadError as exc:
+            assert "\n" not in str(exc)
+    assert budget.in_use == 0

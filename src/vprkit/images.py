@@ -508,6 +508,16 @@ def _tiff_samples(img: Image.Image) -> tuple[int, int] | None:
 _FILE_SAMPLES = {"PNG": _png_samples, "TIFF": _tiff_samples}
 
 
+def _file_samples(img: Image.Image) -> tuple[int, int]:
+    """(channels, bits per sample) as the file stores them: its header's when it tells (and is readable), else
+    PIL's mode's — a malformed tag must not refuse a file that read_image decodes."""
+    try:
+        samples = _FILE_SAMPLES.get(str(img.format), lambda _: None)(img)
+    except DECODER_ERRORS:
+        samples = None
+    return samples or _mode_samples(img.mode)
+
+
 def _mode_samples(mode: str) -> tuple[int, int]:
     """(channels, bits per sample) of PIL's ``mode`` (for formats stored as they decode)."""
     if mode == "1":
@@ -582,7 +592,7 @@ def decoded_size(
             if drafted:
                 th, tw = target_size
                 img.draft("RGB", (th, tw) if swap else (tw, th))
-            samples = _FILE_SAMPLES.get(img.format, lambda _: None)(img) or _mode_samples(img.mode)
+            samples = _file_samples(img)
             factor = 1 if drafted else _reduce_factor(img.width, img.height, reduce_to, swap)
             return DecodedSize(
                 img.width,
