@@ -51,13 +51,15 @@ def test_limits_are_options_with_the_library_defaults(tmp_path, monkeypatch):
     result, calls = _invoke([tmp_path], monkeypatch)
     assert result.exit_code == 0 and calls[0][1]["limits"] == ServiceLimits()  # the CLI's defaults are the library's
     args = ["--max-model-requests", "4", "--header-timeout", "2.5", "--max-connections-per-client", "0"]
-    result, calls = _invoke([tmp_path, *args, "--body-timeout", "3", "--keep-alive-timeout", "1"], monkeypatch)
+    args += ["--body-timeout", "3", "--min-body-rate", "10", "--keep-alive-timeout", "1"]
+    result, calls = _invoke([tmp_path, *args], monkeypatch)
     assert result.exit_code == 0, result.output
     assert calls[0][1]["limits"] == ServiceLimits(
         max_model_requests=4,
         header_timeout_s=2.5,
         max_connections_per_client=0,
         body_timeout_s=3.0,
+        min_body_rate=10.0,
         keep_alive_timeout_s=1.0,
     )
     for bad in (["--max-model-requests", "0"], ["--header-timeout", "0"], ["--max-connections", "-1"]):

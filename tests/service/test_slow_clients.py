@@ -67,9 +67,12 @@ def read_until_closed(sock: socket.socket, limit_s: float) -> tuple[bytes, float
 
 
 def is_open(sock: socket.socket) -> bool:
-    sock.settimeout(0.05)
+    """Whether the server still holds ``sock`` open (whatever it had sent and was not read yet is consumed)."""
+    sock.settimeout(0.1)
     try:
-        return sock.recv(1, socket.MSG_PEEK) != b""
+        while sock.recv(65536):
+            pass
+        return False
     except socket.timeout:
         return True
     except ConnectionResetError:
@@ -131,7 +134,7 @@ def test_a_stalled_body_is_408_and_a_flowing_one_is_not(live):
     """A chunked body that stops is answered 408 and closed after the body timeout; one that keeps coming
     (longer in all than the timeout, never silent that long) is read to its end."""
     head = b"POST /localize HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nTransfer-Encoding: chunked\r\n\r\n"
-    with running(live, body_timeout_s=SHORT_S) as address:
+    with running(live, body_timeout_s=SHORT_S, min_body_rate=1.0) as address:
         stalled = connect(address)
         stalled.sendall(head + b"4\r\nabcd\r\n")
         data, waited = read_until_closed(stalled, SHORT_S + SLACK_S)
@@ -147,7 +150,35 @@ def test_a_stalled_body_is_408_and_a_flowing_one_is_not(live):
         flowing.settimeout(10.0)
         answer = flowing.recv(65536)
         assert answer.startswith(b"HTTP/1.1 422"), answer  # read in full, then refused as not an image
-        assert b"not an image" in answer or b"image" in answer
+
+
+def test_a_body_trickled_without_pauses_is_cut_by_the_minimum_rate(live):
+    """A byte every 0.1 s never leaves the body silent for the timeout, but is far under the minimum average
+    rate: 408 once the grace period and the rate allowance are used up (0.5 s + 60 B/s ÷ 100 B/s: ~1.25 s)."""
+    head = b"POST /localize HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nTransfer-Encoding: chunked\r\n\r\n"
+    with running(live, body_timeout_s=SHORT_S, min_body_rate=100.0) as address:
+        sock = connect(address)
+        sock.sendall(head)
+        received, pieces, start = b"", 0, time.monotonic()
+        sock.settimeout(0.1)
+        while time.monotonic() - start < 10 * SHORT_S:
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                try:
+                    sock.sendall(b"1\r\nA\r\n")
+                    pieces += 1
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+                continue
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            received += chunk
+        elapsed = time.monotonic() - start
+        assert received.startswith(b"HTTP/1.1 408") and b"slower than 100 bytes/s" in received, received
+        assert 2 * SHORT_S <= elapsed < 2 * SHORT_S + SLACK_S and pieces >= 10, (elapsed, pieces)
 
 
 def busy_connection(address: tuple[str, int], source: str = "127.0.0.1") -> socket.socket:

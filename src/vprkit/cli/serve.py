@@ -20,6 +20,7 @@ LIMIT_OPTIONS = {
     "max_connections_per_client": "max_connections_per_client",
     "header_timeout": "header_timeout_s",
     "body_timeout": "body_timeout_s",
+    "min_body_rate": "min_body_rate",
     "keep_alive_timeout": "keep_alive_timeout_s",
 }
 DEFAULTS = {
@@ -28,6 +29,7 @@ DEFAULTS = {
     "max_connections_per_client": 16,
     "header_timeout_s": 10.0,
     "body_timeout_s": 15.0,
+    "min_body_rate": 1024.0,
     "keep_alive_timeout_s": 5.0,
 }
 
@@ -113,6 +115,13 @@ def _api_key(env: str | None, file: Path | None) -> str | None:
     show_default=True,
     type=click.FloatRange(min=0, min_open=True),
     help="Longest silence in seconds while a request body arrives (longer: 408).",
+)
+@click.option(
+    "--min-body-rate",
+    default=DEFAULTS["min_body_rate"],
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Bytes/s a request body must average once --body-timeout has passed (slower: 408).",
 )
 @click.option(
     "--keep-alive-timeout",

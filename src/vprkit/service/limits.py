@@ -13,6 +13,10 @@ without doing useful work (a socket, a half-sent request, a queued model request
   408 and the connection closed. A trickled body cannot hold a connection (and the upload memory it
   has sent) indefinitely, while a slow but moving upload still arrives. Time the service itself stops
   reading (its buffer is full while the app is busy) is not counted against the client.
+- ``min_body_rate`` = 1024 bytes/s: after a grace of ``body_timeout_s``, a body must arrive at this
+  average rate (the deadline moves by one second per KiB received, as Apache's mod_reqtimeout MinRate):
+  a body trickled a byte every few seconds never pauses for ``body_timeout_s`` but is cut by this.
+  A 20 MiB upload may take up to about 5.7 hours at this rate; a phone on a poor link sends 10× faster.
 - ``keep_alive_timeout_s`` = 5 s: an idle connection between requests is closed after this (uvicorn's
   ``timeout_keep_alive``; its default). Clients reconnect transparently.
 - ``max_connections`` = 256: connections open at once. When full, a new connection takes the place of
@@ -63,6 +67,7 @@ class ServiceLimits:
 
     header_timeout_s: float = 10.0
     body_timeout_s: float = 15.0
+    min_body_rate: float = 1024.0
     keep_alive_timeout_s: float = 5.0
     max_connections: int = 256
     max_connections_per_client: int = 16

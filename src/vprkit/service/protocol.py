@@ -9,8 +9,10 @@ h11's view of the client:
 
 - waiting for a request head (h11 ``IDLE``): a deadline ``header_timeout_s`` after the connection opened
   or the first byte of the head arrived; not extended by further bytes;
-- receiving a body (``SEND_BODY``): ``body_timeout_s`` after the last byte, restarted by every byte; time
-  the service has paused reading (the app has not taken the buffered body yet) is not the client's;
+- receiving a body (``SEND_BODY``): ``body_timeout_s`` after the last byte, and also (a body trickled a
+  byte every few seconds never pauses that long) when less than ``min_body_rate`` bytes/s have arrived on
+  average after a grace of ``body_timeout_s`` (:class:`BodyClock`, as Apache's mod_reqtimeout MinRate);
+  time the service has paused reading (the app has not taken the buffered body yet) is not the client's;
 - otherwise (request complete, answer pending) no timer: the answer is the service's to give, and
   between requests uvicorn's own keep-alive timer runs.
 
@@ -86,6 +88,33 @@ class ConnectionRegistry:
         return True
 
 
+class BodyClock:
+    """When a request body must have arrived: within ``body_timeout_s`` of its last byte, and by
+    ``start + body_timeout_s + received / min_body_rate`` (a minimum average rate after a grace period)."""
+
+    def __init__(self, limits: ServiceLimits, now: float):
+        self.limits = limits
+        self.started = self.last = now
+        self.received = 0
+
+    def got(self, size: int, now: float) -> None:
+        self.received += size
+        self.last = now
+
+    def credit(self, seconds: float) -> None:
+        """Time the service itself did not read: not counted against the client."""
+        self.started += seconds
+        self.last += seconds
+
+    def deadline(self) -> tuple[float, str]:
+        """(when, why) the body is late: the nearer of the silence and the rate deadlines."""
+        silence = self.last + self.limits.body_timeout_s
+        rate = self.started + self.limits.body_timeout_s + self.received / self.limits.min_body_rate
+        if silence <= rate:
+            return silence, f"no part of the request body arrived for {self.limits.body_timeout_s:g} s"
+        return rate, f"the request body arrived slower than {self.limits.min_body_rate:g} bytes/s"
+
+
 class GuardedH11Protocol(H11Protocol):
     """``H11Protocol`` with the timers and caps of the module docstring (subclassed per server by
     :func:`guarded_protocol`, which sets ``limits`` and ``registry``)."""
@@ -101,6 +130,7 @@ class GuardedH11Protocol(H11Protocol):
         self._timer = None
         self._timer_kind: str | None = None
         self._head_started = False
+        self._body: BodyClock | None = None
 
     # ---- connection life --------------------------------------------------------------------
     def connection_made(self, transport) -> None:  # type: ignore[override]
@@ -126,9 +156,17 @@ class GuardedH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self.conn.their_state is h11.IDLE:
+        before = self.conn.their_state
+        if before is h11.IDLE:
             self._head_started = True
         super().data_received(data)
+        now, after = time.monotonic(), self.conn.their_state
+        if after is h11.SEND_BODY and self._body is None:
+            self._body = BodyClock(self.limits, now)
+        elif before is h11.SEND_BODY and self._body is not None:
+            self._body.got(len(data), now)
+        if after is not h11.SEND_BODY:
+            self._body = None
         self._follow_client()
 
     def on_response_complete(self) -> None:
@@ -162,8 +200,8 @@ class GuardedH11Protocol(H11Protocol):
         if state is h11.IDLE and (self._head_started or self.cycle is None):
             if self._timer_kind != HEAD_TIMEOUT:
                 self._arm(HEAD_TIMEOUT, self.limits.header_timeout_s)
-        elif state is h11.SEND_BODY:
-            self._arm(BODY_TIMEOUT, self.limits.body_timeout_s)
+        elif state is h11.SEND_BODY and self._body is not None:
+            self._arm(BODY_TIMEOUT, max(0.0, self._body.deadline()[0] - time.monotonic()))
         else:
             self._cancel_timer()
 
@@ -181,15 +219,25 @@ class GuardedH11Protocol(H11Protocol):
         self._timer, self._timer_kind = None, None
         if self.transport.is_closing():
             return
-        if kind == BODY_TIMEOUT and self.flow.read_paused:  # the service stopped reading: not the client's delay
-            self._arm(BODY_TIMEOUT, self.limits.body_timeout_s)
-            return
-        seconds = self.limits.header_timeout_s if kind == HEAD_TIMEOUT else self.limits.body_timeout_s
+        if kind == BODY_TIMEOUT:
+            if self._body is None:
+                return
+            now = time.monotonic()
+            if self.flow.read_paused:  # the service stopped reading: not the client's delay
+                self._body.credit(now - self._body.last)
+                self._follow_client()
+                return
+            deadline, why = self._body.deadline()
+            if now < deadline:
+                self._follow_client()
+                return
+        else:
+            why = f"the request head did not arrive within {self.limits.header_timeout_s:g} s"
         unanswered = self.cycle is not None and not self.cycle.response_started and not self.cycle.disconnected
         if (kind == HEAD_TIMEOUT and self._head_started) or (kind == BODY_TIMEOUT and unanswered):
             # closing cuts the app off (its reads see a disconnect, its writes are dropped): this is the answer
-            self.transport.write(_answer(TIMEOUT_ANSWER, f"the request {kind} did not arrive within {seconds:g} s"))
-        logger.info("%s: request %s not received within %g s: connection closed", self.address, kind, seconds)
+            self.transport.write(_answer(TIMEOUT_ANSWER, why))
+        logger.info("%s: %s: 408, connection closed", self.address, why)
         self.close_now()
 
 
