@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -36,7 +37,8 @@ from vprkit.uploads import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path("/work/shared/datasets")
+# The shared datasets (as tests/conftest.py finds them): real Corridor JPEGs and Nordland PNGs as uploads.
+DATA = Path(os.environ.get("VPRKIT_DATA", REPO.parent / "shared" / "datasets")).resolve()
 # The default preset's image size (height, width): what LiveMap.size_hint hands decode_image.
 DEFAULT_SIZE_HINT = (240, 320)
 ATTACK_SIDE = 6300  # 39.7 Mpx: under the 40 Mpx upload limit
@@ -369,6 +371,7 @@ def _normal_uploads() -> list[tuple[str, bytes]]:
     ]
     for folder, pattern in (("corridor", "query/*.jpg"), ("nordland-64x32", "summer/*.png")):
         found = sorted((DATA / folder).glob(pattern))[:1]
+        assert found, f"no {pattern} under {DATA / folder} (set VPRKIT_DATA)"
         uploads_ += [(path.name, path.read_bytes()) for path in found]
     return uploads_
 
