@@ -95,3 +95,16 @@ def test_a_prepared_state_follows_adds_and_removes_without_a_rebuild(map_dir, co
         assert np.allclose([m.score for m in other.matches], [m.score for m in kept.matches], atol=1e-4)
     digest_folder = next((map_dir / "extensions").glob("patches-*"))
     assert any("added.png" in str(k) for s in sorted(digest_folder.glob("rows-*.npz")) for k in np.load(s)["keys"])
+
+
+def test_over_http_an_unprepared_rerank_is_a_prompt_409_naming_the_command(
+    map_dir, corridor_dir, serve, no_candidate_extraction
+):
+    running = serve(map_dir)
+    own = (corridor_dir / "ref" / "0000005.jpg").read_bytes()
+    start = time.perf_counter()
+    refused = running.client.post("/localize", content=own, params={"rerank": "performance"})
+    assert refused.status_code == 409, refused.text
+    assert "vprkit rerank prepare MAP --rerank performance" in refused.text
+    plain = running.client.post("/localize", content=own)
+    assert plain.status_code == 200 and time.perf_counter() - start < 2 * REFUSAL_SECONDS

@@ -27,6 +27,7 @@ import logging
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
@@ -125,7 +126,7 @@ class PreparedPlace:
     extras: list[dict[str, Any]] | None = None  # the map extensions' payloads (stored with the row)
     rerank_payloads: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # id(re-ranker) → payload
 
-    @property
+    @cached_property
     def sha256(self) -> bytes:
         return hashlib.sha256(self.data).hexdigest().encode()
 
@@ -181,7 +182,7 @@ def clean_live_images(root: Path, older_than_s: float | None = None) -> int:
         return 0
     removed = 0
     for folder, _, _ in os.walk(root):
-        removed += len(clean_orphans(folder) if older_than_s is not None else clean_orphans(folder, 0.0))
+        removed += len(clean_orphans(folder, 0.0 if older_than_s is None else older_than_s))
     return removed
 
 
@@ -231,10 +232,12 @@ def commit_add(live: "LiveMap", place: PreparedPlace) -> None:
                 "run": np.array([run]),
             }
             entries = {k: np.asarray(v, ENTRY_FIELDS[k][0]) for k, v in entries.items()}
+            finalized: list[bool] = []  # extensions' derived files follow the store back if they were rewritten
+            undo.push("the extensions' derived files", lambda: finalized and _finalize(live))
             _append_row(live, place, entries, undo)
             _index_row(live, place, entries, undo)
-            for ext in live.map.extensions.values():
-                ext.finalize(live.map.store, live.dir)
+            finalized.append(True)
+            _finalize(live)
             live._record({"added": key}, len(data.keys) + 1)
     except BaseException:
         undo.rollback()
@@ -245,6 +248,12 @@ def commit_add(live: "LiveMap", place: PreparedPlace) -> None:
         reranker.candidates.row_added(key, place.sha256, payload, shard)
     for reranker in live._kept_rerankers():
         reranker.rows_changed(data.poses)
+
+
+def _finalize(live: "LiveMap") -> None:
+    """Let the map's extensions rewrite what they derive from the store (e.g. SegVLAD's segment index)."""
+    for ext in live.map.extensions.values():
+        ext.finalize(live.map.store, live.dir)
 
 
 def _save_rerank_payloads(live: "LiveMap", place: PreparedPlace, undo: Undo) -> dict[Any, Path | None]:
@@ -326,8 +335,7 @@ def commit_remove(live: "LiveMap", key: str) -> None:
     try:
         with storage_errors(f"recording the removal of {key!r}"):
             data.index.save_to_map(live.dir)
-            for ext in live.map.extensions.values():
-                ext.finalize(live.map.store, live.dir)
+            _finalize(live)
             live._record({"removed": key}, len(data.keys))
     except (MapError, OSError) as exc:
         logger.warning("place %r is removed, but %s; the index and counts are repaired from the store", key, exc)
