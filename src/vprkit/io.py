@@ -11,6 +11,7 @@ is found and removed by :func:`clean_orphans`. Files get the permissions ``open(
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+from .errors import ReadOnlyMapError, StorageFullError
 
 TMP_SUFFIX = ".tmp"
 # Leftover temporary files older than this are orphans (an active writer keeps touching its file).
@@ -50,6 +53,35 @@ def current_umask() -> int:
     return mask
 
 
+# OSError numbers meaning "no room": disk full, quota exceeded; and "may not write here".
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+READ_ONLY_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+# HDF5 reports the OS's error inside its message (``errno = 28, error message = 'No space left on device'``).
+_HDF5_ERRNO_RE = re.compile(r"errno\s*=\s*(\d+)")
+
+
+def _errno_of(exc: BaseException) -> int | None:
+    """The OS error number behind ``exc`` (also when HDF5 only names it in its message)."""
+    number = getattr(exc, "errno", None)
+    if isinstance(number, int):
+        return number
+    found = _HDF5_ERRNO_RE.search(str(exc))
+    return int(found.group(1)) if found else None
+
+
+def storage_error(exc: BaseException, path: str | os.PathLike) -> Exception | None:
+    """The user-facing error for a failed write of ``path``: :class:`StorageFullError` for a full disk or quota,
+    :class:`ReadOnlyMapError` for a read-only or forbidden folder; None for any other failure."""
+    if not isinstance(exc, (OSError, RuntimeError)):
+        return None
+    number = _errno_of(exc)
+    if number in FULL_ERRNOS:
+        return StorageFullError(f"no space left to write {path} ({os.strerror(number)}); nothing of it was kept")
+    if number in READ_ONLY_ERRNOS:
+        return ReadOnlyMapError(f"cannot write {path} ({os.strerror(number)}); nothing of it was kept")
+    return None
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -68,10 +100,15 @@ def atomic_path(path: str | os.PathLike, suffix: str = TMP_SUFFIX, *, fsync: boo
     :func:`clean_orphans` finds leftovers. Writers that pick a format from the file extension
     (``np.savez``, ``savefig``) need a file object or an explicit format, see :func:`atomic_savez`.
     ``fsync``: flush the data to disk before the rename, so a crash cannot expose an empty file.
+    A full disk or quota becomes :class:`~vprkit.errors.StorageFullError`, a read-only or forbidden folder
+    :class:`~vprkit.errors.ReadOnlyMapError` (see :func:`storage_error`), with the temporary file removed.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    except OSError as exc:
+        raise (storage_error(exc, path) or exc) from None
     os.close(fd)
     tmp = Path(name)
     try:
@@ -80,11 +117,14 @@ def atomic_path(path: str | os.PathLike, suffix: str = TMP_SUFFIX, *, fsync: boo
             _fsync(tmp)
         os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             tmp.unlink()
-        except FileNotFoundError:
+        except OSError:
             pass
+        translated = storage_error(exc, path)
+        if translated is not None:
+            raise translated from None
         raise
 
 
@@ -143,6 +183,15 @@ def clean_orphans(folder: str | os.PathLike, older_than_s: float = ORPHAN_AGE_S)
             continue
         removed.append(Path(e.path))
         log.info("removed %s, left by an interrupted write", e.path)
+    return removed
+
+
+def clean_orphans_tree(folder: str | os.PathLike, older_than_s: float = ORPHAN_AGE_S) -> list[Path]:
+    """:func:`clean_orphans` in ``folder`` and every folder below it (symbolic links are not followed), e.g. a
+    live map's image folder whose keys hold sub-folders. Returns the paths removed."""
+    removed: list[Path] = []
+    for root, _, _ in os.walk(folder, followlinks=False):
+        removed += clean_orphans(root, older_than_s)
     return removed
 
 

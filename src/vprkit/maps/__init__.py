@@ -10,10 +10,13 @@ This is the stage's public surface — what the composer, the faces and other st
 - an opened map without models: :class:`MapData` (:func:`open_map_data`);
 - a build's decisions: :func:`plan_build` (:class:`BuildPlan`), poses in the map's frame (:func:`pose_rows`,
   :func:`pose_updates`), live places (:func:`check_key`, :func:`parse_pose`), runs (:func:`register_run`);
-- locks: :func:`map_write_lock` (one writer per folder) and :class:`ReadWriteLock` (a served map).
+- locks: :func:`map_write_lock` (one writer per folder) and :class:`ReadWriteLock` (a served map);
+- the files' binding (:mod:`.verify`: identities, fingerprints, paths kept inside the map) and a full check of
+  every file (:func:`verify_map`, ``vprkit map verify``); :func:`clean_map_orphans` (temporary leftovers).
 """
 
 from . import milvus as _milvus  # noqa: F401 - registers the "milvus" index backend (pymilvus is imported only when used)
+from .audit import FileCheck, verification_report, verify_map
 from .builds import CHANGE_POLICIES, DUPLICATE_POLICIES, BuildPlan, check_build_policies, plan_build
 from .extensions import EXTENSIONS, EXTENSIONS_DIR, MapExtension
 from .index import INDEX_FILE, FaissIndex, Index, build_index, serving_footprint, update_map_index
@@ -40,6 +43,7 @@ from .mapdir import (
     VOCAB_FILE,
     MapData,
     check_build_settings,
+    clean_map_orphans,
     crs_to_latlon,
     map_crs,
     next_run_id,
@@ -74,6 +78,7 @@ __all__ = [
     "BuildPlan",
     "BuildRecord",
     "ExtrasReader",
+    "FileCheck",
     "FaissIndex",
     "Index",
     "IndexManifest",
@@ -96,6 +101,7 @@ __all__ = [
     "check_build_settings",
     "check_index_option",
     "check_key",
+    "clean_map_orphans",
     "crs_to_latlon",
     "describe_options",
     "faiss_options",
@@ -115,6 +121,8 @@ __all__ = [
     "register_run",
     "serving_footprint",
     "update_map_index",
+    "verification_report",
+    "verify_map",
     "write_build_record",
     "write_index_manifest",
     "write_manifest",

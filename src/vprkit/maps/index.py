@@ -25,7 +25,7 @@ import faiss
 import numpy as np
 
 from ..config import Config
-from ..errors import ConfigError, MapError
+from ..errors import ConfigError, MapDamagedError, MapError
 from ..io import atomic_path
 from ..registry import Registry
 from .index_options import QUERY_OPTIONS, faiss_options, faiss_parameters
@@ -34,8 +34,11 @@ from .manifest import (
     MAP_FILE,
     VOCAB_FILE,
     DescriptorsRecord,
+    FileRecord,
     IndexManifest,
     IndexShard,
+    ensure_map_identity,
+    map_identity,
     read_index_manifest,
     read_manifest,
     write_index_manifest,
@@ -50,6 +53,7 @@ from .vectors import (
     open_descriptors,
     write_descriptors,
 )
+from .verify import FileState, check_file, confined
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +186,9 @@ class FaissIndex:
         self.trained = trained  # the trained empty index (None: not yet known; Flat needs none)
         self.trained_on = dict(trained_on or {})
         self._files: list[str | None] = [None] * len(self.shards)  # saved file of each shard (None: changed)
+        self._states: list[FileState | None] = [None] * len(self.shards)  # what each saved file is (index.json)
+        self._descriptors_state: FileState | None = None  # what the saved descriptors copy is (None: changed)
+        self._trained_state: FileState | None = None
         self._generation = 0
         self._trained_dirty = False  # the trained structure differs from the map's TRAINED_FILE
         self._apply_query_options()
@@ -261,6 +268,12 @@ class FaissIndex:
         if manifest is None or not (Path(map_dir) / TRAINED_FILE).exists():
             return None
         try:
+            if manifest.trained is not None:
+                check_file(Path(map_dir) / TRAINED_FILE, manifest.trained.size, manifest.trained.fingerprint, "trained")
+        except MapDamagedError as exc:
+            logger.warning("%s; the index is trained again", exc)
+            return None
+        try:
             trained = faiss.read_index(str(Path(map_dir) / TRAINED_FILE))
         except (RuntimeError, MemoryError):
             logger.warning("%s is unreadable; the index is trained again", Path(map_dir) / TRAINED_FILE)
@@ -278,18 +291,28 @@ class FaissIndex:
             if not path.exists():
                 return None
             try:
+                confined(map_dir, INDEX_FILE)
                 return cls.load(path, config.index)
             except MapError as exc:
                 logger.warning("%s; rebuilding it from the store", exc)
                 return None
+        listed = [e.file for e in manifest.shards]
+        listed += [r.file for r in (manifest.descriptors, manifest.trained) if r is not None]
+        try:
+            for name in listed:  # a link leading out of the map: never read, the index is rebuilt
+                confined(map_dir, name)
+        except MapDamagedError as exc:
+            logger.warning("%s; rebuilding the index from the store", exc)
+            return None
         missing = [e.file for e in manifest.shards if not (map_dir / e.file).exists()]
         if missing:  # removed on purpose (a live update in progress, a user): derived data, rebuilt quietly
             logger.info("index file %s is missing; rebuilding the index from the store", missing[0])
             return None
         try:
+            _check_belongs(map_dir, manifest)
             return cls._load_manifest(map_dir, manifest, config)
         except MapError as exc:
-            logger.warning("%s; rebuilding it from the store", exc)
+            logger.warning("%s; rebuilding the index from the store", exc)
             return None
 
     @classmethod
@@ -303,23 +326,19 @@ class FaissIndex:
             files.append(entry.file)
         if not shards:
             raise MapError(f"{map_dir / MANIFEST_FILE} lists no index shards")
-        trained = None
-        if (map_dir / TRAINED_FILE).exists():
-            try:
-                trained = faiss.read_index(str(map_dir / TRAINED_FILE))
-            except (RuntimeError, MemoryError):
-                trained = None
+        if len({int(s.d) for s in shards}) > 1 or (manifest.dim is not None and shards[0].d != manifest.dim):
+            raise MapError(f"{map_dir / MANIFEST_FILE}: its shards are not all {manifest.dim}-d")
+        trained = _read_trained(map_dir)
         options = _serving_options(manifest.options, config)
         descriptors = open_descriptors(map_dir) if manifest.descriptors is not None else None
         total = sum(s.ntotal for s in shards)
-        if descriptors is not None and len(descriptors) != total:
-            logger.warning(
-                "%s holds %d rows, the index %d: exact re-scoring is off until the index is saved again",
-                descriptors.path,
-                len(descriptors),
-                total,
+        if descriptors is not None and (len(descriptors) != total or descriptors.dim != shards[0].d):
+            raise MapError(
+                f"{descriptors.path} holds {len(descriptors)}×{descriptors.dim} descriptors, the index "
+                f"{total}×{shards[0].d}: it does not belong to this index"
             )
-            descriptors = None
+        if manifest.descriptors is not None and descriptors is None:
+            raise MapError(f"{map_dir / DESCRIPTORS_FILE} is missing or unreadable")
         out = cls(
             None,
             manifest.factory or "?",
@@ -330,12 +349,19 @@ class FaissIndex:
             trained_on=manifest.trained_on,
         )
         out._files = files
+        out._states = [_state_of(e) for e in manifest.shards]
+        out._descriptors_state = None if descriptors is None else _state_of(manifest.descriptors)
+        out._trained_state = None if manifest.trained is None else _state_of(manifest.trained)
         out._generation = manifest.generation
         out._trained_dirty = trained is None
         return out
 
     def save_to_map(self, map_dir: Path) -> None:
-        """Write changed shards under new names, the descriptors and the trained index, then swap the manifest."""
+        """Write changed shards under new names, the descriptors and the trained index, then swap the manifest.
+
+        ``index.json`` records each file's size, fingerprint and checksum and the map's identity
+        (:mod:`vprkit.maps.verify`): an opened map checks them and rebuilds what does not belong.
+        """
         map_dir = Path(map_dir)
         generation = self._generation + 1
         sharded = len(self.shards) > 1 or self.options["shard_rows"] > 0
@@ -349,33 +375,14 @@ class FaissIndex:
             name = f"{SHARD_DIR}/shard-{i:04d}.g{generation}.faiss" if sharded else INDEX_FILE
             with atomic_path(map_dir / name) as tmp:
                 faiss.write_index(shard, str(tmp))
-            self._files[i] = name
+            self._files[i], self._states[i] = name, FileState.of(map_dir / name)
         keeps_training = self.trained is not None and bool(self.trained_on.get("sample"))
         if keeps_training and (self._trained_dirty or not (map_dir / TRAINED_FILE).exists()):
             with atomic_path(map_dir / TRAINED_FILE) as tmp:
                 faiss.write_index(self.trained, str(tmp))
-            self._trained_dirty = False
-        if self.descriptors is not None:
-            target = map_dir / DESCRIPTORS_FILE
-            if not isinstance(self.descriptors, DescriptorFile) or self.descriptors.path != target:
-                self.descriptors = write_descriptors(
-                    target, self.descriptors.iter_chunks(), self.descriptors.dim, self.options["descriptors_dtype"]
-                )
-        manifest = IndexManifest(
-            factory=self.factory,
-            options=dict(self.options),
-            ntotal=self.ntotal,
-            trained_on=dict(self.trained_on),
-            generation=generation,
-            saved=_now(),
-            shards=[IndexShard(file=f, rows=int(s.ntotal)) for f, s in zip(self._files, self.shards)],
-            descriptors=None
-            if self.descriptors is None
-            else DescriptorsRecord(
-                file=DESCRIPTORS_FILE, dtype=str(self.descriptors.dtype), rows=len(self.descriptors)
-            ),
-        )
-        write_index_manifest(map_dir, manifest)
+            self._trained_dirty, self._trained_state = False, FileState.of(map_dir / TRAINED_FILE)
+        self._save_descriptors(map_dir)
+        write_index_manifest(map_dir, self._manifest(map_dir, generation, keeps_training))
         self._generation = generation
         _remove_unlisted(
             map_dir,
@@ -383,6 +390,49 @@ class FaissIndex:
             keep_single=not sharded,
             keep_descriptors=self.descriptors is not None,
             keep_trained=keeps_training,
+        )
+
+    def _save_descriptors(self, map_dir: Path) -> None:
+        """Write the descriptors copy when it is not the map's file yet; record what the file now is."""
+        if self.descriptors is None:
+            return
+        target = map_dir / DESCRIPTORS_FILE
+        if not isinstance(self.descriptors, DescriptorFile) or self.descriptors.path != target:
+            self.descriptors = write_descriptors(
+                target, self.descriptors.iter_chunks(), self.descriptors.dim, self.options["descriptors_dtype"]
+            )
+            self._descriptors_state = FileState.of(target)
+        elif self._descriptors_state is None:  # appended in place: a large file records its fingerprint only
+            self._descriptors_state = FileState.of(target, full=False)
+
+    def _manifest(self, map_dir: Path, generation: int, keeps_training: bool) -> IndexManifest:
+        """``index.json`` of the files just saved."""
+        if keeps_training and self._trained_state is None:
+            self._trained_state = FileState.of(map_dir / TRAINED_FILE)
+        trained = self._trained_state if keeps_training else None
+        desc = self._descriptors_state
+        return IndexManifest(
+            map_id=ensure_map_identity(map_dir),
+            dim=self.d,
+            factory=self.factory,
+            options=dict(self.options),
+            ntotal=self.ntotal,
+            trained_on=dict(self.trained_on),
+            generation=generation,
+            saved=_now(),
+            shards=[
+                IndexShard(file=f, rows=int(sh.ntotal), **(st.to_dict() if st else {}))
+                for f, sh, st in zip(self._files, self.shards, self._states)
+            ],
+            descriptors=None
+            if self.descriptors is None
+            else DescriptorsRecord(
+                file=DESCRIPTORS_FILE,
+                dtype=str(self.descriptors.dtype),
+                rows=len(self.descriptors),
+                **(desc.to_dict() if desc else {}),
+            ),
+            trained=None if trained is None else FileRecord(file=TRAINED_FILE, **trained.to_dict()),
         )
 
     # ---- the Index protocol ---------------------------------------------------------------------
@@ -431,24 +481,28 @@ class FaissIndex:
             raise MapError(f"cannot add vectors of shape {tuple(x.shape)} to a {self.d}-d index")
         cap = self.options["shard_rows"] or None
         if not self.shards:
-            self.shards.append(self._new_shard())
-            self._files.append(None)
+            self._open_shard()
         step = chunk_rows(x.shape[1])
         start = 0
         while start < len(x):
             last = self.shards[-1]
             room = len(x) - start if cap is None else cap - last.ntotal
             if room <= 0:
-                self.shards.append(self._new_shard())
-                self._files.append(None)
+                self._open_shard()
                 continue
             stop = min(len(x), start + room, start + step)
             block = np.ascontiguousarray(x[start:stop], dtype=np.float32)
             if self.descriptors is not None:
                 self.descriptors.append(block)
+                self._descriptors_state = None
             last.add(block)
-            self._files[-1] = None
+            self._files[-1], self._states[-1] = None, None
             start = stop
+
+    def _open_shard(self) -> None:
+        self.shards.append(self._new_shard())
+        self._files.append(None)
+        self._states.append(None)
 
     def set_poses(self, rows: Sequence[int], poses: np.ndarray) -> None:
         """Nothing to do: FAISS keeps no poses (the store is where they change)."""
@@ -470,12 +524,14 @@ class FaissIndex:
             local = drop[(drop >= starts[i]) & (drop < starts[i + 1])] - starts[i]
             if len(local):
                 self._remove_from_shard(i, local, int(starts[i]))
-                self._files[i] = None
+                self._files[i], self._states[i] = None, None
         if self.descriptors is not None:
             self.descriptors.remove(drop)
+            self._descriptors_state = None
         keep = [i for i, s in enumerate(self.shards) if s.ntotal > 0] or [0]
         self.shards = [self.shards[i] for i in keep]
         self._files = [self._files[i] for i in keep]
+        self._states = [self._states[i] for i in keep]
 
     def _remove_from_shard(self, i: int, local: np.ndarray, offset: int) -> None:
         shard = self.shards[i]
@@ -519,6 +575,11 @@ class FaissIndex:
         compressed index are re-scored exactly: the scores are then the descriptors' cosines.
         """
         q = np.ascontiguousarray(queries, dtype=np.float32)
+        if q.ndim != 2 or q.shape[1] != self.d:
+            raise MapDamagedError(
+                f"queries are {q.shape[-1] if q.ndim else 0}-d but the map's index holds {self.d}-d descriptors: "
+                f"the map's files come from another preset (rebuild the map, or restore its own files)"
+            )
         n = self.ntotal
         k = _clamp_k(k, n)
         rescore = self.descriptors is not None and self.options["rescore"] > 0
@@ -707,11 +768,44 @@ def _serving_options(recorded: Mapping[str, Any], config: Config) -> dict[str, A
 
 
 def _read_manifest(map_dir: Path) -> IndexManifest | None:
-    """The map's checked index manifest, or None when it has none or it is damaged (the index is derived data)."""
+    """The map's checked index manifest, or None when it has none or it is damaged (the index is derived data).
+
+    A manifest naming a file outside the map folder is damaged too: that file is never read."""
     try:
         return read_index_manifest(map_dir)
     except MapError as exc:
         logger.warning("%s; the index is rebuilt from the store", exc)
+        return None
+
+
+def _state_of(record) -> FileState | None:
+    """The recorded state of a listed file (None for a manifest from before files were recorded)."""
+    if record is None or record.size is None or record.fingerprint is None:
+        return None
+    return FileState(record.size, record.fingerprint, record.sha256)
+
+
+def _check_belongs(map_dir: Path, manifest: IndexManifest) -> None:
+    """A :class:`MapDamagedError` when the index was built for another map or one of its files changed since
+    it was saved (sizes and fingerprints only: a few reads per file, whatever its size)."""
+    own = map_identity(map_dir)
+    if manifest.map_id is not None and own is not None and manifest.map_id != own:
+        raise MapDamagedError(f"{map_dir / MANIFEST_FILE} was written for another map (map id {manifest.map_id})")
+    records = [(e, "index shard") for e in manifest.shards]
+    records += [(manifest.descriptors, "descriptors copy"), (manifest.trained, "trained index")]
+    for record, what in records:
+        if record is not None and (map_dir / record.file).exists():
+            check_file(map_dir / record.file, record.size, record.fingerprint, what)
+
+
+def _read_trained(map_dir: Path):
+    """The trained empty index (None when there is none or it cannot be read: it is then kept from a shard)."""
+    path = map_dir / TRAINED_FILE
+    if not path.exists():
+        return None
+    try:
+        return faiss.read_index(str(path))
+    except (RuntimeError, MemoryError):
         return None
 
 

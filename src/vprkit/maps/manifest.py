@@ -26,9 +26,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Mapping, TypeVar
 
 from ..config import Config
-from ..errors import ConfigError, MapError
+from ..errors import ConfigError, MapDamagedError, MapError
 from ..io import atomic_write_json
 from .index_options import DESCRIPTOR_DTYPE_NAMES, canonical_options, check_index_option
+from .verify import new_map_id
 
 MAP_FILE = "map.json"
 # The settings a build writes before its first shard; a resumed or later build must match them.
@@ -47,19 +48,20 @@ class Check:
     what: str
     test: Callable[[Any], bool]
     nullable: bool = False
+    error: type[MapError] = MapError  # MapDamagedError for values no vprkit writes (a path outside the map)
 
     def __call__(self, value: Any, source: str, path: str) -> Any:
         if value is None and self.nullable:
             return None
         if not self.test(value):
-            raise MapError(
+            raise self.error(
                 f"{source}: field '{path}' must be {self.what}{' or null' if self.nullable else ''}, "
                 f"got {_shown(value)}"
             )
         return value
 
     def or_null(self) -> "Check":
-        return Check(self.what, self.test, nullable=True)
+        return Check(self.what, self.test, nullable=True, error=self.error)
 
 
 def _shown(value: Any) -> str:
@@ -85,14 +87,19 @@ def _relative_file(value: Any) -> bool:
     if not isinstance(value, str) or not value:
         return False
     path = PurePosixPath(value)
-    return not path.is_absolute() and ".." not in path.parts and not value.startswith("\\")
+    return not path.is_absolute() and ".." not in path.parts and "\\" not in value and "\x00" not in value
 
 
 TEXT = Check("a string", lambda v: isinstance(v, str))
 NUMBER = Check("a number", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool))
 OBJECT = Check("an object", lambda v: isinstance(v, Mapping))
 TEXT_LIST = Check("a list of strings", lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v))
-MAP_FILE_NAME = Check("a file name inside the map folder", _relative_file)
+HEX = "0123456789abcdef"
+MAP_ID = Check("a map id (hexadecimal)", lambda v: isinstance(v, str) and 8 <= len(v) <= 64 and set(v) <= set(HEX))
+CHECKSUM = Check(
+    "a SHA-256 (64 hexadecimal digits)", lambda v: isinstance(v, str) and len(v) == 64 and set(v) <= set(HEX)
+)
+MAP_FILE_NAME = Check("a file name inside the map folder", _relative_file, error=MapDamagedError)
 
 
 def checked(
@@ -268,6 +275,7 @@ class MapManifest(Record):
     FILE = MAP_FILE
 
     vprkit_version: str | None = checked(TEXT.or_null())
+    map_id: str | None = checked(MAP_ID.or_null())  # the map's identity, also in its store files and index.json
     config: dict[str, Any] = checked(OBJECT, {}, required=True)
     images_root: str | None = checked(TEXT.or_null(), always=True)
     runs: list[RunRecord] = nested(RunRecord, many=True)
@@ -341,6 +349,7 @@ class BuildRecord(Record):
 
     config: dict[str, Any] = checked(OBJECT, {}, required=True)
     vprkit_version: str | None = checked(TEXT.or_null())
+    map_id: str | None = checked(MAP_ID.or_null())  # created with the build; map.json keeps it
     vocabulary: BuildVocabulary | None = nested(BuildVocabulary)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -354,20 +363,37 @@ class BuildRecord(Record):
 # ---- index.json ------------------------------------------------------------------------------------
 @dataclass
 class IndexShard(Record):
-    """One index file and how many rows it holds."""
+    """One index file, how many rows it holds and what it is (size, fingerprint, SHA-256: :mod:`.verify`)."""
 
     file: str = checked(MAP_FILE_NAME, required=True)
     rows: int = checked(integer(0), required=True)
+    size: int | None = checked(integer(0).or_null())
+    fingerprint: str | None = checked(CHECKSUM.or_null())
+    sha256: str | None = checked(CHECKSUM.or_null())
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class DescriptorsRecord(Record):
-    """The full-precision copy of the descriptors kept for exact re-scoring."""
+    """The full-precision copy of the descriptors kept for exact re-scoring (and what the file is)."""
 
     file: str = checked(MAP_FILE_NAME, required=True)
     dtype: str = checked(one_of(*DESCRIPTOR_DTYPE_NAMES), "float16")
     rows: int = checked(integer(0), 0)
+    size: int | None = checked(integer(0).or_null())
+    fingerprint: str | None = checked(CHECKSUM.or_null())
+    sha256: str | None = checked(CHECKSUM.or_null())
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FileRecord(Record):
+    """One derived file of the map: its name, size, fingerprint and (when known) SHA-256."""
+
+    file: str = checked(MAP_FILE_NAME, required=True)
+    size: int | None = checked(integer(0).or_null())
+    fingerprint: str | None = checked(CHECKSUM.or_null())
+    sha256: str | None = checked(CHECKSUM.or_null())
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -378,6 +404,8 @@ class IndexManifest(Record):
     FILE = INDEX_MANIFEST_FILE
 
     backend: str = checked(one_of(*INDEX_MANIFEST_BACKENDS), "faiss")
+    map_id: str | None = checked(MAP_ID.or_null())  # the map this index was built for
+    dim: int | None = checked(integer(1).or_null())
     factory: str | None = checked(TEXT.or_null())
     options: dict[str, Any] = checked(OBJECT, {})
     ntotal: int = checked(integer(0), 0)
@@ -386,6 +414,7 @@ class IndexManifest(Record):
     saved: str | None = checked(TEXT.or_null())
     shards: list[IndexShard] = nested(IndexShard, many=True)
     descriptors: DescriptorsRecord | None = nested(DescriptorsRecord, always=True)
+    trained: FileRecord | None = nested(FileRecord)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def _check(self, source: str, path: str) -> None:
@@ -428,16 +457,53 @@ def _write(map_dir: str | os.PathLike, name: str, record: Record | Mapping[str, 
     path = Path(map_dir) / name
     if not isinstance(record, cls):
         record = cls.from_dict(record, path)  # what is written is checked as what is read
+    if isinstance(record, (MapManifest, BuildRecord)) and record.map_id is None:  # new, or from before identities
+        record.map_id = map_identity(map_dir) or new_map_id()
     return atomic_write_json(path, record.to_dict(), default=str)
 
 
+def _recorded_id(path: Path) -> str | None:
+    if not path.exists():
+        return None
+    try:
+        value = read_json(path).get("map_id")
+    except MapError:
+        return None
+    return value if isinstance(value, str) and value else None
+
+
+def map_identity(map_dir: str | os.PathLike) -> str | None:
+    """The map's identity: ``map.json``'s, else (a build not yet finished) ``build.json``'s; None for a map
+    from before identities (it gets one at its next write)."""
+    d = Path(map_dir)
+    return _recorded_id(d / MAP_FILE) or _recorded_id(d / BUILD_FILE)
+
+
+def ensure_map_identity(map_dir: str | os.PathLike) -> str | None:
+    """The map's identity, stamped now on a map from before identities (a writer calls this before writing files
+    that carry it). None when the folder holds no record yet (nothing to bind to)."""
+    d = Path(map_dir)
+    found = map_identity(d)
+    if found is not None:
+        return found
+    if (d / MAP_FILE).exists():
+        write_manifest(d, read_manifest(d))
+    elif (d / BUILD_FILE).exists():
+        record = read_build_record(d)
+        if record is not None:
+            write_build_record(d, record)
+    return map_identity(d)
+
+
 def write_manifest(map_dir: str | os.PathLike, manifest: MapManifest | Mapping[str, Any]) -> Path:
-    """Replace ``map.json`` atomically (a reader sees the old file or the new one); a dict is checked first."""
+    """Replace ``map.json`` atomically (a reader sees the old file or the new one); a dict is checked first.
+
+    A manifest without an identity takes the map's (or a new one): rebuilding ``map.json`` keeps the map's id."""
     return _write(map_dir, MAP_FILE, manifest, MapManifest)
 
 
 def write_build_record(map_dir: str | os.PathLike, record: BuildRecord | Mapping[str, Any]) -> Path:
-    """Replace ``build.json`` atomically; a dict is checked first."""
+    """Replace ``build.json`` atomically; a dict is checked first (and given the map's identity, or a new one)."""
     return _write(map_dir, BUILD_FILE, record, BuildRecord)
 
 

@@ -27,7 +27,9 @@ from ..config import Config
 from ..datasets.poses import LOCAL_CRS, utm_to_latlon
 from ..errors import ImageReadError, MapError, VocabularyMismatchError
 from ..images import ImageSource, MappedFiles
-from .index import INDEX_FILE, FaissIndex, Index, build_index, load_index
+from ..io import ORPHAN_AGE_S, clean_orphans
+from .extensions import EXTENSIONS_DIR
+from .index import INDEX_FILE, SHARD_DIR, FaissIndex, Index, build_index, load_index
 from .manifest import (
     BUILD_FILE,
     MAP_FILE,
@@ -40,7 +42,7 @@ from .manifest import (
     read_map_info,
     write_manifest,
 )
-from .store import MapStore
+from .store import LIVE_DIR, PENDING_DIR, MapStore
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +60,7 @@ __all__ = [
     "MapManifest",
     "changed_entries",
     "check_build_settings",
+    "clean_map_orphans",
     "crs_to_latlon",
     "map_crs",
     "next_run_id",
@@ -171,7 +174,13 @@ class MapData:
 
 
 def open_map_data(map_dir: str | os.PathLike, read_only: bool = True) -> MapData:
-    """Open ``map_dir``'s data; with ``read_only=False`` a missing or stale index is rebuilt and saved."""
+    """Open ``map_dir``'s data; with ``read_only=False`` a missing or stale index is rebuilt and saved.
+
+    The store must belong to the map (its identity, its descriptors' dimension, no key twice): otherwise a
+    :class:`MapDamagedError` refuses the map. Derived files that do not belong (the index, its shards, the
+    descriptors copy: size, fingerprint, identity or dimension) are rebuilt from the store with a warning.
+    A writable open also removes temporary files left by killed writers (:func:`clean_map_orphans`).
+    """
     d = Path(map_dir)
     manifest = read_manifest(d)
     info, config = manifest.to_dict(), manifest.settings(d / MAP_FILE)
@@ -179,10 +188,13 @@ def open_map_data(map_dir: str | os.PathLike, read_only: bool = True) -> MapData
     recorded = manifest.vocabulary
     if vocabulary is not None and recorded is not None and vocabulary.checksum != recorded.checksum:
         raise VocabularyMismatchError(f"{d / VOCAB_FILE} changed since the map was built; rebuild the map")
+    if not read_only:
+        clean_map_orphans(d)
     store = MapStore(d, config.store_dtype).pin()  # this map's rows stay as opened, whatever a writer does later
     keys = store.keys()
-    index = load_index(d, config)  # derived data: None when missing or damaged
-    if index is None or index.ntotal != len(keys):  # missing, damaged or stale: rebuild from the store
+    store.check_belongs(manifest.map_id, manifest.descriptor_dim, check_keys=len(set(keys)) != len(keys))
+    index = _belonging_index(d, config, store, len(keys))
+    if index is None:  # missing, damaged, foreign or stale: rebuild from the store
         index = build_index(store.read_global(), config, d)
         if not read_only:
             index.save_to_map(d)
@@ -199,6 +211,42 @@ def open_map_data(map_dir: str | os.PathLike, read_only: bool = True) -> MapData
         store.read_headings(),
         store.read_timestamps(),
     )
+
+
+def _belonging_index(d: Path, config: Config, store: MapStore, rows: int) -> Index | None:
+    """The saved index when it is this store's (rows and dimension), else None (with a warning when it exists)."""
+    index = load_index(d, config)  # derived data: None when missing, damaged or another map's
+    if index is None:
+        return None
+    dim, index_dim = store.dim(), getattr(index, "d", None)
+    if index.ntotal != rows or (dim is not None and index_dim is not None and index_dim != dim):
+        logger.warning(
+            "the index of %s holds %d rows of %s-d, the store %d of %s-d; rebuilding it from the store",
+            d,
+            index.ntotal,
+            index_dim,
+            rows,
+            dim,
+        )
+        return None
+    return index
+
+
+def clean_map_orphans(map_dir: str | os.PathLike, older_than_s: float = ORPHAN_AGE_S) -> list[Path]:
+    """Remove temporary files left by killed writers in the map's folders (the folder itself, the append log,
+    pending shards, index shards, extension folders). The live service's image folder is its own
+    (``io.clean_orphans_tree``). Returns what was removed; a folder that cannot be written is left as it is."""
+    d = Path(map_dir)
+    folders = [d, d / LIVE_DIR, d / PENDING_DIR, d / SHARD_DIR, d / EXTENSIONS_DIR]
+    if (d / EXTENSIONS_DIR).is_dir():
+        folders += sorted(p for p in (d / EXTENSIONS_DIR).iterdir() if p.is_dir() and not p.is_symlink())
+    removed: list[Path] = []
+    for folder in folders:
+        try:
+            removed += clean_orphans(folder, older_than_s)
+        except OSError as exc:  # a read-only folder: its leftovers stay (harmless; they are never read)
+            logger.debug("could not clean %s (%s)", folder, exc)
+    return removed
 
 
 def changed_entries(

@@ -41,6 +41,7 @@ existed read as unknown: empty hash, size −1, NaN time, run −1).
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import threading
@@ -52,8 +53,12 @@ from typing import Iterable, Iterator, Mapping, NamedTuple, Sequence
 import h5py
 import numpy as np
 
-from ..errors import MapError
+from ..errors import MapDamagedError, MapError
 from ..io import atomic_path, clean_orphans
+from .manifest import ensure_map_identity
+from .verify import MAP_ID_ATTR
+
+logger = logging.getLogger(__name__)
 
 STORE_FILE = "store.h5"
 PENDING_DIR = "pending"
@@ -130,23 +135,38 @@ def _fsync_dir(folder: Path) -> None:
 
 
 @contextmanager
-def _atomic_h5(path: Path):
-    """An h5py File on a temporary name in ``path``'s folder, closed, flushed and renamed over ``path`` on success."""
+def _atomic_h5(path: Path, map_id: str | None = None):
+    """An h5py File on a temporary name in ``path``'s folder, closed, flushed and renamed over ``path`` on success.
+
+    ``map_id``: the map the file belongs to, recorded as its :data:`MAP_ID_ATTR` attribute."""
     with atomic_path(path) as tmp:
         f = h5py.File(tmp, "w")
         try:
+            if map_id is not None:
+                f.attrs[MAP_ID_ATTR] = map_id
             yield f
         finally:
             f.close()
     _fsync_dir(path.parent)
 
 
+def file_map_id(f: h5py.File) -> str | None:
+    """The map a store file says it belongs to (None: written before identities)."""
+    value = f.attrs.get(MAP_ID_ATTR)
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    return str(value) if value is not None else None
+
+
 @contextmanager
 def _edited_copy(path: Path):
     """A copy of ``path`` opened for editing, renamed over ``path`` on success (readers keep the old file)."""
+    map_id = ensure_map_identity(path.parent if path.parent.name != LIVE_DIR else path.parent.parent)
     with atomic_path(path) as tmp:
         shutil.copyfile(path, tmp)
         with h5py.File(tmp, "r+") as f:
+            if map_id is not None and MAP_ID_ATTR not in f.attrs:
+                f.attrs[MAP_ID_ATTR] = map_id  # a map from before identities gets its id at its next write
             yield f
     _fsync_dir(path.parent)
 
@@ -431,6 +451,38 @@ class MapStore:
         paths = ([self.path] if self.path.exists() else []) + [p for q, p in self._live_files() if q > absorbed]
         return _identity(paths) == self._pinned.identity
 
+    def check_belongs(self, map_id: str | None, descriptor_dim: int | None = None, check_keys: bool = True) -> None:
+        """Refuse (one :class:`MapDamagedError` line) store files that are not this map's.
+
+        A file whose recorded identity differs from ``map_id`` (copied from another map), descriptors of
+        another dimension than ``descriptor_dim`` (another preset's files), and (``check_keys``) a key held
+        twice (an append log replayed or copied: every such place would be answered twice). Files from
+        before identities carry none and are accepted. Reads attributes, shapes and keys only.
+        """
+        with self._reading() as snap:
+            seen: dict[str, Path] = {}
+            for path, f in zip(snap.paths, snap.files):
+                owner = file_map_id(f)
+                if map_id is not None and owner is not None and owner != map_id:
+                    raise MapDamagedError(
+                        f"{path} belongs to another map (map id {owner}, this map's {map_id}); "
+                        f"restore this map's own file or rebuild the map"
+                    )
+                dim = f["global"].shape[1] if f["global"].ndim == 2 else None
+                if descriptor_dim is not None and dim is not None and len(f["keys"]) and dim != descriptor_dim:
+                    raise MapDamagedError(
+                        f"{path} holds {dim}-d descriptors, the map's settings make {descriptor_dim}-d "
+                        f"(a file of another preset); restore this map's own file or rebuild the map"
+                    )
+                for key in _decode_keys(f["keys"][()]) if check_keys else ():
+                    if key in seen:
+                        where = "twice in it" if seen[key] == path else f"also in {seen[key]}"
+                        raise MapDamagedError(
+                            f"{path} holds key {key!r} {where}: the store files overlap (a copied or replayed "
+                            f"append file?); remove the file that does not belong"
+                        )
+                    seen[key] = path
+
     def close(self) -> None:
         """Release a pinned snapshot's files (reads then see the current files again)."""
         if self._pinned is not None:
@@ -485,8 +537,11 @@ class MapStore:
         timestamps: np.ndarray | None = None,
         entries: Mapping[str, np.ndarray] | None = None,
         extras: list[Extras] | None = None,
-    ) -> None:
+    ) -> Path | None:
         """Add rows at the end of the map, durably: on return they are on disk and every read includes them.
+
+        Returns the append file written (None when ``keys`` is empty): :meth:`discard_append` undoes exactly
+        this append, for a caller whose later step (the index, the images) failed.
 
         ``vectors`` n×dim (the store's dimension), ``poses`` n×2 metres in the map's CRS (NaN
         unknown), ``headings`` degrees and ``timestamps`` epoch seconds (None: unknown),
@@ -513,7 +568,7 @@ class MapStore:
             twice = sorted({k for k in keys if keys.count(k) > 1})
             raise MapError(f"keys given twice: {', '.join(twice[:5])}")
         if not n:
-            return
+            return None
         snap = self._open_snapshot()  # the current map, whatever this store has pinned
         try:
             present = set()
@@ -531,18 +586,41 @@ class MapStore:
             )
         if dim is not None and snap.n and vectors.shape[1] != dim:
             raise MapError(f"descriptors are {vectors.shape[1]}-d, the map's {dim}-d")
+        map_id = ensure_map_identity(self.dir)
         self.live.mkdir(parents=True, exist_ok=True)
         clean_orphans(self.live)
         path = self.live / f"{LIVE_PREFIX}{live_seq + 1:0{LIVE_DIGITS}d}{LIVE_SUFFIX}"
-        with _atomic_h5(path) as f:
+        with _atomic_h5(path, map_id) as f:
             _write_rows(f, keys, vectors, poses, self.dtype, headings, timestamps)
             for name, values in records.items():
                 f.create_dataset(f"entries/{name}", data=values)
             for row, extra in enumerate(extras or []):
                 _write_extra(f, row, extra, self.dtype)
         if len(snap.files) + 1 - (1 if self.path.exists() else 0) >= LIVE_FOLD_FILES:
-            self._fold(include_pending=False)
+            try:
+                self._fold(include_pending=False)
+            except (MapError, OSError) as exc:  # the rows are durable in their append file: fold next time
+                logger.warning(
+                    "could not fold the append files into %s (%s); they are folded at a later add", self.path, exc
+                )
         self._after_write()
+        return path
+
+    def discard_append(self, path: str | os.PathLike) -> bool:
+        """Undo the append that wrote ``path`` (:meth:`append`'s return), if it is still the last unfolded append file.
+
+        For a caller making an add all-or-nothing: when a step after the append fails, the rows go again.
+        Returns whether the file was deleted (False: already folded into ``store.h5`` or followed by later
+        appends — then remove the keys with :meth:`remove`). The caller holds the map's write lock.
+        """
+        path = Path(path)
+        unfolded = self._unabsorbed()
+        if not unfolded or unfolded[-1].name != path.name or path.parent.resolve() != self.live.resolve():
+            return False
+        path.unlink()
+        _fsync_dir(self.live)
+        self._after_write()
+        return True
 
     def consolidate(self) -> int:
         """Merge ``store.h5``, the append files and pending shards into a new ``store.h5`` atomically; returns row count."""
@@ -550,6 +628,10 @@ class MapStore:
             self._delete_absorbed()
             return len(self)
         return self._fold(include_pending=True)
+
+    def current_files(self) -> list[Path]:
+        """The files that make the map's rows now: ``store.h5`` (when it exists) and the unfolded append files."""
+        return ([self.path] if self.path.exists() else []) + self._unabsorbed()
 
     def _unabsorbed(self) -> list[Path]:
         absorbed = 0
@@ -584,7 +666,7 @@ class MapStore:
                 for s in shards:
                     opened.append(_open_checked(s))
                     sources.append((s, opened[-1], -1))
-                total = _rewrite(self.path, sources, self.dtype, drop, live_seq)
+                total = _rewrite(self.path, sources, self.dtype, drop, live_seq, ensure_map_identity(self.dir))
             finally:
                 for f in opened:
                     f.close()
@@ -628,7 +710,7 @@ class MapStore:
                 path, f, off = snap.paths[i], snap.files[i], int(snap.offsets[i])
                 local = frozenset(int(r) - off for r in rows)
                 absorbed = int(f.attrs.get(ABSORBED_ATTR, 0)) if path == self.path else 0
-                _rewrite(path, [(path, f, 0)], self.dtype, local, absorbed)
+                _rewrite(path, [(path, f, 0)], self.dtype, local, absorbed, ensure_map_identity(self.dir))
         finally:
             snap.release()
         if single:
@@ -747,6 +829,13 @@ class MapStore:
             return 0
         with self._reading() as snap:
             return snap.n
+
+    def dim(self) -> int | None:
+        """The descriptors' dimension (None for a map without a store yet)."""
+        if self._pinned is None and not self.path.exists() and not self._live_files():
+            return None
+        with self._reading() as snap:
+            return snap.dim()
 
     def keys(self, include_pending: bool = False) -> list[str]:
         """Keys in row order (``include_pending``: plus those of shards not yet consolidated)."""
@@ -880,7 +969,14 @@ def _same(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a == b) | (np.isnan(a) & np.isnan(b))
 
 
-def _rewrite(dest: Path, sources: list[tuple[Path, h5py.File, int]], dtype, drop: frozenset[int], absorbed: int) -> int:
+def _rewrite(
+    dest: Path,
+    sources: list[tuple[Path, h5py.File, int]],
+    dtype,
+    drop: frozenset[int],
+    absorbed: int,
+    map_id: str | None = None,
+) -> int:
     """Write the rows of ``sources`` (open files; ``offset`` −1 for shards) into a new ``dest`` atomically.
 
     Rows ``drop`` (numbered by the sources' offsets; shards are never dropped) are left out; when a
@@ -902,7 +998,7 @@ def _rewrite(dest: Path, sources: list[tuple[Path, h5py.File, int]], dtype, drop
     if dim is None:
         dims = [f["global"].shape[1] for _, f, _ in sources if f["global"].ndim == 2]
         dim = dims[0] if dims else 0
-    with _atomic_h5(dest) as out:
+    with _atomic_h5(dest, map_id) as out:
         out.attrs[ABSORBED_ATTR] = int(absorbed)
         gds = out.create_dataset(
             "global", shape=(total, dim), dtype=dtype, chunks=(max(1, min(total, 1024)), dim) if total and dim else None

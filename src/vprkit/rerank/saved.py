@@ -36,6 +36,8 @@ from ..errors import MapError
 from ..io import atomic_write_bytes, load_npz
 from ..maps.extensions import EXTENSIONS_DIR
 from ..maps.lock import map_write_lock
+from ..maps.manifest import ensure_map_identity, map_identity
+from ..maps.verify import check_record, write_record
 from .extension import GROUP, STORED_FORMAT_KEYS, PatchesExtension
 
 logger = logging.getLogger(__name__)
@@ -93,8 +95,9 @@ class SavedState:
         if not self.state_path.exists():
             return False
         try:
+            check_record(self.state_path, map_identity(self.map_dir))  # another map's state, or changed since saved
             state = load_npz(self.state_path)
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, MapError) as exc:
             self.log(f"re-ranking state {self.state_path} is unreadable ({exc}); fitting it again")
             return False
         state.pop("options", None)
@@ -164,6 +167,8 @@ class SavedState:
                         number = int(path.stem.split("-")[1]) + 1
                         path = path.with_name(f"rows-{number:06d}.npz")
                 atomic_write_bytes(path, _npz_bytes(arrays))
+                if path.name == STATE_FILE:  # its size, checksum and map: a copied or edited state is not loaded
+                    write_record(path, ensure_map_identity(self.map_dir))
         except (MapError, OSError) as exc:
             self._say_unsaved(str(exc))
             return False

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from ..errors import MapError
 from ..io import atomic_write_json
+from ..maps.verify import checksum_matches, with_checksum
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,9 @@ MIN_BANDWIDTH = 1e-4
 MIN_WEIGHT = 1e-6  # cosine weights of agreeing matches are clipped here (negative cosines carry no weight)
 
 STATISTIC = "mean_top_k_cosine"
+# A cosine's range, with room for float rounding: evidence values outside it were not computed by vprkit.
+COSINE_LIMIT = 1.0 + 1e-3
+MAX_BANDWIDTH = 2.0 * COSINE_LIMIT  # wider than the cosines' whole range: no information left
 
 
 # ---- score kinds -------------------------------------------------------------------------------
@@ -215,6 +219,10 @@ class Calibration:
         return abs(rows - self.rows) < max(1.0, REFIT_FRACTION * self.rows)
 
     def to_dict(self) -> dict[str, Any]:
+        """The calibration file's content, with its own checksum (an edit by hand is refitted, not believed)."""
+        return with_checksum(self._fields())
+
+    def _fields(self) -> dict[str, Any]:
         return {
             "version": CALIBRATION_VERSION,
             "statistic": self.statistic,
@@ -236,9 +244,11 @@ class Calibration:
             raise MapError(
                 f"calibration version {d.get('version')} / statistic {d.get('statistic')!r} is not this vprkit's"
             )
+        if not checksum_matches(d):
+            raise MapError("calibration was changed after vprkit wrote it (its checksum does not match)")
         try:
-            return cls(
-                np.sort(np.asarray(d["impostor"], np.float64)),
+            cal = cls(
+                np.sort(np.asarray(d["impostor"], np.float64).reshape(-1)),
                 float(d["bandwidth"]),
                 int(d["k"]),
                 int(d["window"]),
@@ -252,6 +262,23 @@ class Calibration:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise MapError(f"calibration is damaged ({exc!r})") from None
+        problem = cal._implausible()
+        if problem:
+            raise MapError(f"calibration is damaged ({problem})")
+        return cal
+
+    def _implausible(self) -> str | None:
+        """What no fitted calibration holds (NaN, cosines beyond ±1, a sample larger than the map …), or None."""
+        checks = {
+            "impostor evidence must be finite cosines": bool(np.all(np.abs(self.impostor) <= COSINE_LIMIT)),
+            "the bandwidth must be a positive number": bool(MIN_BANDWIDTH <= self.bandwidth <= MAX_BANDWIDTH),
+            "k and the window must be ≥ 1": self.k >= 1 and self.window >= 1,
+            "the radius must be a finite distance ≥ 0": bool(np.isfinite(self.radius_m) and self.radius_m >= 0),
+            "the threshold must be in [0, 1]": bool(0.0 <= self.threshold <= 1.0),
+            "the sample cannot exceed the map's rows": 0 <= self.impostor.size <= max(self.rows, 0),
+        }
+        failed = [what for what, ok in checks.items() if not ok]
+        return "; ".join(failed) or None
 
     def summary(self) -> dict[str, Any]:
         """A few numbers for the estimate's evidence (the full sample stays in the map's calibration file)."""
