@@ -108,3 +108,30 @@ def test_over_http_an_unprepared_rerank_is_a_prompt_409_naming_the_command(
     assert "vprkit rerank prepare MAP --rerank performance" in refused.text
     plain = running.client.post("/localize", content=own)
     assert plain.status_code == 200 and time.perf_counter() - start < 2 * REFUSAL_SECONDS
+
+
+def test_a_maps_own_stored_reranking_follows_writes(tmp_path, corridor_dir, monkeypatch):
+    """A map built with --rerank stores its patches with each row: adds and removes keep serving it, unbuilt."""
+    from vprkit.images import FolderImages
+    from vprkit.presets import resolve
+
+    keys = [f"{i:07d}.jpg" for i in range(20)]
+    out = tmp_path / "map"
+    pipeline.build_map(FolderImages(corridor_dir / "ref", keys), out, resolve(rerank=RERANK), progress=False)
+    live = LiveMap.open(out)
+    monkeypatch.setattr(reranker_module, "extract", lambda *a, **k: (_ for _ in ()).throw(AssertionError("extract")))
+    built: list[str] = []
+    import vprkit.pipeline.localization as localization
+
+    real = localization.make_reranker
+    monkeypatch.setattr(
+        localization, "make_reranker", lambda options, **kw: built.append(options.settings.name) or real(options, **kw)
+    )
+    frame = _frame(corridor_dir, "ref", 9)
+    assert live.localize({"q": frame}, top_k=3)[0].matches[0].score_kind == "fused_zscore"
+    added = _frame(corridor_dir, "query", 40)
+    live.add_place(added, "added.png", None)
+    live.remove_place("0000001.jpg")  # rows after it move down
+    assert live.localize({"q": added}, top_k=3)[0].matches[0].key == "added.png"
+    assert live.localize({"q": frame}, top_k=3)[0].matches[0].key == "0000009.jpg"
+    assert built == [RERANK]  # the map's own, built at the first request and kept
