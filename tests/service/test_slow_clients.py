@@ -151,6 +151,11 @@ def test_a_stalled_body_is_408_and_a_flowing_one_is_not(live):
         answer = flowing.recv(65536)
         assert answer.startswith(b"HTTP/1.1 422"), answer  # read in full, then refused as not an image
 
+        pipelined = connect(address)  # a request queued behind another (pipelining), its body then stalled
+        pipelined.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" + head + b"4\r\nabcd\r\n")
+        data, waited = read_until_closed(pipelined, SHORT_S + SLACK_S)
+        assert data.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 408" in data, data
+
 
 def test_a_body_trickled_without_pauses_is_cut_by_the_minimum_rate(live):
     """A byte every 0.1 s never leaves the body silent for the timeout, but is far under the minimum average

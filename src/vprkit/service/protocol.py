@@ -160,19 +160,15 @@ class GuardedH11Protocol(H11Protocol):
         if before is h11.IDLE:
             self._head_started = True
         super().data_received(data)
-        now, after = time.monotonic(), self.conn.their_state
-        if after is h11.SEND_BODY and self._body is None:
-            self._body = BodyClock(self.limits, now)
-        elif before is h11.SEND_BODY and self._body is not None:
-            self._body.got(len(data), now)
-        if after is not h11.SEND_BODY:
-            self._body = None
+        if before is h11.SEND_BODY and self._body is not None:
+            self._body.got(len(data), time.monotonic())
         self._follow_client()
 
     def on_response_complete(self) -> None:
         self.idle_since = time.monotonic()
         self._head_started = False
         super().on_response_complete()
+        self._follow_client()  # a pipelined request may have begun without new data
 
     @property
     def is_idle(self) -> bool:
@@ -197,10 +193,14 @@ class GuardedH11Protocol(H11Protocol):
             self._cancel_timer()
             return
         state = self.conn.their_state
+        if state is not h11.SEND_BODY:
+            self._body = None
+        elif self._body is None:
+            self._body = BodyClock(self.limits, time.monotonic())
         if state is h11.IDLE and (self._head_started or self.cycle is None):
             if self._timer_kind != HEAD_TIMEOUT:
                 self._arm(HEAD_TIMEOUT, self.limits.header_timeout_s)
-        elif state is h11.SEND_BODY and self._body is not None:
+        elif self._body is not None:
             self._arm(BODY_TIMEOUT, max(0.0, self._body.deadline()[0] - time.monotonic()))
         else:
             self._cancel_timer()
