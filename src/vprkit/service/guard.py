@@ -48,6 +48,7 @@ API_KEY_HEADER = "X-API-Key"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 OPEN_WRITES = frozenset({("POST", "/localize")})  # work that needs no key: localising changes nothing
 UPLOAD_ROUTES = frozenset({("POST", "/localize"), ("POST", "/places")})
+BODY_METHODS = frozenset({"PATCH"})  # besides the uploads, the routes that read their body (PATCH /places/{id})
 PLACE_KEY_ROUTES = frozenset({("POST", "/places")})  # where ``key`` is a place's id, not a credential
 # Query parameter names (lower case, letters and digits only) that carry credentials.
 CREDENTIAL_NAMES = frozenset(
@@ -144,9 +145,12 @@ class RequestGuard:
         if refusal is not None:
             await send_json(send, *refusal)
             return
-        exchange = _Exchange(self, receive, send, route, has_body=_has_body(scope))
+        # The slot is taken once the body is in, for routes that read one; at once for every other write
+        # (a DELETE carrying a body it never reads must not slip past the queue).
+        slot_after_body = _has_body(scope) and (route in UPLOAD_ROUTES or route[0] in BODY_METHODS)
+        exchange = _Exchange(self, receive, send, route, slot_after_body)
         try:
-            if exchange.wants_slot and not exchange.has_body and not exchange.take_slot():
+            if exchange.wants_slot and not exchange.slot_after_body and not exchange.take_slot():
                 await exchange.answer_busy()
                 return
             await self.app(scope, exchange.receive, exchange.send)
@@ -198,12 +202,14 @@ def _has_body(scope: Scope) -> bool:
 class _Exchange:
     """One request through the guard: counts its body, holds its model slot, answers for it when the guard must."""
 
-    def __init__(self, guard: RequestGuard, receive: Receive, send: Send, route: tuple[str, str], has_body: bool):
+    def __init__(
+        self, guard: RequestGuard, receive: Receive, send: Send, route: tuple[str, str], slot_after_body: bool
+    ):
         self.guard = guard
         self._receive = receive
         self._send = send
         self.route = route
-        self.has_body = has_body
+        self.slot_after_body = slot_after_body  # else the slot is taken before the app runs
         self.limit = guard.body_limit(route)
         self.wants_slot = route[0] not in SAFE_METHODS
         self.received = 0
