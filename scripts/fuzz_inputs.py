@@ -16,11 +16,23 @@ Anything else (another exception type, or an image that is not RGB uint8) is a f
 prints how many inputs it tried, per target, and each distinct finding (exception type, message,
 where it was raised) with the first input that triggered it saved under ``--out``.
 
+A second campaign, ``--campaign map-files``, damages the files of a real small map (built from Corridor
+images with the library, like a served one: a compressed index in shards with ``descriptors.npy``, a
+``calibration.json``, a place added live in ``live/append-*.h5``, saved re-ranking state) — the manifests
+``map.json``, ``index.json``, ``build.json``, ``calibration.json`` and the derived files — by truncation,
+bit flips, emptying, JSON edits, swaps with the same file of another map or of a map of another preset,
+shard paths leading out of the map folder (``../x``, ``/etc/hostname``) and duplicated append files; then
+opens the map (read-only or writable, as ``localize`` and ``serve`` do) and localises a map image. Every
+outcome must be a one-line :class:`~vprkit.errors.VPRKitError` or the correct answer (the image finds
+itself, no place twice, the pristine confidence, strict JSON); anything else — another exception, a
+silent wrong answer — is a finding (see :mod:`map_file_fuzz`).
+
 Engines: ``atheris`` (coverage-guided libFuzzer, Python code of PIL and vprkit instrumented) when
 it is installed, else a seeded random-mutation loop over valid seed files (``--engine mutation``
 forces it; the same ``--seed`` replays the same inputs). Run::
 
     .venv/bin/python scripts/fuzz_inputs.py --seconds 60
+    .venv/bin/python scripts/fuzz_inputs.py --campaign map-files --seconds 60
 """
 
 from __future__ import annotations
@@ -338,11 +350,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", choices=("auto", "atheris", "mutation"), default="auto")
     parser.add_argument("--seed", type=int, default=0, help="random seed (mutation loop; libFuzzer -seed)")
     parser.add_argument("--out", type=Path, default=None, help="folder to save the first input of each finding")
+    parser.add_argument(
+        "--campaign",
+        choices=("inputs", "map-files"),
+        default="inputs",
+        help="inputs: byte-level fuzzing of the readers (default); map-files: damaged files of a real map",
+    )
+    parser.add_argument("--data", type=Path, default=None, help="map-files: datasets folder holding corridor/")
+    parser.add_argument("--json-out", type=Path, default=None, help="map-files: write every outcome as JSON here")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")  # PIL's DecompressionBombWarning / truncated-file warnings
     import logging
 
     logging.disable(logging.CRITICAL)  # the library's warnings about each broken input are expected here
+    if args.campaign == "map-files":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from map_file_fuzz import run_map_file_campaign
+
+        return run_map_file_campaign(args.seconds, args.seed, args.data, args.json_out)
     engine = args.engine
     if engine == "auto":
         try:
