@@ -49,8 +49,15 @@ def test_an_unprepared_rerank_is_refused_at_once_and_plain_localize_still_answer
     assert time.perf_counter() - start < REFUSAL_SECONDS
     assert not list(map_dir.glob("extensions/patches-*/*"))  # nothing fitted nor saved
     assert live.localize({"q": frame}, top_k=3)[0].matches[0].key == "0000005.jpg"
-    with pytest.raises(StateNotPreparedError):  # asked at start-up: refused there
-        LiveMap.open(map_dir, prepare_rerank=[RERANK])
+
+
+def test_a_state_named_at_start_up_is_prepared_there_and_saved(map_dir, corridor_dir, monkeypatch):
+    LiveMap.open(map_dir, prepare_rerank=[RERANK])  # fits and computes before serving: a start-up, not a request
+    assert list(map_dir.glob("extensions/patches-*/state.npz")) and list(map_dir.glob("extensions/patches-*/rows-*"))
+    monkeypatch.setattr(reranker_module, "extract", lambda *a, **k: (_ for _ in ()).throw(AssertionError("extract")))
+    live = LiveMap.open(map_dir)  # a later start reads it back
+    found = live.localize({"q": _frame(corridor_dir, "ref", 5)}, top_k=3, rerank=RERANK)[0]
+    assert found.matches[0].key == "0000005.jpg" and found.matches[0].score_kind == "fused_zscore"
 
 
 def test_a_partly_prepared_state_is_refused_not_completed(map_dir, corridor_dir, monkeypatch):

@@ -21,7 +21,7 @@ its ``add``/``remove`` — and adds what sharing needs:
 - **Read-only when it must.** A map on a read-only folder or a full disk is served for localisation,
   with one warning; writes are refused with the reason. ``map.json``'s counts follow the store.
 - **No request builds expensive state.** Re-ranking reads the map's stored patches or a state saved
-  by ``vprkit rerank prepare`` (``prepare_rerank`` loads named ones at start-up); a missing one is a
+  by ``vprkit rerank prepare`` or at start-up (``prepare_rerank``); a missing one is a
   :class:`StateNotPreparedError` naming that command. Kept re-rankers follow writes (an added place's
   payload is saved with it) instead of being built again.
 - **One writer per map.** Writes also take :func:`vprkit.maps.lock.map_write_lock`, so a
@@ -51,7 +51,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import numpy as np
 from PIL import Image
 
-from ..errors import MapError, ReadOnlyMapError, StorageFullError
+from ..errors import MapError, ReadOnlyMapError, StateNotPreparedError, StorageFullError
 from ..images import DecodedImages
 from ..maps import (
     MAP_FILE,
@@ -109,7 +109,7 @@ class LiveMap:
         self._seen = self._map_file_state()
         self.opened = time.time()
         for name in prepare_rerank:
-            self._reranker(name)  # a missing state fails at start-up (StateNotPreparedError), not at a request
+            self._prepare_rerank(name)
         if self.refuse_writes is None:
             self._tidy()
 
@@ -323,6 +323,26 @@ class LiveMap:
                 save = self.refuse_writes is None
                 self._rerankers[key] = get_reranker(self.map, settings, save=save, compute=False)
             return self._rerankers[key]
+
+    def _prepare_rerank(self, name: str) -> None:
+        """Load re-ranking ``name``'s state at start-up, computing and saving what is missing first (a start-up, not a
+        request, may take minutes; on a map served read-only it is kept in memory)."""
+        try:
+            self._reranker(name)
+            return
+        except StateNotPreparedError:
+            pass
+        settings = rerank_settings(self.map.config, name)
+        logger.warning("re-ranking '%s' is not prepared in %s: preparing it before serving", name, self.dir)
+        reranker = get_reranker(self.map, settings, save=self.refuse_writes is None)
+        reranker.prepare(progress=False)
+        if reranker.candidates.saved is not None and reranker.candidates.saved.saves:
+            reranker.close()
+            self._reranker(name)  # read back as a request would
+            return
+        reranker.candidates.compute_missing = False  # kept in memory; requests still never compute
+        with self._rerankers_lock:
+            self._rerankers[repr(settings)] = reranker
 
     def _kept_rerankers(self) -> list[Any]:
         with self._rerankers_lock:
