@@ -142,3 +142,20 @@ def test_a_maps_own_stored_reranking_follows_writes(tmp_path, corridor_dir, monk
     assert live.localize({"q": added}, top_k=3)[0].matches[0].key == "added.png"
     assert live.localize({"q": frame}, top_k=3)[0].matches[0].key == "0000009.jpg"
     assert built == [RERANK]  # the map's own, built at the first request and kept
+
+
+def test_a_maps_own_reranking_without_stored_patches_is_prepared_at_start_up(tmp_path, corridor_dir, monkeypatch):
+    """A map built for a re-ranking without storing its patches: the start-up prepares it, requests never do."""
+    from vprkit.images import FolderImages
+    from vprkit.presets import resolve
+
+    keys = [f"{i:07d}.jpg" for i in range(20)]
+    out = tmp_path / "map"
+    config = resolve(rerank=RERANK, store_rerank=False)
+    pipeline.build_map(FolderImages(corridor_dir / "ref", keys), out, config, progress=False)
+    assert not list(out.glob("extensions/patches-*/*"))
+    live = LiveMap.open(out)
+    monkeypatch.setattr(reranker_module, "extract", lambda *a, **k: (_ for _ in ()).throw(AssertionError("extract")))
+    found = live.localize({"q": _frame(corridor_dir, "ref", 7)}, top_k=3)[0]
+    assert found.matches[0].key == "0000007.jpg" and found.rerank == RERANK
+    assert list(out.glob("extensions/patches-*/state.npz"))

@@ -108,8 +108,9 @@ class LiveMap:
         )
         self._seen = self._map_file_state()
         self.opened = time.time()
-        for name in prepare_rerank:
-            self._prepare_rerank(name)
+        # the map's own re-ranking (stored with it, or prepared at start-up if it was built without storing it)
+        for choice in ([None] if map.config.rerank is not None else []) + list(prepare_rerank):
+            self._prepare_rerank(choice)
         if self.refuse_writes is None:
             self._tidy()
 
@@ -324,21 +325,21 @@ class LiveMap:
                 self._rerankers[key] = get_reranker(self.map, settings, save=save, compute=False)
             return self._rerankers[key]
 
-    def _prepare_rerank(self, name: str) -> None:
-        """Load re-ranking ``name``'s state at start-up, computing and saving what is missing first (a start-up, not a
-        request, may take minutes; on a map served read-only it is kept in memory)."""
+    def _prepare_rerank(self, choice: RerankChoice) -> None:
+        """Load the re-ranking state ``choice`` asks for at start-up, computing and saving what is missing first (a
+        start-up, not a request, may take minutes; on a map served read-only it is kept in memory)."""
         try:
-            self._reranker(name)
+            self._reranker(choice)
             return
         except StateNotPreparedError:
             pass
-        settings = rerank_settings(self.map.config, name)
-        logger.warning("re-ranking '%s' is not prepared in %s: preparing it before serving", name, self.dir)
+        settings = rerank_settings(self.map.config, choice)
+        logger.warning("re-ranking '%s' is not prepared in %s: preparing it before serving", settings.name, self.dir)
         reranker = get_reranker(self.map, settings, save=self.refuse_writes is None)
         reranker.prepare(progress=False)
         if reranker.candidates.saved is not None and reranker.candidates.saved.saves:
             reranker.close()
-            self._reranker(name)  # read back as a request would
+            self._reranker(choice)  # read back as a request would
             return
         reranker.candidates.compute_missing = False  # kept in memory; requests still never compute
         with self._rerankers_lock:
