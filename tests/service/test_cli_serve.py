@@ -62,6 +62,8 @@ def test_limits_are_options_with_the_library_defaults(tmp_path, monkeypatch):
         min_body_rate=10.0,
         keep_alive_timeout_s=1.0,
     )
+    result, calls = _invoke([tmp_path, "--prepare-rerank", "storage", "--prepare-rerank", "speed"], monkeypatch)
+    assert result.exit_code == 0 and calls[0][1]["prepare_rerank"] == ("storage", "speed"), result.output
     for bad in (["--max-model-requests", "0"], ["--header-timeout", "0"], ["--max-connections", "-1"]):
         result, calls = _invoke([tmp_path, *bad], monkeypatch)
         assert result.exit_code == 2 and bad[0] in result.output and not calls, result.output

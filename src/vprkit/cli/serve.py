@@ -130,6 +130,14 @@ def _api_key(env: str | None, file: Path | None) -> str | None:
     type=click.FloatRange(min=0, min_open=True),
     help="Seconds an idle connection is kept open between requests.",
 )
+@click.option(
+    "--prepare-rerank",
+    "prepare_rerank",
+    multiple=True,
+    metavar="NAME",
+    help="Prepare this re-ranking preset's saved state at start-up when missing (repeatable), so that "
+    "?rerank=NAME is answered from it; without it such a request is a 409 naming `vprkit rerank prepare`.",
+)
 @device_option
 @click.option("--no-access-log", "no_access_log", is_flag=True, help="Do not log every request.")
 def serve(
@@ -141,6 +149,7 @@ def serve(
     max_upload_mb: float,
     device: str | None,
     no_access_log: bool,
+    prepare_rerank: tuple[str, ...],
     **limit_options: float,
 ) -> None:
     """Serve MAP_DIR over HTTP: POST /localize, POST/PATCH/DELETE /places, GET /health, GET /map (docs at /docs).
@@ -170,6 +179,7 @@ def serve(
         device=device,
         access_log=not no_access_log,
         limits=limits,
+        prepare_rerank=prepare_rerank,
         on_ready=ready,
     )
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import uvicorn
 from fastapi import FastAPI
@@ -74,13 +74,17 @@ def serve(
     device: str | None = None,
     access_log: bool = True,
     limits: ServiceLimits = DEFAULT_LIMITS,
+    prepare_rerank: Sequence[str] = (),
     on_ready: Callable[[str], None] | None = None,
 ) -> None:
     """Serve ``map_dir`` over HTTP until interrupted. ``on_ready(url)`` is called once the map and models are loaded.
 
-    A map that cannot be opened (damaged, of another preset, unreadable) raises before anything listens.
+    ``prepare_rerank``: re-ranking presets whose state is prepared at start-up when missing (see
+    :class:`LiveMap`), so that ``?rerank=NAME`` never builds it during a request. A map that cannot be
+    opened (damaged, of another preset, unreadable) raises before anything listens.
     """
-    live = LiveMap.open(map_dir, device=device)
+    options = {"prepare_rerank": tuple(prepare_rerank)} if prepare_rerank else {}
+    live = LiveMap.open(map_dir, device=device, **options)
     app = create_app(live, api_key=api_key, max_upload_bytes=max_upload_bytes, limits=limits)
     if on_ready is not None:
         on_ready(base_url(host, port))
