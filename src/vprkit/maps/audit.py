@@ -26,7 +26,8 @@ from .store import LIVE_DIR, STORE_FILE, MapStore, file_map_id
 from .verify import checksum_matches, confined, fingerprint_file, record_path, sha256_file
 
 CALIBRATION_FILE = "calibration.json"  # written by vprkit.retrieval.estimate (which imports maps, not the reverse)
-SAVED_STATE_GLOB = "*/state.npz"  # saved re-ranking state, one folder per set of options (vprkit.rerank.saved)
+# Saved re-ranking state and rows, one folder per set of options (vprkit.rerank.saved).
+SAVED_STATE_GLOBS = ("*/state.npz", "*/rows-*.npz")
 # Verdicts: these three are good; anything else names what is wrong.
 GOOD_VERDICTS = ("ok", "unrecorded", "fingerprint only")
 
@@ -163,11 +164,12 @@ def _calibration(d: Path) -> FileCheck | None:
 
 
 def _saved_state(d: Path) -> list[FileCheck]:
-    """Saved re-ranking state against its record (size, SHA-256, map id)."""
+    """Saved re-ranking state and rows against their records (size, SHA-256, map id)."""
     folder = d / EXTENSIONS_DIR
     out = []
     own = read_manifest(d).map_id
-    for path in sorted(folder.glob(SAVED_STATE_GLOB)) if folder.is_dir() else []:
+    found = sorted(p for pattern in SAVED_STATE_GLOBS for p in folder.glob(pattern)) if folder.is_dir() else []
+    for path in found:
         name = path.relative_to(d).as_posix()
         rec = record_path(path)
         if not rec.exists():

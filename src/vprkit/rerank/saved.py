@@ -27,12 +27,13 @@ import hashlib
 import io
 import json
 import logging
+import zipfile
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import MapError
+from ..errors import MapDamagedError, MapError
 from ..io import atomic_write_bytes, load_npz
 from ..maps.extensions import EXTENSIONS_DIR
 from ..maps.lock import map_write_lock
@@ -49,6 +50,8 @@ SHARD_PATTERN = "rows-*.npz"
 DIGEST_CHARS = 12
 # Options that decide the fitted state beyond the stored format (a different sample is a different state).
 FIT_KEYS = ("fit_images", "fit_patches", "seed")
+# What numpy and zipfile raise on a damaged .npz (truncated, emptied, a flipped bit failing the CRC).
+NPZ_DAMAGE = (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile)
 
 
 def state_digest(options: Mapping[str, object]) -> str:
@@ -97,7 +100,7 @@ class SavedState:
         try:
             check_record(self.state_path, map_identity(self.map_dir))  # another map's state, or changed since saved
             state = load_npz(self.state_path)
-        except (ValueError, OSError, MapError) as exc:
+        except (*NPZ_DAMAGE, MapError) as exc:
             self.log(f"re-ranking state {self.state_path} is unreadable ({exc}); fitting it again")
             return False
         state.pop("options", None)
@@ -118,11 +121,13 @@ class SavedState:
         """Map row → (shard, item) of every saved payload whose image key and content hash match the map's."""
         row_of = {(k, bytes(h)): r for r, (k, h) in enumerate(zip(keys, sha256))}
         found: dict[int, tuple[Path, int]] = {}
+        map_id = map_identity(self.map_dir)
         for shard in self.shards():
             try:
+                check_record(shard, map_id)  # another map's rows, or changed since saved: computed again
                 with np.load(shard, allow_pickle=False) as z:
                     names, hashes = z["keys"], z["sha256"]
-            except (ValueError, OSError, KeyError) as exc:
+            except (*NPZ_DAMAGE, MapError) as exc:
                 self.log(f"ignoring unreadable re-ranking shard {shard} ({exc})")
                 continue
             for i, (k, h) in enumerate(zip(names, hashes)):
@@ -135,8 +140,14 @@ class SavedState:
     def read(shard: Path, item: int) -> dict[str, np.ndarray]:
         """The payload of ``item`` in ``shard`` (as :meth:`PatchesExtension.encode` made it)."""
         prefix = f"{item}/"
-        with np.load(shard, allow_pickle=False) as z:
-            return {n[len(prefix) :]: z[n] for n in z.files if n.startswith(prefix)}
+        try:
+            with np.load(shard, allow_pickle=False) as z:
+                return {n[len(prefix) :]: z[n] for n in z.files if n.startswith(prefix)}
+        except NPZ_DAMAGE as exc:
+            raise MapDamagedError(
+                f"re-ranking rows {shard} are damaged ({type(exc).__name__}: {str(exc)[:80]}); delete the file and "
+                f"run `vprkit rerank prepare MAP --rerank NAME` again"
+            ) from None
 
     def save_rows(
         self, keys: Sequence[str], sha256: Sequence[bytes], payloads: Sequence[Mapping[str, np.ndarray]]
@@ -167,8 +178,7 @@ class SavedState:
                         number = int(path.stem.split("-")[1]) + 1
                         path = path.with_name(f"rows-{number:06d}.npz")
                 atomic_write_bytes(path, _npz_bytes(arrays))
-                if path.name == STATE_FILE:  # its size, checksum and map: a copied or edited state is not loaded
-                    write_record(path, ensure_map_identity(self.map_dir))
+                write_record(path, ensure_map_identity(self.map_dir))  # a copied or edited file is not loaded
         except (MapError, OSError) as exc:
             self._say_unsaved(str(exc))
             return False
