@@ -17,6 +17,7 @@ import httpx
 import psutil
 import pytest
 
+from vprkit.uploads import DecodeBusyError
 from vprkit.errors import MapDamagedError, ReadOnlyMapError, StateNotPreparedError, StorageFullError
 from vprkit.pipeline.live import LiveMap
 from vprkit.service import BackgroundServer, ServiceLimits, create_app
@@ -212,6 +213,7 @@ def test_map_shows_no_paths_without_the_key(live):
         (ReadOnlyMapError("the map's live-images folder is read-only"), 409),
         (MapDamagedError("descriptors.npy does not belong to this map"), 503),
         (StateNotPreparedError("run vprkit rerank prepare MAP --rerank NAME"), 409),
+        (DecodeBusyError("upload.jpg: the server is busy decoding other images; retry later"), 503),
         (RuntimeError("an internal bug at /srv/secret/module.py line 3"), 500),
     ],
 )
@@ -229,6 +231,7 @@ def test_a_failed_write_is_a_one_line_json_answer(live, corridor_dir, monkeypatc
         detail = answer.json()["detail"]
         assert isinstance(detail, str) and "\n" not in detail and "Traceback" not in detail
         assert "/srv/secret" not in detail
+        assert (answer.headers.get("retry-after") is not None) == (status == 503)  # a 503 says when to retry
         assert client.get("/health").status_code == 200
 
 
@@ -237,6 +240,7 @@ def test_error_status_table():
     assert error_status(StorageFullError("x")) == 507
     assert error_status(ReadOnlyMapError("x")) == 409
     assert error_status(StateNotPreparedError("x")) == 409
+    assert error_status(DecodeBusyError("x")) == 503  # more specific than ImageReadError's 422
 
 
 def test_limits_are_checked():

@@ -64,6 +64,16 @@ def test_limits_are_options_with_the_library_defaults(tmp_path, monkeypatch):
     )
     result, calls = _invoke([tmp_path, "--prepare-rerank", "storage", "--prepare-rerank", "speed"], monkeypatch)
     assert result.exit_code == 0 and calls[0][1]["prepare_rerank"] == ("storage", "speed"), result.output
+    from vprkit import uploads
+
+    before = uploads.default_budget(), uploads.default_max_decoded_bytes()
+    try:
+        result, calls = _invoke([tmp_path, "--decode-budget-mb", "200", "--max-decoded-mb", "50"], monkeypatch)
+        assert result.exit_code == 0, result.output
+        assert uploads.default_budget().limit_bytes == 200 * uploads.MEGABYTE
+        assert uploads.default_max_decoded_bytes() == 50 * uploads.MEGABYTE
+    finally:
+        uploads.configure_decoding(budget_bytes=before[0].limit_bytes, max_decoded_bytes=before[1])
     for bad in (["--max-model-requests", "0"], ["--header-timeout", "0"], ["--max-connections", "-1"]):
         result, calls = _invoke([tmp_path, *bad], monkeypatch)
         assert result.exit_code == 2 and bad[0] in result.output and not calls, result.output

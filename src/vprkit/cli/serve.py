@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ..uploads import MEGABYTE, configure_decoding
 from .core import device_option
 
 BYTES_PER_MB = 1024 * 1024
@@ -138,6 +139,22 @@ def _api_key(env: str | None, file: Path | None) -> str | None:
     help="Prepare this re-ranking preset's saved state at start-up when missing (repeatable), so that "
     "?rerank=NAME is answered from it; without it such a request is a 409 naming `vprkit rerank prepare`.",
 )
+@click.option(
+    "--decode-budget-mb",
+    "decode_budget_mb",
+    default=None,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Memory for uploaded images being decoded at once, in MB (default: two of the largest admitted; "
+    "beyond it an upload waits, then 503).",
+)
+@click.option(
+    "--max-decoded-mb",
+    "max_decoded_mb",
+    default=None,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Largest decoded size of one uploaded image in MB (bit depth × channels × pixels; larger: 422). "
+    "Default: 40 Mpx × 4 bytes.",
+)
 @device_option
 @click.option("--no-access-log", "no_access_log", is_flag=True, help="Do not log every request.")
 def serve(
@@ -150,6 +167,8 @@ def serve(
     device: str | None,
     no_access_log: bool,
     prepare_rerank: tuple[str, ...],
+    decode_budget_mb: float | None,
+    max_decoded_mb: float | None,
     **limit_options: float,
 ) -> None:
     """Serve MAP_DIR over HTTP: POST /localize, POST/PATCH/DELETE /places, GET /health, GET /map (docs at /docs).
@@ -162,6 +181,10 @@ def serve(
     from ..service import serve as serve_map
 
     limits = ServiceLimits(**{LIMIT_OPTIONS[name]: value for name, value in limit_options.items()})
+    configure_decoding(
+        budget_bytes=None if decode_budget_mb is None else int(decode_budget_mb * MEGABYTE),
+        max_decoded_bytes=None if max_decoded_mb is None else int(max_decoded_mb * MEGABYTE),
+    )
 
     key = _api_key(api_key_env, api_key_file)
     if key is None and host not in LOOPBACK_HOSTS:

@@ -47,6 +47,7 @@ from ..errors import (
 )
 from ..pipeline.live import LiveMap, PlaceExistsError, UnknownPlaceError
 from ..presets import list_rerank_configs
+from ..uploads import DecodeBusyError
 from .forms import FormError, parse_multipart
 from .guard import API_KEY_HEADER, RequestGuard
 from .limits import DEFAULT_LIMITS, ServiceLimits
@@ -73,6 +74,7 @@ WINDOWS_ABSOLUTE = re.compile(r"^[A-Za-z]:[\\/]")
 ERROR_STATUS: dict[type[VPRKitError], int] = {
     UnknownPlaceError: 404,
     PlaceExistsError: 409,
+    DecodeBusyError: 503,  # the decode budget stayed full: retry later (wins over ImageReadError by the MRO)
     MapDamagedError: 503,  # a map file damaged or not belonging: nothing trustworthy to answer from
     StorageFullError: 507,  # disk full or quota: nothing was kept
     ReadOnlyMapError: 409,  # the map (or one of its folders) cannot be written
@@ -345,7 +347,7 @@ def create_app(
         version=__version__,
         description="Visual place recognition over a live map: localise images, add, move and remove places.",
     )
-    _add_error_handlers(app)
+    _add_error_handlers(app, limits)
     # Outside the routes (and inside Starlette's last-resort error handler): the key and body limits are
     # checked before any body is read, and model requests take a slot.
     app.add_middleware(RequestGuard, api_key=api_key, limits=limits, max_upload_bytes=max_upload_bytes)
@@ -355,13 +357,16 @@ def create_app(
     return app
 
 
-def _add_error_handlers(app: FastAPI) -> None:
+def _add_error_handlers(app: FastAPI, limits: ServiceLimits) -> None:
     """Library errors by :data:`ERROR_STATUS`, OSErrors by :data:`OSERROR_STATUS` (anything else: the guard's
     one-line 500, see :mod:`.guard`)."""
 
     @app.exception_handler(VPRKitError)
     async def _library_error(_: Request, exc: VPRKitError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=error_status(exc))
+        status = error_status(exc)
+        # a 503 is "come back later": say when, as the request guard's own 503s do
+        headers = {"Retry-After": str(int(limits.retry_after_s))} if status == 503 else None
+        return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
 
     @app.exception_handler(OSError)
     async def _os_error(request: Request, exc: OSError) -> JSONResponse:
