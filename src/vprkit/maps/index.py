@@ -69,6 +69,11 @@ TRAIN_SAMPLE_MAX_BYTES = 1 << 30
 RESCORE_BLOCK_BYTES = 256 * 2**20
 # FAISS's "no result" score for inner product (rows are -1 there).
 MISSING_SCORE = -np.inf
+# A map without shard_rows keeps one index file; live adds go to a small *tail* shard (its own file, listed in
+# index.json) so the index file is not rewritten for every place. The tail is folded into the index file once
+# it holds more than this share of the rows (and at least TAIL_FOLD_MIN_ROWS): a rewrite per 10 % of growth.
+TAIL_FOLD_FRACTION = 0.1
+TAIL_FOLD_MIN_ROWS = 1024
 
 # The options of the FAISS backend (``Config.index_options``, index.json) are declared once, in the option table
 # (vprkit.options, read by vprkit.maps.index_options); query-time ones may differ between processes.
@@ -133,6 +138,9 @@ def update_map_index(map_dir: Path, vectors: np.ndarray, config: Config) -> Inde
         index = updater(Path(map_dir), vectors, config)
     else:
         index = backend.build_for_map(vectors, config, Path(map_dir))
+    fold = getattr(index, "fold", None)
+    if fold is not None:  # a build leaves one index file, as it always has
+        fold()
     index.save_to_map(Path(map_dir))
     return index
 
@@ -364,6 +372,7 @@ class FaissIndex:
         """
         map_dir = Path(map_dir)
         generation = self._generation + 1
+        self.fold(force=False)
         sharded = len(self.shards) > 1 or self.options["shard_rows"] > 0
         for i, shard in enumerate(self.shards):
             if (
@@ -482,6 +491,8 @@ class FaissIndex:
         cap = self.options["shard_rows"] or None
         if not self.shards:
             self._open_shard()
+        elif cap is None and len(self.shards) == 1 and self._files[0] is not None and _mergeable(self.shards[0]):
+            self._open_shard()  # the saved index file stays as it is: new rows go to a tail shard (folded later)
         step = chunk_rows(x.shape[1])
         start = 0
         while start < len(x):
@@ -498,6 +509,22 @@ class FaissIndex:
             last.add(block)
             self._files[-1], self._states[-1] = None, None
             start = stop
+
+    def fold(self, force: bool = True) -> bool:
+        """Merge the tail shards of a map without ``shard_rows`` into its one index (``force=False``: only once
+        the tail outgrew :data:`TAIL_FOLD_FRACTION` of the rows). Returns whether it folded; results are unchanged."""
+        if self.options["shard_rows"] or len(self.shards) < 2 or not _mergeable(self.shards[0]):
+            return False
+        tail = sum(s.ntotal for s in self.shards[1:])
+        if not force and tail <= max(TAIL_FOLD_MIN_ROWS, TAIL_FOLD_FRACTION * self.shards[0].ntotal):
+            return False
+        base = self.shards[0]
+        if self._files[0] is not None:  # the loaded index may be shared with readers: merge into a copy
+            base = faiss.clone_index(base)
+        for shard in self.shards[1:]:
+            _merge_into(base, shard)
+        self.shards, self._files, self._states = [base], [None], [None]
+        return True
 
     def _open_shard(self) -> None:
         self.shards.append(self._new_shard())
@@ -776,6 +803,30 @@ def _read_manifest(map_dir: Path) -> IndexManifest | None:
     except MapError as exc:
         logger.warning("%s; the index is rebuilt from the store", exc)
         return None
+
+
+def _ivf_of(index):
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:  # not an IVF index
+        return None
+
+
+def _mergeable(index) -> bool:
+    """Whether shards of ``index``'s kind merge exactly (flat codes: Flat, PQ, SQ; IVF), with or without transforms.
+    Graph indexes (HNSW) do not: their live adds rewrite the one index file."""
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
+    return isinstance(inner, faiss.IndexFlatCodes) or _ivf_of(index) is not None
+
+
+def _merge_into(base, tail) -> None:
+    """Append ``tail``'s rows to ``base`` (same trained structure): IVF lists renumber the tail's ids after ``base``'s."""
+    if _ivf_of(base) is not None:
+        faiss.extract_index_ivf(base).merge_from(faiss.extract_index_ivf(tail), int(base.ntotal))
+        if isinstance(base, faiss.IndexPreTransform):
+            base.ntotal = faiss.extract_index_ivf(base).ntotal
+    else:
+        base.merge_from(tail)
 
 
 def _state_of(record) -> FileState | None:
