@@ -1103,23 +1103,25 @@ def rerank_case(env: Env, maps: Maps, bound: float) -> Verdict:
                 (r1, t1), (r2, t2) = rerank.result(), plain.result()
     finally:
         server.stop(kill=True)  # a server still building re-ranking state is not waited for
-    detail = getattr(r1, "text", "")[:120]
+    text = getattr(r1, "text", "")
+    detail = text[:120] + (f" … {text[-80:]}" if len(text) > 200 else text[120:200])
     observed = f"?rerank=performance: {_status(r1)} in {t1:.1f} s {detail}; plain localize meanwhile: {_status(r2)} in {t2:.1f} s"
-    ok = _status(r1) == "409" and "rerank prepare" in detail and t1 <= FAST_ANSWER_S
+    ok = _status(r1) == "409" and "rerank prepare" in text and t1 <= FAST_ANSWER_S
     ok = ok and _status(r2) == "200" and t2 <= FAST_ANSWER_S
     return passed(observed) if ok else failed(observed)
 
 
 # ---- item 4: decoded memory of 16-bit PNGs ----------------------------------------------------------
 def png16(side: int) -> bytes:
-    """A side×side 16-bit RGB PNG of one grey: a few hundred KB on the wire, side²×6 bytes decoded."""
+    """A side×side 16-bit greyscale PNG of one grey: under 100 KB on the wire, side²×2 bytes as stored, and far more
+    once a decoder widens it (the issue's case: +730 MB per upload)."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
-    header = struct.pack(">IIBBBBB", side, side, 16, 2, 0, 0, 0)
-    row = b"\x00" + b"\x80\x00\x40\x00\x20\x00" * side
-    packer = zlib.compressobj(6)
+    header = struct.pack(">IIBBBBB", side, side, 16, 0, 0, 0, 0)  # bit depth 16, colour type 0 (greyscale)
+    row = b"\x00" + b"\x80\x00" * side
+    packer = zlib.compressobj(9)
     parts = [packer.compress(row) for _ in range(side)]
     parts.append(packer.flush())
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
