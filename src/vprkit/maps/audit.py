@@ -189,6 +189,12 @@ def _saved_state(d: Path) -> list[FileCheck]:
 
 
 def verification_report(map_dir: str | os.PathLike) -> dict[str, Any]:
-    """:func:`verify_map` as JSON-ready data: ``{"map", "good", "files": [{file, recorded, actual, verdict}]}``."""
+    """:func:`verify_map` as JSON-ready data: ``{"map", "good", "unrecorded" (files from before records, which get
+    one at the map's next write), "files": [{file, recorded, actual, verdict}]}``."""
     checks = verify_map(map_dir)
-    return {"map": str(map_dir), "good": all(c.good for c in checks), "files": [asdict(c) for c in checks]}
+    return {
+        "map": str(map_dir),
+        "good": all(c.good for c in checks),
+        "unrecorded": sum(c.verdict == "unrecorded" for c in checks),
+        "files": [asdict(c) for c in checks],
+    }

@@ -159,9 +159,10 @@ def file_map_id(f: h5py.File) -> str | None:
 
 
 @contextmanager
-def _edited_copy(path: Path):
-    """A copy of ``path`` opened for editing, renamed over ``path`` on success (readers keep the old file)."""
-    map_id = ensure_map_identity(path.parent if path.parent.name != LIVE_DIR else path.parent.parent)
+def _edited_copy(path: Path, map_id: str | None = None):
+    """A copy of ``path`` opened for editing, renamed over ``path`` on success (readers keep the old file).
+
+    ``map_id``: stamped on a file from before identities (the map's next write gives it one)."""
     with atomic_path(path) as tmp:
         shutil.copyfile(path, tmp)
         with h5py.File(tmp, "r+") as f:
@@ -743,7 +744,7 @@ class MapStore:
             path = snap.paths[i]
         finally:
             snap.release()
-        with _edited_copy(path) as f:
+        with _edited_copy(path, ensure_map_identity(self.dir)) as f:
             n = int(f["keys"].shape[0])
             if xy is not None:
                 f["poses"][local] = np.asarray(xy, np.float64)
@@ -814,7 +815,7 @@ class MapStore:
         for path, off, count in parts:
             if not changed[off : off + count].any():
                 continue
-            with _edited_copy(path) as f:
+            with _edited_copy(path, ensure_map_identity(self.dir)) as f:
                 f["poses"][...] = poses[off : off + count]
                 for name, values in columns.items():
                     if name in f:
