@@ -32,6 +32,14 @@ def _full(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
+def _faiss_full(*args, **kwargs):
+    """FAISS reports a full disk as a RuntimeError naming the OS error in its message (seen on a full tmpfs)."""
+    raise RuntimeError(
+        "Error in void faiss::write_index(const Index*, IOWriter*, int) at index_write.cpp:499: Error: "
+        "'ret == (size * 4)' failed: write error in shard.faiss.tmp: 85971 != 92160 (No space left on device)"
+    )
+
+
 def _image(corridor_dir: Path, i: int = 40) -> bytes:
     return (corridor_dir / "query" / f"{i:07d}.jpg").read_bytes()
 
@@ -74,6 +82,8 @@ def _failing(monkeypatch, step: str, live: LiveMap):
             patch.setattr(index, "add", mismatched)
         elif step == "index save":
             patch.setattr(type(live.map.index), "save_to_map", _full)
+        elif step == "index save (FAISS)":
+            patch.setattr(type(live.map.index), "save_to_map", _faiss_full)
         elif step == "extension finalize":
             patch.setitem(live.map.extensions, "failing", FailingExtension({}, live.map.backbone, None))
         elif step == "map.json":
@@ -81,7 +91,7 @@ def _failing(monkeypatch, step: str, live: LiveMap):
         yield
 
 
-STEPS = ["image", "store append", "index add", "index save", "extension finalize", "map.json"]
+STEPS = ["image", "store append", "index add", "index save", "index save (FAISS)", "extension finalize", "map.json"]
 
 
 @pytest.mark.parametrize("step", STEPS)

@@ -54,6 +54,7 @@ from PIL import Image
 from ..errors import MapError, ReadOnlyMapError, StateNotPreparedError, StorageFullError
 from ..images import DecodedImages
 from ..maps import (
+    LIVE_DIR,
     MAP_FILE,
     check_key,
     map_write_lock,
@@ -77,7 +78,6 @@ from .open import Map, open_map
 logger = logging.getLogger(__name__)
 
 LIVE_RUN_NOTE = "places added through the live map (vprkit serve)"
-STORE_APPEND_DIR = "live"  # the store's append files (vprkit.maps.store)
 
 
 class LiveMap:
@@ -121,7 +121,7 @@ class LiveMap:
         On a read-only folder or a full disk the map is opened read-only with one warning: localisation works,
         writes raise :class:`ReadOnlyMapError` / :class:`StorageFullError`."""
         d = Path(map_dir)
-        refused = live_writes.probe_writable([d, d / LIVE_IMAGES_DIR, d / STORE_APPEND_DIR])
+        refused = live_writes.probe_writable([d, d / LIVE_IMAGES_DIR, d / LIVE_DIR])
         if refused is None:
             try:
                 with storage_errors(f"opening {d.name} for writing"):

@@ -25,6 +25,7 @@ import errno
 import hashlib
 import logging
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -49,6 +50,7 @@ FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 READ_ONLY_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
 # A key whose file would be a child of a place's file, or a folder's name: the file system says so with these.
 CLASH_ERRNOS = frozenset({errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.ENOTEMPTY})
+KNOWN_ERRNOS = (*FULL_ERRNOS, *READ_ONLY_ERRNOS, errno.ENAMETOOLONG)  # recognised in libraries' messages too
 PROBE_BYTES = b"\0"
 # File names are at most 255 bytes on common file systems (ext4, XFS, APFS, NTFS in UTF-16 units); a place's
 # image is first written as ``.<name>.XXXXXXXX.tmp`` (vprkit.io.atomic_path), 14 bytes more than its name.
@@ -70,16 +72,31 @@ class LiveMap(Protocol):
     def _kept_rerankers(self) -> list[Any]: ...
 
 
-def storage_error(exc: OSError, what: str) -> MapError | ConfigError | None:
+def _errno_of(exc: BaseException) -> int | None:
+    """The OS error behind ``exc``: an :class:`OSError`'s number, or one a library names in its message (FAISS says
+    "… (No space left on device)", HDF5 "errno = 28")."""
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    text = str(exc)
+    named = re.search(r"errno\s*=\s*(\d+)", text)
+    if named:
+        return int(named.group(1))
+    return next((n for n in KNOWN_ERRNOS if os.strerror(n) in text), None)
+
+
+def storage_error(exc: BaseException, what: str) -> MapError | ConfigError | None:
     """The user-facing error of a file-system failure while ``what`` (None: not one the user can act on)."""
-    reason = os.strerror(exc.errno) if exc.errno else str(exc)
-    if exc.errno in FULL_ERRNOS:
+    number = _errno_of(exc) if isinstance(exc, (OSError, RuntimeError)) else None
+    if number is None:
+        return None
+    reason = os.strerror(number)
+    if number in FULL_ERRNOS:
         return StorageFullError(f"{what}: no space left on the map's disk ({reason}); nothing was written")
-    if exc.errno in READ_ONLY_ERRNOS:
+    if number in READ_ONLY_ERRNOS:
         return ReadOnlyMapError(f"{what}: the map's folder cannot be written ({reason}); nothing was written")
-    if exc.errno == errno.ENAMETOOLONG:
+    if number == errno.ENAMETOOLONG:
         return ConfigError(f"{what}: the place id is too long for the file system ({reason}); use a shorter one")
-    if exc.errno in CLASH_ERRNOS:
+    if number in CLASH_ERRNOS:
         return PlaceExistsError(f"{what}: the id conflicts with an existing place or file ({reason}); use another")
     return None
 
@@ -89,7 +106,7 @@ def storage_errors(what: str) -> Iterator[None]:
     """Turn the file-system failures a user can act on into the project's errors (see :func:`storage_error`)."""
     try:
         yield
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:
         translated = storage_error(exc, what)
         if translated is None:
             raise
@@ -289,19 +306,23 @@ def _append_row(live: "LiveMap", place: PreparedPlace, entries: dict[str, np.nda
 
 
 def _index_row(live: "LiveMap", place: PreparedPlace, entries: dict[str, np.ndarray], undo: Undo) -> None:
-    """The row in the index, in memory then on disk; the undo takes it out of memory and saves the index again
-    (if that fails too, the index on disk holds a row more than the store and the next open rebuilds it)."""
+    """The row in the index, in memory then on disk; the undo takes it out of memory and, if its files were saved,
+    saves them again (an index save swaps its manifest last, so a failed one left the previous files in place; if the
+    second save fails too, the files hold a row more than the store and the next open rebuilds them)."""
     index = live.map.index
     row = int(index.ntotal)
+    saved: list[bool] = []
     # the row's key, run and pose too: an index that keeps them beside the vector (Milvus) stores them
     index.add(place.vector, [place.key], entries["run"], place.xy)
 
     def take_out() -> None:
         index.remove([row])
-        index.save_to_map(live.dir)
+        if saved:
+            index.save_to_map(live.dir)
 
     undo.push(f"the index row of {place.key!r}", take_out)
     index.save_to_map(live.dir)
+    saved.append(True)
 
 
 def _remember(live: "LiveMap", place: PreparedPlace) -> None:
@@ -337,7 +358,7 @@ def commit_remove(live: "LiveMap", key: str) -> None:
             data.index.save_to_map(live.dir)
             _finalize(live)
             live._record({"removed": key}, len(data.keys))
-    except (MapError, OSError) as exc:
+    except (MapError, OSError, RuntimeError) as exc:  # RuntimeError: FAISS's failed writes
         logger.warning("place %r is removed, but %s; the index and counts are repaired from the store", key, exc)
     try:
         (live.dir / LIVE_IMAGES_DIR / key).unlink(missing_ok=True)
