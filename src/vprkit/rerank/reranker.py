@@ -15,7 +15,11 @@ neighbours keep their global order among themselves (see :mod:`vprkit.rerank.pla
 
 Candidates' patches come from the map store when it was built with the same re-ranking settings;
 otherwise they are computed from the map's images (same result) and cached in RAM, and the fitted
-state and the computed patches are saved into the map once (:mod:`vprkit.rerank.saved`).
+state and the computed patches are saved into the map once (:mod:`vprkit.rerank.saved`). A service
+asks for ``compute=False``: only stored or prepared patches are read, and a missing state is a
+:class:`~vprkit.errors.StateNotPreparedError` naming ``vprkit rerank prepare`` — a request never
+fits a state nor runs the backbone over the map's images. Such a re-ranker follows the live map's
+writes (:meth:`PatchReranker.rows_changed`, :meth:`ComputedPatches.row_added`) instead of being built again.
 """
 
 from __future__ import annotations
