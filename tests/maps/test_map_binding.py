@@ -244,3 +244,13 @@ def test_a_map_from_before_identities_opens_and_gets_one_at_its_next_write(copy_
     assert map_id
     with h5py.File(written, "r") as f:
         assert f.attrs[MAP_ID_ATTR] == map_id
+
+
+def test_an_append_file_edited_after_it_was_written_is_refused(copy_of):
+    d = copy_of("own")
+    store = MapStore(d)
+    written = store.append(["new.jpg"], store.read_global(np.array([0])))
+    with h5py.File(written, "r+") as f:  # one descriptor value changed behind the map's back
+        f["global"][0, 0] = f["global"][0, 0] + 1
+    with pytest.raises(MapDamagedError, match="changed since it was written"):
+        open_map_data(d)

@@ -7,6 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import h5py
 import pytest
 
 from vprkit import pipeline
@@ -66,3 +67,12 @@ def test_an_edited_calibration_and_another_maps_store_are_named(map_copy, corrid
     assert verdicts["calibration.json"] == "changed" and verdicts["store.h5"] == "another map's"
     code, out, _ = _cli(monkeypatch, capsys, "map", "verify", map_copy, "--json")
     assert code == 2 and not json.loads(out)["good"]
+
+
+def test_a_descriptor_changed_inside_the_store_is_found(map_copy, monkeypatch, capsys):
+    with h5py.File(map_copy / "store.h5", "r+") as f:
+        f["global"][3, 7] = -f["global"][3, 7]
+    verdicts = {c.file: c.verdict for c in verify_map(map_copy)}
+    assert verdicts["store.h5"] == "changed"
+    code, out, _ = _cli(monkeypatch, capsys, "map", "verify", map_copy)
+    assert code == 2 and "changed since it was written" in out

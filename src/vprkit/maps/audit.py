@@ -1,10 +1,10 @@
 """``vprkit map verify``: every file of a map read in full and compared with what the map recorded of it.
 
 Opening a map checks sizes and cheap fingerprints (:mod:`vprkit.maps.verify`); this reads every byte: the
-full SHA-256 of each derived file against ``index.json`` (or the file's own record), the identity of each
-store file against ``map.json``, the store's layout and keys (no key twice), the vocabulary's checksum, the
-calibration's checksum of itself and saved re-ranking state. One :class:`FileCheck` per file; the map is good
-when no verdict is a failure.
+full SHA-256 of each derived file against ``index.json`` (or the file's own record), the identity and the
+content checksum (descriptors and keys, recorded when written) of each store file, the store's layout and
+keys (no key twice), the vocabulary's checksum, the calibration's checksum of itself and saved re-ranking
+state. One :class:`FileCheck` per file; the map is good when no verdict is a failure.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from typing import Any
 import h5py
 
 from ..aggregation.vlad import Vocabulary
-from ..errors import MapError, VocabularyMismatchError
+from ..errors import MapDamagedError, MapError, VocabularyMismatchError
 from .extensions import EXTENSIONS_DIR
 from .index import INDEX_FILE, MANIFEST_FILE
 from .manifest import MAP_FILE, VOCAB_FILE, MapManifest, read_index_manifest, read_manifest
-from .store import LIVE_DIR, STORE_FILE, MapStore, file_map_id
+from .store import LIVE_DIR, STORE_FILE, MapStore, check_content, file_map_id
 from .verify import checksum_matches, confined, fingerprint_file, record_path, sha256_file
 
 CALIBRATION_FILE = "calibration.json"  # written by vprkit.retrieval.estimate (which imports maps, not the reverse)
@@ -87,13 +87,18 @@ def _store_files(d: Path, manifest: MapManifest) -> list[FileCheck]:
         try:
             with h5py.File(path, "r") as f:
                 owner = file_map_id(f)
-        except OSError as exc:
+                content = check_content(f, path)
+        except MapDamagedError as exc:
+            out.append(FileCheck(name, "content checksum", str(exc), "changed"))
+            continue
+        except (OSError, KeyError, ValueError, TypeError) as exc:
             out.append(FileCheck(name, manifest.map_id or "-", f"unreadable ({exc})", "damaged"))
             continue
-        verdict = "unrecorded" if owner is None or manifest.map_id is None else "ok"
+        verdict = "unrecorded" if owner is None or manifest.map_id is None or content is None else "ok"
         if owner is not None and manifest.map_id is not None and owner != manifest.map_id:
             verdict = "another map's"
-        out.append(FileCheck(name, f"map id {manifest.map_id or '-'}", f"map id {owner or '-'}", verdict))
+        shown = f"map id {owner or '-'}, content " + ("-" if content is None else "matches")
+        out.append(FileCheck(name, f"map id {manifest.map_id or '-'}", shown, verdict))
     try:
         store.check_belongs(manifest.map_id, manifest.descriptor_dim)
         whole = FileCheck(f"{STORE_FILE} + {LIVE_DIR}/", "keys once, one dimension", f"{len(store)} rows", "ok")

@@ -41,6 +41,7 @@ existed read as unknown: empty hash, size −1, NaN time, run −1).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -69,6 +70,8 @@ LIVE_SUFFIX = ".h5"
 LIVE_DIGITS = 9
 # ``store.h5`` attribute: the highest append-file number folded into it.
 ABSORBED_ATTR = "live_absorbed"
+# Store file attribute: the SHA-256 of its descriptors and keys when written (see _ContentDigest).
+CONTENT_ATTR = "content_sha256"
 # An append folds the append files into ``store.h5`` once there are this many: each read opens every
 # append file, so their number is bounded; folding rewrites the store (its cost grows with the map).
 LIVE_FOLD_FILES = 128
@@ -282,12 +285,54 @@ def _write_rows(
     n = len(keys)
     f.create_dataset("keys", data=_key_array(keys))
     chunk_rows = max(1, min(n, 1024))
-    f.create_dataset(
-        "global", data=vectors.astype(dtype), chunks=(chunk_rows, vectors.shape[1]) if n and vectors.shape[1] else None
-    )
+    stored = vectors.astype(dtype)
+    f.create_dataset("global", data=stored, chunks=(chunk_rows, vectors.shape[1]) if n and vectors.shape[1] else None)
+    digest = _ContentDigest()
+    digest.add_rows(stored)
+    f.attrs[CONTENT_ATTR] = digest.hexdigest(keys)
     f.create_dataset("poses", data=poses.astype(np.float64))
     f.create_dataset("headings", data=_checked_column(headings, n, "headings"))
     f.create_dataset("timestamps", data=_checked_column(timestamps, n, "timestamps"))
+
+
+class _ContentDigest:
+    """SHA-256 of a store file's descriptors (as stored, row order) and keys: recorded as :data:`CONTENT_ATTR`
+    when the file is written, so a bit flipped or a row edited later is found (poses may change; they are not in it)."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256(b"vprkit-store-content-1\n")
+
+    def add_rows(self, rows: np.ndarray) -> None:
+        self._hash.update(np.ascontiguousarray(rows).astype(np.asarray(rows).dtype.newbyteorder("<")).tobytes())
+
+    def hexdigest(self, keys: Sequence[str]) -> str:
+        h = self._hash.copy()
+        h.update("\n".join(keys).encode("utf-8"))
+        return h.hexdigest()
+
+
+def content_digest(f: h5py.File) -> str:
+    """The :class:`_ContentDigest` of an open store file, read in bounded chunks (a full read of its descriptors)."""
+    digest = _ContentDigest()
+    n = int(f["keys"].shape[0])
+    for start in range(0, n, COPY_CHUNK_ROWS):
+        digest.add_rows(f["global"][start : start + COPY_CHUNK_ROWS])
+    return digest.hexdigest(_decode_keys(f["keys"][()]))
+
+
+def check_content(f: h5py.File, path: Path) -> bool | None:
+    """Whether the file's rows are those it recorded when written (None: written before content was recorded);
+    a :class:`MapDamagedError` when they differ."""
+    recorded = f.attrs.get(CONTENT_ATTR)
+    if recorded is None:
+        return None
+    recorded = recorded.decode() if isinstance(recorded, bytes) else str(recorded)
+    if content_digest(f) != recorded:
+        raise MapDamagedError(
+            f"{path} changed since it was written (its descriptors or keys differ from their checksum); "
+            f"restore it or rebuild the map"
+        )
+    return True
 
 
 def _identity(paths: Sequence[Path]) -> tuple:
@@ -469,6 +514,8 @@ class MapStore:
                         f"{path} belongs to another map (map id {owner}, this map's {map_id}); "
                         f"restore this map's own file or rebuild the map"
                     )
+                if path != self.path:  # an append file: one add's rows, cheap to check in full
+                    check_content(f, path)
                 dim = f["global"].shape[1] if f["global"].ndim == 2 else None
                 if descriptor_dim is not None and dim is not None and len(f["keys"]) and dim != descriptor_dim:
                     raise MapDamagedError(
@@ -1013,6 +1060,7 @@ def _rewrite(
             for name, (edtype, fill) in ENTRY_FIELDS.items()
         }
         all_keys: list[str] = []
+        digest = _ContentDigest()
         row = 0
         for f, take, keys in plans:
             if not take.size:
@@ -1020,7 +1068,9 @@ def _rewrite(
             for start in range(0, take.size, COPY_CHUNK_ROWS):
                 idx = take[start : start + COPY_CHUNK_ROWS]
                 at = slice(row + start, row + start + idx.size)
-                gds[at] = f["global"][idx].astype(dtype)
+                block = f["global"][idx].astype(dtype)
+                gds[at] = block
+                digest.add_rows(block)
                 pds[at] = f["poses"][idx]
                 for name, ds in cds.items():
                     if name in f:
@@ -1037,6 +1087,7 @@ def _rewrite(
             all_keys.extend(keys[i] for i in take.tolist())
             row += take.size
         out.create_dataset("keys", data=_key_array(all_keys))
+        out.attrs[CONTENT_ATTR] = digest.hexdigest(all_keys)
     return total
 
 
