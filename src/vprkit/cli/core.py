@@ -11,11 +11,13 @@ from .. import pipeline
 from ..config import check_device
 from ..datasets import load_dataset
 from ..environment import describe as describe_environment
+from ..maps import verification_report
 from ..options import describe as describe_options
 from ..pipeline import distributed
 from ..pipeline.sequences import DEFAULT_STREAM_BATCH, FILE_STREAM_BATCH, localize_stream
 from ..presets import DEFAULT_PRESET, list_presets, list_rerank_configs, resolve
 from ..streams import CameraFrames, FolderFrames, VideoFrames
+from .output import echo_json, to_json
 
 # Shared by `map build`, `eval` and `vocab build`: the one RAM setting (Config.memory_budget_mb).
 memory_budget_option = click.option(
@@ -255,10 +257,13 @@ def map_info(map_dir: Path, as_json: bool) -> None:
     """Counts, settings, bytes per image, poses (count, extent, CRS, headings, timestamps) and runs of a map."""
     info = pipeline.map_info(map_dir)
     if as_json:
-        click.echo(json.dumps(info, indent=2))
+        echo_json(info)
         return
     click.echo(f"map {map_dir}  (vprkit {info['vprkit_version']}, preset {info['config']['name']})")
-    click.echo(f"  images: {info['counts']['images']}  unreadable: {info['counts']['failed']}")
+    click.echo(f"  images: {info['counts']['images']}  unreadable: {info['counts'].get('failed', 0)}")
+    if info.get("stale_counts"):
+        recorded = ", ".join(f"{k} {v}" for k, v in info["stale_counts"].items())
+        click.echo(f"  note: map.json recorded {recorded} (stale); the counts shown are the store's and the index's")
     click.echo(
         f"  descriptor: {info['descriptor_dim']}-d {info['config']['store_dtype']}, index {info['index']['factory']}"
     )
@@ -281,6 +286,30 @@ def map_info(map_dir: Path, as_json: bool) -> None:
             f"    {r.get('run')}: {r.get('images', 0)} images from {r.get('images_root') or 'decoded frames'}{note}"
         )
     click.echo(f"  updated: {info['updated']}")
+
+
+@map_group.command("verify")
+@click.argument("map_dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def map_verify(map_dir: Path, as_json: bool) -> None:
+    """Read every file of a map in full and compare it with what the map recorded (exit 2 when one is wrong)."""
+    report = verification_report(map_dir)
+    if as_json:
+        echo_json(report)
+    else:
+        rows = [(f["file"], f["recorded"], f["actual"], f["verdict"]) for f in report["files"]]
+        widths = [max(len(r[i]) for r in [("file", "recorded", "actual", "verdict"), *rows]) for i in range(3)]
+        for row in [("file", "recorded", "actual", "verdict"), *rows]:
+            click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3])
+        if not report["good"]:
+            verdict = "DAMAGED (see above)"
+        elif report["unrecorded"]:
+            verdict = f"no damage found; {report['unrecorded']} file(s) carry no record yet (given at the next write)"
+        else:
+            verdict = "every file is the map's own"
+        click.echo(f"map {map_dir}: {verdict}")
+    if not report["good"]:
+        raise click.exceptions.Exit(2)
 
 
 def _poses_lines(p: dict) -> list[str]:
@@ -307,6 +336,12 @@ def _poses_lines(p: dict) -> list[str]:
         f"    with heading: {p['with_heading']}   with timestamp: {p['with_timestamp']}"
         + (f" ({p['time_range'][0]} … {p['time_range'][1]})" if p.get("time_range") else "")
     )
+    outside = {k: v for k, v in (p.get("out_of_range") or {}).items() if v}
+    if outside:
+        lines.append(
+            "    outside the valid range (stored before values were checked; left out above, fix with "
+            f"`vprkit map set-pose`): {', '.join(f'{v} {k}' for k, v in outside.items())}"
+        )
     return lines
 
 
@@ -449,7 +484,7 @@ def localize(
             err=True,
         )
     if as_json:
-        click.echo(json.dumps([r.to_dict() for r in results], indent=2))
+        echo_json([r.to_dict() for r in results])
     else:
         for r in results:
             if r.error is not None:
@@ -514,7 +549,7 @@ def _localize_stream(
             if sequence_length is not None and r.error is None:
                 seen += 1
                 record["sequence_frames"] = min(seen, sequence_length)
-            line = json.dumps(record)
+            line = to_json(record)
             if sink is not None:
                 sink.write(line + "\n")
                 sink.flush()
