@@ -317,8 +317,9 @@ class FaissIndex:
             logger.info("index file %s is missing; rebuilding the index from the store", missing[0])
             return None
         try:
+            loaded = cls._load_manifest(map_dir, manifest, config)  # an unreadable file says so first
             _check_belongs(map_dir, manifest)
-            return cls._load_manifest(map_dir, manifest, config)
+            return loaded
         except MapError as exc:
             logger.warning("%s; rebuilding the index from the store", exc)
             return None
