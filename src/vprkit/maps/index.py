@@ -457,7 +457,8 @@ class FaissIndex:
 
     @property
     def d(self) -> int:
-        return int(self._template().d)
+        """The descriptors' dimension (read from a shard: making the empty template would copy a whole flat index)."""
+        return int(self.shards[0].d if self.shards else self._template().d)
 
     def _template(self):
         """The trained, empty structure new shards start from (an emptied copy of a shard if none was kept)."""
