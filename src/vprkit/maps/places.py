@@ -19,6 +19,12 @@ from ..errors import ConfigError, MapError
 # Keys name files under the live images folder: relative paths of plain characters, no '.'/'..' components.
 KEY_PATTERN = re.compile(r"[\w\-.]+(/[\w\-.]+)*")
 MAX_KEY_CHARS = 200
+# File names are at most 255 bytes on common file systems (ext4, XFS, APFS; NTFS counts UTF-16 units), and a
+# place's image is first written as ``.<name>.XXXXXXXX.tmp`` (vprkit.io.atomic_path): 14 bytes more than its name.
+# So each '/'-separated part of a key is at most 241 bytes in UTF-8 (80 CJK characters, 241 ASCII ones).
+FILE_NAME_MAX_BYTES = 255
+TEMP_NAME_EXTRA_BYTES = len(".") + len(".XXXXXXXX") + len(".tmp")
+MAX_KEY_PART_BYTES = FILE_NAME_MAX_BYTES - TEMP_NAME_EXTRA_BYTES
 
 
 class UnknownPlaceError(MapError):
@@ -118,5 +124,11 @@ def check_key(key: str) -> str:
         raise ConfigError(
             f"place id {key!r} is not usable: 1–{MAX_KEY_CHARS} characters of letters, digits, '_', '-', "
             f"'.', with '/' between non-empty parts (no '.' or '..' parts)"
+        )
+    longest = max(key.split("/"), key=lambda part: len(part.encode()))
+    if len(longest.encode()) > MAX_KEY_PART_BYTES:
+        raise ConfigError(
+            f"place id part {longest[:20]!r}… is {len(longest.encode())} bytes in UTF-8; file names allow "
+            f"{MAX_KEY_PART_BYTES} per '/'-separated part of an id"
         )
     return key

@@ -36,7 +36,7 @@ import numpy as np
 
 from ..errors import ConfigError, MapDamagedError, MapError, ReadOnlyMapError, StorageFullError
 from ..io import atomic_path, clean_orphans
-from ..maps import ENTRY_FIELDS, POSE_DIMS, PlaceExistsError, Pose, read_manifest, write_manifest
+from ..maps import ENTRY_FIELDS, POSE_DIMS, PlaceExistsError, Pose, check_key, read_manifest, write_manifest
 
 if TYPE_CHECKING:
     from ..retrieval import QueryBatch
@@ -52,10 +52,6 @@ READ_ONLY_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
 CLASH_ERRNOS = frozenset({errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.ENOTEMPTY})
 KNOWN_ERRNOS = (*FULL_ERRNOS, *READ_ONLY_ERRNOS, errno.ENAMETOOLONG)  # recognised in libraries' messages too
 PROBE_BYTES = b"\0"
-# File names are at most 255 bytes on common file systems (ext4, XFS, APFS, NTFS in UTF-16 units); a place's
-# image is first written as ``.<name>.XXXXXXXX.tmp`` (vprkit.io.atomic_path), 14 bytes more than its name.
-NAME_MAX_BYTES = 255
-TEMP_NAME_EXTRA_BYTES = len(".") + len(".XXXXXXXX") + len(".tmp")
 
 
 class LiveMap(Protocol):
@@ -156,12 +152,7 @@ class PreparedPlace:
 def check_place_path(root: Path, key: str) -> Path:
     """The file of ``key`` under ``root`` (``live-images/``), if the key does not clash with a file or folder there:
     a parent that is a place's file, or a folder of that name, is a :class:`PlaceExistsError`."""
-    longest = max(Path(key).parts, key=lambda part: len(part.encode()))
-    if len(longest.encode()) + TEMP_NAME_EXTRA_BYTES > NAME_MAX_BYTES:
-        raise ConfigError(
-            f"place id part {longest[:20]!r}… is {len(longest.encode())} bytes in UTF-8; the file system allows "
-            f"{NAME_MAX_BYTES - TEMP_NAME_EXTRA_BYTES} per part of an id"
-        )
+    check_key(key)  # its parts fit in a file name (MAX_KEY_PART_BYTES) with the temporary name's extra bytes
     path = root / key
     parent = root
     for part in Path(key).parts[:-1]:
