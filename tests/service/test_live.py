@@ -169,3 +169,22 @@ def test_concurrent_localisations_share_batches_and_equal_one_at_a_time(map_dir,
     for a, b in zip(alone, together):
         assert b.query == "q" and [m.key for m in a.matches] == [m.key for m in b.matches]
         assert np.allclose([m.score for m in a.matches], [m.score for m in b.matches], atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "resize, size, hint",
+    [
+        ("fixed", (240, 320), (240, 320)),
+        ("resize_crop", (480, 640), (480, 640)),
+        ("keep_aspect", (240, 320), (320, 320)),
+    ]
+    + [("none", (240, 320), None)],
+)
+def test_uploads_are_reduced_toward_the_size_the_map_uses(resize, size, hint):
+    """keep_aspect maps too let uploads decode reduced (a square of the longer side keeps both sides long enough)."""
+    from types import SimpleNamespace
+
+    from vprkit.config import ImageSpec
+
+    holder = SimpleNamespace(map=SimpleNamespace(config=SimpleNamespace(image=ImageSpec(size=size, resize=resize))))
+    assert LiveMap.size_hint(holder) == hint

@@ -140,9 +140,15 @@ class LiveMap:
         return len(self.map.data.keys)
 
     def size_hint(self) -> tuple[int, int] | None:
-        """(height, width) the map's images are resized to, when fixed (lets JPEG uploads decode at reduced scale)."""
+        """(height, width) an upload may be reduced to before the map resizes it (JPEG draft, whole-factor reduce):
+        the fixed size, or for ``keep_aspect`` a square of the longer side (both sides stay at least that long, so
+        the map's own resize still scales down); None when images are used at their size."""
         spec = self.map.config.image
-        return tuple(spec.size) if spec.resize in ("fixed", "resize_crop") else None  # type: ignore[return-value]
+        if spec.size is None or spec.resize == "none":
+            return None
+        if spec.resize == "keep_aspect":
+            return (max(spec.size), max(spec.size))
+        return tuple(spec.size)  # type: ignore[return-value]
 
     def decode(self, data: bytes, name: str = "upload") -> Image.Image:
         """Uploaded bytes → an image this map can localise or store (see :func:`decode_image`)."""
