@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -31,6 +32,7 @@ PRESET = "effnet-gem"  # no vocabulary: fast
 OTHER_PRESET = "effnet-vlad"  # another descriptor dimension
 COMPRESSED = "PCA8,Flat"  # an approximate index, so the map keeps a full-precision descriptors copy
 PROBE = 5  # the map image localised in each test
+SERVE_BOUND_S = 300  # a refused start is seconds; the bound only stops a service that started by mistake
 
 
 def _build(root: Path, folder: str, out: Path, preset: str = PRESET, index: str | None = None) -> Path:
@@ -254,3 +256,17 @@ def test_an_append_file_edited_after_it_was_written_is_refused(copy_of):
         f["global"][0, 0] = f["global"][0, 0] + 1
     with pytest.raises(MapDamagedError, match="changed since it was written"):
         open_map_data(d)
+
+
+@pytest.mark.parametrize("source", ["other", "preset"])
+def test_the_service_refuses_to_start_on_files_that_do_not_belong(copy_of, maps, source):
+    d = copy_of("own")
+    shutil.copy(maps[source] / "store.h5", d / "store.h5")
+    run = subprocess.run(
+        [str(Path(sys.executable).parent / "vprkit"), "serve", str(d), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=SERVE_BOUND_S,
+        check=False,
+    )
+    _one_line_error(run.returncode, run.stderr, "store.h5")
