@@ -61,12 +61,16 @@ _HDF5_ERRNO_RE = re.compile(r"errno\s*=\s*(\d+)")
 
 
 def _errno_of(exc: BaseException) -> int | None:
-    """The OS error number behind ``exc`` (also when HDF5 only names it in its message)."""
+    """The OS error number behind ``exc``, also when a library only names it in its message: HDF5 writes
+    ``errno = 28``, FAISS the OS's text (``write error in …: No space left on device``)."""
     number = getattr(exc, "errno", None)
     if isinstance(number, int):
         return number
-    found = _HDF5_ERRNO_RE.search(str(exc))
-    return int(found.group(1)) if found else None
+    text = str(exc)
+    found = _HDF5_ERRNO_RE.search(text)
+    if found:
+        return int(found.group(1))
+    return next((n for n in sorted(FULL_ERRNOS | READ_ONLY_ERRNOS) if os.strerror(n) in text), None)
 
 
 def storage_error(exc: BaseException, path: str | os.PathLike) -> Exception | None:

@@ -61,9 +61,11 @@ def test_an_atomic_write_that_fails_keeps_the_old_file_and_no_temporary(tmp_path
     assert json.loads(target.read_text()) == {"old": True} and not _temporaries(tmp_path)
 
 
-def test_hdf5_naming_the_errno_in_its_message_is_understood():
+def test_hdf5_and_faiss_naming_the_os_error_in_their_message_are_understood():
     hdf5 = OSError("Can't write data (file write failed: time = x, errno = 28, error message = 'No space left')")
     assert isinstance(vio.storage_error(hdf5, "store.h5"), StorageFullError)
+    faiss_error = RuntimeError(f"Error: 'ret == (n)' failed: write error in x.tmp: 0 != 1 ({os.strerror(errno.EROFS)})")
+    assert isinstance(vio.storage_error(faiss_error, "index.faiss"), ReadOnlyMapError)
     assert vio.storage_error(OSError("some other failure"), "store.h5") is None
 
 

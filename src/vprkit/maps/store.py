@@ -55,7 +55,7 @@ import h5py
 import numpy as np
 
 from ..errors import MapDamagedError, MapError
-from ..io import atomic_path, clean_orphans
+from ..io import atomic_path, clean_orphans, storage_error
 from .manifest import ensure_map_identity
 from .verify import MAP_ID_ATTR
 
@@ -635,7 +635,10 @@ class MapStore:
         if dim is not None and snap.n and vectors.shape[1] != dim:
             raise MapError(f"descriptors are {vectors.shape[1]}-d, the map's {dim}-d")
         map_id = ensure_map_identity(self.dir)
-        self.live.mkdir(parents=True, exist_ok=True)
+        try:
+            self.live.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise (storage_error(exc, self.live) or exc) from None
         clean_orphans(self.live)
         path = self.live / f"{LIVE_PREFIX}{live_seq + 1:0{LIVE_DIGITS}d}{LIVE_SUFFIX}"
         with _atomic_h5(path, map_id) as f:
