@@ -323,3 +323,15 @@ def test_map_info_counts_come_from_the_store_not_a_stale_map_json(map_copy, monk
     assert got["stale_counts"] == {"images": MAP_IMAGES - 1, "ntotal": MAP_IMAGES + 7}
     code, out, _ = run(monkeypatch, capsys, "map", "info", map_copy)
     assert f"images: {MAP_IMAGES} " in out and "stale" in out
+
+
+def test_localize_on_a_map_holding_values_stored_before_they_were_checked(utm_map, map_copy, monkeypatch, capsys):
+    """Out-of-range stored values are unknown when a map opens (one warning), so no spread overflows to Infinity."""
+    _store_raw(map_copy, 0, xy=(1e160, 5e6), timestamp=1e308)
+    query = utm_map.parent / "images" / "0000001.jpg"
+    code, out, err = run(monkeypatch, capsys, "localize", map_copy, query, "--json", "--top-k", "3")
+    assert code == 0, err  # was: "spread_m": Infinity (invalid JSON), or exit 3 once JSON was strict
+    (result,) = strict_json(out)
+    assert result["matches"][0]["image"] == "0000001.jpg"
+    assert all(m["image"] != "0000000.jpg" or m["position"] is None for m in result["matches"])
+    assert "set-pose" in err

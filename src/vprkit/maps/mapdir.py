@@ -24,6 +24,7 @@ import numpy as np
 
 from ..aggregation.vlad import Vocabulary
 from ..config import Config
+from ..datasets.pose_values import usable_pose_columns
 from ..datasets.poses import LOCAL_CRS, utm_to_latlon
 from ..errors import ImageReadError, MapError, VocabularyMismatchError
 from ..images import ImageSource, MappedFiles
@@ -198,19 +199,12 @@ def open_map_data(map_dir: str | os.PathLike, read_only: bool = True) -> MapData
         index = build_index(store.read_global(), config, d)
         if not read_only:
             index.save_to_map(d)
-    return MapData(
-        d,
-        info,
-        config,
-        vocabulary,
-        store,
-        index,
-        keys,
-        store.read_poses(),
-        read_only,
-        store.read_headings(),
-        store.read_timestamps(),
+    # values an older vprkit (or a hand edit) stored out of range are unknown here: an easting of 1e160 would
+    # overflow every spread and mean computed from it (one warning names `vprkit map set-pose`)
+    poses, headings, stamps = usable_pose_columns(
+        store.read_poses(), store.read_headings(), store.read_timestamps(), map_crs(info), str(d)
     )
+    return MapData(d, info, config, vocabulary, store, index, keys, poses, read_only, headings, stamps)
 
 
 def _belonging_index(d: Path, config: Config, store: MapStore, rows: int) -> Index | None:
