@@ -121,3 +121,26 @@ def test_append_files_already_folded_are_ignored_after_a_crash(tmp_path):
     assert MapStore(tmp_path).keys() == ["a", "b"] and len(MapStore(tmp_path)) == 2
     s.append(["c"], np.ones((1, 2)))
     assert MapStore(tmp_path).keys() == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("column, value", [("poses", 1234.5), ("global", 0.625)])
+def test_a_bit_flipped_on_disk_is_a_one_line_damage_error_not_a_wrong_value(tmp_path, column, value):
+    """Every stored dataset carries HDF5's Fletcher-32 checksum per chunk: a flip in a pose or a descriptor is
+    refused when read (found by the map-files fuzz campaign: a flipped pose answered in silence)."""
+    from vprkit.errors import MapDamagedError
+
+    s = MapStore(tmp_path)
+    vectors = np.full((4, 8), 0.125, np.float32)
+    poses = np.zeros((4, 2))
+    (vectors if column == "global" else poses)[2, 1] = value
+    s.write_shard(["a", "b", "c", "d"], vectors, poses)
+    s.consolidate()
+    raw = bytearray((tmp_path / "store.h5").read_bytes())
+    at = raw.find(np.array([value], vectors.dtype if column == "global" else np.float64).tobytes())
+    assert at > 0
+    raw[at] ^= 0x01
+    (tmp_path / "store.h5").write_bytes(bytes(raw))
+    read = MapStore(tmp_path).read_global if column == "global" else MapStore(tmp_path).read_poses
+    with pytest.raises(MapDamagedError, match="not a readable map store") as info:
+        read()
+    assert "\n" not in str(info.value)
