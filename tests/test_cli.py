@@ -63,7 +63,7 @@ def test_map_build_info_localize(tmp_path, image_folder):
     r = run(["map", "info", tmp_path / "map"])
     assert "images: 12" in r.output and "float16" in r.output
     r = run(["localize", tmp_path / "map", image_folder / "img004.png", "--top-k", "3", "--json"])
-    out = json.loads(r.output)
+    out = json.loads(r.stdout)
     assert out[0]["matches"][0]["image"] == "img004.png" and len(out[0]["matches"]) == 3
     r = run(["localize", tmp_path / "map", image_folder / "img004.png", "--top-k", "2"])
     assert "1. img004.png" in r.output
@@ -110,7 +110,7 @@ def test_image_size_option_overrides_the_preset_size(tmp_path, image_folder):
     assert saved["config"]["image"] == {"size": [64, 96], "resize": "fixed"}  # (height, width), mode kept
     # queries are resized as the map was built
     r = run(["localize", tmp_path / "map", image_folder / "img003.png", "--top-k", "1", "--json"])
-    assert json.loads(r.output)[0]["matches"][0]["image"] == "img003.png"
+    assert json.loads(r.stdout)[0]["matches"][0]["image"] == "img003.png"
     for bad in ("96", "96xABC", "0x64"):
         r = CliRunner().invoke(
             cli, ["map", "build", str(image_folder), "--out", str(tmp_path / "m2"), "--image-size", bad]

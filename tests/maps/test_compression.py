@@ -173,7 +173,7 @@ def test_compress_command_swaps_the_index_and_a_failed_training_keeps_the_old_on
         ]
     )
     assert r.exit_code == 0, r.output
-    out = json.loads(r.output)
+    out = json.loads(r.stdout)  # stdout only: the library logs to stderr, which click mixes into output
     assert out["trained_on"]["sample"] == 50 and out["trained_on"]["seed"] == 3 and out["options"]["nprobe"] == 2
     info = json.loads((d / "map.json").read_text())
     assert info["index"]["factory"] == FACTORY and info["config"]["index"] == FACTORY
@@ -183,7 +183,7 @@ def test_compress_command_swaps_the_index_and_a_failed_training_keeps_the_old_on
     assert "index options: train_sample=65536 seed=" in r.output and " rescore=10 " in r.output
     r = run_cli(["map", "info", d])
     assert r.exit_code == 0 and "disk bytes/place: store" in r.output and "descriptors" in r.output
-    serving = json.loads(run_cli(["map", "info", d, "--json"]).output)["serving"]
+    serving = json.loads(run_cli(["map", "info", d, "--json"]).stdout)["serving"]
     assert serving["places"] == 56 and serving["ram_bytes"]["index"] == (d / INDEX_FILE).stat().st_size
 
 

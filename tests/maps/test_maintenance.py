@@ -343,7 +343,7 @@ def test_removed_places_are_never_returned_and_the_cli_maintains_the_map(built, 
     )
     r = run_cli(["map", "set-pose", out, "--poses", tmp_path / "e.csv"])
     assert r.exit_code == 0 and "1 pose(s) changed (1 of 2 row(s) matched" in r.output
-    info = json.loads(run_cli(["map", "info", out, "--json"]).output)
+    info = json.loads(run_cli(["map", "info", out, "--json"]).stdout)
     assert info["poses"]["with_pose"] == 4 and info["counts"]["images"] == 4 and info["index"]["ntotal"] == 4
     assert info["last_change"]["poses_updated"] == 1
     with pytest.raises(MapError, match="not in the map: 'img001.png'"):
