@@ -162,3 +162,29 @@ def copy_first_images(src: Path, dst: Path, n: int) -> Path:
     for p in sorted(src.iterdir())[:n]:
         shutil.copy(p, dst / p.name)
     return dst
+
+
+def run_main(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """Run ``vprkit ARGS`` through the CLI's real entry point (its one-line error handling and exit codes
+    included) in-process; returns (exit code, stdout, stderr)."""
+    import sys
+
+    from vprkit.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["vprkit", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *words: str) -> None:
+    """Exit status 2 with one ``error:`` line on stderr (no traceback) that names each of ``words``."""
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in err, err
+    for w in words:
+        assert w in err, err

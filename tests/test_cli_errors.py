@@ -5,34 +5,14 @@ from __future__ import annotations
 
 import json
 import pickle
-import sys
 
 import numpy as np
 import pytest
 
-from vprkit.cli import main
 
-from helpers import make_images
+from helpers import make_images, run_main as run, assert_one_line_error as one_line_error
 
 SMALL = ["--preset", "effnet-gem", "--image-size", "64x64", "--quiet"]
-
-
-def run(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["vprkit", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(code: int, err: str, *words: str) -> None:
-    assert code == 2, err
-    assert "Traceback" not in err and err.strip().startswith("error:") and len(err.strip().splitlines()) == 1, err
-    for w in words:
-        assert w in err, err
 
 
 @pytest.fixture

@@ -14,23 +14,14 @@ import numpy as np
 import pytest
 
 from vprkit.cli import main
+
+from helpers import run_main as run
 from vprkit.cli.output import echo_json, non_finite_paths, to_json
 from vprkit.datasets.pose_values import LOCAL_COORDINATE, TIMESTAMP
 
 MAP_IMAGES = 8
 QUERIES = 3
 SMALL = ["--preset", "effnet-gem", "--image-size", "64x64"]
-
-
-def run(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["vprkit", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def strict(text: str):

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from vprkit import pipeline
-from vprkit.cli import main
+
+from helpers import run_main as _cli, assert_one_line_error as _one_line_error
 from vprkit.errors import MapDamagedError
 from vprkit.images import FolderImages
 from vprkit.maps import FaissIndex, MapStore, open_map_data, read_index_manifest, read_manifest
@@ -78,24 +79,6 @@ def _answers_itself(map_dir: Path, shared_datasets: Path) -> None:
     key, top, score, confidence = _probe(map_dir, shared_datasets)
     assert top == key and score == pytest.approx(1.0, abs=1e-3), (top, score)
     assert confidence is not None and np.isfinite(confidence) and confidence > 0.5
-
-
-def _cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["vprkit", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _one_line_error(code: int, err: str, *words: str) -> None:
-    assert code == 2, err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and err.startswith("error:"), err
-    for word in words:
-        assert word in err, err
 
 
 # ---- derived files: rebuilt from the store with a warning ---------------------------------------------

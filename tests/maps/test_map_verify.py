@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import h5py
 import pytest
 
 from vprkit import pipeline
-from vprkit.cli import main
+
+from helpers import run_main as _cli
 from vprkit.maps import verify_map
 
 FRAMES = 16
@@ -22,17 +22,6 @@ IMAGE_SIZE = (120, 160)
 @pytest.fixture
 def map_copy(corridor_map, tmp_path) -> Path:
     return Path(shutil.copytree(corridor_map(PRESET, image_size=IMAGE_SIZE, count=FRAMES), tmp_path / "map"))
-
-
-def _cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["vprkit", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_a_good_map_verifies(map_copy, monkeypatch, capsys):

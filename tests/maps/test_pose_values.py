@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import h5py
@@ -16,7 +15,8 @@ import numpy as np
 import pytest
 
 from vprkit import pipeline
-from vprkit.cli import main
+
+from helpers import run_main as run, assert_one_line_error as one_line_error
 from vprkit.datasets.pose_values import (
     LOCAL_COORDINATE,
     TIMESTAMP,
@@ -49,25 +49,6 @@ SMALL = ["--preset", "effnet-gem", "--image-size", "64x64", "--quiet"]
 ROUNDING_M = 10_000.0  # the UTM bounds are the extreme projected points rounded out to 10 km
 # Corridor's first references placed near Milan (UTM 32N): a UTM map.
 LAT0, LON0, STEP_DEG = 45.46, 9.19, 1e-5
-
-
-def run(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["vprkit", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(code: int, err: str, *words: str) -> None:
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in err, err
-    for w in words:
-        assert w in err, err
 
 
 def strict_json(text: str):
