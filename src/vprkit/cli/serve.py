@@ -13,26 +13,60 @@ from .core import device_option
 BYTES_PER_MB = 1024 * 1024
 DEFAULT_MAX_UPLOAD_MB = 20.0
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-# Option (parameter) name → ServiceLimits field. The defaults are vprkit.service.limits' (repeated here so
-# that `vprkit --help` does not import the [service] extra; tests/service/test_cli_serve.py keeps them equal).
-LIMIT_OPTIONS = {
-    "max_model_requests": "max_model_requests",
-    "max_connections": "max_connections",
-    "max_connections_per_client": "max_connections_per_client",
-    "header_timeout": "header_timeout_s",
-    "body_timeout": "body_timeout_s",
-    "min_body_rate": "min_body_rate",
-    "keep_alive_timeout": "keep_alive_timeout_s",
+# The service's limits as options: option name → (ServiceLimits field, default, click type, help). The defaults
+# are vprkit.service.limits' (repeated here so that `vprkit --help` does not import the [service] extra;
+# tests/service/test_cli_serve.py keeps them equal).
+_POSITIVE = click.FloatRange(min=0, min_open=True)
+LIMITS = {
+    "max_model_requests": (
+        "max_model_requests",
+        16,
+        click.IntRange(min=1),
+        "Model and write requests handled at once (more: 503 with Retry-After); /health never waits for them.",
+    ),
+    "max_connections": (
+        "max_connections",
+        256,
+        click.IntRange(min=0),
+        "Open connections in all; when full, the longest-idle one makes room (0: no cap).",
+    ),
+    "max_connections_per_client": (
+        "max_connections_per_client",
+        16,
+        click.IntRange(min=0),
+        "Open connections per client address (0: no cap; behind a reverse proxy, raise it or use 0).",
+    ),
+    "header_timeout": ("header_timeout_s", 10.0, _POSITIVE, "Seconds a client has to send a complete request head."),
+    "body_timeout": (
+        "body_timeout_s",
+        15.0,
+        _POSITIVE,
+        "Longest silence in seconds while a request body arrives (longer: 408).",
+    ),
+    "min_body_rate": (
+        "min_body_rate",
+        1024.0,
+        _POSITIVE,
+        "Bytes/s a request body must average once --body-timeout has passed (slower: 408).",
+    ),
+    "keep_alive_timeout": (
+        "keep_alive_timeout_s",
+        5.0,
+        _POSITIVE,
+        "Seconds an idle connection is kept open between requests.",
+    ),
 }
-DEFAULTS = {
-    "max_model_requests": 16,
-    "max_connections": 256,
-    "max_connections_per_client": 16,
-    "header_timeout_s": 10.0,
-    "body_timeout_s": 15.0,
-    "min_body_rate": 1024.0,
-    "keep_alive_timeout_s": 5.0,
-}
+LIMIT_OPTIONS = {name: field for name, (field, *_) in LIMITS.items()}  # option → ServiceLimits field
+DEFAULTS = {field: default for field, default, *_ in LIMITS.values()}  # ServiceLimits field → default
+
+
+def with_limit_options(command):
+    """``command`` with one option per entry of :data:`LIMITS` (``--max-model-requests`` …)."""
+    for name, (_, default, kind, text) in reversed(LIMITS.items()):
+        command = click.option(
+            f"--{name.replace('_', '-')}", name, default=default, show_default=True, type=kind, help=text
+        )(command)
+    return command
 
 
 def _api_key(env: str | None, file: Path | None) -> str | None:
@@ -82,55 +116,7 @@ def _api_key(env: str | None, file: Path | None) -> str | None:
     type=click.FloatRange(min=0, min_open=True),
     help="Largest request body accepted (larger: 413).",
 )
-@click.option(
-    "--max-model-requests",
-    default=DEFAULTS["max_model_requests"],
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Model and write requests handled at once (more: 503 with Retry-After); /health never waits for them.",
-)
-@click.option(
-    "--max-connections",
-    default=DEFAULTS["max_connections"],
-    show_default=True,
-    type=click.IntRange(min=0),
-    help="Open connections in all; when full, the longest-idle one makes room (0: no cap).",
-)
-@click.option(
-    "--max-connections-per-client",
-    default=DEFAULTS["max_connections_per_client"],
-    show_default=True,
-    type=click.IntRange(min=0),
-    help="Open connections per client address (0: no cap; behind a reverse proxy, raise it or use 0).",
-)
-@click.option(
-    "--header-timeout",
-    default=DEFAULTS["header_timeout_s"],
-    show_default=True,
-    type=click.FloatRange(min=0, min_open=True),
-    help="Seconds a client has to send a complete request head.",
-)
-@click.option(
-    "--body-timeout",
-    default=DEFAULTS["body_timeout_s"],
-    show_default=True,
-    type=click.FloatRange(min=0, min_open=True),
-    help="Longest silence in seconds while a request body arrives (longer: 408).",
-)
-@click.option(
-    "--min-body-rate",
-    default=DEFAULTS["min_body_rate"],
-    show_default=True,
-    type=click.FloatRange(min=0, min_open=True),
-    help="Bytes/s a request body must average once --body-timeout has passed (slower: 408).",
-)
-@click.option(
-    "--keep-alive-timeout",
-    default=DEFAULTS["keep_alive_timeout_s"],
-    show_default=True,
-    type=click.FloatRange(min=0, min_open=True),
-    help="Seconds an idle connection is kept open between requests.",
-)
+@with_limit_options
 @click.option(
     "--prepare-rerank",
     "prepare_rerank",
