@@ -249,3 +249,17 @@ def test_limits_are_checked():
             ServiceLimits(**bad)
     assert ServiceLimits(max_connections=0, max_connections_per_client=0).max_connections == 0  # 0: no cap
     json.dumps(ServiceLimits().__dict__)  # plain values (shown by the CLI's --help)
+
+
+def test_library_errors_never_tell_a_client_where_the_map_lives(live, corridor_dir, monkeypatch):
+    """A library message names files for the CLI user; over HTTP the map's folder reads MAP_DIR."""
+
+    def failing_add(*args, **kwargs):
+        raise ReadOnlyMapError(f"cannot write {live.dir.resolve()}/live-images/x.jpg (Read-only file system)")
+
+    monkeypatch.setattr(live, "add_place", failing_add)
+    image = (corridor_dir / "query" / key(52)).read_bytes()
+    with running(live) as client:
+        answer = client.post("/places", content=image, params={"key": "x.jpg"}, headers={"X-API-Key": API_KEY})
+    assert answer.status_code == 409
+    assert answer.json()["detail"] == "cannot write MAP_DIR/live-images/x.jpg (Read-only file system)"

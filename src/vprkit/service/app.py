@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
@@ -347,7 +348,7 @@ def create_app(
         version=__version__,
         description="Visual place recognition over a live map: localise images, add, move and remove places.",
     )
-    _add_error_handlers(app, limits)
+    _add_error_handlers(app, limits, map_dirs=(str(live.dir), str(Path(live.dir).resolve())))
     # Outside the routes (and inside Starlette's last-resort error handler): the key and body limits are
     # checked before any body is read, and model requests take a slot.
     app.add_middleware(RequestGuard, api_key=api_key, limits=limits, max_upload_bytes=max_upload_bytes)
@@ -357,7 +358,7 @@ def create_app(
     return app
 
 
-def _add_error_handlers(app: FastAPI, limits: ServiceLimits) -> None:
+def _add_error_handlers(app: FastAPI, limits: ServiceLimits, map_dirs: tuple[str, ...] = ()) -> None:
     """Library errors by :data:`ERROR_STATUS`, OSErrors by :data:`OSERROR_STATUS` (anything else: the guard's
     one-line 500, see :mod:`.guard`)."""
 
@@ -366,7 +367,10 @@ def _add_error_handlers(app: FastAPI, limits: ServiceLimits) -> None:
         status = error_status(exc)
         # a 503 is "come back later": say when, as the request guard's own 503s do
         headers = {"Retry-After": str(int(limits.retry_after_s))} if status == 503 else None
-        return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
+        detail = str(exc)
+        for folder in sorted(map_dirs, key=len, reverse=True):  # clients never learn where the map lives
+            detail = detail.replace(folder, "MAP_DIR")
+        return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
     @app.exception_handler(OSError)
     async def _os_error(request: Request, exc: OSError) -> JSONResponse:
