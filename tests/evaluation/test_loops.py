@@ -52,14 +52,14 @@ def test_precision_recall_by_hand():
     np.testing.assert_allclose(pr["recall"][:4], [0.2, 0.2, 0.4, 0.6])
     assert pr["recall_at_100_precision"] == pytest.approx(0.2)
     # average precision: Σ (Δ recall · precision) over the steps
-    assert pr["auc"] == pytest.approx(0.2 * 1.0 + 0.2 * (2 / 3) + 0.2 * 0.75)
+    assert pr["average_precision"] == pytest.approx(0.2 * 1.0 + 0.2 * (2 / 3) + 0.2 * 0.75)
 
 
 def test_a_perfect_detector_has_full_area_and_recall():
     truth = truth_from_positions(_route_with_a_loop(), radius=0.5, exclude_recent=3)
     scores = truth.astype(np.float32) + 0.01 * np.arange(15)[:, None]
     pr = loop_precision_recall(best_earlier_matches(scores, 3), truth)
-    assert pr["auc"] == pytest.approx(1.0) and pr["recall_at_100_precision"] == pytest.approx(1.0)
+    assert pr["average_precision"] == pytest.approx(1.0) and pr["recall_at_100_precision"] == pytest.approx(1.0)
 
 
 def test_without_recent_hides_the_window():
@@ -130,14 +130,16 @@ def test_vprkit_loops_on_a_corridor_sequence_driven_twice(tmp_path, shared_datas
     out = tmp_path / "out"
     single = run_cli(common + ["--out", out])
     assert single.exit_code == 0, single.output
-    assert "AUC" in single.output and "recall at 100% precision" in single.output
+    assert "average precision" in single.output and "recall at 100% precision" in single.output
     one = json.loads((out / "loops.json").read_text())
     seq = run_cli(common + ["--out", out, "--sequence-length", "4", "--json"])  # the frames' map is reused
     assert seq.exit_code == 0, seq.output
-    summary = json.loads(seq.output)
+    summary = json.loads(seq.stdout)
     assert summary["score_kind"] == "sequence_mean_cosine" and summary["n_with_loop"] == n
-    # measured: AUC 0.573 → 0.673, recall at 100 % precision 0.067 → 0.200, top-1 correct 22 → 23 of 30 (GeM)
-    assert summary["auc"] > one["auc"] and summary["n_correct_top1"] >= one["n_correct_top1"]
+    # measured: average precision 0.573 → 0.673, recall at 100 % precision 0.067 → 0.200, top-1 correct 22 → 23 of 30 (GeM)
+    assert (
+        summary["average_precision"] > one["average_precision"] and summary["n_correct_top1"] >= one["n_correct_top1"]
+    )
     rows = list(csv.DictReader(open(out / "loops.csv")))
     assert len(rows) == summary["n_candidates"] == 2 * n - 26
     assert (out / "loops_pr.png").read_bytes().startswith(PNG_SIGNATURE)

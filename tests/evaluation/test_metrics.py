@@ -96,7 +96,7 @@ def test_precision_recall_hand_made():
     np.testing.assert_allclose(pr["precision"], [1, 1, 2 / 3, 3 / 4, 3 / 5])
     np.testing.assert_allclose(pr["recall"], [0.2, 0.4, 0.4, 0.6, 0.6])
     assert pr["recall_at_100_precision"] == pytest.approx(0.4)
-    assert pr["auc"] == pytest.approx(0.2 * 1 + 0.2 * 1 + 0.2 * 0.75)
+    assert pr["average_precision"] == pytest.approx(0.2 * 1 + 0.2 * 1 + 0.2 * 0.75)
     # Distances (lower is better) and ties: tied scores are accepted together.
     pr2 = precision_recall(np.array([0.1, 0.1, 0.3]), np.array([True, False, True]), higher_is_better=False)
     np.testing.assert_allclose(pr2["precision"], [0.5, 2 / 3])

@@ -261,7 +261,7 @@ def test_write_run_files_summary_and_html(tmp_path):
     assert set(s["software"]) >= {"python", "torch", "faiss", "numpy", "vprkit"}
     assert s["software"]["numpy"] == np.__version__
     assert s["environment"] == {"VPRKIT_DATA": "/data"} and s["timing"]["ms_per_query"] == 1.5
-    assert s["precision_recall"]["n_relevant"] == 6 and 0 <= s["precision_recall"]["auc"] <= 1
+    assert s["precision_recall"]["n_relevant"] == 6 and 0 <= s["precision_recall"]["average_precision"] <= 1
     assert s["save_predictions"] == 3 and "report.html" in s["files"]
     assert s["config"]["name"] == "test"
 

@@ -111,10 +111,10 @@ def loops(
         f"{summary['frames']} frames, {summary['n_candidates']} with an earlier frame outside the last "
         f"{exclude_recent}; scores: {summary['score_kind']}"
     )
-    if "auc" in summary:
+    if "average_precision" in summary:
         click.echo(
             f"  loops in the ground truth: {summary['n_with_loop']} frames   top-1 correct: "
-            f"{summary['n_correct_top1']}   AUC (average precision) {summary['auc']:.3f}   "
+            f"{summary['n_correct_top1']}   average precision {summary['average_precision']:.3f}   "
             f"recall at 100% precision {summary['recall_at_100_precision']:.3f}"
         )
     order = [i for i in sorted(range(len(keys)), key=lambda i: -float(candidates.score[i])) if candidates.match[i] >= 0]

@@ -177,7 +177,7 @@ def _results_section(summary: Mapping[str, Any]) -> str:
         "ranking length K": rec.get("k"),
     }
     if pr:
-        info["precision–recall AUC (top-1)"] = pr.get("auc")
+        info["precision–recall average precision (top-1)"] = pr.get("average_precision")
         info["recall at 100 % precision"] = pr.get("recall_at_100_precision")
     body.append(key_value(info, "what", "value"))
     if rec.get("truncated_ns"):

@@ -132,7 +132,7 @@ def loop_precision_recall(candidates: LoopCandidates, truth: np.ndarray) -> dict
     """Precision–recall of the candidates against an n×n truth (already restricted to allowed pairs).
 
     Returns :func:`~vprkit.evaluation.metrics.precision_recall`'s keys (``precision``, ``recall``,
-    ``thresholds``, ``auc``, ``recall_at_100_precision``) plus ``correct`` (per frame),
+    ``thresholds``, ``average_precision``, ``recall_at_100_precision``) plus ``correct`` (per frame),
     ``n_frames`` and ``n_with_loop``.
     """
     t = np.asarray(truth, dtype=bool)
@@ -152,7 +152,7 @@ def loop_precision_recall(candidates: LoopCandidates, truth: np.ndarray) -> dict
             "precision": np.zeros(0),
             "recall": np.zeros(0),
             "thresholds": np.zeros(0),
-            "auc": 0.0,
+            "average_precision": 0.0,
             "recall_at_100_precision": 0.0,
         }
     pr = precision_recall(candidates.score[has], correct[has], n_relevant=n_with_loop)
@@ -182,7 +182,7 @@ def write_pr_plot(path: str | os.PathLike, pr: dict[str, Any], title: str = "Loo
 def summary_dict(pr: dict[str, Any]) -> dict[str, Any]:
     """The JSON-friendly part of a precision–recall result (no per-frame arrays)."""
     return {
-        "auc": round(float(pr["auc"]), 6),
+        "average_precision": round(float(pr["average_precision"]), 6),
         "recall_at_100_precision": round(float(pr["recall_at_100_precision"]), 6),
         "n_frames": int(pr["n_frames"]),
         "n_with_loop": int(pr["n_with_loop"]),

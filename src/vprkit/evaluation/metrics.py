@@ -124,7 +124,7 @@ def precision_recall(
     equals Recall@1.
 
     Returns ``precision``, ``recall``, ``thresholds`` (arrays, strictest threshold first),
-    ``auc`` (area under the curve, step-wise = average precision), and
+    ``average_precision`` (the step-wise area under the curve), and
     ``recall_at_100_precision`` (largest recall with no false match accepted).
     """
     s = np.asarray(scores_top1, dtype=np.float64).ravel()
@@ -147,14 +147,14 @@ def precision_recall(
     recall = tp[last] / total
     thresholds = s_sorted[last]
     prev_recall = np.r_[0.0, recall[:-1]]
-    auc = float(np.sum((recall - prev_recall) * precision))
+    average_precision = float(np.sum((recall - prev_recall) * precision))
     perfect = precision >= 1.0
     r100 = float(recall[perfect].max()) if perfect.any() and tp[last][perfect].max() > 0 else 0.0
     return {
         "precision": precision,
         "recall": recall,
         "thresholds": thresholds,
-        "auc": auc,
+        "average_precision": average_precision,
         "recall_at_100_precision": r100,
         "n_queries": int(len(s)),
         "n_relevant": total,

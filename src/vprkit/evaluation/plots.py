@@ -95,11 +95,11 @@ def pr_curve_png(curves: Mapping[str, Mapping[str, Any]] | Mapping[str, Any], ti
     fig = new_figure()
     ax = fig.add_subplot(1, 1, 1)
     for label, res in curves.items():
-        auc = res.get("auc")
+        ap = res.get("average_precision")
         name = (
-            f"{label} (AUC {auc:.3f})"
-            if label and auc is not None
-            else (f"AUC {auc:.3f}" if auc is not None else (label or None))
+            f"{label} (AP {ap:.3f})"
+            if label and ap is not None
+            else (f"AP {ap:.3f}" if ap is not None else (label or None))
         )
         recall = np.r_[0.0, np.asarray(res["recall"], dtype=float)]
         precision = np.r_[1.0, np.asarray(res["precision"], dtype=float)]

@@ -139,7 +139,7 @@ def describe_run(
         "precision_recall": None
         if pr is None
         else {
-            "auc": pr["auc"],
+            "average_precision": pr["average_precision"],
             "recall_at_100_precision": pr["recall_at_100_precision"],
             "n_queries_scored": pr["n_queries"],
             "n_relevant": pr["n_relevant"],
