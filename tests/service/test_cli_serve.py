@@ -101,3 +101,29 @@ def test_a_map_that_does_not_open_is_one_line_and_exit_2(map_dir, monkeypatch, c
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in err, err
     assert "store.h5" in err
+
+
+def test_a_busy_port_is_one_line_and_exit_2_before_the_map_is_loaded(map_dir, monkeypatch, capsys):
+    """The port is bound before minutes of loading: a taken one is an `error:` line, exit 2, and no "serving"."""
+    import socket
+    import sys
+
+    from vprkit.cli import main
+    from vprkit.pipeline.live import LiveMap
+
+    opened = []
+    monkeypatch.setattr(LiveMap, "open", classmethod(lambda cls, *a, **k: opened.append(a)))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setattr(sys, "argv", ["vprkit", "serve", str(map_dir), "--port", str(port)])
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+    out, err = capsys.readouterr()
+    assert code == 2 and not opened and "serving" not in out, out + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot listen on 127.0.0.1:") and str(port) in lines[0], err

@@ -13,6 +13,7 @@ The access log redacts credentials in query strings (:class:`~.guard.RedactCrede
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from typing import Callable, Sequence
@@ -20,7 +21,7 @@ from typing import Callable, Sequence
 import uvicorn
 from fastapi import FastAPI
 
-from ..errors import VPRKitError
+from ..errors import ConfigError, VPRKitError
 from ..pipeline.live import LiveMap
 from .app import DEFAULT_MAX_UPLOAD_BYTES, create_app
 from .guard import install_access_log_redaction
@@ -83,12 +84,37 @@ def serve(
     :class:`LiveMap`), so that ``?rerank=NAME`` never builds it during a request. A map that cannot be
     opened (damaged, of another preset, unreadable) raises before anything listens.
     """
-    options = {"prepare_rerank": tuple(prepare_rerank)} if prepare_rerank else {}
-    live = LiveMap.open(map_dir, device=device, **options)
-    app = create_app(live, api_key=api_key, max_upload_bytes=max_upload_bytes, limits=limits)
-    if on_ready is not None:
-        on_ready(base_url(host, port))
-    uvicorn.Server(server_config(app, host, port, limits, access_log=access_log)).run()
+    listening = listening_socket(host, port)  # a busy port is one error before minutes of loading, not after
+    try:
+        options = {"prepare_rerank": tuple(prepare_rerank)} if prepare_rerank else {}
+        live = LiveMap.open(map_dir, device=device, **options)
+        app = create_app(live, api_key=api_key, max_upload_bytes=max_upload_bytes, limits=limits)
+        bound_port = listening.getsockname()[1]
+        if on_ready is not None:
+            on_ready(base_url(host, bound_port))
+        uvicorn.Server(server_config(app, host, bound_port, limits, access_log=access_log)).run(sockets=[listening])
+    finally:
+        listening.close()
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host``:``port`` (0: a free port), or a :class:`ConfigError` naming what holds it back
+    (port taken, address not on this machine, privileged port) — uvicorn would print its own error and exit 1."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: unknown host ({exc.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restarts reuse the port at once
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --port or stop what holds it"
+        ) from None
+    return sock
 
 
 class BackgroundServer:
