@@ -18,23 +18,21 @@ its ``add``/``remove`` — and adds what sharing needs:
   (:mod:`vprkit.pipeline.live_writes`); a full disk is a :class:`StorageFullError`, a read-only
   folder a :class:`ReadOnlyMapError`. The index is derived data: a count that differs from the
   store's makes the next open rebuild it.
-- **Read-only when it must.** A map on a read-only folder or a full disk is served for localisation,
-  with one warning; writes are refused with the reason. ``map.json``'s counts follow the store.
+- **Read-only when it must.** A map on a read-only folder or a full disk is served for localisation (one
+  warning); writes are refused with the reason. ``map.json``'s counts follow the store.
 - **No request builds expensive state.** Re-ranking reads the map's stored patches or a state saved
   by ``vprkit rerank prepare`` or at start-up (``prepare_rerank``); a missing one is a
   :class:`StateNotPreparedError` naming that command. Kept re-rankers follow writes (an added place's
   payload is saved with it) instead of being built again.
-- **One writer per map.** Writes also take :func:`vprkit.maps.lock.map_write_lock`, so a
-  ``vprkit map build`` into the same folder cannot interleave with them (whichever comes second is
-  refused with a clear message). Once another process has changed the map (``map.json`` replaced),
-  writes are refused (:class:`MapChangedError`): the rows held in memory no longer match the disk.
-  Reads keep serving the map as opened (the store keeps its opened files, see ``MapStore.pin``).
+- **One writer per map.** Writes also take :func:`vprkit.maps.lock.map_write_lock`, so a ``vprkit map build``
+  into the same folder cannot interleave with them (whichever comes second is refused). Once another process
+  has changed the map (``map.json`` replaced), writes are refused (:class:`MapChangedError`): the rows held
+  in memory no longer match the disk. Reads keep serving the map as opened (see ``MapStore.pin``).
 - **Recorded.** Each write notes itself in ``map.json`` (counts, index size, ``updated``, ``last_change``).
-- **Bounded model concurrency, with batching.** The backbone runs at most ``inference_slots`` passes
-  at a time: PyTorch already spreads one pass over the configured threads, and concurrent passes on a
-  small CPU only multiply threads and stretch every request's latency. Localisations that arrive while
-  the model is busy queue up and the next pass takes them together (up to the preset's batch size), so
-  under load the CPU per image drops (batches of 4: about 30 % less) while an idle map answers at once.
+- **Bounded model concurrency, with batching.** The backbone runs at most ``inference_slots`` passes at a
+  time (concurrent passes on a small CPU only multiply threads). Localisations that arrive while it is
+  busy are taken together by the next pass (up to the preset's batch size): under load the CPU per
+  image drops (batches of 4: about 30 % less), while an idle map answers at once.
 """
 
 from __future__ import annotations
@@ -176,6 +174,11 @@ class LiveMap:
         """What the map holds for ``key``: its row, position, heading and timestamp."""
         with self.lock.read():
             return self._place(key)
+
+    def places(self, offset: int = 0, limit: int = 100) -> tuple[int, list[dict[str, Any]]]:
+        """(places in the map, the places of rows ``offset`` … ``offset + limit - 1``), as :meth:`place` gives them."""
+        with self.lock.read():
+            return len(self.map.data.keys), [self._place(k) for k in self.map.data.keys[offset : offset + limit]]
 
     def info(self) -> dict[str, Any]:
         """A summary of the served map: settings, counts, index, frame (``map.json`` with live counts)."""

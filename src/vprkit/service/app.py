@@ -5,8 +5,11 @@ Routes (the OpenAPI schema at ``/openapi.json``, interactive docs at ``/docs``):
 - ``POST /localize`` — an image (multipart field ``image``, or the raw bytes as the body) → the top-K
   places and the position estimate; query ``top_k``, ``rerank``.
 - ``POST /places`` — an image and its pose → a new place, on disk before the answer.
-- ``GET /places/{id}``, ``PATCH /places/{id}`` (pose), ``DELETE /places/{id}``.
+- ``GET /places?offset=&limit=`` (a page of places in row order), ``GET /places/{id}``,
+  ``PATCH /places/{id}`` (pose), ``DELETE /places/{id}``.
 - ``GET /health``, ``GET /map``.
+
+Every answer carries ``X-Request-ID`` (the client's, or generated) and ``X-Server-Time`` (:mod:`.stamp`).
 
 Bad input is a 4xx with ``{"detail": "..."}``, never a 500: the key is checked and every body
 bounded before it is read (:mod:`.guard`: 401, 413), images are decoded by the library (422 with the
@@ -49,6 +52,7 @@ from ..errors import (
 from ..pipeline.live import LiveMap, PlaceExistsError, UnknownPlaceError
 from ..presets import list_rerank_configs
 from ..uploads import DecodeBusyError
+from .stamp import RequestStamp, request_id, request_time
 from .forms import FormError, parse_multipart
 from .guard import API_KEY_HEADER, RequestGuard
 from .limits import DEFAULT_LIMITS, ServiceLimits
@@ -66,6 +70,10 @@ POSE_FIELDS = ("easting", "northing", "lat", "lon", "heading", "timestamp")
 KEY_FIELD = "key"
 # What each upload route accepts; anything else is a 422 naming it (a typo must not pass silently).
 LOCALIZE_PARAMS = frozenset({"top_k", "rerank"})
+LIST_PARAMS = frozenset({"offset", "limit"})
+# GET /places pages: a page of 1000 places is about 100 KB of JSON.
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
 PLACE_FIELDS = frozenset({KEY_FIELD, *POSE_FIELDS})
 # /map without the key: no filesystem paths (these fields, and any string that is an absolute path).
 PATH_FIELDS = frozenset({"map_dir", "images_root", "path", "root"})
@@ -175,6 +183,8 @@ class EstimateOut(Open):
 
 class LocalizeOut(Open):
     query: str
+    request_id: str | None = Field(None, description="this request's id (also the X-Request-ID header)")
+    server_time: str | None = Field(None, description="when the request arrived, by the server's clock (UTC, ISO 8601)")
     seconds: float = Field(description="extraction and search time of this query")
     matches: list[MatchOut] = Field(description="best first")
     estimate: EstimateOut | None = None
@@ -200,6 +210,13 @@ class PoseIn(BaseModel):
     lon: float | None = None
     heading: float | None = Field(None, description="degrees")
     timestamp: float | None = Field(None, description="seconds")
+
+
+class PlaceListOut(BaseModel):
+    total: int = Field(description="places in the map")
+    offset: int
+    limit: int
+    places: list[PlaceOut] = Field(description="rows offset … offset + limit - 1, in row order")
 
 
 class DeletedOut(BaseModel):
@@ -352,6 +369,7 @@ def create_app(
     # Outside the routes (and inside Starlette's last-resort error handler): the key and body limits are
     # checked before any body is read, and model requests take a slot.
     app.add_middleware(RequestGuard, api_key=api_key, limits=limits, max_upload_bytes=max_upload_bytes)
+    app.add_middleware(RequestStamp)  # outermost: the guard's own answers (401, 413, 503) carry the id too
     _add_status_routes(app, live, api_key, started=time.time())
     _add_localize_route(app, live, max_upload_bytes)
     _add_place_routes(app, live, max_upload_bytes, _key_check(api_key))
@@ -459,7 +477,7 @@ def _add_localize_route(app: FastAPI, live: LiveMap, max_upload_bytes: int) -> N
             out = result.to_dict()
             for match in out.get("matches", []):
                 match.setdefault("id", match.get("image"))
-            return out
+            return {**out, "request_id": request_id(request.scope), "server_time": request_time(request.scope)}
 
         return JSONResponse(await run_in_threadpool(work))
 
@@ -497,6 +515,16 @@ def _add_place_routes(app: FastAPI, live: LiveMap, max_upload_bytes: int, requir
             return live.add_place(data, fields.get(KEY_FIELD) or key, pose)
 
         return JSONResponse(await run_in_threadpool(work), status_code=201)
+
+    @app.get("/places", response_model=PlaceListOut, responses=_ERRORS, summary="The places, in row order, a page")
+    def list_places(
+        request: Request,
+        offset: int = Query(0, ge=0, description="the first row to return"),
+        limit: int = Query(DEFAULT_PAGE, ge=1, le=MAX_PAGE, description="places to return"),
+    ) -> dict[str, Any]:
+        _unknown(request.query_params.keys(), LIST_PARAMS, "query parameter")
+        total, places = live.places(offset, limit)
+        return {"total": total, "offset": offset, "limit": limit, "places": places}
 
     @app.get("/places/{key:path}", response_model=PlaceOut, responses=_ERRORS, summary="One place")
     def get_place(key: str) -> dict[str, Any]:
