@@ -106,6 +106,8 @@ def test_localize_frames_folder_with_a_sequence(tmp_path, shared_datasets, strea
     assert -1 <= lines[-1]["matches"][0]["cosine"] <= 1
     r = run_cli(["localize", stream_map, "--frames", folder, "--video", folder / "x.avi"])
     assert r.exit_code != 0 and "exactly one" in r.output
+    r = run_cli(["localize", stream_map, "--frames", folder, "--every-frame"])
+    assert r.exit_code == 2 and "--every-frame applies to --camera" in r.output
 
 
 def test_python_stream_api_takes_decoded_frames_and_reports_bad_ones(shared_datasets, stream_map):
@@ -119,3 +121,60 @@ def test_python_stream_api_takes_decoded_frames_and_reports_bad_ones(shared_data
     assert results[1].error and not results[1].matches
     assert [r.matches[0].key for r in results if r.error is None] == ["0000006.jpg", "0000007.jpg", "0000008.jpg"]
     assert len(list(FolderFrames(shared_datasets / "corridor" / "ref", every=10))) == 12
+
+
+class _PacedCamera:
+    """A stand-in for cv2.VideoCapture: ``frames`` BGR frames, one every ``interval_s`` (a camera's pace)."""
+
+    def __init__(self, frames: int, interval_s: float, opened: bool = True):
+        self.left, self.interval_s, self.opened, self.index = frames, interval_s, opened, 0
+
+    def isOpened(self) -> bool:
+        return self.opened
+
+    def read(self):
+        import time
+
+        if self.left == 0:
+            return False, None
+        time.sleep(self.interval_s)
+        frame = np.full((4, 6, 3), self.index % 256, np.uint8)
+        self.left, self.index = self.left - 1, self.index + 1
+        return True, frame
+
+    def release(self) -> None:
+        self.opened = False
+
+
+def _frame_numbers(names: list[str]) -> list[int]:
+    return [int(n.split("#")[1]) for n in names]
+
+
+def test_a_slow_reader_of_a_camera_gets_the_newest_frame_not_a_growing_backlog(monkeypatch):
+    """The model is slower than the camera: frames passed over are dropped (and counted), never queued."""
+    import time
+
+    camera_pace_s, model_s, total = 0.005, 0.05, 120
+    monkeypatch.setattr(CameraFrames, "_open", lambda self: _PacedCamera(total, camera_pace_s))
+    stream = CameraFrames(0)
+    numbers = []
+    for name, frame in stream:
+        numbers.append(int(name.split("#")[1]))
+        assert frame[0, 0, 0] == numbers[-1] % 256  # the frame named, converted BGR → RGB
+        time.sleep(model_s)
+    assert numbers == sorted(set(numbers)) and numbers[-1] >= total - 1 - model_s / camera_pace_s
+    assert len(numbers) < total / 3 and stream.dropped == numbers[-1] - numbers[0] - (len(numbers) - 1)
+    monkeypatch.setattr(CameraFrames, "_open", lambda self: _PacedCamera(total, camera_pace_s))
+    in_order = CameraFrames(0, every_frame=True, limit=30)
+    assert _frame_numbers([name for name, _ in in_order]) == list(range(30))  # every frame, as a recording wants
+    monkeypatch.setattr(CameraFrames, "_open", lambda self: _PacedCamera(total, 0.0))
+    assert _frame_numbers([n for n, _ in CameraFrames(0, every=4, every_frame=True, limit=3)]) == [0, 4, 8]
+
+
+def test_a_camera_that_gives_no_frame_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(CameraFrames, "_open", lambda self: _PacedCamera(0, 0.0))
+    with pytest.raises(ImageReadError, match="no frame could be read"):
+        list(CameraFrames(3))
+    monkeypatch.setattr(CameraFrames, "_open", lambda self: _PacedCamera(5, 0.0, opened=False))
+    with pytest.raises(ImageReadError, match="cannot be opened"):
+        list(CameraFrames(3))

@@ -12,6 +12,7 @@ video or camera is opened. A file or camera that cannot be opened is one :class:
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -77,16 +78,95 @@ class VideoFrames(_CaptureFrames):
 
 
 class CameraFrames(_CaptureFrames):
-    """Frames of camera ``index`` (OpenCV's device number), until ``limit`` or the camera stops."""
+    """Frames of camera ``index`` (OpenCV's device number), until ``limit`` or the camera stops.
 
-    def __init__(self, index: int = 0, every: int = 1, limit: int | None = None):
+    A camera does not wait for its reader: when the model is slower than the camera, frames read in order
+    fall further and further behind (seconds after a minute), and a robot localises where it *was*. So by
+    default a thread keeps reading and only the **newest** frame is handed out; frames passed over are
+    counted in :attr:`dropped` and show as gaps in the names' frame numbers. ``every_frame=True`` hands out
+    every frame in order instead (a recording, an offline evaluation).
+    """
+
+    def __init__(self, index: int = 0, every: int = 1, limit: int | None = None, every_frame: bool = False):
         if index < 0:
             raise ConfigError(f"camera index must be ≥ 0, got {index}")
         self.index = int(index)
+        self.every_frame = bool(every_frame)
+        self.dropped = 0
         super().__init__(f"camera {index}", f"camera{index}", every, limit)
 
     def _open(self):
         return cv2.VideoCapture(self.index)
+
+    def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
+        if self.every_frame:
+            yield from super().__iter__()
+            return
+        cap = self._open()
+        if not cap.isOpened():
+            cap.release()
+            raise ImageReadError(f"{self.what}: cannot be opened (not a video OpenCV can decode, or no such device)")
+        newest = _NewestFrame(cap, self.every)
+        try:
+            last, kept = -1, 0
+            while self.limit is None or kept < self.limit:
+                got = newest.after(last)
+                if got is None:
+                    break
+                index, frame = got
+                if last >= 0:
+                    self.dropped += (index - last) // self.every - 1
+                last, kept = index, kept + 1
+                yield f"{self.prefix}#{index:0{FRAME_NAME_DIGITS}d}", cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+            if last < 0:
+                raise ImageReadError(f"{self.what}: opened, but no frame could be read")
+        finally:
+            newest.stop()
+            cap.release()
+
+
+class _NewestFrame:
+    """A thread reading ``cap`` as fast as it delivers, keeping only the newest kept frame (every ``every``-th)."""
+
+    # How long stop() waits for a read in progress (a camera read takes one frame interval).
+    STOP_WAIT_S = 5.0
+
+    def __init__(self, cap, every: int):
+        self._cap, self._every = cap, every
+        self._cond = threading.Condition()
+        self._index, self._frame, self._done = -1, None, False
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._read, name="vprkit-camera", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        index = 0
+        try:
+            while not self._stopping.is_set():
+                ok, frame = self._cap.read()
+                if not ok or frame is None:
+                    break
+                if index % self._every == 0:
+                    with self._cond:
+                        self._index, self._frame = index, frame
+                        self._cond.notify_all()
+                index += 1
+        finally:
+            with self._cond:
+                self._done = True
+                self._cond.notify_all()
+
+    def after(self, last: int) -> tuple[int, np.ndarray] | None:
+        """The newest frame read after frame ``last`` (waiting for one), or None once the camera has stopped."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._index > last or self._done)
+            if self._index <= last:
+                return None
+            return self._index, self._frame
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(self.STOP_WAIT_S)
 
 
 class FolderFrames:

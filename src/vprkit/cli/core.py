@@ -407,6 +407,13 @@ def map_set_pose(map_dir: Path, poses: Path) -> None:
 @click.option("--every", type=click.IntRange(1), default=1, show_default=True, help="Streams: keep every N-th frame.")
 @click.option("--max-frames", "max_frames", type=click.IntRange(1), default=None, help="Streams: stop after N frames.")
 @click.option(
+    "--every-frame",
+    "every_frame",
+    is_flag=True,
+    help="--camera: localise every frame in order, even when the model is slower than the camera "
+    "(default: the newest frame, so answers stay current; skipped frames show as gaps in the frame numbers).",
+)
+@click.option(
     "--sequence-length",
     "sequence_length",
     type=click.IntRange(1),
@@ -439,6 +446,7 @@ def localize(
     frames_dir: Path | None,
     every: int,
     max_frames: int | None,
+    every_frame: bool,
     sequence_length: int | None,
     trajectory: str,
     jsonl: Path | None,
@@ -458,22 +466,17 @@ def localize(
     if trajectory != "line" and sequence_length is None:
         raise click.UsageError("--trajectory needs --sequence-length")
     extra = {} if device is None else {"device": check_device(device)}
+    if every_frame and camera is None:
+        raise click.UsageError("--every-frame applies to --camera (files are always read frame by frame)")
     if streams:
-        _localize_stream(
-            map_dir,
-            video,
-            camera,
-            frames_dir,
-            every,
-            max_frames,
-            sequence_length,
-            trajectory,
-            jsonl,
-            top_k,
-            rerank,
-            as_json,
-            extra,
-        )
+        if video is not None:
+            frames = VideoFrames(video, every, max_frames)
+        elif camera is not None:
+            frames = CameraFrames(camera, every, max_frames, every_frame=every_frame)
+        else:
+            frames = FolderFrames(frames_dir, every, max_frames)
+        live = camera is not None  # a camera: the lowest latency
+        _localize_stream(map_dir, frames, live, sequence_length, trajectory, jsonl, top_k, rerank, as_json, extra)
         return
     results = pipeline.localize(map_dir, list(queries), top_k=top_k, rerank=rerank, unreadable="report", **extra)
     failed = [r for r in results if r.error is not None]
@@ -509,11 +512,8 @@ def _print_result(r) -> None:
 
 def _localize_stream(
     map_dir: Path,
-    video: Path | None,
-    camera: int | None,
-    frames_dir: Path | None,
-    every: int,
-    max_frames: int | None,
+    frames,
+    live: bool,
     sequence_length: int | None,
     trajectory: str,
     jsonl: Path | None,
@@ -523,16 +523,10 @@ def _localize_stream(
     extra: dict,
 ) -> None:
     """``localize --video/--camera/--frames``: results printed (or JSON lines) as frames are localised."""
-    if video is not None:
-        frames = VideoFrames(video, every, max_frames)
-    elif camera is not None:
-        frames = CameraFrames(camera, every, max_frames)
-    else:
-        frames = FolderFrames(frames_dir, every, max_frames)
     sink = open(jsonl, "w", encoding="utf-8") if jsonl is not None else None  # a log of the stream: lines as they come
     failed = 0
     try:
-        batch = DEFAULT_STREAM_BATCH if camera is not None else FILE_STREAM_BATCH  # a camera: lowest latency
+        batch = DEFAULT_STREAM_BATCH if live else FILE_STREAM_BATCH
         sequence = {"trajectory": trajectory} if sequence_length is not None else None
         seen = 0  # frames localised so far: the evidence a sequence score rests on
         for r in localize_stream(
