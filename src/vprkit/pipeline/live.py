@@ -12,27 +12,19 @@ its ``add``/``remove`` — and adds what sharing needs:
   (:class:`~vprkit.maps.lock.ReadWriteLock`). A localisation holds the read lock only while its batch
   runs, not while it queues for the model; the descriptor (and payloads) of an added image are
   computed *before* the write lock is taken, so readers wait only for the disk writes.
-- **All or nothing, durable before the answer.** A write returns after the store (and, for an added
-  place, its image under ``MAP_DIR/live-images/``) is on disk: a crash right after loses nothing,
-  and a restart serves every acknowledged place. A write that fails leaves nothing behind
-  (:mod:`vprkit.pipeline.live_writes`); a full disk is a :class:`StorageFullError`, a read-only
-  folder a :class:`ReadOnlyMapError`. The index is derived data: a count that differs from the
-  store's makes the next open rebuild it.
+- **All or nothing, durable before the answer.** A write returns once the store (and an added place's image
+  under ``MAP_DIR/live-images/``) is on disk; one that fails leaves nothing (:mod:`vprkit.pipeline.live_writes`):
+  a full disk is a :class:`StorageFullError`, a read-only folder a :class:`ReadOnlyMapError`.
 - **Read-only when it must.** A map on a read-only folder or a full disk is served for localisation (one
-  warning); writes are refused with the reason. ``map.json``'s counts follow the store.
-- **No request builds expensive state.** Re-ranking reads the map's stored patches or a state saved
-  by ``vprkit rerank prepare`` or at start-up (``prepare_rerank``); a missing one is a
-  :class:`StateNotPreparedError` naming that command. Kept re-rankers follow writes (an added place's
-  payload is saved with it) instead of being built again.
+  warning); writes are refused with the reason. Each write is recorded in ``map.json`` (counts follow the store).
+- **No request builds expensive state.** Re-ranking reads stored patches or a state saved by ``vprkit rerank
+  prepare`` or at start-up (``prepare_rerank``); else :class:`StateNotPreparedError`. Kept re-rankers follow writes.
 - **One writer per map.** Writes also take :func:`vprkit.maps.lock.map_write_lock`, so a ``vprkit map build``
   into the same folder cannot interleave with them (whichever comes second is refused). Once another process
-  has changed the map (``map.json`` replaced), writes are refused (:class:`MapChangedError`): the rows held
-  in memory no longer match the disk. Reads keep serving the map as opened (see ``MapStore.pin``).
-- **Recorded.** Each write notes itself in ``map.json`` (counts, index size, ``updated``, ``last_change``).
-- **Bounded model concurrency, with batching.** The backbone runs at most ``inference_slots`` passes at a
-  time (concurrent passes on a small CPU only multiply threads). Localisations that arrive while it is
-  busy are taken together by the next pass (up to the preset's batch size): under load the CPU per
-  image drops (batches of 4: about 30 % less), while an idle map answers at once.
+  has changed the map (``map.json`` replaced: :attr:`LiveMap.changed_on_disk`), writes are refused
+  (:class:`MapChangedError`); reads keep serving the map as opened (see ``MapStore.pin``).
+- **Bounded model concurrency, with batching.** At most ``inference_slots`` backbone passes at a time; queries
+  arriving meanwhile share the next pass (batches of 4: about 30 % less CPU per image).
 """
 
 from __future__ import annotations
@@ -136,6 +128,11 @@ class LiveMap:
 
     def __len__(self) -> int:
         return len(self.map.data.keys)
+
+    @property
+    def changed_on_disk(self) -> bool:
+        """Whether another process replaced ``map.json`` since this map was opened (or last wrote it)."""
+        return self._map_file_state() != self._seen
 
     def size_hint(self) -> tuple[int, int] | None:
         """(height, width) an upload may be reduced to before the map resizes it (JPEG draft, whole-factor reduce):
@@ -316,9 +313,12 @@ class LiveMap:
                 )
             yield
 
-    def _map_file_state(self) -> tuple[int, int, int]:
-        """Identity of ``map.json`` as it is now: every writer replaces it by renaming a new file into place."""
-        st = (self.dir / MAP_FILE).stat()
+    def _map_file_state(self) -> tuple[int, int, int] | None:
+        """Identity of ``map.json`` now (None: gone): every writer replaces it by renaming a new file into place."""
+        try:
+            st = (self.dir / MAP_FILE).stat()
+        except OSError:
+            return None
         return st.st_ino, st.st_mtime_ns, st.st_size
 
     def _reranker(self, rerank: RerankChoice):

@@ -7,7 +7,8 @@ Routes (the OpenAPI schema at ``/openapi.json``, interactive docs at ``/docs``):
 - ``POST /places`` — an image and its pose → a new place, on disk before the answer.
 - ``GET /places?offset=&limit=`` (a page of places in row order), ``GET /places/{id}``,
   ``PATCH /places/{id}`` (pose), ``DELETE /places/{id}``.
-- ``GET /health``, ``GET /map``.
+- ``GET /health``, ``GET /map`` (both say when the folder changed on disk), ``POST /admin/reload`` (key
+  required: serve the folder as it is now, without a restart).
 
 Every answer carries ``X-Request-ID`` (the client's, or generated) and ``X-Server-Time`` (:mod:`.stamp`).
 
@@ -52,6 +53,7 @@ from ..errors import (
 from ..pipeline.live import LiveMap, PlaceExistsError, UnknownPlaceError
 from ..presets import list_rerank_configs
 from ..uploads import DecodeBusyError
+from .reload import ServedMap
 from .stamp import RequestStamp, request_id, request_time
 from .forms import FormError, parse_multipart
 from .guard import API_KEY_HEADER, RequestGuard
@@ -219,13 +221,21 @@ class PlaceListOut(BaseModel):
     places: list[PlaceOut] = Field(description="rows offset … offset + limit - 1, in row order")
 
 
+class ReloadOut(BaseModel):
+    reloaded: bool
+    places_before: int
+    places: int
+    seconds: float = Field(description="time to open the folder again (models included)")
+
+
 class DeletedOut(BaseModel):
     deleted: PlaceOut
     places: int = Field(description="places left in the map")
 
 
 class HealthOut(BaseModel):
-    status: str
+    status: str = Field(description="ok, or stale when the map folder changed on disk (POST /admin/reload)")
+    changed_on_disk: bool = Field(False, description="another process replaced the map since it was opened")
     places: int
     uptime_seconds: float
     version: str
@@ -348,14 +358,17 @@ def _form_pose(fields: dict[str, str]) -> dict[str, float]:
 
 
 def create_app(
-    live: LiveMap,
+    live: LiveMap | ServedMap,
     api_key: str | None = None,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     title: str = "vprkit live localiser",
     limits: ServiceLimits = DEFAULT_LIMITS,
+    reopen: Callable[[], LiveMap] | None = None,
 ) -> FastAPI:
     """The FastAPI app serving ``live`` (one loaded model and map). ``api_key``: required for writes when given;
-    ``limits``: the request limits of :mod:`.limits` (the connection limits are the server's, see :mod:`.server`)."""
+    ``limits``: the request limits of :mod:`.limits` (the connection limits are the server's, see :mod:`.server`);
+    ``reopen``: how ``POST /admin/reload`` opens the folder again (default: ``LiveMap.open(live.dir)``)."""
+    live = live if isinstance(live, ServedMap) else ServedMap(live, reopen)
     if max_upload_bytes < 1:
         raise ConfigError(f"max_upload_bytes must be positive, got {max_upload_bytes}")
     if api_key is not None and not api_key:
@@ -373,6 +386,7 @@ def create_app(
     _add_status_routes(app, live, api_key, started=time.time())
     _add_localize_route(app, live, max_upload_bytes)
     _add_place_routes(app, live, max_upload_bytes, _key_check(api_key))
+    _add_admin_routes(app, live, _key_check(api_key))
     return app
 
 
@@ -430,17 +444,37 @@ def _is_key(given: str | None, api_key: str | None) -> bool:
 def _add_status_routes(app: FastAPI, live: LiveMap, api_key: str | None, started: float) -> None:
     """``GET /health`` (uptime counted from ``started``) and ``GET /map`` (paths only for the key's holder)."""
 
-    @app.get("/health", response_model=HealthOut, summary="Liveness and the number of places")
+    @app.get("/health", response_model=HealthOut, summary="Liveness, the number of places, a map changed on disk")
     async def health() -> HealthOut:
         # On the event loop itself: no lock, no threadpool, so it answers while every worker thread is busy.
+        changed = live.changed_on_disk  # one stat of map.json
         return HealthOut(
-            status="ok", places=len(live), uptime_seconds=round(time.time() - started, 3), version=__version__
+            status="stale" if changed else "ok",
+            places=len(live),
+            uptime_seconds=round(time.time() - started, 3),
+            version=__version__,
+            changed_on_disk=changed,
         )
 
     @app.get("/map", summary="The served map: settings, counts, index, frame (filesystem paths only with the key)")
     def map_info(request: Request) -> dict[str, Any]:
-        info = live.info()
+        info = {**live.info(), **live.status()}
         return info if _is_key(request.headers.get(API_KEY_HEADER), api_key) else without_paths(info)
+
+
+def _add_admin_routes(app: FastAPI, served: ServedMap, require_key: Callable[..., None]) -> None:
+    """``POST /admin/reload``: serve the map folder as it is on disk now (after a ``vprkit map build`` into it)."""
+
+    @app.post(
+        "/admin/reload",
+        response_model=ReloadOut,
+        responses=_ERRORS,
+        dependencies=[Depends(require_key)],
+        summary="Open the map folder again and serve it (the old map answers until then)",
+    )
+    async def reload(request: Request) -> dict[str, Any]:
+        _unknown(request.query_params.keys(), frozenset(), "query parameter")
+        return await run_in_threadpool(served.reload)
 
 
 def _add_localize_route(app: FastAPI, live: LiveMap, max_upload_bytes: int) -> None:

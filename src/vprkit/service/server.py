@@ -87,8 +87,11 @@ def serve(
     listening = listening_socket(host, port)  # a busy port is one error before minutes of loading, not after
     try:
         options = {"prepare_rerank": tuple(prepare_rerank)} if prepare_rerank else {}
-        live = LiveMap.open(map_dir, device=device, **options)
-        app = create_app(live, api_key=api_key, max_upload_bytes=max_upload_bytes, limits=limits)
+
+        def reopen() -> LiveMap:  # POST /admin/reload opens the folder as this start did
+            return LiveMap.open(map_dir, device=device, **options)
+
+        app = create_app(reopen(), api_key=api_key, max_upload_bytes=max_upload_bytes, limits=limits, reopen=reopen)
         bound_port = listening.getsockname()[1]
         if on_ready is not None:
             on_ready(base_url(host, bound_port))
