@@ -24,7 +24,6 @@ filesystem paths only to requests carrying the key.
 from __future__ import annotations
 
 import errno
-import hmac
 import logging
 import os
 import re
@@ -56,7 +55,7 @@ from ..uploads import DecodeBusyError
 from .reload import ServedMap
 from .stamp import RequestStamp, request_id, request_time
 from .forms import FormError, parse_multipart
-from .guard import API_KEY_HEADER, RequestGuard
+from .guard import API_KEY_HEADER, KEY_REQUIRED, RequestGuard, is_api_key
 from .limits import DEFAULT_LIMITS, ServiceLimits
 
 logger = logging.getLogger(__name__)
@@ -426,19 +425,10 @@ def _key_check(api_key: str | None) -> Callable[..., None]:
     def require_key(given: str | None = Depends(key_header)) -> None:
         if api_key is None:
             return
-        if not _is_key(given, api_key):
-            raise HTTPException(
-                401,
-                f"this service needs its API key for writes (header {API_KEY_HEADER})",
-                headers={"WWW-Authenticate": API_KEY_HEADER},
-            )
+        if not is_api_key(given, api_key):
+            raise HTTPException(401, KEY_REQUIRED, headers={"WWW-Authenticate": API_KEY_HEADER})
 
     return require_key
-
-
-def _is_key(given: str | None, api_key: str | None) -> bool:
-    """Whether ``given`` is the service's key (constant time); never true for a service without a key."""
-    return given is not None and api_key is not None and hmac.compare_digest(given.encode(), api_key.encode())
 
 
 def _add_status_routes(app: FastAPI, live: LiveMap, api_key: str | None, started: float) -> None:
@@ -459,7 +449,7 @@ def _add_status_routes(app: FastAPI, live: LiveMap, api_key: str | None, started
     @app.get("/map", summary="The served map: settings, counts, index, frame (filesystem paths only with the key)")
     def map_info(request: Request) -> dict[str, Any]:
         info = {**live.info(), **live.status()}
-        return info if _is_key(request.headers.get(API_KEY_HEADER), api_key) else without_paths(info)
+        return info if is_api_key(request.headers.get(API_KEY_HEADER), api_key) else without_paths(info)
 
 
 def _add_admin_routes(app: FastAPI, served: ServedMap, require_key: Callable[..., None]) -> None:

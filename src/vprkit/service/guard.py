@@ -62,6 +62,16 @@ DISCONNECT: Message = {"type": "http.disconnect"}
 INTERNAL_ERROR = "internal error: the server failed on this request (not the request's fault)"
 
 
+KEY_REQUIRED = f"this service needs its API key for writes (header {API_KEY_HEADER})"
+
+
+def is_api_key(given: str | bytes | None, api_key: str | None) -> bool:
+    """Whether ``given`` is the service's key, compared in constant time; never true for a service without one."""
+    if given is None or api_key is None:
+        return False
+    return hmac.compare_digest(given if isinstance(given, bytes) else given.encode(), api_key.encode())
+
+
 def route_of(method: str, path: str) -> tuple[str, str]:
     """(method, path without a trailing slash): how the tables above name a route."""
     return method.upper(), path.rstrip("/") or "/"
@@ -73,7 +83,7 @@ def credential_params(method: str, path: str, query: str, api_key: str | None = 
     for name, value in parse_qsl(query, keep_blank_values=True):
         plain = re.sub(r"[^a-z0-9]", "", name.lower())
         is_key_param = plain == PLACE_KEY_PARAM and route_of(method, path) not in PLACE_KEY_ROUTES
-        holds_key = api_key is not None and hmac.compare_digest(value.encode(), api_key.encode())
+        holds_key = is_api_key(value, api_key)
         if plain in CREDENTIAL_NAMES or is_key_param or holds_key:
             found.append(name)
     return found
@@ -182,8 +192,8 @@ class RequestGuard:
             )
         if self.api_key is not None and route[0] not in SAFE_METHODS and route not in OPEN_WRITES:
             given = header(scope, API_KEY_HEADER.lower().encode())
-            if given is None or not hmac.compare_digest(given, self.api_key.encode()):
-                return 401, f"this service needs its API key for writes (header {API_KEY_HEADER})", challenge
+            if not is_api_key(given, self.api_key):
+                return 401, KEY_REQUIRED, challenge
         declared = header(scope, b"content-length")
         limit = self.body_limit(route)
         if declared is not None and declared.isdigit() and int(declared) > limit:
