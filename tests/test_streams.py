@@ -110,6 +110,29 @@ def test_localize_frames_folder_with_a_sequence(tmp_path, shared_datasets, strea
     assert r.exit_code == 2 and "--every-frame applies to --camera" in r.output
 
 
+def test_every_frame_of_a_sequence_stream_carries_an_estimate(tmp_path, shared_datasets, stream_map):
+    """Issue 27 item 4: sequence results have the single image's estimate (confidence, unknown, route position)."""
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, src in enumerate(_corridor_frames(shared_datasets, 3, 7)):
+        (folder / f"{i:04d}.jpg").write_bytes(src.read_bytes())
+    r = run_cli(["localize", stream_map, "--frames", folder, "--sequence-length", "4", "--top-k", "3", "--json"])
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(x) for x in r.output.strip().splitlines()]
+    assert len(lines) == 7
+    for i, x in enumerate(lines):
+        est = x["estimate"]
+        assert est["confidence"] is not None and isinstance(est["unknown"], bool)
+        assert est["route_position"] is not None
+        assert est["evidence"]["sequence"]["frames"] == min(i + 1, 4) == x["sequence_frames"]
+        top = x["matches"][0]
+        # the score is the mean raw cosine along the trajectory: a cosine, close to the frame's own
+        assert top["score_kind"] == "sequence_mean_cosine" and abs(top["score"] - top["cosine"]) < 0.2
+    assert lines[-1]["estimate"]["evidence"]["sequence"]["support"] > 0.5  # the frames agree with the path
+    text = run_cli(["localize", stream_map, "--frames", folder, "--sequence-length", "4", "--top-k", "1"])
+    assert text.exit_code == 0 and text.output.count("confidence") == 7
+
+
 def test_python_stream_api_takes_decoded_frames_and_reports_bad_ones(shared_datasets, stream_map):
     from PIL import Image
 

@@ -686,6 +686,13 @@ def evaluate(
     click.echo(
         f"  map {t['map_images_per_s']} images/s   queries {t['ms_per_query']} ms/query   peak RSS {summary['peak_rss_mb']} MB"
     )
+    if summary.get("estimates"):
+        e = summary["estimates"]
+        right = "n/a" if e["accepted_correct_share"] is None else f"{e['accepted_correct_share']:.3f}"
+        click.echo(
+            f"  estimates: {e['with_confidence']}/{e['frames']} with a confidence, unknown {e['unknown_share']:.3f}, "
+            f"accepted {e['accepted']} of which right {right}"
+        )
     if out is not None:
         click.echo(
             f"  wrote {out / 'report.html'} (self-contained report), summary.json, per_query.csv, topn.csv, "

@@ -40,7 +40,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -112,6 +112,14 @@ NAMED_PROTOCOLS: dict[str, tuple[str, dict[str, Any], str]] = {
 COMMON_OPTIONS = ("adapter", "every", "limit", "places", "name")
 
 
+def shared_name_fraction(a: Sequence[str], b: Sequence[str]) -> float:
+    """The share of the smaller of two lists of image keys (relative to their folders) that the other one also
+    has: how far two traversals pair up frame by frame (1.0 for Nordland's seasons, Corridor's ref/ and query/)."""
+    names_a, names_b = set(a), set(b)
+    smaller = min(len(names_a), len(names_b))
+    return len(names_a & names_b) / smaller if smaller else 0.0
+
+
 # --- the built-in layouts -----------------------------------------------------------------------
 
 
@@ -131,7 +139,8 @@ def _unpickled_npy_error(path: Path) -> DatasetError:
     ("tolerance",),
     "ref/ + query/ + ground_truth.csv (VPR-Bench: Corridor, SPED, 17 Places, Gardens Point, St Lucia …); "
     "with only the pickled ground_truth_new.npy, tolerance=N pairs the i-th query with the i-th reference ±N",
-    "the CSV list; else frame index ±tolerance (17places: ±15 by default)",
+    "the CSV list; else frame index ±tolerance (17places: ±15 by default); else, for two synchronised "
+    "traversals (file names that pair up), the same file name (exact frame, as Nordland's places=P protocol)",
 )
 def _vpr_bench():
     def detect(path: Path) -> bool:
@@ -158,6 +167,10 @@ def _vpr_bench():
             description = f"query i ↔ reference i ±{tolerance} (index-aligned)"
         elif (path / VPR_BENCH_PICKLE).is_file():
             raise _unpickled_npy_error(path / VPR_BENCH_PICKLE)
+        elif shared_name_fraction(q, db) >= MIN_SHARED_NAME_FRACTION:
+            # Two synchronised traversals whose frames share names: the same name is the same place.
+            gt = GroundTruth.from_frames(q, db, tolerance=0)
+            description = "synchronised traversals: same file name (exact frame)"
         else:
             gt = None
         return Dataset(path.name, path / "ref", db, path / "query", q, gt, description=description, layout="vpr-bench")
@@ -276,9 +289,7 @@ def _sequences():
         folders = _sequence_folders(path)
         if len(folders) < 2:
             return False
-        a, b = (set(list_images(f)) for f in folders[:2])
-        smaller = min(len(a), len(b))
-        return smaller > 0 and len(a & b) >= MIN_SHARED_NAME_FRACTION * smaller
+        return shared_name_fraction(list_images(folders[0]), list_images(folders[1])) >= MIN_SHARED_NAME_FRACTION
 
     def load(
         path: Path,

@@ -12,7 +12,8 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -24,18 +25,31 @@ from ..environment import recorded_environment
 from ..errors import ConfigError
 from ..evaluation import compare as cmp
 from ..evaluation.report import PeakMemory
+from ..evaluation.metrics import hit_matrix
 from ..evaluation.run import RECALL_NS, Rankings, write_run
 from ..images import FolderImages
+from ..io import atomic_write_text
 from ..presets import resolve
 from ..retrieval.sequence import SequenceSettings
 from . import sequences
 from .build import build_map
-from .localization import RERANK_OFF, RerankChoice, get_reranker, query_batches, rerank_settings, search
+from .localization import (
+    RERANK_OFF,
+    QueryResult,
+    RerankChoice,
+    get_reranker,
+    query_batches,
+    rerank_settings,
+    search,
+)
 from .maintain import map_info
 from .models import resolve_config
 from .open import Map, open_map
+from .sequence_frames import offline_results
 
 logger = logging.getLogger(__name__)
+
+ESTIMATES_FILE = "estimates.jsonl"  # sequence mode: each query's estimate, one JSON line each
 
 
 def evaluate(
@@ -63,7 +77,8 @@ def evaluate(
     name / :class:`RerankConfig` (named or not).
     ``sequence_length`` ≥ 2 scores each query as the middle of a run of that many consecutive queries
     (:mod:`vprkit.retrieval.sequence`, straight lines at 1–3 rows per query) — for sequential datasets
-    only, whose queries and database are both traversals in route order; re-ranking is then not applied.
+    only, whose queries and database are both traversals in route order, paired frame by frame (any layout
+    whose names pair up); re-ranking is then not applied; each query's estimate is summarised (``estimates``).
     """
     ds = load_dataset(dataset, data_root=data_root) if isinstance(dataset, (str, os.PathLike)) else dataset
     if ds.ground_truth is None:
@@ -99,6 +114,7 @@ def evaluate(
         for key, msg in queries.rankings.failed.items():
             log(f"query not evaluated (counts as a failure): {msg}")
         summary = _summary(ds, config, settings, seq, queries, ns, no_positive, build_s, mem.peak_mb)
+        _add_estimates(summary, queries, ds, run_dir if out is not None else None)
         if out is not None:
             write_run(
                 run_dir,
@@ -126,6 +142,7 @@ class _QueryRun:
     k: int
     seconds: float = 0.0
     search_seconds: float = 0.0
+    results: list[QueryResult] = field(default_factory=list)  # sequence mode: each query with its estimate
 
     def __post_init__(self) -> None:
         self.rankings = Rankings(self.dataset.query_images, self.dataset.database_images, self.map.keys, self.k)
@@ -148,14 +165,49 @@ class _QueryRun:
         self.seconds = time.perf_counter() - t0
 
     def _score_sequences(self, described: dict[str, np.ndarray], seq: SequenceSettings) -> None:
+        """Every query scored as the middle of its run; each keeps its estimate (:mod:`.sequence_frames`)."""
         sequences.check_sequential_dataset(self.dataset, list(self.map.keys))
         ts = time.perf_counter()
         in_order = [k for k in self.dataset.query_images if k in described]  # unreadable ones stay failures
-        rows, scores = sequences.sequence_rankings(
-            self.map.store.read_global(), np.stack([described[k] for k in in_order]), seq, self.rankings.k
+        rows, scores, self.results = offline_results(
+            self.map, in_order, np.stack([described[k] for k in in_order]), seq, self.rankings.k
         )
         self.search_seconds += time.perf_counter() - ts
         self.rankings.add(in_order, rows, scores)
+
+
+def estimate_summary(results: Sequence[QueryResult], rankings: Rankings, ground_truth) -> dict[str, Any]:
+    """What the estimates of a run say against the ground truth: how many frames have a confidence, the share
+    judged unknown, and the share of accepted answers (not unknown) whose top-1 is right."""
+    correct = hit_matrix(rankings.ranked, ground_truth)[:, 0]
+    right = np.array([bool(correct[rankings.query_index[r.query]]) for r in results], bool)
+    estimates = [r.estimate for r in results]
+    confident = np.array([e is not None and e.confidence is not None for e in estimates], bool)
+    unknown = np.array([e is None or bool(e.unknown) for e in estimates], bool)
+    accepted = ~unknown
+    return {
+        "frames": len(results),
+        "with_confidence": int(confident.sum()),
+        "unknown_share": round(float(unknown.mean()), 4) if len(results) else None,
+        "accepted": int(accepted.sum()),
+        "accepted_correct_share": round(float(right[accepted].mean()), 4) if accepted.any() else None,
+        "correct_accepted_share": round(float(accepted[right].mean()), 4) if right.any() else None,
+    }
+
+
+def _add_estimates(summary: dict[str, Any], queries: _QueryRun, ds: Dataset, run_dir: Path | None) -> None:
+    """Sequence mode: the estimates' summary in ``summary`` and, with a run folder, each query's in a file."""
+    if queries.results:
+        summary["estimates"] = estimate_summary(queries.results, queries.rankings, ds.ground_truth)
+        if run_dir is not None:
+            summary["estimates"]["file"] = str(write_estimates(run_dir / ESTIMATES_FILE, queries.results))
+
+
+def write_estimates(path: Path, results: Sequence[QueryResult]) -> Path:
+    """One JSON line per query: its estimate (confidence, unknown, position or route position, evidence)."""
+    lines = [json.dumps({"query": r.query, "estimate": r.to_dict().get("estimate")}, default=str) for r in results]
+    atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
+    return path
 
 
 def _summary(

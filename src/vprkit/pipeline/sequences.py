@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import numpy as np
 
 from ..config import Config
+from ..datasets.adapters import MIN_SHARED_NAME_FRACTION, shared_name_fraction
 from ..datasets.poses import read_poses
 from ..errors import ConfigError, DatasetError
 from ..evaluation import loops as loop_eval
@@ -37,8 +38,9 @@ from ..retrieval.sequence import (
     top_k as sequence_top_k,
 )
 from .build import build_map
-from .localization import RERANK_OFF, QueryResult, checked_choice, localize, make_match, query_batches
+from .localization import RERANK_OFF, QueryResult, checked_choice, localize, query_batches
 from .open import Map, open_map
+from .sequence_frames import push_frame
 
 logger = logging.getLogger(__name__)
 
@@ -87,12 +89,18 @@ def sequence_rankings(
 
 
 def check_sequential_dataset(dataset: Any, map_keys: list[str]) -> None:
-    """Sequence matching needs queries and database that are both traversals in order; refuse otherwise."""
-    if getattr(dataset, "layout", "") != "sequences":
-        raise ConfigError(
-            f"--sequence-length needs a sequential dataset (queries and database both traversals in "
-            f"route order, e.g. nordland-64x32); {dataset.name} has the {dataset.layout or 'unknown'!r} layout"
-        )
+    """Sequence matching needs queries and database that are both traversals in route order, paired frame by
+    frame: a ``sequences`` layout (Nordland), or any layout whose query and database names pair up (a
+    ``ref/`` + ``query/`` folder of two synchronised traversals); refuse otherwise, saying which."""
+    layout = getattr(dataset, "layout", "") or "unknown"
+    if layout != "sequences":
+        paired = shared_name_fraction(dataset.query_images, dataset.database_images)
+        if paired < MIN_SHARED_NAME_FRACTION:
+            raise ConfigError(
+                f"--sequence-length needs two synchronised traversals (queries and database both in route "
+                f"order, frames named alike, e.g. nordland-64x32, or ref/ + query/ with the same file names); "
+                f"{dataset.name} ({layout!r} layout) pairs only {paired:.0%} of its query names with database names"
+            )
     check_route_order(dataset.query_images, what=f"{dataset.name} queries")
     check_route_order(map_keys, what=f"{dataset.name} map")
 
@@ -257,8 +265,9 @@ def localize_stream(
     one, each frame's scores are the best trajectory over the last ``sequence_length`` frames
     (:class:`~vprkit.retrieval.sequence.OnlineSequenceMatcher`); the map's rows must be in route
     order. Results before ``sequence_length`` frames have been seen carry fewer frames' evidence.
-    Sequence results name their ``score_kind`` and give each match's own cosine; they carry no
-    position estimate (``estimate`` is None).
+    Sequence results carry an estimate like single images (confidence, unknown, position or route position;
+    :mod:`vprkit.pipeline.sequence_frames`); each match's ``score`` is the mean cosine along its trajectory
+    (``score_kind`` ``sequence_mean_cosine``) and its ``cosine`` the frame's own.
     An unreadable frame gets a result with its ``error`` and leaves the sequence as it was.
     """
     settings = sequence_settings(sequence_length, sequence)
@@ -288,17 +297,8 @@ def localize_stream(
         t0 = time.perf_counter()
         for qb in query_batches(m, image_source(dict(chunk)), on_failure=failed.__setitem__):
             for key, g in zip(qb.keys, qb.global_descriptors):
-                cosines = map_globals @ g.astype(np.float32)
-                (rows,), (scores,) = sequence_top_k(matcher.push(cosines)[None], top_k)
-                done[key] = QueryResult(
-                    key,
-                    [
-                        make_match(m, int(i), float(v), settings.score_kind, float(cosines[i]), headings)
-                        for i, v in zip(rows, scores)
-                        if i >= 0
-                    ],
-                    time.perf_counter() - t0,
-                )
+                done[key] = push_frame(m, matcher, key, g, map_globals, top_k, headings)
+                done[key].seconds = time.perf_counter() - t0
                 t0 = time.perf_counter()
         for name in names:
             yield done.get(name) or QueryResult(name, [], 0.0, failed.get(name, "not localised"))

@@ -336,46 +336,221 @@ def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return rows, vals
 
 
+# ---- what a trajectory rests on ------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrajectoryEvidence:
+    """The evidence of the best trajectory ending at each of K ranked map rows (one entry per row).
+
+    ``mean_cosine``: the mean *raw* global cosine of the window's frames with the trajectory's rows (steps
+    on the map only) — what :data:`SCORE_KIND` reports: it reads like a single image's cosine (≈ 0.76 on
+    Nordland where the hub-corrected ranking score is ≈ 0.09). ``support``: the share of the window's
+    ``length`` frame slots whose own single-frame top-1 row lies within :data:`SUPPORT_TOLERANCE_ROWS` of
+    the trajectory (missing frames, before the stream has ``length`` of them, do not support): 1.0 when every
+    frame on its own already points along the path, ≈ 0 when the path is carried by no single frame.
+    ``frames``: frames in the window. ``paths``: K×length rows of each trajectory, oldest first (−1: no frame
+    or off the map).
+    """
+
+    mean_cosine: np.ndarray
+    support: np.ndarray
+    frames: int
+    paths: np.ndarray
+
+
+# A frame supports a trajectory when its own top-1 row is within one row of the trajectory's row for it:
+# whole-row velocities put the true place within a row of the line, and one row is Nordland's usual tolerance.
+SUPPORT_TOLERANCE_ROWS = 1
+NO_ROW = -1  # a path step with no frame (before the stream's first) or off the map
+
+
+def _line_paths(window: np.ndarray, neutral: np.ndarray, settings: SequenceSettings, ends: np.ndarray) -> np.ndarray:
+    """The best straight line ending at each row of ``ends`` (as :func:`line_scores` chooses it): K×L, oldest first."""
+    length, n = window.shape
+    back = np.arange(length)  # steps back from the newest frame
+    offsets = np.round(settings.velocities[:, None] * back[None, :]).astype(np.int64)  # V×L
+    rows = ends[None, :, None] - offsets[:, None, :]  # V×K×L
+    on_map = (rows >= 0) & (rows < n)
+    frame = length - 1 - back
+    values = np.where(on_map, window[frame[None, None, :], np.clip(rows, 0, n - 1)], neutral[frame][None, None, :])
+    best = values.sum(axis=-1, dtype=np.float32).argmax(axis=0)  # first best velocity, as max() keeps the first
+    k = np.arange(len(ends))
+    return np.where(on_map[best, k], rows[best, k], NO_ROW)[:, ::-1]
+
+
+def _flexible_paths(
+    window: np.ndarray, neutral: np.ndarray, settings: SequenceSettings, ends: np.ndarray
+) -> np.ndarray:
+    """The best flexible path ending at each row of ``ends`` (:func:`flexible_scores`' programme with back-pointers)."""
+    length, n = window.shape
+    steps = _whole_steps(settings)
+    penalty = (settings.turn_penalty * np.abs(steps[:, None] - steps[None, :])).astype(np.float32)
+    path = np.repeat(window[None, 0].astype(np.float32), len(steps), axis=0)  # S×N
+    came_from = np.full((length, len(steps), n), NO_ROW, np.int64)  # previous step's index, −1 = from off the map
+    cols = np.arange(n)
+    for i in range(1, length):
+        off_map = np.asarray(neutral[:i].sum(), np.float32)
+        arrived = np.empty_like(path)
+        for a, d in enumerate(steps):
+            candidates = path - penalty[a][:, None]
+            previous = candidates.argmax(axis=0)
+            arrived[a] = _shift_rows(candidates[previous, cols], int(d), off_map)
+            came_from[i, a] = _shift_rows(previous, int(d), np.asarray(NO_ROW))
+        path = arrived + window[i][None, :]
+    out = np.full((len(ends), length), NO_ROW, np.int64)
+    for k, end in enumerate(ends):
+        step, row = int(path[:, end].argmax()), int(end)
+        out[k, -1] = row
+        for i in range(length - 1, 0, -1):
+            before = int(came_from[i, step, row])
+            if before < 0:
+                break  # arrived from outside the map: the earlier steps are off it
+            row, step = row - int(steps[step]), before
+            out[k, i - 1] = row
+    return out
+
+
+# How to recover the path each trajectory scorer chose (a scorer registered without one has no evidence).
+TRAJECTORY_PATHS: dict[str, Callable[[np.ndarray, np.ndarray, SequenceSettings, np.ndarray], np.ndarray]] = {
+    "line": _line_paths,
+    "flexible": _flexible_paths,
+}
+
+
+def best_paths(window: np.ndarray, neutral: np.ndarray, settings: SequenceSettings, ends: np.ndarray) -> np.ndarray:
+    """Rows of the best trajectory ending at each of ``ends`` (K×L, oldest first, :data:`NO_ROW` off the map)
+    in the L×N window of (prepared) similarity rows whose step with no evidence is worth ``neutral`` (L)."""
+    finder = TRAJECTORY_PATHS.get(settings.trajectory)
+    if finder is None:
+        raise ConfigError(f"sequence trajectory {settings.trajectory!r} cannot say which path it chose")
+    return finder(np.asarray(window, np.float32), np.asarray(neutral, np.float32), settings, np.asarray(ends, np.int64))
+
+
+def trajectory_evidence(
+    paths: np.ndarray, raw: np.ndarray, present: np.ndarray, own_top1: np.ndarray
+) -> TrajectoryEvidence:
+    """:class:`TrajectoryEvidence` of ``paths`` (K×L) from the window's raw cosine rows (L×N), which of its slots
+    hold a frame (L) and each frame's own top-1 row (L)."""
+    paths = np.asarray(paths, np.int64)
+    length = paths.shape[1]
+    on = (paths >= 0) & np.asarray(present, bool)[None, :]
+    values = np.asarray(raw, np.float32)[np.arange(length)[None, :], np.clip(paths, 0, None)]
+    counted = on.sum(axis=1)
+    mean = np.where(counted > 0, np.where(on, values, 0.0).sum(axis=1) / np.maximum(counted, 1), np.nan)
+    near = np.abs(np.asarray(own_top1, np.int64)[None, :] - paths) <= SUPPORT_TOLERANCE_ROWS
+    support = (near & on).sum(axis=1) / float(length)
+    return TrajectoryEvidence(mean.astype(np.float32), support.astype(np.float32), int(np.sum(present)), paths)
+
+
+def _slots(
+    rows: np.ndarray, neutral: np.ndarray, raw: np.ndarray, idx: np.ndarray, own: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The window of queries ``idx`` (oldest first; out of range = no frame, worth ``own``, the scored query's
+    mean): prepared rows, neutral values, raw rows and which slots hold a frame."""
+    present = (idx >= 0) & (idx < len(rows))
+    safe = np.clip(idx, 0, len(rows) - 1)
+    window = np.where(present[:, None], rows[safe], own)
+    return window, np.where(present, neutral[safe], own), np.where(present[:, None], raw[safe], np.nan), present
+
+
+def sequence_evidence(
+    similarity: np.ndarray, settings: SequenceSettings, ranked: np.ndarray, progress: bool = False
+) -> list[TrajectoryEvidence]:
+    """Offline :class:`TrajectoryEvidence` of every query's ranked rows (Q×K, −1 padding), as
+    :func:`sequence_scores` chose the trajectories: ``anchor="end"`` the window ending at the query,
+    ``"centre"`` its past half and its future half (the future searched in reverse, as there)."""
+    raw = np.asarray(similarity, np.float32)
+    s, neutral = _prepare(raw, settings)
+    q, n = s.shape
+    top1 = raw.argmax(axis=1)
+    past = settings.length - 1 if settings.anchor == "end" else settings.length // 2
+    future = settings.length - 1 - past
+    out = []
+    queries = tqdm(range(q), desc="sequence evidence", unit="query") if progress else range(q)
+    for t in queries:
+        ends = np.asarray(ranked[t], np.int64)
+        ends = ends[ends >= 0]
+        idx = np.arange(t - past, t + 1)
+        window, neu, _, _ = _slots(s, neutral, raw, idx, neutral[t])
+        paths = best_paths(window, neu, settings, ends)
+        if future:
+            later = np.arange(t + future, t - 1, -1)  # the future half, oldest first in reversed time
+            window, neu, _, _ = _slots(s, neutral, raw, later, neutral[t])
+            mirrored = best_paths(window[:, ::-1], neu, settings, n - 1 - ends)[:, ::-1]
+            paths = np.concatenate([paths, np.where(mirrored >= 0, n - 1 - mirrored, NO_ROW)[:, 1:]], axis=1)
+        idx = np.arange(t - past, t + future + 1)
+        _, _, raw_window, present = _slots(s, neutral, raw, idx, neutral[t])
+        out.append(trajectory_evidence(paths, raw_window, present, top1[np.clip(idx, 0, q - 1)]))
+    return out
+
+
 class OnlineSequenceMatcher:
     """Sequence matching for a stream: feed one similarity row (1×N) per frame, get that frame's scores.
 
-    Keeps the last ``length`` (contrast-normalised) rows in a ring buffer; each :meth:`push` costs
-    O(length · N · velocities). :attr:`ready` says whether a full sequence has been seen.
+    Keeps the last ``length`` rows in a ring buffer, prepared (hub-corrected, contrast-normalised) and raw,
+    with each frame's own top-1 row; each :meth:`push` costs O(length · N · velocities), :meth:`evidence` says
+    what the trajectories of the ranked rows rest on. :attr:`ready` says whether a full sequence has been seen.
+    Memory: 2 · ``length`` rows of N float32 plus the running column mean (N float64).
     """
 
     def __init__(self, settings: SequenceSettings | None = None):
         self.settings = settings or SequenceSettings()
         if self.settings.anchor != "end":
             raise ConfigError("a stream has no future frames: online sequence matching needs anchor='end'")
-        self._rows: deque[np.ndarray] = deque(maxlen=self.settings.length)
-        self._running = RunningColumnMean()
         self._scorer = TRAJECTORIES.get(self.settings.trajectory)
-        self.seen = 0
+        self.reset()
 
     @property
     def ready(self) -> bool:
         return self.seen >= self.settings.length
 
+    @property
+    def rows(self) -> int | None:
+        """The number of map rows the history refers to (None before the first frame)."""
+        return None if not self._rows else int(self._rows[-1].shape[0])
+
     def reset(self) -> None:
-        """Forget the history (e.g. after the camera was moved)."""
-        self._rows.clear()
+        """Forget the history (e.g. after the camera was moved, or the map changed)."""
+        length = self.settings.length
+        self._rows: deque[np.ndarray] = deque(maxlen=length)
+        self._raw: deque[np.ndarray] = deque(maxlen=length)
+        self._top1: deque[int] = deque(maxlen=length)
         self._running = RunningColumnMean()
         self.seen = 0
 
     def push(self, similarity_row: np.ndarray) -> np.ndarray:
         """Add the newest frame's similarities to every map row; return its sequence scores (N,)."""
-        row, _ = _prepare(np.asarray(similarity_row, dtype=np.float32).reshape(1, -1), self.settings, self._running)
-        if self._rows and self._rows[-1].shape != row[0].shape:
-            raise ConfigError(f"similarity rows changed length ({self._rows[-1].shape[0]} → {row.shape[1]} map rows)")
+        raw = np.asarray(similarity_row, dtype=np.float32).reshape(1, -1)
+        if self._rows and self._rows[-1].shape[0] != raw.shape[1]:
+            raise ConfigError(f"similarity rows changed length ({self._rows[-1].shape[0]} → {raw.shape[1]} map rows)")
+        row, _ = _prepare(raw, self.settings, self._running)
         self._rows.append(row[0])
+        self._raw.append(raw[0])
+        self._top1.append(int(raw[0].argmax()))
         self.seen += 1
-        length = self.settings.length
-        current_mean = float(row[0].mean())
-        missing = length - len(self._rows)
+        window, neutral = self._window()
+        return self._scorer(window[None], neutral[None], self.settings)[0]
+
+    def _window(self) -> tuple[np.ndarray, np.ndarray]:
+        """The prepared rows oldest first, missing frames filled with the newest frame's mean (no evidence)."""
+        current_mean = float(self._rows[-1].mean())
+        missing = self.settings.length - len(self._rows)
         history = list(self._rows)
-        window = np.stack([np.full_like(row[0], current_mean)] * missing + history)[None]
-        neutral = np.array([[current_mean] * missing + [float(r.mean()) for r in history]], np.float32)
-        return self._scorer(window, neutral, self.settings)[0]
+        window = np.stack([np.full_like(history[-1], current_mean)] * missing + history)
+        neutral = np.array([current_mean] * missing + [float(r.mean()) for r in history], np.float32)
+        return window, neutral
+
+    def evidence(self, rows: np.ndarray) -> TrajectoryEvidence:
+        """What the best trajectory ending at each of ``rows`` (of the last push) rests on."""
+        if not self._rows:
+            raise ConfigError("no frame pushed yet: nothing to explain")
+        window, neutral = self._window()
+        paths = best_paths(window, neutral, self.settings, np.asarray(rows, np.int64).reshape(-1))
+        missing = self.settings.length - len(self._raw)
+        n = self._raw[-1].shape[0]
+        raw = np.concatenate([np.full((missing, n), np.nan, np.float32), np.stack(list(self._raw))])
+        present = np.arange(self.settings.length) >= missing
+        top1 = np.array([0] * missing + list(self._top1), np.int64)  # slots without a frame never count
+        return trajectory_evidence(paths, raw, present, top1)
 
 
 # ---- route order -------------------------------------------------------------------------------

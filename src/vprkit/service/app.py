@@ -3,7 +3,10 @@
 Routes (the OpenAPI schema at ``/openapi.json``, interactive docs at ``/docs``):
 
 - ``POST /localize`` — an image (multipart field ``image``, or the raw bytes as the body) → the top-K
-  places and the position estimate; query ``top_k``, ``rerank``.
+  places and the position estimate; query ``top_k``, ``rerank``. With ``stream=ID`` (and optionally
+  ``sequence_length=L``, default 10) the frame is localised together with the earlier frames of the
+  client's stream ``ID`` (sequence matching, :mod:`.sequences`); ``DELETE /streams/{id}`` (key required,
+  as every write) ends a stream, which otherwise expires after ``ServiceLimits.stream_ttl_s`` unused.
 - ``POST /places`` — an image and its pose → a new place, on disk before the answer.
 - ``GET /places?offset=&limit=`` (a page of places in row order), ``GET /places/{id}``,
   ``PATCH /places/{id}`` (pose), ``DELETE /places/{id}``.
@@ -57,6 +60,7 @@ from .stamp import RequestStamp, request_id, request_time
 from .forms import FormError, parse_multipart
 from .guard import API_KEY_HEADER, KEY_REQUIRED, RequestGuard, is_api_key
 from .limits import DEFAULT_LIMITS, ServiceLimits
+from .sequences import StreamTable, TooManyStreamsError, check_stream_id, localize_in_stream
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +74,7 @@ RAW_IMAGE_TYPES = ("image/", "application/octet-stream")
 POSE_FIELDS = ("easting", "northing", "lat", "lon", "heading", "timestamp")
 KEY_FIELD = "key"
 # What each upload route accepts; anything else is a 422 naming it (a typo must not pass silently).
-LOCALIZE_PARAMS = frozenset({"top_k", "rerank"})
+LOCALIZE_PARAMS = frozenset({"top_k", "rerank", "stream", "sequence_length"})
 LIST_PARAMS = frozenset({"offset", "limit"})
 # GET /places pages: a page of 1000 places is about 100 KB of JSON.
 DEFAULT_PAGE = 100
@@ -84,6 +88,7 @@ WINDOWS_ABSOLUTE = re.compile(r"^[A-Za-z]:[\\/]")
 ERROR_STATUS: dict[type[VPRKitError], int] = {
     UnknownPlaceError: 404,
     PlaceExistsError: 409,
+    TooManyStreamsError: 503,  # every stream slot is in use: retry later, or end a stream
     DecodeBusyError: 503,  # the decode budget stayed full: retry later (wins over ImageReadError by the MRO)
     MapDamagedError: 503,  # a map file damaged or not belonging: nothing trustworthy to answer from
     StorageFullError: 507,  # disk full or quota: nothing was kept
@@ -182,6 +187,16 @@ class EstimateOut(Open):
     unknown: bool | None = Field(None, description="true when the query looks like no place of the map")
 
 
+class StreamOut(BaseModel):
+    id: str
+    sequence_length: int = Field(description="frames a sequence spans")
+    frames: int = Field(description="frames of the stream localised so far, this one included")
+    window_frames: int = Field(description="frames this answer rests on (up to sequence_length)")
+    started: str | None = Field(
+        None, description="why this frame starts the stream anew: created, expired, sequence length changed, restarted"
+    )
+
+
 class LocalizeOut(Open):
     query: str
     request_id: str | None = Field(None, description="this request's id (also the X-Request-ID header)")
@@ -190,6 +205,7 @@ class LocalizeOut(Open):
     matches: list[MatchOut] = Field(description="best first")
     estimate: EstimateOut | None = None
     error: str | None = None
+    stream: StreamOut | None = Field(None, description="with stream=ID: the stream this frame was localised in")
 
 
 class PlaceOut(BaseModel):
@@ -363,10 +379,12 @@ def create_app(
     title: str = "vprkit live localiser",
     limits: ServiceLimits = DEFAULT_LIMITS,
     reopen: Callable[[], LiveMap] | None = None,
+    stream_clock: Callable[[], float] = time.monotonic,
 ) -> FastAPI:
     """The FastAPI app serving ``live`` (one loaded model and map). ``api_key``: required for writes when given;
     ``limits``: the request limits of :mod:`.limits` (the connection limits are the server's, see :mod:`.server`);
-    ``reopen``: how ``POST /admin/reload`` opens the folder again (default: ``LiveMap.open(live.dir)``)."""
+    ``reopen``: how ``POST /admin/reload`` opens the folder again (default: ``LiveMap.open(live.dir)``);
+    ``stream_clock``: the seconds streams expire by (monotonic; tests pass a fake one)."""
     live = live if isinstance(live, ServedMap) else ServedMap(live, reopen)
     if max_upload_bytes < 1:
         raise ConfigError(f"max_upload_bytes must be positive, got {max_upload_bytes}")
@@ -383,7 +401,10 @@ def create_app(
     app.add_middleware(RequestGuard, api_key=api_key, limits=limits, max_upload_bytes=max_upload_bytes)
     app.add_middleware(RequestStamp)  # outermost: the guard's own answers (401, 413, 503) carry the id too
     _add_status_routes(app, live, api_key, started=time.time())
-    _add_localize_route(app, live, max_upload_bytes)
+    streams = StreamTable(limits, clock=stream_clock)
+    app.state.streams = streams
+    _add_localize_route(app, live, max_upload_bytes, streams)
+    _add_stream_routes(app, streams, _key_check(api_key))
     _add_place_routes(app, live, max_upload_bytes, _key_check(api_key))
     _add_admin_routes(app, live, _key_check(api_key))
     return app
@@ -467,7 +488,7 @@ def _add_admin_routes(app: FastAPI, served: ServedMap, require_key: Callable[...
         return await run_in_threadpool(served.reload)
 
 
-def _add_localize_route(app: FastAPI, live: LiveMap, max_upload_bytes: int) -> None:
+def _add_localize_route(app: FastAPI, live: LiveMap, max_upload_bytes: int, streams: StreamTable) -> None:
     """``POST /localize``: the upload is read on the event loop, parsing, decoding and search run in the threadpool."""
     rerank_names = {c.name for c in list_rerank_configs()}
     known = ", ".join(sorted(rerank_names))
@@ -477,7 +498,7 @@ def _add_localize_route(app: FastAPI, live: LiveMap, max_upload_bytes: int) -> N
         response_model=LocalizeOut,
         responses={**_ERRORS, 503: {"model": ErrorOut}},
         openapi_extra=_UPLOAD_BODY,
-        summary="Localise one image: the top-K places and the position estimate",
+        summary="Localise one image (or the next frame of a stream): the top-K places and the position estimate",
     )
     async def localize(
         request: Request,
@@ -485,25 +506,55 @@ def _add_localize_route(app: FastAPI, live: LiveMap, max_upload_bytes: int) -> N
         rerank: str | None = Query(
             None, description=f"re-ranking preset: {known}, or none; default: the re-ranking the map was built for"
         ),
+        stream: str | None = Query(
+            None, description="your stream's id: the frame is localised with that stream's earlier frames"
+        ),
+        sequence_length: int | None = Query(None, description="frames a stream's sequence spans (default 10)"),
     ) -> JSONResponse:
         _unknown(request.query_params.keys(), LOCALIZE_PARAMS, "query parameter")
         if rerank is not None and rerank != "none" and rerank not in rerank_names:
             raise HTTPException(422, f"unknown re-ranking preset {rerank!r}; known: {known}")
+        if stream is None and sequence_length is not None:
+            raise HTTPException(422, "sequence_length applies to a stream: add stream=ID")
+        if stream is not None:
+            if rerank not in (None, "none"):
+                raise HTTPException(422, "re-ranking and sequence matching (stream) are not combined; choose one")
+            streams.settings(sequence_length)  # a bad id or length is a 422 before the upload is read
+            check_stream_id(stream)
         body = await read_upload(request, max_upload_bytes)
         content_type = request.headers.get("content-type", "")
 
         def work() -> dict[str, Any]:
             data, name, _ = unpack_upload(body, content_type, frozenset())
             picture = live.decode(data, name)
-            result = live.localize({name: picture}, top_k=top_k, rerank=rerank)[0]
-            if result.error is not None:
-                raise ImageReadError(result.error)
-            out = result.to_dict()
+            if stream is not None:
+                out = localize_in_stream(streams, live, stream, sequence_length, name, picture, top_k)
+            else:
+                result = live.localize({name: picture}, top_k=top_k, rerank=rerank)[0]
+                if result.error is not None:
+                    raise ImageReadError(result.error)
+                out = result.to_dict()
             for match in out.get("matches", []):
                 match.setdefault("id", match.get("image"))
             return {**out, "request_id": request_id(request.scope), "server_time": request_time(request.scope)}
 
         return JSONResponse(await run_in_threadpool(work))
+
+
+def _add_stream_routes(app: FastAPI, streams: StreamTable, require_key: Callable[..., None]) -> None:
+    """``DELETE /streams/{id}``: end a stream now (it would otherwise expire after ``stream_ttl_s`` unused)."""
+
+    @app.delete(
+        "/streams/{stream_id}",
+        responses=_ERRORS,
+        dependencies=[Depends(require_key)],
+        summary="End a stream (its next frame starts a new one)",
+    )
+    def end_stream(stream_id: str) -> dict[str, Any]:
+        check_stream_id(stream_id)
+        if not streams.end(stream_id):
+            raise HTTPException(404, f"no stream {stream_id!r} (never started, ended or expired)")
+        return {"ended": stream_id, "streams": len(streams)}
 
 
 def _add_place_routes(app: FastAPI, live: LiveMap, max_upload_bytes: int, require_key: Callable[..., None]) -> None:

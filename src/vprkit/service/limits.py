@@ -44,6 +44,16 @@ without doing useful work (a socket, a half-sent request, a queued model request
   and the largest body of any request that is not an upload; larger: 413 before it is read.
 - ``retry_after_s`` = 1: the ``Retry-After`` of a 503.
 
+**Streams** (:mod:`.sequences`, the sequence mode of ``POST /localize?stream=ID``):
+
+- ``max_streams`` = 32: client streams held at once. Each holds its sequence window, ``(2·4·L + 8)·N`` bytes
+  for L frames and N places (L = 10 on a 10 000-place map: 0.9 MB; 32 such streams: 29 MB); a new stream
+  beyond the cap is a 503 with ``Retry-After`` (streams in use are never evicted by a newcomer).
+- ``stream_ttl_s`` = 300 s: a stream unused this long is forgotten (a robot paused for five minutes has
+  moved; its next frame starts a new window). Streams expire as other requests arrive.
+- ``max_sequence_length`` = 50 frames: the longest window a stream may ask for (``sequence_length``); it
+  bounds a stream's memory (worst case 50 frames on 100 000 places: 40 MB) and its cost per frame.
+
 Uploads keep their own limit (``max_upload_bytes``, 20 MiB by default; 413). Raw bodies being received
 are bounded by ``max_connections × max_upload_bytes`` in all and ``max_connections_per_client ×
 max_upload_bytes`` per address.
@@ -75,6 +85,9 @@ class ServiceLimits:
     max_model_requests: int = 16
     max_json_bytes: int = 64 * KIB
     retry_after_s: int = 1
+    max_streams: int = 32
+    stream_ttl_s: float = 300.0
+    max_sequence_length: int = 50
 
     def __post_init__(self) -> None:
         for field in fields(self):
