@@ -35,9 +35,14 @@ Options, each measured in ``benchmarks/bench_sequence.py``:
 
 Steps of a trajectory that fall outside the map, or before the first query, count as the query's
 *mean* similarity (no evidence either way), so that short lines at the map's ends are not favoured.
-Scores are "higher is better": the mean cosine similarity along the trajectory
-(:data:`SCORE_KIND`), or the mean local z-score with contrast normalisation
-(:data:`CONTRAST_SCORE_KIND`).
+Scores are "higher is better": the mean along the trajectory of the *prepared* similarity — with the
+default hub correction, each cosine minus its map row's running mean over the queries (≈ 0.09 where the
+raw cosine is ≈ 0.76 on Nordland), or the mean local z-score with contrast normalisation
+(:data:`CONTRAST_SCORE_KIND`). They rank; what an answer reports as ``sequence_mean_cosine``
+(:data:`SCORE_KIND`) is :attr:`TrajectoryEvidence.mean_cosine`, the mean *raw* cosine of the window's
+frames along the winning trajectory, with the trajectory's *support* (the share of the window's frames whose
+own top-1 row lies on it, :func:`trajectory_evidence`): the sequence consistency the estimate's confidence
+may use (:mod:`vprkit.pipeline.sequence_frames`).
 
 Everything is vectorised over map rows (and over queries, in chunks); Python loops run over the
 sequence length and the velocities only. :class:`OnlineSequenceMatcher` keeps a ring buffer of the
