@@ -13,12 +13,15 @@ keeps the state fitted on first use (and the patches computed since) in the map.
 from .base import Reranker
 from .extension import PatchesExtension
 from .fusion import fuse_scales, fuse_with_global, rank_shortlist, within_global_gap
+from .local_features import LOCAL_FEATURES, LocalFeaturePipeline, LocalFeatures, make_local_features
 from .matching import Matches, mutual_nn, mutual_nn_grouped
 from .options import RerankOptions
 from .patches import PatchProjection, PatchScale, direct_patch_vlad, integral_patch_vlad
 from .reranker import PairResult, PatchReranker, ScoreRecord, make_reranker, score_pair
 from .saved import SavedState
 from .scoring import SCORERS, PatchSet, SpatialScore, rapid_spatial_score, ransac_score
+from .two_view import Intrinsics, TwoViewOptions, TwoViewResult, two_view
+from .verification import CandidateCheck, LocalFeatureReranker, Verification, Verifier
 
 __all__ = [
     "Reranker",
@@ -46,4 +49,16 @@ __all__ = [
     "rapid_spatial_score",
     "ransac_score",
     "SavedState",
+    "LOCAL_FEATURES",
+    "LocalFeaturePipeline",
+    "LocalFeatures",
+    "make_local_features",
+    "Intrinsics",
+    "TwoViewOptions",
+    "TwoViewResult",
+    "two_view",
+    "CandidateCheck",
+    "LocalFeatureReranker",
+    "Verification",
+    "Verifier",
 ]
