@@ -38,6 +38,7 @@ A preset whose cascade picks candidates by a fast spatial scorer (``prescorer``,
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -147,6 +148,18 @@ def save_record(path: Path, record: list, m) -> None:
     )
 
 
+def load_recording(path: Path) -> dict[str, np.ndarray]:
+    """A recording's arrays, read and decompressed once per file version (a grid of replays,
+    ``bench_rerank_lodo.py``, re-fuses one recording hundreds of times)."""
+    return _load_recording(Path(path), Path(path).stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_recording(path: Path, mtime_ns: int) -> dict[str, np.ndarray]:
+    with np.load(path) as data:
+        return {key: data[key] for key in data.files}
+
+
 def replay(
     path: Path, settings, guard: dict | None = None, n_rows: int | None = None, first_path: Path | None = None
 ) -> np.ndarray:
@@ -163,7 +176,7 @@ def replay(
     patches by that scorer: its scores pick the candidates to verify and stand for the others.
     A preset's ``fine_budget`` is not replayed: a recording holds every candidate's finest scale, and
     the replay uses them all (live, only the candidates within the budget are matched there)."""
-    data = np.load(path)
+    data = load_recording(path)
     first = None
     if settings.verify is not None and settings.prescorer is not None:
         if first_path is None or not first_path.exists():
@@ -171,7 +184,7 @@ def replay(
                 f"replaying {settings.name} needs a recording by its prescorer {settings.prescorer!r} "
                 f"({first_path}); record a preset with scorer = {settings.prescorer!r} and the same patches"
             )
-        first = np.load(first_path)
+        first = load_recording(first_path)
         if not np.array_equal(first["heads"], data["heads"]):
             raise ValueError(f"{first_path.name} and {path.name} recorded different shortlists")
         first = first["spatial"]

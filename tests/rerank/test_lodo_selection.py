@@ -48,6 +48,22 @@ def test_another_sets_score_does_change_the_choice():
     assert choice["A"] == choice["B"] == choice["D"] == "bold"
 
 
+def test_groups_hold_out_the_whole_dataset():
+    # A and B are one dataset (say a set and its rotated copy), C and D another: holding out A also hides
+    # B, so A's choice is made on C and D alone — where bold loses on C
+    groups = {"A": "one", "B": "one", "C": "two", "D": "two"}
+    choice = leave_one_out_choice(TABLE, worst_then_mean, groups)
+    assert choice == {"A": "safe", "B": "safe", "C": "bold", "D": "bold"}
+    # changing anything in A's group leaves A's (and B's) choice alone
+    changed = {s: dict(row) for s, row in TABLE.items()}
+    changed["B"]["off"] = 5.0
+    assert leave_one_out_choice(changed, worst_then_mean, groups)["A"] == "safe"
+    with pytest.raises(ConfigError, match="leaves no set"):
+        leave_one_out_choice(TABLE, worst_then_mean, dict.fromkeys(TABLE, "all"))
+    with pytest.raises(ConfigError, match="no group"):
+        leave_one_out_choice(TABLE, worst_then_mean, {"A": "one"})
+
+
 def test_floor_objective_accepts_a_small_loss_for_a_larger_mean():
     table = {
         "A": {"off": 0.0, "small-loss": 0.06},

@@ -86,11 +86,27 @@ def best_setting(
 
 
 def leave_one_out_choice(
-    scores: Mapping[Hashable, Mapping[Setting, float]], objective: Objective
+    scores: Mapping[Hashable, Mapping[Setting, float]],
+    objective: Objective,
+    groups: Mapping[Hashable, Hashable] | None = None,
 ) -> dict[Hashable, Setting]:
-    """For each set, the setting ``objective`` prefers on all the *other* sets (its own score unseen)."""
+    """For each set, the setting ``objective`` prefers on all the *other* sets (its own score unseen).
+
+    ``groups`` (set → group, e.g. the dataset a transformed query set was made from): hold out the
+    held-out set's whole group, so that sets sharing its map and its queries do not vote for it either
+    — leave-one-*dataset*-out. ``None``: each set is its own group."""
     _settings(scores)
-    return {held: best_setting(scores, objective, [s for s in scores if s != held]) for held in scores}
+    group = {s: s for s in scores} if groups is None else dict(groups)
+    missing = [s for s in scores if s not in group]
+    if missing:
+        raise ConfigError(f"groups has no group for sets {missing}")
+    choice = {}
+    for held in scores:
+        training = [s for s in scores if group[s] != group[held]]
+        if not training:
+            raise ConfigError(f"holding out {held!r}'s group {group[held]!r} leaves no set to choose on")
+        choice[held] = best_setting(scores, objective, training)
+    return choice
 
 
 def most_chosen(
