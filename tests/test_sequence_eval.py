@@ -40,13 +40,14 @@ def test_eval_with_a_sequence_length_takes_a_ref_query_folder_of_two_traversals(
     summary = json.loads((out / "summary.json").read_text())
     assert summary["counts"]["queries"] == FRAMES and summary["recall"]["R@5"] >= 0.9
     estimates = summary["estimates"]
-    assert estimates["frames"] == FRAMES and estimates["with_confidence"] == FRAMES
-    assert "estimates:" in r.output and f"{FRAMES}/{FRAMES} with a confidence" in r.output
+    assert estimates["frames"] == FRAMES and estimates["with_confidence"] + estimates["undecided"] >= FRAMES
+    assert "estimates:" in r.output and f"/{FRAMES} with a confidence" in r.output
     lines = [json.loads(x) for x in (out / "estimates.jsonl").read_text().splitlines()]
     assert [x["query"] for x in lines] == [f"{i:04d}.jpg" for i in range(FRAMES)]
     for x in lines:
         est = x["estimate"]
-        assert est["confidence"] is not None and isinstance(est["unknown"], bool)
+        assert "confidence" in est and est["unknown"] in (True, False, None)
+        assert est["confidence"] is not None or est["unknown"] is None  # never "known" without a confidence
         assert est["route_position"] is not None and 0 <= est["evidence"]["sequence"]["support"] <= 1
 
 

@@ -79,7 +79,8 @@ def test_frames_of_a_stream_are_localised_together_with_an_estimate_each(served,
     assert bodies[0]["stream"]["started"] == "created" and all(b["stream"]["started"] is None for b in bodies[1:])
     for b in bodies:
         est = b["estimate"]
-        assert "confidence" in est and isinstance(est["unknown"], (bool, type(None)))
+        assert "confidence" in est and est["unknown"] in (True, False, None)
+        assert est["confidence"] is not None or est["unknown"] is None  # never "known" without a confidence
         assert est["evidence"]["sequence"]["length"] == LENGTH
         assert 0.0 <= est["evidence"]["sequence"]["support"] <= 1.0
         assert b["matches"][0]["score_kind"] == "sequence_mean_cosine" and -1 <= b["matches"][0]["score"] <= 1

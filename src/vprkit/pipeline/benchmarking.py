@@ -177,18 +177,20 @@ class _QueryRun:
 
 
 def estimate_summary(results: Sequence[QueryResult], rankings: Rankings, ground_truth) -> dict[str, Any]:
-    """What the estimates of a run say against the ground truth: how many frames have a confidence, the share
-    judged unknown, and the share of accepted answers (not unknown) whose top-1 is right."""
+    """What the estimates of a run say against the ground truth: how many queries have a confidence, the share
+    judged unknown, the share of accepted answers (``unknown`` false) whose top-1 is right and of right answers
+    accepted. A query whose estimate could not decide (``unknown`` None: nothing calibrated) is neither."""
     correct = hit_matrix(rankings.ranked, ground_truth)[:, 0]
     right = np.array([bool(correct[rankings.query_index[r.query]]) for r in results], bool)
     estimates = [r.estimate for r in results]
     confident = np.array([e is not None and e.confidence is not None for e in estimates], bool)
-    unknown = np.array([e is None or bool(e.unknown) for e in estimates], bool)
-    accepted = ~unknown
+    unknown = np.array([e is not None and e.unknown is True for e in estimates], bool)
+    accepted = np.array([e is not None and e.unknown is False for e in estimates], bool)
     return {
         "frames": len(results),
         "with_confidence": int(confident.sum()),
         "unknown_share": round(float(unknown.mean()), 4) if len(results) else None,
+        "undecided": int((~unknown & ~accepted).sum()),
         "accepted": int(accepted.sum()),
         "accepted_correct_share": round(float(right[accepted].mean()), 4) if accepted.any() else None,
         "correct_accepted_share": round(float(accepted[right].mean()), 4) if right.any() else None,

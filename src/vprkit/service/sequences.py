@@ -14,7 +14,8 @@ is a 503 (``DELETE /streams/{id}`` ends one at once). A stream whose map changed
 place added, removed or moved, or ``POST /admin/reload``) restarts: rows of two maps are never mixed.
 
 Stream ids are the client's: anyone who knows one can send frames into that stream, so clients should use
-unguessable ids (a UUID). Frames of one stream are localised one at a time, in the order they arrive.
+unguessable ids (a UUID). A stream's frames are matched one at a time; send each after the previous answer
+(frames of one stream sent at once are matched in the order their descriptors are ready).
 """
 
 from __future__ import annotations
