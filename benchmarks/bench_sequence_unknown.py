@@ -1,16 +1,17 @@
 """Issue 27 item 4 targets: sequence-mode answers carry an estimate, and it says "unknown" off the map.
 
-    .venv/bin/python benchmarks/bench_sequence_unknown.py [--frames 300] [--start 1000] [--length 10]
+    .venv/bin/python benchmarks/bench_sequence_unknown.py [--frames 300] [--start 1000] [--length 10] [--single]
 
 1. **Foreign stream.** A Corridor map (default preset, its 111 reference frames) and a stream of ``--frames``
    consecutive Nordland winter frames (from file ``--start`` of ``nordland-64x32/winter``) through
    ``pipeline.sequences.localize_stream`` with ``--sequence-length`` L — what ``vprkit localize --frames
    --sequence-length`` prints. Reported: the share of frames with a confidence (target: all) and the share
-   judged unknown (target ≥ 0.95); the same frames one by one (no sequence) for reference.
+   judged unknown (target ≥ 0.95); with ``--single``, the same frames one by one (no sequence) for reference.
 2. **Nordland-600 with sequences.** Winter queries vs the summer map (every 4th file, exact frame, 224×112,
    default preset), ``pipeline.evaluate(sequence_length=L)`` (offline, centre-anchored): R@1, the share of
    queries judged unknown, the share of accepted answers that are right (target ≥ 0.90) and of right
-   answers that are accepted.
+   answers that are accepted, and the ROC AUC (right vs wrong top-1) of the confidence and of the sequence
+   support alone.
 
 The numbers depend on the confidence of :func:`vprkit.pipeline.localization.estimate_for`. Maps are cached
 under ``benchmarks/results/cache/sequence_unknown/`` (not committed); the table goes to
@@ -20,7 +21,10 @@ under ``benchmarks/results/cache/sequence_unknown/`` (not committed); the table 
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -34,7 +38,19 @@ CACHE = RESULTS / "cache" / "sequence_unknown"
 TARGET_UNKNOWN = 0.95
 TARGET_ACCEPTED_RIGHT = 0.90
 TOP_K = 10
-COLUMNS = ["case", "mode", "frames", "with_confidence", "unknown", "R@1", "accepted", "accepted_right", "s"]
+COLUMNS = [
+    "case",
+    "mode",
+    "frames",
+    "with_confidence",
+    "unknown",
+    "R@1",
+    "accepted",
+    "accepted_right",
+    "AUC conf r/w",
+    "AUC support r/w",
+    "s",
+]
 
 
 def corridor_map():
@@ -65,11 +81,33 @@ def foreign_stream(m, start: int, frames: int, length: int | None) -> dict:
     }
 
 
+def auc(scores: np.ndarray, right: np.ndarray) -> float | None:
+    """ROC AUC of ``scores`` for right vs wrong answers (Mann–Whitney, ties half); None without both kinds."""
+    pos, neg = scores[right], scores[~right]
+    if not len(pos) or not len(neg):
+        return None
+    greater = (pos[:, None] > neg[None, :]).mean()
+    ties = (pos[:, None] == neg[None, :]).mean()
+    return round(float(greater + ties / 2), 4)
+
+
+def right_vs_wrong(run: Path) -> dict:
+    """AUC of the confidence and of the sequence support for right vs wrong top-1, from a run's files."""
+    with open(run / "per_query.csv", encoding="utf-8") as f:
+        right_of = {r["query"]: r["correct"] == "True" for r in csv.DictReader(f)}
+    lines = [json.loads(x) for x in (run / "estimates.jsonl").read_text().splitlines()]
+    right = np.array([right_of[x["query"]] for x in lines], bool)
+    conf = np.array([np.nan if x["estimate"]["confidence"] is None else x["estimate"]["confidence"] for x in lines])
+    support = np.array([x["estimate"]["evidence"]["sequence"]["support"] for x in lines], np.float64)
+    return {"AUC conf r/w": auc(np.nan_to_num(conf, nan=-1.0), right), "AUC support r/w": auc(support, right)}
+
+
 def nordland_600(length: int) -> dict:
     """Nordland-600 winter vs summer, sequence length ``length``: recall and the estimates against the truth."""
     t0 = time.perf_counter()
     config = resolve(None, image_size=NORDLAND_SIZE)
-    summary = pipeline.evaluate(NORDLAND_600, config, out=CACHE / "nordland600", sequence_length=length, progress=False)
+    run = CACHE / "nordland600"
+    summary = pipeline.evaluate(NORDLAND_600, config, out=run, sequence_length=length, progress=False)
     e = summary["estimates"]
     return {
         "case": "nordland-600 winter → summer",
@@ -81,6 +119,7 @@ def nordland_600(length: int) -> dict:
         "accepted": e["accepted"],
         "accepted_right": e["accepted_correct_share"],
         "right_accepted": e["correct_accepted_share"],
+        **right_vs_wrong(run),
         "s": round(time.perf_counter() - t0, 1),
     }
 
@@ -90,13 +129,15 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=300, help="consecutive Nordland winter frames to stream")
     parser.add_argument("--start", type=int, default=1000, help="the first of them (file index)")
     parser.add_argument("--length", type=int, default=10, help="sequence length")
+    parser.add_argument("--single", action="store_true", help="also stream the frames one by one (reference)")
     args = parser.parse_args()
     setup()
     CACHE.mkdir(parents=True, exist_ok=True)
     m = corridor_map()
-    rows = [foreign_stream(m, args.start, args.frames, None), foreign_stream(m, args.start, args.frames, args.length)]
-    rows.append(nordland_600(args.length))
-    seq, n600 = rows[1], rows[2]
+    rows = [foreign_stream(m, args.start, args.frames, None)] if args.single else []
+    seq = foreign_stream(m, args.start, args.frames, args.length)
+    n600 = nordland_600(args.length)
+    rows += [seq, n600]
     verdict = {
         "foreign_stream_all_have_confidence": seq["with_confidence"] == seq["frames"],
         "foreign_stream_unknown_share": seq["unknown"],
