@@ -115,7 +115,7 @@ def test_streams_are_capped_expire_and_bad_requests_are_422(served, corridor_dir
         client.delete(f"/streams/{stream}", headers={"X-API-Key": API_KEY})
 
 
-def test_a_stream_restarts_when_the_map_changes(served, corridor_dir):
+def test_a_stream_restarts_when_the_map_changes_or_is_reloaded(served, corridor_dir):
     client, _ = served
     for i in range(3):
         assert _frame(client, corridor_dir, i, "moving").status_code == 200
@@ -132,4 +132,7 @@ def test_a_stream_restarts_when_the_map_changes(served, corridor_dir):
     assert body["stream"]["started"].startswith("restarted: the map changed") and body["stream"]["frames"] == 1
     assert client.get("/health").json()["places"] == MAP_IMAGES + 1
     assert _frame(client, corridor_dir, 4, "moving").json()["stream"]["frames"] == 2
+    assert client.post("/admin/reload", headers={"X-API-Key": API_KEY}).status_code == 200  # a new map object
+    reloaded = _frame(client, corridor_dir, 5, "moving").json()["stream"]
+    assert reloaded["started"].startswith("restarted") and reloaded["frames"] == 1
     client.delete("/streams/moving", headers={"X-API-Key": API_KEY})
