@@ -126,12 +126,62 @@ def test_heading_is_the_circular_mean():
 def test_unknown_is_monotone_in_the_score():
     cal = _cal(threshold=0.1)
     evidence = np.linspace(0.3, 0.9, 61)
-    conf = cal.confidence(evidence)
+    conf = cal.confidence(evidence)  # the environment CDF, reported beside the confidence
     assert np.all(np.diff(conf) >= 0) and conf[0] == pytest.approx(0.0, abs=1e-9) and conf[-1] == pytest.approx(1.0)
-    unknown = [estimate(np.array([0]), np.array([v]), None, None, cal, sequence=np.arange(5)).unknown for v in evidence]
+    results = [estimate(np.array([0]), np.array([v]), None, None, cal, sequence=np.arange(5)) for v in evidence]
+    probability = np.array([e.confidence for e in results])
+    assert np.all(np.diff(probability) > 0)
+    unknown = [e.unknown for e in results]
     first_known = unknown.index(False)
     assert all(unknown[:first_known]) and not any(unknown[first_known:])
-    assert 0.5 < evidence[first_known] < 0.7
+    # one match, no rival place seen: only top1_z speaks; the crossing is where the logistic model reaches 0.1
+    model = est.CONFIDENCE_MODELS.get("global")
+    median, spread = cal.scale("top1")
+    crossing = median + spread * (np.log(0.1 / 0.9) - model.bias) / model.weights["top1_z"]
+    assert evidence[first_known - 1] < crossing <= evidence[first_known]
+
+
+def test_place_margin_is_a_ratio_test_over_places_not_rows():
+    seq = np.arange(100)
+    rows = np.array([50, 51, 49, 80, 10])  # the answer's two route neighbours are its own place
+    cos = np.array([0.9, 0.88, 0.87, 0.7, 0.6])
+    assert est.place_margin(rows, cos, seq, None, window=2, radius_m=0.0) == pytest.approx(0.2)
+    assert est.place_margin(rows[:3], cos[:3], seq, None, window=2, radius_m=0.0) is None  # no other place seen
+    poses = np.c_[np.arange(100) * 3.0, np.zeros(100)]  # 3 m apart: with a 5 m radius, row 51 and 49 are the place
+    assert est.place_margin(rows, cos, seq, poses, window=0, radius_m=5.0) == pytest.approx(0.2)
+    assert est.place_margin(rows, cos, seq, poses, window=0, radius_m=1.0) == pytest.approx(0.02)
+
+
+def test_the_place_radius_follows_the_route_not_a_fixed_25_m():
+    seq = np.arange(40)
+    office = np.c_[np.cos(np.arange(40) / 40 * 2 * np.pi), np.sin(np.arange(40) / 40 * 2 * np.pi)] * 3.5  # a 22 m loop
+    step = np.linalg.norm(office[5] - office[0])
+    assert est.route_radius(office, seq, 5) == pytest.approx(step)
+    assert est.route_radius(None, seq, 5) == est.DEFAULT_RADIUS_M
+
+
+def test_a_map_too_small_to_calibrate_says_unknown_null_with_the_reason():
+    m = _equicorrelated(3, 0.4)
+    cal = fit_calibration(_brute_search(m), lambda r: m[r], ["a", "b", "c"], window=3)
+    assert not cal.usable
+    e = estimate(np.array([0]), np.array([0.9]), None, None, cal, sequence=np.arange(3))
+    assert e.confidence is None and e.unknown is None and "too small" in e.evidence["unknown_reason"]
+    assert e.to_dict()["unknown"] is None
+
+
+def test_a_small_office_loop_with_poses_has_a_confidence():
+    """The issue's case: poses spanning 22 m had no place but the whole map; the radius now follows the route."""
+    rng = np.random.default_rng(0)
+    m = (rng.normal(size=(40, DIM)) + np.cumsum(rng.normal(size=(40, DIM)) * 0.3, 0)).astype(np.float32)
+    m /= np.linalg.norm(m, axis=1, keepdims=True)
+    angle = np.arange(40) / 40 * 2 * np.pi
+    poses = np.c_[np.cos(angle), np.sin(angle)] * 3.5
+    keys = [f"f{i:02d}" for i in range(40)]
+    cal = fit_calibration(_brute_search(m), lambda r: m[r], keys, poses)
+    assert cal.usable and cal.radius_m < 5 and cal.impostor_margin.size > 0
+    rows, cos = _brute_search(m)(m[[7]], cal.search_depth())
+    e = estimate(rows[0], cos[0], poses, None, cal, sequence=np.arange(40), evidence=cos[0], evidence_rows=rows[0])
+    assert e.confidence is not None and e.confidence > 0.9 and e.unknown is False  # a map image queried with itself
 
 
 def test_persisted_calibration_is_reused_and_refitted_when_stale(tmp_path, monkeypatch):
@@ -204,7 +254,7 @@ class _ReversingReranker(Reranker):
         return rows, np.tile(np.linspace(1.5, -1.5, rows.shape[1]), (len(rows), 1))
 
 
-def test_confidence_is_the_same_after_re_ranking_and_scores_say_what_they_are(
+def test_confidence_judges_the_final_answer_in_every_mode_and_scores_say_what_they_are(
     estimate_map, shared_datasets, monkeypatch
 ):
     m = pipeline.open_map(estimate_map, read_only=True)
@@ -215,7 +265,10 @@ def test_confidence_is_the_same_after_re_ranking_and_scores_say_what_they_are(
     assert [x.row for x in reranked[0].matches] != [x.row for x in plain[0].matches]
     for a, b in zip(plain, reranked):
         assert b.matches[0].score_kind == "fused_zscore" and a.matches[0].score_kind == "cosine"
-        assert b.estimate.confidence == pytest.approx(a.estimate.confidence, abs=1e-6)  # global evidence, any mode
+        # the confidence is about the answer given: the re-ranked top-1 (the global 5th) is judged on its own cosine
+        assert b.estimate.evidence["top1_cosine"] == pytest.approx(b.matches[0].cosine, abs=1e-5)
+        assert b.estimate.evidence["place_margin"] < a.estimate.evidence["place_margin"]
+        assert b.estimate.confidence < a.estimate.confidence
         global_cos = {x.row: x.score for x in a.matches}  # global mode: the score is the cosine
         shared = [x for x in b.matches if x.row in global_cos]
         assert shared and all(x.cosine == pytest.approx(global_cos[x.row], abs=1e-4) for x in shared)

@@ -266,6 +266,37 @@ def _calibration(m: Map):
     return cal
 
 
+def estimate_for(
+    m: Map,
+    rows: np.ndarray,
+    cosines: np.ndarray,
+    frame_cosines: np.ndarray,
+    sequence_support: float | None = None,
+) -> Estimate:
+    """The estimate of one query (or sequence frame) whose final ranking is ``rows``.
+
+    ``cosines``: the query's global cosine with each of ``rows``; ``frame_cosines``: its global cosine
+    with every map row (the evidence of its own place and of every other place); ``sequence_support``:
+    how consistently the frames before it agree with the ranking (sequence mode), None for a single image.
+    """
+    cal = _calibration(m)
+    frame_cosines = np.asarray(frame_cosines, np.float64).reshape(-1)
+    depth = min(cal.search_depth(), frame_cosines.size)
+    top = np.argpartition(-frame_cosines, depth - 1)[:depth] if depth else np.zeros(0, np.int64)
+    top = top[np.argsort(-frame_cosines[top], kind="stable")]
+    return estimate(
+        rows,
+        cosines,
+        m.poses,
+        m.data.headings,
+        cal,
+        evidence=frame_cosines[top],
+        sequence=cal.sequence,
+        evidence_rows=top,
+        sequence_support=sequence_support,
+    )
+
+
 def _localize_batches(
     m: Map, source: ImageSource, top_k: int, reranker, progress: bool, on_failure: Callable[[str, str], None] | None
 ) -> dict[str, QueryResult]:
@@ -280,9 +311,18 @@ def _localize_batches(
         q = qb.global_descriptors
         # the global cosine of every returned row, and the query's top global cosines: the mode-independent evidence
         cos = scores if kind == "cosine" else row_cosines(m.store.read_global, q, rows)
-        evidence = cos if kind == "cosine" and rows.shape[1] >= cal.k else m.index.search(q, cal.k)[1]
+        ev_rows, evidence = m.index.search(q, cal.search_depth())  # the answer's place and the best of another
         for i, key in enumerate(qb.keys):
-            est = estimate(rows[i], cos[i], m.poses, headings, cal, evidence=evidence[i], sequence=cal.sequence)
+            est = estimate(
+                rows[i],
+                cos[i],
+                m.poses,
+                headings,
+                cal,
+                evidence=evidence[i],
+                sequence=cal.sequence,
+                evidence_rows=ev_rows[i],
+            )
             matches = [
                 make_match(m, int(r), float(v), kind, float(c), headings)
                 for r, v, c in zip(rows[i], scores[i], cos[i])

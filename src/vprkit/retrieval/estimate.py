@@ -1,26 +1,27 @@
-"""An estimate a robot can act on: position, heading, spread, a calibrated confidence and "unknown place".
+"""An estimate a robot can act on: position, heading, spread, a confidence that the answer is right, and "unknown".
 
-Why a calibration and not a fixed threshold: raw cosines mean different things on different maps
-(a corridor's images are all alike — unrelated places score 0.7 — while Nordland's true matches
-score 0.5), so no single number separates "here" from "somewhere else". What the map itself does
-tell is how strongly a query *from this environment* matches it: for a seeded sample of map images,
-the mean of their top-``k`` cosines against map images of *other* places (outside the positive
-radius when the map has poses, outside a ±``window`` rows window of the sequence otherwise — maps
-are usually sequences). That is the evidence an image of this environment produces even when its
-own place is left out. A query from another environment (a railway frame in a corridor map) scores
-far below that distribution; a query of a mapped place scores within or above it.
+Why a calibration and not a fixed threshold: raw cosines mean different things on different maps (a
+corridor's images are all alike — unrelated places score 0.7 — while Nordland's true matches score
+0.5), so no single number separates "here" from "somewhere else". What the map itself tells, without a
+labelled query, is what a query *whose place is not in the map* scores: for a seeded sample of map
+images, leave the image's own place out (its ±``window`` route rows, or ``radius_m`` metres with poses)
+and record (1) the best cosine left — the **impostor top-1 cosine** — and (2) how far that best match
+stands above the best match at yet another place — the **impostor place margin** (a ratio test over
+places, not rows: a query that truly belongs to a place stands out from every *other* place, an
+impostor's best match barely does).
 
-The **confidence** is the kernel-smoothed CDF of that impostor distribution at the query's evidence
-(the mean of its top-``k`` global cosines): the fraction of the map's own places whose evidence
-against *other* places is weaker than the query's. It needs no labelled query, lies in [0, 1], is
-computed from the global cosines whatever the ranking mode (global, re-ranked, SegVLAD), and means
-the same on every map. ``unknown`` is ``confidence < threshold``: under the hypothesis "the query
-is an image of this environment", a query is wrongly called unknown with probability ≈ threshold.
+A query's evidence is put on those two scales (robust z-scores: distance from the impostors' median in
+units of their spread), optionally with the inliers of a geometric verification (:mod:`vprkit.rerank.verification`)
+and a sequence's support, and a logistic model turns it into the **confidence**, the probability that
+the top-1 answer is the right place. Its weights (:data:`CONFIDENCE_MODELS`) were chosen by
+leave-one-dataset-out on labelled maps other than the one a number is reported on
+(``benchmarks/bench_confidence.py``); because the features are normalised by each map's own impostors,
+the same weights serve every map. ``unknown`` is ``confidence < threshold``; a map too small to have
+other places has no calibration: ``confidence`` and ``unknown`` are then None with the reason.
 
-What it does not claim: a query of the right environment whose top match is the wrong place
-(Nordland winter against summer) can be confident — domain evidence says "in this map", not
-"this exact frame". The ``agreement`` of the top matches (the weight share of the matches at the
-top match's place) is reported beside it as evidence of that.
+The place scale is the map's own: ``window`` route rows (shrunk on tiny maps so other places remain)
+and, with poses, ``radius_m`` = the median distance a route covers over ``window`` rows — never a fixed
+25 m, so an office loop of 22 m has places too.
 """
 
 from __future__ import annotations
@@ -38,21 +39,23 @@ from scipy.special import ndtr
 from tqdm import tqdm
 
 from ..errors import MapError
+from ..registry import Registry
 from ..io import atomic_write_json
 from ..maps.verify import checksum_matches, with_checksum
 
 logger = logging.getLogger(__name__)
 
 CALIBRATION_FILE = "calibration.json"
-CALIBRATION_VERSION = 1
-# Evidence: mean of the top-k global cosines. k > 1 averages out one lucky impostor; 10 separated
-# out-of-map queries best on Corridor and Nordland (benchmarks/bench_unknown.py).
-DEFAULT_TOP_K = 10
+CALIBRATION_VERSION = 2
+# Evidence: the top-1 cosine (k = 1). The mean of the top 10 (version 1) smeared the one match that
+# matters with nine that do not: on Nordland-600 it told right from wrong at ROC AUC 0.53, the top-1
+# cosine at 0.70 (benchmarks/bench_confidence.py).
+DEFAULT_TOP_K = 1
 # Rows of the sequence (sorted key order) on each side that count as the same place without poses.
 DEFAULT_WINDOW = 10
 # A tiny map keeps at least this many rows outside every window: window ≤ (n − 1) / WINDOW_FRACTION.
 WINDOW_FRACTION = 4
-DEFAULT_RADIUS_M = 25.0  # the usual VPR positive radius
+DEFAULT_RADIUS_M = 25.0  # the usual VPR positive radius: only for a map whose poses give no route spacing
 # Map images whose impostor evidence is sampled: bounds calibration to sample × one index search.
 DEFAULT_SAMPLE = 2000
 # Extra neighbours searched when poses decide the place (how many lie within the radius is unknown).
@@ -64,14 +67,17 @@ SEARCH_CHUNK = 256
 # refitting a large map per added place would cost seconds, and a few rows barely move the sample.
 REFIT_FRACTION = 0.1
 FINGERPRINT_ROWS = 64
-# Below this confidence a query is "unknown" — the usual 5 % level: an image of the map's own
-# environment is called unknown about 5 % of the time. On the cross-dataset benchmark any threshold
-# in ≈ 0.015–0.12 rejects ≥ 0.95 of out-of-map queries and keeps ≥ 0.90 of Corridor's correct matches.
-DEFAULT_UNKNOWN_BELOW = 0.05
+# Below this confidence (a probability of being right) a query is "unknown". Chosen by leave-one-dataset-out
+# (benchmarks/bench_confidence.py): on each held-out map, the 10th percentile of the correct answers'
+# confidence on the *other* maps was 0.08–0.13; 0.1 keeps ≈ 0.9 of correct answers.
+DEFAULT_UNKNOWN_BELOW = 0.1
 # Silverman's rule of thumb for the kernel bandwidth, and a floor so identical samples still smooth.
 SILVERMAN = 0.9
 IQR_TO_SIGMA = 1.34
 MIN_BANDWIDTH = 1e-4
+# Floor of a z-score's unit: impostors that all score alike (a map of near-duplicates) must not make
+# a thousandth of a cosine more than one standard deviation (GeM maps have impostor spreads of ≈ 0.003).
+MIN_SPREAD = 1e-3
 MIN_WEIGHT = 1e-6  # cosine weights of agreeing matches are clipped here (negative cosines carry no weight)
 
 STATISTIC = "mean_top_k_cosine"
@@ -186,6 +192,28 @@ class Calibration:
     statistic: str = STATISTIC
     extra: dict[str, Any] = field(default_factory=dict)
     sequence: np.ndarray | None = field(default=None, repr=False, compare=False)  # route positions (not persisted)
+    # sorted place margins of the sampled impostors: their best cosine minus the best at yet another place
+    impostor_margin: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def search_depth(self) -> int:
+        """Neighbours of a query to search for its evidence: past the answer's own place to the best of another."""
+        slack = RADIUS_SLACK if self.extra.get("has_poses") else 0
+        return max(1, min(self.rows, self.k + 2 * (2 * self.window + 1) + slack))
+
+    def scale(self, which: str) -> tuple[float, float]:
+        """(median, robust spread) of the impostor ``"top1"`` cosines or ``"margin"``s: the unit of a z-score."""
+        x = self.impostor if which == "top1" else self.impostor_margin
+        if x.size == 0:
+            return float("nan"), float("nan")
+        q25, q50, q75 = np.percentile(x, [25, 50, 75])
+        return float(q50), max(float(q75 - q25) / IQR_TO_SIGMA, MIN_SPREAD)
+
+    def features(self, top1: float, margin: float | None) -> dict[str, float]:
+        """The query's evidence on this map's impostor scales (robust z-scores; NaN where not computable)."""
+        m1, s1 = self.scale("top1")
+        mm, sm = self.scale("margin")
+        z_margin = (margin - mm) / sm if margin is not None and self.impostor_margin.size else float("nan")
+        return {"top1_z": (top1 - m1) / s1, "margin_z": z_margin}
 
     @property
     def usable(self) -> bool:
@@ -235,6 +263,7 @@ class Calibration:
             "seed": self.seed,
             "bandwidth": self.bandwidth,
             "impostor": [round(float(v), 7) for v in self.impostor],
+            "impostor_margin": [round(float(v), 7) for v in self.impostor_margin],
             "extra": self.extra,
         }
 
@@ -259,6 +288,7 @@ class Calibration:
                 int(d.get("seed", 0)),
                 STATISTIC,
                 dict(d.get("extra", {})),
+                impostor_margin=np.sort(np.asarray(d["impostor_margin"], np.float64).reshape(-1)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise MapError(f"calibration is damaged ({exc!r})") from None
@@ -271,6 +301,9 @@ class Calibration:
         """What no fitted calibration holds (NaN, cosines beyond ±1, a sample larger than the map …), or None."""
         checks = {
             "impostor evidence must be finite cosines": bool(np.all(np.abs(self.impostor) <= COSINE_LIMIT)),
+            "impostor margins must be finite differences of cosines": bool(
+                np.all((self.impostor_margin >= 0) & (self.impostor_margin <= 2 * COSINE_LIMIT))
+            ),
             "the bandwidth must be a positive number": bool(MIN_BANDWIDTH <= self.bandwidth <= MAX_BANDWIDTH),
             "k and the window must be ≥ 1": self.k >= 1 and self.window >= 1,
             "the radius must be a finite distance ≥ 0": bool(np.isfinite(self.radius_m) and self.radius_m >= 0),
@@ -283,6 +316,7 @@ class Calibration:
     def summary(self) -> dict[str, Any]:
         """A few numbers for the estimate's evidence (the full sample stays in the map's calibration file)."""
         q = np.percentile(self.impostor, [5, 50, 95]) if self.usable else [np.nan] * 3
+        qm = np.percentile(self.impostor_margin, [50, 95]) if self.impostor_margin.size else [np.nan] * 2
         return {
             "k": self.k,
             "window_rows": self.window,
@@ -291,6 +325,8 @@ class Calibration:
             "impostor_p05": _r(q[0]),
             "impostor_median": _r(q[1]),
             "impostor_p95": _r(q[2]),
+            "impostor_margin_median": _r(qm[0]),
+            "impostor_margin_p95": _r(qm[1]),
         }
 
 
@@ -315,7 +351,7 @@ def fit_calibration(
     *,
     k: int = DEFAULT_TOP_K,
     window: int = DEFAULT_WINDOW,
-    radius_m: float = DEFAULT_RADIUS_M,
+    radius_m: float | None = None,
     sample: int = DEFAULT_SAMPLE,
     seed: int = 0,
     threshold: float = DEFAULT_UNKNOWN_BELOW,
@@ -335,10 +371,14 @@ def fit_calibration(
     has_poses = poses is not None and bool(np.isfinite(poses).all(1).any())
     pose_arr = np.asarray(poses, np.float64) if has_poses else None
     seq = sequence_positions(keys)
+    if radius_m is None:
+        radius_m = route_radius(pose_arr, seq, w)
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(n, min(sample, n), replace=False)) if n else np.zeros(0, np.int64)
-    want = min(n, k_eff + 2 * w + 1 + (RADIUS_SLACK if has_poses else 0))
+    # deep enough to pass the anchor's own place and its best impostor's place (2 places of ≤ 2w + 1 rows)
+    want = min(n, k_eff + 2 * (2 * w + 1) + (RADIUS_SLACK if has_poses else 0))
     values: list[float] = []
+    margins: list[float] = []
     chunks = range(0, len(chosen), SEARCH_CHUNK)
     if progress:
         chunks = tqdm(chunks, desc="calibrate", unit="chunk")
@@ -354,12 +394,62 @@ def fit_calibration(
             top = fc[other][:k_eff]
             if top.size:
                 values.append(float(np.mean(top)))
+                margin = place_margin(fr[other], fc[other], seq, pose_arr, w, radius_m)
+                if margin is not None:
+                    margins.append(margin)
     imp = np.sort(np.asarray(values, np.float64))
     if imp.size == 0:
         logger.info("map of %d image(s) is too small to calibrate a confidence (no other places)", n)
     return Calibration(
-        imp, _bandwidth(imp), k_eff, w, radius_m, n, fingerprint, threshold, seed, extra={"has_poses": has_poses}
+        imp,
+        _bandwidth(imp),
+        k_eff,
+        w,
+        radius_m,
+        n,
+        fingerprint,
+        threshold,
+        seed,
+        extra={"has_poses": has_poses},
+        impostor_margin=np.sort(np.asarray(margins, np.float64)),
     )
+
+
+def route_radius(poses: np.ndarray | None, sequence: np.ndarray, window: int) -> float:
+    """The map's own place radius: the median distance its route covers over ``window`` rows.
+
+    A place is ±``window`` route rows without poses; with poses the same place should be the same
+    distance whatever the map's extent (a 22 m office loop and a 100 km railway alike), so the radius
+    follows the route's spacing instead of a fixed 25 m. :data:`DEFAULT_RADIUS_M` only where the poses
+    give no spacing (fewer than two consecutive known poses).
+    """
+    if poses is None or len(sequence) <= window:
+        return DEFAULT_RADIUS_M
+    by_route = np.asarray(poses, np.float64)[np.argsort(sequence)]
+    step = np.linalg.norm(by_route[window:] - by_route[:-window], axis=1)
+    step = step[np.isfinite(step)]
+    return float(np.median(step)) if step.size else DEFAULT_RADIUS_M
+
+
+def place_margin(
+    rows: np.ndarray, cosines: np.ndarray, sequence: np.ndarray, poses: np.ndarray | None, window: int, radius_m: float
+) -> float | None:
+    """How far the best match (``rows[0]``, ranked best first) stands above the best match at *another* place.
+
+    The ratio test over places, not rows: the top match's route neighbours (or the matches within the
+    radius) are its own place and never its rival. None when every ranked row is that place (the
+    search was not deep enough to see another; a caller then searches deeper or does without).
+    """
+    rows = np.asarray(rows, np.int64)
+    cosines = np.asarray(cosines, np.float64)
+    ok = rows >= 0
+    rows, cosines = rows[ok], cosines[ok]
+    if rows.size < 2:
+        return None
+    elsewhere = ~same_place(int(rows[0]), rows, sequence, poses, window, radius_m)
+    if not elsewhere.any():
+        return None
+    return float(max(0.0, cosines[0] - cosines[elsewhere].max()))
 
 
 def load_or_fit_calibration(
@@ -405,6 +495,49 @@ def load_or_fit_calibration(
     return cal
 
 
+# ---- the confidence model ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class ConfidenceModel:
+    """A logistic model of "the top-1 answer is the right place" over map-normalised evidence.
+
+    ``weights`` name the features (:meth:`Calibration.features`: ``top1_z``, ``margin_z``; and, where the
+    evidence exists, ``inliers_log`` = log(1 + verified inliers) and ``sequence_support`` in [0, 1]).
+    A feature that cannot be computed for a query (NaN) contributes nothing — the model then leans on the others.
+    """
+
+    name: str
+    weights: Mapping[str, float]
+    bias: float
+    source: str = ""
+
+    def probability(self, features: Mapping[str, float]) -> float:
+        logit = self.bias + sum(
+            w * float(features[f]) for f, w in self.weights.items() if np.isfinite(features.get(f, np.nan))
+        )
+        return float(1.0 / (1.0 + np.exp(-np.clip(logit, -LOGIT_LIMIT, LOGIT_LIMIT))))
+
+
+LOGIT_LIMIT = 50.0  # beyond this exp() overflows; the probability is 0 or 1 to double precision anyway
+CONFIDENCE_MODELS: Registry[ConfidenceModel] = Registry("confidence model")
+# Weights fitted by benchmarks/bench_confidence.py (logistic regression, each labelled map weighted
+# equally) on every map it measures; its leave-one-dataset-out table reports each map with the weights
+# fitted on the others, which is the honest accuracy. Features are z-scores on each map's impostors,
+# so the same weights serve every map.
+CONFIDENCE_MODELS.register(
+    "global",
+    ConfidenceModel("global", {"top1_z": 0.289, "margin_z": 0.866}, -1.522, "benchmarks/bench_confidence.py"),
+)
+
+
+def confidence_model(features: Mapping[str, float]) -> ConfidenceModel:
+    """The model for the evidence at hand: ``verified`` when inliers were counted, ``sequence`` for a
+    sequence's frame, else ``global`` (each falls back to ``global`` if it is not registered)."""
+    for name, feature in (("verified", "inliers_log"), ("sequence", "sequence_support")):
+        if np.isfinite(features.get(feature, np.nan)) and name in CONFIDENCE_MODELS:
+            return CONFIDENCE_MODELS.get(name)
+    return CONFIDENCE_MODELS.get("global")
+
+
 # ---- the estimate ------------------------------------------------------------------------------
 def row_cosines(read_rows: Callable[[np.ndarray], np.ndarray], queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Q×K global cosines of each query with its ranked ``rows`` (−1 → NaN), one store read per batch."""
@@ -432,7 +565,7 @@ class Estimate:
     spread: float | None
     spread_unit: str
     confidence: float | None
-    unknown: bool
+    unknown: bool | None  # None: no calibration could say (evidence["unknown_reason"] says why)
     evidence: dict[str, Any] = field(default_factory=dict)
     route_position: float | None = None  # weighted mean route index (natural name order) of the agreeing matches
 
@@ -483,12 +616,17 @@ def estimate(
     evidence: np.ndarray | None = None,
     sequence: np.ndarray | None = None,
     threshold: float | None = None,
+    evidence_rows: np.ndarray | None = None,
+    inliers: float | None = None,
+    sequence_support: float | None = None,
 ) -> Estimate:
     """The estimate of one query from its ranked matches.
 
     ``rows``/``cosines``: the final ranking (best first, any mode) and each row's *global cosine*
-    with the query; ``evidence``: the query's top global cosines over the whole map (default:
-    ``cosines``) — the confidence comes from these only, so it is the same in every mode.
+    with the query; ``evidence``/``evidence_rows``: the query's top global cosines over the whole map
+    and their rows, best first (default: ``cosines``/``rows``) — deep enough to reach another place
+    than the answer's, for the place margin. ``inliers``: the verified inliers of the answer (geometric
+    verification), ``sequence_support``: a sequence's agreement with the answer in [0, 1].
     ``sequence``: each map row's route position (:func:`sequence_positions`; default: row order).
     """
     rows = np.asarray(rows, np.int64).reshape(-1)
@@ -496,20 +634,13 @@ def estimate(
     keep = rows >= 0
     rows, cos = rows[keep], cos[keep]
     thr = calibration.threshold if threshold is None else float(threshold)
-    ev = calibration.evidence(cos if evidence is None else evidence)[0]
-    conf_arr = calibration.confidence(ev)
-    conf = None if not np.isfinite(conf_arr[0]) else float(np.clip(conf_arr[0], 0.0, 1.0))
-    info: dict[str, Any] = {
-        "statistic": f"mean_top{calibration.k}_cosine",
-        "value": _r(ev),
-        "threshold": thr,
-        "calibration": calibration.summary(),
-    }
-    if rows.size == 0:
-        return Estimate(None, None, None, "rows", 0.0 if conf is None else conf, True, {**info, "matches": 0})
-    n_map = int(max(rows.max() + 1, 0 if sequence is None else len(sequence)))
+    n_map = int(max(rows.max() + 1 if rows.size else 0, 0 if sequence is None else len(sequence)))
     seq = np.arange(n_map) if sequence is None else np.asarray(sequence)
     pose_arr = None if poses is None else np.asarray(poses, np.float64)
+    conf, info = _confidence(rows, cos, seq, pose_arr, calibration, evidence, evidence_rows, inliers, sequence_support)
+    info["threshold"] = thr
+    if rows.size == 0:
+        return Estimate(None, None, None, "rows", 0.0 if conf is None else conf, True, {**info, "matches": 0})
     agree = same_place(int(rows[0]), rows, seq, pose_arr, calibration.window, calibration.radius_m)
     w = np.clip(np.nan_to_num(cos, nan=0.0), MIN_WEIGHT, None)
     position, spread, unit = None, None, "rows"
@@ -530,12 +661,62 @@ def estimate(
     if headings is not None:
         heading = circular_mean_deg(np.asarray(headings, np.float64)[rows[agree]], w[agree])
     info.update(
-        top1_cosine=_r(float(cos[0])),
         agreement=round(float(w[agree].sum() / w.sum()), 4),
         agreeing=int(agree.sum()),
         matches=int(rows.size),
     )
-    unknown = False if conf is None else conf < thr  # uncalibrated: neither claim can be made
-    if conf is None:
-        info["note"] = "map too small to calibrate a confidence"
-    return Estimate(position, heading, spread, unit, conf, bool(unknown), info, centre)
+    unknown = None if conf is None else bool(conf < thr)  # uncalibrated: neither claim can be made
+    return Estimate(position, heading, spread, unit, conf, unknown, info, centre)
+
+
+def _confidence(
+    rows: np.ndarray,
+    cos: np.ndarray,
+    seq: np.ndarray,
+    poses: np.ndarray | None,
+    calibration: Calibration,
+    evidence: np.ndarray | None,
+    evidence_rows: np.ndarray | None,
+    inliers: float | None,
+    sequence_support: float | None,
+) -> tuple[float | None, dict[str, Any]]:
+    """The probability that the answer ``rows[0]`` is right, and the evidence it came from."""
+    if evidence_rows is None or evidence is None:  # the ranking is all the evidence there is
+        ev_rows, ev_cos = rows[:0], cos[:0]
+    else:
+        ev_rows = np.asarray(evidence_rows, np.int64).reshape(-1)
+        ev_cos = np.asarray(evidence, np.float64).reshape(-1)
+        if ev_rows.shape != ev_cos.shape:
+            raise ValueError(f"evidence rows {ev_rows.shape} and cosines {ev_cos.shape} differ in shape")
+        ev_rows, ev_cos = ev_rows[ev_rows >= 0], ev_cos[ev_rows >= 0]
+    info: dict[str, Any] = {"calibration": calibration.summary()}
+    if rows.size == 0 or not calibration.usable:
+        info["unknown_reason"] = (
+            "no match to judge" if rows.size == 0 else "map too small to calibrate a confidence (no other places)"
+        )
+        return (0.0 if rows.size == 0 and calibration.usable else None), info
+    # the answer's rivals: every ranked row and every row of the evidence, best first
+    pool_rows = np.concatenate([rows, ev_rows])
+    pool_cos = np.concatenate([cos, ev_cos])
+    order = np.argsort(-np.nan_to_num(pool_cos, nan=-np.inf), kind="stable")
+    answer = np.r_[[0], order[order != 0]]  # the answer first, then the rest by cosine
+    margin = place_margin(pool_rows[answer], pool_cos[answer], seq, poses, calibration.window, calibration.radius_m)
+    if margin is None and pool_rows.size > 1:  # no other place seen: its best is below the weakest row seen
+        margin = float(cos[0] - np.nanmin(pool_cos))
+    elif margin is not None:  # place_margin clips at 0; a rival place scoring higher is negative evidence
+        rivals = ~same_place(int(rows[0]), pool_rows, seq, poses, calibration.window, calibration.radius_m)
+        margin = float(cos[0] - np.nanmax(pool_cos[rivals]))
+    features = calibration.features(float(cos[0]), margin)
+    features["inliers_log"] = float(np.log1p(inliers)) if inliers is not None else float("nan")
+    features["sequence_support"] = float(sequence_support) if sequence_support is not None else float("nan")
+    model = confidence_model(features)
+    conf = model.probability(features)
+    env = calibration.confidence(float(cos[0]))[0]
+    info.update(
+        model=model.name,
+        top1_cosine=_r(float(cos[0])),
+        place_margin=None if margin is None else _r(margin),
+        features={k: _r(v) for k, v in features.items() if np.isfinite(v)},
+        environment=_r(float(env)),  # share of the map's impostors whose top-1 cosine is below the answer's
+    )
+    return conf, info
