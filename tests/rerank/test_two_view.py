@@ -10,6 +10,7 @@ from PIL import Image
 from scipy.spatial.transform import Rotation
 
 from vprkit.errors import ConfigError
+from vprkit.images import Geometry
 from vprkit.rerank.local_features import make_local_features
 from vprkit.rerank.two_view import (
     ASSUMED_FOCAL_FACTOR,
@@ -150,6 +151,13 @@ def test_intrinsics_parse_scale_and_errors():
     assert (small.fx, small.fy, small.cx, small.cy) == pytest.approx((1000 / 6, 1000 / 6, 160, 90))
     f = Intrinsics.parse("500").at((640, 480))
     assert (f.fx, f.cx, f.cy) == (500, 320, 240)
+    # a 1920×1080 file resized to 427×240 and centre-cropped to 416×240 for the backbone
+    geometry = Geometry((1080, 1920), (240 / 1080, 427 / 1920), (0, 5), (240, 416))
+    prepared = full.for_prepared(geometry)
+    assert prepared.size == (416, 240)
+    assert (prepared.fx, prepared.cx, prepared.cy) == pytest.approx((1000 * 427 / 1920, 960 * 427 / 1920 - 5, 120))
+    centre = Intrinsics.parse("1000").for_prepared(geometry)  # no size: the file's
+    assert (centre.cx, centre.fy) == pytest.approx((prepared.cx, 1000 * 240 / 1080))
     for bad in ("", "a,b", "1,2,3", "-5", "nan"):
         with pytest.raises(ConfigError, match="fx,fy,cx,cy"):
             Intrinsics.parse(bad)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vprkit.images import Batch
-from vprkit.rerank import LocalFeatureReranker, Verifier, make_local_features
+from vprkit.images import Batch, Geometry
+from vprkit.rerank import Intrinsics, LocalFeatureReranker, Verifier, make_local_features
 from vprkit.rerank.verification import FeatureCache, batch_images, inlier_bonus
 from vprkit.retrieval import QueryBatch
 
@@ -108,6 +108,18 @@ def test_reranker_puts_the_verified_place_first(xfeat, corridor):
     assert sorted(out_rows[0]) == sorted(rows[0])
     assert [len(v.candidates) for v in reranker.last] == [5, 5]
     assert reranker.last[0].best.key == ref(QUERY)
+    assert not reranker.last[0].best.result.calibrated  # no camera given: assumed focal
+
+
+def test_reranker_maps_the_query_camera_onto_the_prepared_image(xfeat, corridor):
+    keys = [ref(i) for i in range(111)]
+    reranker = LocalFeatureReranker(Verifier(corridor, xfeat, top_n=1), keys)
+    batch = query_batch([corridor(f"query/{QUERY:07d}.jpg")])
+    batch.batch.geometries = [Geometry((120, 160), (2.0, 2.0), (0, 0), (240, 320))]  # the 160×120 file, doubled
+    camera = Intrinsics.parse("80", size=(160, 120))
+    reranker.rerank(batch, np.array([[QUERY]]), np.array([[0.9]], np.float32), intrinsics=[camera])
+    result = reranker.last[0].best.result
+    assert result.calibrated and result.intrinsics_source == "given" and result.model != "none"
 
 
 def test_reranker_takes_explicit_images_and_follows_removed_rows(xfeat, corridor):

@@ -42,6 +42,7 @@ from PIL import Image
 from scipy.spatial.transform import Rotation
 
 from ..errors import ConfigError
+from ..images import Geometry
 from ..registry import Registry
 
 # COLMAP's default focal for an unknown camera (``default_focal_length_factor``): f = 1.2 · max(w, h).
@@ -134,6 +135,17 @@ class Intrinsics:
         cx = w / 2 if self.cx is None else self.cx * sx
         cy = h / 2 if self.cy is None else self.cy * sy
         return replace(self, fx=self.fx * sx, fy=self.fy * sy, cx=cx, cy=cy, size=(w, h))
+
+    def for_prepared(self, geometry: Geometry) -> "Intrinsics":
+        """These intrinsics (of the original file; ``size`` None means that size) in pixels of the image as
+        prepared for the map's backbone: resized by ``geometry.scale``, then cropped by ``geometry.crop``."""
+        oh, ow = geometry.original_size
+        full = replace(self, size=self.size or (ow, oh)).at((ow, oh))
+        (sy, sx), (top, left) = geometry.scale, geometry.crop
+        h, w = geometry.size
+        return replace(
+            full, fx=full.fx * sx, fy=full.fy * sy, cx=full.cx * sx - left, cy=full.cy * sy - top, size=(w, h)
+        )
 
     def matrix(self, size: tuple[int, int]) -> np.ndarray:
         """K (3×3) in pixels of an image of ``size``."""

@@ -265,14 +265,20 @@ class LocalFeatureReranker(Reranker):
         images: Sequence[np.ndarray] | None = None,
         intrinsics: Sequence[Intrinsics | None] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """``(rows, scores)`` reordered; ``images`` (one per query) replace the batch's prepared pixels, and
-        ``intrinsics`` (one per query, or None) the verifier's query camera."""
-        images = batch_images(query) if images is None else list(images)
+        """``(rows, scores)`` reordered; ``images`` (one per query) replace the batch's prepared pixels.
+
+        ``intrinsics`` (one per query, each None or in pixels of the query's original file) replace the
+        verifier's query camera; with the batch's pixels they are mapped onto the prepared image (its
+        ``Geometry``: resize and crop), with explicit ``images`` they must be in those images' pixels.
+        """
+        given = images is not None
+        images = list(images) if given else batch_images(query)
         out_rows, out_scores = np.array(rows, copy=True), np.array(scores, dtype=np.float64, copy=True)
         self.last = []
         for q, image in enumerate(images):
             valid = [int(r) for r in rows[q] if r >= 0]
-            report = self.verifier.verify(image, [self.keys[r] for r in valid], intrinsics[q] if intrinsics else None)
+            camera = self._camera(query, q, intrinsics[q] if intrinsics else None, given)
+            report = self.verifier.verify(image, [self.keys[r] for r in valid], camera)
             self.last.append(report)
             fused = out_scores[q]
             for check in report.candidates:
@@ -280,6 +286,16 @@ class LocalFeatureReranker(Reranker):
             order = np.argsort(-fused, kind="stable")
             out_rows[q], out_scores[q] = rows[q][order], fused[order]
         return out_rows, out_scores.astype(np.asarray(scores).dtype)
+
+    def _camera(
+        self, query: "QueryBatch", q: int, given: Intrinsics | None, explicit_images: bool
+    ) -> Intrinsics | None:
+        """The query camera for query ``q`` in pixels of the image verified (see :meth:`rerank`)."""
+        camera = given if given is not None else self.verifier.intrinsics
+        geometries = query.batch.geometries
+        if camera is None or explicit_images or q >= len(geometries):
+            return camera
+        return camera.for_prepared(geometries[q])
 
     def rows_changed(self, removed: np.ndarray | None = None) -> None:
         """The map's rows changed: cached features are keyed by image key, so only removed keys are dropped."""
