@@ -102,15 +102,21 @@ def test_xfeat_lighterglue_equals_match_lighterglue(pair, xfeat_ref):
     assert (scores > 0.1).all()
 
 
-@pytest.mark.parametrize("max_side", [None, 256])
-def test_disk_lightglue_equals_cvg_lightglue(pair, max_side):
+@pytest.fixture(scope="module")
+def disk_pair():
+    """cvg's DISK extractor and LightGlue matcher, and ours, each built once."""
     disk_mod, lightglue_mod = cvg_lightglue()
-    extractor = disk_mod.DISK(max_num_keypoints=512).eval()
-    matcher = lightglue_mod.LightGlue(features="disk").eval()
+    reference = disk_mod.DISK(max_num_keypoints=512).eval(), lightglue_mod.LightGlue(features="disk").eval()
+    return reference, make_local_features("disk-lightglue", max_keypoints=512)
+
+
+@pytest.mark.parametrize("max_side", [None, 256])
+def test_disk_lightglue_equals_cvg_lightglue(pair, disk_pair, max_side):
+    (extractor, matcher), ours = disk_pair
+    ours.max_side = max_side
     ref = [extractor.extract(torch.tensor(img).permute(2, 0, 1).float() / 255, resize=max_side) for img in pair]
     with torch.inference_mode():
         ref_out = matcher({"image0": ref[0], "image1": ref[1]})
-    ours = make_local_features("disk-lightglue", max_keypoints=512, max_side=max_side or 10_000)
     fa, fb = ours.extract(pair[0]), ours.extract(pair[1])
     np.testing.assert_allclose(fa.keypoints, ref[0]["keypoints"][0].numpy(), atol=1e-4)
     np.testing.assert_allclose(fa.descriptors, ref[0]["descriptors"][0].numpy(), atol=1e-5)
