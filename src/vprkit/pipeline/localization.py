@@ -33,17 +33,19 @@ from ..retrieval import RETRIEVERS, QueryBatch, pad_topk
 from ..retrieval.estimate import (
     Estimate,
     estimate,
-    load_or_fit_calibration,
     row_cosines,
     score_kind,
-    sequence_positions,
 )
 from .models import on_cpu
+from .estimates import geolocated, map_calibration
 from .open import Map, open_map
+from .verify import VerifySettings, answer_check, verify_batch, verify_settings
 
 logger = logging.getLogger(__name__)
 
 QueryImages = ImageSource | Sequence[ImageInput] | Mapping[str, ImageInput]
+# The ranking score when verification re-ranks: the global cosine plus the saturating inlier bonus.
+VERIFIED_SCORE_KIND = "cosine_plus_inlier_bonus"
 # What a caller passes to switch off the re-ranking a map was built for (the CLI's ``--rerank none``).
 RERANK_OFF = "none"
 # What a call may pass as ``rerank``: None (the map's own), RERANK_OFF/False, a preset name, settings, a re-ranker.
@@ -90,6 +92,7 @@ class Match:
     heading: float | None = None  # degrees, where the map has headings
     score_kind: str = "cosine"
     cosine: float | None = None
+    latlon: tuple[float, float] | None = None  # WGS84 degrees, for a map whose poses are UTM (built from lat/lon)
 
 
 @dataclass
@@ -116,6 +119,7 @@ class QueryResult:
                     "score_kind": m.score_kind,
                     "cosine": None if m.cosine is None else round(m.cosine, 6),
                     "position": m.position,
+                    **({} if m.latlon is None else {"latlon": [round(v, 8) for v in m.latlon]}),
                     "heading_deg": m.heading,
                 }
                 for m in self.matches
@@ -219,6 +223,7 @@ def localize(
     progress: bool = False,
     device: str | None = None,
     unreadable: str = "raise",
+    verify: VerifySettings | int | None = None,
 ) -> list[QueryResult]:
     """Top-``top_k`` places for each query: image paths, decoded frames (arrays / PIL images), or both.
 
@@ -232,87 +237,55 @@ def localize(
     Each result carries an :class:`~vprkit.retrieval.estimate.Estimate` (position, heading, spread,
     confidence, unknown) whose confidence comes from the global cosines whatever ``rerank`` is, and
     each match names its score (``score_kind``) and gives its global ``cosine``.
+
+    ``verify`` (a number of candidates, or :class:`~vprkit.pipeline.verify.VerifySettings`) checks the top
+    answers with local features and a two-view model: the answer's inliers enter the confidence and its
+    relative rotation is in ``estimate.verification``; ``VerifySettings(rerank=True)`` also reorders by inliers.
     """
     if unreadable not in ("raise", "report"):
         raise ConfigError(f"unreadable must be 'raise' or 'report', got {unreadable!r}")
     rerank = checked_choice(rerank)
+    checks = verify_settings(verify)
     m = map if isinstance(map, Map) else open_map(map, read_only=True, device=device)
     source = query_source(queries, check_files=unreadable == "raise")
     reranker = get_reranker(m, rerank)
     failed: dict[str, str] = {}
     done = _localize_batches(
-        m, source, top_k, reranker, progress, None if unreadable == "raise" else failed.__setitem__
+        m, source, top_k, reranker, progress, None if unreadable == "raise" else failed.__setitem__, checks
     )
     if reranker is not None and not isinstance(map, Map):
         reranker.close()
     return [done[k] if k in done else QueryResult(k, [], 0.0, failed.get(k, "not localised")) for k in source.keys]
 
 
-def _calibration(m: Map):
-    """The map's confidence calibration, fitted now if a read-only open left it (or the map changed much)."""
-    cal = m.calibration
-    if cal is None or not cal.covers(len(m.keys)):
-        cal = m.calibration = load_or_fit_calibration(
-            m.data.dir,
-            m.index.search,
-            m.store.read_global,
-            m.keys,
-            m.poses,
-            write=not m.data.read_only,
-            seed=m.config.vocabulary.seed,
-        )
-    elif cal.sequence is None or len(cal.sequence) != len(m.keys):  # a few places added or removed live
-        cal.sequence = sequence_positions(m.keys)
-    return cal
-
-
-def estimate_for(
-    m: Map,
-    rows: np.ndarray,
-    cosines: np.ndarray,
-    frame_cosines: np.ndarray,
-    sequence_support: float | None = None,
-) -> Estimate:
-    """The estimate of one query (or sequence frame) whose final ranking is ``rows``.
-
-    ``cosines``: the query's global cosine with each of ``rows``; ``frame_cosines``: its global cosine
-    with every map row (the evidence of its own place and of every other place); ``sequence_support``:
-    how consistently the frames before it agree with the ranking (sequence mode), None for a single image.
-    """
-    cal = _calibration(m)
-    frame_cosines = np.asarray(frame_cosines, np.float64).reshape(-1)
-    depth = min(cal.search_depth(), frame_cosines.size)
-    top = np.argpartition(-frame_cosines, depth - 1)[:depth] if depth else np.zeros(0, np.int64)
-    top = top[np.argsort(-frame_cosines[top], kind="stable")]
-    return estimate(
-        rows,
-        cosines,
-        m.poses,
-        m.data.headings,
-        cal,
-        evidence=frame_cosines[top],
-        sequence=cal.sequence,
-        evidence_rows=top,
-        sequence_support=sequence_support,
-    )
-
-
 def _localize_batches(
-    m: Map, source: ImageSource, top_k: int, reranker, progress: bool, on_failure: Callable[[str, str], None] | None
+    m: Map,
+    source: ImageSource,
+    top_k: int,
+    reranker,
+    progress: bool,
+    on_failure: Callable[[str, str], None] | None,
+    checks: VerifySettings | None = None,
 ) -> dict[str, QueryResult]:
-    cal = _calibration(m)
+    cal = map_calibration(m)
     kind = score_kind(RETRIEVERS.get(m.config.retriever), reranker)
+    if checks is not None and checks.rerank:
+        kind = VERIFIED_SCORE_KIND
     rerank_name = None if reranker is None else getattr(getattr(reranker, "settings", None), "name", "custom")
     headings = m.data.headings
     done: dict[str, QueryResult] = {}
     t0 = time.perf_counter()
     for qb in query_batches(m, source, progress=progress, on_failure=on_failure):
         rows, scores = search(m, qb, top_k, reranker)
+        reports = None
+        if checks is not None:
+            rows, scores, reports = verify_batch(m, qb, rows, scores, checks)
         q = qb.global_descriptors
         # the global cosine of every returned row, and the query's top global cosines: the mode-independent evidence
         cos = scores if kind == "cosine" else row_cosines(m.store.read_global, q, rows)
         ev_rows, evidence = m.index.search(q, cal.search_depth())  # the answer's place and the best of another
         for i, key in enumerate(qb.keys):
+            check = None if reports is None else answer_check(m, reports[i], int(rows[i][0]))
             est = estimate(
                 rows[i],
                 cos[i],
@@ -322,13 +295,20 @@ def _localize_batches(
                 evidence=evidence[i],
                 sequence=cal.sequence,
                 evidence_rows=ev_rows[i],
+                inliers=None if check is None else check.inliers,
             )
+            if reports is not None:
+                est.verification = {
+                    "answer": None if check is None else check.to_dict(),
+                    **{k: v for k, v in reports[i].to_dict().items() if k != "candidates"},
+                    "checked": [c.key for c in reports[i].candidates],
+                }
             matches = [
                 make_match(m, int(r), float(v), kind, float(c), headings)
                 for r, v, c in zip(rows[i], scores[i], cos[i])
                 if r >= 0
             ]
-            done[key] = QueryResult(key, matches, 0.0, estimate=est, rerank=rerank_name)
+            done[key] = QueryResult(key, matches, 0.0, estimate=geolocated(m, est), rerank=rerank_name)
         dt = (time.perf_counter() - t0) / len(qb.keys)  # extraction + search + estimate, per query
         for key in qb.keys:
             done[key].seconds = dt
@@ -347,12 +327,14 @@ def make_match(
     """The :class:`Match` of map row ``row``: its key, position and heading from the map."""
     pos = m.poses[row]
     heading = None if headings is None or not np.isfinite(headings[row]) else float(headings[row])
+    position = None if np.isnan(pos).any() else (float(pos[0]), float(pos[1]))
     return Match(
         m.keys[row],
         row,
         score,
-        None if np.isnan(pos).any() else (float(pos[0]), float(pos[1])),
+        position,
         heading,
         kind,
         score if cosine is None and kind == "cosine" else cosine,
+        m.data.position_latlon(position),
     )

@@ -34,6 +34,8 @@ class Map:
     extensions: dict[str, MapExtension] = field(default_factory=dict)
     # the confidence's impostor distribution (retrieval.estimate); None until a localisation needs it
     calibration: Calibration | None = None
+    # geometric verifiers by settings (pipeline.verify): the local-feature network and its map-feature cache
+    verifiers: dict = field(default_factory=dict)
 
     # the map's data, for callers that read it directly
     dir = property(lambda self: self.data.dir)

@@ -7,7 +7,7 @@ A frame localised as part of a sequence is ranked by its best trajectory
   ``sequence_mean_cosine``: it reads like a single image's cosine; the ranking itself uses the hub-corrected
   trajectory score) and whose ``cosine`` is the frame's own global cosine with the row;
 - the same :class:`~vprkit.retrieval.estimate.Estimate` as a single image (position or route position,
-  heading, spread, confidence, unknown), from :func:`vprkit.pipeline.localization.estimate_for` with the
+  heading, spread, confidence, unknown), from :func:`vprkit.pipeline.estimates.estimate_for` with the
   sequence-ranked rows, the frame's own cosines and the *sequence support* of the winning trajectory
   (:class:`~vprkit.retrieval.sequence.TrajectoryEvidence`: the share of the window's frames whose own top-1
   lies on it); ``estimate.evidence["sequence"]`` repeats what the trajectory rests on.
@@ -36,7 +36,8 @@ from ..retrieval.sequence import (
     top_k as sequence_top_k,
 )
 from .live import LiveMap
-from .localization import QueryResult, estimate_for, make_match, query_batches
+from .estimates import estimate_for
+from .localization import QueryResult, make_match, query_batches
 from .open import Map
 
 # Digits kept of the sequence evidence in an estimate (as the estimate's own numbers).

@@ -568,16 +568,22 @@ class Estimate:
     unknown: bool | None  # None: no calibration could say (evidence["unknown_reason"] says why)
     evidence: dict[str, Any] = field(default_factory=dict)
     route_position: float | None = None  # weighted mean route index (natural name order) of the agreeing matches
+    # the answer's geometric verification (inliers, two-view model, relative rotation), when one ran
+    verification: dict[str, Any] | None = None
+    latlon: tuple[float, float] | None = None  # WGS84 degrees of ``position`` (a map whose poses are UTM)
+    crs: str | None = None  # the frame of ``position`` (e.g. "EPSG:32633"), named with ``latlon``
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "position": None if self.position is None else [round(v, 3) for v in self.position],
+            **({} if self.latlon is None else {"latlon": [round(v, 8) for v in self.latlon], "crs": self.crs}),
             "route_position": None if self.route_position is None else round(self.route_position, 2),
             "heading_deg": None if self.heading is None else round(self.heading, 2),
             f"spread_{self.spread_unit}": None if self.spread is None else round(self.spread, 3),
             "confidence": None if self.confidence is None else round(self.confidence, 4),
             "unknown": self.unknown,
             "evidence": self.evidence,
+            **({} if self.verification is None else {"verification": self.verification}),
         }
 
     def line(self) -> str:
