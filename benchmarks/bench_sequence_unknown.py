@@ -49,6 +49,7 @@ COLUMNS = [
     "accepted_right",
     "AUC conf r/w",
     "AUC support r/w",
+    "support p50/p95",
     "s",
 ]
 
@@ -68,6 +69,11 @@ def foreign_stream(m, start: int, frames: int, length: int | None) -> dict:
     t0 = time.perf_counter()
     results = list(localize_stream(m, [winter / n for n in names], top_k=TOP_K, sequence_length=length))
     estimates = [r.estimate for r in results]
+    mode = "single" if length is None else f"L{length}"
+    with open(CACHE / f"foreign_stream_{mode}.jsonl", "w", encoding="utf-8") as f:  # for fitting a sequence model
+        f.writelines(json.dumps({"query": r.query, "estimate": r.to_dict().get("estimate")}) + "\n" for r in results)
+    support = [e.evidence.get("sequence", {}).get("support") for e in estimates if e is not None]
+    support = np.array([v for v in support if v is not None], np.float64)
     return {
         "case": "nordland winter → corridor map",
         "mode": "single image" if length is None else f"sequence L={length}",
@@ -77,6 +83,7 @@ def foreign_stream(m, start: int, frames: int, length: int | None) -> dict:
         "R@1": None,
         "accepted": sum(e is not None and e.unknown is False for e in estimates),
         "accepted_right": None,
+        "support p50/p95": None if not support.size else f"{np.median(support):.2f}/{np.percentile(support, 95):.2f}",
         "s": round(time.perf_counter() - t0, 1),
     }
 
@@ -102,6 +109,13 @@ def right_vs_wrong(run: Path) -> dict:
     return {"AUC conf r/w": auc(np.nan_to_num(conf, nan=-1.0), right), "AUC support r/w": auc(support, right)}
 
 
+def support_quantiles(run: Path) -> str:
+    """Median and 95th percentile of the sequence support of a run's queries."""
+    lines = [json.loads(x) for x in (run / "estimates.jsonl").read_text().splitlines()]
+    support = np.array([x["estimate"]["evidence"]["sequence"]["support"] for x in lines], np.float64)
+    return f"{np.median(support):.2f}/{np.percentile(support, 95):.2f}"
+
+
 def nordland_600(length: int) -> dict:
     """Nordland-600 winter vs summer, sequence length ``length``: recall and the estimates against the truth."""
     t0 = time.perf_counter()
@@ -120,6 +134,7 @@ def nordland_600(length: int) -> dict:
         "accepted_right": e["accepted_correct_share"],
         "right_accepted": e["correct_accepted_share"],
         **right_vs_wrong(run),
+        "support p50/p95": support_quantiles(run),
         "s": round(time.perf_counter() - t0, 1),
     }
 
