@@ -21,7 +21,8 @@ other maps' correct answers, so no number is reported on the data it was chosen 
 model fitted on all maps (what ``retrieval.estimate.CONFIDENCE_MODELS["global"]`` ships). Columns:
 ``AUC r/w``, ROC AUC of the confidence for correct vs wrong top-1 in-map answers; ``accepted``, the share of
 correct in-map answers accepted; ``rejected``, per out-of-map set, the share called unknown;
-``shipped`` columns repeat the acceptance/rejection with the shipped model and threshold.
+``shipped`` columns repeat the acceptance/rejection as ``localize`` answers them (the shipped model, fitted on
+all maps, and its threshold: ``unknown`` as reported).
 Writes ``benchmarks/results/confidence.json``.
 """
 
@@ -38,10 +39,11 @@ from vprkit import pipeline
 from vprkit.datasets import load_dataset
 from vprkit.images import FolderImages, list_images
 from vprkit.presets import resolve
-from vprkit.retrieval.estimate import CONFIDENCE_MODELS, DEFAULT_UNKNOWN_BELOW
+from vprkit.retrieval.estimate import CONFIDENCE_MODELS
 
 CACHE = RESULTS / "cache" / "confidence"
 FEATURES = ("top1_z", "margin_z")
+VERIFIED_FEATURES = (*FEATURES, "inliers_log")
 TARGET_ACCEPT = 0.90  # share of correct answers the LODO threshold keeps on the training maps
 WINDOW_START, WINDOW = 1000, 40  # the Nordland window map
 FAR_FRAMES = 100  # out-of-map Nordland frames lie at least this far from the window
@@ -122,10 +124,11 @@ def _sets() -> dict[str, tuple]:
     }
 
 
-def measure(name: str, spec: tuple) -> dict:
+def measure(name: str, spec: tuple, verify: int = 0) -> dict:
     """Per set: features, confidence, unknown and correctness of every query (cached per calibration)."""
     source, size, sets = spec
-    path = CACHE / f"{name}.json"
+    path = CACHE / (f"{name}.json" if not verify else f"{name}-verify{verify}.json")
+    features = VERIFIED_FEATURES if verify else FEATURES
     map_dir = CACHE / name / "map"
     pipeline.build_map(source, map_dir, resolve(None, image_size=size) if size else None, progress=False)
     m = pipeline.open_map(map_dir)  # writable: fits and persists calibration.json
@@ -137,14 +140,14 @@ def measure(name: str, spec: tuple) -> dict:
     out = {}
     for label, (queries, truth) in sets.items():
         t0 = time.perf_counter()
-        results = pipeline.localize(m, queries, top_k=5)
+        results = pipeline.localize(m, queries, top_k=5, verify=verify or None)
         items = []
         for i, r in enumerate(results):
             e = r.estimate
             top = row_of.get(r.matches[0].key) if r.matches else None
             items.append(
                 {
-                    "features": [e.evidence.get("features", {}).get(f) for f in FEATURES],
+                    "features": [e.evidence.get("features", {}).get(f) for f in features],
                     "confidence": e.confidence,
                     "unknown": e.unknown,
                     "correct": None if truth is None else top in truth[i],
@@ -160,8 +163,8 @@ def measure(name: str, spec: tuple) -> dict:
 
 
 def _model_stamp() -> str:
-    g = CONFIDENCE_MODELS.get("global")
-    return json.dumps([dict(g.weights), g.bias])
+    models = [CONFIDENCE_MODELS.get(n) for n in ("global", "verified") if n in CONFIDENCE_MODELS]
+    return json.dumps([[dict(g.weights), g.bias] for g in models])
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, float]:
@@ -228,7 +231,11 @@ def row_for(name: str, sets: dict, w: np.ndarray, b: float, thr: float) -> dict:
         "AUC r/w": _r(_auc(p[y == 1], p[y == 0])),
         "accepted": round(float((p[y == 1] >= thr).mean()), 3) if y.any() else None,
         "shipped AUC r/w": _r(_auc(shipped[y == 1], shipped[y == 0])),
-        "shipped accepted": round(float((shipped[y == 1] >= DEFAULT_UNKNOWN_BELOW).mean()), 3) if y.any() else None,
+        "shipped accepted": round(
+            float(np.mean([q["unknown"] is False for q, ok in zip(sets["in"]["queries"], y) if ok])), 3
+        )
+        if y.any()
+        else None,
     }
     rejected, shipped_rej = [], []
     for label, s in sets.items():
@@ -250,25 +257,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--maps", nargs="+", default=list(_sets()))
     ap.add_argument("--fit", action="store_true", help="also fit on every map (the shipped model's weights)")
+    ap.add_argument("--verify", type=int, default=0, help="verify the top N answers (the 'verified' model); 0: none")
     args = ap.parse_args()
     setup()
     CACHE.mkdir(parents=True, exist_ok=True)
     specs = _sets()
-    measured = {name: measure(name, specs[name]) for name in args.maps}
+    measured = {name: measure(name, specs[name], args.verify) for name in args.maps}
+    names = VERIFIED_FEATURES if args.verify else FEATURES
     rows = []
     for name, sets in measured.items():
         w, b, thr = fit_on({k: v for k, v in measured.items() if k != name})
         rows.append(row_for(name, sets, w, b, thr))
-    extra = {"features": FEATURES, "target_accept": TARGET_ACCEPT}
+    extra = {"features": names, "verify": args.verify, "target_accept": TARGET_ACCEPT}
     if args.fit:
         w, b, thr = fit_on(measured)
         extra["fitted_on_all"] = {
-            "weights": dict(zip(FEATURES, w.round(3).tolist())),
+            "weights": dict(zip(names, w.round(3).tolist())),
             "bias": round(b, 3),
             "threshold": round(thr, 3),
         }
         print(f"fitted on all maps: {extra['fitted_on_all']}")
-    report("confidence", rows, list(rows[0]), extra)
+    report("confidence" if not args.verify else f"confidence-verify{args.verify}", rows, list(rows[0]), extra)
 
 
 if __name__ == "__main__":

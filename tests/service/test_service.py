@@ -302,3 +302,28 @@ def test_writes_stop_once_another_process_changed_the_map(map_dir, serve, corrid
         ).status_code
         == 201
     )
+
+
+def test_verify_checks_the_answer_and_a_place_added_is_confidently_itself(map_dir, serve, corridor_dir):
+    """Issue 27: ``verify=N`` checks the top answers geometrically; a place just added, queried with its own
+    image, is confidently itself (it came back ``confidence 0.0, unknown true`` before the margin over places)."""
+    s = serve(map_dir)
+    query = jpeg(corridor_dir / "query" / key(10))
+    checked = s.client.post("/localize", content=query, params={"top_k": 3, "verify": 2})
+    assert checked.status_code == 200, checked.text
+    estimate = checked.json()["estimate"]
+    assert estimate["evidence"]["model"] == "verified" and estimate["verification"]["answer"]["inliers"] >= 20
+    assert len(estimate["verification"]["checked"]) == 2
+    assert s.client.post("/localize", content=query, params={"verify": 11}).status_code == 422
+    assert s.client.post("/localize", content=query, params={"verify": 1, "stream": "cam0"}).status_code == 422
+    new = jpeg(corridor_dir / "ref" / key(60))  # a place beyond the map (references 0…19)
+    added = s.client.post(
+        "/places",
+        files={"image": ("r60.jpg", new, "image/jpeg")},
+        data={"key": "walk/r60.jpg", "easting": "60", "northing": "0"},
+        headers=s.headers,
+    )
+    assert added.status_code == 201, added.text
+    again = s.client.post("/localize", content=new, params={"top_k": 3}).json()
+    assert again["matches"][0]["id"] == "walk/r60.jpg" and again["matches"][0]["cosine"] > 0.999
+    assert again["estimate"]["confidence"] >= 0.9 and again["estimate"]["unknown"] is False

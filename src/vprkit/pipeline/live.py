@@ -15,8 +15,8 @@ its ``add``/``remove`` — and adds what sharing needs:
 - **All or nothing, durable before the answer.** A write returns once the store (and an added place's image
   under ``MAP_DIR/live-images/``) is on disk; one that fails leaves nothing (:mod:`vprkit.pipeline.live_writes`):
   a full disk is a :class:`StorageFullError`, a read-only folder a :class:`ReadOnlyMapError`.
-- **Read-only when it must.** A map on a read-only folder or a full disk is served for localisation (one
-  warning); writes are refused with the reason. Each write is recorded in ``map.json`` (counts follow the store).
+- **Read-only when it must.** A read-only folder or full disk serves localisation (one warning); writes are
+  refused with the reason. Each write is recorded in ``map.json`` (counts follow the store).
 - **No request builds expensive state.** Re-ranking reads stored patches or a state saved by ``vprkit rerank
   prepare`` or at start-up (``prepare_rerank``); else :class:`StateNotPreparedError`. Kept re-rankers follow writes.
 - **One writer per map.** Writes also take :func:`vprkit.maps.lock.map_write_lock`, so a ``vprkit map build``
@@ -150,10 +150,10 @@ class LiveMap:
         return decode_image(data, name, self.max_upload_pixels, self.size_hint())
 
     def localize(
-        self, frames: Mapping[str, np.ndarray | Image.Image], top_k: int = 10, rerank: RerankChoice = None
+        self, frames: Mapping[str, np.ndarray | Image.Image], top_k: int = 10, rerank: RerankChoice = None, verify=None
     ) -> list[QueryResult]:
-        """Top-``top_k`` places of each decoded frame (named by its key), re-ranked as the map was built to
-        unless ``rerank`` says otherwise (``"none"``, a preset name whose state is stored or prepared).
+        """Top-``top_k`` places of each decoded frame (named by its key), re-ranked as the map was built to unless
+        ``rerank`` says otherwise (``"none"``, a preset whose state is stored or prepared); ``verify``: VerifySettings.
 
         Runs beside other localisations (batched with those that wait for the model); holds the read lock
         only while its batch runs, so a write waits for the batches running, not for the queue.
@@ -162,9 +162,9 @@ class LiveMap:
         def run_batch(named: dict[str, Any], _: Any) -> list[QueryResult]:
             with self.lock.read():
                 reranker = self._reranker(rerank)
-                return localize(self.map, named, top_k=top_k, rerank=reranker, unreadable="report")
+                return localize(self.map, named, top_k=top_k, rerank=reranker, unreadable="report", verify=verify)
 
-        settings = (top_k, rerank if rerank is None or isinstance(rerank, str) else repr(rerank))
+        settings = (top_k, rerank if rerank is None or isinstance(rerank, str) else repr(rerank), verify)
         return self._batcher.run(frames, settings, run_batch)
 
     def place(self, key: str) -> dict[str, Any]:

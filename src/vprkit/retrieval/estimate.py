@@ -71,6 +71,7 @@ FINGERPRINT_ROWS = 64
 # (benchmarks/bench_confidence.py): on each held-out map, the 10th percentile of the correct answers'
 # confidence on the *other* maps was 0.08–0.13; 0.1 keeps ≈ 0.9 of correct answers.
 DEFAULT_UNKNOWN_BELOW = 0.1
+VERIFIED_UNKNOWN_BELOW = 0.133
 # Silverman's rule of thumb for the kernel bandwidth, and a floor so identical samples still smooth.
 SILVERMAN = 0.9
 IQR_TO_SIGMA = 1.34
@@ -187,7 +188,7 @@ class Calibration:
     radius_m: float
     rows: int
     fingerprint: str
-    threshold: float = DEFAULT_UNKNOWN_BELOW
+    threshold: float | None = None  # None: each confidence model's own (ConfidenceModel.threshold)
     seed: int = 0
     statistic: str = STATISTIC
     extra: dict[str, Any] = field(default_factory=dict)
@@ -284,7 +285,7 @@ class Calibration:
                 float(d["radius_m"]),
                 int(d["rows"]),
                 str(d["fingerprint"]),
-                float(d.get("threshold", DEFAULT_UNKNOWN_BELOW)),
+                None if d.get("threshold") is None else float(d["threshold"]),
                 int(d.get("seed", 0)),
                 STATISTIC,
                 dict(d.get("extra", {})),
@@ -307,7 +308,7 @@ class Calibration:
             "the bandwidth must be a positive number": bool(MIN_BANDWIDTH <= self.bandwidth <= MAX_BANDWIDTH),
             "k and the window must be ≥ 1": self.k >= 1 and self.window >= 1,
             "the radius must be a finite distance ≥ 0": bool(np.isfinite(self.radius_m) and self.radius_m >= 0),
-            "the threshold must be in [0, 1]": bool(0.0 <= self.threshold <= 1.0),
+            "the threshold must be in [0, 1]": self.threshold is None or bool(0.0 <= self.threshold <= 1.0),
             "the sample cannot exceed the map's rows": 0 <= self.impostor.size <= max(self.rows, 0),
         }
         failed = [what for what, ok in checks.items() if not ok]
@@ -354,7 +355,7 @@ def fit_calibration(
     radius_m: float | None = None,
     sample: int = DEFAULT_SAMPLE,
     seed: int = 0,
-    threshold: float = DEFAULT_UNKNOWN_BELOW,
+    threshold: float | None = None,
     fingerprint: str = "",
     progress: bool = False,
 ) -> Calibration:
@@ -508,6 +509,7 @@ class ConfidenceModel:
     name: str
     weights: Mapping[str, float]
     bias: float
+    threshold: float = DEFAULT_UNKNOWN_BELOW  # below it the answer is "unknown"
     source: str = ""
 
     def probability(self, features: Mapping[str, float]) -> float:
@@ -525,8 +527,26 @@ CONFIDENCE_MODELS: Registry[ConfidenceModel] = Registry("confidence model")
 # so the same weights serve every map.
 CONFIDENCE_MODELS.register(
     "global",
-    ConfidenceModel("global", {"top1_z": 0.289, "margin_z": 0.866}, -1.522, "benchmarks/bench_confidence.py"),
+    ConfidenceModel(
+        "global", {"top1_z": 0.289, "margin_z": 0.866}, -1.522, DEFAULT_UNKNOWN_BELOW, "benchmarks/bench_confidence.py"
+    ),
 )
+# With the answer's verified inliers (bench_confidence.py --verify 1: XFeat, the answer checked). The
+# threshold keeps ≥ 0.90 of each map's right answers (0.127–0.169 chosen per held-out map; 0.133 on all).
+CONFIDENCE_MODELS.register(
+    "verified",
+    ConfidenceModel(
+        "verified",
+        {"top1_z": 0.055, "margin_z": 0.707, "inliers_log": 0.966},
+        -4.715,
+        VERIFIED_UNKNOWN_BELOW,
+        "benchmarks/bench_confidence.py --verify 1",
+    ),
+)
+# No ``sequence`` model: fitted leave-one-dataset-out on Corridor and Nordland-600 with sequences of 10 and a
+# foreign stream (benchmarks/fit_sequence_confidence.py), it accepted fewer right Nordland answers (0.35) than
+# the global model does on the same frames (0.44, 0.996 of accepted answers right): 14 wrong answers in all
+# are too few to fit it. Sequence frames use the global model on the frame's own cosine with the sequence's answer.
 
 
 def confidence_model(features: Mapping[str, float]) -> ConfidenceModel:
@@ -639,11 +659,15 @@ def estimate(
     cos = np.asarray(cosines, np.float64).reshape(-1)
     keep = rows >= 0
     rows, cos = rows[keep], cos[keep]
-    thr = calibration.threshold if threshold is None else float(threshold)
+    thr = calibration.threshold if threshold is None else float(threshold)  # None: the confidence model's
     n_map = int(max(rows.max() + 1 if rows.size else 0, 0 if sequence is None else len(sequence)))
     seq = np.arange(n_map) if sequence is None else np.asarray(sequence)
     pose_arr = None if poses is None else np.asarray(poses, np.float64)
-    conf, info = _confidence(rows, cos, seq, pose_arr, calibration, evidence, evidence_rows, inliers, sequence_support)
+    conf, info, model = _confidence(
+        rows, cos, seq, pose_arr, calibration, evidence, evidence_rows, inliers, sequence_support
+    )
+    if thr is None:
+        thr = model.threshold
     info["threshold"] = thr
     if rows.size == 0:
         return Estimate(None, None, None, "rows", 0.0 if conf is None else conf, True, {**info, "matches": 0})
@@ -685,8 +709,8 @@ def _confidence(
     evidence_rows: np.ndarray | None,
     inliers: float | None,
     sequence_support: float | None,
-) -> tuple[float | None, dict[str, Any]]:
-    """The probability that the answer ``rows[0]`` is right, and the evidence it came from."""
+) -> tuple[float | None, dict[str, Any], ConfidenceModel]:
+    """The probability that the answer ``rows[0]`` is right, the evidence it came from, and the model used."""
     if evidence_rows is None or evidence is None:  # the ranking is all the evidence there is
         ev_rows, ev_cos = rows[:0], cos[:0]
     else:
@@ -700,7 +724,7 @@ def _confidence(
         info["unknown_reason"] = (
             "no match to judge" if rows.size == 0 else "map too small to calibrate a confidence (no other places)"
         )
-        return (0.0 if rows.size == 0 and calibration.usable else None), info
+        return (0.0 if rows.size == 0 and calibration.usable else None), info, CONFIDENCE_MODELS.get("global")
     # the answer's rivals: every ranked row and every row of the evidence, best first
     pool_rows = np.concatenate([rows, ev_rows])
     pool_cos = np.concatenate([cos, ev_cos])
@@ -725,4 +749,4 @@ def _confidence(
         features={k: _r(v) for k, v in features.items() if np.isfinite(v)},
         environment=_r(float(env)),  # share of the map's impostors whose top-1 cosine is below the answer's
     )
-    return conf, info
+    return conf, info, model

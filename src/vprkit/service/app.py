@@ -3,7 +3,8 @@
 Routes (the OpenAPI schema at ``/openapi.json``, interactive docs at ``/docs``):
 
 - ``POST /localize`` — an image (multipart field ``image``, or the raw bytes as the body) → the top-K
-  places and the position estimate; query ``top_k``, ``rerank``. With ``stream=ID`` (and optionally
+  places and the position estimate; query ``top_k``, ``rerank``, ``verify=N`` (check the top N answers
+  geometrically: :mod:`vprkit.pipeline.verify`). With ``stream=ID`` (and optionally
   ``sequence_length=L``, default 10) the frame is localised together with the earlier frames of the
   client's stream ``ID`` (sequence matching, :mod:`.sequences`); ``DELETE /streams/{id}`` (key required,
   as every write) ends a stream, which otherwise expires after ``ServiceLimits.stream_ttl_s`` unused.
@@ -53,6 +54,7 @@ from ..errors import (
     VPRKitError,
 )
 from ..pipeline.live import LiveMap, PlaceExistsError, UnknownPlaceError
+from ..pipeline.verify import VerifySettings
 from ..presets import list_rerank_configs
 from ..uploads import DecodeBusyError
 from .reload import ServedMap
@@ -74,7 +76,8 @@ RAW_IMAGE_TYPES = ("image/", "application/octet-stream")
 POSE_FIELDS = ("easting", "northing", "lat", "lon", "heading", "timestamp")
 KEY_FIELD = "key"
 # What each upload route accepts; anything else is a 422 naming it (a typo must not pass silently).
-LOCALIZE_PARAMS = frozenset({"top_k", "rerank", "stream", "sequence_length"})
+LOCALIZE_PARAMS = frozenset({"top_k", "rerank", "stream", "sequence_length", "verify"})
+MAX_VERIFY = 10  # answers checked per request at most: each costs a match and a two-view fit (≈ 20–40 ms)
 LIST_PARAMS = frozenset({"offset", "limit"})
 # GET /places pages: a page of 1000 places is about 100 KB of JSON.
 DEFAULT_PAGE = 100
@@ -510,12 +513,21 @@ def _add_localize_route(app: FastAPI, live: LiveMap, max_upload_bytes: int, stre
             None, description="your stream's id: the frame is localised with that stream's earlier frames"
         ),
         sequence_length: int | None = Query(None, description="frames a stream's sequence spans (default 10)"),
+        verify: int = Query(
+            0,
+            ge=0,
+            le=MAX_VERIFY,
+            description="check the top N answers with local features and a two-view model (0: off): the answer's "
+            "inliers enter its confidence; estimate.verification gives its rotation relative to the matched image",
+        ),
     ) -> JSONResponse:
         _unknown(request.query_params.keys(), LOCALIZE_PARAMS, "query parameter")
         if rerank is not None and rerank != "none" and rerank not in rerank_names:
             raise HTTPException(422, f"unknown re-ranking preset {rerank!r}; known: {known}")
         if stream is None and sequence_length is not None:
             raise HTTPException(422, "sequence_length applies to a stream: add stream=ID")
+        if stream is not None and verify:
+            raise HTTPException(422, "verify applies to single images, not to a stream's frames")
         if stream is not None:
             if rerank not in (None, "none"):
                 raise HTTPException(422, "re-ranking and sequence matching (stream) are not combined; choose one")
@@ -530,7 +542,8 @@ def _add_localize_route(app: FastAPI, live: LiveMap, max_upload_bytes: int, stre
             if stream is not None:
                 out = localize_in_stream(streams, live, stream, sequence_length, name, picture, top_k)
             else:
-                result = live.localize({name: picture}, top_k=top_k, rerank=rerank)[0]
+                checks = VerifySettings(top_n=verify) if verify else None
+                result = live.localize({name: picture}, top_k=top_k, rerank=rerank, verify=checks)[0]
                 if result.error is not None:
                     raise ImageReadError(result.error)
                 out = result.to_dict()
