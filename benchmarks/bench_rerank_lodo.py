@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import sys
 import time
@@ -53,8 +54,10 @@ TARGET_LOSS = 0.01
 # The floor objective's training-set floor: half the target's tolerance, a margin for the unseen set.
 DEFAULT_FLOOR = -0.005
 OBJECTIVES = {"floor": mean_above_floor, "worst": lambda _floor: worst_then_mean}
+# The global weight at which the fusion is the global order (no reordering): the grid's safe fallback point.
+GLOBAL_ORDER_WEIGHT = 1.0
 # Each preset's tunable fusion parameters and the values tried. The gap presets' global weight in steps of
-# 0.1 from the reference fusion's 0.5 up to 0.9 (1.0 is the global order itself); gaps around the current
+# 0.1 from the reference fusion's 0.5 up to 0.9 (1.0, the global order, is added once); gaps around the current
 # 2.5 σ, and off (None: every candidate); the agreement gate off and around storage's 0.12. ``performance``
 # (no gap: its place keeps the global order among the top-1's neighbours) tunes its weight, its place and
 # the gap and gate it does not use today. The current value is put first by grid_points.
@@ -80,13 +83,17 @@ GRIDS: dict[str, dict[str, list]] = {
 
 def grid_points(preset: str) -> list[tuple[tuple[str, object], ...]]:
     """The grid of ``preset`` as parameter tuples, the preset's current values first in every axis (so the
-    current setting is the first point and wins ties)."""
+    current setting is the first point and wins ties), and last the global order itself (global weight 1:
+    the patches never reorder) — the choice that is always safe, taken when no other point is on the
+    training sets."""
     current = get_rerank_config(preset)
     axes = []
     for name, values in GRIDS[preset].items():
         now = getattr(current, name)
         axes.append([(name, now)] + [(name, v) for v in values if v != now])
-    return [tuple(point) for point in itertools.product(*axes)]
+    points = [tuple(point) for point in itertools.product(*axes)]
+    off = tuple((name, GLOBAL_ORDER_WEIGHT if name == "global_weight" else value) for name, value in points[0])
+    return points + [off]
 
 
 def label(point: tuple[tuple[str, object], ...]) -> str:
@@ -119,6 +126,13 @@ def score_set(args, ds, name: str, base, preset: str, points: list) -> dict | No
     if not path.exists() or (first is not None and not first.exists()):
         print(f"{name} {preset}: no recording ({path.name}); skipped", file=sys.stderr)
         return None
+    saved = args.cache / "lodo" / f"{path.stem}-{preset}.json"
+    stamp = [path.stat().st_mtime_ns, first.stat().st_mtime_ns if first else None, settings.to_dict()]
+    if saved.exists():
+        kept = json.loads(saved.read_text())
+        if kept["stamp"] == json.loads(json.dumps(stamp)) and set(kept["grid"]) >= {label(p) for p in points}:
+            grid = {p: kept["grid"][label(p)] for p in points}
+            return {"dataset": ds.name, "global": kept["global"], "current": kept["current"], "grid": grid}
     n_rows, gt = len(ds.database_images), ds.ground_truth
     out = {
         "dataset": ds.name,
@@ -128,6 +142,10 @@ def score_set(args, ds, name: str, base, preset: str, points: list) -> dict | No
     }
     for point in points:
         out["grid"][point] = r1(replay(path, settings.replace(**dict(point)), n_rows=n_rows, first_path=first), gt)
+    # the replayed recalls, kept beside the recording: a later run (another objective, another preset's
+    # recordings added) re-reads them instead of replaying, as long as the recording and preset are the same
+    kept = {**out, "stamp": stamp, "grid": {label(p): r for p, r in out["grid"].items()}}
+    write_json(kept, saved)
     return out
 
 
@@ -199,19 +217,8 @@ def summary_text(preset: str, s: dict) -> str:
     )
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="effnet2-vlad-ma4", help="global preset the recordings were made with")
-    ap.add_argument("--presets", nargs="+", default=["speed", "storage", "performance"], choices=list(GRIDS))
-    ap.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
-    ap.add_argument("--transforms", nargs="+", default=TRANSFORMS)
-    ap.add_argument("--cache", type=Path, default=RESULTS / "cache", help="where bench_rerank.py --record saved")
-    ap.add_argument("--objective", default="floor", choices=list(OBJECTIVES))
-    ap.add_argument("--floor", type=float, default=DEFAULT_FLOOR, help="the floor objective's worst training dR@1")
-    ap.add_argument("--name", default="rerank_lodo")
-    args = ap.parse_args()
-    setup()
-    objective = OBJECTIVES[args.objective](args.floor)
+def score_all(args) -> dict[str, dict[str, dict]]:
+    """Every preset's R@1 (global, current, each grid point) on every recorded query set: preset → set → scores."""
     scored: dict[str, dict[str, dict]] = {p: {} for p in args.presets}
     t0 = time.perf_counter()
     for dname in args.datasets:
@@ -226,17 +233,25 @@ def main() -> None:
                 if result is not None:
                     scored[preset][name] = result
             print(f"{name}: replayed ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    for preset in list(scored):
+        if len(scored[preset]) < 2:
+            print(
+                f"{preset}: {len(scored.pop(preset))} recorded sets, leave-one-out needs two; skipped", file=sys.stderr
+            )
+    return scored
+
+
+def report_objective(scored: dict[str, dict[str, dict]], objective) -> dict:
+    """Print the LODO tables and summaries under ``objective``; return its rows and summaries."""
     rows, summaries = [], {}
     for preset, by_set in scored.items():
-        if len(by_set) < 2:
-            print(f"{preset}: {len(by_set)} recorded sets, leave-one-out needs two; skipped", file=sys.stderr)
-            continue
         preset_rows, summaries[preset] = lodo_rows(preset, by_set, objective)
         rows += preset_rows
     cols = ["queries", "preset", "global R@1", "current R@1", "current dR@1", "LODO R@1", "LODO dR@1", "ok", "chosen"]
     print(format_table(rows, cols))
     for preset, s in summaries.items():
         print(summary_text(preset, s))
+    print()
     print(
         format_table(
             rows,
@@ -244,6 +259,28 @@ def main() -> None:
             + ["ship R@1", "ship dR@1"],
         )
     )
+    return {"rows": rows, "summary": summaries}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="effnet2-vlad-ma4", help="global preset the recordings were made with")
+    ap.add_argument("--presets", nargs="+", default=["speed", "storage", "performance"], choices=list(GRIDS))
+    ap.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    ap.add_argument("--transforms", nargs="+", default=TRANSFORMS)
+    ap.add_argument("--cache", type=Path, default=RESULTS / "cache", help="where bench_rerank.py --record saved")
+    ap.add_argument(
+        "--objectives", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES), help="the first is the headline"
+    )
+    ap.add_argument("--floor", type=float, default=DEFAULT_FLOOR, help="the floor objective's worst training dR@1")
+    ap.add_argument("--name", default="rerank_lodo")
+    args = ap.parse_args()
+    setup()
+    scored = score_all(args)
+    results = {}
+    for name in args.objectives:
+        print(f"\n==== objective: {name}" + (f" (floor {args.floor:+g})" if name == "floor" else ""))
+        results[name] = report_objective(scored, OBJECTIVES[name](args.floor))
     grids = {p: [label(g) for g in grid_points(p)] for p in scored}
     per_point = {
         p: {s: {label(g): round(r, 4) for g, r in v["grid"].items()} for s, v in by_set.items()}
@@ -251,10 +288,10 @@ def main() -> None:
     }
     path = write_json(
         {
-            "rows": rows,
-            "summary": summaries,
-            "objective": args.objective,
-            "floor": args.floor if args.objective == "floor" else None,
+            **results[args.objectives[0]],
+            "objective": args.objectives[0],
+            "by_objective": results,
+            "floor": args.floor,
             "target_loss": TARGET_LOSS,
             "global_preset": args.preset,
             "grids": grids,
