@@ -614,9 +614,21 @@ class Estimate:
             where = "no pose" + ("" if self.route_position is None else f", route position {self.route_position:.1f}")
         head = "" if self.heading is None else f", heading {self.heading:.0f}°"
         spread = "" if self.spread is None else f", spread {self.spread:.1f} {self.spread_unit}"
+        if self.latlon is not None:
+            where += f" = {self.latlon[0]:.6f}, {self.latlon[1]:.6f}"
         conf = "n/a" if self.confidence is None else f"{self.confidence:.3f}"
-        verdict = "UNKNOWN PLACE" if self.unknown else "in map"
-        return f"{verdict}: confidence {conf} {where}{head}{spread}"
+        verdict = {True: "UNKNOWN PLACE", False: "in map", None: "cannot tell"}[self.unknown]
+        return f"{verdict}: confidence {conf} {where}{head}{spread}{self._verified()}"
+
+    def _verified(self) -> str:
+        """``; verified: 84 inliers (fundamental), rotated 12.3° (uncalibrated)`` — or nothing."""
+        answer = (self.verification or {}).get("answer")
+        if not answer:
+            return "" if self.verification is None else "; answer not verified (time budget)"
+        text = f"; verified: {answer['inliers']} inliers ({answer['model']})"
+        if answer.get("rotation_deg") is not None:
+            text += f", rotated {answer['rotation_deg']:.1f}°" + ("" if answer["calibrated"] else " (uncalibrated)")
+        return text
 
 
 def circular_mean_deg(angles: np.ndarray, weights: np.ndarray | None = None) -> float | None:
