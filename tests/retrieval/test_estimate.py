@@ -286,3 +286,15 @@ def test_a_few_live_additions_keep_the_calibration_and_many_refit():
     assert cal.covers(100) and cal.covers(105) and cal.covers(95)
     assert not cal.covers(111) and not cal.covers(89)
     assert _cal(rows=3).covers(3) and not _cal(rows=3).covers(4)
+
+
+def test_a_calibration_from_an_earlier_vprkit_is_refitted_quietly(tmp_path, caplog):
+    m = _equicorrelated(30, 0.3)
+    keys = [f"f{i:02d}" for i in range(30)]
+    (tmp_path / CALIBRATION_FILE).write_text(json.dumps({"version": 1, "statistic": "mean_top_k_cosine", "k": 10}))
+    with caplog.at_level("INFO", logger="vprkit.retrieval.estimate"):
+        cal = load_or_fit_calibration(tmp_path, _brute_search(m), lambda r: m[r], keys, None, write=True)
+    assert cal.usable and cal.impostor_margin.size > 0
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "earlier vprkit" in caplog.text
+    assert json.loads((tmp_path / CALIBRATION_FILE).read_text())["version"] == est.CALIBRATION_VERSION

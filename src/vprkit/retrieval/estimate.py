@@ -476,8 +476,12 @@ def load_or_fit_calibration(
     cal = None
     if path is not None and path.is_file():
         try:
-            cal = Calibration.from_dict(json.loads(path.read_text(encoding="utf-8")))
-            if cal.is_stale(len(keys), fp):
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(doc, dict) and isinstance(doc.get("version"), int) and doc["version"] < CALIBRATION_VERSION:
+                logger.info("%s was fitted by an earlier vprkit (version %d); recalibrating", path, doc["version"])
+            else:
+                cal = Calibration.from_dict(doc)
+            if cal is not None and cal.is_stale(len(keys), fp):
                 logger.info("%s is stale (the map changed); recalibrating", path)
                 cal = None
         except (OSError, ValueError, MapError) as exc:
