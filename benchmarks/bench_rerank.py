@@ -31,8 +31,9 @@ and scorer (``performance-reference``'s fusion, gap and cascade variants), fusio
 are compared in seconds, and the result is the live Recall@N of the same preset (compare a live run's
 table; recorded runs report the replayed ranking). Times are not replayed (a recording verifies more).
 A preset whose cascade picks candidates by a fast spatial scorer (``prescorer``, e.g. ``performance``'s
-``usac``) also replays from a recording by that scorer on the same patches: record a preset with
-``scorer = "usac"`` too (``performance`` replays from its patches' ``ransac`` and ``usac`` recordings).
+``affine``) also replays from a recording by that scorer on the same patches: it needs a recording with
+``scorer = "affine"`` too (``performance`` replays from its patches' ``ransac`` and ``affine`` recordings; this
+script has no option to record the affine scorer yet).
 """
 
 from __future__ import annotations
@@ -368,6 +369,15 @@ def compare_with_reference(rows_out: list[dict]) -> None:
             r["time vs ref"] = f"1/{base_row['s/query'] / r['s/query']:.1f}"
 
 
+def dataset_and_settings(dname: str, preset: str | None):
+    """A benchmark dataset and the global settings its maps are built with (Nordland at its 224×112)."""
+    spec, size = DATASETS[dname]
+    base = resolve(preset)
+    if size is not None:
+        base = base.replace(image=ImageSpec(size, "fixed"))
+    return load_dataset(spec), base
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="effnet2-vlad-ma4", help="global preset")
@@ -393,11 +403,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows_out = []
     for dname in args.datasets:
-        spec, size = DATASETS[dname]
-        ds = load_dataset(spec)
-        base = resolve(args.preset)
-        if size is not None:
-            base = base.replace(image=ImageSpec(size, "fixed"))
+        ds, base = dataset_and_settings(dname, args.preset)
         maps = {} if args.replay else {r: cached_map(ds, base, r, args.cache) for r in args.presets}
         for qs in query_sets(ds, args.transforms, args.limit, args.cache):
             global_r1 = None

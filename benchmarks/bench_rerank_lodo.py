@@ -38,16 +38,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_rerank import DATASETS, TRANSFORMS, load_recording, replay, replay_path
+from bench_rerank import DATASETS, TRANSFORMS, dataset_and_settings, load_recording, replay, replay_path
 from common import RESULTS, setup
 
-from vprkit.datasets import load_dataset
 from vprkit.datasets.transforms import transformed_name
 from vprkit.evaluation.metrics import recall_at_n
 from vprkit.evaluation.report import format_table, write_json
 from vprkit.evaluation.selection import leave_one_out_choice, mean_above_floor, most_chosen, worst_then_mean
-from vprkit.images import ImageSpec
-from vprkit.presets import get_rerank_config, resolve
+from vprkit.presets import get_rerank_config
 
 # The trust target: re-ranking never below the global R@1 by more than this on any set.
 TARGET_LOSS = 0.01
@@ -222,11 +220,7 @@ def score_all(args) -> dict[str, dict[str, dict]]:
     scored: dict[str, dict[str, dict]] = {p: {} for p in args.presets}
     t0 = time.perf_counter()
     for dname in args.datasets:
-        spec, size = DATASETS[dname]
-        ds = load_dataset(spec)
-        base = resolve(args.preset)
-        if size is not None:
-            base = base.replace(image=ImageSpec(size, "fixed"))
+        ds, base = dataset_and_settings(dname, args.preset)
         for name in query_set_names(ds, args.transforms):
             for preset in args.presets:
                 result = score_set(args, ds, name, base, preset, grid_points(preset))
