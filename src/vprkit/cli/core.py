@@ -446,7 +446,10 @@ def map_set_pose(map_dir: Path, poses: Path) -> None:
     "enter its confidence, and its rotation relative to the matched map image is reported.",
 )
 @click.option(
-    "--verify-rerank", "verify_rerank", is_flag=True, help="--verify: also reorder the checked answers by inliers."
+    "--verify-rerank",
+    "verify_rerank",
+    is_flag=True,
+    help="--verify: also reorder the checked answers by inliers (experimental: it loses R@1 on Corridor today; README).",
 )
 @click.option(
     "--local-features",
