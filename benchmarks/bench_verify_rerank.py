@@ -9,7 +9,8 @@ rotated / zoomed / off-centre cropped versions of :func:`vprkit.datasets.transfo
 localised twice through ``pipeline.localize``: global retrieval, and with ``verify=VerifySettings(top_n,
 rerank=True)`` (XFeat; the checked head reordered by ``cosine + 0.5·n/(n + 50)``). The fusion constants are
 fixed by principle in :mod:`vprkit.rerank.verification`, never fitted on these sets. Columns: Recall@1/5 of
-both, ``dR@1`` and the verified re-ranking's seconds per query (extraction, retrieval, verification).
+both, ``dR@1``, the ROC AUC of each answer's confidence for right vs wrong top-1 (issue 27's right-vs-wrong
+target on the transformed sets) and the verified re-ranking's seconds per query.
 Writes ``benchmarks/results/verify_rerank.json``.
 """
 
@@ -35,16 +36,28 @@ NS = (1, 5)
 TOP_K = 10
 
 
-def ranked(m: pipeline.Map, queries: FolderImages, row_of: dict[str, int], verify) -> tuple[np.ndarray, float]:
-    """Q×TOP_K dataset rows of each query's ranking, and seconds per query."""
+def ranked(
+    m: pipeline.Map, queries: FolderImages, row_of: dict[str, int], verify
+) -> tuple[np.ndarray, float, np.ndarray]:
+    """Q×TOP_K dataset rows of each query's ranking, seconds per query, and each answer's confidence."""
     t0 = time.perf_counter()
     results = pipeline.localize(m, queries, top_k=TOP_K, verify=verify)
     seconds = (time.perf_counter() - t0) / max(1, len(results))
     rows = np.full((len(results), TOP_K), -1, np.int64)
+    confidence = np.array([np.nan if r.estimate.confidence is None else r.estimate.confidence for r in results])
     for i, r in enumerate(results):
         found = [row_of[x.key] for x in r.matches]
         rows[i, : len(found)] = found
-    return rows, seconds
+    return rows, seconds, confidence
+
+
+def _auc_right_wrong(rows: np.ndarray, confidence: np.ndarray, truth) -> float | None:
+    """ROC AUC of the confidence for right vs wrong top-1 answers (None when all are right or all wrong)."""
+    right = np.array([int(rows[i, 0]) in set(map(int, truth.positives[i])) for i in range(len(rows))])
+    pos, neg = confidence[right], confidence[~right]
+    if not len(pos) or not len(neg):
+        return None
+    return round(float((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()), 3)
 
 
 def main() -> None:
@@ -71,8 +84,8 @@ def main() -> None:
                 else transformed_queries(ds, t.split(":")[0], float(t.split(":")[1]), CACHE / "queries")
             )
             queries = FolderImages(qs.queries_dir, qs.query_images)
-            g, _ = ranked(m, queries, row_of, None)
-            v, seconds = ranked(m, queries, row_of, verify)
+            g, _, conf_g = ranked(m, queries, row_of, None)
+            v, seconds, conf_v = ranked(m, queries, row_of, verify)
             rg, rv = recall_at_n(g, qs.ground_truth, NS), recall_at_n(v, qs.ground_truth, NS)
             rows.append(
                 {
@@ -83,6 +96,8 @@ def main() -> None:
                     f"verify{args.top_n} R@1": round(rv["R@1"], 3),
                     f"verify{args.top_n} R@5": round(rv["R@5"], 3),
                     "dR@1": round(rv["R@1"] - rg["R@1"], 3),
+                    "AUC conf r/w global": _auc_right_wrong(g, conf_g, qs.ground_truth),
+                    f"AUC conf r/w verify{args.top_n}": _auc_right_wrong(v, conf_v, qs.ground_truth),
                     "s/query": round(seconds, 3),
                 }
             )
