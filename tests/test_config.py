@@ -395,3 +395,10 @@ def test_recorded_environment_keeps_the_result_changing_ones():
     }
     assert recorded_environment(env) == {"TORCH_HOME": "/t", "VPRKIT_CACHE": "/c", "VPRKIT_ONEDNN": "0"}
     assert "VPRKIT_OFFLINE" not in RESULT_VARIABLES and "VPRKIT_SAM_CHECKPOINT" in RESULT_VARIABLES
+
+
+@pytest.mark.parametrize("seed", ["x", -1, 1.5, True])
+def test_a_vocabulary_seed_that_is_not_a_whole_number_is_refused(seed):
+    """A map.json edited to seed 'x' reached numpy's SeedSequence (a TypeError) when the calibration was fitted."""
+    with pytest.raises(ConfigError, match="seed"):
+        VocabularyConfig(seed=seed)

@@ -389,6 +389,8 @@ class VocabularyConfig:
             raise ConfigError(f"vocabulary sets must be ≥ 1, got {self.sets}")
         if self.k < 1:
             raise ConfigError(f"vocabulary size K must be ≥ 1, got {self.k}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or self.seed < 0:
+            raise ConfigError(f"vocabulary seed must be a whole number ≥ 0, got {self.seed!r}")
         if not 0 < self.large_map_fraction <= 1:
             raise ConfigError("vocabulary large_map_fraction must be in (0, 1]")
         if self.max_bytes is not None and self.max_bytes < 1:
