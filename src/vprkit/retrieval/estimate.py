@@ -741,17 +741,16 @@ def _confidence(
             "no match to judge" if rows.size == 0 else "map too small to calibrate a confidence (no other places)"
         )
         return (0.0 if rows.size == 0 and calibration.usable else None), info, CONFIDENCE_MODELS.get("global")
-    # the answer's rivals: every ranked row and every row of the evidence, best first
+    # the answer's rivals: every ranked row and every row of the evidence outside the answer's place. Unlike
+    # place_margin (the calibration's, clipped at 0) a rival place scoring higher is negative evidence here.
     pool_rows = np.concatenate([rows, ev_rows])
     pool_cos = np.concatenate([cos, ev_cos])
-    order = np.argsort(-np.nan_to_num(pool_cos, nan=-np.inf), kind="stable")
-    answer = np.r_[[0], order[order != 0]]  # the answer first, then the rest by cosine
-    margin = place_margin(pool_rows[answer], pool_cos[answer], seq, poses, calibration.window, calibration.radius_m)
-    if margin is None and pool_rows.size > 1:  # no other place seen: its best is below the weakest row seen
-        margin = float(cos[0] - np.nanmin(pool_cos))
-    elif margin is not None:  # place_margin clips at 0; a rival place scoring higher is negative evidence
-        rivals = ~same_place(int(rows[0]), pool_rows, seq, poses, calibration.window, calibration.radius_m)
+    rivals = ~same_place(int(rows[0]), pool_rows, seq, poses, calibration.window, calibration.radius_m)
+    margin = None
+    if rivals.any():
         margin = float(cos[0] - np.nanmax(pool_cos[rivals]))
+    elif pool_rows.size > 1:  # no other place seen: its best is below the weakest row seen
+        margin = float(cos[0] - np.nanmin(pool_cos))
     features = calibration.features(float(cos[0]), margin)
     features["inliers_log"] = float(np.log1p(inliers)) if inliers is not None else float("nan")
     features["sequence_support"] = float(sequence_support) if sequence_support is not None else float("nan")
