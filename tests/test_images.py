@@ -23,6 +23,7 @@ from vprkit.images import (
     check_image_size,
     list_images,
     load_prepared,
+    prepare_image,
     read_image,
     scan_images,
 )
@@ -321,3 +322,27 @@ def test_a_link_to_a_listed_folder_does_not_duplicate_its_images(tmp_path):
     listing = scan_images(tmp_path)
     assert listing.keys == ["b_real/x.png"]
     assert [(p.path, p.kind) for p in listing.problems] == [("a_link", "folder_loop")]
+
+
+def test_to_multiple_resize_rounds_each_side_to_the_nearest_multiple_as_megaloc():
+    """MegaLoc resizes (not crops) an image to round(h/14)·14 × round(w/14)·14; Python's round, as its code."""
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8))
+    spec = ImageSpec(None, "none", to_multiple="resize")
+    arr, geo = prepare_image(img, spec, multiple=14)
+    assert arr.shape[:2] == (476, 644) and geo.crop == (0, 0)
+    assert geo.scale == pytest.approx((476 / 480, 644 / 640))
+    cropped, _ = prepare_image(img, ImageSpec(None, "none"), multiple=14)
+    assert cropped.shape[:2] == (476, 630)
+
+
+def test_interpolation_is_a_setting_and_older_settings_read_the_same():
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (97, 131, 3), dtype=np.uint8))
+    bilinear, _ = prepare_image(img, ImageSpec((60, 80), "fixed"))
+    bicubic, _ = prepare_image(img, ImageSpec((60, 80), "fixed", interpolation="bicubic"))
+    assert bilinear.shape == bicubic.shape and not np.array_equal(bilinear, bicubic)
+    assert np.array_equal(bicubic, np.asarray(img.resize((80, 60), Image.BICUBIC)))
+    assert ImageSpec((60, 80)).to_dict() == {"size": [60, 80], "resize": "fixed"}  # maps built before read the same
+    spec = ImageSpec((60, 80), interpolation="bicubic", to_multiple="resize")
+    assert ImageSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(ConfigError, match="interpolation 'nearest'"):
+        ImageSpec((60, 80), interpolation="nearest")

@@ -21,6 +21,8 @@ from .options import did_you_mean, validate_config, validate_options
 
 STORE_DTYPES = ("float16", "float32")
 RESIZE_MODES = ("fixed", "keep_aspect", "resize_crop", "none")
+INTERPOLATIONS = ("bilinear", "bicubic")  # PIL's (antialiased when shrinking, as torchvision's Resize on PIL images)
+TO_MULTIPLE = ("crop", "resize")
 # Where the networks run: "auto" = CUDA, then Apple MPS, then the CPU; or an explicit device.
 DEVICE_AUTO = "auto"
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -77,16 +79,25 @@ class ImageSpec:
     - ``resize_crop``: resize to ``size`` then centre-crop to a multiple of the backbone's patch size
       (AnyLoc: 480×640 → 476×630 for ViT/14).
     - ``none``: keep the original size.
-    In every mode the result is centre-cropped down to a multiple of the backbone's ``size_multiple``;
-    the crop offset is recorded in :class:`vprkit.images.Geometry`.
+
+    ``to_multiple``: how the result is brought to a multiple of the backbone's ``size_multiple``:
+    ``crop`` (centre-crop down; the offset is recorded in :class:`vprkit.images.Geometry`) or ``resize``
+    (resize to the nearest multiple on each side, as MegaLoc does inside its model).
+    ``interpolation``: the resampling filter, ``bilinear`` or ``bicubic`` (BoQ's evaluation).
     """
 
     size: tuple[int, int] | None = (240, 320)
     resize: str = "fixed"
+    interpolation: str = "bilinear"
+    to_multiple: str = "crop"
 
     def __post_init__(self):
         if self.resize not in RESIZE_MODES:
             raise ConfigError(f"resize mode {self.resize!r} is not one of {RESIZE_MODES}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ConfigError(f"interpolation {self.interpolation!r} is not one of {INTERPOLATIONS}")
+        if self.to_multiple not in TO_MULTIPLE:
+            raise ConfigError(f"to_multiple {self.to_multiple!r} is not one of {TO_MULTIPLE}")
         if self.size is not None:
             if (
                 not isinstance(self.size, (tuple, list))
@@ -111,11 +122,22 @@ class ImageSpec:
                 )
 
     def to_dict(self) -> dict:
-        return {"size": list(self.size) if self.size else None, "resize": self.resize}
+        """The fields, the two later ones only when not their defaults (older maps' settings read the same)."""
+        d = {"size": list(self.size) if self.size else None, "resize": self.resize}
+        if self.interpolation != "bilinear":
+            d["interpolation"] = self.interpolation
+        if self.to_multiple != "crop":
+            d["to_multiple"] = self.to_multiple
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ImageSpec":
-        return cls(size=tuple(d["size"]) if d.get("size") else None, resize=d.get("resize", "fixed"))
+        return cls(
+            size=tuple(d["size"]) if d.get("size") else None,
+            resize=d.get("resize", "fixed"),
+            interpolation=d.get("interpolation", "bilinear"),
+            to_multiple=d.get("to_multiple", "crop"),
+        )
 
 
 def _known_fields(cls: type, d: Mapping[str, Any], what: str) -> dict[str, Any]:

@@ -723,6 +723,9 @@ def read_image(
     return rgb
 
 
+RESAMPLING = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+
+
 def _multiple_crop(h: int, w: int, multiple: int) -> tuple[int, int, int, int]:
     nh, nw = (h // multiple) * multiple, (w // multiple) * multiple
     if nh == 0 or nw == 0:
@@ -751,8 +754,10 @@ def prepare_image(
     """
     oh, ow = original_size or (img.height, img.width)
     th, tw = target_size((oh, ow), spec)
-    if (th, tw) != (oh, ow):
-        img = img.resize((tw, th), Image.BILINEAR)
+    if spec.to_multiple == "resize" and multiple > 1:
+        th, tw = (max(multiple, round(v / multiple) * multiple) for v in (th, tw))
+    if (th, tw) != (oh, ow) or (img.height, img.width) != (th, tw):
+        img = img.resize((tw, th), RESAMPLING[spec.interpolation])
     top, left, nh, nw = _multiple_crop(th, tw, multiple)
     arr = np.asarray(img, dtype=np.uint8)[top : top + nh, left : left + nw]
     return np.ascontiguousarray(arr), Geometry((oh, ow), (th / oh, tw / ow), (top, left), (nh, nw))

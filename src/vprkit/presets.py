@@ -560,7 +560,7 @@ def resolve(
             )
         config = _replace(config, overrides)
     if image_size is not None:
-        config = config.replace(image=ImageSpec(tuple(image_size), config.image.resize))
+        config = config.replace(image=dataclasses.replace(config.image, size=tuple(image_size)))
     if memory_budget_mb is not None:
         config = config.replace(memory_budget_mb=memory_budget_mb)
     if float16:

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import ConfigError, WeightsNotFoundError
-from ..io import atomic_path, clean_orphans
 from ..registry import Registry
 
 FORMATS = ("torch", "safetensors", "lightning", "mat")
@@ -123,6 +122,8 @@ def check_file(entry: ZooWeights, path: Path) -> str:
 
 def download(entry: ZooWeights, dest: Path) -> Path:
     """Fetch ``entry`` from its URLs in turn into ``dest``; verified before the rename makes it visible."""
+    from ..io import atomic_path, clean_orphans  # numpy-importing: resolving a preset must stay library-free
+
     clean_orphans(dest.parent)
     errors = []
     for url in entry.urls:
