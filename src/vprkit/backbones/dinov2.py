@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, WeightsNotFoundError
+from ..zoo import zoo_part
 from .base import BACKBONES, Backbone, DenseFeatures, unit_parameters
 from .weights import resolve_weights
 
@@ -547,6 +548,11 @@ class DINOv2(Backbone):
     ``config`` overrides fields of the model's :class:`ViTConfig` (tests build tiny ViTs this way);
     ``final_norm`` applies the final LayerNorm to the ``token`` facet (official
     ``get_intermediate_layers(norm=True)`` / ``x_norm_patchtokens`` at the last layer).
+
+    ``zoo=NAME`` fills the network from the ``backbone`` part of that zoo checkpoint (SALAD, MegaLoc,
+    BoQ …; ``weights`` then names its file, see :mod:`vprkit.zoo`); ``pretrained`` is then ignored.
+    What those heads consume is ``layer=depth-1, facet="token"`` with ``final_norm=True`` (SALAD and
+    MegaLoc: the normed patch tokens and the normed CLS token, :attr:`DenseFeatures.global_token`).
     """
 
     size_multiple = PATCH_SIZE
@@ -561,6 +567,7 @@ class DINOv2(Backbone):
         weights: str | os.PathLike | None = None,
         final_norm: bool = False,
         config: Mapping[str, Any] | None = None,
+        zoo: str | None = None,
     ):
         super().__init__()
         cfg = model_config(name)
@@ -588,17 +595,34 @@ class DINOv2(Backbone):
         self.size_multiple = cfg.patch_size
         self.dim = cfg.embed_dim
 
+        self.zoo = zoo
         # find the weights before building anything: a missing file is reported at once, not after
         # allocating (and randomly initialising) a billion parameters
-        self.weights_path: Path | None = find_weights(name, weights) if pretrained or weights is not None else None
+        zoo_state = zoo_part(zoo, weights, "backbone") if zoo else None
+        self.weights_path: Path | None = None
+        if zoo is None and (pretrained or weights is not None):
+            self.weights_path = find_weights(name, weights)
         # with weights, build on the meta device (no memory, no init) and adopt the loaded tensors
-        with torch.device("meta" if self.weights_path is not None else "cpu"):
+        with torch.device("cpu" if self.weights_path is None and zoo_state is None else "meta"):
             self._build(cfg, layer, facet, final_norm)
-        if self.weights_path is None:
+        if zoo_state is not None:
+            self._load_zoo(zoo, zoo_state)
+        elif self.weights_path is None:
             self._init_random()
         else:
             self.load_checkpoint(read_checkpoint(self.weights_path, cfg, name))
         self.eval()
+
+    def _load_zoo(self, zoo: str, state: Mapping[str, torch.Tensor]) -> None:
+        """Adopt the backbone part of zoo checkpoint ``zoo`` (official hub names after the zoo layout).
+
+        A checkpoint of another size or variant is a :class:`WeightsNotFoundError` (one line), like every
+        zoo part that does not fit.
+        """
+        try:
+            self.load_checkpoint(state)
+        except ConfigError as exc:
+            raise WeightsNotFoundError(f"zoo weights {zoo}: {exc}") from None
 
     def _build(self, cfg: ViTConfig, layer: int, facet: str, final_norm: bool) -> None:
         d = cfg.embed_dim
@@ -715,6 +739,8 @@ class DINOv2(Backbone):
             ident["final_norm"] = True
         if self.config_overrides:
             ident["config"] = dict(self.config_overrides)
+        if self.zoo:
+            ident["zoo"] = self.zoo
         return ident
 
 
@@ -726,9 +752,17 @@ def _factory(name: str):
         weights: str | os.PathLike | None = None,
         final_norm: bool = False,
         config: Mapping[str, Any] | None = None,
+        zoo: str | None = None,
     ) -> DINOv2:
         return DINOv2(
-            name, layer=layer, facet=facet, pretrained=pretrained, weights=weights, final_norm=final_norm, config=config
+            name,
+            layer=layer,
+            facet=facet,
+            pretrained=pretrained,
+            weights=weights,
+            final_norm=final_norm,
+            config=config,
+            zoo=zoo,
         )
 
     cfg = model_config(name)
