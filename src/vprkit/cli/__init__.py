@@ -13,9 +13,9 @@ import traceback
 import click
 
 from ..errors import VPRKitError
-from . import bench, core, loops, rerank, scale, segments, serve, train, vocab
+from . import bench, core, loops, rerank, scale, segments, serve, train, vocab, weights
 
-TOPICS = (core, vocab, rerank, segments, bench, train, serve, loops, scale)
+TOPICS = (core, vocab, rerank, segments, bench, train, serve, loops, scale, weights)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -16,6 +16,7 @@ from ..options import describe as describe_options
 from ..pipeline import distributed
 from ..pipeline.sequences import DEFAULT_STREAM_BATCH, FILE_STREAM_BATCH, localize_stream
 from ..presets import DEFAULT_PRESET, list_presets, list_rerank_configs, resolve
+from ..zoo import zoo_entry_of
 from ..pipeline.verify import DEFAULT_PIPELINE as DEFAULT_LOCAL_FEATURES
 from ..streams import CameraFrames, FolderFrames, VideoFrames
 from .output import echo_json, to_json
@@ -759,6 +760,10 @@ def presets(show_options: bool, show_environment: bool) -> None:
     """List the named presets (global, then re-ranking presets for --rerank)."""
     for c in list_presets():
         click.echo(f"{c.name:<24} {c.description}" + ("  [default]" if c.name == DEFAULT_PRESET else ""))
+        entry = zoo_entry_of(c)
+        if entry is not None:
+            reported = f"; reported {entry.reported}" if entry.reported else ""
+            click.echo(f"{'':<24} licence {entry.licence}{reported}; weights: {entry.name} (`vprkit weights fetch`)")
     click.echo("\nre-ranking presets (--rerank NAME):")
     for s in list_rerank_configs():
         click.echo(f"{s.name:<24} {s.description}")
