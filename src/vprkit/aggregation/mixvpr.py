@@ -1,4 +1,4 @@
-"""MixVPR (Ali-bey, Chaib-draa & Giguère, WACV 2023), written from the paper's description.
+"""MixVPR (Ali-bey, Chaib-draa & Giguère, WACV 2023), written from the paper; equal to the official head.
 
 The backbone's ``h×w×C`` map is read as ``C`` rows of ``h·w`` values (one flattened spatial map
 per channel). ``depth`` *feature-mixer* blocks each apply, to every row, LayerNorm →
@@ -11,12 +11,19 @@ Then a *channel projection* (Linear C → C′, along channels) and a *row proje
 The layer sizes derive from the backbone: ``C`` is the backbone's dim, ``hw`` its grid at the
 preset's image size (``height``, ``width`` — the trainer fills them in from the feature cache);
 a map of another grid is refused with a clear message, or, with ``adapt_grid=True``,
-average-pooled to the trained grid first (so the head runs at any image size). Parameters are frozen unless
-``trainable=True``; a trained head is loaded through the ``trained`` aggregator
-(:mod:`vprkit.aggregation.projection`).
+average-pooled to the trained grid first (so the head runs at any image size; not the authors' protocol,
+which resizes every image to the trained size). Parameters are frozen unless ``trainable=True``; a head
+trained by vprkit is loaded through the ``trained`` aggregator (:mod:`vprkit.aggregation.projection`), a
+published one with ``zoo=NAME`` (:mod:`vprkit.zoo.mixvpr`; ``weights``: its file).
+
+The official code (amaralibey/MixVPR) computes exactly this: its ``x.flatten(2)`` of the ``C×h×w`` map
+is our row-major ``h·w`` per channel, its mixer is ``x + Linear(ReLU(Linear(LayerNorm(x))))`` with a hidden
+width of ``int(h·w·mlp_ratio)``, and the result is flattened channel-major (``C′`` blocks of ``R``).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +31,7 @@ from torch import nn
 
 from ..backbones.base import DenseFeatures
 from ..errors import ConfigError
+from ..zoo import load_part
 from .base import AGGREGATORS, Aggregator, l2n
 
 # The paper's settings (REFERENCE.md, "Training conventions"): 4 mixers, r = 1, 4 output rows.
@@ -37,7 +45,7 @@ class FeatureMixer(nn.Module):
 
     def __init__(self, n: int, ratio: float = MIXVPR_MLP_RATIO):
         super().__init__()
-        hidden = max(1, int(round(n * ratio)))
+        hidden = max(1, int(n * ratio))  # the official width: int(h·w·ratio), rounded down
         self.norm = nn.LayerNorm(n)
         self.fc1 = nn.Linear(n, hidden)
         self.fc2 = nn.Linear(hidden, n)
@@ -64,6 +72,8 @@ class MixVPR(Aggregator):
         out_channels: int | None = None,
         out_rows: int = MIXVPR_OUT_ROWS,
         adapt_grid: bool = False,
+        zoo: str | None = None,
+        weights: str | os.PathLike | None = None,
         trainable: bool = False,
     ):
         super().__init__(backbone_dim)
@@ -85,6 +95,9 @@ class MixVPR(Aggregator):
         self.mixers = nn.Sequential(*[FeatureMixer(n, mlp_ratio) for _ in range(int(depth))])
         self.channel_proj = nn.Linear(self.backbone_dim, self.out_channels)
         self.row_proj = nn.Linear(n, self.out_rows)
+        self.zoo = zoo
+        if zoo:
+            load_part(self, zoo, weights, "aggregator")
         self.requires_grad_(bool(trainable))
 
     @property
@@ -109,13 +122,16 @@ class MixVPR(Aggregator):
         return l2n(x.flatten(1))
 
     def identity(self):
-        return {
+        ident = {
             **super().identity(),
             "grid": [self.height, self.width],
             "depth": len(self.mixers),
             "out_channels": self.out_channels,
             "out_rows": self.out_rows,
         }
+        if self.zoo:
+            ident["zoo"] = self.zoo
+        return ident
 
 
 AGGREGATORS.register("mixvpr", MixVPR)
