@@ -19,6 +19,7 @@ BatchNorm into its convolution (same outputs in eval mode).
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -220,13 +221,6 @@ class ResNet(Backbone):
         return {**super().identity(), "cut": self.cut, "weights": self.weights_source}
 
 
-def _factory(depth: int):
-    def build(**options: Any) -> ResNet:
-        return ResNet(depth, **options)
-
-    build.__doc__ = f"ResNet-{depth} (torchvision's tree) up to ``cut``."
-    return build
-
-
 for _depth in RESNET_STAGES:
-    BACKBONES.register(f"resnet{_depth}", _factory(_depth))
+    # a partial keeps the constructor's signature (the schema tests compare it with options.py)
+    BACKBONES.register(f"resnet{_depth}", partial(ResNet, _depth))

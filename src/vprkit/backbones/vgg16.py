@@ -9,7 +9,13 @@ as in torchvision (``features.N``), so both weight layouts load without renaming
 * a NetVLAD / Patch-NetVLAD checkpoint (read by :mod:`vprkit.checkpoints`), whose encoder replaces
   the ImageNet weights (its NetVLAD layer and WPCA go to the aggregator and the re-ranker).
 
-Pixels are normalised with ImageNet mean/std, as both trainings did.
+Pixels are normalised with ImageNet mean/std, as both PyTorch trainings did (and CosPlace / EigenPlaces,
+whose VGG16 is cut at the same place: ``features.children()[:-2]``). ``input_norm="matconvnet"`` feeds
+the network as MATLAB NetVLAD (and hloc's port of its ``.mat`` files) does: pixels in 0–255 minus the
+MatConvNet average colour, no division by a standard deviation.
+
+``zoo=NAME`` loads the backbone part of a zoo checkpoint (:mod:`vprkit.zoo`; ``weights`` then names that
+file) instead of the ImageNet file or a NetVLAD checkpoint.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from torch import nn
 
 from ..checkpoints import encoder_state, read_state_dict
 from ..errors import ConfigError, WeightsNotFoundError
+from ..zoo import load_part
 from .base import BACKBONES, Backbone, DenseFeatures, unit_parameters
 from .weights import resolve_weights
 
@@ -31,6 +38,10 @@ VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "
 NETVLAD_CUT = 2
 IMAGENET_FILE = "vgg16-397923af.pth"
 IMAGENET_URL = f"https://download.pytorch.org/models/{IMAGENET_FILE}"
+PIXEL_RANGE = 255.0
+# MatConvNet's average colour (0–255 RGB) that MATLAB NetVLAD subtracts; no std division there.
+MATCONVNET_MEAN = (123.68, 116.779, 103.939)
+INPUT_NORMS = ("imagenet", "matconvnet")
 
 
 def vgg16_features(in_channels: int = 3) -> nn.Sequential:
@@ -56,14 +67,26 @@ class VGG16Conv5(Backbone):
     name = "vgg16-conv5"
     size_multiple = 16
 
-    def __init__(self, weights: str | None = None, pretrained: bool = True):
+    def __init__(
+        self,
+        weights: str | None = None,
+        pretrained: bool = True,
+        zoo: str | None = None,
+        input_norm: str = "imagenet",
+    ):
         super().__init__()
+        if input_norm not in INPUT_NORMS:
+            raise ConfigError(f"vgg16-conv5: input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
+        self.input_norm = input_norm
         full = vgg16_features()
         self.features = full[: len(full) - NETVLAD_CUT]
         self.stride = 2 ** sum(isinstance(m, nn.MaxPool2d) for m in self.features)
         self.dim = int([m for m in self.features if isinstance(m, nn.Conv2d)][-1].out_channels)
         self.weights_source: str | None = None
-        if pretrained:
+        if zoo:
+            load_part(self, zoo, weights, "backbone")
+            self.weights_source = zoo
+        elif pretrained:
             path = resolve_weights(
                 "vgg16-conv5",
                 IMAGENET_FILE,
@@ -89,6 +112,13 @@ class VGG16Conv5(Backbone):
         self.features.load_state_dict(wanted)
         self.weights_source = Path(source).name
 
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """ImageNet mean/std, or MatConvNet's ``pixels·255 − mean`` (``input_norm``)."""
+        if self.input_norm == "imagenet":
+            return super().normalise(pixels)
+        mean = torch.tensor(MATCONVNET_MEAN, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+        return pixels * PIXEL_RANGE - mean
+
     def extract(self, x: torch.Tensor) -> DenseFeatures:
         h, w = int(x.shape[-2]), int(x.shape[-1])
         if h % self.size_multiple or w % self.size_multiple:
@@ -101,7 +131,10 @@ class VGG16Conv5(Backbone):
         return [unit_parameters(m) for m in self.features if isinstance(m, nn.Conv2d)]
 
     def identity(self) -> dict[str, Any]:
-        return {**super().identity(), "weights": self.weights_source}
+        own = {**super().identity(), "weights": self.weights_source}
+        if self.input_norm != "imagenet":  # recorded only when not the default, so existing maps keep theirs
+            own["input_norm"] = self.input_norm
+        return own
 
 
 BACKBONES.register("vgg16-conv5", VGG16Conv5)
