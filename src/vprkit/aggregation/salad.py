@@ -132,6 +132,7 @@ class SALAD(Aggregator):
         if zoo:
             load_part(self, zoo, weights, "aggregator")
         self.requires_grad_(bool(trainable))
+        self.eval()  # inference never turns dropout off itself; the trainer calls train() for its steps
 
     @property
     def salad_dim(self) -> int:
