@@ -25,6 +25,7 @@ from torch import nn
 from ..backbones.base import DenseFeatures
 from ..checkpoints import read_netvlad_checkpoint
 from ..errors import ConfigError, VocabularyMismatchError
+from ..zoo import load_part, zoo_part
 from .base import AGGREGATORS, Aggregator, l2n
 from .vlad import Vocabulary, fit_vocabulary, vlad_normalise
 
@@ -112,8 +113,10 @@ class NetVLAD(Aggregator):
     ``assignment_margin``), or from a trained checkpoint with ``checkpoint=PATH`` (a NetVLAD /
     Patch-NetVLAD VGG16 checkpoint; its own centres replace the vocabulary's, and its WPCA layer,
     if it has one, projects the descriptor as in Patch-NetVLAD's global retrieval unless
-    ``wpca=False``), or unfitted with ``k=K`` and then :meth:`fit` on a descriptor sample (k-means
-    centres and α) or ``load_state_dict``. Parameters are frozen unless ``trainable=True``.
+    ``wpca=False``), or from a zoo checkpoint with ``zoo=NAME`` (Relja Arandjelović's MATLAB models: NetVLAD
+    and whitening, sized from the file; ``weights`` names the file), or unfitted with ``k=K`` and then
+    :meth:`fit` on a descriptor sample (k-means centres and α) or ``load_state_dict``. Parameters are frozen
+    unless ``trainable=True``.
     """
 
     name = "netvlad"
@@ -131,17 +134,22 @@ class NetVLAD(Aggregator):
         chunk: int = 16,
         k: int | None = None,
         trainable: bool = False,
+        zoo: str | None = None,
+        weights: str | None = None,
     ):
         super().__init__(backbone_dim)
         self.chunk = chunk
         self.checkpoint = checkpoint
+        self.zoo = zoo
         self.variant = variant
         self.trainable = bool(trainable)
         self.wpca: nn.Linear | None = None
         self.vocabulary: Vocabulary | None = None
         self.alpha: float | None = None if alpha is None else float(alpha)
         self._fitted = True
-        if checkpoint is not None:
+        if zoo:
+            self._init_from_zoo(zoo, weights)
+        elif checkpoint is not None:
             ck = read_netvlad_checkpoint(checkpoint)
             if ck.dim != backbone_dim:
                 raise VocabularyMismatchError(
@@ -169,6 +177,20 @@ class NetVLAD(Aggregator):
             )
         self.requires_grad_(self.trainable)
 
+    def _init_from_zoo(self, zoo: str, weights: str | None) -> None:
+        """Layer and whitening sized from the zoo checkpoint's tensors, then filled by the zoo loader."""
+        state = zoo_part(zoo, weights, "aggregator")
+        centroids, projection = state.get("layer.centroids"), state.get("wpca.weight")
+        if centroids is None:
+            raise VocabularyMismatchError(f"zoo checkpoint {zoo} holds no NetVLAD layer for the netvlad aggregator")
+        num_clusters, dim = (int(n) for n in centroids.shape)
+        if dim != self.backbone_dim:
+            raise VocabularyMismatchError(f"zoo {zoo}: NetVLAD is {dim}-d, the backbone gives {self.backbone_dim}-d")
+        self.layer = NetVLADLayer(num_clusters, dim, bias="layer.assign.bias" in state)
+        if projection is not None:
+            self.wpca = nn.Linear(int(projection.shape[1]), int(projection.shape[0]), bias="wpca.bias" in state)
+        load_part(self, zoo, weights, "aggregator")
+
     def _init_from_vocabulary(self, vocabulary: Vocabulary, alpha: float | None) -> None:
         if vocabulary.dim != self.backbone_dim:
             raise VocabularyMismatchError(
@@ -191,7 +213,7 @@ class NetVLAD(Aggregator):
         self, descriptors: np.ndarray | torch.Tensor, seed: int = 0, metadata: dict[str, Any] | None = None, **_: Any
     ) -> None:
         """k-means centres (K = the layer's clusters) and α from the sample's assignment margin (unless ``alpha`` was given)."""
-        if self.checkpoint is not None:
+        if self.checkpoint is not None or self.zoo:
             raise ConfigError("this netvlad aggregator was loaded from a trained checkpoint; fitting would discard it")
         device = self.layer.centroids.device
         voc = fit_vocabulary(descriptors, self.layer.num_clusters, metadata, seed=seed)
@@ -213,7 +235,7 @@ class NetVLAD(Aggregator):
 
     @classmethod
     def wants_vocabulary(cls, options: dict[str, Any]) -> bool:
-        return not options.get("checkpoint") and options.get("k") is None
+        return not options.get("checkpoint") and not options.get("zoo") and options.get("k") is None
 
     @property
     def dim(self) -> int:
@@ -228,7 +250,9 @@ class NetVLAD(Aggregator):
 
     def identity(self) -> dict[str, Any]:
         source = (
-            Path(self.checkpoint).name
+            self.zoo
+            if self.zoo
+            else Path(self.checkpoint).name
             if self.checkpoint
             else (self.vocabulary.checksum if self.vocabulary is not None else None)
         )
