@@ -99,3 +99,18 @@ def test_imagenet_file_in_torchvisions_layout_loads(tmp_path, recorded):
         patches = net(torch.from_numpy(pixels)).patches.numpy()
     assert seeded.relative_difference(patches, outputs[f"resnet18/layer4/{h}x{w}"]) <= seeded.REL_TOLERANCE
     assert net.identity()["weights"] == path.name
+
+
+@pytest.mark.parametrize("name,last", [("resnet18", 3), ("resnet50", 1)])
+def test_split_prefix_then_suffix_is_the_backbone(name, last):
+    torch.manual_seed(0)
+    net = build_backbone(name, trainable=True, pretrained=False).eval()
+    prefix, suffix = net.split(last)
+    x = torch.rand(2, 3, 72, 104)
+    with torch.no_grad():
+        whole, parts = net(x), suffix(prefix(x))
+    assert torch.allclose(parts.patches, whole.patches, atol=1e-5) and parts.stride == whole.stride
+    assert prefix.identity()["blocks"] == len(net.blocks()) - last and prefix.stride == (32 if last < 3 else 16)
+    assert {id(p) for p in suffix.parameters()} <= {id(p) for p in net.parameters()}
+    with pytest.raises(ConfigError, match="residual blocks"):
+        net.split(len(net.blocks()))

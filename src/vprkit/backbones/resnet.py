@@ -208,17 +208,93 @@ class ResNet(Backbone):
     def _optimise_for_inference(self) -> None:
         fold_batchnorm(self.conv1, self.bn1)
         self.bn1 = nn.Identity()
-        for stage in self.stages:
-            for block in stage:
-                _fold_block(block)
+        for block in self.blocks():
+            _fold_block(block)
         self.to(memory_format=torch.channels_last)  # the folded weights are new tensors
+
+    def blocks(self) -> list[nn.Module]:
+        """Every residual block, input to output (``layer1.0`` … the last block of ``cut``)."""
+        return [block for stage in self.stages for block in stage]
 
     def _trainable_units(self) -> list[list[nn.Parameter]]:
         """The stem (conv1 + bn1), then each residual block, input to output."""
-        return [unit_parameters(self.conv1, self.bn1)] + [unit_parameters(b) for s in self.stages for b in s]
+        return [unit_parameters(self.conv1, self.bn1)] + [unit_parameters(b) for b in self.blocks()]
+
+    def _split(self, last_blocks: int) -> tuple["ResNetPrefix", "ResNetSuffix"]:
+        """The stem and the blocks before the last ``last_blocks`` residual blocks, and those blocks (shared modules)."""
+        blocks = self.blocks()
+        if last_blocks >= len(blocks):
+            raise ConfigError(
+                f"{self.name} up to {self.cut} has {len(blocks)} residual blocks; cannot split off the last "
+                f"{last_blocks} (the prefix keeps the stem and one block at least)"
+            )
+        keep = len(blocks) - last_blocks
+        return ResNetPrefix(self, keep), ResNetSuffix(self, keep)
 
     def identity(self) -> dict[str, Any]:
         return {**super().identity(), "cut": self.cut, "weights": self.weights_source}
+
+
+def _block_stride(block: nn.Module) -> int:
+    return 1 if block.downsample is None else int(block.downsample[0].stride[0])
+
+
+def _block_channels(block: nn.Module) -> int:
+    return int((block.conv3 if isinstance(block, Bottleneck) else block.conv2).out_channels)
+
+
+class ResNetPrefix(Backbone):
+    """The stem and the first ``keep`` residual blocks of a :class:`ResNet`, sharing its modules.
+
+    What :meth:`~vprkit.backbones.base.Backbone.split` caches when only the last blocks train: a fixed
+    function of the image, identified as the ResNet truncated after ``keep`` blocks (so a feature cache of
+    it is keyed correctly). Its BatchNorms are never folded: the modules belong to the full network too.
+    """
+
+    def __init__(self, net: ResNet, keep: int):
+        super().__init__()
+        self.name, self.cut, self.keep = net.name, net.cut, keep
+        self.weights_source = net.weights_source
+        self.size_multiple = net.size_multiple
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.kept = nn.ModuleList(net.blocks()[:keep])
+        self.stride = STEM_STRIDE
+        for block in self.kept:
+            self.stride *= _block_stride(block)
+        self.dim = _block_channels(self.kept[-1])
+        self.train(net.training)
+
+    def extract(self, x: torch.Tensor) -> DenseFeatures:
+        size = (int(x.shape[-2]), int(x.shape[-1]))
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x.contiguous(memory_format=torch.channels_last)))))
+        for block in self.kept:
+            x = block(x)
+        return DenseFeatures(x.permute(0, 2, 3, 1).contiguous(), self.stride, size)
+
+    def _optimise_for_inference(self) -> None:
+        """Nothing to rewrite in place: the modules belong to the full backbone too."""
+
+    def identity(self) -> dict[str, Any]:
+        return {**super().identity(), "cut": self.cut, "blocks": self.keep, "weights": self.weights_source}
+
+
+class ResNetSuffix(nn.Module):
+    """Residual blocks ``keep`` onwards of a :class:`ResNet` (shared modules): prefix features → its output."""
+
+    def __init__(self, net: ResNet, keep: int):
+        super().__init__()
+        self.name = net.name
+        self.blocks = nn.ModuleList(net.blocks()[keep:])
+        self.stride, self.dim = net.stride, net.dim
+        self.train(net.training)
+
+    def forward(self, feats: DenseFeatures) -> DenseFeatures:
+        p = next(self.parameters())
+        x = feats.patches.to(device=p.device, dtype=p.dtype).permute(0, 3, 1, 2)
+        x = x.contiguous(memory_format=torch.channels_last)
+        for block in self.blocks:
+            x = block(x)
+        return DenseFeatures(x.permute(0, 2, 3, 1).contiguous(), self.stride, feats.image_size, feats.global_token)
 
 
 for _depth in RESNET_STAGES:
