@@ -169,3 +169,11 @@ def test_lightning_reader_needs_no_lightning(tmp_path, monkeypatch):
     assert sorted(salad_layout(raw)) == ["aggregator.dustbin", "backbone.cls_token"]
     with pytest.raises(WeightsNotFoundError):
         read_container(path, "torch")  # the plain reader refuses pickled objects
+
+
+def test_backbone_of_another_size_is_a_one_line_error(official_file):
+    from vprkit.backbones import build_backbone
+
+    with pytest.raises(WeightsNotFoundError) as err:
+        build_backbone("dinov2_vits14", layer=11, facet="token", final_norm=True, zoo=ENTRY, weights=official_file)
+    assert "\n" not in str(err.value) and ENTRY in str(err.value)
