@@ -42,7 +42,7 @@ BATCH = 2
 IMAGE_SEED = 1
 
 
-def official_shapes(hloc_netvlad) -> dict[str, list[int]]:
+def official_shapes(hloc_netvlad, whiten_dim: int = WHITEN_DIM) -> dict[str, list[int]]:
     """hloc's parameter names and shapes, built the way hloc's ``NetVLAD._init`` builds its modules."""
     import torchvision.models as models
 
@@ -50,8 +50,8 @@ def official_shapes(hloc_netvlad) -> dict[str, list[int]]:
     layer = hloc_netvlad.NetVLADLayer()
     shapes = {f"backbone.{k}": list(v.shape) for k, v in backbone.state_dict().items()}
     shapes.update({f"netvlad.{k}": list(v.shape) for k, v in layer.state_dict().items()})
-    shapes["whiten.weight"] = [WHITEN_DIM, layer.output_dim]
-    shapes["whiten.bias"] = [WHITEN_DIM]
+    shapes["whiten.weight"] = [whiten_dim, layer.output_dim]
+    shapes["whiten.bias"] = [whiten_dim]
     return shapes
 
 
@@ -59,12 +59,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hloc", default="/tmp/official/hloc", help="exported hloc work tree")
     parser.add_argument("--out", default=str(ROOT / "tests" / "zoo" / "fixtures" / "netvlad.npz"))
+    parser.add_argument(
+        "--whiten-dim", type=int, default=WHITEN_DIM, help="WPCA output (the released models: 4096; ~600 MB .mat)"
+    )
     args = parser.parse_args()
     sys.path.insert(0, args.hloc)
     from hloc.extractors import netvlad as hloc_netvlad
 
     torch.set_grad_enabled(False)
-    shapes = official_shapes(hloc_netvlad)
+    shapes = official_shapes(hloc_netvlad, args.whiten_dim)
     weights = netvlad_mat.seeded_netvlad_weights(shapes)
     with tempfile.TemporaryDirectory() as hub:
         torch.hub.set_dir(hub)
@@ -89,7 +92,7 @@ def main() -> None:
         "file": "hloc/extractors/netvlad.py",
         "commit": commit,
         "model_name": MODEL_NAME,
-        "whiten_dim": WHITEN_DIM,
+        "whiten_dim": args.whiten_dim,
         "shapes": shapes,
         "weight_seed": netvlad_mat.WEIGHT_SEED,
         "assignment_scale": netvlad_mat.ASSIGNMENT_SCALE,
