@@ -30,7 +30,7 @@ from .layouts import register_layout
 from .weights import ZooWeights, register_weights
 
 SOURCE = "https://github.com/cvg/Hierarchical-Localization (hloc/extractors/netvlad.py); models by R. Arandjelović"
-LICENCE = "MIT (Relja/netvlad, whose project page hosts the models); hloc, which hosts the struct export: Apache-2.0"
+LICENCE = "MIT (Relja/netvlad); hloc's struct export: Apache-2.0"
 HOST = "https://cvg-data.inf.ethz.ch/hloc/netvlad/"
 # Python indices of the NetVLAD and WPCA layers in the exported struct (hloc reads these positions).
 VLAD_LAYER = 30
