@@ -207,6 +207,11 @@ LAZY_VPRKIT = {
 }
 
 
+# The zoo package is imported by presets.py, and resolving a preset imports no library (test_config): its
+# modules load the core libraries (and vprkit.io, which imports numpy) when a checkpoint is actually read.
+LAZY_IN_ZOO = {"torch", "numpy", "scipy", "vprkit"}
+
+
 def function_local_imports(src: Path = SRC) -> list[tuple[str, str, int]]:
     """(file relative to the package, imported module, line) of every import inside a function."""
     found = {
@@ -219,7 +224,9 @@ def test_imports_are_at_module_top_except_the_listed_lazy_ones():
     unexpected = [
         f"{file}:{line} imports {name}"
         for file, name, line in function_local_imports()
-        if name.split(".")[0] not in LAZY_THIRD_PARTY and (file, name) not in LAZY_VPRKIT
+        if name.split(".")[0] not in LAZY_THIRD_PARTY
+        and (file, name) not in LAZY_VPRKIT
+        and not (file.startswith("zoo/") and name.split(".")[0] in LAZY_IN_ZOO)
     ]
     assert not unexpected, unexpected
 

@@ -145,6 +145,19 @@ def _pretrained() -> Option:
     return Option("pretrained", "bool", True, "load trained weights (False: a reproducible random network)")
 
 
+def _zoo() -> Option:
+    return Option(
+        "zoo",
+        "str",
+        None,
+        "zoo checkpoint whose part this module loads (`vprkit weights list`); with weights=: that file",
+        nullable=True,
+    )
+
+
+INPUT_NORMS = ("imagenet", "matconvnet")
+
+
 # EfficientNet-Lite: (default block, number of MBConv blocks); checked against the package in the tests.
 EFFICIENTNET_BLOCKS = {"efficientnet-lite0": (10, 16), "efficientnet-lite1": (14, 21), "efficientnet-lite2": (14, 21)}
 for _name, (_default, _n) in EFFICIENTNET_BLOCKS.items():
@@ -205,6 +218,7 @@ for _name in DINOV2_MODELS:
                 _pretrained(),
                 _weights(),
                 Option("final_norm", "bool", False, "apply the final LayerNorm (token facet only)"),
+                _zoo(),
                 Option(
                     "config",
                     "mapping",
@@ -222,7 +236,18 @@ register_schema(
     Schema(
         "backbone",
         "vgg16-conv5",
-        (_weights(), _pretrained()),
+        (
+            _weights(),
+            _pretrained(),
+            _zoo(),
+            Option(
+                "input_norm",
+                "str",
+                "imagenet",
+                "pixel normalisation: imagenet (mean/std) or matconvnet (0-255 minus the mean colour: MATLAB NetVLAD)",
+                choices=INPUT_NORMS,
+            ),
+        ),
         doc="VGG16 conv5 (NetVLAD); weights may be a NetVLAD / Patch-NetVLAD checkpoint",
     )
 )
@@ -305,6 +330,8 @@ register_schema(
                 "k", "int", None, "clusters (default: the vocabulary's K, which it must equal)", low=1, nullable=True
             ),
             Option("trainable", "bool", False, "learn the layer when training"),
+            _zoo(),
+            _weights(),
         ),
         doc="NetVLAD layer",
     )
@@ -333,27 +360,18 @@ register_schema(
             ),
             Option("out_rows", "int", 4, "row projection size; dim = out_channels × out_rows", low=1),
             Option("adapt_grid", "bool", False, "average-pool another grid to height×width instead of refusing it"),
+            _zoo(),
+            _weights(),
             Option("trainable", "bool", False, "learn the head when training"),
         ),
-        doc="MixVPR feature mixer (trainable head)",
+        doc="MixVPR feature mixer (trainable head; the official checkpoints through zoo=)",
     )
 )
 
 
 # ---- model zoo (vprkit.zoo): official backbones and heads, loadable from their published checkpoints ----------
-def _zoo() -> Option:
-    return Option(
-        "zoo",
-        "str",
-        None,
-        "zoo checkpoint whose part this module loads (`vprkit weights list`); with weights=: that file",
-        nullable=True,
-    )
-
-
 RESNET_DEPTHS = (18, 34, 50, 101, 152)
 RESNET_CUTS = ("layer3", "layer4")
-INPUT_NORMS = ("imagenet", "matconvnet")
 for _depth in RESNET_DEPTHS:
     register_schema(
         Schema(

@@ -8,7 +8,7 @@ from __future__ import annotations
 from .base import AGGREGATORS, NORM_FLOOR, Aggregator, l2n
 from .gem import GeM, GlobalToken, Mean, gem_pool
 from .netvlad import NetVLAD, NetVLADLayer
-from . import ensemble, layout, mixvpr, projection  # noqa: F401  (register ensemble, layout, mixvpr, trained)
+from . import boq, ensemble, gem_fc, layout, mixvpr, projection, salad  # noqa: F401  (importing registers them)
 from .vlad import CENTRE_KINDS, VLAD, DescriptorSampler, Vocabulary, fit_vocabulary, hard_vlad
 
 __all__ = [

@@ -159,6 +159,8 @@ class Vocabulary:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"vocabulary file {path} does not exist")
+        if path.suffix == ".pt":  # AnyLoc's own c_centers.pt (published domain vocabularies, --vocab PATH)
+            return cls.from_anyloc(path)
         try:
             z = load_npz(path)
             voc = cls(z["centres"], json.loads(str(z["metadata"])), z.get("alternates"))

@@ -20,6 +20,7 @@ from ..backbones.extract import ExtractionOptions, FeatureCache, extract, ignore
 from ..backbones.weights import vprkit_cache_dir
 from ..errors import ConfigError
 from ..images import ImageSource, image_source
+from ..zoo import anyloc
 from .base import AGGREGATORS, Aggregator
 from .options import AggregationOptions, VocabularyOptions
 from .vlad import DescriptorSampler, Vocabulary, fit_vocabulary
@@ -97,7 +98,8 @@ def domain_vocabulary_dir() -> Path:
 
 
 def resolve_vocabulary_source(source: str) -> Path | None:
-    """``map`` → None; ``domain:NAME`` → the shared domain vocabulary file; otherwise a path.
+    """``map`` → None; ``domain:NAME`` → the shared domain vocabulary file; ``zoo:ENTRY`` → a published one
+    (``vprkit weights list``); otherwise a path.
 
     (``auto`` is resolved by the map build, which has the images to compare with the domains.)
     """
@@ -110,6 +112,8 @@ def resolve_vocabulary_source(source: str) -> Path | None:
                 f"domain vocabulary {source!r} not found at {path}; build it with `vprkit vocab build --domain NAME DATASET…`"
             )
         return path
+    if source.startswith("zoo:"):  # a published vocabulary (AnyLoc's c_centers.pt per domain)
+        return anyloc.vocabulary_file(source)
     return Path(source)
 
 

@@ -8,7 +8,7 @@ never at import; core dependencies (torch, efficientnet-lite-pytorch) are import
 
 from __future__ import annotations
 
-from . import dinov2, disk, efficientnet, vgg16, xfeat  # noqa: F401 - importing registers the families
+from . import dinov2, disk, efficientnet, resnet, vgg16, xfeat  # noqa: F401 - importing registers the families
 from .base import BACKBONES, Backbone, DenseFeatures, build_backbone
 
 __all__ = ["BACKBONES", "Backbone", "DenseFeatures", "build_backbone"]

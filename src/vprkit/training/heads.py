@@ -16,7 +16,7 @@ import torch
 from ..aggregation.projection import Projection, TrainedHead
 from ..errors import ConfigError
 
-HEADS = ("gem", "netvlad", "mixvpr", "layout", "mean")
+HEADS = ("gem", "netvlad", "mixvpr", "layout", "mean", "gem-fc")
 # Heads whose layer sizes depend on the feature grid (filled in from the features they train on).
 GRID_HEADS = ("mixvpr", "layout")
 # Heads with nothing to learn (without a projection): every seed trains the same head, so no ensemble of them.

@@ -39,8 +39,10 @@ def zoo_presets() -> list[Config]:
 
 
 def zoo_entry_of(config: Config) -> ZooWeights | None:
-    """The zoo weights a preset loads (its backbone's or aggregator's ``zoo`` option), if any."""
+    """The zoo weights a preset loads (its backbone's or aggregator's ``zoo`` option, or a ``zoo:`` vocabulary), if any."""
     name = config.backbone_options.get("zoo") or config.aggregator_options.get("zoo")
+    if not name and str(config.vocabulary.source).startswith("zoo:"):
+        name = config.vocabulary.source.split(":", 1)[1]
     return ZOO_WEIGHTS.get(name) if name else None
 
 

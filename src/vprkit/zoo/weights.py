@@ -161,6 +161,11 @@ def weights_path(name: str, explicit: str | os.PathLike | None = None, *, fetch:
     if dest.is_file():
         check_file(entry, dest)
         return dest
+    if entry.extra.get("archive"):
+        raise WeightsNotFoundError(
+            f"weights for {name} are published only inside {entry.extra['archive']} ({entry.urls[0]}): download it "
+            f"and copy its {entry.extra.get('member', entry.filename)} to {dest} (or pass --weights PATH to the file)"
+        )
     if not fetch or offline():
         why = "downloads are disabled (VPRKIT_OFFLINE)" if offline() else "fetching was not asked for"
         raise WeightsNotFoundError(
