@@ -34,6 +34,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 _spec = importlib.util.spec_from_file_location("zoo_seeded_megaloc", Path(__file__).parent / "seeded.py")
 seeded = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(seeded)
+INERT = ("dustbin", "score.out.bias")  # no effect on the output, see test_salad.py
 ENTRY = "megaloc"
 PATCH = 14
 
@@ -121,7 +122,10 @@ def test_head_trains_and_says_what_it_is(official_file):
     from vprkit.backbones.base import DenseFeatures
 
     head(DenseFeatures(torch.randn(2, 9, 10, 768), 14, (126, 140), torch.randn(2, 768))).sum().backward()
-    assert all(p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+    assert all(p.requires_grad and p.grad is not None for p in head.parameters())
+    # the dustbin score and the score MLP's output bias move whole rows of the transport's scores, which the
+    # row potentials absorb exactly (test_dustbin_and_score_bias_change_nothing): their gradients are rounding
+    assert all(p.grad.abs().sum() > 0 for n, p in head.named_parameters() if n not in INERT)
 
 
 def test_layout_maps_the_official_names():

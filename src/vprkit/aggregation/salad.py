@@ -146,13 +146,13 @@ class SALAD(Aggregator):
     def forward(self, features: DenseFeatures) -> torch.Tensor:
         if features.global_token is None:
             raise ConfigError("the salad aggregator needs the backbone's CLS token (a DINOv2 backbone, facet 'token')")
-        patches = features.patches
-        tokens = patches.reshape(len(patches), -1, patches.shape[-1]).float()  # B × n × C
+        patches, dtype = features.patches, self.dustbin.dtype  # the head's precision (float32 unless converted)
+        tokens = patches.reshape(len(patches), -1, patches.shape[-1]).to(dtype)  # B × n × C
         local = self.cluster_features(tokens)  # B × n × l
         scores = self.score(tokens).transpose(1, 2)  # B × m × n
         plan = log_optimal_transport(scores, self.dustbin, self.sinkhorn_iterations)[:, :-1].exp()  # B × m × n
         clusters = torch.bmm(local.transpose(1, 2), plan.transpose(1, 2))  # B × l × m
-        scene = self.token_features(features.global_token.float())
+        scene = self.token_features(features.global_token.to(dtype))
         descriptor = l2n(torch.cat([l2n(scene), l2n(clusters, dim=1).flatten(1)], dim=-1))
         if self.projection is not None:
             descriptor = l2n(self.projection(descriptor))
