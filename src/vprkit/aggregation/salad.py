@@ -24,6 +24,11 @@ convolutions are linear maps over channels: here they are ``nn.Linear`` layers o
 zoo layouts reshape the official ``out×in×1×1`` kernels). Official checkpoints load with ``zoo=NAME``
 (:mod:`vprkit.zoo.salad`). The transport needs more tokens than clusters (``n > m``: the dustbin's mass
 ``n − m`` must be positive): at least 65 patches (e.g. 126×126 px) for 64 clusters.
+
+A property of this transport (the official code's too): a constant added to a whole row of the scores is
+absorbed by that row's potential in the first row scaling, so the dustbin score ``z`` and the bias of the
+score MLP's last layer do not change the descriptor (their gradients are rounding noise). They are kept as
+parameters because the checkpoints hold them.
 """
 
 from __future__ import annotations
