@@ -346,3 +346,12 @@ def test_interpolation_is_a_setting_and_older_settings_read_the_same():
     assert ImageSpec.from_dict(spec.to_dict()) == spec
     with pytest.raises(ConfigError, match="interpolation 'nearest'"):
         ImageSpec((60, 80), interpolation="nearest")
+
+
+def test_max_side_only_shrinks_as_hlocs_resize_max():
+    big = Image.fromarray(np.zeros((1536, 2048, 3), dtype=np.uint8))
+    small = Image.fromarray(np.zeros((480, 640, 3), dtype=np.uint8))
+    spec = ImageSpec((1024, 1024), "max_side")
+    assert prepare_image(big, spec, multiple=16)[0].shape[:2] == (768, 1024)
+    assert prepare_image(small, spec, multiple=16)[0].shape[:2] == (480, 640)
+    assert prepare_image(small, ImageSpec((1024, 1024), "keep_aspect"))[0].shape[:2] == (768, 1024)

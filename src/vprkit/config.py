@@ -20,7 +20,7 @@ from .errors import ConfigError
 from .options import did_you_mean, validate_config, validate_options
 
 STORE_DTYPES = ("float16", "float32")
-RESIZE_MODES = ("fixed", "keep_aspect", "resize_crop", "none")
+RESIZE_MODES = ("fixed", "keep_aspect", "max_side", "resize_crop", "none")
 INTERPOLATIONS = ("bilinear", "bicubic")  # PIL's (antialiased when shrinking, as torchvision's Resize on PIL images)
 TO_MULTIPLE = ("crop", "resize")
 # Where the networks run: "auto" = CUDA, then Apple MPS, then the CPU; or an explicit device.
@@ -76,6 +76,7 @@ class ImageSpec:
 
     - ``fixed``: resize to exactly ``size`` = (height, width), ignoring aspect (VPR benchmarks do this).
     - ``keep_aspect``: scale so the longer side equals ``max(size)``, keeping the aspect ratio.
+    - ``max_side``: as ``keep_aspect``, but only ever shrinking (hloc's ``resize_max``: smaller images stay).
     - ``resize_crop``: resize to ``size`` then centre-crop to a multiple of the backbone's patch size
       (AnyLoc: 480×640 → 476×630 for ViT/14).
     - ``none``: keep the original size.
@@ -108,7 +109,10 @@ class ImageSpec:
             object.__setattr__(self, "size", tuple(int(v) for v in self.size))
         if self.resize != "none" and (self.size is None or min(self.size) <= 0):
             raise ConfigError(f"resize mode {self.resize!r} needs a positive size, got {self.size}")
-        if self.size is not None and self.resize in ("fixed", "resize_crop"):  # keep_aspect: checked per image
+        if self.size is not None and self.resize in (
+            "fixed",
+            "resize_crop",
+        ):  # keep_aspect, max_side: checked per image
             h, w = self.size
             if h * w > MAX_PREPARED_PIXELS:
                 raise ConfigError(

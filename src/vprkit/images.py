@@ -742,6 +742,8 @@ def target_size(original: tuple[int, int], spec: ImageSpec) -> tuple[int, int]:
         return tuple(spec.size)  # type: ignore[return-value]
     long_side = max(spec.size)
     s = long_side / max(h, w)
+    if spec.resize == "max_side" and s >= 1:
+        return h, w
     return max(1, round(h * s)), max(1, round(w * s))
 
 

@@ -68,7 +68,7 @@ def prepared_size_bound(spec: ImageSpec) -> tuple[int, int]:
     """The largest (height, width) an image can have after preparation under ``spec``."""
     if spec.resize in ("fixed", "resize_crop"):
         return int(spec.size[0]), int(spec.size[1])
-    if spec.resize == "keep_aspect":
+    if spec.resize in ("keep_aspect", "max_side"):
         side = int(max(spec.size))
         return side, side
     return ASSUMED_ORIGINAL_SIZE

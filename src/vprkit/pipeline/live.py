@@ -136,12 +136,12 @@ class LiveMap:
 
     def size_hint(self) -> tuple[int, int] | None:
         """(height, width) an upload may be reduced to before the map resizes it (JPEG draft, whole-factor reduce):
-        the fixed size, or for ``keep_aspect`` a square of the longer side (both sides stay at least that long, so
+        the fixed size, or for ``keep_aspect`` / ``max_side`` a square of the longer side (both sides stay at least that long, so
         the map's own resize still scales down); None when images are used at their size."""
         spec = self.map.config.image
         if spec.size is None or spec.resize == "none":
             return None
-        if spec.resize == "keep_aspect":
+        if spec.resize in ("keep_aspect", "max_side"):
             return (max(spec.size), max(spec.size))
         return tuple(spec.size)  # type: ignore[return-value]
 

@@ -17,7 +17,8 @@ hosts them converted to plain structs by netvlad_tf_open's ``net_class2struct.m`
 - ``net.meta.normalization.averageImage[0, 0]``: the mean colour subtracted from 0–255 pixels (no std): the
   backbone's ``input_norm="matconvnet"``, whose mean is checked against the file's.
 
-Input rule (hloc's ``extract_features`` conf ``netvlad``: ``resize_max`` 1024): the longer side at 1024 pixels.
+Input rule (hloc's ``extract_features`` conf ``netvlad``: ``resize_max`` 1024): the longer side shrunk to 1024 pixels
+when longer (``max_side``); smaller images keep their size.
 """
 
 from __future__ import annotations
@@ -149,12 +150,12 @@ def _preset(name: str, trained_on: str) -> Config:
         description=(
             f"NetVLAD (Relja Arandjelović's MATLAB model trained on {trained_on}, as hloc reads it): VGG16 conv5_3 "
             f"+ NetVLAD K=64 + whitening, {OUTPUT_DIM}-d; pixels·255 minus MatConvNet's mean colour; the longer "
-            f"side resized to {RESIZE_MAX} (hloc's resize_max; hloc leaves smaller images as they are), sides "
-            "cropped to multiples of 16"
+            f"side shrunk to {RESIZE_MAX} when longer (hloc's resize_max; smaller images stay), sides cropped to "
+            "multiples of 16"
         ),
         backbone="vgg16-conv5",
         backbone_options={"zoo": name, "input_norm": "matconvnet"},
-        image=ImageSpec(size=(RESIZE_MAX, RESIZE_MAX), resize="keep_aspect"),
+        image=ImageSpec(size=(RESIZE_MAX, RESIZE_MAX), resize="max_side"),
         aggregator="netvlad",
         aggregator_options={"zoo": name},
     )
