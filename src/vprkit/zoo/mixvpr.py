@@ -7,8 +7,8 @@ all ResNet-50 cut after ``layer3`` (1024 channels, stride 16: a 20×20 grid at t
 saved with ``torch.save`` (their README loads it with ``torch.load`` + ``load_state_dict``), despite
 its ``.ckpt`` name: keys ``backbone.model.<torchvision name>`` and ``aggregator.<MixVPR name>``.
 
-Input rule: the authors evaluate at 320×320 (``T.Resize`` with its default bilinear filter, ImageNet
-normalisation). The presets keep that size and set ``adapt_grid``, so that another ``--image-size``
+Input rule: the authors evaluate at 320×320 (their Pittsburgh and validation transforms: ``T.Resize`` with
+its default bilinear filter, ImageNet normalisation; only their later ``demo.py`` resizes bicubic). The presets keep that size and set ``adapt_grid``, so that another ``--image-size``
 still runs (the 20×20 grid is average-pooled from the larger or smaller one) — which is not the
 published protocol, and not what the reported recalls measure.
 
