@@ -17,7 +17,7 @@ def toy(tmp_path, monkeypatch):
     monkeypatch.setenv("VPRKIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("VPRKIT_OFFLINE", raising=False)
     served = tmp_path / "served.pth"
-    served.write_bytes(b"toy weights")
+    served.write_bytes(b"\x80toy weights")
     e = ZooWeights(
         name="toy",
         filename="toy.pth",
@@ -26,7 +26,7 @@ def toy(tmp_path, monkeypatch):
         layout="toy",
         licence="MIT",
         source="https://example.org",
-        sha256=hashlib.sha256(b"toy weights").hexdigest(),
+        sha256=hashlib.sha256(b"\x80toy weights").hexdigest(),
     )
     monkeypatch.setitem(weights.ZOO_WEIGHTS._items, "toy", e)
     return tmp_path / "cache" / "zoo" / "toy" / "toy.pth"
@@ -37,7 +37,7 @@ def test_list_fetch_verify(toy, monkeypatch, capsys):
     row = next(r for r in json.loads(out)["weights"] if r["name"] == "toy")
     assert code == 0 and row["cached"] is False and row["status"] == "missing"
     code, out, _ = run_main(monkeypatch, capsys, "weights", "fetch", "toy")
-    assert code == 0 and str(toy) in out and toy.read_bytes() == b"toy weights"
+    assert code == 0 and str(toy) in out and toy.read_bytes() == b"\x80toy weights"
     code, out, _ = run_main(monkeypatch, capsys, "weights", "verify", "toy")
     assert code == 0 and "ok (published SHA-256)" in out
     toy.write_bytes(b"bit flip!!!")

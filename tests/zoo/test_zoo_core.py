@@ -54,12 +54,12 @@ def registered(monkeypatch):
 
 
 def test_download_is_verified_and_cached(tmp_path, cache, registered):
-    e = registered(entry(tmp_path, b"weights-bytes", published=True))
+    e = registered(entry(tmp_path, b"\x80weights-bytes", published=True))
     path = weights.weights_path("toy")
-    assert path == cache / "toy" / "toy.pth" and path.read_bytes() == b"weights-bytes"
+    assert path == cache / "toy" / "toy.pth" and path.read_bytes() == b"\x80weights-bytes"
     assert weights.weights_status("toy", check=True).verdict.startswith("ok (published")
     # a damaged cached file is refused in one line naming the fix
-    path.write_bytes(b"weights-bytez")
+    path.write_bytes(b"\x80weights-bytez")
     with pytest.raises(WeightsNotFoundError, match=r"SHA-256 .* expected .*vprkit weights fetch toy"):
         weights.weights_path("toy")
     assert "DAMAGED" in weights.weights_status("toy", check=True).verdict
@@ -67,8 +67,8 @@ def test_download_is_verified_and_cached(tmp_path, cache, registered):
 
 
 def test_a_download_with_the_wrong_hash_leaves_nothing(tmp_path, cache, registered):
-    e = entry(tmp_path, b"good", published=True)
-    (tmp_path / "served" / "toy.pth").write_bytes(b"tampered")  # the server now sends other bytes
+    e = entry(tmp_path, b"\x80good", published=True)
+    (tmp_path / "served" / "toy.pth").write_bytes(b"\x80tampered")  # the server now sends other bytes
     registered(e)
     with pytest.raises(WeightsNotFoundError, match="differs from the published"):
         weights.weights_path("toy")
@@ -77,10 +77,10 @@ def test_a_download_with_the_wrong_hash_leaves_nothing(tmp_path, cache, register
 
 
 def test_unpublished_hash_is_recorded_at_first_download_then_checked(tmp_path, cache, registered):
-    registered(entry(tmp_path, b"first", published=False))
+    registered(entry(tmp_path, b"\x80first", published=False))
     path = weights.weights_path("toy")
     recorded = path.with_name("toy.pth.sha256").read_text().split()[0]
-    assert recorded == hashlib.sha256(b"first").hexdigest()
+    assert recorded == hashlib.sha256(b"\x80first").hexdigest()
     assert "recorded at first download" in weights.weights_status("toy", check=True).verdict
     path.write_bytes(b"other")
     with pytest.raises(WeightsNotFoundError, match="recorded at first download"):
@@ -224,3 +224,27 @@ def test_load_part_fills_a_module_and_refuses_another_shape(tmp_path, cache, reg
         layouts.load_part(nn.Linear(4, 2), "toy", ckpt, "backbone")
     with pytest.raises(WeightsNotFoundError, match="missing"):
         layouts.load_part(nn.Linear(3, 2), "toy", ckpt, "aggregator")
+
+
+def test_a_web_page_instead_of_the_file_is_refused_and_not_recorded(tmp_path, cache, registered):
+    """Google Drive's quota notice or a share page must not become a checkpoint with a recorded hash."""
+    registered(entry(tmp_path, b"<!DOCTYPE html><html>quota exceeded</html>", published=False))
+    with pytest.raises(WeightsNotFoundError, match="web page"):
+        weights.weights_path("toy")
+    assert not any((cache / "toy").iterdir())
+
+
+@pytest.mark.parametrize(
+    "fmt, head, ok",
+    [
+        ("torch", b"PK\x03\x04rest", True),
+        ("torch", b"\x80\x02}q", True),
+        ("torch", b"garbage", False),
+        ("safetensors", b'\x10\x00\x00\x00\x00\x00\x00\x00{"a"', True),
+        ("safetensors", b"PK\x03\x04", False),
+        ("mat", b"MATLAB 5.0 MAT-file", True),
+        ("mat", b"\x80\x02", False),
+    ],
+)
+def test_container_sniffing(fmt, head, ok):
+    assert (weights.container_problem(fmt, head) is None) == ok

@@ -120,6 +120,26 @@ def check_file(entry: ZooWeights, path: Path) -> str:
     return digest
 
 
+SNIFF_BYTES = 128
+
+
+def container_problem(fmt: str, head: bytes) -> str | None:
+    """Why the first bytes of a download cannot be a ``fmt`` file (None when they can).
+
+    A file host that answers with a web page (a quota notice, a sign-in or share page) must not become a
+    "checkpoint" whose hash is then recorded as the right one.
+    """
+    if head.lstrip()[:15].lower().startswith((b"<!doctype", b"<html", b"<?xml", b'{"')):
+        return "the server sent a web page, not the file"
+    if fmt in ("torch", "lightning") and not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        return "not a torch checkpoint (neither a zip archive nor a pickle)"
+    if fmt == "safetensors" and (len(head) < 9 or head[8:9] != b"{"):
+        return "not a safetensors file (no JSON header)"
+    if fmt == "mat" and not head.startswith(b"MATLAB"):
+        return "not a MATLAB .mat file"
+    return None
+
+
 def download(entry: ZooWeights, dest: Path) -> Path:
     """Fetch ``entry`` from its URLs in turn into ``dest``; verified before the rename makes it visible."""
     from ..io import atomic_path, clean_orphans  # numpy-importing: resolving a preset must stay library-free
@@ -131,6 +151,10 @@ def download(entry: ZooWeights, dest: Path) -> Path:
             with atomic_path(dest) as tmp:
                 with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp:
                     shutil.copyfileobj(resp, out)
+                with open(tmp, "rb") as f:
+                    problem = container_problem(entry.format, f.read(SNIFF_BYTES))
+                if problem:
+                    raise WeightsNotFoundError(problem)
                 digest = file_sha256(tmp)
                 if entry.sha256 and digest != entry.sha256:
                     raise WeightsNotFoundError(
