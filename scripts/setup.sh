@@ -7,9 +7,19 @@
 #
 # `bash scripts/setup.sh --sam` instead creates ./.venv-sam with segment-anything and the
 # torch/torchvision pair its automatic mask generator needs (optional; for SAM segmenters).
+# `bash scripts/setup.sh --ref` creates ./.venv-ref, where scripts/zoo_reference/ run the official model code.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+if [ "${1:-}" = "--ref" ]; then
+  # the official VPR code needs torchvision: its own venv, used only to record tests/zoo/fixtures (never by vprkit)
+  [ -x .venv-ref/bin/python ] || "$PY" -m venv .venv-ref
+  .venv-ref/bin/pip install --quiet --upgrade pip
+  .venv-ref/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1
+  .venv-ref/bin/pip install --quiet numpy scipy safetensors einops packaging fast-pytorch-kmeans==0.1.6
+  .venv-ref/bin/python -c "import torch, torchvision; print('reference venv ready')"
+  exit 0
+fi
 if [ "${1:-}" = "--sam" ]; then
   [ -x .venv-sam/bin/python ] || "$PY" -m venv .venv-sam
   .venv-sam/bin/pip install --quiet --upgrade pip
