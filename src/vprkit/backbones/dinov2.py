@@ -43,7 +43,7 @@ import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -542,6 +542,34 @@ def find_weights(name: str, explicit: str | os.PathLike | None = None) -> Path:
 # The backbone.
 
 
+def embed_tokens(
+    x: torch.Tensor,
+    patch_embed: PatchEmbed,
+    cls_token: torch.Tensor,
+    pos_embed: torch.Tensor,
+    register_tokens: torch.Tensor | None,
+    cfg: ViTConfig,
+) -> torch.Tensor:
+    """Normalised pixels → ``B×(1+R+h·w)×D`` tokens ``[CLS, registers, patches]`` (positions added before
+    the registers are inserted after CLS, as the official code does)."""
+    b, _, h, w = x.shape
+    grid = (h // cfg.patch_size, w // cfg.patch_size)
+    tokens = torch.cat([cls_token.expand(b, -1, -1), patch_embed(x)], dim=1)
+    tokens = tokens + interpolate_pos_embed(pos_embed, grid, cfg)
+    if register_tokens is not None:
+        tokens = torch.cat([tokens[:, :1], register_tokens.expand(b, -1, -1), tokens[:, 1:]], dim=1)
+    return tokens
+
+
+def check_patch_multiple(name: str, h: int, w: int, p: int) -> None:
+    """A ViT reads whole patches: both image sides must be positive multiples of the patch size ``p``."""
+    if h % p or w % p or h < p or w < p:
+        raise ValueError(
+            f"{name} needs image sides that are positive multiples of {p} px, got {h}×{w}; "
+            f"centre-crop to {h // p * p}×{w // p * p} (image prep with size_multiple={p} does this)"
+        )
+
+
 class DINOv2(Backbone):
     """DINOv2 ViT cut at block ``layer``, returning one AnyLoc facet of the patch tokens.
 
@@ -690,40 +718,17 @@ class DINOv2(Backbone):
 
     def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised pixels → ``B×(1+R+h·w)×D`` tokens ``[CLS, registers, patches]``."""
-        b, _, h, w = x.shape
-        grid = (h // self.cfg.patch_size, w // self.cfg.patch_size)
-        tokens = torch.cat([self.cls_token.expand(b, -1, -1), self.patch_embed(x)], dim=1)
-        tokens = tokens + interpolate_pos_embed(self.pos_embed, grid, self.cfg)
-        if self.register_tokens is not None:
-            tokens = torch.cat([tokens[:, :1], self.register_tokens.expand(b, -1, -1), tokens[:, 1:]], dim=1)
-        return tokens
+        return embed_tokens(x, self.patch_embed, self.cls_token, self.pos_embed, self.register_tokens, self.cfg)
 
     def check_size(self, h: int, w: int) -> None:
-        p = self.cfg.patch_size
-        if h % p or w % p or h < p or w < p:
-            raise ValueError(
-                f"{self.name} needs image sides that are positive multiples of {p} px, got {h}×{w}; "
-                f"centre-crop to {h // p * p}×{w // p * p} (image prep with size_multiple={p} does this)"
-            )
+        check_patch_multiple(self.name, h, w, self.cfg.patch_size)
 
     def extract(self, x: torch.Tensor) -> DenseFeatures:
-        b, _, h, w = x.shape
+        _, _, h, w = x.shape
         self.check_size(h, w)
-        tokens = self.prepare_tokens(x)
-        for blk in self.blocks[:-1]:
-            tokens = blk(tokens)
-        last = self.blocks[-1]
-        d = self.dim
-        if self.facet == "token":
-            out = last(tokens)
-            if self.norm is not None:
-                out = self.norm(out)
-        else:
-            out = last.facet(tokens, self.facet)
-        first_patch = 1 + self.cfg.num_registers
-        p = self.cfg.patch_size
-        patches = out[:, first_patch:].reshape(b, h // p, w // p, d).contiguous()
-        return DenseFeatures(patches, self.stride, (h, w), out[:, 0].contiguous())
+        out = run_blocks(self.prepare_tokens(x), self.blocks, self.facet, self.norm)
+        grid = (h // self.cfg.patch_size, w // self.cfg.patch_size)
+        return dense_features(out, grid, 1 + self.cfg.num_registers, self.stride, (h, w))
 
     def _trainable_units(self) -> list[list[nn.Parameter]]:
         """The embedding (patch projection, CLS, positions, registers), then each kept block; the
@@ -732,6 +737,27 @@ class DINOv2(Backbone):
         units += [unit_parameters(blk) for blk in self.blocks]
         units[-1] += unit_parameters(self.norm)
         return units
+
+    def _split(self, last_blocks: int) -> tuple["DINOv2Prefix", "DINOv2Suffix"]:
+        """The embedding and the blocks before the last ``last_blocks``, and those blocks (shared modules).
+
+        The prefix's output is exactly what enters the later blocks when the model has no register
+        tokens: the patch tokens (:attr:`DenseFeatures.patches`) and the CLS token
+        (:attr:`DenseFeatures.global_token`), so a feature cache holding both restarts the sequence.
+        Register tokens have no place in :class:`DenseFeatures`, so the ``_reg`` models are not split.
+        """
+        if self.cfg.num_registers:
+            raise ConfigError(
+                f"{self.name} carries {self.cfg.num_registers} register tokens, which a feature cache does not "
+                "keep; train its unfrozen blocks on re-read images instead ([backbone] cache_prefix = false)"
+            )
+        if last_blocks >= len(self.blocks):
+            raise ConfigError(
+                f"{self.name} up to layer {self.layer} has {len(self.blocks)} transformer blocks; cannot split off "
+                f"the last {last_blocks} (the prefix keeps the embedding and one block at least)"
+            )
+        keep = len(self.blocks) - last_blocks
+        return DINOv2Prefix(self, keep), DINOv2Suffix(self, keep)
 
     def identity(self) -> dict[str, Any]:
         ident = {**super().identity(), "layer": self.layer, "facet": self.facet}
@@ -742,6 +768,87 @@ class DINOv2(Backbone):
         if self.zoo:
             ident["zoo"] = self.zoo
         return ident
+
+
+def run_blocks(tokens: torch.Tensor, blocks: Sequence[Block], facet: str, norm: nn.Module | None) -> torch.Tensor:
+    """``tokens`` through ``blocks``; the last one gives the ``facet`` (``token``: its output, through ``norm`` if any)."""
+    for blk in blocks[:-1]:
+        tokens = blk(tokens)
+    last = blocks[-1]
+    if facet != "token":
+        return last.facet(tokens, facet)
+    out = last(tokens)
+    return out if norm is None else norm(out)
+
+
+def dense_features(
+    out: torch.Tensor, grid: tuple[int, int], first_patch: int, stride: int, image_size: tuple[int, int]
+) -> DenseFeatures:
+    """``B×(1+R+h·w)×D`` tokens → the patch tokens as an ``h×w`` map and the CLS row as the global token."""
+    patches = out[:, first_patch:].reshape(len(out), *grid, out.shape[-1]).contiguous()
+    return DenseFeatures(patches, stride, image_size, out[:, 0].contiguous())
+
+
+class DINOv2Prefix(Backbone):
+    """The embedding and the first ``keep`` blocks of a :class:`DINOv2` (no registers), sharing its modules.
+
+    What :meth:`~vprkit.backbones.base.Backbone.split` caches when only the last blocks train: a fixed
+    function of the image, identified as the model cut after block ``keep − 1`` with the ``token`` facet
+    (so a feature cache of it is keyed like one of that backbone). Its output keeps the CLS token as
+    :attr:`DenseFeatures.global_token`: the later blocks attend to it.
+    """
+
+    size_multiple = PATCH_SIZE
+    has_global_token = True
+
+    def __init__(self, net: DINOv2, keep: int):
+        super().__init__()
+        self.name, self.cfg, self.keep = net.name, net.cfg, keep
+        self.stride, self.size_multiple, self.dim = net.stride, net.size_multiple, net.dim
+        self.patch_embed, self.cls_token, self.pos_embed = net.patch_embed, net.cls_token, net.pos_embed
+        self.kept = nn.ModuleList(net.blocks[:keep])
+        self.truncated_identity = {**net.identity(), "layer": keep - 1, "facet": "token"}
+        self.truncated_identity.pop("final_norm", None)
+        self.train(net.training)
+
+    def extract(self, x: torch.Tensor) -> DenseFeatures:
+        _, _, h, w = x.shape
+        p = self.cfg.patch_size
+        check_patch_multiple(self.name, h, w, p)
+        tokens = embed_tokens(x, self.patch_embed, self.cls_token, self.pos_embed, None, self.cfg)
+        out = run_blocks(tokens, self.kept, "token", None)
+        return dense_features(out, (h // p, w // p), 1, self.stride, (h, w))
+
+    def _optimise_for_inference(self) -> None:
+        """Nothing to rewrite: the modules belong to the full backbone too."""
+
+    def identity(self) -> dict[str, Any]:
+        return dict(self.truncated_identity)
+
+
+class DINOv2Suffix(nn.Module):
+    """Blocks ``keep`` onwards of a :class:`DINOv2` (shared modules, final norm included): prefix features → its output."""
+
+    def __init__(self, net: DINOv2, keep: int):
+        super().__init__()
+        self.name, self.facet = net.name, net.facet
+        self.blocks = nn.ModuleList(net.blocks[keep:])
+        self.norm = net.norm
+        self.stride, self.dim = net.stride, net.dim
+        self.train(net.training)
+
+    def forward(self, feats: DenseFeatures) -> DenseFeatures:
+        if feats.global_token is None:
+            raise ConfigError(
+                f"the last blocks of {self.name} need the cached prefix's CLS token, and these features have none "
+                "(a feature cache written before vprkit kept it): delete the cache to rebuild it"
+            )
+        p = next(self.parameters())
+        patches = feats.patches.to(device=p.device, dtype=p.dtype)
+        cls = feats.global_token.to(device=p.device, dtype=p.dtype)
+        tokens = torch.cat([cls[:, None], patches.reshape(len(patches), -1, patches.shape[-1])], dim=1)
+        out = run_blocks(tokens, self.blocks, self.facet, self.norm)
+        return dense_features(out, feats.grid, 1, self.stride, feats.image_size)
 
 
 def _factory(name: str):
