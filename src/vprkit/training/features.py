@@ -1,12 +1,17 @@
 """Backbone features computed once and kept on disk, so heads train without re-running the backbone.
 
 A cache directory holds ``features.npy`` (``N×h×w×D``, float16 by default, written batch by batch
-through :func:`numpy.lib.format.open_memmap`), ``keys.json`` and ``meta.json`` (the backbone's
-identity, the image spec, the grid, and whether the build completed). Opening a cache loads it
-into RAM only when it fits the given byte budget (the feature-cache share of
-``Config.memory_budget_mb``, see :meth:`vprkit.config.Config.memory_plan`); otherwise it stays
-memory-mapped and a batch reads only its own rows. A rebuild with the same settings whose keys are
-all in a complete cache reuses it (rows are addressed by key, see :meth:`CachedFeatures.ids`).
+through :func:`numpy.lib.format.open_memmap`), ``global_tokens.npy`` (``N×D``, the same dtype) when the
+backbone gives a global token (a ViT's CLS token: SALAD reads it, and the later blocks of a split ViT
+attend to it), ``keys.json`` and ``meta.json`` (the backbone's identity, the image spec, the grid,
+whether the global tokens are kept, and whether the build completed). A cache written before the
+global tokens were kept (its meta does not say) still opens and serves every head that reads only
+the patches; :meth:`CachedFeatures.missing_global_tokens` says why a head that needs them cannot
+train on it. Opening a cache loads it into RAM only when it fits the given byte budget (the
+feature-cache share of ``Config.memory_budget_mb``, see :meth:`vprkit.config.Config.memory_plan`);
+otherwise it stays memory-mapped and a batch reads only its own rows. A rebuild with the same
+settings whose keys are all in a complete cache reuses it (rows are addressed by key, see
+:meth:`CachedFeatures.ids`).
 
 :class:`ImageFeatures` has the same ``batch(ids)`` interface but re-reads the images and runs the
 backbone with gradients — what training with unfrozen backbone blocks needs when the images change
@@ -34,6 +39,8 @@ from ..images import ImageSource, iter_batches
 from ..io import atomic_write_json
 
 FEATURES_FILE = "features.npy"
+GLOBAL_TOKENS_FILE = "global_tokens.npy"
+GLOBAL_TOKENS_KEY = "global_tokens"  # meta.json: whether GLOBAL_TOKENS_FILE was written (absent: an older cache)
 KEYS_FILE = "keys.json"
 META_FILE = "meta.json"
 CACHE_DTYPES = ("float16", "float32")
@@ -57,9 +64,11 @@ class CachedFeatures:
             raise ConfigError(f"feature cache {self.root} is incomplete; build it again")
         self.keys: list[str] = json.loads((self.root / KEYS_FILE).read_text())
         mm = np.load(self.root / FEATURES_FILE, mmap_mode="r")
-        self.nbytes = int(mm.nbytes)
+        tokens = np.load(self.root / GLOBAL_TOKENS_FILE, mmap_mode="r") if self.meta.get(GLOBAL_TOKENS_KEY) else None
+        self.nbytes = int(mm.nbytes) + (0 if tokens is None else int(tokens.nbytes))
         self.in_memory = max_ram_bytes is None or self.nbytes <= max_ram_bytes
         self.array = np.array(mm) if self.in_memory else mm
+        self.global_tokens = tokens if tokens is None or not self.in_memory else np.array(tokens)
         self.index = {k: i for i, k in enumerate(self.keys)}
 
     def __len__(self) -> int:
@@ -83,13 +92,29 @@ class CachedFeatures:
         except KeyError as exc:
             raise ConfigError(f"{exc.args[0]!r} is not in the feature cache {self.root}") from None
 
+    def missing_global_tokens(self) -> str | None:
+        """Why this cache has no global tokens (one line), or None when it has them."""
+        if self.global_tokens is not None:
+            return None
+        if GLOBAL_TOKENS_KEY not in self.meta:
+            return (
+                f"feature cache {self.root} was written before vprkit kept the backbone's global (CLS) tokens: "
+                "delete it to rebuild it"
+            )
+        return f"the backbone of feature cache {self.root} gives no global (CLS) token (a ViT's token facet does)"
+
     def batch(self, ids: Sequence[int] | np.ndarray) -> DenseFeatures:
         ids = np.asarray(ids, dtype=np.int64)
         order = np.argsort(ids, kind="stable")  # sorted reads of a memory map, then back in the asked order
         rows = np.empty((len(ids), *self.array.shape[1:]), dtype=np.float32)
         rows[order] = self.array[ids[order]]
+        tokens = None
+        if self.global_tokens is not None:
+            tokens = np.empty((len(ids), self.global_tokens.shape[1]), dtype=np.float32)
+            tokens[order] = self.global_tokens[ids[order]]
+            tokens = torch.from_numpy(tokens)
         h, w = self.grid
-        return DenseFeatures(torch.from_numpy(rows), self.stride, (h * self.stride, w * self.stride))
+        return DenseFeatures(torch.from_numpy(rows), self.stride, (h * self.stride, w * self.stride), tokens)
 
     def descriptor_sample(self, n: int, seed: int = 0, ids: Sequence[int] | None = None) -> np.ndarray:
         """``≤ n`` local descriptors (float32, ``n×D``) drawn uniformly from the cached maps of ``ids``."""
@@ -129,29 +154,54 @@ class CachedFeatures:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(meta_path, {"complete": False, "identity": ident})
         atomic_write_json(out / KEYS_FILE, keys)
-        row = {k: i for i, k in enumerate(keys)}
-        arr = None
-        stride = backbone.stride
-        for batch, feats in extract(
-            backbone, config, images, keys, progress and (progress if isinstance(progress, str) else "cache")
-        ):
-            p = feats.patches.float().cpu().numpy()
-            if arr is None:
-                arr = np.lib.format.open_memmap(
-                    out / FEATURES_FILE, mode="w+", dtype=dtype, shape=(len(keys), *p.shape[1:])
-                )
-            if p.shape[1:] != arr.shape[1:]:
-                raise ConfigError(
-                    f"images give feature grids of different sizes ({p.shape[1:3]} vs {arr.shape[1:3]}); "
-                    "use a fixed image size to cache features"
-                )
-            arr[[row[k] for k in batch.keys]] = p.astype(dtype)
-        if arr is None:
-            raise ConfigError(f"no image of {images.describe()} could be read")
-        arr.flush()
-        del arr
-        atomic_write_json(meta_path, {"complete": True, "identity": ident, "stride": stride, "n": len(keys)})
+        (out / GLOBAL_TOKENS_FILE).unlink(missing_ok=True)  # an earlier build's tokens are not this build's
+        tokens = _write_rows(backbone, config, images, keys, out, dtype, progress)
+        atomic_write_json(
+            meta_path,
+            {"complete": True, "identity": ident, "stride": backbone.stride, "n": len(keys), GLOBAL_TOKENS_KEY: tokens},
+        )
         return cls(out, max_ram_bytes)
+
+
+def _write_rows(
+    backbone: Backbone,
+    config: Config,
+    images: ImageSource,
+    keys: list[str],
+    out: Path,
+    dtype: str,
+    progress: bool | str,
+) -> bool:
+    """Run ``backbone`` over ``keys`` and write each image's map (and global token, if the backbone gives
+    one) to its row of the cache's arrays; returns whether global tokens were written."""
+    row = {k: i for i, k in enumerate(keys)}
+    arr = tokens = None
+    for batch, feats in extract(
+        backbone, config, images, keys, progress and (progress if isinstance(progress, str) else "cache")
+    ):
+        p = feats.patches.float().cpu().numpy()
+        if arr is None:
+            arr = np.lib.format.open_memmap(
+                out / FEATURES_FILE, mode="w+", dtype=dtype, shape=(len(keys), *p.shape[1:])
+            )
+            if feats.global_token is not None:
+                shape = (len(keys), int(feats.global_token.shape[-1]))
+                tokens = np.lib.format.open_memmap(out / GLOBAL_TOKENS_FILE, mode="w+", dtype=dtype, shape=shape)
+        if p.shape[1:] != arr.shape[1:]:
+            raise ConfigError(
+                f"images give feature grids of different sizes ({p.shape[1:3]} vs {arr.shape[1:3]}); "
+                "use a fixed image size to cache features"
+            )
+        rows = [row[k] for k in batch.keys]
+        arr[rows] = p.astype(dtype)
+        if tokens is not None:
+            tokens[rows] = feats.global_token.float().cpu().numpy().astype(dtype)
+    if arr is None:
+        raise ConfigError(f"no image of {images.describe()} could be read")
+    for written in (arr, tokens):
+        if written is not None:
+            written.flush()
+    return tokens is not None
 
 
 class ImageFeatures:
@@ -162,6 +212,10 @@ class ImageFeatures:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def missing_global_tokens(self) -> str | None:
+        """Why these features have no global (CLS) token, or None when the backbone gives one."""
+        return None if self.backbone.has_global_token else f"{self.backbone.name} gives no global (CLS) token"
 
     def batch(self, ids: Sequence[int] | np.ndarray) -> DenseFeatures:
         keys = [self.keys[int(i)] for i in ids]
@@ -197,6 +251,10 @@ class SuffixFeatures:
 
     def ids(self, keys: Sequence[str]) -> np.ndarray:
         return self.cache.ids(keys)
+
+    def missing_global_tokens(self) -> str | None:
+        """The cache's reason: a split ViT's last blocks restart from the cached CLS token."""
+        return self.cache.missing_global_tokens()
 
     @property
     def dim(self) -> int:

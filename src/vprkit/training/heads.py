@@ -1,8 +1,11 @@
-"""Trainable heads over (cached) backbone features: GeM, NetVLAD from k-means, MixVPR, spatial layout, + a linear projection.
+"""Trainable heads over (cached) backbone features: GeM, NetVLAD from k-means, MixVPR, spatial layout, the zoo's
+heads (CosPlace's gem-fc, BoQ, SALAD), + a linear projection.
 
 :func:`build_head` returns a :class:`~vprkit.aggregation.projection.TrainedHead` — the same module
 the ``trained`` aggregator rebuilds from a checkpoint, so the trained state dict loads unchanged
-at inference. Dimensions derive from the features: the backbone's dim and, for MixVPR and the layout head, its grid.
+at inference. Dimensions derive from the features: the backbone's dim and, for MixVPR and the layout head, its grid
+(BoQ and SALAD attend over any number of cells, so they take any grid). SALAD also reads the backbone's global
+(CLS) token: :func:`check_features` refuses, in one line, features that do not carry it.
 NetVLAD is initialised from k-means on a sample of the training features (centres and α).
 """
 
@@ -16,9 +19,11 @@ import torch
 from ..aggregation.projection import Projection, TrainedHead
 from ..errors import ConfigError
 
-HEADS = ("gem", "netvlad", "mixvpr", "layout", "mean", "gem-fc")
+HEADS = ("gem", "netvlad", "mixvpr", "layout", "mean", "gem-fc", "boq", "salad")
 # Heads whose layer sizes depend on the feature grid (filled in from the features they train on).
 GRID_HEADS = ("mixvpr", "layout")
+# Heads that read the backbone's global (CLS) token besides its patches (DenseFeatures.global_token).
+GLOBAL_TOKEN_HEADS = ("salad",)
 # Heads with nothing to learn (without a projection): every seed trains the same head, so no ensemble of them.
 PARAMETERLESS_HEADS = ("mean",)
 # Heads that start as an identity on the backbone's channels (``[head] start_slice`` moves it).
@@ -40,6 +45,19 @@ def head_options(name: str, options: Mapping[str, Any] | None, grid: tuple[int, 
     if name == "netvlad":
         opts.setdefault("k", DEFAULT_NETVLAD_K)
     return opts
+
+
+def check_features(name: str, features: Any) -> None:
+    """Refuse (one line) to train ``name`` on features that lack what it reads: SALAD needs the global tokens.
+
+    ``features`` is a training feature source (:mod:`vprkit.training.features`); its
+    ``missing_global_tokens()`` says why it has none (an older cache to rebuild, or a backbone without a
+    CLS token). Checked before any step, so a run does not stop at its first batch.
+    """
+    missing = getattr(features, "missing_global_tokens", None)
+    reason = missing() if missing is not None else None
+    if name in GLOBAL_TOKEN_HEADS and reason:
+        raise ConfigError(f"head {name!r} reads the backbone's global (CLS) token, but {reason}")
 
 
 def start_slice(value: Any, name: str) -> tuple[int, int] | None:

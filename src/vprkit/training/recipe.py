@@ -42,7 +42,7 @@ A recipe (paths relative to the recipe file)::
     every = 4
 
     [head]
-    name = "mixvpr"                          # gem | netvlad | mixvpr | layout | mean | gem-fc
+    name = "mixvpr"                          # gem | netvlad | mixvpr | layout | mean | gem-fc | boq | salad
     options = { out_channels = 120, out_rows = 96 }
     projection = 0                           # > 0: a trainable linear projection to this many dims
     members = 1                              # > 1: an ensemble of that many heads, seeds seed … seed + N − 1, each
