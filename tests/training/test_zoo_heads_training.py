@@ -105,6 +105,8 @@ def test_the_cache_keeps_the_cls_token_and_an_older_cache_is_refused_for_salad(d
     batch = cache.batch([2, 0])
     assert batch.global_token.shape == (2, whole.dim) and batch.global_token.dtype == torch.float32
     assert np.allclose(batch.global_token[1].numpy(), cache.batch([0]).global_token[0].numpy())
+    mapped = CachedFeatures(cache.root, max_ram_bytes=1)  # too big for the budget: rows read from the memory maps
+    assert not mapped.in_memory and torch.equal(mapped.batch([2, 0]).global_token, batch.global_token)
     # A cache written before the tokens were kept (no record in meta.json, no file) still serves other heads.
     root = Path(cache.root)
     meta = json.loads((root / META_FILE).read_text())
