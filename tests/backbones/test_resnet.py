@@ -114,3 +114,16 @@ def test_split_prefix_then_suffix_is_the_backbone(name, last):
     assert {id(p) for p in suffix.parameters()} <= {id(p) for p in net.parameters()}
     with pytest.raises(ConfigError, match="residual blocks"):
         net.split(len(net.blocks()))
+
+
+def test_random_resnet_is_the_same_network_every_time_and_leaves_the_callers_rng():
+    """A map built with pretrained=False in one process and queried in another must see the same network."""
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = build_backbone("resnet18", pretrained=False)
+    after = torch.rand(1)
+    b = build_backbone("resnet18", pretrained=False)
+    assert torch.equal(before, after)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)

@@ -146,3 +146,35 @@ def test_salad_with_the_last_dinov2_block_unfrozen_trains_on_the_cached_prefix(d
     )
     trainer.fit(max_steps=2)
     assert not torch.equal(before, last.detach()) and torch.equal(frozen, first.detach())
+
+
+@pytest.mark.parametrize("case", ["salad", "gem-fc"])
+def test_unfrozen_dinov2_or_resnet_blocks_are_saved_and_a_map_reads_them(data, recipe_factory, case):
+    """SALAD's own recipe trains DINOv2's last blocks; CosPlace's the ResNet's: the checkpoint must carry them."""
+    from vprkit import pipeline
+    from vprkit.presets import resolve
+
+    recipe = _recipe(
+        recipe_factory,
+        data,
+        case,
+        backbone={"unfreeze": 1, "cache": str(data / f"cache-unfrozen-save-{case}")},
+        optimiser={"backbone_lr": 0.01},
+    )
+    recipe["out"] = str(data / f"run-unfrozen-{case}")
+    summary = run_recipe(recipe, progress=False, log=lambda _: None)
+    config = checkpoint_config(summary["checkpoint"])
+    saved = config.backbone_options["weights"]
+    assert Path(saved).is_file() and config.backbone_options.get("zoo") is None
+    trained = torch.load(saved, weights_only=True)
+    loaded = build_backbone(config.backbone, **dict(config.backbone_options)).state_dict()
+    differs = [k for k in trained if k in loaded and not torch.equal(trained[k], loaded[k])]
+    # the inference graph may fold BatchNorm into the convolutions: compare a trainable build then
+    if differs:
+        loaded = build_backbone(config.backbone, trainable=True, **dict(config.backbone_options)).state_dict()
+        differs = [k for k in trained if not torch.equal(trained[k], loaded[k])]
+    assert not differs, differs[:3]
+    info = pipeline.build_map(data / "data" / "summer", data / f"map-unfrozen-{case}", resolve(config), progress=False)
+    assert info["descriptor_dim"] == summary["head_dim"]
+    res = pipeline.localize(data / f"map-unfrozen-{case}", [data / "data" / "summer" / "images-00005.png"], top_k=2)
+    assert res[0].matches[0].key == "images-00005.png"

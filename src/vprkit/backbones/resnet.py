@@ -139,6 +139,9 @@ def _fold_block(block: nn.Module) -> None:
         block.downsample[1] = nn.Identity()
 
 
+RANDOM_INIT_SEED = 0  # pretrained=False networks are reproducible random networks
+
+
 class ResNet(Backbone):
     """torchvision's ResNet-``depth`` up to ``cut``; ImageNet weights, a file, or a zoo checkpoint's backbone.
 
@@ -164,16 +167,20 @@ class ResNet(Backbone):
         block = BLOCKS[kind]
         self.name = f"resnet{depth}"
         self.depth, self.cut = depth, cut
-        self.conv1 = nn.Conv2d(3, STEM_CHANNELS, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(STEM_CHANNELS)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        in_channels, stride = STEM_CHANNELS, STEM_STRIDE
-        for index, name in enumerate(STAGE_NAMES[: CUTS[cut]]):
-            stage_stride = 1 if index == 0 else 2
-            width = STEM_CHANNELS * 2**index
-            setattr(self, name, _stage(block, in_channels, width, stage_blocks[index], stage_stride))
-            in_channels, stride = width * block.expansion, stride * stage_stride
+        # a fixed seed for the default initialisation, without touching the caller's random state: a
+        # pretrained=False network is the same in every process (a map built and queried separately)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            self.conv1 = nn.Conv2d(3, STEM_CHANNELS, 7, 2, 3, bias=False)
+            self.bn1 = nn.BatchNorm2d(STEM_CHANNELS)
+            self.relu = nn.ReLU(inplace=True)
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+            in_channels, stride = STEM_CHANNELS, STEM_STRIDE
+            for index, name in enumerate(STAGE_NAMES[: CUTS[cut]]):
+                stage_stride = 1 if index == 0 else 2
+                width = STEM_CHANNELS * 2**index
+                setattr(self, name, _stage(block, in_channels, width, stage_blocks[index], stage_stride))
+                in_channels, stride = width * block.expansion, stride * stage_stride
         self.stride, self.dim, self.size_multiple = stride, in_channels, 1
         self.weights_source: str | None = None
         self._load(pretrained, weights, zoo)

@@ -26,7 +26,7 @@ from ..errors import ConfigError
 from ..images import FolderImages, list_images
 from ..presets import resolve
 from .features import CachedFeatures, ImageFeatures, SuffixFeatures
-from .heads import build_head, head_options, start_slice
+from .heads import build_head, check_features, head_options, start_slice
 from .labels import NEGATIVE_RULES, PlaceLabels, frame_keys
 from .sections import check_recipe, recipe_path, section
 from .trainer import TrainSettings, Validation
@@ -370,6 +370,7 @@ def _head(recipe: Mapping[str, Any], backbone, sources: FeatureSources, seed: in
     """The ``[head]`` to train, built under the run's seed (NetVLAD: from k-means on the cached training features)."""
     h = section(recipe, "head")
     name = h["name"]
+    check_features(name, sources.features)
     sample = None
     if name == "netvlad":
         if sources.sample is None:

@@ -33,11 +33,27 @@ from .trainer import Trainer, TrainSettings
 POST_BATCH = 256
 
 
-def _save_backbone(prepared: Prepared, out: Path, name: str = "best.backbone.pth") -> str:
-    """Unfrozen EfficientNet-Lite blocks → a full weights file its loader reads (``backbone_options.weights``)."""
+# Backbones whose state dict, saved as is, is a weights file their own loader reads (``weights=``).
+SELF_LOADING_BACKBONES = ("dinov2_", "resnet")
+
+
+def _save_backbone(prepared: Prepared, out: Path, name: str = "best.backbone.pth") -> dict[str, Any]:
+    """Unfrozen backbone blocks → a full weights file its loader reads; returns the backbone options that load it.
+
+    EfficientNet-Lite: the package's file with the trained blocks written in. DINOv2 and the torchvision-layout
+    ResNets: their state dict as is (official names), with ``zoo`` cleared (the file is no longer the zoo's
+    checkpoint) and ``pretrained`` on (so the ResNet loader reads ``weights``).
+    """
     config = prepared.config
+    path = out / name
+    if config.backbone.startswith(SELF_LOADING_BACKBONES):
+        torch.save({k: v.detach().clone() for k, v in prepared.backbone.state_dict().items()}, path)
+        return {"weights": str(path.resolve()), "zoo": None, "pretrained": True}
     if not config.backbone.startswith("efficientnet"):
-        raise ConfigError("saving an unfrozen backbone is implemented for EfficientNet-Lite only")
+        raise ConfigError(
+            f"saving an unfrozen {config.backbone} is not implemented (EfficientNet-Lite, DINOv2 and ResNet are); "
+            "train with unfreeze = 0"
+        )
     _, package, filename = VARIANTS[config.backbone]
     src = resolve_weights(
         config.backbone,
@@ -51,9 +67,8 @@ def _save_backbone(prepared: Prepared, out: Path, name: str = "best.backbone.pth
         k2 = "_blocks." + k2[len("blocks.") :] if k2.startswith("blocks.") else k2
         if k2 in full:
             full[k2] = v.detach().clone()
-    path = out / name
     torch.save(full, path)
-    return str(path.resolve())
+    return {"weights": str(path.resolve())}
 
 
 def check_run(recipe: Mapping[str, Any]) -> bool:
@@ -82,7 +97,7 @@ def _train(
     def on_best(trainer: Trainer, record: dict) -> None:
         cfg = config
         if prepared.extra_parameters:
-            cfg = cfg.replace(backbone_options={**cfg.backbone_options, "weights": _save_backbone(prepared, out)})
+            cfg = cfg.replace(backbone_options={**cfg.backbone_options, **_save_backbone(prepared, out)})
         torch.save(trainer.head.state_dict(), out / "best.head.pt")
         write_checkpoint(
             out / "best.ckpt",
@@ -243,8 +258,9 @@ def _write_refit(
 ) -> Path:
     """``refit.ckpt`` (a preset) with the refitted head (and unfrozen backbone blocks) and what the refit was."""
     if prepared.extra_parameters:
-        weights = _save_backbone(prepared, out, "refit.backbone.pth")
-        config = config.replace(backbone_options={**config.backbone_options, "weights": weights})
+        config = config.replace(
+            backbone_options={**config.backbone_options, **_save_backbone(prepared, out, "refit.backbone.pth")}
+        )
     torch.save(trainer.head.state_dict(), out / "refit.head.pt")
     info = {
         "refit": {
