@@ -188,12 +188,12 @@ def tiny_anyloc_preset(folder: Path, preset: str) -> Path:
     return path
 
 
-def test_anyloc_vocabulary_path_end_to_end(corridor_subset, offline, tmp_path, monkeypatch, capsys):
-    """``anyloc-urban`` with a tiny ViT of ViT-G's name, layer and facet: the map encodes with the zoo's
+@pytest.mark.parametrize("preset", ANYLOC_PRESETS)
+def test_anyloc_vocabulary_path_end_to_end(preset, corridor_subset, offline, tmp_path, monkeypatch, capsys):
+    """An AnyLoc domain preset with a tiny ViT of ViT-G's name, layer and facet: the map encodes with the zoo's
     ``c_centers.pt`` (found in the cache where ``vprkit weights list`` says to put it), eval and localize run."""
     import torch
 
-    preset = "anyloc-urban"
     config = resolve(preset)
     preset_file = tiny_anyloc_preset(tmp_path, preset)
     weights = official_checkpoints.write_dinov2_hub_checkpoint(tmp_path / "tiny_vitg14.pth", TINY_VITG, config.backbone)
@@ -209,8 +209,8 @@ def test_anyloc_vocabulary_path_end_to_end(corridor_subset, offline, tmp_path, m
     code, stdout, err = run_main(monkeypatch, capsys, *args)
     assert code == 0, err
     assert "R@1" in stdout
-    map_json = json.loads((tmp_path / "eval" / "map" / "map.json").read_text())
-    assert "anyloc" in json.dumps(map_json)
+    recorded = json.loads((tmp_path / "eval" / "map" / "map.json").read_text())["vocabulary"]
+    assert recorded["source"] == config.vocabulary.source and recorded["k"] == config.vocabulary.k
     query = corridor_subset / "query" / "0000001.jpg"
     code, stdout, err = run_main(monkeypatch, capsys, "localize", tmp_path / "eval" / "map", query, "--json")
     assert code == 0, err
