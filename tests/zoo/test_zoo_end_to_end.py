@@ -215,3 +215,21 @@ def test_anyloc_vocabulary_path_end_to_end(preset, corridor_subset, offline, tmp
     code, stdout, err = run_main(monkeypatch, capsys, "localize", tmp_path / "eval" / "map", query, "--json")
     assert code == 0, err
     assert json.loads(stdout)[0]["matches"]
+
+
+OTHER_FILE_PRESET = "cosplace-r18-32"
+
+
+@pytest.fixture(scope="module")
+def another_variants_file(tmp_path_factory) -> Path:
+    return checkpoint(OTHER_FILE_PRESET, tmp_path_factory.mktemp("other-variant"))
+
+
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p != OTHER_FILE_PRESET])
+def test_another_variants_file_is_one_error_line(
+    preset, another_variants_file, corridor_subset, tmp_path, monkeypatch, capsys
+):
+    args = ["map", "build", corridor_subset / "ref", "--out", tmp_path / "map", "--preset", preset]
+    code, _, err = run_main(monkeypatch, capsys, *args, "--weights", another_variants_file, *small_size(preset))
+    assert_one_line_error(code, err)
+    assert not (tmp_path / "map" / "map.json").exists()
