@@ -162,18 +162,18 @@ def test_service_answers_on_a_zoo_map(reranked_maps, corridor, tmp_path):
 
 
 def segvlad_preset_file(folder: Path, weights: Path) -> Path:
-    """``boq-dinov2`` (its official file) under SegVLAD: the ``segvlad-grid`` preset's segments and
-    retriever on the zoo backbone's dense map, as a preset file (the JSON checkpoint ``--preset`` reads)."""
+    """``boq-dinov2`` (its official file) under SegVLAD: the ``segvlad-grid`` preset's segments, retriever and
+    vocabulary size, unchanged, on the zoo backbone's dense map, as a preset file (the JSON checkpoint
+    ``--preset`` reads: no named preset or flag combines them yet)."""
     segvlad = PRESETS.get(SEGVLAD_SEGMENTS)
-    segments = {**segvlad.extensions["segments"], "pca_dim": 16}  # a 20-image map fits no 512-d PCA
     config = resolve(
         SEGVLAD_ZOO,
         weights=weights,
         device="cpu",
         retriever=segvlad.retriever,
         retriever_options=dict(segvlad.retriever_options),
-        extensions={"segments": segments},
-        vocabulary={"k": 8},
+        extensions=dict(segvlad.extensions),
+        vocabulary={"k": segvlad.vocabulary.k},
     )
     path = folder / "segvlad-boq-dinov2.ckpt"
     path.write_text(json.dumps({"format": "vprkit-checkpoint", "config": config.to_dict()}))
