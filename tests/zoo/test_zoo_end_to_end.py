@@ -233,3 +233,29 @@ def test_another_variants_file_is_one_error_line(
     code, _, err = run_main(monkeypatch, capsys, *args, "--weights", another_variants_file, *small_size(preset))
     assert_one_line_error(code, err)
     assert not (tmp_path / "map" / "map.json").exists()
+
+
+def smallest_of_each_cnn_layout() -> list[str]:
+    """One preset per checkpoint layout of the CNN families (the cache lookup is the same for every entry)."""
+    chosen: dict[str, str] = {}
+    for name in NETWORK_PRESETS:
+        config = resolve(name)
+        if not config.backbone.startswith("dinov2"):
+            chosen.setdefault(zoo_entry_of(config).layout, name)
+    return sorted(chosen.values())
+
+
+@pytest.mark.parametrize("preset", smallest_of_each_cnn_layout())
+def test_offline_with_the_file_in_the_cache(preset, corridor_subset, offline, tmp_path, monkeypatch, capsys):
+    """Where the one-line error says to put the file, a build finds it without ``--weights``."""
+    entry = zoo_entry_of(resolve(preset))
+    written = checkpoint(preset, tmp_path / "download")
+    cached_path(entry).parent.mkdir(parents=True)
+    written.rename(cached_path(entry))
+    args = ["map", "build", corridor_subset / "ref", "--out", tmp_path / "map", "--preset", preset, *small_size(preset)]
+    code, _, err = run_main(monkeypatch, capsys, *args)
+    assert code == 0, err
+    query = corridor_subset / "query" / "0000002.jpg"
+    code, stdout, err = run_main(monkeypatch, capsys, "localize", tmp_path / "map", query, "--json")
+    assert code == 0, err
+    assert json.loads(stdout)[0]["matches"]
