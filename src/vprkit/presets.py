@@ -468,7 +468,7 @@ def map_extensions_for(name: RerankConfig | str, config: Config | None = None) -
 
 
 def with_weights(config: Config, path: str | os.PathLike) -> Config:
-    """``config`` with its backbone weights at ``path``.
+    """``config`` with its backbone weights at ``path`` (made absolute: the map records it).
 
     A zoo preset's checkpoint (``zoo=`` options) holds the backbone and the head: both read ``path``.
 
@@ -476,6 +476,8 @@ def with_weights(config: Config, path: str | os.PathLike) -> Config:
     ``vgg16-conv5`` it also supplies the trained NetVLAD layer (and WPCA), so no vocabulary is built.
     Only then is the checkpoint read.
     """
+    # absolute: map.json records it, and later commands run from other folders must find the same file
+    path = Path(path).expanduser().absolute()
     config = config.replace(backbone_options={**config.backbone_options, "weights": str(path)})
     if config.aggregator_options.get("zoo"):
         # one zoo checkpoint holds both parts: the aggregator reads its own from the same file

@@ -203,11 +203,6 @@ def test_segvlad_on_a_dinov2_zoo_backbone(corridor, tmp_path, monkeypatch, capsy
     assert SEGVLAD_ZOO in json.dumps(opened.backbone.identity()) and "segments" in opened.extensions
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="presets.with_weights records --weights as given: a relative path in map.json is read from the "
-    "working directory of each later command (fix: make it absolute in with_weights)",
-)
 def test_a_relative_weights_path_still_loads_from_elsewhere(corridor, tmp_path, monkeypatch, capsys):
     ref, queries = corridor
     weights = official_checkpoints.write_official_checkpoint("cosplace-r18-32", tmp_path / "weights")
