@@ -491,6 +491,24 @@ def with_weights(config: Config, path: str | os.PathLike) -> Config:
     return config
 
 
+def with_segments(config: Config, name: str) -> Config:
+    """``config`` retrieving by SegVLAD with the segment settings of the SegVLAD preset ``name`` (``--segments``).
+
+    Any backbone — a zoo model's DINOv2 or ResNet included — gets the preset's segmenter, SuperSegment
+    order, pooling and voting; its own aggregator still gives the global descriptor. The segments' VLAD
+    pooling uses the map's vocabulary, built over this backbone's features like any other.
+    """
+    segvlad = PRESETS.get(name) if name in PRESETS else None
+    if segvlad is None or segvlad.retriever != "segvlad" or "segments" not in segvlad.extensions:
+        choices = [c.name for c in list_presets() if c.retriever == "segvlad"]
+        raise ConfigError(f"--segments {name!r} is not a SegVLAD preset; choose one of: {', '.join(choices)}")
+    return config.replace(
+        retriever=segvlad.retriever,
+        retriever_options=dict(segvlad.retriever_options),
+        extensions={**config.extensions, "segments": dict(segvlad.extensions["segments"])},
+    )
+
+
 def _named_or_given(preset: str | Config | None) -> Config:
     """The preset named (a registered name, or a trained ``.ckpt``), or the Config given."""
     if isinstance(preset, Config):
@@ -532,6 +550,7 @@ def resolve(
     rerank: str | RerankConfig | None = None,
     store_rerank: bool = True,
     device: str | None = None,
+    segments: str | None = None,
     **overrides: Any,
 ) -> Config:
     """The validated :class:`Config` of ``preset`` with these changes — what every CLI command and API call uses.
@@ -546,6 +565,8 @@ def resolve(
     - ``rerank``: a re-ranking preset name or :class:`RerankConfig` (``--rerank``), set as ``Config.rerank``;
       with ``store_rerank`` (the default) the map also stores the patch descriptors it needs.
     - ``device``: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (``--device``).
+    - ``segments``: a SegVLAD preset whose segment retrieval this config takes on (``--segments``; see
+      :func:`with_segments`).
     - ``overrides``: any other top-level :class:`Config` field (``batch_size=4``, …).
 
     Every component option is checked (:meth:`Config.validate`) before anything is read; an
@@ -575,6 +596,8 @@ def resolve(
         config = with_weights(config, weights)
     if device is not None:
         config = config.replace(device=check_device(device))
+    if segments is not None:
+        config = with_segments(config, segments)
     if rerank is not None:
         settings = get_rerank_config(rerank)
         config = config.replace(rerank=settings)

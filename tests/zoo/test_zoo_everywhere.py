@@ -161,46 +161,23 @@ def test_service_answers_on_a_zoo_map(reranked_maps, corridor, tmp_path):
     assert len(answer.json()["matches"]) == 3
 
 
-def segvlad_preset_file(folder: Path, weights: Path) -> Path:
-    """``boq-dinov2`` (its official file) under SegVLAD: the ``segvlad-grid`` preset's segments, retriever and
-    vocabulary size, unchanged, on the zoo backbone's dense map, as a preset file (the JSON checkpoint
-    ``--preset`` reads: no named preset or flag combines them yet)."""
-    segvlad = PRESETS.get(SEGVLAD_SEGMENTS)
-    config = resolve(
-        SEGVLAD_ZOO,
-        weights=weights,
-        device="cpu",
-        retriever=segvlad.retriever,
-        retriever_options=dict(segvlad.retriever_options),
-        extensions=dict(segvlad.extensions),
-        vocabulary={"k": segvlad.vocabulary.k},
-    )
-    path = folder / "segvlad-boq-dinov2.ckpt"
-    path.write_text(json.dumps({"format": "vprkit-checkpoint", "config": config.to_dict()}))
-    return path
-
-
 def test_segvlad_on_a_dinov2_zoo_backbone(corridor, tmp_path, monkeypatch, capsys):
+    """``--segments segvlad-grid``: SegVLAD's segment retrieval, with that preset's settings, on BoQ's DINOv2."""
     ref, queries = corridor
     weights = official_checkpoints.write_official_checkpoint(SEGVLAD_ZOO, tmp_path / "weights")
-    preset = segvlad_preset_file(tmp_path, weights)
-    run(
-        monkeypatch,
-        capsys,
-        "map",
-        "build",
-        ref,
-        "--out",
-        tmp_path / "map",
-        "--preset",
-        preset,
-        "--image-size",
-        VIT_SIZE,
+    args = ["--preset", SEGVLAD_ZOO, "--weights", weights, "--image-size", VIT_SIZE, "--segments", SEGVLAD_SEGMENTS]
+    run(monkeypatch, capsys, "map", "build", ref, "--out", tmp_path / "map", *args)
+    segvlad = PRESETS.get(SEGVLAD_SEGMENTS)
+    built = json.loads((tmp_path / "map" / "map.json").read_text())["config"]
+    assert built["retriever"] == "segvlad" and built["extensions"]["segments"] == json.loads(
+        json.dumps(segvlad.extensions["segments"])
     )
     (answer,) = json.loads(run(monkeypatch, capsys, "localize", tmp_path / "map", queries / "0000005.jpg", "--json"))
     assert answer["matches"] and answer["matches"][0]["score_kind"] == "segvlad_vote"
     opened = pipeline.open_map(tmp_path / "map")
     assert SEGVLAD_ZOO in json.dumps(opened.backbone.identity()) and "segments" in opened.extensions
+    code, _, err = run_main(monkeypatch, capsys, "map", "build", ref, "--out", tmp_path / "m2", "--segments", "speed")
+    assert code == 2 and "not a SegVLAD preset" in err and "segvlad-grid" in err
 
 
 def test_a_relative_weights_path_still_loads_from_elsewhere(corridor, tmp_path, monkeypatch, capsys):

@@ -85,6 +85,7 @@ def _config(
     memory_budget: int | None = None,
     image_size: tuple[int, int] | None = None,
     device: str | None = None,
+    segments: str | None = None,
 ):
     """The command's flags → :func:`vprkit.presets.resolve` (the Python API's one assembly, validated)."""
     if extensions_from_rerank == pipeline.RERANK_OFF:
@@ -98,7 +99,18 @@ def _config(
         memory_budget_mb=memory_budget,
         image_size=image_size,
         device=device,
+        segments=segments,
     )
+
+
+# Shared by `map build` and `eval`: SegVLAD's segment retrieval on the preset's own backbone.
+segments_option = click.option(
+    "--segments",
+    default=None,
+    metavar="SEGVLAD_PRESET",
+    help="Retrieve by SegVLAD with this SegVLAD preset's segment settings on the preset's own backbone "
+    "(e.g. --preset boq-dinov2 --segments segvlad-grid).",
+)
 
 
 def _with_index(config, backend: str | None, options: tuple[str, ...]):
@@ -187,6 +199,7 @@ def map_group() -> None:
     help="Index backend option (repeatable; JSON values), e.g. uri=http://host:19530, index_type=HNSW.",
 )
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@segments_option
 def map_build(
     images_dir: Path,
     out: Path,
@@ -207,9 +220,10 @@ def map_build(
     index_backend: str | None,
     index_option: tuple[str, ...],
     quiet: bool,
+    segments: str | None,
 ) -> None:
     """Extract, aggregate and store descriptors of every image in IMAGES_DIR (resumable, one writer at a time)."""
-    config = _config(preset, float16, rerank, vocab, weights, memory_budget, image_size, device)
+    config = _config(preset, float16, rerank, vocab, weights, memory_budget, image_size, device, segments)
     config = _with_index(config, index_backend, index_option)
     if ray_address is not None:
         info = distributed.build_map_ray(
@@ -675,6 +689,7 @@ def _localize_stream(
     help="Sequential datasets (e.g. nordland-64x32): score each query with the L−1 queries before it.",
 )
 @click.option("--quiet", is_flag=True)
+@segments_option
 def evaluate(
     dataset: str,
     preset: str,
@@ -694,10 +709,11 @@ def evaluate(
     save_predictions: int,
     sequence_length: int | None,
     quiet: bool,
+    segments: str | None,
 ) -> None:
     """Build a map of DATASET's database, localise its queries and print Recall@1/5/10/20."""
     config = _config(
-        preset, float16, rerank, vocab, weights, memory_budget, image_size, device
+        preset, float16, rerank, vocab, weights, memory_budget, image_size, device, segments
     )  # validate before touching data
     options = {
         k: v
