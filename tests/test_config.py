@@ -284,7 +284,11 @@ def test_resolve_applies_every_setting():
     assert "patches" not in resolve(DEFAULT_PRESET, rerank="speed", store_rerank=False).extensions
     v = resolve(DEFAULT_PRESET, vocabulary={"k": 64, "max_bytes": 2**20}).vocabulary
     assert (v.k, v.max_bytes, v.source) == (64, 2**20, "map")
-    assert resolve(DEFAULT_PRESET, weights="w.pth").backbone_options == {"block": 14, "weights": "w.pth"}
+    # made absolute: map.json records it and later commands may run from another folder
+    assert resolve(DEFAULT_PRESET, weights="w.pth").backbone_options == {
+        "block": 14,
+        "weights": str(Path.cwd() / "w.pth"),
+    }
     custom = Config(backbone="efficientnet-lite0", aggregator="gem")
     assert resolve(custom) is custom
 
