@@ -452,13 +452,18 @@ def patch_options(settings: RerankConfig | str, config: Config | None = None) ->
     """The ``patches`` extension options re-ranking ``settings`` needs on a map with global ``config``.
 
     A global NetVLAD built from a trained checkpoint (``aggregator_options["checkpoint"]``, e.g.
-    Patch-NetVLAD's VGG16 models) lends its NetVLAD layer and WPCA to the patches, as in the original.
+    Patch-NetVLAD's VGG16 models, or a zoo ``.mat`` model's ``zoo`` entry) lends its NetVLAD layer and
+    WPCA to the patches, as in the original.
     """
     settings = get_rerank_config(settings)
     options = settings.extension_options()
-    checkpoint = None if config is None else dict(config.aggregator_options).get("checkpoint")
-    if checkpoint and settings.backbone is None:
-        options["checkpoint"] = str(checkpoint)
+    aggregator = {} if config is None else dict(config.aggregator_options)
+    if settings.backbone is None and aggregator.get("checkpoint"):
+        options["checkpoint"] = str(aggregator["checkpoint"])
+    elif settings.backbone is None and config is not None and config.aggregator == "netvlad" and aggregator.get("zoo"):
+        # Relja's .mat NetVLAD (netvlad-pitts30k …): its layer and whitening describe the patches too
+        options["zoo"] = aggregator["zoo"]
+        options["weights"] = aggregator.get("weights")
     return options
 
 

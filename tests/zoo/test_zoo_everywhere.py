@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 import official_checkpoints
 from helpers import assert_one_line_error, run_main
@@ -189,3 +190,20 @@ def test_a_relative_weights_path_still_loads_from_elsewhere(corridor, tmp_path, 
     monkeypatch.chdir(tmp_path)
     (answer,) = json.loads(run(monkeypatch, capsys, "localize", tmp_path / "map", queries / "0000001.jpg", "--json"))
     assert answer["matches"]
+
+
+def test_patch_netvlad_on_relja_netvlad_uses_its_layer_and_whitening(corridor, tmp_path, monkeypatch, capsys):
+    """Patch-NetVLAD over a zoo NetVLAD (.mat): the patches are described by the file's trained layer and
+    whitening, as the global descriptor is (no vocabulary or PCA fitted on the map)."""
+    ref, queries = corridor
+    weights = official_checkpoints.write_official_checkpoint("netvlad-pitts30k", tmp_path / "w", whiten_dim=64)
+    args = ["--preset", "netvlad-pitts30k", "--weights", weights, "--image-size", "128x160", "--rerank", RERANK]
+    run(monkeypatch, capsys, "map", "build", ref, "--out", tmp_path / "map", *args)
+    opened = pipeline.open_map(tmp_path / "map")
+    patches = opened.extensions["patches"]
+    assert patches.options["zoo"] == "netvlad-pitts30k" and not patches.needs_fit and patches.state() == {}
+    global_layer = opened.aggregator.layer
+    assert torch.equal(patches.layer.centroids, global_layer.centroids)
+    assert patches.projection.components.shape[0] == 64  # the file's whitening, not a PCA of the map
+    (answer,) = json.loads(run(monkeypatch, capsys, "localize", tmp_path / "map", queries / "0000002.jpg", "--json"))
+    assert answer["rerank"] is not None and answer["matches"]

@@ -26,6 +26,7 @@ from ..aggregation.netvlad import NetVLADLayer, alpha_from_margin
 from ..aggregation.vlad import assignment_margin, fit_vocabulary
 from ..backbones.base import Backbone, DenseFeatures, build_backbone
 from ..checkpoints import read_netvlad_checkpoint
+from ..zoo import zoo_part
 from ..errors import ConfigError, MapError
 from ..maps.extensions import EXTENSIONS, MapExtension
 from ..numerics import NORM_FLOOR
@@ -47,12 +48,25 @@ DEFAULTS: dict[str, Any] = {
     "backbone_options": {},
     "k": 32,  # NetVLAD clusters when the patch backbone is not the map's (own vocabulary)
     "checkpoint": None,  # a NetVLAD / Patch-NetVLAD checkpoint: its NetVLAD layer and WPCA replace fitting
+    "zoo": None,  # a zoo NetVLAD entry (Relja's .mat models): its layer and whitening replace fitting
+    "weights": None,  # that entry's file (default: the zoo cache)
     "fit_images": 100,
     "fit_patches": 10000,
     "seed": 0,
 }
 # Options that define what is stored; the others (fit sample sizes, seed) only affect how it was fitted.
-STORED_FORMAT_KEYS = ("scales", "pca_dim", "whiten", "dtype", "backbone", "backbone_options", "k", "checkpoint")
+STORED_FORMAT_KEYS = (
+    "scales",
+    "pca_dim",
+    "whiten",
+    "dtype",
+    "backbone",
+    "backbone_options",
+    "k",
+    "checkpoint",
+    "zoo",
+    "weights",
+)
 
 
 def scale_key(scale: PatchScale) -> str:
@@ -89,6 +103,8 @@ class PatchesExtension(MapExtension):
         self.projection: PatchProjection | None = None
         if o["checkpoint"]:
             self._load_checkpoint(str(o["checkpoint"]))
+        elif o["zoo"]:
+            self._load_zoo(str(o["zoo"]), o["weights"])
 
     def _load_checkpoint(self, path: str) -> None:
         """Trained NetVLAD (+ WPCA) from a checkpoint: nothing left to fit."""
@@ -106,6 +122,24 @@ class PatchesExtension(MapExtension):
             self.projection = PatchProjection.from_linear(
                 ck.wpca_weight.numpy(), None if ck.wpca_bias is None else ck.wpca_bias.numpy()
             )
+        self.needs_fit = False
+
+    def _load_zoo(self, zoo: str, weights: str | None) -> None:
+        """The zoo NetVLAD's trained layer and whitening (Patch-NetVLAD on Relja's models): nothing left to fit."""
+        state = zoo_part(zoo, weights, "aggregator")
+        centroids, assign = state["layer.centroids"].float(), state["layer.assign.weight"].float()
+        if centroids.shape[1] != self.feature_backbone.dim:
+            raise ConfigError(
+                f"zoo {zoo}: NetVLAD expects {centroids.shape[1]}-d features, backbone {self.feature_backbone.name} "
+                f"gives {self.feature_backbone.dim}-d"
+            )
+        bias = state.get("layer.assign.bias")
+        self.layer = NetVLADLayer(centroids.shape[0], centroids.shape[1], bias=bias is not None)
+        self.layer.load_weights(centroids, assign.reshape(assign.shape[0], -1), None if bias is None else bias.float())
+        self.layer.eval()
+        self.alpha = float("nan")
+        if "wpca.weight" in state and int(self.options["pca_dim"]) > 0:
+            self.projection = PatchProjection.from_linear(state["wpca.weight"].numpy(), state["wpca.bias"].numpy())
         self.needs_fit = False
 
     def stores_same_as(self, options: Mapping[str, Any]) -> bool:
@@ -209,7 +243,7 @@ class PatchesExtension(MapExtension):
         return np.concatenate(picked)
 
     def state(self) -> dict[str, np.ndarray]:
-        if self.options["checkpoint"]:
+        if self.options["checkpoint"] or self.options["zoo"]:
             return {}  # the checkpoint is the state
         layer = self._require_fitted()
         st = {"centres": layer.centroids.detach().numpy(), "alpha": np.float64(self.alpha)}
