@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import urllib.request
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any, Iterable, Mapping
 
 from ..errors import WeightsNotFoundError
 from ..io import atomic_path, clean_orphans
+from ..zoo.weights import file_sha256
 
 
 def vprkit_cache_dir() -> Path:
@@ -33,12 +35,32 @@ def offline() -> bool:
     return any(os.environ.get(v, "0") not in ("", "0", "false", "False") for v in ("VPRKIT_OFFLINE", "HF_HUB_OFFLINE"))
 
 
+# torch.hub's convention: a published file name carries the first hex digits of its SHA-256
+# (``resnet50-0676ba61.pth``), which torch.hub checks after a download; so does vprkit.
+HASH_PREFIX_PATTERN = re.compile(r"-([a-f0-9]{8,64})\.")
+
+
+def name_hash_prefix(filename: str) -> str | None:
+    """The SHA-256 prefix a torch.hub-style file name carries, if any."""
+    m = HASH_PREFIX_PATTERN.search(filename)
+    return m.group(1) if m else None
+
+
 def download(url: str, dest: Path, timeout: float = 30.0) -> Path:
     """Download ``url`` to ``dest`` atomically (temporary file, then rename); removes downloads that
-    a killed process left behind in the same folder."""
+    a killed process left behind in the same folder. A file name carrying a SHA-256 prefix (torch.hub's
+    convention) must match it, or nothing is kept."""
     clean_orphans(dest.parent)
-    with atomic_path(dest) as tmp, open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-        shutil.copyfileobj(resp, out)
+    prefix = name_hash_prefix(dest.name)
+    with atomic_path(dest) as tmp:
+        with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+            shutil.copyfileobj(resp, out)
+        digest = file_sha256(tmp) if prefix is not None else None
+        if digest is not None and not digest.startswith(prefix):
+            raise WeightsNotFoundError(
+                f"{url}: the downloaded file's SHA-256 {digest[:12]}… does not start with {prefix}, "
+                "the prefix its name publishes"
+            )
     return dest
 
 
