@@ -57,15 +57,19 @@ def _unwrap_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A VGG16 / NetVLAD checkpoint's flat state dict (unwraps ``state_dict`` / ``model`` and ``module.``)."""
-    obj = read_checkpoint(path, "VGG16 / NetVLAD")
+def state_dict_of(obj: Any, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The flat state dict inside a loaded checkpoint (unwraps ``state_dict`` / ``model`` and ``module.``)."""
     for wrapper in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
-    if not isinstance(obj, dict):
+    if not isinstance(obj, Mapping):
         raise WeightsNotFoundError(f"{path} holds a {type(obj).__name__}, not a state dict")
     return _unwrap_keys(obj)
+
+
+def read_state_dict(path: str | os.PathLike, model: str = "VGG16 / NetVLAD") -> dict[str, torch.Tensor]:
+    """A checkpoint's flat state dict (see :func:`state_dict_of`); ``model`` names it in errors."""
+    return state_dict_of(read_checkpoint(path, model), path)
 
 
 def encoder_state(state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> dict[str, torch.Tensor]:

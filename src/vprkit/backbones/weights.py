@@ -16,23 +16,15 @@ from typing import Any, Iterable, Mapping
 
 from ..errors import WeightsNotFoundError
 from ..io import atomic_path, clean_orphans
-from ..zoo.weights import file_sha256
+from ..zoo.weights import file_sha256, offline, vprkit_cache_dir
 
-
-def vprkit_cache_dir() -> Path:
-    """``$VPRKIT_CACHE`` or ``~/.cache/vprkit``: where vprkit puts weights it downloads."""
-    return Path(os.environ.get("VPRKIT_CACHE", Path.home() / ".cache" / "vprkit"))
+__all__ = ["offline", "vprkit_cache_dir", "resolve_weights", "download", "torch_hub_checkpoints"]
 
 
 def torch_hub_checkpoints() -> Path:
     """torch.hub's checkpoint folder (``$TORCH_HOME/hub/checkpoints``)."""
     torch_home = os.environ.get("TORCH_HOME", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "torch")
     return Path(torch_home) / "hub" / "checkpoints"
-
-
-def offline() -> bool:
-    """True when downloads are disabled (``VPRKIT_OFFLINE=1`` or Hugging Face's offline flag)."""
-    return any(os.environ.get(v, "0") not in ("", "0", "false", "False") for v in ("VPRKIT_OFFLINE", "HF_HUB_OFFLINE"))
 
 
 # torch.hub's convention: a published file name carries the first hex digits of its SHA-256

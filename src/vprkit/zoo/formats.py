@@ -1,7 +1,7 @@
 """Reading the containers the zoo's checkpoints come in — tensors only, never code.
 
-- ``torch``: a ``torch.save`` file (``torch.load(weights_only=True)``), unwrapped from ``state_dict`` /
-  ``model`` and DataParallel's ``module.``;
+- ``torch``: a ``torch.save`` file, read by :func:`vprkit.checkpoints.read_state_dict` (``weights_only``,
+  memory-mapped; unwrapped from ``state_dict`` / ``model`` and DataParallel's ``module.``);
 - ``safetensors``: a ``.safetensors`` file (the ``safetensors`` package);
 - ``lightning``: a PyTorch Lightning ``.ckpt`` *without installing Lightning*: its pickle also holds
   hyper-parameters, callbacks and loop states made of Lightning's (and the project's) classes. Those
@@ -14,43 +14,16 @@
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..errors import WeightsNotFoundError
 
-WRAPPER_KEYS = ("state_dict", "model")
-WRAPPER_PREFIXES = ("module.",)
-
-
-def _tensor_dict(obj: Any, path: Path) -> dict[str, Any]:
-    for key in WRAPPER_KEYS:
-        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
-            obj = obj[key]
-    if not isinstance(obj, Mapping):
-        raise WeightsNotFoundError(f"{path} holds a {type(obj).__name__}, not a state dict")
-    out = {}
-    for key, value in obj.items():
-        for prefix in WRAPPER_PREFIXES:
-            key = key[len(prefix) :] if key.startswith(prefix) else key
-        out[key] = value
-    return out
-
 
 def read_torch(path: Path) -> dict[str, Any]:
-    import torch
+    from ..checkpoints import read_state_dict  # torch: resolving a preset imports no library
 
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise WeightsNotFoundError(
-            f"{path} holds Python objects, not only tensors; vprkit never runs code from a weights file "
-            f"({str(exc).splitlines()[0]})"
-        ) from None
-    except Exception as exc:
-        raise WeightsNotFoundError(f"{path} is not a readable torch checkpoint ({_first_line(exc)})") from None
-    return _tensor_dict(obj, path)
+    return read_state_dict(path, "torch checkpoint")
 
 
 def read_safetensors(path: Path) -> dict[str, Any]:
@@ -95,7 +68,9 @@ def read_lightning(path: Path) -> dict[str, Any]:
         raise WeightsNotFoundError(f"{path} is not a readable Lightning checkpoint ({_first_line(exc)})") from None
     if not isinstance(obj, Mapping) or not isinstance(obj.get("state_dict"), Mapping):
         raise WeightsNotFoundError(f"{path} is not a Lightning checkpoint: it has no 'state_dict'")
-    return _tensor_dict(obj, path)
+    from ..checkpoints import state_dict_of
+
+    return state_dict_of(obj, path)
 
 
 def read_mat(path: Path) -> dict[str, Any]:

@@ -75,9 +75,14 @@ def register_weights(entry: ZooWeights) -> ZooWeights:
     return entry
 
 
+def vprkit_cache_dir() -> Path:
+    """``$VPRKIT_CACHE`` or ``~/.cache/vprkit``: where vprkit puts weights it downloads (every backbone's too)."""
+    return Path(os.environ.get("VPRKIT_CACHE", Path.home() / ".cache" / "vprkit"))
+
+
 def zoo_cache_dir() -> Path:
     """``$VPRKIT_CACHE/zoo`` (default ``~/.cache/vprkit/zoo``)."""
-    return Path(os.environ.get("VPRKIT_CACHE", Path.home() / ".cache" / "vprkit")) / "zoo"
+    return vprkit_cache_dir() / "zoo"
 
 
 def cached_path(entry: ZooWeights) -> Path:
